@@ -1,0 +1,370 @@
+//! The ABI shared by the BPF program and the agent: map and program names, pin layout, the
+//! `#[repr(C)]` records stored in maps, and the kernel constants both sides use.
+//!
+//! Every struct here is explicitly sized, has no implicit padding and carries a compile-time size
+//! assertion, so the two sides cannot drift apart silently.
+#![no_std]
+
+/// Bumped whenever a map's key or value layout changes. Pinned maps live in a directory named
+/// after it, so an agent never reuses maps whose layout it does not understand.
+pub const ABI_VERSION: u32 = 1;
+
+// ---------------------------------------------------------------------------------------------
+// Program and map names (ELF symbol names in the BPF object).
+// ---------------------------------------------------------------------------------------------
+
+/// sock_ops program: enforces policy when a TCP socket reaches ESTABLISHED.
+pub const PROG_SOCKOPS: &str = "keepalive_sockops";
+/// cgroup/setsockopt program: keeps `lock`-mode sockets at their policy.
+pub const PROG_LOCK: &str = "keepalive_lock";
+/// iter/tcp program: applies policy to connections that already exist.
+pub const PROG_APPLY: &str = "keepalive_apply";
+/// iter/bpf_sk_storage_map program: dumps the enforced sockets for `status`.
+pub const PROG_STATUS: &str = "keepalive_status";
+
+/// Outer array-of-maps with one slot holding the active policy table
+/// (`u64` cgroup id -> [`Policy`]). Swapping the slot replaces the whole table atomically.
+pub const MAP_POLICY: &str = "KA_POLICY";
+/// Socket-local storage: one [`SockRecord`] per enforced socket, freed with the socket.
+pub const MAP_SOCKS: &str = "KA_SOCKS";
+/// Per-cgroup counters: `u64` cgroup id -> [`CgroupStats`]. Bounded; overflow is counted.
+pub const MAP_CGSTATS: &str = "KA_CGSTATS";
+/// Per-CPU `u64` counters indexed by [`Counter`].
+pub const MAP_COUNTERS: &str = "KA_COUNTERS";
+/// Name of the read-only global holding [`KernelOffsets`].
+pub const GLOBAL_OFFSETS: &str = "KA_OFFSETS";
+/// Name of the read-only global holding [`Settings`].
+pub const GLOBAL_SETTINGS: &str = "KA_SETTINGS";
+
+/// Maps pinned in the state directory, so counters and sockets survive an agent restart.
+pub const PINNED_MAPS: [&str; 4] = [MAP_POLICY, MAP_SOCKS, MAP_CGSTATS, MAP_COUNTERS];
+
+/// Capacity of one policy table. Configs with more policies are rejected.
+pub const MAX_POLICIES: u32 = 16_384;
+/// Default capacity of [`MAP_CGSTATS`]; the agent can shrink or grow it at load time.
+pub const DEFAULT_MAX_TRACKED_CGROUPS: u32 = 65_536;
+/// How many cgroup levels the program walks up looking for a policy.
+pub const MAX_CGROUP_DEPTH: u32 = 32;
+/// Key of the `[default]` policy in the policy table. No cgroup has id 0.
+pub const DEFAULT_POLICY_KEY: u64 = 0;
+
+// ---------------------------------------------------------------------------------------------
+// Pin layout under the state directory (default `/sys/fs/bpf/keepalive`).
+// ---------------------------------------------------------------------------------------------
+
+/// Default state directory on bpffs.
+pub const DEFAULT_STATE_DIR: &str = "/sys/fs/bpf/keepalive";
+/// Link of the sock_ops program to the attach cgroup.
+pub const PIN_LINK_SOCKOPS: &str = "link_sockops";
+/// Link of the lock program to the attach cgroup (present only while a policy uses `lock`).
+pub const PIN_LINK_LOCK: &str = "link_lock";
+/// Iterator link for `status`; reading it yields [`StatusRecord`]s.
+pub const PIN_LINK_STATUS: &str = "link_status";
+/// Iterator link that applies policy to existing connections.
+pub const PIN_LINK_APPLY: &str = "link_apply";
+
+// ---------------------------------------------------------------------------------------------
+// Policy.
+// ---------------------------------------------------------------------------------------------
+
+/// What a policy does to the sockets it covers.
+pub mod mode {
+    /// Replace whatever the application set before the connection was established.
+    pub const ENFORCE: u32 = 1;
+    /// Keep the application's values if it enabled SO_KEEPALIVE itself.
+    pub const FILL: u32 = 2;
+    /// Leave sockets alone.
+    pub const OFF: u32 = 3;
+    /// Like enforce, and the application cannot later switch keepalive off or loosen it.
+    pub const LOCK: u32 = 4;
+}
+
+/// [`Policy::flags`] bits.
+pub mod policy_flags {
+    /// `user_timeout_ms` is set; otherwise the kernel's TCP_USER_TIMEOUT is left alone.
+    pub const USER_TIMEOUT: u32 = 1;
+}
+
+/// One keepalive policy as the program applies it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Policy {
+    /// TCP_KEEPIDLE in seconds.
+    pub idle: u32,
+    /// TCP_KEEPINTVL in seconds.
+    pub interval: u32,
+    /// TCP_KEEPCNT.
+    pub count: u32,
+    /// TCP_USER_TIMEOUT in milliseconds, valid when [`policy_flags::USER_TIMEOUT`] is set.
+    pub user_timeout_ms: u32,
+    /// One of [`mode`].
+    pub mode: u32,
+    /// [`policy_flags`] bits.
+    pub flags: u32,
+}
+const _: () = assert!(core::mem::size_of::<Policy>() == 24);
+
+/// Read-only settings handed to the program at load time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Settings {
+    /// cgroup id of the attach cgroup. The ancestor walk stops here, and iterators skip sockets
+    /// outside it.
+    pub attach_cgroup_id: u64,
+}
+const _: () = assert!(core::mem::size_of::<Settings>() == 8);
+
+/// Byte offsets of the kernel fields the program reads, taken from `/sys/kernel/btf/vmlinux` by
+/// the agent. Rust has no CO-RE field relocations, so this is how the program stays correct
+/// across kernel builds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    /// `struct sock`: `sk_cgrp_data.cgroup` (a `struct cgroup *`).
+    pub sock_cgroup: u32,
+    /// `struct sock`: `sk_err` (an `int`).
+    pub sock_err: u32,
+    /// `struct cgroup`: `kn` (a `struct kernfs_node *`).
+    pub cgroup_kn: u32,
+    /// `struct kernfs_node`: `id` (a `u64`).
+    pub kn_id: u32,
+    /// `struct kernfs_node`: `parent` (renamed `__parent` in 6.15).
+    pub kn_parent: u32,
+    /// `struct sock_common`: `skc_daddr`.
+    pub skc_daddr: u32,
+    /// `struct sock_common`: `skc_rcv_saddr`.
+    pub skc_rcv_saddr: u32,
+    /// `struct sock_common`: `skc_dport` (network order).
+    pub skc_dport: u32,
+    /// `struct sock_common`: `skc_num` (host order).
+    pub skc_num: u32,
+    /// `struct sock_common`: `skc_family`.
+    pub skc_family: u32,
+    /// `struct sock_common`: `skc_state`.
+    pub skc_state: u32,
+    /// `struct sock_common`: `skc_v6_daddr`.
+    pub skc_v6_daddr: u32,
+    /// `struct sock_common`: `skc_v6_rcv_saddr`.
+    pub skc_v6_rcv_saddr: u32,
+    /// `struct inet_connection_sock`: `icsk_probes_out` (a `u8`).
+    pub icsk_probes_out: u32,
+}
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 56);
+
+// ---------------------------------------------------------------------------------------------
+// Tracking records.
+// ---------------------------------------------------------------------------------------------
+
+/// [`SockRecord::flags`] bits.
+pub mod sock_flags {
+    /// The socket connected out (ACTIVE_ESTABLISHED); otherwise it was accepted.
+    pub const OUTBOUND: u32 = 1 << 0;
+    /// The socket was accepted (PASSIVE_ESTABLISHED).
+    pub const INBOUND: u32 = 1 << 1;
+    /// The program set the policy values on this socket.
+    pub const ENFORCED: u32 = 1 << 2;
+    /// `fill` mode found keepalive enabled by the application; its values were kept.
+    pub const APP_OWNED: u32 = 1 << 3;
+    /// The socket counts as open in [`CgroupStats::open`] until it closes.
+    pub const COUNTED_OPEN: u32 = 1 << 4;
+    /// Later setsockopt calls by the application are held at the policy (`lock` mode).
+    pub const LOCKED: u32 = 1 << 5;
+    /// The socket existed before enforcement and got its policy from the apply iterator.
+    pub const RETROACTIVE: u32 = 1 << 6;
+    /// At least one bpf_setsockopt call failed on this socket.
+    pub const SETSOCKOPT_FAILED: u32 = 1 << 7;
+    /// The socket's `pid` and `comm` were recorded in process context at connect().
+    pub const HAS_TASK: u32 = 1 << 8;
+}
+
+/// Per-socket tracking record, kept in socket-local storage and freed with the socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockRecord {
+    /// The socket's own cgroup.
+    pub cgroup_id: u64,
+    /// The cgroup whose policy applied ([`DEFAULT_POLICY_KEY`] for `[default]`).
+    pub policy_cgroup_id: u64,
+    /// CLOCK_BOOTTIME nanoseconds when the policy was applied.
+    pub applied_ns: u64,
+    /// Thread group id of the process that called connect(), 0 when unknown.
+    pub pid: u32,
+    /// [`sock_flags`] bits.
+    pub flags: u32,
+    /// The values in force on the socket.
+    pub policy: Policy,
+    /// Command name of the process that called connect(), NUL padded.
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<SockRecord>() == 72);
+
+/// One enforced socket as the status iterator reports it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StatusRecord {
+    /// The tracking record.
+    pub sock: SockRecord,
+    /// Local address: IPv4 in the first 4 bytes for `AF_INET`, else IPv6.
+    pub local_addr: [u8; 16],
+    /// Remote address, same layout.
+    pub remote_addr: [u8; 16],
+    /// Local port, host order.
+    pub local_port: u16,
+    /// Remote port, host order.
+    pub remote_port: u16,
+    /// `AF_INET` or `AF_INET6`.
+    pub family: u16,
+    /// TCP state (`TCP_ESTABLISHED` = 1 …).
+    pub state: u8,
+    /// Keepalive (or zero-window) probes sent without an answer.
+    pub probes_out: u8,
+}
+const _: () = assert!(core::mem::size_of::<StatusRecord>() == 112);
+
+/// Counters kept per socket cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupStats {
+    /// Enforced sockets open now (incremented at establish, decremented at close).
+    pub open: u64,
+    /// Sockets enforced since the maps were created.
+    pub enforced_total: u64,
+    /// Enforced sockets the kernel closed with ETIMEDOUT: keepalive or the user timeout expired.
+    pub dead_peers: u64,
+}
+const _: () = assert!(core::mem::size_of::<CgroupStats>() == 24);
+
+/// Outcome of the apply iterator for one socket, written as one byte per visited socket.
+pub mod apply_result {
+    /// Policy values were set.
+    pub const APPLIED: u8 = 1;
+    /// The socket already carried exactly this policy.
+    pub const UNCHANGED: u8 = 2;
+    /// `off` policy: left alone.
+    pub const SKIPPED_OFF: u8 = 3;
+    /// `fill` policy and the application enabled keepalive itself: left alone.
+    pub const KEPT_APP: u8 = 4;
+    /// A bpf_setsockopt call failed.
+    pub const FAILED: u8 = 5;
+}
+
+/// Indexes into [`MAP_COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Sockets that got policy values at establish time.
+    Enforced = 0,
+    /// `fill` sockets that kept the application's own keepalive.
+    KeptApp,
+    /// Sockets in `off` cgroups.
+    SkippedOff,
+    /// bpf_setsockopt(SO_KEEPALIVE) failed.
+    FailKeepalive,
+    /// bpf_setsockopt(TCP_KEEPIDLE) failed.
+    FailIdle,
+    /// bpf_setsockopt(TCP_KEEPINTVL) failed.
+    FailInterval,
+    /// bpf_setsockopt(TCP_KEEPCNT) failed.
+    FailCount,
+    /// bpf_setsockopt(TCP_USER_TIMEOUT) failed.
+    FailUserTimeout,
+    /// The socket's cgroup could not be read; the default policy applied.
+    CgroupUnknown,
+    /// A per-socket tracking record could not be created; enforcement still happened.
+    StorageFull,
+    /// The per-cgroup counter map was full; enforcement still happened.
+    CgroupStatsFull,
+    /// Application setsockopt calls held at a `lock` policy.
+    LockClamped,
+    /// Dead peers detected (all cgroups, including ones the stats map had no room for).
+    DeadPeers,
+    /// The policy table was missing (agent never pushed one); nothing was applied.
+    NoPolicyTable,
+}
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; 14] = [
+        Counter::Enforced,
+        Counter::KeptApp,
+        Counter::SkippedOff,
+        Counter::FailKeepalive,
+        Counter::FailIdle,
+        Counter::FailInterval,
+        Counter::FailCount,
+        Counter::FailUserTimeout,
+        Counter::CgroupUnknown,
+        Counter::StorageFull,
+        Counter::CgroupStatsFull,
+        Counter::LockClamped,
+        Counter::DeadPeers,
+        Counter::NoPolicyTable,
+    ];
+    /// Number of counters, the size of [`MAP_COUNTERS`].
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// Stable snake_case name used in metrics and JSON.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Enforced => "enforced",
+            Counter::KeptApp => "kept_app_keepalive",
+            Counter::SkippedOff => "skipped_off",
+            Counter::FailKeepalive => "setsockopt_failed_so_keepalive",
+            Counter::FailIdle => "setsockopt_failed_tcp_keepidle",
+            Counter::FailInterval => "setsockopt_failed_tcp_keepintvl",
+            Counter::FailCount => "setsockopt_failed_tcp_keepcnt",
+            Counter::FailUserTimeout => "setsockopt_failed_tcp_user_timeout",
+            Counter::CgroupUnknown => "cgroup_unknown",
+            Counter::StorageFull => "socket_tracking_failed",
+            Counter::CgroupStatsFull => "cgroup_stats_full",
+            Counter::LockClamped => "lock_clamped",
+            Counter::DeadPeers => "dead_peers",
+            Counter::NoPolicyTable => "no_policy_table",
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel constants (uapi), spelled out once for both sides.
+// ---------------------------------------------------------------------------------------------
+
+/// Kernel ABI numbers used by both sides.
+pub mod uapi {
+    pub const AF_INET: u16 = 2;
+    pub const AF_INET6: u16 = 10;
+    pub const SOL_SOCKET: i32 = 1;
+    pub const SO_KEEPALIVE: i32 = 9;
+    pub const IPPROTO_TCP: i32 = 6;
+    pub const TCP_KEEPIDLE: i32 = 4;
+    pub const TCP_KEEPINTVL: i32 = 5;
+    pub const TCP_KEEPCNT: i32 = 6;
+    pub const TCP_USER_TIMEOUT: i32 = 18;
+    /// `bpf_setsockopt` pseudo-option to set a socket's sock_ops callback flags (kernel 6.10+).
+    pub const TCP_BPF_SOCK_OPS_CB_FLAGS: i32 = 1008;
+    pub const ETIMEDOUT: i32 = 110;
+    pub const TCP_ESTABLISHED: u8 = 1;
+    pub const TCP_CLOSE: u8 = 7;
+    pub const TCP_LISTEN: u8 = 10;
+    /// `BPF_SOCK_OPS_STATE_CB_FLAG`.
+    pub const SOCK_OPS_STATE_CB_FLAG: u32 = 1 << 2;
+    /// Kernel limit for TCP_KEEPIDLE and TCP_KEEPINTVL (`MAX_TCP_KEEPIDLE`, seconds).
+    pub const MAX_KEEPIDLE: u32 = 32_767;
+    /// Kernel limit for TCP_KEEPINTVL (`MAX_TCP_KEEPINTVL`, seconds).
+    pub const MAX_KEEPINTVL: u32 = 32_767;
+    /// Kernel limit for TCP_KEEPCNT (`MAX_TCP_KEEPCNT`).
+    pub const MAX_KEEPCNT: u32 = 127;
+    /// TCP_USER_TIMEOUT takes a non-negative `int` of milliseconds.
+    pub const MAX_USER_TIMEOUT_MS: u32 = i32::MAX as u32;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are `#[repr(C)]`, `Copy`, and free of padding (see the size
+    // assertions above), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Policy {}
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::SockRecord {}
+    unsafe impl aya::Pod for super::StatusRecord {}
+    unsafe impl aya::Pod for super::CgroupStats {}
+}

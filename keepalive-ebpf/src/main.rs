@@ -1,0 +1,226 @@
+//! The kernel side of keepalive.
+//!
+//! * `keepalive_sockops` (sock_ops): when a TCP socket in the attach cgroup reaches ESTABLISHED,
+//!   on either the connecting or the accepting side, look up its cgroup's policy and set
+//!   SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT and optionally TCP_USER_TIMEOUT.
+//!   It also records the connecting task, and counts closes and dead peers.
+//! * `keepalive_lock` (cgroup/setsockopt): holds `lock`-mode sockets at their policy.
+//! * `keepalive_apply` (iter/tcp) and `keepalive_status` (iter/bpf_sk_storage_map): see `iter`.
+//!
+//! Nothing here can panic or loop without bound; every failure is counted in `KA_COUNTERS`.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![expect(
+    internal_features,
+    reason = "atomic_xadd is the only atomic add the BPF target offers"
+)]
+
+mod enforce;
+mod iter;
+mod kernel;
+mod policy;
+mod socket;
+mod track;
+
+use core::ffi::c_void;
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_CONNECT_CB,
+    },
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_skc_to_tcp_sock},
+    macros::{cgroup_sockopt, sock_ops},
+    programs::{SockOpsContext, SockoptContext},
+};
+use aya_log_ebpf::debug;
+use keepalive_common::{Counter, policy_flags, sock_flags, uapi};
+
+use crate::{
+    socket::Origin,
+    track::{count, record},
+};
+
+#[sock_ops]
+pub fn keepalive_sockops(ctx: SockOpsContext) -> u32 {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx, sock_flags::OUTBOUND),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx, sock_flags::INBOUND),
+        BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
+        _ => {}
+    }
+    // 1 = let the operation proceed; `reply` stays 0, i.e. "kernel default" for every op.
+    1
+}
+
+#[inline(always)]
+fn sock_of(ctx: &SockOpsContext) -> *mut c_void {
+    // SAFETY: `ops` is the context the kernel passed in.
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast()
+}
+
+/// Records the connecting task: connect() runs in the caller's context, the later ESTABLISHED
+/// callback usually does not.
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    let sk = sock_of(ctx);
+    if sk.is_null() {
+        return;
+    }
+    let Some(rec) = record(sk, true) else {
+        return;
+    };
+    rec.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    rec.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    rec.flags |= sock_flags::HAS_TASK | sock_flags::OUTBOUND;
+}
+
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext, direction: u32) {
+    let sk = sock_of(ctx);
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: `sk` is the full socket of this callback; the helper checks its type.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>().cast_const();
+    let cgroup = if tp.is_null() {
+        None
+    } else {
+        kernel::sock_cgroup(tp, &kernel::offsets())
+    };
+    if cgroup.is_none() {
+        count(Counter::CgroupUnknown);
+    }
+    let Some(resolved) = policy::resolve(cgroup, false) else {
+        count(Counter::NoPolicyTable);
+        return;
+    };
+    let result = socket::enforce_socket(
+        ctx.ops.cast(),
+        sk,
+        cgroup,
+        &resolved,
+        Origin::Established { direction },
+        || {
+            let flags = ctx.cb_flags() | uapi::SOCK_OPS_STATE_CB_FLAG;
+            ctx.set_cb_flags(flags as i32).is_ok()
+        },
+    );
+    // Compiled out by the verifier unless the agent loads with debug logging (AYA_LOG_LEVEL).
+    debug!(
+        ctx,
+        "socket in cgroup {} got policy of cgroup {} (mode {}, result {})",
+        cgroup.map_or(0, |c| c.id),
+        resolved.policy_cgroup,
+        resolved.policy.mode,
+        result
+    );
+}
+
+/// On close: take the socket out of its cgroup's open count and, when the kernel gave up on
+/// the peer (keepalive or user timeout expired, sk_err == ETIMEDOUT), count a dead peer.
+#[inline(always)]
+fn on_state_change(ctx: &SockOpsContext) {
+    if ctx.arg(1) != u32::from(uapi::TCP_CLOSE) {
+        return;
+    }
+    let sk = sock_of(ctx);
+    if sk.is_null() {
+        return;
+    }
+    let Some(rec) = record(sk, false) else {
+        return;
+    };
+    if rec.flags & (sock_flags::ENFORCED | sock_flags::APP_OWNED) == 0 {
+        return;
+    }
+    // SAFETY: as in on_established.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>().cast_const();
+    let timed_out = !tp.is_null()
+        && kernel::read::<i32>(tp, kernel::offsets().sock_err) == Some(uapi::ETIMEDOUT);
+    let open = if rec.flags & sock_flags::COUNTED_OPEN != 0 {
+        rec.flags &= !sock_flags::COUNTED_OPEN;
+        u64::MAX // wrapping add: -1
+    } else {
+        0
+    };
+    if timed_out {
+        count(Counter::DeadPeers);
+    }
+    if open != 0 || timed_out {
+        track::cgroup_add(rec.cgroup_id, open, 0, u64::from(timed_out));
+    }
+}
+
+/// Holds `lock`-mode sockets at their policy: SO_KEEPALIVE cannot be switched off, and idle,
+/// interval, count and user timeout cannot be raised above the policy. Looser values are
+/// rewritten to the policy's and the call succeeds; stricter values pass unchanged.
+#[cgroup_sockopt(setsockopt)]
+pub fn keepalive_lock(ctx: SockoptContext) -> i32 {
+    // SAFETY: the kernel passes a valid context.
+    let so = unsafe { &mut *ctx.sockopt };
+    let (level, name) = (so.level, so.optname);
+    let watched = match level {
+        uapi::SOL_SOCKET => name == uapi::SO_KEEPALIVE,
+        uapi::IPPROTO_TCP => matches!(
+            name,
+            uapi::TCP_KEEPIDLE | uapi::TCP_KEEPINTVL | uapi::TCP_KEEPCNT | uapi::TCP_USER_TIMEOUT
+        ),
+        _ => false,
+    };
+    if !watched || so.optlen < 4 {
+        return 1;
+    }
+    // SAFETY: reading the union member the kernel set for this program type.
+    let sk = unsafe { so.__bindgen_anon_1.sk }.cast::<c_void>();
+    if sk.is_null() {
+        return 1;
+    }
+    let Some(rec) = record(sk, false) else {
+        return 1;
+    };
+    if rec.flags & sock_flags::LOCKED == 0 {
+        return 1;
+    }
+    // SAFETY: union members set by the kernel for setsockopt programs.
+    let (start, end) = unsafe { (so.__bindgen_anon_2.optval, so.__bindgen_anon_3.optval_end) };
+    let optval = start.cast::<i32>();
+    if start.wrapping_byte_add(4) > end {
+        return 1;
+    }
+    // SAFETY: bounds checked against optval_end above.
+    let value = unsafe { *optval };
+    let policy = rec.policy;
+    let held = match (level, name) {
+        (uapi::SOL_SOCKET, _) => (value == 0).then_some(1),
+        (_, uapi::TCP_KEEPIDLE) => (value < 1 || value as u32 > policy.idle).then_some(policy.idle),
+        (_, uapi::TCP_KEEPINTVL) => {
+            (value < 1 || value as u32 > policy.interval).then_some(policy.interval)
+        }
+        (_, uapi::TCP_KEEPCNT) => {
+            (value < 1 || value as u32 > policy.count).then_some(policy.count)
+        }
+        _ if policy.flags & policy_flags::USER_TIMEOUT != 0 => {
+            (value <= 0 || value as u32 > policy.user_timeout_ms).then_some(policy.user_timeout_ms)
+        }
+        _ => None,
+    };
+    if let Some(held) = held {
+        // SAFETY: bounds checked against optval_end above.
+        unsafe { *optval = held as i32 };
+        count(Counter::LockClamped);
+    }
+    1
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
