@@ -1,0 +1,66 @@
+//! Builds the BPF object with aya-build and leaves it in `OUT_DIR/keepalive` for
+//! `include_bytes!`.
+//!
+//! When bpf-linker is missing (a plain `cargo check` or `cargo clippy` on a machine that never
+//! ran `cargo xtask setup`), an empty stub is written instead so host-only work still builds;
+//! a binary built that way refuses to run with a message naming the setup command.
+
+use std::{env, fs, path::PathBuf};
+
+/// Where `cargo xtask setup` installs bpf-linker, relative to `CARGO_HOME`.
+const XTASK_LINKER_DIR: &str = "keepalive-bpf-linker/bin";
+
+fn cargo_home() -> Option<PathBuf> {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|home| PathBuf::from(home).join(".cargo")))
+}
+
+fn find_bpf_linker() -> Option<PathBuf> {
+    let in_path = env::var_os("PATH").and_then(|path| {
+        env::split_paths(&path)
+            .map(|dir| dir.join("bpf-linker"))
+            .find(|candidate| candidate.is_file())
+    });
+    in_path.or_else(|| {
+        let candidate = cargo_home()?.join(XTASK_LINKER_DIR).join("bpf-linker");
+        candidate.is_file().then_some(candidate)
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let object = out_dir.join("keepalive");
+    println!("cargo:rerun-if-env-changed=KEEPALIVE_BPF_STUB");
+    println!("cargo:rerun-if-env-changed=PATH");
+    let linker = find_bpf_linker();
+    let stub = env::var_os("KEEPALIVE_BPF_STUB").is_some_and(|v| v == "1");
+    match linker {
+        Some(linker) if !stub => {
+            println!("cargo:rerun-if-changed={}", linker.display());
+            let dir = linker.parent().expect("a file has a parent").to_owned();
+            let path = env::var_os("PATH").unwrap_or_default();
+            let path = env::join_paths(std::iter::once(dir).chain(env::split_paths(&path)))?;
+            // SAFETY: build scripts are single-threaded at this point; the nested cargo that
+            // aya-build spawns inherits PATH and must find bpf-linker on it.
+            unsafe { env::set_var("PATH", path) };
+            let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"))
+                .join("../keepalive-ebpf");
+            let root = root.to_str().expect("UTF-8 source path");
+            let package = aya_build::Package {
+                name: "keepalive-ebpf",
+                root_dir: root,
+                ..Default::default()
+            };
+            aya_build::build_ebpf([package], aya_build::Toolchain::default())?;
+        }
+        _ => {
+            println!(
+                "cargo:warning=bpf-linker not found: building keepalive-agent with an empty BPF \
+                 object stub. Run `cargo xtask setup` for a working binary."
+            );
+            fs::write(&object, [])?;
+        }
+    }
+    Ok(())
+}

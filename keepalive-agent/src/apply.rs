@@ -1,0 +1,169 @@
+//! Applying policy to connections that already exist, with the TCP iterator program.
+//!
+//! A TCP iterator walks the sockets of the network namespace of the thread that creates it, so
+//! this visits every network namespace on the host: its own, those of running processes
+//! (`/proc/*/ns/net`) and the named ones in `/run/netns`. Each foreign namespace is entered on a
+//! short-lived thread with setns(2), which touches no application memory.
+
+use std::{
+    collections::HashSet,
+    fs::{self, File},
+    io::Read as _,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd},
+        unix::fs::MetadataExt as _,
+    },
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use keepalive_common::apply_result;
+use serde::{Deserialize, Serialize};
+
+use crate::sys;
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyReport {
+    /// Sockets that got the policy's values.
+    pub applied: u64,
+    /// Sockets that already carried their policy.
+    pub unchanged: u64,
+    /// Sockets in `off` cgroups.
+    pub skipped_off: u64,
+    /// `fill` sockets where the application enabled keepalive itself.
+    pub kept_app: u64,
+    /// Sockets where a bpf_setsockopt call failed.
+    pub failed: u64,
+    /// Network namespaces visited.
+    pub namespaces: u64,
+    /// Network namespaces that could not be entered (for example, the process exited).
+    pub namespaces_skipped: u64,
+    /// Wall time of the pass in microseconds.
+    pub elapsed_us: u64,
+}
+
+impl ApplyReport {
+    fn add_bytes(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            match *byte {
+                apply_result::APPLIED => self.applied += 1,
+                apply_result::UNCHANGED => self.unchanged += 1,
+                apply_result::SKIPPED_OFF => self.skipped_off += 1,
+                apply_result::KEPT_APP => self.kept_app += 1,
+                _ => self.failed += 1,
+            }
+        }
+    }
+
+    fn merge(&mut self, other: &Self) {
+        self.applied += other.applied;
+        self.unchanged += other.unchanged;
+        self.skipped_off += other.skipped_off;
+        self.kept_app += other.kept_app;
+        self.failed += other.failed;
+    }
+
+    /// Sockets inside the attach cgroup that the pass looked at.
+    pub const fn visited(&self) -> u64 {
+        self.applied + self.unchanged + self.skipped_off + self.kept_app + self.failed
+    }
+}
+
+fn run_iterator(link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport> {
+    let mut file = sys::iter_create(link).context("failed to start the TCP iterator")?;
+    let mut out = Vec::new();
+    file.read_to_end(&mut out)
+        .context("failed to read the TCP iterator")?;
+    let mut report = ApplyReport::default();
+    report.add_bytes(&out);
+    Ok(report)
+}
+
+/// Paths of one handle per network namespace other than our own.
+fn foreign_namespaces() -> Vec<PathBuf> {
+    let own = fs::metadata("/proc/self/ns/net")
+        .map(|m| (m.dev(), m.ino()))
+        .ok();
+    let mut seen: HashSet<(u64, u64)> = own.into_iter().collect();
+    let mut out = Vec::new();
+    let mut consider = |path: PathBuf| {
+        if let Ok(meta) = fs::metadata(&path)
+            && seen.insert((meta.dev(), meta.ino()))
+        {
+            out.push(path);
+        }
+    };
+    if let Ok(entries) = fs::read_dir("/run/netns") {
+        for entry in entries.filter_map(Result::ok) {
+            consider(entry.path());
+        }
+    }
+    if let Ok(entries) = fs::read_dir("/proc") {
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name();
+            if name
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            {
+                consider(entry.path().join("ns/net"));
+            }
+        }
+    }
+    out
+}
+
+fn in_namespace(ns: &PathBuf, link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport> {
+    let file = File::open(ns).with_context(|| format!("failed to open {}", ns.display()))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on this short-lived thread only changes its own namespace.
+                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .with_context(|| format!("failed to enter {}", ns.display()));
+                }
+                run_iterator(link)
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("iterator thread panicked"))?
+    })
+}
+
+/// Runs the apply iterator in every network namespace.
+pub fn apply_existing(link: &impl AsFd) -> anyhow::Result<ApplyReport> {
+    let start = Instant::now();
+    let link = link.as_fd();
+    let mut report = run_iterator(link)?;
+    report.namespaces = 1;
+    for ns in foreign_namespaces() {
+        match in_namespace(&ns, link) {
+            Ok(one) => {
+                report.merge(&one);
+                report.namespaces += 1;
+            }
+            Err(err) => {
+                log::debug!("skipping network namespace {}: {err:#}", ns.display());
+                report.namespaces_skipped += 1;
+            }
+        }
+    }
+    report.elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    Ok(report)
+}
+
+/// Formats a report for the log.
+pub fn describe(report: &ApplyReport) -> String {
+    format!(
+        "existing connections: {} updated, {} already current, {} in off cgroups, {} keep \
+         their own keepalive (fill), {} failed; {} network namespaces in {:?}",
+        report.applied,
+        report.unchanged,
+        report.skipped_off,
+        report.kept_app,
+        report.failed,
+        report.namespaces,
+        Duration::from_micros(report.elapsed_us)
+    )
+}

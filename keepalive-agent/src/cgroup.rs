@@ -1,0 +1,288 @@
+//! cgroup v2: finding the mount, naming cgroups relative to it, their ids, and walking the tree.
+//!
+//! A cgroup's id is its kernfs node id, which is also the inode number of its directory on the
+//! cgroup2 filesystem; the BPF program reads the same id from `sk->sk_cgrp_data`.
+
+use std::{
+    collections::HashMap,
+    fmt, fs, io,
+    os::unix::fs::MetadataExt as _,
+    path::{Component, Path, PathBuf},
+};
+
+use anyhow::Context as _;
+
+use crate::error::{Error, usage};
+
+/// The mounted cgroup v2 hierarchy.
+#[derive(Debug, Clone)]
+pub struct Cgroup2 {
+    mount: PathBuf,
+}
+
+/// Unescapes the octal escapes (`\040` for a space) that /proc/self/mounts uses.
+fn unescape_mount_field(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(digits) = bytes.get(i + 1..i + 4)
+            && digits.iter().all(|d| (b'0'..=b'7').contains(d))
+            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(digits).unwrap_or(""), 8)
+        {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Finds the cgroup2 mount point in the text of /proc/self/mounts. With several, the one at
+/// `/sys/fs/cgroup` wins, then the first.
+pub fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
+    let found: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let _source = fields.next()?;
+            let target = fields.next()?;
+            let fstype = fields.next()?;
+            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mount_field(target)))
+        })
+        .collect();
+    found
+        .iter()
+        .find(|p| p.as_path() == Path::new("/sys/fs/cgroup"))
+        .or_else(|| found.first())
+        .cloned()
+}
+
+impl Cgroup2 {
+    /// Finds the cgroup2 mount from /proc/self/mounts.
+    pub fn find() -> anyhow::Result<Self> {
+        let mounts =
+            fs::read_to_string("/proc/self/mounts").context("failed to read /proc/self/mounts")?;
+        let mount = cgroup2_mount_in(&mounts).ok_or(Error::NoCgroup2)?;
+        Ok(Self { mount })
+    }
+
+    /// Uses a known mount point (tests, `check`).
+    pub fn at(mount: impl Into<PathBuf>) -> Self {
+        Self {
+            mount: mount.into(),
+        }
+    }
+
+    /// The mount point.
+    pub fn mount(&self) -> &Path {
+        &self.mount
+    }
+
+    /// Parses a cgroup given as an absolute path under the mount or as a path relative to it.
+    /// Only checks the spelling; the cgroup need not exist.
+    pub fn parse(&self, spec: &str) -> anyhow::Result<CgroupPath> {
+        let path = Path::new(spec);
+        let relative = if path.is_absolute() {
+            path.strip_prefix(&self.mount).map_err(|_| {
+                usage(format!(
+                    "cgroup {spec} is not under the cgroup2 mount {}; give a path below it or \
+                     one relative to it",
+                    self.mount.display()
+                ))
+            })?
+        } else {
+            path
+        };
+        let mut parts = Vec::new();
+        for component in relative.components() {
+            match component {
+                Component::Normal(part) => parts.push(
+                    part.to_str()
+                        .ok_or_else(|| usage(format!("cgroup {spec} is not valid UTF-8")))?
+                        .to_owned(),
+                ),
+                Component::CurDir | Component::RootDir => {}
+                Component::ParentDir | Component::Prefix(_) => {
+                    return Err(usage(format!("cgroup {spec} must not contain `..`")));
+                }
+            }
+        }
+        Ok(CgroupPath(parts.join("/")))
+    }
+
+    /// Absolute filesystem path of a cgroup.
+    pub fn abs(&self, cgroup: &CgroupPath) -> PathBuf {
+        if cgroup.0.is_empty() {
+            self.mount.clone()
+        } else {
+            self.mount.join(&cgroup.0)
+        }
+    }
+
+    /// The id of an existing cgroup.
+    pub fn id(&self, cgroup: &CgroupPath) -> io::Result<u64> {
+        fs::metadata(self.abs(cgroup)).map(|meta| meta.ino())
+    }
+
+    /// The id of a cgroup that must exist; a missing one is [`Error::CgroupNotFound`].
+    pub fn existing_id(&self, cgroup: &CgroupPath) -> anyhow::Result<u64> {
+        let path = self.abs(cgroup);
+        match fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => Ok(meta.ino()),
+            Ok(_) => Err(usage(format!(
+                "{} is not a cgroup directory",
+                path.display()
+            ))),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                Err(Error::CgroupNotFound(path).into())
+            }
+            Err(err) => Err(err).with_context(|| format!("failed to stat {}", path.display())),
+        }
+    }
+
+    /// Direct child cgroups of `cgroup`, by name. A cgroup removed meanwhile yields none.
+    pub fn children(&self, cgroup: &CgroupPath) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(self.abs(cgroup)) else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = entries
+            .filter_map(Result::ok)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Every cgroup at or below `root`, with its id. Cgroups that vanish during the walk are
+    /// skipped.
+    pub fn walk(&self, root: &CgroupPath) -> Vec<(CgroupPath, u64)> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(cgroup) = stack.pop() {
+            let Ok(id) = self.id(&cgroup) else {
+                continue;
+            };
+            for child in self.children(&cgroup).into_iter().rev() {
+                stack.push(cgroup.join(&child));
+            }
+            out.push((cgroup, id));
+        }
+        out
+    }
+
+    /// Names for cgroup ids: every cgroup below `root`, by id.
+    pub fn names(&self, root: &CgroupPath) -> HashMap<u64, CgroupPath> {
+        self.walk(root)
+            .into_iter()
+            .map(|(path, id)| (id, path))
+            .collect()
+    }
+}
+
+/// A cgroup named relative to the cgroup2 mount; empty for the root. Displayed with a leading
+/// `/`, the way systemd and /proc/PID/cgroup show it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct CgroupPath(String);
+
+impl CgroupPath {
+    /// The root cgroup.
+    pub fn root() -> Self {
+        Self(String::new())
+    }
+
+    /// The path relative to the mount, without a leading slash ("" for the root).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A child of this cgroup.
+    pub fn join(&self, name: &str) -> Self {
+        if self.0.is_empty() {
+            Self(name.to_owned())
+        } else {
+            Self(format!("{}/{name}", self.0))
+        }
+    }
+
+    /// Path components.
+    pub fn components(&self) -> impl Iterator<Item = &str> {
+        self.0.split('/').filter(|c| !c.is_empty())
+    }
+
+    /// Whether `self` is `other` or below it.
+    pub fn is_within(&self, other: &CgroupPath) -> bool {
+        other.0.is_empty()
+            || self.0 == other.0
+            || (self.0.starts_with(&other.0) && self.0.as_bytes().get(other.0.len()) == Some(&b'/'))
+    }
+}
+
+impl fmt::Display for CgroupPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "/{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+cgroup /sys/fs/cgroup/cpu cgroup rw,relatime,cpu 0 0
+cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
+";
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_and_unified_layouts() {
+        assert_eq!(
+            cgroup2_mount_in(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n";
+        assert_eq!(
+            cgroup2_mount_in(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        let two = "cgroup2 /mnt/x cgroup2 rw 0 0\ncgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n";
+        assert_eq!(cgroup2_mount_in(two), Some(PathBuf::from("/sys/fs/cgroup")));
+        let spaced = "cgroup2 /mnt/my\\040cg cgroup2 rw 0 0\n";
+        assert_eq!(cgroup2_mount_in(spaced), Some(PathBuf::from("/mnt/my cg")));
+        assert_eq!(cgroup2_mount_in("proc /proc proc rw 0 0\n"), None);
+    }
+
+    #[test]
+    fn parses_absolute_and_relative_paths() {
+        let cg = Cgroup2::at("/sys/fs/cgroup");
+        assert_eq!(cg.parse("/sys/fs/cgroup").unwrap(), CgroupPath::root());
+        assert_eq!(
+            cg.parse("/sys/fs/cgroup/system.slice/a.service").unwrap(),
+            CgroupPath("system.slice/a.service".into())
+        );
+        assert_eq!(
+            cg.parse("system.slice/./a.service/").unwrap(),
+            CgroupPath("system.slice/a.service".into())
+        );
+        assert!(cg.parse("/etc/passwd").is_err());
+        assert!(cg.parse("a/../b").is_err());
+    }
+
+    #[test]
+    fn within() {
+        let a = CgroupPath("a".into());
+        let ab = CgroupPath("a/b".into());
+        let abc = CgroupPath("abc".into());
+        assert!(ab.is_within(&a));
+        assert!(a.is_within(&a));
+        assert!(!abc.is_within(&a));
+        assert!(a.is_within(&CgroupPath::root()));
+        assert!(!a.is_within(&ab));
+        assert_eq!(ab.to_string(), "/a/b");
+        assert_eq!(CgroupPath::root().to_string(), "/");
+    }
+}

@@ -1,0 +1,297 @@
+//! `check`: can this host run the agent, and what to fix if not. Every check is a real probe:
+//! the programs are loaded into the kernel (and dropped), mounts are read from the kernel.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::{
+    btf::{Btf, VMLINUX_BTF},
+    cgroup::{Cgroup2, CgroupPath},
+    daemon, loader,
+    pin::{self, BPFFS_MOUNT, StateDir},
+    privileges::{Cap, Caps},
+    sys,
+};
+
+/// Result of one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Fine.
+    Ok,
+    /// Works, with a caveat.
+    Warn,
+    /// The agent cannot run until this is fixed.
+    Fail,
+}
+
+/// One line of the checklist.
+#[derive(Debug, Clone, Serialize)]
+pub struct Item {
+    /// What was checked.
+    pub name: &'static str,
+    /// The result.
+    pub status: Outcome,
+    /// What was found.
+    pub detail: String,
+    /// What to do about it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+/// The whole checklist.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// No check failed.
+    pub ready: bool,
+    /// The checks, in order.
+    pub checks: Vec<Item>,
+}
+
+fn item(name: &'static str, status: Outcome, detail: impl Into<String>, fix: Option<&str>) -> Item {
+    Item {
+        name,
+        status,
+        detail: detail.into(),
+        fix: fix.map(str::to_owned),
+    }
+}
+
+fn kernel_version() -> Option<(u32, u32, String)> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let release = release.trim().to_owned();
+    let mut parts = release.split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor, release))
+}
+
+/// Runs every check.
+pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
+    let mut checks = Vec::new();
+    match kernel_version() {
+        Some((major, minor, release)) if (major, minor) >= (5, 15) => {
+            checks.push(item(
+                "kernel",
+                Outcome::Ok,
+                format!("Linux {release}"),
+                None,
+            ));
+        }
+        Some((_, _, release)) => checks.push(item(
+            "kernel",
+            Outcome::Fail,
+            format!("Linux {release}; keepalive needs 5.15 or newer"),
+            Some("upgrade the kernel"),
+        )),
+        None => checks.push(item("kernel", Outcome::Warn, "version unknown", None)),
+    }
+
+    let btf = Btf::from_sys_fs();
+    match &btf {
+        Ok(btf) => match btf.kernel_offsets() {
+            Ok(_) => checks.push(item(
+                "btf",
+                Outcome::Ok,
+                format!("{VMLINUX_BTF} describes every field used"),
+                None,
+            )),
+            Err(err) => checks.push(item(
+                "btf",
+                Outcome::Fail,
+                err.to_string(),
+                Some("use a kernel of 5.15 or newer"),
+            )),
+        },
+        Err(err) => checks.push(item(
+            "btf",
+            Outcome::Fail,
+            err.to_string(),
+            Some("use a kernel built with CONFIG_DEBUG_INFO_BTF=y (most distributions ship one)"),
+        )),
+    }
+
+    let cgroup2 = Cgroup2::find();
+    match &cgroup2 {
+        Ok(cg) => {
+            let hybrid = cg.mount() != Path::new("/sys/fs/cgroup");
+            checks.push(item(
+                "cgroup2",
+                Outcome::Ok,
+                if hybrid {
+                    format!("mounted at {} (hybrid layout: cgroup v1 controllers at /sys/fs/cgroup; fine)", cg.mount().display())
+                } else {
+                    format!("mounted at {}", cg.mount().display())
+                },
+                None,
+            ));
+        }
+        Err(err) => checks.push(item(
+            "cgroup2",
+            Outcome::Fail,
+            format!("{err:#}"),
+            Some("mount -t cgroup2 none /sys/fs/cgroup, or boot with systemd.unified_cgroup_hierarchy=1"),
+        )),
+    }
+
+    if pin::on_bpffs(Path::new(BPFFS_MOUNT)) {
+        checks.push(item(
+            "bpffs",
+            Outcome::Ok,
+            format!("mounted at {BPFFS_MOUNT}"),
+            None,
+        ));
+    } else {
+        checks.push(item(
+            "bpffs",
+            Outcome::Warn,
+            format!("not mounted at {BPFFS_MOUNT}; `run` mounts it"),
+            Some("mount -t bpf bpf /sys/fs/bpf (systemd does this at boot)"),
+        ));
+    }
+
+    let caps = Caps::current();
+    let missing = caps.missing_for_run();
+    if missing.is_empty() {
+        checks.push(item(
+            "privileges",
+            Outcome::Ok,
+            "can load and attach BPF programs",
+            None,
+        ));
+        if !caps.has(Cap::SysAdmin) {
+            checks.push(item(
+                "namespaces",
+                Outcome::Warn,
+                "no CAP_SYS_ADMIN: existing connections in other network namespaces are not updated",
+                Some("grant CAP_SYS_ADMIN (see the systemd unit)"),
+            ));
+        }
+    } else {
+        let names: Vec<&str> = missing.iter().map(|c| c.name()).collect();
+        checks.push(item(
+            "privileges",
+            Outcome::Fail,
+            format!("missing {}", names.join(", ")),
+            Some("run as root, or grant CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SYS_ADMIN"),
+        ));
+    }
+
+    if missing.is_empty()
+        && let Ok(btf) = &btf
+    {
+        for (program, result) in loader::probe(btf) {
+            let (name, what) = match program {
+                keepalive_common::PROG_SOCKOPS => ("sock_ops", "enforcing new connections"),
+                keepalive_common::PROG_LOCK => ("cgroup/setsockopt", "lock mode"),
+                keepalive_common::PROG_APPLY => ("iter/tcp", "updating existing connections"),
+                _ => ("iter/bpf_sk_storage_map", "status"),
+            };
+            checks.push(match result {
+                Ok(()) => item(name, Outcome::Ok, format!("loads; {what} works"), None),
+                Err(err)
+                    if program == keepalive_common::PROG_APPLY
+                        || program == keepalive_common::PROG_LOCK =>
+                {
+                    item(
+                        name,
+                        Outcome::Warn,
+                        format!("rejected ({err}); no {what}"),
+                        Some("use Linux 5.15 or newer"),
+                    )
+                }
+                Err(err) => item(
+                    name,
+                    Outcome::Fail,
+                    format!("rejected: {err}"),
+                    Some("use Linux 5.15 or newer with BTF"),
+                ),
+            });
+        }
+    }
+
+    if let Ok(cg) = &cgroup2 {
+        let ours = loader::pinned_attach_id(state).ok().flatten();
+        if let Ok(root) = std::fs::File::open(cg.abs(&CgroupPath::root())) {
+            match sys::cgroup_query(&root, sys::ATTACH_CGROUP_SOCK_OPS) {
+                Ok(ids) => {
+                    let ours_prog = sys::obj_get(&state.sockops_link())
+                        .ok()
+                        .and_then(|fd| sys::link_info(std::os::fd::AsFd::as_fd(&fd)).ok())
+                        .map(|info| info.prog_id);
+                    let others: Vec<u32> = ids
+                        .into_iter()
+                        .filter(|id| Some(*id) != ours_prog)
+                        .collect();
+                    if others.is_empty() {
+                        checks.push(item(
+                            "other sock_ops programs",
+                            Outcome::Ok,
+                            "none on the cgroup2 root",
+                            None,
+                        ));
+                    } else {
+                        checks.push(item(
+                            "other sock_ops programs",
+                            Outcome::Warn,
+                            format!("program ids {others:?} are attached to the cgroup2 root; they run alongside keepalive and may set keepalive options too"),
+                            Some("see README \"Other eBPF users\"; attach keepalive to a subtree to avoid overlap"),
+                        ));
+                    }
+                }
+                Err(err) => checks.push(item(
+                    "other sock_ops programs",
+                    Outcome::Warn,
+                    format!("cannot query: {err}"),
+                    None,
+                )),
+            }
+        }
+        let names = cg.names(&CgroupPath::root());
+        let detail = match (ours, daemon::running_agent(runtime_dir)) {
+            (Some(id), Some(pid)) => format!(
+                "attached to {} and the agent (pid {pid}) is running",
+                names
+                    .get(&id)
+                    .map_or_else(|| format!("cgroup id {id}"), ToString::to_string)
+            ),
+            (Some(id), None) => format!(
+                "attached to {}; no agent is running (new connections are still enforced)",
+                names
+                    .get(&id)
+                    .map_or_else(|| format!("cgroup id {id}"), ToString::to_string)
+            ),
+            (None, _) => format!("not attached ({})", state.root().display()),
+        };
+        checks.push(item("keepalive", Outcome::Ok, detail, None));
+    }
+    Report {
+        ready: checks.iter().all(|c| c.status != Outcome::Fail),
+        checks,
+    }
+}
+
+/// The checklist for people.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    for check in &report.checks {
+        let mark = match check.status {
+            Outcome::Ok => "ok  ",
+            Outcome::Warn => "warn",
+            Outcome::Fail => "FAIL",
+        };
+        out.push_str(&format!("[{mark}] {}: {}\n", check.name, check.detail));
+        if let Some(fix) = &check.fix
+            && check.status != Outcome::Ok
+        {
+            out.push_str(&format!("       fix: {fix}\n"));
+        }
+    }
+    out.push_str(if report.ready {
+        "\nready: this host can run keepalive-agent\n"
+    } else {
+        "\nnot ready: fix the FAIL items above\n"
+    });
+    out
+}

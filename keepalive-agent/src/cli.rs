@@ -1,0 +1,336 @@
+//! The command line: every subcommand, flag and value parser. `--help`, the man page and the
+//! shell completions are all generated from these definitions.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::policy::{self, Mode, limits};
+
+/// Exit codes, shown at the end of `--help` and documented in the README.
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  failure not listed below
+  2  bad command line or configuration; nothing was attached or changed
+  3  permission denied: run as root (needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN)
+  4  no cgroup v2 mount, or the named cgroup does not exist
+  5  bpffs is not mounted and cannot be mounted
+  6  the kernel cannot run keepalive (no BTF, missing program type or helper)
+  7  no agent is running (policy commands), or another agent holds the state (run, detach)
+  8  check: this host is not ready";
+
+/// Enforces TCP keepalive on every connection of a host or cgroup, from the kernel.
+///
+/// A cgroup sock_ops BPF program sets SO_KEEPALIVE, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT and
+/// optionally TCP_USER_TIMEOUT when a TCP connection is established, on both the connecting and
+/// the accepting side, with a policy per cgroup.
+#[derive(Debug, Parser)]
+#[command(name = "keepalive-agent", version, after_long_help = EXIT_CODES)]
+pub struct Cli {
+    /// Directory on bpffs holding keepalive's pinned programs, maps and links.
+    /// [default: the config's state_dir, else /sys/fs/bpf/keepalive]
+    #[arg(long, global = true, value_name = "DIR", env = "KEEPALIVE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+
+    /// Directory for the control socket and the agent's lock file.
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        env = "KEEPALIVE_RUNTIME_DIR",
+        default_value = "/run/keepalive-agent"
+    )]
+    pub runtime_dir: PathBuf,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load, attach and enforce; stays in the foreground and follows config and cgroup changes.
+    ///
+    /// Enforcement is pinned in the state directory and stays in place when the agent exits,
+    /// is killed or crashes; a restarted agent takes it over without a gap. Remove it with
+    /// `keepalive-agent detach`.
+    Run(RunArgs),
+    /// Show enforced sockets and per-cgroup counters (reads pinned state; root only).
+    Status(StatusArgs),
+    /// Show or change the running agent's policies.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Remove keepalive's programs, links and pins, ending enforcement.
+    Detach(DetachArgs),
+    /// Check whether this host can run the agent, and say what to fix if not.
+    Check(CheckArgs),
+    /// Install the binary, the systemd unit and a default config file.
+    Install(InstallArgs),
+    /// Print a shell completion script.
+    Completions(CompletionsArgs),
+    /// Write the man pages (keepalive-agent.1 and one per subcommand) into a directory.
+    Man(ManArgs),
+}
+
+/// Parses a whole-seconds duration within `range`.
+fn secs_parser(
+    what: &'static str,
+    range: std::ops::RangeInclusive<u32>,
+) -> impl Fn(&str) -> Result<u32, String> + Clone + Send + Sync + 'static {
+    move |text| policy::check_secs(what, policy::parse_duration(text)?, range.clone())
+}
+
+fn parse_count(text: &str) -> Result<u32, String> {
+    let value: i64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("\"{text}\" is not a whole number"))?;
+    policy::check_count("count", value)
+}
+
+fn parse_user_timeout(text: &str) -> Result<u32, String> {
+    policy::check_user_timeout("user-timeout", policy::parse_duration(text)?)
+}
+
+fn parse_mode(text: &str) -> Result<Mode, String> {
+    text.parse()
+}
+
+/// Keepalive values, shared by `run` (over `[default]`) and `policy set`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ValueArgs {
+    /// Idle time before the first probe (TCP_KEEPIDLE): seconds or a duration such as 90s or
+    /// 2m; 1 to 32767 seconds.
+    #[arg(long, value_name = "DURATION", value_parser = secs_parser("idle", limits::IDLE))]
+    pub idle: Option<u32>,
+
+    /// Time between probes (TCP_KEEPINTVL): seconds or a duration; 1 to 32767 seconds.
+    #[arg(long, value_name = "DURATION", value_parser = secs_parser("interval", limits::INTERVAL))]
+    pub interval: Option<u32>,
+
+    /// Unanswered probes before the connection is dropped (TCP_KEEPCNT): 1 to 127.
+    #[arg(long, value_name = "N", value_parser = parse_count)]
+    pub count: Option<u32>,
+
+    /// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged before the connection is
+    /// dropped (seconds or a duration such as 45s or 1500ms). Keepalive alone does not cover
+    /// connections with unacknowledged data; idle + interval × count is a good value.
+    #[arg(long, value_name = "DURATION", value_parser = parse_user_timeout)]
+    pub user_timeout: Option<u32>,
+}
+
+/// `run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Config file [default: /etc/keepalive-agent/config.toml if it exists, else built-in
+    /// defaults: attach at the cgroup2 root, enforce idle 60s, interval 10s, count 5].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// cgroup to attach to: an absolute path or one relative to the cgroup2 mount. Covers
+    /// every socket created in it and below it. Overrides the config's `attach`.
+    /// [default: the cgroup2 root]
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
+
+    /// Values of the default policy; override `[default]` in the config.
+    #[command(flatten)]
+    pub values: ValueArgs,
+
+    /// Serve Prometheus metrics at this address (for example 127.0.0.1:9977). Off by default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+
+    /// Capacity of the per-cgroup counter map, used when the maps are first created.
+    /// [default: 65536]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_tracked_cgroups: Option<u32>,
+}
+
+/// `status`.
+#[derive(Debug, Clone, Args)]
+pub struct StatusArgs {
+    /// Print one JSON document instead of tables.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Only sockets and counters of this cgroup and the cgroups below it.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
+
+    /// Only sockets with this local or remote port.
+    #[arg(long, value_name = "N")]
+    pub port: Option<u16>,
+}
+
+/// `policy …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum PolicyCommand {
+    /// List the effective policies: cgroup, id, values, mode and where each came from.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a cgroup's policy at runtime (until the next reload or restart). Values not given
+    /// are taken from the default policy.
+    Set {
+        /// cgroup path or glob (absolute, or relative to the cgroup2 mount).
+        cgroup: String,
+        /// Values.
+        #[command(flatten)]
+        values: ValueArgs,
+        /// enforce, fill, off or lock. [default: the default policy's mode]
+        #[arg(long, value_name = "MODE", value_parser = parse_mode)]
+        mode: Option<Mode>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a cgroup's runtime policy, or mask the config's policy for it until the next
+    /// reload. The cgroup then inherits from its nearest ancestor with a policy.
+    Unset {
+        /// cgroup path or glob, as given to `set` or in the config.
+        cgroup: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-read the config file and apply the difference (same as SIGHUP).
+    Reload {
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `detach`.
+#[derive(Debug, Clone, Args)]
+pub struct DetachArgs {
+    /// Only detach if enforcement is attached to this cgroup (a safety check).
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
+}
+
+/// `check`.
+#[derive(Debug, Clone, Args)]
+pub struct CheckArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `install`.
+#[derive(Debug, Clone, Args)]
+pub struct InstallArgs {
+    /// Install below this root (for packaging); the unit still refers to the final paths.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub root: PathBuf,
+    /// Directory for the binary, relative to the root.
+    #[arg(long, value_name = "DIR", default_value = "/usr/local/sbin")]
+    pub bindir: PathBuf,
+    /// Replace an existing config file (by default an existing one is kept).
+    #[arg(long)]
+    pub force_config: bool,
+}
+
+/// `completions`.
+#[derive(Debug, Clone, Args)]
+pub struct CompletionsArgs {
+    /// bash, zsh, fish, elvish or powershell.
+    pub shell: clap_complete::Shell,
+}
+
+/// `man`.
+#[derive(Debug, Clone, Args)]
+pub struct ManArgs {
+    /// Directory to write the pages into.
+    pub dir: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::*;
+
+    #[test]
+    fn verify_cli() {
+        Cli::command().debug_assert();
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("keepalive-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn run_accepts_seconds_and_units() {
+        let cli = parse(&["run", "--idle", "90s", "--interval", "2m", "--count", "3"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("run");
+        };
+        assert_eq!(run.values.idle, Some(90));
+        assert_eq!(run.values.interval, Some(120));
+        assert_eq!(run.values.count, Some(3));
+        let cli = parse(&["run", "--user-timeout", "1500ms"]).unwrap();
+        let Command::Run(run) = cli.command else {
+            panic!("run");
+        };
+        assert_eq!(run.values.user_timeout, Some(1500));
+    }
+
+    #[test]
+    fn bad_values_name_flag_value_and_range() {
+        for (args, needles) in [
+            (
+                &["run", "--idle", "0"][..],
+                &["--idle", "0", "1 to 32767"][..],
+            ),
+            (
+                &["run", "--interval", "40000"],
+                &["--interval", "40000", "32767"],
+            ),
+            (&["run", "--count", "128"], &["--count", "128", "1 to 127"]),
+            (&["run", "--count", "-1"], &["--count", "-1"]),
+            (
+                &["run", "--idle", "soon"],
+                &["--idle", "soon", "not a duration"],
+            ),
+            (&["run", "--user-timeout", "0"], &["--user-timeout", "0"]),
+            (
+                &["policy", "set", "x", "--mode", "strict"],
+                &["--mode", "strict", "enforce, fill, off, lock"],
+            ),
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            for needle in needles {
+                assert!(err.contains(needle), "{args:?}: {err} lacks {needle}");
+            }
+        }
+    }
+
+    #[test]
+    fn status_and_detach_flags() {
+        let cli = parse(&[
+            "--state-dir",
+            "/sys/fs/bpf/x",
+            "status",
+            "--json",
+            "--port",
+            "80",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.state_dir.as_deref(),
+            Some(std::path::Path::new("/sys/fs/bpf/x"))
+        );
+        let Command::Status(status) = cli.command else {
+            panic!("status");
+        };
+        assert!(status.json);
+        assert_eq!(status.port, Some(80));
+        assert!(parse(&["detach", "--cgroup", "/a"]).is_ok());
+    }
+}

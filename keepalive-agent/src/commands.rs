@@ -1,0 +1,211 @@
+//! One function per subcommand: turns parsed arguments into library calls and prints results.
+
+use std::{
+    io::{self, Write as _},
+    path::PathBuf,
+};
+
+use anyhow::Context as _;
+use clap::CommandFactory as _;
+use comfy_table::{Table, presets};
+
+use crate::{
+    cgroup::Cgroup2,
+    check,
+    cli::{Cli, Command, PolicyCommand, StatusArgs},
+    control::{PolicyRow, Request, Response},
+    daemon::{self, Globals},
+    detach, install,
+    pin::{DEFAULT_STATE_DIR, StateDir},
+    status,
+};
+
+/// Writes to stdout; a closed pipe (`keepalive-agent status | head`) is not an error.
+fn print(text: &str) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(err) if err.kind() == io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("failed to write to stdout"),
+    }
+}
+
+fn json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    print(&format!("{}\n", serde_json::to_string_pretty(value)?))
+}
+
+fn state_dir(cli_state: Option<PathBuf>) -> StateDir {
+    StateDir::new(cli_state.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)))
+}
+
+/// Runs the command.
+pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let Cli {
+        state_dir: cli_state,
+        runtime_dir,
+        command,
+    } = cli;
+    match command {
+        Command::Run(args) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("failed to start the async runtime")?;
+            runtime.block_on(daemon::run(
+                Globals {
+                    state_dir: cli_state,
+                    runtime_dir,
+                },
+                args,
+            ))
+        }
+        Command::Status(args) => status_cmd(&state_dir(cli_state), &args),
+        Command::Policy(cmd) => policy_cmd(&runtime_dir, cmd),
+        Command::Detach(args) => {
+            let state = state_dir(cli_state);
+            let removed = detach::detach(&state, &runtime_dir, args.cgroup.as_deref())?;
+            if removed.is_empty() {
+                print(&format!(
+                    "nothing to detach: no keepalive state in {}\n",
+                    state.root().display()
+                ))
+            } else {
+                let mut text = removed.join("\n");
+                text.push_str(
+                    "\nkeepalive is detached; open connections keep the keepalive settings \
+                     they have\n",
+                );
+                print(&text)
+            }
+        }
+        Command::Check(args) => {
+            let report = check::run(&state_dir(cli_state), &runtime_dir);
+            if args.json {
+                json(&report)?;
+            } else {
+                print(&check::render(&report))?;
+            }
+            if report.ready {
+                Ok(())
+            } else {
+                Err(crate::error::Error::NotReady.into())
+            }
+        }
+        Command::Install(args) => {
+            for line in install::install(&args)? {
+                print(&format!("{line}\n"))?;
+            }
+            Ok(())
+        }
+        Command::Completions(args) => {
+            let mut out = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "keepalive-agent", &mut out);
+            print(&String::from_utf8_lossy(&out))
+        }
+        Command::Man(args) => {
+            std::fs::create_dir_all(&args.dir)
+                .with_context(|| format!("failed to create {}", args.dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &args.dir)
+                .with_context(|| format!("failed to write man pages to {}", args.dir.display()))?;
+            print(&format!("wrote man pages to {}\n", args.dir.display()))
+        }
+    }
+}
+
+fn status_cmd(state: &StateDir, args: &StatusArgs) -> anyhow::Result<()> {
+    let cgroup2 = Cgroup2::find()?;
+    let filter = status::Filter {
+        cgroup: args
+            .cgroup
+            .as_deref()
+            .map(|c| cgroup2.parse(c))
+            .transpose()?,
+        port: args.port,
+    };
+    let snapshot = status::snapshot(state, &cgroup2, &filter)?;
+    if args.json {
+        json(&snapshot)
+    } else {
+        print(&status::render(&snapshot))
+    }
+}
+
+fn policy_table(rows: &[PolicyRow]) -> String {
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING);
+    table.set_header([
+        "CGROUP",
+        "ID",
+        "IDLE",
+        "INTVL",
+        "CNT",
+        "USER-TIMEOUT",
+        "MODE",
+        "MATCHED BY",
+        "SOURCE",
+    ]);
+    for row in rows {
+        table.add_row([
+            row.cgroup.clone(),
+            row.cgroup_id.to_string(),
+            format!("{}s", row.idle),
+            format!("{}s", row.interval),
+            row.count.to_string(),
+            row.user_timeout.map_or("-".into(), |ms| format!("{ms}ms")),
+            row.mode.clone(),
+            row.selector.clone(),
+            row.source.clone(),
+        ]);
+    }
+    format!("{table}\n")
+}
+
+fn print_response(response: &Response, as_json: bool, list: bool) -> anyhow::Result<()> {
+    if as_json {
+        return json(response);
+    }
+    let mut text = String::new();
+    if let Some(message) = &response.message {
+        text.push_str(message);
+        text.push('\n');
+    }
+    if let Some(applied) = &response.applied {
+        text.push_str(&crate::apply::describe(applied));
+        text.push('\n');
+    }
+    if list {
+        text.push_str(&policy_table(
+            response.policies.as_deref().unwrap_or_default(),
+        ));
+        for pending in response.pending.iter().flatten() {
+            text.push_str(&format!("pending: {pending}\n"));
+        }
+    }
+    print(&text)
+}
+
+fn policy_cmd(runtime_dir: &std::path::Path, cmd: PolicyCommand) -> anyhow::Result<()> {
+    let (request, as_json, list) = match cmd {
+        PolicyCommand::List { json } => (Request::List, json, true),
+        PolicyCommand::Reload { json } => (Request::Reload, json, false),
+        PolicyCommand::Set {
+            cgroup,
+            values,
+            mode,
+            json,
+        } => (
+            Request::Set {
+                cgroup,
+                idle: values.idle,
+                interval: values.interval,
+                count: values.count,
+                user_timeout_ms: values.user_timeout,
+                mode: mode.map(|m| m.to_string()),
+            },
+            json,
+            false,
+        ),
+        PolicyCommand::Unset { cgroup, json } => (Request::Unset { cgroup }, json, false),
+    };
+    let response = daemon::call_agent(runtime_dir, &request)?;
+    print_response(&response, as_json, list)
+}

@@ -1,0 +1,597 @@
+//! The TOML config file: parsing, validation with file and line in every message, and the
+//! command-line overrides.
+//!
+//! Parsing never touches the kernel, so a bad file is rejected before anything is attached or
+//! changed, both at start and on reload.
+
+use std::{
+    collections::HashMap,
+    fmt,
+    net::SocketAddr,
+    ops::Range,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{
+    Deserialize, Deserializer,
+    de::{self, Visitor},
+};
+use toml::Spanned;
+
+use crate::{
+    cgroup::{Cgroup2, CgroupPath},
+    error::Error,
+    policy::{self, BUILTIN_DEFAULT, PolicySet, Rule, Selector, Source, Spec, limits},
+};
+
+/// Where `run` looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/keepalive-agent/config.toml";
+
+/// A number of seconds or a duration string, as written in the file.
+#[derive(Debug, Clone, Copy)]
+struct DurationValue(Duration);
+
+impl<'de> Deserialize<'de> for DurationValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = DurationValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number of seconds or a duration string such as \"90s\" or \"2m\"")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<DurationValue, E> {
+                u64::try_from(v)
+                    .map(|secs| DurationValue(Duration::from_secs(secs)))
+                    .map_err(|_| E::custom(format!("{v} is negative; durations are >= 0")))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationValue, E> {
+                Ok(DurationValue(Duration::from_secs(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationValue, E> {
+                policy::parse_duration(v)
+                    .map(DurationValue)
+                    .map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// A `[default]` table or a `[[policy]]` entry as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    cgroup: Option<Spanned<String>>,
+    idle: Option<Spanned<DurationValue>>,
+    interval: Option<Spanned<DurationValue>>,
+    count: Option<Spanned<i64>>,
+    user_timeout: Option<Spanned<DurationValue>>,
+    mode: Option<Spanned<String>>,
+}
+
+/// The whole file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    attach: Option<Spanned<String>>,
+    state_dir: Option<Spanned<String>>,
+    metrics: Option<Spanned<String>>,
+    max_tracked_cgroups: Option<Spanned<i64>>,
+    default: Option<Spanned<RawPolicy>>,
+    #[serde(default)]
+    policy: Vec<Spanned<RawPolicy>>,
+}
+
+/// A validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from; `None` when no file was found at the default path.
+    pub file: Option<PathBuf>,
+    /// `attach`: where to attach, as written, with its line.
+    pub attach: Option<(String, usize)>,
+    /// `state_dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `metrics`: address of the Prometheus endpoint.
+    pub metrics: Option<SocketAddr>,
+    /// `max_tracked_cgroups`.
+    pub max_tracked_cgroups: Option<u32>,
+    /// The default and the rules.
+    pub policies: PolicySet,
+}
+
+/// Value overrides from `run`'s flags, applied over `[default]`.
+#[derive(Debug, Clone, Default)]
+pub struct DefaultOverrides {
+    /// `--idle`.
+    pub idle: Option<u32>,
+    /// `--interval`.
+    pub interval: Option<u32>,
+    /// `--count`.
+    pub count: Option<u32>,
+    /// `--user-timeout`, milliseconds.
+    pub user_timeout_ms: Option<u32>,
+}
+
+impl DefaultOverrides {
+    fn any(&self) -> bool {
+        self.idle.is_some()
+            || self.interval.is_some()
+            || self.count.is_some()
+            || self.user_timeout_ms.is_some()
+    }
+}
+
+/// Converts a byte offset to a 1-based line number.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].matches('\n').count() + 1
+}
+
+struct Ctx<'a> {
+    text: &'a str,
+    file: &'a Path,
+}
+
+impl Ctx<'_> {
+    fn err(&self, span: Range<usize>, reason: impl Into<String>) -> anyhow::Error {
+        Error::Config {
+            file: self.file.to_owned(),
+            line: Some(line_of(self.text, span.start)),
+            reason: reason.into(),
+        }
+        .into()
+    }
+
+    fn line(&self, span: &Range<usize>) -> usize {
+        line_of(self.text, span.start)
+    }
+
+    /// Builds a policy, taking missing values from `base`.
+    fn spec(&self, raw: &RawPolicy, base: &Spec) -> anyhow::Result<Spec> {
+        let mut spec = *base;
+        if let Some(mode) = &raw.mode {
+            spec.mode = mode
+                .get_ref()
+                .parse()
+                .map_err(|reason: String| self.err(mode.span(), format!("mode: {reason}")))?;
+        }
+        if let Some(idle) = &raw.idle {
+            spec.values.idle = policy::check_secs("idle", idle.get_ref().0, limits::IDLE)
+                .map_err(|reason| self.err(idle.span(), reason))?;
+        }
+        if let Some(interval) = &raw.interval {
+            spec.values.interval =
+                policy::check_secs("interval", interval.get_ref().0, limits::INTERVAL)
+                    .map_err(|reason| self.err(interval.span(), reason))?;
+        }
+        if let Some(count) = &raw.count {
+            spec.values.count = policy::check_count("count", *count.get_ref())
+                .map_err(|reason| self.err(count.span(), reason))?;
+        }
+        if let Some(timeout) = &raw.user_timeout {
+            spec.values.user_timeout_ms = Some(
+                policy::check_user_timeout("user_timeout", timeout.get_ref().0)
+                    .map_err(|reason| self.err(timeout.span(), reason))?,
+            );
+        }
+        Ok(spec)
+    }
+}
+
+/// Reads the config: `path` when given (it must exist), else [`DEFAULT_CONFIG`] if present,
+/// else the built-in default.
+pub fn load(path: Option<&Path>, cgroup2: &Cgroup2) -> anyhow::Result<Config> {
+    let (file, required) = match path {
+        Some(path) => (path, true),
+        None => (Path::new(DEFAULT_CONFIG), false),
+    };
+    match std::fs::read_to_string(file) {
+        Ok(text) => parse(&text, file, cgroup2),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => Ok(Config {
+            file: None,
+            attach: None,
+            state_dir: None,
+            metrics: None,
+            max_tracked_cgroups: None,
+            policies: PolicySet::new(BUILTIN_DEFAULT, Source::Builtin),
+        }),
+        Err(err) => Err(Error::Config {
+            file: file.to_owned(),
+            line: None,
+            reason: format!("cannot read: {err}"),
+        }
+        .into()),
+    }
+}
+
+/// Parses and validates config text.
+pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Config> {
+    let ctx = Ctx { text, file };
+    let raw: RawConfig = toml::from_str(text).map_err(|err| Error::Config {
+        file: file.to_owned(),
+        line: err.span().map(|span| line_of(text, span.start)),
+        reason: err.message().trim().to_owned(),
+    })?;
+
+    let (default, default_source) = match &raw.default {
+        Some(table) => {
+            if let Some(cgroup) = &table.get_ref().cgroup {
+                return Err(ctx.err(
+                    cgroup.span(),
+                    "[default] applies everywhere and takes no `cgroup` key; use [[policy]]",
+                ));
+            }
+            let spec = ctx.spec(table.get_ref(), &BUILTIN_DEFAULT)?;
+            let line = ctx.line(&table.span());
+            (
+                spec,
+                Source::Config {
+                    file: file.to_owned(),
+                    line,
+                },
+            )
+        }
+        None => (BUILTIN_DEFAULT, Source::Builtin),
+    };
+
+    let mut exact = Vec::new();
+    let mut globs = Vec::new();
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for entry in &raw.policy {
+        let raw_policy = entry.get_ref();
+        let line = ctx.line(&entry.span());
+        let Some(cgroup) = &raw_policy.cgroup else {
+            return Err(ctx.err(entry.span(), "[[policy]] needs a `cgroup` key"));
+        };
+        let selector = Selector::parse(cgroup2, cgroup.get_ref())
+            .map_err(|err| ctx.err(cgroup.span(), format!("cgroup: {err}")))?;
+        let key = selector.text();
+        if let Some(first) = seen.insert(key.clone(), ctx.line(&cgroup.span())) {
+            return Err(ctx.err(
+                cgroup.span(),
+                format!("duplicate policy for cgroup {key} (first defined on line {first})"),
+            ));
+        }
+        let spec = ctx.spec(raw_policy, &default)?;
+        let rule = Rule {
+            selector,
+            spec: Some(spec),
+            source: Source::Config {
+                file: file.to_owned(),
+                line,
+            },
+        };
+        if rule.selector.is_glob() {
+            globs.push(rule);
+        } else {
+            exact.push(rule);
+        }
+    }
+    let rules = if exact.len() + globs.len() > keepalive_common::MAX_POLICIES as usize {
+        return Err(Error::Config {
+            file: file.to_owned(),
+            line: None,
+            reason: format!(
+                "{} policies; at most {} are supported",
+                exact.len() + globs.len(),
+                keepalive_common::MAX_POLICIES
+            ),
+        }
+        .into());
+    } else {
+        exact.into_iter().chain(globs).collect()
+    };
+
+    let attach = match &raw.attach {
+        Some(attach) => {
+            cgroup2
+                .parse(attach.get_ref())
+                .map_err(|err| ctx.err(attach.span(), format!("attach: {err}")))?;
+            Some((attach.get_ref().clone(), ctx.line(&attach.span())))
+        }
+        None => None,
+    };
+    let metrics = match &raw.metrics {
+        Some(addr) => Some(addr.get_ref().parse::<SocketAddr>().map_err(|err| {
+            ctx.err(
+                addr.span(),
+                format!(
+                    "metrics = \"{}\": {err}; expected an address such as \"127.0.0.1:9977\"",
+                    addr.get_ref()
+                ),
+            )
+        })?),
+        None => None,
+    };
+    let max_tracked_cgroups = match &raw.max_tracked_cgroups {
+        Some(max) => Some(
+            u32::try_from(*max.get_ref())
+                .ok()
+                .filter(|n| (1..=1 << 24).contains(n))
+                .ok_or_else(|| {
+                    ctx.err(
+                        max.span(),
+                        format!(
+                            "max_tracked_cgroups = {} is out of range; accepted: 1 to 16777216",
+                            max.get_ref()
+                        ),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    let state_dir = raw
+        .state_dir
+        .as_ref()
+        .map(|dir| PathBuf::from(dir.get_ref()));
+    if let (Some(dir), Some(spanned)) = (&state_dir, &raw.state_dir)
+        && !dir.is_absolute()
+    {
+        return Err(ctx.err(
+            spanned.span(),
+            "state_dir must be an absolute path on bpffs",
+        ));
+    }
+
+    Ok(Config {
+        file: Some(file.to_owned()),
+        attach,
+        state_dir,
+        metrics,
+        max_tracked_cgroups,
+        policies: PolicySet {
+            default,
+            default_source,
+            rules,
+        },
+    })
+}
+
+impl Config {
+    /// Applies `run`'s value flags over `[default]`. Rules that inherited a value from the
+    /// default inherit the override too, as if the file had said it.
+    pub fn apply_overrides(&mut self, overrides: &DefaultOverrides) {
+        if !overrides.any() {
+            return;
+        }
+        let old = self.policies.default;
+        let mut new = old;
+        if let Some(idle) = overrides.idle {
+            new.values.idle = idle;
+        }
+        if let Some(interval) = overrides.interval {
+            new.values.interval = interval;
+        }
+        if let Some(count) = overrides.count {
+            new.values.count = count;
+        }
+        if let Some(ms) = overrides.user_timeout_ms {
+            new.values.user_timeout_ms = Some(ms);
+        }
+        self.policies.default = new;
+        self.policies.default_source = Source::CommandLine;
+        for rule in &mut self.policies.rules {
+            if let Some(spec) = &mut rule.spec {
+                if spec.values.idle == old.values.idle {
+                    spec.values.idle = new.values.idle;
+                }
+                if spec.values.interval == old.values.interval {
+                    spec.values.interval = new.values.interval;
+                }
+                if spec.values.count == old.values.count {
+                    spec.values.count = new.values.count;
+                }
+                if spec.values.user_timeout_ms == old.values.user_timeout_ms {
+                    spec.values.user_timeout_ms = new.values.user_timeout_ms;
+                }
+            }
+        }
+    }
+
+    /// Checks that every rule can select cgroups inside `attach`.
+    pub fn check_scope(&self, attach: &CgroupPath) -> anyhow::Result<()> {
+        for rule in &self.policies.rules {
+            let prefix = rule.selector.literal_prefix();
+            if !prefix.is_within(attach) && !attach.is_within(&prefix) {
+                let reason = format!(
+                    "cgroup {} is outside the attach cgroup {attach}; keepalive never sees its \
+                     sockets",
+                    rule.selector.text()
+                );
+                return Err(match &rule.source {
+                    Source::Config { file, line } => Error::Config {
+                        file: file.clone(),
+                        line: Some(*line),
+                        reason,
+                    },
+                    _ => Error::Usage(reason),
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cg() -> Cgroup2 {
+        Cgroup2::at("/sys/fs/cgroup")
+    }
+
+    fn parse_ok(text: &str) -> Config {
+        parse(text, Path::new("/etc/k.toml"), &cg()).expect("valid config")
+    }
+
+    fn parse_err(text: &str) -> (Option<usize>, String) {
+        let err = parse(text, Path::new("/etc/k.toml"), &cg()).expect_err("invalid config");
+        match err.downcast::<Error>().expect("config error") {
+            Error::Config { file, line, reason } => {
+                assert_eq!(file, Path::new("/etc/k.toml"));
+                (line, reason)
+            }
+            other => panic!("unexpected error {other:?}"),
+        }
+    }
+
+    const EXAMPLE: &str = r#"# optional; default is the cgroup2 root
+attach = "/sys/fs/cgroup"
+
+[default]
+idle = 60
+interval = 10
+count = 5
+mode = "enforce"
+
+[[policy]]
+cgroup = "system.slice/postgresql.service"   # relative to the cgroup2 mount, or absolute
+idle = 30
+interval = 5
+count = 3
+user_timeout = "45s"
+
+[[policy]]
+cgroup = "system.slice/docker-*.scope"       # glob
+mode = "off"
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let config = parse_ok(EXAMPLE);
+        assert_eq!(config.attach.as_ref().map(|a| a.1), Some(2));
+        assert_eq!(config.policies.default, BUILTIN_DEFAULT);
+        let [pg, docker] = config.policies.rules.as_slice() else {
+            panic!("two rules");
+        };
+        let pg_spec = pg.spec.unwrap();
+        assert_eq!(pg_spec.values.idle, 30);
+        assert_eq!(pg_spec.values.user_timeout_ms, Some(45_000));
+        assert_eq!(pg.source.to_string(), "/etc/k.toml:10");
+        assert!(docker.selector.is_glob());
+        assert_eq!(docker.spec.unwrap().mode, Mode::Off);
+        // Unset values inherit from [default].
+        assert_eq!(docker.spec.unwrap().values.idle, 60);
+    }
+
+    #[test]
+    fn rejects_unknown_keys_with_line() {
+        let (line, reason) = parse_err("[default]\nidle = 5\nidel = 6\n");
+        assert_eq!(line, Some(3));
+        assert!(reason.contains("idel"), "{reason}");
+        let (line, reason) = parse_err("atach = \"/\"\n");
+        assert_eq!(line, Some(1));
+        assert!(reason.contains("atach"), "{reason}");
+    }
+
+    #[test]
+    fn rejects_wrong_types_with_line() {
+        let (line, reason) = parse_err("[default]\ncount = \"five\"\n");
+        assert_eq!(line, Some(2));
+        assert!(reason.contains("integer"), "{reason}");
+        let (line, reason) = parse_err("[default]\n\nidle = true\n");
+        assert_eq!(line, Some(3));
+        assert!(reason.contains("duration"), "{reason}");
+        let (line, _) = parse_err("[[policy]]\ncgroup = 5\n");
+        assert_eq!(line, Some(2));
+        let (line, reason) = parse_err("[default]\nmode = \"strict\"\n");
+        assert_eq!(line, Some(2));
+        assert!(reason.contains("enforce, fill, off, lock"), "{reason}");
+    }
+
+    #[test]
+    fn rejects_out_of_range_values_with_line() {
+        let (line, reason) = parse_err("[default]\nidle = 0\n");
+        assert_eq!(line, Some(2));
+        assert!(reason.contains("1 to 32767"), "{reason}");
+        let (line, reason) = parse_err("[[policy]]\ncgroup = \"a\"\ninterval = \"10h\"\n");
+        assert_eq!(line, Some(3));
+        assert!(reason.contains("36000"), "{reason}");
+        let (line, reason) = parse_err("[[policy]]\ncgroup = \"a\"\n\ncount = 200\n");
+        assert_eq!(line, Some(4));
+        assert!(reason.contains("1 to 127"), "{reason}");
+        let (line, reason) = parse_err("[default]\nidle = \"1500ms\"\n");
+        assert_eq!(line, Some(2));
+        assert!(reason.contains("whole number of seconds"), "{reason}");
+        let (line, _) = parse_err("[default]\nuser_timeout = -1\n");
+        assert_eq!(line, Some(2));
+        let (line, _) = parse_err("max_tracked_cgroups = 0\n");
+        assert_eq!(line, Some(1));
+        let (line, reason) = parse_err("metrics = \"localhost\"\n");
+        assert_eq!(line, Some(1));
+        assert!(reason.contains("127.0.0.1:9977"), "{reason}");
+    }
+
+    #[test]
+    fn rejects_duplicates_with_both_lines() {
+        let text = "[[policy]]\ncgroup = \"a/b\"\n\n[[policy]]\ncgroup = \"/sys/fs/cgroup/a/b/\"\n";
+        let (line, reason) = parse_err(text);
+        assert_eq!(line, Some(5));
+        assert!(
+            reason.contains("duplicate") && reason.contains("line 2"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn rejects_structural_mistakes() {
+        let (line, reason) = parse_err("[[policy]]\nidle = 5\n");
+        assert_eq!(line, Some(1));
+        assert!(reason.contains("cgroup"), "{reason}");
+        let (line, reason) = parse_err("[default]\ncgroup = \"x\"\n");
+        assert_eq!(line, Some(2));
+        assert!(reason.contains("[[policy]]"), "{reason}");
+        let (line, reason) = parse_err("[[policy]]\ncgroup = \"/etc/x\"\n");
+        assert_eq!(line, Some(2));
+        assert!(reason.contains("not under the cgroup2 mount"), "{reason}");
+        let (line, _) = parse_err("[default\nidle = 5\n");
+        assert_eq!(line, Some(1));
+        let (line, reason) = parse_err("state_dir = \"relative\"\n");
+        assert_eq!(line, Some(1));
+        assert!(reason.contains("absolute"), "{reason}");
+    }
+
+    #[test]
+    fn overrides_flow_into_inheriting_rules() {
+        let mut config = parse_ok(
+            "[default]\nidle = 60\n[[policy]]\ncgroup = \"a\"\ncount = 2\n[[policy]]\ncgroup = \"b\"\nidle = 7\n",
+        );
+        config.apply_overrides(&DefaultOverrides {
+            idle: Some(20),
+            ..Default::default()
+        });
+        assert_eq!(config.policies.default.values.idle, 20);
+        assert_eq!(config.policies.default_source, Source::CommandLine);
+        let idles: Vec<u32> = config
+            .policies
+            .rules
+            .iter()
+            .map(|r| r.spec.unwrap().values.idle)
+            .collect();
+        assert_eq!(idles, [20, 7]);
+    }
+
+    #[test]
+    fn scope_check_names_the_line() {
+        let config = parse_ok("[[policy]]\ncgroup = \"other/x\"\n[[policy]]\ncgroup = \"*/y\"\n");
+        let attach = CgroupPath::root().join("mine");
+        let err = config.check_scope(&attach).unwrap_err();
+        let Error::Config { line, reason, .. } = err.downcast::<Error>().unwrap() else {
+            panic!("config error");
+        };
+        assert_eq!(line, Some(1));
+        assert!(
+            reason.contains("outside the attach cgroup /mine"),
+            "{reason}"
+        );
+        assert!(config.check_scope(&CgroupPath::root()).is_ok());
+    }
+
+    #[test]
+    fn missing_default_file_is_builtin_but_missing_explicit_file_is_an_error() {
+        let missing = Path::new("/nonexistent/keepalive.toml");
+        let err = load(Some(missing), &cg()).unwrap_err();
+        assert!(err.to_string().contains("cannot read"), "{err}");
+    }
+}

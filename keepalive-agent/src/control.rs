@@ -1,0 +1,155 @@
+//! How `keepalive-agent policy …` reaches the running agent: one JSON request and one JSON
+//! response per connection on a Unix socket in the runtime directory.
+//!
+//! The runtime directory is 0700 and the socket 0600, both owned by root, and the agent checks
+//! the peer's uid with SO_PEERCRED; anyone else gets "permission denied" and changes nothing.
+
+use std::{
+    io::{BufRead as _, BufReader, Write as _},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use crate::{apply::ApplyReport, error::Error};
+
+/// The control socket's file name inside the runtime directory.
+pub const SOCKET_NAME: &str = "control.sock";
+
+/// Path of the control socket.
+pub fn socket_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join(SOCKET_NAME)
+}
+
+/// A request to the agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// Re-read the config file.
+    Reload,
+    /// List effective policies.
+    List,
+    /// Set a runtime policy.
+    Set {
+        /// cgroup path or glob.
+        cgroup: String,
+        /// TCP_KEEPIDLE seconds.
+        idle: Option<u32>,
+        /// TCP_KEEPINTVL seconds.
+        interval: Option<u32>,
+        /// TCP_KEEPCNT.
+        count: Option<u32>,
+        /// TCP_USER_TIMEOUT milliseconds.
+        user_timeout_ms: Option<u32>,
+        /// Mode name.
+        mode: Option<String>,
+    },
+    /// Remove a runtime policy or mask a config one.
+    Unset {
+        /// cgroup path or glob.
+        cgroup: String,
+    },
+}
+
+/// One effective policy, as `policy list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PolicyRow {
+    /// cgroup path, or `default`.
+    pub cgroup: String,
+    /// cgroup id (0 for the default).
+    pub cgroup_id: u64,
+    /// TCP_KEEPIDLE seconds.
+    pub idle: u32,
+    /// TCP_KEEPINTVL seconds.
+    pub interval: u32,
+    /// TCP_KEEPCNT.
+    pub count: u32,
+    /// TCP_USER_TIMEOUT milliseconds, null when left to the kernel.
+    pub user_timeout: Option<u32>,
+    /// Mode.
+    pub mode: String,
+    /// The selector that matched (the path itself or a glob).
+    pub selector: String,
+    /// Where it came from: `file:line`, `runtime`, `command line` or `built-in`.
+    pub source: String,
+}
+
+/// The agent's answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Response {
+    /// Whether the request was carried out.
+    pub ok: bool,
+    /// Why not, when it was not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Exit code the client should use on error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<u8>,
+    /// What changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// Effective policies (list, and after changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policies: Option<Vec<PolicyRow>>,
+    /// Policies whose cgroups do not exist yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Vec<String>>,
+    /// What applying to existing connections did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<ApplyReport>,
+}
+
+impl Response {
+    /// A failure carrying the error's message and exit code.
+    pub fn failure(err: &anyhow::Error) -> Self {
+        let code = err
+            .chain()
+            .find_map(|c| c.downcast_ref::<Error>())
+            .map(Error::exit_code);
+        Self {
+            ok: false,
+            error: Some(format!("{err:#}")),
+            code,
+            ..Self::default()
+        }
+    }
+}
+
+/// Sends one request to the agent and waits for its answer.
+pub fn call(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response> {
+    let path = socket_path(runtime_dir);
+    let stream = UnixStream::connect(&path).map_err(|err| -> anyhow::Error {
+        match err.kind() {
+            std::io::ErrorKind::PermissionDenied => Error::Permission(format!(
+                "permission denied: {} is root-only; policy commands need root",
+                path.display()
+            ))
+            .into(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+                Error::Agent(format!(
+                    "no keepalive agent is running (nothing listens on {}); start it with \
+                     `keepalive-agent run` or `systemctl start keepalive-agent`",
+                    path.display()
+                ))
+                .into()
+            }
+            _ => {
+                anyhow::Error::new(err).context(format!("failed to connect to {}", path.display()))
+            }
+        }
+    })?;
+    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    (&stream)
+        .write_all(line.as_bytes())
+        .context("failed to send the request")?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .context("failed to read the agent's answer")?;
+    serde_json::from_str(&answer).with_context(|| format!("unexpected answer: {answer:?}"))
+}

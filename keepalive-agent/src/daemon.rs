@@ -1,0 +1,650 @@
+//! `run`: start-up in a safe order, then a single event loop that sleeps until a signal, a
+//! control request or a cgroup change arrives.
+//!
+//! Start-up validates everything (privileges, cgroups, config, BTF, the pinned state) before it
+//! touches the kernel; then it loads, pushes the policy table, attaches (or takes over the
+//! pinned attachment), applies the policy to existing connections and reports readiness.
+
+use std::{
+    fs::{self, File},
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{DirBuilderExt as _, PermissionsExt as _},
+    },
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use keepalive_common::Policy;
+use tokio::{
+    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
+    net::{UnixListener, UnixStream},
+    signal::unix::{SignalKind, signal},
+};
+
+use crate::{
+    apply::{self, ApplyReport},
+    btf::{self, Btf},
+    cgroup::{Cgroup2, CgroupPath},
+    cli::RunArgs,
+    config::{self, Config, DefaultOverrides},
+    control::{self, PolicyRow, Request, Response},
+    error::{Error, usage},
+    loader::{self, Enforcer, LoadOptions},
+    metrics,
+    pin::{DEFAULT_STATE_DIR, StateDir},
+    policy::{self, Mode, PolicySet, Resolution, Rule, Selector, Source, Spec},
+    privileges,
+    watch::CgroupWatcher,
+};
+
+/// The lock file that keeps two agents off the same runtime directory.
+pub const LOCK_NAME: &str = "agent.lock";
+
+/// Holds an exclusive flock on the runtime directory's lock file for the agent's lifetime.
+#[derive(Debug)]
+pub struct InstanceLock {
+    _file: File,
+}
+
+/// Takes the instance lock, or says which process holds it.
+pub fn lock_instance(runtime_dir: &Path) -> anyhow::Result<InstanceLock> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(runtime_dir)
+        .with_context(|| format!("failed to create {}", runtime_dir.display()))?;
+    fs::set_permissions(runtime_dir, fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("failed to restrict {} to root", runtime_dir.display()))?;
+    let path = runtime_dir.join(LOCK_NAME);
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("failed to open {}", path.display()))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let holder = fs::read_to_string(&path).unwrap_or_default();
+        return Err(Error::Agent(format!(
+            "another keepalive agent (pid {}) is running with runtime directory {}",
+            holder.trim(),
+            runtime_dir.display()
+        ))
+        .into());
+    }
+    fs::write(&path, format!("{}\n", std::process::id()))
+        .with_context(|| format!("failed to write {}", path.display()))?;
+    Ok(InstanceLock { _file: file })
+}
+
+/// The pid of a running agent holding `runtime_dir`, if any.
+pub fn running_agent(runtime_dir: &Path) -> Option<String> {
+    let path = runtime_dir.join(LOCK_NAME);
+    let file = File::open(&path).ok()?;
+    // SAFETY: flock on an fd we own; a shared lock fails only while an agent holds it.
+    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+    (!free).then(|| {
+        fs::read_to_string(&path)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    })
+}
+
+/// Everything the running agent keeps.
+struct Daemon {
+    cgroup2: Cgroup2,
+    attach: CgroupPath,
+    config_path: Option<PathBuf>,
+    overrides: DefaultOverrides,
+    config: Config,
+    runtime: Vec<Rule>,
+    enforcer: Enforcer,
+    resolution: Resolution,
+    table: Vec<(u64, Policy)>,
+    lock_attached: bool,
+}
+
+fn overrides_from(args: &RunArgs) -> DefaultOverrides {
+    DefaultOverrides {
+        idle: args.values.idle,
+        interval: args.values.interval,
+        count: args.values.count,
+        user_timeout_ms: args.values.user_timeout,
+    }
+}
+
+impl Daemon {
+    fn policy_set(&self) -> PolicySet {
+        let (globs, exact): (Vec<&Rule>, Vec<&Rule>) =
+            self.runtime.iter().partition(|r| r.selector.is_glob());
+        let mut set = self.config.policies.clone();
+        set.rules = exact
+            .into_iter()
+            .chain(globs)
+            .cloned()
+            .chain(set.rules)
+            .collect();
+        set
+    }
+
+    /// Re-resolves the policy against the cgroups that exist now and pushes the table if it
+    /// changed. Applies it to existing connections when it changed or when `force_apply`.
+    fn refresh(&mut self, force_apply: bool) -> anyhow::Result<Option<ApplyReport>> {
+        let set = self.policy_set();
+        let resolution = set.resolve(&self.cgroup2, &self.attach);
+        let table = resolution.table(&set.default);
+        let changed = table != self.table;
+        if changed {
+            self.enforcer.push_table(&table)?;
+            log::info!(
+                "policy table: default {} plus {} cgroup policies",
+                describe_spec(&set.default),
+                table.len() - 1
+            );
+            self.table = table;
+        }
+        let lock = set.uses_lock();
+        if lock != self.lock_attached {
+            self.enforcer.set_lock(lock)?;
+            self.lock_attached = lock;
+        }
+        self.resolution = resolution;
+        if !(changed || force_apply) {
+            return Ok(None);
+        }
+        match self.enforcer.apply_link() {
+            Some(link) => {
+                let report = apply::apply_existing(link)?;
+                log::info!("{}", apply::describe(&report));
+                Ok(Some(report))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn reload(&mut self) -> anyhow::Result<Option<ApplyReport>> {
+        let mut config = config::load(self.config_path.as_deref(), &self.cgroup2)?;
+        config.apply_overrides(&self.overrides);
+        config.check_scope(&self.attach)?;
+        for (what, old, new) in [
+            (
+                "attach",
+                self.config.attach.as_ref().map(|a| a.0.clone()),
+                config.attach.as_ref().map(|a| a.0.clone()),
+            ),
+            (
+                "state_dir",
+                self.config
+                    .state_dir
+                    .as_ref()
+                    .map(|p| p.display().to_string()),
+                config.state_dir.as_ref().map(|p| p.display().to_string()),
+            ),
+            (
+                "metrics",
+                self.config.metrics.map(|a| a.to_string()),
+                config.metrics.map(|a| a.to_string()),
+            ),
+        ] {
+            if old != new {
+                log::warn!("{what} changed in the config; it takes effect at the next restart");
+            }
+        }
+        self.config = config;
+        self.runtime.clear();
+        self.refresh(false)
+    }
+
+    fn spec_from_request(&self, req: &Request) -> anyhow::Result<Spec> {
+        let Request::Set {
+            idle,
+            interval,
+            count,
+            user_timeout_ms,
+            mode,
+            ..
+        } = req
+        else {
+            unreachable!("only called for set");
+        };
+        let mut spec = self.config.policies.default;
+        if let Some(mode) = mode {
+            spec.mode = mode.parse::<Mode>().map_err(usage)?;
+        }
+        if let Some(idle) = idle {
+            spec.values.idle = policy::check_secs(
+                "idle",
+                Duration::from_secs(u64::from(*idle)),
+                policy::limits::IDLE,
+            )
+            .map_err(usage)?;
+        }
+        if let Some(interval) = interval {
+            spec.values.interval = policy::check_secs(
+                "interval",
+                Duration::from_secs(u64::from(*interval)),
+                policy::limits::INTERVAL,
+            )
+            .map_err(usage)?;
+        }
+        if let Some(count) = count {
+            spec.values.count = policy::check_count("count", i64::from(*count)).map_err(usage)?;
+        }
+        if let Some(ms) = user_timeout_ms {
+            spec.values.user_timeout_ms = Some(
+                policy::check_user_timeout("user-timeout", Duration::from_millis(u64::from(*ms)))
+                    .map_err(usage)?,
+            );
+        }
+        Ok(spec)
+    }
+
+    fn rows(&self) -> (Vec<PolicyRow>, Vec<String>) {
+        let set = self.policy_set();
+        let row =
+            |cgroup: String, id: u64, spec: &Spec, selector: String, source: &Source| PolicyRow {
+                cgroup,
+                cgroup_id: id,
+                idle: spec.values.idle,
+                interval: spec.values.interval,
+                count: spec.values.count,
+                user_timeout: spec.values.user_timeout_ms,
+                mode: spec.mode.to_string(),
+                selector,
+                source: source.to_string(),
+            };
+        let mut rows = vec![row(
+            "default".into(),
+            0,
+            &set.default,
+            "(everything else)".into(),
+            &set.default_source,
+        )];
+        for (id, entry) in &self.resolution.entries {
+            rows.push(row(
+                entry.cgroup.to_string(),
+                *id,
+                &entry.spec,
+                entry.selector.clone(),
+                &entry.source,
+            ));
+        }
+        let pending = set
+            .rules
+            .iter()
+            .filter_map(|rule| match &rule.selector {
+                Selector::Exact(path) if !self.cgroup2.abs(path).is_dir() => Some(format!(
+                    "{path} ({}; cgroup does not exist yet)",
+                    rule.source
+                )),
+                _ => None,
+            })
+            .collect();
+        (rows, pending)
+    }
+
+    fn handle(&mut self, req: Request) -> Response {
+        let result: anyhow::Result<(String, Option<ApplyReport>)> = (|| match &req {
+            Request::List => Ok((String::new(), None)),
+            Request::Reload => {
+                let applied = self.reload()?;
+                Ok(("reloaded the config".to_owned(), applied))
+            }
+            Request::Set { cgroup, .. } => {
+                let selector = Selector::parse(&self.cgroup2, cgroup)?;
+                let prefix = selector.literal_prefix();
+                if !prefix.is_within(&self.attach) && !self.attach.is_within(&prefix) {
+                    return Err(usage(format!(
+                        "cgroup {} is outside the attach cgroup {}",
+                        selector.text(),
+                        self.attach
+                    )));
+                }
+                let spec = self.spec_from_request(&req)?;
+                let text = selector.text();
+                self.runtime.retain(|r| r.selector.text() != text);
+                self.runtime.push(Rule {
+                    selector,
+                    spec: Some(spec),
+                    source: Source::Runtime,
+                });
+                let applied = self.refresh(false)?;
+                Ok((format!("set {text}: {}", describe_spec(&spec)), applied))
+            }
+            Request::Unset { cgroup } => {
+                let selector = Selector::parse(&self.cgroup2, cgroup)?;
+                let text = selector.text();
+                let before = self.runtime.len();
+                self.runtime.retain(|r| r.selector.text() != text);
+                let message = if self.runtime.len() < before {
+                    format!("removed the runtime policy for {text}")
+                } else {
+                    let covered = self.config.policies.rules.iter().any(|r| {
+                        r.selector.text() == text
+                            || match &selector {
+                                Selector::Exact(path) => {
+                                    let (found, _) = r.selector.expand(&self.cgroup2);
+                                    found.iter().any(|(p, _)| p == path)
+                                }
+                                Selector::Glob { .. } => false,
+                            }
+                    });
+                    if !covered {
+                        return Err(usage(format!("no policy is set for {text}")));
+                    }
+                    self.runtime.push(Rule {
+                        selector,
+                        spec: None,
+                        source: Source::Runtime,
+                    });
+                    format!(
+                        "{text} no longer has a policy of its own until the next reload; it \
+                         inherits from its nearest ancestor"
+                    )
+                };
+                let applied = self.refresh(false)?;
+                Ok((message, applied))
+            }
+        })();
+        match result {
+            Ok((message, applied)) => {
+                let (policies, pending) = self.rows();
+                if !message.is_empty() {
+                    log::info!("{message}");
+                }
+                Response {
+                    ok: true,
+                    message: (!message.is_empty()).then_some(message),
+                    policies: Some(policies),
+                    pending: Some(pending),
+                    applied,
+                    ..Response::default()
+                }
+            }
+            Err(err) => {
+                log::warn!("rejected {req:?}: {err:#}");
+                Response::failure(&err)
+            }
+        }
+    }
+}
+
+fn describe_spec(spec: &Spec) -> String {
+    match spec.mode {
+        Mode::Off => "off".to_owned(),
+        mode => {
+            let mut out = format!(
+                "{mode} idle {}s interval {}s count {}",
+                spec.values.idle, spec.values.interval, spec.values.count
+            );
+            if let Some(ms) = spec.values.user_timeout_ms {
+                out.push_str(&format!(" user_timeout {ms}ms"));
+            }
+            out
+        }
+    }
+}
+
+async fn serve_control(daemon: &mut Daemon, stream: UnixStream) -> anyhow::Result<()> {
+    let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+    let (read, mut write) = stream.into_split();
+    let response = if uid != 0 {
+        Response::failure(
+            &Error::Permission("permission denied: policy commands need root".into()).into(),
+        )
+    } else {
+        let mut line = String::new();
+        let mut reader = BufReader::new(read);
+        tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+            .await
+            .context("control client sent nothing")??;
+        match serde_json::from_str::<Request>(&line) {
+            Ok(req) => daemon.handle(req),
+            Err(err) => Response::failure(&usage(format!("malformed request: {err}"))),
+        }
+    };
+    let mut out = serde_json::to_string(&response)?;
+    out.push('\n');
+    write.write_all(out.as_bytes()).await?;
+    Ok(())
+}
+
+fn bind_control(runtime_dir: &Path) -> anyhow::Result<UnixListener> {
+    let path = control::socket_path(runtime_dir);
+    // We hold the instance lock, so a leftover socket belongs to an agent that died.
+    let _ = fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("failed to listen on {}", path.display()))?;
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("failed to restrict {} to root", path.display()))?;
+    Ok(listener)
+}
+
+/// Options of `run` that come from the global flags.
+#[derive(Debug)]
+pub struct Globals {
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--runtime-dir`.
+    pub runtime_dir: PathBuf,
+}
+
+fn bpf_log_level() -> u8 {
+    if log::log_enabled!(target: "keepalive_ebpf", log::Level::Debug) {
+        aya_log::Level::Debug as u8
+    } else {
+        0
+    }
+}
+
+/// `keepalive-agent run`.
+pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
+    // Everything that can be checked without touching the kernel comes first.
+    privileges::require_for("run")?;
+    let cgroup2 = Cgroup2::find()?;
+    let mut config = config::load(args.config.as_deref(), &cgroup2)?;
+    let overrides = overrides_from(&args);
+    config.apply_overrides(&overrides);
+    let attach_spec = args
+        .cgroup
+        .clone()
+        .or_else(|| config.attach.as_ref().map(|a| a.0.clone()))
+        .unwrap_or_default();
+    let attach = cgroup2.parse(&attach_spec)?;
+    let attach_path = cgroup2.abs(&attach);
+    let attach_id = cgroup2.existing_id(&attach)?;
+    config.check_scope(&attach)?;
+    let state = StateDir::new(
+        globals
+            .state_dir
+            .clone()
+            .or_else(|| config.state_dir.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+    );
+    let btf = Btf::from_sys_fs().map_err(|err| {
+        Error::Kernel(format!(
+            "{err}; keepalive needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (Linux 5.15+)"
+        ))
+    })?;
+    if !btf.has_func("bpf_iter_tcp") {
+        log::warn!(
+            "{} lacks bpf_iter_tcp; existing connections will not be updated",
+            btf::VMLINUX_BTF
+        );
+    }
+    let _lock = lock_instance(&globals.runtime_dir)?;
+    state.create()?;
+    if let Some(pinned) = loader::pinned_attach_id(&state)?
+        && pinned != attach_id
+    {
+        let names = cgroup2.names(&CgroupPath::root());
+        let where_ = names
+            .get(&pinned)
+            .map_or_else(|| format!("cgroup id {pinned}"), ToString::to_string);
+        return Err(Error::Agent(format!(
+            "enforcement pinned in {} is attached to {where_}, not {attach}; run \
+             `keepalive-agent detach` first to move it, or start with --cgroup {where_}",
+            state.root().display()
+        ))
+        .into());
+    }
+
+    let mut enforcer = Enforcer::load(
+        &LoadOptions {
+            state: &state,
+            attach_path: &attach_path,
+            attach_id,
+            max_tracked_cgroups: args.max_tracked_cgroups.or(config.max_tracked_cgroups),
+            bpf_log_level: bpf_log_level(),
+        },
+        &btf,
+    )?;
+    if let Some(logger) = enforcer.take_logger() {
+        // SAFETY: the logger owns its ring buffer fd until the AsyncFd is dropped.
+        let mut logger = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        }
+        .map_err(|err| anyhow::anyhow!("failed to watch the BPF log buffer: {err}"))?;
+        tokio::spawn(async move {
+            while let Ok(mut guard) = logger.readable_mut().await {
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+    }
+    let metrics_addr = args.metrics.or(config.metrics);
+    let mut daemon = Daemon {
+        cgroup2: cgroup2.clone(),
+        attach: attach.clone(),
+        config_path: args.config.clone(),
+        overrides,
+        config,
+        runtime: Vec::new(),
+        enforcer,
+        resolution: Resolution::default(),
+        table: Vec::new(),
+        lock_attached: false,
+    };
+    // The table goes in before the program is attached, so the program never runs without it.
+    let set = daemon.policy_set();
+    let resolution = set.resolve(&daemon.cgroup2, &daemon.attach);
+    daemon.table = resolution.table(&set.default);
+    daemon.enforcer.push_table(&daemon.table)?;
+    daemon.resolution = resolution;
+    let lock = set.uses_lock();
+    daemon.enforcer.set_lock(lock)?;
+    daemon.lock_attached = lock;
+    let updated = daemon.enforcer.attach_sockops()?;
+    if updated {
+        log::info!(
+            "took over pinned enforcement on {attach}: replaced the program in place ({})",
+            state.root().display()
+        );
+    } else {
+        log::info!("attached to {attach}; pinned in {}", state.root().display());
+    }
+    daemon.enforcer.pin_status_iterator()?;
+    log::info!(
+        "policy: default {} plus {} cgroup policies{}",
+        describe_spec(&set.default),
+        daemon.table.len() - 1,
+        daemon
+            .config
+            .file
+            .as_ref()
+            .map(|f| format!(" from {}", f.display()))
+            .unwrap_or_default()
+    );
+    daemon.refresh(true)?;
+
+    let mut watcher =
+        CgroupWatcher::new(&cgroup2, &attach).context("failed to watch cgroups with inotify")?;
+    log::debug!("watching {} cgroups below {attach}", watcher.len());
+    let control = bind_control(&globals.runtime_dir)?;
+    if let Some(addr) = metrics_addr {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("failed to listen for metrics on {addr}"))?;
+        log::info!("serving metrics on http://{addr}/metrics");
+        tokio::spawn(metrics::serve(listener, state.clone(), cgroup2.clone()));
+    }
+
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let watchdog = sd_notify::watchdog_enabled();
+    let mut watchdog_tick =
+        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600 * 24 * 365), |d| d / 2));
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("enforcing on {attach}")),
+    ]);
+    log::info!("ready");
+
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::monotonic_usec_now()?]);
+                match daemon.reload() {
+                    Ok(_) => log::info!("reloaded the config"),
+                    Err(err) => log::error!("reload rejected, keeping the running policy: {err:#}"),
+                }
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            accepted = control.accept() => {
+                if let Ok((stream, _)) = accepted
+                    && let Err(err) = serve_control(&mut daemon, stream).await
+                {
+                    log::warn!("control request failed: {err:#}");
+                }
+            }
+            changes = watcher.changes() => {
+                let changes = changes.context("inotify failed")?;
+                if changes.root_removed {
+                    return Err(anyhow::anyhow!(
+                        "the attach cgroup {attach} was removed; enforcement ended with it"
+                    ));
+                }
+                let removed: Vec<u64> = changes.removed.iter().map(|(_, id)| *id).collect();
+                daemon.enforcer.forget_cgroups(&removed);
+                if let Err(err) = daemon.refresh(false) {
+                    log::error!("failed to follow cgroup changes: {err:#}");
+                }
+            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => {
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            }
+        }
+    }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ = fs::remove_file(control::socket_path(&globals.runtime_dir));
+    log::info!(
+        "stopping; enforcement stays attached to {attach} ({}). `keepalive-agent detach` removes it",
+        state.root().display()
+    );
+    Ok(())
+}
+
+/// `policy` client side: sends a request and turns a failure into the right exit code.
+pub fn call_agent(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response> {
+    let response = control::call(runtime_dir, request)?;
+    if response.ok {
+        return Ok(response);
+    }
+    let msg = response
+        .error
+        .clone()
+        .unwrap_or_else(|| "request failed".into());
+    Err(match response.code {
+        Some(crate::error::exit::USAGE) => Error::Usage(msg).into(),
+        Some(crate::error::exit::PERMISSION) => Error::Permission(msg).into(),
+        Some(crate::error::exit::CGROUP) => Error::Usage(msg).into(),
+        _ => anyhow::anyhow!(msg),
+    })
+}

@@ -1,0 +1,95 @@
+//! `detach`: the explicit end of enforcement. Removes keepalive's links (which detaches the
+//! programs), its pinned maps and its state directory, and says what it removed.
+
+use std::{fs, io, path::Path};
+
+use anyhow::Context as _;
+
+use crate::{
+    cgroup::{Cgroup2, CgroupPath},
+    daemon,
+    error::{Error, usage},
+    loader,
+    pin::StateDir,
+    privileges,
+};
+
+fn describe(state: &StateDir, pin: &Path, attach: Option<&str>) -> String {
+    let on = attach.map(|a| format!(" on {a}")).unwrap_or_default();
+    if pin == state.sockops_link() {
+        format!("sock_ops program link{on} (new connections are no longer enforced)")
+    } else if pin == state.lock_link() {
+        format!("setsockopt program link{on} (lock mode)")
+    } else if pin == state.status_link() {
+        "status iterator link".to_owned()
+    } else {
+        let name = pin
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        format!("map {name}")
+    }
+}
+
+/// Removes everything pinned in `state`. Refuses while an agent runs on `runtime_dir`.
+pub fn detach(
+    state: &StateDir,
+    runtime_dir: &Path,
+    cgroup: Option<&str>,
+) -> anyhow::Result<Vec<String>> {
+    privileges::require_for("detach")?;
+    if let Some(pid) = daemon::running_agent(runtime_dir) {
+        return Err(Error::Agent(format!(
+            "the keepalive agent (pid {pid}) is running and would re-attach; stop it first \
+             (`systemctl stop keepalive-agent`), then detach"
+        ))
+        .into());
+    }
+    let cgroup2 = Cgroup2::find()?;
+    let names = cgroup2.names(&CgroupPath::root());
+    let pinned = loader::pinned_attach_id(state)?;
+    let attach = pinned.map(|id| {
+        names
+            .get(&id)
+            .map_or_else(|| format!("cgroup id {id} (removed)"), ToString::to_string)
+    });
+    if let Some(wanted) = cgroup {
+        let wanted = cgroup2.parse(wanted)?;
+        let wanted_id = cgroup2.id(&wanted).ok();
+        if pinned.is_none() || pinned != wanted_id {
+            return Err(usage(format!(
+                "enforcement in {} is {}, not on {wanted}; nothing was detached",
+                state.root().display(),
+                attach
+                    .as_deref()
+                    .map_or("not attached".to_owned(), |a| format!("attached to {a}"))
+            )));
+        }
+    }
+    let mut removed = Vec::new();
+    for pin in state.existing_pins() {
+        match fs::remove_file(&pin) {
+            Ok(()) => removed.push(format!(
+                "removed {}: {}",
+                pin.display(),
+                describe(state, &pin, attach.as_deref())
+            )),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("failed to remove {}", pin.display()));
+            }
+        }
+    }
+    // Empty directories: maps-v*, then the state directory itself.
+    if let Ok(entries) = fs::read_dir(state.root()) {
+        for entry in entries.filter_map(Result::ok) {
+            let _ = fs::remove_dir(entry.path());
+        }
+    }
+    match fs::remove_dir(state.root()) {
+        Ok(()) => removed.push(format!("removed {}", state.root().display())),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => log::warn!("left {} in place: {err}", state.root().display()),
+    }
+    Ok(removed)
+}

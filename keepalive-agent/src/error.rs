@@ -1,0 +1,112 @@
+//! The failures an operator can act on, each with its own documented exit code.
+//!
+//! Library code returns `anyhow::Result` with context; where a failure falls into one of these
+//! classes the innermost cause is an [`Error`], and `main` walks the chain to pick the exit code.
+
+use std::{fmt, path::PathBuf, process::ExitCode};
+
+/// Exit codes. Documented in the README ("Exit codes") and in `keepalive-agent --help`.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// Any failure not listed below.
+    pub const FAILURE: u8 = 1;
+    /// Bad command line or configuration: nothing was attached or changed.
+    pub const USAGE: u8 = 2;
+    /// Not root, or missing CAP_BPF / CAP_NET_ADMIN / CAP_PERFMON / CAP_SYS_ADMIN.
+    pub const PERMISSION: u8 = 3;
+    /// No cgroup v2 mount, or the named cgroup does not exist.
+    pub const CGROUP: u8 = 4;
+    /// bpffs is not mounted and cannot be mounted.
+    pub const BPFFS: u8 = 5;
+    /// The kernel lacks something required (BTF, a program type, a helper).
+    pub const KERNEL: u8 = 6;
+    /// No agent is running (for commands that talk to it) or another one already is.
+    pub const AGENT: u8 = 7;
+    /// `check` found the host not ready.
+    pub const NOT_READY: u8 = 8;
+}
+
+/// A failure with a specific exit code.
+#[derive(Debug)]
+pub enum Error {
+    /// Invalid input: a flag value, a config file, a policy. The message names the value and
+    /// what is accepted.
+    Usage(String),
+    /// A config file was rejected.
+    Config {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line, when known.
+        line: Option<usize>,
+        /// What is wrong and what would be accepted.
+        reason: String,
+    },
+    /// The process lacks privileges.
+    Permission(String),
+    /// cgroup v2 is not mounted.
+    NoCgroup2,
+    /// A cgroup path does not exist.
+    CgroupNotFound(PathBuf),
+    /// bpffs is not available.
+    Bpffs(String),
+    /// The kernel cannot run the agent.
+    Kernel(String),
+    /// The agent is not running, or another instance holds the state.
+    Agent(String),
+    /// `check` found problems (already printed).
+    NotReady,
+}
+
+impl Error {
+    /// The process exit code for this failure.
+    pub const fn exit_code(&self) -> u8 {
+        match self {
+            Self::Usage(_) | Self::Config { .. } => exit::USAGE,
+            Self::Permission(_) => exit::PERMISSION,
+            Self::NoCgroup2 | Self::CgroupNotFound(_) => exit::CGROUP,
+            Self::Bpffs(_) => exit::BPFFS,
+            Self::Kernel(_) => exit::KERNEL,
+            Self::Agent(_) => exit::AGENT,
+            Self::NotReady => exit::NOT_READY,
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Usage(msg) | Self::Permission(msg) | Self::Bpffs(msg) | Self::Kernel(msg) => {
+                f.write_str(msg)
+            }
+            Self::Agent(msg) => f.write_str(msg),
+            Self::Config { file, line, reason } => match line {
+                Some(line) => write!(f, "{}:{line}: {reason}", file.display()),
+                None => write!(f, "{}: {reason}", file.display()),
+            },
+            Self::NoCgroup2 => f.write_str(
+                "no cgroup v2 filesystem is mounted (looked for type cgroup2 in /proc/self/mounts); \
+                 mount one with `mount -t cgroup2 none /sys/fs/cgroup` or boot with \
+                 systemd.unified_cgroup_hierarchy=1",
+            ),
+            Self::CgroupNotFound(path) => write!(f, "cgroup {} does not exist", path.display()),
+            Self::NotReady => f.write_str("this host is not ready to run keepalive-agent"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Picks the exit code for an error chain: the first [`Error`] in it decides.
+pub fn exit_code_for(err: &anyhow::Error) -> ExitCode {
+    let code = err
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<Error>())
+        .map_or(exit::FAILURE, Error::exit_code);
+    ExitCode::from(code)
+}
+
+/// Shorthand for a usage error.
+pub fn usage(msg: impl Into<String>) -> anyhow::Error {
+    Error::Usage(msg.into()).into()
+}

@@ -1,0 +1,105 @@
+//! `install`: puts the binary, the systemd unit, a commented default config, the man pages and
+//! shell completions in place. `--root` installs into a staging tree for packaging.
+
+use std::{
+    fs,
+    io::ErrorKind,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+use clap::CommandFactory as _;
+
+use crate::{
+    cli::{Cli, InstallArgs},
+    error::Error,
+};
+
+/// The systemd unit shipped in `deploy/systemd/`.
+pub const UNIT: &str = include_str!("../../deploy/systemd/keepalive-agent.service");
+/// The commented default config shipped in `deploy/`.
+pub const DEFAULT_CONFIG_TEXT: &str = include_str!("../../deploy/config.toml");
+/// Where the unit expects the binary.
+const UNIT_BINARY: &str = "/usr/local/sbin/keepalive-agent";
+
+fn under(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+fn write(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).map_err(|err| fs_error(dir, err))?;
+    }
+    let tmp = path.with_extension("keepalive-new");
+    fs::write(&tmp, contents).map_err(|err| fs_error(&tmp, err))?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("failed to set permissions on {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("failed to install {}", path.display()))
+}
+
+fn fs_error(path: &Path, err: std::io::Error) -> anyhow::Error {
+    if err.kind() == ErrorKind::PermissionDenied {
+        Error::Permission(format!(
+            "permission denied writing {}; install as root or pass --root DIR",
+            path.display()
+        ))
+        .into()
+    } else {
+        anyhow::Error::new(err).context(format!("failed to write {}", path.display()))
+    }
+}
+
+/// The unit text with `ExecStart` pointing at `binary`.
+pub fn unit_for(binary: &Path) -> String {
+    UNIT.replace(UNIT_BINARY, &binary.display().to_string())
+}
+
+/// Installs; returns one line per file written or kept.
+pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
+    let mut done = Vec::new();
+    let binary = args.bindir.join("keepalive-agent");
+    let exe = std::env::current_exe().context("cannot find this executable")?;
+    let bytes = fs::read(&exe).with_context(|| format!("failed to read {}", exe.display()))?;
+    let target = under(&args.root, &binary);
+    write(&target, &bytes, 0o755)?;
+    done.push(format!("installed {}", target.display()));
+
+    let unit = under(
+        &args.root,
+        Path::new("/etc/systemd/system/keepalive-agent.service"),
+    );
+    write(&unit, unit_for(&binary).as_bytes(), 0o644)?;
+    done.push(format!("installed {}", unit.display()));
+
+    let config = under(&args.root, Path::new(crate::config::DEFAULT_CONFIG));
+    if config.exists() && !args.force_config {
+        done.push(format!("kept existing {}", config.display()));
+    } else {
+        write(&config, DEFAULT_CONFIG_TEXT.as_bytes(), 0o644)?;
+        done.push(format!("installed {}", config.display()));
+    }
+
+    let man = under(&args.root, Path::new("/usr/local/share/man/man1"));
+    fs::create_dir_all(&man).map_err(|err| fs_error(&man, err))?;
+    clap_mangen::generate_to(Cli::command(), &man)
+        .with_context(|| format!("failed to write man pages to {}", man.display()))?;
+    done.push(format!("installed man pages in {}", man.display()));
+
+    let completions = under(
+        &args.root,
+        Path::new("/usr/local/share/bash-completion/completions/keepalive-agent"),
+    );
+    let mut script = Vec::new();
+    clap_complete::generate(
+        clap_complete::Shell::Bash,
+        &mut Cli::command(),
+        "keepalive-agent",
+        &mut script,
+    );
+    write(&completions, &script, 0o644)?;
+    done.push(format!("installed {}", completions.display()));
+
+    done.push("next: systemctl daemon-reload && systemctl enable --now keepalive-agent".to_owned());
+    Ok(done)
+}

@@ -1,0 +1,371 @@
+//! Loading the embedded BPF object, attaching it, and pushing policy tables.
+//!
+//! Every start loads the embedded programs afresh, reusing the pinned maps (so counters and
+//! socket records survive), and then either attaches them or, when a pinned link exists,
+//! swaps the new program into that link with `BPF_LINK_UPDATE`. Either way there is exactly one
+//! attachment and no moment without enforcement.
+
+use std::{
+    fs::File,
+    io,
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, anyhow};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{ArrayOfMaps, HashMap, MapData},
+    programs::{CgroupSockopt, Iter, SockOps},
+};
+use keepalive_common::{
+    CgroupStats, GLOBAL_OFFSETS, GLOBAL_SETTINGS, KernelOffsets, MAP_CGSTATS, MAP_POLICY,
+    MAP_SOCKS, MAX_POLICIES, PINNED_MAPS, PROG_APPLY, PROG_LOCK, PROG_SOCKOPS, PROG_STATUS, Policy,
+    Settings,
+};
+
+use crate::{btf::Btf, error::Error, pin::StateDir, sys};
+
+/// `BPF_F_NO_PREALLOC`: policy tables only use memory for the entries they hold.
+const BPF_F_NO_PREALLOC: u32 = 1;
+
+/// The BPF object built by `build.rs`; empty when built without bpf-linker.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keepalive"));
+
+/// What the loader needs to know.
+#[derive(Debug)]
+pub struct LoadOptions<'a> {
+    /// Where pins live.
+    pub state: &'a StateDir,
+    /// The attach cgroup's directory.
+    pub attach_path: &'a Path,
+    /// Its id.
+    pub attach_id: u64,
+    /// Size of the per-cgroup counter map when it is created.
+    pub max_tracked_cgroups: Option<u32>,
+    /// aya-log level for the BPF programs (0 compiles the log statements out).
+    pub bpf_log_level: u8,
+}
+
+/// The loaded programs and maps of one agent.
+pub struct Enforcer {
+    ebpf: Ebpf,
+    state: StateDir,
+    cgroup: File,
+    attach_id: u64,
+    apply_link: Option<OwnedFd>,
+}
+
+impl std::fmt::Debug for Enforcer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enforcer")
+            .field("state", &self.state)
+            .field("attach_id", &self.attach_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether the embedded object is real (built with bpf-linker) rather than the stub.
+pub fn object_available() -> bool {
+    !EBPF_OBJECT.is_empty()
+}
+
+/// The cgroup id the pinned sock_ops link is attached to, if one is pinned.
+pub fn pinned_attach_id(state: &StateDir) -> anyhow::Result<Option<u64>> {
+    let path = state.sockops_link();
+    match sys::obj_get(&path) {
+        Ok(fd) => {
+            let info = sys::link_info(fd.as_fd())
+                .with_context(|| format!("failed to read link info of {}", path.display()))?;
+            Ok(Some(info.cgroup_id))
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(err) => Err(err).with_context(|| format!("failed to open {}", path.display())),
+    }
+}
+
+fn kernel_error(what: &str, err: impl std::fmt::Display) -> anyhow::Error {
+    Error::Kernel(format!("{what}: {err:#}")).into()
+}
+
+impl Enforcer {
+    /// Loads the programs, reusing (or creating and pinning) the maps in the state directory.
+    /// Nothing is attached yet.
+    pub fn load(opts: &LoadOptions<'_>, btf: &Btf) -> anyhow::Result<Self> {
+        if !object_available() {
+            return Err(anyhow!(
+                "this keepalive-agent was built without its BPF program (bpf-linker was missing \
+                 at build time); run `cargo xtask setup` and rebuild"
+            ));
+        }
+        let offsets: KernelOffsets = btf.kernel_offsets().map_err(|err| {
+            Error::Kernel(format!(
+                "this kernel's layout is not supported: {err}; keepalive needs Linux 5.15 or \
+                 newer with BTF"
+            ))
+        })?;
+        let settings = Settings {
+            attach_cgroup_id: opts.attach_id,
+        };
+        let pins: Vec<(&str, PathBuf)> = PINNED_MAPS
+            .iter()
+            .map(|name| (*name, opts.state.map(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global(GLOBAL_OFFSETS, &offsets, true)
+            .override_global(GLOBAL_SETTINGS, &settings, true)
+            .override_global(aya_log::LEVEL, &opts.bpf_log_level, false);
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        if let Some(max) = opts.max_tracked_cgroups {
+            loader.map_max_entries(MAP_CGSTATS, max);
+        }
+        let mut ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|err| kernel_error("failed to load the BPF object", err))?;
+
+        let sockops: &mut SockOps = program(&mut ebpf, PROG_SOCKOPS)?;
+        sockops
+            .load()
+            .map_err(|err| kernel_error("the kernel rejected the sock_ops program", err))?;
+        let lock: &mut CgroupSockopt = program(&mut ebpf, PROG_LOCK)?;
+        lock.load()
+            .map_err(|err| kernel_error("the kernel rejected the setsockopt program", err))?;
+        let aya_btf = aya::Btf::from_sys_fs()
+            .map_err(|err| kernel_error("failed to read kernel BTF", err))?;
+        let status: &mut Iter = program(&mut ebpf, PROG_STATUS)?;
+        status
+            .load("bpf_sk_storage_map", &aya_btf)
+            .map_err(|err| kernel_error("the kernel rejected the status iterator", err))?;
+        // The TCP iterator needs bpf_setsockopt from iterators (Linux 5.15). Without it, new
+        // connections are still enforced; existing ones are not touched.
+        let apply_link = {
+            let apply: &mut Iter = program(&mut ebpf, PROG_APPLY)?;
+            match apply.load("tcp", &aya_btf) {
+                Ok(()) => Some(
+                    sys::iter_link_create(apply.fd()?.as_fd(), None)
+                        .context("failed to create the TCP iterator link")?,
+                ),
+                Err(err) => {
+                    log::warn!(
+                        "this kernel cannot run the TCP iterator ({err:#}); policy applies to new \
+                         connections only, not to connections that already exist"
+                    );
+                    None
+                }
+            }
+        };
+        let cgroup = File::open(opts.attach_path)
+            .with_context(|| format!("failed to open cgroup {}", opts.attach_path.display()))?;
+        Ok(Self {
+            ebpf,
+            state: opts.state.clone(),
+            cgroup,
+            attach_id: opts.attach_id,
+            apply_link,
+        })
+    }
+
+    /// Forwards log records of the BPF programs to the `log` crate.
+    pub fn take_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).ok()
+    }
+
+    /// Replaces the active policy table with a new one in a single map update: a lookup sees
+    /// the old table or the new one, never a mix. The kernel waits for programs still using
+    /// the old table before the update returns.
+    pub fn push_table(&mut self, table: &[(u64, Policy)]) -> anyhow::Result<()> {
+        let mut inner: HashMap<MapData, u64, Policy> =
+            HashMap::create(MAX_POLICIES + 1, BPF_F_NO_PREALLOC)
+                .context("failed to create a policy table")?;
+        for (id, policy) in table {
+            inner
+                .insert(id, policy, 0)
+                .context("failed to fill the policy table")?;
+        }
+        let map = self
+            .ebpf
+            .map_mut(MAP_POLICY)
+            .ok_or_else(|| anyhow!("the BPF object has no {MAP_POLICY} map"))?;
+        let mut outer: ArrayOfMaps<&mut MapData, HashMap<MapData, u64, Policy>> = map.try_into()?;
+        outer
+            .set(0, &inner, 0)
+            .context("failed to install the policy table")?;
+        Ok(())
+    }
+
+    /// Attaches the sock_ops program to the attach cgroup, or swaps it into the pinned link.
+    /// Returns whether an existing attachment was updated.
+    pub fn attach_sockops(&mut self) -> anyhow::Result<bool> {
+        let path = self.state.sockops_link();
+        let prog: &mut SockOps = program(&mut self.ebpf, PROG_SOCKOPS)?;
+        attach_or_update(
+            prog.fd()?.as_fd(),
+            &self.cgroup,
+            sys::ATTACH_CGROUP_SOCK_OPS,
+            &path,
+        )
+    }
+
+    /// Attaches or removes the lock program to match whether any policy uses `lock`.
+    pub fn set_lock(&mut self, wanted: bool) -> anyhow::Result<()> {
+        let path = self.state.lock_link();
+        if wanted {
+            let prog: &mut CgroupSockopt = program(&mut self.ebpf, PROG_LOCK)?;
+            attach_or_update(
+                prog.fd()?.as_fd(),
+                &self.cgroup,
+                sys::ATTACH_CGROUP_SETSOCKOPT,
+                &path,
+            )?;
+        } else {
+            match std::fs::remove_file(&path) {
+                Ok(()) => log::info!("no policy uses lock mode; removed the setsockopt program"),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(err).with_context(|| format!("failed to unpin {}", path.display()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pins a fresh status iterator link over the socket records, replacing any older one.
+    pub fn pin_status_iterator(&mut self) -> anyhow::Result<()> {
+        let socks = sys::obj_get(&self.state.map(MAP_SOCKS)).context("failed to open KA_SOCKS")?;
+        let prog: &mut Iter = program(&mut self.ebpf, PROG_STATUS)?;
+        let link = sys::iter_link_create(prog.fd()?.as_fd(), Some(socks.as_fd()))
+            .context("failed to create the status iterator link")?;
+        replace_pin(link.as_fd(), &self.state.status_link())
+    }
+
+    /// Drops the per-cgroup counters of removed cgroups.
+    pub fn forget_cgroups(&mut self, ids: &[u64]) {
+        if ids.is_empty() {
+            return;
+        }
+        let Some(map) = self.ebpf.map_mut(MAP_CGSTATS) else {
+            return;
+        };
+        let stats: Result<HashMap<&mut MapData, u64, CgroupStats>, _> = map.try_into();
+        if let Ok(mut stats) = stats {
+            for id in ids {
+                // Absent when no socket of that cgroup was ever enforced.
+                let _ = stats.remove(id);
+            }
+        }
+    }
+
+    /// The TCP iterator link, when the kernel supports it.
+    pub fn apply_link(&self) -> Option<&OwnedFd> {
+        self.apply_link.as_ref()
+    }
+
+    /// The attach cgroup id.
+    pub const fn attach_id(&self) -> u64 {
+        self.attach_id
+    }
+}
+
+/// Loads every program with private, unpinned maps and drops them again: what `check` uses
+/// to tell whether this kernel accepts them. Nothing is attached or pinned.
+pub fn probe(btf: &Btf) -> Vec<(&'static str, Result<(), String>)> {
+    let fail_all = |why: String| {
+        [PROG_SOCKOPS, PROG_LOCK, PROG_APPLY, PROG_STATUS]
+            .into_iter()
+            .map(|p| (p, Err(why.clone())))
+            .collect()
+    };
+    if !object_available() {
+        return fail_all("this binary was built without its BPF object".into());
+    }
+    let offsets = match btf.kernel_offsets() {
+        Ok(offsets) => offsets,
+        Err(err) => return fail_all(err.to_string()),
+    };
+    let settings = Settings::default();
+    let mut ebpf = match EbpfLoader::new()
+        .override_global(GLOBAL_OFFSETS, &offsets, true)
+        .override_global(GLOBAL_SETTINGS, &settings, true)
+        .override_global(aya_log::LEVEL, &0u8, false)
+        .load(EBPF_OBJECT)
+    {
+        Ok(ebpf) => ebpf,
+        Err(err) => return fail_all(format!("{err:#}")),
+    };
+    let aya_btf = match aya::Btf::from_sys_fs() {
+        Ok(btf) => btf,
+        Err(err) => return fail_all(format!("{err:#}")),
+    };
+    let describe =
+        |result: Result<(), aya::programs::ProgramError>| result.map_err(|err| format!("{err:#}"));
+    let mut results = Vec::new();
+    results.push((
+        PROG_SOCKOPS,
+        program::<SockOps>(&mut ebpf, PROG_SOCKOPS)
+            .map_err(|err| err.to_string())
+            .and_then(|p| describe(p.load())),
+    ));
+    results.push((
+        PROG_LOCK,
+        program::<CgroupSockopt>(&mut ebpf, PROG_LOCK)
+            .map_err(|err| err.to_string())
+            .and_then(|p| describe(p.load())),
+    ));
+    for (name, kind) in [(PROG_APPLY, "tcp"), (PROG_STATUS, "bpf_sk_storage_map")] {
+        results.push((
+            name,
+            program::<Iter>(&mut ebpf, name)
+                .map_err(|err| err.to_string())
+                .and_then(|p| describe(p.load(kind, &aya_btf))),
+        ));
+    }
+    results
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> anyhow::Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("the BPF object has no program {name}"))?;
+    Ok(prog.try_into()?)
+}
+
+/// Pins `fd` at `path`, atomically replacing whatever is pinned there.
+fn replace_pin(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> anyhow::Result<()> {
+    // bpffs refuses names with a dot.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push("_new");
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    sys::obj_pin(fd, &tmp).with_context(|| format!("failed to pin {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("failed to pin {}", path.display()))
+}
+
+fn attach_or_update(
+    prog: std::os::fd::BorrowedFd<'_>,
+    cgroup: &File,
+    attach_type: u32,
+    pin: &Path,
+) -> anyhow::Result<bool> {
+    match sys::obj_get(pin) {
+        Ok(link) => {
+            sys::link_update(link.as_fd(), prog).with_context(|| {
+                format!("failed to replace the program behind {}", pin.display())
+            })?;
+            Ok(true)
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            let link = sys::cgroup_link_create(prog, cgroup.as_fd(), attach_type)
+                .map_err(|err| kernel_error("failed to attach to the cgroup", err))?;
+            sys::obj_pin(link.as_fd(), pin)
+                .with_context(|| format!("failed to pin {}", pin.display()))?;
+            Ok(false)
+        }
+        Err(err) => Err(err).with_context(|| format!("failed to open {}", pin.display())),
+    }
+}

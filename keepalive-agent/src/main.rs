@@ -1,0 +1,18 @@
+//! `keepalive-agent`: parses the command line, runs the command, maps failure to an exit code.
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use keepalive_agent::{cli::Cli, commands, error, logging};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init();
+    match commands::dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("keepalive-agent: {err:#}");
+            error::exit_code_for(&err)
+        }
+    }
+}

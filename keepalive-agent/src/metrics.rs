@@ -1,0 +1,155 @@
+//! `run --metrics ADDR`: Prometheus text exposition of the pinned counters.
+//!
+//! A dozen lines of HTTP/1.1 serve `GET /metrics`; pulling in an HTTP stack for one endpoint
+//! would cost more than it gives. Each scrape reads the maps afresh, so the numbers are the
+//! kernel's own.
+
+use std::{fmt::Write as _, time::Duration};
+
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::{
+    cgroup::{Cgroup2, CgroupPath},
+    pin::StateDir,
+    status,
+};
+
+fn escape(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Renders the exposition text.
+pub fn render(state: &StateDir, cgroup2: &Cgroup2) -> anyhow::Result<String> {
+    let names = cgroup2.names(&CgroupPath::root());
+    let stats = status::read_cgroup_stats(state)?;
+    let counters = status::read_counters(state)?;
+    let mut out = String::new();
+    let name_of = |id: u64| {
+        names
+            .get(&id)
+            .map_or_else(|| format!("#{id}"), ToString::to_string)
+    };
+    let families: [(&str, &str, &str, fn(&keepalive_common::CgroupStats) -> u64); 3] = [
+        (
+            "keepalive_enforced_open",
+            "gauge",
+            "Enforced TCP sockets open now, by socket cgroup.",
+            |s| if s.open > u64::MAX / 2 { 0 } else { s.open },
+        ),
+        (
+            "keepalive_enforced_total",
+            "counter",
+            "TCP sockets given a keepalive policy, by socket cgroup.",
+            |s| s.enforced_total,
+        ),
+        (
+            "keepalive_dead_peers_total",
+            "counter",
+            "Enforced connections the kernel closed because keepalive or the user timeout expired.",
+            |s| s.dead_peers,
+        ),
+    ];
+    for (metric, kind, help, value) in families {
+        let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
+        for (id, s) in &stats {
+            let _ = writeln!(
+                out,
+                "{metric}{{cgroup=\"{}\",cgroup_id=\"{id}\"}} {}",
+                escape(&name_of(*id)),
+                value(s)
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP keepalive_setsockopt_failures_total bpf_setsockopt calls that failed, by option.\n\
+         # TYPE keepalive_setsockopt_failures_total counter"
+    );
+    for (name, value) in &counters {
+        if let Some(option) = name.strip_prefix("setsockopt_failed_") {
+            let _ = writeln!(
+                out,
+                "keepalive_setsockopt_failures_total{{option=\"{}\"}} {value}",
+                option.to_uppercase()
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP keepalive_events_total Enforcement events counted by the BPF program.\n\
+         # TYPE keepalive_events_total counter"
+    );
+    for (name, value) in &counters {
+        if !name.starts_with("setsockopt_failed_") {
+            let _ = writeln!(out, "keepalive_events_total{{event=\"{name}\"}} {value}");
+        }
+    }
+    Ok(out)
+}
+
+async fn respond(
+    mut stream: TcpStream,
+    state: &StateDir,
+    cgroup2: &Cgroup2,
+) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        head.extend_from_slice(&buf[..n]);
+    }
+    let request_line = String::from_utf8_lossy(&head);
+    let path = request_line.split_whitespace().nth(1).unwrap_or("");
+    let get = request_line.starts_with("GET ");
+    let (status, content_type, body) =
+        if get && (path == "/metrics" || path.starts_with("/metrics?")) {
+            match render(state, cgroup2) {
+                Ok(body) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body),
+                Err(err) => (
+                    "503 Service Unavailable",
+                    "text/plain; charset=utf-8",
+                    format!("{err:#}\n"),
+                ),
+            }
+        } else {
+            (
+                "404 Not Found",
+                "text/plain; charset=utf-8",
+                "try /metrics\n".to_owned(),
+            )
+        };
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// Serves scrapes until the process exits.
+pub async fn serve(listener: TcpListener, state: StateDir, cgroup2: Cgroup2) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        let cgroup2 = cgroup2.clone();
+        tokio::spawn(async move {
+            let served =
+                tokio::time::timeout(Duration::from_secs(10), respond(stream, &state, &cgroup2))
+                    .await;
+            if let Ok(Err(err)) = served {
+                log::debug!("metrics client: {err}");
+            }
+        });
+    }
+}

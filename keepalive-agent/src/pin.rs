@@ -1,0 +1,206 @@
+//! The state directory on bpffs: what is pinned where, mounting bpffs when it is missing, and
+//! keeping it root-only.
+//!
+//! Layout under the state directory (default [`DEFAULT_STATE_DIR`]):
+//!
+//! ```text
+//! maps-v<ABI>/KA_POLICY    policy table slot (array of maps)
+//! maps-v<ABI>/KA_SOCKS     per-socket records (socket storage)
+//! maps-v<ABI>/KA_CGSTATS   per-cgroup counters
+//! maps-v<ABI>/KA_COUNTERS  per-CPU event counters
+//! link_sockops             sock_ops program on the attach cgroup
+//! link_lock                setsockopt program on the attach cgroup (only with `lock` policies)
+//! link_status              iterator over KA_SOCKS, read by `status`
+//! link_apply               TCP iterator that applies policy to existing connections
+//! ```
+//!
+//! The links keep the programs attached with no process holding them, so enforcement outlives
+//! the agent; `detach` removes them.
+
+use std::{
+    ffi::CString,
+    fs, io,
+    os::unix::{ffi::OsStrExt as _, fs::DirBuilderExt as _, fs::PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
+pub use keepalive_common::DEFAULT_STATE_DIR;
+use keepalive_common::{
+    ABI_VERSION, PIN_LINK_APPLY, PIN_LINK_LOCK, PIN_LINK_SOCKOPS, PIN_LINK_STATUS,
+};
+
+use crate::error::Error;
+
+/// `BPF_FS_MAGIC` from linux/magic.h.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// Where bpffs is conventionally mounted.
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+
+/// One agent instance's pins.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// A state directory at `root` (not created).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Where pinned maps live; versioned so an agent never reuses maps whose layout differs.
+    pub fn maps_dir(&self) -> PathBuf {
+        self.root.join(format!("maps-v{ABI_VERSION}"))
+    }
+
+    /// Pin path of a map.
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.maps_dir().join(name)
+    }
+
+    /// Pin path of the sock_ops link.
+    pub fn sockops_link(&self) -> PathBuf {
+        self.root.join(PIN_LINK_SOCKOPS)
+    }
+
+    /// Pin path of the lock link.
+    pub fn lock_link(&self) -> PathBuf {
+        self.root.join(PIN_LINK_LOCK)
+    }
+
+    /// Pin path of the status iterator link.
+    pub fn status_link(&self) -> PathBuf {
+        self.root.join(PIN_LINK_STATUS)
+    }
+
+    /// Pin path of the apply iterator link.
+    pub fn apply_link(&self) -> PathBuf {
+        self.root.join(PIN_LINK_APPLY)
+    }
+
+    /// Whether enforcement is pinned here.
+    pub fn is_attached(&self) -> bool {
+        self.sockops_link().exists()
+    }
+
+    /// Makes sure bpffs is mounted under the state directory and creates it, root-only.
+    pub fn create(&self) -> anyhow::Result<()> {
+        ensure_bpffs(&self.root)?;
+        for dir in [self.root.clone(), self.maps_dir()] {
+            match fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(err) => {
+                    return Err(err).with_context(|| {
+                        format!("failed to create state directory {}", dir.display())
+                    });
+                }
+            }
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("failed to restrict {} to root", dir.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Every pin that exists, in the order `detach` removes them (links first).
+    pub fn existing_pins(&self) -> Vec<PathBuf> {
+        let mut pins: Vec<PathBuf> = [
+            self.sockops_link(),
+            self.lock_link(),
+            self.status_link(),
+            self.apply_link(),
+        ]
+        .into_iter()
+        .filter(|p| p.exists())
+        .collect();
+        // Maps of this and any other ABI version.
+        if let Ok(entries) = fs::read_dir(&self.root) {
+            let mut dirs: Vec<PathBuf> = entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.is_dir()
+                        && p.file_name()
+                            .is_some_and(|n| n.as_bytes().starts_with(b"maps-v"))
+                })
+                .collect();
+            dirs.sort();
+            for dir in dirs {
+                if let Ok(maps) = fs::read_dir(&dir) {
+                    let mut maps: Vec<PathBuf> =
+                        maps.filter_map(Result::ok).map(|e| e.path()).collect();
+                    maps.sort();
+                    pins.extend(maps);
+                }
+            }
+        }
+        pins
+    }
+}
+
+fn fs_type(path: &Path) -> io::Result<i64> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    // SAFETY: statfs fills the zeroed struct; `c` is a valid C string.
+    let mut stat: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::statfs(c.as_ptr(), &raw mut stat) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stat.f_type)
+}
+
+/// Whether `path` (or its nearest existing ancestor) is on bpffs.
+pub fn on_bpffs(path: &Path) -> bool {
+    path.ancestors()
+        .find(|p| p.exists())
+        .and_then(|p| fs_type(p).ok())
+        == Some(BPF_FS_MAGIC)
+}
+
+/// Makes sure `dir` is on bpffs, mounting bpffs at [`BPFFS_MOUNT`] when the directory is
+/// below it and nothing is mounted there yet.
+pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
+    if on_bpffs(dir) {
+        return Ok(());
+    }
+    let mount = Path::new(BPFFS_MOUNT);
+    if !dir.starts_with(mount) {
+        return Err(Error::Bpffs(format!(
+            "state directory {} is not on a bpf filesystem; choose one below {BPFFS_MOUNT} or \
+             mount bpffs there (`mount -t bpf bpf <dir>`)",
+            dir.display()
+        ))
+        .into());
+    }
+    let target = CString::new(BPFFS_MOUNT).expect("no NUL");
+    let fstype = CString::new("bpf").expect("no NUL");
+    let options = CString::new("mode=0700").expect("no NUL");
+    // SAFETY: all pointers are valid C strings for the duration of the call.
+    let ret = unsafe {
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            options.as_ptr().cast(),
+        )
+    };
+    if ret != 0 {
+        let err = io::Error::last_os_error();
+        return Err(Error::Bpffs(format!(
+            "bpffs is not mounted at {BPFFS_MOUNT} and mounting it failed: {err}; mount it with \
+             `mount -t bpf bpf {BPFFS_MOUNT}` (in a container, bind-mount the host's \
+             {BPFFS_MOUNT})"
+        ))
+        .into());
+    }
+    log::info!("mounted bpffs at {BPFFS_MOUNT}");
+    Ok(())
+}

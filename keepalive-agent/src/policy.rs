@@ -1,0 +1,561 @@
+//! The policy model: modes, values, rules, and their resolution to the cgroup ids the BPF
+//! program looks up.
+//!
+//! A rule selects cgroups by exact path or by glob. Resolution takes the rules in precedence
+//! order (runtime overrides, then exact paths, then globs in file order); the first rule that
+//! selects a cgroup decides its policy. Cgroups without an entry inherit from their nearest
+//! ancestor with one, in the kernel, at connection time.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashSet},
+    fmt,
+    path::PathBuf,
+    str::FromStr,
+    time::Duration,
+};
+
+use keepalive_common::{DEFAULT_POLICY_KEY, Policy, mode, policy_flags, uapi};
+use serde::Serialize;
+
+use crate::{
+    cgroup::{Cgroup2, CgroupPath},
+    error::usage,
+};
+
+/// What a policy does to the sockets it covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// The policy's values replace whatever the application set before the connection was
+    /// established.
+    Enforce,
+    /// Sockets on which the application enabled SO_KEEPALIVE itself keep its values.
+    Fill,
+    /// Sockets are left alone.
+    Off,
+    /// Like enforce; later setsockopt calls cannot switch keepalive off or loosen it.
+    Lock,
+}
+
+impl Mode {
+    /// Every mode, for messages.
+    pub const NAMES: &str = "enforce, fill, off, lock";
+
+    /// The ABI value.
+    pub const fn abi(self) -> u32 {
+        match self {
+            Self::Enforce => mode::ENFORCE,
+            Self::Fill => mode::FILL,
+            Self::Off => mode::OFF,
+            Self::Lock => mode::LOCK,
+        }
+    }
+
+    /// From the ABI value.
+    pub const fn from_abi(value: u32) -> Option<Self> {
+        match value {
+            mode::ENFORCE => Some(Self::Enforce),
+            mode::FILL => Some(Self::Fill),
+            mode::OFF => Some(Self::Off),
+            mode::LOCK => Some(Self::Lock),
+            _ => None,
+        }
+    }
+
+    /// The config spelling.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Fill => "fill",
+            Self::Off => "off",
+            Self::Lock => "lock",
+        }
+    }
+}
+
+impl FromStr for Mode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "enforce" => Ok(Self::Enforce),
+            "fill" => Ok(Self::Fill),
+            "off" => Ok(Self::Off),
+            "lock" => Ok(Self::Lock),
+            other => Err(format!(
+                "unknown mode \"{other}\"; expected one of {}",
+                Self::NAMES
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Keepalive values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Values {
+    /// Seconds of idleness before the first probe (TCP_KEEPIDLE), 1–32767.
+    pub idle: u32,
+    /// Seconds between probes (TCP_KEEPINTVL), 1–32767.
+    pub interval: u32,
+    /// Unanswered probes before the connection is dropped (TCP_KEEPCNT), 1–127.
+    pub count: u32,
+    /// TCP_USER_TIMEOUT in milliseconds; `None` leaves the kernel's behaviour.
+    pub user_timeout_ms: Option<u32>,
+}
+
+/// A complete policy: mode and values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Spec {
+    /// The mode.
+    pub mode: Mode,
+    /// The values (ignored by `off`).
+    pub values: Values,
+}
+
+/// The built-in default: enforce idle 60 s, interval 10 s, count 5, kernel user timeout.
+pub const BUILTIN_DEFAULT: Spec = Spec {
+    mode: Mode::Enforce,
+    values: Values {
+        idle: 60,
+        interval: 10,
+        count: 5,
+        user_timeout_ms: None,
+    },
+};
+
+impl Spec {
+    /// The record the BPF program reads.
+    pub const fn abi(&self) -> Policy {
+        let (user_timeout_ms, flags) = match self.values.user_timeout_ms {
+            Some(ms) => (ms, policy_flags::USER_TIMEOUT),
+            None => (0, 0),
+        };
+        Policy {
+            idle: self.values.idle,
+            interval: self.values.interval,
+            count: self.values.count,
+            user_timeout_ms,
+            mode: self.mode.abi(),
+            flags,
+        }
+    }
+}
+
+/// Range of each value, shared by flags, the config file and `policy set`.
+pub mod limits {
+    use super::uapi;
+
+    /// TCP_KEEPIDLE range in seconds.
+    pub const IDLE: std::ops::RangeInclusive<u32> = 1..=uapi::MAX_KEEPIDLE;
+    /// TCP_KEEPINTVL range in seconds.
+    pub const INTERVAL: std::ops::RangeInclusive<u32> = 1..=uapi::MAX_KEEPINTVL;
+    /// TCP_KEEPCNT range.
+    pub const COUNT: std::ops::RangeInclusive<u32> = 1..=uapi::MAX_KEEPCNT;
+    /// TCP_USER_TIMEOUT range in milliseconds.
+    pub const USER_TIMEOUT_MS: std::ops::RangeInclusive<u32> = 1..=uapi::MAX_USER_TIMEOUT_MS;
+}
+
+/// Parses a duration: a plain integer is seconds, otherwise humantime syntax (`90s`, `2m`,
+/// `1500ms`, `1h 30m`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Ok(Duration::from_secs(secs));
+    }
+    humantime::parse_duration(text).map_err(|err| {
+        format!("\"{text}\" is not a duration ({err}); use seconds (90) or units (90s, 2m, 1500ms)")
+    })
+}
+
+/// Checks a whole-seconds value against its range. `what` names the flag or key.
+pub fn check_secs(
+    what: &str,
+    value: Duration,
+    range: std::ops::RangeInclusive<u32>,
+) -> Result<u32, String> {
+    if value.subsec_nanos() != 0 {
+        return Err(format!(
+            "{what} = {} is not a whole number of seconds; the kernel counts {what} in seconds",
+            humantime::format_duration(value)
+        ));
+    }
+    u32::try_from(value.as_secs())
+        .ok()
+        .filter(|secs| range.contains(secs))
+        .ok_or_else(|| {
+            format!(
+                "{what} = {} is out of range; accepted: {} to {} seconds",
+                value.as_secs(),
+                range.start(),
+                range.end()
+            )
+        })
+}
+
+/// Checks a count against its range.
+pub fn check_count(what: &str, value: i64) -> Result<u32, String> {
+    u32::try_from(value)
+        .ok()
+        .filter(|v| limits::COUNT.contains(v))
+        .ok_or_else(|| {
+            format!(
+                "{what} = {value} is out of range; accepted: {} to {}",
+                limits::COUNT.start(),
+                limits::COUNT.end()
+            )
+        })
+}
+
+/// Checks a user timeout against its range, returning milliseconds.
+pub fn check_user_timeout(what: &str, value: Duration) -> Result<u32, String> {
+    if value.subsec_nanos() % 1_000_000 != 0 {
+        return Err(format!(
+            "{what} = {} has sub-millisecond precision; TCP_USER_TIMEOUT is in milliseconds",
+            humantime::format_duration(value)
+        ));
+    }
+    u32::try_from(value.as_millis())
+        .ok()
+        .filter(|ms| limits::USER_TIMEOUT_MS.contains(ms))
+        .ok_or_else(|| {
+            format!(
+                "{what} = {} is out of range; accepted: 1ms to {}",
+                humantime::format_duration(value),
+                humantime::format_duration(Duration::from_millis(u64::from(
+                    *limits::USER_TIMEOUT_MS.end()
+                )))
+            )
+        })
+}
+
+/// Where a policy came from, shown by `policy list`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// The built-in default.
+    Builtin,
+    /// Command-line flags of `run`.
+    CommandLine,
+    /// A config file line.
+    Config {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+    },
+    /// `keepalive-agent policy set` / `unset`.
+    Runtime,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Builtin => f.write_str("built-in"),
+            Self::CommandLine => f.write_str("command line"),
+            Self::Config { file, line } => write!(f, "{}:{line}", file.display()),
+            Self::Runtime => f.write_str("runtime"),
+        }
+    }
+}
+
+/// Which cgroups a rule covers.
+#[derive(Clone, Debug)]
+pub enum Selector {
+    /// One cgroup, which may not exist yet.
+    Exact(CgroupPath),
+    /// Every cgroup whose path matches, component by component (`*`, `?` and `[…]` match
+    /// within one path component).
+    Glob {
+        /// The normalized pattern text, relative to the cgroup2 mount.
+        text: String,
+        /// One pattern per path component.
+        components: Vec<glob::Pattern>,
+    },
+}
+
+fn is_glob(component: &str) -> bool {
+    component.contains(['*', '?', '['])
+}
+
+impl Selector {
+    /// Parses a cgroup path or glob (absolute under the mount, or relative to it).
+    pub fn parse(cgroup2: &Cgroup2, spec: &str) -> anyhow::Result<Self> {
+        let path = cgroup2.parse(spec)?;
+        if !path.components().any(is_glob) {
+            return Ok(Self::Exact(path));
+        }
+        let components = path
+            .components()
+            .map(|c| {
+                glob::Pattern::new(c).map_err(|err| {
+                    usage(format!("cgroup pattern {spec} is not a valid glob: {err}"))
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Self::Glob {
+            text: path.as_str().to_owned(),
+            components,
+        })
+    }
+
+    /// The selector as written (normalized), with a leading `/`.
+    pub fn text(&self) -> String {
+        match self {
+            Self::Exact(path) => path.to_string(),
+            Self::Glob { text, .. } => format!("/{text}"),
+        }
+    }
+
+    /// Whether this is a glob.
+    pub const fn is_glob(&self) -> bool {
+        matches!(self, Self::Glob { .. })
+    }
+
+    /// The literal leading part of the selector: every cgroup it selects is within it.
+    pub fn literal_prefix(&self) -> CgroupPath {
+        match self {
+            Self::Exact(path) => path.clone(),
+            Self::Glob { text, .. } => {
+                let mut prefix = CgroupPath::root();
+                for part in text.split('/').take_while(|c| !is_glob(c)) {
+                    prefix = prefix.join(part);
+                }
+                prefix
+            }
+        }
+    }
+
+    /// The cgroups this selector matches now, and the directories to watch so that cgroups
+    /// created or removed later are noticed.
+    pub fn expand(&self, cgroup2: &Cgroup2) -> (Vec<(CgroupPath, u64)>, Vec<CgroupPath>) {
+        let mut watch = Vec::new();
+        let parts: Vec<String> = match self {
+            Self::Exact(path) => path.components().map(str::to_owned).collect(),
+            Self::Glob { text, .. } => text.split('/').map(str::to_owned).collect(),
+        };
+        let mut level = vec![CgroupPath::root()];
+        for (depth, part) in parts.iter().enumerate() {
+            let mut next = Vec::new();
+            for dir in &level {
+                watch.push(dir.clone());
+                match self {
+                    Self::Glob { components, .. } if is_glob(part) => {
+                        for child in cgroup2.children(dir) {
+                            if components[depth].matches(&child) {
+                                next.push(dir.join(&child));
+                            }
+                        }
+                    }
+                    _ => {
+                        let child = dir.join(part);
+                        if cgroup2.abs(&child).is_dir() {
+                            next.push(child);
+                        }
+                    }
+                }
+            }
+            level = next;
+        }
+        let found = level
+            .into_iter()
+            .filter_map(|path| cgroup2.id(&path).ok().map(|id| (path, id)))
+            .collect();
+        (found, watch)
+    }
+}
+
+/// A rule: a selector and what it sets. `None` masks lower-precedence rules for the selected
+/// cgroups (the result of `policy unset` on a cgroup the config covers).
+#[derive(Clone, Debug)]
+pub struct Rule {
+    /// The cgroups covered.
+    pub selector: Selector,
+    /// The policy, or `None` for "no policy of its own".
+    pub spec: Option<Spec>,
+    /// Where it came from.
+    pub source: Source,
+}
+
+/// The complete policy: the default and rules in precedence order.
+#[derive(Clone, Debug)]
+pub struct PolicySet {
+    /// The `[default]` policy.
+    pub default: Spec,
+    /// Where the default came from.
+    pub default_source: Source,
+    /// Rules, highest precedence first.
+    pub rules: Vec<Rule>,
+}
+
+/// One resolved table entry.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// The cgroup.
+    pub cgroup: CgroupPath,
+    /// Its policy.
+    pub spec: Spec,
+    /// The rule's selector, for `policy list`.
+    pub selector: String,
+    /// Where the rule came from.
+    pub source: Source,
+}
+
+/// A policy set resolved against the cgroups that exist now.
+#[derive(Clone, Debug, Default)]
+pub struct Resolution {
+    /// cgroup id -> entry.
+    pub entries: BTreeMap<u64, Entry>,
+    /// Directories whose children decide what the selectors match.
+    pub watch: BTreeSet<CgroupPath>,
+}
+
+impl Resolution {
+    /// The table pushed to the kernel: the default under [`DEFAULT_POLICY_KEY`] and one entry
+    /// per cgroup with a policy.
+    pub fn table(&self, default: &Spec) -> Vec<(u64, Policy)> {
+        std::iter::once((DEFAULT_POLICY_KEY, default.abi()))
+            .chain(self.entries.iter().map(|(id, e)| (*id, e.spec.abi())))
+            .collect()
+    }
+}
+
+impl PolicySet {
+    /// A set with only a default.
+    pub const fn new(default: Spec, default_source: Source) -> Self {
+        Self {
+            default,
+            default_source,
+            rules: Vec::new(),
+        }
+    }
+
+    /// Whether any policy uses `lock` (the lock program is attached only then).
+    pub fn uses_lock(&self) -> bool {
+        self.default.mode == Mode::Lock
+            || self
+                .rules
+                .iter()
+                .any(|rule| rule.spec.is_some_and(|spec| spec.mode == Mode::Lock))
+    }
+
+    /// Resolves the rules against the cgroups that exist now, ignoring cgroups outside
+    /// `attach` (the program never sees their sockets).
+    pub fn resolve(&self, cgroup2: &Cgroup2, attach: &CgroupPath) -> Resolution {
+        let mut resolution = Resolution::default();
+        let mut claimed = HashSet::new();
+        for rule in &self.rules {
+            let (found, watch) = rule.selector.expand(cgroup2);
+            resolution.watch.extend(watch);
+            for (path, id) in found {
+                if !path.is_within(attach) || !claimed.insert(id) {
+                    continue;
+                }
+                if let Some(spec) = rule.spec {
+                    resolution.entries.insert(
+                        id,
+                        Entry {
+                            cgroup: path,
+                            spec,
+                            selector: rule.selector.text(),
+                            source: rule.source.clone(),
+                        },
+                    );
+                }
+            }
+        }
+        resolution
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(
+            parse_duration("1500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert!(
+            parse_duration("soon")
+                .unwrap_err()
+                .contains("not a duration")
+        );
+        assert!(parse_duration("-5").is_err());
+    }
+
+    #[test]
+    fn ranges_name_value_and_range() {
+        assert_eq!(
+            check_secs("idle", Duration::from_secs(30), limits::IDLE),
+            Ok(30)
+        );
+        let err = check_secs("idle", Duration::from_secs(0), limits::IDLE).unwrap_err();
+        assert!(
+            err.contains("idle = 0") && err.contains("1 to 32767"),
+            "{err}"
+        );
+        let err = check_secs("interval", Duration::from_secs(40000), limits::INTERVAL).unwrap_err();
+        assert!(err.contains("40000") && err.contains("32767"), "{err}");
+        let err = check_secs("idle", Duration::from_millis(1500), limits::IDLE).unwrap_err();
+        assert!(err.contains("whole number of seconds"), "{err}");
+        assert_eq!(check_count("count", 127), Ok(127));
+        assert!(check_count("count", 128).unwrap_err().contains("1 to 127"));
+        assert!(check_count("count", -1).is_err());
+        assert_eq!(
+            check_user_timeout("user_timeout", Duration::from_millis(1500)),
+            Ok(1500)
+        );
+        assert!(check_user_timeout("user_timeout", Duration::ZERO).is_err());
+        assert!(check_user_timeout("user_timeout", Duration::from_secs(1 << 31)).is_err());
+    }
+
+    #[test]
+    fn modes_round_trip() {
+        for mode in [Mode::Enforce, Mode::Fill, Mode::Off, Mode::Lock] {
+            assert_eq!(mode.as_str().parse::<Mode>(), Ok(mode));
+            assert_eq!(Mode::from_abi(mode.abi()), Some(mode));
+        }
+        assert!(
+            "strict"
+                .parse::<Mode>()
+                .unwrap_err()
+                .contains("enforce, fill, off, lock")
+        );
+    }
+
+    #[test]
+    fn selectors() {
+        let cg = Cgroup2::at("/sys/fs/cgroup");
+        let exact = Selector::parse(&cg, "system.slice/a.service").unwrap();
+        assert!(!exact.is_glob());
+        assert_eq!(exact.text(), "/system.slice/a.service");
+        let glob = Selector::parse(&cg, "/sys/fs/cgroup/system.slice/docker-*.scope").unwrap();
+        assert!(glob.is_glob());
+        assert_eq!(glob.text(), "/system.slice/docker-*.scope");
+        assert_eq!(glob.literal_prefix().as_str(), "system.slice");
+        assert!(Selector::parse(&cg, "a/[").is_err());
+    }
+
+    #[test]
+    fn abi_carries_user_timeout_flag() {
+        let mut spec = BUILTIN_DEFAULT;
+        assert_eq!(spec.abi().flags, 0);
+        spec.values.user_timeout_ms = Some(45_000);
+        let abi = spec.abi();
+        assert_eq!(
+            (abi.user_timeout_ms, abi.flags),
+            (45_000, policy_flags::USER_TIMEOUT)
+        );
+        assert_eq!(abi.mode, mode::ENFORCE);
+    }
+}

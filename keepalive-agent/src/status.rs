@@ -1,0 +1,500 @@
+//! `status`: what the enforcer is doing, read from pinned state only.
+//!
+//! Sockets come from the pinned status iterator (one record per enforced socket that is still
+//! open, with live TCP state), per-cgroup counters from `KA_CGSTATS`, event counters from
+//! `KA_COUNTERS`. Nothing is loaded or attached to read them, so `status` works the same
+//! whether or not the agent is running.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::Read as _,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::fd::AsFd,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, PerCpuArray};
+use comfy_table::{Cell, CellAlignment, ContentArrangement, Table, presets};
+use keepalive_common::{
+    CgroupStats, Counter, MAP_CGSTATS, MAP_COUNTERS, StatusRecord, sock_flags, uapi,
+};
+use serde::Serialize;
+
+use crate::{
+    cgroup::{Cgroup2, CgroupPath},
+    error::Error,
+    pin::StateDir,
+    policy::Mode,
+    sys,
+};
+
+/// One enforced socket.
+#[derive(Debug, Clone, Serialize)]
+pub struct SocketRow {
+    /// Local address, IPv6 as `[addr]:port`.
+    pub local: String,
+    /// Remote address.
+    pub remote: String,
+    /// `ipv4` or `ipv6` (v4-mapped addresses are `ipv6`).
+    pub family: &'static str,
+    /// `outbound`, `inbound`, or `unknown` (connections that existed before enforcement).
+    pub direction: &'static str,
+    /// TCP state.
+    pub state: &'static str,
+    /// The socket's own cgroup, relative to the cgroup2 mount.
+    pub cgroup: String,
+    /// Its id.
+    pub cgroup_id: u64,
+    /// The cgroup whose policy applied, or `default`.
+    pub policy_cgroup: String,
+    /// TCP_KEEPIDLE, seconds.
+    pub idle: u32,
+    /// TCP_KEEPINTVL, seconds.
+    pub interval: u32,
+    /// TCP_KEEPCNT.
+    pub count: u32,
+    /// TCP_USER_TIMEOUT, milliseconds; null when left to the kernel.
+    pub user_timeout: Option<u32>,
+    /// Policy mode.
+    pub mode: &'static str,
+    /// `fill` found keepalive enabled by the application and kept its values.
+    pub app_owned: bool,
+    /// `lock`: setsockopt calls are held at the policy.
+    pub locked: bool,
+    /// The connection existed before the policy and was updated in place.
+    pub retroactive: bool,
+    /// A bpf_setsockopt call failed on this socket.
+    pub setsockopt_failed: bool,
+    /// Process that called connect(); null when unknown (accepted or pre-existing sockets).
+    pub pid: Option<u32>,
+    /// Its command name.
+    pub comm: Option<String>,
+    /// When the connection was established (RFC 3339); null for pre-existing connections.
+    pub established_at: Option<String>,
+    /// When the current policy was applied (RFC 3339).
+    pub enforced_at: String,
+    /// Keepalive probes sent and not answered yet.
+    pub probes_out: u8,
+}
+
+/// Per-cgroup counters.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CgroupRow {
+    /// cgroup path, or `#<id> (removed)`.
+    pub cgroup: String,
+    /// cgroup id.
+    pub cgroup_id: u64,
+    /// Enforced sockets open now.
+    pub open: u64,
+    /// Sockets enforced since the maps were created.
+    pub enforced_total: u64,
+    /// Connections closed because keepalive or the user timeout expired.
+    pub dead_peers: u64,
+}
+
+/// Everything `status` shows.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    /// Where the sock_ops program is attached.
+    pub attach_cgroup: Option<String>,
+    /// The state directory.
+    pub state_dir: String,
+    /// Enforced sockets that are open.
+    pub sockets: Vec<SocketRow>,
+    /// Per-cgroup counters.
+    pub cgroups: Vec<CgroupRow>,
+    /// Event counters (see the README for each).
+    pub counters: BTreeMap<&'static str, u64>,
+}
+
+/// `status` filters.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only sockets and cgroups at or below this cgroup.
+    pub cgroup: Option<CgroupPath>,
+    /// Only sockets with this local or remote port.
+    pub port: Option<u16>,
+}
+
+fn open_pinned_map(state: &StateDir, name: &str) -> anyhow::Result<Map> {
+    let path = state.map(name);
+    let data = MapData::from_pin(&path).map_err(|err| pin_error(&path, err))?;
+    Map::from_map_data(data).with_context(|| format!("unexpected map at {}", path.display()))
+}
+
+fn pin_error(
+    path: &std::path::Path,
+    err: impl std::error::Error + Send + Sync + 'static,
+) -> anyhow::Error {
+    let io = std::error::Error::source(&err)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind);
+    match io {
+        Some(std::io::ErrorKind::PermissionDenied) => Error::Permission(format!(
+            "permission denied reading {}: keepalive state is readable by root only",
+            path.display()
+        ))
+        .into(),
+        Some(std::io::ErrorKind::NotFound) => Error::Agent(format!(
+            "nothing is pinned at {}; keepalive is not attached (start it with `keepalive-agent run`)",
+            path.display()
+        ))
+        .into(),
+        _ => anyhow::Error::new(err).context(format!("failed to open {}", path.display())),
+    }
+}
+
+/// Reads the per-cgroup counters.
+pub fn read_cgroup_stats(state: &StateDir) -> anyhow::Result<Vec<(u64, CgroupStats)>> {
+    let map: BpfHashMap<MapData, u64, CgroupStats> =
+        open_pinned_map(state, MAP_CGSTATS)?.try_into()?;
+    let mut out = Vec::new();
+    for entry in map.iter() {
+        let (id, stats) = entry.context("failed to read KA_CGSTATS")?;
+        out.push((id, stats));
+    }
+    Ok(out)
+}
+
+/// Reads the event counters, summed over CPUs.
+pub fn read_counters(state: &StateDir) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+    let map: PerCpuArray<MapData, u64> = open_pinned_map(state, MAP_COUNTERS)?.try_into()?;
+    let mut out = BTreeMap::new();
+    for counter in Counter::ALL {
+        let values = map
+            .get(&(counter as u32), 0)
+            .with_context(|| format!("failed to read counter {}", counter.name()))?;
+        out.insert(counter.name(), values.iter().sum());
+    }
+    Ok(out)
+}
+
+/// Reads the raw socket records from the pinned status iterator.
+pub fn read_records(state: &StateDir) -> anyhow::Result<Vec<StatusRecord>> {
+    let path = state.status_link();
+    let link = sys::obj_get(&path)
+        .map_err(|err| pin_error(&path, std::io::Error::new(err.kind(), err.to_string())))?;
+    let mut file = sys::iter_create(link.as_fd()).context("failed to start the status iterator")?;
+    let mut raw = Vec::new();
+    file.read_to_end(&mut raw)
+        .context("failed to read the status iterator")?;
+    Ok(raw
+        .chunks_exact(size_of::<StatusRecord>())
+        .map(|chunk| {
+            // SAFETY: StatusRecord is plain old data and the chunk has exactly its size.
+            unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<StatusRecord>()) }
+        })
+        .collect())
+}
+
+fn boottime_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills `ts`.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Converts a CLOCK_BOOTTIME timestamp in nanoseconds to wall-clock time.
+fn wall_time(boot_ns: u64) -> SystemTime {
+    let age = boottime_now().saturating_sub(Duration::from_nanos(boot_ns));
+    SystemTime::now() - age
+}
+
+fn rfc3339(time: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
+fn addr(family: u16, bytes: [u8; 16], port: u16) -> String {
+    let ip = if family == uapi::AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(bytes))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
+    };
+    SocketAddr::new(ip, port).to_string()
+}
+
+fn tcp_state(state: u8) -> &'static str {
+    match state {
+        1 => "established",
+        2 => "syn-sent",
+        3 => "syn-recv",
+        4 => "fin-wait-1",
+        5 => "fin-wait-2",
+        6 => "time-wait",
+        7 => "close",
+        8 => "close-wait",
+        9 => "last-ack",
+        10 => "listen",
+        11 => "closing",
+        _ => "unknown",
+    }
+}
+
+fn cgroup_name(names: &HashMap<u64, CgroupPath>, id: u64) -> String {
+    match names.get(&id) {
+        Some(path) => path.to_string(),
+        None if id == 0 => "(unknown)".to_owned(),
+        None => format!("#{id} (removed)"),
+    }
+}
+
+fn socket_row(rec: &StatusRecord, names: &HashMap<u64, CgroupPath>) -> SocketRow {
+    let sock = &rec.sock;
+    let flags = sock.flags;
+    let policy = sock.policy;
+    let has = |bit| flags & bit != 0;
+    let comm_len = sock
+        .comm
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(sock.comm.len());
+    let retroactive = has(sock_flags::RETROACTIVE);
+    let enforced_at = wall_time(sock.applied_ns);
+    SocketRow {
+        local: addr(rec.family, rec.local_addr, rec.local_port),
+        remote: addr(rec.family, rec.remote_addr, rec.remote_port),
+        family: if rec.family == uapi::AF_INET6 {
+            "ipv6"
+        } else {
+            "ipv4"
+        },
+        direction: if has(sock_flags::OUTBOUND) {
+            "outbound"
+        } else if has(sock_flags::INBOUND) {
+            "inbound"
+        } else {
+            "unknown"
+        },
+        state: tcp_state(rec.state),
+        cgroup: cgroup_name(names, sock.cgroup_id),
+        cgroup_id: sock.cgroup_id,
+        policy_cgroup: if sock.policy_cgroup_id == keepalive_common::DEFAULT_POLICY_KEY {
+            "default".to_owned()
+        } else {
+            cgroup_name(names, sock.policy_cgroup_id)
+        },
+        idle: policy.idle,
+        interval: policy.interval,
+        count: policy.count,
+        user_timeout: (policy.flags & keepalive_common::policy_flags::USER_TIMEOUT != 0)
+            .then_some(policy.user_timeout_ms),
+        mode: Mode::from_abi(policy.mode).map_or("unknown", Mode::as_str),
+        app_owned: has(sock_flags::APP_OWNED),
+        locked: has(sock_flags::LOCKED),
+        retroactive,
+        setsockopt_failed: has(sock_flags::SETSOCKOPT_FAILED),
+        pid: has(sock_flags::HAS_TASK).then_some(sock.pid),
+        comm: has(sock_flags::HAS_TASK)
+            .then(|| String::from_utf8_lossy(&sock.comm[..comm_len]).into_owned()),
+        established_at: (!retroactive).then(|| rfc3339(enforced_at)),
+        enforced_at: rfc3339(enforced_at),
+        probes_out: rec.probes_out,
+    }
+}
+
+/// Reads everything `status` shows.
+pub fn snapshot(state: &StateDir, cgroup2: &Cgroup2, filter: &Filter) -> anyhow::Result<Snapshot> {
+    let names = cgroup2.names(&CgroupPath::root());
+    let attach_cgroup = crate::loader::pinned_attach_id(state)
+        .map_err(|err| {
+            match err
+                .downcast_ref::<std::io::Error>()
+                .map(std::io::Error::kind)
+            {
+                Some(std::io::ErrorKind::PermissionDenied) => Error::Permission(format!(
+                    "permission denied reading {}: keepalive state is readable by root only",
+                    state.root().display()
+                ))
+                .into(),
+                _ => err,
+            }
+        })?
+        .map(|id| cgroup_name(&names, id));
+    let within = |id: u64| match &filter.cgroup {
+        None => true,
+        Some(root) => names.get(&id).is_some_and(|path| path.is_within(root)),
+    };
+    let mut sockets: Vec<SocketRow> = read_records(state)?
+        .iter()
+        .filter(|rec| within(rec.sock.cgroup_id))
+        .filter(|rec| {
+            filter
+                .port
+                .is_none_or(|port| rec.local_port == port || rec.remote_port == port)
+        })
+        .map(|rec| socket_row(rec, &names))
+        .collect();
+    sockets.sort_by(|a, b| (&a.cgroup, &a.local, &a.remote).cmp(&(&b.cgroup, &b.local, &b.remote)));
+    let mut cgroups: Vec<CgroupRow> = read_cgroup_stats(state)?
+        .into_iter()
+        .filter(|(id, _)| within(*id))
+        .map(|(id, stats)| CgroupRow {
+            cgroup: cgroup_name(&names, id),
+            cgroup_id: id,
+            // Opens and closes race on different CPUs; never show a transient negative.
+            open: if stats.open > u64::MAX / 2 {
+                0
+            } else {
+                stats.open
+            },
+            enforced_total: stats.enforced_total,
+            dead_peers: stats.dead_peers,
+        })
+        .collect();
+    cgroups.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+    Ok(Snapshot {
+        attach_cgroup,
+        state_dir: state.root().display().to_string(),
+        sockets,
+        cgroups,
+        counters: read_counters(state)?,
+    })
+}
+
+fn terminal_width() -> Option<u16> {
+    // SAFETY: TIOCGWINSZ fills a winsize struct; failure leaves it zeroed.
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &raw mut size) } == 0;
+    (ok && size.ws_col > 0).then_some(size.ws_col)
+}
+
+fn table(headers: &[&str]) -> Table {
+    let mut table = Table::new();
+    table.load_style(presets::NOTHING);
+    match terminal_width() {
+        Some(width) => {
+            table
+                .set_content_arrangement(ContentArrangement::Dynamic)
+                .set_width(width);
+        }
+        None => {
+            table.set_content_arrangement(ContentArrangement::Disabled);
+        }
+    }
+    table.set_header(headers.iter().map(|h| Cell::new(h)));
+    table
+}
+
+fn secs(value: u32) -> String {
+    humantime::format_duration(Duration::from_secs(u64::from(value))).to_string()
+}
+
+/// Human output: aligned columns, sockets first, then the per-cgroup summary.
+pub fn render(snapshot: &Snapshot) -> String {
+    let mut out = String::new();
+    match &snapshot.attach_cgroup {
+        Some(cgroup) => out.push_str(&format!(
+            "attached at {cgroup} (state {})\n\n",
+            snapshot.state_dir
+        )),
+        None => out.push_str(&format!(
+            "not attached (state {}); counters are from the last run\n\n",
+            snapshot.state_dir
+        )),
+    }
+    if snapshot.sockets.is_empty() {
+        out.push_str("no enforced sockets are open\n");
+    } else {
+        let mut t = table(&[
+            "LOCAL",
+            "REMOTE",
+            "DIR",
+            "CGROUP",
+            "IDLE",
+            "INTVL",
+            "CNT",
+            "USER-TIMEOUT",
+            "MODE",
+            "PROCESS",
+            "SINCE",
+            "PROBES",
+        ]);
+        for s in &snapshot.sockets {
+            let mode = if s.app_owned {
+                format!("{} (app)", s.mode)
+            } else {
+                s.mode.to_owned()
+            };
+            let process = match (&s.pid, &s.comm) {
+                (Some(pid), Some(comm)) => format!("{pid}/{comm}"),
+                _ => "unknown".to_owned(),
+            };
+            let since = s
+                .established_at
+                .clone()
+                .unwrap_or_else(|| format!("before {}", s.enforced_at));
+            t.add_row(vec![
+                Cell::new(&s.local),
+                Cell::new(&s.remote),
+                Cell::new(match s.direction {
+                    "outbound" => "out",
+                    "inbound" => "in",
+                    _ => "?",
+                }),
+                Cell::new(&s.cgroup),
+                Cell::new(secs(s.idle)),
+                Cell::new(secs(s.interval)),
+                Cell::new(s.count).set_alignment(CellAlignment::Right),
+                Cell::new(s.user_timeout.map_or("-".to_owned(), |ms| {
+                    humantime::format_duration(Duration::from_millis(u64::from(ms))).to_string()
+                })),
+                Cell::new(mode),
+                Cell::new(process),
+                Cell::new(since),
+                Cell::new(s.probes_out).set_alignment(CellAlignment::Right),
+            ]);
+        }
+        out.push_str(&t.to_string());
+        out.push('\n');
+    }
+    out.push('\n');
+    let mut t = table(&["CGROUP", "OPEN", "ENFORCED", "DEAD-PEERS"]);
+    for c in &snapshot.cgroups {
+        t.add_row(vec![
+            Cell::new(&c.cgroup),
+            Cell::new(c.open).set_alignment(CellAlignment::Right),
+            Cell::new(c.enforced_total).set_alignment(CellAlignment::Right),
+            Cell::new(c.dead_peers).set_alignment(CellAlignment::Right),
+        ]);
+    }
+    out.push_str(&t.to_string());
+    out.push('\n');
+    let failures: u64 = snapshot
+        .counters
+        .iter()
+        .filter(|(name, _)| name.starts_with("setsockopt_failed"))
+        .map(|(_, v)| v)
+        .sum();
+    let notes = [
+        (failures, "setsockopt calls failed"),
+        (
+            snapshot
+                .counters
+                .get(Counter::CgroupStatsFull.name())
+                .copied()
+                .unwrap_or(0),
+            "enforcements not counted per cgroup (cgroup table full; raise max_tracked_cgroups)",
+        ),
+        (
+            snapshot
+                .counters
+                .get(Counter::StorageFull.name())
+                .copied()
+                .unwrap_or(0),
+            "sockets enforced but not tracked (socket storage allocation failed)",
+        ),
+    ];
+    for (count, what) in notes {
+        if count > 0 {
+            out.push_str(&format!("\nwarning: {count} {what}"));
+        }
+    }
+    if notes.iter().any(|(c, _)| *c > 0) {
+        out.push('\n');
+    }
+    out
+}

@@ -1,0 +1,286 @@
+//! The few bpf(2) commands aya 0.14 does not expose: opening pins as raw fds, replacing a
+//! link's program (`BPF_LINK_UPDATE`), creating map-element iterator links, instantiating
+//! iterators from a pinned link, link info and attachment queries.
+//!
+//! Each command has a small `#[repr(C)]` attribute struct mirroring `union bpf_attr` in
+//! `include/uapi/linux/bpf.h`, zero-padded to the size the kernel reads. The structs spell out
+//! their padding: implicit padding bytes are uninitialized, and the kernel reads them (a stray
+//! `expected_revision` makes cgroup attachment fail with ESTALE).
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    },
+    path::Path,
+};
+
+const BPF_OBJ_PIN: i64 = 6;
+const BPF_OBJ_GET: i64 = 7;
+const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
+const BPF_PROG_QUERY: i64 = 16;
+const BPF_LINK_CREATE: i64 = 28;
+const BPF_LINK_UPDATE: i64 = 29;
+const BPF_ITER_CREATE: i64 = 33;
+
+/// `BPF_CGROUP_SOCK_OPS`.
+pub const ATTACH_CGROUP_SOCK_OPS: u32 = 3;
+/// `BPF_CGROUP_SETSOCKOPT`.
+pub const ATTACH_CGROUP_SETSOCKOPT: u32 = 22;
+/// `BPF_TRACE_ITER`.
+const ATTACH_TRACE_ITER: u32 = 28;
+
+/// Size of the zero-padded attribute buffer; larger than any command used here.
+const ATTR_SIZE: usize = 128;
+
+/// Copies an attribute struct into a zero-padded buffer.
+fn attr_buf<T>(attr: &T) -> [u8; ATTR_SIZE] {
+    assert!(size_of::<T>() <= ATTR_SIZE);
+    let mut buf = [0u8; ATTR_SIZE];
+    // SAFETY: `attr` is a plain #[repr(C)] struct of at most ATTR_SIZE bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            std::ptr::from_ref(attr).cast::<u8>(),
+            buf.as_mut_ptr(),
+            size_of::<T>(),
+        );
+    }
+    buf
+}
+
+/// Runs one bpf(2) command on an attribute buffer the kernel may write back into.
+fn bpf_raw(cmd: i64, buf: &mut [u8; ATTR_SIZE], size: usize) -> io::Result<i64> {
+    // SAFETY: bpf(2) reads and writes at most `size` bytes of `buf`, which outlives the call.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, cmd, buf.as_mut_ptr(), size) };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn bpf<T>(cmd: i64, attr: &T) -> io::Result<i64> {
+    bpf_raw(cmd, &mut attr_buf(attr), size_of::<T>())
+}
+
+fn fd_result(ret: i64) -> OwnedFd {
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    unsafe { OwnedFd::from_raw_fd(ret as i32) }
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// Opens a pinned BPF object (map, program or link).
+pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let path = c_path(path)?;
+    let attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_GET, &attr).map(fd_result)
+}
+
+/// Pins a BPF object at `path` (the file is created 0600).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let path = c_path(path)?;
+    let attr = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_PIN, &attr).map(drop)
+}
+
+#[repr(C)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target_fd: u32,
+    attach_type: u32,
+    flags: u32,
+    iter_info: u64,
+    iter_info_len: u32,
+    /// Explicit: padding bytes would be copied to the kernel uninitialized.
+    _pad: u32,
+}
+
+/// Creates an iterator link. With `map`, the iterator walks that map's elements
+/// (`bpf_iter_link_info.map.map_fd`).
+pub fn iter_link_create(prog: BorrowedFd<'_>, map: Option<BorrowedFd<'_>>) -> io::Result<OwnedFd> {
+    let map_fd: u32 = map.map_or(0, |fd| fd.as_raw_fd() as u32);
+    let attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: 0,
+        attach_type: ATTACH_TRACE_ITER,
+        flags: 0,
+        iter_info: if map.is_some() {
+            std::ptr::from_ref(&map_fd) as u64
+        } else {
+            0
+        },
+        iter_info_len: if map.is_some() { 4 } else { 0 },
+        _pad: 0,
+    };
+    bpf(BPF_LINK_CREATE, &attr).map(fd_result)
+}
+
+/// Creates a cgroup link (the kernel treats every cgroup link as multi-attach).
+pub fn cgroup_link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    let attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+        iter_info: 0,
+        iter_info_len: 0,
+        _pad: 0,
+    };
+    bpf(BPF_LINK_CREATE, &attr).map(fd_result)
+}
+
+#[repr(C)]
+struct LinkUpdateAttr {
+    link_fd: u32,
+    new_prog_fd: u32,
+    flags: u32,
+    old_prog_fd: u32,
+}
+
+/// Atomically replaces the program behind a link: there is no moment without one.
+pub fn link_update(link: BorrowedFd<'_>, new_prog: BorrowedFd<'_>) -> io::Result<()> {
+    let attr = LinkUpdateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: new_prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &attr).map(drop)
+}
+
+#[repr(C)]
+struct IterCreateAttr {
+    link_fd: u32,
+    flags: u32,
+}
+
+/// Instantiates an iterator; reading the returned file runs the program once per object.
+/// TCP iterators see the network namespace of the calling thread.
+pub fn iter_create(link: BorrowedFd<'_>) -> io::Result<std::fs::File> {
+    let attr = IterCreateAttr {
+        link_fd: link.as_raw_fd() as u32,
+        flags: 0,
+    };
+    bpf(BPF_ITER_CREATE, &attr).map(|ret| std::fs::File::from(fd_result(ret)))
+}
+
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// What `BPF_OBJ_GET_INFO_BY_FD` says about a link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// `BPF_LINK_TYPE_*`.
+    pub link_type: u32,
+    /// Link id.
+    pub id: u32,
+    /// Id of the program it runs.
+    pub prog_id: u32,
+    /// For cgroup links: the cgroup id. 0 for others.
+    pub cgroup_id: u64,
+    /// For cgroup links: the attach type.
+    pub attach_type: u32,
+}
+
+/// `BPF_LINK_TYPE_CGROUP`.
+pub const LINK_TYPE_CGROUP: u32 = 3;
+
+/// Reads a link's info.
+pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
+    // struct bpf_link_info: type, id, prog_id, then a union at offset 16 whose cgroup member
+    // is { u64 cgroup_id; u32 attach_type; }.
+    let mut raw = [0u8; 64];
+    let attr = InfoAttr {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: raw.len() as u32,
+        info: raw.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    let u32_at = |off: usize| u32::from_ne_bytes(raw[off..off + 4].try_into().expect("4 bytes"));
+    let link_type = u32_at(0);
+    let cgroup = link_type == LINK_TYPE_CGROUP;
+    Ok(LinkInfo {
+        link_type,
+        id: u32_at(4),
+        prog_id: u32_at(8),
+        cgroup_id: if cgroup {
+            u64::from_ne_bytes(raw[16..24].try_into().expect("8 bytes"))
+        } else {
+            0
+        },
+        attach_type: if cgroup { u32_at(24) } else { 0 },
+    })
+}
+
+/// Reads a program's id.
+pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
+    // struct bpf_prog_info starts with { u32 type; u32 id; }.
+    let mut raw = [0u8; 8];
+    let attr = InfoAttr {
+        bpf_fd: prog.as_raw_fd() as u32,
+        info_len: raw.len() as u32,
+        info: raw.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
+    Ok(u32::from_ne_bytes(raw[4..8].try_into().expect("4 bytes")))
+}
+
+#[repr(C)]
+struct QueryAttr {
+    target_fd: u32,
+    attach_type: u32,
+    query_flags: u32,
+    attach_flags: u32,
+    prog_ids: u64,
+    prog_cnt: u32,
+    _pad: u32,
+}
+
+/// Ids of the programs attached directly to a cgroup for one attach type.
+pub fn cgroup_query(cgroup: &impl AsFd, attach_type: u32) -> io::Result<Vec<u32>> {
+    let mut ids = vec![0u32; 64];
+    let attr = QueryAttr {
+        target_fd: cgroup.as_fd().as_raw_fd() as u32,
+        attach_type,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        _pad: 0,
+    };
+    // The kernel writes the number of programs back into prog_cnt.
+    let mut buf = attr_buf(&attr);
+    bpf_raw(BPF_PROG_QUERY, &mut buf, size_of::<QueryAttr>())?;
+    let count = u32::from_ne_bytes(buf[24..28].try_into().expect("4 bytes")) as usize;
+    ids.truncate(count.min(ids.len()));
+    Ok(ids)
+}

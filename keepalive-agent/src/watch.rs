@@ -1,0 +1,189 @@
+//! Following cgroups as they are created and removed, with inotify on every cgroup directory
+//! below the attach cgroup. The agent sleeps in the kernel until something changes; there is
+//! no polling.
+
+use std::{collections::HashMap, io};
+
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
+use tokio::io::{Interest, unix::AsyncFd};
+
+use crate::cgroup::{Cgroup2, CgroupPath};
+
+/// What changed since the last call.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// cgroups that appeared (including ones below a new cgroup).
+    pub created: Vec<CgroupPath>,
+    /// cgroups that disappeared, with their ids.
+    pub removed: Vec<(CgroupPath, u64)>,
+    /// The watched root itself was removed.
+    pub root_removed: bool,
+}
+
+impl Changes {
+    /// Whether anything changed.
+    pub fn is_empty(&self) -> bool {
+        self.created.is_empty() && self.removed.is_empty() && !self.root_removed
+    }
+}
+
+/// Watches a cgroup subtree.
+pub struct CgroupWatcher {
+    cgroup2: Cgroup2,
+    root: CgroupPath,
+    inotify: AsyncFd<Inotify>,
+    by_wd: HashMap<WatchDescriptor, (CgroupPath, u64)>,
+    by_path: HashMap<CgroupPath, WatchDescriptor>,
+    warned_limit: bool,
+}
+
+impl std::fmt::Debug for CgroupWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CgroupWatcher")
+            .field("root", &self.root)
+            .field("watches", &self.by_wd.len())
+            .finish_non_exhaustive()
+    }
+}
+
+const MASK: WatchMask = WatchMask::CREATE
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::ONLYDIR);
+
+impl CgroupWatcher {
+    /// Starts watching `root` and every cgroup below it.
+    pub fn new(cgroup2: &Cgroup2, root: &CgroupPath) -> io::Result<Self> {
+        let inotify = Inotify::init()?;
+        let mut watcher = Self {
+            cgroup2: cgroup2.clone(),
+            root: root.clone(),
+            // SAFETY: the inotify instance owns its fd, which stays open until the AsyncFd is
+            // dropped.
+            inotify: unsafe { AsyncFd::register_with_interest(inotify, Interest::READABLE) }
+                .map_err(|err| io::Error::other(err.to_string()))?,
+            by_wd: HashMap::new(),
+            by_path: HashMap::new(),
+            warned_limit: false,
+        };
+        watcher.add_tree(root, &mut Vec::new());
+        Ok(watcher)
+    }
+
+    /// Number of directories watched.
+    pub fn len(&self) -> usize {
+        self.by_wd.len()
+    }
+
+    /// Whether nothing is watched.
+    pub fn is_empty(&self) -> bool {
+        self.by_wd.is_empty()
+    }
+
+    /// Watches `top` and everything below it, recording each cgroup in `created`.
+    fn add_tree(&mut self, top: &CgroupPath, created: &mut Vec<CgroupPath>) {
+        for (path, id) in self.cgroup2.walk(top) {
+            if self.by_path.contains_key(&path) {
+                continue;
+            }
+            match self
+                .inotify
+                .get_mut()
+                .watches()
+                .add(self.cgroup2.abs(&path), MASK)
+            {
+                Ok(wd) => {
+                    self.by_wd.insert(wd.clone(), (path.clone(), id));
+                    self.by_path.insert(path.clone(), wd);
+                    created.push(path);
+                }
+                Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
+                    if !self.warned_limit {
+                        log::warn!(
+                            "inotify watch limit reached at {} cgroups; new cgroups below {path} \
+                             are not followed. Raise fs.inotify.max_user_watches",
+                            self.by_wd.len()
+                        );
+                        self.warned_limit = true;
+                    }
+                }
+                Err(err) => log::debug!("cannot watch cgroup {path}: {err}"),
+            }
+        }
+    }
+
+    fn forget_tree(&mut self, top: &CgroupPath, removed: &mut Vec<(CgroupPath, u64)>) {
+        let gone: Vec<CgroupPath> = self
+            .by_path
+            .keys()
+            .filter(|p| p.is_within(top))
+            .cloned()
+            .collect();
+        for path in gone {
+            if let Some(wd) = self.by_path.remove(&path)
+                && let Some((path, id)) = self.by_wd.remove(&wd)
+            {
+                // The kernel drops the watch of a removed directory by itself.
+                let _ = self.inotify.get_mut().watches().remove(wd);
+                removed.push((path, id));
+            }
+        }
+    }
+
+    /// Waits for the next batch of changes.
+    pub async fn changes(&mut self) -> io::Result<Changes> {
+        let mut buffer = [0u8; 8192];
+        loop {
+            let mut guard = self.inotify.readable_mut().await?;
+            let mut raw = Vec::new();
+            let read = guard.try_io(|inner| {
+                let events = inner.get_mut().read_events(&mut buffer)?;
+                for event in events {
+                    raw.push((
+                        event.wd.clone(),
+                        event.mask,
+                        event.name.and_then(|n| n.to_str().map(str::to_owned)),
+                    ));
+                }
+                Ok(())
+            });
+            match read {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Ok(Err(err)) => return Err(err),
+                Err(_would_block) => continue,
+            }
+            let mut changes = Changes::default();
+            for (wd, mask, name) in raw {
+                if mask.contains(EventMask::Q_OVERFLOW) {
+                    // Events were lost: rescan everything.
+                    let root = self.root.clone();
+                    self.add_tree(&root, &mut changes.created);
+                    continue;
+                }
+                let Some((parent, _)) = self.by_wd.get(&wd).cloned() else {
+                    continue;
+                };
+                let Some(name) = name else {
+                    continue;
+                };
+                if !mask.contains(EventMask::ISDIR) {
+                    continue;
+                }
+                let child = parent.join(&name);
+                if mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
+                    self.add_tree(&child, &mut changes.created);
+                } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
+                    self.forget_tree(&child, &mut changes.removed);
+                }
+            }
+            if !self.cgroup2.abs(&self.root).exists() {
+                changes.root_removed = true;
+            }
+            if !changes.is_empty() {
+                return Ok(changes);
+            }
+        }
+    }
+}
