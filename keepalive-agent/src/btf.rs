@@ -323,8 +323,36 @@ impl Btf {
             skc_state: off("sock_common", &["skc_state"], 1)?,
             skc_v6_daddr: off("sock_common", &["skc_v6_daddr"], 16)?,
             skc_v6_rcv_saddr: off("sock_common", &["skc_v6_rcv_saddr"], 16)?,
+            skc_cookie: off("sock_common", &["skc_cookie"], 8)?,
+            // Moved from struct sock to struct sock_common in 6.x.
+            sk_flags: off("sock_common", &["skc_flags"], 8)
+                .or_else(|_| off("sock", &["sk_flags"], 8))?,
+            sock_keepopen_bit: self.enum_value("sock_flags", "SOCK_KEEPOPEN")?,
+            tcp_keepalive_time: off("tcp_sock", &["keepalive_time"], 4)?,
+            tcp_keepalive_intvl: off("tcp_sock", &["keepalive_intvl"], 4)?,
+            tcp_keepalive_probes: off("tcp_sock", &["keepalive_probes"], 1)?,
+            icsk_user_timeout: off("inet_connection_sock", &["icsk_user_timeout"], 4)?,
             icsk_probes_out: off("inet_connection_sock", &["icsk_probes_out"], 1)?,
+            _pad: 0,
         })
+    }
+
+    /// The value of enumerator `name` in `enum <enum_name>`.
+    fn enum_value(&self, enum_name: &str, name: &str) -> Result<u32, BtfError> {
+        let missing = || BtfError::Field {
+            path: format!("enum {enum_name}.{name}"),
+            reason: "not found".into(),
+        };
+        let t = self
+            .types
+            .iter()
+            .find(|t| t.kind == KIND_ENUM && self.name(t.name_off) == enum_name)
+            .ok_or_else(missing)?;
+        (0..t.vlen as usize)
+            .map(|i| t.data + 8 * i)
+            .find(|&at| self.name(self.u32_at(at)) == name)
+            .map(|at| self.u32_at(at + 4))
+            .ok_or_else(missing)
     }
 
     /// Whether the kernel's BTF has a function (used to probe for iterator support).
@@ -373,6 +401,11 @@ mod tests {
         assert_eq!(off.skc_family, 16);
         assert_eq!(off.skc_state, 18);
         assert!(off.sock_cgroup > off.skc_v6_rcv_saddr);
+        assert_eq!(
+            off.sock_keepopen_bit, 3,
+            "SOCK_KEEPOPEN has been bit 3 forever"
+        );
+        assert!(off.tcp_keepalive_intvl > off.icsk_user_timeout);
         assert!(btf.has_func("bpf_iter_tcp"));
     }
 }

@@ -186,7 +186,7 @@ pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
                 keepalive_common::PROG_SOCKOPS => ("sock_ops", "enforcing new connections"),
                 keepalive_common::PROG_LOCK => ("cgroup/setsockopt", "lock mode"),
                 keepalive_common::PROG_APPLY => ("iter/tcp", "updating existing connections"),
-                _ => ("iter/bpf_sk_storage_map", "status"),
+                _ => ("iter/bpf_map_elem", "status"),
             };
             checks.push(match result {
                 Ok(()) => item(name, Outcome::Ok, format!("loads; {what} works"), None),

@@ -147,6 +147,12 @@ pub struct RunArgs {
     /// [default: 65536]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_tracked_cgroups: Option<u32>,
+
+    /// Capacity of the socket tracking map (sockets listed by `status`), used when the maps
+    /// are first created. Sockets beyond it are still enforced, and counted as
+    /// socket_tracking_full. [default: 524288]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_tracked_sockets: Option<u32>,
 }
 
 /// `status`.

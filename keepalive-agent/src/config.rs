@@ -78,6 +78,7 @@ struct RawConfig {
     state_dir: Option<Spanned<String>>,
     metrics: Option<Spanned<String>>,
     max_tracked_cgroups: Option<Spanned<i64>>,
+    max_tracked_sockets: Option<Spanned<i64>>,
     default: Option<Spanned<RawPolicy>>,
     #[serde(default)]
     policy: Vec<Spanned<RawPolicy>>,
@@ -96,6 +97,8 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// `max_tracked_cgroups`.
     pub max_tracked_cgroups: Option<u32>,
+    /// `max_tracked_sockets`.
+    pub max_tracked_sockets: Option<u32>,
     /// The default and the rules.
     pub policies: PolicySet,
 }
@@ -193,6 +196,7 @@ pub fn load(path: Option<&Path>, cgroup2: &Cgroup2) -> anyhow::Result<Config> {
             state_dir: None,
             metrics: None,
             max_tracked_cgroups: None,
+            max_tracked_sockets: None,
             policies: PolicySet::new(BUILTIN_DEFAULT, Source::Builtin),
         }),
         Err(err) => Err(Error::Config {
@@ -303,23 +307,26 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
         })?),
         None => None,
     };
-    let max_tracked_cgroups = match &raw.max_tracked_cgroups {
-        Some(max) => Some(
-            u32::try_from(*max.get_ref())
-                .ok()
-                .filter(|n| (1..=1 << 24).contains(n))
-                .ok_or_else(|| {
-                    ctx.err(
-                        max.span(),
-                        format!(
-                            "max_tracked_cgroups = {} is out of range; accepted: 1 to 16777216",
-                            max.get_ref()
-                        ),
-                    )
-                })?,
-        ),
-        None => None,
+    let capacity = |value: &Option<Spanned<i64>>, key: &str| -> anyhow::Result<Option<u32>> {
+        let Some(max) = value else {
+            return Ok(None);
+        };
+        u32::try_from(*max.get_ref())
+            .ok()
+            .filter(|n| (1..=1 << 24).contains(n))
+            .map(Some)
+            .ok_or_else(|| {
+                ctx.err(
+                    max.span(),
+                    format!(
+                        "{key} = {} is out of range; accepted: 1 to 16777216",
+                        max.get_ref()
+                    ),
+                )
+            })
     };
+    let max_tracked_cgroups = capacity(&raw.max_tracked_cgroups, "max_tracked_cgroups")?;
+    let max_tracked_sockets = capacity(&raw.max_tracked_sockets, "max_tracked_sockets")?;
     let state_dir = raw
         .state_dir
         .as_ref()
@@ -339,6 +346,7 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
         state_dir,
         metrics,
         max_tracked_cgroups,
+        max_tracked_sockets,
         policies: PolicySet {
             default,
             default_source,
@@ -416,6 +424,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::Mode;
 
     fn cg() -> Cgroup2 {
         Cgroup2::at("/sys/fs/cgroup")
@@ -518,6 +527,9 @@ mode = "off"
         assert_eq!(line, Some(2));
         let (line, _) = parse_err("max_tracked_cgroups = 0\n");
         assert_eq!(line, Some(1));
+        let (line, reason) = parse_err("\nmax_tracked_sockets = 99999999999\n");
+        assert_eq!(line, Some(2));
+        assert!(reason.contains("max_tracked_sockets"), "{reason}");
         let (line, reason) = parse_err("metrics = \"localhost\"\n");
         assert_eq!(line, Some(1));
         assert!(reason.contains("127.0.0.1:9977"), "{reason}");

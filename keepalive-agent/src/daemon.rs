@@ -499,6 +499,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             attach_path: &attach_path,
             attach_id,
             max_tracked_cgroups: args.max_tracked_cgroups.or(config.max_tracked_cgroups),
+            max_tracked_sockets: args.max_tracked_sockets.or(config.max_tracked_sockets),
             bpf_log_level: bpf_log_level(),
         },
         &btf,

@@ -43,6 +43,8 @@ pub struct LoadOptions<'a> {
     pub attach_id: u64,
     /// Size of the per-cgroup counter map when it is created.
     pub max_tracked_cgroups: Option<u32>,
+    /// Size of the socket tracking map when it is created.
+    pub max_tracked_sockets: Option<u32>,
     /// aya-log level for the BPF programs (0 compiles the log statements out).
     pub bpf_log_level: u8,
 }
@@ -122,6 +124,9 @@ impl Enforcer {
         if let Some(max) = opts.max_tracked_cgroups {
             loader.map_max_entries(MAP_CGSTATS, max);
         }
+        if let Some(max) = opts.max_tracked_sockets {
+            loader.map_max_entries(MAP_SOCKS, max);
+        }
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|err| kernel_error("failed to load the BPF object", err))?;
@@ -137,7 +142,7 @@ impl Enforcer {
             .map_err(|err| kernel_error("failed to read kernel BTF", err))?;
         let status: &mut Iter = program(&mut ebpf, PROG_STATUS)?;
         status
-            .load("bpf_sk_storage_map", &aya_btf)
+            .load("bpf_map_elem", &aya_btf)
             .map_err(|err| kernel_error("the kernel rejected the status iterator", err))?;
         // The TCP iterator needs bpf_setsockopt from iterators (Linux 5.15). Without it, new
         // connections are still enforced; existing ones are not touched.
@@ -314,7 +319,7 @@ pub fn probe(btf: &Btf) -> Vec<(&'static str, Result<(), String>)> {
             .map_err(|err| err.to_string())
             .and_then(|p| describe(p.load())),
     ));
-    for (name, kind) in [(PROG_APPLY, "tcp"), (PROG_STATUS, "bpf_sk_storage_map")] {
+    for (name, kind) in [(PROG_APPLY, "tcp"), (PROG_STATUS, "bpf_map_elem")] {
         results.push((
             name,
             program::<Iter>(&mut ebpf, name)

@@ -244,6 +244,11 @@ fn cgroup_name(names: &HashMap<u64, CgroupPath>, id: u64) -> String {
 
 fn socket_row(rec: &StatusRecord, names: &HashMap<u64, CgroupPath>) -> SocketRow {
     let sock = &rec.sock;
+    let state = if rec.live_state != 0 {
+        rec.live_state
+    } else {
+        sock.state
+    };
     let flags = sock.flags;
     let policy = sock.policy;
     let has = |bit| flags & bit != 0;
@@ -255,9 +260,9 @@ fn socket_row(rec: &StatusRecord, names: &HashMap<u64, CgroupPath>) -> SocketRow
     let retroactive = has(sock_flags::RETROACTIVE);
     let enforced_at = wall_time(sock.applied_ns);
     SocketRow {
-        local: addr(rec.family, rec.local_addr, rec.local_port),
-        remote: addr(rec.family, rec.remote_addr, rec.remote_port),
-        family: if rec.family == uapi::AF_INET6 {
+        local: addr(sock.family, sock.local_addr, sock.local_port),
+        remote: addr(sock.family, sock.remote_addr, sock.remote_port),
+        family: if sock.family == uapi::AF_INET6 {
             "ipv6"
         } else {
             "ipv4"
@@ -269,7 +274,7 @@ fn socket_row(rec: &StatusRecord, names: &HashMap<u64, CgroupPath>) -> SocketRow
         } else {
             "unknown"
         },
-        state: tcp_state(rec.state),
+        state: tcp_state(state),
         cgroup: cgroup_name(names, sock.cgroup_id),
         cgroup_id: sock.cgroup_id,
         policy_cgroup: if sock.policy_cgroup_id == keepalive_common::DEFAULT_POLICY_KEY {
@@ -324,7 +329,7 @@ pub fn snapshot(state: &StateDir, cgroup2: &Cgroup2, filter: &Filter) -> anyhow:
         .filter(|rec| {
             filter
                 .port
-                .is_none_or(|port| rec.local_port == port || rec.remote_port == port)
+                .is_none_or(|port| rec.sock.local_port == port || rec.sock.remote_port == port)
         })
         .map(|rec| socket_row(rec, &names))
         .collect();
@@ -482,10 +487,10 @@ pub fn render(snapshot: &Snapshot) -> String {
         (
             snapshot
                 .counters
-                .get(Counter::StorageFull.name())
+                .get(Counter::TrackingFull.name())
                 .copied()
                 .unwrap_or(0),
-            "sockets enforced but not tracked (socket storage allocation failed)",
+            "sockets enforced but not listed (socket table full; raise max_tracked_sockets)",
         ),
     ];
     for (count, what) in notes {

@@ -1,16 +1,17 @@
 //! Iterator programs. aya-ebpf has no `#[iter]` macro, so these are declared by hand with the
 //! context layouts from `include/linux/bpf.h` (`struct bpf_iter__tcp`,
-//! `struct bpf_iter__bpf_sk_storage_map`).
+//! `struct bpf_iter__bpf_map_elem`).
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::generated::{bpf_seq_write, bpf_skc_to_tcp_sock};
-use keepalive_common::{SockRecord, StatusRecord, sock_flags, uapi};
+use aya_ebpf::helpers::generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock};
+use keepalive_common::{SockRecord, StatusRecord, mode, sock_flags, uapi};
 
 use crate::{
-    kernel::{self, read},
+    enforce,
+    kernel::{self, off, read},
     policy,
-    socket::{self, Origin},
+    socket::{self, Origin, Socket},
 };
 
 #[repr(C)]
@@ -28,17 +29,17 @@ pub struct IterTcp {
 }
 
 #[repr(C)]
-pub struct IterSkStorage {
+pub struct IterMapElem {
     meta: *mut IterMeta,
     map: *mut c_void,
-    sk: *mut c_void,
+    key: *mut c_void,
     value: *mut c_void,
 }
 
 #[inline(always)]
 fn seq_write<T>(meta: *mut IterMeta, value: &T) {
-    // SAFETY: `meta` comes from the iterator context and is non-null for every call but the
-    // final one, which the callers filter out by checking their object pointer first.
+    // SAFETY: `meta` comes from the iterator context; the callers only write while they have
+    // an object, when the kernel guarantees a live seq_file.
     let seq = unsafe { (*meta).seq };
     // SAFETY: the helper copies `size_of::<T>()` bytes from `value` into the seq buffer.
     let _ = unsafe {
@@ -50,8 +51,9 @@ fn seq_write<T>(meta: *mut IterMeta, value: &T) {
     };
 }
 
-/// Applies policy to one existing TCP socket of the iterating network namespace and writes
-/// one [`keepalive_common::apply_result`] byte for each socket inside the attach cgroup.
+/// Applies policy to one existing TCP socket of the iterating network namespace: listeners
+/// (so the connections they accept inherit it) and established connections, for which it
+/// writes one [`keepalive_common::apply_result`] byte.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn keepalive_apply(ctx: *mut IterTcp) -> i32 {
@@ -66,12 +68,12 @@ pub fn keepalive_apply(ctx: *mut IterTcp) -> i32 {
     if tp.is_null() {
         return 0;
     }
-    let off = kernel::offsets();
-    if read::<u8>(sk.cast(), off.skc_state) != Some(uapi::TCP_ESTABLISHED) {
+    let state = read::<u8>(sk.cast(), off!(skc_state)).unwrap_or(0);
+    if state != uapi::TCP_ESTABLISHED && state != uapi::TCP_LISTEN {
         return 0;
     }
-    let cgroup = kernel::sock_cgroup(tp.cast(), &off);
-    if cgroup.is_none() {
+    let cgroup = kernel::sock_cgroup(tp.cast());
+    if !cgroup.is_known() {
         return 0;
     }
     let Some(resolved) = policy::resolve(cgroup, true) else {
@@ -80,53 +82,83 @@ pub fn keepalive_apply(ctx: *mut IterTcp) -> i32 {
     if !resolved.in_scope {
         return 0;
     }
-    let result = socket::enforce_socket(tp, tp, cgroup, &resolved, Origin::Existing, || {
-        crate::enforce::request_state_callbacks(tp)
-    });
+    if state == uapi::TCP_LISTEN {
+        let p = resolved.policy;
+        let keep = p.mode == mode::OFF
+            || kernel::carries(tp.cast(), &p)
+            || (p.mode == mode::FILL && enforce::app_enabled_keepalive(tp));
+        if !keep {
+            enforce::apply(tp, &p);
+        }
+        return 0;
+    }
+    let sock = Socket {
+        target: tp,
+        tp: tp.cast(),
+        sk: tp,
+        // SAFETY: `tp` is a socket pointer this program type may pass.
+        cookie: unsafe { bpf_get_socket_cookie(tp) },
+        cgroup,
+    };
+    let result = socket::enforce_socket(
+        &sock,
+        &resolved,
+        Origin::Existing,
+        |rec| describe(rec, sk.cast(), state),
+        || enforce::request_state_callbacks(tp),
+    );
     seq_write(ctx.meta, &result);
     0
 }
 
-/// Writes one [`StatusRecord`] for each open socket that has a tracking record.
+/// Fills a record's addresses from the socket itself.
+#[inline(always)]
+fn describe(rec: &mut SockRecord, sk: *const u8, state: u8) {
+    let family = read::<u16>(sk, off!(skc_family)).unwrap_or(0);
+    rec.sk = sk as u64;
+    rec.state = state;
+    rec.family = family;
+    rec.local_port = read::<u16>(sk, off!(skc_num)).unwrap_or(0);
+    rec.remote_port = u16::from_be(read::<u16>(sk, off!(skc_dport)).unwrap_or(0));
+    if family == uapi::AF_INET6 {
+        rec.local_addr = read::<[u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]);
+        rec.remote_addr = read::<[u8; 16]>(sk, off!(skc_v6_daddr)).unwrap_or([0; 16]);
+    } else {
+        let local = read::<[u8; 4]>(sk, off!(skc_rcv_saddr)).unwrap_or([0; 4]);
+        let remote = read::<[u8; 4]>(sk, off!(skc_daddr)).unwrap_or([0; 4]);
+        rec.local_addr[..4].copy_from_slice(&local);
+        rec.remote_addr[..4].copy_from_slice(&remote);
+    }
+}
+
+/// Writes one [`StatusRecord`] per tracked socket, with live state read from the socket when
+/// the socket at the recorded address still has the recorded cookie.
 #[unsafe(no_mangle)]
-#[unsafe(link_section = "iter/bpf_sk_storage_map")]
-pub fn keepalive_status(ctx: *mut IterSkStorage) -> i32 {
+#[unsafe(link_section = "iter/bpf_map_elem")]
+pub fn keepalive_status(ctx: *mut IterMapElem) -> i32 {
     // SAFETY: the kernel passes a valid context.
     let ctx = unsafe { &*ctx };
-    let sk = ctx.sk.cast::<u8>().cast_const();
+    let key = ctx.key.cast::<u64>().cast_const();
     let value = ctx.value.cast::<SockRecord>().cast_const();
-    if sk.is_null() || value.is_null() {
+    if key.is_null() || value.is_null() {
         return 0;
     }
-    // SAFETY: `value` points at this map's value, which is a SockRecord.
-    let sock = unsafe { *value };
+    // SAFETY: key and value point at this map's key and value.
+    let (cookie, sock) = unsafe { (*key, *value) };
     if sock.flags & (sock_flags::ENFORCED | sock_flags::APP_OWNED) == 0 {
         return 0;
     }
-    let off = kernel::offsets();
-    let state = read::<u8>(sk, off.skc_state).unwrap_or(0);
-    if state == uapi::TCP_CLOSE || state == 0 {
-        return 0;
-    }
-    let family = read::<u16>(sk, off.skc_family).unwrap_or(0);
+    let sk = sock.sk as *const u8;
     let mut out = StatusRecord {
+        cookie,
         sock,
-        local_addr: [0; 16],
-        remote_addr: [0; 16],
-        local_port: read::<u16>(sk, off.skc_num).unwrap_or(0),
-        remote_port: u16::from_be(read::<u16>(sk, off.skc_dport).unwrap_or(0)),
-        family,
-        state,
-        probes_out: read::<u8>(sk, off.icsk_probes_out).unwrap_or(0),
+        live_state: 0,
+        probes_out: 0,
+        _pad: [0; 6],
     };
-    if family == uapi::AF_INET6 {
-        out.local_addr = read::<[u8; 16]>(sk, off.skc_v6_rcv_saddr).unwrap_or([0; 16]);
-        out.remote_addr = read::<[u8; 16]>(sk, off.skc_v6_daddr).unwrap_or([0; 16]);
-    } else {
-        let local = read::<[u8; 4]>(sk, off.skc_rcv_saddr).unwrap_or([0; 4]);
-        let remote = read::<[u8; 4]>(sk, off.skc_daddr).unwrap_or([0; 4]);
-        out.local_addr[..4].copy_from_slice(&local);
-        out.remote_addr[..4].copy_from_slice(&remote);
+    if read::<u64>(sk, off!(skc_cookie)) == Some(cookie) {
+        out.live_state = read::<u8>(sk, off!(skc_state)).unwrap_or(0);
+        out.probes_out = read::<u8>(sk, off!(icsk_probes_out)).unwrap_or(0);
     }
     seq_write(ctx.meta, &out);
     0

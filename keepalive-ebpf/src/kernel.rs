@@ -4,11 +4,12 @@
 //! and hands the offsets over as a read-only global. All reads go through
 //! `bpf_probe_read_kernel`, which cannot fault: a bad pointer yields `None`, never a crash.
 
-use aya_ebpf::{Global, helpers::bpf_probe_read_kernel};
-use keepalive_common::{KernelOffsets, Settings};
+use aya_ebpf::helpers::bpf_probe_read_kernel;
+use keepalive_common::{KernelOffsets, Policy, Settings, policy_flags};
 
+/// Patched by the loader (read-only, so the verifier sees the values as constants).
 #[unsafe(no_mangle)]
-static KA_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
+pub(crate) static KA_OFFSETS: KernelOffsets = KernelOffsets {
     sock_cgroup: 0,
     sock_err: 0,
     cgroup_kn: 0,
@@ -22,22 +23,42 @@ static KA_OFFSETS: Global<KernelOffsets> = Global::new(KernelOffsets {
     skc_state: 0,
     skc_v6_daddr: 0,
     skc_v6_rcv_saddr: 0,
+    skc_cookie: 0,
+    sk_flags: 0,
+    sock_keepopen_bit: 0,
+    tcp_keepalive_time: 0,
+    tcp_keepalive_intvl: 0,
+    tcp_keepalive_probes: 0,
+    icsk_user_timeout: 0,
     icsk_probes_out: 0,
-});
+    _pad: 0,
+};
 
+/// Patched by the loader.
 #[unsafe(no_mangle)]
-static KA_SETTINGS: Global<Settings> = Global::new(Settings {
+static KA_SETTINGS: Settings = Settings {
     attach_cgroup_id: 0,
-});
+};
 
-#[inline(always)]
-pub(crate) fn offsets() -> KernelOffsets {
-    KA_OFFSETS.load()
+/// Reads one field of [`KA_OFFSETS`]. Volatile, so the compiler cannot fold in the zeros the
+/// loader replaces; one field at a time, so each use costs one load.
+macro_rules! off {
+    ($field:ident) => {
+        // SAFETY: an aligned read of a field of a static.
+        unsafe { core::ptr::read_volatile(&raw const $crate::kernel::KA_OFFSETS.$field) }
+    };
 }
+pub(crate) use off;
+
+/// The kernel's HZ, learned from the first TCP_KEEPIDLE this program sets (the kernel stores
+/// it in jiffies). 0 until then.
+#[unsafe(no_mangle)]
+static mut KA_HZ: u64 = 0;
 
 #[inline(always)]
 pub(crate) fn attach_cgroup_id() -> u64 {
-    KA_SETTINGS.load().attach_cgroup_id
+    // SAFETY: an aligned read of a field of a static.
+    unsafe { core::ptr::read_volatile(&raw const KA_SETTINGS.attach_cgroup_id) }
 }
 
 /// Reads a `T` at `base + offset` in kernel memory.
@@ -59,19 +80,95 @@ pub(crate) fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
 
 /// A socket's own cgroup: the one it was created in, recorded by the kernel in
 /// `sk->sk_cgrp_data`. Unlike the current task's cgroup, this is right in softirq too.
+///
+/// A plain struct rather than an `Option`: the verifier rejects the uninitialized payload
+/// registers the compiler moves around for `None`.
 #[derive(Clone, Copy)]
 pub(crate) struct SockCgroup {
-    /// cgroup id (the kernfs node id, equal to the cgroup directory's inode number).
+    /// cgroup id (the kernfs node id, equal to the cgroup directory's inode number); 0 when
+    /// the cgroup could not be read.
     pub(crate) id: u64,
-    /// The cgroup's `struct kernfs_node *`, the start of the ancestor walk.
+    /// The cgroup's `struct kernfs_node *`, the start of the ancestor walk; null when unknown.
     pub(crate) kn: *const u8,
+}
+
+impl SockCgroup {
+    /// The cgroup could not be read.
+    pub(crate) const UNKNOWN: Self = Self {
+        id: 0,
+        kn: core::ptr::null(),
+    };
+
+    /// Whether the cgroup is known.
+    #[inline(always)]
+    pub(crate) fn is_known(&self) -> bool {
+        !self.kn.is_null()
+    }
 }
 
 /// Reads the cgroup of the full socket `sk` (a `struct sock *` or `struct tcp_sock *`).
 #[inline(always)]
-pub(crate) fn sock_cgroup(sk: *const u8, off: &KernelOffsets) -> Option<SockCgroup> {
-    let cgroup = read_ptr(sk, off.sock_cgroup)?;
-    let kn = read_ptr(cgroup, off.cgroup_kn)?;
-    let id = read::<u64>(kn, off.kn_id)?;
-    Some(SockCgroup { id, kn })
+pub(crate) fn sock_cgroup(sk: *const u8) -> SockCgroup {
+    if sk.is_null() {
+        return SockCgroup::UNKNOWN;
+    }
+    let Some(cgroup) = read_ptr(sk, off!(sock_cgroup)) else {
+        return SockCgroup::UNKNOWN;
+    };
+    let Some(kn) = read_ptr(cgroup, off!(cgroup_kn)) else {
+        return SockCgroup::UNKNOWN;
+    };
+    match read::<u64>(kn, off!(kn_id)) {
+        Some(id) => SockCgroup { id, kn },
+        None => SockCgroup::UNKNOWN,
+    }
+}
+
+/// Whether SO_KEEPALIVE is on, read from the socket's flags.
+#[inline(always)]
+pub(crate) fn keepalive_on(tp: *const u8) -> Option<bool> {
+    let flags = read::<u64>(tp, off!(sk_flags))?;
+    Some(flags & (1 << off!(sock_keepopen_bit)) != 0)
+}
+
+#[inline(always)]
+fn hz() -> u64 {
+    // SAFETY: a plain aligned read of a global; racing writers store the same value.
+    unsafe { core::ptr::read_volatile(&raw const KA_HZ) }
+}
+
+/// Learns HZ from a socket on which TCP_KEEPIDLE was just set to `idle` seconds.
+#[inline(always)]
+pub(crate) fn learn_hz(tp: *const u8, idle: u32) {
+    if hz() != 0 || idle == 0 {
+        return;
+    }
+    if let Some(jiffies) = read::<u32>(tp, off!(tcp_keepalive_time))
+        && jiffies % idle == 0
+        && jiffies != 0
+    {
+        // SAFETY: as in `hz`.
+        unsafe { core::ptr::write_volatile(&raw mut KA_HZ, u64::from(jiffies / idle)) };
+    }
+}
+
+/// Whether the socket already carries exactly `policy`, e.g. inherited from its listener.
+/// Costs a few memory reads instead of five setsockopt calls.
+#[inline(always)]
+pub(crate) fn carries(tp: *const u8, policy: &Policy) -> bool {
+    let hz = hz();
+    if hz == 0 || tp.is_null() || keepalive_on(tp) != Some(true) {
+        return false;
+    }
+    let time = read::<u32>(tp, off!(tcp_keepalive_time)).map(u64::from);
+    let intvl = read::<u32>(tp, off!(tcp_keepalive_intvl)).map(u64::from);
+    let probes = read::<u8>(tp, off!(tcp_keepalive_probes)).map(u32::from);
+    if time != Some(u64::from(policy.idle) * hz)
+        || intvl != Some(u64::from(policy.interval) * hz)
+        || probes != Some(policy.count)
+    {
+        return false;
+    }
+    policy.flags & policy_flags::USER_TIMEOUT == 0
+        || read::<u32>(tp, off!(icsk_user_timeout)) == Some(policy.user_timeout_ms)
 }

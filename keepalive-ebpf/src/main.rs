@@ -28,17 +28,21 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, generated::bpf_skc_to_tcp_sock},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid,
+        generated::{bpf_get_socket_cookie, bpf_skc_to_tcp_sock},
+    },
     macros::{cgroup_sockopt, sock_ops},
     programs::{SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::debug;
-use keepalive_common::{Counter, policy_flags, sock_flags, uapi};
+use keepalive_common::{Counter, SockRecord, mode, policy_flags, sock_flags, uapi};
 
 use crate::{
-    socket::Origin,
+    kernel::off,
+    socket::{Origin, Socket},
     track::{count, record},
 };
 
@@ -48,6 +52,7 @@ pub fn keepalive_sockops(ctx: SockOpsContext) -> u32 {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => on_established(&ctx, sock_flags::OUTBOUND),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx, sock_flags::INBOUND),
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
         _ => {}
     }
@@ -61,97 +66,169 @@ fn sock_of(ctx: &SockOpsContext) -> *mut c_void {
     unsafe { (*ctx.ops).__bindgen_anon_2.sk }.cast()
 }
 
-/// Records the connecting task: connect() runs in the caller's context, the later ESTABLISHED
-/// callback usually does not.
 #[inline(always)]
-fn on_connect(ctx: &SockOpsContext) {
+fn cookie_of(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: the sock_ops variant of the helper takes the context.
+    unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
+}
+
+#[inline(always)]
+fn enable_state_cb(ctx: &SockOpsContext) -> bool {
+    let flags = ctx.cb_flags() | uapi::SOCK_OPS_STATE_CB_FLAG;
+    ctx.set_cb_flags(flags as i32).is_ok()
+}
+
+/// The socket of a sock_ops callback, with its own cgroup.
+#[inline(always)]
+fn socket(ctx: &SockOpsContext) -> Option<Socket> {
     let sk = sock_of(ctx);
     if sk.is_null() {
-        return;
+        return None;
     }
-    let Some(rec) = record(sk, true) else {
+    // SAFETY: `sk` is the full socket of this callback; the helper checks its type.
+    let tp = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>().cast_const();
+    let cgroup = kernel::sock_cgroup(tp);
+    if !cgroup.is_known() {
+        count(Counter::CgroupUnknown);
+    }
+    Some(Socket {
+        target: ctx.ops.cast(),
+        tp,
+        sk,
+        cookie: cookie_of(ctx),
+        cgroup,
+    })
+}
+
+/// Records the connecting task: connect() runs in the caller's context, the later ESTABLISHED
+/// callback usually does not. State callbacks start here so a failed connect drops the record.
+#[inline(always)]
+fn on_connect(ctx: &SockOpsContext) {
+    let rec = SockRecord {
+        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        flags: sock_flags::HAS_TASK | sock_flags::OUTBOUND,
+        state: 2, // TCP_SYN_SENT
+        ..SockRecord::default()
+    };
+    if enable_state_cb(ctx) {
+        track::insert_record(cookie_of(ctx), &rec);
+    }
+}
+
+/// Sets the policy on a new listener, so the connections it accepts inherit it from the
+/// kernel's socket clone instead of paying for setsockopt calls one by one.
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let Some(sock) = socket(ctx) else {
         return;
     };
-    rec.pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    rec.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    rec.flags |= sock_flags::HAS_TASK | sock_flags::OUTBOUND;
+    let Some(resolved) = policy::resolve(sock.cgroup, false) else {
+        return;
+    };
+    let p = resolved.policy;
+    if p.mode == mode::OFF || (p.mode == mode::FILL && enforce::app_enabled_keepalive(sock.target))
+    {
+        return;
+    }
+    enforce::apply(sock.target, &p);
+    kernel::learn_hz(sock.tp, p.idle);
 }
 
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext, direction: u32) {
-    let sk = sock_of(ctx);
-    if sk.is_null() {
+    let Some(sock) = socket(ctx) else {
         return;
-    }
-    // SAFETY: `sk` is the full socket of this callback; the helper checks its type.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>().cast_const();
-    let cgroup = if tp.is_null() {
-        None
-    } else {
-        kernel::sock_cgroup(tp, &kernel::offsets())
     };
-    if cgroup.is_none() {
-        count(Counter::CgroupUnknown);
-    }
-    let Some(resolved) = policy::resolve(cgroup, false) else {
+    let Some(resolved) = policy::resolve(sock.cgroup, false) else {
         count(Counter::NoPolicyTable);
         return;
     };
     let result = socket::enforce_socket(
-        ctx.ops.cast(),
-        sk,
-        cgroup,
+        &sock,
         &resolved,
         Origin::Established { direction },
-        || {
-            let flags = ctx.cb_flags() | uapi::SOCK_OPS_STATE_CB_FLAG;
-            ctx.set_cb_flags(flags as i32).is_ok()
-        },
+        |rec| describe(ctx, rec),
+        || enable_state_cb(ctx),
     );
     // Compiled out by the verifier unless the agent loads with debug logging (AYA_LOG_LEVEL).
     debug!(
         ctx,
         "socket in cgroup {} got policy of cgroup {} (mode {}, result {})",
-        cgroup.map_or(0, |c| c.id),
+        sock.cgroup.id,
         resolved.policy_cgroup,
         resolved.policy.mode,
         result
     );
 }
 
-/// On close: take the socket out of its cgroup's open count and, when the kernel gave up on
-/// the peer (keepalive or user timeout expired, sk_err == ETIMEDOUT), count a dead peer.
+/// Fills a record's addresses from the sock_ops context.
+#[inline(always)]
+fn describe(ctx: &SockOpsContext, rec: &mut SockRecord) {
+    let family = ctx.family() as u16;
+    rec.sk = sock_of(ctx) as u64;
+    rec.family = family;
+    rec.state = uapi::TCP_ESTABLISHED;
+    rec.local_port = ctx.local_port() as u16;
+    // remote_port holds the network-order port in its upper 16 bits.
+    rec.remote_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    if family == uapi::AF_INET6 {
+        for i in 0..4 {
+            // One 4-byte load per word: the verifier rejects wider context loads, which the
+            // compiler would otherwise merge these into.
+            // SAFETY: in-bounds reads of the context the kernel passed.
+            let (local, remote) = unsafe {
+                (
+                    core::ptr::read_volatile(&raw const (*ctx.ops).local_ip6[i]),
+                    core::ptr::read_volatile(&raw const (*ctx.ops).remote_ip6[i]),
+                )
+            };
+            rec.local_addr[i * 4..i * 4 + 4].copy_from_slice(&local.to_ne_bytes());
+            rec.remote_addr[i * 4..i * 4 + 4].copy_from_slice(&remote.to_ne_bytes());
+        }
+    } else {
+        rec.local_addr[..4].copy_from_slice(&ctx.local_ip4().to_ne_bytes());
+        rec.remote_addr[..4].copy_from_slice(&ctx.remote_ip4().to_ne_bytes());
+    }
+}
+
+/// Follows the socket's state. On close: take it out of its cgroup's open count, count a dead
+/// peer when the kernel gave up on it (keepalive or user timeout expired: sk_err ==
+/// ETIMEDOUT), and drop its record.
 #[inline(always)]
 fn on_state_change(ctx: &SockOpsContext) {
+    // Only the close matters; `status` reads the live state from the socket itself.
     if ctx.arg(1) != u32::from(uapi::TCP_CLOSE) {
         return;
     }
-    let sk = sock_of(ctx);
-    if sk.is_null() {
-        return;
-    }
-    let Some(rec) = record(sk, false) else {
+    let cookie = cookie_of(ctx);
+    let Some(rec) = record(cookie) else {
         return;
     };
-    if rec.flags & (sock_flags::ENFORCED | sock_flags::APP_OWNED) == 0 {
-        return;
+    if rec.flags & (sock_flags::ENFORCED | sock_flags::APP_OWNED) != 0 {
+        let sk = sock_of(ctx);
+        let tp = if sk.is_null() {
+            core::ptr::null()
+        } else {
+            // SAFETY: as in `socket`.
+            unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>().cast_const()
+        };
+        let timed_out =
+            !tp.is_null() && kernel::read::<i32>(tp, off!(sock_err)) == Some(uapi::ETIMEDOUT);
+        let open = if rec.flags & sock_flags::COUNTED_OPEN != 0 {
+            u64::MAX // wrapping add: -1
+        } else {
+            0
+        };
+        if timed_out {
+            count(Counter::DeadPeers);
+        }
+        if open != 0 || timed_out {
+            // Never re-create the entry of a removed cgroup just to decrement it.
+            track::cgroup_add(rec.cgroup_id, open, 0, u64::from(timed_out), false);
+        }
     }
-    // SAFETY: as in on_established.
-    let tp = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>().cast_const();
-    let timed_out = !tp.is_null()
-        && kernel::read::<i32>(tp, kernel::offsets().sock_err) == Some(uapi::ETIMEDOUT);
-    let open = if rec.flags & sock_flags::COUNTED_OPEN != 0 {
-        rec.flags &= !sock_flags::COUNTED_OPEN;
-        u64::MAX // wrapping add: -1
-    } else {
-        0
-    };
-    if timed_out {
-        count(Counter::DeadPeers);
-    }
-    if open != 0 || timed_out {
-        track::cgroup_add(rec.cgroup_id, open, 0, u64::from(timed_out));
-    }
+    track::remove_record(cookie);
 }
 
 /// Holds `lock`-mode sockets at their policy: SO_KEEPALIVE cannot be switched off, and idle,
@@ -178,12 +255,9 @@ pub fn keepalive_lock(ctx: SockoptContext) -> i32 {
     if sk.is_null() {
         return 1;
     }
-    let Some(rec) = record(sk, false) else {
+    let Some(policy) = track::locked_policy(sk) else {
         return 1;
     };
-    if rec.flags & sock_flags::LOCKED == 0 {
-        return 1;
-    }
     // SAFETY: union members set by the kernel for setsockopt programs.
     let (start, end) = unsafe { (so.__bindgen_anon_2.optval, so.__bindgen_anon_3.optval_end) };
     let optval = start.cast::<i32>();
@@ -192,7 +266,6 @@ pub fn keepalive_lock(ctx: SockoptContext) -> i32 {
     }
     // SAFETY: bounds checked against optval_end above.
     let value = unsafe { *optval };
-    let policy = rec.policy;
     let held = match (level, name) {
         (uapi::SOL_SOCKET, _) => (value == 0).then_some(1),
         (_, uapi::TCP_KEEPIDLE) => (value < 1 || value as u32 > policy.idle).then_some(policy.idle),

@@ -8,7 +8,7 @@ use aya_ebpf::{
 };
 use keepalive_common::{DEFAULT_POLICY_KEY, MAX_CGROUP_DEPTH, MAX_POLICIES, Policy};
 
-use crate::kernel::{self, SockCgroup};
+use crate::kernel::{self, SockCgroup, off};
 
 type PolicyTable = HashMap<u64, Policy, { MAX_POLICIES as usize }, { BPF_F_NO_PREALLOC as usize }>;
 
@@ -34,13 +34,13 @@ pub(crate) struct Resolved {
 /// learns whether the socket is inside the enforced subtree at all (iterators see every socket
 /// of a network namespace; sock_ops only ever sees sockets inside the subtree).
 #[inline(always)]
-pub(crate) fn resolve(cgroup: Option<SockCgroup>, need_scope: bool) -> Option<Resolved> {
+pub(crate) fn resolve(cgroup: SockCgroup, need_scope: bool) -> Option<Resolved> {
     let table = KA_POLICY.get(0)?;
     let attach = kernel::attach_cgroup_id();
-    let off = kernel::offsets();
     let mut found: Option<(Policy, u64)> = None;
     let mut in_scope = false;
-    if let Some(SockCgroup { mut id, mut kn }) = cgroup {
+    if cgroup.is_known() {
+        let SockCgroup { mut id, mut kn } = cgroup;
         for _ in 0..MAX_CGROUP_DEPTH {
             if found.is_none() {
                 // SAFETY: the value is copied out at once; tables are never modified while
@@ -57,10 +57,10 @@ pub(crate) fn resolve(cgroup: Option<SockCgroup>, need_scope: bool) -> Option<Re
                 in_scope = true;
                 break;
             }
-            let Some(parent) = kernel::read_ptr(kn, off.kn_parent) else {
+            let Some(parent) = kernel::read_ptr(kn, off!(kn_parent)) else {
                 break;
             };
-            let Some(parent_id) = kernel::read::<u64>(parent, off.kn_id) else {
+            let Some(parent_id) = kernel::read::<u64>(parent, off!(kn_id)) else {
                 break;
             };
             kn = parent;

@@ -1,20 +1,21 @@
 //! The per-socket decision shared by the sock_ops program (new connections) and the apply
-//! iterator (connections that already existed): apply, keep the application's values, or skip,
-//! and record what was done.
+//! iterator (connections that already existed): apply, keep what the socket has, or skip, and
+//! record what was done.
 
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
-use keepalive_common::{Counter, apply_result, mode, sock_flags};
+use keepalive_common::{Counter, SockRecord, apply_result, mode, sock_flags};
 
 use crate::{
     enforce,
-    kernel::SockCgroup,
+    kernel::{self, SockCgroup},
     policy::Resolved,
     track::{self, count},
 };
 
 /// Where the socket came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Origin {
     /// A new connection; `direction` is [`sock_flags::OUTBOUND`] or [`sock_flags::INBOUND`].
     Established { direction: u32 },
@@ -22,95 +23,138 @@ pub(crate) enum Origin {
     Existing,
 }
 
-/// Applies `resolved` to one socket. `target` is the setsockopt target for this program type,
-/// `sk` the socket for bpf_sk_storage_get. `enable_state_cb` asks the kernel for the socket's
-/// state-change callbacks, which close accounting and dead-peer detection rely on.
+/// The socket being enforced.
+pub(crate) struct Socket {
+    /// First argument for bpf_setsockopt/bpf_getsockopt in this program type.
+    pub(crate) target: *mut c_void,
+    /// The `struct tcp_sock *`, for cheap reads of its current values.
+    pub(crate) tp: *const u8,
+    /// The socket as bpf_sk_storage_get takes it in this program type.
+    pub(crate) sk: *mut c_void,
+    /// Its cookie, the tracking key.
+    pub(crate) cookie: u64,
+    /// Its own cgroup.
+    pub(crate) cgroup: SockCgroup,
+}
+
+/// Applies `resolved` to one socket and records it. `describe` fills in the record's
+/// addresses and state; `enable_state_cb` asks the kernel for the socket's state-change
+/// callbacks, which close accounting, dead-peer detection and record removal rely on.
 #[inline(always)]
 pub(crate) fn enforce_socket(
-    target: *mut c_void,
-    sk: *mut c_void,
-    cgroup: Option<SockCgroup>,
+    sock: &Socket,
     resolved: &Resolved,
     origin: Origin,
+    describe: impl FnOnce(&mut SockRecord),
     enable_state_cb: impl FnOnce() -> bool,
 ) -> u8 {
     let policy = resolved.policy;
+    // A just-accepted socket cannot have a record yet; skip the lookup.
+    let existing = if origin
+        == (Origin::Established {
+            direction: sock_flags::INBOUND,
+        }) {
+        None
+    } else {
+        track::record(sock.cookie)
+    };
     if policy.mode == mode::OFF {
         count(Counter::SkippedOff);
+        if existing.is_some() && origin != Origin::Existing {
+            // The record connect() left behind; an `off` socket is not tracked.
+            track::remove_record(sock.cookie);
+        }
         return apply_result::SKIPPED_OFF;
     }
-    let existing = matches!(origin, Origin::Existing);
-    let mut rec = track::record(sk, true);
     let covered = sock_flags::ENFORCED | sock_flags::APP_OWNED;
-    if existing
-        && let Some(rec) = rec.as_deref()
-        && rec.flags & covered != 0
+    let before = existing.as_deref().map_or(0, |rec| rec.flags);
+    if origin == Origin::Existing
+        && let Some(rec) = existing.as_deref()
+        && before & covered != 0
         && rec.policy == policy
         && rec.policy_cgroup_id == resolved.policy_cgroup
     {
         return apply_result::UNCHANGED;
     }
-    let enforced_before = rec
-        .as_deref()
-        .is_some_and(|rec| rec.flags & sock_flags::ENFORCED != 0);
+    let enforced_before = before & sock_flags::ENFORCED != 0;
 
-    let (values, mut flags, result) = if policy.mode == mode::FILL
+    let mut flags = 0;
+    let mut values = policy;
+    let result = if kernel::carries(sock.tp, &policy) {
+        // Usually an accepted socket that inherited the options the program set on its
+        // listener: nothing to do.
+        count(Counter::Inherited);
+        flags |= sock_flags::ENFORCED | sock_flags::INHERITED;
+        apply_result::APPLIED
+    } else if policy.mode == mode::FILL
         && !enforced_before
-        && enforce::app_enabled_keepalive(target)
+        && enforce::app_enabled_keepalive(sock.target)
     {
         count(Counter::KeptApp);
-        (
-            enforce::read_values(target, mode::FILL),
-            sock_flags::APP_OWNED,
-            apply_result::KEPT_APP,
-        )
+        values = enforce::read_values(sock.target, mode::FILL);
+        flags |= sock_flags::APP_OWNED;
+        apply_result::KEPT_APP
     } else {
-        let ok = enforce::apply(target, &policy);
+        let ok = enforce::apply(sock.target, &policy);
+        kernel::learn_hz(sock.tp, policy.idle);
         count(Counter::Enforced);
-        let mut flags = sock_flags::ENFORCED;
-        if !ok {
-            flags |= sock_flags::SETSOCKOPT_FAILED;
-        }
-        if policy.mode == mode::LOCK {
-            flags |= sock_flags::LOCKED;
-        }
-        let result = if ok {
+        flags |= sock_flags::ENFORCED;
+        if ok {
             apply_result::APPLIED
         } else {
+            flags |= sock_flags::SETSOCKOPT_FAILED;
             apply_result::FAILED
-        };
-        (policy, flags, result)
+        }
     };
-
-    let Some(rec) = rec.as_deref_mut() else {
-        count(Counter::StorageFull);
-        return result;
-    };
-    let first = rec.flags & covered == 0;
-    let own = cgroup.map_or(0, |cgroup| cgroup.id);
-    let kept = sock_flags::HAS_TASK
-        | sock_flags::OUTBOUND
-        | sock_flags::INBOUND
-        | sock_flags::COUNTED_OPEN
-        | sock_flags::RETROACTIVE;
-    flags |= rec.flags & kept;
+    if policy.mode == mode::LOCK && flags & sock_flags::ENFORCED != 0 {
+        flags |= sock_flags::LOCKED;
+        track::set_lock(sock.sk, Some(&values));
+    } else if before & sock_flags::LOCKED != 0 {
+        track::set_lock(sock.sk, None);
+    }
+    let own = sock.cgroup.id;
+    let first = before & covered == 0;
+    flags |= before
+        & (sock_flags::HAS_TASK
+            | sock_flags::OUTBOUND
+            | sock_flags::INBOUND
+            | sock_flags::COUNTED_OPEN
+            | sock_flags::RETROACTIVE);
     match origin {
         Origin::Established { direction } => flags |= direction,
         Origin::Existing if first => flags |= sock_flags::RETROACTIVE,
         Origin::Existing => {}
     }
-    rec.cgroup_id = own;
-    rec.policy_cgroup_id = resolved.policy_cgroup;
-    rec.policy = values;
-    // SAFETY: the helper has no preconditions.
-    rec.applied_ns = unsafe { bpf_ktime_get_boot_ns() };
     if first {
-        if enable_state_cb() && track::cgroup_add(own, 1, 1, 0) {
+        if enable_state_cb() && track::cgroup_add(own, 1, 1, 0, true) {
             flags |= sock_flags::COUNTED_OPEN;
         } else {
-            track::cgroup_add(own, 0, 1, 0);
+            track::cgroup_add(own, 0, 1, 0, true);
         }
     }
-    rec.flags = flags;
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_boot_ns() };
+    match existing {
+        Some(rec) => {
+            rec.cgroup_id = own;
+            rec.policy_cgroup_id = resolved.policy_cgroup;
+            rec.policy = values;
+            rec.applied_ns = now;
+            rec.flags = flags;
+            describe(rec);
+        }
+        None => {
+            let mut rec = SockRecord {
+                cgroup_id: own,
+                policy_cgroup_id: resolved.policy_cgroup,
+                applied_ns: now,
+                policy: values,
+                flags,
+                ..SockRecord::default()
+            };
+            describe(&mut rec);
+            track::insert_record(sock.cookie, &rec);
+        }
+    }
     result
 }

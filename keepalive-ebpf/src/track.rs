@@ -1,5 +1,8 @@
-//! Tracking state: per-socket records in socket-local storage, bounded per-cgroup counters and
-//! per-CPU event counters.
+//! Tracking state: a bounded hash of enforced sockets keyed by socket cookie, bounded
+//! per-cgroup counters, and per-CPU event counters.
+//!
+//! A hash entry costs a fraction of a socket-local storage allocation, which matters at tens of
+//! thousands of connections per second; entries are removed by the close callback.
 
 use core::{
     ffi::c_void,
@@ -8,15 +11,26 @@ use core::{
 };
 
 use aya_ebpf::{
-    bindings::{BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
     btf_maps::{HashMap, PerCpuArray, SkStorage},
-    helpers::generated::bpf_sk_storage_get,
+    helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
     macros::btf_map,
 };
-use keepalive_common::{CgroupStats, Counter, DEFAULT_MAX_TRACKED_CGROUPS, SockRecord};
+use keepalive_common::{
+    CgroupStats, Counter, DEFAULT_MAX_TRACKED_CGROUPS, DEFAULT_MAX_TRACKED_SOCKETS, Policy,
+    SockRecord,
+};
 
 #[btf_map]
-static KA_SOCKS: SkStorage<SockRecord> = SkStorage::new();
+static KA_SOCKS: HashMap<
+    u64,
+    SockRecord,
+    { DEFAULT_MAX_TRACKED_SOCKETS as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+#[btf_map]
+static KA_LOCKS: SkStorage<Policy> = SkStorage::new();
 
 #[btf_map]
 static KA_CGSTATS: HashMap<u64, CgroupStats, { DEFAULT_MAX_TRACKED_CGROUPS as usize }> =
@@ -41,29 +55,75 @@ pub(crate) fn count(counter: Counter) {
     }
 }
 
-/// Returns the socket's tracking record, creating a zeroed one when `create` is set.
-/// `sk` is any socket pointer the calling program type may pass to bpf_sk_storage_get.
+/// The tracking record of a socket, if it has one.
 #[inline(always)]
-pub(crate) fn record(sk: *mut c_void, create: bool) -> Option<&'static mut SockRecord> {
-    let flags = if create {
-        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
-    } else {
-        0
-    };
-    let map = ptr::from_ref(&KA_SOCKS).cast_mut().cast::<c_void>();
-    // SAFETY: the helper returns either null or a pointer to this socket's storage, which
-    // lives as long as the socket and so outlasts the program run.
-    let rec = unsafe { bpf_sk_storage_get(map, sk, ptr::null_mut(), flags) }.cast::<SockRecord>();
-    // SAFETY: non-null storage pointers are valid, aligned SockRecords.
-    unsafe { rec.as_mut() }
+pub(crate) fn record(cookie: u64) -> Option<&'static mut SockRecord> {
+    // SAFETY: entries are only freed after an RCU grace period, so the pointer stays valid for
+    // this program run; the program is the only writer of a given socket's entry.
+    KA_SOCKS
+        .get_ptr_mut(cookie)
+        .and_then(|ptr| unsafe { ptr.as_mut() })
 }
 
-/// Adds to a cgroup's counters. Returns false, and counts the overflow, when the map is full.
+/// Adds a tracking record; counts the overflow when the map is full.
 #[inline(always)]
-pub(crate) fn cgroup_add(cgroup: u64, open: u64, enforced: u64, dead: u64) -> bool {
+pub(crate) fn insert_record(cookie: u64, rec: &SockRecord) -> bool {
+    if KA_SOCKS.insert(cookie, rec, 0).is_ok() {
+        true
+    } else {
+        count(Counter::TrackingFull);
+        false
+    }
+}
+
+/// Drops a socket's tracking record.
+#[inline(always)]
+pub(crate) fn remove_record(cookie: u64) {
+    let _ = KA_SOCKS.remove(cookie);
+}
+
+fn locks() -> *mut c_void {
+    ptr::from_ref(&KA_LOCKS).cast_mut().cast()
+}
+
+/// The policy a `lock`-mode socket is held at. `sk` is a socket pointer the calling program
+/// type may pass to bpf_sk_storage_get.
+#[inline(always)]
+pub(crate) fn locked_policy(sk: *mut c_void) -> Option<Policy> {
+    // SAFETY: the helper returns null or this socket's storage, which outlives the program run.
+    let p = unsafe { bpf_sk_storage_get(locks(), sk, ptr::null_mut(), 0) }.cast::<Policy>();
+    // SAFETY: non-null storage pointers point at a Policy.
+    unsafe { p.as_ref() }.copied()
+}
+
+/// Holds `sk` at `policy` (Some) or releases it (None).
+#[inline(always)]
+pub(crate) fn set_lock(sk: *mut c_void, policy: Option<&Policy>) {
+    match policy {
+        Some(policy) => {
+            let flags = u64::from(BPF_SK_STORAGE_GET_F_CREATE);
+            // SAFETY: as in `locked_policy`; the kernel copies nothing from the null init value.
+            let p =
+                unsafe { bpf_sk_storage_get(locks(), sk, ptr::null_mut(), flags) }.cast::<Policy>();
+            // SAFETY: non-null storage pointers point at a Policy owned by this socket.
+            if let Some(slot) = unsafe { p.as_mut() } {
+                *slot = *policy;
+            }
+        }
+        None => {
+            // SAFETY: deleting absent storage is a no-op returning -ENOENT.
+            let _ = unsafe { bpf_sk_storage_delete(locks(), sk) };
+        }
+    }
+}
+
+/// Adds to a cgroup's counters, creating its entry when `create` is set. Returns false, and
+/// counts the overflow, when the map is full.
+#[inline(always)]
+pub(crate) fn cgroup_add(cgroup: u64, open: u64, enforced: u64, dead: u64, create: bool) -> bool {
     let stats = match KA_CGSTATS.get_ptr_mut(cgroup) {
         Some(stats) => stats,
-        None => {
+        None if create => {
             // Another CPU may insert the same key first; EEXIST is fine, E2BIG means full.
             let _ = KA_CGSTATS.insert(cgroup, CgroupStats::default(), u64::from(BPF_NOEXIST));
             match KA_CGSTATS.get_ptr_mut(cgroup) {
@@ -74,6 +134,7 @@ pub(crate) fn cgroup_add(cgroup: u64, open: u64, enforced: u64, dead: u64) -> bo
                 }
             }
         }
+        None => return false,
     };
     // SAFETY: `stats` points at a live map value; fields are updated atomically.
     unsafe {

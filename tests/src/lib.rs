@@ -1,1 +1,765 @@
+//! Harness for the real-kernel integration tests.
+//!
+//! Every test makes its own cgroups, network namespaces, agent state directory and runtime
+//! directory, and the guards here undo all of it on drop, also when the test panics. Tests
+//! that cannot run (not root, no cgroup2) panic with a message: they never pass silently.
 
+use std::{
+    ffi::CString,
+    fs::{self, File},
+    io::{BufRead as _, BufReader, Write as _},
+    os::{
+        fd::{AsRawFd as _, IntoRawFd as _},
+        unix::{fs::MetadataExt as _, net::UnixDatagram, process::CommandExt as _},
+    },
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this process and call.
+pub fn unique(label: &str) -> String {
+    format!(
+        "ka-{label}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Panics unless running as root: these tests load BPF programs and make cgroups.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!(
+            "this test loads BPF programs and creates cgroups and network namespaces: it must \
+             run as root. Use `cargo xtask test`, which runs the tests through sudo when needed."
+        );
+    }
+}
+
+/// The cgroup2 mount point, from /proc/self/mounts.
+pub fn cgroup2_mount() -> PathBuf {
+    let mounts = fs::read_to_string("/proc/self/mounts").expect("read /proc/self/mounts");
+    let mut found: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+        })
+        .collect();
+    found.sort_by_key(|p| p != Path::new("/sys/fs/cgroup"));
+    found
+        .into_iter()
+        .next()
+        .expect("no cgroup2 filesystem is mounted; these tests need cgroup v2")
+}
+
+/// The agent binary under test.
+pub fn agent_bin() -> PathBuf {
+    let path = std::env::var_os("KEEPALIVE_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("keepalive-agent"));
+    assert!(
+        path.is_file(),
+        "keepalive-agent binary not found at {}; build it first (`cargo xtask test` does)",
+        path.display()
+    );
+    path
+}
+
+/// target/<profile>, found from the test executable (target/<profile>/deps/test-…).
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps")
+        .to_owned()
+}
+
+/// The socket helper binary.
+pub fn sock_bin() -> PathBuf {
+    let path = target_dir().join("ka-sock");
+    assert!(path.is_file(), "ka-sock not built at {}", path.display());
+    path
+}
+
+/// A cgroup made for one test, removed (with anything still running in it) on drop.
+#[derive(Debug)]
+pub struct TestCgroup {
+    path: PathBuf,
+    rel: String,
+    owned: bool,
+}
+
+impl TestCgroup {
+    /// Creates a new top-level cgroup.
+    pub fn new(label: &str) -> Self {
+        require_root();
+        let name = unique(label);
+        let path = cgroup2_mount().join(&name);
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self {
+            path,
+            rel: name,
+            owned: true,
+        }
+    }
+
+    /// Creates a child cgroup; it is removed with this one.
+    pub fn child(&self, name: &str) -> Self {
+        let path = self.path.join(name);
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self {
+            path,
+            rel: format!("{}/{name}", self.rel),
+            owned: true,
+        }
+    }
+
+    /// A cgroup below this one that the test creates and removes itself (not removed on drop
+    /// unless it exists).
+    pub fn path_of_child(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Absolute path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Path relative to the cgroup2 mount.
+    pub fn rel(&self) -> &str {
+        &self.rel
+    }
+
+    /// The cgroup id (inode number).
+    pub fn id(&self) -> u64 {
+        fs::metadata(&self.path).expect("stat cgroup").ino()
+    }
+
+    /// The path as `status` prints it.
+    pub fn display(&self) -> String {
+        format!("/{}", self.rel)
+    }
+}
+
+/// Kills everything in a cgroup tree and removes it, deepest first.
+pub fn remove_cgroup_tree(path: &Path) {
+    if !path.exists() {
+        return;
+    }
+    let _ = fs::write(path.join("cgroup.kill"), "1");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut dirs = Vec::new();
+    let mut stack = vec![path.to_owned()];
+    while let Some(dir) = stack.pop() {
+        if let Ok(entries) = fs::read_dir(&dir) {
+            for entry in entries.filter_map(Result::ok) {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(entry.path());
+                }
+            }
+        }
+        dirs.push(dir);
+    }
+    for dir in dirs.iter().rev() {
+        while fs::remove_dir(dir).is_err() && dir.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        if self.owned {
+            remove_cgroup_tree(&self.path);
+        }
+    }
+}
+
+/// A network namespace made with `ip netns add`, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+/// Runs a command that must succeed.
+pub fn sh(program: &str, args: &[&str]) {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Netns {
+    /// Creates a namespace with loopback up.
+    pub fn new(label: &str) -> Self {
+        require_root();
+        let name = unique(label);
+        sh("ip", &["netns", "add", &name]);
+        sh("ip", &["-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    /// The namespace name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Path of its handle.
+    pub fn handle(&self) -> PathBuf {
+        PathBuf::from("/run/netns").join(&self.name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+/// Two namespaces joined by a veth pair: `a` at 10.231.<n>.1, `b` at 10.231.<n>.2.
+#[derive(Debug)]
+pub struct VethPair {
+    /// Client side.
+    pub a: Netns,
+    /// Server side.
+    pub b: Netns,
+    /// Address of `b`.
+    pub b_addr: String,
+    /// Interface name in `b`.
+    pub b_if: String,
+}
+
+impl VethPair {
+    /// Creates both namespaces and the link between them.
+    pub fn new() -> Self {
+        let a = Netns::new("a");
+        let b = Netns::new("b");
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed) % 250 + 1;
+        let (a_if, b_if) = (format!("kaa{}", n), format!("kab{}", n));
+        sh(
+            "ip",
+            &[
+                "link",
+                "add",
+                &a_if,
+                "netns",
+                a.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &b_if,
+                "netns",
+                b.name(),
+            ],
+        );
+        let subnet = format!("10.231.{n}");
+        sh(
+            "ip",
+            &[
+                "-n",
+                a.name(),
+                "addr",
+                "add",
+                &format!("{subnet}.1/24"),
+                "dev",
+                &a_if,
+            ],
+        );
+        sh(
+            "ip",
+            &[
+                "-n",
+                b.name(),
+                "addr",
+                "add",
+                &format!("{subnet}.2/24"),
+                "dev",
+                &b_if,
+            ],
+        );
+        sh("ip", &["-n", a.name(), "link", "set", &a_if, "up"]);
+        sh("ip", &["-n", b.name(), "link", "set", &b_if, "up"]);
+        Self {
+            a,
+            b,
+            b_addr: format!("{subnet}.2"),
+            b_if,
+        }
+    }
+
+    /// Takes the server side's link down: its packets vanish, with no FIN or RST.
+    pub fn cut(&self) {
+        sh(
+            "ip",
+            &["-n", self.b.name(), "link", "set", &self.b_if, "down"],
+        );
+    }
+}
+
+impl Default for VethPair {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A child process placed in a cgroup and/or network namespace before it execs, reporting
+/// JSON lines on stdout.
+#[derive(Debug)]
+pub struct Proc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// Spawns `program` inside `cgroup` and `netns`.
+    pub fn spawn(
+        program: &Path,
+        args: &[&str],
+        cgroup: Option<&Path>,
+        netns: Option<&Netns>,
+    ) -> Self {
+        let procs = cgroup.map(|c| {
+            CString::new(c.join("cgroup.procs").to_str().expect("utf-8 path")).expect("no NUL")
+        });
+        let ns_fd = netns.map(|n| File::open(n.handle()).expect("open netns").into_raw_fd());
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        // SAFETY: the closure only makes async-signal-safe system calls (open, write, close,
+        // setns) on data prepared before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(fd) = ns_fd
+                    && libc::setns(fd, libc::CLONE_NEWNET) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if let Some(procs) = &procs {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                    if fd < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let ok = libc::write(fd, b"0\n".as_ptr().cast(), 2) == 2;
+                    libc::close(fd);
+                    if !ok {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
+        if let Some(fd) = ns_fd {
+            // SAFETY: we own this fd; the child has its own copy.
+            unsafe { libc::close(fd) };
+        }
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            stdin: child.stdin.take(),
+            child,
+            lines: rx,
+        }
+    }
+
+    /// The socket helper in a cgroup.
+    pub fn sock(args: &[&str], cgroup: &TestCgroup) -> Self {
+        Self::spawn(&sock_bin(), args, Some(cgroup.path()), None)
+    }
+
+    /// The next JSON line, waiting up to `timeout`.
+    pub fn next(&mut self, timeout: Duration) -> Value {
+        let line = self
+            .lines
+            .recv_timeout(timeout)
+            .unwrap_or_else(|e| panic!("no output from helper within {timeout:?}: {e}"));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad helper output {line:?}: {e}"))
+    }
+
+    /// The next JSON line within 10 s.
+    pub fn read(&mut self) -> Value {
+        self.next(Duration::from_secs(10))
+    }
+
+    /// Whether a line arrives within `timeout` (None if not).
+    pub fn try_next(&mut self, timeout: Duration) -> Option<Value> {
+        self.lines
+            .recv_timeout(timeout)
+            .ok()
+            .map(|line| serde_json::from_str(&line).expect("helper output is JSON"))
+    }
+
+    /// Closes stdin, letting the helper close its sockets and exit, and waits for it.
+    pub fn finish(mut self) -> ExitStatus {
+        drop(self.stdin.take());
+        self.child.wait().expect("wait helper")
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A running `keepalive-agent run` with its own state and runtime directories. Dropping it
+/// stops it and detaches everything it pinned.
+#[derive(Debug)]
+pub struct Agent {
+    child: Option<Child>,
+    /// bpffs state directory.
+    pub state_dir: PathBuf,
+    /// Runtime directory (control socket, lock).
+    pub runtime_dir: PathBuf,
+    log: PathBuf,
+    notify: UnixDatagram,
+    notify_path: PathBuf,
+}
+
+/// An agent's state and runtime directories, before and between runs.
+#[derive(Debug, Clone)]
+pub struct AgentDirs {
+    /// bpffs state directory.
+    pub state_dir: PathBuf,
+    /// Runtime directory.
+    pub runtime_dir: PathBuf,
+}
+
+impl AgentDirs {
+    /// Fresh, unique directories.
+    pub fn new() -> Self {
+        let name = unique("agent");
+        Self {
+            state_dir: PathBuf::from("/sys/fs/bpf").join(&name),
+            runtime_dir: std::env::temp_dir().join(&name),
+        }
+    }
+
+    /// Runs the agent binary with these directories and `args`; returns its output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(agent_bin())
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--runtime-dir")
+            .arg(&self.runtime_dir)
+            .args(args)
+            .output()
+            .expect("run keepalive-agent")
+    }
+
+    /// `status --json`, parsed.
+    pub fn status(&self) -> Value {
+        let out = self.cli(&["status", "--json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    /// Removes everything pinned (as `keepalive-agent detach` does).
+    pub fn detach(&self) -> Output {
+        self.cli(&["detach"])
+    }
+}
+
+impl Default for AgentDirs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Agent {
+    /// Starts `keepalive-agent run --cgroup <cgroup> <args>` and waits until it reports ready.
+    pub fn start(cgroup: &TestCgroup, args: &[&str]) -> Self {
+        Self::start_in(&AgentDirs::new(), cgroup, args)
+    }
+
+    /// Like [`Agent::start`] with given directories (to restart over the same state).
+    pub fn start_in(dirs: &AgentDirs, cgroup: &TestCgroup, args: &[&str]) -> Self {
+        let mut full = vec!["run", "--cgroup", cgroup.path().to_str().expect("utf-8")];
+        full.extend_from_slice(args);
+        Self::start_raw(dirs, &full)
+    }
+
+    /// Starts the agent with exactly `args` after the directory flags.
+    pub fn start_raw(dirs: &AgentDirs, args: &[&str]) -> Self {
+        require_root();
+        fs::create_dir_all(&dirs.runtime_dir).expect("runtime dir");
+        let notify_path = std::env::temp_dir().join(format!("{}.notify", unique("n")));
+        let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+        notify
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .expect("timeout");
+        let log = std::env::temp_dir().join(format!("{}.log", unique("agent-log")));
+        let log_file = File::create(&log).expect("log file");
+        let child = Command::new(agent_bin())
+            .arg("--state-dir")
+            .arg(&dirs.state_dir)
+            .arg("--runtime-dir")
+            .arg(&dirs.runtime_dir)
+            .args(args)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn keepalive-agent");
+        let mut agent = Self {
+            child: Some(child),
+            state_dir: dirs.state_dir.clone(),
+            runtime_dir: dirs.runtime_dir.clone(),
+            log,
+            notify,
+            notify_path,
+        };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
+            {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "agent exited with {status} before it was ready:\n{}",
+                    self.log()
+                );
+            }
+        }
+        panic!("agent not ready within 60 s:\n{}", self.log());
+    }
+
+    /// Waits for the next READY=1 (after a reload).
+    pub fn wait_notify(&mut self, what: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = self.notify.recv(&mut buf)
+                && String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == what)
+            {
+                return;
+            }
+        }
+        panic!("agent sent no {what} within {timeout:?}:\n{}", self.log());
+    }
+
+    /// The agent's stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The directories, for restarts and CLI calls.
+    pub fn dirs(&self) -> AgentDirs {
+        AgentDirs {
+            state_dir: self.state_dir.clone(),
+            runtime_dir: self.runtime_dir.clone(),
+        }
+    }
+
+    /// Runs the agent binary with this agent's directories.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.dirs().cli(args)
+    }
+
+    /// `status --json`.
+    pub fn status(&self) -> Value {
+        self.dirs().status()
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// Sends `signal` and waits for the process to exit; returns its status.
+    pub fn stop_with(&mut self, signal: i32) -> ExitStatus {
+        self.signal(signal);
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit after signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = self.stop_with(libc::SIGTERM);
+        }
+        let _ = self.dirs().detach();
+        let _ = fs::remove_dir_all(&self.runtime_dir);
+        let _ = fs::remove_file(&self.notify_path);
+        if std::thread::panicking() {
+            eprintln!("--- agent log ---\n{}", self.log());
+        }
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+/// Waits until `check` returns `Some`, or panics after `timeout` with `what`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The keepalive values a helper reported, as (keepalive, idle, interval, count).
+pub fn values(opts: &Value) -> (i64, i64, i64, i64) {
+    let get = |k: &str| {
+        opts[k]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no {k} in {opts}"))
+    };
+    (get("keepalive"), get("idle"), get("interval"), get("count"))
+}
+
+/// Kernel defaults for a socket nobody touched (Linux: keepalive off, 7200/75/9).
+pub fn kernel_defaults() -> (i64, i64, i64, i64) {
+    let read = |name: &str| -> i64 {
+        fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+            .expect("sysctl")
+            .trim()
+            .parse()
+            .expect("number")
+    };
+    (
+        0,
+        read("tcp_keepalive_time"),
+        read("tcp_keepalive_intvl"),
+        read("tcp_keepalive_probes"),
+    )
+}
+
+/// Writes a config file into a fresh temporary path.
+pub fn write_config(text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("{}.toml", unique("config")));
+    let mut file = File::create(&path).expect("config file");
+    file.write_all(text.as_bytes()).expect("write config");
+    path
+}
+
+/// Exit code of a finished command.
+pub fn code(out: &Output) -> i32 {
+    out.status.code().unwrap_or(-1)
+}
+
+/// stderr as text.
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Counts processes of a cgroup (for sanity checks).
+pub fn procs_in(path: &Path) -> usize {
+    fs::read_to_string(path.join("cgroup.procs"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+/// Queries the sock_ops programs attached directly to a cgroup (via bpftool-free syscall).
+pub fn sockops_attachments(cgroup: &Path) -> usize {
+    let dir = File::open(cgroup).expect("open cgroup");
+    let mut ids = [0u32; 64];
+    // union bpf_attr for BPF_PROG_QUERY: target_fd, attach_type, query_flags, attach_flags,
+    // prog_ids (u64), prog_cnt.
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&(dir.as_raw_fd() as u32).to_ne_bytes());
+    attr[4..8].copy_from_slice(&3u32.to_ne_bytes()); // BPF_CGROUP_SOCK_OPS
+    attr[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
+    attr[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
+    // SAFETY: BPF_PROG_QUERY (16) reads and writes within `attr` and `ids`.
+    let ret = unsafe { libc::syscall(libc::SYS_bpf, 16, attr.as_mut_ptr(), attr.len()) };
+    assert_eq!(
+        ret,
+        0,
+        "BPF_PROG_QUERY: {}",
+        std::io::Error::last_os_error()
+    );
+    u32::from_ne_bytes(attr[24..28].try_into().expect("4 bytes")) as usize
+}

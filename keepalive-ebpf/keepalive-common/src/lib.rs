@@ -19,14 +19,18 @@ pub const PROG_SOCKOPS: &str = "keepalive_sockops";
 pub const PROG_LOCK: &str = "keepalive_lock";
 /// iter/tcp program: applies policy to connections that already exist.
 pub const PROG_APPLY: &str = "keepalive_apply";
-/// iter/bpf_sk_storage_map program: dumps the enforced sockets for `status`.
+/// iter/bpf_map_elem program over [`MAP_SOCKS`]: dumps the enforced sockets for `status`.
 pub const PROG_STATUS: &str = "keepalive_status";
 
 /// Outer array-of-maps with one slot holding the active policy table
 /// (`u64` cgroup id -> [`Policy`]). Swapping the slot replaces the whole table atomically.
 pub const MAP_POLICY: &str = "KA_POLICY";
-/// Socket-local storage: one [`SockRecord`] per enforced socket, freed with the socket.
+/// Tracked sockets: socket cookie (`u64`) -> [`SockRecord`]. Entries are added when a socket
+/// is enforced and removed when it closes. Bounded; overflow is counted.
 pub const MAP_SOCKS: &str = "KA_SOCKS";
+/// Socket-local storage holding the [`Policy`] of `lock`-mode sockets, read by the
+/// cgroup/setsockopt program (which has no socket cookie helper to find the tracking record).
+pub const MAP_LOCKS: &str = "KA_LOCKS";
 /// Per-cgroup counters: `u64` cgroup id -> [`CgroupStats`]. Bounded; overflow is counted.
 pub const MAP_CGSTATS: &str = "KA_CGSTATS";
 /// Per-CPU `u64` counters indexed by [`Counter`].
@@ -37,12 +41,15 @@ pub const GLOBAL_OFFSETS: &str = "KA_OFFSETS";
 pub const GLOBAL_SETTINGS: &str = "KA_SETTINGS";
 
 /// Maps pinned in the state directory, so counters and sockets survive an agent restart.
-pub const PINNED_MAPS: [&str; 4] = [MAP_POLICY, MAP_SOCKS, MAP_CGSTATS, MAP_COUNTERS];
+pub const PINNED_MAPS: [&str; 5] = [MAP_POLICY, MAP_SOCKS, MAP_LOCKS, MAP_CGSTATS, MAP_COUNTERS];
 
 /// Capacity of one policy table. Configs with more policies are rejected.
 pub const MAX_POLICIES: u32 = 16_384;
 /// Default capacity of [`MAP_CGSTATS`]; the agent can shrink or grow it at load time.
 pub const DEFAULT_MAX_TRACKED_CGROUPS: u32 = 65_536;
+/// Default capacity of [`MAP_SOCKS`]: both ends of 256k connections. Entries are allocated as
+/// needed, so an idle host uses next to nothing.
+pub const DEFAULT_MAX_TRACKED_SOCKETS: u32 = 524_288;
 /// How many cgroup levels the program walks up looking for a policy.
 pub const MAX_CGROUP_DEPTH: u32 = 32;
 /// Key of the `[default]` policy in the policy table. No cgroup has id 0.
@@ -146,10 +153,26 @@ pub struct KernelOffsets {
     pub skc_v6_daddr: u32,
     /// `struct sock_common`: `skc_v6_rcv_saddr`.
     pub skc_v6_rcv_saddr: u32,
+    /// `struct sock_common`: `skc_cookie` (the socket cookie, an `atomic64_t`).
+    pub skc_cookie: u32,
+    /// `sk_flags` (an `unsigned long`; in `struct sock_common` since 6.x, before in `struct sock`).
+    pub sk_flags: u32,
+    /// Bit of `SOCK_KEEPOPEN` in `sk_flags` (from `enum sock_flags`).
+    pub sock_keepopen_bit: u32,
+    /// `struct tcp_sock`: `keepalive_time` (jiffies).
+    pub tcp_keepalive_time: u32,
+    /// `struct tcp_sock`: `keepalive_intvl` (jiffies).
+    pub tcp_keepalive_intvl: u32,
+    /// `struct tcp_sock`: `keepalive_probes` (a `u8`).
+    pub tcp_keepalive_probes: u32,
+    /// `struct inet_connection_sock`: `icsk_user_timeout` (milliseconds).
+    pub icsk_user_timeout: u32,
     /// `struct inet_connection_sock`: `icsk_probes_out` (a `u8`).
     pub icsk_probes_out: u32,
+    /// Keeps the size a multiple of 8.
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 56);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
 
 // ---------------------------------------------------------------------------------------------
 // Tracking records.
@@ -175,9 +198,12 @@ pub mod sock_flags {
     pub const SETSOCKOPT_FAILED: u32 = 1 << 7;
     /// The socket's `pid` and `comm` were recorded in process context at connect().
     pub const HAS_TASK: u32 = 1 << 8;
+    /// An accepted socket that already carried the policy, inherited from its listener, so no
+    /// setsockopt call was needed.
+    pub const INHERITED: u32 = 1 << 9;
 }
 
-/// Per-socket tracking record, kept in socket-local storage and freed with the socket.
+/// Per-socket tracking record, one [`MAP_SOCKS`] entry per enforced socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SockRecord {
@@ -187,6 +213,9 @@ pub struct SockRecord {
     pub policy_cgroup_id: u64,
     /// CLOCK_BOOTTIME nanoseconds when the policy was applied.
     pub applied_ns: u64,
+    /// Kernel address of the socket, used only to read live TCP state with
+    /// `bpf_probe_read_kernel` after checking that the socket there still has this cookie.
+    pub sk: u64,
     /// Thread group id of the process that called connect(), 0 when unknown.
     pub pid: u32,
     /// [`sock_flags`] bits.
@@ -195,16 +224,7 @@ pub struct SockRecord {
     pub policy: Policy,
     /// Command name of the process that called connect(), NUL padded.
     pub comm: [u8; 16],
-}
-const _: () = assert!(core::mem::size_of::<SockRecord>() == 72);
-
-/// One enforced socket as the status iterator reports it.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-pub struct StatusRecord {
-    /// The tracking record.
-    pub sock: SockRecord,
-    /// Local address: IPv4 in the first 4 bytes for `AF_INET`, else IPv6.
+    /// Local address: IPv4 in the first 4 bytes for `AF_INET`, else IPv6 (network order).
     pub local_addr: [u8; 16],
     /// Remote address, same layout.
     pub remote_addr: [u8; 16],
@@ -214,12 +234,29 @@ pub struct StatusRecord {
     pub remote_port: u16,
     /// `AF_INET` or `AF_INET6`.
     pub family: u16,
-    /// TCP state (`TCP_ESTABLISHED` = 1 …).
+    /// TCP state as of the last state change the program saw.
     pub state: u8,
+    /// Explicit padding.
+    pub _pad: u8,
+}
+const _: () = assert!(core::mem::size_of::<SockRecord>() == 120);
+
+/// One enforced socket as the status iterator reports it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct StatusRecord {
+    /// The socket cookie (the key in [`MAP_SOCKS`]).
+    pub cookie: u64,
+    /// The tracking record.
+    pub sock: SockRecord,
+    /// Live TCP state read from the socket (0 when it could not be read).
+    pub live_state: u8,
     /// Keepalive (or zero-window) probes sent without an answer.
     pub probes_out: u8,
+    /// Explicit padding.
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<StatusRecord>() == 112);
+const _: () = assert!(core::mem::size_of::<StatusRecord>() == 136);
 
 /// Counters kept per socket cgroup.
 #[repr(C)]
@@ -270,8 +307,8 @@ pub enum Counter {
     FailUserTimeout,
     /// The socket's cgroup could not be read; the default policy applied.
     CgroupUnknown,
-    /// A per-socket tracking record could not be created; enforcement still happened.
-    StorageFull,
+    /// The socket tracking map was full; the socket was enforced but is not listed.
+    TrackingFull,
     /// The per-cgroup counter map was full; enforcement still happened.
     CgroupStatsFull,
     /// Application setsockopt calls held at a `lock` policy.
@@ -280,11 +317,13 @@ pub enum Counter {
     DeadPeers,
     /// The policy table was missing (agent never pushed one); nothing was applied.
     NoPolicyTable,
+    /// Accepted sockets that inherited the policy from their listener (no setsockopt needed).
+    Inherited,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 15] = [
         Counter::Enforced,
         Counter::KeptApp,
         Counter::SkippedOff,
@@ -294,11 +333,12 @@ impl Counter {
         Counter::FailCount,
         Counter::FailUserTimeout,
         Counter::CgroupUnknown,
-        Counter::StorageFull,
+        Counter::TrackingFull,
         Counter::CgroupStatsFull,
         Counter::LockClamped,
         Counter::DeadPeers,
         Counter::NoPolicyTable,
+        Counter::Inherited,
     ];
     /// Number of counters, the size of [`MAP_COUNTERS`].
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -315,11 +355,12 @@ impl Counter {
             Counter::FailCount => "setsockopt_failed_tcp_keepcnt",
             Counter::FailUserTimeout => "setsockopt_failed_tcp_user_timeout",
             Counter::CgroupUnknown => "cgroup_unknown",
-            Counter::StorageFull => "socket_tracking_failed",
+            Counter::TrackingFull => "socket_tracking_full",
             Counter::CgroupStatsFull => "cgroup_stats_full",
             Counter::LockClamped => "lock_clamped",
             Counter::DeadPeers => "dead_peers",
             Counter::NoPolicyTable => "no_policy_table",
+            Counter::Inherited => "inherited_from_listener",
         }
     }
 }

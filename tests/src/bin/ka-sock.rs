@@ -1,0 +1,279 @@
+//! Socket helper for the integration tests. The tests start it inside a cgroup (and network
+//! namespace) of their own, so the sockets it creates belong there. It reports what the
+//! kernel did as one JSON object per line and holds its sockets open until stdin closes.
+//!
+//! ```text
+//! ka-sock pair <4|6|mapped> [--keepalive IDLE]   client+server over loopback; both ends' options
+//! ka-sock listen <ADDR:PORT> [N]                 accept N connections (default 1), report each
+//! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--read] [--loosen]
+//! ka-sock storm <N>                              N loopback connect/accept/close cycles, timed
+//! ```
+//!
+//! `--keepalive IDLE` enables SO_KEEPALIVE with TCP_KEEPIDLE=IDLE before connecting (an
+//! application that manages keepalive itself). `--read` blocks in read() after connecting and
+//! reports how it ended. `--loosen` tries to switch keepalive off and raise its values after
+//! connecting, then reports what getsockopt shows.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd as _,
+    time::Instant,
+};
+
+use serde_json::{Value, json};
+
+const SOL_SOCKET: i32 = libc::SOL_SOCKET;
+const SO_KEEPALIVE: i32 = libc::SO_KEEPALIVE;
+const TCP: i32 = libc::IPPROTO_TCP;
+
+fn get(fd: i32, level: i32, name: i32) -> i32 {
+    let mut value: i32 = -1;
+    let mut len = size_of::<i32>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `value`.
+    let ret = unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &mut len) };
+    if ret == 0 { value } else { -1 }
+}
+
+fn set(fd: i32, level: i32, name: i32, value: i32) -> i32 {
+    // SAFETY: setsockopt reads 4 bytes from `value`.
+    let ret = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<i32>() as u32,
+        )
+    };
+    if ret == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
+}
+
+fn options(fd: i32) -> Value {
+    json!({
+        "keepalive": get(fd, SOL_SOCKET, SO_KEEPALIVE),
+        "idle": get(fd, TCP, libc::TCP_KEEPIDLE),
+        "interval": get(fd, TCP, libc::TCP_KEEPINTVL),
+        "count": get(fd, TCP, libc::TCP_KEEPCNT),
+        "user_timeout": get(fd, TCP, libc::TCP_USER_TIMEOUT),
+    })
+}
+
+fn emit(value: Value) {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{value}").expect("stdout");
+    out.flush().expect("stdout");
+}
+
+fn hold() {
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+}
+
+/// A socket of the right family with keepalive preset when asked, connected to `addr`.
+fn connect(addr: SocketAddr, keepalive: Option<i32>) -> TcpStream {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2).
+    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    if let Some(idle) = keepalive {
+        assert_eq!(set(fd, SOL_SOCKET, SO_KEEPALIVE, 1), 0);
+        assert_eq!(set(fd, TCP, libc::TCP_KEEPIDLE, idle), 0);
+    }
+    // SAFETY: `fd` is a fresh socket we own.
+    let stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
+    let ret = unsafe { libc::connect(fd, (&raw const storage).cast(), len) };
+    assert_eq!(
+        ret,
+        0,
+        "connect {addr}: {}",
+        std::io::Error::last_os_error()
+    );
+    stream
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: an all-zero sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    match addr {
+        SocketAddr::V4(v4) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as u16,
+                sin_port: v4.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(v4.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin) };
+            (storage, size_of::<libc::sockaddr_in>() as u32)
+        }
+        SocketAddr::V6(v6) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as u16,
+                sin6_port: v6.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: v6.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write((&raw mut storage).cast(), sin6) };
+            (storage, size_of::<libc::sockaddr_in6>() as u32)
+        }
+    }
+}
+
+fn flag_value(args: &[String], flag: &str) -> Option<i32> {
+    let at = args.iter().position(|a| a == flag)?;
+    Some(args.get(at + 1)?.parse().expect("numeric flag value"))
+}
+
+fn pair(args: &[String]) {
+    let (bind, family): (SocketAddr, _) = match args.first().map(String::as_str) {
+        Some("4") => ("127.0.0.1:0".parse().expect("addr"), "4"),
+        Some("6") => ("[::1]:0".parse().expect("addr"), "6"),
+        Some("mapped") => ("[::]:0".parse().expect("addr"), "mapped"),
+        other => panic!("pair needs 4, 6 or mapped, not {other:?}"),
+    };
+    let listener = TcpListener::bind(bind).expect("bind");
+    let port = listener.local_addr().expect("local addr").port();
+    let target: SocketAddr = match family {
+        "4" => format!("127.0.0.1:{port}"),
+        "6" => format!("[::1]:{port}"),
+        _ => format!("[::ffff:127.0.0.1]:{port}"),
+    }
+    .parse()
+    .expect("addr");
+    let client = connect(target, flag_value(args, "--keepalive"));
+    let (server, _) = listener.accept().expect("accept");
+    emit(json!({
+        "client": options(client.as_raw_fd()),
+        "server": options(server.as_raw_fd()),
+        "client_local": client.local_addr().expect("addr").to_string(),
+        "server_local": server.local_addr().expect("addr").to_string(),
+    }));
+    hold();
+}
+
+fn listen(args: &[String]) {
+    let addr: SocketAddr = args
+        .first()
+        .expect("listen ADDR:PORT")
+        .parse()
+        .expect("addr");
+    let n: usize = args.get(1).map_or(1, |n| n.parse().expect("count"));
+    let listener = TcpListener::bind(addr).expect("bind");
+    emit(json!({ "port": listener.local_addr().expect("addr").port() }));
+    let mut accepted = Vec::new();
+    for _ in 0..n {
+        let (stream, peer) = listener.accept().expect("accept");
+        emit(json!({ "accepted": options(stream.as_raw_fd()), "peer": peer.to_string() }));
+        accepted.push(stream);
+    }
+    hold();
+}
+
+fn connect_cmd(args: &[String]) {
+    let addr: SocketAddr = args
+        .first()
+        .expect("connect ADDR:PORT")
+        .parse()
+        .expect("addr");
+    let mut stream = connect(addr, flag_value(args, "--keepalive"));
+    let fd = stream.as_raw_fd();
+    emit(json!({
+        "connected": options(fd),
+        "local": stream.local_addr().expect("addr").to_string(),
+    }));
+    if args.iter().any(|a| a == "--loosen") {
+        let results = json!({
+            "so_keepalive_0": set(fd, SOL_SOCKET, SO_KEEPALIVE, 0),
+            "idle_9999": set(fd, TCP, libc::TCP_KEEPIDLE, 9999),
+            "interval_999": set(fd, TCP, libc::TCP_KEEPINTVL, 999),
+            "count_100": set(fd, TCP, libc::TCP_KEEPCNT, 100),
+            "user_timeout_0": set(fd, TCP, libc::TCP_USER_TIMEOUT, 0),
+        });
+        emit(json!({ "loosen": results, "after": options(fd) }));
+        let tighter = json!({ "idle_1": set(fd, TCP, libc::TCP_KEEPIDLE, 1) });
+        emit(json!({ "tighten": tighter, "after": options(fd) }));
+    }
+    if args.iter().any(|a| a == "--read") {
+        let start = Instant::now();
+        let mut buf = [0u8; 64];
+        let outcome = match stream.read(&mut buf) {
+            Ok(0) => json!({ "read": "eof" }),
+            Ok(n) => json!({ "read": "data", "bytes": n }),
+            Err(err) => {
+                json!({ "read": "error", "errno": err.raw_os_error(), "error": err.to_string() })
+            }
+        };
+        let mut outcome = outcome;
+        outcome["elapsed_ms"] = json!(start.elapsed().as_millis() as u64);
+        emit(outcome);
+        return;
+    }
+    hold();
+}
+
+fn storm(args: &[String]) {
+    let n: usize = args.first().expect("storm N").parse().expect("count");
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    // Lock-step connect/accept/close in one thread: no accept backlog can overflow, so no
+    // SYN is ever retransmitted and the timing measures the per-connection work itself.
+    let start = Instant::now();
+    for _ in 0..n {
+        let client = TcpStream::connect(addr).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        // Reset instead of FIN, so tens of thousands of cycles leave no TIME_WAIT behind.
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads a linger struct.
+        unsafe {
+            libc::setsockopt(
+                client.as_raw_fd(),
+                SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                size_of::<libc::linger>() as u32,
+            )
+        };
+        drop(client);
+        drop(server);
+    }
+    let elapsed = start.elapsed();
+    emit(json!({
+        "connections": n,
+        "elapsed_us": elapsed.as_micros() as u64,
+        "per_second": n as f64 / elapsed.as_secs_f64(),
+    }));
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, rest) = args
+        .split_first()
+        .expect("usage: ka-sock <pair|listen|connect|storm> ...");
+    match cmd.as_str() {
+        "pair" => pair(rest),
+        "listen" => listen(rest),
+        "connect" => connect_cmd(rest),
+        "storm" => storm(rest),
+        other => panic!("unknown command {other}"),
+    }
+}

@@ -1,0 +1,231 @@
+//! Foundation: the agent enforces keepalive on new connections in its cgroup, on both ends,
+//! for IPv4, IPv6 and v4-mapped sockets, for static binaries too, and a dead peer is cut.
+
+use std::{process::Command, time::Duration};
+
+use keepalive_tests::{
+    Agent, AgentDirs, Proc, TestCgroup, VethPair, code, kernel_defaults, sock_bin,
+    sockops_attachments, stderr, values,
+};
+
+#[test]
+fn both_ends_get_the_values_over_ipv4_ipv6_and_v4_mapped() {
+    let cg = TestCgroup::new("families");
+    let _agent = Agent::start(&cg, &["--idle", "11", "--interval", "7", "--count", "3"]);
+    for family in ["4", "6", "mapped"] {
+        let mut pair = Proc::sock(&["pair", family], &cg);
+        let out = pair.read();
+        assert_eq!(
+            values(&out["client"]),
+            (1, 11, 7, 3),
+            "client, family {family}: {out}"
+        );
+        assert_eq!(
+            values(&out["server"]),
+            (1, 11, 7, 3),
+            "server, family {family}: {out}"
+        );
+        if family == "mapped" {
+            assert!(
+                out["client_local"]
+                    .as_str()
+                    .unwrap()
+                    .contains("::ffff:127.0.0.1"),
+                "{out}"
+            );
+        }
+        pair.finish();
+    }
+}
+
+#[test]
+fn without_value_flags_the_builtin_default_applies() {
+    let cg = TestCgroup::new("default");
+    let _agent = Agent::start(&cg, &[]);
+    let mut pair = Proc::sock(&["pair", "4"], &cg);
+    let out = pair.read();
+    assert_eq!(values(&out["client"]), (1, 60, 10, 5), "{out}");
+    assert_eq!(values(&out["server"]), (1, 60, 10, 5), "{out}");
+    assert_eq!(
+        out["client"]["user_timeout"], 0,
+        "user timeout left to the kernel: {out}"
+    );
+}
+
+#[test]
+fn user_timeout_is_set_when_given() {
+    let cg = TestCgroup::new("usertimeout");
+    let _agent = Agent::start(&cg, &["--user-timeout", "1500ms"]);
+    let mut pair = Proc::sock(&["pair", "6"], &cg);
+    let out = pair.read();
+    assert_eq!(out["client"]["user_timeout"], 1500, "{out}");
+    assert_eq!(out["server"]["user_timeout"], 1500, "{out}");
+}
+
+/// Whether an ELF executable has no program interpreter, i.e. is statically linked.
+fn is_static_elf(path: &std::path::Path) -> bool {
+    let data = std::fs::read(path).expect("read binary");
+    assert_eq!(&data[..4], b"\x7fELF", "not an ELF file");
+    let u16_at = |o: usize| u16::from_le_bytes(data[o..o + 2].try_into().unwrap()) as usize;
+    let u64_at = |o: usize| u64::from_le_bytes(data[o..o + 8].try_into().unwrap()) as usize;
+    let (phoff, phentsize, phnum) = (u64_at(0x20), u16_at(0x36), u16_at(0x38));
+    (0..phnum).all(|i| {
+        let ty = u32::from_le_bytes(data[phoff + i * phentsize..][..4].try_into().unwrap());
+        ty != 3 // PT_INTERP
+    })
+}
+
+#[test]
+fn a_statically_linked_client_gets_the_values() {
+    let client = std::path::PathBuf::from(env!("KA_STATIC_CLIENT"));
+    assert!(
+        is_static_elf(&client),
+        "{} must be statically linked",
+        client.display()
+    );
+    let cg = TestCgroup::new("static");
+    let _agent = Agent::start(&cg, &["--idle", "13", "--interval", "4", "--count", "6"]);
+    let mut server = Proc::sock(&["listen", "127.0.0.1:0"], &cg);
+    let port = server.read()["port"].as_u64().expect("port");
+    let mut static_client = Proc::spawn(
+        &client,
+        &[&format!("127.0.0.1:{port}")],
+        Some(cg.path()),
+        None,
+    );
+    let out = static_client.read();
+    assert_eq!(values(&out), (1, 13, 4, 6), "{out}");
+    let accepted = server.read();
+    assert_eq!(values(&accepted["accepted"]), (1, 13, 4, 6), "{accepted}");
+}
+
+#[test]
+fn sockets_outside_the_attached_cgroup_are_untouched() {
+    let parent = TestCgroup::new("outside");
+    let attached = parent.child("attached");
+    let sibling = parent.child("sibling");
+    let _agent = Agent::start(&attached, &["--idle", "11"]);
+    let mut inside = Proc::sock(&["pair", "4"], &attached);
+    assert_eq!(values(&inside.read()["client"]).1, 11);
+    let mut outside = Proc::sock(&["pair", "4"], &sibling);
+    let out = outside.read();
+    assert_eq!(values(&out["client"]), kernel_defaults(), "{out}");
+    assert_eq!(values(&out["server"]), kernel_defaults(), "{out}");
+}
+
+/// The reason the product exists: a peer that vanishes without FIN or RST is detected.
+#[test]
+fn a_dead_peer_is_cut_and_without_the_agent_the_read_blocks() {
+    let veth = VethPair::new();
+    let parent = TestCgroup::new("deadpeer");
+    let enforced = parent.child("enforced");
+    let control = parent.child("control");
+    let _agent = Agent::start(
+        &enforced,
+        &["--idle", "1", "--interval", "1", "--count", "2"],
+    );
+    let mut server = Proc::spawn(
+        &sock_bin(),
+        &["listen", &format!("{}:0", veth.b_addr), "2"],
+        None,
+        Some(&veth.b),
+    );
+    let port = server.read()["port"].as_u64().expect("port");
+    let target = format!("{}:{port}", veth.b_addr);
+    let mut client = Proc::spawn(
+        &sock_bin(),
+        &["connect", &target, "--read"],
+        Some(enforced.path()),
+        Some(&veth.a),
+    );
+    let mut unprotected = Proc::spawn(
+        &sock_bin(),
+        &["connect", &target, "--read"],
+        Some(control.path()),
+        Some(&veth.a),
+    );
+    assert_eq!(values(&client.read()["connected"]), (1, 1, 1, 2));
+    assert_eq!(values(&unprotected.read()["connected"]).0, 0);
+    server.read();
+    server.read();
+
+    veth.cut();
+    let outcome = client.next(Duration::from_secs(15));
+    assert_eq!(outcome["read"], "error", "{outcome}");
+    assert_eq!(outcome["errno"], libc::ETIMEDOUT, "{outcome}");
+    let elapsed = outcome["elapsed_ms"].as_u64().unwrap();
+    assert!(
+        elapsed < 10_000,
+        "cut after {elapsed} ms, expected about 3 s"
+    );
+    // Same network, same cut, no keepalive: still blocked well after the enforced one ended.
+    assert!(
+        unprotected.try_next(Duration::from_secs(5)).is_none(),
+        "the control connection should still be blocked in read()"
+    );
+}
+
+fn run_rejected(dirs: &AgentDirs, args: &[&str]) -> std::process::Output {
+    let out = dirs.cli(args);
+    assert!(!out.status.success(), "{args:?} should fail");
+    out
+}
+
+#[test]
+fn bad_values_and_missing_cgroups_are_rejected_and_nothing_is_attached() {
+    let cg = TestCgroup::new("badflags");
+    let path = cg.path().to_str().unwrap().to_owned();
+    let dirs = AgentDirs::new();
+    for (flag, value, range) in [
+        ("--idle", "0", "1 to 32767"),
+        ("--idle", "32768", "1 to 32767"),
+        ("--interval", "40000", "1 to 32767"),
+        ("--count", "0", "1 to 127"),
+        ("--count", "128", "1 to 127"),
+        ("--user-timeout", "0", "1ms"),
+    ] {
+        let out = run_rejected(&dirs, &["run", "--cgroup", &path, flag, value]);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 2, "{flag} {value}: {err}");
+        assert!(
+            err.contains(flag) && err.contains(value) && err.contains(range),
+            "{err}"
+        );
+    }
+    let missing = format!("{path}/does-not-exist");
+    let out = run_rejected(&dirs, &["run", "--cgroup", &missing]);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(stderr(&out).contains("does-not-exist") && stderr(&out).contains("does not exist"));
+    assert_eq!(sockops_attachments(cg.path()), 0, "nothing may be attached");
+    assert!(!dirs.state_dir.exists(), "nothing may be pinned");
+}
+
+#[test]
+fn an_unprivileged_user_gets_a_clear_message() {
+    use std::os::unix::process::CommandExt as _;
+    let cg = TestCgroup::new("unpriv");
+    let dirs = AgentDirs::new();
+    let out = Command::new(keepalive_tests::agent_bin())
+        .args([
+            "--state-dir",
+            dirs.state_dir.to_str().unwrap(),
+            "--runtime-dir",
+            "/tmp/ka-unpriv",
+        ])
+        .args(["run", "--cgroup", cg.path().to_str().unwrap()])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .expect("run as nobody");
+    let err = stderr(&out);
+    assert_eq!(code(&out), 3, "{err}");
+    assert!(
+        err.contains("must run as root") && err.contains("CAP_BPF"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("Caused by"),
+        "one clear line, not an error chain: {err}"
+    );
+    assert_eq!(sockops_attachments(cg.path()), 0);
+}

@@ -1,0 +1,229 @@
+//! Installs what building and testing need, idempotently: rust-src for the nightly toolchain,
+//! bpf-linker built against that nightly's own LLVM, iproute2, and a mounted bpffs.
+//!
+//! bpf-linker 0.13's default feature wants LLVM 23 while the pinned nightly ships LLVM 22, so
+//! it is built with `--no-default-features --features llvm-<major>` against the nightly's
+//! libLLVM through a small prefix of symlinks. The binary keeps an rpath into that prefix, so
+//! the prefix lives next to it under `$CARGO_HOME/keepalive-bpf-linker`, and a stamp records
+//! which libLLVM it was built for: a different nightly triggers a rebuild.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::is_root;
+
+/// bpf-linker release known to work with aya 0.14 (see shared/KERNEL-NOTES.md).
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The toolchain that builds the BPF object (aya-build uses `rustup run nightly`).
+const NIGHTLY: &str = "nightly";
+
+/// Environment for the cargo commands that follow.
+pub struct Env {
+    /// PATH with bpf-linker's directory in front.
+    pub path: OsString,
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+/// Where bpf-linker and its LLVM prefix live; `keepalive-agent/build.rs` looks here too.
+pub fn linker_root() -> PathBuf {
+    cargo_home().join("keepalive-bpf-linker")
+}
+
+fn output(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("failed to run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn step(what: &str) {
+    eprintln!("xtask: {what}");
+}
+
+fn ensure_nightly() -> anyhow::Result<PathBuf> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        step("installing the nightly toolchain");
+        output(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            NIGHTLY,
+            "--profile",
+            "minimal",
+        ]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        NIGHTLY,
+    ]))?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        step("adding rust-src to the nightly toolchain");
+        output(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            NIGHTLY,
+        ]))?;
+    }
+    let sysroot =
+        output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
+    Ok(PathBuf::from(sysroot.trim()))
+}
+
+/// The nightly's libLLVM shared object (`libLLVM.so.<ver>-rust-<ver>`) and LLVM major.
+fn nightly_llvm(sysroot: &Path) -> anyhow::Result<(PathBuf, String)> {
+    let lib = sysroot.join("lib");
+    let so = fs::read_dir(&lib)
+        .with_context(|| format!("failed to list {}", lib.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so."))
+        })
+        .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
+    let version = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))?;
+    let major = version
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .map(str::to_owned)
+        .context("rustc +nightly -vV reports no LLVM version")?;
+    Ok((so, major))
+}
+
+fn ensure_bpf_linker(sysroot: &Path) -> anyhow::Result<PathBuf> {
+    let (so, major) = nightly_llvm(sysroot)?;
+    let root = linker_root();
+    let bin = root.join("bin/bpf-linker");
+    let stamp_path = root.join("stamp");
+    let stamp = format!(
+        "bpf-linker {BPF_LINKER_VERSION} llvm-{major} {}\n",
+        so.display()
+    );
+    if bin.is_file() && fs::read_to_string(&stamp_path).is_ok_and(|s| s == stamp) {
+        return Ok(bin);
+    }
+    step(&format!(
+        "building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {major} (a few minutes, once)"
+    ));
+    let prefix_lib = root.join("lib");
+    fs::create_dir_all(&prefix_lib)?;
+    let name = so.file_name().context("libLLVM has a file name")?;
+    for link in [prefix_lib.join("libLLVM.so"), prefix_lib.join(name)] {
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&so, &link)
+            .with_context(|| format!("failed to link {}", link.display()))?;
+    }
+    let status = Command::new("cargo")
+        .args([
+            &format!("+{NIGHTLY}"),
+            "install",
+            "bpf-linker",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--force",
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{major}"),
+            "--root",
+        ])
+        .arg(&root)
+        .env("LLVM_PREFIX", &root)
+        .status()
+        .context("failed to run cargo install")?;
+    if !status.success() {
+        bail!("building bpf-linker failed ({status})");
+    }
+    fs::write(&stamp_path, stamp)?;
+    Ok(bin)
+}
+
+fn ensure_tools() -> anyhow::Result<()> {
+    let missing: Vec<&str> = [("ip", "iproute2")]
+        .into_iter()
+        .filter(|(tool, _)| which(tool).is_none())
+        .map(|(_, package)| package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() || which("apt-get").is_none() {
+        bail!(
+            "missing packages: {} (install them and re-run)",
+            missing.join(" ")
+        );
+    }
+    step(&format!("installing {}", missing.join(" ")));
+    output(Command::new("apt-get").arg("update"))?;
+    output(
+        Command::new("apt-get")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )?;
+    Ok(())
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    env::split_paths(&env::var_os("PATH")?)
+        .chain(["/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
+}
+
+fn ensure_bpffs() -> anyhow::Result<()> {
+    if !is_root() {
+        return Ok(());
+    }
+    let mounts = fs::read_to_string("/proc/self/mounts")?;
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
+    {
+        return Ok(());
+    }
+    step("mounting bpffs at /sys/fs/bpf");
+    output(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    Ok(())
+}
+
+/// Runs every step; fast when everything is in place.
+pub fn setup() -> anyhow::Result<Env> {
+    let sysroot = ensure_nightly()?;
+    let linker = ensure_bpf_linker(&sysroot)?;
+    ensure_tools()?;
+    ensure_bpffs()?;
+    let dir = linker
+        .parent()
+        .context("bpf-linker has a directory")?
+        .to_owned();
+    let path = env::join_paths(
+        std::iter::once(dir).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
+    )?;
+    Ok(Env { path })
+}
