@@ -103,15 +103,20 @@ fn parse_mode(text: &str) -> Result<Mode, String> {
 pub struct ValueArgs {
     /// Idle time before the first probe (TCP_KEEPIDLE): seconds or a duration such as 90s or
     /// 2m; 1 to 32767 seconds.
-    #[arg(long, value_name = "DURATION", value_parser = secs_parser("idle", limits::IDLE))]
+    #[arg(long, value_name = "DURATION", value_parser = secs_parser("idle", limits::IDLE), allow_negative_numbers = true)]
     pub idle: Option<u32>,
 
     /// Time between probes (TCP_KEEPINTVL): seconds or a duration; 1 to 32767 seconds.
-    #[arg(long, value_name = "DURATION", value_parser = secs_parser("interval", limits::INTERVAL))]
+    #[arg(
+        long,
+        value_name = "DURATION",
+        value_parser = secs_parser("interval", limits::INTERVAL),
+        allow_negative_numbers = true
+    )]
     pub interval: Option<u32>,
 
     /// Unanswered probes before the connection is dropped (TCP_KEEPCNT): 1 to 127.
-    #[arg(long, value_name = "N", value_parser = parse_count)]
+    #[arg(long, value_name = "N", value_parser = parse_count, allow_negative_numbers = true)]
     pub count: Option<u32>,
 
     /// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged before the connection is

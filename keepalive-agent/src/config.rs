@@ -58,6 +58,31 @@ impl<'de> Deserialize<'de> for DurationValue {
     }
 }
 
+/// A whole number as written; wrong types get a message that says what is expected.
+#[derive(Debug, Clone, Copy)]
+struct Integer(i64);
+
+impl<'de> Deserialize<'de> for Integer {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Integer;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an integer (a whole number, without quotes)")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Integer, E> {
+                Ok(Integer(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Integer, E> {
+                i64::try_from(v)
+                    .map(Integer)
+                    .map_err(|_| E::custom(format!("{v} is too large")))
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
 /// A `[default]` table or a `[[policy]]` entry as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -65,7 +90,7 @@ struct RawPolicy {
     cgroup: Option<Spanned<String>>,
     idle: Option<Spanned<DurationValue>>,
     interval: Option<Spanned<DurationValue>>,
-    count: Option<Spanned<i64>>,
+    count: Option<Spanned<Integer>>,
     user_timeout: Option<Spanned<DurationValue>>,
     mode: Option<Spanned<String>>,
 }
@@ -77,8 +102,8 @@ struct RawConfig {
     attach: Option<Spanned<String>>,
     state_dir: Option<Spanned<String>>,
     metrics: Option<Spanned<String>>,
-    max_tracked_cgroups: Option<Spanned<i64>>,
-    max_tracked_sockets: Option<Spanned<i64>>,
+    max_tracked_cgroups: Option<Spanned<Integer>>,
+    max_tracked_sockets: Option<Spanned<Integer>>,
     default: Option<Spanned<RawPolicy>>,
     #[serde(default)]
     policy: Vec<Spanned<RawPolicy>>,
@@ -168,7 +193,7 @@ impl Ctx<'_> {
                     .map_err(|reason| self.err(interval.span(), reason))?;
         }
         if let Some(count) = &raw.count {
-            spec.values.count = policy::check_count("count", *count.get_ref())
+            spec.values.count = policy::check_count("count", count.get_ref().0)
                 .map_err(|reason| self.err(count.span(), reason))?;
         }
         if let Some(timeout) = &raw.user_timeout {
@@ -307,11 +332,11 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
         })?),
         None => None,
     };
-    let capacity = |value: &Option<Spanned<i64>>, key: &str| -> anyhow::Result<Option<u32>> {
+    let capacity = |value: &Option<Spanned<Integer>>, key: &str| -> anyhow::Result<Option<u32>> {
         let Some(max) = value else {
             return Ok(None);
         };
-        u32::try_from(*max.get_ref())
+        u32::try_from(max.get_ref().0)
             .ok()
             .filter(|n| (1..=1 << 24).contains(n))
             .map(Some)
@@ -320,7 +345,7 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
                     max.span(),
                     format!(
                         "{key} = {} is out of range; accepted: 1 to 16777216",
-                        max.get_ref()
+                        max.get_ref().0
                     ),
                 )
             })

@@ -106,6 +106,10 @@ pub struct Snapshot {
     pub cgroups: Vec<CgroupRow>,
     /// Event counters (see the README for each).
     pub counters: BTreeMap<&'static str, u64>,
+    /// Entries in the socket tracking map: enforced sockets plus connects in progress.
+    pub tracked_entries: u64,
+    /// Entries whose socket is gone without the program seeing it close (should stay 0).
+    pub stale_entries: u64,
 }
 
 /// `status` filters.
@@ -244,11 +248,7 @@ fn cgroup_name(names: &HashMap<u64, CgroupPath>, id: u64) -> String {
 
 fn socket_row(rec: &StatusRecord, names: &HashMap<u64, CgroupPath>) -> SocketRow {
     let sock = &rec.sock;
-    let state = if rec.live_state != 0 {
-        rec.live_state
-    } else {
-        sock.state
-    };
+    let state = rec.live_state;
     let flags = sock.flags;
     let policy = sock.policy;
     let has = |bit| flags & bit != 0;
@@ -323,8 +323,16 @@ pub fn snapshot(state: &StateDir, cgroup2: &Cgroup2, filter: &Filter) -> anyhow:
         None => true,
         Some(root) => names.get(&id).is_some_and(|path| path.is_within(root)),
     };
-    let mut sockets: Vec<SocketRow> = read_records(state)?
+    let records = read_records(state)?;
+    let tracked_entries = records.len() as u64;
+    let covered = sock_flags::ENFORCED | sock_flags::APP_OWNED;
+    let stale_entries = records
         .iter()
+        .filter(|rec| rec.sock.flags & covered != 0 && rec.live_state == 0)
+        .count() as u64;
+    let mut sockets: Vec<SocketRow> = records
+        .iter()
+        .filter(|rec| rec.sock.flags & covered != 0 && rec.live_state != 0)
         .filter(|rec| within(rec.sock.cgroup_id))
         .filter(|rec| {
             filter
@@ -357,6 +365,8 @@ pub fn snapshot(state: &StateDir, cgroup2: &Cgroup2, filter: &Filter) -> anyhow:
         sockets,
         cgroups,
         counters: read_counters(state)?,
+        tracked_entries,
+        stale_entries,
     })
 }
 

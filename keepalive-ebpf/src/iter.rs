@@ -5,7 +5,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock};
-use keepalive_common::{SockRecord, StatusRecord, mode, sock_flags, uapi};
+use keepalive_common::{SockRecord, StatusRecord, mode, uapi};
 
 use crate::{
     enforce,
@@ -131,8 +131,9 @@ fn describe(rec: &mut SockRecord, sk: *const u8, state: u8) {
     }
 }
 
-/// Writes one [`StatusRecord`] per tracked socket, with live state read from the socket when
-/// the socket at the recorded address still has the recorded cookie.
+/// Writes one [`StatusRecord`] per tracking record (including those of connects still in
+/// progress), with live state read from the socket when the socket at the recorded address
+/// still has the recorded cookie (`live_state` stays 0 otherwise).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/bpf_map_elem")]
 pub fn keepalive_status(ctx: *mut IterMapElem) -> i32 {
@@ -145,9 +146,6 @@ pub fn keepalive_status(ctx: *mut IterMapElem) -> i32 {
     }
     // SAFETY: key and value point at this map's key and value.
     let (cookie, sock) = unsafe { (*key, *value) };
-    if sock.flags & (sock_flags::ENFORCED | sock_flags::APP_OWNED) == 0 {
-        return 0;
-    }
     let sk = sock.sk as *const u8;
     let mut out = StatusRecord {
         cookie,

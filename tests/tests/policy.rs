@@ -1,0 +1,279 @@
+//! Per-cgroup policy: each socket gets its own cgroup's policy (also in softirq), nearest
+//! ancestor wins, `off` and `fill` behave, globs follow new cgroups, and runtime changes and
+//! reloads take effect for the next connection.
+
+use std::time::Duration;
+
+use keepalive_tests::{
+    Agent, AgentDirs, Proc, TestCgroup, code, eventually, kernel_defaults, sockops_attachments,
+    stderr, values, write_config,
+};
+
+/// Opens a loopback pair inside `cgroup` and returns the client's and server's values.
+fn pair_values(cgroup: &TestCgroup) -> ((i64, i64, i64, i64), (i64, i64, i64, i64)) {
+    let mut pair = Proc::sock(&["pair", "4"], cgroup);
+    let out = pair.read();
+    (values(&out["client"]), values(&out["server"]))
+}
+
+fn idle_of(cgroup: &TestCgroup) -> i64 {
+    pair_values(cgroup).0.1
+}
+
+#[test]
+fn each_end_of_one_loopback_connection_gets_its_own_cgroups_policy() {
+    let parent = TestCgroup::new("ownpolicy");
+    let a = parent.child("server");
+    let b = parent.child("client");
+    let config = write_config(&format!(
+        "[default]\nidle = 40\n[[policy]]\ncgroup = \"{}\"\nidle = 21\ncount = 4\n\
+         [[policy]]\ncgroup = \"{}\"\nidle = 22\ncount = 6\n",
+        a.rel(),
+        b.rel()
+    ));
+    let _agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    for family in ["127.0.0.1:0", "[::1]:0"] {
+        let mut server = Proc::sock(&["listen", family], &a);
+        let port = server.read()["port"].as_u64().unwrap();
+        let target = if family.starts_with('[') {
+            format!("[::1]:{port}")
+        } else {
+            format!("127.0.0.1:{port}")
+        };
+        let mut client = Proc::sock(&["connect", &target], &b);
+        // On loopback the server's PASSIVE_ESTABLISHED runs in the client's context: a policy
+        // looked up by the current task would give the server the client's values.
+        assert_eq!(values(&client.read()["connected"]), (1, 22, 10, 6));
+        assert_eq!(values(&server.read()["accepted"]), (1, 21, 10, 4));
+    }
+}
+
+#[test]
+fn nearest_ancestor_default_and_off() {
+    let parent = TestCgroup::new("nearest");
+    let x = parent.child("x");
+    let xy = x.child("y");
+    let xyz = xy.child("z");
+    let exempt = x.child("exempt");
+    let other = parent.child("other");
+    let config = write_config(&format!(
+        "[default]\nidle = 41\n\
+         [[policy]]\ncgroup = \"{}\"\nidle = 31\n\
+         [[policy]]\ncgroup = \"{}\"\nmode = \"off\"\n",
+        x.rel(),
+        exempt.rel()
+    ));
+    let _agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    assert_eq!(idle_of(&x), 31, "own policy");
+    assert_eq!(idle_of(&xy), 31, "child inherits from its parent");
+    assert_eq!(
+        idle_of(&xyz),
+        31,
+        "grandchild inherits from its nearest ancestor"
+    );
+    assert_eq!(idle_of(&other), 41, "no policy on the way up: [default]");
+    assert_eq!(
+        idle_of(&parent),
+        41,
+        "the attach cgroup itself gets [default]"
+    );
+    let (client, server) = pair_values(&exempt);
+    assert_eq!(
+        client,
+        kernel_defaults(),
+        "off inside an enforced subtree is untouched"
+    );
+    assert_eq!(server, kernel_defaults());
+}
+
+#[test]
+fn fill_keeps_an_applications_own_keepalive() {
+    let cg = TestCgroup::new("fill");
+    let config = write_config("[default]\nidle = 33\ninterval = 3\ncount = 3\nmode = \"fill\"\n");
+    let _agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let mut own = Proc::sock(&["pair", "4", "--keepalive", "77"], &cg);
+    let out = own.read();
+    assert_eq!(values(&out["client"]).0, 1);
+    assert_eq!(
+        values(&out["client"]).1,
+        77,
+        "the app's own idle stays: {out}"
+    );
+    let mut plain = Proc::sock(&["pair", "4"], &cg);
+    let out = plain.read();
+    assert_eq!(values(&out["client"]), (1, 33, 3, 3), "{out}");
+    assert_eq!(values(&out["server"]), (1, 33, 3, 3), "{out}");
+}
+
+#[test]
+fn enforce_replaces_an_applications_own_keepalive() {
+    let cg = TestCgroup::new("enforce");
+    let _agent = Agent::start(&cg, &["--idle", "33"]);
+    let mut own = Proc::sock(&["pair", "4", "--keepalive", "77"], &cg);
+    assert_eq!(values(&own.read()["client"]).1, 33);
+}
+
+#[test]
+fn a_glob_policy_applies_to_a_cgroup_created_after_start() {
+    let parent = TestCgroup::new("glob");
+    let config = write_config(&format!(
+        "[[policy]]\ncgroup = \"{}/svc-*\"\nidle = 27\n",
+        parent.rel()
+    ));
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    let late = parent.child("svc-late");
+    eventually(
+        Duration::from_secs(10),
+        "the glob to cover the new cgroup",
+        || {
+            let out = agent.cli(&["policy", "list", "--json"]);
+            let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            list["policies"]
+                .as_array()?
+                .iter()
+                .any(|p| p["cgroup_id"] == late.id() && p["idle"] == 27)
+                .then_some(())
+        },
+    );
+    assert_eq!(idle_of(&late), 27);
+    let nomatch = parent.child("web-late");
+    assert_eq!(
+        idle_of(&nomatch),
+        60,
+        "a cgroup the glob does not match keeps the default"
+    );
+}
+
+#[test]
+fn a_policy_for_a_cgroup_that_does_not_exist_yet_takes_effect_when_it_appears() {
+    let parent = TestCgroup::new("pending");
+    let config = write_config(&format!(
+        "[[policy]]\ncgroup = \"{}/later/inner\"\nidle = 19\n",
+        parent.rel()
+    ));
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    let list = agent.cli(&["policy", "list"]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("does not exist yet"),
+        "{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
+    let later = parent.child("later");
+    let inner = later.child("inner");
+    eventually(
+        Duration::from_secs(10),
+        "the pending policy to apply",
+        || (idle_of(&inner) == 19).then_some(()),
+    );
+}
+
+#[test]
+fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
+    let parent = TestCgroup::new("runtime");
+    let svc = parent.child("svc");
+    let config = write_config("[default]\nidle = 50\n");
+    let mut agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    assert_eq!(idle_of(&svc), 50);
+
+    let out = agent.cli(&[
+        "policy",
+        "set",
+        svc.path().to_str().unwrap(),
+        "--idle",
+        "2m",
+        "--count",
+        "2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(pair_values(&svc).0, (1, 120, 10, 2), "set applies at once");
+
+    let out = agent.cli(&["policy", "unset", svc.rel()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(idle_of(&svc), 50, "unset falls back to the default");
+
+    let out = agent.cli(&["policy", "unset", svc.rel()]);
+    assert_eq!(code(&out), 2, "nothing left to unset: {}", stderr(&out));
+
+    std::fs::write(
+        &config,
+        format!(
+            "[default]\nidle = 50\n[[policy]]\ncgroup = \"{}\"\nidle = 44\n",
+            svc.rel()
+        ),
+    )
+    .unwrap();
+    agent.signal(libc::SIGHUP);
+    agent.wait_notify("READY=1", Duration::from_secs(10));
+    assert_eq!(idle_of(&svc), 44, "SIGHUP reload");
+
+    // A bad file is rejected whole, with file and line, and the running policy stays.
+    std::fs::write(
+        &config,
+        format!(
+            "[default]\nidle = 50\n[[policy]]\ncgroup = \"{}\"\nidle = 0\n",
+            svc.rel()
+        ),
+    )
+    .unwrap();
+    let out = agent.cli(&["policy", "reload"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("{}:5", config.display())) && err.contains("1 to 32767"),
+        "{err}"
+    );
+    agent.signal(libc::SIGHUP);
+    agent.wait_notify("READY=1", Duration::from_secs(10));
+    assert!(agent.log().contains("reload rejected"), "{}", agent.log());
+    assert_eq!(idle_of(&svc), 44, "the old policy stays in force");
+}
+
+#[test]
+fn user_timeout_from_the_config_is_visible_with_getsockopt() {
+    let cg = TestCgroup::new("ut");
+    let config = write_config("[default]\nuser_timeout = \"45s\"\n");
+    let _agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let mut pair = Proc::sock(&["pair", "6"], &cg);
+    let out = pair.read();
+    assert_eq!(out["client"]["user_timeout"], 45_000, "{out}");
+    assert_eq!(out["server"]["user_timeout"], 45_000, "{out}");
+}
+
+#[test]
+fn a_bad_config_is_rejected_with_file_line_and_reason_and_nothing_is_attached() {
+    let cg = TestCgroup::new("badconfig");
+    let dirs = AgentDirs::new();
+    for (text, line, reason) in [
+        ("[default]\nidle = 5\nidel = 6\n", 3, "idel"),
+        ("[default]\ncount = \"five\"\n", 2, "integer"),
+        ("[default]\n\ninterval = 99999\n", 3, "1 to 32767"),
+        (
+            "[[policy]]\ncgroup = \"a\"\n[[policy]]\ncgroup = \"a\"\n",
+            4,
+            "duplicate",
+        ),
+        (
+            "[default]\nmode = \"lockdown\"\n",
+            2,
+            "enforce, fill, off, lock",
+        ),
+    ] {
+        let config = write_config(text);
+        let out = dirs.cli(&[
+            "run",
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 2, "{text:?}: {err}");
+        assert!(
+            err.contains(&format!("{}:{line}:", config.display())),
+            "{text:?}: {err}"
+        );
+        assert!(err.contains(reason), "{text:?}: {err}");
+    }
+    assert_eq!(sockops_attachments(cg.path()), 0);
+    assert!(!dirs.state_dir.exists());
+}

@@ -1,0 +1,288 @@
+//! Observability: `status` lists enforced sockets with both ends, their cgroup and values,
+//! drops them when they close, counts dead peers per cgroup, leaks nothing, and the metrics
+//! endpoint serves the same counts.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::TcpStream,
+    time::Duration,
+};
+
+use keepalive_tests::{Agent, Proc, TestCgroup, VethPair, eventually, sock_bin};
+use serde_json::Value;
+
+fn sockets_of(status: &Value, cgroup: &TestCgroup) -> Vec<Value> {
+    status["sockets"]
+        .as_array()
+        .expect("sockets array")
+        .iter()
+        .filter(|s| s["cgroup"] == cgroup.display())
+        .cloned()
+        .collect()
+}
+
+fn cgroup_row(status: &Value, cgroup: &TestCgroup) -> Value {
+    status["cgroups"]
+        .as_array()
+        .expect("cgroups array")
+        .iter()
+        .find(|c| c["cgroup"] == cgroup.display())
+        .cloned()
+        .unwrap_or_else(|| panic!("no row for {} in {status}", cgroup.display()))
+}
+
+#[test]
+fn an_open_connection_is_listed_with_both_ends_and_leaves_when_closed() {
+    let parent = TestCgroup::new("status");
+    let cg = parent.child("app");
+    let agent = Agent::start(
+        &parent,
+        &[
+            "--idle",
+            "17",
+            "--interval",
+            "4",
+            "--count",
+            "3",
+            "--user-timeout",
+            "30s",
+        ],
+    );
+    let mut pair = Proc::sock(&["pair", "6"], &cg);
+    let out = pair.read();
+    let client = out["client_local"].as_str().unwrap().to_owned();
+    let server = out["server_local"].as_str().unwrap().to_owned();
+
+    let status = agent.status();
+    assert_eq!(status["attach_cgroup"], parent.display());
+    let socks = sockets_of(&status, &cg);
+    assert_eq!(socks.len(), 2, "{status:#}");
+    let outbound = socks
+        .iter()
+        .find(|s| s["direction"] == "outbound")
+        .expect("outbound");
+    let inbound = socks
+        .iter()
+        .find(|s| s["direction"] == "inbound")
+        .expect("inbound");
+    assert_eq!(outbound["local"], client);
+    assert_eq!(outbound["remote"], server);
+    assert_eq!(inbound["local"], server);
+    assert_eq!(inbound["remote"], client);
+    for s in [outbound, inbound] {
+        assert_eq!(s["family"], "ipv6");
+        assert_eq!(
+            (
+                s["idle"].as_u64(),
+                s["interval"].as_u64(),
+                s["count"].as_u64()
+            ),
+            (Some(17), Some(4), Some(3))
+        );
+        assert_eq!(s["user_timeout"], 30_000);
+        assert_eq!(s["mode"], "enforce");
+        assert_eq!(s["state"], "established");
+        assert_eq!(s["policy_cgroup"], "default");
+        assert!(s["established_at"].as_str().unwrap().ends_with('Z'), "{s}");
+    }
+    assert_eq!(
+        outbound["pid"],
+        pair.pid(),
+        "outbound sockets know their process"
+    );
+    assert_eq!(outbound["comm"], "ka-sock");
+    assert!(
+        inbound["pid"].is_null() && inbound["comm"].is_null(),
+        "never guess: {inbound}"
+    );
+    let row = cgroup_row(&status, &cg);
+    assert_eq!(
+        (row["open"].as_u64(), row["enforced_total"].as_u64()),
+        (Some(2), Some(2))
+    );
+
+    // Filters.
+    let port = client.rsplit(':').next().unwrap();
+    let filtered: Value =
+        serde_json::from_slice(&agent.cli(&["status", "--json", "--port", port]).stdout).unwrap();
+    assert_eq!(filtered["sockets"].as_array().unwrap().len(), 2);
+    let other = parent.child("other");
+    let filtered: Value = serde_json::from_slice(
+        &agent
+            .cli(&[
+                "status",
+                "--json",
+                "--cgroup",
+                other.path().to_str().unwrap(),
+            ])
+            .stdout,
+    )
+    .unwrap();
+    assert!(
+        filtered["sockets"].as_array().unwrap().is_empty(),
+        "{filtered}"
+    );
+
+    // The human view has the columns.
+    let human = String::from_utf8(agent.cli(&["status"]).stdout).unwrap();
+    assert!(
+        human.contains("DEAD-PEERS") && human.contains(&client) && human.contains("ka-sock"),
+        "{human}"
+    );
+
+    pair.finish();
+    let status = eventually(
+        Duration::from_secs(5),
+        "the closed sockets to leave",
+        || {
+            let status = agent.status();
+            sockets_of(&status, &cg).is_empty().then_some(status)
+        },
+    );
+    let row = cgroup_row(&status, &cg);
+    assert_eq!(
+        (row["open"].as_u64(), row["enforced_total"].as_u64()),
+        (Some(0), Some(2))
+    );
+    assert_eq!(row["dead_peers"], 0, "a normal close is not a dead peer");
+}
+
+#[test]
+fn a_dead_peer_is_counted_for_its_cgroup_and_a_normal_close_is_not() {
+    let veth = VethPair::new();
+    let parent = TestCgroup::new("deadcount");
+    let cg = parent.child("client");
+    let agent = Agent::start(&parent, &["--idle", "1", "--interval", "1", "--count", "2"]);
+    let mut server = Proc::spawn(
+        &sock_bin(),
+        &["listen", &format!("{}:0", veth.b_addr), "2"],
+        None,
+        Some(&veth.b),
+    );
+    let port = server.read()["port"].as_u64().unwrap();
+    let target = format!("{}:{port}", veth.b_addr);
+    // One connection that closes normally first.
+    let mut normal = Proc::spawn(
+        &sock_bin(),
+        &["connect", &target],
+        Some(cg.path()),
+        Some(&veth.a),
+    );
+    normal.read();
+    server.read();
+    normal.finish();
+    let mut doomed = Proc::spawn(
+        &sock_bin(),
+        &["connect", &target, "--read"],
+        Some(cg.path()),
+        Some(&veth.a),
+    );
+    doomed.read();
+    server.read();
+    veth.cut();
+    let outcome = doomed.next(Duration::from_secs(15));
+    assert_eq!(outcome["errno"], libc::ETIMEDOUT, "{outcome}");
+    let status = eventually(
+        Duration::from_secs(5),
+        "the dead peer to be counted",
+        || {
+            let status = agent.status();
+            (cgroup_row(&status, &cg)["dead_peers"] == 1).then_some(status)
+        },
+    );
+    let row = cgroup_row(&status, &cg);
+    assert_eq!(row["enforced_total"], 2, "{row}");
+    assert_eq!(row["open"], 0, "{row}");
+    assert_eq!(status["counters"]["dead_peers"], 1);
+}
+
+#[test]
+fn ten_thousand_connections_leave_no_stale_entries() {
+    let cg = TestCgroup::new("churn");
+    let agent = Agent::start(&cg, &[]);
+    let mut storm = Proc::sock(&["storm", "10000"], &cg);
+    let out = storm.next(Duration::from_secs(120));
+    assert_eq!(out["connections"], 10_000);
+    let status = agent.status();
+    assert_eq!(
+        status["tracked_entries"], 0,
+        "every record leaves with its socket: {}",
+        status["tracked_entries"]
+    );
+    assert_eq!(status["stale_entries"], 0);
+    assert!(status["sockets"].as_array().unwrap().is_empty());
+    let row = cgroup_row(&status, &cg);
+    assert_eq!(
+        row["enforced_total"], 20_000,
+        "both ends of every connection: {row}"
+    );
+    assert_eq!(row["open"], 0, "{row}");
+}
+
+fn scrape(port: u16) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn metric(text: &str, name: &str, cgroup: &TestCgroup) -> u64 {
+    let prefix = format!("{name}{{cgroup=\"{}\"", cgroup.display());
+    text.lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+}
+
+#[test]
+fn the_metrics_endpoint_serves_the_same_counts() {
+    let cg = TestCgroup::new("metrics");
+    let port = free_port();
+    let agent = Agent::start(&cg, &["--metrics", &format!("127.0.0.1:{port}")]);
+    let mut open = Proc::sock(&["pair", "4"], &cg);
+    open.read();
+    let mut closed = Proc::sock(&["pair", "4"], &cg);
+    closed.read();
+    closed.finish();
+    let status = eventually(
+        Duration::from_secs(5),
+        "the closed pair to be counted",
+        || {
+            let status = agent.status();
+            (cgroup_row(&status, &cg)["open"] == 2).then_some(status)
+        },
+    );
+    let row = cgroup_row(&status, &cg);
+    let text = scrape(port);
+    assert!(
+        text.contains("# TYPE keepalive_enforced_total counter"),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "keepalive_enforced_open", &cg),
+        row["open"].as_u64().unwrap()
+    );
+    assert_eq!(
+        metric(&text, "keepalive_enforced_total", &cg),
+        row["enforced_total"].as_u64().unwrap()
+    );
+    assert_eq!(metric(&text, "keepalive_dead_peers_total", &cg), 0);
+    assert_eq!(row["enforced_total"], 4);
+    assert!(
+        text.contains("keepalive_setsockopt_failures_total{option=\"TCP_KEEPIDLE\"} 0"),
+        "{text}"
+    );
+}
