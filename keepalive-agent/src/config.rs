@@ -625,6 +625,47 @@ mode = "off"
         assert!(config.check_scope(&CgroupPath::root()).is_ok());
     }
 
+    mod fuzz {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Fragments that steer random input towards almost-valid configs, where a parser is
+        /// most likely to trip.
+        fn fragment() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("[default]\n".to_owned()),
+                Just("[[policy]]\n".to_owned()),
+                Just("[default\n".to_owned()),
+                "(attach|state_dir|metrics|cgroup|mode|idle|interval|count|user_timeout|max_tracked_cgroups|max_tracked_sockets|x) = ".prop_map(|k| k),
+                "\"[a-z0-9/*?\\[\\]. :ms]{0,12}\"\n",
+                "-?[0-9]{1,20}\n",
+                Just("true\n".to_owned()),
+                Just("[1, 2]\n".to_owned()),
+                Just("{ a = 1 }\n".to_owned()),
+                "\\PC{0,8}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+
+            #[test]
+            fn never_panics_on_arbitrary_text(text in "\\PC{0,300}") {
+                let _ = parse(&text, Path::new("/fuzz.toml"), &cg());
+            }
+
+            #[test]
+            fn never_panics_on_config_shaped_text(parts in proptest::collection::vec(fragment(), 0..24)) {
+                let text = parts.concat();
+                if let Err(err) = parse(&text, Path::new("/fuzz.toml"), &cg()) {
+                    // Every rejection names the file.
+                    prop_assert!(err.to_string().starts_with("/fuzz.toml"), "{}", err);
+                }
+            }
+        }
+    }
+
     #[test]
     fn missing_default_file_is_builtin_but_missing_explicit_file_is_an_error() {
         let missing = Path::new("/nonexistent/keepalive.toml");

@@ -420,6 +420,23 @@ impl Proc {
             .map(|line| serde_json::from_str(&line).expect("helper output is JSON"))
     }
 
+    /// Closes the helper's stdin (it then finishes what it does and exits).
+    pub fn close_stdin(&mut self) {
+        drop(self.stdin.take());
+    }
+
+    /// Asks a holding helper for the current options of its sockets.
+    pub fn report(&mut self) -> Vec<Value> {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin.write_all(b"report\n").expect("write to helper");
+        stdin.flush().expect("flush");
+        let out = self.read();
+        out["report"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("not a report: {out}"))
+    }
+
     /// Closes stdin, letting the helper close its sockets and exit, and waits for it.
     pub fn finish(mut self) -> ExitStatus {
         drop(self.stdin.take());
@@ -723,6 +740,66 @@ pub fn write_config(text: &str) -> PathBuf {
     let mut file = File::create(&path).expect("config file");
     file.write_all(text.as_bytes()).expect("write config");
     path
+}
+
+/// Runs the agent binary with `args` in a private mount namespace prepared by `setup`, which
+/// runs in the child between fork and exec (so it may only make system calls). Mounts are made
+/// private first, so nothing `setup` unmounts leaves the namespace.
+pub fn agent_in_private_mounts(
+    args: &[&str],
+    mut setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+) -> Output {
+    let mut cmd = Command::new(agent_bin());
+    cmd.args(args);
+    // SAFETY: the closure only makes system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let root = c"/";
+            if libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            setup()
+        });
+    }
+    cmd.output().expect("run keepalive-agent")
+}
+
+/// Unmounts `path` (lazily) inside a private mount namespace; for `agent_in_private_mounts`.
+pub fn umount(path: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: umount2 with a valid C string.
+    if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Mounts an empty tmpfs over `path`; for `agent_in_private_mounts`.
+pub fn hide_with_tmpfs(path: &std::ffi::CStr) -> std::io::Result<()> {
+    let tmpfs = c"tmpfs";
+    // SAFETY: mount with valid C strings.
+    if unsafe {
+        libc::mount(
+            tmpfs.as_ptr(),
+            path.as_ptr(),
+            tmpfs.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Exit code of a finished command.

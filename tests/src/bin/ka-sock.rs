@@ -7,7 +7,12 @@
 //! ka-sock listen <ADDR:PORT> [N]                 accept N connections (default 1), report each
 //! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--read] [--loosen]
 //! ka-sock storm <N>                              N loopback connect/accept/close cycles, timed
+//! ka-sock churn                                  connect/accept/close until stdin closes,
+//!                                                counting connections without SO_KEEPALIVE
 //! ```
+//!
+//! While holding sockets, every line on stdin asks for a fresh `{"report": [...]}` of their
+//! options.
 //!
 //! `--keepalive IDLE` enables SO_KEEPALIVE with TCP_KEEPIDLE=IDLE before connecting (an
 //! application that manages keepalive itself). `--read` blocks in read() after connecting and
@@ -69,9 +74,15 @@ fn emit(value: Value) {
     out.flush().expect("stdout");
 }
 
-fn hold() {
-    let mut rest = Vec::new();
-    let _ = std::io::stdin().read_to_end(&mut rest);
+/// Holds the sockets until stdin closes. Each line read from stdin asks for a fresh report of
+/// their options, printed as `{"report": [...]}` in the order they were opened.
+fn hold(fds: &[i32]) {
+    let mut line = String::new();
+    while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+        let report: Vec<Value> = fds.iter().map(|&fd| options(fd)).collect();
+        emit(json!({ "report": report }));
+        line.clear();
+    }
 }
 
 /// A socket of the right family with keepalive preset when asked, connected to `addr`.
@@ -165,7 +176,7 @@ fn pair(args: &[String]) {
         "client_local": client.local_addr().expect("addr").to_string(),
         "server_local": server.local_addr().expect("addr").to_string(),
     }));
-    hold();
+    hold(&[client.as_raw_fd(), server.as_raw_fd()]);
 }
 
 fn listen(args: &[String]) {
@@ -183,7 +194,8 @@ fn listen(args: &[String]) {
         emit(json!({ "accepted": options(stream.as_raw_fd()), "peer": peer.to_string() }));
         accepted.push(stream);
     }
-    hold();
+    let fds: Vec<i32> = accepted.iter().map(|s| s.as_raw_fd()).collect();
+    hold(&fds);
 }
 
 fn connect_cmd(args: &[String]) {
@@ -225,7 +237,7 @@ fn connect_cmd(args: &[String]) {
         emit(outcome);
         return;
     }
-    hold();
+    hold(&[fd]);
 }
 
 fn storm(args: &[String]) {
@@ -264,6 +276,47 @@ fn storm(args: &[String]) {
     }));
 }
 
+/// Opens and closes loopback connections until stdin closes, checking on every one that both
+/// ends carry SO_KEEPALIVE; reports how many did not.
+fn churn() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    std::thread::spawn(move || {
+        let mut rest = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut rest);
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    emit(json!({ "started": true }));
+    let (mut total, mut bare) = (0u64, 0u64);
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let client = TcpStream::connect(addr).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        total += 1;
+        if get(client.as_raw_fd(), SOL_SOCKET, SO_KEEPALIVE) != 1
+            || get(server.as_raw_fd(), SOL_SOCKET, SO_KEEPALIVE) != 1
+        {
+            bare += 1;
+        }
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads a linger struct.
+        unsafe {
+            libc::setsockopt(
+                client.as_raw_fd(),
+                SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                size_of::<libc::linger>() as u32,
+            )
+        };
+    }
+    emit(json!({ "connections": total, "without_keepalive": bare }));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = args
@@ -274,6 +327,7 @@ fn main() {
         "listen" => listen(rest),
         "connect" => connect_cmd(rest),
         "storm" => storm(rest),
+        "churn" => churn(),
         other => panic!("unknown command {other}"),
     }
 }

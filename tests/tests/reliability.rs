@@ -1,0 +1,467 @@
+//! Reliability: enforcement outlives the agent, restarts take it over without a gap or a second
+//! attachment, existing connections get the policy, lock mode holds, removal is explicit, and
+//! every fault gets one clear message and its exit code.
+
+use std::{ffi::CString, os::unix::fs::PermissionsExt as _, time::Duration};
+
+use keepalive_tests::{
+    Agent, AgentDirs, Netns, Proc, TestCgroup, agent_bin, agent_in_private_mounts, cgroup2_mount,
+    code, eventually, hide_with_tmpfs, kernel_defaults, sock_bin, sockops_attachments, stderr,
+    umount, values, write_config,
+};
+use serde_json::Value;
+
+fn idle_of(cgroup: &TestCgroup) -> i64 {
+    let mut pair = Proc::sock(&["pair", "4"], cgroup);
+    values(&pair.read()["client"]).1
+}
+
+fn enforced_total(status: &Value, cgroup: &TestCgroup) -> u64 {
+    status["cgroups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cgroup"] == cgroup.display())
+        .and_then(|c| c["enforced_total"].as_u64())
+        .unwrap_or(0)
+}
+
+#[test]
+fn sigkill_and_sigterm_leave_enforcement_in_place_and_a_restart_attaches_once() {
+    let cg = TestCgroup::new("survive");
+    let mut agent = Agent::start(&cg, &["--idle", "23"]);
+    let dirs = agent.dirs();
+    assert_eq!(idle_of(&cg), 23);
+    let before = enforced_total(&agent.status(), &cg);
+    assert_eq!(before, 2);
+
+    agent.stop_with(libc::SIGKILL);
+    assert_eq!(idle_of(&cg), 23, "enforced while no agent runs");
+    assert_eq!(sockops_attachments(cg.path()), 1);
+    assert_eq!(
+        enforced_total(&dirs.status(), &cg),
+        4,
+        "status works from pins alone"
+    );
+
+    let mut agent = Agent::start_in(&dirs, &cg, &["--idle", "24"]);
+    assert_eq!(
+        sockops_attachments(cg.path()),
+        1,
+        "a restart must not attach a second program"
+    );
+    assert!(
+        agent.log().contains("took over pinned enforcement"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(idle_of(&cg), 24);
+    assert_eq!(
+        enforced_total(&agent.status(), &cg),
+        6,
+        "counters survive restarts"
+    );
+
+    let status = agent.stop_with(libc::SIGTERM);
+    assert!(status.success(), "SIGTERM is a clean exit: {status}");
+    assert!(
+        agent.log().contains("enforcement stays attached"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(idle_of(&cg), 24);
+    assert_eq!(sockops_attachments(cg.path()), 1);
+
+    let out = dirs.detach();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("link_sockops") && text.contains("KA_POLICY"),
+        "{text}"
+    );
+    assert_eq!(sockops_attachments(cg.path()), 0);
+    assert!(!dirs.state_dir.exists());
+    let (client, _) = {
+        let mut pair = Proc::sock(&["pair", "4"], &cg);
+        let out = pair.read();
+        (values(&out["client"]), values(&out["server"]))
+    };
+    assert_eq!(client, kernel_defaults(), "detached: no longer enforced");
+}
+
+#[test]
+fn a_restart_under_load_leaves_no_connection_without_keepalive() {
+    let cg = TestCgroup::new("restartload");
+    let mut agent = Agent::start(&cg, &[]);
+    let dirs = agent.dirs();
+    let mut churn = Proc::sock(&["churn"], &cg);
+    churn.read();
+    std::thread::sleep(Duration::from_millis(300));
+    agent.stop_with(libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut agent = Agent::start_in(&dirs, &cg, &["--idle", "31"]);
+    std::thread::sleep(Duration::from_millis(300));
+    agent.stop_with(libc::SIGKILL);
+    let _agent = Agent::start_in(&dirs, &cg, &[]);
+    std::thread::sleep(Duration::from_millis(300));
+    churn.close_stdin();
+    let out = churn.next(Duration::from_secs(10));
+    let total = out["connections"].as_u64().unwrap();
+    assert!(
+        total > 200,
+        "the load must actually run across the restarts: {out}"
+    );
+    assert_eq!(out["without_keepalive"], 0, "{out}");
+}
+
+#[test]
+fn a_different_attach_cgroup_is_refused_with_a_message_naming_detach() {
+    let a = TestCgroup::new("attach-a");
+    let b = TestCgroup::new("attach-b");
+    let mut agent = Agent::start(&a, &[]);
+    let dirs = agent.dirs();
+    agent.stop_with(libc::SIGTERM);
+    let out = dirs.cli(&["run", "--cgroup", b.path().to_str().unwrap()]);
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("detach") && err.contains(&a.display()),
+        "{err}"
+    );
+    assert_eq!(sockops_attachments(b.path()), 0);
+    assert_eq!(sockops_attachments(a.path()), 1);
+}
+
+#[test]
+fn existing_connections_get_the_policy_except_off_and_app_owned_fill() {
+    let parent = TestCgroup::new("existing");
+    let enforce = parent.child("enforce");
+    let off = parent.child("off");
+    let fill = parent.child("fill");
+    let ns = Netns::new("existing");
+    // Connections made before the agent runs.
+    let mut plain = Proc::sock(&["pair", "4"], &enforce);
+    plain.read();
+    let mut in_netns = Proc::spawn(&sock_bin(), &["pair", "6"], Some(enforce.path()), Some(&ns));
+    in_netns.read();
+    let mut exempt = Proc::sock(&["pair", "4"], &off);
+    exempt.read();
+    let mut app_owned = Proc::sock(&["pair", "4", "--keepalive", "99"], &fill);
+    app_owned.read();
+    let mut fill_plain = Proc::sock(&["pair", "4"], &fill);
+    fill_plain.read();
+
+    let config = write_config(&format!(
+        "[default]\nidle = 29\n[[policy]]\ncgroup = \"{}\"\nmode = \"off\"\n[[policy]]\ncgroup = \"{}\"\nmode = \"fill\"\nidle = 28\n",
+        off.rel(),
+        fill.rel()
+    ));
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    // Both ends of: the plain pair, the pair in another netns, the fill pair without app
+    // keepalive; and the accepted end of the app-owned pair (its client keeps its own).
+    assert!(
+        agent.log().contains(
+            "existing connections: 7 updated, 0 already current, 2 in off cgroups, 1 keep their \
+             own keepalive (fill), 0 failed;"
+        ),
+        "{}",
+        agent.log()
+    );
+    for sock in plain.report().iter().chain(in_netns.report().iter()) {
+        assert_eq!(values(sock), (1, 29, 10, 5), "{sock}");
+    }
+    for sock in exempt.report() {
+        assert_eq!(
+            values(&sock),
+            kernel_defaults(),
+            "off keeps its settings: {sock}"
+        );
+    }
+    let owned = app_owned.report();
+    assert_eq!(
+        values(&owned[0]).1,
+        99,
+        "fill keeps the app's own keepalive: {owned:?}"
+    );
+    for sock in fill_plain.report() {
+        assert_eq!(values(&sock), (1, 28, 10, 5), "{sock}");
+    }
+    let status = agent.status();
+    let retro = status["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["retroactive"] == true)
+        .count();
+    assert!(
+        retro >= 5,
+        "pre-existing connections are listed as retroactive: {status:#}"
+    );
+
+    // A policy change reaches existing connections too.
+    let out = agent.cli(&["policy", "set", enforce.rel(), "--idle", "37"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("4 updated"), "{text}");
+    for sock in plain.report() {
+        assert_eq!(values(&sock).1, 37, "{sock}");
+    }
+}
+
+#[test]
+fn lock_mode_holds_the_policy_against_later_setsockopt() {
+    let cg = TestCgroup::new("lock");
+    let config = write_config(
+        "[default]\nidle = 21\ninterval = 7\ncount = 4\nuser_timeout = \"40s\"\nmode = \"lock\"\n",
+    );
+    let _agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let mut server = Proc::sock(&["listen", "127.0.0.1:0"], &cg);
+    let port = server.read()["port"].as_u64().unwrap();
+    let mut client = Proc::sock(&["connect", &format!("127.0.0.1:{port}"), "--loosen"], &cg);
+    client.read();
+    let loosen = client.read();
+    for (call, result) in loosen["loosen"].as_object().unwrap() {
+        assert_eq!(result, 0, "{call} succeeds (held silently): {loosen}");
+    }
+    let after = &loosen["after"];
+    assert_eq!(
+        values(after),
+        (1, 21, 7, 4),
+        "getsockopt still shows the policy: {loosen}"
+    );
+    assert_eq!(after["user_timeout"], 40_000, "{loosen}");
+    let tighten = client.read();
+    assert_eq!(
+        tighten["after"]["idle"], 1,
+        "stricter values are allowed: {tighten}"
+    );
+}
+
+#[test]
+fn a_removed_cgroup_is_cleaned_up_and_a_glob_applies_again_when_it_returns() {
+    let parent = TestCgroup::new("removed");
+    let config = write_config(&format!(
+        "[[policy]]\ncgroup = \"{}/job-*\"\nidle = 26\n",
+        parent.rel()
+    ));
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    let path = parent.path_of_child("job-1");
+    std::fs::create_dir(&path).unwrap();
+    let job = TestCgroupRef(path.clone());
+    let id = std::fs::metadata(&path)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    let listed = |id: u64| -> bool {
+        let out = agent.cli(&["policy", "list", "--json"]);
+        let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+        list["policies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["cgroup_id"] == id)
+    };
+    eventually(Duration::from_secs(10), "the glob to match job-1", || {
+        listed(id).then_some(())
+    });
+    {
+        let mut pair = Proc::spawn(&sock_bin(), &["pair", "4"], Some(&job.0), None);
+        assert_eq!(values(&pair.read()["client"]).1, 26);
+    }
+    keepalive_tests::remove_cgroup_tree(&path);
+    eventually(
+        Duration::from_secs(10),
+        "the removed cgroup's entry to go",
+        || (!listed(id)).then_some(()),
+    );
+    let status = agent.status();
+    assert!(
+        !status["cgroups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["cgroup_id"] == id),
+        "its counters are dropped too: {status:#}"
+    );
+    std::fs::create_dir(&path).unwrap();
+    let new_id = std::fs::metadata(&path)
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "the glob to match job-1 again",
+        || listed(new_id).then_some(()),
+    );
+    let mut pair = Proc::spawn(&sock_bin(), &["pair", "4"], Some(&path), None);
+    assert_eq!(values(&pair.read()["client"]).1, 26);
+    drop(pair);
+    keepalive_tests::remove_cgroup_tree(&path);
+    let log = agent.log();
+    assert!(!log.contains("ERROR"), "no error loop: {log}");
+}
+
+/// A cgroup path the test creates and removes itself.
+struct TestCgroupRef(std::path::PathBuf);
+
+#[test]
+fn full_tracking_maps_are_counted_and_enforcement_continues() {
+    let parent = TestCgroup::new("full");
+    let cgs: Vec<TestCgroup> = (0..3).map(|i| parent.child(&format!("c{i}"))).collect();
+    let agent = Agent::start(
+        &parent,
+        &[
+            "--idle",
+            "22",
+            "--max-tracked-sockets",
+            "3",
+            "--max-tracked-cgroups",
+            "2",
+        ],
+    );
+    let mut pairs = Vec::new();
+    for cg in &cgs {
+        for _ in 0..2 {
+            let mut pair = Proc::sock(&["pair", "4"], cg);
+            let out = pair.read();
+            assert_eq!(values(&out["client"]).1, 22, "enforced despite full maps");
+            assert_eq!(values(&out["server"]).1, 22, "enforced despite full maps");
+            pairs.push(pair);
+        }
+    }
+    let status = agent.status();
+    let counters = &status["counters"];
+    assert!(
+        counters["socket_tracking_full"].as_u64().unwrap() >= 9,
+        "{counters}"
+    );
+    assert!(
+        counters["cgroup_stats_full"].as_u64().unwrap() >= 1,
+        "{counters}"
+    );
+    assert_eq!(
+        status["sockets"].as_array().unwrap().len(),
+        3,
+        "as many as fit"
+    );
+    let human = String::from_utf8(agent.cli(&["status"]).stdout).unwrap();
+    assert!(
+        human.contains("raise max_tracked_sockets") && human.contains("raise max_tracked_cgroups"),
+        "{human}"
+    );
+    drop(pairs);
+    // Room again once sockets close.
+    eventually(Duration::from_secs(5), "the tracking map to drain", || {
+        (agent.status()["tracked_entries"] == 0).then_some(())
+    });
+}
+
+fn run_args(dirs: &AgentDirs, cgroup: &TestCgroup) -> Vec<String> {
+    vec![
+        "--state-dir".into(),
+        dirs.state_dir.to_str().unwrap().into(),
+        "--runtime-dir".into(),
+        dirs.runtime_dir.to_str().unwrap().into(),
+        "run".into(),
+        "--cgroup".into(),
+        cgroup.path().to_str().unwrap().into(),
+    ]
+}
+
+#[test]
+fn no_cgroup2_gets_one_clear_message_and_exit_4() {
+    let cg = TestCgroup::new("nocg2");
+    let dirs = AgentDirs::new();
+    let args = run_args(&dirs, &cg);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mount = CString::new(cgroup2_mount().to_str().unwrap()).unwrap();
+    let out = agent_in_private_mounts(&args, move || umount(&mount));
+    let err = stderr(&out);
+    assert_eq!(code(&out), 4, "{err}");
+    assert!(err.contains("no cgroup v2 filesystem is mounted"), "{err}");
+    assert_eq!(err.lines().count(), 1, "one message: {err}");
+    assert_eq!(sockops_attachments(cg.path()), 0);
+}
+
+#[test]
+fn missing_btf_gets_one_clear_message_and_exit_6() {
+    let cg = TestCgroup::new("nobtf");
+    let dirs = AgentDirs::new();
+    let args = run_args(&dirs, &cg);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = agent_in_private_mounts(&args, || hide_with_tmpfs(c"/sys/kernel/btf"));
+    let err = stderr(&out);
+    assert_eq!(code(&out), 6, "{err}");
+    assert!(
+        err.contains("/sys/kernel/btf/vmlinux") && err.contains("CONFIG_DEBUG_INFO_BTF"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one message: {err}");
+    assert_eq!(sockops_attachments(cg.path()), 0);
+}
+
+#[test]
+fn bpffs_that_cannot_be_mounted_gets_one_clear_message_and_exit_5() {
+    let cg = TestCgroup::new("nobpffs");
+    let dirs = AgentDirs::new();
+    let args = run_args(&dirs, &cg);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = agent_in_private_mounts(&args, || {
+        // Unmount bpffs here, and drop CAP_SYS_ADMIN so the agent cannot mount it again.
+        let _ = umount(c"/sys/fs/bpf");
+        // SAFETY: prctl with constant arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, 21, 0, 0, 0) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    });
+    let err = stderr(&out);
+    assert_eq!(code(&out), 5, "{err}");
+    assert!(
+        err.contains("bpffs is not mounted") && err.contains("mount -t bpf"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "one message: {err}");
+    assert_eq!(sockops_attachments(cg.path()), 0);
+}
+
+#[test]
+fn an_unprivileged_user_can_neither_change_policy_nor_detach() {
+    use std::os::unix::process::CommandExt as _;
+    let cg = TestCgroup::new("security");
+    let agent = Agent::start(&cg, &["--idle", "18"]);
+    let dirs = agent.dirs();
+    let as_nobody = |args: &[&str]| {
+        std::process::Command::new(agent_bin())
+            .arg("--state-dir")
+            .arg(&dirs.state_dir)
+            .arg("--runtime-dir")
+            .arg(&dirs.runtime_dir)
+            .args(args)
+            .uid(65534)
+            .gid(65534)
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["policy", "set", cg.rel(), "--idle", "99"][..],
+        &["policy", "reload"],
+        &["detach"],
+        &["status"],
+    ] {
+        let out = as_nobody(args);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 3, "{args:?}: {err}");
+        assert!(err.contains("permission denied"), "{args:?}: {err}");
+    }
+    assert_eq!(idle_of(&cg), 18, "nothing changed");
+    assert_eq!(sockops_attachments(cg.path()), 1, "still attached");
+    // Root-only on disk.
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dirs.state_dir), 0o700);
+    assert_eq!(mode(&dirs.runtime_dir), 0o700);
+    assert_eq!(mode(&dirs.runtime_dir.join("control.sock")), 0o600);
+    for entry in std::fs::read_dir(&dirs.state_dir).unwrap() {
+        let path = entry.unwrap().path();
+        let expected = if path.is_dir() { 0o700 } else { 0o600 };
+        assert_eq!(mode(&path), expected, "{}", path.display());
+    }
+}
