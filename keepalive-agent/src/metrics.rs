@@ -11,11 +11,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::{
-    cgroup::{Cgroup2, CgroupPath},
-    pin::StateDir,
-    status,
-};
+use crate::{cgroup::Cgroup2, pin::StateDir, status};
 
 fn escape(value: &str) -> String {
     value
@@ -26,43 +22,44 @@ fn escape(value: &str) -> String {
 
 /// Renders the exposition text.
 pub fn render(state: &StateDir, cgroup2: &Cgroup2) -> anyhow::Result<String> {
-    let names = cgroup2.names(&CgroupPath::root());
-    let stats = status::read_cgroup_stats(state)?;
-    let counters = status::read_counters(state)?;
+    let snapshot = status::snapshot(state, cgroup2, &status::Filter::default())?;
     let mut out = String::new();
-    let name_of = |id: u64| {
-        names
-            .get(&id)
-            .map_or_else(|| format!("#{id}"), ToString::to_string)
-    };
-    let families: [(&str, &str, &str, fn(&keepalive_common::CgroupStats) -> u64); 3] = [
+    /// Metric name, type, help, and how to read it from a cgroup's row.
+    type Family = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&status::CgroupRow) -> u64,
+    );
+    let families: [Family; 3] = [
         (
             "keepalive_enforced_open",
             "gauge",
             "Enforced TCP sockets open now, by socket cgroup.",
-            |s| if s.open > u64::MAX / 2 { 0 } else { s.open },
+            |row| row.open,
         ),
         (
             "keepalive_enforced_total",
             "counter",
             "TCP sockets given a keepalive policy, by socket cgroup.",
-            |s| s.enforced_total,
+            |row| row.enforced_total,
         ),
         (
             "keepalive_dead_peers_total",
             "counter",
             "Enforced connections the kernel closed because keepalive or the user timeout expired.",
-            |s| s.dead_peers,
+            |row| row.dead_peers,
         ),
     ];
     for (metric, kind, help, value) in families {
         let _ = writeln!(out, "# HELP {metric} {help}\n# TYPE {metric} {kind}");
-        for (id, s) in &stats {
+        for row in &snapshot.cgroups {
             let _ = writeln!(
                 out,
-                "{metric}{{cgroup=\"{}\",cgroup_id=\"{id}\"}} {}",
-                escape(&name_of(*id)),
-                value(s)
+                "{metric}{{cgroup=\"{}\",cgroup_id=\"{}\"}} {}",
+                escape(&row.cgroup),
+                row.cgroup_id,
+                value(row)
             );
         }
     }
@@ -71,7 +68,7 @@ pub fn render(state: &StateDir, cgroup2: &Cgroup2) -> anyhow::Result<String> {
         "# HELP keepalive_setsockopt_failures_total bpf_setsockopt calls that failed, by option.\n\
          # TYPE keepalive_setsockopt_failures_total counter"
     );
-    for (name, value) in &counters {
+    for (name, value) in &snapshot.counters {
         if let Some(option) = name.strip_prefix("setsockopt_failed_") {
             let _ = writeln!(
                 out,
@@ -85,11 +82,17 @@ pub fn render(state: &StateDir, cgroup2: &Cgroup2) -> anyhow::Result<String> {
         "# HELP keepalive_events_total Enforcement events counted by the BPF program.\n\
          # TYPE keepalive_events_total counter"
     );
-    for (name, value) in &counters {
+    for (name, value) in &snapshot.counters {
         if !name.starts_with("setsockopt_failed_") {
             let _ = writeln!(out, "keepalive_events_total{{event=\"{name}\"}} {value}");
         }
     }
+    let _ = writeln!(
+        out,
+        "# HELP keepalive_tracked_sockets Entries in the socket tracking map.\n\
+         # TYPE keepalive_tracked_sockets gauge\nkeepalive_tracked_sockets {}",
+        snapshot.tracked_entries
+    );
     Ok(out)
 }
 

@@ -214,7 +214,7 @@ pub fn check_count(what: &str, value: i64) -> Result<u32, String> {
 
 /// Checks a user timeout against its range, returning milliseconds.
 pub fn check_user_timeout(what: &str, value: Duration) -> Result<u32, String> {
-    if value.subsec_nanos() % 1_000_000 != 0 {
+    if !value.subsec_nanos().is_multiple_of(1_000_000) {
         return Err(format!(
             "{what} = {} has sub-millisecond precision; TCP_USER_TIMEOUT is in milliseconds",
             humantime::format_duration(value)

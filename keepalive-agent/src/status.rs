@@ -85,7 +85,7 @@ pub struct CgroupRow {
     pub cgroup: String,
     /// cgroup id.
     pub cgroup_id: u64,
-    /// Enforced sockets open now.
+    /// Enforced sockets open now (tracked ones; see `tracked_entries`).
     pub open: u64,
     /// Sockets enforced since the maps were created.
     pub enforced_total: u64,
@@ -342,20 +342,30 @@ pub fn snapshot(state: &StateDir, cgroup2: &Cgroup2, filter: &Filter) -> anyhow:
         .map(|rec| socket_row(rec, &names))
         .collect();
     sockets.sort_by(|a, b| (&a.cgroup, &a.local, &a.remote).cmp(&(&b.cgroup, &b.local, &b.remote)));
-    let mut cgroups: Vec<CgroupRow> = read_cgroup_stats(state)?
+    // Open sockets are counted from the records, which costs nothing per connection.
+    let mut open: HashMap<u64, u64> = HashMap::new();
+    for rec in records
+        .iter()
+        .filter(|rec| rec.sock.flags & covered != 0 && rec.live_state != 0)
+    {
+        *open.entry(rec.sock.cgroup_id).or_default() += 1;
+    }
+    let stats: HashMap<u64, CgroupStats> = read_cgroup_stats(state)?.into_iter().collect();
+    let mut ids: Vec<u64> = stats.keys().chain(open.keys()).copied().collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut cgroups: Vec<CgroupRow> = ids
         .into_iter()
-        .filter(|(id, _)| within(*id))
-        .map(|(id, stats)| CgroupRow {
-            cgroup: cgroup_name(&names, id),
-            cgroup_id: id,
-            // Opens and closes race on different CPUs; never show a transient negative.
-            open: if stats.open > u64::MAX / 2 {
-                0
-            } else {
-                stats.open
-            },
-            enforced_total: stats.enforced_total,
-            dead_peers: stats.dead_peers,
+        .filter(|id| within(*id))
+        .map(|id| {
+            let counted = stats.get(&id).copied().unwrap_or_default();
+            CgroupRow {
+                cgroup: cgroup_name(&names, id),
+                cgroup_id: id,
+                open: open.get(&id).copied().unwrap_or(0),
+                enforced_total: counted.enforced_total,
+                dead_peers: counted.dead_peers,
+            }
         })
         .collect();
     cgroups.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
@@ -390,7 +400,7 @@ fn table(headers: &[&str]) -> Table {
             table.set_content_arrangement(ContentArrangement::Disabled);
         }
     }
-    table.set_header(headers.iter().map(|h| Cell::new(h)));
+    table.set_header(headers.iter().map(Cell::new));
     table
 }
 

@@ -68,7 +68,7 @@ pub fn keepalive_apply(ctx: *mut IterTcp) -> i32 {
     if tp.is_null() {
         return 0;
     }
-    let state = read::<u8>(sk.cast(), off!(skc_state)).unwrap_or(0);
+    let state: u8 = kernel::load(sk.cast(), off!(skc_state));
     if state != uapi::TCP_ESTABLISHED && state != uapi::TCP_LISTEN {
         return 0;
     }
@@ -114,12 +114,12 @@ pub fn keepalive_apply(ctx: *mut IterTcp) -> i32 {
 /// Fills a record's addresses from the socket itself.
 #[inline(always)]
 fn describe(rec: &mut SockRecord, sk: *const u8, state: u8) {
-    let family = read::<u16>(sk, off!(skc_family)).unwrap_or(0);
+    let family: u16 = kernel::load(sk, off!(skc_family));
     rec.sk = sk as u64;
     rec.state = state;
     rec.family = family;
-    rec.local_port = read::<u16>(sk, off!(skc_num)).unwrap_or(0);
-    rec.remote_port = u16::from_be(read::<u16>(sk, off!(skc_dport)).unwrap_or(0));
+    rec.local_port = kernel::load(sk, off!(skc_num));
+    rec.remote_port = u16::from_be(kernel::load(sk, off!(skc_dport)));
     if family == uapi::AF_INET6 {
         rec.local_addr = read::<[u8; 16]>(sk, off!(skc_v6_rcv_saddr)).unwrap_or([0; 16]);
         rec.remote_addr = read::<[u8; 16]>(sk, off!(skc_v6_daddr)).unwrap_or([0; 16]);

@@ -69,6 +69,17 @@ pub(crate) fn read<T>(base: *const u8, offset: u32) -> Option<T> {
     unsafe { bpf_probe_read_kernel(base.wrapping_add(offset as usize).cast::<T>()) }.ok()
 }
 
+/// Loads a `T` at `base + offset` where `base` is a BTF-typed kernel pointer (from
+/// bpf_skc_to_tcp_sock, an iterator context, or a field loaded through one). The verifier
+/// checks the field against the kernel's BTF and turns the load into a fault-safe probe load:
+/// no helper call, which matters on every connection.
+#[inline(always)]
+pub(crate) fn load<T: Copy>(base: *const u8, offset: u32) -> T {
+    // SAFETY: see above; the verifier rejects the program if `base + offset` is not a field
+    // of the pointed-to type, and a fault reads as zero instead of crashing.
+    unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize).cast::<T>()) }
+}
+
 /// Reads a non-null kernel pointer at `base + offset`.
 #[inline(always)]
 pub(crate) fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
@@ -112,23 +123,25 @@ pub(crate) fn sock_cgroup(sk: *const u8) -> SockCgroup {
     if sk.is_null() {
         return SockCgroup::UNKNOWN;
     }
-    let Some(cgroup) = read_ptr(sk, off!(sock_cgroup)) else {
+    let cgroup: *const u8 = load(sk, off!(sock_cgroup));
+    if cgroup.is_null() {
         return SockCgroup::UNKNOWN;
-    };
-    let Some(kn) = read_ptr(cgroup, off!(cgroup_kn)) else {
+    }
+    let kn: *const u8 = load(cgroup, off!(cgroup_kn));
+    if kn.is_null() {
         return SockCgroup::UNKNOWN;
-    };
-    match read::<u64>(kn, off!(kn_id)) {
-        Some(id) => SockCgroup { id, kn },
-        None => SockCgroup::UNKNOWN,
+    }
+    SockCgroup {
+        id: load(kn, off!(kn_id)),
+        kn,
     }
 }
 
 /// Whether SO_KEEPALIVE is on, read from the socket's flags.
 #[inline(always)]
-pub(crate) fn keepalive_on(tp: *const u8) -> Option<bool> {
-    let flags = read::<u64>(tp, off!(sk_flags))?;
-    Some(flags & (1 << off!(sock_keepopen_bit)) != 0)
+pub(crate) fn keepalive_on(tp: *const u8) -> bool {
+    let flags: u64 = load(tp, off!(sk_flags));
+    flags & (1 << off!(sock_keepopen_bit)) != 0
 }
 
 #[inline(always)]
@@ -140,13 +153,11 @@ fn hz() -> u64 {
 /// Learns HZ from a socket on which TCP_KEEPIDLE was just set to `idle` seconds.
 #[inline(always)]
 pub(crate) fn learn_hz(tp: *const u8, idle: u32) {
-    if hz() != 0 || idle == 0 {
+    if hz() != 0 || idle == 0 || tp.is_null() {
         return;
     }
-    if let Some(jiffies) = read::<u32>(tp, off!(tcp_keepalive_time))
-        && jiffies % idle == 0
-        && jiffies != 0
-    {
+    let jiffies: u32 = load(tp, off!(tcp_keepalive_time));
+    if jiffies != 0 && jiffies % idle == 0 {
         // SAFETY: as in `hz`.
         unsafe { core::ptr::write_volatile(&raw mut KA_HZ, u64::from(jiffies / idle)) };
     }
@@ -157,18 +168,18 @@ pub(crate) fn learn_hz(tp: *const u8, idle: u32) {
 #[inline(always)]
 pub(crate) fn carries(tp: *const u8, policy: &Policy) -> bool {
     let hz = hz();
-    if hz == 0 || tp.is_null() || keepalive_on(tp) != Some(true) {
+    if hz == 0 || tp.is_null() || !keepalive_on(tp) {
         return false;
     }
-    let time = read::<u32>(tp, off!(tcp_keepalive_time)).map(u64::from);
-    let intvl = read::<u32>(tp, off!(tcp_keepalive_intvl)).map(u64::from);
-    let probes = read::<u8>(tp, off!(tcp_keepalive_probes)).map(u32::from);
-    if time != Some(u64::from(policy.idle) * hz)
-        || intvl != Some(u64::from(policy.interval) * hz)
-        || probes != Some(policy.count)
+    let time = u64::from(load::<u32>(tp, off!(tcp_keepalive_time)));
+    let intvl = u64::from(load::<u32>(tp, off!(tcp_keepalive_intvl)));
+    let probes = u32::from(load::<u8>(tp, off!(tcp_keepalive_probes)));
+    if time != u64::from(policy.idle) * hz
+        || intvl != u64::from(policy.interval) * hz
+        || probes != policy.count
     {
         return false;
     }
     policy.flags & policy_flags::USER_TIMEOUT == 0
-        || read::<u32>(tp, off!(icsk_user_timeout)) == Some(policy.user_timeout_ms)
+        || load::<u32>(tp, off!(icsk_user_timeout)) == policy.user_timeout_ms
 }

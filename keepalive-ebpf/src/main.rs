@@ -107,7 +107,7 @@ fn on_connect(ctx: &SockOpsContext) {
     let rec = SockRecord {
         pid: (bpf_get_current_pid_tgid() >> 32) as u32,
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        flags: sock_flags::HAS_TASK | sock_flags::OUTBOUND,
+        flags: sock_flags::HAS_TASK | sock_flags::OUTBOUND | sock_flags::STATE_CB,
         state: 2, // TCP_SYN_SENT
         ..SockRecord::default()
     };
@@ -192,9 +192,8 @@ fn describe(ctx: &SockOpsContext, rec: &mut SockRecord) {
     }
 }
 
-/// Follows the socket's state. On close: take it out of its cgroup's open count, count a dead
-/// peer when the kernel gave up on it (keepalive or user timeout expired: sk_err ==
-/// ETIMEDOUT), and drop its record.
+/// Follows the socket's state. On close: count a dead peer when the kernel gave up on it
+/// (keepalive or user timeout expired: sk_err == ETIMEDOUT), and drop its record.
 #[inline(always)]
 fn on_state_change(ctx: &SockOpsContext) {
     // Only the close matters; `status` reads the live state from the socket itself.
@@ -213,19 +212,10 @@ fn on_state_change(ctx: &SockOpsContext) {
             // SAFETY: as in `socket`.
             unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>().cast_const()
         };
-        let timed_out =
-            !tp.is_null() && kernel::read::<i32>(tp, off!(sock_err)) == Some(uapi::ETIMEDOUT);
-        let open = if rec.flags & sock_flags::COUNTED_OPEN != 0 {
-            u64::MAX // wrapping add: -1
-        } else {
-            0
-        };
-        if timed_out {
+        if !tp.is_null() && kernel::load::<i32>(tp, off!(sock_err)) == uapi::ETIMEDOUT {
             count(Counter::DeadPeers);
-        }
-        if open != 0 || timed_out {
-            // Never re-create the entry of a removed cgroup just to decrement it.
-            track::cgroup_add(rec.cgroup_id, open, 0, u64::from(timed_out), false);
+            // Never re-create the entry of a removed cgroup just to count this.
+            track::cgroup_add(rec.cgroup_id, 0, 1, false);
         }
     }
     track::remove_record(cookie);

@@ -57,14 +57,12 @@ pub(crate) fn resolve(cgroup: SockCgroup, need_scope: bool) -> Option<Resolved> 
                 in_scope = true;
                 break;
             }
-            let Some(parent) = kernel::read_ptr(kn, off!(kn_parent)) else {
+            let parent: *const u8 = kernel::load(kn, off!(kn_parent));
+            if parent.is_null() {
                 break;
-            };
-            let Some(parent_id) = kernel::read::<u64>(parent, off!(kn_id)) else {
-                break;
-            };
+            }
             kn = parent;
-            id = parent_id;
+            id = kernel::load(kn, off!(kn_id));
         }
     }
     let (policy, policy_cgroup) = match found {

@@ -118,7 +118,7 @@ pub(crate) fn enforce_socket(
         & (sock_flags::HAS_TASK
             | sock_flags::OUTBOUND
             | sock_flags::INBOUND
-            | sock_flags::COUNTED_OPEN
+            | sock_flags::STATE_CB
             | sock_flags::RETROACTIVE);
     match origin {
         Origin::Established { direction } => flags |= direction,
@@ -126,11 +126,10 @@ pub(crate) fn enforce_socket(
         Origin::Existing => {}
     }
     if first {
-        if enable_state_cb() && track::cgroup_add(own, 1, 1, 0, true) {
-            flags |= sock_flags::COUNTED_OPEN;
-        } else {
-            track::cgroup_add(own, 0, 1, 0, true);
+        if before & sock_flags::STATE_CB != 0 || enable_state_cb() {
+            flags |= sock_flags::STATE_CB;
         }
+        track::cgroup_add(own, 1, 0, true);
     }
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };

@@ -120,7 +120,7 @@ pub(crate) fn set_lock(sk: *mut c_void, policy: Option<&Policy>) {
 /// Adds to a cgroup's counters, creating its entry when `create` is set. Returns false, and
 /// counts the overflow, when the map is full.
 #[inline(always)]
-pub(crate) fn cgroup_add(cgroup: u64, open: u64, enforced: u64, dead: u64, create: bool) -> bool {
+pub(crate) fn cgroup_add(cgroup: u64, enforced: u64, dead: u64, create: bool) -> bool {
     let stats = match KA_CGSTATS.get_ptr_mut(cgroup) {
         Some(stats) => stats,
         None if create => {
@@ -138,9 +138,6 @@ pub(crate) fn cgroup_add(cgroup: u64, open: u64, enforced: u64, dead: u64, creat
     };
     // SAFETY: `stats` points at a live map value; fields are updated atomically.
     unsafe {
-        if open != 0 {
-            atomic_add(&raw mut (*stats).open, open);
-        }
         if enforced != 0 {
             atomic_add(&raw mut (*stats).enforced_total, enforced);
         }

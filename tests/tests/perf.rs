@@ -1,8 +1,9 @@
 //! A quick regression guard on the per-connection cost: a loopback connection storm in an
-//! enforced cgroup must keep at least 90% of the rate of the same storm in a cgroup without
+//! enforced cgroup must keep at least 80% of the rate of the same storm in a cgroup without
 //! enforcement, as a median over interleaved pairs. The real numbers come from
-//! `cargo xtask bench`; this only catches regressions, with a loose floor so timing noise on
-//! shared machines does not make it flaky.
+//! `cargo xtask bench` (README, "Performance"); this only catches regressions, with a floor
+//! loose enough that timing noise on a shared 2-core VM does not make it flaky: single pairs
+//! there range over +-15%, and a regression that doubles the program's cost falls below it.
 //!
 //! Run alone (`cargo xtask test` does): parallel tests would skew the timing.
 
@@ -10,7 +11,7 @@ use keepalive_tests::{Agent, Proc, TestCgroup, write_config};
 
 const CONNECTIONS: &str = "4000";
 const PAIRS: usize = 7;
-const FLOOR: f64 = 0.90;
+const FLOOR: f64 = 0.80;
 
 fn rate(cgroup: &TestCgroup) -> f64 {
     let mut storm = Proc::sock(&["storm", CONNECTIONS], cgroup);

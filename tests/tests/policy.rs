@@ -9,8 +9,11 @@ use keepalive_tests::{
     stderr, values, write_config,
 };
 
+/// keepalive, idle, interval, count.
+type Values = (i64, i64, i64, i64);
+
 /// Opens a loopback pair inside `cgroup` and returns the client's and server's values.
-fn pair_values(cgroup: &TestCgroup) -> ((i64, i64, i64, i64), (i64, i64, i64, i64)) {
+fn pair_values(cgroup: &TestCgroup) -> (Values, Values) {
     let mut pair = Proc::sock(&["pair", "4"], cgroup);
     let out = pair.read();
     (values(&out["client"]), values(&out["server"]))

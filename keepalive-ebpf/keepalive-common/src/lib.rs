@@ -188,8 +188,9 @@ pub mod sock_flags {
     pub const ENFORCED: u32 = 1 << 2;
     /// `fill` mode found keepalive enabled by the application; its values were kept.
     pub const APP_OWNED: u32 = 1 << 3;
-    /// The socket counts as open in [`CgroupStats::open`] until it closes.
-    pub const COUNTED_OPEN: u32 = 1 << 4;
+    /// The kernel calls the program when the socket changes state (close accounting, dead-peer
+    /// detection and removal of this record depend on it).
+    pub const STATE_CB: u32 = 1 << 4;
     /// Later setsockopt calls by the application are held at the policy (`lock` mode).
     pub const LOCKED: u32 = 1 << 5;
     /// The socket existed before enforcement and got its policy from the apply iterator.
@@ -258,18 +259,17 @@ pub struct StatusRecord {
 }
 const _: () = assert!(core::mem::size_of::<StatusRecord>() == 136);
 
-/// Counters kept per socket cgroup.
+/// Counters kept per socket cgroup. The number of open enforced sockets is not kept here: it
+/// is counted from [`MAP_SOCKS`] when read, which costs nothing per connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupStats {
-    /// Enforced sockets open now (incremented at establish, decremented at close).
-    pub open: u64,
     /// Sockets enforced since the maps were created.
     pub enforced_total: u64,
     /// Enforced sockets the kernel closed with ETIMEDOUT: keepalive or the user timeout expired.
     pub dead_peers: u64,
 }
-const _: () = assert!(core::mem::size_of::<CgroupStats>() == 24);
+const _: () = assert!(core::mem::size_of::<CgroupStats>() == 16);
 
 /// Outcome of the apply iterator for one socket, written as one byte per visited socket.
 pub mod apply_result {
