@@ -103,3 +103,33 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
     done.push("next: systemctl daemon-reload && systemctl enable --now keepalive-agent".to_owned());
     Ok(done)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::cgroup::Cgroup2;
+
+    #[test]
+    fn the_shipped_default_config_parses_to_the_builtin_default() {
+        let config = crate::config::parse(
+            DEFAULT_CONFIG_TEXT,
+            Path::new(crate::config::DEFAULT_CONFIG),
+            &Cgroup2::at("/sys/fs/cgroup"),
+        )
+        .expect("the shipped config is valid");
+        assert_eq!(config.policies.default, crate::policy::BUILTIN_DEFAULT);
+        assert!(config.policies.rules.is_empty());
+    }
+
+    #[test]
+    fn the_unit_points_at_the_installed_binary() {
+        let unit = unit_for(Path::new("/opt/bin/keepalive-agent"));
+        assert!(
+            unit.contains("ExecStart=/opt/bin/keepalive-agent run"),
+            "{unit}"
+        );
+        assert!(!unit.contains(UNIT_BINARY));
+    }
+}

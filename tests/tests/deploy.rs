@@ -1,0 +1,152 @@
+//! Deployment on a real host: `check` reports readiness truthfully, the agent pings the systemd
+//! watchdog, and it runs with exactly the capabilities the unit and the DaemonSet grant.
+
+use std::{ffi::CString, os::unix::process::CommandExt as _, process::Command, time::Duration};
+
+use keepalive_tests::{
+    Agent, AgentDirs, Proc, TestCgroup, agent_bin, agent_in_private_mounts, cgroup2_mount, code,
+    drop_caps_except, require_root, sockops_attachments, stderr, umount, values,
+};
+use serde_json::Value;
+
+/// The capabilities the systemd unit and the DaemonSet grant (linux/capability.h numbers):
+/// CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF.
+const GRANTED: [u32; 5] = [12, 19, 21, 38, 39];
+
+fn check_item<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name} in {report:#}"))
+}
+
+#[test]
+fn check_reports_a_ready_host_and_probes_every_program() {
+    require_root();
+    let dirs = AgentDirs::new();
+    let out = dirs.cli(&["check", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("check --json is JSON");
+    assert_eq!(code(&out), 0, "{report:#}");
+    assert_eq!(report["ready"], true);
+    for name in [
+        "kernel",
+        "btf",
+        "cgroup2",
+        "bpffs",
+        "privileges",
+        "sock_ops",
+        "cgroup/setsockopt",
+        "iter/tcp",
+        "iter/bpf_map_elem",
+    ] {
+        assert_eq!(
+            check_item(&report, name)["status"],
+            "ok",
+            "{name}: {report:#}"
+        );
+    }
+    let human = String::from_utf8(dirs.cli(&["check"]).stdout).unwrap();
+    assert!(
+        human.contains("ready: this host can run keepalive-agent"),
+        "{human}"
+    );
+}
+
+#[test]
+fn check_names_what_to_fix_when_the_host_is_not_ready() {
+    require_root();
+    let dirs = AgentDirs::new();
+    let out = Command::new(agent_bin())
+        .args([
+            "--state-dir",
+            dirs.state_dir.to_str().unwrap(),
+            "check",
+            "--json",
+        ])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 8, "{}", stderr(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let privileges = check_item(&report, "privileges");
+    assert_eq!(privileges["status"], "fail");
+    assert!(
+        privileges["fix"].as_str().unwrap().contains("root"),
+        "{privileges}"
+    );
+
+    let mount = CString::new(cgroup2_mount().to_str().unwrap()).unwrap();
+    let out = agent_in_private_mounts(&["check", "--json"], move || umount(&mount));
+    assert_eq!(code(&out), 8);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cgroup2 = check_item(&report, "cgroup2");
+    assert_eq!(cgroup2["status"], "fail", "{report:#}");
+    assert!(
+        cgroup2["fix"]
+            .as_str()
+            .unwrap()
+            .contains("mount -t cgroup2"),
+        "{cgroup2}"
+    );
+}
+
+#[test]
+fn the_agent_pings_the_systemd_watchdog() {
+    let cg = TestCgroup::new("watchdog");
+    let mut agent = Agent::start_with(
+        &AgentDirs::new(),
+        &["run", "--cgroup", cg.path().to_str().unwrap()],
+        &[("WATCHDOG_USEC", "400000")],
+        None,
+    );
+    agent.wait_notify("WATCHDOG=1", Duration::from_secs(2));
+    agent.wait_notify("WATCHDOG=1", Duration::from_secs(2));
+}
+
+#[test]
+fn the_agent_runs_with_only_the_granted_capabilities() {
+    let cg = TestCgroup::new("caps");
+    let _agent = Agent::start_with(
+        &AgentDirs::new(),
+        &[
+            "run",
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+            "--idle",
+            "14",
+        ],
+        &[],
+        Some(&GRANTED),
+    );
+    let mut pair = Proc::sock(&["pair", "4"], &cg);
+    let out = pair.read();
+    assert_eq!(values(&out["client"]).1, 14);
+    assert_eq!(values(&out["server"]).1, 14);
+}
+
+#[test]
+fn without_cap_net_admin_the_agent_refuses_clearly() {
+    let cg = TestCgroup::new("nocap");
+    let dirs = AgentDirs::new();
+    let keep: Vec<u32> = GRANTED.into_iter().filter(|&c| c != 12).collect();
+    let mut cmd = Command::new(agent_bin());
+    cmd.args([
+        "--state-dir",
+        dirs.state_dir.to_str().unwrap(),
+        "--runtime-dir",
+        dirs.runtime_dir.to_str().unwrap(),
+    ])
+    .args(["run", "--cgroup", cg.path().to_str().unwrap()]);
+    // SAFETY: prctl calls only.
+    unsafe {
+        cmd.pre_exec(move || drop_caps_except(&keep));
+    }
+    let out = cmd.output().unwrap();
+    let err = stderr(&out);
+    assert_eq!(code(&out), 3, "{err}");
+    assert!(err.contains("CAP_NET_ADMIN"), "{err}");
+    assert_eq!(sockops_attachments(cg.path()), 0);
+}
