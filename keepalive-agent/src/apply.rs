@@ -14,7 +14,7 @@ use std::{
         unix::fs::MetadataExt as _,
     },
     path::PathBuf,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use anyhow::Context as _;
@@ -157,13 +157,13 @@ pub fn apply_existing(link: &impl AsFd) -> anyhow::Result<ApplyReport> {
 pub fn describe(report: &ApplyReport) -> String {
     format!(
         "existing connections: {} updated, {} already current, {} in off cgroups, {} keep \
-         their own keepalive (fill), {} failed; {} network namespaces in {:?}",
+         their own keepalive (fill), {} failed; {} network namespaces in {:.1} ms",
         report.applied,
         report.unchanged,
         report.skipped_off,
         report.kept_app,
         report.failed,
         report.namespaces,
-        Duration::from_micros(report.elapsed_us)
+        report.elapsed_us as f64 / 1000.0
     )
 }

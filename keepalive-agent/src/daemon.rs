@@ -136,14 +136,14 @@ impl Daemon {
     fn refresh(&mut self, force_apply: bool) -> anyhow::Result<Option<ApplyReport>> {
         let set = self.policy_set();
         let resolution = set.resolve(&self.cgroup2, &self.attach);
-        let table = resolution.table(&set.default);
+        let table = resolution.table(&set.default, self.enforcer.attach_id());
         let changed = table != self.table;
         if changed {
             self.enforcer.push_table(&table)?;
             log::info!(
                 "policy table: default {} plus {} cgroup policies",
                 describe_spec(&set.default),
-                table.len() - 1
+                resolution.entries.len()
             );
             self.table = table;
         }
@@ -533,7 +533,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     // The table goes in before the program is attached, so the program never runs without it.
     let set = daemon.policy_set();
     let resolution = set.resolve(&daemon.cgroup2, &daemon.attach);
-    daemon.table = resolution.table(&set.default);
+    daemon.table = resolution.table(&set.default, attach_id);
     daemon.enforcer.push_table(&daemon.table)?;
     daemon.resolution = resolution;
     let lock = set.uses_lock();
@@ -552,7 +552,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     log::info!(
         "policy: default {} plus {} cgroup policies{}",
         describe_spec(&set.default),
-        daemon.table.len() - 1,
+        daemon.resolution.entries.len(),
         daemon
             .config
             .file

@@ -415,12 +415,19 @@ pub struct Resolution {
 }
 
 impl Resolution {
-    /// The table pushed to the kernel: the default under [`DEFAULT_POLICY_KEY`] and one entry
-    /// per cgroup with a policy.
-    pub fn table(&self, default: &Spec) -> Vec<(u64, Policy)> {
-        std::iter::once((DEFAULT_POLICY_KEY, default.abi()))
+    /// The table pushed to the kernel: the default under [`DEFAULT_POLICY_KEY`] and under the
+    /// attach cgroup's id (unless it has a policy of its own), so the program's ancestor walk
+    /// ends with a hit; and one entry per cgroup with a policy.
+    pub fn table(&self, default: &Spec, attach_id: u64) -> Vec<(u64, Policy)> {
+        let mut default = default.abi();
+        default.flags |= policy_flags::DEFAULT;
+        let mut table: Vec<(u64, Policy)> = std::iter::once((DEFAULT_POLICY_KEY, default))
             .chain(self.entries.iter().map(|(id, e)| (*id, e.spec.abi())))
-            .collect()
+            .collect();
+        if !self.entries.contains_key(&attach_id) {
+            table.push((attach_id, default));
+        }
+        table
     }
 }
 

@@ -100,20 +100,15 @@ fn socket(ctx: &SockOpsContext) -> Option<Socket> {
     })
 }
 
-/// Records the connecting task: connect() runs in the caller's context, the later ESTABLISHED
-/// callback usually does not. State callbacks start here so a failed connect drops the record.
+/// Remembers the connecting task: connect() runs in the caller's context, the later
+/// ESTABLISHED callback usually does not.
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
-    let rec = SockRecord {
-        pid: (bpf_get_current_pid_tgid() >> 32) as u32,
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-        flags: sock_flags::HAS_TASK | sock_flags::OUTBOUND | sock_flags::STATE_CB,
-        state: 2, // TCP_SYN_SENT
-        ..SockRecord::default()
-    };
-    if enable_state_cb(ctx) {
-        track::insert_record(cookie_of(ctx), &rec);
-    }
+    track::remember_connect(
+        cookie_of(ctx),
+        (bpf_get_current_pid_tgid() >> 32) as u32,
+        bpf_get_current_comm().unwrap_or([0; 16]),
+    );
 }
 
 /// Sets the policy on a new listener, so the connections it accepts inherit it from the
@@ -148,7 +143,7 @@ fn on_established(ctx: &SockOpsContext, direction: u32) {
         &sock,
         &resolved,
         Origin::Established { direction },
-        |rec| describe(ctx, rec),
+        |rec| describe(ctx, rec, sock.cookie, direction),
         || enable_state_cb(ctx),
     );
     // Compiled out by the verifier unless the agent loads with debug logging (AYA_LOG_LEVEL).
@@ -164,7 +159,14 @@ fn on_established(ctx: &SockOpsContext, direction: u32) {
 
 /// Fills a record's addresses from the sock_ops context.
 #[inline(always)]
-fn describe(ctx: &SockOpsContext, rec: &mut SockRecord) {
+fn describe(ctx: &SockOpsContext, rec: &mut SockRecord, cookie: u64, direction: u32) {
+    if direction == sock_flags::OUTBOUND
+        && let Some((pid, comm)) = track::connect_task(cookie)
+    {
+        rec.pid = pid;
+        rec.comm = comm;
+        rec.flags |= sock_flags::HAS_TASK;
+    }
     let family = ctx.family() as u16;
     rec.sk = sock_of(ctx) as u64;
     rec.family = family;

@@ -6,7 +6,7 @@ use aya_ebpf::{
     btf_maps::{ArrayOfMaps, HashMap},
     macros::btf_map,
 };
-use keepalive_common::{DEFAULT_POLICY_KEY, MAX_CGROUP_DEPTH, MAX_POLICIES, Policy};
+use keepalive_common::{DEFAULT_POLICY_KEY, MAX_CGROUP_DEPTH, MAX_POLICIES, Policy, policy_flags};
 
 use crate::kernel::{self, SockCgroup, off};
 
@@ -46,7 +46,13 @@ pub(crate) fn resolve(cgroup: SockCgroup, need_scope: bool) -> Option<Resolved> 
                 // SAFETY: the value is copied out at once; tables are never modified while
                 // installed (the agent swaps in a new one), so no writer can race the copy.
                 if let Some(policy) = unsafe { table.get(id) } {
-                    found = Some((*policy, id));
+                    // The default, also stored under the attach cgroup, is reported as such.
+                    let key = if policy.flags & policy_flags::DEFAULT != 0 {
+                        DEFAULT_POLICY_KEY
+                    } else {
+                        id
+                    };
+                    found = Some((*policy, key));
                     if !need_scope {
                         in_scope = true;
                         break;

@@ -49,21 +49,14 @@ pub(crate) fn enforce_socket(
     enable_state_cb: impl FnOnce() -> bool,
 ) -> u8 {
     let policy = resolved.policy;
-    // A just-accepted socket cannot have a record yet; skip the lookup.
-    let existing = if origin
-        == (Origin::Established {
-            direction: sock_flags::INBOUND,
-        }) {
-        None
-    } else {
+    // A just-established socket cannot have a record yet; skip the lookup.
+    let existing = if origin == Origin::Existing {
         track::record(sock.cookie)
+    } else {
+        None
     };
     if policy.mode == mode::OFF {
         count(Counter::SkippedOff);
-        if existing.is_some() && origin != Origin::Existing {
-            // The record connect() left behind; an `off` socket is not tracked.
-            track::remove_record(sock.cookie);
-        }
         return apply_result::SKIPPED_OFF;
     }
     let covered = sock_flags::ENFORCED | sock_flags::APP_OWNED;

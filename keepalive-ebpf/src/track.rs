@@ -12,13 +12,13 @@ use core::{
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
-    btf_maps::{HashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
     helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
     macros::btf_map,
 };
 use keepalive_common::{
-    CgroupStats, Counter, DEFAULT_MAX_TRACKED_CGROUPS, DEFAULT_MAX_TRACKED_SOCKETS, Policy,
-    SockRecord,
+    CONNECT_SLOTS, CgroupStats, ConnectSlot, Counter, DEFAULT_MAX_TRACKED_CGROUPS,
+    DEFAULT_MAX_TRACKED_SOCKETS, Policy, SockRecord,
 };
 
 #[btf_map]
@@ -28,6 +28,9 @@ static KA_SOCKS: HashMap<
     { DEFAULT_MAX_TRACKED_SOCKETS as usize },
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
+
+#[btf_map]
+static KA_CONNECTS: Array<ConnectSlot, { CONNECT_SLOTS as usize }> = Array::new();
 
 #[btf_map]
 static KA_LOCKS: SkStorage<Policy> = SkStorage::new();
@@ -63,6 +66,40 @@ pub(crate) fn record(cookie: u64) -> Option<&'static mut SockRecord> {
     KA_SOCKS
         .get_ptr_mut(cookie)
         .and_then(|ptr| unsafe { ptr.as_mut() })
+}
+
+#[inline(always)]
+fn connect_slot(cookie: u64) -> Option<*mut ConnectSlot> {
+    KA_CONNECTS.get_ptr_mut((cookie % u64::from(CONNECT_SLOTS)) as u32)
+}
+
+/// Remembers who connects `cookie`.
+#[inline(always)]
+pub(crate) fn remember_connect(cookie: u64, pid: u32, comm: [u8; 16]) {
+    if let Some(slot) = connect_slot(cookie) {
+        // SAFETY: array slots are always valid; the cookie is cleared first and set last so a
+        // concurrent reader (checking it before and after) never accepts a half-written slot.
+        unsafe {
+            ptr::write_volatile(&raw mut (*slot).cookie, 0);
+            (*slot).pid = pid;
+            (*slot).comm = comm;
+            ptr::write_volatile(&raw mut (*slot).cookie, cookie);
+        }
+    }
+}
+
+/// Who connected `cookie`, if the slot still holds it.
+#[inline(always)]
+pub(crate) fn connect_task(cookie: u64) -> Option<(u32, [u8; 16])> {
+    let slot = connect_slot(cookie)?;
+    // SAFETY: as in `remember_connect`.
+    unsafe {
+        if ptr::read_volatile(&raw const (*slot).cookie) != cookie {
+            return None;
+        }
+        let task = ((*slot).pid, (*slot).comm);
+        (ptr::read_volatile(&raw const (*slot).cookie) == cookie).then_some(task)
+    }
 }
 
 /// Adds a tracking record; counts the overflow when the map is full.

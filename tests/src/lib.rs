@@ -84,9 +84,11 @@ pub fn target_dir() -> PathBuf {
         .to_owned()
 }
 
-/// The socket helper binary.
+/// The socket helper binary (`KA_SOCK_BIN` overrides where it is looked for).
 pub fn sock_bin() -> PathBuf {
-    let path = target_dir().join("ka-sock");
+    let path = std::env::var_os("KA_SOCK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("ka-sock"));
     assert!(path.is_file(), "ka-sock not built at {}", path.display());
     path
 }
@@ -337,12 +339,24 @@ impl Proc {
         cgroup: Option<&Path>,
         netns: Option<&Netns>,
     ) -> Self {
+        Self::spawn_with_env(program, args, cgroup, netns, &[])
+    }
+
+    /// Like [`Proc::spawn`], with extra environment variables.
+    pub fn spawn_with_env(
+        program: &Path,
+        args: &[&str],
+        cgroup: Option<&Path>,
+        netns: Option<&Netns>,
+        env: &[(&str, &str)],
+    ) -> Self {
         let procs = cgroup.map(|c| {
             CString::new(c.join("cgroup.procs").to_str().expect("utf-8 path")).expect("no NUL")
         });
         let ns_fd = netns.map(|n| File::open(n.handle()).expect("open netns").into_raw_fd());
         let mut cmd = Command::new(program);
         cmd.args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());

@@ -28,6 +28,9 @@ pub const MAP_POLICY: &str = "KA_POLICY";
 /// Tracked sockets: socket cookie (`u64`) -> [`SockRecord`]. Entries are added when a socket
 /// is enforced and removed when it closes. Bounded; overflow is counted.
 pub const MAP_SOCKS: &str = "KA_SOCKS";
+/// Connect cache: [`CONNECT_SLOTS`] × [`ConnectSlot`]. Not pinned: in-flight connects across an
+/// agent restart just show their process as unknown.
+pub const MAP_CONNECTS: &str = "KA_CONNECTS";
 /// Socket-local storage holding the [`Policy`] of `lock`-mode sockets, read by the
 /// cgroup/setsockopt program (which has no socket cookie helper to find the tracking record).
 pub const MAP_LOCKS: &str = "KA_LOCKS";
@@ -90,6 +93,10 @@ pub mod mode {
 pub mod policy_flags {
     /// `user_timeout_ms` is set; otherwise the kernel's TCP_USER_TIMEOUT is left alone.
     pub const USER_TIMEOUT: u32 = 1;
+    /// This entry is the `[default]` policy. The agent stores it under the attach cgroup's id
+    /// too (unless that cgroup has a policy of its own), so the ancestor walk ends with a hit
+    /// instead of a second lookup.
+    pub const DEFAULT: u32 = 2;
 }
 
 /// One keepalive policy as the program applies it.
@@ -110,6 +117,27 @@ pub struct Policy {
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<Policy>() == 24);
+
+/// Slots of the connect cache ([`MAP_CONNECTS`]).
+pub const CONNECT_SLOTS: u32 = 4096;
+
+/// Who called connect(), kept from TCP_CONNECT_CB (process context) until the connection is
+/// established (often in softirq, where the current task is unrelated). A direct-mapped cache
+/// indexed by cookie: a slot reused before establishment just means "unknown", never a wrong
+/// process, because the cookie is checked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnectSlot {
+    /// Cookie of the connecting socket; 0 while the slot is being written.
+    pub cookie: u64,
+    /// Thread group id of the caller.
+    pub pid: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+    /// Command name of the caller.
+    pub comm: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<ConnectSlot>() == 32);
 
 /// Read-only settings handed to the program at load time.
 #[repr(C)]

@@ -9,6 +9,7 @@
 //! ka-sock storm <N>                              N loopback connect/accept/close cycles, timed
 //! ka-sock churn                                  connect/accept/close until stdin closes,
 //!                                                counting connections without SO_KEEPALIVE
+//! ka-sock hold <N>                               open N loopback connections, hold them
 //! ```
 //!
 //! While holding sockets, every line on stdin asks for a fresh `{"report": [...]}` of their
@@ -276,6 +277,59 @@ fn storm(args: &[String]) {
     }));
 }
 
+/// Opens `n` loopback connections (spread over enough listeners that ephemeral ports never run
+/// out), reports how long that took, and holds them until stdin closes.
+fn hold_many(args: &[String]) {
+    let n: usize = args.first().expect("hold N").parse().expect("count");
+    let needed = (2 * n + 64) as libc::rlim_t;
+    // SAFETY: an all-zero rlimit is valid; getrlimit fills it.
+    let mut rlim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: getrlimit/setrlimit read and write the struct.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rlim) };
+    if rlim.rlim_cur < needed {
+        rlim.rlim_cur = needed;
+        rlim.rlim_max = rlim.rlim_max.max(needed);
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rlim) } != 0 {
+            panic!(
+                "raise RLIMIT_NOFILE to {needed}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    let listeners: Vec<TcpListener> = (0..n.div_ceil(20_000).max(1))
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    let start = Instant::now();
+    let mut held = Vec::with_capacity(2 * n);
+    for i in 0..n {
+        let listener = &listeners[i % listeners.len()];
+        let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        held.push(client);
+        held.push(server);
+    }
+    emit(json!({ "connections": n, "elapsed_us": start.elapsed().as_micros() as u64 }));
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    for stream in &held {
+        let linger = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        // SAFETY: setsockopt reads a linger struct.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                SOL_SOCKET,
+                libc::SO_LINGER,
+                (&raw const linger).cast(),
+                size_of::<libc::linger>() as u32,
+            )
+        };
+    }
+}
+
 /// Opens and closes loopback connections until stdin closes, checking on every one that both
 /// ends carry SO_KEEPALIVE; reports how many did not.
 fn churn() {
@@ -328,6 +382,7 @@ fn main() {
         "connect" => connect_cmd(rest),
         "storm" => storm(rest),
         "churn" => churn(),
+        "hold" => hold_many(rest),
         other => panic!("unknown command {other}"),
     }
 }
