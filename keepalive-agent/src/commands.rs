@@ -29,6 +29,21 @@ fn print(text: &str) -> anyhow::Result<()> {
     }
 }
 
+/// Whether writing failed because the reader went away (`status --json | head`).
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<io::Error>()
+            .map(io::Error::kind)
+            .or_else(|| {
+                cause
+                    .downcast_ref::<serde_json::Error>()
+                    .and_then(serde_json::Error::io_error_kind)
+            })
+            == Some(io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     print(&format!("{}\n", serde_json::to_string_pretty(value)?))
 }
@@ -121,11 +136,19 @@ fn status_cmd(state: &StateDir, args: &StatusArgs) -> anyhow::Result<()> {
             .transpose()?,
         port: args.port,
     };
-    let snapshot = status::snapshot(state, &cgroup2, &filter)?;
     if args.json {
-        json(&snapshot)
+        let stdout = io::stdout().lock();
+        let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
+        let written = status::write_json(state, &cgroup2, &filter, &mut out)
+            .and_then(|()| out.flush().map_err(Into::into));
+        match written {
+            Err(err) if is_broken_pipe(&err) => Ok(()),
+            other => other,
+        }
     } else {
-        print(&status::render(&snapshot))
+        print(&status::render(&status::snapshot(
+            state, &cgroup2, &filter,
+        )?))
     }
 }
 

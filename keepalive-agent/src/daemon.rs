@@ -504,6 +504,9 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         },
         &btf,
     )?;
+    // Kernel BTF is only needed while loading; give its memory back before settling in.
+    drop(btf);
+    release_free_memory();
     if let Some(logger) = enforcer.take_logger() {
         // SAFETY: the logger owns its ring buffer fd until the AsyncFd is dropped.
         let mut logger = unsafe {
@@ -561,6 +564,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             .unwrap_or_default()
     );
     daemon.refresh(true)?;
+    release_free_memory();
 
     let mut watcher =
         CgroupWatcher::new(&cgroup2, &attach).context("failed to watch cgroups with inotify")?;
@@ -630,6 +634,14 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         state.root().display()
     );
     Ok(())
+}
+
+/// Returns freed heap memory to the kernel. Loading parses kernel BTF (megabytes of types) that
+/// is dropped right after; without this, glibc would keep the pages and the idle agent's RSS
+/// would carry them forever.
+fn release_free_memory() {
+    // SAFETY: malloc_trim only releases unused memory of glibc's allocator.
+    unsafe { libc::malloc_trim(0) };
 }
 
 /// `policy` client side: sends a request and turns a failure into the right exit code.

@@ -174,22 +174,35 @@ pub fn read_counters(state: &StateDir) -> anyhow::Result<BTreeMap<&'static str, 
     Ok(out)
 }
 
-/// Reads the raw socket records from the pinned status iterator.
-pub fn read_records(state: &StateDir) -> anyhow::Result<Vec<StatusRecord>> {
+/// Calls `each` for every raw socket record of the pinned status iterator, streaming: memory
+/// does not grow with the number of sockets.
+pub fn for_each_record(
+    state: &StateDir,
+    mut each: impl FnMut(&StatusRecord),
+) -> anyhow::Result<()> {
     let path = state.status_link();
     let link = sys::obj_get(&path)
         .map_err(|err| pin_error(&path, std::io::Error::new(err.kind(), err.to_string())))?;
-    let mut file = sys::iter_create(link.as_fd()).context("failed to start the status iterator")?;
-    let mut raw = Vec::new();
-    file.read_to_end(&mut raw)
-        .context("failed to read the status iterator")?;
-    Ok(raw
-        .chunks_exact(size_of::<StatusRecord>())
-        .map(|chunk| {
-            // SAFETY: StatusRecord is plain old data and the chunk has exactly its size.
-            unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast::<StatusRecord>()) }
-        })
-        .collect())
+    let file = sys::iter_create(link.as_fd()).context("failed to start the status iterator")?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut buf = [0u8; size_of::<StatusRecord>()];
+    loop {
+        match reader.read_exact(&mut buf) {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(err) => return Err(err).context("failed to read the status iterator"),
+        }
+        // SAFETY: StatusRecord is plain old data and the buffer has exactly its size.
+        let rec = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<StatusRecord>()) };
+        each(&rec);
+    }
+}
+
+/// Reads all raw socket records.
+pub fn read_records(state: &StateDir) -> anyhow::Result<Vec<StatusRecord>> {
+    let mut records = Vec::new();
+    for_each_record(state, |rec| records.push(*rec))?;
+    Ok(records)
 }
 
 fn boottime_now() -> Duration {
@@ -301,15 +314,24 @@ fn socket_row(rec: &StatusRecord, names: &HashMap<u64, CgroupPath>) -> SocketRow
     }
 }
 
-/// Reads everything `status` shows.
-pub fn snapshot(state: &StateDir, cgroup2: &Cgroup2, filter: &Filter) -> anyhow::Result<Snapshot> {
-    let names = cgroup2.names(&CgroupPath::root());
-    let attach_cgroup = crate::loader::pinned_attach_id(state)
-        .map_err(|err| {
-            match err
-                .downcast_ref::<std::io::Error>()
-                .map(std::io::Error::kind)
-            {
+/// What every view needs: cgroup names, the filter, and where the state is.
+struct View<'a> {
+    names: HashMap<u64, CgroupPath>,
+    filter: &'a Filter,
+    attach_cgroup: Option<String>,
+}
+
+impl View<'_> {
+    fn new<'f>(
+        state: &StateDir,
+        cgroup2: &Cgroup2,
+        filter: &'f Filter,
+    ) -> anyhow::Result<View<'f>> {
+        let names = cgroup2.names(&CgroupPath::root());
+        let attach_cgroup =
+            crate::loader::pinned_attach_id(state)
+                .map_err(|err| {
+                    match err.downcast_ref::<std::io::Error>().map(std::io::Error::kind) {
                 Some(std::io::ErrorKind::PermissionDenied) => Error::Permission(format!(
                     "permission denied reading {}: keepalive state is readable by root only",
                     state.root().display()
@@ -317,67 +339,148 @@ pub fn snapshot(state: &StateDir, cgroup2: &Cgroup2, filter: &Filter) -> anyhow:
                 .into(),
                 _ => err,
             }
-        })?
-        .map(|id| cgroup_name(&names, id));
-    let within = |id: u64| match &filter.cgroup {
-        None => true,
-        Some(root) => names.get(&id).is_some_and(|path| path.is_within(root)),
-    };
-    let records = read_records(state)?;
-    let tracked_entries = records.len() as u64;
-    let covered = sock_flags::ENFORCED | sock_flags::APP_OWNED;
-    let stale_entries = records
-        .iter()
-        .filter(|rec| rec.sock.flags & covered != 0 && rec.live_state == 0)
-        .count() as u64;
-    let mut sockets: Vec<SocketRow> = records
-        .iter()
-        .filter(|rec| rec.sock.flags & covered != 0 && rec.live_state != 0)
-        .filter(|rec| within(rec.sock.cgroup_id))
-        .filter(|rec| {
-            filter
+                })?
+                .map(|id| cgroup_name(&names, id));
+        Ok(View {
+            names,
+            filter,
+            attach_cgroup,
+        })
+    }
+
+    fn within(&self, id: u64) -> bool {
+        match &self.filter.cgroup {
+            None => true,
+            Some(root) => self.names.get(&id).is_some_and(|path| path.is_within(root)),
+        }
+    }
+
+    /// Whether a record is an open enforced socket that passes the filter.
+    fn shows(&self, rec: &StatusRecord) -> bool {
+        rec.sock.flags & COVERED != 0
+            && rec.live_state != 0
+            && self.within(rec.sock.cgroup_id)
+            && self
+                .filter
                 .port
                 .is_none_or(|port| rec.sock.local_port == port || rec.sock.remote_port == port)
-        })
-        .map(|rec| socket_row(rec, &names))
-        .collect();
-    sockets.sort_by(|a, b| (&a.cgroup, &a.local, &a.remote).cmp(&(&b.cgroup, &b.local, &b.remote)));
-    // Open sockets are counted from the records, which costs nothing per connection.
-    let mut open: HashMap<u64, u64> = HashMap::new();
-    for rec in records
-        .iter()
-        .filter(|rec| rec.sock.flags & covered != 0 && rec.live_state != 0)
-    {
-        *open.entry(rec.sock.cgroup_id).or_default() += 1;
     }
-    let stats: HashMap<u64, CgroupStats> = read_cgroup_stats(state)?.into_iter().collect();
-    let mut ids: Vec<u64> = stats.keys().chain(open.keys()).copied().collect();
-    ids.sort_unstable();
-    ids.dedup();
-    let mut cgroups: Vec<CgroupRow> = ids
-        .into_iter()
-        .filter(|id| within(*id))
-        .map(|id| {
-            let counted = stats.get(&id).copied().unwrap_or_default();
-            CgroupRow {
-                cgroup: cgroup_name(&names, id),
-                cgroup_id: id,
-                open: open.get(&id).copied().unwrap_or(0),
-                enforced_total: counted.enforced_total,
-                dead_peers: counted.dead_peers,
+}
+
+const COVERED: u32 = sock_flags::ENFORCED | sock_flags::APP_OWNED;
+
+/// Per-record tallies: open sockets per cgroup, all entries, stale entries.
+#[derive(Default)]
+struct Tally {
+    open: HashMap<u64, u64>,
+    tracked: u64,
+    stale: u64,
+}
+
+impl Tally {
+    fn add(&mut self, rec: &StatusRecord) {
+        self.tracked += 1;
+        if rec.sock.flags & COVERED != 0 {
+            if rec.live_state == 0 {
+                self.stale += 1;
+            } else {
+                *self.open.entry(rec.sock.cgroup_id).or_default() += 1;
             }
-        })
-        .collect();
-    cgroups.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+        }
+    }
+
+    fn cgroups(&self, view: &View<'_>, state: &StateDir) -> anyhow::Result<Vec<CgroupRow>> {
+        let stats: HashMap<u64, CgroupStats> = read_cgroup_stats(state)?.into_iter().collect();
+        let mut ids: Vec<u64> = stats.keys().chain(self.open.keys()).copied().collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut rows: Vec<CgroupRow> = ids
+            .into_iter()
+            .filter(|id| view.within(*id))
+            .map(|id| {
+                let counted = stats.get(&id).copied().unwrap_or_default();
+                CgroupRow {
+                    cgroup: cgroup_name(&view.names, id),
+                    cgroup_id: id,
+                    open: self.open.get(&id).copied().unwrap_or(0),
+                    enforced_total: counted.enforced_total,
+                    dead_peers: counted.dead_peers,
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| a.cgroup.cmp(&b.cgroup));
+        Ok(rows)
+    }
+}
+
+/// Reads everything `status` shows, sockets sorted by cgroup and address.
+pub fn snapshot(state: &StateDir, cgroup2: &Cgroup2, filter: &Filter) -> anyhow::Result<Snapshot> {
+    let view = View::new(state, cgroup2, filter)?;
+    let mut tally = Tally::default();
+    let mut sockets = Vec::new();
+    for_each_record(state, |rec| {
+        tally.add(rec);
+        if view.shows(rec) {
+            sockets.push(socket_row(rec, &view.names));
+        }
+    })?;
+    sockets.sort_by(|a, b| (&a.cgroup, &a.local, &a.remote).cmp(&(&b.cgroup, &b.local, &b.remote)));
     Ok(Snapshot {
-        attach_cgroup,
+        attach_cgroup: view.attach_cgroup.clone(),
         state_dir: state.root().display().to_string(),
         sockets,
-        cgroups,
+        cgroups: tally.cgroups(&view, state)?,
         counters: read_counters(state)?,
-        tracked_entries,
-        stale_entries,
+        tracked_entries: tally.tracked,
+        stale_entries: tally.stale,
     })
+}
+
+/// Writes the same document as a serialized [`Snapshot`], streaming the sockets in the order
+/// the kernel returns them, so memory stays flat however many sockets are open.
+pub fn write_json(
+    state: &StateDir,
+    cgroup2: &Cgroup2,
+    filter: &Filter,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    let view = View::new(state, cgroup2, filter)?;
+    let mut tally = Tally::default();
+    write!(out, "{{\"attach_cgroup\":")?;
+    serde_json::to_writer(&mut *out, &view.attach_cgroup)?;
+    write!(out, ",\"state_dir\":")?;
+    serde_json::to_writer(&mut *out, &state.root().display().to_string())?;
+    write!(out, ",\"sockets\":[")?;
+    let mut first = true;
+    let mut failed = None;
+    for_each_record(state, |rec| {
+        tally.add(rec);
+        if failed.is_some() || !view.shows(rec) {
+            return;
+        }
+        let sep = if first { "" } else { "," };
+        first = false;
+        if let Err(err) = out
+            .write_all(sep.as_bytes())
+            .map_err(serde_json::Error::io)
+            .and_then(|()| serde_json::to_writer(&mut *out, &socket_row(rec, &view.names)))
+        {
+            failed = Some(err);
+        }
+    })?;
+    if let Some(err) = failed {
+        return Err(err.into());
+    }
+    write!(out, "],\"cgroups\":")?;
+    serde_json::to_writer(&mut *out, &tally.cgroups(&view, state)?)?;
+    write!(out, ",\"counters\":")?;
+    serde_json::to_writer(&mut *out, &read_counters(state)?)?;
+    writeln!(
+        out,
+        ",\"tracked_entries\":{},\"stale_entries\":{}}}",
+        tally.tracked, tally.stale
+    )?;
+    Ok(())
 }
 
 fn terminal_width() -> Option<u16> {
