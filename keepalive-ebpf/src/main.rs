@@ -202,25 +202,19 @@ fn on_state_change(ctx: &SockOpsContext) {
     if ctx.arg(1) != u32::from(uapi::TCP_CLOSE) {
         return;
     }
-    let cookie = cookie_of(ctx);
-    let Some(rec) = record(cookie) else {
-        return;
-    };
-    if rec.flags & (sock_flags::ENFORCED | sock_flags::APP_OWNED) != 0 {
-        let sk = sock_of(ctx);
-        let tp = if sk.is_null() {
-            core::ptr::null()
-        } else {
-            // SAFETY: as in `socket`.
-            unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>().cast_const()
-        };
+    // Only sockets the program covered ask for state callbacks, so no record lookup is needed
+    // to know this one counts (and a socket the full tracking map left out still does).
+    let sk = sock_of(ctx);
+    if !sk.is_null() {
+        // SAFETY: as in `socket`.
+        let tp = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>().cast_const();
         if !tp.is_null() && kernel::load::<i32>(tp, off!(sock_err)) == uapi::ETIMEDOUT {
             count(Counter::DeadPeers);
             // Never re-create the entry of a removed cgroup just to count this.
-            track::cgroup_add(rec.cgroup_id, 0, 1, false);
+            track::cgroup_add(kernel::sock_cgroup(tp).id, 0, 1, false);
         }
     }
-    track::remove_record(cookie);
+    track::remove_record(cookie_of(ctx));
 }
 
 /// Holds `lock`-mode sockets at their policy: SO_KEEPALIVE cannot be switched off, and idle,
@@ -288,4 +282,4 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
-static LICENSE: [u8; 4] = *b"GPL\0";
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
