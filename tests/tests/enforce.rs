@@ -99,6 +99,26 @@ fn a_statically_linked_client_gets_the_values() {
     assert_eq!(values(&accepted["accepted"]), (1, 13, 4, 6), "{accepted}");
 }
 
+/// The comparison in the README: an LD_PRELOAD shim (the libkeepalive technique) reaches a
+/// dynamically linked program but not a statically linked one; the agent reaches both (see
+/// `a_statically_linked_client_gets_the_values`).
+#[test]
+fn an_ld_preload_shim_misses_static_binaries() {
+    let shim = env!("KA_SHIM");
+    let cg = TestCgroup::new("shim");
+    let preload = [("LD_PRELOAD", shim)];
+    let mut dynamic = Proc::spawn_with_env(&sock_bin(), &["pair", "4"], Some(cg.path()), None, &preload);
+    let out = dynamic.read();
+    assert_eq!(values(&out["client"]), (1, 60, 10, 5), "the shim works on a dynamic binary: {out}");
+    let mut server = Proc::sock(&["listen", "127.0.0.1:0"], &cg);
+    let port = server.read()["port"].as_u64().expect("port");
+    let client = std::path::PathBuf::from(env!("KA_STATIC_CLIENT"));
+    let mut static_client =
+        Proc::spawn_with_env(&client, &[&format!("127.0.0.1:{port}")], Some(cg.path()), None, &preload);
+    let out = static_client.read();
+    assert_eq!(values(&out), kernel_defaults(), "LD_PRELOAD cannot reach a static binary: {out}");
+}
+
 #[test]
 fn sockets_outside_the_attached_cgroup_are_untouched() {
     let parent = TestCgroup::new("outside");

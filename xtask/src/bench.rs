@@ -43,7 +43,7 @@ fn build_shim(root: &Path) -> anyhow::Result<PathBuf> {
     let status = Command::new("cc")
         .args(["-O2", "-shared", "-fPIC", "-o"])
         .arg(&lib)
-        .arg(root.join("xtask/bench/keepalive_shim.c"))
+        .arg(root.join("tests/shim/keepalive_shim.c"))
         .arg("-ldl")
         .status()
         .context("failed to run cc")?;
