@@ -107,16 +107,30 @@ fn an_ld_preload_shim_misses_static_binaries() {
     let shim = env!("KA_SHIM");
     let cg = TestCgroup::new("shim");
     let preload = [("LD_PRELOAD", shim)];
-    let mut dynamic = Proc::spawn_with_env(&sock_bin(), &["pair", "4"], Some(cg.path()), None, &preload);
+    let mut dynamic =
+        Proc::spawn_with_env(&sock_bin(), &["pair", "4"], Some(cg.path()), None, &preload);
     let out = dynamic.read();
-    assert_eq!(values(&out["client"]), (1, 60, 10, 5), "the shim works on a dynamic binary: {out}");
+    assert_eq!(
+        values(&out["client"]),
+        (1, 60, 10, 5),
+        "the shim works on a dynamic binary: {out}"
+    );
     let mut server = Proc::sock(&["listen", "127.0.0.1:0"], &cg);
     let port = server.read()["port"].as_u64().expect("port");
     let client = std::path::PathBuf::from(env!("KA_STATIC_CLIENT"));
-    let mut static_client =
-        Proc::spawn_with_env(&client, &[&format!("127.0.0.1:{port}")], Some(cg.path()), None, &preload);
+    let mut static_client = Proc::spawn_with_env(
+        &client,
+        &[&format!("127.0.0.1:{port}")],
+        Some(cg.path()),
+        None,
+        &preload,
+    );
     let out = static_client.read();
-    assert_eq!(values(&out), kernel_defaults(), "LD_PRELOAD cannot reach a static binary: {out}");
+    assert_eq!(
+        values(&out),
+        kernel_defaults(),
+        "LD_PRELOAD cannot reach a static binary: {out}"
+    );
 }
 
 #[test]
