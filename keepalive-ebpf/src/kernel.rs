@@ -80,15 +80,6 @@ pub(crate) fn load<T: Copy>(base: *const u8, offset: u32) -> T {
     unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize).cast::<T>()) }
 }
 
-/// Reads a non-null kernel pointer at `base + offset`.
-#[inline(always)]
-pub(crate) fn read_ptr(base: *const u8, offset: u32) -> Option<*const u8> {
-    match read::<*const u8>(base, offset) {
-        Some(ptr) if !ptr.is_null() => Some(ptr),
-        _ => None,
-    }
-}
-
 /// A socket's own cgroup: the one it was created in, recorded by the kernel in
 /// `sk->sk_cgrp_data`. Unlike the current task's cgroup, this is right in softirq too.
 ///
@@ -157,7 +148,7 @@ pub(crate) fn learn_hz(tp: *const u8, idle: u32) {
         return;
     }
     let jiffies: u32 = load(tp, off!(tcp_keepalive_time));
-    if jiffies != 0 && jiffies % idle == 0 {
+    if jiffies != 0 && jiffies.is_multiple_of(idle) {
         // SAFETY: as in `hz`.
         unsafe { core::ptr::write_volatile(&raw mut KA_HZ, u64::from(jiffies / idle)) };
     }

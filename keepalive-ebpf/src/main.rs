@@ -43,7 +43,7 @@ use keepalive_common::{Counter, SockRecord, mode, policy_flags, sock_flags, uapi
 use crate::{
     kernel::off,
     socket::{Origin, Socket},
-    track::{count, record},
+    track::count,
 };
 
 #[sock_ops]
