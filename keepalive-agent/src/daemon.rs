@@ -156,14 +156,16 @@ impl Daemon {
         if !(changed || force_apply) {
             return Ok(None);
         }
-        match self.enforcer.apply_link() {
-            Some(link) => {
-                let report = apply::apply_existing(link)?;
-                log::info!("{}", apply::describe(&report));
-                Ok(Some(report))
-            }
-            None => Ok(None),
+        if self.enforcer.apply_link().is_none() {
+            return Ok(None);
         }
+        self.enforcer.start_apply_pass()?;
+        let Some(link) = self.enforcer.apply_link() else {
+            return Ok(None);
+        };
+        let report = apply::apply_existing(link)?;
+        log::info!("{}", apply::describe(&report));
+        Ok(Some(report))
     }
 
     fn reload(&mut self) -> anyhow::Result<Option<ApplyReport>> {

@@ -19,9 +19,9 @@ use aya::{
     programs::{CgroupSockopt, Iter, SockOps},
 };
 use keepalive_common::{
-    CgroupStats, GLOBAL_OFFSETS, GLOBAL_SETTINGS, KernelOffsets, MAP_CGSTATS, MAP_POLICY,
-    MAP_SOCKS, MAX_POLICIES, PINNED_MAPS, PROG_APPLY, PROG_LOCK, PROG_SOCKOPS, PROG_STATUS, Policy,
-    Settings,
+    CgroupStats, GLOBAL_OFFSETS, GLOBAL_SETTINGS, KernelOffsets, MAP_APPLY, MAP_CGSTATS,
+    MAP_POLICY, MAP_SOCKS, MAX_POLICIES, PINNED_MAPS, PROG_APPLY, PROG_LOCK, PROG_SOCKOPS,
+    PROG_STATUS, Policy, Settings,
 };
 
 use crate::{btf::Btf, error::Error, pin::StateDir, sys};
@@ -261,6 +261,19 @@ impl Enforcer {
                 let _ = stats.remove(id);
             }
         }
+    }
+
+    /// Marks the start of an apply pass (see `keepalive_common::MAP_APPLY`).
+    pub fn start_apply_pass(&mut self) -> anyhow::Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_APPLY)
+            .ok_or_else(|| anyhow!("the BPF object has no {MAP_APPLY} map"))?;
+        let mut array: aya::maps::Array<&mut MapData, u64> = map.try_into()?;
+        array
+            .set(0, crate::status::boottime_now_ns(), 0)
+            .context("failed to start the apply pass")?;
+        Ok(())
     }
 
     /// The TCP iterator link, when the kernel supports it.

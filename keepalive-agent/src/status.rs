@@ -215,6 +215,11 @@ fn boottime_now() -> Duration {
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
+/// CLOCK_BOOTTIME now, in nanoseconds (the clock the program stamps records with).
+pub fn boottime_now_ns() -> u64 {
+    u64::try_from(boottime_now().as_nanos()).unwrap_or(u64::MAX)
+}
+
 /// Converts a CLOCK_BOOTTIME timestamp in nanoseconds to wall-clock time.
 fn wall_time(boot_ns: u64) -> SystemTime {
     let age = boottime_now().saturating_sub(Duration::from_nanos(boot_ns));

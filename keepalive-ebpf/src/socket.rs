@@ -67,7 +67,18 @@ pub(crate) fn enforce_socket(
         && rec.policy == policy
         && rec.policy_cgroup_id == resolved.policy_cgroup
     {
-        return apply_result::UNCHANGED;
+        // Shown again by the iterator after its first output did not fit: report what this
+        // pass did to it, not "unchanged".
+        let pass_start = track::apply_pass_start();
+        return if pass_start != 0 && rec.applied_ns >= pass_start {
+            if before & sock_flags::APP_OWNED != 0 {
+                apply_result::KEPT_APP
+            } else {
+                apply_result::APPLIED
+            }
+        } else {
+            apply_result::UNCHANGED
+        };
     }
     let enforced_before = before & sock_flags::ENFORCED != 0;
 

@@ -33,6 +33,15 @@ static KA_SOCKS: HashMap<
 static KA_CONNECTS: Array<ConnectSlot, { CONNECT_SLOTS as usize }> = Array::new();
 
 #[btf_map]
+static KA_APPLY: Array<u64, 1> = Array::new();
+
+/// When the current apply pass started (see `keepalive_common::MAP_APPLY`).
+#[inline(always)]
+pub(crate) fn apply_pass_start() -> u64 {
+    KA_APPLY.get(0).copied().unwrap_or(0)
+}
+
+#[btf_map]
 static KA_LOCKS: SkStorage<Policy> = SkStorage::new();
 
 #[btf_map]

@@ -31,6 +31,11 @@ pub const MAP_SOCKS: &str = "KA_SOCKS";
 /// Connect cache: [`CONNECT_SLOTS`] × [`ConnectSlot`]. Not pinned: in-flight connects across an
 /// agent restart just show their process as unknown.
 pub const MAP_CONNECTS: &str = "KA_CONNECTS";
+/// One `u64`: CLOCK_BOOTTIME nanoseconds when the current apply pass started, written by the
+/// agent before each pass. A bpf iterator shows an object again when its output did not fit
+/// the buffer; a socket already updated in this pass then reports the same result again
+/// instead of "unchanged".
+pub const MAP_APPLY: &str = "KA_APPLY";
 /// Socket-local storage holding the [`Policy`] of `lock`-mode sockets, read by the
 /// cgroup/setsockopt program (which has no socket cookie helper to find the tracking record).
 pub const MAP_LOCKS: &str = "KA_LOCKS";
