@@ -48,8 +48,18 @@ fn json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     print(&format!("{}\n", serde_json::to_string_pretty(value)?))
 }
 
+/// `--state-dir`, else `state_dir` from the default config file (when it exists and is valid),
+/// else the default: the same directory `run` would use without flags.
 fn state_dir(cli_state: Option<PathBuf>) -> StateDir {
-    StateDir::new(cli_state.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)))
+    let from_config = || {
+        let cgroup2 = Cgroup2::find().ok()?;
+        crate::config::load(None, &cgroup2).ok()?.state_dir
+    };
+    StateDir::new(
+        cli_state
+            .or_else(from_config)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+    )
 }
 
 /// Runs the command.

@@ -214,7 +214,10 @@ pub fn load(path: Option<&Path>, cgroup2: &Cgroup2) -> anyhow::Result<Config> {
         None => (Path::new(DEFAULT_CONFIG), false),
     };
     match std::fs::read_to_string(file) {
-        Ok(text) => parse(&text, file, cgroup2),
+        Ok(text) => {
+            check_owner(file)?;
+            parse(&text, file, cgroup2)
+        }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => Ok(Config {
             file: None,
             attach: None,
@@ -231,6 +234,38 @@ pub fn load(path: Option<&Path>, cgroup2: &Cgroup2) -> anyhow::Result<Config> {
         }
         .into()),
     }
+}
+
+/// Refuses a config file that someone other than root could have written: it decides what the
+/// kernel does to every connection on the host.
+fn check_owner(file: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(file).map_err(|err| Error::Config {
+        file: file.to_owned(),
+        line: None,
+        reason: format!("cannot read: {err}"),
+    })?;
+    let reason = if meta.uid() != 0 {
+        format!(
+            "owned by uid {}, not root; fix with `chown root {}`",
+            meta.uid(),
+            file.display()
+        )
+    } else if meta.mode() & 0o022 != 0 {
+        format!(
+            "writable by users other than root (mode {:04o}); fix with `chmod go-w {}`",
+            meta.mode() & 0o7777,
+            file.display()
+        )
+    } else {
+        return Ok(());
+    };
+    Err(Error::Config {
+        file: file.to_owned(),
+        line: None,
+        reason,
+    }
+    .into())
 }
 
 /// Parses and validates config text.

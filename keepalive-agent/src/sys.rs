@@ -241,19 +241,6 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     })
 }
 
-/// Reads a program's id.
-pub fn prog_id(prog: BorrowedFd<'_>) -> io::Result<u32> {
-    // struct bpf_prog_info starts with { u32 type; u32 id; }.
-    let mut raw = [0u8; 8];
-    let attr = InfoAttr {
-        bpf_fd: prog.as_raw_fd() as u32,
-        info_len: raw.len() as u32,
-        info: raw.as_mut_ptr() as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
-    Ok(u32::from_ne_bytes(raw[4..8].try_into().expect("4 bytes")))
-}
-
 #[repr(C)]
 struct QueryAttr {
     target_fd: u32,

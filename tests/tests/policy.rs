@@ -280,3 +280,26 @@ fn a_bad_config_is_rejected_with_file_line_and_reason_and_nothing_is_attached() 
     assert_eq!(sockops_attachments(cg.path()), 0);
     assert!(!dirs.state_dir.exists());
 }
+
+#[test]
+fn a_config_file_others_could_write_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let cg = TestCgroup::new("configmode");
+    let dirs = AgentDirs::new();
+    let config = write_config("[default]\nidle = 33\n");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let out = dirs.cli(&[
+        "run",
+        "--cgroup",
+        cg.path().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 2, "{err}");
+    assert!(
+        err.contains("writable by users other than root") && err.contains("chmod go-w"),
+        "{err}"
+    );
+    assert_eq!(sockops_attachments(cg.path()), 0);
+}

@@ -59,6 +59,25 @@ fn set(fd: i32, level: i32, name: i32, value: i32) -> i32 {
     }
 }
 
+/// Makes close() send a reset instead of a FIN, so tens of thousands of cycles leave no
+/// TIME_WAIT sockets behind.
+fn reset_on_close(fd: i32) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads a linger struct.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            size_of::<libc::linger>() as u32,
+        )
+    };
+}
+
 fn options(fd: i32) -> Value {
     json!({
         "keepalive": get(fd, SOL_SOCKET, SO_KEEPALIVE),
@@ -251,21 +270,7 @@ fn storm(args: &[String]) {
     for _ in 0..n {
         let client = TcpStream::connect(addr).expect("connect");
         let (server, _) = listener.accept().expect("accept");
-        // Reset instead of FIN, so tens of thousands of cycles leave no TIME_WAIT behind.
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt reads a linger struct.
-        unsafe {
-            libc::setsockopt(
-                client.as_raw_fd(),
-                SOL_SOCKET,
-                libc::SO_LINGER,
-                (&raw const linger).cast(),
-                size_of::<libc::linger>() as u32,
-            )
-        };
+        reset_on_close(client.as_raw_fd());
         drop(client);
         drop(server);
     }
@@ -313,20 +318,7 @@ fn hold_many(args: &[String]) {
     let mut rest = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut rest);
     for stream in &held {
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt reads a linger struct.
-        unsafe {
-            libc::setsockopt(
-                stream.as_raw_fd(),
-                SOL_SOCKET,
-                libc::SO_LINGER,
-                (&raw const linger).cast(),
-                size_of::<libc::linger>() as u32,
-            )
-        };
+        reset_on_close(stream.as_raw_fd());
     }
 }
 
@@ -353,20 +345,7 @@ fn churn() {
         {
             bare += 1;
         }
-        let linger = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: setsockopt reads a linger struct.
-        unsafe {
-            libc::setsockopt(
-                client.as_raw_fd(),
-                SOL_SOCKET,
-                libc::SO_LINGER,
-                (&raw const linger).cast(),
-                size_of::<libc::linger>() as u32,
-            )
-        };
+        reset_on_close(client.as_raw_fd());
     }
     emit(json!({ "connections": total, "without_keepalive": bare }));
 }
