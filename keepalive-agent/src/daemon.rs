@@ -446,6 +446,12 @@ fn bpf_log_level() -> u8 {
 /// `keepalive-agent run`.
 pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     // Everything that can be checked without touching the kernel comes first.
+    if !loader::object_available() {
+        return Err(anyhow::anyhow!(
+            "this keepalive-agent was built without its BPF program (bpf-linker was missing at \
+             build time); run `cargo xtask setup` and rebuild"
+        ));
+    }
     privileges::require_for("run")?;
     let cgroup2 = Cgroup2::find()?;
     let mut config = config::load(args.config.as_deref(), &cgroup2)?;
