@@ -313,7 +313,7 @@ fn socket_row(rec: &StatusRecord, names: &HashMap<u64, CgroupPath>) -> SocketRow
         pid: has(sock_flags::HAS_TASK).then_some(sock.pid),
         comm: has(sock_flags::HAS_TASK)
             .then(|| String::from_utf8_lossy(&sock.comm[..comm_len]).into_owned()),
-        established_at: (!retroactive).then(|| rfc3339(enforced_at)),
+        established_at: (sock.established_ns != 0).then(|| rfc3339(wall_time(sock.established_ns))),
         enforced_at: rfc3339(enforced_at),
         probes_out: rec.probes_out,
     }

@@ -6,9 +6,12 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::{bpf_getsockopt, bpf_setsockopt};
-use keepalive_common::{Counter, Policy, policy_flags, uapi::*};
+use keepalive_common::{Counter, Policy, mode, policy_flags, uapi::*};
 
-use crate::track::count;
+use crate::{
+    kernel,
+    track::{PolicyStore, count},
+};
 
 #[inline(always)]
 fn set_int(target: *mut c_void, level: i32, name: i32, value: u32, fail: Counter) -> bool {
@@ -29,10 +32,11 @@ fn get_int(target: *mut c_void, level: i32, name: i32) -> Option<u32> {
     (ret == 0).then_some(value as u32)
 }
 
-/// Sets the policy's values and then SO_KEEPALIVE. Every failure is counted; returns whether all
-/// calls succeeded.
+/// Sets the policy's values and then SO_KEEPALIVE. With `reset_user_timeout`, a policy without a
+/// user timeout puts TCP_USER_TIMEOUT back to 0 (the kernel's default), undoing one the program
+/// set earlier. Every failure is counted; returns whether all calls succeeded.
 #[inline(always)]
-pub(crate) fn apply(target: *mut c_void, policy: &Policy) -> bool {
+pub(crate) fn apply(target: *mut c_void, policy: &Policy, reset_user_timeout: bool) -> bool {
     let mut ok = set_int(
         target,
         IPPROTO_TCP,
@@ -62,9 +66,66 @@ pub(crate) fn apply(target: *mut c_void, policy: &Policy) -> bool {
             policy.user_timeout_ms,
             Counter::FailUserTimeout,
         );
+    } else if reset_user_timeout {
+        ok &= set_int(
+            target,
+            IPPROTO_TCP,
+            TCP_USER_TIMEOUT,
+            0,
+            Counter::FailUserTimeout,
+        );
     }
     ok &= set_int(target, SOL_SOCKET, SO_KEEPALIVE, 1, Counter::FailKeepalive);
     ok
+}
+
+/// Whether `old` set a user timeout that `new` leaves to the kernel.
+#[inline(always)]
+pub(crate) fn drops_user_timeout(old: &Policy, new: &Policy) -> bool {
+    old.flags & policy_flags::USER_TIMEOUT != 0 && new.flags & policy_flags::USER_TIMEOUT == 0
+}
+
+/// Sets, updates or withdraws the policy on a listener, so the connections it accepts inherit
+/// it from the kernel's socket clone instead of needing setsockopt calls one by one. `sk` is
+/// the listener as bpf_sk_storage_get takes it in this program type, `tp` its tcp_sock.
+///
+/// The program remembers what it set (`KA_LISTENERS`), so it can tell its own keepalive from
+/// the application's: `off` switches the program's keepalive off again, `fill` keeps only the
+/// application's.
+#[inline(always)]
+pub(crate) fn configure_listener(
+    target: *mut c_void,
+    sk: *mut c_void,
+    tp: *const u8,
+    policy: &Policy,
+) {
+    let ours = PolicyStore::Listeners.get(sk);
+    if policy.mode == mode::OFF {
+        if let Some(previous) = ours {
+            set_int(target, SOL_SOCKET, SO_KEEPALIVE, 0, Counter::FailKeepalive);
+            if previous.flags & policy_flags::USER_TIMEOUT != 0 {
+                set_int(
+                    target,
+                    IPPROTO_TCP,
+                    TCP_USER_TIMEOUT,
+                    0,
+                    Counter::FailUserTimeout,
+                );
+            }
+            PolicyStore::Listeners.set(sk, None);
+        }
+        return;
+    }
+    if policy.mode == mode::FILL && ours.is_none() && app_enabled_keepalive(target) {
+        return;
+    }
+    if ours == Some(*policy) && kernel::carries(tp, policy) {
+        return;
+    }
+    let reset = ours.is_some_and(|previous| drops_user_timeout(&previous, policy));
+    apply(target, policy, reset);
+    kernel::learn_hz(tp, policy.idle);
+    PolicyStore::Listeners.set(sk, Some(policy));
 }
 
 /// Whether the application enabled SO_KEEPALIVE on the socket itself.
@@ -91,10 +152,14 @@ pub(crate) fn read_values(target: *mut c_void, mode: u32) -> Policy {
     }
 }
 
-/// Asks for state-change callbacks on a socket outside sock_ops (kernel 6.10+).
+/// Asks for state-change callbacks on a socket outside sock_ops (kernel 6.10+), keeping the
+/// callback flags other programs set on it.
 #[inline(always)]
 pub(crate) fn request_state_callbacks(target: *mut c_void) -> bool {
-    let mut flags = SOCK_OPS_STATE_CB_FLAG as i32;
+    let Some(current) = get_int(target, IPPROTO_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS) else {
+        return false;
+    };
+    let mut flags = (current | SOCK_OPS_STATE_CB_FLAG) as i32;
     // SAFETY: the helper reads 4 bytes from `flags`.
     let ret = unsafe {
         bpf_setsockopt(

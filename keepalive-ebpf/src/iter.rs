@@ -5,7 +5,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock};
-use keepalive_common::{SockRecord, StatusRecord, mode, uapi};
+use keepalive_common::{SockRecord, StatusRecord, uapi};
 
 use crate::{
     enforce,
@@ -83,13 +83,7 @@ pub fn keepalive_apply(ctx: *mut IterTcp) -> i32 {
         return 0;
     }
     if state == uapi::TCP_LISTEN {
-        let p = resolved.policy;
-        let keep = p.mode == mode::OFF
-            || kernel::carries(tp.cast(), &p)
-            || (p.mode == mode::FILL && enforce::app_enabled_keepalive(tp));
-        if !keep {
-            enforce::apply(tp, &p);
-        }
+        enforce::configure_listener(tp, tp, tp.cast(), &resolved.policy);
         return 0;
     }
     let sock = Socket {

@@ -38,7 +38,7 @@ use aya_ebpf::{
     programs::{SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::debug;
-use keepalive_common::{Counter, SockRecord, mode, policy_flags, sock_flags, uapi};
+use keepalive_common::{Counter, SockRecord, policy_flags, sock_flags, uapi};
 
 use crate::{
     kernel::off,
@@ -121,13 +121,7 @@ fn on_listen(ctx: &SockOpsContext) {
     let Some(resolved) = policy::resolve(sock.cgroup, false) else {
         return;
     };
-    let p = resolved.policy;
-    if p.mode == mode::OFF || (p.mode == mode::FILL && enforce::app_enabled_keepalive(sock.target))
-    {
-        return;
-    }
-    enforce::apply(sock.target, &p);
-    kernel::learn_hz(sock.tp, p.idle);
+    enforce::configure_listener(sock.target, sock.sk, sock.tp, &resolved.policy);
 }
 
 #[inline(always)]
@@ -241,7 +235,7 @@ pub fn keepalive_lock(ctx: SockoptContext) -> i32 {
     if sk.is_null() {
         return 1;
     }
-    let Some(policy) = track::locked_policy(sk) else {
+    let Some(policy) = track::PolicyStore::Locks.get(sk) else {
         return 1;
     };
     // SAFETY: union members set by the kernel for setsockopt programs.

@@ -11,7 +11,7 @@ use crate::{
     enforce,
     kernel::{self, SockCgroup},
     policy::Resolved,
-    track::{self, count},
+    track::{self, PolicyStore, count},
 };
 
 /// Where the socket came from.
@@ -39,7 +39,7 @@ pub(crate) struct Socket {
 
 /// Applies `resolved` to one socket and records it. `describe` fills in the record's
 /// addresses and state; `enable_state_cb` asks the kernel for the socket's state-change
-/// callbacks, which close accounting, dead-peer detection and record removal rely on.
+/// callbacks, which dead-peer detection and record removal rely on.
 #[inline(always)]
 pub(crate) fn enforce_socket(
     sock: &Socket,
@@ -55,12 +55,19 @@ pub(crate) fn enforce_socket(
     } else {
         None
     };
-    if policy.mode == mode::OFF {
-        count(Counter::SkippedOff);
-        return apply_result::SKIPPED_OFF;
-    }
     let covered = sock_flags::ENFORCED | sock_flags::APP_OWNED;
     let before = existing.as_deref().map_or(0, |rec| rec.flags);
+    if policy.mode == mode::OFF {
+        count(Counter::SkippedOff);
+        // Left alone from now on: values stay, but a lock the program held is released.
+        if let Some(rec) = existing
+            && rec.flags & sock_flags::LOCKED != 0
+        {
+            PolicyStore::Locks.set(sock.sk, None);
+            rec.flags &= !sock_flags::LOCKED;
+        }
+        return apply_result::SKIPPED_OFF;
+    }
     if origin == Origin::Existing
         && let Some(rec) = existing.as_deref()
         && before & covered != 0
@@ -99,7 +106,10 @@ pub(crate) fn enforce_socket(
         flags |= sock_flags::APP_OWNED;
         apply_result::KEPT_APP
     } else {
-        let ok = enforce::apply(sock.target, &policy);
+        let reset = existing
+            .as_deref()
+            .is_some_and(|rec| enforce::drops_user_timeout(&rec.policy, &policy));
+        let ok = enforce::apply(sock.target, &policy, reset);
         kernel::learn_hz(sock.tp, policy.idle);
         count(Counter::Enforced);
         flags |= sock_flags::ENFORCED;
@@ -112,9 +122,9 @@ pub(crate) fn enforce_socket(
     };
     if policy.mode == mode::LOCK && flags & sock_flags::ENFORCED != 0 {
         flags |= sock_flags::LOCKED;
-        track::set_lock(sock.sk, Some(&values));
+        PolicyStore::Locks.set(sock.sk, Some(&values));
     } else if before & sock_flags::LOCKED != 0 {
-        track::set_lock(sock.sk, None);
+        PolicyStore::Locks.set(sock.sk, None);
     }
     let own = sock.cgroup.id;
     let first = before & covered == 0;
@@ -146,11 +156,14 @@ pub(crate) fn enforce_socket(
             rec.flags = flags;
             describe(rec);
         }
+        // Without state callbacks the record would outlive its socket: enforce, don't track.
+        None if flags & sock_flags::STATE_CB == 0 => count(Counter::TrackingFull),
         None => {
             let mut rec = SockRecord {
                 cgroup_id: own,
                 policy_cgroup_id: resolved.policy_cgroup,
                 applied_ns: now,
+                established_ns: if origin == Origin::Existing { 0 } else { now },
                 policy: values,
                 flags,
                 ..SockRecord::default()

@@ -45,6 +45,9 @@ pub(crate) fn apply_pass_start() -> u64 {
 static KA_LOCKS: SkStorage<Policy> = SkStorage::new();
 
 #[btf_map]
+static KA_LISTENERS: SkStorage<Policy> = SkStorage::new();
+
+#[btf_map]
 static KA_CGSTATS: HashMap<u64, CgroupStats, { DEFAULT_MAX_TRACKED_CGROUPS as usize }> =
     HashMap::new();
 
@@ -128,37 +131,51 @@ pub(crate) fn remove_record(cookie: u64) {
     let _ = KA_SOCKS.remove(cookie);
 }
 
-fn locks() -> *mut c_void {
-    ptr::from_ref(&KA_LOCKS).cast_mut().cast()
+/// A [`Policy`] kept in socket-local storage (`KA_LOCKS`, `KA_LISTENERS`).
+#[derive(Clone, Copy)]
+pub(crate) enum PolicyStore {
+    /// Policies of `lock`-mode sockets.
+    Locks,
+    /// Policies the program set on listeners.
+    Listeners,
 }
 
-/// The policy a `lock`-mode socket is held at. `sk` is a socket pointer the calling program
-/// type may pass to bpf_sk_storage_get.
-#[inline(always)]
-pub(crate) fn locked_policy(sk: *mut c_void) -> Option<Policy> {
-    // SAFETY: the helper returns null or this socket's storage, which outlives the program run.
-    let p = unsafe { bpf_sk_storage_get(locks(), sk, ptr::null_mut(), 0) }.cast::<Policy>();
-    // SAFETY: non-null storage pointers point at a Policy.
-    unsafe { p.as_ref() }.copied()
-}
-
-/// Holds `sk` at `policy` (Some) or releases it (None).
-#[inline(always)]
-pub(crate) fn set_lock(sk: *mut c_void, policy: Option<&Policy>) {
-    match policy {
-        Some(policy) => {
-            let flags = u64::from(BPF_SK_STORAGE_GET_F_CREATE);
-            // SAFETY: as in `locked_policy`; the kernel copies nothing from the null init value.
-            let p =
-                unsafe { bpf_sk_storage_get(locks(), sk, ptr::null_mut(), flags) }.cast::<Policy>();
-            // SAFETY: non-null storage pointers point at a Policy owned by this socket.
-            if let Some(slot) = unsafe { p.as_mut() } {
-                *slot = *policy;
-            }
+impl PolicyStore {
+    fn map(self) -> *mut c_void {
+        match self {
+            Self::Locks => ptr::from_ref(&KA_LOCKS).cast_mut().cast(),
+            Self::Listeners => ptr::from_ref(&KA_LISTENERS).cast_mut().cast(),
         }
-        None => {
-            // SAFETY: deleting absent storage is a no-op returning -ENOENT.
-            let _ = unsafe { bpf_sk_storage_delete(locks(), sk) };
+    }
+
+    /// The policy stored for `sk`, a socket pointer the calling program type may pass to
+    /// bpf_sk_storage_get.
+    #[inline(always)]
+    pub(crate) fn get(self, sk: *mut c_void) -> Option<Policy> {
+        // SAFETY: the helper returns null or this socket's storage, which outlives the run.
+        let p = unsafe { bpf_sk_storage_get(self.map(), sk, ptr::null_mut(), 0) }.cast::<Policy>();
+        // SAFETY: non-null storage pointers point at a Policy.
+        unsafe { p.as_ref() }.copied()
+    }
+
+    /// Stores `policy` for `sk` (Some) or drops it (None).
+    #[inline(always)]
+    pub(crate) fn set(self, sk: *mut c_void, policy: Option<&Policy>) {
+        match policy {
+            Some(policy) => {
+                let flags = u64::from(BPF_SK_STORAGE_GET_F_CREATE);
+                // SAFETY: as in `get`; nothing is copied from the null init value.
+                let p = unsafe { bpf_sk_storage_get(self.map(), sk, ptr::null_mut(), flags) }
+                    .cast::<Policy>();
+                // SAFETY: non-null storage pointers point at a Policy owned by this socket.
+                if let Some(slot) = unsafe { p.as_mut() } {
+                    *slot = *policy;
+                }
+            }
+            None => {
+                // SAFETY: deleting absent storage is a no-op returning -ENOENT.
+                let _ = unsafe { bpf_sk_storage_delete(self.map(), sk) };
+            }
         }
     }
 }

@@ -303,3 +303,57 @@ fn a_config_file_others_could_write_is_refused() {
     );
     assert_eq!(sockops_attachments(cg.path()), 0);
 }
+
+/// Listeners carry the program's keepalive so accepted sockets inherit it; a policy change
+/// must reach connections accepted later on a listener that already exists.
+#[test]
+fn a_policy_change_reaches_connections_accepted_on_an_existing_listener() {
+    let parent = TestCgroup::new("listener");
+    let svc = parent.child("svc");
+    let client_cg = parent.child("client");
+    let config = write_config("[default]\nidle = 50\n");
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    let mut server = Proc::sock(&["listen", "127.0.0.1:0", "4"], &svc);
+    let port = server.read()["port"].as_u64().unwrap();
+    let target = format!("127.0.0.1:{port}");
+    let mut accept = |agent_args: Option<&[&str]>| {
+        if let Some(args) = agent_args {
+            let out = agent.cli(args);
+            assert!(out.status.success(), "{}", stderr(&out));
+        }
+        let mut client = Proc::sock(&["connect", &target], &client_cg);
+        client.read();
+        let accepted = server.read();
+        values(&accepted["accepted"])
+    };
+    assert_eq!(accept(None), (1, 50, 10, 5));
+    // enforce -> fill with other values: the program's own keepalive on the listener is not
+    // the application's, so the new values apply.
+    let fill = ["policy", "set", svc.rel(), "--mode", "fill", "--idle", "31"];
+    assert_eq!(accept(Some(&fill)).1, 31);
+    // -> off: the program takes its keepalive off the listener again. (The timer values it
+    // set stay on the listener; they matter only if the application enables keepalive.)
+    let off = ["policy", "set", svc.rel(), "--mode", "off"];
+    assert_eq!(accept(Some(&off)).0, 0);
+    // -> back to the default.
+    assert_eq!(
+        accept(Some(&["policy", "unset", svc.rel()])),
+        (1, 50, 10, 5)
+    );
+}
+
+#[test]
+fn dropping_the_user_timeout_resets_it_on_sockets_the_program_set() {
+    let cg = TestCgroup::new("utdrop");
+    let config = write_config("[default]\nuser_timeout = \"30s\"\n");
+    let mut agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let mut pair = Proc::sock(&["pair", "4"], &cg);
+    assert_eq!(pair.read()["client"]["user_timeout"], 30_000);
+    std::fs::write(&config, "[default]\nidle = 45\n").unwrap();
+    agent.signal(libc::SIGHUP);
+    agent.wait_notify("READY=1", Duration::from_secs(10));
+    for sock in pair.report() {
+        assert_eq!(sock["user_timeout"], 0, "{sock}");
+        assert_eq!(sock["idle"], 45, "{sock}");
+    }
+}

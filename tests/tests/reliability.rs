@@ -465,3 +465,50 @@ fn an_unprivileged_user_can_neither_change_policy_nor_detach() {
         assert_eq!(mode(&path), expected, "{}", path.display());
     }
 }
+
+#[test]
+fn switching_a_locked_cgroup_to_off_releases_the_lock() {
+    let cg = TestCgroup::new("unlock");
+    let config = write_config("[default]\nidle = 21\nmode = \"lock\"\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let mut server = Proc::sock(&["listen", "127.0.0.1:0"], &cg);
+    let port = server.read()["port"].as_u64().unwrap();
+    let mut held = Proc::sock(&["connect", &format!("127.0.0.1:{port}")], &cg);
+    assert_eq!(values(&held.read()["connected"]).1, 21);
+    let out = agent.cli(&["policy", "set", cg.rel(), "--mode", "off"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    drop(held);
+    // A new connection in an off cgroup, then an application change on it, both untouched.
+    let mut free = Proc::sock(&["connect", &format!("127.0.0.1:{port}"), "--loosen"], &cg);
+    free.read();
+    let loosen = free.read();
+    assert_eq!(
+        loosen["after"]["keepalive"], 0,
+        "not held any more: {loosen}"
+    );
+}
+
+#[test]
+fn established_at_survives_a_policy_change() {
+    let cg = TestCgroup::new("established");
+    let agent = Agent::start(&cg, &[]);
+    let mut pair = Proc::sock(&["pair", "4"], &cg);
+    pair.read();
+    let before = agent.status()["sockets"][0].clone();
+    std::thread::sleep(Duration::from_millis(1100));
+    let out = agent.cli(&["policy", "set", cg.rel(), "--idle", "42"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let after = agent.status()["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["local"] == before["local"])
+        .cloned()
+        .expect("still listed");
+    assert_eq!(after["idle"], 42);
+    assert_eq!(
+        after["established_at"], before["established_at"],
+        "{before} vs {after}"
+    );
+    assert_ne!(after["enforced_at"], before["enforced_at"]);
+}

@@ -7,7 +7,7 @@
 
 /// Bumped whenever a map's key or value layout changes. Pinned maps live in a directory named
 /// after it, so an agent never reuses maps whose layout it does not understand.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 // ---------------------------------------------------------------------------------------------
 // Program and map names (ELF symbol names in the BPF object).
@@ -36,6 +36,10 @@ pub const MAP_CONNECTS: &str = "KA_CONNECTS";
 /// the buffer; a socket already updated in this pass then reports the same result again
 /// instead of "unchanged".
 pub const MAP_APPLY: &str = "KA_APPLY";
+/// Socket-local storage on listeners the program configured: the [`Policy`] it set. Lets a
+/// policy change tell the program's keepalive on a listener from the application's, so `off`
+/// and `fill` can undo or update it.
+pub const MAP_LISTENERS: &str = "KA_LISTENERS";
 /// Socket-local storage holding the [`Policy`] of `lock`-mode sockets, read by the
 /// cgroup/setsockopt program (which has no socket cookie helper to find the tracking record).
 pub const MAP_LOCKS: &str = "KA_LOCKS";
@@ -49,7 +53,14 @@ pub const GLOBAL_OFFSETS: &str = "KA_OFFSETS";
 pub const GLOBAL_SETTINGS: &str = "KA_SETTINGS";
 
 /// Maps pinned in the state directory, so counters and sockets survive an agent restart.
-pub const PINNED_MAPS: [&str; 5] = [MAP_POLICY, MAP_SOCKS, MAP_LOCKS, MAP_CGSTATS, MAP_COUNTERS];
+pub const PINNED_MAPS: [&str; 6] = [
+    MAP_POLICY,
+    MAP_SOCKS,
+    MAP_LOCKS,
+    MAP_LISTENERS,
+    MAP_CGSTATS,
+    MAP_COUNTERS,
+];
 
 /// Capacity of one policy table. Configs with more policies are rejected.
 pub const MAX_POLICIES: u32 = 16_384;
@@ -245,8 +256,11 @@ pub struct SockRecord {
     pub cgroup_id: u64,
     /// The cgroup whose policy applied ([`DEFAULT_POLICY_KEY`] for `[default]`).
     pub policy_cgroup_id: u64,
-    /// CLOCK_BOOTTIME nanoseconds when the policy was applied.
+    /// CLOCK_BOOTTIME nanoseconds when the policy in force was applied.
     pub applied_ns: u64,
+    /// CLOCK_BOOTTIME nanoseconds when the connection was established; 0 when it existed
+    /// before enforcement (unknown).
+    pub established_ns: u64,
     /// Kernel address of the socket, used only to read live TCP state with
     /// `bpf_probe_read_kernel` after checking that the socket there still has this cookie.
     pub sk: u64,
@@ -273,7 +287,7 @@ pub struct SockRecord {
     /// Explicit padding.
     pub _pad: u8,
 }
-const _: () = assert!(core::mem::size_of::<SockRecord>() == 120);
+const _: () = assert!(core::mem::size_of::<SockRecord>() == 128);
 
 /// One enforced socket as the status iterator reports it.
 #[repr(C)]
@@ -290,7 +304,7 @@ pub struct StatusRecord {
     /// Explicit padding.
     pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<StatusRecord>() == 136);
+const _: () = assert!(core::mem::size_of::<StatusRecord>() == 144);
 
 /// Counters kept per socket cgroup. The number of open enforced sockets is not kept here: it
 /// is counted from [`MAP_SOCKS`] when read, which costs nothing per connection.
