@@ -22,7 +22,7 @@ use toml::Spanned;
 use crate::{
     cgroup::{Cgroup2, CgroupPath},
     error::Error,
-    policy::{self, BUILTIN_DEFAULT, PolicySet, Rule, Selector, Source, Spec, limits},
+    policy::{self, BUILTIN_DEFAULT, OwnValues, PolicySet, Rule, Selector, Source, Spec, limits},
 };
 
 /// Where `run` looks for its config when `--config` is not given.
@@ -320,6 +320,12 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
         let rule = Rule {
             selector,
             spec: Some(spec),
+            own: OwnValues {
+                idle: raw_policy.idle.is_some(),
+                interval: raw_policy.interval.is_some(),
+                count: raw_policy.count.is_some(),
+                user_timeout: raw_policy.user_timeout.is_some(),
+            },
             source: Source::Config {
                 file: file.to_owned(),
                 line,
@@ -416,41 +422,40 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
 }
 
 impl Config {
-    /// Applies `run`'s value flags over `[default]`. Rules that inherited a value from the
-    /// default inherit the override too, as if the file had said it.
+    /// Applies `run`'s value flags over `[default]`. Values a rule does not set itself follow
+    /// the new default, as if the file had said it; values it sets stay.
     pub fn apply_overrides(&mut self, overrides: &DefaultOverrides) {
         if !overrides.any() {
             return;
         }
-        let old = self.policies.default;
-        let mut new = old;
+        let default = &mut self.policies.default.values;
         if let Some(idle) = overrides.idle {
-            new.values.idle = idle;
+            default.idle = idle;
         }
         if let Some(interval) = overrides.interval {
-            new.values.interval = interval;
+            default.interval = interval;
         }
         if let Some(count) = overrides.count {
-            new.values.count = count;
+            default.count = count;
         }
         if let Some(ms) = overrides.user_timeout_ms {
-            new.values.user_timeout_ms = Some(ms);
+            default.user_timeout_ms = Some(ms);
         }
-        self.policies.default = new;
+        let new = *default;
         self.policies.default_source = Source::CommandLine;
         for rule in &mut self.policies.rules {
             if let Some(spec) = &mut rule.spec {
-                if spec.values.idle == old.values.idle {
-                    spec.values.idle = new.values.idle;
+                if !rule.own.idle {
+                    spec.values.idle = new.idle;
                 }
-                if spec.values.interval == old.values.interval {
-                    spec.values.interval = new.values.interval;
+                if !rule.own.interval {
+                    spec.values.interval = new.interval;
                 }
-                if spec.values.count == old.values.count {
-                    spec.values.count = new.values.count;
+                if !rule.own.count {
+                    spec.values.count = new.count;
                 }
-                if spec.values.user_timeout_ms == old.values.user_timeout_ms {
-                    spec.values.user_timeout_ms = new.values.user_timeout_ms;
+                if !rule.own.user_timeout {
+                    spec.values.user_timeout_ms = new.user_timeout_ms;
                 }
             }
         }
@@ -622,6 +627,16 @@ mode = "off"
         let (line, reason) = parse_err("state_dir = \"relative\"\n");
         assert_eq!(line, Some(1));
         assert!(reason.contains("absolute"), "{reason}");
+    }
+
+    #[test]
+    fn overrides_leave_values_a_rule_sets_itself() {
+        let mut config = parse_ok("[default]\nidle = 60\n[[policy]]\ncgroup = \"a\"\nidle = 60\n");
+        config.apply_overrides(&DefaultOverrides {
+            idle: Some(20),
+            ..Default::default()
+        });
+        assert_eq!(config.policies.rules[0].spec.unwrap().values.idle, 60);
     }
 
     #[test]

@@ -106,6 +106,8 @@ struct Daemon {
     resolution: Resolution,
     table: Vec<(u64, Policy)>,
     lock_attached: bool,
+    /// The table changed but no apply pass has succeeded since.
+    apply_pending: bool,
 }
 
 fn overrides_from(args: &RunArgs) -> DefaultOverrides {
@@ -118,16 +120,24 @@ fn overrides_from(args: &RunArgs) -> DefaultOverrides {
 }
 
 impl Daemon {
+    /// The effective rules in precedence order: exact paths before globs, and within each,
+    /// runtime changes before the config (config rules keep their file order).
     fn policy_set(&self) -> PolicySet {
-        let (globs, exact): (Vec<&Rule>, Vec<&Rule>) =
-            self.runtime.iter().partition(|r| r.selector.is_glob());
         let mut set = self.config.policies.clone();
-        set.rules = exact
-            .into_iter()
-            .chain(globs)
-            .cloned()
-            .chain(set.rules)
-            .collect();
+        let kind = |glob: bool| {
+            let runtime = self
+                .runtime
+                .iter()
+                .filter(move |r| r.selector.is_glob() == glob);
+            let config = self
+                .config
+                .policies
+                .rules
+                .iter()
+                .filter(move |r| r.selector.is_glob() == glob);
+            runtime.chain(config).cloned()
+        };
+        set.rules = kind(false).chain(kind(true)).collect();
         set
     }
 
@@ -138,6 +148,13 @@ impl Daemon {
         let resolution = set.resolve(&self.cgroup2, &self.attach);
         let table = resolution.table(&set.default, self.enforcer.attach_id());
         let changed = table != self.table;
+        let lock = set.uses_lock();
+        // The lock program goes in before a table that uses lock, and out after the table
+        // that stops using it, so no locked socket is ever without it.
+        if lock && !self.lock_attached {
+            self.enforcer.set_lock(true)?;
+            self.lock_attached = true;
+        }
         if changed {
             self.enforcer.push_table(&table)?;
             log::info!(
@@ -146,17 +163,15 @@ impl Daemon {
                 resolution.entries.len()
             );
             self.table = table;
+            // Existing connections still have the previous policy until a pass succeeds.
+            self.apply_pending = true;
         }
-        let lock = set.uses_lock();
-        if lock != self.lock_attached {
-            self.enforcer.set_lock(lock)?;
-            self.lock_attached = lock;
+        if !lock && self.lock_attached {
+            self.enforcer.set_lock(false)?;
+            self.lock_attached = false;
         }
         self.resolution = resolution;
-        if !(changed || force_apply) {
-            return Ok(None);
-        }
-        if self.enforcer.apply_link().is_none() {
+        if !(self.apply_pending || force_apply) || self.enforcer.apply_link().is_none() {
             return Ok(None);
         }
         self.enforcer.start_apply_pass()?;
@@ -164,41 +179,63 @@ impl Daemon {
             return Ok(None);
         };
         let report = apply::apply_existing(link)?;
+        self.apply_pending = false;
         log::info!("{}", apply::describe(&report));
         Ok(Some(report))
     }
 
-    fn reload(&mut self) -> anyhow::Result<Option<ApplyReport>> {
-        let mut config = config::load(self.config_path.as_deref(), &self.cgroup2)?;
-        config.apply_overrides(&self.overrides);
-        config.check_scope(&self.attach)?;
-        for (what, old, new) in [
-            (
-                "attach",
-                self.config.attach.as_ref().map(|a| a.0.clone()),
-                config.attach.as_ref().map(|a| a.0.clone()),
-            ),
-            (
-                "state_dir",
-                self.config
-                    .state_dir
-                    .as_ref()
-                    .map(|p| p.display().to_string()),
-                config.state_dir.as_ref().map(|p| p.display().to_string()),
-            ),
-            (
-                "metrics",
-                self.config.metrics.map(|a| a.to_string()),
-                config.metrics.map(|a| a.to_string()),
-            ),
-        ] {
-            if old != new {
-                log::warn!("{what} changed in the config; it takes effect at the next restart");
+    /// Runs a change to the config or the runtime rules and pushes the result. If anything
+    /// fails, the previous rules come back and are pushed again, so nothing stays
+    /// half-applied.
+    fn transact(
+        &mut self,
+        change: impl FnOnce(&mut Self) -> anyhow::Result<String>,
+    ) -> anyhow::Result<(String, Option<ApplyReport>)> {
+        let saved = (self.config.clone(), self.runtime.clone());
+        let outcome = change(self).and_then(|message| Ok((message, self.refresh(false)?)));
+        if outcome.is_err() {
+            (self.config, self.runtime) = saved;
+            if let Err(err) = self.refresh(false) {
+                log::error!("failed to restore the previous policy: {err:#}");
             }
         }
-        self.config = config;
-        self.runtime.clear();
-        self.refresh(false)
+        outcome
+    }
+
+    fn reload(&mut self) -> anyhow::Result<(String, Option<ApplyReport>)> {
+        self.transact(|daemon| {
+            let mut config = config::load(daemon.config_path.as_deref(), &daemon.cgroup2)?;
+            config.apply_overrides(&daemon.overrides);
+            config.check_scope(&daemon.attach)?;
+            for (what, old, new) in [
+                (
+                    "attach",
+                    daemon.config.attach.as_ref().map(|a| a.0.clone()),
+                    config.attach.as_ref().map(|a| a.0.clone()),
+                ),
+                (
+                    "state_dir",
+                    daemon
+                        .config
+                        .state_dir
+                        .as_ref()
+                        .map(|p| p.display().to_string()),
+                    config.state_dir.as_ref().map(|p| p.display().to_string()),
+                ),
+                (
+                    "metrics",
+                    daemon.config.metrics.map(|a| a.to_string()),
+                    config.metrics.map(|a| a.to_string()),
+                ),
+            ] {
+                if old != new {
+                    log::warn!("{what} changed in the config; it takes effect at the next restart");
+                }
+            }
+            daemon.config = config;
+            daemon.runtime.clear();
+            Ok("reloaded the config".to_owned())
+        })
     }
 
     fn spec_from_request(&self, req: &Request) -> anyhow::Result<Spec> {
@@ -243,6 +280,63 @@ impl Daemon {
             );
         }
         Ok(spec)
+    }
+
+    /// `policy set`: adds or replaces a runtime rule.
+    fn set_rule(&mut self, cgroup: &str, req: &Request) -> anyhow::Result<String> {
+        let selector = Selector::parse(&self.cgroup2, cgroup)?;
+        let prefix = selector.literal_prefix();
+        if !prefix.is_within(&self.attach) && !self.attach.is_within(&prefix) {
+            return Err(usage(format!(
+                "cgroup {} is outside the attach cgroup {}",
+                selector.text(),
+                self.attach
+            )));
+        }
+        let spec = self.spec_from_request(req)?;
+        let text = selector.text();
+        self.runtime.retain(|r| r.selector.text() != text);
+        self.runtime.push(Rule {
+            selector,
+            spec: Some(spec),
+            own: own_values(req),
+            source: Source::Runtime,
+        });
+        Ok(format!("set {text}: {}", describe_spec(&spec)))
+    }
+
+    /// `policy unset`: removes a runtime rule, or masks the config's policy for the cgroup.
+    fn unset_rule(&mut self, cgroup: &str) -> anyhow::Result<String> {
+        let selector = Selector::parse(&self.cgroup2, cgroup)?;
+        let text = selector.text();
+        let before = self.runtime.len();
+        self.runtime.retain(|r| r.selector.text() != text);
+        if self.runtime.len() < before {
+            return Ok(format!("removed the runtime policy for {text}"));
+        }
+        let covered = self.config.policies.rules.iter().any(|r| {
+            r.selector.text() == text
+                || match &selector {
+                    Selector::Exact(path) => {
+                        let (found, _) = r.selector.expand(&self.cgroup2);
+                        found.iter().any(|(p, _)| p == path)
+                    }
+                    Selector::Glob { .. } => false,
+                }
+        });
+        if !covered {
+            return Err(usage(format!("no policy is set for {text}")));
+        }
+        self.runtime.push(Rule {
+            selector,
+            spec: None,
+            own: policy::OwnValues::default(),
+            source: Source::Runtime,
+        });
+        Ok(format!(
+            "{text} no longer has a policy of its own until the next reload; it inherits from \
+             its nearest ancestor"
+        ))
     }
 
     fn rows(&self) -> (Vec<PolicyRow>, Vec<String>) {
@@ -290,68 +384,12 @@ impl Daemon {
     }
 
     fn handle(&mut self, req: Request) -> Response {
-        let result: anyhow::Result<(String, Option<ApplyReport>)> = (|| match &req {
+        let result: anyhow::Result<(String, Option<ApplyReport>)> = match &req {
             Request::List => Ok((String::new(), None)),
-            Request::Reload => {
-                let applied = self.reload()?;
-                Ok(("reloaded the config".to_owned(), applied))
-            }
-            Request::Set { cgroup, .. } => {
-                let selector = Selector::parse(&self.cgroup2, cgroup)?;
-                let prefix = selector.literal_prefix();
-                if !prefix.is_within(&self.attach) && !self.attach.is_within(&prefix) {
-                    return Err(usage(format!(
-                        "cgroup {} is outside the attach cgroup {}",
-                        selector.text(),
-                        self.attach
-                    )));
-                }
-                let spec = self.spec_from_request(&req)?;
-                let text = selector.text();
-                self.runtime.retain(|r| r.selector.text() != text);
-                self.runtime.push(Rule {
-                    selector,
-                    spec: Some(spec),
-                    source: Source::Runtime,
-                });
-                let applied = self.refresh(false)?;
-                Ok((format!("set {text}: {}", describe_spec(&spec)), applied))
-            }
-            Request::Unset { cgroup } => {
-                let selector = Selector::parse(&self.cgroup2, cgroup)?;
-                let text = selector.text();
-                let before = self.runtime.len();
-                self.runtime.retain(|r| r.selector.text() != text);
-                let message = if self.runtime.len() < before {
-                    format!("removed the runtime policy for {text}")
-                } else {
-                    let covered = self.config.policies.rules.iter().any(|r| {
-                        r.selector.text() == text
-                            || match &selector {
-                                Selector::Exact(path) => {
-                                    let (found, _) = r.selector.expand(&self.cgroup2);
-                                    found.iter().any(|(p, _)| p == path)
-                                }
-                                Selector::Glob { .. } => false,
-                            }
-                    });
-                    if !covered {
-                        return Err(usage(format!("no policy is set for {text}")));
-                    }
-                    self.runtime.push(Rule {
-                        selector,
-                        spec: None,
-                        source: Source::Runtime,
-                    });
-                    format!(
-                        "{text} no longer has a policy of its own until the next reload; it \
-                         inherits from its nearest ancestor"
-                    )
-                };
-                let applied = self.refresh(false)?;
-                Ok((message, applied))
-            }
-        })();
+            Request::Reload => self.reload(),
+            Request::Set { cgroup, .. } => self.transact(|daemon| daemon.set_rule(cgroup, &req)),
+            Request::Unset { cgroup } => self.transact(|daemon| daemon.unset_rule(cgroup)),
+        };
         match result {
             Ok((message, applied)) => {
                 let (policies, pending) = self.rows();
@@ -372,6 +410,25 @@ impl Daemon {
                 Response::failure(&err)
             }
         }
+    }
+}
+
+/// Which values a `policy set` request gave.
+fn own_values(req: &Request) -> policy::OwnValues {
+    match req {
+        Request::Set {
+            idle,
+            interval,
+            count,
+            user_timeout_ms,
+            ..
+        } => policy::OwnValues {
+            idle: idle.is_some(),
+            interval: interval.is_some(),
+            count: count.is_some(),
+            user_timeout: user_timeout_ms.is_some(),
+        },
+        _ => policy::OwnValues::default(),
     }
 }
 
@@ -485,7 +542,20 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let _lock = lock_instance(&globals.runtime_dir)?;
+    // A taken port fails here, before anything is loaded or attached.
+    let metrics_addr = args.metrics.or(config.metrics);
+    let metrics_listener = match metrics_addr {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("failed to listen for metrics on {addr}"))?;
+            log::info!("serving metrics on http://{addr}/metrics");
+            Some(listener)
+        }
+        None => None,
+    };
     state.create()?;
+    let _state_lock = state.lock()?;
     if let Some(pinned) = loader::pinned_attach_id(&state)?
         && pinned != attach_id
     {
@@ -528,7 +598,6 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             }
         });
     }
-    let metrics_addr = args.metrics.or(config.metrics);
     let mut daemon = Daemon {
         cgroup2: cgroup2.clone(),
         attach: attach.clone(),
@@ -540,7 +609,12 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         resolution: Resolution::default(),
         table: Vec::new(),
         lock_attached: false,
+        apply_pending: false,
     };
+    // Watch before resolving, so no cgroup created from here on is missed.
+    let mut watcher =
+        CgroupWatcher::new(&cgroup2, &attach).context("failed to watch cgroups with inotify")?;
+    log::debug!("watching {} cgroups below {attach}", watcher.len());
     // The table goes in before the program is attached, so the program never runs without it.
     let set = daemon.policy_set();
     let resolution = set.resolve(&daemon.cgroup2, &daemon.attach);
@@ -574,15 +648,8 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     daemon.refresh(true)?;
     release_free_memory();
 
-    let mut watcher =
-        CgroupWatcher::new(&cgroup2, &attach).context("failed to watch cgroups with inotify")?;
-    log::debug!("watching {} cgroups below {attach}", watcher.len());
     let control = bind_control(&globals.runtime_dir)?;
-    if let Some(addr) = metrics_addr {
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .with_context(|| format!("failed to listen for metrics on {addr}"))?;
-        log::info!("serving metrics on http://{addr}/metrics");
+    if let Some(listener) = metrics_listener {
         tokio::spawn(metrics::serve(listener, state.clone(), cgroup2.clone()));
     }
 
@@ -603,7 +670,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::monotonic_usec_now()?]);
                 match daemon.reload() {
-                    Ok(_) => log::info!("reloaded the config"),
+                    Ok((message, _)) => log::info!("{message}"),
                     Err(err) => log::error!("reload rejected, keeping the running policy: {err:#}"),
                 }
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
@@ -658,14 +725,12 @@ pub fn call_agent(runtime_dir: &Path, request: &Request) -> anyhow::Result<Respo
     if response.ok {
         return Ok(response);
     }
-    let msg = response
-        .error
-        .clone()
-        .unwrap_or_else(|| "request failed".into());
-    Err(match response.code {
-        Some(crate::error::exit::USAGE) => Error::Usage(msg).into(),
-        Some(crate::error::exit::PERMISSION) => Error::Permission(msg).into(),
-        Some(crate::error::exit::CGROUP) => Error::Usage(msg).into(),
-        _ => anyhow::anyhow!(msg),
-    })
+    Err(Error::Refused {
+        message: response
+            .error
+            .clone()
+            .unwrap_or_else(|| "request failed".into()),
+        code: response.code.unwrap_or(crate::error::exit::FAILURE),
+    }
+    .into())
 }

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use crate::{
     cgroup::{Cgroup2, CgroupPath},
     daemon,
-    error::{Error, usage},
+    error::Error,
     loader,
     pin::StateDir,
     privileges,
@@ -45,6 +45,14 @@ pub fn detach(
         ))
         .into());
     }
+    if state.is_locked() {
+        return Err(Error::Agent(format!(
+            "a keepalive agent is running with state directory {} (possibly in a container) \
+             and would re-attach; stop it first, then detach",
+            state.root().display()
+        ))
+        .into());
+    }
     let cgroup2 = Cgroup2::find()?;
     let names = cgroup2.names(&CgroupPath::root());
     let pinned = loader::pinned_attach_id(state)?;
@@ -55,15 +63,16 @@ pub fn detach(
     });
     if let Some(wanted) = cgroup {
         let wanted = cgroup2.parse(wanted)?;
-        let wanted_id = cgroup2.id(&wanted).ok();
-        if pinned.is_none() || pinned != wanted_id {
-            return Err(usage(format!(
+        let wanted_id = cgroup2.existing_id(&wanted)?;
+        if pinned != Some(wanted_id) {
+            return Err(Error::Agent(format!(
                 "enforcement in {} is {}, not on {wanted}; nothing was detached",
                 state.root().display(),
                 attach
                     .as_deref()
                     .map_or("not attached".to_owned(), |a| format!("attached to {a}"))
-            )));
+            ))
+            .into());
         }
     }
     let mut removed = Vec::new();

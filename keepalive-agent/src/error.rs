@@ -56,6 +56,13 @@ pub enum Error {
     Agent(String),
     /// `check` found problems (already printed).
     NotReady,
+    /// The running agent refused a request; its message and exit code.
+    Refused {
+        /// The agent's message.
+        message: String,
+        /// The exit code the agent chose.
+        code: u8,
+    },
 }
 
 impl Error {
@@ -69,6 +76,7 @@ impl Error {
             Self::Kernel(_) => exit::KERNEL,
             Self::Agent(_) => exit::AGENT,
             Self::NotReady => exit::NOT_READY,
+            Self::Refused { code, .. } => *code,
         }
     }
 }
@@ -91,6 +99,7 @@ impl fmt::Display for Error {
             ),
             Self::CgroupNotFound(path) => write!(f, "cgroup {} does not exist", path.display()),
             Self::NotReady => f.write_str("this host is not ready to run keepalive-agent"),
+            Self::Refused { message, .. } => f.write_str(message),
         }
     }
 }

@@ -182,9 +182,12 @@ impl Enforcer {
     /// the old table or the new one, never a mix. The kernel waits for programs still using
     /// the old table before the update returns.
     pub fn push_table(&mut self, table: &[(u64, Policy)]) -> anyhow::Result<()> {
-        let mut inner: HashMap<MapData, u64, Policy> =
-            HashMap::create(MAX_POLICIES + 1, BPF_F_NO_PREALLOC)
-                .context("failed to create a policy table")?;
+        // Globs can resolve to more cgroups than there are rules; size the table to fit.
+        let capacity = u32::try_from(table.len())
+            .unwrap_or(u32::MAX)
+            .max(MAX_POLICIES + 1);
+        let mut inner: HashMap<MapData, u64, Policy> = HashMap::create(capacity, BPF_F_NO_PREALLOC)
+            .context("failed to create a policy table")?;
         for (id, policy) in table {
             inner
                 .insert(id, policy, 0)

@@ -22,7 +22,7 @@ fn escape(value: &str) -> String {
 
 /// Renders the exposition text.
 pub fn render(state: &StateDir, cgroup2: &Cgroup2) -> anyhow::Result<String> {
-    let snapshot = status::snapshot(state, cgroup2, &status::Filter::default())?;
+    let snapshot = status::summary(state, cgroup2)?;
     let mut out = String::new();
     /// Metric name, type, help, and how to read it from a cgroup's row.
     type Family = (
@@ -141,8 +141,14 @@ async fn respond(
 /// Serves scrapes until the process exits.
 pub async fn serve(listener: TcpListener, state: StateDir, cgroup2: Cgroup2) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                log::warn!("metrics: accept failed: {err}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
         };
         let state = state.clone();
         let cgroup2 = cgroup2.clone();

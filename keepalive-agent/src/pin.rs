@@ -108,6 +108,33 @@ impl StateDir {
         Ok(())
     }
 
+    /// Takes an exclusive lock on the state directory for as long as the returned file lives,
+    /// or fails if another agent holds it. The lock lives on bpffs, so it also covers agents
+    /// in other mount namespaces (a pod) that share the host's pins.
+    pub fn lock(&self) -> anyhow::Result<std::fs::File> {
+        let dir = self.open_dir()?;
+        if !flock(&dir, libc::LOCK_EX | libc::LOCK_NB) {
+            return Err(Error::Agent(format!(
+                "another keepalive agent is running with state directory {} (possibly in a \
+                 container); stop it first",
+                self.root.display()
+            ))
+            .into());
+        }
+        Ok(dir)
+    }
+
+    /// Whether an agent holds the state directory now.
+    pub fn is_locked(&self) -> bool {
+        self.open_dir()
+            .is_ok_and(|dir| !flock(&dir, libc::LOCK_SH | libc::LOCK_NB))
+    }
+
+    fn open_dir(&self) -> anyhow::Result<std::fs::File> {
+        std::fs::File::open(&self.root)
+            .with_context(|| format!("failed to open {}", self.root.display()))
+    }
+
     /// Every pin that exists, in the order `detach` removes them (links first).
     pub fn existing_pins(&self) -> Vec<PathBuf> {
         let mut pins: Vec<PathBuf> = [
@@ -142,6 +169,12 @@ impl StateDir {
         }
         pins
     }
+}
+
+fn flock(file: &std::fs::File, how: i32) -> bool {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: flock on a descriptor we own.
+    unsafe { libc::flock(file.as_raw_fd(), how) == 0 }
 }
 
 fn fs_type(path: &Path) -> io::Result<i64> {

@@ -377,8 +377,24 @@ pub struct Rule {
     pub selector: Selector,
     /// The policy, or `None` for "no policy of its own".
     pub spec: Option<Spec>,
+    /// Which values the rule sets itself; the others come from the default.
+    pub own: OwnValues,
     /// Where it came from.
     pub source: Source,
+}
+
+/// Which of a rule's values it sets itself (the rest follow the default, including
+/// command-line overrides of it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OwnValues {
+    /// `idle` was given.
+    pub idle: bool,
+    /// `interval` was given.
+    pub interval: bool,
+    /// `count` was given.
+    pub count: bool,
+    /// `user_timeout` was given.
+    pub user_timeout: bool,
 }
 
 /// The complete policy: the default and rules in precedence order.

@@ -441,6 +441,23 @@ pub fn snapshot(state: &StateDir, cgroup2: &Cgroup2, filter: &Filter) -> anyhow:
     })
 }
 
+/// Per-cgroup rows and counters without socket rows: what metrics need, cheap at any size.
+pub fn summary(state: &StateDir, cgroup2: &Cgroup2) -> anyhow::Result<Snapshot> {
+    let filter = Filter::default();
+    let view = View::new(state, cgroup2, &filter)?;
+    let mut tally = Tally::default();
+    for_each_record(state, |rec| tally.add(rec))?;
+    Ok(Snapshot {
+        attach_cgroup: view.attach_cgroup.clone(),
+        state_dir: state.root().display().to_string(),
+        sockets: Vec::new(),
+        cgroups: tally.cgroups(&view, state)?,
+        counters: read_counters(state)?,
+        tracked_entries: tally.tracked,
+        stale_entries: tally.stale,
+    })
+}
+
 /// Writes the same document as a serialized [`Snapshot`], streaming the sockets in the order
 /// the kernel returns them, so memory stays flat however many sockets are open.
 pub fn write_json(

@@ -81,36 +81,63 @@ impl CgroupWatcher {
         self.by_wd.is_empty()
     }
 
-    /// Watches `top` and everything below it, recording each cgroup in `created`.
+    /// Watches `top` and everything below it, recording each cgroup in `created`. Each
+    /// directory is watched before it is listed, so a child created in between is either in
+    /// the listing or reported by the watch.
     fn add_tree(&mut self, top: &CgroupPath, created: &mut Vec<CgroupPath>) {
-        for (path, id) in self.cgroup2.walk(top) {
-            if self.by_path.contains_key(&path) {
-                continue;
-            }
-            match self
-                .inotify
-                .get_mut()
-                .watches()
-                .add(self.cgroup2.abs(&path), MASK)
-            {
-                Ok(wd) => {
-                    self.by_wd.insert(wd.clone(), (path.clone(), id));
-                    self.by_path.insert(path.clone(), wd);
-                    created.push(path);
-                }
-                Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
-                    if !self.warned_limit {
-                        log::warn!(
-                            "inotify watch limit reached at {} cgroups; new cgroups below {path} \
-                             are not followed. Raise fs.inotify.max_user_watches",
-                            self.by_wd.len()
-                        );
-                        self.warned_limit = true;
+        let mut stack = vec![top.clone()];
+        while let Some(path) = stack.pop() {
+            if !self.by_path.contains_key(&path) {
+                let Ok(id) = self.cgroup2.id(&path) else {
+                    continue;
+                };
+                match self
+                    .inotify
+                    .get_mut()
+                    .watches()
+                    .add(self.cgroup2.abs(&path), MASK)
+                {
+                    Ok(wd) => {
+                        self.by_wd.insert(wd.clone(), (path.clone(), id));
+                        self.by_path.insert(path.clone(), wd);
+                        created.push(path.clone());
+                    }
+                    Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
+                        if !self.warned_limit {
+                            log::warn!(
+                                "inotify watch limit reached at {} cgroups; new cgroups below \
+                                 {path} are not followed. Raise fs.inotify.max_user_watches",
+                                self.by_wd.len()
+                            );
+                            self.warned_limit = true;
+                        }
+                        continue;
+                    }
+                    Err(err) => {
+                        log::debug!("cannot watch cgroup {path}: {err}");
+                        continue;
                     }
                 }
-                Err(err) => log::debug!("cannot watch cgroup {path}: {err}"),
+            }
+            for child in self.cgroup2.children(&path) {
+                stack.push(path.join(&child));
             }
         }
+    }
+
+    /// After lost events: forgets cgroups that are gone and watches new ones.
+    fn rescan(&mut self, changes: &mut Changes) {
+        let gone: Vec<CgroupPath> = self
+            .by_path
+            .keys()
+            .filter(|path| !self.cgroup2.abs(path).is_dir())
+            .cloned()
+            .collect();
+        for path in gone {
+            self.forget_tree(&path, &mut changes.removed);
+        }
+        let root = self.root.clone();
+        self.add_tree(&root, &mut changes.created);
     }
 
     fn forget_tree(&mut self, top: &CgroupPath, removed: &mut Vec<(CgroupPath, u64)>) {
@@ -157,9 +184,8 @@ impl CgroupWatcher {
             let mut changes = Changes::default();
             for (wd, mask, name) in raw {
                 if mask.contains(EventMask::Q_OVERFLOW) {
-                    // Events were lost: rescan everything.
-                    let root = self.root.clone();
-                    self.add_tree(&root, &mut changes.created);
+                    // Events were lost: compare with what is there now.
+                    self.rescan(&mut changes);
                     continue;
                 }
                 let Some((parent, _)) = self.by_wd.get(&wd).cloned() else {

@@ -357,3 +357,31 @@ fn dropping_the_user_timeout_resets_it_on_sockets_the_program_set() {
         assert_eq!(sock["idle"], 45, "{sock}");
     }
 }
+
+#[test]
+fn exact_paths_outrank_globs_also_across_runtime_and_config() {
+    let parent = TestCgroup::new("precedence");
+    let db = parent.child("db-main");
+    let web = parent.child("web");
+    let config = write_config(&format!(
+        "[[policy]]\ncgroup = \"{}\"\nidle = 44\n[[policy]]\ncgroup = \"{}/*\"\nidle = 55\n",
+        db.rel(),
+        parent.rel()
+    ));
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    assert_eq!((idle_of(&db), idle_of(&web)), (44, 55));
+    // A runtime glob neither overrides nor masks the config's exact path.
+    let glob = format!("{}/*", parent.rel());
+    let out = agent.cli(&["policy", "set", &glob, "--idle", "66"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!((idle_of(&db), idle_of(&web)), (44, 66));
+    let out = agent.cli(&["policy", "unset", &glob]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = agent.cli(&["policy", "unset", &glob]);
+    assert!(
+        out.status.success(),
+        "mask the config glob: {}",
+        stderr(&out)
+    );
+    assert_eq!((idle_of(&db), idle_of(&web)), (44, 60));
+}

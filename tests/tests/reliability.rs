@@ -512,3 +512,44 @@ fn established_at_survives_a_policy_change() {
     );
     assert_ne!(after["enforced_at"], before["enforced_at"]);
 }
+
+#[test]
+fn detach_refuses_while_an_agent_holds_the_state_from_another_runtime_dir() {
+    let cg = TestCgroup::new("statelock");
+    let agent = Agent::start(&cg, &[]);
+    // Same pins, different runtime directory: an agent in a container looks like this.
+    let other = AgentDirs {
+        state_dir: agent.state_dir.clone(),
+        runtime_dir: std::env::temp_dir().join(keepalive_tests::unique("other-run")),
+    };
+    let out = other.detach();
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    assert!(stderr(&out).contains("stop it first"), "{}", stderr(&out));
+    assert_eq!(sockops_attachments(cg.path()), 1, "still attached");
+    let out = other.cli(&["run", "--cgroup", cg.path().to_str().unwrap()]);
+    assert_eq!(
+        code(&out),
+        7,
+        "a second agent on the same pins: {}",
+        stderr(&out)
+    );
+    let _ = std::fs::remove_dir_all(&other.runtime_dir);
+}
+
+#[test]
+fn detach_cgroup_checks_where_enforcement_is() {
+    let a = TestCgroup::new("detach-a");
+    let b = TestCgroup::new("detach-b");
+    let mut agent = Agent::start(&a, &[]);
+    agent.stop_with(libc::SIGTERM);
+    let dirs = agent.dirs();
+    let out = dirs.cli(&["detach", "--cgroup", b.path().to_str().unwrap()]);
+    assert_eq!(code(&out), 7, "attached elsewhere: {}", stderr(&out));
+    let missing = format!("{}/nope", b.path().display());
+    let out = dirs.cli(&["detach", "--cgroup", &missing]);
+    assert_eq!(code(&out), 4, "no such cgroup: {}", stderr(&out));
+    assert_eq!(sockops_attachments(a.path()), 1, "nothing detached");
+    let out = dirs.cli(&["detach", "--cgroup", a.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(sockops_attachments(a.path()), 0);
+}
