@@ -8,7 +8,7 @@ use serde::Serialize;
 use crate::{
     btf::{Btf, VMLINUX_BTF},
     cgroup::{Cgroup2, CgroupPath},
-    daemon, loader,
+    instance, loader,
     pin::{self, BPFFS_MOUNT, StateDir},
     privileges::{Cap, Caps},
     sys,
@@ -249,7 +249,7 @@ pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
             }
         }
         let names = cg.names(&CgroupPath::root());
-        let detail = match (ours, daemon::running_agent(runtime_dir)) {
+        let detail = match (ours, instance::running_agent(runtime_dir)) {
             (Some(id), Some(pid)) => format!(
                 "attached to {} and the agent (pid {pid}) is running",
                 names

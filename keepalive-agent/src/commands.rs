@@ -239,6 +239,6 @@ fn policy_cmd(runtime_dir: &std::path::Path, cmd: PolicyCommand) -> anyhow::Resu
         ),
         PolicyCommand::Unset { cgroup, json } => (Request::Unset { cgroup }, json, false),
     };
-    let response = daemon::call_agent(runtime_dir, &request)?;
+    let response = crate::control::call_agent(runtime_dir, &request)?;
     print_response(&response, as_json, list)
 }

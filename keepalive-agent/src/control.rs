@@ -118,6 +118,67 @@ impl Response {
     }
 }
 
+/// Sends one request to the agent; a refusal becomes an error with the agent's exit code.
+pub fn call_agent(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response> {
+    let response = call(runtime_dir, request)?;
+    if response.ok {
+        return Ok(response);
+    }
+    Err(Error::Refused {
+        message: response
+            .error
+            .clone()
+            .unwrap_or_else(|| "request failed".into()),
+        code: response.code.unwrap_or(crate::error::exit::FAILURE),
+    }
+    .into())
+}
+
+/// Listens on the control socket, root only. The caller holds the instance lock, so a
+/// leftover socket file belongs to an agent that died.
+pub fn bind(runtime_dir: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = socket_path(runtime_dir);
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("failed to listen on {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("failed to restrict {} to root", path.display()))?;
+    Ok(listener)
+}
+
+/// Serves one connection: checks the peer is root, reads one request (5 s at most), answers
+/// with `handle`'s response.
+pub async fn serve_one(
+    stream: tokio::net::UnixStream,
+    handle: impl FnOnce(Request) -> Response,
+) -> anyhow::Result<()> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+    let (read, mut write) = stream.into_split();
+    let response = if uid != 0 {
+        Response::failure(
+            &Error::Permission("permission denied: policy commands need root".into()).into(),
+        )
+    } else {
+        let mut line = String::new();
+        let mut reader = tokio::io::BufReader::new(read);
+        tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+            .await
+            .context("control client sent nothing")??;
+        match serde_json::from_str::<Request>(&line) {
+            Ok(req) => handle(req),
+            Err(err) => {
+                Response::failure(&crate::error::usage(format!("malformed request: {err}")))
+            }
+        }
+    };
+    let mut out = serde_json::to_string(&response)?;
+    out.push('\n');
+    write.write_all(out.as_bytes()).await?;
+    Ok(())
+}
+
 /// Sends one request to the agent and waits for its answer.
 pub fn call(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response> {
     let path = socket_path(runtime_dir);

@@ -5,21 +5,12 @@
 //! touches the kernel; then it loads, pushes the policy table, attaches (or takes over the
 //! pinned attachment), applies the policy to existing connections and reports readiness.
 
-use std::{
-    fs::{self, File},
-    os::{
-        fd::AsRawFd as _,
-        unix::fs::{DirBuilderExt as _, PermissionsExt as _},
-    },
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{fs, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use keepalive_common::Policy;
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{UnixListener, UnixStream},
+    net::UnixStream,
     signal::unix::{SignalKind, signal},
 };
 
@@ -31,6 +22,7 @@ use crate::{
     config::{self, Config, DefaultOverrides},
     control::{self, PolicyRow, Request, Response},
     error::{Error, usage},
+    instance,
     loader::{self, Enforcer, LoadOptions},
     metrics,
     pin::{DEFAULT_STATE_DIR, StateDir},
@@ -38,61 +30,6 @@ use crate::{
     privileges,
     watch::CgroupWatcher,
 };
-
-/// The lock file that keeps two agents off the same runtime directory.
-pub const LOCK_NAME: &str = "agent.lock";
-
-/// Holds an exclusive flock on the runtime directory's lock file for the agent's lifetime.
-#[derive(Debug)]
-pub struct InstanceLock {
-    _file: File,
-}
-
-/// Takes the instance lock, or says which process holds it.
-pub fn lock_instance(runtime_dir: &Path) -> anyhow::Result<InstanceLock> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(runtime_dir)
-        .with_context(|| format!("failed to create {}", runtime_dir.display()))?;
-    fs::set_permissions(runtime_dir, fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("failed to restrict {} to root", runtime_dir.display()))?;
-    let path = runtime_dir.join(LOCK_NAME);
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&path)
-        .with_context(|| format!("failed to open {}", path.display()))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let holder = fs::read_to_string(&path).unwrap_or_default();
-        return Err(Error::Agent(format!(
-            "another keepalive agent (pid {}) is running with runtime directory {}",
-            holder.trim(),
-            runtime_dir.display()
-        ))
-        .into());
-    }
-    fs::write(&path, format!("{}\n", std::process::id()))
-        .with_context(|| format!("failed to write {}", path.display()))?;
-    Ok(InstanceLock { _file: file })
-}
-
-/// The pid of a running agent holding `runtime_dir`, if any.
-pub fn running_agent(runtime_dir: &Path) -> Option<String> {
-    let path = runtime_dir.join(LOCK_NAME);
-    let file = File::open(&path).ok()?;
-    // SAFETY: flock on an fd we own; a shared lock fails only while an agent holds it.
-    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
-    (!free).then(|| {
-        fs::read_to_string(&path)
-            .unwrap_or_default()
-            .trim()
-            .to_owned()
-    })
-}
 
 /// Everything the running agent keeps.
 struct Daemon {
@@ -449,38 +386,7 @@ fn describe_spec(spec: &Spec) -> String {
 }
 
 async fn serve_control(daemon: &mut Daemon, stream: UnixStream) -> anyhow::Result<()> {
-    let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
-    let (read, mut write) = stream.into_split();
-    let response = if uid != 0 {
-        Response::failure(
-            &Error::Permission("permission denied: policy commands need root".into()).into(),
-        )
-    } else {
-        let mut line = String::new();
-        let mut reader = BufReader::new(read);
-        tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
-            .await
-            .context("control client sent nothing")??;
-        match serde_json::from_str::<Request>(&line) {
-            Ok(req) => daemon.handle(req),
-            Err(err) => Response::failure(&usage(format!("malformed request: {err}"))),
-        }
-    };
-    let mut out = serde_json::to_string(&response)?;
-    out.push('\n');
-    write.write_all(out.as_bytes()).await?;
-    Ok(())
-}
-
-fn bind_control(runtime_dir: &Path) -> anyhow::Result<UnixListener> {
-    let path = control::socket_path(runtime_dir);
-    // We hold the instance lock, so a leftover socket belongs to an agent that died.
-    let _ = fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
-        .with_context(|| format!("failed to listen on {}", path.display()))?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("failed to restrict {} to root", path.display()))?;
-    Ok(listener)
+    control::serve_one(stream, |req| daemon.handle(req)).await
 }
 
 /// Options of `run` that come from the global flags.
@@ -541,7 +447,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             btf::VMLINUX_BTF
         );
     }
-    let _lock = lock_instance(&globals.runtime_dir)?;
+    let _lock = instance::lock(&globals.runtime_dir)?;
     // A taken port fails here, before anything is loaded or attached.
     let metrics_addr = args.metrics.or(config.metrics);
     let metrics_listener = match metrics_addr {
@@ -648,7 +554,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     daemon.refresh(true)?;
     release_free_memory();
 
-    let control = bind_control(&globals.runtime_dir)?;
+    let control = control::bind(&globals.runtime_dir)?;
     if let Some(listener) = metrics_listener {
         tokio::spawn(metrics::serve(listener, state.clone(), cgroup2.clone()));
     }
@@ -717,20 +623,4 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
 fn release_free_memory() {
     // SAFETY: malloc_trim only releases unused memory of glibc's allocator.
     unsafe { libc::malloc_trim(0) };
-}
-
-/// `policy` client side: sends a request and turns a failure into the right exit code.
-pub fn call_agent(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response> {
-    let response = control::call(runtime_dir, request)?;
-    if response.ok {
-        return Ok(response);
-    }
-    Err(Error::Refused {
-        message: response
-            .error
-            .clone()
-            .unwrap_or_else(|| "request failed".into()),
-        code: response.code.unwrap_or(crate::error::exit::FAILURE),
-    }
-    .into())
 }

@@ -7,9 +7,8 @@ use anyhow::Context as _;
 
 use crate::{
     cgroup::{Cgroup2, CgroupPath},
-    daemon,
     error::Error,
-    loader,
+    instance, loader,
     pin::StateDir,
     privileges,
 };
@@ -38,7 +37,7 @@ pub fn detach(
     cgroup: Option<&str>,
 ) -> anyhow::Result<Vec<String>> {
     privileges::require_for("detach")?;
-    if let Some(pid) = daemon::running_agent(runtime_dir) {
+    if let Some(pid) = instance::running_agent(runtime_dir) {
         return Err(Error::Agent(format!(
             "the keepalive agent (pid {pid}) is running and would re-attach; stop it first \
              (`systemctl stop keepalive-agent`), then detach"

@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod detach;
 pub mod error;
 pub mod install;
+pub mod instance;
 pub mod loader;
 pub mod logging;
 pub mod metrics;
