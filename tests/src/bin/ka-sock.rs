@@ -10,6 +10,8 @@
 //! ka-sock churn                                  connect/accept/close until stdin closes,
 //!                                                counting connections without SO_KEEPALIVE
 //! ka-sock hold <N>                               open N loopback connections, hold them
+//! ka-sock empty-sockops <CGROUP-DIR>              attach a sock_ops program that does nothing,
+//!                                                until stdin closes (the benchmark's floor)
 //! ```
 //!
 //! While holding sockets, every line on stdin asks for a fresh `{"report": [...]}` of their
@@ -350,6 +352,44 @@ fn churn() {
     emit(json!({ "connections": total, "without_keepalive": bare }));
 }
 
+/// Attaches a two-instruction sock_ops program (`return 1`) to a cgroup through a BPF link, so
+/// the attachment ends with this process. The benchmark uses it to measure what the kernel
+/// charges for calling any sock_ops program on each connection, apart from what ours does.
+fn empty_sockops(args: &[String]) {
+    let dir = args.first().expect("empty-sockops CGROUP-DIR");
+    let cgroup = std::fs::File::open(dir).expect("open cgroup");
+    // mov64 r0, 1; exit
+    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"GPL";
+    // union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, then zeroes.
+    let mut attr = [0u64; 16];
+    attr[0] = 13 | (2 << 32); // BPF_PROG_TYPE_SOCK_OPS, 2 instructions
+    attr[1] = insns.as_ptr() as u64;
+    attr[2] = license.as_ptr() as u64;
+    // SAFETY: bpf(2) reads `attr` (128 bytes, zero past the fields set) and the buffers it
+    // points to, which outlive the call.
+    let prog = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), size_of_val(&attr)) };
+    assert!(
+        prog >= 0,
+        "BPF_PROG_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
+    // BPF_LINK_CREATE: prog_fd, target_fd, attach_type BPF_CGROUP_SOCK_OPS, flags 0.
+    let mut attr = [0u64; 16];
+    attr[0] = prog as u64 | ((cgroup.as_raw_fd() as u64) << 32);
+    attr[1] = 3;
+    // SAFETY: as above.
+    let link = unsafe { libc::syscall(libc::SYS_bpf, 28, attr.as_ptr(), size_of_val(&attr)) };
+    assert!(
+        link >= 0,
+        "BPF_LINK_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    emit(json!({ "attached": true }));
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = args
@@ -362,6 +402,7 @@ fn main() {
         "storm" => storm(rest),
         "churn" => churn(),
         "hold" => hold_many(rest),
+        "empty-sockops" => empty_sockops(rest),
         other => panic!("unknown command {other}"),
     }
 }
