@@ -23,6 +23,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod perf;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this process and call.
@@ -82,6 +84,11 @@ pub fn target_dir() -> PathBuf {
         .and_then(Path::parent)
         .expect("test executable lives in target/<profile>/deps")
         .to_owned()
+}
+
+/// The LD_PRELOAD shim (the libkeepalive technique) that `build.rs` compiles.
+pub fn shim_lib() -> &'static str {
+    env!("KA_SHIM")
 }
 
 /// The socket helper binary (`KA_SOCK_BIN` overrides where it is looked for).

@@ -4,7 +4,7 @@
 use std::{process::Command, time::Duration};
 
 use keepalive_tests::{
-    Agent, AgentDirs, Proc, TestCgroup, VethPair, code, kernel_defaults, sock_bin,
+    Agent, AgentDirs, Proc, TestCgroup, VethPair, code, kernel_defaults, shim_lib, sock_bin,
     sockops_attachments, stderr, values,
 };
 
@@ -104,7 +104,7 @@ fn a_statically_linked_client_gets_the_values() {
 /// `a_statically_linked_client_gets_the_values`).
 #[test]
 fn an_ld_preload_shim_misses_static_binaries() {
-    let shim = env!("KA_SHIM");
+    let shim = shim_lib();
     let cg = TestCgroup::new("shim");
     let preload = [("LD_PRELOAD", shim)];
     let mut dynamic =

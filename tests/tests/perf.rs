@@ -11,7 +11,10 @@
 //!   than wall time), stays under 20% of a plain connection's time. It is about 8% today, so a
 //!   program that became 2.5 times more expensive fails.
 
-use keepalive_tests::{Agent, Proc, TestCgroup, write_config};
+use keepalive_tests::{
+    Agent, TestCgroup,
+    perf::{BpfStats, median, realistic_policies, sockops_stats, storm},
+};
 
 const CONNECTIONS: u64 = 6000;
 const PAIRS: usize = 11;
@@ -19,31 +22,7 @@ const RATE_FLOOR: f64 = 0.75;
 const PROGRAM_SHARE_CEILING: f64 = 0.20;
 
 fn rate(cgroup: &TestCgroup) -> f64 {
-    let mut storm = Proc::sock(&["storm", &CONNECTIONS.to_string()], cgroup);
-    let out = storm.next(std::time::Duration::from_secs(120));
-    out["per_second"].as_f64().expect("rate")
-}
-
-/// run_time_ns and run_cnt of the agent's sock_ops program.
-fn program_stats(pid: u32) -> (u64, u64) {
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo") {
-        let info = std::fs::read_to_string(fd.expect("entry").path()).unwrap_or_default();
-        if info.lines().any(|l| l == "prog_type:\t13") {
-            let field = |name: &str| -> u64 {
-                info.lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .and_then(|v| v.trim().parse().ok())
-                    .expect("bpf_stats field")
-            };
-            return (field("run_time_ns:"), field("run_cnt:"));
-        }
-    }
-    panic!("the agent holds no sock_ops program");
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    storm(cgroup, CONNECTIONS, &[])
 }
 
 #[test]
@@ -52,27 +31,14 @@ fn enforcement_keeps_the_connection_rate_within_bounds() {
     let parent = TestCgroup::new("perf");
     let plain = parent.child("plain");
     let enforced = parent.child("enforced");
-    let mut config = String::from("[default]\nidle = 60\ninterval = 10\ncount = 5\n");
-    let services: Vec<TestCgroup> = (0..300)
-        .map(|i| enforced.child(&format!("svc-{i}")))
-        .collect();
-    for (i, svc) in services.iter().enumerate() {
-        config.push_str(&format!(
-            "[[policy]]\ncgroup = \"{}\"\nidle = {}\n",
-            svc.rel(),
-            30 + i % 60
-        ));
-    }
-    let config = write_config(&config);
+    let (config, _services) = realistic_policies(&enforced);
     let agent = Agent::start(&enforced, &["--config", config.to_str().unwrap()]);
-    let sysctl = "/proc/sys/kernel/bpf_stats_enabled";
-    let saved = std::fs::read_to_string(sysctl).expect("read bpf_stats_enabled");
-    std::fs::write(sysctl, "1").expect("enable bpf_stats");
+    let stats = BpfStats::enable();
     // Warm-up.
     rate(&plain);
     rate(&enforced);
     let (mut ratios, mut plain_rates) = (Vec::new(), Vec::new());
-    let (t0, _) = program_stats(agent.pid());
+    let (t0, _) = sockops_stats(agent.pid());
     for i in 0..PAIRS {
         let (a, b) = if i % 2 == 0 {
             let a = rate(&plain);
@@ -84,8 +50,8 @@ fn enforcement_keeps_the_connection_rate_within_bounds() {
         ratios.push(b / a);
         plain_rates.push(a);
     }
-    let (t1, _) = program_stats(agent.pid());
-    std::fs::write(sysctl, saved.trim()).expect("restore bpf_stats_enabled");
+    let (t1, _) = sockops_stats(agent.pid());
+    drop(stats);
     let program_ns = (t1 - t0) as f64 / (PAIRS as f64 * CONNECTIONS as f64);
     let plain_ns = 1e9 / median(&mut plain_rates);
     let share = program_ns / plain_ns;

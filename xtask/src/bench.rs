@@ -8,13 +8,16 @@ use std::{
     fmt::Write as _,
     fs,
     os::unix::process::CommandExt as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
-use keepalive_tests::{Agent, AgentDirs, Proc, TestCgroup, write_config};
+use keepalive_tests::{
+    Agent, AgentDirs, Proc, TestCgroup,
+    perf::{BpfStats, median, realistic_policies, sockops_stats, storm},
+};
 use serde_json::Value;
 
 use crate::is_root;
@@ -25,92 +28,20 @@ struct Row {
     goal: &'static str,
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
-
 fn spread(values: &mut [f64]) -> String {
     let m = median(values);
     format!("{m:.3} ({:.3}–{:.3})", values[0], values[values.len() - 1])
 }
 
-/// Builds the LD_PRELOAD shim with the system C compiler.
-fn build_shim(root: &Path) -> anyhow::Result<PathBuf> {
-    let out = root.join("target/bench");
-    fs::create_dir_all(&out)?;
-    let lib = out.join("libkeepalive_shim.so");
-    let status = Command::new("cc")
-        .args(["-O2", "-shared", "-fPIC", "-o"])
-        .arg(&lib)
-        .arg(root.join("tests/shim/keepalive_shim.c"))
-        .arg("-ldl")
-        .status()
-        .context("failed to run cc")?;
-    if !status.success() {
-        bail!("building the LD_PRELOAD shim failed");
-    }
-    Ok(lib)
-}
-
-fn storm(cgroup: &TestCgroup, n: &str, env: &[(&str, &str)]) -> f64 {
-    let mut proc = Proc::spawn_with_env(
-        &keepalive_tests::sock_bin(),
-        &["storm", n],
-        Some(cgroup.path()),
-        None,
-        env,
-    );
-    proc.next(Duration::from_secs(300))["per_second"]
-        .as_f64()
-        .expect("rate")
-}
-
-/// run_time_ns and run_cnt of the agent's sock_ops program, from its fdinfo.
-fn sockops_stats(pid: u32) -> (u64, u64) {
-    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
-        return (0, 0);
-    };
-    for fd in fds.filter_map(Result::ok) {
-        let Ok(info) = fs::read_to_string(fd.path()) else {
-            continue;
-        };
-        if !info.lines().any(|l| l == "prog_type:\t13") {
-            continue;
-        }
-        let field = |name: &str| {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0)
-        };
-        return (field("run_time_ns:"), field("run_cnt:"));
-    }
-    (0, 0)
-}
-
-fn connection_rate(rows: &mut Vec<Row>, shim: &Path, quick: bool) -> anyhow::Result<()> {
-    let n = if quick { "5000" } else { "20000" };
+fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
+    let n: u64 = if quick { 5000 } else { 20000 };
     let rounds = if quick { 5 } else { 9 };
     let parent = TestCgroup::new("bench-rate");
     let plain = parent.child("plain");
     let shimmed = parent.child("shim");
     let empty = parent.child("empty");
     let enforced = parent.child("enforced");
-    // A realistic set: the default plus 300 cgroup policies for existing cgroups.
-    let mut config = String::from("[default]\nidle = 60\ninterval = 10\ncount = 5\n");
-    let services: Vec<TestCgroup> = (0..300)
-        .map(|i| enforced.child(&format!("svc-{i}")))
-        .collect();
-    for (i, svc) in services.iter().enumerate() {
-        let _ = writeln!(
-            config,
-            "[[policy]]\ncgroup = \"{}\"\nidle = {}\n",
-            svc.rel(),
-            30 + i % 60
-        );
-    }
-    let config = write_config(&config);
+    let (config, services) = realistic_policies(&enforced);
     let agent = Agent::start(&enforced, &["--config", config.to_str().unwrap()]);
     // (e): a sock_ops program that returns at once, for the part of the cost that any sock_ops
     // program pays (the kernel calls it about nine times per connection).
@@ -121,7 +52,7 @@ fn connection_rate(rows: &mut Vec<Row>, shim: &Path, quick: bool) -> anyhow::Res
         None,
     );
     empty_program.next(Duration::from_secs(10));
-    let preload = [("LD_PRELOAD", shim.to_str().unwrap())];
+    let preload = [("LD_PRELOAD", keepalive_tests::shim_lib())];
     let setups: [(&TestCgroup, &[(&str, &str)]); 4] = [
         (&plain, &[]),
         (&shimmed, &preload),
@@ -155,17 +86,15 @@ fn connection_rate(rows: &mut Vec<Row>, shim: &Path, quick: bool) -> anyhow::Res
         );
     }
     // The program's own time, from bpf_stats, over separate storms.
-    let sysctl = "/proc/sys/kernel/bpf_stats_enabled";
-    let saved = fs::read_to_string(sysctl)?;
-    fs::write(sysctl, "1")?;
+    let stats = BpfStats::enable();
     let (t0, c0) = sockops_stats(agent.pid());
     let cost_storms = if quick { 2 } else { 4 };
     for _ in 0..cost_storms {
         storm(&enforced, n, &[]);
     }
     let (t1, c1) = sockops_stats(agent.pid());
-    fs::write(sysctl, saved.trim())?;
-    let connections = cost_storms * n.parse::<u64>()?;
+    drop(stats);
+    let connections = cost_storms * n;
     let (program_ns, program_runs) = (t1 - t0, c1 - c0);
     let mut ratio = |what: String, values: &mut Vec<f64>, goal| {
         rows.push(Row {
@@ -468,9 +397,8 @@ pub fn run(root: &Path, quick: bool) -> anyhow::Result<()> {
         );
         std::env::set_var("KA_SOCK_BIN", root.join("target/release/ka-sock"));
     }
-    let shim = build_shim(root)?;
     let mut rows = Vec::new();
-    connection_rate(&mut rows, &shim, quick)?;
+    connection_rate(&mut rows, quick)?;
     retroactive_and_status(&mut rows, quick)?;
     footprint(&mut rows, quick)?;
 

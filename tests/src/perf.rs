@@ -1,0 +1,86 @@
+//! What the performance guard (`tests/perf.rs`) and `cargo xtask bench` share: the connection
+//! storm, the realistic policy set, and the sock_ops program's own time from `bpf_stats`.
+
+use std::{fmt::Write as _, fs, path::PathBuf, time::Duration};
+
+use crate::{Proc, TestCgroup, sock_bin, write_config};
+
+/// One `ka-sock storm` of `n` lock-step loopback connections in `cgroup`, with extra
+/// environment (for LD_PRELOAD); returns connections per second. The timeout only catches a
+/// stuck storm: thousands of connections take well under a second.
+pub fn storm(cgroup: &TestCgroup, n: u64, env: &[(&str, &str)]) -> f64 {
+    let mut proc = Proc::spawn_with_env(
+        &sock_bin(),
+        &["storm", &n.to_string()],
+        Some(cgroup.path()),
+        None,
+        env,
+    );
+    proc.next(Duration::from_secs(60 + n / 100))["per_second"]
+        .as_f64()
+        .expect("storm rate")
+}
+
+/// A realistic policy set for an agent attached at `enforced`: the default plus one policy
+/// for each of 300 child cgroups, created here. Returns the config file and the cgroups, which
+/// must live as long as the agent.
+pub fn realistic_policies(enforced: &TestCgroup) -> (PathBuf, Vec<TestCgroup>) {
+    let mut config = String::from("[default]\nidle = 60\ninterval = 10\ncount = 5\n");
+    let services: Vec<TestCgroup> = (0..300)
+        .map(|i| enforced.child(&format!("svc-{i}")))
+        .collect();
+    for (i, svc) in services.iter().enumerate() {
+        let _ = writeln!(
+            config,
+            "[[policy]]\ncgroup = \"{}\"\nidle = {}\n",
+            svc.rel(),
+            30 + i % 60
+        );
+    }
+    (write_config(&config), services)
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// `kernel.bpf_stats_enabled=1` while it lives; the previous value comes back on drop, also
+/// when the measurement panics.
+pub struct BpfStats {
+    saved: String,
+}
+
+impl BpfStats {
+    pub fn enable() -> Self {
+        let saved = fs::read_to_string(BPF_STATS).expect("read bpf_stats_enabled");
+        fs::write(BPF_STATS, "1").expect("enable bpf_stats");
+        Self { saved }
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = fs::write(BPF_STATS, self.saved.trim());
+    }
+}
+
+/// run_time_ns and run_cnt of the sock_ops program that process `pid` holds, from its fdinfo.
+pub fn sockops_stats(pid: u32) -> (u64, u64) {
+    for fd in fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo") {
+        let info = fs::read_to_string(fd.expect("entry").path()).unwrap_or_default();
+        if info.lines().any(|l| l == "prog_type:\t13") {
+            let field = |name: &str| -> u64 {
+                info.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.trim().parse().ok())
+                    .expect("bpf_stats field")
+            };
+            return (field("run_time_ns:"), field("run_cnt:"));
+        }
+    }
+    panic!("process {pid} holds no sock_ops program");
+}
+
+/// The median; sorts `values`.
+pub fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
