@@ -464,8 +464,7 @@ impl Config {
     /// Checks that every rule can select cgroups inside `attach`.
     pub fn check_scope(&self, attach: &CgroupPath) -> anyhow::Result<()> {
         for rule in &self.policies.rules {
-            let prefix = rule.selector.literal_prefix();
-            if !prefix.is_within(attach) && !attach.is_within(&prefix) {
+            if !rule.selector.reaches_into(attach) {
                 let reason = format!(
                     "cgroup {} is outside the attach cgroup {attach}; keepalive never sees its \
                      sockets",

@@ -222,8 +222,7 @@ impl Daemon {
     /// `policy set`: adds or replaces a runtime rule.
     fn set_rule(&mut self, cgroup: &str, req: &Request) -> anyhow::Result<String> {
         let selector = Selector::parse(&self.cgroup2, cgroup)?;
-        let prefix = selector.literal_prefix();
-        if !prefix.is_within(&self.attach) && !self.attach.is_within(&prefix) {
+        if !selector.reaches_into(&self.attach) {
             return Err(usage(format!(
                 "cgroup {} is outside the attach cgroup {}",
                 selector.text(),
@@ -254,10 +253,11 @@ impl Daemon {
         let covered = self.config.policies.rules.iter().any(|r| {
             r.selector.text() == text
                 || match &selector {
-                    Selector::Exact(path) => {
-                        let (found, _) = r.selector.expand(&self.cgroup2);
-                        found.iter().any(|(p, _)| p == path)
-                    }
+                    Selector::Exact(path) => r
+                        .selector
+                        .expand(&self.cgroup2)
+                        .iter()
+                        .any(|(p, _)| p == path),
                     Selector::Glob { .. } => false,
                 }
         });

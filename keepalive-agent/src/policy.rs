@@ -7,7 +7,7 @@
 //! ancestor with one, in the kernel, at connection time.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashSet},
+    collections::{BTreeMap, HashSet},
     fmt,
     path::PathBuf,
     str::FromStr,
@@ -330,10 +330,15 @@ impl Selector {
         }
     }
 
-    /// The cgroups this selector matches now, and the directories to watch so that cgroups
-    /// created or removed later are noticed.
-    pub fn expand(&self, cgroup2: &Cgroup2) -> (Vec<(CgroupPath, u64)>, Vec<CgroupPath>) {
-        let mut watch = Vec::new();
+    /// Whether the selector can select cgroups inside `attach`: its literal prefix is inside
+    /// `attach`, or `attach` is inside the prefix.
+    pub fn reaches_into(&self, attach: &CgroupPath) -> bool {
+        let prefix = self.literal_prefix();
+        prefix.is_within(attach) || attach.is_within(&prefix)
+    }
+
+    /// The cgroups this selector matches now.
+    pub fn expand(&self, cgroup2: &Cgroup2) -> Vec<(CgroupPath, u64)> {
         let parts: Vec<String> = match self {
             Self::Exact(path) => path.components().map(str::to_owned).collect(),
             Self::Glob { text, .. } => text.split('/').map(str::to_owned).collect(),
@@ -342,7 +347,6 @@ impl Selector {
         for (depth, part) in parts.iter().enumerate() {
             let mut next = Vec::new();
             for dir in &level {
-                watch.push(dir.clone());
                 match self {
                     Self::Glob { components, .. } if is_glob(part) => {
                         for child in cgroup2.children(dir) {
@@ -361,11 +365,10 @@ impl Selector {
             }
             level = next;
         }
-        let found = level
+        level
             .into_iter()
             .filter_map(|path| cgroup2.id(&path).ok().map(|id| (path, id)))
-            .collect();
-        (found, watch)
+            .collect()
     }
 }
 
@@ -426,8 +429,6 @@ pub struct Entry {
 pub struct Resolution {
     /// cgroup id -> entry.
     pub entries: BTreeMap<u64, Entry>,
-    /// Directories whose children decide what the selectors match.
-    pub watch: BTreeSet<CgroupPath>,
 }
 
 impl Resolution {
@@ -472,9 +473,7 @@ impl PolicySet {
         let mut resolution = Resolution::default();
         let mut claimed = HashSet::new();
         for rule in &self.rules {
-            let (found, watch) = rule.selector.expand(cgroup2);
-            resolution.watch.extend(watch);
-            for (path, id) in found {
+            for (path, id) in rule.selector.expand(cgroup2) {
                 if !path.is_within(attach) || !claimed.insert(id) {
                     continue;
                 }
