@@ -79,8 +79,8 @@ impl Daemon {
     }
 
     /// Re-resolves the policy against the cgroups that exist now and pushes the table if it
-    /// changed. Applies it to existing connections when it changed or when `force_apply`.
-    fn refresh(&mut self, force_apply: bool) -> anyhow::Result<Option<ApplyReport>> {
+    /// changed. Applies it to existing connections when it changed (or an earlier pass failed).
+    fn refresh(&mut self) -> anyhow::Result<Option<ApplyReport>> {
         let set = self.policy_set();
         let resolution = set.resolve(&self.cgroup2, &self.attach);
         let table = resolution.table(&set.default, self.enforcer.attach_id());
@@ -108,17 +108,20 @@ impl Daemon {
             self.lock_attached = false;
         }
         self.resolution = resolution;
-        if !(self.apply_pending || force_apply) || self.enforcer.apply_link().is_none() {
+        if !self.apply_pending {
             return Ok(None);
         }
-        self.enforcer.start_apply_pass()?;
-        let Some(link) = self.enforcer.apply_link() else {
-            return Ok(None);
-        };
-        let report = apply::apply_existing(link)?;
-        self.apply_pending = false;
-        log::info!("{}", apply::describe(&report));
-        Ok(Some(report))
+        self.apply()
+    }
+
+    /// Applies the table to existing connections, when the kernel can.
+    fn apply(&mut self) -> anyhow::Result<Option<ApplyReport>> {
+        let report = self.enforcer.apply_existing()?;
+        if let Some(report) = &report {
+            self.apply_pending = false;
+            log::info!("{}", apply::describe(report));
+        }
+        Ok(report)
     }
 
     /// Runs a change to the config or the runtime rules and pushes the result. If anything
@@ -129,10 +132,10 @@ impl Daemon {
         change: impl FnOnce(&mut Self) -> anyhow::Result<String>,
     ) -> anyhow::Result<(String, Option<ApplyReport>)> {
         let saved = (self.config.clone(), self.runtime.clone());
-        let outcome = change(self).and_then(|message| Ok((message, self.refresh(false)?)));
+        let outcome = change(self).and_then(|message| Ok((message, self.refresh()?)));
         if outcome.is_err() {
             (self.config, self.runtime) = saved;
-            if let Err(err) = self.refresh(false) {
+            if let Err(err) = self.refresh() {
                 log::error!("failed to restore the previous policy: {err:#}");
             }
         }
@@ -551,7 +554,9 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             .map(|f| format!(" from {}", f.display()))
             .unwrap_or_default()
     );
-    daemon.refresh(true)?;
+    // Existing connections get the table now; cgroups that changed since it was resolved are
+    // already queued by the watcher and handled by the loop below.
+    daemon.apply()?;
     release_free_memory();
 
     let control = control::bind(&globals.runtime_dir)?;
@@ -599,7 +604,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                 }
                 let removed: Vec<u64> = changes.removed.iter().map(|(_, id)| *id).collect();
                 daemon.enforcer.forget_cgroups(&removed);
-                if let Err(err) = daemon.refresh(false) {
+                if let Err(err) = daemon.refresh() {
                     log::error!("failed to follow cgroup changes: {err:#}");
                 }
             }

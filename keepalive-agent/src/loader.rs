@@ -24,7 +24,13 @@ use keepalive_common::{
     PROG_STATUS, Policy, Settings,
 };
 
-use crate::{btf::Btf, error::Error, pin::StateDir, sys};
+use crate::{
+    apply::{self, ApplyReport},
+    btf::Btf,
+    error::Error,
+    pin::StateDir,
+    sys,
+};
 
 /// `BPF_F_NO_PREALLOC`: policy tables only use memory for the entries they hold.
 const BPF_F_NO_PREALLOC: u32 = 1;
@@ -266,28 +272,32 @@ impl Enforcer {
         }
     }
 
-    /// Marks the start of an apply pass (see `keepalive_common::MAP_APPLY`).
-    pub fn start_apply_pass(&mut self) -> anyhow::Result<()> {
-        let map = self
-            .ebpf
-            .map_mut(MAP_APPLY)
-            .ok_or_else(|| anyhow!("the BPF object has no {MAP_APPLY} map"))?;
-        let mut array: aya::maps::Array<&mut MapData, u64> = map.try_into()?;
-        array
-            .set(0, crate::status::boottime_now_ns(), 0)
-            .context("failed to start the apply pass")?;
-        Ok(())
-    }
-
-    /// The TCP iterator link, when the kernel supports it.
-    pub fn apply_link(&self) -> Option<&OwnedFd> {
-        self.apply_link.as_ref()
+    /// Applies the policy table to existing connections in one pass. `None` when the kernel
+    /// cannot run the TCP iterator.
+    pub fn apply_existing(&mut self) -> anyhow::Result<Option<ApplyReport>> {
+        let Some(link) = &self.apply_link else {
+            return Ok(None);
+        };
+        start_apply_pass(&mut self.ebpf)?;
+        apply::apply_existing(link).map(Some)
     }
 
     /// The attach cgroup id.
     pub const fn attach_id(&self) -> u64 {
         self.attach_id
     }
+}
+
+/// Marks the start of an apply pass (see `keepalive_common::MAP_APPLY`).
+fn start_apply_pass(ebpf: &mut Ebpf) -> anyhow::Result<()> {
+    let map = ebpf
+        .map_mut(MAP_APPLY)
+        .ok_or_else(|| anyhow!("the BPF object has no {MAP_APPLY} map"))?;
+    let mut array: aya::maps::Array<&mut MapData, u64> = map.try_into()?;
+    array
+        .set(0, crate::status::boottime_now_ns(), 0)
+        .context("failed to start the apply pass")?;
+    Ok(())
 }
 
 /// Loads every program with private, unpinned maps and drops them again: what `check` uses
