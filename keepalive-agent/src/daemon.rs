@@ -59,23 +59,24 @@ fn overrides_from(args: &RunArgs) -> DefaultOverrides {
 impl Daemon {
     /// The effective rules in precedence order: exact paths before globs, and within each,
     /// runtime changes before the config (config rules keep their file order).
-    fn policy_set(&self) -> PolicySet {
-        let mut set = self.config.policies.clone();
+    fn rules(&self) -> impl Iterator<Item = &Rule> {
         let kind = |glob: bool| {
-            let runtime = self
-                .runtime
+            self.runtime
                 .iter()
-                .filter(move |r| r.selector.is_glob() == glob);
-            let config = self
-                .config
-                .policies
-                .rules
-                .iter()
-                .filter(move |r| r.selector.is_glob() == glob);
-            runtime.chain(config).cloned()
+                .chain(&self.config.policies.rules)
+                .filter(move |r| r.selector.is_glob() == glob)
         };
-        set.rules = kind(false).chain(kind(true)).collect();
-        set
+        kind(false).chain(kind(true))
+    }
+
+    /// The config's default with the effective rules.
+    fn policy_set(&self) -> PolicySet {
+        let policies = &self.config.policies;
+        PolicySet {
+            default: policies.default,
+            default_source: policies.default_source.clone(),
+            rules: self.rules().cloned().collect(),
+        }
     }
 
     /// Re-resolves the policy against the cgroups that exist now and pushes the table if it
@@ -280,7 +281,7 @@ impl Daemon {
     }
 
     fn rows(&self) -> (Vec<PolicyRow>, Vec<String>) {
-        let set = self.policy_set();
+        let policies = &self.config.policies;
         let row =
             |cgroup: String, id: u64, spec: &Spec, selector: String, source: &Source| PolicyRow {
                 cgroup,
@@ -296,9 +297,9 @@ impl Daemon {
         let mut rows = vec![row(
             "default".into(),
             0,
-            &set.default,
+            &policies.default,
             "(everything else)".into(),
-            &set.default_source,
+            &policies.default_source,
         )];
         for (id, entry) in &self.resolution.entries {
             rows.push(row(
@@ -309,9 +310,8 @@ impl Daemon {
                 &entry.source,
             ));
         }
-        let pending = set
-            .rules
-            .iter()
+        let pending = self
+            .rules()
             .filter_map(|rule| match &rule.selector {
                 Selector::Exact(path) if !self.cgroup2.abs(path).is_dir() => Some(format!(
                     "{path} ({}; cgroup does not exist yet)",
