@@ -16,7 +16,7 @@ use crate::{
     control::{PolicyRow, Request, Response},
     daemon::{self, Globals},
     detach, install,
-    pin::{DEFAULT_STATE_DIR, StateDir},
+    pin::StateDir,
     status,
 };
 
@@ -55,11 +55,7 @@ fn state_dir(cli_state: Option<PathBuf>) -> StateDir {
         let cgroup2 = Cgroup2::find().ok()?;
         crate::config::load(None, &cgroup2).ok()?.state_dir
     };
-    StateDir::new(
-        cli_state
-            .or_else(from_config)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-    )
+    StateDir::resolve(cli_state, from_config)
 }
 
 /// Runs the command.

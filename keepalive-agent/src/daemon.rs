@@ -25,7 +25,7 @@ use crate::{
     instance,
     loader::{self, Enforcer, LoadOptions},
     metrics,
-    pin::{DEFAULT_STATE_DIR, StateDir},
+    pin::StateDir,
     policy::{self, Mode, PolicySet, Resolution, Rule, Selector, Source, Spec},
     privileges,
     watch::CgroupWatcher,
@@ -412,12 +412,7 @@ fn bpf_log_level() -> u8 {
 /// `keepalive-agent run`.
 pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     // Everything that can be checked without touching the kernel comes first.
-    if !loader::object_available() {
-        return Err(anyhow::anyhow!(
-            "this keepalive-agent was built without its BPF program (bpf-linker was missing at \
-             build time); run `cargo xtask setup` and rebuild"
-        ));
-    }
+    loader::require_object()?;
     privileges::require_for("run")?;
     let cgroup2 = Cgroup2::find()?;
     let mut config = config::load(args.config.as_deref(), &cgroup2)?;
@@ -432,13 +427,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     let attach_path = cgroup2.abs(&attach);
     let attach_id = cgroup2.existing_id(&attach)?;
     config.check_scope(&attach)?;
-    let state = StateDir::new(
-        globals
-            .state_dir
-            .clone()
-            .or_else(|| config.state_dir.clone())
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-    );
+    let state = StateDir::resolve(globals.state_dir.clone(), || config.state_dir.clone());
     let btf = Btf::from_sys_fs().map_err(|err| {
         Error::Kernel(format!(
             "{err}; keepalive needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (Linux 5.15+)"

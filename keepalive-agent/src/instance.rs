@@ -4,16 +4,13 @@
 
 use std::{
     fs::{self, File},
-    os::{
-        fd::AsRawFd as _,
-        unix::fs::{DirBuilderExt as _, PermissionsExt as _},
-    },
+    os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
     path::Path,
 };
 
 use anyhow::Context as _;
 
-use crate::error::Error;
+use crate::{error::Error, sys};
 
 /// The lock file that keeps two agents off the same runtime directory.
 pub const LOCK_NAME: &str = "agent.lock";
@@ -41,8 +38,7 @@ pub fn lock(runtime_dir: &Path) -> anyhow::Result<InstanceLock> {
         .write(true)
         .open(&path)
         .with_context(|| format!("failed to open {}", path.display()))?;
-    // SAFETY: flock on an fd we own.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    if !sys::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
         let holder = fs::read_to_string(&path).unwrap_or_default();
         return Err(Error::Agent(format!(
             "another keepalive agent (pid {}) is running with runtime directory {}",
@@ -60,8 +56,8 @@ pub fn lock(runtime_dir: &Path) -> anyhow::Result<InstanceLock> {
 pub fn running_agent(runtime_dir: &Path) -> Option<String> {
     let path = runtime_dir.join(LOCK_NAME);
     let file = File::open(&path).ok()?;
-    // SAFETY: flock on an fd we own; a shared lock fails only while an agent holds it.
-    let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0;
+    // A shared lock fails only while an agent holds it.
+    let free = sys::flock(&file, libc::LOCK_SH | libc::LOCK_NB);
     (!free).then(|| {
         fs::read_to_string(&path)
             .unwrap_or_default()

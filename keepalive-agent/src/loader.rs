@@ -78,6 +78,17 @@ pub fn object_available() -> bool {
     !EBPF_OBJECT.is_empty()
 }
 
+/// Fails when the embedded object is the stub, saying how to get the real one.
+pub fn require_object() -> anyhow::Result<()> {
+    if object_available() {
+        return Ok(());
+    }
+    Err(anyhow!(
+        "this keepalive-agent was built without its BPF program (bpf-linker was missing at \
+         build time); run `cargo xtask setup` and rebuild"
+    ))
+}
+
 /// The cgroup id the pinned sock_ops link is attached to, if one is pinned.
 pub fn pinned_attach_id(state: &StateDir) -> anyhow::Result<Option<u64>> {
     let path = state.sockops_link();
@@ -100,12 +111,7 @@ impl Enforcer {
     /// Loads the programs, reusing (or creating and pinning) the maps in the state directory.
     /// Nothing is attached yet.
     pub fn load(opts: &LoadOptions<'_>, btf: &Btf) -> anyhow::Result<Self> {
-        if !object_available() {
-            return Err(anyhow!(
-                "this keepalive-agent was built without its BPF program (bpf-linker was missing \
-                 at build time); run `cargo xtask setup` and rebuild"
-            ));
-        }
+        require_object()?;
         let offsets: KernelOffsets = btf.kernel_offsets().map_err(|err| {
             Error::Kernel(format!(
                 "this kernel's layout is not supported: {err}; keepalive needs Linux 5.15 or \

@@ -30,7 +30,7 @@ use keepalive_common::{
     ABI_VERSION, PIN_LINK_APPLY, PIN_LINK_LOCK, PIN_LINK_SOCKOPS, PIN_LINK_STATUS,
 };
 
-use crate::error::Error;
+use crate::{error::Error, sys};
 
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -47,6 +47,15 @@ impl StateDir {
     /// A state directory at `root` (not created).
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: root.into() }
+    }
+
+    /// The state directory to use: `--state-dir` (`cli`), else `state_dir` from the config,
+    /// else [`DEFAULT_STATE_DIR`]. The config is only consulted without `cli`.
+    pub fn resolve(cli: Option<PathBuf>, config: impl FnOnce() -> Option<PathBuf>) -> Self {
+        Self::new(
+            cli.or_else(config)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        )
     }
 
     /// The directory.
@@ -113,7 +122,7 @@ impl StateDir {
     /// in other mount namespaces (a pod) that share the host's pins.
     pub fn lock(&self) -> anyhow::Result<std::fs::File> {
         let dir = self.open_dir()?;
-        if !flock(&dir, libc::LOCK_EX | libc::LOCK_NB) {
+        if !sys::flock(&dir, libc::LOCK_EX | libc::LOCK_NB) {
             return Err(Error::Agent(format!(
                 "another keepalive agent is running with state directory {} (possibly in a \
                  container); stop it first",
@@ -127,7 +136,7 @@ impl StateDir {
     /// Whether an agent holds the state directory now.
     pub fn is_locked(&self) -> bool {
         self.open_dir()
-            .is_ok_and(|dir| !flock(&dir, libc::LOCK_SH | libc::LOCK_NB))
+            .is_ok_and(|dir| !sys::flock(&dir, libc::LOCK_SH | libc::LOCK_NB))
     }
 
     fn open_dir(&self) -> anyhow::Result<std::fs::File> {
@@ -169,12 +178,6 @@ impl StateDir {
         }
         pins
     }
-}
-
-fn flock(file: &std::fs::File, how: i32) -> bool {
-    use std::os::fd::AsRawFd as _;
-    // SAFETY: flock on a descriptor we own.
-    unsafe { libc::flock(file.as_raw_fd(), how) == 0 }
 }
 
 fn fs_type(path: &Path) -> io::Result<i64> {

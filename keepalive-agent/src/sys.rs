@@ -1,6 +1,7 @@
 //! The few bpf(2) commands aya 0.14 does not expose: opening pins as raw fds, replacing a
 //! link's program (`BPF_LINK_UPDATE`), creating map-element iterator links, instantiating
-//! iterators from a pinned link, link info and attachment queries.
+//! iterators from a pinned link, link info and attachment queries; and flock(2) for the
+//! agent's lock files.
 //!
 //! Each command has a small `#[repr(C)]` attribute struct mirroring `union bpf_attr` in
 //! `include/uapi/linux/bpf.h`, zero-padded to the size the kernel reads. The structs spell out
@@ -270,4 +271,10 @@ pub fn cgroup_query(cgroup: &impl AsFd, attach_type: u32) -> io::Result<Vec<u32>
     let count = u32::from_ne_bytes(buf[24..28].try_into().expect("4 bytes")) as usize;
     ids.truncate(count.min(ids.len()));
     Ok(ids)
+}
+
+/// Tries flock(2) with `how` (`LOCK_*`) on `file`; whether it succeeded.
+pub fn flock(file: &std::fs::File, how: i32) -> bool {
+    // SAFETY: flock on a descriptor the caller owns.
+    unsafe { libc::flock(file.as_raw_fd(), how) == 0 }
 }
