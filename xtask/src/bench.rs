@@ -7,7 +7,6 @@
 use std::{
     fmt::Write as _,
     fs,
-    os::unix::process::CommandExt as _,
     path::Path,
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -19,8 +18,6 @@ use keepalive_tests::{
     perf::{BpfStats, median, realistic_policies, sockops_stats, storm},
 };
 use serde_json::Value;
-
-use crate::is_root;
 
 struct Row {
     what: String,
@@ -363,32 +360,9 @@ fn machine() -> String {
     )
 }
 
-/// Runs every benchmark and prints the table.
+/// Runs every benchmark, as root, against the release binaries the caller built, and prints
+/// the table.
 pub fn run(root: &Path, quick: bool) -> anyhow::Result<()> {
-    if !is_root() {
-        let err = Command::new("sudo")
-            .arg("-E")
-            .arg(std::env::current_exe()?)
-            .arg("bench")
-            .args(quick.then_some("--quick"))
-            .exec();
-        bail!("failed to re-run under sudo: {err}");
-    }
-    let status = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-        .current_dir(root)
-        .args([
-            "build",
-            "--release",
-            "--package",
-            "keepalive-agent",
-            "--package",
-            "keepalive-tests",
-            "--bins",
-        ])
-        .status()?;
-    if !status.success() {
-        bail!("release build failed");
-    }
     // SAFETY: set before any thread is spawned; the harness reads them.
     unsafe {
         std::env::set_var(

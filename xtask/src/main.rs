@@ -2,13 +2,15 @@
 //!
 //! Every task first makes sure the machine has what it needs (`setup`), idempotently and
 //! quickly when nothing is missing: the nightly toolchain's rust-src, a bpf-linker built against
-//! that nightly's own LLVM, and (as root) a mounted bpffs.
+//! that nightly's own LLVM, and (as root) a mounted bpffs. `test` (and the `setup` task) also
+//! install the tools the tests run, `bench` the one the benchmarks run.
 
 mod bench;
 mod setup;
 
 use std::{
     env,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, ExitCode},
 };
@@ -50,14 +52,17 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         }
     };
     match task {
-        "setup" => setup::setup().map(drop),
+        "setup" => {
+            setup::setup()?;
+            setup::test_tools().map(drop)
+        }
         "build" => {
             let env = setup::setup()?;
-            build(&env, rest.iter().any(|a| a == "--release"))
+            build(&env, rest.iter().any(|a| a == "--release"), false)
         }
         "run" => {
             let env = setup::setup()?;
-            build(&env, false)?;
+            build(&env, false, false)?;
             let agent = workspace_root().join("target/debug/keepalive-agent");
             let mut agent_args: Vec<String> =
                 rest.iter().skip_while(|a| *a == "--").cloned().collect();
@@ -72,20 +77,17 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         }
         "test" => {
             let env = setup::setup()?;
-            test(&env)
+            let hadolint = setup::test_tools()?;
+            test(&env, &hadolint)
         }
         "lint" => {
             let env = setup::setup()?;
             lint(&env)
         }
-        "bench" => {
-            let env = setup::setup()?;
-            build(&env, true)?;
-            bench::run(&workspace_root(), rest.iter().any(|a| a == "--quick"))
-        }
+        "bench" => bench(rest),
         "install" => {
             let env = setup::setup()?;
-            build(&env, true)?;
+            build(&env, true, false)?;
             let agent = workspace_root().join("target/release/keepalive-agent");
             let status = as_root(&agent, &["install".to_owned()]).status()?;
             if !status.success() {
@@ -145,46 +147,45 @@ fn check(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn build(env: &setup::Env, release: bool) -> anyhow::Result<()> {
+/// Builds the agent, and with `helpers` also the test crate's helper binaries (`ka-sock`).
+fn build(env: &setup::Env, release: bool, helpers: bool) -> anyhow::Result<()> {
     let mut cmd = cargo(env);
     cmd.args(["build", "--package", "keepalive-agent"]);
+    if helpers {
+        cmd.args(["--package", "keepalive-tests", "--bins"]);
+    }
     if release {
         cmd.arg("--release");
     }
     check(&mut cmd)
 }
 
-fn test(env: &setup::Env) -> anyhow::Result<()> {
+fn test(env: &setup::Env, hadolint: &Path) -> anyhow::Result<()> {
     // One build of the agent, and with it one build of the BPF object, for every test.
-    check(cargo(env).args([
-        "build",
-        "--package",
-        "keepalive-agent",
-        "--package",
-        "keepalive-tests",
-        "--bins",
-    ]))?;
+    build(env, false, true)?;
     let agent = workspace_root().join("target/debug/keepalive-agent");
-    let runner = if is_root() { None } else { Some("sudo -E") };
-    let mut cmd = cargo(env);
-    cmd.args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "keepalive-ebpf",
-        "--no-fail-fast",
-    ])
-    .env("KEEPALIVE_AGENT_BIN", &agent)
-    .env("HADOLINT", &env.hadolint);
-    if let Some(runner) = runner {
-        cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", runner);
-    }
-    check(&mut cmd)?;
+    // `cargo test` against the agent built above, running the test binaries as root.
+    let cargo_test = || {
+        let mut cmd = cargo(env);
+        cmd.arg("test").env("KEEPALIVE_AGENT_BIN", &agent);
+        if !is_root() {
+            cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+        }
+        cmd
+    };
+    check(
+        cargo_test()
+            .args([
+                "--workspace",
+                "--exclude",
+                "keepalive-ebpf",
+                "--no-fail-fast",
+            ])
+            .env("HADOLINT", hadolint),
+    )?;
     // Timing-sensitive checks run alone, after everything else, so parallel tests cannot skew
     // them.
-    let mut cmd = cargo(env);
-    cmd.args([
-        "test",
+    check(cargo_test().args([
         "--package",
         "keepalive-tests",
         "--test",
@@ -192,12 +193,34 @@ fn test(env: &setup::Env) -> anyhow::Result<()> {
         "--",
         "--ignored",
         "--test-threads=1",
-    ])
-    .env("KEEPALIVE_AGENT_BIN", &agent);
-    if let Some(runner) = runner {
-        cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", runner);
+    ]))
+}
+
+/// Marks the re-run of `bench` under sudo, after the build.
+const BENCH_BUILT: &str = "--built";
+
+/// `bench [--quick]`: one release build as the invoking user (so `target/` stays theirs and
+/// cargo needs no root environment), then the measurements as root, through sudo when not root.
+fn bench(rest: &[String]) -> anyhow::Result<()> {
+    let quick = rest.iter().any(|a| a == "--quick");
+    if rest.iter().any(|a| a == BENCH_BUILT) {
+        if !is_root() {
+            bail!("`bench {BENCH_BUILT}` is the re-run under sudo and must run as root");
+        }
+        setup::ensure_bpffs()?;
+    } else {
+        let env = setup::setup()?;
+        build(&env, true, true)?;
+        if !is_root() {
+            let mut args = vec!["bench".to_owned()];
+            args.extend(quick.then(|| "--quick".to_owned()));
+            args.push(BENCH_BUILT.to_owned());
+            let err = as_root(&env::current_exe()?, &args).exec();
+            bail!("failed to re-run under sudo: {err}");
+        }
     }
-    check(&mut cmd)
+    setup::bench_tools()?;
+    bench::run(&workspace_root(), quick)
 }
 
 fn lint(env: &setup::Env) -> anyhow::Result<()> {

