@@ -591,8 +591,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                         "the attach cgroup {attach} was removed; enforcement ended with it"
                     ));
                 }
-                let removed: Vec<u64> = changes.removed.iter().map(|(_, id)| *id).collect();
-                daemon.enforcer.forget_cgroups(&removed);
+                daemon.enforcer.forget_cgroups(&changes.removed);
                 if let Err(err) = daemon.refresh() {
                     log::error!("failed to follow cgroup changes: {err:#}");
                 }

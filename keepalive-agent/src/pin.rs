@@ -11,7 +11,6 @@
 //! link_sockops             sock_ops program on the attach cgroup
 //! link_lock                setsockopt program on the attach cgroup (only with `lock` policies)
 //! link_status              iterator over KA_SOCKS, read by `status`
-//! link_apply               TCP iterator that applies policy to existing connections
 //! ```
 //!
 //! The links keep the programs attached with no process holding them, so enforcement outlives
@@ -26,9 +25,7 @@ use std::{
 
 use anyhow::Context as _;
 pub use keepalive_common::DEFAULT_STATE_DIR;
-use keepalive_common::{
-    ABI_VERSION, PIN_LINK_APPLY, PIN_LINK_LOCK, PIN_LINK_SOCKOPS, PIN_LINK_STATUS,
-};
+use keepalive_common::{ABI_VERSION, PIN_LINK_LOCK, PIN_LINK_SOCKOPS, PIN_LINK_STATUS};
 
 use crate::{error::Error, sys};
 
@@ -88,16 +85,6 @@ impl StateDir {
         self.root.join(PIN_LINK_STATUS)
     }
 
-    /// Pin path of the apply iterator link.
-    pub fn apply_link(&self) -> PathBuf {
-        self.root.join(PIN_LINK_APPLY)
-    }
-
-    /// Whether enforcement is pinned here.
-    pub fn is_attached(&self) -> bool {
-        self.sockops_link().exists()
-    }
-
     /// Makes sure bpffs is mounted under the state directory and creates it, root-only.
     pub fn create(&self) -> anyhow::Result<()> {
         ensure_bpffs(&self.root)?;
@@ -146,15 +133,10 @@ impl StateDir {
 
     /// Every pin that exists, in the order `detach` removes them (links first).
     pub fn existing_pins(&self) -> Vec<PathBuf> {
-        let mut pins: Vec<PathBuf> = [
-            self.sockops_link(),
-            self.lock_link(),
-            self.status_link(),
-            self.apply_link(),
-        ]
-        .into_iter()
-        .filter(|p| p.exists())
-        .collect();
+        let mut pins: Vec<PathBuf> = [self.sockops_link(), self.lock_link(), self.status_link()]
+            .into_iter()
+            .filter(|p| p.exists())
+            .collect();
         // Maps of this and any other ABI version.
         if let Ok(entries) = fs::read_dir(&self.root) {
             let mut dirs: Vec<PathBuf> = entries

@@ -200,16 +200,10 @@ struct InfoAttr {
 /// What `BPF_OBJ_GET_INFO_BY_FD` says about a link.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LinkInfo {
-    /// `BPF_LINK_TYPE_*`.
-    pub link_type: u32,
-    /// Link id.
-    pub id: u32,
     /// Id of the program it runs.
     pub prog_id: u32,
     /// For cgroup links: the cgroup id. 0 for others.
     pub cgroup_id: u64,
-    /// For cgroup links: the attach type.
-    pub attach_type: u32,
 }
 
 /// `BPF_LINK_TYPE_CGROUP`.
@@ -227,18 +221,13 @@ pub fn link_info(link: BorrowedFd<'_>) -> io::Result<LinkInfo> {
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
     let u32_at = |off: usize| u32::from_ne_bytes(raw[off..off + 4].try_into().expect("4 bytes"));
-    let link_type = u32_at(0);
-    let cgroup = link_type == LINK_TYPE_CGROUP;
     Ok(LinkInfo {
-        link_type,
-        id: u32_at(4),
         prog_id: u32_at(8),
-        cgroup_id: if cgroup {
+        cgroup_id: if u32_at(0) == LINK_TYPE_CGROUP {
             u64::from_ne_bytes(raw[16..24].try_into().expect("8 bytes"))
         } else {
             0
         },
-        attach_type: if cgroup { u32_at(24) } else { 0 },
     })
 }
 

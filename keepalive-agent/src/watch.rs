@@ -12,10 +12,10 @@ use crate::cgroup::{Cgroup2, CgroupPath};
 /// What changed since the last call.
 #[derive(Debug, Default)]
 pub struct Changes {
-    /// cgroups that appeared (including ones below a new cgroup).
-    pub created: Vec<CgroupPath>,
-    /// cgroups that disappeared, with their ids.
-    pub removed: Vec<(CgroupPath, u64)>,
+    /// Whether cgroups appeared (including ones below a new cgroup).
+    pub created: bool,
+    /// Ids of the cgroups that disappeared.
+    pub removed: Vec<u64>,
     /// The watched root itself was removed.
     pub root_removed: bool,
 }
@@ -23,7 +23,7 @@ pub struct Changes {
 impl Changes {
     /// Whether anything changed.
     pub fn is_empty(&self) -> bool {
-        self.created.is_empty() && self.removed.is_empty() && !self.root_removed
+        !self.created && self.removed.is_empty() && !self.root_removed
     }
 }
 
@@ -67,7 +67,7 @@ impl CgroupWatcher {
             by_path: HashMap::new(),
             warned_limit: false,
         };
-        watcher.add_tree(root, &mut Vec::new());
+        watcher.add_tree(root);
         Ok(watcher)
     }
 
@@ -81,10 +81,11 @@ impl CgroupWatcher {
         self.by_wd.is_empty()
     }
 
-    /// Watches `top` and everything below it, recording each cgroup in `created`. Each
+    /// Watches `top` and everything below it; returns whether any cgroup was new. Each
     /// directory is watched before it is listed, so a child created in between is either in
     /// the listing or reported by the watch.
-    fn add_tree(&mut self, top: &CgroupPath, created: &mut Vec<CgroupPath>) {
+    fn add_tree(&mut self, top: &CgroupPath) -> bool {
+        let mut created = false;
         let mut stack = vec![top.clone()];
         while let Some(path) = stack.pop() {
             if !self.by_path.contains_key(&path) {
@@ -100,7 +101,7 @@ impl CgroupWatcher {
                     Ok(wd) => {
                         self.by_wd.insert(wd.clone(), (path.clone(), id));
                         self.by_path.insert(path.clone(), wd);
-                        created.push(path.clone());
+                        created = true;
                     }
                     Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
                         if !self.warned_limit {
@@ -123,6 +124,7 @@ impl CgroupWatcher {
                 stack.push(path.join(&child));
             }
         }
+        created
     }
 
     /// After lost events: forgets cgroups that are gone and watches new ones.
@@ -137,10 +139,10 @@ impl CgroupWatcher {
             self.forget_tree(&path, &mut changes.removed);
         }
         let root = self.root.clone();
-        self.add_tree(&root, &mut changes.created);
+        changes.created |= self.add_tree(&root);
     }
 
-    fn forget_tree(&mut self, top: &CgroupPath, removed: &mut Vec<(CgroupPath, u64)>) {
+    fn forget_tree(&mut self, top: &CgroupPath, removed: &mut Vec<u64>) {
         let gone: Vec<CgroupPath> = self
             .by_path
             .keys()
@@ -149,11 +151,11 @@ impl CgroupWatcher {
             .collect();
         for path in gone {
             if let Some(wd) = self.by_path.remove(&path)
-                && let Some((path, id)) = self.by_wd.remove(&wd)
+                && let Some((_, id)) = self.by_wd.remove(&wd)
             {
                 // The kernel drops the watch of a removed directory by itself.
                 let _ = self.inotify.get_mut().watches().remove(wd);
-                removed.push((path, id));
+                removed.push(id);
             }
         }
     }
@@ -199,7 +201,7 @@ impl CgroupWatcher {
                 }
                 let child = parent.join(&name);
                 if mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
-                    self.add_tree(&child, &mut changes.created);
+                    changes.created |= self.add_tree(&child);
                 } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
                     self.forget_tree(&child, &mut changes.removed);
                 }
