@@ -158,29 +158,34 @@ impl Cgroup2 {
         names
     }
 
-    /// Every cgroup at or below `root`, with its id. Cgroups that vanish during the walk are
-    /// skipped.
-    pub fn walk(&self, root: &CgroupPath) -> Vec<(CgroupPath, u64)> {
-        let mut out = Vec::new();
+    /// Every cgroup at or below `root`, with its id, parents before children, as the walk
+    /// goes. Cgroups that vanish during the walk are skipped.
+    pub fn walk(&self, root: &CgroupPath) -> impl Iterator<Item = (CgroupPath, u64)> + '_ {
         let mut stack = vec![root.clone()];
-        while let Some(cgroup) = stack.pop() {
-            let Ok(id) = self.id(&cgroup) else {
-                continue;
-            };
-            for child in self.children(&cgroup).into_iter().rev() {
-                stack.push(cgroup.join(&child));
+        std::iter::from_fn(move || {
+            while let Some(cgroup) = stack.pop() {
+                let Ok(id) = self.id(&cgroup) else {
+                    continue;
+                };
+                for child in self.children(&cgroup).into_iter().rev() {
+                    stack.push(cgroup.join(&child));
+                }
+                return Some((cgroup, id));
             }
-            out.push((cgroup, id));
-        }
-        out
+            None
+        })
     }
 
     /// Names for cgroup ids: every cgroup below `root`, by id.
     pub fn names(&self, root: &CgroupPath) -> HashMap<u64, CgroupPath> {
-        self.walk(root)
-            .into_iter()
-            .map(|(path, id)| (id, path))
-            .collect()
+        self.walk(root).map(|(path, id)| (id, path)).collect()
+    }
+
+    /// The cgroup whose id is `id`, if it exists; the walk stops at the first match.
+    pub fn name_of(&self, id: u64) -> Option<CgroupPath> {
+        self.walk(&CgroupPath::root())
+            .find(|(_, found)| *found == id)
+            .map(|(path, _)| path)
     }
 }
 

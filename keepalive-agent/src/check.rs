@@ -212,14 +212,11 @@ pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
     }
 
     if let Ok(cg) = &cgroup2 {
-        let ours = loader::pinned_attach_id(state).ok().flatten();
+        let ours = loader::pinned_sockops_link(state).ok().flatten();
         if let Ok(root) = std::fs::File::open(cg.abs(&CgroupPath::root())) {
             match sys::cgroup_query(&root, sys::ATTACH_CGROUP_SOCK_OPS) {
                 Ok(ids) => {
-                    let ours_prog = sys::obj_get(&state.sockops_link())
-                        .ok()
-                        .and_then(|fd| sys::link_info(std::os::fd::AsFd::as_fd(&fd)).ok())
-                        .map(|info| info.prog_id);
+                    let ours_prog = ours.map(|info| info.prog_id);
                     let others: Vec<u32> = ids
                         .into_iter()
                         .filter(|id| Some(*id) != ours_prog)
@@ -248,19 +245,17 @@ pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
                 )),
             }
         }
-        let names = cg.names(&CgroupPath::root());
-        let detail = match (ours, instance::running_agent(runtime_dir)) {
-            (Some(id), Some(pid)) => format!(
-                "attached to {} and the agent (pid {pid}) is running",
-                names
-                    .get(&id)
-                    .map_or_else(|| format!("cgroup id {id}"), ToString::to_string)
-            ),
-            (Some(id), None) => format!(
-                "attached to {}; no agent is running (new connections are still enforced)",
-                names
-                    .get(&id)
-                    .map_or_else(|| format!("cgroup id {id}"), ToString::to_string)
+        let attached = ours.map(|info| {
+            let id = info.cgroup_id;
+            cg.name_of(id)
+                .map_or_else(|| format!("cgroup id {id}"), |path| path.to_string())
+        });
+        let detail = match (attached, instance::running_agent(runtime_dir)) {
+            (Some(cgroup), Some(pid)) => {
+                format!("attached to {cgroup} and the agent (pid {pid}) is running")
+            }
+            (Some(cgroup), None) => format!(
+                "attached to {cgroup}; no agent is running (new connections are still enforced)"
             ),
             (None, _) => format!("not attached ({})", state.root().display()),
         };

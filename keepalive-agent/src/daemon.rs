@@ -457,10 +457,9 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     if let Some(pinned) = loader::pinned_attach_id(&state)?
         && pinned != attach_id
     {
-        let names = cgroup2.names(&CgroupPath::root());
-        let where_ = names
-            .get(&pinned)
-            .map_or_else(|| format!("cgroup id {pinned}"), ToString::to_string);
+        let where_ = cgroup2
+            .name_of(pinned)
+            .map_or_else(|| format!("cgroup id {pinned}"), |path| path.to_string());
         return Err(Error::Agent(format!(
             "enforcement pinned in {} is attached to {where_}, not {attach}; run \
              `keepalive-agent detach` first to move it, or start with --cgroup {where_}",

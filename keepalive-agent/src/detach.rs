@@ -5,13 +5,7 @@ use std::{fs, io, path::Path};
 
 use anyhow::Context as _;
 
-use crate::{
-    cgroup::{Cgroup2, CgroupPath},
-    error::Error,
-    instance, loader,
-    pin::StateDir,
-    privileges,
-};
+use crate::{cgroup::Cgroup2, error::Error, instance, loader, pin::StateDir, privileges};
 
 fn describe(state: &StateDir, pin: &Path, attach: Option<&str>) -> String {
     let on = attach.map(|a| format!(" on {a}")).unwrap_or_default();
@@ -53,12 +47,12 @@ pub fn detach(
         .into());
     }
     let cgroup2 = Cgroup2::find()?;
-    let names = cgroup2.names(&CgroupPath::root());
     let pinned = loader::pinned_attach_id(state)?;
     let attach = pinned.map(|id| {
-        names
-            .get(&id)
-            .map_or_else(|| format!("cgroup id {id} (removed)"), ToString::to_string)
+        cgroup2.name_of(id).map_or_else(
+            || format!("cgroup id {id} (removed)"),
+            |path| path.to_string(),
+        )
     });
     if let Some(wanted) = cgroup {
         let wanted = cgroup2.parse(wanted)?;

@@ -89,18 +89,21 @@ pub fn require_object() -> anyhow::Result<()> {
     ))
 }
 
-/// The cgroup id the pinned sock_ops link is attached to, if one is pinned.
-pub fn pinned_attach_id(state: &StateDir) -> anyhow::Result<Option<u64>> {
+/// What the pinned sock_ops link runs and where it is attached, if one is pinned.
+pub fn pinned_sockops_link(state: &StateDir) -> anyhow::Result<Option<sys::LinkInfo>> {
     let path = state.sockops_link();
     match sys::obj_get(&path) {
-        Ok(fd) => {
-            let info = sys::link_info(fd.as_fd())
-                .with_context(|| format!("failed to read link info of {}", path.display()))?;
-            Ok(Some(info.cgroup_id))
-        }
+        Ok(fd) => sys::link_info(fd.as_fd())
+            .map(Some)
+            .with_context(|| format!("failed to read link info of {}", path.display())),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(err) => Err(err).with_context(|| format!("failed to open {}", path.display())),
     }
+}
+
+/// The cgroup id the pinned sock_ops link is attached to, if one is pinned.
+pub fn pinned_attach_id(state: &StateDir) -> anyhow::Result<Option<u64>> {
+    Ok(pinned_sockops_link(state)?.map(|info| info.cgroup_id))
 }
 
 fn kernel_error(what: &str, err: impl std::fmt::Display) -> anyhow::Error {
