@@ -6,7 +6,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::CommandFactory as _;
 use comfy_table::{Table, presets};
 
 use crate::{
@@ -117,16 +116,13 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Completions(args) => {
-            let mut out = Vec::new();
-            clap_complete::generate(args.shell, &mut Cli::command(), "keepalive-agent", &mut out);
-            print(&String::from_utf8_lossy(&out))
-        }
+        Command::Completions(args) => print(&String::from_utf8_lossy(&install::completion_script(
+            args.shell,
+        ))),
         Command::Man(args) => {
             std::fs::create_dir_all(&args.dir)
                 .with_context(|| format!("failed to create {}", args.dir.display()))?;
-            clap_mangen::generate_to(Cli::command(), &args.dir)
-                .with_context(|| format!("failed to write man pages to {}", args.dir.display()))?;
+            install::write_man_pages(&args.dir)?;
             print(&format!("wrote man pages to {}\n", args.dir.display()))
         }
     }

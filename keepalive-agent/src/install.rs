@@ -10,6 +10,7 @@ use std::{
 
 use anyhow::Context as _;
 use clap::CommandFactory as _;
+use clap_complete::Shell;
 
 use crate::{
     cli::{Cli, InstallArgs},
@@ -55,6 +56,19 @@ pub fn unit_for(binary: &Path) -> String {
     UNIT.replace(UNIT_BINARY, &binary.display().to_string())
 }
 
+/// Writes one man page per (sub)command into `dir`, which must exist.
+pub fn write_man_pages(dir: &Path) -> anyhow::Result<()> {
+    clap_mangen::generate_to(Cli::command(), dir)
+        .with_context(|| format!("failed to write man pages to {}", dir.display()))
+}
+
+/// The completion script for `shell`.
+pub fn completion_script(shell: Shell) -> Vec<u8> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "keepalive-agent", &mut script);
+    script
+}
+
 /// Installs; returns one line per file written or kept.
 pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
     let mut done = Vec::new();
@@ -82,22 +96,14 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
 
     let man = under(&args.root, Path::new("/usr/local/share/man/man1"));
     fs::create_dir_all(&man).map_err(|err| fs_error(&man, err))?;
-    clap_mangen::generate_to(Cli::command(), &man)
-        .with_context(|| format!("failed to write man pages to {}", man.display()))?;
+    write_man_pages(&man)?;
     done.push(format!("installed man pages in {}", man.display()));
 
     let completions = under(
         &args.root,
         Path::new("/usr/local/share/bash-completion/completions/keepalive-agent"),
     );
-    let mut script = Vec::new();
-    clap_complete::generate(
-        clap_complete::Shell::Bash,
-        &mut Cli::command(),
-        "keepalive-agent",
-        &mut script,
-    );
-    write(&completions, &script, 0o644)?;
+    write(&completions, &completion_script(Shell::Bash), 0o644)?;
     done.push(format!("installed {}", completions.display()));
 
     done.push("next: systemctl daemon-reload && systemctl enable --now keepalive-agent".to_owned());
