@@ -105,14 +105,10 @@ pub struct Response {
 impl Response {
     /// A failure carrying the error's message and exit code.
     pub fn failure(err: &anyhow::Error) -> Self {
-        let code = err
-            .chain()
-            .find_map(|c| c.downcast_ref::<Error>())
-            .map(Error::exit_code);
         Self {
             ok: false,
             error: Some(format!("{err:#}")),
-            code,
+            code: crate::error::code_of(err),
             ..Self::default()
         }
     }

@@ -106,16 +106,38 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// Picks the exit code for an error chain: the first [`Error`] in it decides.
-pub fn exit_code_for(err: &anyhow::Error) -> ExitCode {
-    let code = err
-        .chain()
+/// The exit code an error chain asks for: the first [`Error`] in it decides; `None` when the
+/// chain has none.
+pub fn code_of(err: &anyhow::Error) -> Option<u8> {
+    err.chain()
         .find_map(|cause| cause.downcast_ref::<Error>())
-        .map_or(exit::FAILURE, Error::exit_code);
-    ExitCode::from(code)
+        .map(Error::exit_code)
+}
+
+/// Picks the process exit code for an error chain: [`code_of`], else [`exit::FAILURE`].
+pub fn exit_code_for(err: &anyhow::Error) -> ExitCode {
+    ExitCode::from(code_of(err).unwrap_or(exit::FAILURE))
 }
 
 /// Shorthand for a usage error.
 pub fn usage(msg: impl Into<String>) -> anyhow::Error {
     Error::Usage(msg.into()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_error_in_the_chain_picks_the_code() {
+        use anyhow::Context as _;
+        let plain = anyhow::anyhow!("boom");
+        assert_eq!(code_of(&plain), None);
+        let wrapped = Err::<(), _>(Error::Agent("not running".into()))
+            .context("outer")
+            .unwrap_err();
+        assert_eq!(code_of(&wrapped), Some(exit::AGENT));
+        assert_eq!(exit_code_for(&wrapped), ExitCode::from(exit::AGENT));
+        assert_eq!(exit_code_for(&plain), ExitCode::from(exit::FAILURE));
+    }
 }
