@@ -84,10 +84,11 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Usage(msg) | Self::Permission(msg) | Self::Bpffs(msg) | Self::Kernel(msg) => {
-                f.write_str(msg)
-            }
-            Self::Agent(msg) => f.write_str(msg),
+            Self::Usage(msg)
+            | Self::Permission(msg)
+            | Self::Bpffs(msg)
+            | Self::Kernel(msg)
+            | Self::Agent(msg) => f.write_str(msg),
             Self::Config { file, line, reason } => match line {
                 Some(line) => write!(f, "{}:{line}: {reason}", file.display()),
                 None => write!(f, "{}: {reason}", file.display()),
