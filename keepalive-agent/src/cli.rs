@@ -5,20 +5,19 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::policy::{self, Mode, limits};
+use crate::{
+    error::exit,
+    policy::{self, Mode, limits},
+};
 
-/// Exit codes, shown at the end of `--help` and documented in the README.
-pub const EXIT_CODES: &str = "\
-Exit codes:
-  0  success
-  1  failure not listed below
-  2  bad command line or configuration; nothing was attached or changed
-  3  permission denied: run as root (needs CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN)
-  4  no cgroup v2 mount, or the named cgroup does not exist
-  5  bpffs is not mounted and cannot be mounted
-  6  the kernel cannot run keepalive (no BTF, missing program type or helper)
-  7  no agent is running (policy commands), or another agent holds the state (run, detach)
-  8  check: this host is not ready";
+/// The exit codes of [`exit::MEANINGS`], shown at the end of `--help`.
+pub fn exit_codes_help() -> String {
+    let mut text = String::from("Exit codes:");
+    for (code, meaning) in exit::MEANINGS {
+        text.push_str(&format!("\n  {code}  {meaning}"));
+    }
+    text
+}
 
 /// Enforces TCP keepalive on every connection of a host or cgroup, from the kernel.
 ///
@@ -26,7 +25,7 @@ Exit codes:
 /// optionally TCP_USER_TIMEOUT when a TCP connection is established, on both the connecting and
 /// the accepting side, with a policy per cgroup.
 #[derive(Debug, Parser)]
-#[command(name = "keepalive-agent", version, after_long_help = EXIT_CODES)]
+#[command(name = "keepalive-agent", version, after_long_help = exit_codes_help())]
 pub struct Cli {
     /// Directory on bpffs holding keepalive's pinned programs, maps and links.
     /// [default: the config's state_dir, else /sys/fs/bpf/keepalive]

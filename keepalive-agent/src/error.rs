@@ -5,26 +5,63 @@
 
 use std::{fmt, path::PathBuf, process::ExitCode};
 
-/// Exit codes. Documented in the README ("Exit codes") and in `keepalive-agent --help`.
+/// Exit codes. [`exit::MEANINGS`] is what `keepalive-agent --help` prints; the README's table
+/// says the same.
 pub mod exit {
     /// Success.
     pub const OK: u8 = 0;
-    /// Any failure not listed below.
+    /// Any other failure.
     pub const FAILURE: u8 = 1;
-    /// Bad command line or configuration: nothing was attached or changed.
+    /// Invalid input ([`super::Error::Usage`], [`super::Error::Config`]).
     pub const USAGE: u8 = 2;
-    /// Not root, or missing CAP_BPF / CAP_NET_ADMIN / CAP_PERFMON / CAP_SYS_ADMIN.
+    /// Missing privileges ([`super::Error::Permission`]).
     pub const PERMISSION: u8 = 3;
-    /// No cgroup v2 mount, or the named cgroup does not exist.
+    /// cgroup v2 or a cgroup is missing ([`super::Error::NoCgroup2`],
+    /// [`super::Error::CgroupNotFound`]).
     pub const CGROUP: u8 = 4;
-    /// bpffs is not mounted and cannot be mounted.
+    /// bpffs is not available ([`super::Error::Bpffs`]).
     pub const BPFFS: u8 = 5;
-    /// The kernel lacks something required (BTF, a program type, a helper).
+    /// The kernel cannot run the agent ([`super::Error::Kernel`]).
     pub const KERNEL: u8 = 6;
-    /// No agent is running (for commands that talk to it) or another one already is.
+    /// No agent, another agent, or the pinned state is in the way ([`super::Error::Agent`]).
     pub const AGENT: u8 = 7;
-    /// `check` found the host not ready.
+    /// `check` found problems ([`super::Error::NotReady`]).
     pub const NOT_READY: u8 = 8;
+
+    /// Every exit code and what it means to an operator.
+    pub const MEANINGS: &[(u8, &str)] = &[
+        (OK, "success"),
+        (FAILURE, "failure not listed below"),
+        (
+            USAGE,
+            "bad command line or configuration (`file:line: reason`); nothing was attached or \
+             changed",
+        ),
+        (
+            PERMISSION,
+            "permission denied: not root, or missing CAP_BPF, CAP_NET_ADMIN or CAP_PERFMON",
+        ),
+        (
+            CGROUP,
+            "no cgroup v2 mount, or the named cgroup does not exist",
+        ),
+        (
+            BPFFS,
+            "bpffs is not mounted and cannot be mounted, or the state directory is not on bpffs",
+        ),
+        (
+            KERNEL,
+            "the kernel cannot run keepalive (no BTF, an unsupported layout, or it rejected a \
+             program or the attachment)",
+        ),
+        (
+            AGENT,
+            "no agent is running (policy commands); another agent holds the state (run, \
+             detach); enforcement is pinned on another cgroup (run) or not on the one named \
+             (detach --cgroup)",
+        ),
+        (NOT_READY, "`check`: this host is not ready"),
+    ];
 }
 
 /// A failure with a specific exit code.
@@ -128,6 +165,18 @@ pub fn usage(msg: impl Into<String>) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_exit_code_is_explained_once_in_order_and_in_the_readme() {
+        let codes: Vec<u8> = exit::MEANINGS.iter().map(|(code, _)| *code).collect();
+        assert_eq!(codes, (exit::OK..=exit::NOT_READY).collect::<Vec<_>>());
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+        for (code, meaning) in exit::MEANINGS {
+            let row = format!("| {code} | {meaning} |");
+            assert!(readme.contains(&row), "README lacks the row {row}");
+        }
+    }
 
     #[test]
     fn the_first_error_in_the_chain_picks_the_code() {
