@@ -56,9 +56,9 @@ pub mod exit {
         ),
         (
             AGENT,
-            "no agent is running (policy commands); another agent holds the state (run, \
-             detach); enforcement is pinned on another cgroup (run) or not on the one named \
-             (detach --cgroup)",
+            "no agent is running (policy commands); nothing is pinned (status); another agent \
+             holds the state (run, detach); enforcement is pinned on another cgroup (run) or \
+             not on the one named (detach --cgroup)",
         ),
         (NOT_READY, "`check`: this host is not ready"),
     ];

@@ -7,9 +7,10 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    io::Read as _,
+    io::{self, Read as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
+    path::Path,
     time::{Duration, SystemTime},
 };
 
@@ -123,29 +124,32 @@ pub struct Filter {
 
 fn open_pinned_map(state: &StateDir, name: &str) -> anyhow::Result<Map> {
     let path = state.map(name);
-    let data = MapData::from_pin(&path).map_err(|err| pin_error(&path, err))?;
+    let data = MapData::from_pin(&path)
+        .with_context(|| format!("failed to open {}", path.display()))
+        .map_err(|err| pin_error(&path, err))?;
     Map::from_map_data(data).with_context(|| format!("unexpected map at {}", path.display()))
 }
 
-fn pin_error(
-    path: &std::path::Path,
-    err: impl std::error::Error + Send + Sync + 'static,
-) -> anyhow::Error {
-    let io = std::error::Error::source(&err)
-        .and_then(|s| s.downcast_ref::<std::io::Error>())
-        .map(std::io::Error::kind);
+/// Turns a failure to open pinned state at `path` into the operator's error when the first
+/// I/O error in its chain says why: not root (exit 3) or nothing pinned (exit 7). Any other
+/// failure is returned as it is.
+fn pin_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
+    let io = err
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<io::Error>())
+        .map(io::Error::kind);
     match io {
-        Some(std::io::ErrorKind::PermissionDenied) => Error::Permission(format!(
+        Some(io::ErrorKind::PermissionDenied) => Error::Permission(format!(
             "permission denied reading {}: keepalive state is readable by root only",
             path.display()
         ))
         .into(),
-        Some(std::io::ErrorKind::NotFound) => Error::Agent(format!(
+        Some(io::ErrorKind::NotFound) => Error::Agent(format!(
             "nothing is pinned at {}; keepalive is not attached (start it with `keepalive-agent run`)",
             path.display()
         ))
         .into(),
-        _ => anyhow::Error::new(err).context(format!("failed to open {}", path.display())),
+        _ => err,
     }
 }
 
@@ -182,14 +186,15 @@ pub fn for_each_record(
 ) -> anyhow::Result<()> {
     let path = state.status_link();
     let link = sys::obj_get(&path)
-        .map_err(|err| pin_error(&path, std::io::Error::new(err.kind(), err.to_string())))?;
+        .with_context(|| format!("failed to open {}", path.display()))
+        .map_err(|err| pin_error(&path, err))?;
     let file = sys::iter_create(link.as_fd()).context("failed to start the status iterator")?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut reader = io::BufReader::with_capacity(1 << 20, file);
     let mut buf = [0u8; size_of::<StatusRecord>()];
     loop {
         match reader.read_exact(&mut buf) {
             Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(err) => return Err(err).context("failed to read the status iterator"),
         }
         // SAFETY: StatusRecord is plain old data and the buffer has exactly its size.
@@ -333,19 +338,9 @@ impl View<'_> {
         filter: &'f Filter,
     ) -> anyhow::Result<View<'f>> {
         let names = cgroup2.names(&CgroupPath::root());
-        let attach_cgroup =
-            crate::loader::pinned_attach_id(state)
-                .map_err(|err| {
-                    match err.downcast_ref::<std::io::Error>().map(std::io::Error::kind) {
-                Some(std::io::ErrorKind::PermissionDenied) => Error::Permission(format!(
-                    "permission denied reading {}: keepalive state is readable by root only",
-                    state.root().display()
-                ))
-                .into(),
-                _ => err,
-            }
-                })?
-                .map(|id| cgroup_name(&names, id));
+        let attach_cgroup = crate::loader::pinned_attach_id(state)
+            .map_err(|err| pin_error(state.root(), err))?
+            .map(|id| cgroup_name(&names, id));
         Ok(View {
             names,
             filter,
@@ -647,4 +642,39 @@ pub fn render(snapshot: &Snapshot) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{code_of, exit};
+
+    #[test]
+    fn nothing_pinned_is_not_attached_with_exit_7() {
+        let root = std::env::temp_dir().join(format!("keepalive-no-state-{}", std::process::id()));
+        assert!(!root.exists());
+        let state = StateDir::new(&root);
+        let cgroup2 = Cgroup2::at(&root);
+        let filter = Filter::default();
+        let failures = [
+            ("snapshot", snapshot(&state, &cgroup2, &filter).err()),
+            ("summary", summary(&state, &cgroup2).err()),
+            (
+                "write_json",
+                write_json(&state, &cgroup2, &filter, &mut Vec::new()).err(),
+            ),
+            ("read_counters", read_counters(&state).err()),
+        ];
+        for (what, err) in failures {
+            let err = err.unwrap_or_else(|| panic!("{what} succeeded"));
+            assert!(
+                matches!(err.downcast_ref::<Error>(), Some(Error::Agent(_))),
+                "{what}: {err:#}"
+            );
+            assert_eq!(code_of(&err), Some(exit::AGENT), "{what}: {err:#}");
+            let text = format!("{err:#}");
+            assert!(text.starts_with("nothing is pinned at "), "{what}: {text}");
+            assert!(text.contains("keepalive is not attached"), "{what}: {text}");
+        }
+    }
 }
