@@ -203,13 +203,6 @@ pub fn for_each_record(
     }
 }
 
-/// Reads all raw socket records.
-pub fn read_records(state: &StateDir) -> anyhow::Result<Vec<StatusRecord>> {
-    let mut records = Vec::new();
-    for_each_record(state, |rec| records.push(*rec))?;
-    Ok(records)
-}
-
 fn boottime_now() -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
