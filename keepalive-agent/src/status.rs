@@ -408,12 +408,27 @@ impl Tally {
 
 /// Reads everything `status` shows, sockets sorted by cgroup and address.
 pub fn snapshot(state: &StateDir, cgroup2: &Cgroup2, filter: &Filter) -> anyhow::Result<Snapshot> {
+    build(state, cgroup2, filter, true)
+}
+
+/// Per-cgroup rows and counters without socket rows: what metrics need, cheap at any size.
+pub fn summary(state: &StateDir, cgroup2: &Cgroup2) -> anyhow::Result<Snapshot> {
+    build(state, cgroup2, &Filter::default(), false)
+}
+
+/// [`snapshot`], with the socket rows only when `with_sockets`.
+fn build(
+    state: &StateDir,
+    cgroup2: &Cgroup2,
+    filter: &Filter,
+    with_sockets: bool,
+) -> anyhow::Result<Snapshot> {
     let view = View::new(state, cgroup2, filter)?;
     let mut tally = Tally::default();
     let mut sockets = Vec::new();
     for_each_record(state, |rec| {
         tally.add(rec);
-        if view.shows(rec) {
+        if with_sockets && view.shows(rec) {
             sockets.push(socket_row(rec, &view.names));
         }
     })?;
@@ -422,23 +437,6 @@ pub fn snapshot(state: &StateDir, cgroup2: &Cgroup2, filter: &Filter) -> anyhow:
         attach_cgroup: view.attach_cgroup.clone(),
         state_dir: state.root().display().to_string(),
         sockets,
-        cgroups: tally.cgroups(&view, state)?,
-        counters: read_counters(state)?,
-        tracked_entries: tally.tracked,
-        stale_entries: tally.stale,
-    })
-}
-
-/// Per-cgroup rows and counters without socket rows: what metrics need, cheap at any size.
-pub fn summary(state: &StateDir, cgroup2: &Cgroup2) -> anyhow::Result<Snapshot> {
-    let filter = Filter::default();
-    let view = View::new(state, cgroup2, &filter)?;
-    let mut tally = Tally::default();
-    for_each_record(state, |rec| tally.add(rec))?;
-    Ok(Snapshot {
-        attach_cgroup: view.attach_cgroup.clone(),
-        state_dir: state.root().display().to_string(),
-        sockets: Vec::new(),
         cgroups: tally.cgroups(&view, state)?,
         counters: read_counters(state)?,
         tracked_entries: tally.tracked,
