@@ -218,10 +218,10 @@ pub fn boottime_now_ns() -> u64 {
     u64::try_from(boottime_now().as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// Converts a CLOCK_BOOTTIME timestamp in nanoseconds to wall-clock time.
-fn wall_time(boot_ns: u64) -> SystemTime {
-    let age = boottime_now().saturating_sub(Duration::from_nanos(boot_ns));
-    SystemTime::now() - age
+/// The wall-clock time of CLOCK_BOOTTIME zero, to turn the program's timestamps into wall-clock
+/// time with no clock read per socket.
+fn boot_epoch() -> SystemTime {
+    SystemTime::now() - boottime_now()
 }
 
 fn rfc3339(time: SystemTime) -> String {
@@ -262,7 +262,12 @@ fn cgroup_name(names: &HashMap<u64, CgroupPath>, id: u64) -> String {
     }
 }
 
-fn socket_row(rec: &StatusRecord, names: &HashMap<u64, CgroupPath>) -> SocketRow {
+fn socket_row(
+    rec: &StatusRecord,
+    names: &HashMap<u64, CgroupPath>,
+    boot_epoch: SystemTime,
+) -> SocketRow {
+    let wall_time = |boot_ns| boot_epoch + Duration::from_nanos(boot_ns);
     let sock = &rec.sock;
     let state = rec.live_state;
     let flags = sock.flags;
@@ -317,11 +322,13 @@ fn socket_row(rec: &StatusRecord, names: &HashMap<u64, CgroupPath>) -> SocketRow
     }
 }
 
-/// What every view needs: cgroup names, the filter, and where the state is.
+/// What every view needs: cgroup names, the filter, where the state is, and the boot epoch
+/// for timestamps.
 struct View<'a> {
     names: HashMap<u64, CgroupPath>,
     filter: &'a Filter,
     attach_cgroup: Option<String>,
+    boot_epoch: SystemTime,
 }
 
 impl View<'_> {
@@ -338,7 +345,12 @@ impl View<'_> {
             names,
             filter,
             attach_cgroup,
+            boot_epoch: boot_epoch(),
         })
+    }
+
+    fn socket_row(&self, rec: &StatusRecord) -> SocketRow {
+        socket_row(rec, &self.names, self.boot_epoch)
     }
 
     fn within(&self, id: u64) -> bool {
@@ -429,7 +441,7 @@ fn build(
     for_each_record(state, |rec| {
         tally.add(rec);
         if with_sockets && view.shows(rec) {
-            sockets.push(socket_row(rec, &view.names));
+            sockets.push(view.socket_row(rec));
         }
     })?;
     sockets.sort_by(|a, b| (&a.cgroup, &a.local, &a.remote).cmp(&(&b.cgroup, &b.local, &b.remote)));
@@ -471,7 +483,7 @@ pub fn write_json(
         if let Err(err) = out
             .write_all(sep.as_bytes())
             .map_err(serde_json::Error::io)
-            .and_then(|()| serde_json::to_writer(&mut *out, &socket_row(rec, &view.names)))
+            .and_then(|()| serde_json::to_writer(&mut *out, &view.socket_row(rec)))
         {
             failed = Some(err);
         }
@@ -667,5 +679,15 @@ mod tests {
             assert!(text.starts_with("nothing is pinned at "), "{what}: {text}");
             assert!(text.contains("keepalive is not attached"), "{what}: {text}");
         }
+    }
+
+    #[test]
+    fn boottime_stamps_convert_to_wall_clock_time() {
+        let now = SystemTime::now();
+        let converted = boot_epoch() + Duration::from_nanos(boottime_now_ns());
+        let apart = converted
+            .duration_since(now)
+            .unwrap_or_else(|err| err.duration());
+        assert!(apart < Duration::from_secs(1), "{apart:?}");
     }
 }
