@@ -178,18 +178,22 @@ pub fn read_counters(state: &StateDir) -> anyhow::Result<BTreeMap<&'static str, 
     Ok(out)
 }
 
-/// Calls `each` for every raw socket record of the pinned status iterator, streaming: memory
-/// does not grow with the number of sockets.
-pub fn for_each_record(
-    state: &StateDir,
-    mut each: impl FnMut(&StatusRecord),
-) -> anyhow::Result<()> {
+/// The pinned status iterator, started; [`each_record`] reads it.
+fn open_records(state: &StateDir) -> anyhow::Result<io::BufReader<std::fs::File>> {
     let path = state.status_link();
     let link = sys::obj_get(&path)
         .with_context(|| format!("failed to open {}", path.display()))
         .map_err(|err| pin_error(&path, err))?;
     let file = sys::iter_create(link.as_fd()).context("failed to start the status iterator")?;
-    let mut reader = io::BufReader::with_capacity(1 << 20, file);
+    Ok(io::BufReader::with_capacity(1 << 20, file))
+}
+
+/// Calls `each` for every raw socket record of a started status iterator, streaming: memory
+/// does not grow with the number of sockets.
+fn each_record(
+    mut reader: io::BufReader<std::fs::File>,
+    mut each: impl FnMut(&StatusRecord),
+) -> anyhow::Result<()> {
     let mut buf = [0u8; size_of::<StatusRecord>()];
     loop {
         match reader.read_exact(&mut buf) {
@@ -438,7 +442,7 @@ fn build(
     let view = View::new(state, cgroup2, filter)?;
     let mut tally = Tally::default();
     let mut sockets = Vec::new();
-    for_each_record(state, |rec| {
+    each_record(open_records(state)?, |rec| {
         tally.add(rec);
         if with_sockets && view.shows(rec) {
             sockets.push(view.socket_row(rec));
@@ -465,6 +469,8 @@ pub fn write_json(
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<()> {
     let view = View::new(state, cgroup2, filter)?;
+    // Opened before anything is written, so "not attached" leaves no partial document.
+    let records = open_records(state)?;
     let mut tally = Tally::default();
     write!(out, "{{\"attach_cgroup\":")?;
     serde_json::to_writer(&mut *out, &view.attach_cgroup)?;
@@ -473,7 +479,7 @@ pub fn write_json(
     write!(out, ",\"sockets\":[")?;
     let mut first = true;
     let mut failed = None;
-    for_each_record(state, |rec| {
+    each_record(records, |rec| {
         tally.add(rec);
         if failed.is_some() || !view.shows(rec) {
             return;
@@ -662,10 +668,16 @@ mod tests {
         let failures = [
             ("snapshot", snapshot(&state, &cgroup2, &filter).err()),
             ("summary", summary(&state, &cgroup2).err()),
-            (
-                "write_json",
-                write_json(&state, &cgroup2, &filter, &mut Vec::new()).err(),
-            ),
+            ("write_json", {
+                let mut out = Vec::new();
+                let err = write_json(&state, &cgroup2, &filter, &mut out).err();
+                assert!(
+                    out.is_empty(),
+                    "partial output: {}",
+                    String::from_utf8_lossy(&out)
+                );
+                err
+            }),
             ("read_counters", read_counters(&state).err()),
         ];
         for (what, err) in failures {
