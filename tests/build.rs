@@ -6,8 +6,8 @@ use std::{env, path::PathBuf, process::Command};
 
 fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
-    let src = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"))
-        .join("static/static_client.rs");
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"));
+    let src = manifest_dir.join("static/static_client.rs");
     let bin = out.join("ka-static-client");
     println!("cargo:rerun-if-changed={}", src.display());
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
@@ -27,8 +27,7 @@ fn main() {
     assert!(status.success(), "building the static client failed");
     println!("cargo:rustc-env=KA_STATIC_CLIENT={}", bin.display());
 
-    let shim_src = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets it"))
-        .join("shim/keepalive_shim.c");
+    let shim_src = manifest_dir.join("shim/keepalive_shim.c");
     let shim = out.join("libkeepalive_shim.so");
     println!("cargo:rerun-if-changed={}", shim_src.display());
     let cc = env::var_os("CC").unwrap_or_else(|| "cc".into());

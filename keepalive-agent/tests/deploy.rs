@@ -171,33 +171,24 @@ fn kubernetes_manifests_are_complete_and_agree_with_the_agent() {
     // Mounts: bpffs with propagation, the cgroup2 tree, the config.
     let volumes = pod["volumes"].as_array().unwrap();
     let mounts = container["volumeMounts"].as_array().unwrap();
-    let host_path = |mount_path: &str| -> (String, Value) {
+    // The container's mount at a path and the pod volume it mounts.
+    let mount_at = |mount_path: &str| {
         let mount = mounts
             .iter()
             .find(|m| m["mountPath"] == mount_path)
             .unwrap_or_else(|| panic!("no mount at {mount_path}"));
-        let volume = volumes.iter().find(|v| v["name"] == mount["name"]).unwrap();
-        (
-            volume["hostPath"]["path"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned(),
-            mount.clone(),
-        )
+        let volume = volumes
+            .iter()
+            .find(|v| v["name"] == mount["name"])
+            .unwrap_or_else(|| panic!("no volume for the mount at {mount_path}"));
+        (mount, volume)
     };
-    let (bpf, bpf_mount) = host_path("/sys/fs/bpf");
-    assert_eq!(bpf, "/sys/fs/bpf");
+    let (bpf_mount, bpf) = mount_at("/sys/fs/bpf");
+    assert_eq!(bpf["hostPath"]["path"], "/sys/fs/bpf");
     assert_eq!(bpf_mount["mountPropagation"], "HostToContainer");
-    let (cgroup, _) = host_path("/sys/fs/cgroup");
-    assert_eq!(cgroup, "/sys/fs/cgroup");
-    let config_mount = mounts
-        .iter()
-        .find(|m| m["mountPath"] == "/etc/keepalive-agent")
-        .unwrap();
-    let config_volume = volumes
-        .iter()
-        .find(|v| v["name"] == config_mount["name"])
-        .unwrap();
+    let (_, cgroup) = mount_at("/sys/fs/cgroup");
+    assert_eq!(cgroup["hostPath"]["path"], "/sys/fs/cgroup");
+    let (_, config_volume) = mount_at("/etc/keepalive-agent");
     assert_eq!(config_volume["configMap"]["name"], cm["metadata"]["name"]);
 
     // The container's arguments are a valid command line for this agent.

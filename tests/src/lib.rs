@@ -91,6 +91,11 @@ pub fn shim_lib() -> &'static str {
     env!("KA_SHIM")
 }
 
+/// The statically linked TCP client that `build.rs` compiles.
+pub fn static_client() -> &'static Path {
+    Path::new(env!("KA_STATIC_CLIENT"))
+}
+
 /// The socket helper binary (`KA_SOCK_BIN` overrides where it is looked for).
 pub fn sock_bin() -> PathBuf {
     let path = std::env::var_os("KA_SOCK_BIN")
@@ -105,7 +110,6 @@ pub fn sock_bin() -> PathBuf {
 pub struct TestCgroup {
     path: PathBuf,
     rel: String,
-    owned: bool,
 }
 
 impl TestCgroup {
@@ -115,28 +119,17 @@ impl TestCgroup {
         let name = unique(label);
         let path = cgroup2_mount().join(&name);
         fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        Self {
-            path,
-            rel: name,
-            owned: true,
-        }
+        Self { path, rel: name }
     }
 
-    /// Creates a child cgroup; it is removed with this one.
+    /// Creates a child cgroup; it is removed when dropped, or with this one.
     pub fn child(&self, name: &str) -> Self {
         let path = self.path.join(name);
         fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         Self {
             path,
             rel: format!("{}/{name}", self.rel),
-            owned: true,
         }
-    }
-
-    /// A cgroup below this one that the test creates and removes itself (not removed on drop
-    /// unless it exists).
-    pub fn path_of_child(&self, name: &str) -> PathBuf {
-        self.path.join(name)
     }
 
     /// Absolute path.
@@ -188,9 +181,7 @@ pub fn remove_cgroup_tree(path: &Path) {
 
 impl Drop for TestCgroup {
     fn drop(&mut self) {
-        if self.owned {
-            remove_cgroup_tree(&self.path);
-        }
+        remove_cgroup_tree(&self.path);
     }
 }
 
@@ -511,27 +502,50 @@ impl AgentDirs {
         }
     }
 
-    /// Runs the agent binary with these directories and `args`; returns its output.
-    pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(agent_bin())
-            .arg("--state-dir")
+    /// The agent binary with these directories and then `args`, for callers that need more
+    /// than its output (another user, fewer capabilities, a different environment).
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--runtime-dir")
             .arg(&self.runtime_dir)
-            .args(args)
-            .output()
-            .expect("run keepalive-agent")
+            .args(args);
+        cmd
+    }
+
+    /// Runs the agent binary with these directories and `args`; returns its output.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run keepalive-agent")
+    }
+
+    /// Like [`AgentDirs::cli`], and panics with the agent's stderr unless it succeeds.
+    pub fn cli_ok(&self, args: &[&str]) -> Output {
+        let out = self.cli(args);
+        assert!(
+            out.status.success(),
+            "keepalive-agent {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            stderr(&out)
+        );
+        out
     }
 
     /// `status --json`, parsed.
     pub fn status(&self) -> Value {
-        let out = self.cli(&["status", "--json"]);
-        assert!(
-            out.status.success(),
-            "status failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = self.cli_ok(&["status", "--json"]);
         serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+    }
+
+    /// `policy list --json`: the `policies` array.
+    pub fn policies(&self) -> Vec<Value> {
+        let out = self.cli_ok(&["policy", "list", "--json"]);
+        let list: Value = serde_json::from_slice(&out.stdout).expect("policy list --json is JSON");
+        list["policies"]
+            .as_array()
+            .cloned()
+            .unwrap_or_else(|| panic!("no policies array in {list}"))
     }
 
     /// Removes everything pinned (as `keepalive-agent detach` does).
@@ -582,13 +596,8 @@ impl Agent {
             .expect("timeout");
         let log = std::env::temp_dir().join(format!("{}.log", unique("agent-log")));
         let log_file = File::create(&log).expect("log file");
-        let mut child = Command::new(agent_bin());
+        let mut child = dirs.command(args);
         child
-            .arg("--state-dir")
-            .arg(&dirs.state_dir)
-            .arg("--runtime-dir")
-            .arg(&dirs.runtime_dir)
-            .args(args)
             .env("NOTIFY_SOCKET", &notify_path)
             .env(
                 "RUST_LOG",
@@ -619,32 +628,31 @@ impl Agent {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut buf = [0u8; 4096];
-        while Instant::now() < deadline {
-            if let Ok(n) = self.notify.recv(&mut buf)
-                && String::from_utf8_lossy(&buf[..n])
-                    .lines()
-                    .any(|l| l == "READY=1")
-            {
-                return;
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "agent exited with {status} before it was ready:\n{}",
-                    self.log()
-                );
-            }
+        match self.notified("READY=1", Duration::from_secs(60)) {
+            Ok(true) => {}
+            Ok(false) => panic!("agent not ready within 60 s:\n{}", self.log()),
+            Err(status) => panic!(
+                "agent exited with {status} before it was ready:\n{}",
+                self.log()
+            ),
         }
-        panic!("agent not ready within 60 s:\n{}", self.log());
     }
 
-    /// Waits for the next READY=1 (after a reload).
+    /// Waits for the next notify line `what` (READY=1 after a reload, WATCHDOG=1).
     pub fn wait_notify(&mut self, what: &str, timeout: Duration) {
+        match self.notified(what, timeout) {
+            Ok(true) => {}
+            Ok(false) => panic!("agent sent no {what} within {timeout:?}:\n{}", self.log()),
+            Err(status) => panic!(
+                "agent exited with {status} before it sent {what}:\n{}",
+                self.log()
+            ),
+        }
+    }
+
+    /// Waits up to `timeout` for the line `what` on the notify socket: `Ok(true)` when it
+    /// came, `Ok(false)` when it did not, `Err` with the exit status when the agent exited.
+    fn notified(&mut self, what: &str, timeout: Duration) -> Result<bool, ExitStatus> {
         let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 4096];
         while Instant::now() < deadline {
@@ -653,10 +661,17 @@ impl Agent {
                     .lines()
                     .any(|l| l == what)
             {
-                return;
+                return Ok(true);
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                return Err(status);
             }
         }
-        panic!("agent sent no {what} within {timeout:?}:\n{}", self.log());
+        Ok(false)
     }
 
     /// The agent's stderr so far.
@@ -677,9 +692,19 @@ impl Agent {
         self.dirs().cli(args)
     }
 
+    /// [`AgentDirs::cli_ok`] with this agent's directories.
+    pub fn cli_ok(&self, args: &[&str]) -> Output {
+        self.dirs().cli_ok(args)
+    }
+
     /// `status --json`.
     pub fn status(&self) -> Value {
         self.dirs().status()
+    }
+
+    /// `policy list --json`: the `policies` array.
+    pub fn policies(&self) -> Vec<Value> {
+        self.dirs().policies()
     }
 
     /// The agent's pid.
@@ -708,13 +733,6 @@ impl Agent {
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-    }
-
-    /// Whether the process is still running.
-    pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().ok().flatten().is_none())
     }
 }
 
@@ -766,8 +784,11 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
     }
 }
 
+/// keepalive, idle, interval, count.
+pub type Values = (i64, i64, i64, i64);
+
 /// The keepalive values a helper reported, as (keepalive, idle, interval, count).
-pub fn values(opts: &Value) -> (i64, i64, i64, i64) {
+pub fn values(opts: &Value) -> Values {
     let get = |k: &str| {
         opts[k]
             .as_i64()
@@ -777,7 +798,7 @@ pub fn values(opts: &Value) -> (i64, i64, i64, i64) {
 }
 
 /// Kernel defaults for a socket nobody touched (Linux: keepalive off, 7200/75/9).
-pub fn kernel_defaults() -> (i64, i64, i64, i64) {
+pub fn kernel_defaults() -> Values {
     let read = |name: &str| -> i64 {
         fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
             .expect("sysctl")
@@ -793,6 +814,29 @@ pub fn kernel_defaults() -> (i64, i64, i64, i64) {
     )
 }
 
+/// Opens a loopback pair inside `cgroup` and returns the client's and server's values.
+pub fn pair_values(cgroup: &TestCgroup) -> (Values, Values) {
+    let mut pair = Proc::sock(&["pair", "4"], cgroup);
+    let out = pair.read();
+    (values(&out["client"]), values(&out["server"]))
+}
+
+/// The idle time a new connection's client end gets inside `cgroup`.
+pub fn idle_of(cgroup: &TestCgroup) -> i64 {
+    pair_values(cgroup).0.1
+}
+
+/// The per-cgroup row of `status --json` for `cgroup`; panics if there is none.
+pub fn cgroup_row(status: &Value, cgroup: &TestCgroup) -> Value {
+    status["cgroups"]
+        .as_array()
+        .expect("cgroups array")
+        .iter()
+        .find(|c| c["cgroup"] == cgroup.display())
+        .cloned()
+        .unwrap_or_else(|| panic!("no row for {} in {status}", cgroup.display()))
+}
+
 /// Writes a config file into a fresh temporary path.
 pub fn write_config(text: &str) -> PathBuf {
     let path = std::env::temp_dir().join(format!("{}.toml", unique("config")));
@@ -801,15 +845,15 @@ pub fn write_config(text: &str) -> PathBuf {
     path
 }
 
-/// Runs the agent binary with `args` in a private mount namespace prepared by `setup`, which
-/// runs in the child between fork and exec (so it may only make system calls). Mounts are made
-/// private first, so nothing `setup` unmounts leaves the namespace.
+/// Runs the agent binary with `dirs` and `args` in a private mount namespace prepared by
+/// `setup`, which runs in the child between fork and exec (so it may only make system calls).
+/// Mounts are made private first, so nothing `setup` unmounts leaves the namespace.
 pub fn agent_in_private_mounts(
+    dirs: &AgentDirs,
     args: &[&str],
     mut setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
 ) -> Output {
-    let mut cmd = Command::new(agent_bin());
-    cmd.args(args);
+    let mut cmd = dirs.command(args);
     // SAFETY: the closure only makes system calls.
     unsafe {
         cmd.pre_exec(move || {
@@ -869,13 +913,6 @@ pub fn code(out: &Output) -> i32 {
 /// stderr as text.
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Counts processes of a cgroup (for sanity checks).
-pub fn procs_in(path: &Path) -> usize {
-    fs::read_to_string(path.join("cgroup.procs"))
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
 }
 
 /// Queries the sock_ops programs attached directly to a cgroup (via bpftool-free syscall).

@@ -1,10 +1,10 @@
 //! Deployment on a real host: `check` reports readiness truthfully, the agent pings the systemd
 //! watchdog, and it runs with exactly the capabilities the unit and the DaemonSet grant.
 
-use std::{ffi::CString, os::unix::process::CommandExt as _, process::Command, time::Duration};
+use std::{ffi::CString, os::unix::process::CommandExt as _, time::Duration};
 
 use keepalive_tests::{
-    Agent, AgentDirs, Proc, TestCgroup, agent_bin, agent_in_private_mounts, cgroup2_mount, code,
+    Agent, AgentDirs, Proc, TestCgroup, agent_in_private_mounts, cgroup2_mount, code,
     drop_caps_except, require_root, sockops_attachments, stderr, umount, values,
 };
 use serde_json::Value;
@@ -58,13 +58,8 @@ fn check_reports_a_ready_host_and_probes_every_program() {
 fn check_names_what_to_fix_when_the_host_is_not_ready() {
     require_root();
     let dirs = AgentDirs::new();
-    let out = Command::new(agent_bin())
-        .args([
-            "--state-dir",
-            dirs.state_dir.to_str().unwrap(),
-            "check",
-            "--json",
-        ])
+    let out = dirs
+        .command(&["check", "--json"])
         .uid(65534)
         .gid(65534)
         .output()
@@ -79,7 +74,7 @@ fn check_names_what_to_fix_when_the_host_is_not_ready() {
     );
 
     let mount = CString::new(cgroup2_mount().to_str().unwrap()).unwrap();
-    let out = agent_in_private_mounts(&["check", "--json"], move || umount(&mount));
+    let out = agent_in_private_mounts(&dirs, &["check", "--json"], move || umount(&mount));
     assert_eq!(code(&out), 8);
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let cgroup2 = check_item(&report, "cgroup2");
@@ -132,14 +127,7 @@ fn without_cap_net_admin_the_agent_refuses_clearly() {
     let cg = TestCgroup::new("nocap");
     let dirs = AgentDirs::new();
     let keep: Vec<u32> = GRANTED.into_iter().filter(|&c| c != 12).collect();
-    let mut cmd = Command::new(agent_bin());
-    cmd.args([
-        "--state-dir",
-        dirs.state_dir.to_str().unwrap(),
-        "--runtime-dir",
-        dirs.runtime_dir.to_str().unwrap(),
-    ])
-    .args(["run", "--cgroup", cg.path().to_str().unwrap()]);
+    let mut cmd = dirs.command(&["run", "--cgroup", cg.path().to_str().unwrap()]);
     // SAFETY: prctl calls only.
     unsafe {
         cmd.pre_exec(move || drop_caps_except(&keep));

@@ -1,11 +1,11 @@
 //! Foundation: the agent enforces keepalive on new connections in its cgroup, on both ends,
 //! for IPv4, IPv6 and v4-mapped sockets, for static binaries too, and a dead peer is cut.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use keepalive_tests::{
     Agent, AgentDirs, Proc, TestCgroup, VethPair, code, kernel_defaults, shim_lib, sock_bin,
-    sockops_attachments, stderr, values,
+    sockops_attachments, static_client, stderr, values,
 };
 
 #[test]
@@ -77,9 +77,9 @@ fn is_static_elf(path: &std::path::Path) -> bool {
 
 #[test]
 fn a_statically_linked_client_gets_the_values() {
-    let client = std::path::PathBuf::from(env!("KA_STATIC_CLIENT"));
+    let client = static_client();
     assert!(
-        is_static_elf(&client),
+        is_static_elf(client),
         "{} must be statically linked",
         client.display()
     );
@@ -88,7 +88,7 @@ fn a_statically_linked_client_gets_the_values() {
     let mut server = Proc::sock(&["listen", "127.0.0.1:0"], &cg);
     let port = server.read()["port"].as_u64().expect("port");
     let mut static_client = Proc::spawn(
-        &client,
+        client,
         &[&format!("127.0.0.1:{port}")],
         Some(cg.path()),
         None,
@@ -117,9 +117,8 @@ fn an_ld_preload_shim_misses_static_binaries() {
     );
     let mut server = Proc::sock(&["listen", "127.0.0.1:0"], &cg);
     let port = server.read()["port"].as_u64().expect("port");
-    let client = std::path::PathBuf::from(env!("KA_STATIC_CLIENT"));
     let mut static_client = Proc::spawn_with_env(
-        &client,
+        static_client(),
         &[&format!("127.0.0.1:{port}")],
         Some(cg.path()),
         None,
@@ -239,14 +238,8 @@ fn an_unprivileged_user_gets_a_clear_message() {
     use std::os::unix::process::CommandExt as _;
     let cg = TestCgroup::new("unpriv");
     let dirs = AgentDirs::new();
-    let out = Command::new(keepalive_tests::agent_bin())
-        .args([
-            "--state-dir",
-            dirs.state_dir.to_str().unwrap(),
-            "--runtime-dir",
-            "/tmp/ka-unpriv",
-        ])
-        .args(["run", "--cgroup", cg.path().to_str().unwrap()])
+    let out = dirs
+        .command(&["run", "--cgroup", cg.path().to_str().unwrap()])
         .uid(65534)
         .gid(65534)
         .output()

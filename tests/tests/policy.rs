@@ -5,23 +5,9 @@
 use std::time::Duration;
 
 use keepalive_tests::{
-    Agent, AgentDirs, Proc, TestCgroup, code, eventually, kernel_defaults, sockops_attachments,
-    stderr, values, write_config,
+    Agent, AgentDirs, Proc, TestCgroup, code, eventually, idle_of, kernel_defaults, pair_values,
+    sockops_attachments, stderr, values, write_config,
 };
-
-/// keepalive, idle, interval, count.
-type Values = (i64, i64, i64, i64);
-
-/// Opens a loopback pair inside `cgroup` and returns the client's and server's values.
-fn pair_values(cgroup: &TestCgroup) -> (Values, Values) {
-    let mut pair = Proc::sock(&["pair", "4"], cgroup);
-    let out = pair.read();
-    (values(&out["client"]), values(&out["server"]))
-}
-
-fn idle_of(cgroup: &TestCgroup) -> i64 {
-    pair_values(cgroup).0.1
-}
 
 #[test]
 fn each_end_of_one_loopback_connection_gets_its_own_cgroups_policy() {
@@ -129,10 +115,8 @@ fn a_glob_policy_applies_to_a_cgroup_created_after_start() {
         Duration::from_secs(10),
         "the glob to cover the new cgroup",
         || {
-            let out = agent.cli(&["policy", "list", "--json"]);
-            let list: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            list["policies"]
-                .as_array()?
+            agent
+                .policies()
                 .iter()
                 .any(|p| p["cgroup_id"] == late.id() && p["idle"] == 27)
                 .then_some(())
@@ -178,7 +162,7 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
     let mut agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
     assert_eq!(idle_of(&svc), 50);
 
-    let out = agent.cli(&[
+    agent.cli_ok(&[
         "policy",
         "set",
         svc.path().to_str().unwrap(),
@@ -187,11 +171,9 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
         "--count",
         "2",
     ]);
-    assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(pair_values(&svc).0, (1, 120, 10, 2), "set applies at once");
 
-    let out = agent.cli(&["policy", "unset", svc.rel()]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    agent.cli_ok(&["policy", "unset", svc.rel()]);
     assert_eq!(idle_of(&svc), 50, "unset falls back to the default");
 
     let out = agent.cli(&["policy", "unset", svc.rel()]);
@@ -318,8 +300,7 @@ fn a_policy_change_reaches_connections_accepted_on_an_existing_listener() {
     let target = format!("127.0.0.1:{port}");
     let mut accept = |agent_args: Option<&[&str]>| {
         if let Some(args) = agent_args {
-            let out = agent.cli(args);
-            assert!(out.status.success(), "{}", stderr(&out));
+            agent.cli_ok(args);
         }
         let mut client = Proc::sock(&["connect", &target], &client_cg);
         client.read();
@@ -372,11 +353,9 @@ fn exact_paths_outrank_globs_also_across_runtime_and_config() {
     assert_eq!((idle_of(&db), idle_of(&web)), (44, 55));
     // A runtime glob neither overrides nor masks the config's exact path.
     let glob = format!("{}/*", parent.rel());
-    let out = agent.cli(&["policy", "set", &glob, "--idle", "66"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    agent.cli_ok(&["policy", "set", &glob, "--idle", "66"]);
     assert_eq!((idle_of(&db), idle_of(&web)), (44, 66));
-    let out = agent.cli(&["policy", "unset", &glob]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    agent.cli_ok(&["policy", "unset", &glob]);
     let out = agent.cli(&["policy", "unset", &glob]);
     assert!(
         out.status.success(),

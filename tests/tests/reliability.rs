@@ -5,26 +5,10 @@
 use std::{ffi::CString, os::unix::fs::PermissionsExt as _, time::Duration};
 
 use keepalive_tests::{
-    Agent, AgentDirs, Netns, Proc, TestCgroup, agent_bin, agent_in_private_mounts, cgroup2_mount,
-    code, eventually, hide_with_tmpfs, kernel_defaults, sock_bin, sockops_attachments, stderr,
-    umount, values, write_config,
+    Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, cgroup_row, cgroup2_mount,
+    code, eventually, hide_with_tmpfs, idle_of, kernel_defaults, pair_values, sock_bin,
+    sockops_attachments, stderr, umount, values, write_config,
 };
-use serde_json::Value;
-
-fn idle_of(cgroup: &TestCgroup) -> i64 {
-    let mut pair = Proc::sock(&["pair", "4"], cgroup);
-    values(&pair.read()["client"]).1
-}
-
-fn enforced_total(status: &Value, cgroup: &TestCgroup) -> u64 {
-    status["cgroups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["cgroup"] == cgroup.display())
-        .and_then(|c| c["enforced_total"].as_u64())
-        .unwrap_or(0)
-}
 
 #[test]
 fn sigkill_and_sigterm_leave_enforcement_in_place_and_a_restart_attaches_once() {
@@ -32,14 +16,13 @@ fn sigkill_and_sigterm_leave_enforcement_in_place_and_a_restart_attaches_once() 
     let mut agent = Agent::start(&cg, &["--idle", "23"]);
     let dirs = agent.dirs();
     assert_eq!(idle_of(&cg), 23);
-    let before = enforced_total(&agent.status(), &cg);
-    assert_eq!(before, 2);
+    assert_eq!(cgroup_row(&agent.status(), &cg)["enforced_total"], 2);
 
     agent.stop_with(libc::SIGKILL);
     assert_eq!(idle_of(&cg), 23, "enforced while no agent runs");
     assert_eq!(sockops_attachments(cg.path()), 1);
     assert_eq!(
-        enforced_total(&dirs.status(), &cg),
+        cgroup_row(&dirs.status(), &cg)["enforced_total"],
         4,
         "status works from pins alone"
     );
@@ -57,7 +40,7 @@ fn sigkill_and_sigterm_leave_enforcement_in_place_and_a_restart_attaches_once() 
     );
     assert_eq!(idle_of(&cg), 24);
     assert_eq!(
-        enforced_total(&agent.status(), &cg),
+        cgroup_row(&agent.status(), &cg)["enforced_total"],
         6,
         "counters survive restarts"
     );
@@ -72,8 +55,7 @@ fn sigkill_and_sigterm_leave_enforcement_in_place_and_a_restart_attaches_once() 
     assert_eq!(idle_of(&cg), 24);
     assert_eq!(sockops_attachments(cg.path()), 1);
 
-    let out = dirs.detach();
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = dirs.cli_ok(&["detach"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("link_sockops") && text.contains("KA_POLICY"),
@@ -81,12 +63,9 @@ fn sigkill_and_sigterm_leave_enforcement_in_place_and_a_restart_attaches_once() 
     );
     assert_eq!(sockops_attachments(cg.path()), 0);
     assert!(!dirs.state_dir.exists());
-    let (client, _) = {
-        let mut pair = Proc::sock(&["pair", "4"], &cg);
-        let out = pair.read();
-        (values(&out["client"]), values(&out["server"]))
-    };
+    let (client, server) = pair_values(&cg);
     assert_eq!(client, kernel_defaults(), "detached: no longer enforced");
+    assert_eq!(server, kernel_defaults(), "detached: no longer enforced");
 }
 
 #[test]
@@ -199,8 +178,7 @@ fn existing_connections_get_the_policy_except_off_and_app_owned_fill() {
     );
 
     // A policy change reaches existing connections too.
-    let out = agent.cli(&["policy", "set", enforce.rel(), "--idle", "37"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = agent.cli_ok(&["policy", "set", enforce.rel(), "--idle", "37"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("4 updated"), "{text}");
     for sock in plain.report() {
@@ -245,29 +223,18 @@ fn a_removed_cgroup_is_cleaned_up_and_a_glob_applies_again_when_it_returns() {
         parent.rel()
     ));
     let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
-    let path = parent.path_of_child("job-1");
-    std::fs::create_dir(&path).unwrap();
-    let job = TestCgroupRef(path.clone());
-    let id = std::fs::metadata(&path)
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .unwrap();
-    let listed = |id: u64| -> bool {
-        let out = agent.cli(&["policy", "list", "--json"]);
-        let list: Value = serde_json::from_slice(&out.stdout).unwrap();
-        list["policies"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["cgroup_id"] == id)
-    };
+    let job = parent.child("job-1");
+    let id = job.id();
+    let listed = |id: u64| agent.policies().iter().any(|p| p["cgroup_id"] == id);
     eventually(Duration::from_secs(10), "the glob to match job-1", || {
         listed(id).then_some(())
     });
     {
-        let mut pair = Proc::spawn(&sock_bin(), &["pair", "4"], Some(&job.0), None);
+        let mut pair = Proc::sock(&["pair", "4"], &job);
         assert_eq!(values(&pair.read()["client"]).1, 26);
     }
-    keepalive_tests::remove_cgroup_tree(&path);
+    // Dropping the cgroup removes it.
+    drop(job);
     eventually(
         Duration::from_secs(10),
         "the removed cgroup's entry to go",
@@ -282,25 +249,20 @@ fn a_removed_cgroup_is_cleaned_up_and_a_glob_applies_again_when_it_returns() {
             .any(|c| c["cgroup_id"] == id),
         "its counters are dropped too: {status:#}"
     );
-    std::fs::create_dir(&path).unwrap();
-    let new_id = std::fs::metadata(&path)
-        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
-        .unwrap();
+    let job = parent.child("job-1");
+    let new_id = job.id();
     eventually(
         Duration::from_secs(10),
         "the glob to match job-1 again",
         || listed(new_id).then_some(()),
     );
-    let mut pair = Proc::spawn(&sock_bin(), &["pair", "4"], Some(&path), None);
+    let mut pair = Proc::sock(&["pair", "4"], &job);
     assert_eq!(values(&pair.read()["client"]).1, 26);
     drop(pair);
-    keepalive_tests::remove_cgroup_tree(&path);
+    drop(job);
     let log = agent.log();
     assert!(!log.contains("ERROR"), "no error loop: {log}");
 }
-
-/// A cgroup path the test creates and removes itself.
-struct TestCgroupRef(std::path::PathBuf);
 
 #[test]
 fn full_tracking_maps_are_counted_and_enforcement_continues() {
@@ -354,26 +316,16 @@ fn full_tracking_maps_are_counted_and_enforcement_continues() {
     });
 }
 
-fn run_args(dirs: &AgentDirs, cgroup: &TestCgroup) -> Vec<String> {
-    vec![
-        "--state-dir".into(),
-        dirs.state_dir.to_str().unwrap().into(),
-        "--runtime-dir".into(),
-        dirs.runtime_dir.to_str().unwrap().into(),
-        "run".into(),
-        "--cgroup".into(),
-        cgroup.path().to_str().unwrap().into(),
-    ]
+/// `run --cgroup <cgroup>`.
+fn run_args(cgroup: &TestCgroup) -> [&str; 3] {
+    ["run", "--cgroup", cgroup.path().to_str().unwrap()]
 }
 
 #[test]
 fn no_cgroup2_gets_one_clear_message_and_exit_4() {
     let cg = TestCgroup::new("nocg2");
-    let dirs = AgentDirs::new();
-    let args = run_args(&dirs, &cg);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mount = CString::new(cgroup2_mount().to_str().unwrap()).unwrap();
-    let out = agent_in_private_mounts(&args, move || umount(&mount));
+    let out = agent_in_private_mounts(&AgentDirs::new(), &run_args(&cg), move || umount(&mount));
     let err = stderr(&out);
     assert_eq!(code(&out), 4, "{err}");
     assert!(err.contains("no cgroup v2 filesystem is mounted"), "{err}");
@@ -384,10 +336,9 @@ fn no_cgroup2_gets_one_clear_message_and_exit_4() {
 #[test]
 fn missing_btf_gets_one_clear_message_and_exit_6() {
     let cg = TestCgroup::new("nobtf");
-    let dirs = AgentDirs::new();
-    let args = run_args(&dirs, &cg);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = agent_in_private_mounts(&args, || hide_with_tmpfs(c"/sys/kernel/btf"));
+    let out = agent_in_private_mounts(&AgentDirs::new(), &run_args(&cg), || {
+        hide_with_tmpfs(c"/sys/kernel/btf")
+    });
     let err = stderr(&out);
     assert_eq!(code(&out), 6, "{err}");
     assert!(
@@ -401,10 +352,7 @@ fn missing_btf_gets_one_clear_message_and_exit_6() {
 #[test]
 fn bpffs_that_cannot_be_mounted_gets_one_clear_message_and_exit_5() {
     let cg = TestCgroup::new("nobpffs");
-    let dirs = AgentDirs::new();
-    let args = run_args(&dirs, &cg);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = agent_in_private_mounts(&args, || {
+    let out = agent_in_private_mounts(&AgentDirs::new(), &run_args(&cg), || {
         // Unmount bpffs here, and drop CAP_SYS_ADMIN so the agent cannot mount it again.
         let _ = umount(c"/sys/fs/bpf");
         // SAFETY: prctl with constant arguments.
@@ -429,18 +377,7 @@ fn an_unprivileged_user_can_neither_change_policy_nor_detach() {
     let cg = TestCgroup::new("security");
     let agent = Agent::start(&cg, &["--idle", "18"]);
     let dirs = agent.dirs();
-    let as_nobody = |args: &[&str]| {
-        std::process::Command::new(agent_bin())
-            .arg("--state-dir")
-            .arg(&dirs.state_dir)
-            .arg("--runtime-dir")
-            .arg(&dirs.runtime_dir)
-            .args(args)
-            .uid(65534)
-            .gid(65534)
-            .output()
-            .unwrap()
-    };
+    let as_nobody = |args: &[&str]| dirs.command(args).uid(65534).gid(65534).output().unwrap();
     for args in [
         &["policy", "set", cg.rel(), "--idle", "99"][..],
         &["policy", "reload"],
@@ -475,8 +412,7 @@ fn switching_a_locked_cgroup_to_off_releases_the_lock() {
     let port = server.read()["port"].as_u64().unwrap();
     let mut held = Proc::sock(&["connect", &format!("127.0.0.1:{port}")], &cg);
     assert_eq!(values(&held.read()["connected"]).1, 21);
-    let out = agent.cli(&["policy", "set", cg.rel(), "--mode", "off"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "off"]);
     drop(held);
     // A new connection in an off cgroup, then an application change on it, both untouched.
     let mut free = Proc::sock(&["connect", &format!("127.0.0.1:{port}"), "--loosen"], &cg);
@@ -496,8 +432,7 @@ fn established_at_survives_a_policy_change() {
     pair.read();
     let before = agent.status()["sockets"][0].clone();
     std::thread::sleep(Duration::from_millis(1100));
-    let out = agent.cli(&["policy", "set", cg.rel(), "--idle", "42"]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "42"]);
     let after = agent.status()["sockets"]
         .as_array()
         .unwrap()
@@ -549,7 +484,6 @@ fn detach_cgroup_checks_where_enforcement_is() {
     let out = dirs.cli(&["detach", "--cgroup", &missing]);
     assert_eq!(code(&out), 4, "no such cgroup: {}", stderr(&out));
     assert_eq!(sockops_attachments(a.path()), 1, "nothing detached");
-    let out = dirs.cli(&["detach", "--cgroup", a.path().to_str().unwrap()]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    dirs.cli_ok(&["detach", "--cgroup", a.path().to_str().unwrap()]);
     assert_eq!(sockops_attachments(a.path()), 0);
 }

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use keepalive_tests::{Agent, Proc, TestCgroup, VethPair, eventually, sock_bin};
+use keepalive_tests::{Agent, Proc, TestCgroup, VethPair, cgroup_row, eventually, sock_bin};
 use serde_json::Value;
 
 fn sockets_of(status: &Value, cgroup: &TestCgroup) -> Vec<Value> {
@@ -19,16 +19,6 @@ fn sockets_of(status: &Value, cgroup: &TestCgroup) -> Vec<Value> {
         .filter(|s| s["cgroup"] == cgroup.display())
         .cloned()
         .collect()
-}
-
-fn cgroup_row(status: &Value, cgroup: &TestCgroup) -> Value {
-    status["cgroups"]
-        .as_array()
-        .expect("cgroups array")
-        .iter()
-        .find(|c| c["cgroup"] == cgroup.display())
-        .cloned()
-        .unwrap_or_else(|| panic!("no row for {} in {status}", cgroup.display()))
 }
 
 #[test]
