@@ -13,15 +13,22 @@ use crate::{
     track::{PolicyStore, count},
 };
 
+/// bpf_setsockopt with an int value; whether it succeeded.
 #[inline(always)]
-fn set_int(target: *mut c_void, level: i32, name: i32, value: u32, fail: Counter) -> bool {
+fn setsockopt_int(target: *mut c_void, level: i32, name: i32, value: u32) -> bool {
     let mut value = value as i32;
     // SAFETY: the helper reads 4 bytes from `value`, which lives on this stack frame.
-    let ret = unsafe { bpf_setsockopt(target, level, name, (&raw mut value).cast(), 4) };
-    if ret != 0 {
+    unsafe { bpf_setsockopt(target, level, name, (&raw mut value).cast(), 4) == 0 }
+}
+
+/// As [`setsockopt_int`], counting a failure under `fail`.
+#[inline(always)]
+fn set_int(target: *mut c_void, level: i32, name: i32, value: u32, fail: Counter) -> bool {
+    let ok = setsockopt_int(target, level, name, value);
+    if !ok {
         count(fail);
     }
-    ret == 0
+    ok
 }
 
 #[inline(always)]
@@ -32,11 +39,17 @@ fn get_int(target: *mut c_void, level: i32, name: i32) -> Option<u32> {
     (ret == 0).then_some(value as u32)
 }
 
-/// Sets the policy's values and then SO_KEEPALIVE. With `reset_user_timeout`, a policy without a
-/// user timeout puts TCP_USER_TIMEOUT back to 0 (the kernel's default), undoing one the program
-/// set earlier. Every failure is counted; returns whether all calls succeeded.
+/// Sets the policy's values and then SO_KEEPALIVE, on a socket that carried `previous` (the
+/// policy the program set on it before, if any): a policy without a user timeout puts
+/// TCP_USER_TIMEOUT back to 0 (the kernel's default) when `previous` had one. Learns HZ from
+/// the result. Every failure is counted; returns whether all calls succeeded.
 #[inline(always)]
-pub(crate) fn apply(target: *mut c_void, policy: &Policy, reset_user_timeout: bool) -> bool {
+pub(crate) fn apply(
+    target: *mut c_void,
+    tp: *const u8,
+    policy: &Policy,
+    previous: Option<&Policy>,
+) -> bool {
     let mut ok = set_int(
         target,
         IPPROTO_TCP,
@@ -58,30 +71,29 @@ pub(crate) fn apply(target: *mut c_void, policy: &Policy, reset_user_timeout: bo
         policy.count,
         Counter::FailCount,
     );
-    if policy.flags & policy_flags::USER_TIMEOUT != 0 {
+    let user_timeout = policy.flags & policy_flags::USER_TIMEOUT != 0;
+    if user_timeout || previous.is_some_and(|previous| drops_user_timeout(previous, policy)) {
+        let ms = if user_timeout {
+            policy.user_timeout_ms
+        } else {
+            0
+        };
         ok &= set_int(
             target,
             IPPROTO_TCP,
             TCP_USER_TIMEOUT,
-            policy.user_timeout_ms,
-            Counter::FailUserTimeout,
-        );
-    } else if reset_user_timeout {
-        ok &= set_int(
-            target,
-            IPPROTO_TCP,
-            TCP_USER_TIMEOUT,
-            0,
+            ms,
             Counter::FailUserTimeout,
         );
     }
     ok &= set_int(target, SOL_SOCKET, SO_KEEPALIVE, 1, Counter::FailKeepalive);
+    kernel::learn_hz(tp, policy.idle);
     ok
 }
 
 /// Whether `old` set a user timeout that `new` leaves to the kernel.
 #[inline(always)]
-pub(crate) fn drops_user_timeout(old: &Policy, new: &Policy) -> bool {
+fn drops_user_timeout(old: &Policy, new: &Policy) -> bool {
     old.flags & policy_flags::USER_TIMEOUT != 0 && new.flags & policy_flags::USER_TIMEOUT == 0
 }
 
@@ -116,22 +128,14 @@ pub(crate) fn configure_listener(
         }
         return;
     }
-    if policy.mode == mode::FILL && ours.is_none() && app_enabled_keepalive(target) {
+    if policy.mode == mode::FILL && ours.is_none() && kernel::keepalive_on(tp) {
         return;
     }
     if ours == Some(*policy) && kernel::carries(tp, policy) {
         return;
     }
-    let reset = ours.is_some_and(|previous| drops_user_timeout(&previous, policy));
-    apply(target, policy, reset);
-    kernel::learn_hz(tp, policy.idle);
+    apply(target, tp, policy, ours.as_ref());
     PolicyStore::Listeners.set(sk, Some(policy));
-}
-
-/// Whether the application enabled SO_KEEPALIVE on the socket itself.
-#[inline(always)]
-pub(crate) fn app_enabled_keepalive(target: *mut c_void) -> bool {
-    matches!(get_int(target, SOL_SOCKET, SO_KEEPALIVE), Some(v) if v != 0)
 }
 
 /// The keepalive values the application set, for `fill` sockets that keep them.
@@ -159,16 +163,10 @@ pub(crate) fn request_state_callbacks(target: *mut c_void) -> bool {
     let Some(current) = get_int(target, IPPROTO_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS) else {
         return false;
     };
-    let mut flags = (current | SOCK_OPS_STATE_CB_FLAG) as i32;
-    // SAFETY: the helper reads 4 bytes from `flags`.
-    let ret = unsafe {
-        bpf_setsockopt(
-            target,
-            IPPROTO_TCP,
-            TCP_BPF_SOCK_OPS_CB_FLAGS,
-            (&raw mut flags).cast(),
-            4,
-        )
-    };
-    ret == 0
+    setsockopt_int(
+        target,
+        IPPROTO_TCP,
+        TCP_BPF_SOCK_OPS_CB_FLAGS,
+        current | SOCK_OPS_STATE_CB_FLAG,
+    )
 }

@@ -98,19 +98,20 @@ pub fn keepalive_apply(ctx: *mut IterTcp) -> i32 {
         &sock,
         &resolved,
         Origin::Existing,
-        |rec| describe(rec, sk.cast(), state),
+        |rec| describe(rec, sk.cast()),
         || enforce::request_state_callbacks(tp),
     );
     seq_write(ctx.meta, &result);
     0
 }
 
-/// Fills a record's addresses from the socket itself.
+/// Fills a record's addresses from the socket itself (an established one: listeners are
+/// configured, not recorded).
 #[inline(always)]
-fn describe(rec: &mut SockRecord, sk: *const u8, state: u8) {
+fn describe(rec: &mut SockRecord, sk: *const u8) {
     let family: u16 = kernel::load(sk, off!(skc_family));
     rec.sk = sk as u64;
-    rec.state = state;
+    rec.state = uapi::TCP_ESTABLISHED;
     rec.family = family;
     rec.local_port = kernel::load(sk, off!(skc_num));
     rec.remote_port = u16::from_be(kernel::load(sk, off!(skc_dport)));

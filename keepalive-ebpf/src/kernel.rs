@@ -128,9 +128,13 @@ pub(crate) fn sock_cgroup(sk: *const u8) -> SockCgroup {
     }
 }
 
-/// Whether SO_KEEPALIVE is on, read from the socket's flags.
+/// Whether SO_KEEPALIVE is on, read from the socket's flags (what getsockopt reports, without
+/// a helper call, and on kernels whose bpf_getsockopt cannot read it).
 #[inline(always)]
 pub(crate) fn keepalive_on(tp: *const u8) -> bool {
+    if tp.is_null() {
+        return false;
+    }
     let flags: u64 = load(tp, off!(sk_flags));
     flags & (1 << off!(sock_keepopen_bit)) != 0
 }
@@ -159,7 +163,7 @@ pub(crate) fn learn_hz(tp: *const u8, idle: u32) {
 #[inline(always)]
 pub(crate) fn carries(tp: *const u8, policy: &Policy) -> bool {
     let hz = hz();
-    if hz == 0 || tp.is_null() || !keepalive_on(tp) {
+    if hz == 0 || !keepalive_on(tp) {
         return false;
     }
     let time = u64::from(load::<u32>(tp, off!(tcp_keepalive_time)));

@@ -246,19 +246,17 @@ pub fn keepalive_lock(ctx: SockoptContext) -> i32 {
     }
     // SAFETY: bounds checked against optval_end above.
     let value = unsafe { *optval };
-    let held = match (level, name) {
-        (uapi::SOL_SOCKET, _) => (value == 0).then_some(1),
-        (_, uapi::TCP_KEEPIDLE) => (value < 1 || value as u32 > policy.idle).then_some(policy.idle),
-        (_, uapi::TCP_KEEPINTVL) => {
-            (value < 1 || value as u32 > policy.interval).then_some(policy.interval)
-        }
-        (_, uapi::TCP_KEEPCNT) => {
-            (value < 1 || value as u32 > policy.count).then_some(policy.count)
-        }
-        _ if policy.flags & policy_flags::USER_TIMEOUT != 0 => {
-            (value <= 0 || value as u32 > policy.user_timeout_ms).then_some(policy.user_timeout_ms)
-        }
-        _ => None,
+    let held = if level == uapi::SOL_SOCKET {
+        (value == 0).then_some(1)
+    } else {
+        let limit = match name {
+            uapi::TCP_KEEPIDLE => policy.idle,
+            uapi::TCP_KEEPINTVL => policy.interval,
+            uapi::TCP_KEEPCNT => policy.count,
+            _ if policy.flags & policy_flags::USER_TIMEOUT != 0 => policy.user_timeout_ms,
+            _ => return 1,
+        };
+        (value < 1 || value as u32 > limit).then_some(limit)
     };
     if let Some(held) = held {
         // SAFETY: bounds checked against optval_end above.

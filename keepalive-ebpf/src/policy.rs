@@ -54,7 +54,6 @@ pub(crate) fn resolve(cgroup: SockCgroup, need_scope: bool) -> Option<Resolved> 
                     };
                     found = Some((*policy, key));
                     if !need_scope {
-                        in_scope = true;
                         break;
                     }
                 }

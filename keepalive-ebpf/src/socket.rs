@@ -55,7 +55,6 @@ pub(crate) fn enforce_socket(
     } else {
         None
     };
-    let covered = sock_flags::ENFORCED | sock_flags::APP_OWNED;
     let before = existing.as_deref().map_or(0, |rec| rec.flags);
     if policy.mode == mode::OFF {
         count(Counter::SkippedOff);
@@ -68,9 +67,7 @@ pub(crate) fn enforce_socket(
         }
         return apply_result::SKIPPED_OFF;
     }
-    if origin == Origin::Existing
-        && let Some(rec) = existing.as_deref()
-        && before & covered != 0
+    if let Some(rec) = existing.as_deref()
         && rec.policy == policy
         && rec.policy_cgroup_id == resolved.policy_cgroup
     {
@@ -97,20 +94,14 @@ pub(crate) fn enforce_socket(
         count(Counter::Inherited);
         flags |= sock_flags::ENFORCED | sock_flags::INHERITED;
         apply_result::APPLIED
-    } else if policy.mode == mode::FILL
-        && !enforced_before
-        && enforce::app_enabled_keepalive(sock.target)
-    {
+    } else if policy.mode == mode::FILL && !enforced_before && kernel::keepalive_on(sock.tp) {
         count(Counter::KeptApp);
         values = enforce::read_values(sock.target, mode::FILL);
         flags |= sock_flags::APP_OWNED;
         apply_result::KEPT_APP
     } else {
-        let reset = existing
-            .as_deref()
-            .is_some_and(|rec| enforce::drops_user_timeout(&rec.policy, &policy));
-        let ok = enforce::apply(sock.target, &policy, reset);
-        kernel::learn_hz(sock.tp, policy.idle);
+        let previous = existing.as_deref().map(|rec| &rec.policy);
+        let ok = enforce::apply(sock.target, sock.tp, &policy, previous);
         count(Counter::Enforced);
         flags |= sock_flags::ENFORCED;
         if ok {
@@ -127,7 +118,9 @@ pub(crate) fn enforce_socket(
         PolicyStore::Locks.set(sock.sk, None);
     }
     let own = sock.cgroup.id;
-    let first = before & covered == 0;
+    // Every record carries ENFORCED or APP_OWNED (`off` sockets get none), so a socket
+    // without one is covered for the first time.
+    let first = existing.is_none();
     flags |= before
         & (sock_flags::HAS_TASK
             | sock_flags::OUTBOUND
@@ -140,7 +133,7 @@ pub(crate) fn enforce_socket(
         Origin::Existing => {}
     }
     if first {
-        if before & sock_flags::STATE_CB != 0 || enable_state_cb() {
+        if enable_state_cb() {
             flags |= sock_flags::STATE_CB;
         }
         track::cgroup_add(own, 1, 0, true);

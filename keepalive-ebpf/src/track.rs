@@ -116,12 +116,9 @@ pub(crate) fn connect_task(cookie: u64) -> Option<(u32, [u8; 16])> {
 
 /// Adds a tracking record; counts the overflow when the map is full.
 #[inline(always)]
-pub(crate) fn insert_record(cookie: u64, rec: &SockRecord) -> bool {
-    if KA_SOCKS.insert(cookie, rec, 0).is_ok() {
-        true
-    } else {
+pub(crate) fn insert_record(cookie: u64, rec: &SockRecord) {
+    if KA_SOCKS.insert(cookie, rec, 0).is_err() {
         count(Counter::TrackingFull);
-        false
     }
 }
 
@@ -180,10 +177,10 @@ impl PolicyStore {
     }
 }
 
-/// Adds to a cgroup's counters, creating its entry when `create` is set. Returns false, and
-/// counts the overflow, when the map is full.
+/// Adds to a cgroup's counters, creating its entry when `create` is set; counts the overflow
+/// when the map is full.
 #[inline(always)]
-pub(crate) fn cgroup_add(cgroup: u64, enforced: u64, dead: u64, create: bool) -> bool {
+pub(crate) fn cgroup_add(cgroup: u64, enforced: u64, dead: u64, create: bool) {
     let stats = match KA_CGSTATS.get_ptr_mut(cgroup) {
         Some(stats) => stats,
         None if create => {
@@ -193,11 +190,11 @@ pub(crate) fn cgroup_add(cgroup: u64, enforced: u64, dead: u64, create: bool) ->
                 Some(stats) => stats,
                 None => {
                     count(Counter::CgroupStatsFull);
-                    return false;
+                    return;
                 }
             }
         }
-        None => return false,
+        None => return,
     };
     // SAFETY: `stats` points at a live map value; fields are updated atomically.
     unsafe {
@@ -208,5 +205,4 @@ pub(crate) fn cgroup_add(cgroup: u64, enforced: u64, dead: u64, create: bool) ->
             atomic_add(&raw mut (*stats).dead_peers, dead);
         }
     }
-    true
 }
