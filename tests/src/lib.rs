@@ -837,12 +837,36 @@ pub fn cgroup_row(status: &Value, cgroup: &TestCgroup) -> Value {
         .unwrap_or_else(|| panic!("no row for {} in {status}", cgroup.display()))
 }
 
+/// A config file in a fresh temporary path, removed when dropped.
+#[derive(Debug)]
+pub struct TempConfig(PathBuf);
+
+impl std::ops::Deref for TempConfig {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempConfig {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempConfig {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
 /// Writes a config file into a fresh temporary path.
-pub fn write_config(text: &str) -> PathBuf {
+pub fn write_config(text: &str) -> TempConfig {
     let path = std::env::temp_dir().join(format!("{}.toml", unique("config")));
     let mut file = File::create(&path).expect("config file");
     file.write_all(text.as_bytes()).expect("write config");
-    path
+    TempConfig(path)
 }
 
 /// Runs the agent binary with `dirs` and `args` in a private mount namespace prepared by
@@ -874,7 +898,10 @@ pub fn agent_in_private_mounts(
             setup()
         });
     }
-    cmd.output().expect("run keepalive-agent")
+    let out = cmd.output().expect("run keepalive-agent");
+    // The agent takes its lock before it fails on what `setup` broke.
+    let _ = fs::remove_dir_all(&dirs.runtime_dir);
+    out
 }
 
 /// Unmounts `path` (lazily) inside a private mount namespace; for `agent_in_private_mounts`.

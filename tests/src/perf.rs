@@ -1,9 +1,9 @@
 //! What the performance guard (`tests/perf.rs`) and `cargo xtask bench` share: the connection
 //! storm, the realistic policy set, and the sock_ops program's own time from `bpf_stats`.
 
-use std::{fmt::Write as _, fs, path::PathBuf, time::Duration};
+use std::{fmt::Write as _, fs, time::Duration};
 
-use crate::{Proc, TestCgroup, sock_bin, write_config};
+use crate::{Proc, TempConfig, TestCgroup, sock_bin, write_config};
 
 /// One `ka-sock storm` of `n` lock-step loopback connections in `cgroup`, with extra
 /// environment (for LD_PRELOAD); returns connections per second. The timeout only catches a
@@ -24,7 +24,7 @@ pub fn storm(cgroup: &TestCgroup, n: u64, env: &[(&str, &str)]) -> f64 {
 /// A realistic policy set for an agent attached at `enforced`: the default plus one policy
 /// for each of 300 child cgroups, created here. Returns the config file and the cgroups, which
 /// must live as long as the agent.
-pub fn realistic_policies(enforced: &TestCgroup) -> (PathBuf, Vec<TestCgroup>) {
+pub fn realistic_policies(enforced: &TestCgroup) -> (TempConfig, Vec<TestCgroup>) {
     let mut config = String::from("[default]\nidle = 60\ninterval = 10\ncount = 5\n");
     let services: Vec<TestCgroup> = (0..300)
         .map(|i| enforced.child(&format!("svc-{i}")))

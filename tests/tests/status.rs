@@ -8,7 +8,9 @@ use std::{
     time::Duration,
 };
 
-use keepalive_tests::{Agent, Proc, TestCgroup, VethPair, cgroup_row, eventually, sock_bin};
+use keepalive_tests::{
+    Agent, AgentDirs, Proc, TestCgroup, VethPair, cgroup_row, code, eventually, sock_bin, stderr,
+};
 use serde_json::Value;
 
 fn sockets_of(status: &Value, cgroup: &TestCgroup) -> Vec<Value> {
@@ -19,6 +21,24 @@ fn sockets_of(status: &Value, cgroup: &TestCgroup) -> Vec<Value> {
         .filter(|s| s["cgroup"] == cgroup.display())
         .cloned()
         .collect()
+}
+
+#[test]
+fn status_without_an_agent_exits_7_with_one_line_and_no_output() {
+    let dirs = AgentDirs::new();
+    for args in [&["status"][..], &["status", "--json"]] {
+        let out = dirs.cli(args);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 7, "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "{args:?}: partial output on stdout");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with("keepalive-agent: nothing is pinned at ")
+                && err.contains(dirs.state_dir.to_str().unwrap())
+                && err.contains("keepalive-agent run"),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 #[test]

@@ -230,15 +230,10 @@ fn retroactive_and_status(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()
             goal: if n >= 100_000 { "< 1 s" } else { "context" },
         });
         if index + 1 == sizes.len() {
-            let agent_bin = keepalive_tests::agent_bin();
             let (mut ours, mut ss, mut ours_rss, mut ss_rss) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..3 {
-                let mut cmd = Command::new(&agent_bin);
-                cmd.arg("--state-dir")
-                    .arg(&dirs.state_dir)
-                    .args(["status", "--json"]);
-                let (t, rss) = timed(cmd)?;
+                let (t, rss) = timed(dirs.command(&["status", "--json"]))?;
                 ours.push(t.as_secs_f64());
                 ours_rss.push(rss as f64);
                 let mut cmd = Command::new("ss");
