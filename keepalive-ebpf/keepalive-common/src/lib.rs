@@ -86,8 +86,6 @@ pub const PIN_LINK_SOCKOPS: &str = "link_sockops";
 pub const PIN_LINK_LOCK: &str = "link_lock";
 /// Iterator link for `status`; reading it yields [`StatusRecord`]s.
 pub const PIN_LINK_STATUS: &str = "link_status";
-/// Iterator link that applies policy to existing connections.
-pub const PIN_LINK_APPLY: &str = "link_apply";
 
 // ---------------------------------------------------------------------------------------------
 // Policy.
