@@ -249,9 +249,15 @@ impl Daemon {
     fn unset_rule(&mut self, cgroup: &str) -> anyhow::Result<String> {
         let selector = Selector::parse(&self.cgroup2, cgroup)?;
         let text = selector.text();
-        let before = self.runtime.len();
-        self.runtime.retain(|r| r.selector.text() != text);
-        if self.runtime.len() < before {
+        if let Some(pos) = self.runtime.iter().position(|r| r.selector.text() == text) {
+            // A mask stays: removing it would bring the config's policy back, so a retried
+            // `unset` would undo the first one.
+            if self.runtime[pos].spec.is_none() {
+                return Err(usage(format!(
+                    "{text} is already unset; its config policy stays masked until the next reload"
+                )));
+            }
+            self.runtime.remove(pos);
             return Ok(format!("removed the runtime policy for {text}"));
         }
         let covered = self.config.policies.rules.iter().any(|r| {

@@ -363,4 +363,10 @@ fn exact_paths_outrank_globs_also_across_runtime_and_config() {
         stderr(&out)
     );
     assert_eq!((idle_of(&db), idle_of(&web)), (44, 60));
+    // Once masked, a retried unset changes nothing.
+    let out = agent.cli(&["policy", "unset", &glob]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 2, "{err}");
+    assert!(err.contains("already unset"), "{err}");
+    assert_eq!((idle_of(&db), idle_of(&web)), (44, 60));
 }
