@@ -82,20 +82,23 @@ impl Cgroup2 {
         &self.mount
     }
 
-    /// Parses a cgroup given as an absolute path under the mount or as a path relative to it.
-    /// Only checks the spelling; the cgroup need not exist.
+    /// Parses a cgroup given as an absolute path under the mount, as a path relative to it, or
+    /// as a cgroup path the way `status`, systemd and `/proc/PID/cgroup` print it
+    /// (`/system.slice/a.service`). An absolute path that starts like the mount but is not
+    /// under it (`/sys/...` on a mount at `/sys/fs/cgroup/unified`) is a file path elsewhere,
+    /// and rejected. Only checks the spelling; the cgroup need not exist.
     pub fn parse(&self, spec: &str) -> anyhow::Result<CgroupPath> {
         let path = Path::new(spec);
-        let relative = if path.is_absolute() {
-            path.strip_prefix(&self.mount).map_err(|_| {
-                usage(format!(
-                    "cgroup {spec} is not under the cgroup2 mount {}; give a path below it or \
-                     one relative to it",
+        let relative = match path.strip_prefix(&self.mount) {
+            Ok(below) => below,
+            Err(_) if path.is_absolute() && first_name(path) == first_name(&self.mount) => {
+                return Err(usage(format!(
+                    "cgroup {spec} is not under the cgroup2 mount {}; give a path below it, \
+                     one relative to it, or a cgroup path such as /system.slice/a.service",
                     self.mount.display()
-                ))
-            })?
-        } else {
-            path
+                )));
+            }
+            Err(_) => path,
         };
         let mut parts = Vec::new();
         for component in relative.components() {
@@ -227,6 +230,14 @@ impl CgroupPath {
     }
 }
 
+/// The first directory name of an absolute path (`sys` for `/sys/fs/cgroup`).
+fn first_name(path: &Path) -> Option<&std::ffi::OsStr> {
+    path.components().find_map(|c| match c {
+        Component::Normal(name) => Some(name),
+        _ => None,
+    })
+}
+
 impl fmt::Display for CgroupPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "/{}", self.0)
@@ -273,7 +284,17 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             cg.parse("system.slice/./a.service/").unwrap(),
             CgroupPath("system.slice/a.service".into())
         );
-        assert!(cg.parse("/etc/passwd").is_err());
+        // As status and systemd print it.
+        assert_eq!(
+            cg.parse("/system.slice/a.service").unwrap(),
+            CgroupPath("system.slice/a.service".into())
+        );
+        assert_eq!(cg.parse("/").unwrap(), CgroupPath::root());
+        // A file path beside the mount, not a cgroup path.
+        assert!(cg.parse("/sys/kernel/debug").is_err());
+        let hybrid = Cgroup2::at("/sys/fs/cgroup/unified");
+        let err = hybrid.parse("/sys/fs/cgroup/system.slice").unwrap_err();
+        assert!(err.to_string().contains("/system.slice/a.service"), "{err}");
         assert!(cg.parse("a/../b").is_err());
     }
 

@@ -133,7 +133,8 @@ pub struct RunArgs {
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 
-    /// cgroup to attach to: an absolute path or one relative to the cgroup2 mount. Covers
+    /// cgroup to attach to: relative to the cgroup2 mount, absolute under it, or as status
+    /// prints it (/system.slice/a.service). Covers
     /// every socket created in it and below it. Overrides the config's `attach`.
     /// [default: the cgroup2 root]
     #[arg(long, value_name = "PATH")]
@@ -187,7 +188,8 @@ pub enum PolicyCommand {
     /// Set a cgroup's policy at runtime (until the next reload or restart). Values not given
     /// are taken from the default policy.
     Set {
-        /// cgroup path or glob (absolute, or relative to the cgroup2 mount).
+        /// cgroup path or glob: relative to the cgroup2 mount, absolute under it, or as status
+        /// prints it (/system.slice/a.service).
         cgroup: String,
         /// Values.
         #[command(flatten)]

@@ -519,7 +519,7 @@ count = 5
 mode = "enforce"
 
 [[policy]]
-cgroup = "system.slice/postgresql.service"   # relative to the cgroup2 mount, or absolute
+cgroup = "system.slice/postgresql.service"   # relative to the cgroup2 mount; see "Cgroup paths"
 idle = 30
 interval = 5
 count = 3
@@ -618,7 +618,7 @@ mode = "off"
         let (line, reason) = parse_err("[default]\ncgroup = \"x\"\n");
         assert_eq!(line, Some(2));
         assert!(reason.contains("[[policy]]"), "{reason}");
-        let (line, reason) = parse_err("[[policy]]\ncgroup = \"/etc/x\"\n");
+        let (line, reason) = parse_err("[[policy]]\ncgroup = \"/sys/kernel/x\"\n");
         assert_eq!(line, Some(2));
         assert!(reason.contains("not under the cgroup2 mount"), "{reason}");
         let (line, _) = parse_err("[default\nidle = 5\n");

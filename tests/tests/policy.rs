@@ -173,7 +173,8 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
     ]);
     assert_eq!(pair_values(&svc).0, (1, 120, 10, 2), "set applies at once");
 
-    agent.cli_ok(&["policy", "unset", svc.rel()]);
+    // The cgroup as `status` and systemd print it.
+    agent.cli_ok(&["policy", "unset", &svc.display()]);
     assert_eq!(idle_of(&svc), 50, "unset falls back to the default");
 
     let out = agent.cli(&["policy", "unset", svc.rel()]);
