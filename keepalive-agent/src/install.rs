@@ -51,7 +51,7 @@ fn fs_error(path: &Path, err: std::io::Error) -> anyhow::Error {
     }
 }
 
-/// The unit text with `ExecStart` pointing at `binary`.
+/// The unit text with `ExecStart` and `ExecReload` pointing at `binary`.
 pub fn unit_for(binary: &Path) -> String {
     UNIT.replace(UNIT_BINARY, &binary.display().to_string())
 }

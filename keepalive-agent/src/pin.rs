@@ -5,7 +5,9 @@
 //!
 //! ```text
 //! maps-v<ABI>/KA_POLICY    policy table slot (array of maps)
-//! maps-v<ABI>/KA_SOCKS     per-socket records (socket storage)
+//! maps-v<ABI>/KA_SOCKS     per-socket records (hash keyed by socket cookie)
+//! maps-v<ABI>/KA_LOCKS     policies of `lock` sockets (socket storage)
+//! maps-v<ABI>/KA_LISTENERS policies set on listeners (socket storage)
 //! maps-v<ABI>/KA_CGSTATS   per-cgroup counters
 //! maps-v<ABI>/KA_COUNTERS  per-CPU event counters
 //! link_sockops             sock_ops program on the attach cgroup

@@ -45,10 +45,15 @@ fn systemd_accepts_the_unit() {
         String::from_utf8_lossy(&out.stderr)
     );
     let text = std::fs::read_to_string(&unit).unwrap();
+    assert!(
+        text.contains(&format!("ExecReload={AGENT} policy reload")),
+        "reload must report a rejected config: {text}"
+    );
     for line in [
         "Type=notify",
-        "ExecReload=kill -HUP $MAINPID",
         "Restart=on-failure",
+        "RestartPreventExitStatus=2 3 5 6 7\n",
+        "StartLimitIntervalSec=0",
         "WatchdogSec=",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
