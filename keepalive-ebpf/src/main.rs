@@ -218,6 +218,13 @@ fn on_state_change(ctx: &SockOpsContext) {
 pub fn keepalive_lock(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel passes a valid context.
     let so = unsafe { &mut *ctx.sockopt };
+    if so.optlen > PAGE_SIZE {
+        // The program sees only the first page of a larger value; before 6.5 the kernel fails
+        // the call with EFAULT unless the program sets optlen to 0 ("use the caller's value").
+        // No option this program holds is that large.
+        so.optlen = 0;
+        return 1;
+    }
     let (level, name) = (so.level, so.optname);
     let watched = match level {
         uapi::SOL_SOCKET => name == uapi::SO_KEEPALIVE,
@@ -265,6 +272,10 @@ pub fn keepalive_lock(ctx: SockoptContext) -> i32 {
     }
     1
 }
+
+/// The smallest page size Linux runs with. On larger pages, values between this and the page
+/// size also get optlen 0, which is still right: the program changes none of them.
+const PAGE_SIZE: i32 = 4096;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -213,6 +213,10 @@ fn lock_mode_holds_the_policy_against_later_setsockopt() {
         tighten["after"]["idle"], 1,
         "stricter values are allowed: {tighten}"
     );
+    // Options the lock does not hold pass untouched, also when their value is over a page.
+    let large = client.read();
+    assert_eq!(large["large_value"], 0, "{large}");
+    assert_eq!(large["congestion"], "reno", "{large}");
 }
 
 #[test]

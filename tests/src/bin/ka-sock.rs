@@ -20,7 +20,8 @@
 //! `--keepalive IDLE` enables SO_KEEPALIVE with TCP_KEEPIDLE=IDLE before connecting (an
 //! application that manages keepalive itself). `--read` blocks in read() after connecting and
 //! reports how it ended. `--loosen` tries to switch keepalive off and raise its values after
-//! connecting, then reports what getsockopt shows.
+//! connecting, then reports what getsockopt shows, then sets TCP_CONGESTION from a buffer larger
+//! than a page.
 
 use std::{
     io::{Read as _, Write as _},
@@ -243,6 +244,27 @@ fn connect_cmd(args: &[String]) {
         emit(json!({ "loosen": results, "after": options(fd) }));
         let tighter = json!({ "idle_1": set(fd, TCP, libc::TCP_KEEPIDLE, 1) });
         emit(json!({ "tighten": tighter, "after": options(fd) }));
+        // An option value larger than a page, which a setsockopt program sees only in part.
+        let mut reno = vec![0u8; 5000];
+        reno[..4].copy_from_slice(b"reno");
+        // SAFETY: setsockopt reads `reno.len()` bytes from the buffer.
+        let ret = unsafe {
+            libc::setsockopt(
+                fd,
+                TCP,
+                libc::TCP_CONGESTION,
+                reno.as_ptr().cast(),
+                reno.len() as u32,
+            )
+        };
+        let mut name = [0u8; 16];
+        let mut len = name.len() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `name`.
+        unsafe {
+            libc::getsockopt(fd, TCP, libc::TCP_CONGESTION, name.as_mut_ptr().cast(), &mut len)
+        };
+        let name = String::from_utf8_lossy(&name).trim_end_matches('\0').to_owned();
+        emit(json!({ "large_value": ret, "congestion": name }));
     }
     if args.iter().any(|a| a == "--read") {
         let start = Instant::now();
