@@ -31,6 +31,7 @@ pub fn detach(
     cgroup: Option<&str>,
 ) -> anyhow::Result<Vec<String>> {
     privileges::require_for("detach")?;
+    state.check_own()?;
     if let Some(pid) = instance::running_agent(runtime_dir) {
         return Err(Error::Agent(format!(
             "the keepalive agent (pid {pid}) is running and would re-attach; stop it first \
@@ -82,11 +83,9 @@ pub fn detach(
             }
         }
     }
-    // Empty directories: maps-v*, then the state directory itself.
-    if let Ok(entries) = fs::read_dir(state.root()) {
-        for entry in entries.filter_map(Result::ok) {
-            let _ = fs::remove_dir(entry.path());
-        }
+    // Empty map directories (maps-v*), then the state directory itself if it is empty.
+    for dir in state.map_dirs() {
+        let _ = fs::remove_dir(dir);
     }
     match fs::remove_dir(state.root()) {
         Ok(()) => removed.push(format!("removed {}", state.root().display())),

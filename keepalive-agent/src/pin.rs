@@ -21,7 +21,10 @@
 use std::{
     ffi::CString,
     fs, io,
-    os::unix::{ffi::OsStrExt as _, fs::DirBuilderExt as _, fs::PermissionsExt as _},
+    os::unix::{
+        ffi::OsStrExt as _,
+        fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
+    },
     path::{Path, PathBuf},
 };
 
@@ -87,9 +90,34 @@ impl StateDir {
         self.root.join(PIN_LINK_STATUS)
     }
 
+    /// Refuses a state directory that is a mount point, such as the bpffs root
+    /// `/sys/fs/bpf` itself: keepalive makes its state directory root-only and `detach` empties
+    /// it, which must never happen to a directory other tools share. A directory that does not
+    /// exist yet is fine.
+    pub fn check_own(&self) -> anyhow::Result<()> {
+        let Ok(dir) = fs::canonicalize(&self.root) else {
+            return Ok(());
+        };
+        let is_mount = match (dir.parent(), fs::metadata(&dir)) {
+            (Some(parent), Ok(meta)) => fs::metadata(parent).is_ok_and(|p| p.dev() != meta.dev()),
+            _ => true,
+        };
+        if is_mount {
+            return Err(Error::Usage(format!(
+                "state directory {} is a mount point that other tools may share; give a \
+                 directory of keepalive's own below it, such as {}",
+                self.root.display(),
+                dir.join("keepalive").display()
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     /// Makes sure bpffs is mounted under the state directory and creates it, root-only.
     pub fn create(&self) -> anyhow::Result<()> {
         ensure_bpffs(&self.root)?;
+        self.check_own()?;
         for dir in [self.root.clone(), self.maps_dir()] {
             match fs::DirBuilder::new().mode(0o700).create(&dir) {
                 Ok(()) => {}
@@ -133,31 +161,36 @@ impl StateDir {
             .with_context(|| format!("failed to open {}", self.root.display()))
     }
 
+    /// The map directories of this and any other ABI version (`maps-v*`), sorted.
+    pub fn map_dirs(&self) -> Vec<PathBuf> {
+        let Ok(entries) = fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let mut dirs: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_dir()
+                    && p.file_name()
+                        .is_some_and(|n| n.as_bytes().starts_with(b"maps-v"))
+            })
+            .collect();
+        dirs.sort();
+        dirs
+    }
+
     /// Every pin that exists, in the order `detach` removes them (links first).
     pub fn existing_pins(&self) -> Vec<PathBuf> {
         let mut pins: Vec<PathBuf> = [self.sockops_link(), self.lock_link(), self.status_link()]
             .into_iter()
             .filter(|p| p.exists())
             .collect();
-        // Maps of this and any other ABI version.
-        if let Ok(entries) = fs::read_dir(&self.root) {
-            let mut dirs: Vec<PathBuf> = entries
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.is_dir()
-                        && p.file_name()
-                            .is_some_and(|n| n.as_bytes().starts_with(b"maps-v"))
-                })
-                .collect();
-            dirs.sort();
-            for dir in dirs {
-                if let Ok(maps) = fs::read_dir(&dir) {
-                    let mut maps: Vec<PathBuf> =
-                        maps.filter_map(Result::ok).map(|e| e.path()).collect();
-                    maps.sort();
-                    pins.extend(maps);
-                }
+        for dir in self.map_dirs() {
+            if let Ok(maps) = fs::read_dir(&dir) {
+                let mut maps: Vec<PathBuf> =
+                    maps.filter_map(Result::ok).map(|e| e.path()).collect();
+                maps.sort();
+                pins.extend(maps);
             }
         }
         pins

@@ -326,6 +326,36 @@ fn run_args(cgroup: &TestCgroup) -> [&str; 3] {
 }
 
 #[test]
+fn the_bpffs_root_is_refused_as_state_directory_and_left_as_it_was() {
+    let cg = TestCgroup::new("bpffsroot");
+    let root = std::path::Path::new("/sys/fs/bpf");
+    let mode = || std::fs::metadata(root).unwrap().permissions().mode();
+    let before = mode();
+    // Another tool's empty directory, which `detach` must not take for its own.
+    let other = root.join(keepalive_tests::unique("other-tool"));
+    std::fs::create_dir(&other).unwrap();
+    let dirs = AgentDirs {
+        state_dir: root.to_owned(),
+        runtime_dir: std::env::temp_dir().join(keepalive_tests::unique("bpffsroot")),
+    };
+    for args in [&run_args(&cg)[..], &["detach"]] {
+        let out = dirs.cli(args);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 2, "{args:?}: {err}");
+        assert!(
+            err.contains("is a mount point") && err.contains("/sys/fs/bpf/keepalive"),
+            "{args:?}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dirs.runtime_dir);
+    assert!(other.exists(), "detach removed another tool's directory");
+    std::fs::remove_dir(&other).unwrap();
+    assert_eq!(mode(), before, "the bpffs root's mode changed");
+    assert!(!root.join("link_sockops").exists());
+    assert_eq!(sockops_attachments(cg.path()), 0);
+}
+
+#[test]
 fn no_cgroup2_gets_one_clear_message_and_exit_4() {
     let cg = TestCgroup::new("nocg2");
     let mount = CString::new(cgroup2_mount().to_str().unwrap()).unwrap();
