@@ -190,10 +190,9 @@ pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
             };
             checks.push(match result {
                 Ok(()) => item(name, Outcome::Ok, format!("loads; {what} works"), None),
-                Err(err)
-                    if program == keepalive_common::PROG_APPLY
-                        || program == keepalive_common::PROG_LOCK =>
-                {
+                // `run` loads the lock program whatever the policy, so only the TCP iterator
+                // is optional.
+                Err(err) if program == keepalive_common::PROG_APPLY => {
                     item(
                         name,
                         Outcome::Warn,
