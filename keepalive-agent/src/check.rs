@@ -192,14 +192,12 @@ pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
                 Ok(()) => item(name, Outcome::Ok, format!("loads; {what} works"), None),
                 // `run` loads the lock program whatever the policy, so only the TCP iterator
                 // is optional.
-                Err(err) if program == keepalive_common::PROG_APPLY => {
-                    item(
-                        name,
-                        Outcome::Warn,
-                        format!("rejected ({err}); no {what}"),
-                        Some("use Linux 5.15 or newer"),
-                    )
-                }
+                Err(err) if program == keepalive_common::PROG_APPLY => item(
+                    name,
+                    Outcome::Warn,
+                    format!("rejected ({err}); no {what}"),
+                    Some("use Linux 5.15 or newer"),
+                ),
                 Err(err) => item(
                     name,
                     Outcome::Fail,

@@ -261,9 +261,17 @@ fn connect_cmd(args: &[String]) {
         let mut len = name.len() as libc::socklen_t;
         // SAFETY: getsockopt writes at most `len` bytes into `name`.
         unsafe {
-            libc::getsockopt(fd, TCP, libc::TCP_CONGESTION, name.as_mut_ptr().cast(), &mut len)
+            libc::getsockopt(
+                fd,
+                TCP,
+                libc::TCP_CONGESTION,
+                name.as_mut_ptr().cast(),
+                &mut len,
+            )
         };
-        let name = String::from_utf8_lossy(&name).trim_end_matches('\0').to_owned();
+        let name = String::from_utf8_lossy(&name)
+            .trim_end_matches('\0')
+            .to_owned();
         emit(json!({ "large_value": ret, "congestion": name }));
     }
     if args.iter().any(|a| a == "--read") {
