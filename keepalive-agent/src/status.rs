@@ -639,7 +639,8 @@ pub fn render(snapshot: &Snapshot) -> String {
                 .get(Counter::TrackingFull.name())
                 .copied()
                 .unwrap_or(0),
-            "sockets enforced but not listed (socket table full; raise max_tracked_sockets)",
+            "sockets enforced but not listed (socket table full: raise max_tracked_sockets; \
+             or, before Linux 6.10, connections that existed before the agent)",
         ),
     ];
     for (count, what) in notes {

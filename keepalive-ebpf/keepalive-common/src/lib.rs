@@ -352,7 +352,9 @@ pub enum Counter {
     FailUserTimeout,
     /// The socket's cgroup could not be read; the default policy applied.
     CgroupUnknown,
-    /// The socket tracking map was full; the socket was enforced but is not listed.
+    /// The socket was enforced but is not listed: the tracking map was full, or (before Linux
+    /// 6.10) a connection that existed before the agent could not get the close callback its
+    /// record needs.
     TrackingFull,
     /// The per-cgroup counter map was full; enforcement still happened.
     CgroupStatsFull,
