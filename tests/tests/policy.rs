@@ -2,7 +2,7 @@
 //! ancestor wins, `off` and `fill` behave, globs follow new cgroups, and runtime changes and
 //! reloads take effect for the next connection.
 
-use std::time::Duration;
+use std::{path::Path, process::Output, time::Duration};
 
 use keepalive_tests::{
     Agent, AgentDirs, Proc, TestCgroup, code, eventually, idle_of, kernel_defaults, pair_values,
@@ -225,6 +225,17 @@ fn user_timeout_from_the_config_is_visible_with_getsockopt() {
     assert_eq!(out["server"]["user_timeout"], 45_000, "{out}");
 }
 
+/// `run --cgroup <cg> --config <config>` in the foreground, for configs the agent refuses.
+fn run_with_config(dirs: &AgentDirs, cg: &TestCgroup, config: &Path) -> Output {
+    dirs.cli(&[
+        "run",
+        "--cgroup",
+        cg.path().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ])
+}
+
 #[test]
 fn a_bad_config_is_rejected_with_file_line_and_reason_and_nothing_is_attached() {
     let cg = TestCgroup::new("badconfig");
@@ -245,13 +256,7 @@ fn a_bad_config_is_rejected_with_file_line_and_reason_and_nothing_is_attached() 
         ),
     ] {
         let config = write_config(text);
-        let out = dirs.cli(&[
-            "run",
-            "--cgroup",
-            cg.path().to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-        ]);
+        let out = run_with_config(&dirs, &cg, &config);
         let err = stderr(&out);
         assert_eq!(code(&out), 2, "{text:?}: {err}");
         assert!(
@@ -271,13 +276,7 @@ fn a_config_file_others_could_write_is_refused() {
     let dirs = AgentDirs::new();
     let config = write_config("[default]\nidle = 33\n");
     std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o666)).unwrap();
-    let out = dirs.cli(&[
-        "run",
-        "--cgroup",
-        cg.path().to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
+    let out = run_with_config(&dirs, &cg, &config);
     let err = stderr(&out);
     assert_eq!(code(&out), 2, "{err}");
     assert!(

@@ -2,7 +2,7 @@
 //! attachment, existing connections get the policy, lock mode holds, removal is explicit, and
 //! every fault gets one clear message and its exit code.
 
-use std::{ffi::CString, os::unix::fs::PermissionsExt as _, time::Duration};
+use std::{ffi::CString, os::unix::fs::PermissionsExt as _, process::Output, time::Duration};
 
 use keepalive_tests::{
     Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, cgroup_row, cgroup2_mount,
@@ -325,6 +325,16 @@ fn run_args(cgroup: &TestCgroup) -> [&str; 3] {
     ["run", "--cgroup", cgroup.path().to_str().unwrap()]
 }
 
+/// Asserts that `out` is a refusal with exit code `want` and one line on stderr, and that
+/// nothing was attached to `cg`; returns the line.
+fn refused(out: &Output, want: i32, cg: &TestCgroup) -> String {
+    let err = stderr(out);
+    assert_eq!(code(out), want, "{err}");
+    assert_eq!(err.lines().count(), 1, "one message: {err}");
+    assert_eq!(sockops_attachments(cg.path()), 0);
+    err
+}
+
 #[test]
 fn the_bpffs_root_is_refused_as_state_directory_and_left_as_it_was() {
     let cg = TestCgroup::new("bpffsroot");
@@ -339,9 +349,7 @@ fn the_bpffs_root_is_refused_as_state_directory_and_left_as_it_was() {
         runtime_dir: std::env::temp_dir().join(keepalive_tests::unique("bpffsroot")),
     };
     for args in [&run_args(&cg)[..], &["detach"]] {
-        let out = dirs.cli(args);
-        let err = stderr(&out);
-        assert_eq!(code(&out), 2, "{args:?}: {err}");
+        let err = refused(&dirs.cli(args), 2, &cg);
         assert!(
             err.contains("is a mount point") && err.contains("/sys/fs/bpf/keepalive"),
             "{args:?}: {err}"
@@ -352,7 +360,6 @@ fn the_bpffs_root_is_refused_as_state_directory_and_left_as_it_was() {
     std::fs::remove_dir(&other).unwrap();
     assert_eq!(mode(), before, "the bpffs root's mode changed");
     assert!(!root.join("link_sockops").exists());
-    assert_eq!(sockops_attachments(cg.path()), 0);
 }
 
 #[test]
@@ -360,11 +367,8 @@ fn no_cgroup2_gets_one_clear_message_and_exit_4() {
     let cg = TestCgroup::new("nocg2");
     let mount = CString::new(cgroup2_mount().to_str().unwrap()).unwrap();
     let out = agent_in_private_mounts(&AgentDirs::new(), &run_args(&cg), move || umount(&mount));
-    let err = stderr(&out);
-    assert_eq!(code(&out), 4, "{err}");
+    let err = refused(&out, 4, &cg);
     assert!(err.contains("no cgroup v2 filesystem is mounted"), "{err}");
-    assert_eq!(err.lines().count(), 1, "one message: {err}");
-    assert_eq!(sockops_attachments(cg.path()), 0);
 }
 
 #[test]
@@ -373,14 +377,11 @@ fn missing_btf_gets_one_clear_message_and_exit_6() {
     let out = agent_in_private_mounts(&AgentDirs::new(), &run_args(&cg), || {
         hide_with_tmpfs(c"/sys/kernel/btf")
     });
-    let err = stderr(&out);
-    assert_eq!(code(&out), 6, "{err}");
+    let err = refused(&out, 6, &cg);
     assert!(
         err.contains("/sys/kernel/btf/vmlinux") && err.contains("CONFIG_DEBUG_INFO_BTF"),
         "{err}"
     );
-    assert_eq!(err.lines().count(), 1, "one message: {err}");
-    assert_eq!(sockops_attachments(cg.path()), 0);
 }
 
 #[test]
@@ -395,14 +396,11 @@ fn bpffs_that_cannot_be_mounted_gets_one_clear_message_and_exit_5() {
         }
         Ok(())
     });
-    let err = stderr(&out);
-    assert_eq!(code(&out), 5, "{err}");
+    let err = refused(&out, 5, &cg);
     assert!(
         err.contains("bpffs is not mounted") && err.contains("mount -t bpf"),
         "{err}"
     );
-    assert_eq!(err.lines().count(), 1, "one message: {err}");
-    assert_eq!(sockops_attachments(cg.path()), 0);
 }
 
 #[test]
