@@ -27,8 +27,8 @@ pub fn exit_codes_help() -> String {
 #[derive(Debug, Parser)]
 #[command(name = "keepalive-agent", version, after_long_help = exit_codes_help())]
 pub struct Cli {
-    /// Directory on bpffs holding keepalive's pinned programs, maps and links.
-    /// [default: the config's state_dir, else /sys/fs/bpf/keepalive]
+    /// Directory on bpffs holding keepalive's pinned programs, maps and links; one of its own,
+    /// not the bpffs mount itself. [default: the config's state_dir, else /sys/fs/bpf/keepalive]
     #[arg(long, global = true, value_name = "DIR", env = "KEEPALIVE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
 
