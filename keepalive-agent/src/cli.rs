@@ -153,9 +153,10 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_tracked_cgroups: Option<u32>,
 
-    /// Capacity of the socket tracking map (sockets listed by `status`), used when the maps
-    /// are first created. Sockets beyond it are still enforced, and counted as
-    /// socket_tracking_full. [default: 524288]
+    /// Sockets `status` can list, at least, used when the maps are first created: the
+    /// capacity of the tracking hash, plus a preallocated slot table of up to 65536 (136 bytes
+    /// a slot). Sockets beyond it are still enforced, and counted as socket_tracking_full.
+    /// [default: 524288]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_tracked_sockets: Option<u32>,
 }

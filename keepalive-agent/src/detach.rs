@@ -13,7 +13,7 @@ fn describe(state: &StateDir, pin: &Path, attach: Option<&str>) -> String {
         format!("sock_ops program link{on} (new connections are no longer enforced)")
     } else if pin == state.lock_link() {
         format!("setsockopt program link{on} (lock mode)")
-    } else if pin == state.status_link() {
+    } else if pin == state.status_link() || pin == state.status_slots_link() {
         "status iterator link".to_owned()
     } else {
         let name = pin

@@ -19,9 +19,10 @@ use aya::{
     programs::{CgroupSockopt, Iter, SockOps},
 };
 use keepalive_common::{
-    CgroupStats, GLOBAL_OFFSETS, GLOBAL_SETTINGS, KernelOffsets, MAP_APPLY, MAP_CGSTATS,
-    MAP_POLICY, MAP_SOCKS, MAX_POLICIES, PINNED_MAPS, PROG_APPLY, PROG_LOCK, PROG_SOCKOPS,
-    PROG_STATUS, Policy, Settings,
+    CgroupStats, DEFAULT_MAX_TRACKED_SOCKETS, GLOBAL_OFFSETS, GLOBAL_SETTINGS, KernelOffsets,
+    MAP_APPLY, MAP_CGSTATS, MAP_POLICY, MAP_SOCK_SLOTS, MAP_SOCKS, MAX_POLICIES, PINNED_MAPS,
+    PROG_APPLY, PROG_LOCK, PROG_SOCKOPS, PROG_STATUS, PROG_STATUS_SLOTS, Policy, Settings,
+    sock_slots_for,
 };
 
 use crate::{
@@ -49,7 +50,7 @@ pub struct LoadOptions<'a> {
     pub attach_id: u64,
     /// Size of the per-cgroup counter map when it is created.
     pub max_tracked_cgroups: Option<u32>,
-    /// Size of the socket tracking map when it is created.
+    /// Size of the socket tracking maps when they are created.
     pub max_tracked_sockets: Option<u32>,
     /// aya-log level for the BPF programs (0 compiles the log statements out).
     pub bpf_log_level: u8,
@@ -121,8 +122,11 @@ impl Enforcer {
                  newer with BTF"
             ))
         })?;
+        let slots = sock_slots(opts.state, opts.max_tracked_sockets)?;
         let settings = Settings {
             attach_cgroup_id: opts.attach_id,
+            sock_slot_mask: slots - 1,
+            _pad: 0,
         };
         let pins: Vec<(&str, PathBuf)> = PINNED_MAPS
             .iter()
@@ -142,6 +146,7 @@ impl Enforcer {
         if let Some(max) = opts.max_tracked_sockets {
             loader.map_max_entries(MAP_SOCKS, max);
         }
+        loader.map_max_entries(MAP_SOCK_SLOTS, slots);
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|err| kernel_error("failed to load the BPF object", err))?;
@@ -155,10 +160,12 @@ impl Enforcer {
             .map_err(|err| kernel_error("the kernel rejected the setsockopt program", err))?;
         let aya_btf = aya::Btf::from_sys_fs()
             .map_err(|err| kernel_error("failed to read kernel BTF", err))?;
-        let status: &mut Iter = program(&mut ebpf, PROG_STATUS)?;
-        status
-            .load("bpf_map_elem", &aya_btf)
-            .map_err(|err| kernel_error("the kernel rejected the status iterator", err))?;
+        for name in [PROG_STATUS, PROG_STATUS_SLOTS] {
+            let status: &mut Iter = program(&mut ebpf, name)?;
+            status
+                .load("bpf_map_elem", &aya_btf)
+                .map_err(|err| kernel_error("the kernel rejected the status iterator", err))?;
+        }
         // The TCP iterator needs bpf_setsockopt from iterators (Linux 5.15). Without it, new
         // connections are still enforced; existing ones are not touched.
         let apply_link = {
@@ -255,13 +262,25 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Pins a fresh status iterator link over the socket records, replacing any older one.
+    /// Pins fresh status iterator links over the socket records, replacing any older ones.
     pub fn pin_status_iterator(&mut self) -> anyhow::Result<()> {
-        let socks = sys::obj_get(&self.state.map(MAP_SOCKS)).context("failed to open KA_SOCKS")?;
-        let prog: &mut Iter = program(&mut self.ebpf, PROG_STATUS)?;
-        let link = sys::iter_link_create(prog.fd()?.as_fd(), Some(socks.as_fd()))
-            .context("failed to create the status iterator link")?;
-        replace_pin(link.as_fd(), &self.state.status_link())
+        let links = [
+            (
+                MAP_SOCK_SLOTS,
+                PROG_STATUS_SLOTS,
+                self.state.status_slots_link(),
+            ),
+            (MAP_SOCKS, PROG_STATUS, self.state.status_link()),
+        ];
+        for (map, prog, pin) in links {
+            let records = sys::obj_get(&self.state.map(map))
+                .with_context(|| format!("failed to open {map}"))?;
+            let prog: &mut Iter = program(&mut self.ebpf, prog)?;
+            let link = sys::iter_link_create(prog.fd()?.as_fd(), Some(records.as_fd()))
+                .context("failed to create the status iterator link")?;
+            replace_pin(link.as_fd(), &pin)?;
+        }
+        Ok(())
     }
 
     /// Drops the per-cgroup counters of removed cgroups.
@@ -295,6 +314,32 @@ impl Enforcer {
     pub const fn attach_id(&self) -> u64 {
         self.attach_id
     }
+}
+
+/// Slots in the slot table: those of the pinned one when it exists (its records are found by
+/// the mask of its own size), else as many as `max_tracked_sockets` allows.
+fn sock_slots(state: &StateDir, max_tracked_sockets: Option<u32>) -> anyhow::Result<u32> {
+    let path = state.map(MAP_SOCK_SLOTS);
+    let wanted = sock_slots_for(max_tracked_sockets.unwrap_or(DEFAULT_MAX_TRACKED_SOCKETS));
+    if !path.exists() {
+        return Ok(wanted);
+    }
+    let pinned = aya::maps::MapInfo::from_pin(&path)
+        .map_err(|err| kernel_error(&format!("failed to read {}", path.display()), err))?
+        .max_entries();
+    if !pinned.is_power_of_two() {
+        return Err(Error::Kernel(format!(
+            "{} has {pinned} slots, not a power of two; it was not made by this agent",
+            path.display()
+        ))
+        .into());
+    }
+    if pinned != wanted {
+        log::warn!(
+            "keeping the {pinned} tracking slots of the pinned {MAP_SOCK_SLOTS} (this              max_tracked_sockets asks for {wanted}); `keepalive-agent detach` and a restart              resize it"
+        );
+    }
+    Ok(pinned)
 }
 
 /// Marks the start of an apply pass (see `keepalive_common::MAP_APPLY`).
@@ -354,14 +399,16 @@ pub fn probe(btf: &Btf) -> Vec<(&'static str, Result<(), String>)> {
             .map_err(|err| err.to_string())
             .and_then(|p| describe(p.load())),
     ));
-    for (name, kind) in [(PROG_APPLY, "tcp"), (PROG_STATUS, "bpf_map_elem")] {
-        results.push((
-            name,
-            program::<Iter>(&mut ebpf, name)
-                .map_err(|err| err.to_string())
-                .and_then(|p| describe(p.load(kind, &aya_btf))),
-        ));
-    }
+    let mut load_iter = |name: &str, kind: &str| {
+        program::<Iter>(&mut ebpf, name)
+            .map_err(|err| err.to_string())
+            .and_then(|p| describe(p.load(kind, &aya_btf)))
+    };
+    results.push((PROG_APPLY, load_iter(PROG_APPLY, "tcp")));
+    // The two status iterators (one per tracking table) are one feature.
+    let status = load_iter(PROG_STATUS, "bpf_map_elem")
+        .and_then(|()| load_iter(PROG_STATUS_SLOTS, "bpf_map_elem"));
+    results.push((PROG_STATUS, status));
     results
 }
 

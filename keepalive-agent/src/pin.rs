@@ -5,13 +5,15 @@
 //!
 //! ```text
 //! maps-v<ABI>/KA_POLICY    policy table slot (array of maps)
-//! maps-v<ABI>/KA_SOCKS     per-socket records (hash keyed by socket cookie)
+//! maps-v<ABI>/KA_SOCK_SLOTS per-socket records (array addressed by a hash of the cookie)
+//! maps-v<ABI>/KA_SOCKS     per-socket records that found no free slot (hash keyed by cookie)
 //! maps-v<ABI>/KA_LOCKS     policies of `lock` sockets (socket storage)
 //! maps-v<ABI>/KA_LISTENERS policies set on listeners (socket storage)
 //! maps-v<ABI>/KA_CGSTATS   per-cgroup counters
 //! maps-v<ABI>/KA_COUNTERS  per-CPU event counters
 //! link_sockops             sock_ops program on the attach cgroup
 //! link_lock                setsockopt program on the attach cgroup (only with `lock` policies)
+//! link_status_slots        iterator over KA_SOCK_SLOTS, read by `status`
 //! link_status              iterator over KA_SOCKS, read by `status`
 //! ```
 //!
@@ -30,7 +32,9 @@ use std::{
 
 use anyhow::Context as _;
 pub use keepalive_common::DEFAULT_STATE_DIR;
-use keepalive_common::{ABI_VERSION, PIN_LINK_LOCK, PIN_LINK_SOCKOPS, PIN_LINK_STATUS};
+use keepalive_common::{
+    ABI_VERSION, PIN_LINK_LOCK, PIN_LINK_SOCKOPS, PIN_LINK_STATUS, PIN_LINK_STATUS_SLOTS,
+};
 
 use crate::{error::Error, sys};
 
@@ -85,9 +89,14 @@ impl StateDir {
         self.root.join(PIN_LINK_LOCK)
     }
 
-    /// Pin path of the status iterator link.
+    /// Pin path of the status iterator link over the hash of records.
     pub fn status_link(&self) -> PathBuf {
         self.root.join(PIN_LINK_STATUS)
+    }
+
+    /// Pin path of the status iterator link over the slot table of records.
+    pub fn status_slots_link(&self) -> PathBuf {
+        self.root.join(PIN_LINK_STATUS_SLOTS)
     }
 
     /// Refuses a state directory that is a mount point, such as the bpffs root
@@ -181,10 +190,15 @@ impl StateDir {
 
     /// Every pin that exists, in the order `detach` removes them (links first).
     pub fn existing_pins(&self) -> Vec<PathBuf> {
-        let mut pins: Vec<PathBuf> = [self.sockops_link(), self.lock_link(), self.status_link()]
-            .into_iter()
-            .filter(|p| p.exists())
-            .collect();
+        let mut pins: Vec<PathBuf> = [
+            self.sockops_link(),
+            self.lock_link(),
+            self.status_slots_link(),
+            self.status_link(),
+        ]
+        .into_iter()
+        .filter(|p| p.exists())
+        .collect();
         for dir in self.map_dirs() {
             if let Ok(maps) = fs::read_dir(&dir) {
                 let mut maps: Vec<PathBuf> =

@@ -178,33 +178,47 @@ pub fn read_counters(state: &StateDir) -> anyhow::Result<BTreeMap<&'static str, 
     Ok(out)
 }
 
-/// The pinned status iterator, started; [`each_record`] reads it.
-fn open_records(state: &StateDir) -> anyhow::Result<io::BufReader<std::fs::File>> {
-    let path = state.status_link();
-    let link = sys::obj_get(&path)
-        .with_context(|| format!("failed to open {}", path.display()))
-        .map_err(|err| pin_error(&path, err))?;
-    let file = sys::iter_create(link.as_fd()).context("failed to start the status iterator")?;
-    Ok(io::BufReader::with_capacity(1 << 20, file))
+/// The pinned status iterators, started; [`each_record`] reads them.
+struct Records(Vec<io::BufReader<std::fs::File>>);
+
+/// Starts the status iterators: the one over the slot table, then the one over the hash.
+/// Pins of an agent from before the slot table have only the second, which then holds every
+/// record.
+fn open_records(state: &StateDir) -> anyhow::Result<Records> {
+    let start = |path: &Path| -> anyhow::Result<io::BufReader<std::fs::File>> {
+        let link = sys::obj_get(path)
+            .with_context(|| format!("failed to open {}", path.display()))
+            .map_err(|err| pin_error(path, err))?;
+        let file = sys::iter_create(link.as_fd()).context("failed to start the status iterator")?;
+        Ok(io::BufReader::with_capacity(1 << 20, file))
+    };
+    let hash = start(&state.status_link())?;
+    let slots = state.status_slots_link();
+    let mut readers = Vec::with_capacity(2);
+    if slots.exists() {
+        readers.push(start(&slots)?);
+    }
+    readers.push(hash);
+    Ok(Records(readers))
 }
 
-/// Calls `each` for every raw socket record of a started status iterator, streaming: memory
+/// Calls `each` for every raw socket record of started status iterators, streaming: memory
 /// does not grow with the number of sockets.
-fn each_record(
-    mut reader: io::BufReader<std::fs::File>,
-    mut each: impl FnMut(&StatusRecord),
-) -> anyhow::Result<()> {
+fn each_record(records: Records, mut each: impl FnMut(&StatusRecord)) -> anyhow::Result<()> {
     let mut buf = [0u8; size_of::<StatusRecord>()];
-    loop {
-        match reader.read_exact(&mut buf) {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(err) => return Err(err).context("failed to read the status iterator"),
+    for mut reader in records.0 {
+        loop {
+            match reader.read_exact(&mut buf) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => break,
+                Err(err) => return Err(err).context("failed to read the status iterator"),
+            }
+            // SAFETY: StatusRecord is plain old data and the buffer has exactly its size.
+            let rec = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<StatusRecord>()) };
+            each(&rec);
         }
-        // SAFETY: StatusRecord is plain old data and the buffer has exactly its size.
-        let rec = unsafe { std::ptr::read_unaligned(buf.as_ptr().cast::<StatusRecord>()) };
-        each(&rec);
     }
+    Ok(())
 }
 
 fn boottime_now() -> Duration {

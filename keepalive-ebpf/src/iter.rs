@@ -2,10 +2,10 @@
 //! context layouts from `include/linux/bpf.h` (`struct bpf_iter__tcp`,
 //! `struct bpf_iter__bpf_map_elem`).
 
-use core::ffi::c_void;
+use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::helpers::generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock};
-use keepalive_common::{SockRecord, StatusRecord, uapi};
+use keepalive_common::{SLOT_BUSY, SLOT_FREE, SockRecord, SockSlot, StatusRecord, uapi};
 
 use crate::{
     enforce,
@@ -126,9 +126,8 @@ fn describe(rec: &mut SockRecord, sk: *const u8) {
     }
 }
 
-/// Writes one [`StatusRecord`] per tracking record (including those of connects still in
-/// progress), with live state read from the socket when the socket at the recorded address
-/// still has the recorded cookie (`live_state` stays 0 otherwise).
+/// Writes one [`StatusRecord`] per `KA_SOCKS` entry, with live state read from the socket
+/// (see [`write_status`]).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/bpf_map_elem")]
 pub fn keepalive_status(ctx: *mut IterMapElem) -> i32 {
@@ -140,19 +139,68 @@ pub fn keepalive_status(ctx: *mut IterMapElem) -> i32 {
         return 0;
     }
     // SAFETY: key and value point at this map's key and value.
-    let (cookie, sock) = unsafe { (*key, *value) };
-    let sk = sock.sk as *const u8;
-    let mut out = StatusRecord {
+    let mut out = unsafe { status_record(*key, value) };
+    write_status(ctx.meta, &mut out);
+    0
+}
+
+/// [`keepalive_status`] for the occupied slots of `KA_SOCK_SLOTS`. A slot can be claimed or
+/// freed while it is read, so the record counts only if the cookie is the same before and
+/// after the copy (see `track::claim_slot`).
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "iter/bpf_map_elem")]
+pub fn keepalive_status_slots(ctx: *mut IterMapElem) -> i32 {
+    // SAFETY: the kernel passes a valid context.
+    let ctx = unsafe { &*ctx };
+    let slot = ctx.value.cast::<SockSlot>().cast_const();
+    if slot.is_null() {
+        return 0;
+    }
+    // SAFETY: `slot` points at this map's value. Every read is volatile, so the copy stays
+    // between the two cookie reads (BPF has no fence instruction).
+    let (mut out, again) = unsafe {
+        let cookie = read_volatile(&raw const (*slot).cookie);
+        if cookie == SLOT_FREE || cookie == SLOT_BUSY {
+            return 0;
+        }
+        let mut out = status_record(cookie, &SockRecord::default());
+        let (from, to) = (
+            (&raw const (*slot).sock).cast::<u64>(),
+            (&raw mut out.sock).cast::<u64>(),
+        );
+        for i in 0..size_of::<SockRecord>() / 8 {
+            *to.add(i) = read_volatile(from.add(i));
+        }
+        (out, read_volatile(&raw const (*slot).cookie))
+    };
+    if out.cookie == again {
+        write_status(ctx.meta, &mut out);
+    }
+    0
+}
+
+/// # Safety
+/// `sock` points at a readable record.
+#[inline(always)]
+unsafe fn status_record(cookie: u64, sock: *const SockRecord) -> StatusRecord {
+    StatusRecord {
         cookie,
-        sock,
+        // SAFETY: see above.
+        sock: unsafe { *sock },
         live_state: 0,
         probes_out: 0,
         _pad: [0; 6],
-    };
-    if read::<u64>(sk, off!(skc_cookie)) == Some(cookie) {
+    }
+}
+
+/// Adds live state read from the socket, when the socket at the recorded address still has
+/// the recorded cookie (`live_state` stays 0 otherwise), and writes the record out.
+#[inline(always)]
+fn write_status(meta: *mut IterMeta, out: &mut StatusRecord) {
+    let sk = out.sock.sk as *const u8;
+    if read::<u64>(sk, off!(skc_cookie)) == Some(out.cookie) {
         out.live_state = read::<u8>(sk, off!(skc_state)).unwrap_or(0);
         out.probes_out = read::<u8>(sk, off!(icsk_probes_out)).unwrap_or(0);
     }
-    seq_write(ctx.meta, &out);
-    0
+    seq_write(meta, out);
 }

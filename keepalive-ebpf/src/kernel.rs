@@ -38,6 +38,8 @@ pub(crate) static KA_OFFSETS: KernelOffsets = KernelOffsets {
 #[unsafe(no_mangle)]
 static KA_SETTINGS: Settings = Settings {
     attach_cgroup_id: 0,
+    sock_slot_mask: 0,
+    _pad: 0,
 };
 
 /// Reads one field of [`KA_OFFSETS`]. Volatile, so the compiler cannot fold in the zeros the
@@ -59,6 +61,13 @@ static mut KA_HZ: u64 = 0;
 pub(crate) fn attach_cgroup_id() -> u64 {
     // SAFETY: an aligned read of a field of a static.
     unsafe { core::ptr::read_volatile(&raw const KA_SETTINGS.attach_cgroup_id) }
+}
+
+/// [`Settings::sock_slot_mask`].
+#[inline(always)]
+pub(crate) fn sock_slot_mask() -> u32 {
+    // SAFETY: an aligned read of a field of a static.
+    unsafe { core::ptr::read_volatile(&raw const KA_SETTINGS.sock_slot_mask) }
 }
 
 /// Reads a `T` at `base + offset` in kernel memory.

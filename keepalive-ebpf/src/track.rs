@@ -1,12 +1,15 @@
-//! Tracking state: a bounded hash of enforced sockets keyed by socket cookie, bounded
-//! per-cgroup counters, and per-CPU event counters.
+//! Tracking state: the records of enforced sockets, bounded per-cgroup counters, and per-CPU
+//! event counters.
 //!
-//! A hash entry costs a fraction of a socket-local storage allocation, which matters at tens of
-//! thousands of connections per second; entries are removed by the close callback.
+//! A socket's record goes into the first free of its [`SOCK_SLOT_PROBES`] slots in
+//! `KA_SOCK_SLOTS`, claimed with one compare-and-swap: no lock, no allocation, no hashing
+//! beyond one multiply. Only when all are taken does it go to the `KA_SOCKS` hash, whose insert
+//! and delete (bucket lock, allocation, RCU free) cost about three times as much per
+//! connection. The close callback frees the slot or deletes the entry.
 
 use core::{
     ffi::c_void,
-    intrinsics::{AtomicOrdering, atomic_xadd},
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xadd, atomic_xchg},
     ptr,
 };
 
@@ -18,8 +21,15 @@ use aya_ebpf::{
 };
 use keepalive_common::{
     CONNECT_SLOTS, CgroupStats, ConnectSlot, Counter, DEFAULT_MAX_TRACKED_CGROUPS,
-    DEFAULT_MAX_TRACKED_SOCKETS, Policy, SockRecord,
+    DEFAULT_MAX_TRACKED_SOCKETS, MAX_SOCK_SLOTS, Policy, SLOT_BUSY, SLOT_FREE, SOCK_SLOT_PROBES,
+    SockRecord, SockSlot, sock_slot,
 };
+
+use crate::kernel;
+
+/// Sized by the loader (`Settings::sock_slot_mask` + 1 slots).
+#[btf_map]
+static KA_SOCK_SLOTS: Array<SockSlot, { MAX_SOCK_SLOTS as usize }> = Array::new();
 
 #[btf_map]
 static KA_SOCKS: HashMap<
@@ -70,9 +80,36 @@ pub(crate) fn count(counter: Counter) {
     }
 }
 
+/// Probe `probe` of `cookie` in the slot table.
+#[inline(always)]
+fn slot(cookie: u64, probe: u32) -> Option<*mut SockSlot> {
+    KA_SOCK_SLOTS.get_ptr_mut(sock_slot(cookie, probe, kernel::sock_slot_mask()))
+}
+
+/// The slot holding `cookie`'s record, if one does.
+#[inline(always)]
+fn find_slot(cookie: u64) -> Option<*mut SockSlot> {
+    for probe in 0..SOCK_SLOT_PROBES {
+        if let Some(slot) = slot(cookie, probe)
+            // SAFETY: array slots are always valid.
+            && unsafe { ptr::read_volatile(&raw const (*slot).cookie) } == cookie
+        {
+            return Some(slot);
+        }
+    }
+    None
+}
+
 /// The tracking record of a socket, if it has one.
+///
+/// Only the socket's own callbacks and the apply iterator (which holds the socket's lock, so
+/// the socket cannot close meanwhile) write a record, so the reference stays this socket's.
 #[inline(always)]
 pub(crate) fn record(cookie: u64) -> Option<&'static mut SockRecord> {
+    if let Some(slot) = find_slot(cookie) {
+        // SAFETY: see above; the slot is freed only by this socket's close.
+        return Some(unsafe { &mut (*slot).sock });
+    }
     // SAFETY: entries are only freed after an RCU grace period, so the pointer stays valid for
     // this program run; the program is the only writer of a given socket's entry.
     KA_SOCKS
@@ -114,10 +151,39 @@ pub(crate) fn connect_task(cookie: u64) -> Option<(u32, [u8; 16])> {
     }
 }
 
-/// Adds a tracking record; counts the overflow when the map is full.
+/// Puts `rec` into a free slot of `cookie`; whether one was free.
+#[inline(always)]
+fn claim_slot(cookie: u64, rec: &SockRecord) -> bool {
+    for probe in 0..SOCK_SLOT_PROBES {
+        let Some(slot) = slot(cookie, probe) else {
+            continue;
+        };
+        // SAFETY: array slots are always valid. The compare-and-swap gives the slot to one
+        // socket; the record is written while the slot reads BUSY, which matches no cookie,
+        // and published with a fully ordered exchange, so readers that check the cookie
+        // before and after copying never take a half-written record.
+        unsafe {
+            let key = &raw mut (*slot).cookie;
+            if ptr::read_volatile(key) == SLOT_FREE
+                && atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                    key, SLOT_FREE, SLOT_BUSY,
+                )
+                .1
+            {
+                (*slot).sock = *rec;
+                atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(key, cookie);
+                return true;
+            }
+        }
+    }
+    false
+}
+
+/// Adds a tracking record for a socket that has none; counts the overflow when both tables
+/// are full.
 #[inline(always)]
 pub(crate) fn insert_record(cookie: u64, rec: &SockRecord) {
-    if KA_SOCKS.insert(cookie, rec, 0).is_err() {
+    if !claim_slot(cookie, rec) && KA_SOCKS.insert(cookie, rec, 0).is_err() {
         count(Counter::TrackingFull);
     }
 }
@@ -125,7 +191,13 @@ pub(crate) fn insert_record(cookie: u64, rec: &SockRecord) {
 /// Drops a socket's tracking record.
 #[inline(always)]
 pub(crate) fn remove_record(cookie: u64) {
-    let _ = KA_SOCKS.remove(cookie);
+    match find_slot(cookie) {
+        // SAFETY: the slot holds this socket's record; freeing it is one store.
+        Some(slot) => unsafe { ptr::write_volatile(&raw mut (*slot).cookie, SLOT_FREE) },
+        None => {
+            let _ = KA_SOCKS.remove(cookie);
+        }
+    }
 }
 
 /// A [`Policy`] kept in socket-local storage (`KA_LOCKS`, `KA_LISTENERS`).

@@ -3,7 +3,7 @@
 //!
 //! Every struct here is explicitly sized, has no implicit padding and carries a compile-time size
 //! assertion, so the two sides cannot drift apart silently.
-#![no_std]
+#![cfg_attr(not(test), no_std)]
 
 /// Bumped whenever a map's key or value layout changes. Pinned maps live in a directory named
 /// after it, so an agent never reuses maps whose layout it does not understand.
@@ -21,12 +21,20 @@ pub const PROG_LOCK: &str = "keepalive_lock";
 pub const PROG_APPLY: &str = "keepalive_apply";
 /// iter/bpf_map_elem program over [`MAP_SOCKS`]: dumps the enforced sockets for `status`.
 pub const PROG_STATUS: &str = "keepalive_status";
+/// iter/bpf_map_elem program over [`MAP_SOCK_SLOTS`], the same for the slot table.
+pub const PROG_STATUS_SLOTS: &str = "keepalive_status_slots";
 
 /// Outer array-of-maps with one slot holding the active policy table
 /// (`u64` cgroup id -> [`Policy`]). Swapping the slot replaces the whole table atomically.
 pub const MAP_POLICY: &str = "KA_POLICY";
-/// Tracked sockets: socket cookie (`u64`) -> [`SockRecord`]. Entries are added when a socket
-/// is enforced and removed when it closes. Bounded; overflow is counted.
+/// Tracked sockets, first table: an array of [`SockSlot`]s addressed by a hash of the socket
+/// cookie ([`sock_slot`]). Claiming and freeing a slot takes no lock and no allocation, which
+/// is most of what tracking costs per connection. A socket whose [`SOCK_SLOT_PROBES`] slots
+/// are all taken goes to [`MAP_SOCKS`].
+pub const MAP_SOCK_SLOTS: &str = "KA_SOCK_SLOTS";
+/// Tracked sockets, second table: socket cookie (`u64`) -> [`SockRecord`], entries allocated
+/// as needed. Records are added when a socket is enforced and removed when it closes. Bounded;
+/// overflow is counted.
 pub const MAP_SOCKS: &str = "KA_SOCKS";
 /// Connect cache: [`CONNECT_SLOTS`] × [`ConnectSlot`]. Not pinned: in-flight connects across an
 /// agent restart just show their process as unknown.
@@ -53,8 +61,9 @@ pub const GLOBAL_OFFSETS: &str = "KA_OFFSETS";
 pub const GLOBAL_SETTINGS: &str = "KA_SETTINGS";
 
 /// Maps pinned in the state directory, so counters and sockets survive an agent restart.
-pub const PINNED_MAPS: [&str; 6] = [
+pub const PINNED_MAPS: [&str; 7] = [
     MAP_POLICY,
+    MAP_SOCK_SLOTS,
     MAP_SOCKS,
     MAP_LOCKS,
     MAP_LISTENERS,
@@ -69,6 +78,41 @@ pub const DEFAULT_MAX_TRACKED_CGROUPS: u32 = 65_536;
 /// Default capacity of [`MAP_SOCKS`]: both ends of 256k connections. Entries are allocated as
 /// needed, so an idle host uses next to nothing.
 pub const DEFAULT_MAX_TRACKED_SOCKETS: u32 = 524_288;
+/// Most slots in [`MAP_SOCK_SLOTS`] (preallocated: 136 bytes each, 8.5 MiB). The agent uses
+/// the largest power of two not above this and `max_tracked_sockets`.
+pub const MAX_SOCK_SLOTS: u32 = 65_536;
+/// Slots a socket may take in [`MAP_SOCK_SLOTS`] before it goes to [`MAP_SOCKS`].
+pub const SOCK_SLOT_PROBES: u32 = 4;
+/// [`SockSlot::cookie`] of a free slot.
+pub const SLOT_FREE: u64 = 0;
+/// [`SockSlot::cookie`] of a slot being written (no socket has this cookie).
+pub const SLOT_BUSY: u64 = u64::MAX;
+
+/// Index of probe `probe` (0..[`SOCK_SLOT_PROBES`]) for `cookie` in a slot table of
+/// `mask + 1` slots. Fibonacci hashing spreads the kernel's consecutive cookies, so sockets
+/// opened together do not crowd one run of slots.
+#[inline(always)]
+pub const fn sock_slot(cookie: u64, probe: u32, mask: u32) -> u32 {
+    let hash = cookie
+        .wrapping_add(probe as u64)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    (hash >> 32) as u32 & mask
+}
+
+/// Slots of [`MAP_SOCK_SLOTS`] for a `max_tracked_sockets` of `max`: a power of two, so
+/// [`sock_slot`] can mask.
+pub const fn sock_slots_for(max: u32) -> u32 {
+    let max = if max < MAX_SOCK_SLOTS {
+        max
+    } else {
+        MAX_SOCK_SLOTS
+    };
+    if max == 0 {
+        1
+    } else {
+        1 << (31 - max.leading_zeros())
+    }
+}
 /// How many cgroup levels the program walks up looking for a policy.
 pub const MAX_CGROUP_DEPTH: u32 = 32;
 /// Key of the `[default]` policy in the policy table. No cgroup has id 0.
@@ -84,8 +128,10 @@ pub const DEFAULT_STATE_DIR: &str = "/sys/fs/bpf/keepalive";
 pub const PIN_LINK_SOCKOPS: &str = "link_sockops";
 /// Link of the lock program to the attach cgroup (present only while a policy uses `lock`).
 pub const PIN_LINK_LOCK: &str = "link_lock";
-/// Iterator link for `status`; reading it yields [`StatusRecord`]s.
+/// Iterator link for `status` over [`MAP_SOCKS`]; reading it yields [`StatusRecord`]s.
 pub const PIN_LINK_STATUS: &str = "link_status";
+/// Iterator link for `status` over [`MAP_SOCK_SLOTS`]; reading it yields [`StatusRecord`]s.
+pub const PIN_LINK_STATUS_SLOTS: &str = "link_status_slots";
 
 // ---------------------------------------------------------------------------------------------
 // Policy.
@@ -160,8 +206,12 @@ pub struct Settings {
     /// cgroup id of the attach cgroup. The ancestor walk stops here, and iterators skip sockets
     /// outside it.
     pub attach_cgroup_id: u64,
+    /// Slots in [`MAP_SOCK_SLOTS`] minus one (the slot count is a power of two).
+    pub sock_slot_mask: u32,
+    /// Explicit padding.
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<Settings>() == 8);
+const _: () = assert!(core::mem::size_of::<Settings>() == 16);
 
 /// Byte offsets of the kernel fields the program reads, taken from `/sys/kernel/btf/vmlinux` by
 /// the agent. Rust has no CO-RE field relocations, so this is how the program stays correct
@@ -246,7 +296,8 @@ pub mod sock_flags {
     pub const INHERITED: u32 = 1 << 9;
 }
 
-/// Per-socket tracking record, one [`MAP_SOCKS`] entry per enforced socket.
+/// Per-socket tracking record, kept in [`MAP_SOCK_SLOTS`] or [`MAP_SOCKS`] for each enforced
+/// socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SockRecord {
@@ -287,11 +338,22 @@ pub struct SockRecord {
 }
 const _: () = assert!(core::mem::size_of::<SockRecord>() == 128);
 
+/// One entry of [`MAP_SOCK_SLOTS`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockSlot {
+    /// The socket's cookie; [`SLOT_FREE`] or [`SLOT_BUSY`] when the slot holds no record.
+    pub cookie: u64,
+    /// The tracking record.
+    pub sock: SockRecord,
+}
+const _: () = assert!(core::mem::size_of::<SockSlot>() == 136);
+
 /// One enforced socket as the status iterator reports it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct StatusRecord {
-    /// The socket cookie (the key in [`MAP_SOCKS`]).
+    /// The socket cookie.
     pub cookie: u64,
     /// The tracking record.
     pub sock: SockRecord,
@@ -305,7 +367,7 @@ pub struct StatusRecord {
 const _: () = assert!(core::mem::size_of::<StatusRecord>() == 144);
 
 /// Counters kept per socket cgroup. The number of open enforced sockets is not kept here: it
-/// is counted from [`MAP_SOCKS`] when read, which costs nothing per connection.
+/// is counted from the tracking records when read, which costs nothing per connection.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CgroupStats {
@@ -453,6 +515,40 @@ mod pod {
     unsafe impl aya::Pod for super::Settings {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::SockRecord {}
+    unsafe impl aya::Pod for super::SockSlot {}
     unsafe impl aya::Pod for super::StatusRecord {}
     unsafe impl aya::Pod for super::CgroupStats {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_tables_are_powers_of_two_within_bounds() {
+        assert_eq!(sock_slots_for(1), 1);
+        assert_eq!(sock_slots_for(3), 2);
+        assert_eq!(sock_slots_for(4), 4);
+        assert_eq!(sock_slots_for(1000), 512);
+        assert_eq!(sock_slots_for(DEFAULT_MAX_TRACKED_SOCKETS), MAX_SOCK_SLOTS);
+        assert_eq!(sock_slots_for(u32::MAX), MAX_SOCK_SLOTS);
+    }
+
+    #[test]
+    fn consecutive_cookies_spread_over_the_slot_table() {
+        // The kernel hands out cookies in sequence; 4096 of them (a per-CPU batch) should
+        // land in distinct first slots nearly always, not in one run.
+        let mask = MAX_SOCK_SLOTS - 1;
+        let mut used = std::collections::HashSet::new();
+        for cookie in 1_000_000..1_004_096u64 {
+            used.insert(sock_slot(cookie, 0, mask));
+        }
+        assert!(used.len() > 3900, "{} distinct slots", used.len());
+        // A socket's probes are distinct slots.
+        let probes: std::collections::HashSet<u32> = (0..SOCK_SLOT_PROBES)
+            .map(|p| sock_slot(12345, p, mask))
+            .collect();
+        assert_eq!(probes.len(), SOCK_SLOT_PROBES as usize);
+        assert!((0..100u64).all(|c| sock_slot(c, 3, 7) <= 7));
+    }
 }
