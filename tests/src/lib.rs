@@ -478,6 +478,7 @@ pub struct Agent {
     pub state_dir: PathBuf,
     /// Runtime directory (control socket, lock).
     pub runtime_dir: PathBuf,
+    bin: Option<PathBuf>,
     log: PathBuf,
     notify: UnixDatagram,
     notify_path: PathBuf,
@@ -490,6 +491,8 @@ pub struct AgentDirs {
     pub state_dir: PathBuf,
     /// Runtime directory.
     pub runtime_dir: PathBuf,
+    /// The agent binary, when not the one under test ([`agent_bin`]).
+    pub bin: Option<PathBuf>,
 }
 
 impl AgentDirs {
@@ -499,13 +502,22 @@ impl AgentDirs {
         Self {
             state_dir: PathBuf::from("/sys/fs/bpf").join(&name),
             runtime_dir: std::env::temp_dir().join(&name),
+            bin: None,
+        }
+    }
+
+    /// These directories, run by another agent binary (another build, for comparisons).
+    pub fn with_bin(self, bin: &Path) -> Self {
+        Self {
+            bin: Some(bin.to_owned()),
+            ..self
         }
     }
 
     /// The agent binary with these directories and then `args`, for callers that need more
     /// than its output (another user, fewer capabilities, a different environment).
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(agent_bin());
+        let mut cmd = Command::new(self.bin.clone().unwrap_or_else(agent_bin));
         cmd.arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--runtime-dir")
@@ -619,6 +631,7 @@ impl Agent {
             child: Some(child),
             state_dir: dirs.state_dir.clone(),
             runtime_dir: dirs.runtime_dir.clone(),
+            bin: dirs.bin.clone(),
             log,
             notify,
             notify_path,
@@ -684,6 +697,7 @@ impl Agent {
         AgentDirs {
             state_dir: self.state_dir.clone(),
             runtime_dir: self.runtime_dir.clone(),
+            bin: self.bin.clone(),
         }
     }
 

@@ -376,6 +376,7 @@ fn the_bpffs_root_is_refused_as_state_directory_and_left_as_it_was() {
     let dirs = AgentDirs {
         state_dir: root.to_owned(),
         runtime_dir: std::env::temp_dir().join(keepalive_tests::unique("bpffsroot")),
+        bin: None,
     };
     for args in [&run_args(&cg)[..], &["detach"]] {
         let err = refused(&dirs.cli(args), 2, &cg);
@@ -517,6 +518,7 @@ fn detach_refuses_while_an_agent_holds_the_state_from_another_runtime_dir() {
     let other = AgentDirs {
         state_dir: agent.state_dir.clone(),
         runtime_dir: std::env::temp_dir().join(keepalive_tests::unique("other-run")),
+        bin: None,
     };
     let out = other.detach();
     assert_eq!(code(&out), 7, "{}", stderr(&out));

@@ -181,6 +181,11 @@ fn a_dead_peer_is_counted_for_its_cgroup_and_a_normal_close_is_not() {
     normal.read();
     server.read();
     normal.finish();
+    // The client's socket closes once the server acknowledges its FIN; cutting the link
+    // before that would leave it open (retransmitting the FIN), so wait for it.
+    eventually(Duration::from_secs(5), "the normal close to finish", || {
+        (cgroup_row(&agent.status(), &cg)["open"] == 0).then_some(())
+    });
     let mut doomed = Proc::spawn(
         &sock_bin(),
         &["connect", &target, "--read"],

@@ -143,6 +143,78 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The storm under this build's agent and under `baseline`'s, attached to sibling cgroups with
+/// the same policy set: the before and after of a change, side by side in one run.
+fn against_baseline(rows: &mut Vec<Row>, baseline: &Path, quick: bool) -> anyhow::Result<()> {
+    let n: u64 = if quick { 5000 } else { 10000 };
+    let rounds = if quick { 6 } else { 10 };
+    let parent = TestCgroup::new("bench-baseline");
+    let ours_cg = parent.child("current");
+    let base_cg = parent.child("baseline");
+    let (ours_config, _ours_services) = realistic_policies(&ours_cg);
+    let (base_config, _base_services) = realistic_policies(&base_cg);
+    let ours = Agent::start(&ours_cg, &["--config", ours_config.to_str().unwrap()]);
+    let base = Agent::start_in(
+        &AgentDirs::new().with_bin(baseline),
+        &base_cg,
+        &["--config", base_config.to_str().unwrap()],
+    );
+    let setups = [(&ours_cg, ours.pid()), (&base_cg, base.pid())];
+    for (cgroup, _) in setups {
+        storm(cgroup, n, &[]);
+    }
+    // Rates with bpf_stats off, then the program's time with it on.
+    let (ours_rate, base_rate) = pairwise(rounds, setups, |cgroup, _| storm(cgroup, n, &[]));
+    let stats = BpfStats::enable();
+    let (mut ours_ns, mut base_ns) = pairwise(rounds, setups, |cgroup, pid| {
+        let (t0, _) = sockops_stats(pid);
+        storm(cgroup, n, &[]);
+        let (t1, _) = sockops_stats(pid);
+        (t1 - t0) as f64 / n as f64
+    });
+    drop(stats);
+    let ratios =
+        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| a / b).collect() };
+    rows.push(Row {
+        what: format!(
+            "Connection rate, this build / baseline `{}`; {rounds} rounds of {n}",
+            baseline.display()
+        ),
+        result: spread(&mut ratios(&ours_rate, &base_rate)),
+        goal: "context",
+    });
+    let mut cost = ratios(&ours_ns, &base_ns);
+    rows.push(Row {
+        what: "sock_ops program time per connection (bpf_stats), this build / baseline".into(),
+        result: format!(
+            "{} ({:.2} µs vs {:.2} µs)",
+            spread(&mut cost),
+            median(&mut ours_ns) / 1000.0,
+            median(&mut base_ns) / 1000.0
+        ),
+        goal: "context",
+    });
+    Ok(())
+}
+
+/// `rounds` measurements of both set-ups, each round starting with the other one.
+fn pairwise(
+    rounds: usize,
+    setups: [(&TestCgroup, u32); 2],
+    mut measure: impl FnMut(&TestCgroup, u32) -> f64,
+) -> (Vec<f64>, Vec<f64>) {
+    let mut values = [Vec::new(), Vec::new()];
+    for i in 0..rounds {
+        for k in 0..2 {
+            let which = (i + k) % 2;
+            let (cgroup, pid) = setups[which];
+            values[which].push(measure(cgroup, pid));
+        }
+    }
+    let [first, second] = values;
+    (first, second)
+}
+
 /// Parses "… existing connections: N updated, … in T ms" from the agent's log.
 fn initial_apply(log: &str) -> Option<(u64, f64)> {
     let line = log.lines().find(|l| l.contains("existing connections:"))?;
@@ -357,7 +429,7 @@ fn machine() -> String {
 
 /// Runs every benchmark, as root, against the release binaries the caller built, and prints
 /// the table.
-pub fn run(root: &Path, quick: bool) -> anyhow::Result<()> {
+pub fn run(root: &Path, quick: bool, baseline: Option<&Path>) -> anyhow::Result<()> {
     // SAFETY: set before any thread is spawned; the harness reads them.
     unsafe {
         std::env::set_var(
@@ -368,6 +440,9 @@ pub fn run(root: &Path, quick: bool) -> anyhow::Result<()> {
     }
     let mut rows = Vec::new();
     connection_rate(&mut rows, quick)?;
+    if let Some(baseline) = baseline {
+        against_baseline(&mut rows, baseline, quick)?;
+    }
     retroactive_and_status(&mut rows, quick)?;
     footprint(&mut rows, quick)?;
 

@@ -9,7 +9,7 @@ mod bench;
 mod setup;
 
 use std::{
-    env,
+    env, fs,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -28,8 +28,11 @@ tasks:
                      default on the whole host). Options without a subcommand go to `run`.
   test               set up, build and run every test (unit and real-kernel integration)
   lint               cargo fmt --check and clippy -D warnings on host and BPF crates
-  bench [--quick]    measure overhead, per-program cost, retroactive apply, status at scale
-                     and agent footprint; prints a table and writes target/bench/results.md
+  bench [--quick] [--baseline AGENT]
+                     measure overhead, per-program cost, retroactive apply, status at scale
+                     and agent footprint; prints a table and writes target/bench/results.md.
+                     --baseline also runs this build and another keepalive-agent binary side
+                     by side (the before and after of a change)
   install            build in release mode and run `keepalive-agent install` as root";
 
 fn main() -> ExitCode {
@@ -199,11 +202,53 @@ fn test(env: &setup::Env, hadolint: &Path) -> anyhow::Result<()> {
 /// Marks the re-run of `bench` under sudo, after the build.
 const BENCH_BUILT: &str = "--built";
 
-/// `bench [--quick]`: one release build as the invoking user (so `target/` stays theirs and
-/// cargo needs no root environment), then the measurements as root, through sudo when not root.
+/// `bench`'s arguments.
+struct BenchArgs {
+    quick: bool,
+    built: bool,
+    baseline: Option<PathBuf>,
+}
+
+impl BenchArgs {
+    fn parse(rest: &[String]) -> anyhow::Result<Self> {
+        let mut args = Self {
+            quick: false,
+            built: false,
+            baseline: None,
+        };
+        let mut rest = rest.iter();
+        while let Some(arg) = rest.next() {
+            match arg.as_str() {
+                "--quick" => args.quick = true,
+                BENCH_BUILT => args.built = true,
+                "--baseline" => {
+                    let path = rest.next().ok_or_else(|| {
+                        anyhow::anyhow!("--baseline needs a keepalive-agent binary")
+                    })?;
+                    let path = fs::canonicalize(path)
+                        .with_context(|| format!("--baseline {path}: no such file"))?;
+                    if !path.is_file() {
+                        bail!("--baseline {}: not a file", path.display());
+                    }
+                    args.baseline = Some(path);
+                }
+                other => bail!("unknown bench argument {other:?}\n\n{USAGE}"),
+            }
+        }
+        Ok(args)
+    }
+}
+
+/// `bench [--quick] [--baseline AGENT]`: one release build as the invoking user (so `target/`
+/// stays theirs and cargo needs no root environment), then the measurements as root, through
+/// sudo when not root.
 fn bench(rest: &[String]) -> anyhow::Result<()> {
-    let quick = rest.iter().any(|a| a == "--quick");
-    if rest.iter().any(|a| a == BENCH_BUILT) {
+    let BenchArgs {
+        quick,
+        built,
+        baseline,
+    } = BenchArgs::parse(rest)?;
+    if built {
         if !is_root() {
             bail!("`bench {BENCH_BUILT}` is the re-run under sudo and must run as root");
         }
@@ -214,13 +259,17 @@ fn bench(rest: &[String]) -> anyhow::Result<()> {
         if !is_root() {
             let mut args = vec!["bench".to_owned()];
             args.extend(quick.then(|| "--quick".to_owned()));
+            if let Some(baseline) = &baseline {
+                args.push("--baseline".to_owned());
+                args.push(baseline.display().to_string());
+            }
             args.push(BENCH_BUILT.to_owned());
             let err = as_root(&env::current_exe()?, &args).exec();
             bail!("failed to re-run under sudo: {err}");
         }
     }
     setup::bench_tools()?;
-    bench::run(&workspace_root(), quick)
+    bench::run(&workspace_root(), quick, baseline.as_deref())
 }
 
 fn lint(env: &setup::Env) -> anyhow::Result<()> {
@@ -255,4 +304,29 @@ fn lint(env: &setup::Env) -> anyhow::Result<()> {
                 "warnings",
             ]),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::BenchArgs;
+
+    fn parse(args: &[&str]) -> anyhow::Result<BenchArgs> {
+        BenchArgs::parse(&args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn bench_arguments_are_checked() {
+        let args = parse(&["--quick", "--baseline", "/bin/sh"]).unwrap();
+        assert!(args.quick && !args.built);
+        assert!(args.baseline.unwrap().is_absolute());
+        for (bad, why) in [
+            (&["--baseline"][..], "needs a keepalive-agent binary"),
+            (&["--baseline", "/nonexistent/agent"], "no such file"),
+            (&["--baseline", "/"], "not a file"),
+            (&["--fast"], "unknown bench argument"),
+        ] {
+            let err = format!("{:#}", parse(bad).err().expect("refused"));
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
+    }
 }
