@@ -336,7 +336,9 @@ fn sock_slots(state: &StateDir, max_tracked_sockets: Option<u32>) -> anyhow::Res
     }
     if pinned != wanted {
         log::warn!(
-            "keeping the {pinned} tracking slots of the pinned {MAP_SOCK_SLOTS} (this              max_tracked_sockets asks for {wanted}); `keepalive-agent detach` and a restart              resize it"
+            "keeping the {pinned} tracking slots of the pinned {MAP_SOCK_SLOTS} (this \
+             max_tracked_sockets asks for {wanted}); `keepalive-agent detach` and a restart \
+             resize it"
         );
     }
     Ok(pinned)

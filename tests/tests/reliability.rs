@@ -343,7 +343,10 @@ fn a_restart_with_another_socket_capacity_keeps_finding_the_pinned_records() {
         (agent.status()["tracked_entries"] == 0).then_some(())
     });
     assert!(
-        agent.log().contains("keeping the 4 tracking slots"),
+        agent.log().contains(
+            "keeping the 4 tracking slots of the pinned KA_SOCK_SLOTS (this max_tracked_sockets \
+             asks for 65536)"
+        ),
         "{}",
         agent.log()
     );
