@@ -42,16 +42,35 @@ pub fn realistic_policies(enforced: &TestCgroup) -> (TempConfig, Vec<TestCgroup>
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
-/// `kernel.bpf_stats_enabled=1` while it lives; the previous value comes back on drop, also
-/// when the measurement panics.
+/// `kernel.bpf_stats_enabled` held at one value while it lives; the previous value comes back
+/// on drop, also when the measurement panics.
 pub struct BpfStats {
     saved: String,
 }
 
 impl BpfStats {
+    /// Statistics on, for `run_time_ns`/`run_cnt`.
     pub fn enable() -> Self {
+        Self::set("1")
+    }
+
+    /// Statistics off, for timing: they add two clock reads to every program run (about
+    /// 0.1 µs each on this VM's kvm-clock), which an enforced storm pays and a plain one
+    /// does not. A run killed while they were on (Drop never ran) leaves them on.
+    pub fn disable() -> Self {
+        let stats = Self::set("0");
+        if stats.saved.trim() != "0" {
+            eprintln!(
+                "note: kernel.bpf_stats_enabled was {}; off while rates are measured",
+                stats.saved.trim()
+            );
+        }
+        stats
+    }
+
+    fn set(value: &str) -> Self {
         let saved = fs::read_to_string(BPF_STATS).expect("read bpf_stats_enabled");
-        fs::write(BPF_STATS, "1").expect("enable bpf_stats");
+        fs::write(BPF_STATS, value).expect("write bpf_stats_enabled");
         Self { saved }
     }
 }

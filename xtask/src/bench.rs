@@ -38,6 +38,7 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     let shimmed = parent.child("shim");
     let empty = parent.child("empty");
     let enforced = parent.child("enforced");
+    let app_keepalive = parent.child("app-keepalive");
     let (config, services) = realistic_policies(&enforced);
     let agent = Agent::start(&enforced, &["--config", config.to_str().unwrap()]);
     // (e): a sock_ops program that returns at once, for the part of the cost that any sock_ops
@@ -50,11 +51,15 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     );
     empty_program.next(Duration::from_secs(10));
     let preload = [("LD_PRELOAD", keepalive_tests::shim_lib())];
-    let setups: [(&TestCgroup, &[(&str, &str)]); 4] = [
+    // (k): keepalive switched on by the application, with one setsockopt per connection: what
+    // keepalive itself costs (its timer), without any enforcer.
+    let own_keepalive = [("KA_STORM_KEEPALIVE", "1")];
+    let setups: [(&TestCgroup, &[(&str, &str)]); 5] = [
         (&plain, &[]),
         (&shimmed, &preload),
         (&empty, &[]),
         (&enforced, &[]),
+        (&app_keepalive, &own_keepalive),
     ];
     // Warm-up.
     for (cgroup, env) in setups {
@@ -62,26 +67,36 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     }
     // Rates are measured with bpf_stats off, as in production: the statistics add clock reads
     // to every program run.
-    let (mut b_a, mut c_a, mut e_a, mut b_c, mut b_e) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let stats_off = BpfStats::disable();
+    let (mut b_a, mut c_a, mut e_a, mut b_c, mut b_e, mut k_a) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     for i in 0..rounds {
         // Rotate the order so no set-up always runs first.
-        let mut rate = [0.0; 4];
-        for k in 0..4 {
-            let which = (i + k) % 4;
+        let mut rate = [0.0; 5];
+        for k in 0..5 {
+            let which = (i + k) % 5;
             let (cgroup, env) = setups[which];
             rate[which] = storm(cgroup, n, env);
         }
-        let [a, c, e, b] = rate;
+        let [a, c, e, b, k] = rate;
         b_a.push(b / a);
         c_a.push(c / a);
         e_a.push(e / a);
         b_c.push(b / c);
         b_e.push(b / e);
+        k_a.push(k / a);
         eprintln!(
-            "xtask bench: rates plain {a:.0}/s, shim {c:.0}/s, empty program {e:.0}/s, enforced {b:.0}/s"
+            "xtask bench: rates plain {a:.0}/s, shim {c:.0}/s, empty program {e:.0}/s, \
+             enforced {b:.0}/s, application keepalive {k:.0}/s"
         );
     }
+    drop(stats_off);
     // The program's own time, from bpf_stats, over separate storms.
     let stats = BpfStats::enable();
     let (t0, c0) = sockops_stats(agent.pid());
@@ -110,6 +125,12 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     ratio(
         "Connection rate, empty sock_ops program (e) / no enforcement (a): the floor".into(),
         &mut e_a,
+        "context",
+    );
+    ratio(
+        "Connection rate, keepalive set by the application (k) / no enforcement (a): keepalive's own cost"
+            .into(),
+        &mut k_a,
         "context",
     );
     ratio(
@@ -164,7 +185,9 @@ fn against_baseline(rows: &mut Vec<Row>, baseline: &Path, quick: bool) -> anyhow
         storm(cgroup, n, &[]);
     }
     // Rates with bpf_stats off, then the program's time with it on.
+    let stats_off = BpfStats::disable();
     let (ours_rate, base_rate) = pairwise(rounds, setups, |cgroup, _| storm(cgroup, n, &[]));
+    drop(stats_off);
     let stats = BpfStats::enable();
     let (mut ours_ns, mut base_ns) = pairwise(rounds, setups, |cgroup, pid| {
         let (t0, _) = sockops_stats(pid);

@@ -6,7 +6,10 @@
 //! ka-sock pair <4|6|mapped> [--keepalive IDLE]   client+server over loopback; both ends' options
 //! ka-sock listen <ADDR:PORT> [N]                 accept N connections (default 1), report each
 //! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--read] [--loosen]
-//! ka-sock storm <N>                              N loopback connect/accept/close cycles, timed
+//! ka-sock storm <N>                              N loopback connect/accept/close cycles, timed;
+//!                                                with KA_STORM_KEEPALIVE set, the application
+//!                                                turns SO_KEEPALIVE on itself (listener, and
+//!                                                each client after connecting)
 //! ka-sock churn                                  connect/accept/close until stdin closes,
 //!                                                counting connections without SO_KEEPALIVE
 //! ka-sock hold <N>                               open N loopback connections, hold them
@@ -296,6 +299,10 @@ fn storm(args: &[String]) {
     let n: usize = args.first().expect("storm N").parse().expect("count");
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let app_keepalive = std::env::var_os("KA_STORM_KEEPALIVE").is_some();
+    if app_keepalive {
+        set(listener.as_raw_fd(), SOL_SOCKET, SO_KEEPALIVE, 1);
+    }
     // Lock-step connect/accept/close in one thread: no accept backlog can overflow, so no
     // SYN is ever retransmitted and the timing measures the per-connection work itself.
     let start = Instant::now();
@@ -303,6 +310,9 @@ fn storm(args: &[String]) {
         let client = TcpStream::connect(addr).expect("connect");
         let (server, _) = listener.accept().expect("accept");
         reset_on_close(client.as_raw_fd());
+        if app_keepalive {
+            set(client.as_raw_fd(), SOL_SOCKET, SO_KEEPALIVE, 1);
+        }
         drop(client);
         drop(server);
     }
