@@ -4,9 +4,9 @@
 //! A socket's record goes into the first free of its [`SOCK_SLOT_PROBES`] slots in
 //! `KA_SOCK_SLOTS`, claimed with one compare-and-swap: no lock, no allocation, no hashing
 //! beyond one multiply. Only when all are taken does it go to the `KA_SOCKS` hash, whose insert
-//! and delete (bucket lock, allocation, RCU free) cost about 1.2 µs per loopback connection,
-//! where the slots measure within noise of no tracking. The close callback frees the slot or
-//! deletes the entry.
+//! and delete (bucket lock, allocation, RCU free) cost about 1.2 µs per loopback connection.
+//! What a slot costs is mostly the cache line it lives on, hence the sequential first probe
+//! (`keepalive_common::sock_slot`). The close callback frees the slot or deletes the entry.
 
 use core::{
     ffi::c_void,

@@ -81,20 +81,31 @@ pub const DEFAULT_MAX_TRACKED_SOCKETS: u32 = 524_288;
 /// Most slots in [`MAP_SOCK_SLOTS`] (preallocated: 136 bytes each, 8.5 MiB). The agent uses
 /// the largest power of two not above this and `max_tracked_sockets`.
 pub const MAX_SOCK_SLOTS: u32 = 65_536;
-/// Slots a socket may take in [`MAP_SOCK_SLOTS`] before it goes to [`MAP_SOCKS`].
-pub const SOCK_SLOT_PROBES: u32 = 4;
+/// Slots a socket may take in [`MAP_SOCK_SLOTS`] before it goes to [`MAP_SOCKS`]: its
+/// sequential slot, then four spread by a hash (see [`sock_slot`]).
+pub const SOCK_SLOT_PROBES: u32 = 5;
 /// [`SockSlot::cookie`] of a free slot.
 pub const SLOT_FREE: u64 = 0;
 /// [`SockSlot::cookie`] of a slot being written (no socket has this cookie).
 pub const SLOT_BUSY: u64 = u64::MAX;
 
 /// Index of probe `probe` (0..[`SOCK_SLOT_PROBES`]) for `cookie` in a slot table of
-/// `mask + 1` slots. Fibonacci hashing spreads the kernel's consecutive cookies, so sockets
-/// opened together do not crowd one run of slots.
+/// `mask + 1` slots.
+///
+/// Probe 0 is the cookie itself, masked. The kernel hands out cookies in sequence (per CPU, in
+/// batches), so sockets opened one after another take neighbouring slots: a connection storm
+/// walks the table in order, touching the cache lines its previous socket brought in or the
+/// prefetcher fetched, where a hashed slot is a cache miss each time. Probes 1 to 4 spread by
+/// Fibonacci hashing, so a run of slots held by long-lived sockets costs later sockets that
+/// land in it one more probe, not their record. They are the probes 0 to 3 of agents before
+/// the sequential probe, so records those placed in a pinned table are still found.
 #[inline(always)]
 pub const fn sock_slot(cookie: u64, probe: u32, mask: u32) -> u32 {
+    if probe == 0 {
+        return cookie as u32 & mask;
+    }
     let hash = cookie
-        .wrapping_add(probe as u64)
+        .wrapping_add(probe as u64 - 1)
         .wrapping_mul(0x9E37_79B9_7F4A_7C15);
     (hash >> 32) as u32 & mask
 }
@@ -535,20 +546,38 @@ mod tests {
     }
 
     #[test]
-    fn consecutive_cookies_spread_over_the_slot_table() {
-        // The kernel hands out cookies in sequence; 4096 of them (a per-CPU batch) should
-        // land in distinct first slots nearly always, not in one run.
+    fn consecutive_cookies_take_consecutive_slots_then_spread() {
         let mask = MAX_SOCK_SLOTS - 1;
-        let mut used = std::collections::HashSet::new();
-        for cookie in 1_000_000..1_004_096u64 {
-            used.insert(sock_slot(cookie, 0, mask));
+        // Probe 0: the kernel's consecutive cookies take consecutive slots, wrapping.
+        assert_eq!(sock_slot(1_000_000, 0, mask), 1_000_000 & mask);
+        assert_eq!(sock_slot(1_000_001, 0, mask), (1_000_000 & mask) + 1);
+        assert_eq!(sock_slot(u64::from(mask) + 1, 0, mask), 0);
+        // The hashed probes spread a run of 4096 cookies (a per-CPU batch) over distinct
+        // slots nearly always, so sockets whose sequential slots are all held by one run of
+        // long-lived sockets do not collide again among themselves.
+        for probe in 1..SOCK_SLOT_PROBES {
+            let used: std::collections::HashSet<u32> = (1_000_000..1_004_096u64)
+                .map(|cookie| sock_slot(cookie, probe, mask))
+                .collect();
+            assert!(
+                used.len() > 3900,
+                "probe {probe}: {} distinct slots",
+                used.len()
+            );
         }
-        assert!(used.len() > 3900, "{} distinct slots", used.len());
+        // The hashed probes are where agents before the sequential probe put records.
+        let fibonacci = |cookie: u64| ((cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15)) >> 32) as u32;
+        for probe in 1..SOCK_SLOT_PROBES {
+            assert_eq!(
+                sock_slot(12345, probe, mask),
+                fibonacci(12345 + u64::from(probe) - 1) & mask
+            );
+        }
         // A socket's probes are distinct slots.
         let probes: std::collections::HashSet<u32> = (0..SOCK_SLOT_PROBES)
             .map(|p| sock_slot(12345, p, mask))
             .collect();
         assert_eq!(probes.len(), SOCK_SLOT_PROBES as usize);
-        assert!((0..100u64).all(|c| sock_slot(c, 3, 7) <= 7));
+        assert!((0..100u64).all(|c| (0..SOCK_SLOT_PROBES).all(|p| sock_slot(c, p, 7) <= 7)));
     }
 }
