@@ -21,8 +21,8 @@ use aya::{
 use keepalive_common::{
     CgroupStats, DEFAULT_MAX_TRACKED_SOCKETS, GLOBAL_OFFSETS, GLOBAL_SETTINGS, KernelOffsets,
     MAP_APPLY, MAP_CGSTATS, MAP_POLICY, MAP_SOCK_SLOTS, MAP_SOCKS, MAX_POLICIES, PINNED_MAPS,
-    PROG_APPLY, PROG_LOCK, PROG_SOCKOPS, PROG_STATUS, PROG_STATUS_SLOTS, Policy, Settings,
-    sock_slots_for,
+    POLICY_GENERATION_KEY, PROG_APPLY, PROG_LOCK, PROG_SOCKOPS, PROG_STATUS, PROG_STATUS_SLOTS,
+    Policy, Settings, generation_entry, sock_slots_for,
 };
 
 use crate::{
@@ -203,11 +203,15 @@ impl Enforcer {
     /// Replaces the active policy table with a new one in a single map update: a lookup sees
     /// the old table or the new one, never a mix. The kernel waits for programs still using
     /// the old table before the update returns.
+    ///
+    /// The table carries a generation no earlier table had, under which the program caches
+    /// what it resolves (`POLICY_GENERATION_KEY`), so no cached resolution outlives its table.
     pub fn push_table(&mut self, table: &[(u64, Policy)]) -> anyhow::Result<()> {
-        // Globs can resolve to more cgroups than there are rules; size the table to fit.
-        let capacity = u32::try_from(table.len())
+        // Globs can resolve to more cgroups than there are rules; size the table to fit, with
+        // the generation.
+        let capacity = u32::try_from(table.len() + 1)
             .unwrap_or(u32::MAX)
-            .max(MAX_POLICIES + 1);
+            .max(MAX_POLICIES + 2);
         let mut inner: HashMap<MapData, u64, Policy> = HashMap::create(capacity, BPF_F_NO_PREALLOC)
             .context("failed to create a policy table")?;
         for (id, policy) in table {
@@ -215,6 +219,10 @@ impl Enforcer {
                 .insert(id, policy, 0)
                 .context("failed to fill the policy table")?;
         }
+        let generation = generation_entry(crate::status::boottime_now_ns());
+        inner
+            .insert(POLICY_GENERATION_KEY, generation, 0)
+            .context("failed to fill the policy table")?;
         let map = self
             .ebpf
             .map_mut(MAP_POLICY)

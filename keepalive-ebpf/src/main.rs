@@ -118,7 +118,7 @@ fn on_listen(ctx: &SockOpsContext) {
     let Some(sock) = socket(ctx) else {
         return;
     };
-    let Some(resolved) = policy::resolve(sock.cgroup, false) else {
+    let Some(resolved) = policy::resolve_in_scope(sock.cgroup) else {
         return;
     };
     enforce::configure_listener(sock.target, sock.sk, sock.tp, &resolved.policy);
@@ -129,7 +129,7 @@ fn on_established(ctx: &SockOpsContext, direction: u32) {
     let Some(sock) = socket(ctx) else {
         return;
     };
-    let Some(resolved) = policy::resolve(sock.cgroup, false) else {
+    let Some(resolved) = policy::resolve_in_scope(sock.cgroup) else {
         count(Counter::NoPolicyTable);
         return;
     };

@@ -1,12 +1,20 @@
 //! Policy lookup: one table swap away from any change, resolved by walking the socket's cgroup
 //! ancestors up to the attach cgroup.
 
+use core::{
+    intrinsics::{AtomicOrdering, atomic_cxchg},
+    ptr::{read_volatile, write_volatile},
+};
+
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{ArrayOfMaps, HashMap},
+    btf_maps::{ArrayOfMaps, HashMap, PerCpuArray},
     macros::btf_map,
 };
-use keepalive_common::{DEFAULT_POLICY_KEY, MAX_CGROUP_DEPTH, MAX_POLICIES, Policy, policy_flags};
+use keepalive_common::{
+    DEFAULT_POLICY_KEY, MAX_CGROUP_DEPTH, MAX_POLICIES, POLICY_GENERATION_KEY, Policy,
+    RESOLVED_SLOTS, ResolvedSlot, entry_generation, policy_flags, resolved_slot,
+};
 
 use crate::kernel::{self, SockCgroup, off};
 
@@ -17,6 +25,10 @@ type PolicyTable = HashMap<u64, Policy, { MAX_POLICIES as usize }, { BPF_F_NO_PR
 #[btf_map]
 static KA_POLICY: ArrayOfMaps<PolicyTable, 1> = ArrayOfMaps::new();
 
+/// See [`keepalive_common::MAP_RESOLVED`].
+#[btf_map]
+static KA_RESOLVED: PerCpuArray<ResolvedSlot, { RESOLVED_SLOTS as usize }> = PerCpuArray::new();
+
 /// The policy that applies to one socket.
 #[derive(Clone, Copy)]
 pub(crate) struct Resolved {
@@ -25,6 +37,110 @@ pub(crate) struct Resolved {
     pub(crate) policy_cgroup: u64,
     /// Whether the walk reached the attach cgroup.
     pub(crate) in_scope: bool,
+}
+
+/// [`resolve`] for the sock_ops program, which only sees sockets inside the subtree: the
+/// socket's own policy, else a resolution cached under the installed table's generation, else
+/// the walk, whose result is then cached.
+#[inline(always)]
+pub(crate) fn resolve_in_scope(cgroup: SockCgroup) -> Option<Resolved> {
+    if !cgroup.is_known() {
+        return resolve(cgroup, false);
+    }
+    let table = KA_POLICY.get(0)?;
+    // SAFETY: as in `resolve`.
+    if let Some(policy) = unsafe { table.get(cgroup.id) } {
+        return Some(found(*policy, cgroup.id));
+    }
+    // SAFETY: as in `resolve`.
+    let Some(generation) = unsafe { table.get(POLICY_GENERATION_KEY) }.map(entry_generation) else {
+        return resolve(cgroup, false);
+    };
+    let slot = KA_RESOLVED.get_ptr_mut(resolved_slot(cgroup.id))?;
+    if let Some(resolved) = cached(slot, cgroup.id, generation) {
+        return Some(resolved);
+    }
+    let resolved = resolve(cgroup, false)?;
+    cache(slot, cgroup.id, generation, &resolved);
+    Some(resolved)
+}
+
+/// The resolution in `slot` if it is for `cgroup` under `generation` and was not being
+/// written while it was copied.
+#[inline(always)]
+fn cached(slot: *mut ResolvedSlot, cgroup: u64, generation: u64) -> Option<Resolved> {
+    // SAFETY: `slot` is this CPU's copy of an array slot, valid for the program's run. Every
+    // read is volatile so the copy stays between the two reads of `seq`.
+    unsafe {
+        let seq = read_volatile(&raw const (*slot).seq);
+        if seq & 1 != 0
+            || read_volatile(&raw const (*slot).cgroup) != cgroup
+            || read_volatile(&raw const (*slot).generation) != generation
+        {
+            return None;
+        }
+        let policy_cgroup = read_volatile(&raw const (*slot).policy_cgroup);
+        let words = (&raw const (*slot).policy).cast::<u64>();
+        let mut policy = [0u64; 3];
+        for (i, word) in policy.iter_mut().enumerate() {
+            *word = read_volatile(words.add(i));
+        }
+        if read_volatile(&raw const (*slot).seq) != seq {
+            return None;
+        }
+        Some(Resolved {
+            policy: core::mem::transmute::<[u64; 3], Policy>(policy),
+            policy_cgroup,
+            in_scope: true,
+        })
+    }
+}
+
+/// Stores `resolved` for `cgroup` under `generation`, unless another program on this CPU is
+/// writing the slot (then this one just stays uncached).
+#[inline(always)]
+fn cache(slot: *mut ResolvedSlot, cgroup: u64, generation: u64, resolved: &Resolved) {
+    // SAFETY: as in `cached`. The compare-and-swap makes this the only writer of the slot
+    // until `seq` is even again; a program that interrupted a reader makes the reader's two
+    // reads of `seq` differ.
+    unsafe {
+        let seq_ptr = &raw mut (*slot).seq;
+        let seq = read_volatile(seq_ptr);
+        if seq & 1 != 0
+            || !atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                seq_ptr,
+                seq,
+                seq + 1,
+            )
+            .1
+        {
+            return;
+        }
+        write_volatile(&raw mut (*slot).cgroup, cgroup);
+        write_volatile(&raw mut (*slot).generation, generation);
+        write_volatile(&raw mut (*slot).policy_cgroup, resolved.policy_cgroup);
+        let words = core::mem::transmute::<Policy, [u64; 3]>(resolved.policy);
+        let to = (&raw mut (*slot).policy).cast::<u64>();
+        for (i, word) in words.iter().enumerate() {
+            write_volatile(to.add(i), *word);
+        }
+        write_volatile(seq_ptr, seq + 2);
+    }
+}
+
+/// A resolution from the table entry `policy` stored under `key`: the default, also stored
+/// under the attach cgroup, is reported as such.
+#[inline(always)]
+fn found(policy: Policy, key: u64) -> Resolved {
+    Resolved {
+        policy,
+        policy_cgroup: if policy.flags & policy_flags::DEFAULT != 0 {
+            DEFAULT_POLICY_KEY
+        } else {
+            key
+        },
+        in_scope: true,
+    }
 }
 
 /// Finds the policy of the nearest cgroup, starting at the socket's own, that has one; the
@@ -37,22 +153,17 @@ pub(crate) struct Resolved {
 pub(crate) fn resolve(cgroup: SockCgroup, need_scope: bool) -> Option<Resolved> {
     let table = KA_POLICY.get(0)?;
     let attach = kernel::attach_cgroup_id();
-    let mut found: Option<(Policy, u64)> = None;
+    let mut matched: Option<(Policy, u64)> = None;
     let mut in_scope = false;
     if cgroup.is_known() {
         let SockCgroup { mut id, mut kn } = cgroup;
         for _ in 0..MAX_CGROUP_DEPTH {
-            if found.is_none() {
+            if matched.is_none() {
                 // SAFETY: the value is copied out at once; tables are never modified while
                 // installed (the agent swaps in a new one), so no writer can race the copy.
                 if let Some(policy) = unsafe { table.get(id) } {
-                    // The default, also stored under the attach cgroup, is reported as such.
-                    let key = if policy.flags & policy_flags::DEFAULT != 0 {
-                        DEFAULT_POLICY_KEY
-                    } else {
-                        id
-                    };
-                    found = Some((*policy, key));
+                    let hit = found(*policy, id);
+                    matched = Some((hit.policy, hit.policy_cgroup));
                     if !need_scope {
                         break;
                     }
@@ -70,8 +181,8 @@ pub(crate) fn resolve(cgroup: SockCgroup, need_scope: bool) -> Option<Resolved> 
             id = kernel::load(kn, off!(kn_id));
         }
     }
-    let (policy, policy_cgroup) = match found {
-        Some(found) => found,
+    let (policy, policy_cgroup) = match matched {
+        Some(matched) => matched,
         // SAFETY: as above.
         None => (
             *unsafe { table.get(DEFAULT_POLICY_KEY) }?,

@@ -75,6 +75,50 @@ fn nearest_ancestor_default_and_off() {
     assert_eq!(server, kernel_defaults());
 }
 
+/// Runs `each` once on every CPU this thread may use, pinned there: processes it starts run
+/// there too, and so do the loopback callbacks of their connections.
+fn on_each_cpu(mut each: impl FnMut(usize)) {
+    // SAFETY: sched_{get,set}affinity on this thread with a cpu_set_t they fill and read.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        assert_eq!(
+            libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut allowed),
+            0
+        );
+        for cpu in (0..libc::CPU_SETSIZE as usize).filter(|&c| libc::CPU_ISSET(c, &allowed)) {
+            let mut one: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut one);
+            assert_eq!(
+                libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &one),
+                0
+            );
+            each(cpu);
+        }
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &allowed),
+            0
+        );
+    }
+}
+
+#[test]
+fn a_new_policy_on_an_ancestor_reaches_descendants_the_program_resolved_before() {
+    // The program caches what it resolved for a cgroup without a policy of its own (per CPU,
+    // under the table's generation). A new table must invalidate that on every CPU.
+    let parent = TestCgroup::new("ancestor");
+    let a = parent.child("a");
+    let b = a.child("b");
+    let leaf = b.child("c");
+    let config = write_config("[default]\nidle = 50\n");
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    on_each_cpu(|cpu| assert_eq!(idle_of(&leaf), 50, "cpu {cpu}: [default]"));
+    agent.cli_ok(&["policy", "set", a.path().to_str().unwrap(), "--idle", "70"]);
+    on_each_cpu(|cpu| assert_eq!(idle_of(&leaf), 70, "cpu {cpu}: the new ancestor policy"));
+    on_each_cpu(|cpu| assert_eq!(idle_of(&leaf), 70, "cpu {cpu}: again, now cached"));
+    agent.cli_ok(&["policy", "unset", a.path().to_str().unwrap()]);
+    on_each_cpu(|cpu| assert_eq!(idle_of(&leaf), 50, "cpu {cpu}: back to [default]"));
+}
+
 #[test]
 fn fill_keeps_an_applications_own_keepalive() {
     let cg = TestCgroup::new("fill");

@@ -39,6 +39,12 @@ pub const MAP_SOCKS: &str = "KA_SOCKS";
 /// Connect cache: [`CONNECT_SLOTS`] × [`ConnectSlot`]. Not pinned: in-flight connects across an
 /// agent restart just show their process as unknown.
 pub const MAP_CONNECTS: &str = "KA_CONNECTS";
+/// Per-CPU cache of the sock_ops program's policy resolutions: [`RESOLVED_SLOTS`]
+/// [`ResolvedSlot`]s per CPU, addressed by a hash of the socket's cgroup id
+/// ([`resolved_slot`]). A hit saves the walk up the cgroup tree, one table lookup per level
+/// (containers sit four or five levels below the root). Not pinned: a new program starts
+/// empty.
+pub const MAP_RESOLVED: &str = "KA_RESOLVED";
 /// One `u64`: CLOCK_BOOTTIME nanoseconds when the current apply pass started, written by the
 /// agent before each pass. A bpf iterator shows an object again when its output did not fit
 /// the buffer; a socket already updated in this pass then reports the same result again
@@ -128,6 +134,39 @@ pub const fn sock_slots_for(max: u32) -> u32 {
 pub const MAX_CGROUP_DEPTH: u32 = 32;
 /// Key of the `[default]` policy in the policy table. No cgroup has id 0.
 pub const DEFAULT_POLICY_KEY: u64 = 0;
+/// Key of the table's generation in the policy table: a value no other table of this boot
+/// has (the agent uses CLOCK_BOOTTIME nanoseconds at creation), split over
+/// [`Policy::idle`] (low half) and [`Policy::interval`] (high half); no cgroup has this id.
+/// Tables are never modified while installed, so a resolution the program cached under a
+/// table's generation stays right for as long as that table is installed
+/// ([`MAP_RESOLVED`]). Tables without it (from agents before the cache) are walked every
+/// time.
+pub const POLICY_GENERATION_KEY: u64 = u64::MAX;
+/// Slots per CPU of [`MAP_RESOLVED`], a power of two.
+pub const RESOLVED_SLOTS: u32 = 1024;
+
+/// The [`Policy`] value stored under [`POLICY_GENERATION_KEY`].
+pub const fn generation_entry(generation: u64) -> Policy {
+    Policy {
+        idle: generation as u32,
+        interval: (generation >> 32) as u32,
+        count: 0,
+        user_timeout_ms: 0,
+        mode: 0,
+        flags: 0,
+    }
+}
+
+/// The generation stored in a [`generation_entry`].
+pub const fn entry_generation(entry: &Policy) -> u64 {
+    entry.idle as u64 | (entry.interval as u64) << 32
+}
+
+/// Index in [`MAP_RESOLVED`] of cgroup `id`.
+#[inline(always)]
+pub const fn resolved_slot(id: u64) -> u32 {
+    (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) as u32 & (RESOLVED_SLOTS - 1)
+}
 
 // ---------------------------------------------------------------------------------------------
 // Pin layout under the state directory (default `/sys/fs/bpf/keepalive`).
@@ -188,6 +227,28 @@ pub struct Policy {
     pub flags: u32,
 }
 const _: () = assert!(core::mem::size_of::<Policy>() == 24);
+
+/// One slot of [`MAP_RESOLVED`]: the policy found for cgroup `cgroup` in the policy table of
+/// generation `generation`.
+///
+/// Each CPU has its own slots, so only programs on the same CPU (a softirq interrupting one in
+/// process context, or a preempted one) can meet in a slot; `seq` is odd while a writer fills
+/// it, and a reader takes the copy only if `seq` was even and the same before and after.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ResolvedSlot {
+    /// Write sequence: odd while being written.
+    pub seq: u64,
+    /// The socket's cgroup id; 0 in an unused slot.
+    pub cgroup: u64,
+    /// [`POLICY_GENERATION_KEY`] of the table the walk was made in.
+    pub generation: u64,
+    /// The cgroup whose policy matched, or [`DEFAULT_POLICY_KEY`].
+    pub policy_cgroup: u64,
+    /// The policy found.
+    pub policy: Policy,
+}
+const _: () = assert!(core::mem::size_of::<ResolvedSlot>() == 56);
 
 /// Slots of the connect cache ([`MAP_CONNECTS`]).
 pub const CONNECT_SLOTS: u32 = 4096;
