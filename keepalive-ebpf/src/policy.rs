@@ -54,13 +54,16 @@ pub(crate) fn resolve_in_scope(cgroup: SockCgroup) -> Option<Resolved> {
     }
     // SAFETY: as in `resolve`.
     let Some(generation) = unsafe { table.get(POLICY_GENERATION_KEY) }.map(entry_generation) else {
-        return resolve(cgroup, false);
+        return walk(table, cgroup, false);
     };
-    let slot = KA_RESOLVED.get_ptr_mut(resolved_slot(cgroup.id))?;
+    let Some(slot) = KA_RESOLVED.get_ptr_mut(resolved_slot(cgroup.id)) else {
+        return walk(table, cgroup, false);
+    };
     if let Some(resolved) = cached(slot, cgroup.id, generation) {
         return Some(resolved);
     }
-    let resolved = resolve(cgroup, false)?;
+    // The same table as the generation: what is cached under it was found in it.
+    let resolved = walk(table, cgroup, false)?;
     cache(slot, cgroup.id, generation, &resolved);
     Some(resolved)
 }
@@ -151,7 +154,12 @@ fn found(policy: Policy, key: u64) -> Resolved {
 /// of a network namespace; sock_ops only ever sees sockets inside the subtree).
 #[inline(always)]
 pub(crate) fn resolve(cgroup: SockCgroup, need_scope: bool) -> Option<Resolved> {
-    let table = KA_POLICY.get(0)?;
+    walk(KA_POLICY.get(0)?, cgroup, need_scope)
+}
+
+/// [`resolve`] in `table`.
+#[inline(always)]
+fn walk(table: &PolicyTable, cgroup: SockCgroup, need_scope: bool) -> Option<Resolved> {
     let attach = kernel::attach_cgroup_id();
     let mut matched: Option<(Policy, u64)> = None;
     let mut in_scope = false;
