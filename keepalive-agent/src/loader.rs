@@ -20,9 +20,9 @@ use aya::{
 };
 use keepalive_common::{
     CgroupStats, DEFAULT_MAX_TRACKED_SOCKETS, GLOBAL_OFFSETS, GLOBAL_SETTINGS, KernelOffsets,
-    MAP_APPLY, MAP_CGSTATS, MAP_POLICY, MAP_SOCK_SLOTS, MAP_SOCKS, MAX_POLICIES, PINNED_MAPS,
-    POLICY_GENERATION_KEY, PROG_APPLY, PROG_LOCK, PROG_SOCKOPS, PROG_STATUS, PROG_STATUS_SLOTS,
-    Policy, Settings, generation_entry, sock_slots_for,
+    MAP_APPLY, MAP_CGSTATS, MAP_POLICY, MAP_SLOT_CHUNKS, MAP_SOCK_SLOTS, MAP_SOCKS, MAX_POLICIES,
+    PINNED_MAPS, POLICY_GENERATION_KEY, PROG_APPLY, PROG_LOCK, PROG_SOCKOPS, PROG_STATUS,
+    PROG_STATUS_SLOTS, Policy, Settings, generation_entry, slot_chunks_for, sock_slots_for,
 };
 
 use crate::{
@@ -147,6 +147,7 @@ impl Enforcer {
             loader.map_max_entries(MAP_SOCKS, max);
         }
         loader.map_max_entries(MAP_SOCK_SLOTS, slots);
+        loader.map_max_entries(MAP_SLOT_CHUNKS, slot_chunks_for(slots));
         let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|err| kernel_error("failed to load the BPF object", err))?;
@@ -272,19 +273,25 @@ impl Enforcer {
 
     /// Pins fresh status iterator links over the socket records, replacing any older ones.
     pub fn pin_status_iterator(&mut self) -> anyhow::Result<()> {
+        // The slot table is read through its chunk map (one program run per chunk of slots),
+        // which the link keeps alive; the hash is iterated itself.
+        let chunks = self
+            .ebpf
+            .map(MAP_SLOT_CHUNKS)
+            .ok_or_else(|| anyhow!("the BPF object has no {MAP_SLOT_CHUNKS} map"))?;
+        let chunks = match chunks {
+            aya::maps::Map::Array(data) => data.fd().as_fd().try_clone_to_owned()?,
+            _ => return Err(anyhow!("{MAP_SLOT_CHUNKS} is not an array")),
+        };
+        let hash = sys::obj_get(&self.state.map(MAP_SOCKS))
+            .with_context(|| format!("failed to open {MAP_SOCKS}"))?;
         let links = [
-            (
-                MAP_SOCK_SLOTS,
-                PROG_STATUS_SLOTS,
-                self.state.status_slots_link(),
-            ),
-            (MAP_SOCKS, PROG_STATUS, self.state.status_link()),
+            (chunks, PROG_STATUS_SLOTS, self.state.status_slots_link()),
+            (hash, PROG_STATUS, self.state.status_link()),
         ];
         for (map, prog, pin) in links {
-            let records = sys::obj_get(&self.state.map(map))
-                .with_context(|| format!("failed to open {map}"))?;
             let prog: &mut Iter = program(&mut self.ebpf, prog)?;
-            let link = sys::iter_link_create(prog.fd()?.as_fd(), Some(records.as_fd()))
+            let link = sys::iter_link_create(prog.fd()?.as_fd(), Some(map.as_fd()))
                 .context("failed to create the status iterator link")?;
             replace_pin(link.as_fd(), &pin)?;
         }

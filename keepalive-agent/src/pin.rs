@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! maps-v<ABI>/KA_POLICY    policy table slot (array of maps)
-//! maps-v<ABI>/KA_SOCK_SLOTS per-socket records (array addressed by a hash of the cookie)
+//! maps-v<ABI>/KA_SOCK_SLOTS per-socket records (array addressed by the cookie and its hashes)
 //! maps-v<ABI>/KA_SOCKS     per-socket records that found no free slot (hash keyed by cookie)
 //! maps-v<ABI>/KA_LOCKS     policies of `lock` sockets (socket storage)
 //! maps-v<ABI>/KA_LISTENERS policies set on listeners (socket storage)
@@ -13,7 +13,7 @@
 //! maps-v<ABI>/KA_COUNTERS  per-CPU event counters
 //! link_sockops             sock_ops program on the attach cgroup
 //! link_lock                setsockopt program on the attach cgroup (only with `lock` policies)
-//! link_status_slots        iterator over KA_SOCK_SLOTS, read by `status`
+//! link_status_slots        iterator over KA_SOCK_SLOTS (through its chunk map), read by `status`
 //! link_status              iterator over KA_SOCKS, read by `status`
 //! ```
 //!

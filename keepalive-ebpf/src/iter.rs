@@ -4,14 +4,21 @@
 
 use core::{ffi::c_void, ptr::read_volatile};
 
-use aya_ebpf::helpers::generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock};
-use keepalive_common::{SLOT_BUSY, SLOT_FREE, SockRecord, SockSlot, StatusRecord, uapi};
+use aya_ebpf::{
+    btf_maps::Array,
+    helpers::generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock},
+    macros::btf_map,
+};
+use keepalive_common::{
+    MAX_SOCK_SLOTS, SLOT_BUSY, SLOT_FREE, STATUS_CHUNK, SockRecord, SockSlot, StatusRecord, uapi,
+};
 
 use crate::{
     enforce,
     kernel::{self, off, read},
     policy,
     socket::{self, Origin, Socket},
+    track,
 };
 
 #[repr(C)]
@@ -144,24 +151,43 @@ pub fn keepalive_status(ctx: *mut IterMapElem) -> i32 {
     0
 }
 
-/// [`keepalive_status`] for the occupied slots of `KA_SOCK_SLOTS`. A slot can be claimed or
-/// freed while it is read, so the record counts only if the cookie is the same before and
-/// after the copy (see `track::claim_slot`).
+/// See [`keepalive_common::MAP_SLOT_CHUNKS`]; sized by the loader.
+#[btf_map]
+static KA_SLOT_CHUNKS: Array<u32, { (MAX_SOCK_SLOTS / STATUS_CHUNK) as usize }> = Array::new();
+
+/// [`keepalive_status`] for the occupied slots of `KA_SOCK_SLOTS`, [`STATUS_CHUNK`] of them
+/// per element of `KA_SLOT_CHUNKS`. A slot can be claimed or freed while it is read, so the
+/// record counts only if the cookie is the same before and after the copy (see
+/// `track::claim_slot`).
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/bpf_map_elem")]
 pub fn keepalive_status_slots(ctx: *mut IterMapElem) -> i32 {
     // SAFETY: the kernel passes a valid context.
     let ctx = unsafe { &*ctx };
-    let slot = ctx.value.cast::<SockSlot>().cast_const();
-    if slot.is_null() {
+    let key = ctx.key.cast::<u32>().cast_const();
+    if key.is_null() {
         return 0;
     }
-    // SAFETY: `slot` points at this map's value. Every read is volatile, so the copy stays
+    // SAFETY: the key of an array map element is its u32 index.
+    let first = unsafe { *key }.wrapping_mul(STATUS_CHUNK);
+    for i in 0..STATUS_CHUNK {
+        let Some(slot) = track::slot_at(first.wrapping_add(i)) else {
+            break;
+        };
+        status_slot(ctx.meta, slot);
+    }
+    0
+}
+
+/// Writes the record of one slot, if it holds one that stayed put while it was copied.
+#[inline(always)]
+fn status_slot(meta: *mut IterMeta, slot: *const SockSlot) {
+    // SAFETY: `slot` points at a slot of the table. Every read is volatile, so the copy stays
     // between the two cookie reads (BPF has no fence instruction).
     let (mut out, again) = unsafe {
         let cookie = read_volatile(&raw const (*slot).cookie);
         if cookie == SLOT_FREE || cookie == SLOT_BUSY {
-            return 0;
+            return;
         }
         let mut out = status_record(cookie, &SockRecord::default());
         let (from, to) = (
@@ -174,9 +200,8 @@ pub fn keepalive_status_slots(ctx: *mut IterMapElem) -> i32 {
         (out, read_volatile(&raw const (*slot).cookie))
     };
     if out.cookie == again {
-        write_status(ctx.meta, &mut out);
+        write_status(meta, &mut out);
     }
-    0
 }
 
 /// # Safety

@@ -87,6 +87,15 @@ fn slot(cookie: u64, probe: u32) -> Option<*mut SockSlot> {
     KA_SOCK_SLOTS.get_ptr_mut(sock_slot(cookie, probe, kernel::sock_slot_mask()))
 }
 
+/// Slot `index` of the table, for `status`; `None` past its end.
+#[inline(always)]
+pub(crate) fn slot_at(index: u32) -> Option<*const SockSlot> {
+    if index > kernel::sock_slot_mask() {
+        return None;
+    }
+    KA_SOCK_SLOTS.get_ptr(index)
+}
+
 /// The slot holding `cookie`'s record, if one does.
 #[inline(always)]
 fn find_slot(cookie: u64) -> Option<*mut SockSlot> {
