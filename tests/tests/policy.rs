@@ -111,12 +111,32 @@ fn a_new_policy_on_an_ancestor_reaches_descendants_the_program_resolved_before()
     let leaf = b.child("c");
     let config = write_config("[default]\nidle = 50\n");
     let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
-    on_each_cpu(|cpu| assert_eq!(idle_of(&leaf), 50, "cpu {cpu}: [default]"));
-    agent.cli_ok(&["policy", "set", a.path().to_str().unwrap(), "--idle", "70"]);
-    on_each_cpu(|cpu| assert_eq!(idle_of(&leaf), 70, "cpu {cpu}: the new ancestor policy"));
-    on_each_cpu(|cpu| assert_eq!(idle_of(&leaf), 70, "cpu {cpu}: again, now cached"));
-    agent.cli_ok(&["policy", "unset", a.path().to_str().unwrap()]);
-    on_each_cpu(|cpu| assert_eq!(idle_of(&leaf), 50, "cpu {cpu}: back to [default]"));
+    // Both ends: the client's values come from the program, the server's from its listener,
+    // which the program configured when it started listening.
+    let expect = |values: (i64, i64, i64, i64), what: &str| {
+        on_each_cpu(|cpu| {
+            let (client, server) = pair_values(&leaf);
+            assert_eq!(client, values, "cpu {cpu}, client: {what}");
+            assert_eq!(server, values, "cpu {cpu}, server: {what}");
+        });
+    };
+    expect((1, 50, 10, 5), "[default]");
+    let a_path = a.path().to_str().unwrap();
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        a_path,
+        "--idle",
+        "70",
+        "--interval",
+        "7",
+        "--count",
+        "3",
+    ]);
+    expect((1, 70, 7, 3), "the new ancestor policy");
+    expect((1, 70, 7, 3), "again, now cached");
+    agent.cli_ok(&["policy", "unset", a_path]);
+    expect((1, 50, 10, 5), "back to [default]");
 }
 
 #[test]
