@@ -7,6 +7,11 @@
 
 /// Bumped whenever a map's key or value layout changes. Pinned maps live in a directory named
 /// after it, so an agent never reuses maps whose layout it does not understand.
+///
+/// Not bumped for [`sock_slot`]'s sequential first probe: newer agents find every record older
+/// ones placed, and a bump would drop the pinned lock storage of `lock` sockets on upgrade.
+/// Older agents miss records newer ones placed at the first probe; the README's "Downgrades"
+/// says to detach first.
 pub const ABI_VERSION: u32 = 2;
 
 // ---------------------------------------------------------------------------------------------
@@ -157,8 +162,10 @@ pub const DEFAULT_POLICY_KEY: u64 = 0;
 /// ([`MAP_RESOLVED`]). Tables without it (from agents before the cache) are walked every
 /// time.
 pub const POLICY_GENERATION_KEY: u64 = u64::MAX;
-/// Slots per CPU of [`MAP_RESOLVED`], a power of two.
-pub const RESOLVED_SLOTS: u32 = 1024;
+/// Slots per CPU of [`MAP_RESOLVED`], a power of two: cgroups making connections on one CPU
+/// at a time (a Kubernetes node runs up to 110 pods by default). The map takes 14 KiB per
+/// possible CPU, 3.5 MiB on a 256-CPU host.
+pub const RESOLVED_SLOTS: u32 = 256;
 
 /// The [`Policy`] value stored under [`POLICY_GENERATION_KEY`].
 pub const fn generation_entry(generation: u64) -> Policy {
