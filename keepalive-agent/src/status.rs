@@ -201,8 +201,9 @@ fn open_records(state: &StateDir) -> anyhow::Result<Records> {
     if slots.exists() {
         readers.push(start(open(&slots)?)?);
         // The hash holds only sockets whose slots were all taken, so it is empty on most hosts,
-        // and its iterator visits every bucket even then: about 6 ms at the default size.
-        // One BPF_MAP_GET_NEXT_KEY says whether there is anything to read.
+        // and its iterator runs once per bucket even then: about 6 ms at the default size.
+        // BPF_MAP_GET_NEXT_KEY finds the first entry with a plain scan of the buckets in the
+        // kernel, a fraction of that (it grows with max_tracked_sockets all the same).
         if hash_is_empty(state) {
             return Ok(Records(readers));
         }

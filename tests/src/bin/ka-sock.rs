@@ -7,9 +7,9 @@
 //! ka-sock listen <ADDR:PORT> [N]                 accept N connections (default 1), report each
 //! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--read] [--loosen]
 //! ka-sock storm <N>                              N loopback connect/accept/close cycles, timed;
-//!                                                with KA_STORM_KEEPALIVE set, the application
-//!                                                turns SO_KEEPALIVE on itself (listener, and
-//!                                                each client after connecting)
+//!                                                with KA_STORM_KEEPALIVE set (to any value),
+//!                                                the application turns SO_KEEPALIVE on itself
+//!                                                (listener, and each client after connecting)
 //! ka-sock churn                                  connect/accept/close until stdin closes,
 //!                                                counting connections without SO_KEEPALIVE
 //! ka-sock hold <N>                               open N loopback connections, hold them
