@@ -115,7 +115,11 @@ async fn respond(
     let get = request_line.starts_with("GET ");
     let (status, content_type, body) =
         if get && (path == "/metrics" || path.starts_with("/metrics?")) {
-            match render(state, cgroup2) {
+            // Reading the maps takes a status walk (a few ms, hundreds at 200k sockets): off
+            // the agent's loop, which also serves signals, the control socket and inotify.
+            let (state, cgroup2) = (state.clone(), cgroup2.clone());
+            let rendered = tokio::task::spawn_blocking(move || render(&state, &cgroup2)).await;
+            match rendered.map_err(anyhow::Error::from).and_then(|body| body) {
                 Ok(body) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body),
                 Err(err) => (
                     "503 Service Unavailable",
