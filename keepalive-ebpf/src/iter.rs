@@ -15,7 +15,7 @@ use keepalive_common::{
 
 use crate::{
     enforce,
-    kernel::{self, off, read},
+    kernel::{self, copy_words, off, read},
     policy,
     socket::{self, Origin, Socket},
     track,
@@ -190,13 +190,7 @@ fn status_slot(meta: *mut IterMeta, slot: *const SockSlot) {
             return;
         }
         let mut out = status_record(cookie, &SockRecord::default());
-        let (from, to) = (
-            (&raw const (*slot).sock).cast::<u64>(),
-            (&raw mut out.sock).cast::<u64>(),
-        );
-        for i in 0..size_of::<SockRecord>() / 8 {
-            *to.add(i) = read_volatile(from.add(i));
-        }
+        copy_words(&raw const (*slot).sock, &raw mut out.sock);
         (out, read_volatile(&raw const (*slot).cookie))
     };
     if out.cookie == again {

@@ -89,6 +89,21 @@ pub(crate) fn load<T: Copy>(base: *const u8, offset: u32) -> T {
     unsafe { core::ptr::read_volatile(base.wrapping_add(offset as usize).cast::<T>()) }
 }
 
+/// Copies a `T` 8 bytes at a time, every read and write volatile: a copy out of a slot that
+/// other programs may rewrite stays between the reads of the slot's guard word around it (BPF
+/// has no fence), and is never turned into a `memcpy` of the whole value on the small BPF stack.
+///
+/// # Safety
+/// `from` and `to` are valid for a `T`, 8-byte aligned, and `T`'s size is a multiple of 8.
+#[inline(always)]
+pub(crate) unsafe fn copy_words<T>(from: *const T, to: *mut T) {
+    let (from, to) = (from.cast::<u64>(), to.cast::<u64>());
+    for i in 0..size_of::<T>() / 8 {
+        // SAFETY: see above.
+        unsafe { core::ptr::write_volatile(to.add(i), core::ptr::read_volatile(from.add(i))) };
+    }
+}
+
 /// A socket's own cgroup: the one it was created in, recorded by the kernel in
 /// `sk->sk_cgrp_data`. Unlike the current task's cgroup, this is right in softirq too.
 ///

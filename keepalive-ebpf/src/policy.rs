@@ -16,7 +16,7 @@ use keepalive_common::{
     RESOLVED_SLOTS, ResolvedSlot, entry_generation, policy_flags, resolved_slot,
 };
 
-use crate::kernel::{self, SockCgroup, off};
+use crate::kernel::{self, SockCgroup, copy_words, off};
 
 type PolicyTable = HashMap<u64, Policy, { MAX_POLICIES as usize }, { BPF_F_NO_PREALLOC as usize }>;
 
@@ -83,11 +83,8 @@ fn cached(slot: *mut ResolvedSlot, cgroup: u64, generation: u64) -> Option<Resol
             return None;
         }
         let policy_cgroup = read_volatile(&raw const (*slot).policy_cgroup);
-        let words = (&raw const (*slot).policy).cast::<u64>();
         let mut policy = [0u64; 3];
-        for (i, word) in policy.iter_mut().enumerate() {
-            *word = read_volatile(words.add(i));
-        }
+        copy_words((&raw const (*slot).policy).cast(), &raw mut policy);
         if read_volatile(&raw const (*slot).seq) != seq {
             return None;
         }
@@ -123,10 +120,7 @@ fn cache(slot: *mut ResolvedSlot, cgroup: u64, generation: u64, resolved: &Resol
         write_volatile(&raw mut (*slot).generation, generation);
         write_volatile(&raw mut (*slot).policy_cgroup, resolved.policy_cgroup);
         let words = core::mem::transmute::<Policy, [u64; 3]>(resolved.policy);
-        let to = (&raw mut (*slot).policy).cast::<u64>();
-        for (i, word) in words.iter().enumerate() {
-            write_volatile(to.add(i), *word);
-        }
+        copy_words(&raw const words, (&raw mut (*slot).policy).cast());
         write_volatile(seq_ptr, seq + 2);
     }
 }
@@ -161,7 +155,7 @@ pub(crate) fn resolve(cgroup: SockCgroup, need_scope: bool) -> Option<Resolved> 
 #[inline(always)]
 fn walk(table: &PolicyTable, cgroup: SockCgroup, need_scope: bool) -> Option<Resolved> {
     let attach = kernel::attach_cgroup_id();
-    let mut matched: Option<(Policy, u64)> = None;
+    let mut matched: Option<Resolved> = None;
     let mut in_scope = false;
     if cgroup.is_known() {
         let SockCgroup { mut id, mut kn } = cgroup;
@@ -170,8 +164,7 @@ fn walk(table: &PolicyTable, cgroup: SockCgroup, need_scope: bool) -> Option<Res
                 // SAFETY: the value is copied out at once; tables are never modified while
                 // installed (the agent swaps in a new one), so no writer can race the copy.
                 if let Some(policy) = unsafe { table.get(id) } {
-                    let hit = found(*policy, id);
-                    matched = Some((hit.policy, hit.policy_cgroup));
+                    matched = Some(found(*policy, id));
                     if !need_scope {
                         break;
                     }
@@ -189,17 +182,14 @@ fn walk(table: &PolicyTable, cgroup: SockCgroup, need_scope: bool) -> Option<Res
             id = kernel::load(kn, off!(kn_id));
         }
     }
-    let (policy, policy_cgroup) = match matched {
+    let mut resolved = match matched {
         Some(matched) => matched,
         // SAFETY: as above.
-        None => (
+        None => found(
             *unsafe { table.get(DEFAULT_POLICY_KEY) }?,
             DEFAULT_POLICY_KEY,
         ),
     };
-    Some(Resolved {
-        policy,
-        policy_cgroup,
-        in_scope: in_scope || !need_scope,
-    })
+    resolved.in_scope = in_scope || !need_scope;
+    Some(resolved)
 }
