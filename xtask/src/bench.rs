@@ -70,35 +70,23 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     // Rates are measured with bpf_stats off, as in production: the statistics add clock reads
     // to every program run.
     let stats_off = BpfStats::disable();
-    let (mut b_a, mut c_a, mut e_a, mut b_c, mut b_e, mut k_a) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
+    let [a, c, e, b, k] = interleaved(rounds, setups, |(cgroup, env)| storm(cgroup, n, env));
+    drop(stats_off);
     for i in 0..rounds {
-        // Rotate the order so no set-up always runs first.
-        let mut rate = [0.0; 5];
-        for k in 0..5 {
-            let which = (i + k) % 5;
-            let (cgroup, env) = setups[which];
-            rate[which] = storm(cgroup, n, env);
-        }
-        let [a, c, e, b, k] = rate;
-        b_a.push(b / a);
-        c_a.push(c / a);
-        e_a.push(e / a);
-        b_c.push(b / c);
-        b_e.push(b / e);
-        k_a.push(k / a);
         eprintln!(
-            "xtask bench: rates plain {a:.0}/s, shim {c:.0}/s, empty program {e:.0}/s, \
-             enforced {b:.0}/s, application keepalive {k:.0}/s"
+            "xtask bench: rates plain {:.0}/s, shim {:.0}/s, empty program {:.0}/s, \
+             enforced {:.0}/s, application keepalive {:.0}/s",
+            a[i], c[i], e[i], b[i], k[i]
         );
     }
-    drop(stats_off);
+    let (mut b_a, mut c_a, mut e_a, mut b_c, mut b_e, mut k_a) = (
+        ratios(&b, &a),
+        ratios(&c, &a),
+        ratios(&e, &a),
+        ratios(&b, &c),
+        ratios(&b, &e),
+        ratios(&k, &a),
+    );
     // The program's own time, from bpf_stats, over separate storms.
     let stats = BpfStats::enable();
     let (t0, c0) = sockops_stats(agent.pid());
@@ -190,18 +178,16 @@ fn against_baseline(rows: &mut Vec<Row>, baseline: &Path, quick: bool) -> anyhow
     }
     // Rates with bpf_stats off, then the program's time with it on.
     let stats_off = BpfStats::disable();
-    let (ours_rate, base_rate) = pairwise(rounds, setups, |cgroup, _| storm(cgroup, n, &[]));
+    let [ours_rate, base_rate] = interleaved(rounds, setups, |(cgroup, _)| storm(cgroup, n, &[]));
     drop(stats_off);
     let stats = BpfStats::enable();
-    let (mut ours_ns, mut base_ns) = pairwise(rounds, setups, |cgroup, pid| {
+    let [mut ours_ns, mut base_ns] = interleaved(rounds, setups, |(cgroup, pid)| {
         let (t0, _) = sockops_stats(pid);
         storm(cgroup, n, &[]);
         let (t1, _) = sockops_stats(pid);
         (t1 - t0) as f64 / n as f64
     });
     drop(stats);
-    let ratios =
-        |a: &[f64], b: &[f64]| -> Vec<f64> { a.iter().zip(b).map(|(a, b)| a / b).collect() };
     rows.push(Row {
         what: format!(
             "Connection rate, this build / baseline `{}`; {rounds} rounds of {n}",
@@ -224,22 +210,26 @@ fn against_baseline(rows: &mut Vec<Row>, baseline: &Path, quick: bool) -> anyhow
     Ok(())
 }
 
-/// `rounds` measurements of both set-ups, each round starting with the other one.
-fn pairwise(
+/// `rounds` measurements of every set-up, interleaved: each round starts one set-up further
+/// on, so none always runs first.
+fn interleaved<S: Copy, const N: usize>(
     rounds: usize,
-    setups: [(&TestCgroup, u32); 2],
-    mut measure: impl FnMut(&TestCgroup, u32) -> f64,
-) -> (Vec<f64>, Vec<f64>) {
-    let mut values = [Vec::new(), Vec::new()];
+    setups: [S; N],
+    mut measure: impl FnMut(S) -> f64,
+) -> [Vec<f64>; N] {
+    let mut values = [const { Vec::new() }; N];
     for i in 0..rounds {
-        for k in 0..2 {
-            let which = (i + k) % 2;
-            let (cgroup, pid) = setups[which];
-            values[which].push(measure(cgroup, pid));
+        for k in 0..N {
+            let which = (i + k) % N;
+            values[which].push(measure(setups[which]));
         }
     }
-    let [first, second] = values;
-    (first, second)
+    values
+}
+
+/// Round-by-round ratios `a[i] / b[i]`.
+fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(a, b)| a / b).collect()
 }
 
 /// Parses "… existing connections: N updated, … in T ms" from the agent's log.
