@@ -98,6 +98,18 @@ pub fn sockops_stats(pid: u32) -> (u64, u64) {
     panic!("process {pid} holds no sock_ops program");
 }
 
+/// The sock_ops program time (ns) and runs that `storms` storms of `n` connections in `cgroup`
+/// cost the agent `pid`, with `bpf_stats` on for them only.
+pub fn program_cost(pid: u32, cgroup: &TestCgroup, n: u64, storms: u64) -> (u64, u64) {
+    let _stats = BpfStats::enable();
+    let (t0, c0) = sockops_stats(pid);
+    for _ in 0..storms {
+        storm(cgroup, n, &[]);
+    }
+    let (t1, c1) = sockops_stats(pid);
+    (t1 - t0, c1 - c0)
+}
+
 /// The median; sorts `values`.
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);

@@ -15,7 +15,7 @@
 
 use keepalive_tests::{
     Agent, TestCgroup,
-    perf::{BpfStats, median, realistic_policies, sockops_stats, storm},
+    perf::{BpfStats, median, program_cost, realistic_policies, storm},
 };
 
 const CONNECTIONS: u64 = 6000;
@@ -56,14 +56,8 @@ fn enforcement_keeps_the_connection_rate_within_bounds() {
         plain_rates.push(a);
     }
     drop(stats_off);
-    let stats = BpfStats::enable();
-    let (t0, _) = sockops_stats(agent.pid());
-    for _ in 0..COST_STORMS {
-        rate(&enforced);
-    }
-    let (t1, _) = sockops_stats(agent.pid());
-    drop(stats);
-    let program_ns = (t1 - t0) as f64 / (COST_STORMS as f64 * CONNECTIONS as f64);
+    let (program_ns, _) = program_cost(agent.pid(), &enforced, CONNECTIONS, COST_STORMS);
+    let program_ns = program_ns as f64 / (COST_STORMS as f64 * CONNECTIONS as f64);
     let plain_ns = 1e9 / median(&mut plain_rates);
     let share = program_ns / plain_ns;
     let median_ratio = median(&mut ratios);

@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use keepalive_tests::{
     Agent, AgentDirs, Proc, TestCgroup,
-    perf::{BpfStats, median, realistic_policies, sockops_stats, storm},
+    perf::{BpfStats, median, program_cost, realistic_policies, sockops_stats, storm},
 };
 use serde_json::Value;
 
@@ -88,16 +88,9 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
         ratios(&k, &a),
     );
     // The program's own time, from bpf_stats, over separate storms.
-    let stats = BpfStats::enable();
-    let (t0, c0) = sockops_stats(agent.pid());
     let cost_storms = if quick { 2 } else { 4 };
-    for _ in 0..cost_storms {
-        storm(&enforced, n, &[]);
-    }
-    let (t1, c1) = sockops_stats(agent.pid());
-    drop(stats);
+    let (program_ns, program_runs) = program_cost(agent.pid(), &enforced, n, cost_storms);
     let connections = cost_storms * n;
-    let (program_ns, program_runs) = (t1 - t0, c1 - c0);
     let mut ratio = |what: String, values: &mut Vec<f64>, goal| {
         rows.push(Row {
             what,
