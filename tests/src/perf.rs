@@ -21,6 +21,16 @@ pub fn storm(cgroup: &TestCgroup, n: u64, env: &[(&str, &str)]) -> f64 {
         .expect("storm rate")
 }
 
+/// A reference sock_ops program from `ka-sock`, attached to `cgroup` while the returned
+/// process lives: `"empty-sockops"` (returns at once) or `"minimal-sockops"` (the least any
+/// enforcer does: four bpf_setsockopt calls with fixed values at ESTABLISHED).
+pub fn reference_program(kind: &str, cgroup: &TestCgroup) -> Proc {
+    let dir = cgroup.path().to_str().expect("cgroup path");
+    let mut proc = Proc::spawn(&sock_bin(), &[kind, dir], None, None);
+    proc.next(Duration::from_secs(10));
+    proc
+}
+
 /// A realistic policy set for an agent attached at `enforced`: the default plus one policy
 /// for each of 300 child cgroups, created here. Returns the config file and the cgroups, which
 /// must live as long as the agent.

@@ -12,10 +12,12 @@
 //! - the sock_ops program's own time per connection, from `bpf_stats` over three more storms
 //!   (it varies far less than wall time), stays under 20% of a plain connection's time. It is
 //!   about 7% today, so a program that became 3 times more expensive fails.
+//!
+//! Also here, not timing-sensitive: the benchmark's reference programs do what its rows claim.
 
 use keepalive_tests::{
-    Agent, TestCgroup,
-    perf::{BpfStats, median, program_cost, realistic_policies, storm},
+    Agent, TestCgroup, kernel_defaults, pair_values,
+    perf::{BpfStats, median, program_cost, realistic_policies, reference_program, storm},
 };
 
 const CONNECTIONS: u64 = 6000;
@@ -76,4 +78,19 @@ fn enforcement_keeps_the_connection_rate_within_bounds() {
         share * 100.0,
         PROGRAM_SHARE_CEILING * 100.0
     );
+}
+
+/// The bench's floors are what they say: the empty program leaves sockets alone, and the
+/// minimal enforcer gives both ends the same values as the realistic policy set's default.
+#[test]
+fn the_benchmarks_reference_programs_do_what_they_claim() {
+    let parent = TestCgroup::new("perf-reference");
+    let empty = parent.child("empty");
+    let minimal = parent.child("minimal");
+    let _empty_program = reference_program("empty-sockops", &empty);
+    let _minimal_program = reference_program("minimal-sockops", &minimal);
+    let untouched = kernel_defaults();
+    assert_eq!(pair_values(&empty), (untouched, untouched));
+    let default = (1, 60, 10, 5);
+    assert_eq!(pair_values(&minimal), (default, default));
 }

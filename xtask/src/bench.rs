@@ -15,7 +15,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use keepalive_tests::{
     Agent, AgentDirs, Proc, TestCgroup,
-    perf::{BpfStats, median, program_cost, realistic_policies, sockops_stats, storm},
+    perf::{
+        BpfStats, median, program_cost, realistic_policies, reference_program, sockops_stats, storm,
+    },
 };
 use serde_json::Value;
 
@@ -31,37 +33,37 @@ fn spread(values: &mut [f64]) -> String {
 }
 
 fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
-    // Many short rounds: this VM's speed drifts over seconds, and a median over more
-    // interleaved rounds follows less of that drift than one over a few long ones.
-    let n: u64 = if quick { 4000 } else { 6000 };
-    let rounds = if quick { 7 } else { 25 };
+    // Many short rounds: single storms on this VM vary by about 10 % (coefficient of variation
+    // at 3000-6000 connections), so the median of 25 rounds still moved by ±3 % between runs.
+    // 100 rounds of 3000 bring that to about ±1.5 % in under two minutes.
+    let n: u64 = if quick { 4000 } else { 3000 };
+    let rounds = if quick { 7 } else { 100 };
     let parent = TestCgroup::new("bench-rate");
     let plain = parent.child("plain");
     let shimmed = parent.child("shim");
     let empty = parent.child("empty");
+    let minimal = parent.child("minimal");
     let enforced = parent.child("enforced");
     let app_keepalive = parent.child("app-keepalive");
     let (config, services) = realistic_policies(&enforced);
     let agent = Agent::start(&enforced, &["--config", config.to_str().unwrap()]);
     // (e): a sock_ops program that returns at once, for the part of the cost that any sock_ops
     // program pays (the kernel calls it about nine times per connection).
-    let mut empty_program = Proc::spawn(
-        &keepalive_tests::sock_bin(),
-        &["empty-sockops", empty.path().to_str().unwrap()],
-        None,
-        None,
-    );
-    empty_program.next(Duration::from_secs(10));
+    let empty_program = reference_program("empty-sockops", &empty);
+    // (m): the least any sock_ops enforcer does, fixed values set at ESTABLISHED with no policy
+    // lookup or tracking; what (b) costs beyond it is what keepalive's features cost.
+    let minimal_program = reference_program("minimal-sockops", &minimal);
     let preload = [("LD_PRELOAD", keepalive_tests::shim_lib())];
     // (k): keepalive switched on by the application, with one setsockopt per connection: what
     // keepalive itself costs (its timer), without any enforcer.
     let own_keepalive = [("KA_STORM_KEEPALIVE", "1")];
-    let setups: [(&TestCgroup, &[(&str, &str)]); 5] = [
+    let setups: [(&TestCgroup, &[(&str, &str)]); 6] = [
         (&plain, &[]),
         (&shimmed, &preload),
         (&empty, &[]),
         (&enforced, &[]),
         (&app_keepalive, &own_keepalive),
+        (&minimal, &[]),
     ];
     // Warm-up.
     for (cgroup, env) in setups {
@@ -70,26 +72,29 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     // Rates are measured with bpf_stats off, as in production: the statistics add clock reads
     // to every program run.
     let stats_off = BpfStats::disable();
-    let [a, c, e, b, k] = interleaved(rounds, setups, |(cgroup, env)| storm(cgroup, n, env));
+    let [a, c, e, b, k, m] = interleaved(rounds, setups, |(cgroup, env)| storm(cgroup, n, env));
     drop(stats_off);
     for i in 0..rounds {
         eprintln!(
             "xtask bench: rates plain {:.0}/s, shim {:.0}/s, empty program {:.0}/s, \
-             enforced {:.0}/s, application keepalive {:.0}/s",
-            a[i], c[i], e[i], b[i], k[i]
+             enforced {:.0}/s, application keepalive {:.0}/s, minimal enforcer {:.0}/s",
+            a[i], c[i], e[i], b[i], k[i], m[i]
         );
     }
-    let (mut b_a, mut c_a, mut e_a, mut b_c, mut b_e, mut k_a) = (
+    let (mut b_a, mut c_a, mut e_a, mut b_c, mut b_e, mut k_a, mut m_a, mut b_m) = (
         ratios(&b, &a),
         ratios(&c, &a),
         ratios(&e, &a),
         ratios(&b, &c),
         ratios(&b, &e),
         ratios(&k, &a),
+        ratios(&m, &a),
+        ratios(&b, &m),
     );
     // The program's own time, from bpf_stats, over separate storms.
     let cost_storms = if quick { 2 } else { 4 };
     let (program_ns, program_runs) = program_cost(agent.pid(), &enforced, n, cost_storms);
+    let (minimal_ns, _) = program_cost(minimal_program.pid(), &minimal, n, cost_storms);
     let connections = cost_storms * n;
     let mut ratio = |what: String, values: &mut Vec<f64>, goal| {
         rows.push(Row {
@@ -117,6 +122,18 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
         "context",
     );
     ratio(
+        "Connection rate, minimal sock_ops enforcer (m) / no enforcement (a): the least any enforcer costs"
+            .into(),
+        &mut m_a,
+        "context",
+    );
+    ratio(
+        "Connection rate, keepalive-agent (b) / minimal sock_ops enforcer (m): what policy lookup, tracking and dead-peer detection add"
+            .into(),
+        &mut b_m,
+        "context",
+    );
+    ratio(
         "Connection rate, keepalive-agent (b) / empty sock_ops program (e)".into(),
         &mut b_e,
         "context",
@@ -141,6 +158,15 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
         ),
         goal: "context",
     });
+    rows.push(Row {
+        what: "Minimal sock_ops enforcer (m) cost (bpf_stats)".into(),
+        result: format!(
+            "{:.2} µs per connection",
+            minimal_ns as f64 / connections as f64 / 1000.0
+        ),
+        goal: "context",
+    });
+    drop(minimal_program);
     drop(empty_program);
     drop(agent);
     drop(services);

@@ -13,8 +13,10 @@
 //! ka-sock churn                                  connect/accept/close until stdin closes,
 //!                                                counting connections without SO_KEEPALIVE
 //! ka-sock hold <N>                               open N loopback connections, hold them
-//! ka-sock empty-sockops <CGROUP-DIR>              attach a sock_ops program that does nothing,
+//! ka-sock empty-sockops <CGROUP-DIR>             attach a sock_ops program that does nothing,
 //!                                                until stdin closes (the benchmark's floor)
+//! ka-sock minimal-sockops <CGROUP-DIR>           the same with the least possible enforcer:
+//!                                                fixed keepalive values at ESTABLISHED
 //! ```
 //!
 //! While holding sockets, every line on stdin asks for a fresh `{"report": [...]}` of their
@@ -392,18 +394,60 @@ fn churn() {
     emit(json!({ "connections": total, "without_keepalive": bare }));
 }
 
-/// Attaches a two-instruction sock_ops program (`return 1`) to a cgroup through a BPF link, so
-/// the attachment ends with this process. The benchmark uses it to measure what the kernel
-/// charges for calling any sock_ops program on each connection, apart from what ours does.
-fn empty_sockops(args: &[String]) {
-    let dir = args.first().expect("empty-sockops CGROUP-DIR");
+/// One BPF instruction: opcode, destination and source registers, offset, immediate.
+const fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
+    op as u64
+        | ((dst | src << 4) as u64) << 8
+        | (off as u16 as u64) << 16
+        | (imm as u32 as u64) << 32
+}
+
+/// `mov64 r0, 1; exit`: lets every operation proceed and does nothing else.
+const RETURN_1: [u64; 2] = [insn(0xb7, 0, 0, 0, 1), insn(0x95, 0, 0, 0, 0)];
+
+/// The least any sock_ops keepalive enforcer does: at ACTIVE_ESTABLISHED and
+/// PASSIVE_ESTABLISHED, bpf_setsockopt TCP_KEEPIDLE 60, TCP_KEEPINTVL 10, TCP_KEEPCNT 5 and
+/// SO_KEEPALIVE 1 (the benchmark's default policy), with no policy lookup and no tracking.
+fn minimal_enforcer() -> Vec<u64> {
+    const SETSOCKOPT: i32 = 49;
+    let mut prog = vec![
+        insn(0xbf, 6, 1, 0, 0),  // r6 = ctx
+        insn(0x61, 2, 1, 0, 0),  // r2 = ctx->op
+        insn(0x15, 2, 0, 2, 4),  // ACTIVE_ESTABLISHED_CB: set
+        insn(0x15, 2, 0, 1, 5),  // PASSIVE_ESTABLISHED_CB: set
+        insn(0x05, 0, 0, 32, 0), // else: return
+    ];
+    for (level, name, value) in [
+        (TCP, libc::TCP_KEEPIDLE, 60),
+        (TCP, libc::TCP_KEEPINTVL, 10),
+        (TCP, libc::TCP_KEEPCNT, 5),
+        (SOL_SOCKET, SO_KEEPALIVE, 1),
+    ] {
+        prog.extend([
+            insn(0x62, 10, 0, -4, value), // *(u32 *)(r10 - 4) = value
+            insn(0xbf, 1, 6, 0, 0),       // r1 = ctx
+            insn(0xb7, 2, 0, 0, level),
+            insn(0xb7, 3, 0, 0, name),
+            insn(0xbf, 4, 10, 0, 0), // r4 = &value
+            insn(0x07, 4, 0, 0, -4),
+            insn(0xb7, 5, 0, 0, 4), // optlen
+            insn(0x85, 0, 0, 0, SETSOCKOPT),
+        ]);
+    }
+    prog.extend(RETURN_1);
+    prog
+}
+
+/// Loads `insns` as a sock_ops program and attaches it to a cgroup through a BPF link, so the
+/// attachment ends with this process; holds it until stdin closes. The benchmark uses these to
+/// measure what the kernel charges for calling any sock_ops program on each connection, and
+/// what the least possible enforcer costs, apart from what ours does.
+fn attach_sockops(dir: &str, insns: &[u64]) {
     let cgroup = std::fs::File::open(dir).expect("open cgroup");
-    // mov64 r0, 1; exit
-    let insns: [u64; 2] = [0x0000_0001_0000_00b7, 0x0000_0000_0000_0095];
     let license = c"GPL";
     // union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, then zeroes.
     let mut attr = [0u64; 16];
-    attr[0] = 13 | (2 << 32); // BPF_PROG_TYPE_SOCK_OPS, 2 instructions
+    attr[0] = 13 | ((insns.len() as u64) << 32); // BPF_PROG_TYPE_SOCK_OPS
     attr[1] = insns.as_ptr() as u64;
     attr[2] = license.as_ptr() as u64;
     // SAFETY: bpf(2) reads `attr` (128 bytes, zero past the fields set) and the buffers it
@@ -430,6 +474,10 @@ fn empty_sockops(args: &[String]) {
     let _ = std::io::stdin().read_to_end(&mut rest);
 }
 
+fn cgroup_arg(args: &[String]) -> &str {
+    args.first().expect("CGROUP-DIR")
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let (cmd, rest) = args
@@ -442,7 +490,8 @@ fn main() {
         "storm" => storm(rest),
         "churn" => churn(),
         "hold" => hold_many(rest),
-        "empty-sockops" => empty_sockops(rest),
+        "empty-sockops" => attach_sockops(cgroup_arg(rest), &RETURN_1),
+        "minimal-sockops" => attach_sockops(cgroup_arg(rest), &minimal_enforcer()),
         other => panic!("unknown command {other}"),
     }
 }
