@@ -23,6 +23,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod bpf;
 pub mod perf;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);

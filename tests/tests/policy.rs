@@ -2,11 +2,11 @@
 //! ancestor wins, `off` and `fill` behave, globs follow new cgroups, and runtime changes and
 //! reloads take effect for the next connection.
 
-use std::{path::Path, process::Output, time::Duration};
+use std::{fs, os::unix::fs::MetadataExt as _, path::Path, process::Output, time::Duration};
 
 use keepalive_tests::{
-    Agent, AgentDirs, Proc, TestCgroup, code, eventually, idle_of, kernel_defaults, pair_values,
-    sockops_attachments, stderr, values, write_config,
+    Agent, AgentDirs, Proc, TestCgroup, bpf::resolution_cache, code, eventually, idle_of,
+    kernel_defaults, pair_values, perf::storm, sockops_attachments, stderr, values, write_config,
 };
 
 #[test]
@@ -137,6 +137,37 @@ fn a_new_policy_on_an_ancestor_reaches_descendants_the_program_resolved_before()
     expect((1, 70, 7, 3), "again, now cached");
     agent.cli_ok(&["policy", "unset", a_path]);
     expect((1, 50, 10, 5), "back to [default]");
+}
+
+#[test]
+fn the_program_walks_up_from_a_cgroup_once_per_cpu_not_once_per_connection() {
+    // A cgroup without a policy of its own takes its nearest ancestor's, found by a walk up the
+    // tree that the program caches per CPU under the table's generation. Every cache write
+    // advances its slot's `seq` by 2, so the sum of `seq / 2` counts the walks that missed.
+    let parent = TestCgroup::new("walks");
+    let a = parent.child("a");
+    let leaf = a.child("b");
+    let config = write_config("[default]\nidle = 50\n");
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    // One listener and two established sockets per connection resolve the leaf's policy.
+    let connections = 200;
+    storm(&leaf, connections, &[]);
+    let cache = resolution_cache(agent.pid());
+    let walks: u64 = cache.iter().map(|slot| slot.seq / 2).sum();
+    let cpus = cache.len() as u64 / u64::from(keepalive_common::RESOLVED_SLOTS);
+    // At most one per CPU, or two if the agent happened to push a new table meanwhile.
+    assert!(
+        (1..=2 * cpus).contains(&walks),
+        "{walks} walks for {} resolutions on {cpus} CPUs",
+        2 * connections + 1
+    );
+    let leaf_id = fs::metadata(leaf.path()).expect("leaf cgroup").ino();
+    assert!(
+        cache
+            .iter()
+            .any(|slot| slot.cgroup == leaf_id && slot.policy.idle == 50),
+        "no cached resolution for the leaf cgroup {leaf_id}"
+    );
 }
 
 #[test]
