@@ -32,6 +32,10 @@ pub struct ApplyReport {
     pub unchanged: u64,
     /// Sockets in `off` cgroups.
     pub skipped_off: u64,
+    /// Of those, sockets the program had enforced under an ancestor's policy before the agent
+    /// saw their new `off` cgroup, and switched keepalive off on again.
+    #[serde(default)]
+    pub released: u64,
     /// `fill` sockets where the application enabled keepalive itself.
     pub kept_app: u64,
     /// Sockets where a bpf_setsockopt call failed.
@@ -51,6 +55,10 @@ impl ApplyReport {
                 apply_result::APPLIED => self.applied += 1,
                 apply_result::UNCHANGED => self.unchanged += 1,
                 apply_result::SKIPPED_OFF => self.skipped_off += 1,
+                apply_result::RELEASED => {
+                    self.skipped_off += 1;
+                    self.released += 1;
+                }
                 apply_result::KEPT_APP => self.kept_app += 1,
                 _ => self.failed += 1,
             }
@@ -61,6 +69,7 @@ impl ApplyReport {
         self.applied += other.applied;
         self.unchanged += other.unchanged;
         self.skipped_off += other.skipped_off;
+        self.released += other.released;
         self.kept_app += other.kept_app;
         self.failed += other.failed;
     }
@@ -155,9 +164,17 @@ pub fn apply_existing(link: &impl AsFd) -> anyhow::Result<ApplyReport> {
 
 /// Formats a report for the log.
 pub fn describe(report: &ApplyReport) -> String {
+    let released = if report.released == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({} released: enforced before the agent saw their new cgroup)",
+            report.released
+        )
+    };
     format!(
-        "existing connections: {} updated, {} already current, {} in off cgroups, {} keep \
-         their own keepalive (fill), {} failed; {} network namespaces in {:.1} ms",
+        "existing connections: {} updated, {} already current, {} in off cgroups{released}, {} \
+         keep their own keepalive (fill), {} failed; {} network namespaces in {:.1} ms",
         report.applied,
         report.unchanged,
         report.skipped_off,

@@ -5,10 +5,10 @@
 //! touches the kernel; then it loads, pushes the policy table, attaches (or takes over the
 //! pinned attachment), applies the policy to existing connections and reports readiness.
 
-use std::{fs, path::PathBuf, time::Duration};
+use std::{collections::HashSet, fs, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
-use keepalive_common::Policy;
+use keepalive_common::{Policy, mode, policy_flags};
 use tokio::{
     net::UnixStream,
     signal::unix::{SignalKind, signal},
@@ -56,6 +56,23 @@ fn overrides_from(args: &RunArgs) -> DefaultOverrides {
     }
 }
 
+/// `table` as pushed after cgroups were created: its `off` entries that `previous` did not
+/// have are cgroups the agent has just seen, whose sockets so far got an ancestor's policy.
+/// They are marked [`policy_flags::NEW_CGROUP`] in this one table, so the apply pass after it
+/// releases the sockets the program enforced there; the next table drops the mark.
+fn mark_new_off_cgroups(table: &[(u64, Policy)], previous: &[(u64, Policy)]) -> Vec<(u64, Policy)> {
+    let known: HashSet<u64> = previous.iter().map(|(id, _)| *id).collect();
+    table
+        .iter()
+        .map(|&(id, mut policy)| {
+            if policy.mode == mode::OFF && !known.contains(&id) {
+                policy.flags |= policy_flags::NEW_CGROUP;
+            }
+            (id, policy)
+        })
+        .collect()
+}
+
 impl Daemon {
     /// The effective rules in precedence order: exact paths before globs, and within each,
     /// runtime changes before the config (config rules keep their file order).
@@ -81,7 +98,8 @@ impl Daemon {
 
     /// Re-resolves the policy against the cgroups that exist now and pushes the table if it
     /// changed. Applies it to existing connections when it changed (or an earlier pass failed).
-    fn refresh(&mut self) -> anyhow::Result<Option<ApplyReport>> {
+    /// `created`: cgroups appeared (see [`mark_new_off_cgroups`]).
+    fn refresh(&mut self, created: bool) -> anyhow::Result<Option<ApplyReport>> {
         let set = self.policy_set();
         let resolution = set.resolve(&self.cgroup2, &self.attach);
         let table = resolution.table(&set.default, self.enforcer.attach_id());
@@ -94,7 +112,12 @@ impl Daemon {
             self.lock_attached = true;
         }
         if changed {
-            self.enforcer.push_table(&table)?;
+            let pushed = if created {
+                mark_new_off_cgroups(&table, &self.table)
+            } else {
+                table.clone()
+            };
+            self.enforcer.push_table(&pushed)?;
             log::info!(
                 "policy table: default {} plus {} cgroup policies",
                 describe_spec(&set.default),
@@ -133,10 +156,10 @@ impl Daemon {
         change: impl FnOnce(&mut Self) -> anyhow::Result<String>,
     ) -> anyhow::Result<(String, Option<ApplyReport>)> {
         let saved = (self.config.clone(), self.runtime.clone());
-        let outcome = change(self).and_then(|message| Ok((message, self.refresh()?)));
+        let outcome = change(self).and_then(|message| Ok((message, self.refresh(false)?)));
         if outcome.is_err() {
             (self.config, self.runtime) = saved;
-            if let Err(err) = self.refresh() {
+            if let Err(err) = self.refresh(false) {
                 log::error!("failed to restore the previous policy: {err:#}");
             }
         }
@@ -597,7 +620,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                     ));
                 }
                 daemon.enforcer.forget_cgroups(&changes.removed);
-                if let Err(err) = daemon.refresh() {
+                if let Err(err) = daemon.refresh(changes.created) {
                     log::error!("failed to follow cgroup changes: {err:#}");
                 }
             }
@@ -621,4 +644,35 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
 fn release_free_memory() {
     // SAFETY: malloc_trim only releases unused memory of glibc's allocator.
     unsafe { libc::malloc_trim(0) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(mode: u32) -> Policy {
+        Policy {
+            idle: 60,
+            interval: 10,
+            count: 5,
+            mode,
+            ..Policy::default()
+        }
+    }
+
+    #[test]
+    fn only_off_entries_the_previous_table_lacked_are_marked_new() {
+        let previous = [(1, policy(mode::ENFORCE)), (2, policy(mode::OFF))];
+        let table = [
+            (1, policy(mode::ENFORCE)),
+            (2, policy(mode::OFF)),
+            (3, policy(mode::OFF)),
+            (4, policy(mode::FILL)),
+        ];
+        let marked: Vec<(u64, bool)> = mark_new_off_cgroups(&table, &previous)
+            .iter()
+            .map(|(id, p)| (*id, p.flags & policy_flags::NEW_CGROUP != 0))
+            .collect();
+        assert_eq!(marked, [(1, false), (2, false), (3, true), (4, false)]);
+    }
 }

@@ -91,6 +91,23 @@ pub(crate) fn apply(
     ok
 }
 
+/// Undoes what the program set with `previous`: SO_KEEPALIVE off, and TCP_USER_TIMEOUT back to
+/// the kernel's default if `previous` set one. The idle, interval and count values stay; they
+/// only matter while keepalive is on.
+#[inline(always)]
+pub(crate) fn release(target: *mut c_void, previous: &Policy) {
+    set_int(target, SOL_SOCKET, SO_KEEPALIVE, 0, Counter::FailKeepalive);
+    if previous.flags & policy_flags::USER_TIMEOUT != 0 {
+        set_int(
+            target,
+            IPPROTO_TCP,
+            TCP_USER_TIMEOUT,
+            0,
+            Counter::FailUserTimeout,
+        );
+    }
+}
+
 /// Whether `old` set a user timeout that `new` leaves to the kernel.
 #[inline(always)]
 fn drops_user_timeout(old: &Policy, new: &Policy) -> bool {
@@ -114,16 +131,7 @@ pub(crate) fn configure_listener(
     let ours = PolicyStore::Listeners.get(sk);
     if policy.mode == mode::OFF {
         if let Some(previous) = ours {
-            set_int(target, SOL_SOCKET, SO_KEEPALIVE, 0, Counter::FailKeepalive);
-            if previous.flags & policy_flags::USER_TIMEOUT != 0 {
-                set_int(
-                    target,
-                    IPPROTO_TCP,
-                    TCP_USER_TIMEOUT,
-                    0,
-                    Counter::FailUserTimeout,
-                );
-            }
+            release(target, &previous);
             PolicyStore::Listeners.set(sk, None);
         }
         return;

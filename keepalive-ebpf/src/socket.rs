@@ -5,7 +5,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_boot_ns;
-use keepalive_common::{Counter, SockRecord, apply_result, mode, sock_flags};
+use keepalive_common::{Counter, SockRecord, apply_result, mode, policy_flags, sock_flags};
 
 use crate::{
     enforce,
@@ -59,11 +59,24 @@ pub(crate) fn enforce_socket(
     if policy.mode == mode::OFF {
         count(Counter::SkippedOff);
         // Left alone from now on: values stay, but a lock the program held is released.
-        if let Some(rec) = existing
-            && rec.flags & sock_flags::LOCKED != 0
-        {
+        let Some(rec) = existing else {
+            return apply_result::SKIPPED_OFF;
+        };
+        if rec.flags & sock_flags::LOCKED != 0 {
             PolicyStore::Locks.set(sock.sk, None);
             rec.flags &= !sock_flags::LOCKED;
+        }
+        // Except in a cgroup the agent had not seen yet when the program enforced the socket
+        // under an ancestor's policy: as if the cgroup had been `off` from the start, keepalive
+        // goes back off, unless the application had switched it on itself.
+        if policy.flags & policy_flags::NEW_CGROUP != 0
+            && rec.flags & (sock_flags::ENFORCED | sock_flags::APP_KEEPALIVE)
+                == sock_flags::ENFORCED
+            && rec.policy_cgroup_id != resolved.policy_cgroup
+        {
+            enforce::release(sock.target, &rec.policy);
+            track::remove_record(sock.cookie);
+            return apply_result::RELEASED;
         }
         return apply_result::SKIPPED_OFF;
     }
@@ -100,6 +113,9 @@ pub(crate) fn enforce_socket(
         flags |= sock_flags::APP_OWNED;
         apply_result::KEPT_APP
     } else {
+        if !enforced_before && kernel::keepalive_on(sock.tp) {
+            flags |= sock_flags::APP_KEEPALIVE;
+        }
         let previous = existing.as_deref().map(|rec| &rec.policy);
         let ok = enforce::apply(sock.target, sock.tp, &policy, previous);
         count(Counter::Enforced);
@@ -126,7 +142,8 @@ pub(crate) fn enforce_socket(
             | sock_flags::OUTBOUND
             | sock_flags::INBOUND
             | sock_flags::STATE_CB
-            | sock_flags::RETROACTIVE);
+            | sock_flags::RETROACTIVE
+            | sock_flags::APP_KEEPALIVE);
     match origin {
         Origin::Established { direction } => flags |= direction,
         Origin::Existing if first => flags |= sock_flags::RETROACTIVE,

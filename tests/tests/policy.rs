@@ -170,6 +170,95 @@ fn the_program_walks_up_from_a_cgroup_once_per_cpu_not_once_per_connection() {
     );
 }
 
+/// Stops a process while it lives (SIGSTOP), and lets it go on drop (SIGCONT), also when the
+/// test fails meanwhile.
+struct Held(u32);
+
+impl Held {
+    fn new(pid: u32) -> Self {
+        // SAFETY: kill(2) with a pid and a signal number has no memory-safety preconditions.
+        assert_eq!(
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) },
+            0,
+            "SIGSTOP"
+        );
+        Self(pid)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0 as i32, libc::SIGCONT) };
+    }
+}
+
+#[test]
+fn sockets_enforced_before_the_agent_saw_their_new_off_cgroup_are_released() {
+    // Until the agent has seen a new cgroup, the program gives its sockets an ancestor's
+    // policy. Holding the agent makes that window as long as the test needs.
+    let parent = TestCgroup::new("newoff");
+    let config = write_config(&format!(
+        "[default]\nidle = 41\n[[policy]]\ncgroup = \"{}/off-*\"\nmode = \"off\"\n",
+        parent.rel()
+    ));
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    let held = Held::new(agent.pid());
+    let off = parent.child("off-1");
+    let mut plain = Proc::sock(&["pair", "4"], &off);
+    let mut own = Proc::sock(&["pair", "4", "--keepalive", "77"], &off);
+    let ancestors = (1, 41, 10, 5);
+    let both = |p: &mut Proc| {
+        let out = p.read();
+        (values(&out["client"]), values(&out["server"]))
+    };
+    assert_eq!(
+        both(&mut plain),
+        (ancestors, ancestors),
+        "while the agent is held"
+    );
+    // The application's own keepalive was on; `enforce` replaced its idle time.
+    assert_eq!(
+        both(&mut own),
+        (ancestors, ancestors),
+        "while the agent is held"
+    );
+    drop(held);
+    let now = |p: &mut Proc| p.report().iter().map(values).collect::<Vec<_>>();
+    eventually(Duration::from_secs(10), "the sockets released", || {
+        (now(&mut plain).iter().all(|v| v.0 == 0)).then_some(())
+    });
+    let own_now = now(&mut own);
+    assert_eq!(
+        own_now[0].0, 1,
+        "the application's own keepalive stays on: {own_now:?}"
+    );
+    assert_eq!(
+        own_now[1].0, 0,
+        "the accepted end had the program's: {own_now:?}"
+    );
+    assert!(
+        agent.log().contains(
+            "4 in off cgroups (3 released: enforced before the agent saw their new cgroup)"
+        ),
+        "{}",
+        agent.log()
+    );
+    let status = agent.status();
+    let listed = status["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["cgroup"] == off.display())
+        .count();
+    assert_eq!(
+        listed, 1,
+        "only the application's own stays listed: {status}"
+    );
+    // A connection made now is left alone from the start.
+    assert_eq!(pair_values(&off), (kernel_defaults(), kernel_defaults()));
+}
+
 #[test]
 fn fill_keeps_an_applications_own_keepalive() {
     let cg = TestCgroup::new("fill");

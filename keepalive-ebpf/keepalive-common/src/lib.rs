@@ -229,6 +229,12 @@ pub mod policy_flags {
     /// too (unless that cgroup has a policy of its own), so the ancestor walk ends with a hit
     /// instead of a second lookup.
     pub const DEFAULT: u32 = 2;
+    /// Set by the agent, on `off` entries only and in one table only, for a cgroup that
+    /// appeared since the table before it. Until the agent has seen a new cgroup, its sockets
+    /// get an ancestor's policy; the apply pass after this table releases those the program
+    /// enforced, as if the cgroup had been `off` from the start (see
+    /// [`apply_result::RELEASED`]).
+    pub const NEW_CGROUP: u32 = 4;
 }
 
 /// One keepalive policy as the program applies it.
@@ -388,6 +394,9 @@ pub mod sock_flags {
     /// An accepted socket that already carried the policy, inherited from its listener, so no
     /// setsockopt call was needed.
     pub const INHERITED: u32 = 1 << 9;
+    /// SO_KEEPALIVE was already on, the application's own, when the program first set its
+    /// values: releasing the socket leaves keepalive on.
+    pub const APP_KEEPALIVE: u32 = 1 << 10;
 }
 
 /// Per-socket tracking record, kept in [`MAP_SOCK_SLOTS`] or [`MAP_SOCKS`] for each enforced
@@ -484,6 +493,10 @@ pub mod apply_result {
     pub const KEPT_APP: u8 = 4;
     /// A bpf_setsockopt call failed.
     pub const FAILED: u8 = 5;
+    /// `off` policy of a new cgroup ([`policy_flags::NEW_CGROUP`]) on a socket the program had
+    /// enforced under an ancestor's policy before the cgroup had its own: SO_KEEPALIVE (and a
+    /// user timeout the program set) switched off again, and the record dropped.
+    pub const RELEASED: u8 = 6;
 }
 
 /// Indexes into [`MAP_COUNTERS`].
