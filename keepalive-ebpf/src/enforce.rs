@@ -91,12 +91,15 @@ pub(crate) fn apply(
     ok
 }
 
-/// Undoes what the program set with `previous`: SO_KEEPALIVE off, and TCP_USER_TIMEOUT back to
-/// the kernel's default if `previous` set one. The idle, interval and count values stay; they
-/// only matter while keepalive is on.
+/// Undoes what the program set with `previous`: SO_KEEPALIVE off unless it was the
+/// application's own (`app_keepalive`), and TCP_USER_TIMEOUT back to the kernel's default if
+/// `previous` set one. The idle, interval and count values stay; the kernel has no way back to
+/// "unset", and they only matter while keepalive is on.
 #[inline(always)]
-pub(crate) fn release(target: *mut c_void, previous: &Policy) {
-    set_int(target, SOL_SOCKET, SO_KEEPALIVE, 0, Counter::FailKeepalive);
+pub(crate) fn release(target: *mut c_void, previous: &Policy, app_keepalive: bool) {
+    if !app_keepalive {
+        set_int(target, SOL_SOCKET, SO_KEEPALIVE, 0, Counter::FailKeepalive);
+    }
     if previous.flags & policy_flags::USER_TIMEOUT != 0 {
         set_int(
             target,
@@ -118,9 +121,10 @@ fn drops_user_timeout(old: &Policy, new: &Policy) -> bool {
 /// it from the kernel's socket clone instead of needing setsockopt calls one by one. `sk` is
 /// the listener as bpf_sk_storage_get takes it in this program type, `tp` its tcp_sock.
 ///
-/// The program remembers what it set (`KA_LISTENERS`), so it can tell its own keepalive from
-/// the application's: `off` switches the program's keepalive off again, `fill` keeps only the
-/// application's.
+/// The program remembers what it set (`KA_LISTENERS`), and whether keepalive was already on
+/// (the application's) when it first did, so it can tell its own keepalive from the
+/// application's: `off` switches the program's keepalive off again and leaves the
+/// application's on, `fill` keeps only the application's.
 #[inline(always)]
 pub(crate) fn configure_listener(
     target: *mut c_void,
@@ -131,19 +135,29 @@ pub(crate) fn configure_listener(
     let ours = PolicyStore::Listeners.get(sk);
     if policy.mode == mode::OFF {
         if let Some(previous) = ours {
-            release(target, &previous);
+            let app_keepalive = previous.flags & policy_flags::APP_KEEPALIVE != 0;
+            release(target, &previous, app_keepalive);
             PolicyStore::Listeners.set(sk, None);
         }
         return;
     }
-    if policy.mode == mode::FILL && ours.is_none() && kernel::keepalive_on(tp) {
+    let app_keepalive = match ours {
+        Some(previous) => previous.flags & policy_flags::APP_KEEPALIVE,
+        None if kernel::keepalive_on(tp) => policy_flags::APP_KEEPALIVE,
+        None => 0,
+    };
+    if policy.mode == mode::FILL && ours.is_none() && app_keepalive != 0 {
         return;
     }
-    if ours == Some(*policy) && kernel::carries(tp, policy) {
+    let stored = Policy {
+        flags: policy.flags | app_keepalive,
+        ..*policy
+    };
+    if ours == Some(stored) && kernel::carries(tp, policy) {
         return;
     }
     apply(target, tp, policy, ours.as_ref());
-    PolicyStore::Listeners.set(sk, Some(policy));
+    PolicyStore::Listeners.set(sk, Some(&stored));
 }
 
 /// The keepalive values the application set, for `fill` sockets that keep them.

@@ -70,11 +70,11 @@ pub(crate) fn enforce_socket(
         // under an ancestor's policy: as if the cgroup had been `off` from the start, keepalive
         // goes back off, unless the application had switched it on itself.
         if policy.flags & policy_flags::NEW_CGROUP != 0
-            && rec.flags & (sock_flags::ENFORCED | sock_flags::APP_KEEPALIVE)
-                == sock_flags::ENFORCED
+            && rec.flags & sock_flags::ENFORCED != 0
             && rec.policy_cgroup_id != resolved.policy_cgroup
         {
-            enforce::release(sock.target, &rec.policy);
+            let app_keepalive = rec.flags & sock_flags::APP_KEEPALIVE != 0;
+            enforce::release(sock.target, &rec.policy, app_keepalive);
             track::remove_record(sock.cookie);
             return apply_result::RELEASED;
         }

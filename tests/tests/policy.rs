@@ -239,7 +239,7 @@ fn sockets_enforced_before_the_agent_saw_their_new_off_cgroup_are_released() {
     );
     assert!(
         agent.log().contains(
-            "4 in off cgroups (3 released: enforced before the agent saw their new cgroup)"
+            "4 in off cgroups (4 released: enforced before the agent saw their new cgroup)"
         ),
         "{}",
         agent.log()
@@ -251,12 +251,46 @@ fn sockets_enforced_before_the_agent_saw_their_new_off_cgroup_are_released() {
         .iter()
         .filter(|s| s["cgroup"] == off.display())
         .count();
-    assert_eq!(
-        listed, 1,
-        "only the application's own stays listed: {status}"
-    );
+    assert_eq!(listed, 0, "released sockets are not listed: {status}");
     // A connection made now is left alone from the start.
     assert_eq!(pair_values(&off), (kernel_defaults(), kernel_defaults()));
+}
+
+#[test]
+fn off_leaves_a_listeners_own_keepalive_on() {
+    // The application switched keepalive on for its listener; `enforce` set the policy's
+    // values on it. When the cgroup becomes `off`, the program takes back what it set, which
+    // is not the keepalive itself: accepted connections still get it.
+    let cg = TestCgroup::new("offlistener");
+    let config = write_config("[default]\nidle = 41\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let listen = |extra: &[&str]| {
+        let args = [&["listen", "127.0.0.1:0", "2"], extra].concat();
+        let mut server = Proc::sock(&args, &cg);
+        let port = server.read()["port"].as_u64().unwrap();
+        (server, format!("127.0.0.1:{port}"))
+    };
+    let accept = |(server, addr): &mut (Proc, String)| {
+        let _client = Proc::sock(&["connect", addr], &cg);
+        values(&server.read()["accepted"])
+    };
+    let mut own = listen(&["--keepalive", "77"]);
+    let mut plain = listen(&[]);
+    assert_eq!(accept(&mut own), (1, 41, 10, 5));
+    assert_eq!(accept(&mut plain), (1, 41, 10, 5));
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.path().to_str().unwrap(),
+        "--mode",
+        "off",
+    ]);
+    assert_eq!(
+        accept(&mut own).0,
+        1,
+        "the application's keepalive stays on"
+    );
+    assert_eq!(accept(&mut plain).0, 0, "the program's is taken back");
 }
 
 #[test]

@@ -235,6 +235,9 @@ pub mod policy_flags {
     /// enforced, as if the cgroup had been `off` from the start (see
     /// [`apply_result::RELEASED`]).
     pub const NEW_CGROUP: u32 = 4;
+    /// Only in [`MAP_LISTENERS`]: SO_KEEPALIVE was on, the application's own, when the program
+    /// first configured the listener; `off` leaves it on.
+    pub const APP_KEEPALIVE: u32 = 8;
 }
 
 /// One keepalive policy as the program applies it.
@@ -494,8 +497,9 @@ pub mod apply_result {
     /// A bpf_setsockopt call failed.
     pub const FAILED: u8 = 5;
     /// `off` policy of a new cgroup ([`policy_flags::NEW_CGROUP`]) on a socket the program had
-    /// enforced under an ancestor's policy before the cgroup had its own: SO_KEEPALIVE (and a
-    /// user timeout the program set) switched off again, and the record dropped.
+    /// enforced under an ancestor's policy before the cgroup had its own: SO_KEEPALIVE switched
+    /// off again unless the application had it on ([`sock_flags::APP_KEEPALIVE`]), a user
+    /// timeout the program set back to the kernel's default, and the record dropped.
     pub const RELEASED: u8 = 6;
 }
 

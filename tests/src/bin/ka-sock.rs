@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! ka-sock pair <4|6|mapped> [--keepalive IDLE]   client+server over loopback; both ends' options
-//! ka-sock listen <ADDR:PORT> [N]                 accept N connections (default 1), report each
+//! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE]
+//!                                                accept N connections (default 1), report each
 //! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--read] [--loosen]
 //! ka-sock storm <N>                              N loopback connect/accept/close cycles, timed;
 //!                                                with KA_STORM_KEEPALIVE set (to any value),
@@ -22,11 +23,11 @@
 //! While holding sockets, every line on stdin asks for a fresh `{"report": [...]}` of their
 //! options.
 //!
-//! `--keepalive IDLE` enables SO_KEEPALIVE with TCP_KEEPIDLE=IDLE before connecting (an
-//! application that manages keepalive itself). `--read` blocks in read() after connecting and
-//! reports how it ended. `--loosen` tries to switch keepalive off and raise its values after
-//! connecting, then reports what getsockopt shows, then sets TCP_CONGESTION from a buffer larger
-//! than a page.
+//! `--keepalive IDLE` enables SO_KEEPALIVE with TCP_KEEPIDLE=IDLE before connecting or
+//! listening (an application that manages keepalive itself). `--read` blocks in read() after
+//! connecting and reports how it ended. `--loosen` tries to switch keepalive off and raise its
+//! values after connecting, then reports what getsockopt shows, then sets TCP_CONGESTION from a
+//! buffer larger than a page.
 
 use std::{
     io::{Read as _, Write as _},
@@ -114,7 +115,8 @@ fn hold(fds: &[i32]) {
 }
 
 /// A socket of the right family with keepalive preset when asked, connected to `addr`.
-fn connect(addr: SocketAddr, keepalive: Option<i32>) -> TcpStream {
+/// A new TCP socket of `addr`'s family.
+fn tcp_socket(addr: SocketAddr) -> i32 {
     let domain = if addr.is_ipv4() {
         libc::AF_INET
     } else {
@@ -123,6 +125,11 @@ fn connect(addr: SocketAddr, keepalive: Option<i32>) -> TcpStream {
     // SAFETY: plain socket(2).
     let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    fd
+}
+
+fn connect(addr: SocketAddr, keepalive: Option<i32>) -> TcpStream {
+    let fd = tcp_socket(addr);
     if let Some(idle) = keepalive {
         assert_eq!(set(fd, SOL_SOCKET, SO_KEEPALIVE, 1), 0);
         assert_eq!(set(fd, TCP, libc::TCP_KEEPIDLE, idle), 0);
@@ -175,6 +182,26 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     }
 }
 
+/// A listener on `addr`; with `keepalive`, SO_KEEPALIVE and TCP_KEEPIDLE are set before
+/// listen(), as an application that wants keepalive on every accepted connection does.
+fn listener(addr: SocketAddr, keepalive: Option<i32>) -> TcpListener {
+    let Some(idle) = keepalive else {
+        return TcpListener::bind(addr).expect("bind");
+    };
+    let fd = tcp_socket(addr);
+    // SAFETY: `fd` is a fresh socket we own.
+    let listener = unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    assert_eq!(set(fd, SOL_SOCKET, SO_KEEPALIVE, 1), 0);
+    assert_eq!(set(fd, TCP, libc::TCP_KEEPIDLE, idle), 0);
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
+    let ret = unsafe { libc::bind(fd, (&raw const storage).cast(), len) };
+    assert_eq!(ret, 0, "bind {addr}: {}", std::io::Error::last_os_error());
+    // SAFETY: listen(2) on our socket.
+    assert_eq!(unsafe { libc::listen(fd, 128) }, 0, "listen");
+    listener
+}
+
 fn flag_value(args: &[String], flag: &str) -> Option<i32> {
     let at = args.iter().position(|a| a == flag)?;
     Some(args.get(at + 1)?.parse().expect("numeric flag value"))
@@ -214,7 +241,7 @@ fn listen(args: &[String]) {
         .parse()
         .expect("addr");
     let n: usize = args.get(1).map_or(1, |n| n.parse().expect("count"));
-    let listener = TcpListener::bind(addr).expect("bind");
+    let listener = listener(addr, flag_value(args, "--keepalive"));
     emit(json!({ "port": listener.local_addr().expect("addr").port() }));
     let mut accepted = Vec::new();
     for _ in 0..n {
