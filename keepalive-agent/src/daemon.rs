@@ -45,6 +45,66 @@ struct Daemon {
     lock_attached: bool,
     /// The table changed but no apply pass has succeeded since.
     apply_pending: bool,
+    /// `off` cgroups the agent saw appear, for [`policy_flags::NEW_CGROUP`].
+    new_cgroups: NewCgroups,
+}
+
+/// Which `off` cgroups are new. Until the agent has seen a new cgroup, the program gives its
+/// sockets an ancestor's policy. An `off` entry for a cgroup that did not exist when the agent
+/// last looked is marked [`policy_flags::NEW_CGROUP`] in every table until an apply pass has
+/// run, so the pass releases what the program enforced there, as if the cgroup had been `off`
+/// from the start. It goes by cgroup id, whatever made the agent look (an inotify batch,
+/// `policy set`, a reload): a cgroup the agent had seen before is not new, and a mark survives
+/// a failed push or pass.
+#[derive(Debug, Default)]
+struct NewCgroups {
+    /// Every cgroup below the attach cgroup when the agent last looked.
+    known: HashSet<u64>,
+    /// `off` cgroups to mark until a pass has run.
+    off: HashSet<u64>,
+}
+
+impl NewCgroups {
+    /// Starts with the cgroups that exist now: whatever the program did in them before this
+    /// agent started stays as `off` leaves it.
+    fn new(present: HashSet<u64>) -> Self {
+        Self {
+            known: present,
+            off: HashSet::new(),
+        }
+    }
+
+    /// Notes the cgroups `present` (listed before `table` was resolved, so one created in
+    /// between is new next time) and which of `table`'s `off` entries are new.
+    fn update(&mut self, present: HashSet<u64>, table: &[(u64, Policy)]) {
+        let ids: HashSet<u64> = table.iter().map(|(id, _)| *id).collect();
+        self.off.retain(|id| ids.contains(id));
+        let new_off = table
+            .iter()
+            .filter(|(id, policy)| policy.mode == mode::OFF && !self.known.contains(id))
+            .map(|(id, _)| *id);
+        self.off.extend(new_off);
+        self.known = present;
+        self.known.extend(ids);
+    }
+
+    /// `table` as pushed, with the new `off` entries marked.
+    fn mark(&self, table: &[(u64, Policy)]) -> Vec<(u64, Policy)> {
+        table
+            .iter()
+            .map(|&(id, mut policy)| {
+                if policy.mode == mode::OFF && self.off.contains(&id) {
+                    policy.flags |= policy_flags::NEW_CGROUP;
+                }
+                (id, policy)
+            })
+            .collect()
+    }
+
+    /// A pass ran (or none can run on this kernel): the marks have done their work.
+    fn passed(&mut self) {
+        self.off.clear();
+    }
 }
 
 fn overrides_from(args: &RunArgs) -> DefaultOverrides {
@@ -54,23 +114,6 @@ fn overrides_from(args: &RunArgs) -> DefaultOverrides {
         count: args.values.count,
         user_timeout_ms: args.values.user_timeout,
     }
-}
-
-/// `table` as pushed after cgroups were created: its `off` entries that `previous` did not
-/// have are cgroups the agent has just seen, whose sockets so far got an ancestor's policy.
-/// They are marked [`policy_flags::NEW_CGROUP`] in this one table, so the apply pass after it
-/// releases the sockets the program enforced there; the next table drops the mark.
-fn mark_new_off_cgroups(table: &[(u64, Policy)], previous: &[(u64, Policy)]) -> Vec<(u64, Policy)> {
-    let known: HashSet<u64> = previous.iter().map(|(id, _)| *id).collect();
-    table
-        .iter()
-        .map(|&(id, mut policy)| {
-            if policy.mode == mode::OFF && !known.contains(&id) {
-                policy.flags |= policy_flags::NEW_CGROUP;
-            }
-            (id, policy)
-        })
-        .collect()
 }
 
 impl Daemon {
@@ -97,10 +140,12 @@ impl Daemon {
     }
 
     /// Re-resolves the policy against the cgroups that exist now and pushes the table if it
-    /// changed. Applies it to existing connections when it changed (or an earlier pass failed).
-    /// `created`: cgroups appeared (see [`mark_new_off_cgroups`]).
-    fn refresh(&mut self, created: bool) -> anyhow::Result<Option<ApplyReport>> {
+    /// changed, with new `off` cgroups marked (see [`NewCgroups`]). Applies it to existing
+    /// connections when it changed (or an earlier pass failed).
+    fn refresh(&mut self) -> anyhow::Result<Option<ApplyReport>> {
         let set = self.policy_set();
+        // Listed before resolving: a cgroup created in between is new next time.
+        let present: HashSet<u64> = self.cgroup2.walk(&self.attach).map(|(_, id)| id).collect();
         let resolution = set.resolve(&self.cgroup2, &self.attach);
         let table = resolution.table(&set.default, self.enforcer.attach_id());
         let changed = table != self.table;
@@ -111,13 +156,10 @@ impl Daemon {
             self.enforcer.set_lock(true)?;
             self.lock_attached = true;
         }
+        // New entries always change the table: the previous one's ids are all known.
+        self.new_cgroups.update(present, &table);
         if changed {
-            let pushed = if created {
-                mark_new_off_cgroups(&table, &self.table)
-            } else {
-                table.clone()
-            };
-            self.enforcer.push_table(&pushed)?;
+            self.enforcer.push_table(&self.new_cgroups.mark(&table))?;
             log::info!(
                 "policy table: default {} plus {} cgroup policies",
                 describe_spec(&set.default),
@@ -141,6 +183,8 @@ impl Daemon {
     /// Applies the table to existing connections, when the kernel can.
     fn apply(&mut self) -> anyhow::Result<Option<ApplyReport>> {
         let report = self.enforcer.apply_existing()?;
+        // Without the iterator there is no pass that could release anything.
+        self.new_cgroups.passed();
         if let Some(report) = &report {
             self.apply_pending = false;
             log::info!("{}", apply::describe(report));
@@ -156,10 +200,10 @@ impl Daemon {
         change: impl FnOnce(&mut Self) -> anyhow::Result<String>,
     ) -> anyhow::Result<(String, Option<ApplyReport>)> {
         let saved = (self.config.clone(), self.runtime.clone());
-        let outcome = change(self).and_then(|message| Ok((message, self.refresh(false)?)));
+        let outcome = change(self).and_then(|message| Ok((message, self.refresh()?)));
         if outcome.is_err() {
             (self.config, self.runtime) = saved;
-            if let Err(err) = self.refresh(false) {
+            if let Err(err) = self.refresh() {
                 log::error!("failed to restore the previous policy: {err:#}");
             }
         }
@@ -536,6 +580,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         table: Vec::new(),
         lock_attached: false,
         apply_pending: false,
+        new_cgroups: NewCgroups::new(cgroup2.walk(&attach).map(|(_, id)| id).collect()),
     };
     // Watch before resolving, so no cgroup created from here on is missed.
     let mut watcher =
@@ -620,7 +665,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                     ));
                 }
                 daemon.enforcer.forget_cgroups(&changes.removed);
-                if let Err(err) = daemon.refresh(changes.created) {
+                if let Err(err) = daemon.refresh() {
                     log::error!("failed to follow cgroup changes: {err:#}");
                 }
             }
@@ -660,19 +705,38 @@ mod tests {
         }
     }
 
+    fn marked(new: &NewCgroups, table: &[(u64, Policy)]) -> Vec<u64> {
+        new.mark(table)
+            .iter()
+            .filter(|(_, p)| p.flags & policy_flags::NEW_CGROUP != 0)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     #[test]
-    fn only_off_entries_the_previous_table_lacked_are_marked_new() {
-        let previous = [(1, policy(mode::ENFORCE)), (2, policy(mode::OFF))];
+    fn off_cgroups_that_appear_are_marked_until_a_pass_ran() {
+        let mut new = NewCgroups::new(HashSet::from([1, 2]));
+        // 2 existed at start: becoming `off` keeps the usual behaviour.
+        let table = [(1, policy(mode::ENFORCE)), (2, policy(mode::OFF))];
+        new.update(HashSet::from([1, 2]), &table);
+        assert_eq!(marked(&new, &table), Vec::<u64>::new());
+        // 3 and 4 appear, `off` and `fill`; 5 appears without a policy of its own.
         let table = [
             (1, policy(mode::ENFORCE)),
             (2, policy(mode::OFF)),
             (3, policy(mode::OFF)),
             (4, policy(mode::FILL)),
         ];
-        let marked: Vec<(u64, bool)> = mark_new_off_cgroups(&table, &previous)
-            .iter()
-            .map(|(id, p)| (*id, p.flags & policy_flags::NEW_CGROUP != 0))
-            .collect();
-        assert_eq!(marked, [(1, false), (2, false), (3, true), (4, false)]);
+        new.update(HashSet::from([1, 2, 3, 4, 5]), &table);
+        assert_eq!(marked(&new, &table), [3]);
+        // Another look before a pass ran (a failed push, or `policy set`): still marked.
+        new.update(HashSet::from([1, 2, 3, 4, 5]), &table);
+        assert_eq!(marked(&new, &table), [3]);
+        new.passed();
+        assert_eq!(marked(&new, &table), Vec::<u64>::new());
+        // 5 was seen before it became `off`: its sockets got the policy meant for them.
+        let table = [(5, policy(mode::OFF))];
+        new.update(HashSet::from([1, 2, 3, 4, 5]), &table);
+        assert_eq!(marked(&new, &table), Vec::<u64>::new());
     }
 }

@@ -91,16 +91,19 @@ pub(crate) fn apply(
     ok
 }
 
-/// Undoes what the program set with `previous`: SO_KEEPALIVE off unless it was the
-/// application's own (`app_keepalive`), and TCP_USER_TIMEOUT back to the kernel's default if
-/// `previous` set one. The idle, interval and count values stay; the kernel has no way back to
-/// "unset", and they only matter while keepalive is on.
+/// Undoes what the program set with `previous`, where it is still as the program set it (the
+/// application may have set its own values since, as Go does right after connect and
+/// accept): SO_KEEPALIVE off unless it was the application's own before (`app_keepalive`), and
+/// TCP_USER_TIMEOUT back to the kernel's default. The idle, interval and count values stay;
+/// the kernel has no way back to "unset", and they only matter while keepalive is on.
 #[inline(always)]
-pub(crate) fn release(target: *mut c_void, previous: &Policy, app_keepalive: bool) {
-    if !app_keepalive {
+pub(crate) fn release(target: *mut c_void, tp: *const u8, previous: &Policy, app_keepalive: bool) {
+    if !app_keepalive && kernel::keepalive_on(tp) && still_set(target, previous) {
         set_int(target, SOL_SOCKET, SO_KEEPALIVE, 0, Counter::FailKeepalive);
     }
-    if previous.flags & policy_flags::USER_TIMEOUT != 0 {
+    if previous.flags & policy_flags::USER_TIMEOUT != 0
+        && get_int(target, IPPROTO_TCP, TCP_USER_TIMEOUT) == Some(previous.user_timeout_ms)
+    {
         set_int(
             target,
             IPPROTO_TCP,
@@ -109,6 +112,15 @@ pub(crate) fn release(target: *mut c_void, previous: &Policy, app_keepalive: boo
             Counter::FailUserTimeout,
         );
     }
+}
+
+/// Whether the socket's idle, interval and count are still `policy`'s. Read with getsockopt,
+/// which converts from jiffies itself, so this works before the program has learned HZ.
+#[inline(always)]
+fn still_set(target: *mut c_void, policy: &Policy) -> bool {
+    get_int(target, IPPROTO_TCP, TCP_KEEPIDLE) == Some(policy.idle)
+        && get_int(target, IPPROTO_TCP, TCP_KEEPINTVL) == Some(policy.interval)
+        && get_int(target, IPPROTO_TCP, TCP_KEEPCNT) == Some(policy.count)
 }
 
 /// Whether `old` set a user timeout that `new` leaves to the kernel.
@@ -136,7 +148,7 @@ pub(crate) fn configure_listener(
     if policy.mode == mode::OFF {
         if let Some(previous) = ours {
             let app_keepalive = previous.flags & policy_flags::APP_KEEPALIVE != 0;
-            release(target, &previous, app_keepalive);
+            release(target, tp, &previous, app_keepalive);
             PolicyStore::Listeners.set(sk, None);
         }
         return;
@@ -175,6 +187,20 @@ pub(crate) fn read_values(target: *mut c_void, mode: u32) -> Policy {
         } else {
             0
         },
+    }
+}
+
+/// Stops the state-change callbacks of a socket the program no longer tracks, outside sock_ops
+/// (kernel 6.10+; before, they stay and find no record), keeping other programs' flags.
+#[inline(always)]
+pub(crate) fn drop_state_callbacks(target: *mut c_void) {
+    if let Some(current) = get_int(target, IPPROTO_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS) {
+        setsockopt_int(
+            target,
+            IPPROTO_TCP,
+            TCP_BPF_SOCK_OPS_CB_FLAGS,
+            current & !SOCK_OPS_STATE_CB_FLAG,
+        );
     }
 }
 

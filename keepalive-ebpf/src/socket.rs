@@ -67,15 +67,16 @@ pub(crate) fn enforce_socket(
             rec.flags &= !sock_flags::LOCKED;
         }
         // Except in a cgroup the agent had not seen yet when the program enforced the socket
-        // under an ancestor's policy: as if the cgroup had been `off` from the start, keepalive
-        // goes back off, unless the application had switched it on itself.
+        // under an ancestor's policy: as if the cgroup had been `off` from the start, the
+        // program takes back what it set and stops tracking the socket.
         if policy.flags & policy_flags::NEW_CGROUP != 0
             && rec.flags & sock_flags::ENFORCED != 0
             && rec.policy_cgroup_id != resolved.policy_cgroup
         {
             let app_keepalive = rec.flags & sock_flags::APP_KEEPALIVE != 0;
-            enforce::release(sock.target, &rec.policy, app_keepalive);
+            enforce::release(sock.target, sock.tp, &rec.policy, app_keepalive);
             track::remove_record(sock.cookie);
+            enforce::drop_state_callbacks(sock.target);
             return apply_result::RELEASED;
         }
         return apply_result::SKIPPED_OFF;
@@ -106,6 +107,12 @@ pub(crate) fn enforce_socket(
         // listener: nothing to do.
         count(Counter::Inherited);
         flags |= sock_flags::ENFORCED | sock_flags::INHERITED;
+        // Whose keepalive it is cannot be told here: the listener's storage is not reachable
+        // from an accepted socket, and on a connecting socket the application set it. Taken
+        // as the application's, so a release never switches it off.
+        if !enforced_before {
+            flags |= sock_flags::APP_KEEPALIVE;
+        }
         apply_result::APPLIED
     } else if policy.mode == mode::FILL && !enforced_before && kernel::keepalive_on(sock.tp) {
         count(Counter::KeptApp);

@@ -12,6 +12,11 @@
 /// ones placed, and a bump would drop the pinned lock storage of `lock` sockets on upgrade.
 /// Older agents miss records newer ones placed at the first probe; the README's "Downgrades"
 /// says to detach first.
+///
+/// Not bumped for new flag bits ([`policy_flags::NEW_CGROUP`], [`policy_flags::APP_KEEPALIVE`],
+/// [`sock_flags::APP_KEEPALIVE`]) either: layouts are unchanged, older programs ignore the
+/// bits, and records and listener storage from older builds just lack them (their listeners'
+/// own keepalive is then taken for the program's, as before).
 pub const ABI_VERSION: u32 = 2;
 
 // ---------------------------------------------------------------------------------------------
@@ -397,8 +402,9 @@ pub mod sock_flags {
     /// An accepted socket that already carried the policy, inherited from its listener, so no
     /// setsockopt call was needed.
     pub const INHERITED: u32 = 1 << 9;
-    /// SO_KEEPALIVE was already on, the application's own, when the program first set its
-    /// values: releasing the socket leaves keepalive on.
+    /// SO_KEEPALIVE was already on when the program first saw the socket: the application's
+    /// own, or, on an accepted socket, inherited from its listener, whose owner cannot be told
+    /// from here. Releasing the socket leaves keepalive on.
     pub const APP_KEEPALIVE: u32 = 1 << 10;
 }
 

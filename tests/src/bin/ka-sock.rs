@@ -3,7 +3,8 @@
 //! kernel did as one JSON object per line and holds its sockets open until stdin closes.
 //!
 //! ```text
-//! ka-sock pair <4|6|mapped> [--keepalive IDLE]   client+server over loopback; both ends' options
+//! ka-sock pair <4|6|mapped> [--keepalive IDLE] [--keepalive-after IDLE]
+//!                                                client+server over loopback; both ends' options
 //! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE]
 //!                                                accept N connections (default 1), report each
 //! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--read] [--loosen]
@@ -24,7 +25,8 @@
 //! options.
 //!
 //! `--keepalive IDLE` enables SO_KEEPALIVE with TCP_KEEPIDLE=IDLE before connecting or
-//! listening (an application that manages keepalive itself). `--read` blocks in read() after
+//! listening (an application that manages keepalive itself); `--keepalive-after IDLE` does so
+//! on the client once connected, as Go's net package does. `--read` blocks in read() after
 //! connecting and reports how it ended. `--loosen` tries to switch keepalive off and raise its
 //! values after connecting, then reports what getsockopt shows, then sets TCP_CONGESTION from a
 //! buffer larger than a page.
@@ -114,7 +116,6 @@ fn hold(fds: &[i32]) {
     }
 }
 
-/// A socket of the right family with keepalive preset when asked, connected to `addr`.
 /// A new TCP socket of `addr`'s family.
 fn tcp_socket(addr: SocketAddr) -> i32 {
     let domain = if addr.is_ipv4() {
@@ -128,6 +129,7 @@ fn tcp_socket(addr: SocketAddr) -> i32 {
     fd
 }
 
+/// A socket of the right family with keepalive preset when asked, connected to `addr`.
 fn connect(addr: SocketAddr, keepalive: Option<i32>) -> TcpStream {
     let fd = tcp_socket(addr);
     if let Some(idle) = keepalive {
@@ -225,6 +227,11 @@ fn pair(args: &[String]) {
     .expect("addr");
     let client = connect(target, flag_value(args, "--keepalive"));
     let (server, _) = listener.accept().expect("accept");
+    if let Some(idle) = flag_value(args, "--keepalive-after") {
+        let fd = client.as_raw_fd();
+        assert_eq!(set(fd, SOL_SOCKET, SO_KEEPALIVE, 1), 0);
+        assert_eq!(set(fd, TCP, libc::TCP_KEEPIDLE, idle), 0);
+    }
     emit(json!({
         "client": options(client.as_raw_fd()),
         "server": options(server.as_raw_fd()),
