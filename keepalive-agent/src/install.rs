@@ -129,36 +129,6 @@ mod tests {
         assert!(config.policies.rules.is_empty());
     }
 
-    /// The config embedded in the Kubernetes ConfigMap (`config.toml: |`, indented 4 spaces).
-    fn configmap_config() -> String {
-        let yaml = include_str!("../../deploy/kubernetes/configmap.yaml");
-        let (_, block) = yaml
-            .split_once("  config.toml: |\n")
-            .expect("the ConfigMap has a config.toml block");
-        block
-            .lines()
-            .take_while(|line| line.is_empty() || line.starts_with("    "))
-            .map(|line| format!("{}\n", line.get(4..).unwrap_or("")))
-            .collect()
-    }
-
-    #[test]
-    fn the_kubernetes_configmap_holds_a_valid_config() {
-        let text = configmap_config();
-        let config = crate::config::parse(
-            &text,
-            Path::new("configmap.yaml"),
-            &Cgroup2::at("/sys/fs/cgroup"),
-        )
-        .expect("the ConfigMap's config is valid");
-        assert_eq!(config.policies.default, crate::policy::BUILTIN_DEFAULT);
-        let [rule] = &config.policies.rules[..] else {
-            panic!("one [[policy]] expected in {text}");
-        };
-        let spec = rule.spec.expect("the pods' policy sets values");
-        assert_eq!(spec.values.user_timeout_ms, Some(45_000));
-    }
-
     #[test]
     fn the_unit_points_at_the_installed_binary() {
         let unit = unit_for(Path::new("/opt/bin/keepalive-agent"));
