@@ -66,6 +66,9 @@ pub struct SocketRow {
     pub locked: bool,
     /// The connection existed before the policy and was updated in place.
     pub retroactive: bool,
+    /// An accepted socket that already carried the policy, inherited from its listener: no
+    /// setsockopt call was needed.
+    pub inherited: bool,
     /// A bpf_setsockopt call failed on this socket.
     pub setsockopt_failed: bool,
     /// Process that called connect(); null when unknown (accepted or pre-existing sockets).
@@ -352,6 +355,7 @@ fn socket_row(
         app_owned: has(sock_flags::APP_OWNED),
         locked: has(sock_flags::LOCKED),
         retroactive,
+        inherited: has(sock_flags::INHERITED),
         setsockopt_failed: has(sock_flags::SETSOCKOPT_FAILED),
         pid: has(sock_flags::HAS_TASK).then_some(sock.pid),
         comm: has(sock_flags::HAS_TASK)

@@ -101,6 +101,14 @@ fn an_open_connection_is_listed_with_both_ends_and_leaves_when_closed() {
         "outbound sockets know their process"
     );
     assert_eq!(outbound["comm"], "ka-sock");
+    // The accepted end got the policy from its listener, the connecting end by setsockopt.
+    assert_eq!(
+        (
+            inbound["inherited"].as_bool(),
+            outbound["inherited"].as_bool()
+        ),
+        (Some(true), Some(false))
+    );
     assert!(
         inbound["pid"].is_null() && inbound["comm"].is_null(),
         "never guess: {inbound}"
