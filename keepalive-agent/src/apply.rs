@@ -91,7 +91,7 @@ fn run_iterator(link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport> {
 }
 
 /// Paths of one handle per network namespace other than our own.
-fn foreign_namespaces() -> Vec<PathBuf> {
+pub fn foreign_namespaces() -> Vec<PathBuf> {
     let own = fs::metadata("/proc/self/ns/net")
         .map(|m| (m.dev(), m.ino()))
         .ok();

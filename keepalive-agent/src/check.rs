@@ -67,6 +67,64 @@ fn kernel_version() -> Option<(u32, u32, String)> {
     Some((major, minor, release))
 }
 
+fn read_sysctl(name: &str) -> Option<i64> {
+    std::fs::read_to_string(Path::new("/proc/sys").join(name))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// From this many network namespaces sharing the host's TCP hash, `check` warns.
+const SHARED_HASH_NAMESPACES: usize = 10;
+
+/// The cost of the apply pass in many network namespaces. A TCP iterator walks the whole hash
+/// of its namespace; namespaces share the host's unless `tcp_child_ehash_entries` (Linux 6.1+)
+/// was set before they were created, so each one costs a walk of every host bucket.
+fn namespaces_item(
+    namespaces: usize,
+    child_buckets: Option<i64>,
+    host_buckets: Option<i64>,
+) -> Item {
+    const NAME: &str = "network namespaces";
+    let host = host_buckets.map_or_else(|| "?".to_owned(), |b| b.to_string());
+    match child_buckets {
+        None => item(
+            NAME,
+            Outcome::Ok,
+            format!("{namespaces}; this kernel has one TCP hash for all of them"),
+            None,
+        ),
+        Some(0) if namespaces >= SHARED_HASH_NAMESPACES => item(
+            NAME,
+            Outcome::Warn,
+            format!(
+                "{namespaces} share the host's TCP hash of {host} buckets \
+                 (net.ipv4.tcp_child_ehash_entries = 0): every change of the policy table (also a \
+                 new cgroup that a glob matches) walks all of them once per namespace to update \
+                 existing connections (README \"Existing connections\")"
+            ),
+            Some(
+                "sysctl -w net.ipv4.tcp_child_ehash_entries=1024 (and persist it in \
+                 /etc/sysctl.d/) before containers start: namespaces created after that get a \
+                 hash of their own",
+            ),
+        ),
+        Some(0) => item(
+            NAME,
+            Outcome::Ok,
+            format!("{namespaces}, sharing the host's TCP hash of {host} buckets"),
+            None,
+        ),
+        Some(child) => item(
+            NAME,
+            Outcome::Ok,
+            format!("{namespaces}; new ones get a TCP hash of their own ({child} buckets)"),
+            None,
+        ),
+    }
+}
+
 /// Runs every check.
 pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
     let mut checks = Vec::new();
@@ -208,6 +266,12 @@ pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
         }
     }
 
+    checks.push(namespaces_item(
+        crate::apply::foreign_namespaces().len() + 1,
+        read_sysctl("net/ipv4/tcp_child_ehash_entries"),
+        read_sysctl("net/ipv4/tcp_ehash_entries"),
+    ));
+
     if let Ok(cg) = &cgroup2 {
         let ours = loader::pinned_sockops_link(state).ok().flatten();
         if let Ok(root) = std::fs::File::open(cg.abs(&CgroupPath::root())) {
@@ -286,4 +350,23 @@ pub fn render(report: &Report) -> String {
         "\nnot ready: fix the FAIL items above\n"
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn many_namespaces_sharing_the_host_tcp_hash_get_a_warning_with_the_sysctl() {
+        let warn = namespaces_item(SHARED_HASH_NAMESPACES, Some(0), Some(262_144));
+        assert_eq!(warn.status, Outcome::Warn);
+        assert!(warn.detail.contains("262144 buckets"), "{}", warn.detail);
+        assert!(warn.fix.unwrap().contains("tcp_child_ehash_entries=1024"));
+        let few = namespaces_item(SHARED_HASH_NAMESPACES - 1, Some(0), Some(262_144));
+        assert_eq!(few.status, Outcome::Ok);
+        let own = namespaces_item(500, Some(1024), Some(262_144));
+        assert_eq!(own.status, Outcome::Ok);
+        let old_kernel = namespaces_item(500, None, None);
+        assert_eq!(old_kernel.status, Outcome::Ok);
+    }
 }
