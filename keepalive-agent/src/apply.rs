@@ -44,6 +44,9 @@ pub struct ApplyReport {
     pub namespaces: u64,
     /// Network namespaces that could not be entered (for example, the process exited).
     pub namespaces_skipped: u64,
+    /// Of the namespaces visited, those without TCP sockets, which were not walked.
+    #[serde(default)]
+    pub namespaces_empty: u64,
     /// Wall time of the pass in microseconds.
     pub elapsed_us: u64,
 }
@@ -72,6 +75,7 @@ impl ApplyReport {
         self.released += other.released;
         self.kept_app += other.kept_app;
         self.failed += other.failed;
+        self.namespaces_empty += other.namespaces_empty;
     }
 
     /// Sockets inside the attach cgroup that the pass looked at.
@@ -123,6 +127,33 @@ pub fn foreign_namespaces() -> Vec<PathBuf> {
     out
 }
 
+/// `inuse` of the `TCP:` or `TCP6:` line (`label`) of a sockstat file.
+fn tcp_inuse(sockstat: &str, label: &str) -> Option<u64> {
+    let line = sockstat.lines().find_map(|l| l.strip_prefix(label))?;
+    let mut words = line.split_whitespace();
+    while let Some(word) = words.next() {
+        if word == "inuse" {
+            return words.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+/// Whether the calling thread's network namespace has TCP sockets that a pass could update:
+/// sockstat's `inuse` counts listening and connected sockets (IPv4 in `sockstat`, IPv6 and
+/// v4-mapped in `sockstat6`, absent without IPv6). A walk of a namespace costs a walk of its
+/// whole TCP hash, which namespaces share with the host's unless
+/// `net.ipv4.tcp_child_ehash_entries` was set; this read costs microseconds. Unknown counts
+/// as yes.
+fn has_tcp_sockets() -> bool {
+    let Ok(v4) = fs::read_to_string("/proc/thread-self/net/sockstat") else {
+        return true;
+    };
+    let v6 = fs::read_to_string("/proc/thread-self/net/sockstat6");
+    tcp_inuse(&v4, "TCP: ").is_none_or(|n| n > 0)
+        || v6.is_ok_and(|v6| tcp_inuse(&v6, "TCP6: ").is_none_or(|n| n > 0))
+}
+
 fn in_namespace(ns: &PathBuf, link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport> {
     let file = File::open(ns).with_context(|| format!("failed to open {}", ns.display()))?;
     std::thread::scope(|scope| {
@@ -132,6 +163,13 @@ fn in_namespace(ns: &PathBuf, link: BorrowedFd<'_>) -> anyhow::Result<ApplyRepor
                 if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(std::io::Error::last_os_error())
                         .with_context(|| format!("failed to enter {}", ns.display()));
+                }
+                // Sockets established after this read got the new table from the start.
+                if !has_tcp_sockets() {
+                    return Ok(ApplyReport {
+                        namespaces_empty: 1,
+                        ..ApplyReport::default()
+                    });
                 }
                 run_iterator(link)
             })
@@ -172,9 +210,14 @@ pub fn describe(report: &ApplyReport) -> String {
             report.released
         )
     };
+    let empty = if report.namespaces_empty == 0 {
+        String::new()
+    } else {
+        format!(" ({} without TCP sockets)", report.namespaces_empty)
+    };
     format!(
         "existing connections: {} updated, {} already current, {} in off cgroups{released}, {} \
-         keep their own keepalive (fill), {} failed; {} network namespaces in {:.1} ms",
+         keep their own keepalive (fill), {} failed; {} network namespaces{empty} in {:.1} ms",
         report.applied,
         report.unchanged,
         report.skipped_off,
@@ -183,4 +226,19 @@ pub fn describe(report: &ApplyReport) -> String {
         report.namespaces,
         report.elapsed_us as f64 / 1000.0
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_tcp_inuse_from_sockstat() {
+        let v4 =
+            "sockets: used 8\nTCP: inuse 3 orphan 0 tw 16000 alloc 5 mem 0\nUDP: inuse 0 mem 0\n";
+        assert_eq!(tcp_inuse(v4, "TCP: "), Some(3));
+        let v6 = "TCP6: inuse 0\nUDP6: inuse 2\n";
+        assert_eq!(tcp_inuse(v6, "TCP6: "), Some(0));
+        assert_eq!(tcp_inuse(v6, "TCP: "), None);
+    }
 }

@@ -112,6 +112,22 @@ fn a_different_attach_cgroup_is_refused_with_a_message_naming_detach() {
 }
 
 #[test]
+fn the_apply_pass_does_not_walk_network_namespaces_without_tcp_sockets() {
+    // A walk costs one pass over the namespace's whole TCP hash (the host's, unless
+    // tcp_child_ehash_entries was set), sockets or not.
+    let _empty = [Netns::new("empty"), Netns::new("empty")];
+    let cg = TestCgroup::new("emptyns");
+    let agent = Agent::start(&cg, &[]);
+    let log = agent.log();
+    let empty: u64 = log
+        .split_once("network namespaces (")
+        .and_then(|(_, rest)| rest.split_once(" without TCP sockets)"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count of empty namespaces in {log}"));
+    assert!(empty >= 2, "{log}");
+}
+
+#[test]
 fn existing_connections_get_the_policy_except_off_and_app_owned_fill() {
     let parent = TestCgroup::new("existing");
     let enforce = parent.child("enforce");
