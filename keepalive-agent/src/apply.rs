@@ -13,7 +13,7 @@ use std::{
         fd::{AsFd, AsRawFd, BorrowedFd},
         unix::fs::MetadataExt as _,
     },
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::Instant,
 };
 
@@ -141,20 +141,30 @@ fn tcp_inuse(sockstat: &str, label: &str) -> Option<u64> {
 
 /// Whether the calling thread's network namespace has TCP sockets that a pass could update:
 /// sockstat's `inuse` counts listening and connected sockets (IPv4 in `sockstat`, IPv6 and
-/// v4-mapped in `sockstat6`, absent without IPv6). A walk of a namespace costs a walk of its
-/// whole TCP hash, which namespaces share with the host's unless
+/// v4-mapped in `sockstat6`, which is absent without IPv6). A walk of a namespace costs a walk
+/// of its whole TCP hash, which namespaces share with the host's unless
 /// `net.ipv4.tcp_child_ehash_entries` was set; this read costs microseconds. Unknown counts
 /// as yes.
-fn has_tcp_sockets() -> bool {
-    let Ok(v4) = fs::read_to_string("/proc/thread-self/net/sockstat") else {
-        return true;
+///
+/// The kernel sums per-CPU counters without a lock, so a namespace with one socket can read 0
+/// while a short connection is counted on one CPU and uncounted on another; it takes two reads
+/// of 0 to skip a namespace.
+pub fn has_tcp_sockets() -> bool {
+    let inuse = || -> Option<u64> {
+        let v4 = fs::read_to_string("/proc/thread-self/net/sockstat").ok()?;
+        let v6 = match fs::read_to_string("/proc/thread-self/net/sockstat6") {
+            Ok(text) => tcp_inuse(&text, "TCP6: ")?,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(_) => return None,
+        };
+        Some(tcp_inuse(&v4, "TCP: ")? + v6)
     };
-    let v6 = fs::read_to_string("/proc/thread-self/net/sockstat6");
-    tcp_inuse(&v4, "TCP: ").is_none_or(|n| n > 0)
-        || v6.is_ok_and(|v6| tcp_inuse(&v6, "TCP6: ").is_none_or(|n| n > 0))
+    inuse() != Some(0) || inuse() != Some(0)
 }
 
-fn in_namespace(ns: &PathBuf, link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport> {
+/// Runs `f` on a short-lived thread inside the network namespace `ns` (a `/proc/<pid>/ns/net`
+/// or `/run/netns` path).
+pub fn in_namespace<T: Send>(ns: &Path, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
     let file = File::open(ns).with_context(|| format!("failed to open {}", ns.display()))?;
     std::thread::scope(|scope| {
         scope
@@ -164,18 +174,26 @@ fn in_namespace(ns: &PathBuf, link: BorrowedFd<'_>) -> anyhow::Result<ApplyRepor
                     return Err(std::io::Error::last_os_error())
                         .with_context(|| format!("failed to enter {}", ns.display()));
                 }
-                // Sockets established after this read got the new table from the start.
-                if !has_tcp_sockets() {
-                    return Ok(ApplyReport {
-                        namespaces_empty: 1,
-                        ..ApplyReport::default()
-                    });
-                }
-                run_iterator(link)
+                Ok(f())
             })
             .join()
-            .map_err(|_| anyhow::anyhow!("iterator thread panicked"))?
+            .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
     })
+}
+
+/// The pass in one foreign namespace.
+fn apply_in(ns: &Path, link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport> {
+    in_namespace(ns, || {
+        // Sockets established after this read got the new table from the start.
+        if has_tcp_sockets() {
+            run_iterator(link)
+        } else {
+            Ok(ApplyReport {
+                namespaces_empty: 1,
+                ..ApplyReport::default()
+            })
+        }
+    })?
 }
 
 /// Runs the apply iterator in every network namespace.
@@ -185,7 +203,7 @@ pub fn apply_existing(link: &impl AsFd) -> anyhow::Result<ApplyReport> {
     let mut report = run_iterator(link)?;
     report.namespaces = 1;
     for ns in foreign_namespaces() {
-        match in_namespace(&ns, link) {
+        match apply_in(&ns, link) {
             Ok(one) => {
                 report.merge(&one);
                 report.namespaces += 1;

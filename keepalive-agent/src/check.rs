@@ -75,54 +75,82 @@ fn read_sysctl(name: &str) -> Option<i64> {
         .ok()
 }
 
-/// From this many network namespaces sharing the host's TCP hash, `check` warns.
+/// From this many network namespaces walked on the host's TCP hash, `check` warns.
 const SHARED_HASH_NAMESPACES: usize = 10;
+
+/// Foreign network namespaces, and how many of them the apply pass walks on the host's TCP
+/// hash: those with TCP sockets whose own `tcp_ehash_entries` is negative (shared), or absent
+/// (before Linux 6.1 every namespace shares it). Namespaces that cannot be entered are left
+/// out of the second count.
+struct Namespaces {
+    foreign: usize,
+    walked_on_host_hash: usize,
+}
+
+fn shared_hash_namespaces() -> Namespaces {
+    let all = crate::apply::foreign_namespaces();
+    let walked_on_host_hash = all
+        .iter()
+        .filter(|ns| {
+            crate::apply::in_namespace(ns, || {
+                crate::apply::has_tcp_sockets()
+                    && read_sysctl("net/ipv4/tcp_ehash_entries").is_none_or(|n| n < 0)
+            })
+            .unwrap_or(false)
+        })
+        .count();
+    Namespaces {
+        foreign: all.len(),
+        walked_on_host_hash,
+    }
+}
 
 /// The cost of the apply pass in many network namespaces. A TCP iterator walks the whole hash
 /// of its namespace; namespaces share the host's unless `tcp_child_ehash_entries` (Linux 6.1+)
-/// was set before they were created, so each one costs a walk of every host bucket.
-fn namespaces_item(
-    namespaces: usize,
-    child_buckets: Option<i64>,
-    host_buckets: Option<i64>,
-) -> Item {
+/// was set before they were created, so each one with sockets costs a walk of every host
+/// bucket.
+fn namespaces_item(ns: &Namespaces, child_buckets: Option<i64>, host_buckets: Option<i64>) -> Item {
     const NAME: &str = "network namespaces";
-    let host = host_buckets.map_or_else(|| "?".to_owned(), |b| b.to_string());
-    match child_buckets {
-        None => item(
-            NAME,
-            Outcome::Ok,
-            format!("{namespaces}; this kernel has one TCP hash for all of them"),
+    let host = host_buckets.map_or_else(|| "?".to_owned(), |b| b.abs().to_string());
+    let Namespaces {
+        foreign,
+        walked_on_host_hash: shared,
+    } = *ns;
+    let detail = format!(
+        "{foreign} besides this one; {shared} with TCP sockets share the host's TCP hash of \
+         {host} buckets"
+    );
+    if shared < SHARED_HASH_NAMESPACES {
+        return item(NAME, Outcome::Ok, detail, None);
+    }
+    let (detail, fix) = match child_buckets {
+        // Before Linux 6.1 there is nothing to set.
+        None => (
+            format!("{detail}; this kernel has no per-namespace TCP hash"),
             None,
         ),
-        Some(0) if namespaces >= SHARED_HASH_NAMESPACES => item(
-            NAME,
-            Outcome::Warn,
+        Some(0) => (
             format!(
-                "{namespaces} share the host's TCP hash of {host} buckets \
-                 (net.ipv4.tcp_child_ehash_entries = 0): every change of the policy table (also a \
-                 new cgroup that a glob matches) walks all of them once per namespace to update \
-                 existing connections (README \"Existing connections\")"
+                "{detail}: every change of the policy table (also a new cgroup that a glob \
+                 matches) walks it once for each (README \"Existing connections\")"
             ),
             Some(
-                "sysctl -w net.ipv4.tcp_child_ehash_entries=1024 (and persist it in \
-                 /etc/sysctl.d/) before containers start: namespaces created after that get a \
-                 hash of their own",
+                "set net.ipv4.tcp_child_ehash_entries (in /etc/sysctl.d/) before containers \
+                 start, sized to the connections of the busiest one: namespaces created after \
+                 that get a hash of their own",
             ),
         ),
-        Some(0) => item(
-            NAME,
-            Outcome::Ok,
-            format!("{namespaces}, sharing the host's TCP hash of {host} buckets"),
-            None,
+        Some(child) => (
+            format!(
+                "{detail}, created before net.ipv4.tcp_child_ehash_entries was set to {child}: \
+                 every change of the policy table walks it once for each"
+            ),
+            Some(
+                "namespaces created from now on get a hash of their own; restarting the containers moves them",
+            ),
         ),
-        Some(child) => item(
-            NAME,
-            Outcome::Ok,
-            format!("{namespaces}; new ones get a TCP hash of their own ({child} buckets)"),
-            None,
-        ),
-    }
+    };
+    item(NAME, Outcome::Warn, detail, fix)
 }
 
 /// Runs every check.
@@ -267,7 +295,7 @@ pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
     }
 
     checks.push(namespaces_item(
-        crate::apply::foreign_namespaces().len() + 1,
+        &shared_hash_namespaces(),
         read_sysctl("net/ipv4/tcp_child_ehash_entries"),
         read_sysctl("net/ipv4/tcp_ehash_entries"),
     ));
@@ -357,16 +385,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn many_namespaces_sharing_the_host_tcp_hash_get_a_warning_with_the_sysctl() {
-        let warn = namespaces_item(SHARED_HASH_NAMESPACES, Some(0), Some(262_144));
+    fn many_namespaces_walked_on_the_host_tcp_hash_get_a_warning_with_the_sysctl() {
+        let ns = |walked_on_host_hash| Namespaces {
+            foreign: 40,
+            walked_on_host_hash,
+        };
+        let warn = namespaces_item(&ns(SHARED_HASH_NAMESPACES), Some(0), Some(262_144));
         assert_eq!(warn.status, Outcome::Warn);
         assert!(warn.detail.contains("262144 buckets"), "{}", warn.detail);
-        assert!(warn.fix.unwrap().contains("tcp_child_ehash_entries=1024"));
-        let few = namespaces_item(SHARED_HASH_NAMESPACES - 1, Some(0), Some(262_144));
+        assert!(warn.fix.unwrap().contains("tcp_child_ehash_entries"));
+        // Set after the namespaces were made: still shared.
+        let late = namespaces_item(&ns(SHARED_HASH_NAMESPACES), Some(1024), Some(262_144));
+        assert_eq!(late.status, Outcome::Warn);
+        let few = namespaces_item(&ns(SHARED_HASH_NAMESPACES - 1), Some(0), Some(-262_144));
         assert_eq!(few.status, Outcome::Ok);
-        let own = namespaces_item(500, Some(1024), Some(262_144));
-        assert_eq!(own.status, Outcome::Ok);
-        let old_kernel = namespaces_item(500, None, None);
-        assert_eq!(old_kernel.status, Outcome::Ok);
+        assert!(few.detail.contains("262144 buckets"), "{}", few.detail);
+        let old_kernel = namespaces_item(&ns(SHARED_HASH_NAMESPACES), None, None);
+        assert_eq!((old_kernel.status, old_kernel.fix), (Outcome::Warn, None));
     }
 }

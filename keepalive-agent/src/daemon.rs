@@ -65,11 +65,13 @@ struct NewCgroups {
 }
 
 impl NewCgroups {
-    /// Starts with the cgroups that exist now: whatever the program did in them before this
-    /// agent started stays as `off` leaves it.
-    fn new(present: HashSet<u64>) -> Self {
+    /// Starts with the cgroups that exist now and those of the first table: whatever the
+    /// program did in them before this agent started stays as `off` leaves it.
+    fn new(present: HashSet<u64>, table: &[(u64, Policy)]) -> Self {
+        let mut known = present;
+        known.extend(table.iter().map(|(id, _)| *id));
         Self {
-            known: present,
+            known,
             off: HashSet::new(),
         }
     }
@@ -580,7 +582,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         table: Vec::new(),
         lock_attached: false,
         apply_pending: false,
-        new_cgroups: NewCgroups::new(cgroup2.walk(&attach).map(|(_, id)| id).collect()),
+        new_cgroups: NewCgroups::default(),
     };
     // Watch before resolving, so no cgroup created from here on is missed.
     let mut watcher =
@@ -588,8 +590,10 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     log::debug!("watching {} cgroups below {attach}", watcher.len());
     // The table goes in before the program is attached, so the program never runs without it.
     let set = daemon.policy_set();
+    let present = cgroup2.walk(&attach).map(|(_, id)| id).collect();
     let resolution = set.resolve(&daemon.cgroup2, &daemon.attach);
     daemon.table = resolution.table(&set.default, attach_id);
+    daemon.new_cgroups = NewCgroups::new(present, &daemon.table);
     daemon.enforcer.push_table(&daemon.table)?;
     daemon.resolution = resolution;
     let lock = set.uses_lock();
@@ -715,7 +719,7 @@ mod tests {
 
     #[test]
     fn off_cgroups_that_appear_are_marked_until_a_pass_ran() {
-        let mut new = NewCgroups::new(HashSet::from([1, 2]));
+        let mut new = NewCgroups::new(HashSet::from([1]), &[(2, policy(mode::OFF))]);
         // 2 existed at start: becoming `off` keeps the usual behaviour.
         let table = [(1, policy(mode::ENFORCE)), (2, policy(mode::OFF))];
         new.update(HashSet::from([1, 2]), &table);

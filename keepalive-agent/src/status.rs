@@ -66,8 +66,8 @@ pub struct SocketRow {
     pub locked: bool,
     /// The connection existed before the policy and was updated in place.
     pub retroactive: bool,
-    /// An accepted socket that already carried the policy, inherited from its listener: no
-    /// setsockopt call was needed.
+    /// The socket already carried the policy's values, so no setsockopt call was needed:
+    /// usually an accepted socket that inherited them from its listener.
     pub inherited: bool,
     /// A bpf_setsockopt call failed on this socket.
     pub setsockopt_failed: bool,

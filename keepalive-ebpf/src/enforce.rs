@@ -98,11 +98,11 @@ pub(crate) fn apply(
 /// the kernel has no way back to "unset", and they only matter while keepalive is on.
 #[inline(always)]
 pub(crate) fn release(target: *mut c_void, tp: *const u8, previous: &Policy, app_keepalive: bool) {
-    if !app_keepalive && kernel::keepalive_on(tp) && still_set(target, previous) {
+    if !app_keepalive && kernel::keepalive_on(tp) && still_set(target, tp, previous) {
         set_int(target, SOL_SOCKET, SO_KEEPALIVE, 0, Counter::FailKeepalive);
     }
     if previous.flags & policy_flags::USER_TIMEOUT != 0
-        && get_int(target, IPPROTO_TCP, TCP_USER_TIMEOUT) == Some(previous.user_timeout_ms)
+        && kernel::user_timeout_ms(tp) == previous.user_timeout_ms
     {
         set_int(
             target,
@@ -115,12 +115,20 @@ pub(crate) fn release(target: *mut c_void, tp: *const u8, previous: &Policy, app
 }
 
 /// Whether the socket's idle, interval and count are still `policy`'s. Read with getsockopt,
-/// which converts from jiffies itself, so this works before the program has learned HZ.
+/// which converts from jiffies itself; before Linux 6.1 bpf_getsockopt cannot read these, and
+/// the fields are compared once the program knows HZ (else: not known to be, so left on).
 #[inline(always)]
-fn still_set(target: *mut c_void, policy: &Policy) -> bool {
-    get_int(target, IPPROTO_TCP, TCP_KEEPIDLE) == Some(policy.idle)
-        && get_int(target, IPPROTO_TCP, TCP_KEEPINTVL) == Some(policy.interval)
-        && get_int(target, IPPROTO_TCP, TCP_KEEPCNT) == Some(policy.count)
+fn still_set(target: *mut c_void, tp: *const u8, policy: &Policy) -> bool {
+    match (
+        get_int(target, IPPROTO_TCP, TCP_KEEPIDLE),
+        get_int(target, IPPROTO_TCP, TCP_KEEPINTVL),
+        get_int(target, IPPROTO_TCP, TCP_KEEPCNT),
+    ) {
+        (Some(idle), Some(interval), Some(count)) => {
+            (idle, interval, count) == (policy.idle, policy.interval, policy.count)
+        }
+        _ => kernel::has_values(tp, policy),
+    }
 }
 
 /// Whether `old` set a user timeout that `new` leaves to the kernel.

@@ -186,19 +186,32 @@ pub(crate) fn learn_hz(tp: *const u8, idle: u32) {
 /// Costs a few memory reads instead of five setsockopt calls.
 #[inline(always)]
 pub(crate) fn carries(tp: *const u8, policy: &Policy) -> bool {
+    keepalive_on(tp)
+        && has_values(tp, policy)
+        && (policy.flags & policy_flags::USER_TIMEOUT == 0
+            || user_timeout_ms(tp) == policy.user_timeout_ms)
+}
+
+/// Whether the socket's idle, interval and count are `policy`'s; false while HZ is unknown.
+#[inline(always)]
+pub(crate) fn has_values(tp: *const u8, policy: &Policy) -> bool {
     let hz = hz();
-    if hz == 0 || !keepalive_on(tp) {
+    if hz == 0 || tp.is_null() {
         return false;
     }
     let time = u64::from(load::<u32>(tp, off!(tcp_keepalive_time)));
     let intvl = u64::from(load::<u32>(tp, off!(tcp_keepalive_intvl)));
     let probes = u32::from(load::<u8>(tp, off!(tcp_keepalive_probes)));
-    if time != u64::from(policy.idle) * hz
-        || intvl != u64::from(policy.interval) * hz
-        || probes != policy.count
-    {
-        return false;
+    time == u64::from(policy.idle) * hz
+        && intvl == u64::from(policy.interval) * hz
+        && probes == policy.count
+}
+
+/// The socket's TCP_USER_TIMEOUT in milliseconds (0: the kernel's default).
+#[inline(always)]
+pub(crate) fn user_timeout_ms(tp: *const u8) -> u32 {
+    if tp.is_null() {
+        return 0;
     }
-    policy.flags & policy_flags::USER_TIMEOUT == 0
-        || load::<u32>(tp, off!(icsk_user_timeout)) == policy.user_timeout_ms
+    load::<u32>(tp, off!(icsk_user_timeout))
 }

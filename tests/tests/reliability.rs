@@ -117,6 +117,15 @@ fn the_apply_pass_does_not_walk_network_namespaces_without_tcp_sockets() {
     // tcp_child_ehash_entries was set), sockets or not.
     let _empty = [Netns::new("empty"), Netns::new("empty")];
     let cg = TestCgroup::new("emptyns");
+    // A namespace whose only TCP socket is a listener is walked: the pass configures it.
+    let listening = Netns::new("listening");
+    let mut server = Proc::spawn(
+        &sock_bin(),
+        &["listen", "127.0.0.1:0"],
+        Some(cg.path()),
+        Some(&listening),
+    );
+    let port = server.read()["port"].as_u64().unwrap();
     let agent = Agent::start(&cg, &[]);
     let log = agent.log();
     let empty: u64 = log
@@ -125,6 +134,26 @@ fn the_apply_pass_does_not_walk_network_namespaces_without_tcp_sockets() {
         .and_then(|(n, _)| n.parse().ok())
         .unwrap_or_else(|| panic!("no count of empty namespaces in {log}"));
     assert!(empty >= 2, "{log}");
+    let target = format!("127.0.0.1:{port}");
+    let _client = Proc::spawn(
+        &sock_bin(),
+        &["connect", &target],
+        Some(cg.path()),
+        Some(&listening),
+    );
+    server.read();
+    let status = agent.status();
+    let accepted = status["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["direction"] == "inbound" && s["cgroup"] == cg.display())
+        .cloned()
+        .unwrap_or_else(|| panic!("no accepted socket in {status}"));
+    assert_eq!(
+        accepted["inherited"], true,
+        "the listener was configured: {accepted}"
+    );
 }
 
 #[test]
