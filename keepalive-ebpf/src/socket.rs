@@ -99,30 +99,29 @@ pub(crate) fn enforce_socket(
         };
     }
     let enforced_before = before & sock_flags::ENFORCED != 0;
+    // Keepalive that was on before the program set anything is taken as the application's, so
+    // a release never switches it off. On an accepted socket it may be the program's,
+    // inherited from the listener, whose storage is not reachable from here.
+    let app_keepalive = !enforced_before && kernel::keepalive_on(sock.tp);
 
-    let mut flags = 0;
+    let mut flags = if app_keepalive {
+        sock_flags::APP_KEEPALIVE
+    } else {
+        0
+    };
     let mut values = policy;
     let result = if kernel::carries(sock.tp, &policy) {
         // Usually an accepted socket that inherited the options the program set on its
         // listener: nothing to do.
         count(Counter::Inherited);
         flags |= sock_flags::ENFORCED | sock_flags::INHERITED;
-        // Whose keepalive it is cannot be told here: the listener's storage is not reachable
-        // from an accepted socket, and on a connecting socket the application set it. Taken
-        // as the application's, so a release never switches it off.
-        if !enforced_before {
-            flags |= sock_flags::APP_KEEPALIVE;
-        }
         apply_result::APPLIED
-    } else if policy.mode == mode::FILL && !enforced_before && kernel::keepalive_on(sock.tp) {
+    } else if policy.mode == mode::FILL && app_keepalive {
         count(Counter::KeptApp);
         values = enforce::read_values(sock.target, mode::FILL);
         flags |= sock_flags::APP_OWNED;
         apply_result::KEPT_APP
     } else {
-        if !enforced_before && kernel::keepalive_on(sock.tp) {
-            flags |= sock_flags::APP_KEEPALIVE;
-        }
         let previous = existing.as_deref().map(|rec| &rec.policy);
         let ok = enforce::apply(sock.target, sock.tp, &policy, previous);
         count(Counter::Enforced);
