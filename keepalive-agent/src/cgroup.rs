@@ -4,7 +4,7 @@
 //! cgroup2 filesystem; the BPF program reads the same id from `sk->sk_cgrp_data`.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt, fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Component, Path, PathBuf},
@@ -177,6 +177,11 @@ impl Cgroup2 {
             }
             None
         })
+    }
+
+    /// The ids of every cgroup at or below `root`.
+    pub fn ids(&self, root: &CgroupPath) -> HashSet<u64> {
+        self.walk(root).map(|(_, id)| id).collect()
     }
 
     /// Names for cgroup ids: every cgroup below `root`, by id.

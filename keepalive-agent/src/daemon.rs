@@ -147,7 +147,7 @@ impl Daemon {
     fn refresh(&mut self) -> anyhow::Result<Option<ApplyReport>> {
         let set = self.policy_set();
         // Listed before resolving: a cgroup created in between is new next time.
-        let present: HashSet<u64> = self.cgroup2.walk(&self.attach).map(|(_, id)| id).collect();
+        let present = self.cgroup2.ids(&self.attach);
         let resolution = set.resolve(&self.cgroup2, &self.attach);
         let table = resolution.table(&set.default, self.enforcer.attach_id());
         let changed = table != self.table;
@@ -590,7 +590,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     log::debug!("watching {} cgroups below {attach}", watcher.len());
     // The table goes in before the program is attached, so the program never runs without it.
     let set = daemon.policy_set();
-    let present = cgroup2.walk(&attach).map(|(_, id)| id).collect();
+    let present = cgroup2.ids(&attach);
     let resolution = set.resolve(&daemon.cgroup2, &daemon.attach);
     daemon.table = resolution.table(&set.default, attach_id);
     daemon.new_cgroups = NewCgroups::new(present, &daemon.table);
