@@ -841,6 +841,17 @@ pub fn idle_of(cgroup: &TestCgroup) -> i64 {
     pair_values(cgroup).0.1
 }
 
+/// The sockets of `status --json` whose own cgroup is `cgroup`.
+pub fn sockets_of(status: &Value, cgroup: &TestCgroup) -> Vec<Value> {
+    status["sockets"]
+        .as_array()
+        .expect("sockets array")
+        .iter()
+        .filter(|s| s["cgroup"] == cgroup.display())
+        .cloned()
+        .collect()
+}
+
 /// The per-cgroup row of `status --json` for `cgroup`; panics if there is none.
 pub fn cgroup_row(status: &Value, cgroup: &TestCgroup) -> Value {
     status["cgroups"]

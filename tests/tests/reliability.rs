@@ -6,7 +6,7 @@ use std::{ffi::CString, os::unix::fs::PermissionsExt as _, process::Output, time
 
 use keepalive_tests::{
     Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, cgroup_row, cgroup2_mount,
-    code, eventually, hide_with_tmpfs, idle_of, kernel_defaults, pair_values, sock_bin,
+    code, eventually, hide_with_tmpfs, idle_of, kernel_defaults, pair_values, sock_bin, sockets_of,
     sockops_attachments, stderr, umount, values, write_config,
 };
 
@@ -143,12 +143,9 @@ fn the_apply_pass_does_not_walk_network_namespaces_without_tcp_sockets() {
     );
     server.read();
     let status = agent.status();
-    let accepted = status["sockets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["direction"] == "inbound" && s["cgroup"] == cg.display())
-        .cloned()
+    let accepted = sockets_of(&status, &cg)
+        .into_iter()
+        .find(|s| s["direction"] == "inbound")
         .unwrap_or_else(|| panic!("no accepted socket in {status}"));
     assert_eq!(
         accepted["inherited"], true,

@@ -9,19 +9,10 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, Proc, TestCgroup, VethPair, cgroup_row, code, eventually, sock_bin, stderr,
+    Agent, AgentDirs, Proc, TestCgroup, VethPair, cgroup_row, code, eventually, sock_bin,
+    sockets_of, stderr,
 };
 use serde_json::Value;
-
-fn sockets_of(status: &Value, cgroup: &TestCgroup) -> Vec<Value> {
-    status["sockets"]
-        .as_array()
-        .expect("sockets array")
-        .iter()
-        .filter(|s| s["cgroup"] == cgroup.display())
-        .cloned()
-        .collect()
-}
 
 #[test]
 fn status_without_an_agent_exits_7_with_one_line_and_no_output() {
