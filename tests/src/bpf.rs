@@ -20,24 +20,39 @@ fn bpf(cmd: i64, attr: &mut [u64; 16]) -> io::Result<i64> {
     }
 }
 
+/// The `/proc/PID/fdinfo` text of one open file.
+pub struct Fdinfo(String);
+
+impl Fdinfo {
+    /// The numeric value of `name` (`name:\tvalue`), if the file has it.
+    pub fn field(&self, name: &str) -> Option<u64> {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(":\t"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+}
+
+/// The fdinfo of every file process `pid` holds open.
+pub fn fdinfos(pid: u32) -> Vec<Fdinfo> {
+    fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .expect("fdinfo")
+        .map(|fd| Fdinfo(fs::read_to_string(fd.expect("entry").path()).unwrap_or_default()))
+        .collect()
+}
+
 /// The ids of the BPF maps process `pid` holds whose fdinfo has every `field: value` given.
 fn map_ids(pid: u32, fields: &[(&str, u64)]) -> Vec<u32> {
-    let mut ids = Vec::new();
-    for fd in fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo") {
-        let info = fs::read_to_string(fd.expect("entry").path()).unwrap_or_default();
-        let field = |name: &str| -> Option<u64> {
-            info.lines()
-                .find_map(|l| l.strip_prefix(name)?.strip_prefix(":\t"))
-                .and_then(|v| v.trim().parse().ok())
-        };
-        if fields
-            .iter()
-            .all(|&(name, value)| field(name) == Some(value))
-            && let Some(id) = field("map_id")
-        {
-            ids.push(id as u32);
-        }
-    }
+    let mut ids: Vec<u32> = fdinfos(pid)
+        .iter()
+        .filter(|info| {
+            fields
+                .iter()
+                .all(|&(name, value)| info.field(name) == Some(value))
+        })
+        .filter_map(|info| info.field("map_id"))
+        .map(|id| id as u32)
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     ids

@@ -3,7 +3,7 @@
 
 use std::{fmt::Write as _, fs, time::Duration};
 
-use crate::{Proc, TempConfig, TestCgroup, sock_bin, write_config};
+use crate::{Proc, TempConfig, TestCgroup, bpf::fdinfos, sock_bin, write_config};
 
 /// One `ka-sock storm` of `n` lock-step loopback connections in `cgroup`, with extra
 /// environment (for LD_PRELOAD); returns connections per second. The timeout only catches a
@@ -93,19 +93,12 @@ impl Drop for BpfStats {
 
 /// run_time_ns and run_cnt of the sock_ops program that process `pid` holds, from its fdinfo.
 pub fn sockops_stats(pid: u32) -> (u64, u64) {
-    for fd in fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo") {
-        let info = fs::read_to_string(fd.expect("entry").path()).unwrap_or_default();
-        if info.lines().any(|l| l == "prog_type:\t13") {
-            let field = |name: &str| -> u64 {
-                info.lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .and_then(|v| v.trim().parse().ok())
-                    .expect("bpf_stats field")
-            };
-            return (field("run_time_ns:"), field("run_cnt:"));
-        }
-    }
-    panic!("process {pid} holds no sock_ops program");
+    let info = fdinfos(pid)
+        .into_iter()
+        .find(|info| info.field("prog_type") == Some(13))
+        .unwrap_or_else(|| panic!("process {pid} holds no sock_ops program"));
+    let field = |name| info.field(name).expect("bpf_stats field");
+    (field("run_time_ns"), field("run_cnt"))
 }
 
 /// The sock_ops program time (ns) and runs that `storms` storms of `n` connections in `cgroup`
