@@ -13,7 +13,7 @@ use std::{
         fd::{AsFd, AsRawFd, BorrowedFd},
         unix::fs::MetadataExt as _,
     },
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::Instant,
 };
 
@@ -42,7 +42,7 @@ pub struct ApplyReport {
     pub failed: u64,
     /// Network namespaces visited.
     pub namespaces: u64,
-    /// Network namespaces that could not be entered (for example, the process exited).
+    /// Network namespaces that were found but could not be entered.
     pub namespaces_skipped: u64,
     /// Of the namespaces visited, those without TCP sockets, which were not walked.
     #[serde(default)]
@@ -94,37 +94,45 @@ fn run_iterator(link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport> {
     Ok(report)
 }
 
-/// Paths of one handle per network namespace other than our own.
-pub fn foreign_namespaces() -> Vec<PathBuf> {
+/// One network namespace, held open: it stays enterable while this lives, even after the
+/// process it was found through has exited.
+#[derive(Debug)]
+pub struct Namespace {
+    file: File,
+    /// Where it was found, for messages.
+    pub path: PathBuf,
+}
+
+/// Every network namespace other than our own, once each: the named ones in `/run/netns`, then
+/// those of running processes. Each is opened as it is found, so a process that exits between
+/// being listed and its namespace being entered cannot make a pass miss the namespace (or,
+/// with its pid reused, enter another one in its place).
+pub fn foreign_namespaces() -> impl Iterator<Item = Namespace> {
     let own = fs::metadata("/proc/self/ns/net")
         .map(|m| (m.dev(), m.ino()))
         .ok();
     let mut seen: HashSet<(u64, u64)> = own.into_iter().collect();
-    let mut out = Vec::new();
-    let mut consider = |path: PathBuf| {
-        if let Ok(meta) = fs::metadata(&path)
-            && seen.insert((meta.dev(), meta.ino()))
-        {
-            out.push(path);
-        }
+    let entries = |dir: &str| {
+        fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
     };
-    if let Ok(entries) = fs::read_dir("/run/netns") {
-        for entry in entries.filter_map(Result::ok) {
-            consider(entry.path());
-        }
-    }
-    if let Ok(entries) = fs::read_dir("/proc") {
-        for entry in entries.filter_map(Result::ok) {
-            let name = entry.file_name();
-            if name
+    let named = entries("/run/netns").map(|entry| entry.path());
+    let processes = entries("/proc")
+        .filter(|entry| {
+            entry
+                .file_name()
                 .to_str()
                 .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
-            {
-                consider(entry.path().join("ns/net"));
-            }
-        }
-    }
-    out
+        })
+        .map(|entry| entry.path().join("ns/net"));
+    named.chain(processes).filter_map(move |path| {
+        let file = File::open(&path).ok()?;
+        let meta = file.metadata().ok()?;
+        seen.insert((meta.dev(), meta.ino()))
+            .then_some(Namespace { file, path })
+    })
 }
 
 /// `inuse` of the `TCP:` or `TCP6:` line (`label`) of a sockstat file.
@@ -162,17 +170,15 @@ pub fn has_tcp_sockets() -> bool {
     inuse() != Some(0) || inuse() != Some(0)
 }
 
-/// Runs `f` on a short-lived thread inside the network namespace `ns` (a `/proc/<pid>/ns/net`
-/// or `/run/netns` path).
-pub fn in_namespace<T: Send>(ns: &Path, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
-    let file = File::open(ns).with_context(|| format!("failed to open {}", ns.display()))?;
+/// Runs `f` on a short-lived thread inside the network namespace `ns`.
+pub fn in_namespace<T: Send>(ns: &Namespace, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 // SAFETY: setns on this short-lived thread only changes its own namespace.
-                if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                if unsafe { libc::setns(ns.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(std::io::Error::last_os_error())
-                        .with_context(|| format!("failed to enter {}", ns.display()));
+                        .with_context(|| format!("failed to enter {}", ns.path.display()));
                 }
                 Ok(f())
             })
@@ -182,7 +188,7 @@ pub fn in_namespace<T: Send>(ns: &Path, f: impl FnOnce() -> T + Send) -> anyhow:
 }
 
 /// The pass in one foreign namespace.
-fn apply_in(ns: &Path, link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport> {
+fn apply_in(ns: &Namespace, link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport> {
     in_namespace(ns, || {
         // Sockets established after this read got the new table from the start.
         if has_tcp_sockets() {
@@ -209,7 +215,7 @@ pub fn apply_existing(link: &impl AsFd) -> anyhow::Result<ApplyReport> {
                 report.namespaces += 1;
             }
             Err(err) => {
-                log::debug!("skipping network namespace {}: {err:#}", ns.display());
+                log::debug!("skipping network namespace {}: {err:#}", ns.path.display());
                 report.namespaces_skipped += 1;
             }
         }
@@ -228,10 +234,20 @@ pub fn describe(report: &ApplyReport) -> String {
             report.released
         )
     };
-    let empty = if report.namespaces_empty == 0 {
+    let mut about = Vec::new();
+    if report.namespaces_empty != 0 {
+        about.push(format!("{} without TCP sockets", report.namespaces_empty));
+    }
+    if report.namespaces_skipped != 0 {
+        about.push(format!(
+            "{} could not be entered",
+            report.namespaces_skipped
+        ));
+    }
+    let empty = if about.is_empty() {
         String::new()
     } else {
-        format!(" ({} without TCP sockets)", report.namespaces_empty)
+        format!(" ({})", about.join(", "))
     };
     format!(
         "existing connections: {} updated, {} already current, {} in off cgroups{released}, {} \
@@ -258,5 +274,47 @@ mod tests {
         let v6 = "TCP6: inuse 0\nUDP6: inuse 2\n";
         assert_eq!(tcp_inuse(v6, "TCP6: "), Some(0));
         assert_eq!(tcp_inuse(v6, "TCP: "), None);
+    }
+
+    fn netns_id(meta: &fs::Metadata) -> (u64, u64) {
+        (meta.dev(), meta.ino())
+    }
+
+    #[test]
+    fn a_namespace_stays_enterable_after_the_process_it_was_found_through_exits() {
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test creates a network namespace: run it as root (cargo xtask test)"
+        );
+        let mut child = std::process::Command::new("sleep");
+        child.arg("60");
+        // SAFETY: unshare is async-signal-safe; the child only execs afterwards.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut child, || {
+                if libc::unshare(libc::CLONE_NEWNET) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
+        let mut child = child
+            .spawn()
+            .expect("spawn sleep in a new network namespace");
+        let path = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
+        let id = netns_id(&fs::metadata(&path).expect("the child's namespace"));
+        let found = foreign_namespaces().find(|ns| ns.path == path);
+        // The only process in the namespace exits before the namespace is entered.
+        child.kill().expect("kill the child");
+        child.wait().expect("reap the child");
+        let ns = found.expect("the child's namespace is listed");
+        let entered = in_namespace(&ns, || {
+            fs::metadata("/proc/thread-self/ns/net").map(|m| netns_id(&m))
+        })
+        .expect("enter the namespace")
+        .expect("read the namespace entered");
+        assert_eq!(entered, id);
     }
 }

@@ -88,21 +88,19 @@ struct Namespaces {
 }
 
 fn shared_hash_namespaces() -> Namespaces {
-    let all = crate::apply::foreign_namespaces();
-    let walked_on_host_hash = all
-        .iter()
-        .filter(|ns| {
-            crate::apply::in_namespace(ns, || {
-                crate::apply::has_tcp_sockets()
-                    && read_sysctl("net/ipv4/tcp_ehash_entries").is_none_or(|n| n < 0)
-            })
-            .unwrap_or(false)
-        })
-        .count();
-    Namespaces {
-        foreign: all.len(),
-        walked_on_host_hash,
+    let mut counts = Namespaces {
+        foreign: 0,
+        walked_on_host_hash: 0,
+    };
+    for ns in crate::apply::foreign_namespaces() {
+        counts.foreign += 1;
+        let shared = crate::apply::in_namespace(&ns, || {
+            crate::apply::has_tcp_sockets()
+                && read_sysctl("net/ipv4/tcp_ehash_entries").is_none_or(|n| n < 0)
+        });
+        counts.walked_on_host_hash += usize::from(shared.unwrap_or(false));
     }
+    counts
 }
 
 /// The cost of the apply pass in many network namespaces. A TCP iterator walks the whole hash

@@ -130,7 +130,7 @@ fn the_apply_pass_does_not_walk_network_namespaces_without_tcp_sockets() {
     let log = agent.log();
     let empty: u64 = log
         .split_once("network namespaces (")
-        .and_then(|(_, rest)| rest.split_once(" without TCP sockets)"))
+        .and_then(|(_, rest)| rest.split_once(" without TCP sockets"))
         .and_then(|(n, _)| n.parse().ok())
         .unwrap_or_else(|| panic!("no count of empty namespaces in {log}"));
     assert!(empty >= 2, "{log}");
