@@ -6,6 +6,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    config,
     error::exit,
     policy::{self, Mode, limits},
 };
@@ -144,8 +145,9 @@ pub struct RunArgs {
     #[command(flatten)]
     pub values: ValueArgs,
 
-    /// Serve Prometheus metrics at this address (for example 127.0.0.1:9977). Off by default.
-    #[arg(long, value_name = "ADDR")]
+    /// Serve Prometheus metrics at this address (for example 127.0.0.1:9977 or [::1]:9977; an
+    /// IPv4 address may be in brackets too). Off by default.
+    #[arg(long, value_name = "ADDR", value_parser = config::parse_listen)]
     pub metrics: Option<SocketAddr>,
 
     /// Capacity of the per-cgroup counter map, used when the maps are first created.

@@ -7,7 +7,7 @@
 use std::{
     collections::HashMap,
     fmt,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     ops::Range,
     path::{Path, PathBuf},
     time::Duration,
@@ -362,13 +362,10 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
         None => None,
     };
     let metrics = match &raw.metrics {
-        Some(addr) => Some(addr.get_ref().parse::<SocketAddr>().map_err(|err| {
+        Some(addr) => Some(parse_listen(addr.get_ref()).map_err(|err| {
             ctx.err(
                 addr.span(),
-                format!(
-                    "metrics = \"{}\": {err}; expected an address such as \"127.0.0.1:9977\"",
-                    addr.get_ref()
-                ),
+                format!("metrics = \"{}\": {err}", addr.get_ref()),
             )
         })?),
         None => None,
@@ -485,6 +482,21 @@ impl Config {
     }
 }
 
+/// A listening address: `address:port`, an IPv6 address in brackets. An IPv4 address may be in
+/// brackets too, so one template such as `[$(HOST_IP)]:9977` serves either family.
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let bracketed_v4 = text
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("]:"))
+        .and_then(|(ip, port)| Some((ip.parse::<Ipv4Addr>().ok()?, port.parse::<u16>().ok()?)));
+    match bracketed_v4 {
+        Some((ip, port)) => Ok(SocketAddr::from((ip, port))),
+        None => text.parse().map_err(|err| {
+            format!("{err}; expected an address such as \"127.0.0.1:9977\" or \"[::1]:9977\"")
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,6 +609,25 @@ mode = "off"
         let (line, reason) = parse_err("metrics = \"localhost\"\n");
         assert_eq!(line, Some(1));
         assert!(reason.contains("127.0.0.1:9977"), "{reason}");
+    }
+
+    #[test]
+    fn listen_addresses_take_either_family_in_brackets() {
+        let ok = |text: &str| parse_listen(text).unwrap().to_string();
+        assert_eq!(ok("127.0.0.1:9977"), "127.0.0.1:9977");
+        assert_eq!(ok("[10.0.0.7]:9977"), "10.0.0.7:9977");
+        assert_eq!(ok("[fd00::7]:9977"), "[fd00::7]:9977");
+        for bad in [
+            "[10.0.0.7]",
+            "[10.0.0.7]:",
+            "[10.0.0.7]:99999",
+            "[host]:1",
+            "::1:9977",
+            "",
+        ] {
+            let err = parse_listen(bad).unwrap_err();
+            assert!(err.contains("[::1]:9977"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -196,33 +196,48 @@ fn kubernetes_manifests_are_complete_and_agree_with_the_agent() {
     let (_, config_volume) = mount_at("/etc/keepalive-agent");
     assert_eq!(config_volume["configMap"]["name"], cm["metadata"]["name"]);
 
-    // The container's arguments are a valid command line for this agent.
-    let args: Vec<String> = container["args"]
-        .as_array()
-        .unwrap()
+    // The container's arguments are a valid command line for this agent, with the node's
+    // address of either family where Kubernetes substitutes it.
+    let env = container["env"].as_array().unwrap();
+    let host_ip = env
         .iter()
-        .map(|a| a.as_str().unwrap().to_owned())
-        .collect();
-    let cli = Cli::try_parse_from(std::iter::once("keepalive-agent".to_owned()).chain(args))
-        .expect("args parse");
-    let Sub::Run(run) = cli.command else {
-        panic!("the DaemonSet runs `run`");
+        .find(|e| e["valueFrom"]["fieldRef"]["fieldPath"] == "status.hostIP")
+        .expect("the node's address from the downward API");
+    let reference = format!("$({})", host_ip["name"].as_str().unwrap());
+    let run_with = |node: &str| {
+        let args = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().replace(&reference, node));
+        let cli = Cli::try_parse_from(std::iter::once("keepalive-agent".to_owned()).chain(args))
+            .expect("args parse");
+        let Sub::Run(run) = cli.command else {
+            panic!("the DaemonSet runs `run`");
+        };
+        run
     };
-    let config_path = run.config.expect("--config");
+    let mut port = None;
+    for node in ["10.0.0.7", "fd00::7"] {
+        let metrics = run_with(node).metrics.expect("--metrics");
+        assert_eq!(metrics.ip(), node.parse::<std::net::IpAddr>().unwrap());
+        port = Some(metrics.port());
+    }
+    let port = port.unwrap();
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], port.to_string());
+    assert_eq!(container["ports"][0]["containerPort"], port);
+
+    // The ConfigMap's config parses.
+    let config_path = run_with("10.0.0.7").config.expect("--config");
     assert!(config_path.starts_with("/etc/keepalive-agent"));
     let file = config_path.file_name().unwrap().to_str().unwrap();
-
-    // The ConfigMap's config parses, and its metrics port is the one Prometheus scrapes.
     let text = cm["data"][file]
         .as_str()
         .expect("the ConfigMap holds the file --config names");
     let parsed = config::parse(text, &config_path, &Cgroup2::at("/sys/fs/cgroup"))
         .expect("ConfigMap config is valid");
-    let port = parsed.metrics.expect("metrics enabled").port();
-    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
-    assert_eq!(annotations["prometheus.io/scrape"], "true");
-    assert_eq!(annotations["prometheus.io/port"], port.to_string());
-    assert_eq!(container["ports"][0]["containerPort"], port);
     assert!(
         parsed
             .policies
