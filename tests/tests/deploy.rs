@@ -4,8 +4,8 @@
 use std::{ffi::CString, os::unix::process::CommandExt as _, time::Duration};
 
 use keepalive_tests::{
-    Agent, AgentDirs, Proc, TestCgroup, agent_in_private_mounts, cgroup2_mount, code,
-    drop_caps_except, require_root, sockops_attachments, stderr, umount, values,
+    Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, cgroup2_mount, code,
+    drop_caps_except, require_root, sock_bin, sockops_attachments, stderr, umount, values,
 };
 use serde_json::Value;
 
@@ -85,6 +85,47 @@ fn check_names_what_to_fix_when_the_host_is_not_ready() {
             .unwrap()
             .contains("mount -t cgroup2"),
         "{cgroup2}"
+    );
+}
+
+#[test]
+fn check_warns_when_many_namespaces_with_sockets_share_the_host_tcp_hash() {
+    require_root();
+    let child_hash = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_child_ehash_entries")
+        .expect("Linux 6.1+ has net.ipv4.tcp_child_ehash_entries");
+    assert_eq!(
+        child_hash.trim(),
+        "0",
+        "this test needs the default net.ipv4.tcp_child_ehash_entries = 0, so new namespaces \
+         share the host's TCP hash"
+    );
+    // Ten namespaces, each with one listener: every apply pass walks the host's hash ten
+    // more times. Other tests' namespaces can only raise the count.
+    let namespaces: Vec<Netns> = (0..10).map(|_| Netns::new("shared")).collect();
+    let _listeners: Vec<Proc> = namespaces
+        .iter()
+        .map(|ns| {
+            let mut listener = Proc::spawn(&sock_bin(), &["listen", "127.0.0.1:0"], None, Some(ns));
+            listener.read();
+            listener
+        })
+        .collect();
+    let out = AgentDirs::new().cli(&["check", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).expect("check --json is JSON");
+    let item = check_item(&report, "network namespaces");
+    assert_eq!(item["status"], "warn", "{item}");
+    let detail = item["detail"].as_str().unwrap();
+    let shared: usize = detail
+        .split_once("; ")
+        .and_then(|(_, rest)| rest.split_once(" with TCP sockets"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {detail}"));
+    assert!(shared >= 10, "{item}");
+    assert!(
+        item["fix"]
+            .as_str()
+            .is_some_and(|fix| fix.contains("tcp_child_ehash_entries")),
+        "{item}"
     );
 }
 
