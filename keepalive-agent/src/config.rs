@@ -463,8 +463,8 @@ impl Config {
         for rule in &self.policies.rules {
             if !rule.selector.reaches_into(attach) {
                 let reason = format!(
-                    "cgroup {} is outside the attach cgroup {attach}; keepalive never sees its \
-                     sockets",
+                    "cgroup {} is outside the attach cgroup {attach}: policies apply only to \
+                     it and the cgroups below it",
                     rule.selector.text()
                 );
                 return Err(match &rule.source {
@@ -703,6 +703,41 @@ mode = "off"
             "{reason}"
         );
         assert!(config.check_scope(&CgroupPath::root()).is_ok());
+    }
+
+    #[test]
+    fn scope_check_refuses_selectors_that_reach_only_above_the_attach_cgroup() {
+        let attach = CgroupPath::root()
+            .join("kubepods.slice")
+            .join("besteffort.slice");
+        let scope = |selector: &str| {
+            parse_ok(&format!("[[policy]]\ncgroup = \"{selector}\"\n"))
+                .check_scope(&attach)
+                .is_ok()
+        };
+        // The attach cgroup, below it, and globs that can match either.
+        for inside in [
+            "kubepods.slice/besteffort.slice",
+            "kubepods.slice/besteffort.slice/pod1",
+            "kubepods.slice/*/pod*",
+            "*/besteffort.slice",
+            "kubepods.slice/besteffort.slice/*/*",
+            "kubepods.slice/*",
+        ] {
+            assert!(scope(inside), "{inside}");
+        }
+        // An ancestor: the program's walk stops at the attach cgroup, so its policy would never
+        // apply. Globs too shallow, or whose components cannot match the attach path.
+        for outside in [
+            "kubepods.slice",
+            "/",
+            "kubepods.slice/burstable.slice/pod1",
+            "*.slice",
+            "kubepods.slice/burstable*/*",
+            "system.slice/*/*",
+        ] {
+            assert!(!scope(outside), "{outside}");
+        }
     }
 
     mod fuzz {

@@ -297,7 +297,8 @@ impl Daemon {
         let selector = Selector::parse(&self.cgroup2, cgroup)?;
         if !selector.reaches_into(&self.attach) {
             return Err(usage(format!(
-                "cgroup {} is outside the attach cgroup {}",
+                "cgroup {} is outside the attach cgroup {}: policies apply only to it and \
+                 the cgroups below it",
                 selector.text(),
                 self.attach
             )));

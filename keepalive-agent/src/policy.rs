@@ -330,11 +330,22 @@ impl Selector {
         }
     }
 
-    /// Whether the selector can select cgroups inside `attach`: its literal prefix is inside
-    /// `attach`, or `attach` is inside the prefix.
+    /// Whether the selector can select `attach` or cgroups inside it: a path must be one of
+    /// them (an ancestor's policy would never reach a socket, since the program's walk stops at
+    /// `attach`); a glob, which matches paths of exactly its own depth, must be at least as
+    /// deep as `attach` and match each of its components.
     pub fn reaches_into(&self, attach: &CgroupPath) -> bool {
-        let prefix = self.literal_prefix();
-        prefix.is_within(attach) || attach.is_within(&prefix)
+        match self {
+            Self::Exact(path) => path.is_within(attach),
+            Self::Glob { components, .. } => {
+                let attach: Vec<&str> = attach.components().collect();
+                components.len() >= attach.len()
+                    && components
+                        .iter()
+                        .zip(&attach)
+                        .all(|(pattern, name)| pattern.matches(name))
+            }
+        }
     }
 
     /// The cgroups this selector matches now.
