@@ -33,7 +33,8 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "DIR", env = "KEEPALIVE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
 
-    /// Directory for the control socket and the agent's lock file.
+    /// Directory for the control socket and the agent's lock file; one of its own, which `run`
+    /// makes root-only (a directory holding other files is refused).
     #[arg(
         long,
         global = true,

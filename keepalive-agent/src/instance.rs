@@ -10,7 +10,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use crate::{error::Error, sys};
+use crate::{control, error::Error, sys};
 
 /// The lock file that keeps two agents off the same runtime directory.
 pub const LOCK_NAME: &str = "agent.lock";
@@ -21,15 +21,37 @@ pub struct InstanceLock {
     _file: File,
 }
 
-/// Takes the instance lock, or says which process holds it.
-pub fn lock(runtime_dir: &Path) -> anyhow::Result<InstanceLock> {
+/// Creates the runtime directory root-only, or makes an existing one so. A directory holding
+/// anything but keepalive's own files is refused instead: making a shared directory such as
+/// `/run` root-only would lock other services out of it.
+fn prepare(runtime_dir: &Path) -> anyhow::Result<()> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(runtime_dir)
         .with_context(|| format!("failed to create {}", runtime_dir.display()))?;
+    let entries = fs::read_dir(runtime_dir)
+        .with_context(|| format!("failed to read {}", runtime_dir.display()))?;
+    if let Some(other) = entries
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name())
+        .find(|name| name != LOCK_NAME && name != control::SOCKET_NAME)
+    {
+        return Err(Error::Usage(format!(
+            "runtime directory {} holds {} and is not keepalive's own; give the agent a \
+             directory of its own (default /run/keepalive-agent), which it makes root-only",
+            runtime_dir.display(),
+            other.to_string_lossy()
+        ))
+        .into());
+    }
     fs::set_permissions(runtime_dir, fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("failed to restrict {} to root", runtime_dir.display()))?;
+        .with_context(|| format!("failed to restrict {} to root", runtime_dir.display()))
+}
+
+/// Takes the instance lock, or says which process holds it.
+pub fn lock(runtime_dir: &Path) -> anyhow::Result<InstanceLock> {
+    prepare(runtime_dir)?;
     let path = runtime_dir.join(LOCK_NAME);
     let file = fs::OpenOptions::new()
         .create(true)
@@ -64,4 +86,40 @@ pub fn running_agent(runtime_dir: &Path) -> Option<String> {
             .trim()
             .to_owned()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn only_a_directory_of_keepalives_own_is_made_root_only() {
+        let base = std::env::temp_dir().join(format!("ka-instance-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        // Missing: created root-only. Existing with keepalive's files only: made root-only.
+        let own = base.join("own");
+        prepare(&own).unwrap();
+        assert_eq!(mode(&own), 0o700);
+        fs::set_permissions(&own, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(own.join(LOCK_NAME), "1\n").unwrap();
+        prepare(&own).unwrap();
+        assert_eq!(mode(&own), 0o700);
+        // Shared, like /run: refused and left as it was.
+        let shared = base.join("shared");
+        fs::create_dir_all(&shared).unwrap();
+        fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(shared.join("utmp"), "").unwrap();
+        let err = lock(&shared).unwrap_err();
+        assert!(
+            matches!(err.downcast_ref::<Error>(), Some(Error::Usage(msg)) if msg.contains("utmp")),
+            "{err:#}"
+        );
+        assert_eq!(mode(&shared), 0o755);
+        assert!(!shared.join(LOCK_NAME).exists());
+        fs::remove_dir_all(&base).unwrap();
+    }
 }
