@@ -37,3 +37,26 @@ pub fn init() {
     }
     builder.init();
 }
+
+/// Reports the error that ends the process on stderr: under systemd at error priority, so
+/// `journalctl -p err` shows why the agent stopped.
+pub fn fatal(err: &anyhow::Error) {
+    eprintln!("{}", fatal_line(err, stderr_is_journal()));
+}
+
+fn fatal_line(err: &anyhow::Error, journal: bool) -> String {
+    let prefix = if journal { "<3>" } else { "" };
+    format!("{prefix}keepalive-agent: {err:#}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fatal_error_has_error_priority_only_in_the_journal() {
+        let err = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(fatal_line(&err, true), "<3>keepalive-agent: outer: inner");
+        assert_eq!(fatal_line(&err, false), "keepalive-agent: outer: inner");
+    }
+}

@@ -11,7 +11,7 @@ fn main() -> ExitCode {
     match commands::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("keepalive-agent: {err:#}");
+            logging::fatal(&err);
             error::exit_code_for(&err)
         }
     }

@@ -70,6 +70,34 @@ fn systemd_accepts_the_unit() {
 }
 
 #[test]
+fn a_fatal_error_reaches_the_journal_at_error_priority() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempdir("journal");
+    let path = dir.join("stderr");
+    let stderr = std::fs::File::create(&path).unwrap();
+    let meta = stderr.metadata().unwrap();
+    // What systemd sets when stderr is the journal stream.
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
+    let status = Command::new(AGENT)
+        .args(["--runtime-dir"])
+        .arg(dir.join("none"))
+        .args(["policy", "list"])
+        .env("JOURNAL_STREAM", stream)
+        .stderr(stderr)
+        .status()
+        .unwrap();
+    assert!(!status.success());
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("<3>keepalive-agent: ")),
+        "{text}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn install_puts_binary_unit_config_man_pages_and_completions_in_place() {
     let root = tempdir("install");
     let out = Command::new(AGENT)
