@@ -151,6 +151,27 @@ fn namespaces_item(ns: &Namespaces, child_buckets: Option<i64>, host_buckets: Op
     item(NAME, Outcome::Warn, detail, fix)
 }
 
+/// A warning when existing connections in other network namespaces cannot be updated: entering
+/// them takes CAP_SYS_ADMIN, and opening other users' `/proc/<pid>/ns/net` CAP_SYS_PTRACE.
+fn namespaces_privileges_item(caps: Caps) -> Option<Item> {
+    let missing: Vec<&str> = [Cap::SysAdmin, Cap::SysPtrace]
+        .into_iter()
+        .filter(|cap| !caps.has(*cap))
+        .map(Cap::name)
+        .collect();
+    (!missing.is_empty()).then(|| {
+        item(
+            "namespaces",
+            Outcome::Warn,
+            format!(
+                "no {}: existing connections in other network namespaces are not updated",
+                missing.join(" or ")
+            ),
+            Some("grant CAP_SYS_ADMIN and CAP_SYS_PTRACE (see the systemd unit)"),
+        )
+    })
+}
+
 /// Runs every check.
 pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
     let mut checks = Vec::new();
@@ -230,7 +251,10 @@ pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
         checks.push(item(
             "bpffs",
             Outcome::Warn,
-            format!("not mounted at {BPFFS_MOUNT}; `run` mounts it"),
+            format!(
+                "not mounted at {BPFFS_MOUNT}; `run` started by hand mounts it, the systemd \
+                 unit cannot (its sandbox allows no mount)"
+            ),
             Some("mount -t bpf bpf /sys/fs/bpf (systemd does this at boot)"),
         ));
     }
@@ -244,13 +268,8 @@ pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
             "can load and attach BPF programs",
             None,
         ));
-        if !caps.has(Cap::SysAdmin) {
-            checks.push(item(
-                "namespaces",
-                Outcome::Warn,
-                "no CAP_SYS_ADMIN: existing connections in other network namespaces are not updated",
-                Some("grant CAP_SYS_ADMIN (see the systemd unit)"),
-            ));
+        if let Some(item) = namespaces_privileges_item(caps) {
+            checks.push(item);
         }
     } else {
         let names: Vec<&str> = missing.iter().map(|c| c.name()).collect();

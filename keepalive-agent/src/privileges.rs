@@ -7,6 +7,8 @@ use crate::error::Error;
 pub enum Cap {
     /// Attach to cgroups.
     NetAdmin = 12,
+    /// Open other users' `/proc/<pid>/ns/net`.
+    SysPtrace = 19,
     /// Mount bpffs, enter other network namespaces; also stands in for BPF and PERFMON.
     SysAdmin = 21,
     /// bpf_probe_read_kernel and the skc_to helpers.
@@ -20,6 +22,7 @@ impl Cap {
     pub const fn name(self) -> &'static str {
         match self {
             Self::NetAdmin => "CAP_NET_ADMIN",
+            Self::SysPtrace => "CAP_SYS_PTRACE",
             Self::SysAdmin => "CAP_SYS_ADMIN",
             Self::Perfmon => "CAP_PERFMON",
             Self::Bpf => "CAP_BPF",

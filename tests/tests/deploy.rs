@@ -164,6 +164,38 @@ fn the_agent_runs_with_only_the_granted_capabilities() {
 }
 
 #[test]
+fn check_warns_which_capability_other_namespaces_need() {
+    require_root();
+    let dirs = AgentDirs::new();
+    let check_with = |keep: Vec<u32>| -> Value {
+        let mut cmd = dirs.command(&["check", "--json"]);
+        // SAFETY: prctl calls only.
+        unsafe {
+            cmd.pre_exec(move || drop_caps_except(&keep));
+        }
+        serde_json::from_slice(&cmd.output().unwrap().stdout).expect("check --json is JSON")
+    };
+    let granted = check_with(GRANTED.to_vec());
+    assert!(
+        granted["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["name"] != "namespaces"),
+        "{granted:#}"
+    );
+    // Without CAP_SYS_PTRACE other users' /proc/<pid>/ns/net cannot be opened.
+    let report = check_with(GRANTED.into_iter().filter(|&c| c != 19).collect());
+    let item = check_item(&report, "namespaces");
+    assert_eq!(item["status"], "warn", "{item}");
+    assert!(
+        item["detail"].as_str().unwrap().contains("CAP_SYS_PTRACE"),
+        "{item}"
+    );
+    assert_eq!(report["ready"], true, "new connections are still enforced");
+}
+
+#[test]
 fn without_cap_net_admin_the_agent_refuses_clearly() {
     let cg = TestCgroup::new("nocap");
     let dirs = AgentDirs::new();
