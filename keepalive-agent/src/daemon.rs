@@ -555,6 +555,10 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         },
         &btf,
     )?;
+    let forgotten = enforcer.forget_removed_cgroups(&cgroup2, &attach);
+    if forgotten > 0 {
+        log::info!("dropped the counters of {forgotten} cgroup(s) removed since the last run");
+    }
     // Kernel BTF is only needed while loading; give its memory back before settling in.
     drop(btf);
     release_free_memory();

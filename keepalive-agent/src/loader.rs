@@ -28,6 +28,7 @@ use keepalive_common::{
 use crate::{
     apply::{self, ApplyReport},
     btf::Btf,
+    cgroup::{Cgroup2, CgroupPath},
     error::Error,
     pin::StateDir,
     sys,
@@ -313,6 +314,25 @@ impl Enforcer {
                 let _ = stats.remove(id);
             }
         }
+    }
+
+    /// Drops the per-cgroup counters of every cgroup that no longer exists: removed while no
+    /// agent ran, or while the watcher could not follow it. The keys are read before the
+    /// cgroups are listed, so a cgroup created meanwhile is never taken for a removed one.
+    pub fn forget_removed_cgroups(&mut self, cgroup2: &Cgroup2, attach: &CgroupPath) -> usize {
+        let Some(map) = self.ebpf.map_mut(MAP_CGSTATS) else {
+            return 0;
+        };
+        let stats: Result<HashMap<&mut MapData, u64, CgroupStats>, _> = map.try_into();
+        let Ok(mut stats) = stats else {
+            return 0;
+        };
+        let keys: Vec<u64> = stats.keys().filter_map(Result::ok).collect();
+        let present = cgroup2.ids(attach);
+        keys.iter()
+            .filter(|id| !present.contains(id))
+            .filter(|id| stats.remove(id).is_ok())
+            .count()
     }
 
     /// Applies the policy table to existing connections in one pass. `None` when the kernel

@@ -311,6 +311,38 @@ fn a_removed_cgroup_is_cleaned_up_and_a_glob_applies_again_when_it_returns() {
 }
 
 #[test]
+fn counters_of_cgroups_removed_while_no_agent_ran_are_dropped_at_start() {
+    let parent = TestCgroup::new("gone");
+    let mut agent = Agent::start(&parent, &[]);
+    let dirs = agent.dirs();
+    let job = parent.child("job");
+    let id = job.id();
+    Proc::sock(&["pair", "4"], &job).read();
+    let counted = |status: &serde_json::Value| {
+        status["cgroups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["cgroup_id"] == id)
+    };
+    assert!(counted(&agent.status()), "{:#}", agent.status());
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    drop(job);
+    assert!(
+        counted(&dirs.status()),
+        "nothing pruned them while no agent ran"
+    );
+    let agent = Agent::start_in(&dirs, &parent, &[]);
+    let status = agent.status();
+    assert!(!counted(&status), "{status:#}");
+    assert!(
+        agent.log().contains("dropped the counters of 1 cgroup(s)"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
 fn full_tracking_maps_are_counted_and_enforcement_continues() {
     let parent = TestCgroup::new("full");
     let cgs: Vec<TestCgroup> = (0..3).map(|i| parent.child(&format!("c{i}"))).collect();
