@@ -4,11 +4,12 @@
 //! would cost more than it gives. Each scrape reads the maps afresh, so the numbers are the
 //! kernel's own.
 
-use std::{fmt::Write as _, time::Duration};
+use std::{fmt::Write as _, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
+    sync::Mutex,
 };
 
 use crate::{cgroup::Cgroup2, pin::StateDir, status};
@@ -96,10 +97,26 @@ pub fn render(state: &StateDir, cgroup2: &Cgroup2) -> anyhow::Result<String> {
     Ok(out)
 }
 
+/// Runs `work` on the blocking pool once no earlier work of `gate` runs any more. The gate is
+/// held until `work` returns, also when the request that started it gave up waiting, so
+/// however many scrapes arrive, one map walk runs at a time.
+async fn one_at_a_time<T: Send + 'static>(
+    gate: &Arc<Mutex<()>>,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let held = Arc::clone(gate).lock_owned().await;
+    let done = tokio::task::spawn_blocking(move || {
+        let _held = held;
+        work()
+    });
+    Ok(done.await?)
+}
+
 async fn respond(
     mut stream: TcpStream,
     state: &StateDir,
     cgroup2: &Cgroup2,
+    gate: &Arc<Mutex<()>>,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
@@ -118,8 +135,8 @@ async fn respond(
             // Reading the maps takes a status walk (a few ms, hundreds at 200k sockets): off
             // the agent's loop, which also serves signals, the control socket and inotify.
             let (state, cgroup2) = (state.clone(), cgroup2.clone());
-            let rendered = tokio::task::spawn_blocking(move || render(&state, &cgroup2)).await;
-            match rendered.map_err(anyhow::Error::from).and_then(|body| body) {
+            let rendered = one_at_a_time(gate, move || render(&state, &cgroup2)).await;
+            match rendered.and_then(|body| body) {
                 Ok(body) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body),
                 Err(err) => (
                     "503 Service Unavailable",
@@ -144,6 +161,7 @@ async fn respond(
 
 /// Serves scrapes until the process exits.
 pub async fn serve(listener: TcpListener, state: StateDir, cgroup2: Cgroup2) {
+    let gate = Arc::new(Mutex::new(()));
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -156,13 +174,54 @@ pub async fn serve(listener: TcpListener, state: StateDir, cgroup2: Cgroup2) {
         };
         let state = state.clone();
         let cgroup2 = cgroup2.clone();
+        let gate = Arc::clone(&gate);
         tokio::spawn(async move {
-            let served =
-                tokio::time::timeout(Duration::from_secs(10), respond(stream, &state, &cgroup2))
-                    .await;
+            let served = tokio::time::timeout(
+                Duration::from_secs(10),
+                respond(stream, &state, &cgroup2, &gate),
+            )
+            .await;
             if let Ok(Err(err)) = served {
                 log::debug!("metrics client: {err}");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn scrapes_walk_the_maps_one_at_a_time_even_when_they_give_up_waiting() {
+        let gate = Arc::new(Mutex::new(()));
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let work = || {
+            let (running, most) = (Arc::clone(&running), Arc::clone(&most));
+            move || {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                most.fetch_max(now, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_millis(20));
+                running.fetch_sub(1, Ordering::SeqCst);
+            }
+        };
+        // Half of the requests time out while their walk runs; the next walk still waits.
+        let mut tasks = Vec::new();
+        for i in 0..8 {
+            let gate = Arc::clone(&gate);
+            let work = work();
+            tasks.push(tokio::spawn(async move {
+                let limit = Duration::from_millis(if i % 2 == 0 { 5 } else { 10_000 });
+                let _ = tokio::time::timeout(limit, one_at_a_time(&gate, work)).await;
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let _ = one_at_a_time(&gate, || ()).await;
+        assert_eq!(most.load(Ordering::SeqCst), 1);
     }
 }
