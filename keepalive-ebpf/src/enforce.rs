@@ -133,7 +133,7 @@ fn still_set(target: *mut c_void, tp: *const u8, policy: &Policy) -> bool {
 
 /// Whether `old` set a user timeout that `new` leaves to the kernel.
 #[inline(always)]
-fn drops_user_timeout(old: &Policy, new: &Policy) -> bool {
+pub(crate) fn drops_user_timeout(old: &Policy, new: &Policy) -> bool {
     old.flags & policy_flags::USER_TIMEOUT != 0 && new.flags & policy_flags::USER_TIMEOUT == 0
 }
 

@@ -110,7 +110,17 @@ pub(crate) fn enforce_socket(
         0
     };
     let mut values = policy;
-    let result = if kernel::carries(sock.tp, &policy) {
+    // What the program itself set on the socket before (a `fill` record holds the
+    // application's values, which are not the program's to undo).
+    let previous = existing
+        .as_deref()
+        .filter(|rec| rec.flags & sock_flags::ENFORCED != 0)
+        .map(|rec| rec.policy);
+    // A socket that carries the policy's values can still hold the user timeout of the policy
+    // the program set before, which this one drops.
+    let drops_user_timeout =
+        previous.is_some_and(|previous| enforce::drops_user_timeout(&previous, &policy));
+    let result = if !drops_user_timeout && kernel::carries(sock.tp, &policy) {
         // Usually an accepted socket that inherited the options the program set on its
         // listener: nothing to do.
         count(Counter::Inherited);
@@ -122,8 +132,7 @@ pub(crate) fn enforce_socket(
         flags |= sock_flags::APP_OWNED;
         apply_result::KEPT_APP
     } else {
-        let previous = existing.as_deref().map(|rec| &rec.policy);
-        let ok = enforce::apply(sock.target, sock.tp, &policy, previous);
+        let ok = enforce::apply(sock.target, sock.tp, &policy, previous.as_ref());
         count(Counter::Enforced);
         flags |= sock_flags::ENFORCED;
         if ok {

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! ka-sock pair <4|6|mapped> [--keepalive IDLE] [--keepalive-after IDLE]
-//!                                                client+server over loopback; both ends' options
+//!              [--user-timeout-after MS]        client+server over loopback; both ends' options
 //! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE]
 //!                                                accept N connections (default 1), report each
 //! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--read] [--loosen]
@@ -26,7 +26,8 @@
 //!
 //! `--keepalive IDLE` enables SO_KEEPALIVE with TCP_KEEPIDLE=IDLE before connecting or
 //! listening (an application that manages keepalive itself); `--keepalive-after IDLE` does so
-//! on the client once connected, as Go's net package does. `--read` blocks in read() after
+//! on the client once connected, as Go's net package does; `--user-timeout-after MS` sets the
+//! client's TCP_USER_TIMEOUT once connected. `--read` blocks in read() after
 //! connecting and reports how it ended. `--loosen` tries to switch keepalive off and raise its
 //! values after connecting, then reports what getsockopt shows, then sets TCP_CONGESTION from a
 //! buffer larger than a page.
@@ -231,6 +232,9 @@ fn pair(args: &[String]) {
         let fd = client.as_raw_fd();
         assert_eq!(set(fd, SOL_SOCKET, SO_KEEPALIVE, 1), 0);
         assert_eq!(set(fd, TCP, libc::TCP_KEEPIDLE, idle), 0);
+    }
+    if let Some(ms) = flag_value(args, "--user-timeout-after") {
+        assert_eq!(set(client.as_raw_fd(), TCP, libc::TCP_USER_TIMEOUT, ms), 0);
     }
     emit(json!({
         "client": options(client.as_raw_fd()),
