@@ -92,7 +92,9 @@ fn parse_count(text: &str) -> Result<u32, String> {
 }
 
 fn parse_user_timeout(text: &str) -> Result<u32, String> {
+    // 0 passes on as 0: "none", which overrides a user timeout of the config.
     policy::check_user_timeout("user-timeout", policy::parse_duration(text)?)
+        .map(Option::unwrap_or_default)
 }
 
 fn parse_mode(text: &str) -> Result<Mode, String> {
@@ -122,7 +124,8 @@ pub struct ValueArgs {
 
     /// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged before the connection is
     /// dropped (seconds or a duration such as 45s or 1500ms). Keepalive alone does not cover
-    /// connections with unacknowledged data; idle + interval × count is a good value.
+    /// connections with unacknowledged data; idle + interval × count is a good value. 0: none
+    /// (the kernel's behaviour), also over a value the config sets.
     #[arg(long, value_name = "DURATION", value_parser = parse_user_timeout)]
     pub user_timeout: Option<u32>,
 }
@@ -295,6 +298,11 @@ mod tests {
             panic!("run");
         };
         assert_eq!(run.values.user_timeout, Some(1500));
+        // 0 is "none", which overrides the config's user timeout.
+        let Command::Run(run) = parse(&["run", "--user-timeout", "0"]).unwrap().command else {
+            panic!("run");
+        };
+        assert_eq!(run.values.user_timeout, Some(0));
     }
 
     #[test]
@@ -314,7 +322,14 @@ mod tests {
                 &["run", "--idle", "soon"],
                 &["--idle", "soon", "not a duration"],
             ),
-            (&["run", "--user-timeout", "0"], &["--user-timeout", "0"]),
+            (
+                &["run", "--user-timeout", "0.5ms"],
+                &["--user-timeout", "0.5ms", "milliseconds"],
+            ),
+            (
+                &["run", "--user-timeout", "30d"],
+                &["--user-timeout", "30days", "0 (none) or 1ms"],
+            ),
             (
                 &["policy", "set", "x", "--mode", "strict"],
                 &["--mode", "strict", "enforce, fill, off, lock"],

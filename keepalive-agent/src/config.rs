@@ -197,10 +197,9 @@ impl Ctx<'_> {
                 .map_err(|reason| self.err(count.span(), reason))?;
         }
         if let Some(timeout) = &raw.user_timeout {
-            spec.values.user_timeout_ms = Some(
+            spec.values.user_timeout_ms =
                 policy::check_user_timeout("user_timeout", timeout.get_ref().0)
-                    .map_err(|reason| self.err(timeout.span(), reason))?,
-            );
+                    .map_err(|reason| self.err(timeout.span(), reason))?;
         }
         Ok(spec)
     }
@@ -436,7 +435,7 @@ impl Config {
             default.count = count;
         }
         if let Some(ms) = overrides.user_timeout_ms {
-            default.user_timeout_ms = Some(ms);
+            default.user_timeout_ms = (ms != 0).then_some(ms);
         }
         let new = *default;
         self.policies.default_source = Source::CommandLine;

@@ -284,10 +284,9 @@ impl Daemon {
             spec.values.count = policy::check_count("count", i64::from(*count)).map_err(usage)?;
         }
         if let Some(ms) = user_timeout_ms {
-            spec.values.user_timeout_ms = Some(
+            spec.values.user_timeout_ms =
                 policy::check_user_timeout("user-timeout", Duration::from_millis(u64::from(*ms)))
-                    .map_err(usage)?,
-            );
+                    .map_err(usage)?;
         }
         Ok(spec)
     }

@@ -212,8 +212,12 @@ pub fn check_count(what: &str, value: i64) -> Result<u32, String> {
         })
 }
 
-/// Checks a user timeout against its range, returning milliseconds.
-pub fn check_user_timeout(what: &str, value: Duration) -> Result<u32, String> {
+/// Checks a user timeout against its range, returning milliseconds; 0 means none (the
+/// kernel's behaviour), so a policy can drop a user timeout the default sets.
+pub fn check_user_timeout(what: &str, value: Duration) -> Result<Option<u32>, String> {
+    if value.is_zero() {
+        return Ok(None);
+    }
     if !value.subsec_nanos().is_multiple_of(1_000_000) {
         return Err(format!(
             "{what} = {} has sub-millisecond precision; TCP_USER_TIMEOUT is in milliseconds",
@@ -223,9 +227,10 @@ pub fn check_user_timeout(what: &str, value: Duration) -> Result<u32, String> {
     u32::try_from(value.as_millis())
         .ok()
         .filter(|ms| limits::USER_TIMEOUT_MS.contains(ms))
+        .map(Some)
         .ok_or_else(|| {
             format!(
-                "{what} = {} is out of range; accepted: 1ms to {}",
+                "{what} = {} is out of range; accepted: 0 (none) or 1ms to {}",
                 humantime::format_duration(value),
                 humantime::format_duration(Duration::from_millis(u64::from(
                     *limits::USER_TIMEOUT_MS.end()
@@ -546,9 +551,9 @@ mod tests {
         assert!(check_count("count", -1).is_err());
         assert_eq!(
             check_user_timeout("user_timeout", Duration::from_millis(1500)),
-            Ok(1500)
+            Ok(Some(1500))
         );
-        assert!(check_user_timeout("user_timeout", Duration::ZERO).is_err());
+        assert_eq!(check_user_timeout("user_timeout", Duration::ZERO), Ok(None));
         assert!(check_user_timeout("user_timeout", Duration::from_secs(1 << 31)).is_err());
     }
 

@@ -434,14 +434,27 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
 }
 
 #[test]
-fn user_timeout_from_the_config_is_visible_with_getsockopt() {
+fn user_timeout_from_the_config_is_visible_with_getsockopt_and_0_drops_it() {
     let cg = TestCgroup::new("ut");
-    let config = write_config("[default]\nuser_timeout = \"45s\"\n");
-    let _agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let none = cg.child("none");
+    let config = write_config(&format!(
+        "[default]\nuser_timeout = \"45s\"\n[[policy]]\ncgroup = \"{}\"\nuser_timeout = 0\n",
+        none.rel()
+    ));
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
     let mut pair = Proc::sock(&["pair", "6"], &cg);
     let out = pair.read();
     assert_eq!(out["client"]["user_timeout"], 45_000, "{out}");
     assert_eq!(out["server"]["user_timeout"], 45_000, "{out}");
+    // A policy's 0 is "none": the kernel's behaviour, not the default's 45 s.
+    let out = Proc::sock(&["pair", "6"], &none).read();
+    assert_eq!(out["client"]["user_timeout"], 0, "{out}");
+    assert_eq!(values(&out["client"]).0, 1, "keepalive itself stays: {out}");
+    // So is `policy set --user-timeout 0`, on existing connections too.
+    agent.cli_ok(&["policy", "set", cg.rel(), "--user-timeout", "0"]);
+    for sock in pair.report() {
+        assert_eq!(sock["user_timeout"], 0, "{sock}");
+    }
 }
 
 /// `run --cgroup <cg> --config <config>` in the foreground, for configs the agent refuses.
@@ -556,6 +569,47 @@ fn dropping_the_user_timeout_resets_it_on_sockets_the_program_set() {
         assert_eq!(sock["user_timeout"], 0, "{sock}");
         assert_eq!(sock["idle"], 45, "{sock}");
     }
+}
+
+#[test]
+fn enforce_after_fill_leaves_the_applications_own_user_timeout() {
+    let cg = TestCgroup::new("utapp");
+    let agent = Agent::start(&cg, &[]);
+    agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "fill", "--idle", "50"]);
+    // An application with its own keepalive and user timeout: `fill` keeps both.
+    let mut pair = Proc::sock(
+        &[
+            "pair",
+            "4",
+            "--keepalive",
+            "99",
+            "--user-timeout-after",
+            "7000",
+        ],
+        &cg,
+    );
+    let client = |pair: &mut Proc| pair.report().swap_remove(0);
+    pair.read();
+    agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "fill", "--idle", "51"]);
+    let kept = client(&mut pair);
+    assert_eq!(
+        (kept["idle"].as_u64(), kept["user_timeout"].as_u64()),
+        (Some(99), Some(7000))
+    );
+    // `enforce` without a user timeout takes over keepalive; the user timeout was never the
+    // program's, so it stays the application's.
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.rel(),
+        "--mode",
+        "enforce",
+        "--idle",
+        "52",
+    ]);
+    let enforced = client(&mut pair);
+    assert_eq!(enforced["idle"], 52, "{enforced}");
+    assert_eq!(enforced["user_timeout"], 7000, "{enforced}");
 }
 
 #[test]
