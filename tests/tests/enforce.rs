@@ -215,7 +215,7 @@ fn bad_values_and_missing_cgroups_are_rejected_and_nothing_is_attached() {
         ("--interval", "40000", "1 to 32767"),
         ("--count", "0", "1 to 127"),
         ("--count", "128", "1 to 127"),
-        ("--user-timeout", "0", "1ms"),
+        ("--user-timeout", "30d", "0 (none) or 1ms"),
     ] {
         let out = run_rejected(&dirs, &["run", "--cgroup", &path, flag, value]);
         let err = stderr(&out);
