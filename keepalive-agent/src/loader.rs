@@ -299,40 +299,37 @@ impl Enforcer {
         Ok(())
     }
 
-    /// Drops the per-cgroup counters of removed cgroups.
-    pub fn forget_cgroups(&mut self, ids: &[u64]) {
+    /// The per-cgroup counter map.
+    fn cgroup_stats(&mut self) -> Option<HashMap<&mut MapData, u64, CgroupStats>> {
+        self.ebpf.map_mut(MAP_CGSTATS)?.try_into().ok()
+    }
+
+    /// Drops the per-cgroup counters of removed cgroups; how many there were.
+    pub fn forget_cgroups(&mut self, ids: &[u64]) -> usize {
         if ids.is_empty() {
-            return;
+            return 0;
         }
-        let Some(map) = self.ebpf.map_mut(MAP_CGSTATS) else {
-            return;
+        let Some(mut stats) = self.cgroup_stats() else {
+            return 0;
         };
-        let stats: Result<HashMap<&mut MapData, u64, CgroupStats>, _> = map.try_into();
-        if let Ok(mut stats) = stats {
-            for id in ids {
-                // Absent when no socket of that cgroup was ever enforced.
-                let _ = stats.remove(id);
-            }
-        }
+        // Absent when no socket of that cgroup was ever enforced.
+        ids.iter().filter(|id| stats.remove(id).is_ok()).count()
     }
 
     /// Drops the per-cgroup counters of every cgroup that no longer exists: removed while no
     /// agent ran, or while the watcher could not follow it. The keys are read before the
     /// cgroups are listed, so a cgroup created meanwhile is never taken for a removed one.
     pub fn forget_removed_cgroups(&mut self, cgroup2: &Cgroup2, attach: &CgroupPath) -> usize {
-        let Some(map) = self.ebpf.map_mut(MAP_CGSTATS) else {
-            return 0;
-        };
-        let stats: Result<HashMap<&mut MapData, u64, CgroupStats>, _> = map.try_into();
-        let Ok(mut stats) = stats else {
-            return 0;
-        };
-        let keys: Vec<u64> = stats.keys().filter_map(Result::ok).collect();
+        let keys: Vec<u64> = self
+            .cgroup_stats()
+            .map(|stats| stats.keys().filter_map(Result::ok).collect())
+            .unwrap_or_default();
         let present = cgroup2.ids(attach);
-        keys.iter()
+        let removed: Vec<u64> = keys
+            .into_iter()
             .filter(|id| !present.contains(id))
-            .filter(|id| stats.remove(id).is_ok())
-            .count()
+            .collect();
+        self.forget_cgroups(&removed)
     }
 
     /// Applies the policy table to existing connections in one pass. `None` when the kernel
