@@ -460,12 +460,7 @@ impl Config {
     /// Checks that every rule can select cgroups inside `attach`.
     pub fn check_scope(&self, attach: &CgroupPath) -> anyhow::Result<()> {
         for rule in &self.policies.rules {
-            if !rule.selector.reaches_into(attach) {
-                let reason = format!(
-                    "cgroup {} is outside the attach cgroup {attach}: policies apply only to \
-                     it and the cgroups below it",
-                    rule.selector.text()
-                );
+            if let Err(reason) = rule.selector.check_reaches(attach) {
                 return Err(match &rule.source {
                     Source::Config { file, line } => Error::Config {
                         file: file.clone(),

@@ -294,14 +294,7 @@ impl Daemon {
     /// `policy set`: adds or replaces a runtime rule.
     fn set_rule(&mut self, cgroup: &str, req: &Request) -> anyhow::Result<String> {
         let selector = Selector::parse(&self.cgroup2, cgroup)?;
-        if !selector.reaches_into(&self.attach) {
-            return Err(usage(format!(
-                "cgroup {} is outside the attach cgroup {}: policies apply only to it and \
-                 the cgroups below it",
-                selector.text(),
-                self.attach
-            )));
-        }
+        selector.check_reaches(&self.attach).map_err(usage)?;
         let spec = self.spec_from_request(req)?;
         let text = selector.text();
         self.runtime.retain(|r| r.selector.text() != text);

@@ -321,26 +321,12 @@ impl Selector {
         matches!(self, Self::Glob { .. })
     }
 
-    /// The literal leading part of the selector: every cgroup it selects is within it.
-    pub fn literal_prefix(&self) -> CgroupPath {
-        match self {
-            Self::Exact(path) => path.clone(),
-            Self::Glob { text, .. } => {
-                let mut prefix = CgroupPath::root();
-                for part in text.split('/').take_while(|c| !is_glob(c)) {
-                    prefix = prefix.join(part);
-                }
-                prefix
-            }
-        }
-    }
-
-    /// Whether the selector can select `attach` or cgroups inside it: a path must be one of
-    /// them (an ancestor's policy would never reach a socket, since the program's walk stops at
-    /// `attach`); a glob, which matches paths of exactly its own depth, must be at least as
-    /// deep as `attach` and match each of its components.
-    pub fn reaches_into(&self, attach: &CgroupPath) -> bool {
-        match self {
+    /// Refuses, with the reason, a selector that can select neither `attach` nor cgroups inside
+    /// it: a path must be one of them (an ancestor's policy would never reach a socket, since
+    /// the program's walk stops at `attach`); a glob, which matches paths of exactly its own
+    /// depth, must be at least as deep as `attach` and match each of its components.
+    pub fn check_reaches(&self, attach: &CgroupPath) -> Result<(), String> {
+        let reaches = match self {
             Self::Exact(path) => path.is_within(attach),
             Self::Glob { components, .. } => {
                 let attach: Vec<&str> = attach.components().collect();
@@ -350,7 +336,15 @@ impl Selector {
                         .zip(&attach)
                         .all(|(pattern, name)| pattern.matches(name))
             }
+        };
+        if reaches {
+            return Ok(());
         }
+        Err(format!(
+            "cgroup {} is outside the attach cgroup {attach}: policies apply only to it and the \
+             cgroups below it",
+            self.text()
+        ))
     }
 
     /// The cgroups this selector matches now.
@@ -580,7 +574,6 @@ mod tests {
         let glob = Selector::parse(&cg, "/sys/fs/cgroup/system.slice/docker-*.scope").unwrap();
         assert!(glob.is_glob());
         assert_eq!(glob.text(), "/system.slice/docker-*.scope");
-        assert_eq!(glob.literal_prefix().as_str(), "system.slice");
         assert!(Selector::parse(&cg, "a/[").is_err());
     }
 
