@@ -108,9 +108,7 @@ pub struct Namespace {
 /// being listed and its namespace being entered cannot make a pass miss the namespace (or,
 /// with its pid reused, enter another one in its place).
 pub fn foreign_namespaces() -> impl Iterator<Item = Namespace> {
-    let own = fs::metadata("/proc/self/ns/net")
-        .map(|m| (m.dev(), m.ino()))
-        .ok();
+    let own = fs::metadata("/proc/self/ns/net").map(|m| netns_id(&m)).ok();
     let mut seen: HashSet<(u64, u64)> = own.into_iter().collect();
     let entries = |dir: &str| {
         fs::read_dir(dir)
@@ -130,9 +128,14 @@ pub fn foreign_namespaces() -> impl Iterator<Item = Namespace> {
     named.chain(processes).filter_map(move |path| {
         let file = File::open(&path).ok()?;
         let meta = file.metadata().ok()?;
-        seen.insert((meta.dev(), meta.ino()))
+        seen.insert(netns_id(&meta))
             .then_some(Namespace { file, path })
     })
+}
+
+/// What identifies a network namespace: the device and inode of its nsfs file.
+fn netns_id(meta: &fs::Metadata) -> (u64, u64) {
+    (meta.dev(), meta.ino())
 }
 
 /// `inuse` of the `TCP:` or `TCP6:` line (`label`) of a sockstat file.
@@ -274,10 +277,6 @@ mod tests {
         let v6 = "TCP6: inuse 0\nUDP6: inuse 2\n";
         assert_eq!(tcp_inuse(v6, "TCP6: "), Some(0));
         assert_eq!(tcp_inuse(v6, "TCP: "), None);
-    }
-
-    fn netns_id(meta: &fs::Metadata) -> (u64, u64) {
-        (meta.dev(), meta.ino())
     }
 
     #[test]
