@@ -989,3 +989,12 @@ pub fn sockops_attachments(cgroup: &Path) -> usize {
     );
     u32::from_ne_bytes(attr[24..28].try_into().expect("4 bytes")) as usize
 }
+
+/// The number in `text` between `before` and `after` (a count in a log line or a `check`
+/// detail); panics naming the text if there is none.
+pub fn count_between(text: &str, before: &str, after: &str) -> u64 {
+    text.split_once(before)
+        .and_then(|(_, rest)| rest.split_once(after))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count between {before:?} and {after:?} in {text}"))
+}

@@ -5,7 +5,8 @@ use std::{ffi::CString, os::unix::process::CommandExt as _, time::Duration};
 
 use keepalive_tests::{
     Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, cgroup2_mount, code,
-    drop_caps_except, require_root, sock_bin, sockops_attachments, stderr, umount, values,
+    count_between, drop_caps_except, require_root, sock_bin, sockops_attachments, stderr, umount,
+    values,
 };
 use serde_json::Value;
 
@@ -114,12 +115,7 @@ fn check_warns_when_many_namespaces_with_sockets_share_the_host_tcp_hash() {
     let report: Value = serde_json::from_slice(&out.stdout).expect("check --json is JSON");
     let item = check_item(&report, "network namespaces");
     assert_eq!(item["status"], "warn", "{item}");
-    let detail = item["detail"].as_str().unwrap();
-    let shared: usize = detail
-        .split_once("; ")
-        .and_then(|(_, rest)| rest.split_once(" with TCP sockets"))
-        .and_then(|(n, _)| n.parse().ok())
-        .unwrap_or_else(|| panic!("no count in {detail}"));
+    let shared = count_between(item["detail"].as_str().unwrap(), "; ", " with TCP sockets");
     assert!(shared >= 10, "{item}");
     assert!(
         item["fix"]

@@ -6,8 +6,8 @@ use std::{ffi::CString, os::unix::fs::PermissionsExt as _, process::Output, time
 
 use keepalive_tests::{
     Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, cgroup_row, cgroup2_mount,
-    code, eventually, hide_with_tmpfs, idle_of, kernel_defaults, pair_values, sock_bin, sockets_of,
-    sockops_attachments, stderr, umount, values, write_config,
+    code, count_between, eventually, hide_with_tmpfs, idle_of, kernel_defaults, pair_values,
+    sock_bin, sockets_of, sockops_attachments, stderr, umount, values, write_config,
 };
 
 #[test]
@@ -128,11 +128,7 @@ fn the_apply_pass_does_not_walk_network_namespaces_without_tcp_sockets() {
     let port = server.read()["port"].as_u64().unwrap();
     let agent = Agent::start(&cg, &[]);
     let log = agent.log();
-    let empty: u64 = log
-        .split_once("network namespaces (")
-        .and_then(|(_, rest)| rest.split_once(" without TCP sockets"))
-        .and_then(|(n, _)| n.parse().ok())
-        .unwrap_or_else(|| panic!("no count of empty namespaces in {log}"));
+    let empty = count_between(&log, "network namespaces (", " without TCP sockets");
     assert!(empty >= 2, "{log}");
     let target = format!("127.0.0.1:{port}");
     let _client = Proc::spawn(
