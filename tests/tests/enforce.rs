@@ -137,7 +137,15 @@ fn sockets_outside_the_attached_cgroup_are_untouched() {
     let parent = TestCgroup::new("outside");
     let attached = parent.child("attached");
     let sibling = parent.child("sibling");
-    let _agent = Agent::start(&attached, &["--idle", "11"]);
+    let agent = Agent::start(&attached, &["--idle", "11"]);
+    // A policy on the attach cgroup's parent could never apply: refused, not accepted idle.
+    let refused = agent.cli(&["policy", "set", parent.rel(), "--idle", "12"]);
+    assert_eq!(code(&refused), 2, "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("outside the attach cgroup"),
+        "{}",
+        stderr(&refused)
+    );
     let mut inside = Proc::sock(&["pair", "4"], &attached);
     assert_eq!(values(&inside.read()["client"]).1, 11);
     let mut outside = Proc::sock(&["pair", "4"], &sibling);
