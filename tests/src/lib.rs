@@ -160,7 +160,7 @@ pub fn remove_cgroup_tree(path: &Path) {
         return;
     }
     let _ = fs::write(path.join("cgroup.kill"), "1");
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(120);
     let mut dirs = Vec::new();
     let mut stack = vec![path.to_owned()];
     while let Some(dir) = stack.pop() {
@@ -496,6 +496,9 @@ pub struct AgentDirs {
     pub bin: Option<PathBuf>,
 }
 
+/// How long a CLI call of the agent may take before the test fails.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(120);
+
 impl AgentDirs {
     /// Fresh, unique directories.
     pub fn new() -> Self {
@@ -529,7 +532,34 @@ impl AgentDirs {
 
     /// Runs the agent binary with these directories and `args`; returns its output.
     pub fn cli(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("run keepalive-agent")
+        self.output(self.command(args))
+    }
+
+    /// Runs `cmd`, one of [`AgentDirs::command`]'s, and returns its output. A command still
+    /// running after [`CLI_TIMEOUT`] (a `run` that was meant to be refused but started, say)
+    /// is killed, whatever it pinned is detached, and the test fails.
+    pub fn output(&self, mut cmd: Command) -> Output {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run keepalive-agent");
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(CLI_TIMEOUT) {
+            Ok(out) => out.expect("wait for keepalive-agent"),
+            Err(_) => {
+                // SAFETY: kill(2); the child is not reaped until it exits, so the pid is ours.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                let _ = rx.recv();
+                let _ = self.command(&["detach"]).output();
+                panic!("{cmd:?} still ran after {CLI_TIMEOUT:?}; killed it and detached");
+            }
+        }
     }
 
     /// Like [`AgentDirs::cli`], and panics with the agent's stderr unless it succeeds.

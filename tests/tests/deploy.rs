@@ -201,7 +201,7 @@ fn without_cap_net_admin_the_agent_refuses_clearly() {
     unsafe {
         cmd.pre_exec(move || drop_caps_except(&keep));
     }
-    let out = cmd.output().unwrap();
+    let out = dirs.output(cmd);
     let err = stderr(&out);
     assert_eq!(code(&out), 3, "{err}");
     assert!(err.contains("CAP_NET_ADMIN"), "{err}");

@@ -246,12 +246,9 @@ fn an_unprivileged_user_gets_a_clear_message() {
     use std::os::unix::process::CommandExt as _;
     let cg = TestCgroup::new("unpriv");
     let dirs = AgentDirs::new();
-    let out = dirs
-        .command(&["run", "--cgroup", cg.path().to_str().unwrap()])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .expect("run as nobody");
+    let mut cmd = dirs.command(&["run", "--cgroup", cg.path().to_str().unwrap()]);
+    cmd.uid(65534).gid(65534);
+    let out = dirs.output(cmd);
     let err = stderr(&out);
     assert_eq!(code(&out), 3, "{err}");
     assert!(
