@@ -479,6 +479,10 @@ fn bpf_log_level() -> u8 {
 
 /// `keepalive-agent run`.
 pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
+    // A SIGHUP while starting (loading BTF, the programs, the first pass) would otherwise end
+    // the process; caught from here on, it becomes a reload once the loop runs, which picks up
+    // a config changed meanwhile. SIGTERM and SIGINT still end a start at once.
+    let mut hup = signal(SignalKind::hangup())?;
     // Everything that can be checked without touching the kernel comes first.
     loader::require_object()?;
     privileges::require_for("run")?;
@@ -627,7 +631,6 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         tokio::spawn(metrics::serve(listener, state.clone(), cgroup2.clone()));
     }
 
-    let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let watchdog = sd_notify::watchdog_enabled();

@@ -630,6 +630,18 @@ impl Agent {
         env: &[(&str, &str)],
         keep_caps: Option<&[u32]>,
     ) -> Self {
+        let mut agent = Self::spawn(dirs, args, env, keep_caps);
+        agent.wait_ready();
+        agent
+    }
+
+    /// [`Agent::start_with`] without waiting: the agent may still be starting.
+    pub fn spawn(
+        dirs: &AgentDirs,
+        args: &[&str],
+        env: &[(&str, &str)],
+        keep_caps: Option<&[u32]>,
+    ) -> Self {
         require_root();
         fs::create_dir_all(&dirs.runtime_dir).expect("runtime dir");
         let notify_path = std::env::temp_dir().join(format!("{}.notify", unique("n")));
@@ -658,7 +670,7 @@ impl Agent {
             }
         }
         let child = child.spawn().expect("spawn keepalive-agent");
-        let mut agent = Self {
+        Self {
             child: Some(child),
             state_dir: dirs.state_dir.clone(),
             runtime_dir: dirs.runtime_dir.clone(),
@@ -666,12 +678,11 @@ impl Agent {
             log,
             notify,
             notify_path,
-        };
-        agent.wait_ready();
-        agent
+        }
     }
 
-    fn wait_ready(&mut self) {
+    /// Waits until the agent reports ready; panics with its log when it does not.
+    pub fn wait_ready(&mut self) {
         match self.notified("READY=1", Duration::from_secs(60)) {
             Ok(true) => {}
             Ok(false) => panic!("agent not ready within 60 s:\n{}", self.log()),

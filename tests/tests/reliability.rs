@@ -2,7 +2,12 @@
 //! attachment, existing connections get the policy, lock mode holds, removal is explicit, and
 //! every fault gets one clear message and its exit code.
 
-use std::{ffi::CString, os::unix::fs::PermissionsExt as _, process::Output, time::Duration};
+use std::{
+    ffi::CString,
+    os::unix::fs::PermissionsExt as _,
+    process::Output,
+    time::{Duration, Instant},
+};
 
 use keepalive_tests::{
     Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, cgroup_row, cgroup2_mount,
@@ -425,6 +430,46 @@ fn a_restart_with_another_socket_capacity_keeps_finding_the_pinned_records() {
 /// `run --cgroup <cgroup>`.
 fn run_args(cgroup: &TestCgroup) -> [&str; 3] {
     ["run", "--cgroup", cgroup.path().to_str().unwrap()]
+}
+
+/// Whether process `pid` has a handler for `signal` (its SigCgt mask).
+fn catches(pid: u32, signal: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
+}
+
+#[test]
+fn sighup_while_starting_becomes_a_reload_instead_of_ending_the_agent() {
+    let cg = TestCgroup::new("hupstart");
+    let mut agent = Agent::spawn(&AgentDirs::new(), &run_args(&cg), &[], None);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !catches(agent.pid(), libc::SIGHUP) {
+        assert!(
+            Instant::now() < deadline,
+            "the agent never caught SIGHUP:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(
+        sockops_attachments(cg.path()),
+        0,
+        "SIGHUP is caught only after the program is attached"
+    );
+    agent.signal(libc::SIGHUP);
+    agent.wait_ready();
+    agent.wait_notify("RELOADING=1", Duration::from_secs(10));
+    agent.wait_notify("READY=1", Duration::from_secs(10));
+    assert!(
+        agent.log().contains("reloaded the config"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(sockops_attachments(cg.path()), 1);
 }
 
 /// Asserts that `out` is a refusal with exit code `want` and one line on stderr, and that
