@@ -217,34 +217,14 @@ impl Daemon {
             let mut config = config::load(daemon.config_path.as_deref(), &daemon.cgroup2)?;
             config.apply_overrides(&daemon.overrides);
             config.check_scope(&daemon.attach)?;
-            for (what, old, new) in [
-                (
-                    "attach",
-                    daemon.config.attach.as_ref().map(|a| a.0.clone()),
-                    config.attach.as_ref().map(|a| a.0.clone()),
-                ),
-                (
-                    "state_dir",
-                    daemon
-                        .config
-                        .state_dir
-                        .as_ref()
-                        .map(|p| p.display().to_string()),
-                    config.state_dir.as_ref().map(|p| p.display().to_string()),
-                ),
-                (
-                    "metrics",
-                    daemon.config.metrics.map(|a| a.to_string()),
-                    config.metrics.map(|a| a.to_string()),
-                ),
-            ] {
-                if old != new {
-                    log::warn!("{what} changed in the config; it takes effect at the next restart");
-                }
-            }
+            let notes = restart_only_changes(&daemon.config, &config);
             daemon.config = config;
             daemon.runtime.clear();
-            Ok("reloaded the config".to_owned())
+            let mut message = "reloaded the config".to_owned();
+            for note in notes {
+                message.push_str(&format!("\nwarning: {note}"));
+            }
+            Ok(message)
         })
     }
 
@@ -401,9 +381,7 @@ impl Daemon {
         match result {
             Ok((message, applied)) => {
                 let (policies, pending) = self.rows();
-                if !message.is_empty() {
-                    log::info!("{message}");
-                }
+                log_outcome(&message);
                 Response {
                     ok: true,
                     message: (!message.is_empty()).then_some(message),
@@ -419,6 +397,73 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Logs the message of a change that succeeded: its first line as information, the
+/// `warning: ` lines after it as warnings.
+fn log_outcome(message: &str) {
+    let mut lines = message.lines();
+    if let Some(first) = lines.next() {
+        log::info!("{first}");
+    }
+    for line in lines {
+        log::warn!("{}", line.strip_prefix("warning: ").unwrap_or(line));
+    }
+}
+
+/// What a reload from `old` to `new` changed that the running agent cannot take up, each as a
+/// sentence saying when it will.
+fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
+    let text = |value: Option<String>| value.unwrap_or_else(|| "unset".to_owned());
+    let restart = [
+        (
+            "attach",
+            old.attach.as_ref().map(|a| a.0.clone()),
+            new.attach.as_ref().map(|a| a.0.clone()),
+        ),
+        (
+            "state_dir",
+            old.state_dir.as_ref().map(|p| p.display().to_string()),
+            new.state_dir.as_ref().map(|p| p.display().to_string()),
+        ),
+        (
+            "metrics",
+            old.metrics.map(|a| a.to_string()),
+            new.metrics.map(|a| a.to_string()),
+        ),
+    ];
+    let resize = [
+        (
+            "max_tracked_cgroups",
+            old.max_tracked_cgroups.map(|n| n.to_string()),
+            new.max_tracked_cgroups.map(|n| n.to_string()),
+        ),
+        (
+            "max_tracked_sockets",
+            old.max_tracked_sockets.map(|n| n.to_string()),
+            new.max_tracked_sockets.map(|n| n.to_string()),
+        ),
+    ];
+    let changed = |(what, old, new): (&str, Option<String>, Option<String>)| {
+        (old != new).then(|| {
+            format!(
+                "{what} changed in the config ({} -> {})",
+                text(old),
+                text(new)
+            )
+        })
+    };
+    restart
+        .into_iter()
+        .filter_map(changed)
+        .map(|change| format!("{change}; it takes effect at the next restart"))
+        .chain(resize.into_iter().filter_map(changed).map(|change| {
+            format!(
+                "{change}; the pinned maps keep their size until `keepalive-agent detach` and \
+                 a restart"
+            )
+        }))
+        .collect()
 }
 
 /// Which values a `policy set` request gave.
@@ -647,7 +692,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             _ = hup.recv() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::monotonic_usec_now()?]);
                 match daemon.reload() {
-                    Ok((message, _)) => log::info!("{message}"),
+                    Ok((message, _)) => log_outcome(&message),
                     Err(err) => log::error!("reload rejected, keeping the running policy: {err:#}"),
                 }
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
