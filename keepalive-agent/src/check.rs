@@ -1,14 +1,15 @@
 //! `check`: can this host run the agent, and what to fix if not. Every check is a real probe:
 //! the programs are loaded into the kernel (and dropped), mounts are read from the kernel.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
 use crate::{
     btf::{Btf, VMLINUX_BTF},
     cgroup::{Cgroup2, CgroupPath},
-    instance, loader,
+    config::{self, Config, DEFAULT_CONFIG},
+    error, instance, loader,
     pin::{self, BPFFS_MOUNT, StateDir},
     privileges::{Cap, Caps},
     sys,
@@ -172,8 +173,50 @@ fn namespaces_privileges_item(caps: Caps) -> Option<Item> {
     })
 }
 
-/// Runs every check.
-pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
+/// The config `run` would read (`path`, else the default file if it exists): that it is valid,
+/// that its attach cgroup exists and that every policy lies within it. With the config when it
+/// is valid.
+fn config_item(cgroup2: &Cgroup2, path: Option<&Path>) -> (Item, Option<Config>) {
+    const NAME: &str = "config";
+    let checked = config::load(path, cgroup2).and_then(|config| {
+        let attach = cgroup2.parse(config.attach.as_ref().map_or("", |a| a.0.as_str()))?;
+        cgroup2.existing_id(&attach)?;
+        config.check_scope(&attach)?;
+        Ok((config, attach))
+    });
+    match checked {
+        Ok((config, attach)) => {
+            let detail = match &config.file {
+                Some(file) => {
+                    let rules = config.policies.rules.len();
+                    let noun = if rules == 1 { "policy" } else { "policies" };
+                    format!(
+                        "{} is valid: {rules} cgroup {noun}, attach at {attach}",
+                        file.display()
+                    )
+                }
+                None => {
+                    format!("no {DEFAULT_CONFIG}: the built-in default applies, attach at {attach}")
+                }
+            };
+            (item(NAME, Outcome::Ok, detail, None), Some(config))
+        }
+        Err(err) => {
+            let fix = if error::code_of(&err) == Some(error::exit::CGROUP) {
+                "create the cgroup or attach elsewhere; the systemd unit retries until it exists"
+            } else {
+                "correct the file: `run` refuses it (exit 2) and a reload keeps the running policy"
+            };
+            (
+                item(NAME, Outcome::Fail, format!("{err:#}"), Some(fix)),
+                None,
+            )
+        }
+    }
+}
+
+/// Runs every check. The state directory is `cli_state`, else the config's.
+pub fn run(cli_state: Option<PathBuf>, config_path: Option<&Path>, runtime_dir: &Path) -> Report {
     let mut checks = Vec::new();
     match kernel_version() {
         Some((major, minor, release)) if (major, minor) >= (5, 15) => {
@@ -239,6 +282,12 @@ pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
             Some("mount -t cgroup2 none /sys/fs/cgroup, or boot with systemd.unified_cgroup_hierarchy=1"),
         )),
     }
+    let config = cgroup2.as_ref().ok().and_then(|cgroup2| {
+        let (item, config) = config_item(cgroup2, config_path);
+        checks.push(item);
+        config
+    });
+    let state = StateDir::resolve(cli_state, || config.and_then(|c| c.state_dir));
 
     if pin::on_bpffs(Path::new(BPFFS_MOUNT)) {
         checks.push(item(
@@ -318,7 +367,7 @@ pub fn run(state: &StateDir, runtime_dir: &Path) -> Report {
     ));
 
     if let Ok(cg) = &cgroup2 {
-        let ours = loader::pinned_sockops_link(state).ok().flatten();
+        let ours = loader::pinned_sockops_link(&state).ok().flatten();
         if let Ok(root) = std::fs::File::open(cg.abs(&CgroupPath::root())) {
             match sys::cgroup_query(&root, sys::ATTACH_CGROUP_SOCK_OPS) {
                 Ok(ids) => {

@@ -65,7 +65,8 @@ pub enum Command {
     Policy(PolicyCommand),
     /// Remove keepalive's programs, links and pins, ending enforcement.
     Detach(DetachArgs),
-    /// Check whether this host can run the agent, and say what to fix if not.
+    /// Check whether this host can run the agent, and say what to fix if not; also checks the
+    /// config `run` would read.
     Check(CheckArgs),
     /// Install the binary, the systemd unit and a default config file.
     Install(InstallArgs),
@@ -181,6 +182,20 @@ pub struct StatusArgs {
     /// Only sockets with this local or remote port.
     #[arg(long, value_name = "N")]
     pub port: Option<u16>,
+
+    /// Where the agent's state is.
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+/// `--config` of the commands that find the agent's state.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ConfigArg {
+    /// The config file the agent runs with, for its `state_dir` when --state-dir is not given;
+    /// an error in it is an error (exit 2). [default: /etc/keepalive-agent/config.toml if it
+    /// exists; an error in it is a warning]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// `policy …`.
@@ -231,6 +246,10 @@ pub struct DetachArgs {
     /// Only detach if enforcement is attached to this cgroup (a safety check).
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<String>,
+
+    /// Where the agent's state is.
+    #[command(flatten)]
+    pub config: ConfigArg,
 }
 
 /// `check`.
@@ -239,6 +258,11 @@ pub struct CheckArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+
+    /// The config to check as `run --config` would read it (also for its `state_dir`).
+    /// [default: /etc/keepalive-agent/config.toml if it exists, else the built-in default]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// `install`.

@@ -2,7 +2,7 @@
 
 use std::{
     io::{self, Write as _},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
@@ -47,14 +47,29 @@ fn json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     print(&format!("{}\n", serde_json::to_string_pretty(value)?))
 }
 
-/// `--state-dir`, else `state_dir` from the default config file (when it exists and is valid),
-/// else the default: the same directory `run` would use without flags.
-fn state_dir(cli_state: Option<PathBuf>) -> StateDir {
-    let from_config = || {
-        let cgroup2 = Cgroup2::find().ok()?;
-        crate::config::load(None, &cgroup2).ok()?.state_dir
+/// `--state-dir`, else `state_dir` from the config, else the default: the same directory `run`
+/// would use. The config is `--config FILE`, where an error is an error, else the default file
+/// when it exists, where an error is a warning: the state may still be where it looks.
+fn state_dir(cli_state: Option<PathBuf>, config: Option<&Path>) -> anyhow::Result<StateDir> {
+    if cli_state.is_some() {
+        return Ok(StateDir::resolve(cli_state, || None));
+    }
+    let configured = match config {
+        Some(path) => crate::config::load(Some(path), &Cgroup2::find()?)?.state_dir,
+        // Without cgroup2 the command itself says so.
+        None => match Cgroup2::find().map(|cgroup2| crate::config::load(None, &cgroup2)) {
+            Ok(Ok(config)) => config.state_dir,
+            Ok(Err(err)) => {
+                log::warn!(
+                    "ignoring the config: {err:#}; looking for keepalive's state in {}",
+                    StateDir::resolve(None, || None).root().display()
+                );
+                None
+            }
+            Err(_) => None,
+        },
     };
-    StateDir::resolve(cli_state, from_config)
+    Ok(StateDir::resolve(None, || configured))
 }
 
 /// Runs the command.
@@ -78,10 +93,12 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 args,
             ))
         }
-        Command::Status(args) => status_cmd(&state_dir(cli_state), &args),
+        Command::Status(args) => {
+            status_cmd(&state_dir(cli_state, args.config.config.as_deref())?, &args)
+        }
         Command::Policy(cmd) => policy_cmd(&runtime_dir, cmd),
         Command::Detach(args) => {
-            let state = state_dir(cli_state);
+            let state = state_dir(cli_state, args.config.config.as_deref())?;
             let removed = detach::detach(&state, &runtime_dir, args.cgroup.as_deref())?;
             if removed.is_empty() {
                 print(&format!(
@@ -98,7 +115,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Check(args) => {
-            let report = check::run(&state_dir(cli_state), &runtime_dir);
+            let report = check::run(cli_state, args.config.as_deref(), &runtime_dir);
             if args.json {
                 json(&report)?;
             } else {

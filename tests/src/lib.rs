@@ -942,9 +942,17 @@ pub fn write_config(text: &str) -> TempConfig {
 pub fn agent_in_private_mounts(
     dirs: &AgentDirs,
     args: &[&str],
+    setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+) -> Output {
+    in_private_mounts(dirs, dirs.command(args), setup)
+}
+
+/// [`agent_in_private_mounts`] for any command of the agent binary that uses `dirs`.
+pub fn in_private_mounts(
+    dirs: &AgentDirs,
+    mut cmd: Command,
     mut setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
 ) -> Output {
-    let mut cmd = dirs.command(args);
     // SAFETY: the closure only makes system calls.
     unsafe {
         cmd.pre_exec(move || {
@@ -965,7 +973,7 @@ pub fn agent_in_private_mounts(
             setup()
         });
     }
-    let out = cmd.output().expect("run keepalive-agent");
+    let out = dirs.output(cmd);
     // The agent takes its lock before it fails on what `setup` broke.
     let _ = fs::remove_dir_all(&dirs.runtime_dir);
     out

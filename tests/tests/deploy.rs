@@ -1,12 +1,14 @@
 //! Deployment on a real host: `check` reports readiness truthfully, the agent pings the systemd
 //! watchdog, and it runs with exactly the capabilities the unit and the DaemonSet grant.
 
-use std::{ffi::CString, os::unix::process::CommandExt as _, time::Duration};
+use std::{
+    ffi::CString, os::unix::process::CommandExt as _, path::Path, process::Command, time::Duration,
+};
 
 use keepalive_tests::{
-    Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, cgroup2_mount, code,
-    count_between, drop_caps_except, require_root, sock_bin, sockops_attachments, stderr, umount,
-    values,
+    Agent, AgentDirs, Netns, Proc, TestCgroup, agent_bin, agent_in_private_mounts, cgroup2_mount,
+    code, count_between, drop_caps_except, hide_with_tmpfs, in_private_mounts, require_root,
+    sock_bin, sockops_attachments, stderr, umount, values, write_config,
 };
 use serde_json::Value;
 
@@ -35,6 +37,7 @@ fn check_reports_a_ready_host_and_probes_every_program() {
         "kernel",
         "btf",
         "cgroup2",
+        "config",
         "bpffs",
         "privileges",
         "sock_ops",
@@ -52,6 +55,88 @@ fn check_reports_a_ready_host_and_probes_every_program() {
     assert!(
         human.contains("ready: this host can run keepalive-agent"),
         "{human}"
+    );
+}
+
+/// The agent binary with `args` and the runtime directory of `dirs`, but no --state-dir: the
+/// state directory must come from a config.
+fn without_state_dir(dirs: &AgentDirs, args: &[&str]) -> Command {
+    let mut cmd = Command::new(agent_bin());
+    cmd.arg("--runtime-dir").arg(&dirs.runtime_dir).args(args);
+    cmd
+}
+
+#[test]
+fn status_detach_and_check_find_the_state_of_the_config_they_are_given() {
+    let cg = TestCgroup::new("otherconfig");
+    let dirs = AgentDirs::new();
+    let good = write_config(&format!(
+        "state_dir = \"{}\"\nattach = \"{}\"\n[default]\nidle = 41\n",
+        dirs.state_dir.display(),
+        cg.path().display()
+    ));
+    let bad = write_config("[default]\nidle = 5\nidel = 6\n");
+    let agent = Agent::start_raw(&dirs, &["run", "--config", good.to_str().unwrap()]);
+    let run = |args: &[&str]| dirs.output(without_state_dir(&dirs, args));
+
+    let out = run(&["status", "--json", "--config", good.to_str().unwrap()]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["attach_cgroup"], cg.display(), "{status}");
+
+    // `check` with `config`: its exit code, its config item's status and what the item names.
+    let check = |config: &Path, want: (i32, &str), names: &str| -> Value {
+        let out = run(&["check", "--json", "--config", config.to_str().unwrap()]);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let item = check_item(&report, "config");
+        assert_eq!(
+            (code(&out), item["status"].as_str().unwrap()),
+            want,
+            "{report:#}"
+        );
+        assert!(item["detail"].as_str().unwrap().contains(names), "{item}");
+        report
+    };
+    let report = check(&good, (0, "ok"), &cg.display());
+    let keepalive = check_item(&report, "keepalive")["detail"].as_str().unwrap();
+    assert!(
+        keepalive.contains(&format!("attached to {}", cg.display()))
+            && keepalive.contains(&format!("pid {}", agent.pid())),
+        "{keepalive}"
+    );
+
+    // A config given by name must be valid.
+    let at_line = format!("{}:3", bad.display());
+    for args in [&["status"][..], &["detach"]] {
+        let mut args = args.to_vec();
+        args.extend(["--config", bad.to_str().unwrap()]);
+        let out = run(&args);
+        assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(&at_line), "{}", stderr(&out));
+    }
+    assert_eq!(sockops_attachments(cg.path()), 1, "detach refused");
+    check(&bad, (8, "fail"), &at_line);
+
+    // The default config is read only when it exists, so an error in it is a warning.
+    let config_dir = CString::new("/etc/keepalive-agent").unwrap();
+    let config_file = CString::new("/etc/keepalive-agent/config.toml").unwrap();
+    let out = in_private_mounts(&dirs, without_state_dir(&dirs, &["status"]), move || {
+        hide_with_tmpfs(c"/etc")?;
+        // SAFETY: mkdir, open, write and close with valid C strings and buffers.
+        unsafe {
+            libc::mkdir(config_dir.as_ptr(), 0o755);
+            let fd = libc::open(config_file.as_ptr(), libc::O_WRONLY | libc::O_CREAT, 0o644);
+            let text = b"[default]\nidel = 6\n";
+            libc::write(fd, text.as_ptr().cast(), text.len());
+            libc::close(fd);
+        }
+        Ok(())
+    });
+    let err = stderr(&out);
+    assert!(
+        err.contains("ignoring the config: /etc/keepalive-agent/config.toml:2")
+            && err.contains("looking for keepalive's state in /sys/fs/bpf/keepalive"),
+        "{err}"
     );
 }
 
