@@ -684,8 +684,8 @@ impl Agent {
     /// Waits until the agent reports ready; panics with its log when it does not.
     pub fn wait_ready(&mut self) {
         match self.notified("READY=1", Duration::from_secs(60)) {
-            Ok(true) => {}
-            Ok(false) => panic!("agent not ready within 60 s:\n{}", self.log()),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("agent not ready within 60 s:\n{}", self.log()),
             Err(status) => panic!(
                 "agent exited with {status} before it was ready:\n{}",
                 self.log()
@@ -693,11 +693,12 @@ impl Agent {
         }
     }
 
-    /// Waits for the next notify line `what` (READY=1 after a reload, WATCHDOG=1).
-    pub fn wait_notify(&mut self, what: &str, timeout: Duration) {
+    /// Waits for the next notify line `what` (READY=1 after a reload, WATCHDOG=1); returns
+    /// every line read up to it, in order.
+    pub fn wait_notify(&mut self, what: &str, timeout: Duration) -> Vec<String> {
         match self.notified(what, timeout) {
-            Ok(true) => {}
-            Ok(false) => panic!("agent sent no {what} within {timeout:?}:\n{}", self.log()),
+            Ok(Some(lines)) => lines,
+            Ok(None) => panic!("agent sent no {what} within {timeout:?}:\n{}", self.log()),
             Err(status) => panic!(
                 "agent exited with {status} before it sent {what}:\n{}",
                 self.log()
@@ -705,18 +706,27 @@ impl Agent {
         }
     }
 
-    /// Waits up to `timeout` for the line `what` on the notify socket: `Ok(true)` when it
-    /// came, `Ok(false)` when it did not, `Err` with the exit status when the agent exited.
-    fn notified(&mut self, what: &str, timeout: Duration) -> Result<bool, ExitStatus> {
+    /// Waits up to `timeout` for the line `what` on the notify socket: `Ok(Some)` with every
+    /// line read up to it when it came, `Ok(None)` when it did not, `Err` with the exit status
+    /// when the agent exited.
+    fn notified(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+    ) -> Result<Option<Vec<String>>, ExitStatus> {
         let deadline = Instant::now() + timeout;
         let mut buf = [0u8; 4096];
+        let mut lines = Vec::new();
         while Instant::now() < deadline {
-            if let Ok(n) = self.notify.recv(&mut buf)
-                && String::from_utf8_lossy(&buf[..n])
-                    .lines()
-                    .any(|l| l == what)
-            {
-                return Ok(true);
+            if let Ok(n) = self.notify.recv(&mut buf) {
+                lines.extend(
+                    String::from_utf8_lossy(&buf[..n])
+                        .lines()
+                        .map(str::to_owned),
+                );
+                if lines.iter().any(|l| l == what) {
+                    return Ok(Some(lines));
+                }
             }
             if let Some(status) = self
                 .child
@@ -726,7 +736,7 @@ impl Agent {
                 return Err(status);
             }
         }
-        Ok(false)
+        Ok(None)
     }
 
     /// The agent's stderr so far.
@@ -779,14 +789,25 @@ impl Agent {
         self.signal(signal);
         let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(10);
+        // An agent blocked on a full notify queue could not act on the signal.
+        let _ = self.notify.set_nonblocking(true);
+        let mut buf = [0u8; 4096];
         loop {
+            while self.notify.recv(&mut buf).is_ok() {}
             if let Some(status) = child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not exit after signal {signal}"
-            );
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let status = child.wait().expect("wait");
+                // A second panic, from a drop during a failed test, would abort the test
+                // binary before the guards of namespaces and cgroups ran.
+                assert!(
+                    std::thread::panicking(),
+                    "agent did not exit after signal {signal}; killed it"
+                );
+                return status;
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
