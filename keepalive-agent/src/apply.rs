@@ -205,13 +205,14 @@ fn apply_in(ns: &Namespace, link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport>
     })?
 }
 
-/// Runs the apply iterator in every network namespace.
-pub fn apply_existing(link: &impl AsFd) -> anyhow::Result<ApplyReport> {
+/// Runs the apply iterator in every network namespace, calling `between` after each.
+pub fn apply_existing(link: &impl AsFd, mut between: impl FnMut()) -> anyhow::Result<ApplyReport> {
     let start = Instant::now();
     let link = link.as_fd();
     let mut report = run_iterator(link)?;
     report.namespaces = 1;
     for ns in foreign_namespaces() {
+        between();
         match apply_in(&ns, link) {
             Ok(one) => {
                 report.merge(&one);

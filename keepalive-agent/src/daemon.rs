@@ -5,7 +5,12 @@
 //! touches the kernel; then it loads, pushes the policy table, attaches (or takes over the
 //! pinned attachment), applies the policy to existing connections and reports readiness.
 
-use std::{collections::HashSet, fs, path::PathBuf, time::Duration};
+use std::{
+    collections::HashSet,
+    fs,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 use keepalive_common::{Policy, mode, policy_flags};
@@ -47,6 +52,42 @@ struct Daemon {
     apply_pending: bool,
     /// `off` cgroups the agent saw appear, for [`policy_flags::NEW_CGROUP`].
     new_cgroups: NewCgroups,
+    watchdog: Watchdog,
+}
+
+/// The systemd watchdog (`WatchdogSec=`), pinged every half timeout: by the loop, and between
+/// network namespaces during an apply pass, which holds the loop for as long as it takes (a
+/// walk of the host's TCP hash per namespace, seconds with hundreds of pods).
+struct Watchdog {
+    /// Half the timeout; `None` when systemd watches nothing.
+    period: Option<Duration>,
+    last: Instant,
+}
+
+impl Watchdog {
+    fn from_env() -> Self {
+        Self {
+            period: sd_notify::watchdog_enabled().map(|timeout| timeout / 2),
+            last: Instant::now(),
+        }
+    }
+
+    fn ping(&mut self) {
+        if self.period.is_some() {
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+            self.last = Instant::now();
+        }
+    }
+
+    /// Pings when half the timeout has passed since the last ping.
+    fn ping_if_due(&mut self) {
+        if self
+            .period
+            .is_some_and(|period| self.last.elapsed() >= period)
+        {
+            self.ping();
+        }
+    }
 }
 
 /// Which `off` cgroups are new. Until the agent has seen a new cgroup, the program gives its
@@ -184,7 +225,9 @@ impl Daemon {
 
     /// Applies the table to existing connections, when the kernel can.
     fn apply(&mut self) -> anyhow::Result<Option<ApplyReport>> {
-        let report = self.enforcer.apply_existing()?;
+        let report = self
+            .enforcer
+            .apply_existing(|| self.watchdog.ping_if_due())?;
         // Without the iterator there is no pass that could release anything.
         self.new_cgroups.passed();
         if let Some(report) = &report {
@@ -629,6 +672,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         lock_attached: false,
         apply_pending: false,
         new_cgroups: NewCgroups::default(),
+        watchdog: Watchdog::from_env(),
     };
     // Watch before resolving, so no cgroup created from here on is missed.
     let mut watcher =
@@ -678,9 +722,9 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let watchdog = sd_notify::watchdog_enabled();
+    let watchdog = daemon.watchdog.period;
     let mut watchdog_tick =
-        tokio::time::interval(watchdog.map_or(Duration::from_secs(3600 * 24 * 365), |d| d / 2));
+        tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600 * 24 * 365)));
     let _ = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!("enforcing on {attach}")),
@@ -718,9 +762,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                     log::error!("failed to follow cgroup changes: {err:#}");
                 }
             }
-            _ = watchdog_tick.tick(), if watchdog.is_some() => {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
-            }
+            _ = watchdog_tick.tick(), if watchdog.is_some() => daemon.watchdog.ping(),
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);

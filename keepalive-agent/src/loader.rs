@@ -334,12 +334,12 @@ impl Enforcer {
 
     /// Applies the policy table to existing connections in one pass. `None` when the kernel
     /// cannot run the TCP iterator.
-    pub fn apply_existing(&mut self) -> anyhow::Result<Option<ApplyReport>> {
+    pub fn apply_existing(&mut self, between: impl FnMut()) -> anyhow::Result<Option<ApplyReport>> {
         let Some(link) = &self.apply_link else {
             return Ok(None);
         };
         start_apply_pass(&mut self.ebpf)?;
-        apply::apply_existing(link).map(Some)
+        apply::apply_existing(link, between).map(Some)
     }
 
     /// The attach cgroup id.

@@ -174,6 +174,19 @@ fn check_names_what_to_fix_when_the_host_is_not_ready() {
     );
 }
 
+/// `n` network namespaces, each with a listener (so an apply pass walks its TCP hash).
+fn namespaces_with_listeners(n: usize) -> Vec<(Netns, Proc)> {
+    (0..n)
+        .map(|_| {
+            let ns = Netns::new("shared");
+            let mut listener =
+                Proc::spawn(&sock_bin(), &["listen", "127.0.0.1:0"], None, Some(&ns));
+            listener.read();
+            (ns, listener)
+        })
+        .collect()
+}
+
 #[test]
 fn check_warns_when_many_namespaces_with_sockets_share_the_host_tcp_hash() {
     require_root();
@@ -187,15 +200,7 @@ fn check_warns_when_many_namespaces_with_sockets_share_the_host_tcp_hash() {
     );
     // Ten namespaces, each with one listener: every apply pass walks the host's hash ten
     // more times. Other tests' namespaces can only raise the count.
-    let namespaces: Vec<Netns> = (0..10).map(|_| Netns::new("shared")).collect();
-    let _listeners: Vec<Proc> = namespaces
-        .iter()
-        .map(|ns| {
-            let mut listener = Proc::spawn(&sock_bin(), &["listen", "127.0.0.1:0"], None, Some(ns));
-            listener.read();
-            listener
-        })
-        .collect();
+    let _namespaces = namespaces_with_listeners(10);
     let out = AgentDirs::new().cli(&["check", "--json"]);
     let report: Value = serde_json::from_slice(&out.stdout).expect("check --json is JSON");
     let item = check_item(&report, "network namespaces");
@@ -221,6 +226,59 @@ fn the_agent_pings_the_systemd_watchdog() {
     );
     agent.wait_notify("WATCHDOG=1", Duration::from_secs(2));
     agent.wait_notify("WATCHDOG=1", Duration::from_secs(2));
+}
+
+#[test]
+fn the_watchdog_is_pinged_while_an_apply_pass_holds_the_agent() {
+    // Thirty namespaces with sockets: a pass walks a TCP hash thirty-one times, far longer
+    // than the 10 ms between pings.
+    let _namespaces = namespaces_with_listeners(30);
+    let cg = TestCgroup::new("watchdogpass");
+    let config = write_config("[default]\nidle = 50\n");
+    let mut agent = Agent::start_with(
+        &AgentDirs::new(),
+        &[
+            "run",
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[("WATCHDOG_USEC", "20000")],
+        None,
+    );
+    // A reload that changes the table runs a pass between RELOADING=1 and READY=1, with the
+    // loop held.
+    std::fs::write(&*config, "[default]\nidle = 51\n").unwrap();
+    agent.signal(libc::SIGHUP);
+    let lines = agent.wait_notify("READY=1", Duration::from_secs(60));
+    let reloading = lines
+        .iter()
+        .position(|line| line == "RELOADING=1")
+        .unwrap_or_else(|| panic!("no RELOADING=1 in {lines:?}"));
+    let pings = lines[reloading..]
+        .iter()
+        .filter(|line| *line == "WATCHDOG=1")
+        .count();
+    let log = agent.log();
+    let pass = log
+        .lines()
+        .rfind(|line| line.contains("network namespace"))
+        .unwrap_or_else(|| panic!("no apply line in {log}"));
+    let pass_ms: f64 = pass
+        .rsplit_once(" in ")
+        .and_then(|(_, took)| took.strip_suffix(" ms")?.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {pass}"));
+    assert!(
+        pass_ms >= 30.0,
+        "the pass took {pass_ms} ms, too short to tell; this test needs more namespaces"
+    );
+    // One ping every 10 ms is due; allow for a third of them.
+    let due = (pass_ms / 10.0 / 3.0).floor().max(1.0) as usize;
+    assert!(
+        pings >= due,
+        "{pings} pings, not {due}, during the pass ({pass}): {lines:?}"
+    );
 }
 
 #[test]
