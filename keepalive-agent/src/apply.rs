@@ -205,7 +205,8 @@ fn apply_in(ns: &Namespace, link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport>
     })?
 }
 
-/// Runs the apply iterator in every network namespace, calling `between` after each.
+/// Runs the apply iterator in every network namespace, calling `between` before each one
+/// after the first.
 pub fn apply_existing(link: &impl AsFd, mut between: impl FnMut()) -> anyhow::Result<ApplyReport> {
     let start = Instant::now();
     let link = link.as_fd();

@@ -8,12 +8,15 @@
 use std::{
     collections::HashSet,
     fs,
-    path::PathBuf,
+    net::SocketAddr,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
-use keepalive_common::{Policy, mode, policy_flags};
+use keepalive_common::{
+    DEFAULT_MAX_TRACKED_CGROUPS, DEFAULT_MAX_TRACKED_SOCKETS, Policy, mode, policy_flags,
+};
 use tokio::{
     net::UnixStream,
     signal::unix::{SignalKind, signal},
@@ -39,8 +42,11 @@ use crate::{
 /// Everything the running agent keeps.
 struct Daemon {
     cgroup2: Cgroup2,
-    attach: CgroupPath,
-    config_path: Option<PathBuf>,
+    /// `run`'s flags (and `--state-dir`), which a reload resolves the config under again.
+    args: RunArgs,
+    cli_state: Option<PathBuf>,
+    /// What the agent started with, which a reload cannot change.
+    fixed: Fixed,
     overrides: DefaultOverrides,
     config: Config,
     runtime: Vec<Rule>,
@@ -53,6 +59,88 @@ struct Daemon {
     /// `off` cgroups the agent saw appear, for [`policy_flags::NEW_CGROUP`].
     new_cgroups: NewCgroups,
     watchdog: Watchdog,
+}
+
+/// What `run` resolves once, from its flags and then the config: a reload cannot change it.
+#[derive(Debug, Clone)]
+struct Fixed {
+    attach: CgroupPath,
+    state: StateDir,
+    metrics: Option<SocketAddr>,
+    max_tracked_cgroups: Option<u32>,
+    max_tracked_sockets: Option<u32>,
+}
+
+impl Fixed {
+    fn resolve(
+        cli_state: Option<&Path>,
+        args: &RunArgs,
+        config: &Config,
+        cgroup2: &Cgroup2,
+    ) -> anyhow::Result<Self> {
+        let attach = args
+            .cgroup
+            .clone()
+            .or_else(|| config.attach.as_ref().map(|a| a.0.clone()))
+            .unwrap_or_default();
+        Ok(Self {
+            attach: cgroup2.parse(&attach)?,
+            state: StateDir::resolve(cli_state.map(Path::to_owned), || config.state_dir.clone()),
+            metrics: args.metrics.or(config.metrics),
+            max_tracked_cgroups: args.max_tracked_cgroups.or(config.max_tracked_cgroups),
+            max_tracked_sockets: args.max_tracked_sockets.or(config.max_tracked_sockets),
+        })
+    }
+
+    /// How a restart with `next` would differ from the running agent, each with what it takes.
+    fn changes(&self, next: &Self) -> Vec<String> {
+        let mut notes = Vec::new();
+        let mut note = |what: &str, old: String, new: String, takes: &str| {
+            if old != new {
+                notes.push(format!(
+                    "{what} changed in the config ({old} -> {new}); {takes}"
+                ));
+            }
+        };
+        note(
+            "attach",
+            self.attach.to_string(),
+            next.attach.to_string(),
+            "moving enforcement takes `keepalive-agent detach` and a restart (a restart alone \
+             is refused, exit 7)",
+        );
+        note(
+            "state_dir",
+            self.state.root().display().to_string(),
+            next.state.root().display().to_string(),
+            "run `keepalive-agent detach` before the restart, or the attachment pinned here \
+             stays beside the new one",
+        );
+        let addr =
+            |metrics: Option<SocketAddr>| metrics.map_or("off".to_owned(), |a| a.to_string());
+        note(
+            "metrics",
+            addr(self.metrics),
+            addr(next.metrics),
+            "it takes effect at the next restart",
+        );
+        let resize = "the pinned maps keep their size until `keepalive-agent detach` and a \
+                      restart";
+        let size = |n: Option<u32>, default: u32| n.unwrap_or(default).to_string();
+        note(
+            "max_tracked_cgroups",
+            size(self.max_tracked_cgroups, DEFAULT_MAX_TRACKED_CGROUPS),
+            size(next.max_tracked_cgroups, DEFAULT_MAX_TRACKED_CGROUPS),
+            resize,
+        );
+        note(
+            "max_tracked_sockets",
+            size(self.max_tracked_sockets, DEFAULT_MAX_TRACKED_SOCKETS),
+            size(next.max_tracked_sockets, DEFAULT_MAX_TRACKED_SOCKETS),
+            resize,
+        );
+        notes
+    }
 }
 
 /// The systemd watchdog (`WatchdogSec=`), pinged every half timeout: by the loop, and between
@@ -188,8 +276,8 @@ impl Daemon {
     fn refresh(&mut self) -> anyhow::Result<Option<ApplyReport>> {
         let set = self.policy_set();
         // Listed before resolving: a cgroup created in between is new next time.
-        let present = self.cgroup2.ids(&self.attach);
-        let resolution = set.resolve(&self.cgroup2, &self.attach);
+        let present = self.cgroup2.ids(&self.fixed.attach);
+        let resolution = set.resolve(&self.cgroup2, &self.fixed.attach);
         let table = resolution.table(&set.default, self.enforcer.attach_id());
         let changed = table != self.table;
         let lock = set.uses_lock();
@@ -257,10 +345,16 @@ impl Daemon {
 
     fn reload(&mut self) -> anyhow::Result<(String, Option<ApplyReport>)> {
         self.transact(|daemon| {
-            let mut config = config::load(daemon.config_path.as_deref(), &daemon.cgroup2)?;
+            let mut config = config::load(daemon.args.config.as_deref(), &daemon.cgroup2)?;
             config.apply_overrides(&daemon.overrides);
-            config.check_scope(&daemon.attach)?;
-            let notes = restart_only_changes(&daemon.config, &config);
+            config.check_scope(&daemon.fixed.attach)?;
+            let next = Fixed::resolve(
+                daemon.cli_state.as_deref(),
+                &daemon.args,
+                &config,
+                &daemon.cgroup2,
+            )?;
+            let notes = daemon.fixed.changes(&next);
             daemon.config = config;
             daemon.runtime.clear();
             let mut message = "reloaded the config".to_owned();
@@ -317,7 +411,7 @@ impl Daemon {
     /// `policy set`: adds or replaces a runtime rule.
     fn set_rule(&mut self, cgroup: &str, req: &Request) -> anyhow::Result<String> {
         let selector = Selector::parse(&self.cgroup2, cgroup)?;
-        selector.check_reaches(&self.attach).map_err(usage)?;
+        selector.check_reaches(&self.fixed.attach).map_err(usage)?;
         let spec = self.spec_from_request(req)?;
         let text = selector.text();
         self.runtime.retain(|r| r.selector.text() != text);
@@ -454,61 +548,6 @@ fn log_outcome(message: &str) {
     }
 }
 
-/// What a reload from `old` to `new` changed that the running agent cannot take up, each as a
-/// sentence saying when it will.
-fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
-    let text = |value: Option<String>| value.unwrap_or_else(|| "unset".to_owned());
-    let restart = [
-        (
-            "attach",
-            old.attach.as_ref().map(|a| a.0.clone()),
-            new.attach.as_ref().map(|a| a.0.clone()),
-        ),
-        (
-            "state_dir",
-            old.state_dir.as_ref().map(|p| p.display().to_string()),
-            new.state_dir.as_ref().map(|p| p.display().to_string()),
-        ),
-        (
-            "metrics",
-            old.metrics.map(|a| a.to_string()),
-            new.metrics.map(|a| a.to_string()),
-        ),
-    ];
-    let resize = [
-        (
-            "max_tracked_cgroups",
-            old.max_tracked_cgroups.map(|n| n.to_string()),
-            new.max_tracked_cgroups.map(|n| n.to_string()),
-        ),
-        (
-            "max_tracked_sockets",
-            old.max_tracked_sockets.map(|n| n.to_string()),
-            new.max_tracked_sockets.map(|n| n.to_string()),
-        ),
-    ];
-    let changed = |(what, old, new): (&str, Option<String>, Option<String>)| {
-        (old != new).then(|| {
-            format!(
-                "{what} changed in the config ({} -> {})",
-                text(old),
-                text(new)
-            )
-        })
-    };
-    restart
-        .into_iter()
-        .filter_map(changed)
-        .map(|change| format!("{change}; it takes effect at the next restart"))
-        .chain(resize.into_iter().filter_map(changed).map(|change| {
-            format!(
-                "{change}; the pinned maps keep their size until `keepalive-agent detach` and \
-                 a restart"
-            )
-        }))
-        .collect()
-}
-
 /// Which values a `policy set` request gave.
 fn own_values(req: &Request) -> policy::OwnValues {
     match req {
@@ -578,16 +617,12 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     let mut config = config::load(args.config.as_deref(), &cgroup2)?;
     let overrides = overrides_from(&args);
     config.apply_overrides(&overrides);
-    let attach_spec = args
-        .cgroup
-        .clone()
-        .or_else(|| config.attach.as_ref().map(|a| a.0.clone()))
-        .unwrap_or_default();
-    let attach = cgroup2.parse(&attach_spec)?;
+    let fixed = Fixed::resolve(globals.state_dir.as_deref(), &args, &config, &cgroup2)?;
+    let attach = fixed.attach.clone();
     let attach_path = cgroup2.abs(&attach);
     let attach_id = cgroup2.existing_id(&attach)?;
     config.check_scope(&attach)?;
-    let state = StateDir::resolve(globals.state_dir.clone(), || config.state_dir.clone());
+    let state = fixed.state.clone();
     let btf = Btf::from_sys_fs().map_err(|err| {
         Error::Kernel(format!(
             "{err}; keepalive needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (Linux 5.15+)"
@@ -601,8 +636,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     }
     let _lock = instance::lock(&globals.runtime_dir)?;
     // A taken port fails here, before anything is loaded or attached.
-    let metrics_addr = args.metrics.or(config.metrics);
-    let metrics_listener = match metrics_addr {
+    let metrics_listener = match fixed.metrics {
         Some(addr) => {
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
@@ -633,8 +667,8 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             state: &state,
             attach_path: &attach_path,
             attach_id,
-            max_tracked_cgroups: args.max_tracked_cgroups.or(config.max_tracked_cgroups),
-            max_tracked_sockets: args.max_tracked_sockets.or(config.max_tracked_sockets),
+            max_tracked_cgroups: fixed.max_tracked_cgroups,
+            max_tracked_sockets: fixed.max_tracked_sockets,
             bpf_log_level: bpf_log_level(),
         },
         &btf,
@@ -661,8 +695,9 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     }
     let mut daemon = Daemon {
         cgroup2: cgroup2.clone(),
-        attach: attach.clone(),
-        config_path: args.config.clone(),
+        args: args.clone(),
+        cli_state: globals.state_dir.clone(),
+        fixed,
         overrides,
         config,
         runtime: Vec::new(),
@@ -681,7 +716,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     // The table goes in before the program is attached, so the program never runs without it.
     let set = daemon.policy_set();
     let present = cgroup2.ids(&attach);
-    let resolution = set.resolve(&daemon.cgroup2, &daemon.attach);
+    let resolution = set.resolve(&daemon.cgroup2, &attach);
     daemon.table = resolution.table(&set.default, attach_id);
     daemon.new_cgroups = NewCgroups::new(present, &daemon.table);
     daemon.enforcer.push_table(&daemon.table)?;
@@ -802,6 +837,41 @@ mod tests {
             .filter(|(_, p)| p.flags & policy_flags::NEW_CGROUP != 0)
             .map(|(id, _)| *id)
             .collect()
+    }
+
+    #[test]
+    fn a_reload_warns_only_about_what_a_restart_would_change() {
+        let running = Fixed {
+            attach: CgroupPath::root(),
+            state: StateDir::resolve(None, || None),
+            metrics: None,
+            max_tracked_cgroups: None,
+            max_tracked_sockets: Some(4096),
+        };
+        // Spelling out a default changes nothing.
+        let same = Fixed {
+            max_tracked_cgroups: Some(DEFAULT_MAX_TRACKED_CGROUPS),
+            ..running.clone()
+        };
+        assert_eq!(running.changes(&same), Vec::<String>::new());
+        let moved = Fixed {
+            attach: CgroupPath::root().join("system.slice"),
+            max_tracked_sockets: None,
+            ..running.clone()
+        };
+        let notes = running.changes(&moved);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(
+            notes[0].starts_with("attach changed in the config (/ -> /system.slice)")
+                && notes[0].contains("detach"),
+            "{notes:?}"
+        );
+        assert!(
+            notes[1].starts_with(&format!(
+                "max_tracked_sockets changed in the config (4096 -> {DEFAULT_MAX_TRACKED_SOCKETS})"
+            )),
+            "{notes:?}"
+        );
     }
 
     #[test]
