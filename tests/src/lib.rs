@@ -539,26 +539,41 @@ impl AgentDirs {
     /// running after [`CLI_TIMEOUT`] (a `run` that was meant to be refused but started, say)
     /// is killed, whatever it pinned is detached, and the test fails.
     pub fn output(&self, mut cmd: Command) -> Output {
-        let child = cmd
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("run keepalive-agent");
-        let pid = child.id();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait_with_output());
-        });
-        match rx.recv_timeout(CLI_TIMEOUT) {
-            Ok(out) => out.expect("wait for keepalive-agent"),
-            Err(_) => {
-                // SAFETY: kill(2); the child is not reaped until it exits, so the pid is ours.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                let _ = rx.recv();
-                let _ = self.command(&["detach"]).output();
+        let read = |mut pipe: Box<dyn std::io::Read + Send>| {
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                let _ = pipe.read_to_end(&mut bytes);
+                bytes
+            })
+        };
+        let stdout = read(Box::new(child.stdout.take().expect("stdout")));
+        let stderr = read(Box::new(child.stderr.take().expect("stderr")));
+        let deadline = Instant::now() + CLI_TIMEOUT;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for keepalive-agent") {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                // Not reaped yet, so the pid is still this child's.
+                let _ = child.kill();
+                let _ = child.wait();
+                let mut detach = self.command(&["detach"]);
+                detach.stdout(Stdio::null()).stderr(Stdio::null());
+                let _ = detach.status();
                 panic!("{cmd:?} still ran after {CLI_TIMEOUT:?}; killed it and detached");
             }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Output {
+            status,
+            stdout: stdout.join().expect("stdout reader"),
+            stderr: stderr.join().expect("stderr reader"),
         }
     }
 
