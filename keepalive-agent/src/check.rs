@@ -9,7 +9,7 @@ use crate::{
     btf::{Btf, VMLINUX_BTF},
     cgroup::{Cgroup2, CgroupPath},
     config::{self, Config, DEFAULT_CONFIG},
-    error, instance, loader,
+    instance, loader,
     pin::{self, BPFFS_MOUNT, StateDir},
     privileges::{Cap, Caps},
     sys,
@@ -173,18 +173,49 @@ fn namespaces_privileges_item(caps: Caps) -> Option<Item> {
     })
 }
 
-/// The config `run` would read (`path`, else the default file if it exists): that it is valid,
-/// that its attach cgroup exists and that every policy lies within it. With the config when it
-/// is valid.
-fn config_item(cgroup2: &Cgroup2, path: Option<&Path>) -> (Item, Option<Config>) {
+/// What `check` is to check: the config and attach cgroup `run` would use.
+#[derive(Debug, Default)]
+pub struct Target<'a> {
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--config`.
+    pub config: Option<&'a Path>,
+    /// `--cgroup`, over the config's `attach`.
+    pub cgroup: Option<&'a str>,
+}
+
+impl Target<'_> {
+    /// The attach cgroup: `--cgroup`, else the config's, else the cgroup2 root.
+    fn attach(&self, cgroup2: &Cgroup2, config: &Config) -> anyhow::Result<CgroupPath> {
+        let spec = self
+            .cgroup
+            .or_else(|| config.attach.as_ref().map(|a| a.0.as_str()));
+        cgroup2.parse(spec.unwrap_or_default())
+    }
+}
+
+/// The config `run` would read (`path`, else the default file if it exists): that it is valid
+/// and that every policy lies within its attach cgroup, which should exist. With the config
+/// when it is valid.
+fn config_item(cgroup2: &Cgroup2, target: &Target<'_>) -> (Item, Option<Config>) {
     const NAME: &str = "config";
-    let checked = config::load(path, cgroup2).and_then(|config| {
-        let attach = cgroup2.parse(config.attach.as_ref().map_or("", |a| a.0.as_str()))?;
-        cgroup2.existing_id(&attach)?;
+    let checked = config::load(target.config, cgroup2).and_then(|config| {
+        let attach = target.attach(cgroup2, &config)?;
         config.check_scope(&attach)?;
         Ok((config, attach))
     });
     match checked {
+        // `run` exits 4 and the systemd unit retries until the cgroup appears (kubelet, say,
+        // creates kubepods.slice after boot), so the file itself is fine.
+        Ok((config, attach)) if !cgroup2.abs(&attach).is_dir() => (
+            item(
+                NAME,
+                Outcome::Warn,
+                format!("valid, but the attach cgroup {attach} does not exist (yet)"),
+                Some("`run` exits 4 until it exists; the systemd unit retries every 2 s"),
+            ),
+            Some(config),
+        ),
         Ok((config, attach)) => {
             let detail = match &config.file {
                 Some(file) => {
@@ -201,22 +232,22 @@ fn config_item(cgroup2: &Cgroup2, path: Option<&Path>) -> (Item, Option<Config>)
             };
             (item(NAME, Outcome::Ok, detail, None), Some(config))
         }
-        Err(err) => {
-            let fix = if error::code_of(&err) == Some(error::exit::CGROUP) {
-                "create the cgroup or attach elsewhere; the systemd unit retries until it exists"
-            } else {
-                "correct the file: `run` refuses it (exit 2) and a reload keeps the running policy"
-            };
-            (
-                item(NAME, Outcome::Fail, format!("{err:#}"), Some(fix)),
-                None,
-            )
-        }
+        Err(err) => (
+            item(
+                NAME,
+                Outcome::Fail,
+                format!("{err:#}"),
+                Some(
+                    "correct the file: `run` refuses it (exit 2) and a reload keeps the running policy",
+                ),
+            ),
+            None,
+        ),
     }
 }
 
-/// Runs every check. The state directory is `cli_state`, else the config's.
-pub fn run(cli_state: Option<PathBuf>, config_path: Option<&Path>, runtime_dir: &Path) -> Report {
+/// Runs every check. The state directory is `--state-dir`, else the config's.
+pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
     let mut checks = Vec::new();
     match kernel_version() {
         Some((major, minor, release)) if (major, minor) >= (5, 15) => {
@@ -283,11 +314,13 @@ pub fn run(cli_state: Option<PathBuf>, config_path: Option<&Path>, runtime_dir: 
         )),
     }
     let config = cgroup2.as_ref().ok().and_then(|cgroup2| {
-        let (item, config) = config_item(cgroup2, config_path);
+        let (item, config) = config_item(cgroup2, &target);
         checks.push(item);
         config
     });
-    let state = StateDir::resolve(cli_state, || config.and_then(|c| c.state_dir));
+    let state = StateDir::resolve(target.state_dir.clone(), || {
+        config.as_ref().and_then(|c| c.state_dir.clone())
+    });
 
     if pin::on_bpffs(Path::new(BPFFS_MOUNT)) {
         checks.push(item(
@@ -368,6 +401,7 @@ pub fn run(cli_state: Option<PathBuf>, config_path: Option<&Path>, runtime_dir: 
 
     if let Ok(cg) = &cgroup2 {
         let ours = loader::pinned_sockops_link(&state).ok().flatten();
+        let pinned_id = ours.as_ref().map(|info| info.cgroup_id);
         if let Ok(root) = std::fs::File::open(cg.abs(&CgroupPath::root())) {
             match sys::cgroup_query(&root, sys::ATTACH_CGROUP_SOCK_OPS) {
                 Ok(ids) => {
@@ -414,7 +448,23 @@ pub fn run(cli_state: Option<PathBuf>, config_path: Option<&Path>, runtime_dir: 
             ),
             (None, _) => format!("not attached ({})", state.root().display()),
         };
-        checks.push(item("keepalive", Outcome::Ok, detail, None));
+        // `run` refuses to move pinned enforcement to another cgroup.
+        let wanted = config
+            .as_ref()
+            .and_then(|config| target.attach(cg, config).ok())
+            .and_then(|attach| Some((cg.id(&attach).ok()?, attach)));
+        checks.push(match (pinned_id, wanted) {
+            (Some(pinned), Some((id, attach))) if pinned != id => item(
+                "keepalive",
+                Outcome::Fail,
+                format!("{detail}, but the config attaches to {attach}"),
+                Some(
+                    "`run` refuses to move pinned enforcement (exit 7): `keepalive-agent detach` \
+                     first, or attach where it is",
+                ),
+            ),
+            _ => item("keepalive", Outcome::Ok, detail, None),
+        });
     }
     Report {
         ready: checks.iter().all(|c| c.status != Outcome::Fail),

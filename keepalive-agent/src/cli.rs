@@ -263,6 +263,10 @@ pub struct CheckArgs {
     /// [default: /etc/keepalive-agent/config.toml if it exists, else the built-in default]
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+
+    /// The attach cgroup to check, as `run --cgroup` takes it; overrides the config's `attach`.
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<String>,
 }
 
 /// `install`.

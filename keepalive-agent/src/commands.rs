@@ -48,9 +48,14 @@ fn json(value: &impl serde::Serialize) -> anyhow::Result<()> {
 }
 
 /// `--state-dir`, else `state_dir` from the config, else the default: the same directory `run`
-/// would use. The config is `--config FILE`, where an error is an error, else the default file
-/// when it exists, where an error is a warning: the state may still be where it looks.
-fn state_dir(cli_state: Option<PathBuf>, config: Option<&Path>) -> anyhow::Result<StateDir> {
+/// would use. The config is `--config FILE`, else the default file when it exists. An error in
+/// the default file is a warning for a command that only reads (the state may still be where
+/// it looks), and an error for one that removes: it might remove another directory's state.
+fn state_dir(
+    cli_state: Option<PathBuf>,
+    config: Option<&Path>,
+    removes: bool,
+) -> anyhow::Result<StateDir> {
     if cli_state.is_some() {
         return Ok(StateDir::resolve(cli_state, || None));
     }
@@ -59,6 +64,12 @@ fn state_dir(cli_state: Option<PathBuf>, config: Option<&Path>) -> anyhow::Resul
         // Without cgroup2 the command itself says so.
         None => match Cgroup2::find().map(|cgroup2| crate::config::load(None, &cgroup2)) {
             Ok(Ok(config)) => config.state_dir,
+            Ok(Err(err)) if removes => {
+                return Err(err.context(
+                    "cannot tell which state directory the config names; correct it, or name \
+                     the directory with --state-dir",
+                ));
+            }
             Ok(Err(err)) => {
                 log::warn!(
                     "ignoring the config: {err:#}; looking for keepalive's state in {}",
@@ -93,12 +104,13 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 args,
             ))
         }
-        Command::Status(args) => {
-            status_cmd(&state_dir(cli_state, args.config.config.as_deref())?, &args)
-        }
+        Command::Status(args) => status_cmd(
+            &state_dir(cli_state, args.config.config.as_deref(), false)?,
+            &args,
+        ),
         Command::Policy(cmd) => policy_cmd(&runtime_dir, cmd),
         Command::Detach(args) => {
-            let state = state_dir(cli_state, args.config.config.as_deref())?;
+            let state = state_dir(cli_state, args.config.config.as_deref(), true)?;
             let removed = detach::detach(&state, &runtime_dir, args.cgroup.as_deref())?;
             if removed.is_empty() {
                 print(&format!(
@@ -115,7 +127,14 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Check(args) => {
-            let report = check::run(cli_state, args.config.as_deref(), &runtime_dir);
+            let report = check::run(
+                check::Target {
+                    state_dir: cli_state,
+                    config: args.config.as_deref(),
+                    cgroup: args.cgroup.as_deref(),
+                },
+                &runtime_dir,
+            );
             if args.json {
                 json(&report)?;
             } else {
