@@ -184,23 +184,13 @@ pub struct Target<'a> {
     pub cgroup: Option<&'a str>,
 }
 
-impl Target<'_> {
-    /// The attach cgroup: `--cgroup`, else the config's, else the cgroup2 root.
-    fn attach(&self, cgroup2: &Cgroup2, config: &Config) -> anyhow::Result<CgroupPath> {
-        let spec = self
-            .cgroup
-            .or_else(|| config.attach.as_ref().map(|a| a.0.as_str()));
-        cgroup2.parse(spec.unwrap_or_default())
-    }
-}
-
 /// The config `run` would read (`path`, else the default file if it exists): that it is valid
 /// and that every policy lies within its attach cgroup, which should exist. With the config
-/// when it is valid.
-fn config_item(cgroup2: &Cgroup2, target: &Target<'_>) -> (Item, Option<Config>) {
+/// and its attach cgroup when it is valid.
+fn config_item(cgroup2: &Cgroup2, target: &Target<'_>) -> (Item, Option<(Config, CgroupPath)>) {
     const NAME: &str = "config";
     let checked = config::load(target.config, cgroup2).and_then(|config| {
-        let attach = target.attach(cgroup2, &config)?;
+        let attach = config.attach_cgroup(target.cgroup, cgroup2)?;
         config.check_scope(&attach)?;
         Ok((config, attach))
     });
@@ -214,7 +204,7 @@ fn config_item(cgroup2: &Cgroup2, target: &Target<'_>) -> (Item, Option<Config>)
                 format!("valid, but the attach cgroup {attach} does not exist (yet)"),
                 Some("`run` exits 4 until it exists; the systemd unit retries every 2 s"),
             ),
-            Some(config),
+            Some((config, attach)),
         ),
         Ok((config, attach)) => {
             let detail = match &config.file {
@@ -230,7 +220,10 @@ fn config_item(cgroup2: &Cgroup2, target: &Target<'_>) -> (Item, Option<Config>)
                     format!("no {DEFAULT_CONFIG}: the built-in default applies, attach at {attach}")
                 }
             };
-            (item(NAME, Outcome::Ok, detail, None), Some(config))
+            (
+                item(NAME, Outcome::Ok, detail, None),
+                Some((config, attach)),
+            )
         }
         Err(err) => (
             item(
@@ -319,7 +312,7 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         config
     });
     let state = StateDir::resolve(target.state_dir.clone(), || {
-        config.as_ref().and_then(|c| c.state_dir.clone())
+        config.as_ref().and_then(|(c, _)| c.state_dir.clone())
     });
 
     if pin::on_bpffs(Path::new(BPFFS_MOUNT)) {
@@ -451,8 +444,7 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         // `run` refuses to move pinned enforcement to another cgroup.
         let wanted = config
             .as_ref()
-            .and_then(|config| target.attach(cg, config).ok())
-            .and_then(|attach| Some((cg.id(&attach).ok()?, attach)));
+            .and_then(|(_, attach)| Some((cg.id(attach).ok()?, attach)));
         checks.push(match (pinned_id, wanted) {
             (Some(pinned), Some((id, attach))) if pinned != id => item(
                 "keepalive",

@@ -457,6 +457,17 @@ impl Config {
         }
     }
 
+    /// The attach cgroup, as `run` picks it: `cgroup` (its `--cgroup`), else `attach`, else
+    /// the cgroup2 root.
+    pub fn attach_cgroup(
+        &self,
+        cgroup: Option<&str>,
+        cgroup2: &Cgroup2,
+    ) -> anyhow::Result<CgroupPath> {
+        let spec = cgroup.or_else(|| self.attach.as_ref().map(|a| a.0.as_str()));
+        cgroup2.parse(spec.unwrap_or_default())
+    }
+
     /// Checks that every rule can select cgroups inside `attach`.
     pub fn check_scope(&self, attach: &CgroupPath) -> anyhow::Result<()> {
         for rule in &self.policies.rules {

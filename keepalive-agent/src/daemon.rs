@@ -47,7 +47,6 @@ struct Daemon {
     cli_state: Option<PathBuf>,
     /// What the agent started with, which a reload cannot change.
     fixed: Fixed,
-    overrides: DefaultOverrides,
     config: Config,
     runtime: Vec<Rule>,
     enforcer: Enforcer,
@@ -78,13 +77,8 @@ impl Fixed {
         config: &Config,
         cgroup2: &Cgroup2,
     ) -> anyhow::Result<Self> {
-        let attach = args
-            .cgroup
-            .clone()
-            .or_else(|| config.attach.as_ref().map(|a| a.0.clone()))
-            .unwrap_or_default();
         Ok(Self {
-            attach: cgroup2.parse(&attach)?,
+            attach: config.attach_cgroup(args.cgroup.as_deref(), cgroup2)?,
             state: StateDir::resolve(cli_state.map(Path::to_owned), || config.state_dir.clone()),
             metrics: args.metrics.or(config.metrics),
             max_tracked_cgroups: args.max_tracked_cgroups.or(config.max_tracked_cgroups),
@@ -346,7 +340,7 @@ impl Daemon {
     fn reload(&mut self) -> anyhow::Result<(String, Option<ApplyReport>)> {
         self.transact(|daemon| {
             let mut config = config::load(daemon.args.config.as_deref(), &daemon.cgroup2)?;
-            config.apply_overrides(&daemon.overrides);
+            config.apply_overrides(&overrides_from(&daemon.args));
             config.check_scope(&daemon.fixed.attach)?;
             let next = Fixed::resolve(
                 daemon.cli_state.as_deref(),
@@ -615,8 +609,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     privileges::require_for("run")?;
     let cgroup2 = Cgroup2::find()?;
     let mut config = config::load(args.config.as_deref(), &cgroup2)?;
-    let overrides = overrides_from(&args);
-    config.apply_overrides(&overrides);
+    config.apply_overrides(&overrides_from(&args));
     let fixed = Fixed::resolve(globals.state_dir.as_deref(), &args, &config, &cgroup2)?;
     let attach = fixed.attach.clone();
     let attach_path = cgroup2.abs(&attach);
@@ -698,7 +691,6 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         args: args.clone(),
         cli_state: globals.state_dir.clone(),
         fixed,
-        overrides,
         config,
         runtime: Vec::new(),
         enforcer,
