@@ -160,7 +160,7 @@ pub fn remove_cgroup_tree(path: &Path) {
         return;
     }
     let _ = fs::write(path.join("cgroup.kill"), "1");
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(5);
     let mut dirs = Vec::new();
     let mut stack = vec![path.to_owned()];
     while let Some(dir) = stack.pop() {
