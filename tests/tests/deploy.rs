@@ -137,6 +137,22 @@ fn status_detach_and_check_find_the_state_of_the_config_they_are_given() {
             .contains("keepalive-agent detach"),
         "{keepalive}"
     );
+    // `--cgroup` overrides the config's attach, as it does for `run`.
+    let out = run(&[
+        "check",
+        "--json",
+        "--config",
+        good.to_str().unwrap(),
+        "--cgroup",
+        other.path().to_str().unwrap(),
+    ]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(code(&out), 8, "{report:#}");
+    assert_eq!(
+        check_item(&report, "keepalive")["status"],
+        "fail",
+        "{report:#}"
+    );
 
     // The default config is read only when it exists. An error in it is a warning for
     // `status`, and an error for `detach`, which could otherwise remove another directory.
