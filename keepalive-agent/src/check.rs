@@ -9,7 +9,7 @@ use crate::{
     btf::{Btf, VMLINUX_BTF},
     cgroup::{Cgroup2, CgroupPath},
     config::{self, Config, DEFAULT_CONFIG},
-    instance, loader,
+    foreign, instance, loader,
     pin::{self, BPFFS_MOUNT, StateDir},
     privileges::{Cap, Caps},
     sys,
@@ -396,7 +396,7 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         let ours = loader::pinned_sockops_link(&state).ok().flatten();
         let pinned_id = ours.as_ref().map(|info| info.cgroup_id);
         if let Ok(root) = std::fs::File::open(cg.abs(&CgroupPath::root())) {
-            match sys::cgroup_query(&root, sys::ATTACH_CGROUP_SOCK_OPS) {
+            match sys::cgroup_query(&root, sys::ATTACH_CGROUP_SOCK_OPS, false) {
                 Ok(ids) => {
                     let ours_prog = ours.map(|info| info.prog_id);
                     let others: Vec<u32> = ids
@@ -445,8 +445,41 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         let wanted = config
             .as_ref()
             .and_then(|(_, attach)| Some((cg.id(attach).ok()?, attach)));
-        checks.push(match (pinned_id, wanted) {
-            (Some(pinned), Some((id, attach))) if pinned != id => item(
+        // `run` also refuses to attach beside another state directory's enforcement.
+        let roots = foreign::search_roots(&state);
+        let others = wanted
+            .and_then(|(_, attach)| std::fs::File::open(cg.abs(attach)).ok())
+            .and_then(|dir| foreign::enforcement(&dir, ours.map(|info| info.prog_id), &roots).ok())
+            .unwrap_or_default();
+        let direct = others.iter().find(|other| other.direct);
+        checks.push(match (pinned_id, wanted, direct, others.first()) {
+            (_, Some((_, attach)), Some(other), _) => item(
+                "keepalive",
+                Outcome::Fail,
+                format!(
+                    "{detail}, but keepalive enforcement from {} (program id {}) is attached \
+                     to {attach}",
+                    other.describe_state_dir(&roots),
+                    other.prog_id
+                ),
+                Some(
+                    "`run` refuses to attach beside it (exit 7): stop the agent that uses that \
+                     state directory and `keepalive-agent --state-dir DIR detach`, or use its \
+                     state directory",
+                ),
+            ),
+            (_, Some((_, attach)), None, Some(other)) => item(
+                "keepalive",
+                Outcome::Warn,
+                format!(
+                    "{detail}; keepalive enforcement from {} (program id {}) is attached above \
+                     {attach} and its policy wins where both apply",
+                    other.describe_state_dir(&roots),
+                    other.prog_id
+                ),
+                Some("scope the agents to subtrees that do not nest, or use one agent"),
+            ),
+            (Some(pinned), Some((id, attach)), ..) if pinned != id => item(
                 "keepalive",
                 Outcome::Fail,
                 format!("{detail}, but the config attaches to {attach}"),

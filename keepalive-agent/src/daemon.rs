@@ -30,7 +30,7 @@ use crate::{
     config::{self, Config, DefaultOverrides},
     control::{self, PolicyRow, Request, Response},
     error::{Error, usage},
-    instance,
+    foreign, instance,
     loader::{self, Enforcer, LoadOptions},
     metrics,
     pin::StateDir,
@@ -598,6 +598,56 @@ fn bpf_log_level() -> u8 {
     }
 }
 
+/// Refuses to attach where another state directory's keepalive program already runs on the
+/// attach cgroup: both would set keepalive on every socket, and the later one would win. One
+/// on an ancestor is only warned about; scoping agents to nested subtrees is allowed.
+fn refuse_foreign_enforcement(
+    cgroup2: &Cgroup2,
+    attach: &CgroupPath,
+    state: &StateDir,
+    ours: Option<u32>,
+) -> anyhow::Result<()> {
+    let path = cgroup2.abs(attach);
+    let dir =
+        std::fs::File::open(&path).with_context(|| format!("failed to open {}", path.display()))?;
+    let roots = foreign::search_roots(state);
+    let found = match foreign::enforcement(&dir, ours, &roots) {
+        Ok(found) => found,
+        Err(err) => {
+            log::warn!("cannot tell whether other keepalive enforcement runs on {attach}: {err}");
+            return Ok(());
+        }
+    };
+    for other in &found {
+        let other_state = other.describe_state_dir(&roots);
+        if other.direct {
+            let dir = other
+                .state_dir
+                .as_ref()
+                .map_or_else(|| "DIR".to_owned(), |dir| dir.display().to_string());
+            return Err(Error::Agent(format!(
+                "keepalive enforcement from {other_state} (program id {}) is already attached to \
+                 {attach}; two would both set keepalive on every socket there. Stop the agent \
+                 that uses it and run `keepalive-agent --state-dir {dir} detach`, or start this \
+                 one with --state-dir {dir}",
+                other.prog_id
+            ))
+            .into());
+        }
+        let cgroup = other
+            .cgroup_id
+            .and_then(|id| cgroup2.name_of(id))
+            .map_or_else(|| "an ancestor cgroup".to_owned(), |path| path.to_string());
+        log::warn!(
+            "keepalive enforcement from {other_state} (program id {}) is attached to {cgroup}, \
+             above {attach}: it also sets keepalive on sockets here, after this agent, so its \
+             policy wins where both apply",
+            other.prog_id
+        );
+    }
+    Ok(())
+}
+
 /// `keepalive-agent run`.
 pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     // A SIGHUP while starting (loading BTF, the programs, the first pass) would otherwise end
@@ -641,7 +691,8 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     };
     state.create()?;
     let _state_lock = state.lock()?;
-    if let Some(pinned) = loader::pinned_attach_id(&state)?
+    let pinned = loader::pinned_sockops_link(&state)?;
+    if let Some(pinned) = pinned.map(|link| link.cgroup_id)
         && pinned != attach_id
     {
         let where_ = cgroup2
@@ -654,6 +705,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
+    refuse_foreign_enforcement(&cgroup2, &attach, &state, pinned.map(|link| link.prog_id))?;
 
     let mut enforcer = Enforcer::load(
         &LoadOptions {

@@ -57,8 +57,9 @@ pub mod exit {
         (
             AGENT,
             "no agent is running (policy commands); nothing is pinned (status); another agent \
-             holds the state (run, detach); enforcement is pinned on another cgroup (run) or \
-             not on the one named (detach --cgroup)",
+             holds the state (run, detach); enforcement is pinned on another cgroup, or \
+             another state directory's is on this one (run), or not on the one named (detach \
+             --cgroup)",
         ),
         (NOT_READY, "`check`: this host is not ready"),
     ];

@@ -14,6 +14,7 @@ pub mod control;
 pub mod daemon;
 pub mod detach;
 pub mod error;
+pub mod foreign;
 pub mod install;
 pub mod instance;
 pub mod loader;

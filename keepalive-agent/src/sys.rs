@@ -242,13 +242,18 @@ struct QueryAttr {
     _pad: u32,
 }
 
-/// Ids of the programs attached directly to a cgroup for one attach type.
-pub fn cgroup_query(cgroup: &impl AsFd, attach_type: u32) -> io::Result<Vec<u32>> {
+/// `BPF_F_QUERY_EFFECTIVE`.
+const QUERY_EFFECTIVE: u32 = 1;
+
+/// Ids of the programs attached to a cgroup for one attach type: directly, or with `effective`
+/// every program that runs for its sockets, its own first and then its ancestors' (the order
+/// the kernel runs them in).
+pub fn cgroup_query(cgroup: &impl AsFd, attach_type: u32, effective: bool) -> io::Result<Vec<u32>> {
     let mut ids = vec![0u32; 64];
     let attr = QueryAttr {
         target_fd: cgroup.as_fd().as_raw_fd() as u32,
         attach_type,
-        query_flags: 0,
+        query_flags: if effective { QUERY_EFFECTIVE } else { 0 },
         attach_flags: 0,
         prog_ids: ids.as_mut_ptr() as u64,
         prog_cnt: ids.len() as u32,

@@ -154,6 +154,16 @@ impl TestCgroup {
     }
 }
 
+/// The item `name` of a `check --json` report.
+pub fn check_item<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["checks"]
+        .as_array()
+        .expect("checks array")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no check {name} in {report:#}"))
+}
+
 /// Kills everything in a cgroup tree and removes it, deepest first.
 pub fn remove_cgroup_tree(path: &Path) {
     if !path.exists() {

@@ -11,8 +11,8 @@ use std::{
 
 use keepalive_tests::{
     Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, cgroup_row, cgroup2_mount,
-    code, count_between, eventually, hide_with_tmpfs, idle_of, kernel_defaults, pair_values,
-    sock_bin, sockets_of, sockops_attachments, stderr, umount, values, write_config,
+    check_item, code, count_between, eventually, hide_with_tmpfs, idle_of, kernel_defaults,
+    pair_values, sock_bin, sockets_of, sockops_attachments, stderr, umount, values, write_config,
 };
 
 #[test]
@@ -114,6 +114,69 @@ fn a_different_attach_cgroup_is_refused_with_a_message_naming_detach() {
     );
     assert_eq!(sockops_attachments(b.path()), 0);
     assert_eq!(sockops_attachments(a.path()), 1);
+}
+
+#[test]
+fn enforcement_from_another_state_directory_is_refused_on_its_cgroup_and_warned_about_below() {
+    let cg = TestCgroup::new("foreign");
+    let below = cg.child("below");
+    let mut first = Agent::start(&cg, &[]);
+    let first_state = first.state_dir.display().to_string();
+    let other = AgentDirs::new();
+    // Refused while the first agent runs, and once it has stopped and left its pins behind.
+    for running in [true, false] {
+        if !running {
+            first.stop_with(libc::SIGTERM);
+        }
+        let out = other.cli(&run_args(&cg));
+        let err = stderr(&out);
+        assert_eq!(code(&out), 7, "running {running}: {err}");
+        assert!(
+            err.contains(&format!("from {first_state} "))
+                && err.contains(&format!("--state-dir {first_state} detach")),
+            "running {running}: {err}"
+        );
+        assert_eq!(sockops_attachments(cg.path()), 1, "running {running}");
+        assert!(!other.state_dir.join("link_sockops").exists());
+    }
+    let check = |cgroup: &TestCgroup| {
+        let out = other.cli(&[
+            "check",
+            "--json",
+            "--cgroup",
+            cgroup.path().to_str().unwrap(),
+        ]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let item = check_item(&report, "keepalive").clone();
+        assert!(
+            item["detail"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("from {first_state} ")),
+            "{item}"
+        );
+        (code(&out), item["status"].as_str().unwrap().to_owned())
+    };
+    assert_eq!(
+        check(&cg),
+        (8, "fail".to_owned()),
+        "check sees what run refuses"
+    );
+    // Below it, a subtree of its own is allowed, with a warning that the first one also runs.
+    let second = Agent::start_in(&other, &below, &[]);
+    assert_eq!(sockops_attachments(below.path()), 1);
+    let log = second.log();
+    assert!(
+        log.lines().any(|line| line.contains("WARN")
+            && line.contains(&format!("from {first_state} "))
+            && line.contains(&format!(
+                "attached to {}, above {}",
+                cg.display(),
+                below.display()
+            ))),
+        "{log}"
+    );
+    assert_eq!(check(&below).1, "warn");
 }
 
 #[test]
