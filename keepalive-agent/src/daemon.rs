@@ -689,7 +689,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
-    state.create()?;
+    let created = state.create()?;
     let _state_lock = state.lock()?;
     let pinned = loader::pinned_sockops_link(&state)?;
     if let Some(pinned) = pinned.map(|link| link.cgroup_id)
@@ -705,7 +705,14 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         ))
         .into());
     }
-    refuse_foreign_enforcement(&cgroup2, &attach, &state, pinned.map(|link| link.prog_id))?;
+    if let Err(err) =
+        refuse_foreign_enforcement(&cgroup2, &attach, &state, pinned.map(|link| link.prog_id))
+    {
+        if created {
+            state.remove_unused();
+        }
+        return Err(err);
+    }
 
     let mut enforcer = Enforcer::load(
         &LoadOptions {

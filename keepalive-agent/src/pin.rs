@@ -124,12 +124,14 @@ impl StateDir {
     }
 
     /// Makes sure bpffs is mounted under the state directory and creates it, root-only.
-    pub fn create(&self) -> anyhow::Result<()> {
+    /// Whether the directory was new.
+    pub fn create(&self) -> anyhow::Result<bool> {
         ensure_bpffs(&self.root)?;
         self.check_own()?;
+        let mut created = false;
         for dir in [self.root.clone(), self.maps_dir()] {
             match fs::DirBuilder::new().mode(0o700).create(&dir) {
-                Ok(()) => {}
+                Ok(()) => created |= dir == self.root,
                 Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(err) => {
                     return Err(err).with_context(|| {
@@ -140,7 +142,15 @@ impl StateDir {
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("failed to restrict {} to root", dir.display()))?;
         }
-        Ok(())
+        Ok(created)
+    }
+
+    /// Removes a state directory [`StateDir::create`] made, as long as nothing was pinned in
+    /// it: for a start that was refused before loading anything.
+    pub fn remove_unused(&self) {
+        for dir in [self.maps_dir(), self.root.clone()] {
+            let _ = fs::remove_dir(dir);
+        }
     }
 
     /// Takes an exclusive lock on the state directory for as long as the returned file lives,

@@ -137,7 +137,10 @@ fn enforcement_from_another_state_directory_is_refused_on_its_cgroup_and_warned_
             "running {running}: {err}"
         );
         assert_eq!(sockops_attachments(cg.path()), 1, "running {running}");
-        assert!(!other.state_dir.join("link_sockops").exists());
+        assert!(
+            !other.state_dir.exists(),
+            "a refused start leaves no state directory behind"
+        );
     }
     let check = |cgroup: &TestCgroup| {
         let out = other.cli(&[
