@@ -16,8 +16,7 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// Missing privileges ([`super::Error::Permission`]).
     pub const PERMISSION: u8 = 3;
-    /// cgroup v2 or a cgroup is missing ([`super::Error::NoCgroup2`],
-    /// [`super::Error::CgroupNotFound`]).
+    /// A cgroup is missing ([`super::Error::CgroupNotFound`]); it may appear later.
     pub const CGROUP: u8 = 4;
     /// bpffs is not available ([`super::Error::Bpffs`]).
     pub const BPFFS: u8 = 5;
@@ -27,6 +26,9 @@ pub mod exit {
     pub const AGENT: u8 = 7;
     /// `check` found problems ([`super::Error::NotReady`]).
     pub const NOT_READY: u8 = 8;
+    /// No cgroup v2 is mounted ([`super::Error::NoCgroup2`]); apart from 4 so that service
+    /// managers can retry a missing cgroup without retrying a host that cannot run keepalive.
+    pub const NO_CGROUP2: u8 = 9;
 
     /// Every exit code and what it means to an operator.
     pub const MEANINGS: &[(u8, &str)] = &[
@@ -41,10 +43,7 @@ pub mod exit {
             PERMISSION,
             "permission denied: not root, or missing CAP_BPF, CAP_NET_ADMIN or CAP_PERFMON",
         ),
-        (
-            CGROUP,
-            "no cgroup v2 mount, or the named cgroup does not exist",
-        ),
+        (CGROUP, "the named cgroup does not exist (yet)"),
         (
             BPFFS,
             "bpffs is not mounted and cannot be mounted, or the state directory is not on bpffs",
@@ -62,6 +61,7 @@ pub mod exit {
              --cgroup)",
         ),
         (NOT_READY, "`check`: this host is not ready"),
+        (NO_CGROUP2, "no cgroup v2 filesystem is mounted"),
     ];
 }
 
@@ -109,7 +109,8 @@ impl Error {
         match self {
             Self::Usage(_) | Self::Config { .. } => exit::USAGE,
             Self::Permission(_) => exit::PERMISSION,
-            Self::NoCgroup2 | Self::CgroupNotFound(_) => exit::CGROUP,
+            Self::CgroupNotFound(_) => exit::CGROUP,
+            Self::NoCgroup2 => exit::NO_CGROUP2,
             Self::Bpffs(_) => exit::BPFFS,
             Self::Kernel(_) => exit::KERNEL,
             Self::Agent(_) => exit::AGENT,
@@ -170,7 +171,7 @@ mod tests {
     #[test]
     fn every_exit_code_is_explained_once_in_order_and_in_the_readme() {
         let codes: Vec<u8> = exit::MEANINGS.iter().map(|(code, _)| *code).collect();
-        assert_eq!(codes, (exit::OK..=exit::NOT_READY).collect::<Vec<_>>());
+        assert_eq!(codes, (exit::OK..=exit::NO_CGROUP2).collect::<Vec<_>>());
         let readme =
             std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
         for (code, meaning) in exit::MEANINGS {

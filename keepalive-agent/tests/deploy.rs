@@ -52,7 +52,7 @@ fn systemd_accepts_the_unit() {
     for line in [
         "Type=notify",
         "Restart=on-failure",
-        "RestartPreventExitStatus=2 3 5 6 7\n",
+        "RestartPreventExitStatus=2 3 5 6 7 9\n",
         "StartLimitIntervalSec=0",
         "WatchdogSec=",
         "NoNewPrivileges=yes",
