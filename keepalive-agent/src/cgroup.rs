@@ -86,8 +86,14 @@ impl Cgroup2 {
     /// as a cgroup path the way `status`, systemd and `/proc/PID/cgroup` print it
     /// (`/system.slice/a.service`). An absolute path that starts like the mount but is not
     /// under it (`/sys/...` on a mount at `/sys/fs/cgroup/unified`) is a file path elsewhere,
-    /// and rejected. Only checks the spelling; the cgroup need not exist.
+    /// and rejected, and so is an empty one (an unset template variable would otherwise mean
+    /// the root). Only checks the spelling; the cgroup need not exist.
     pub fn parse(&self, spec: &str) -> anyhow::Result<CgroupPath> {
+        if spec.is_empty() {
+            return Err(usage(
+                "cgroup \"\" is empty; write \"/\" for the root cgroup",
+            ));
+        }
         let path = Path::new(spec);
         let relative = match path.strip_prefix(&self.mount) {
             Ok(below) => below,
@@ -301,6 +307,11 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         let err = hybrid.parse("/sys/fs/cgroup/system.slice").unwrap_err();
         assert!(err.to_string().contains("/system.slice/a.service"), "{err}");
         assert!(cg.parse("a/../b").is_err());
+        let err = cg.parse("").unwrap_err();
+        assert!(
+            err.to_string().contains("write \"/\" for the root"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::{
     config,
     error::exit,
+    pin,
     policy::{self, Mode, limits},
 };
 
@@ -30,7 +31,13 @@ pub fn exit_codes_help() -> String {
 pub struct Cli {
     /// Directory on bpffs holding keepalive's pinned programs, maps and links; one of its own,
     /// not the bpffs mount itself. [default: the config's state_dir, else /sys/fs/bpf/keepalive]
-    #[arg(long, global = true, value_name = "DIR", env = "KEEPALIVE_STATE_DIR")]
+    #[arg(
+        long,
+        global = true,
+        value_name = "DIR",
+        env = "KEEPALIVE_STATE_DIR",
+        value_parser = pin::parse_dir
+    )]
     pub state_dir: Option<PathBuf>,
 
     /// Directory for the control socket and the agent's lock file; one of its own, which `run`
@@ -40,7 +47,8 @@ pub struct Cli {
         global = true,
         value_name = "DIR",
         env = "KEEPALIVE_RUNTIME_DIR",
-        default_value = "/run/keepalive-agent"
+        default_value = "/run/keepalive-agent",
+        value_parser = pin::parse_dir
     )]
     pub runtime_dir: PathBuf,
 
@@ -127,7 +135,7 @@ pub struct ValueArgs {
     /// dropped (seconds or a duration such as 45s or 1500ms). Keepalive alone does not cover
     /// connections with unacknowledged data; idle + interval × count is a good value. 0: none
     /// (the kernel's behaviour), also over a value the config sets.
-    #[arg(long, value_name = "DURATION", value_parser = parse_user_timeout)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_user_timeout, allow_negative_numbers = true)]
     pub user_timeout: Option<u32>,
 }
 

@@ -21,7 +21,8 @@ use toml::Spanned;
 
 use crate::{
     cgroup::{Cgroup2, CgroupPath},
-    error::Error,
+    error::{Error, usage},
+    pin,
     policy::{self, BUILTIN_DEFAULT, OwnValues, PolicySet, Rule, Selector, Source, Spec, limits},
 };
 
@@ -353,8 +354,7 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
 
     let attach = match &raw.attach {
         Some(attach) => {
-            cgroup2
-                .parse(attach.get_ref())
+            parse_attach(cgroup2, attach.get_ref())
                 .map_err(|err| ctx.err(attach.span(), format!("attach: {err}")))?;
             Some((attach.get_ref().clone(), ctx.line(&attach.span())))
         }
@@ -389,18 +389,15 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
     };
     let max_tracked_cgroups = capacity(&raw.max_tracked_cgroups, "max_tracked_cgroups")?;
     let max_tracked_sockets = capacity(&raw.max_tracked_sockets, "max_tracked_sockets")?;
-    let state_dir = raw
-        .state_dir
-        .as_ref()
-        .map(|dir| PathBuf::from(dir.get_ref()));
-    if let (Some(dir), Some(spanned)) = (&state_dir, &raw.state_dir)
-        && !dir.is_absolute()
-    {
-        return Err(ctx.err(
-            spanned.span(),
-            "state_dir must be an absolute path on bpffs",
-        ));
-    }
+    let state_dir = match &raw.state_dir {
+        Some(dir) => Some(pin::parse_dir(dir.get_ref()).map_err(|err| {
+            ctx.err(
+                dir.span(),
+                format!("state_dir: {err}; give an absolute path on bpffs"),
+            )
+        })?),
+        None => None,
+    };
 
     Ok(Config {
         file: Some(file.to_owned()),
@@ -464,8 +461,10 @@ impl Config {
         cgroup: Option<&str>,
         cgroup2: &Cgroup2,
     ) -> anyhow::Result<CgroupPath> {
-        let spec = cgroup.or_else(|| self.attach.as_ref().map(|a| a.0.as_str()));
-        cgroup2.parse(spec.unwrap_or_default())
+        match cgroup.or_else(|| self.attach.as_ref().map(|a| a.0.as_str())) {
+            Some(spec) => parse_attach(cgroup2, spec),
+            None => Ok(CgroupPath::root()),
+        }
     }
 
     /// Checks that every rule can select cgroups inside `attach`.
@@ -485,6 +484,18 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// The one cgroup to attach to. A pattern is refused: it would name no cgroup, and `run`
+/// would wait for one that never appears.
+fn parse_attach(cgroup2: &Cgroup2, spec: &str) -> anyhow::Result<CgroupPath> {
+    let path = cgroup2.parse(spec)?;
+    if path.components().any(policy::is_glob) {
+        return Err(usage(format!(
+            "{spec} is a pattern; attach takes one cgroup (policies take patterns)"
+        )));
+    }
+    Ok(path)
 }
 
 /// A listening address: `address:port`, an IPv6 address in brackets. An IPv4 address may be in
@@ -614,6 +625,30 @@ mode = "off"
         let (line, reason) = parse_err("metrics = \"localhost\"\n");
         assert_eq!(line, Some(1));
         assert!(reason.contains("127.0.0.1:9977"), "{reason}");
+    }
+
+    #[test]
+    fn rejects_what_would_name_no_directory_with_line() {
+        // An empty value (an unset template variable) must not mean the root.
+        let (line, reason) = parse_err("\nattach = \"\"\n");
+        assert_eq!(line, Some(2));
+        assert!(reason.contains("write \"/\" for the root"), "{reason}");
+        let (line, reason) = parse_err("[[policy]]\ncgroup = \"\"\nidle = 30\n");
+        assert_eq!(line, Some(2));
+        assert!(reason.contains("empty"), "{reason}");
+        // attach is one cgroup: `run` would wait forever for a pattern to exist.
+        let (line, reason) = parse_err("attach = \"kubepods.slice/*\"\n");
+        assert_eq!(line, Some(1));
+        assert!(reason.contains("attach takes one cgroup"), "{reason}");
+        // `..` could lead the bpffs checks to mount over /sys/fs/bpf.
+        let (line, reason) = parse_err("\n\nstate_dir = \"/sys/fs/bpf/../../tmp/ka\"\n");
+        assert_eq!(line, Some(3));
+        assert!(reason.contains("`..`"), "{reason}");
+        let (_, reason) = parse_err("state_dir = \"keepalive\"\n");
+        assert!(reason.contains("absolute"), "{reason}");
+        // Spelled one way, so a reload compares it with the running one.
+        let config = parse_ok("state_dir = \"/sys/fs/bpf/ka/\"\n");
+        assert_eq!(config.state_dir, Some(PathBuf::from("/sys/fs/bpf/ka")));
     }
 
     #[test]

@@ -221,6 +221,23 @@ impl StateDir {
     }
 }
 
+/// Parses a directory the agent owns (`state_dir`, `--state-dir`, `--runtime-dir`): absolute,
+/// without `..`, which could lead the bpffs checks astray, and spelled the way it is compared
+/// and shown (no `.` or trailing `/`).
+pub fn parse_dir(text: &str) -> Result<PathBuf, String> {
+    let path = Path::new(text);
+    if !path.is_absolute() {
+        return Err(format!("{text} is not an absolute path"));
+    }
+    if path
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(format!("{text} must not contain `..`"));
+    }
+    Ok(path.components().collect())
+}
+
 fn fs_type(path: &Path) -> io::Result<i64> {
     let c = CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
@@ -280,4 +297,23 @@ pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
     }
     log::info!("mounted bpffs at {BPFFS_MOUNT}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directories_are_absolute_without_dot_dot_and_spelled_one_way() {
+        assert_eq!(
+            parse_dir("/sys/fs/bpf/./keepalive/").unwrap(),
+            PathBuf::from("/sys/fs/bpf/keepalive")
+        );
+        assert!(parse_dir("keepalive").unwrap_err().contains("absolute"));
+        assert!(
+            parse_dir("/sys/fs/bpf/../../tmp/ka")
+                .unwrap_err()
+                .contains("`..`")
+        );
+    }
 }

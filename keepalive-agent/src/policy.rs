@@ -283,7 +283,8 @@ pub enum Selector {
     },
 }
 
-fn is_glob(component: &str) -> bool {
+/// Whether a path component is a glob pattern.
+pub(crate) fn is_glob(component: &str) -> bool {
     component.contains(['*', '?', '['])
 }
 
