@@ -195,6 +195,15 @@ fn config_item(cgroup2: &Cgroup2, target: &Target<'_>) -> (Item, Option<(Config,
         Ok((config, attach))
     });
     match checked {
+        Ok((_, attach)) if cgroup2.abs(&attach).exists() && !cgroup2.abs(&attach).is_dir() => (
+            item(
+                NAME,
+                Outcome::Fail,
+                format!("the attach cgroup {attach} is not a cgroup directory"),
+                Some("attach to a cgroup: `run` refuses a file (exit 2)"),
+            ),
+            None,
+        ),
         // `run` exits 4 and the systemd unit retries until the cgroup appears (kubelet, say,
         // creates kubepods.slice after boot), so the file itself is fine.
         Ok((config, attach)) if !cgroup2.abs(&attach).is_dir() => (
@@ -237,6 +246,57 @@ fn config_item(cgroup2: &Cgroup2, target: &Target<'_>) -> (Item, Option<(Config,
             None,
         ),
     }
+}
+
+/// The state and runtime directories `run` would use: a state directory it would refuse (the
+/// bpffs mount itself, or one not on bpffs and not below where it mounts bpffs), or a runtime
+/// directory holding files that are not keepalive's.
+fn directories_item(state: &StateDir, runtime_dir: &Path) -> Item {
+    const NAME: &str = "directories";
+    let root = state.root();
+    if let Err(err) = state.check_own() {
+        return item(
+            NAME,
+            Outcome::Fail,
+            format!("{err:#}"),
+            Some(
+                "set state_dir (or --state-dir) to a directory of keepalive's own below /sys/fs/bpf",
+            ),
+        );
+    }
+    if !pin::on_bpffs(root) && !root.starts_with(BPFFS_MOUNT) {
+        return item(
+            NAME,
+            Outcome::Fail,
+            format!(
+                "state directory {} is not on a bpf filesystem; `run` exits 5",
+                root.display()
+            ),
+            Some("choose a state directory below /sys/fs/bpf"),
+        );
+    }
+    if let Some(other) = instance::foreign_entry(runtime_dir) {
+        return item(
+            NAME,
+            Outcome::Fail,
+            format!(
+                "runtime directory {} holds {other}, which is not keepalive's; `run` refuses it \
+                 (exit 2) rather than make it root-only",
+                runtime_dir.display()
+            ),
+            Some("give the agent a runtime directory of its own (default /run/keepalive-agent)"),
+        );
+    }
+    item(
+        NAME,
+        Outcome::Ok,
+        format!(
+            "state {}, runtime {}",
+            root.display(),
+            runtime_dir.display()
+        ),
+        None,
+    )
 }
 
 /// Runs every check. The state directory is `--state-dir`, else the config's.
@@ -333,6 +393,7 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
             Some("mount -t bpf bpf /sys/fs/bpf (systemd does this at boot)"),
         ));
     }
+    checks.push(directories_item(&state, runtime_dir));
 
     let caps = Caps::current();
     let missing = caps.missing_for_run();

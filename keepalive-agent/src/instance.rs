@@ -30,23 +30,28 @@ fn prepare(runtime_dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(runtime_dir)
         .with_context(|| format!("failed to create {}", runtime_dir.display()))?;
-    let entries = fs::read_dir(runtime_dir)
+    fs::read_dir(runtime_dir)
         .with_context(|| format!("failed to read {}", runtime_dir.display()))?;
-    if let Some(other) = entries
-        .filter_map(Result::ok)
-        .map(|entry| entry.file_name())
-        .find(|name| name != LOCK_NAME && name != control::SOCKET_NAME)
-    {
+    if let Some(other) = foreign_entry(runtime_dir) {
         return Err(Error::Usage(format!(
-            "runtime directory {} holds {} and is not keepalive's own; give the agent a \
+            "runtime directory {} holds {other} and is not keepalive's own; give the agent a \
              directory of its own (default /run/keepalive-agent), which it makes root-only",
             runtime_dir.display(),
-            other.to_string_lossy()
         ))
         .into());
     }
     fs::set_permissions(runtime_dir, fs::Permissions::from_mode(0o700))
         .with_context(|| format!("failed to restrict {} to root", runtime_dir.display()))
+}
+
+/// The name of an entry in `runtime_dir` that is not keepalive's, if it holds one.
+pub fn foreign_entry(runtime_dir: &Path) -> Option<String> {
+    fs::read_dir(runtime_dir)
+        .ok()?
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name())
+        .find(|name| name != LOCK_NAME && name != control::SOCKET_NAME)
+        .map(|name| name.to_string_lossy().into_owned())
 }
 
 /// Takes the instance lock, or says which process holds it.

@@ -212,6 +212,60 @@ fn check_names_what_to_fix_when_the_host_is_not_ready() {
     );
 }
 
+#[test]
+fn check_fails_on_what_run_would_refuse_about_its_directories_and_attach_cgroup() {
+    let cg = TestCgroup::new("checkdirs");
+    let check = |dirs: &AgentDirs, attach: &Path, name: &str| {
+        let out = dirs.cli(&["check", "--json", "--cgroup", attach.to_str().unwrap()]);
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let item = check_item(&report, name).clone();
+        (
+            code(&out),
+            item["status"].as_str().unwrap().to_owned(),
+            item,
+        )
+    };
+    let dirs = AgentDirs::new();
+    let (rc, status, item) = check(&dirs, cg.path(), "directories");
+    assert_eq!((rc, status.as_str()), (0, "ok"), "{item}");
+    // The bpffs mount itself, which `run` refuses (exit 2), and a directory off bpffs (exit 5).
+    for (state_dir, says) in [("/sys/fs/bpf", "mount point"), ("/tmp", "not on a bpf")] {
+        let dirs = AgentDirs {
+            state_dir: state_dir.into(),
+            ..AgentDirs::new()
+        };
+        let (rc, status, item) = check(&dirs, cg.path(), "directories");
+        assert_eq!((rc, status.as_str()), (8, "fail"), "{item}");
+        assert!(item["detail"].as_str().unwrap().contains(says), "{item}");
+    }
+    // A runtime directory holding another service's files, which `run` refuses (exit 2).
+    let shared = std::env::temp_dir().join(keepalive_tests::unique("shared-run"));
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::write(shared.join("other.pid"), "1\n").unwrap();
+    let dirs = AgentDirs {
+        runtime_dir: shared.clone(),
+        ..AgentDirs::new()
+    };
+    let (rc, status, item) = check(&dirs, cg.path(), "directories");
+    std::fs::remove_dir_all(&shared).unwrap();
+    assert_eq!((rc, status.as_str()), (8, "fail"), "{item}");
+    assert!(
+        item["detail"].as_str().unwrap().contains("other.pid"),
+        "{item}"
+    );
+    // An attach "cgroup" that is a file: `run` refuses it (exit 2), it will never appear.
+    let (rc, status, item) = check(&AgentDirs::new(), &cg.path().join("cgroup.procs"), "config");
+    assert_eq!((rc, status.as_str()), (8, "fail"), "{item}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .unwrap()
+            .contains("not a cgroup directory"),
+        "{item}"
+    );
+    assert_eq!(sockops_attachments(cg.path()), 0);
+}
+
 /// `n` network namespaces, each with a listener (so an apply pass walks its TCP hash).
 fn namespaces_with_listeners(n: usize) -> Vec<(Netns, Proc)> {
     (0..n)
