@@ -107,8 +107,8 @@ impl Fixed {
             "state_dir",
             self.state.root().display().to_string(),
             next.state.root().display().to_string(),
-            "run `keepalive-agent detach` before the restart, or the attachment pinned here \
-             stays beside the new one",
+            "it takes `keepalive-agent detach` before the restart (a restart alone is refused \
+             while the enforcement pinned here is on the attach cgroup, exit 7)",
         );
         let addr =
             |metrics: Option<SocketAddr>| metrics.map_or("off".to_owned(), |a| a.to_string());
