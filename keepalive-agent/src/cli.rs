@@ -283,8 +283,9 @@ pub struct InstallArgs {
     /// Install below this root (for packaging); the unit still refers to the final paths.
     #[arg(long, value_name = "DIR", default_value = "/")]
     pub root: PathBuf,
-    /// Directory for the binary, relative to the root.
-    #[arg(long, value_name = "DIR", default_value = "/usr/local/sbin")]
+    /// Directory for the binary, an absolute path as the installed system sees it (written
+    /// below --root); the unit's ExecStart names it, and systemd takes only absolute paths.
+    #[arg(long, value_name = "DIR", default_value = "/usr/local/sbin", value_parser = pin::parse_dir)]
     pub bindir: PathBuf,
     /// Replace an existing config file (by default an existing one is kept).
     #[arg(long)]
@@ -369,6 +370,19 @@ mod tests {
             (
                 &["policy", "set", "x", "--mode", "strict"],
                 &["--mode", "strict", "enforce, fill, off, lock"],
+            ),
+            (
+                &["run", "--user-timeout", "-1"],
+                &["--user-timeout", "-1", "not a duration"],
+            ),
+            (&["install", "--bindir", "bin"], &["--bindir", "absolute"]),
+            (
+                &["--state-dir", "/sys/fs/bpf/../../tmp", "status"],
+                &["--state-dir", "`..`"],
+            ),
+            (
+                &["--runtime-dir", "run", "status"],
+                &["--runtime-dir", "absolute"],
             ),
         ] {
             let err = parse(args).unwrap_err().to_string();

@@ -33,7 +33,8 @@ tasks:
                      and agent footprint; prints a table and writes target/bench/results.md.
                      --baseline also runs this build and another keepalive-agent binary side
                      by side (the before and after of a change)
-  install            build in release mode and run `keepalive-agent install` as root";
+  install [-- ARGS]  build in release mode and run `keepalive-agent install ARGS` as root
+                     (ARGS: --root DIR, --bindir DIR; see `keepalive-agent install --help`)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = env::args().skip(1).collect();
@@ -54,6 +55,14 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             return Ok(());
         }
     };
+    // The other tasks parse their own arguments; these take none (or only `--release`), and a
+    // typo must not pass silently.
+    let accepted: &[&str] = if task == "build" { &["--release"] } else { &[] };
+    if !matches!(task, "run" | "bench" | "install")
+        && let Some(extra) = rest.iter().find(|a| !accepted.contains(&a.as_str()))
+    {
+        bail!("`{task}` does not take `{extra}`\n\n{USAGE}");
+    }
     match task {
         "setup" => {
             setup::setup()?;
@@ -92,7 +101,9 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             let env = setup::setup()?;
             build(&env, true, false)?;
             let agent = workspace_root().join("target/release/keepalive-agent");
-            let status = as_root(&agent, &["install".to_owned()]).status()?;
+            let mut agent_args = vec!["install".to_owned()];
+            agent_args.extend(rest.iter().skip_while(|a| *a == "--").cloned());
+            let status = as_root(&agent, &agent_args).status()?;
             if !status.success() {
                 bail!("keepalive-agent install exited with {status}");
             }
@@ -309,6 +320,22 @@ fn lint(env: &setup::Env) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::BenchArgs;
+
+    #[test]
+    fn tasks_without_arguments_refuse_them_before_doing_anything() {
+        for args in [
+            &["lint", "--fix"][..],
+            &["test", "enforce"],
+            &["build", "--relase"],
+        ] {
+            let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+            let err = format!("{:#}", super::run(&args).expect_err("refused"));
+            assert!(
+                err.contains(&format!("does not take `{}`", args[1])),
+                "{err}"
+            );
+        }
+    }
 
     fn parse(args: &[&str]) -> anyhow::Result<BenchArgs> {
         BenchArgs::parse(&args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>())
