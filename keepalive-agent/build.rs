@@ -33,6 +33,11 @@ fn main() -> anyhow::Result<()> {
     let object = out_dir.join("keepalive");
     println!("cargo:rerun-if-env-changed=KEEPALIVE_BPF_STUB");
     println!("cargo:rerun-if-env-changed=PATH");
+    // The toolchain for the BPF object (`cargo xtask` reads it too); `nightly` when unset.
+    println!("cargo:rerun-if-env-changed=KEEPALIVE_BPF_TOOLCHAIN");
+    let toolchain = env::var("KEEPALIVE_BPF_TOOLCHAIN")
+        .ok()
+        .filter(|name| !name.is_empty());
     let linker = find_bpf_linker();
     let stub = env::var_os("KEEPALIVE_BPF_STUB").is_some_and(|v| v == "1");
     match linker {
@@ -52,7 +57,10 @@ fn main() -> anyhow::Result<()> {
                 root_dir: root,
                 ..Default::default()
             };
-            aya_build::build_ebpf([package], aya_build::Toolchain::default())?;
+            let toolchain = toolchain
+                .as_deref()
+                .map_or(aya_build::Toolchain::Nightly, aya_build::Toolchain::Custom);
+            aya_build::build_ebpf([package], toolchain)?;
         }
         _ => {
             println!(

@@ -66,6 +66,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
     match task {
         "setup" => {
             setup::setup()?;
+            setup::ensure_bpffs()?;
             setup::test_tools().map(drop)
         }
         "build" => {
@@ -89,6 +90,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         }
         "test" => {
             let env = setup::setup()?;
+            setup::ensure_bpffs()?;
             let hadolint = setup::test_tools()?;
             test(&env, &hadolint)
         }
@@ -263,7 +265,6 @@ fn bench(rest: &[String]) -> anyhow::Result<()> {
         if !is_root() {
             bail!("`bench {BENCH_BUILT}` is the re-run under sudo and must run as root");
         }
-        setup::ensure_bpffs()?;
     } else {
         let env = setup::setup()?;
         build(&env, true, true)?;
@@ -279,6 +280,7 @@ fn bench(rest: &[String]) -> anyhow::Result<()> {
             bail!("failed to re-run under sudo: {err}");
         }
     }
+    setup::ensure_bpffs()?;
     setup::bench_tools()?;
     bench::run(&workspace_root(), quick, baseline.as_deref())
 }
@@ -302,7 +304,7 @@ fn lint(env: &setup::Env) -> anyhow::Result<()> {
             .env("PATH", &env.path)
             .args([
                 "run",
-                "nightly",
+                &setup::nightly(),
                 "cargo",
                 "clippy",
                 "--target",

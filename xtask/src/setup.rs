@@ -1,6 +1,7 @@
 //! Installs what building and testing need, idempotently: for every task, rust-src for the
-//! nightly toolchain, bpf-linker built against that nightly's own LLVM and a mounted bpffs
-//! ([`setup`]); only for the tasks that use them, the tools the tests ([`test_tools`]: iproute2,
+//! nightly toolchain and bpf-linker built against that nightly's own LLVM ([`setup`]); for the
+//! tasks that load programs, a mounted bpffs ([`ensure_bpffs`]); only for the tasks that use
+//! them, the tools the tests ([`test_tools`]: iproute2,
 //! systemd-analyze, hadolint) and the benchmarks ([`bench_tools`]: iproute2) run.
 //!
 //! bpf-linker 0.13's default feature wants LLVM 23 while the pinned nightly ships LLVM 22, so
@@ -23,8 +24,18 @@ use crate::is_root;
 
 /// bpf-linker release known to work with aya 0.14 (see shared/KERNEL-NOTES.md).
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// The toolchain that builds the BPF object (aya-build uses `rustup run nightly`).
-const NIGHTLY: &str = "nightly";
+/// Names the toolchain that builds the BPF object, `nightly` by default (aya-build then runs
+/// `rustup run <it>`); the container build pins a dated nightly with it. `keepalive-agent`'s
+/// build script reads it too.
+pub const TOOLCHAIN_VAR: &str = "KEEPALIVE_BPF_TOOLCHAIN";
+
+/// The toolchain that builds the BPF object.
+pub fn nightly() -> String {
+    env::var(TOOLCHAIN_VAR)
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "nightly".to_owned())
+}
 
 /// Environment for the cargo commands that follow.
 pub struct Env {
@@ -65,13 +76,18 @@ fn step(what: &str) {
 }
 
 fn ensure_nightly() -> anyhow::Result<PathBuf> {
+    let nightly = nightly();
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
-    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        step("installing the nightly toolchain");
+    if !toolchains
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .any(|l| l == nightly || l.starts_with(&format!("{nightly}-")))
+    {
+        step(&format!("installing the {nightly} toolchain"));
         output(Command::new("rustup").args([
             "toolchain",
             "install",
-            NIGHTLY,
+            &nightly,
             "--profile",
             "minimal",
         ]))?;
@@ -81,20 +97,20 @@ fn ensure_nightly() -> anyhow::Result<PathBuf> {
         "list",
         "--installed",
         "--toolchain",
-        NIGHTLY,
+        &nightly,
     ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        step("adding rust-src to the nightly toolchain");
+        step(&format!("adding rust-src to the {nightly} toolchain"));
         output(Command::new("rustup").args([
             "component",
             "add",
             "rust-src",
             "--toolchain",
-            NIGHTLY,
+            &nightly,
         ]))?;
     }
     let sysroot =
-        output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
+        output(Command::new("rustc").args([&format!("+{nightly}"), "--print", "sysroot"]))?;
     Ok(PathBuf::from(sysroot.trim()))
 }
 
@@ -111,7 +127,7 @@ fn nightly_llvm(sysroot: &Path) -> anyhow::Result<(PathBuf, String)> {
                 .is_some_and(|n| n.starts_with("libLLVM.so."))
         })
         .with_context(|| format!("no libLLVM.so.* in {}", lib.display()))?;
-    let version = output(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))?;
+    let version = output(Command::new("rustc").args([&format!("+{}", nightly()), "-vV"]))?;
     let major = version
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
@@ -146,7 +162,7 @@ fn ensure_bpf_linker(sysroot: &Path) -> anyhow::Result<PathBuf> {
     }
     let status = Command::new("cargo")
         .args([
-            &format!("+{NIGHTLY}"),
+            &format!("+{}", nightly()),
             "install",
             "bpf-linker",
             "--version",
@@ -248,11 +264,12 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// What every task needs to build and run the agent; fast when everything is in place.
+/// What every task needs to build the agent; fast when everything is in place. Nothing here
+/// touches the host beyond the toolchains, so it also works in a container build (the tasks
+/// that load programs mount bpffs with [`ensure_bpffs`]).
 pub fn setup() -> anyhow::Result<Env> {
     let sysroot = ensure_nightly()?;
     let linker = ensure_bpf_linker(&sysroot)?;
-    ensure_bpffs()?;
     let dir = linker
         .parent()
         .context("bpf-linker has a directory")?
