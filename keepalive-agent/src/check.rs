@@ -413,7 +413,11 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
             "privileges",
             Outcome::Fail,
             format!("missing {}", names.join(", ")),
-            Some("run as root, or grant CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SYS_ADMIN"),
+            Some(
+                "run as root, or grant CAP_BPF CAP_PERFMON CAP_NET_ADMIN (and CAP_SYS_ADMIN \
+                 CAP_SYS_PTRACE for connections in other network namespaces, as the systemd \
+                 unit does)",
+            ),
         ));
     }
 

@@ -3,8 +3,9 @@
 //! both set keepalive on every socket there, each from its own policy table, and the one the
 //! kernel runs last would win; `run` refuses that, and warns when one sits on an ancestor.
 //!
-//! The kernel says which programs are attached and their names; the state directory that pins
-//! one is found by looking for keepalive's link pin under the bpffs mounts, best effort.
+//! The kernel says which programs are attached. keepalive's are those that a keepalive link
+//! pin under the bpffs mounts runs, which also names their state directory, or, where this
+//! process may look programs up by id, those with keepalive's program name.
 
 use std::{
     collections::HashSet,
@@ -81,30 +82,40 @@ pub fn enforcement(
     if candidates.is_empty() {
         return Ok(Vec::new());
     }
-    let name = &PROG_SOCKOPS.as_bytes()[..PROG_SOCKOPS.len().min(KERNEL_NAME_LEN)];
-    let keepalive: HashSet<u32> = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .filter(|info| candidates.contains(&info.id()) && info.name() == name)
-        .map(|info| info.id())
-        .collect();
-    if keepalive.is_empty() {
-        return Ok(Vec::new());
-    }
+    // keepalive's link pins name their state directory, and opening a pin takes no capability
+    // beyond access to the file.
     let mut pins = Vec::new();
     for root in roots {
         find_link_pins(root, SEARCH_DEPTH, &mut pins);
     }
+    // A program no pin holds (an agent running without pins, a bpffs mounted elsewhere) is
+    // known by its name, where the kernel lets this process look programs up by id (that
+    // takes CAP_SYS_ADMIN).
+    let unpinned: Vec<u32> = candidates
+        .iter()
+        .copied()
+        .filter(|id| !pins.iter().any(|(_, info)| info.prog_id == *id))
+        .collect();
+    let name = &PROG_SOCKOPS.as_bytes()[..PROG_SOCKOPS.len().min(KERNEL_NAME_LEN)];
+    let named: HashSet<u32> = if unpinned.is_empty() {
+        HashSet::new()
+    } else {
+        aya::programs::loaded_programs()
+            .filter_map(Result::ok)
+            .filter(|info| unpinned.contains(&info.id()) && info.name() == name)
+            .map(|info| info.id())
+            .collect()
+    };
     Ok(candidates
         .into_iter()
-        .filter(|id| keepalive.contains(id))
-        .map(|prog_id| {
+        .filter_map(|prog_id| {
             let pin = pins.iter().find(|(_, info)| info.prog_id == prog_id);
-            Foreign {
+            (pin.is_some() || named.contains(&prog_id)).then(|| Foreign {
                 prog_id,
                 direct: direct.contains(&prog_id),
                 state_dir: pin.map(|(dir, _)| dir.clone()),
                 cgroup_id: pin.map(|(_, info)| info.cgroup_id),
-            }
+            })
         })
         .collect())
 }

@@ -4,15 +4,16 @@
 
 use std::{
     ffi::CString,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     process::Output,
     time::{Duration, Instant},
 };
 
 use keepalive_tests::{
     Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, cgroup_row, cgroup2_mount,
-    check_item, code, count_between, eventually, hide_with_tmpfs, idle_of, kernel_defaults,
-    pair_values, sock_bin, sockets_of, sockops_attachments, stderr, umount, values, write_config,
+    check_item, code, count_between, drop_caps_except, eventually, hide_with_tmpfs, idle_of,
+    kernel_defaults, pair_values, sock_bin, sockets_of, sockops_attachments, stderr, umount,
+    values, write_config,
 };
 
 #[test]
@@ -142,6 +143,19 @@ fn enforcement_from_another_state_directory_is_refused_on_its_cgroup_and_warned_
             "a refused start leaves no state directory behind"
         );
     }
+    // Without CAP_SYS_ADMIN the agent cannot look programs up by id; the pin still tells.
+    let mut cmd = other.command(&run_args(&cg));
+    // SAFETY: prctl calls only. CAP_NET_ADMIN, CAP_PERFMON and CAP_BPF: what `run` requires.
+    unsafe {
+        cmd.pre_exec(|| drop_caps_except(&[12, 38, 39]));
+    }
+    let out = other.output(cmd);
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("--state-dir {first_state} detach")),
+        "{}",
+        stderr(&out)
+    );
     let check = |cgroup: &TestCgroup| {
         let out = other.cli(&[
             "check",
