@@ -9,6 +9,7 @@ use crate::{
     btf::{Btf, VMLINUX_BTF},
     cgroup::{Cgroup2, CgroupPath},
     config::{self, Config, DEFAULT_CONFIG},
+    error::Error,
     foreign, instance, loader,
     pin::{self, BPFFS_MOUNT, StateDir},
     privileges::{Cap, Caps},
@@ -192,30 +193,37 @@ fn config_item(cgroup2: &Cgroup2, target: &Target<'_>) -> (Item, Option<(Config,
     let checked = config::load(target.config, cgroup2).and_then(|config| {
         let attach = config.attach_cgroup(target.cgroup, cgroup2)?;
         config.check_scope(&attach)?;
-        Ok((config, attach))
+        // As `run` looks the attach cgroup up.
+        let exists = cgroup2.existing_id(&attach);
+        Ok((config, attach, exists))
     });
     match checked {
-        Ok((_, attach)) if cgroup2.abs(&attach).exists() && !cgroup2.abs(&attach).is_dir() => (
+        // `run` exits 4 and the systemd unit retries until the cgroup appears (kubelet, say,
+        // creates kubepods.slice after boot), so the file itself is fine.
+        Ok((config, attach, Err(err)))
+            if matches!(err.downcast_ref(), Some(Error::CgroupNotFound(_))) =>
+        {
+            (
+                item(
+                    NAME,
+                    Outcome::Warn,
+                    format!("valid, but the attach cgroup {attach} does not exist (yet)"),
+                    Some("`run` exits 4 until it exists; the systemd unit retries every 2 s"),
+                ),
+                Some((config, attach)),
+            )
+        }
+        // A file rather than a cgroup, say: `run` refuses it.
+        Ok((_, _, Err(err))) => (
             item(
                 NAME,
                 Outcome::Fail,
-                format!("the attach cgroup {attach} is not a cgroup directory"),
-                Some("attach to a cgroup: `run` refuses a file (exit 2)"),
+                format!("{err:#}"),
+                Some("attach to a cgroup directory: `run` refuses this one"),
             ),
             None,
         ),
-        // `run` exits 4 and the systemd unit retries until the cgroup appears (kubelet, say,
-        // creates kubepods.slice after boot), so the file itself is fine.
-        Ok((config, attach)) if !cgroup2.abs(&attach).is_dir() => (
-            item(
-                NAME,
-                Outcome::Warn,
-                format!("valid, but the attach cgroup {attach} does not exist (yet)"),
-                Some("`run` exits 4 until it exists; the systemd unit retries every 2 s"),
-            ),
-            Some((config, attach)),
-        ),
-        Ok((config, attach)) => {
+        Ok((config, attach, Ok(_))) => {
             let detail = match &config.file {
                 Some(file) => {
                     let rules = config.policies.rules.len();
@@ -264,18 +272,16 @@ fn directories_item(state: &StateDir, runtime_dir: &Path) -> Item {
             ),
         );
     }
-    if !pin::on_bpffs(root) && !root.starts_with(BPFFS_MOUNT) {
+    if let Err(err) = pin::bpffs_state(root) {
         return item(
             NAME,
             Outcome::Fail,
-            format!(
-                "state directory {} is not on a bpf filesystem; `run` exits 5",
-                root.display()
-            ),
+            format!("{err}; `run` exits 5"),
             Some("choose a state directory below /sys/fs/bpf"),
         );
     }
-    if let Some(other) = instance::foreign_entry(runtime_dir) {
+    // A runtime directory that does not exist yet is created by `run`.
+    if let Ok(Some(other)) = instance::foreign_entry(runtime_dir) {
         return item(
             NAME,
             Outcome::Fail,
@@ -521,27 +527,13 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
             (_, Some((_, attach)), Some(other), _) => item(
                 "keepalive",
                 Outcome::Fail,
-                format!(
-                    "{detail}, but keepalive enforcement from {} (program id {}) is attached \
-                     to {attach}",
-                    other.describe_state_dir(&roots),
-                    other.prog_id
-                ),
-                Some(
-                    "`run` refuses to attach beside it (exit 7): stop the agent that uses that \
-                     state directory and `keepalive-agent --state-dir DIR detach`, or use its \
-                     state directory",
-                ),
+                format!("{detail}; but {}", other.refusal(attach, &roots)),
+                Some("`run` refuses to attach beside it (exit 7); see the detail"),
             ),
             (_, Some((_, attach)), None, Some(other)) => item(
                 "keepalive",
                 Outcome::Warn,
-                format!(
-                    "{detail}; keepalive enforcement from {} (program id {}) is attached above \
-                     {attach} and its policy wins where both apply",
-                    other.describe_state_dir(&roots),
-                    other.prog_id
-                ),
+                format!("{detail}; {}", other.overlap(attach, cg, &roots)),
                 Some("scope the agents to subtrees that do not nest, or use one agent"),
             ),
             (Some(pinned), Some((id, attach)), ..) if pinned != id => item(

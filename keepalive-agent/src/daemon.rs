@@ -619,31 +619,10 @@ fn refuse_foreign_enforcement(
         }
     };
     for other in &found {
-        let other_state = other.describe_state_dir(&roots);
         if other.direct {
-            let dir = other
-                .state_dir
-                .as_ref()
-                .map_or_else(|| "DIR".to_owned(), |dir| dir.display().to_string());
-            return Err(Error::Agent(format!(
-                "keepalive enforcement from {other_state} (program id {}) is already attached to \
-                 {attach}; two would both set keepalive on every socket there. Stop the agent \
-                 that uses it and run `keepalive-agent --state-dir {dir} detach`, or start this \
-                 one with --state-dir {dir}",
-                other.prog_id
-            ))
-            .into());
+            return Err(Error::Agent(other.refusal(attach, &roots)).into());
         }
-        let cgroup = other
-            .cgroup_id
-            .and_then(|id| cgroup2.name_of(id))
-            .map_or_else(|| "an ancestor cgroup".to_owned(), |path| path.to_string());
-        log::warn!(
-            "keepalive enforcement from {other_state} (program id {}) is attached to {cgroup}, \
-             above {attach}: it also sets keepalive on sockets here, after this agent, so its \
-             policy wins where both apply",
-            other.prog_id
-        );
+        log::warn!("{}", other.overlap(attach, cgroup2, &roots));
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ use std::{
 use keepalive_common::{PIN_LINK_SOCKOPS, PROG_SOCKOPS};
 
 use crate::{
+    cgroup::{Cgroup2, CgroupPath},
     pin::{BPFFS_MOUNT, StateDir},
     sys,
 };
@@ -40,8 +41,39 @@ pub struct Foreign {
 }
 
 impl Foreign {
+    /// Why `run` refuses to attach to `attach` beside this program, and what to do instead.
+    /// `searched` is where its state directory was looked for.
+    pub fn refusal(&self, attach: &CgroupPath, searched: &[PathBuf]) -> String {
+        let dir = self
+            .state_dir
+            .as_ref()
+            .map_or_else(|| "DIR".to_owned(), |dir| dir.display().to_string());
+        format!(
+            "keepalive enforcement from {} (program id {}) is already attached to {attach}; two \
+             would both set keepalive on every socket there. Stop the agent that uses it and run \
+             `keepalive-agent --state-dir {dir} detach`, or start this one with --state-dir {dir}",
+            self.describe_state_dir(searched),
+            self.prog_id
+        )
+    }
+
+    /// The warning about this program on an ancestor of `attach`.
+    pub fn overlap(&self, attach: &CgroupPath, cgroup2: &Cgroup2, searched: &[PathBuf]) -> String {
+        let cgroup = self
+            .cgroup_id
+            .and_then(|id| cgroup2.name_of(id))
+            .map_or_else(|| "an ancestor cgroup".to_owned(), |path| path.to_string());
+        format!(
+            "keepalive enforcement from {} (program id {}) is attached to {cgroup}, above \
+             {attach}: it also sets keepalive on sockets here, after this agent, so its policy \
+             wins where both apply",
+            self.describe_state_dir(searched),
+            self.prog_id
+        )
+    }
+
     /// The state directory, or where it was looked for.
-    pub fn describe_state_dir(&self, searched: &[PathBuf]) -> String {
+    fn describe_state_dir(&self, searched: &[PathBuf]) -> String {
         self.state_dir.as_ref().map_or_else(
             || {
                 let searched: Vec<String> =

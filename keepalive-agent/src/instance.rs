@@ -30,9 +30,9 @@ fn prepare(runtime_dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(runtime_dir)
         .with_context(|| format!("failed to create {}", runtime_dir.display()))?;
-    fs::read_dir(runtime_dir)
+    let other = foreign_entry(runtime_dir)
         .with_context(|| format!("failed to read {}", runtime_dir.display()))?;
-    if let Some(other) = foreign_entry(runtime_dir) {
+    if let Some(other) = other {
         return Err(Error::Usage(format!(
             "runtime directory {} holds {other} and is not keepalive's own; give the agent a \
              directory of its own (default /run/keepalive-agent), which it makes root-only",
@@ -45,13 +45,12 @@ fn prepare(runtime_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The name of an entry in `runtime_dir` that is not keepalive's, if it holds one.
-pub fn foreign_entry(runtime_dir: &Path) -> Option<String> {
-    fs::read_dir(runtime_dir)
-        .ok()?
+pub fn foreign_entry(runtime_dir: &Path) -> std::io::Result<Option<String>> {
+    Ok(fs::read_dir(runtime_dir)?
         .filter_map(Result::ok)
         .map(|entry| entry.file_name())
         .find(|name| name != LOCK_NAME && name != control::SOCKET_NAME)
-        .map(|name| name.to_string_lossy().into_owned())
+        .map(|name| name.to_string_lossy().into_owned()))
 }
 
 /// Takes the instance lock, or says which process holds it.

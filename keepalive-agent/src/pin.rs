@@ -258,20 +258,27 @@ pub fn on_bpffs(path: &Path) -> bool {
         == Some(BPF_FS_MAGIC)
 }
 
-/// Makes sure `dir` is on bpffs, mounting bpffs at [`BPFFS_MOUNT`] when the directory is
-/// below it and nothing is mounted there yet.
-pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
+/// Whether `dir` is on bpffs already (`true`) or below [`BPFFS_MOUNT`], where
+/// [`ensure_bpffs`] mounts it (`false`); anywhere else is an error.
+pub fn bpffs_state(dir: &Path) -> Result<bool, Error> {
     if on_bpffs(dir) {
-        return Ok(());
+        return Ok(true);
     }
-    let mount = Path::new(BPFFS_MOUNT);
-    if !dir.starts_with(mount) {
+    if !dir.starts_with(BPFFS_MOUNT) {
         return Err(Error::Bpffs(format!(
             "state directory {} is not on a bpf filesystem; choose one below {BPFFS_MOUNT} or \
              mount bpffs there (`mount -t bpf bpf <dir>`)",
             dir.display()
-        ))
-        .into());
+        )));
+    }
+    Ok(false)
+}
+
+/// Makes sure `dir` is on bpffs, mounting bpffs at [`BPFFS_MOUNT`] when the directory is
+/// below it and nothing is mounted there yet.
+pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
+    if bpffs_state(dir)? {
+        return Ok(());
     }
     let target = CString::new(BPFFS_MOUNT).expect("no NUL");
     let fstype = CString::new("bpf").expect("no NUL");
