@@ -183,7 +183,8 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// Only sockets and counters of this cgroup and the cgroups below it.
+    /// Only sockets and counters of this cgroup and the cgroups below it; a glob (`*`, `?`,
+    /// `[…]` within one path component, as in the config) selects every cgroup it matches.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<String>,
 

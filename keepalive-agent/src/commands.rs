@@ -16,6 +16,7 @@ use crate::{
     daemon::{self, Globals},
     detach, install,
     pin::StateDir,
+    policy::Selector,
     status,
 };
 
@@ -170,7 +171,7 @@ fn status_cmd(state: &StateDir, args: &StatusArgs) -> anyhow::Result<()> {
         cgroup: args
             .cgroup
             .as_deref()
-            .map(|c| cgroup2.parse(c))
+            .map(|c| Selector::parse(&cgroup2, c))
             .transpose()?,
         port: args.port,
     };

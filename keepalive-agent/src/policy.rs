@@ -283,6 +283,14 @@ pub enum Selector {
     },
 }
 
+/// Whether each pattern matches the name at its position, as far as both go.
+fn matches_pairwise(patterns: &[glob::Pattern], names: &[&str]) -> bool {
+    patterns
+        .iter()
+        .zip(names)
+        .all(|(pattern, name)| pattern.matches(name))
+}
+
 /// Whether a path component is a glob pattern.
 pub(crate) fn is_glob(component: &str) -> bool {
     component.contains(['*', '?', '['])
@@ -331,11 +339,7 @@ impl Selector {
             Self::Exact(path) => path.is_within(attach),
             Self::Glob { components, .. } => {
                 let attach: Vec<&str> = attach.components().collect();
-                components.len() >= attach.len()
-                    && components
-                        .iter()
-                        .zip(&attach)
-                        .all(|(pattern, name)| pattern.matches(name))
+                components.len() >= attach.len() && matches_pairwise(components, &attach)
             }
         };
         if reaches {
@@ -346,6 +350,17 @@ impl Selector {
              cgroups below it",
             self.text()
         ))
+    }
+
+    /// Whether `path` is a cgroup this selector matches or one below it.
+    pub fn covers(&self, path: &CgroupPath) -> bool {
+        match self {
+            Self::Exact(top) => path.is_within(top),
+            Self::Glob { components, .. } => {
+                let names: Vec<&str> = path.components().collect();
+                names.len() >= components.len() && matches_pairwise(components, &names)
+            }
+        }
     }
 
     /// The cgroups this selector matches now.
@@ -576,6 +591,21 @@ mod tests {
         assert!(glob.is_glob());
         assert_eq!(glob.text(), "/system.slice/docker-*.scope");
         assert!(Selector::parse(&cg, "a/[").is_err());
+    }
+
+    #[test]
+    fn selectors_cover_what_they_match_and_what_is_below_it() {
+        let cg = Cgroup2::at("/sys/fs/cgroup");
+        let path = |p: &str| cg.parse(p).unwrap();
+        let glob = Selector::parse(&cg, "kubepods/pod*").unwrap();
+        assert!(glob.covers(&path("kubepods/pod1")));
+        assert!(glob.covers(&path("kubepods/pod1/ctr")));
+        assert!(!glob.covers(&path("kubepods")), "above the pattern's depth");
+        assert!(!glob.covers(&path("kubepods/besteffort/pod1")));
+        assert!(!glob.covers(&path("system.slice/pod1")));
+        let exact = Selector::parse(&cg, "kubepods").unwrap();
+        assert!(exact.covers(&path("kubepods")) && exact.covers(&path("kubepods/pod1")));
+        assert!(!exact.covers(&path("kubepods2")));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::{
     cgroup::{Cgroup2, CgroupPath},
     error::Error,
     pin::StateDir,
-    policy::Mode,
+    policy::{Mode, Selector},
     sys,
 };
 
@@ -120,8 +120,8 @@ pub struct Snapshot {
 /// `status` filters.
 #[derive(Debug, Clone, Default)]
 pub struct Filter {
-    /// Only sockets and cgroups at or below this cgroup.
-    pub cgroup: Option<CgroupPath>,
+    /// Only sockets and cgroups at or below the cgroups this selects.
+    pub cgroup: Option<Selector>,
     /// Only sockets with this local or remote port.
     pub port: Option<u16>,
 }
@@ -400,7 +400,10 @@ impl View<'_> {
     fn within(&self, id: u64) -> bool {
         match &self.filter.cgroup {
             None => true,
-            Some(root) => self.names.get(&id).is_some_and(|path| path.is_within(root)),
+            Some(selector) => self
+                .names
+                .get(&id)
+                .is_some_and(|path| selector.covers(path)),
         }
     }
 

@@ -131,6 +131,23 @@ fn an_open_connection_is_listed_with_both_ends_and_leaves_when_closed() {
         filtered["sockets"].as_array().unwrap().is_empty(),
         "{filtered}"
     );
+    // A glob selects the cgroups it matches, as in the config.
+    let by_glob = |pattern: &str| -> Value {
+        let glob = format!("{}/{pattern}", parent.path().display());
+        serde_json::from_slice(&agent.cli(&["status", "--json", "--cgroup", &glob]).stdout).unwrap()
+    };
+    let matched = by_glob("a*");
+    assert_eq!(sockets_of(&matched, &cg).len(), 2, "{matched:#}");
+    assert_eq!(
+        matched["cgroups"].as_array().unwrap().len(),
+        1,
+        "{matched:#}"
+    );
+    let unmatched = by_glob("o*");
+    assert!(
+        unmatched["sockets"].as_array().unwrap().is_empty(),
+        "{unmatched}"
+    );
 
     // The human view has the columns.
     let human = String::from_utf8(agent.cli(&["status"]).stdout).unwrap();
