@@ -156,6 +156,20 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
+/// toml's message, with the key named where it says only "duplicate key" (its span is the key).
+fn toml_reason(err: &toml::de::Error, text: &str) -> String {
+    let message = err.message().trim();
+    let key = err
+        .span()
+        .and_then(|span| text.get(span))
+        .map(str::trim)
+        .filter(|key| !key.is_empty() && !key.contains('\n'));
+    match key {
+        Some(key) if message == "duplicate key" => format!("duplicate key `{key}`"),
+        _ => message.to_owned(),
+    }
+}
+
 struct Ctx<'a> {
     text: &'a str,
     file: &'a Path,
@@ -274,7 +288,7 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
     let raw: RawConfig = toml::from_str(text).map_err(|err| Error::Config {
         file: file.to_owned(),
         line: err.span().map(|span| line_of(text, span.start)),
-        reason: err.message().trim().to_owned(),
+        reason: toml_reason(&err, text),
     })?;
 
     let (default, default_source) = match &raw.default {
@@ -307,8 +321,9 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
         let Some(cgroup) = &raw_policy.cgroup else {
             return Err(ctx.err(entry.span(), "[[policy]] needs a `cgroup` key"));
         };
+        // The messages start with "cgroup …" themselves.
         let selector = Selector::parse(cgroup2, cgroup.get_ref())
-            .map_err(|err| ctx.err(cgroup.span(), format!("cgroup: {err}")))?;
+            .map_err(|err| ctx.err(cgroup.span(), err.to_string()))?;
         let key = selector.text();
         if let Some(first) = seen.insert(key.clone(), ctx.line(&cgroup.span())) {
             return Err(ctx.err(
@@ -649,6 +664,22 @@ mode = "off"
         // Spelled one way, so a reload compares it with the running one.
         let config = parse_ok("state_dir = \"/sys/fs/bpf/ka/\"\n");
         assert_eq!(config.state_dir, Some(PathBuf::from("/sys/fs/bpf/ka")));
+    }
+
+    #[test]
+    fn errors_name_what_is_wrong_once() {
+        let (line, reason) = parse_err("[default]\nidle = 30\n\nidle = 40\n");
+        assert_eq!((line, reason.as_str()), (Some(4), "duplicate key `idle`"));
+        let (line, reason) = parse_err("[default]\nidle = 30\n[default]\ncount = 3\n");
+        assert_eq!(line, Some(3));
+        assert!(reason.starts_with("duplicate key `"), "{reason}");
+        // The cgroup messages start with "cgroup" themselves.
+        let (line, reason) = parse_err("[[policy]]\ncgroup = \"a/[\"\nidle = 30\n");
+        assert_eq!(line, Some(2));
+        assert!(
+            reason.starts_with("cgroup pattern a/[ is not a valid glob"),
+            "{reason}"
+        );
     }
 
     #[test]
