@@ -80,11 +80,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             let env = setup::setup()?;
             build(&env, false, false)?;
             let agent = workspace_root().join("target/debug/keepalive-agent");
-            let mut agent_args: Vec<String> =
-                rest.iter().skip_while(|a| *a == "--").cloned().collect();
-            if agent_args.first().is_none_or(|a| a.starts_with('-')) {
-                agent_args.insert(0, "run".to_owned());
-            }
+            let agent_args = agent_args(rest);
             let status = as_root(&agent, &agent_args).status()?;
             if !status.success() {
                 bail!("keepalive-agent exited with {status}");
@@ -322,9 +318,55 @@ fn lint(env: &setup::Env) -> anyhow::Result<()> {
     )
 }
 
+/// The arguments `cargo xtask run` passes to the agent: `run` first unless a subcommand comes
+/// first, after any of the agent's global options (`--state-dir DIR`, `--runtime-dir DIR`).
+fn agent_args(rest: &[String]) -> Vec<String> {
+    let mut args: Vec<String> = rest.iter().skip_while(|a| *a == "--").cloned().collect();
+    let mut words = args.iter();
+    let first = loop {
+        match words.next() {
+            Some(arg) if matches!(arg.as_str(), "--state-dir" | "--runtime-dir") => {
+                words.next();
+            }
+            Some(arg) if arg.starts_with("--state-dir=") || arg.starts_with("--runtime-dir=") => {}
+            other => break other,
+        }
+    };
+    if first.is_none_or(|arg| arg.starts_with('-')) {
+        args.insert(0, "run".to_owned());
+    }
+    args
+}
+
 #[cfg(test)]
 mod tests {
     use super::BenchArgs;
+
+    #[test]
+    fn run_is_the_agent_subcommand_unless_one_is_named() {
+        let args = |args: &[&str]| -> Vec<String> {
+            super::agent_args(&args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>())
+        };
+        assert_eq!(args(&[]), ["run"]);
+        assert_eq!(args(&["--", "--idle", "30s"]), ["run", "--idle", "30s"]);
+        assert_eq!(args(&["--", "status", "--json"]), ["status", "--json"]);
+        assert_eq!(
+            args(&["--", "--state-dir", "/sys/fs/bpf/x", "status"]),
+            ["--state-dir", "/sys/fs/bpf/x", "status"]
+        );
+        assert_eq!(
+            args(&["--runtime-dir", "/run/x", "--idle", "30s"]),
+            ["run", "--runtime-dir", "/run/x", "--idle", "30s"]
+        );
+        assert_eq!(
+            args(&["--state-dir=/sys/fs/bpf/x", "policy", "list"]),
+            ["--state-dir=/sys/fs/bpf/x", "policy", "list"]
+        );
+        assert_eq!(
+            args(&["--state-dir", "/sys/fs/bpf/x"]),
+            ["run", "--state-dir", "/sys/fs/bpf/x"]
+        );
+    }
 
     #[test]
     fn tasks_without_arguments_refuse_them_before_doing_anything() {
