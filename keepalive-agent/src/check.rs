@@ -519,10 +519,14 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         // `run` also refuses to attach beside another state directory's enforcement.
         let roots = foreign::search_roots(&state);
         let others = wanted
-            .and_then(|(_, attach)| std::fs::File::open(cg.abs(attach)).ok())
-            .and_then(|dir| foreign::enforcement(&dir, ours.map(|info| info.prog_id), &roots).ok())
+            .and_then(|(_, attach)| {
+                let dir = std::fs::File::open(cg.abs(attach)).ok()?;
+                foreign::enforcement(cg, attach, &dir, ours.map(|info| info.prog_id), &roots).ok()
+            })
             .unwrap_or_default();
-        let direct = others.iter().find(|other| other.direct);
+        let direct = others
+            .iter()
+            .find(|other| other.place == foreign::Place::Here);
         checks.push(match (pinned_id, wanted, direct, others.first()) {
             (_, Some((_, attach)), Some(other), _) => item(
                 "keepalive",

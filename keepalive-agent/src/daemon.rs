@@ -600,7 +600,7 @@ fn bpf_log_level() -> u8 {
 
 /// Refuses to attach where another state directory's keepalive program already runs on the
 /// attach cgroup: both would set keepalive on every socket, and the later one would win. One
-/// on an ancestor is only warned about; scoping agents to nested subtrees is allowed.
+/// on an ancestor or below is only warned about; scoping agents to nested subtrees is allowed.
 fn refuse_foreign_enforcement(
     cgroup2: &Cgroup2,
     attach: &CgroupPath,
@@ -611,7 +611,7 @@ fn refuse_foreign_enforcement(
     let dir =
         std::fs::File::open(&path).with_context(|| format!("failed to open {}", path.display()))?;
     let roots = foreign::search_roots(state);
-    let found = match foreign::enforcement(&dir, ours, &roots) {
+    let found = match foreign::enforcement(cgroup2, attach, &dir, ours, &roots) {
         Ok(found) => found,
         Err(err) => {
             log::warn!("cannot tell whether other keepalive enforcement runs on {attach}: {err}");
@@ -619,7 +619,7 @@ fn refuse_foreign_enforcement(
         }
     };
     for other in &found {
-        if other.direct {
+        if other.place == foreign::Place::Here {
             return Err(Error::Agent(other.refusal(attach, &roots)).into());
         }
         log::warn!("{}", other.overlap(attach, cgroup2, &roots));

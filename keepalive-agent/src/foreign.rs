@@ -1,11 +1,14 @@
 //! keepalive enforcement that belongs to another state directory: a second agent, or the pins
 //! an agent with another `state_dir` left behind. Two keepalive programs on one cgroup would
 //! both set keepalive on every socket there, each from its own policy table, and the one the
-//! kernel runs last would win; `run` refuses that, and warns when one sits on an ancestor.
+//! kernel runs last would win; `run` refuses that, and warns when one sits on an ancestor or
+//! on a cgroup below.
 //!
-//! The kernel says which programs are attached. keepalive's are those that a keepalive link
-//! pin under the bpffs mounts runs, which also names their state directory, or, where this
-//! process may look programs up by id, those with keepalive's program name.
+//! The kernel says which programs run for a cgroup's sockets. keepalive's are those that a
+//! keepalive link pin under the bpffs mounts runs, which also names their state directory and
+//! cgroup, or, where this process may look programs up by id, those with keepalive's program
+//! name. Those below the cgroup are known by their pins only: the kernel would have to be asked
+//! about every cgroup below.
 
 use std::{
     collections::HashSet,
@@ -27,13 +30,24 @@ const KERNEL_NAME_LEN: usize = 15;
 /// How deep below a bpffs mount to look for a state directory's link pin.
 const SEARCH_DEPTH: usize = 4;
 
-/// Another state directory's keepalive sock_ops program that runs for sockets in a cgroup.
+/// Where another state directory's program is attached, relative to a cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Place {
+    /// On the cgroup itself.
+    Here,
+    /// On an ancestor: it runs after the cgroup's own programs, so its policy wins.
+    Above,
+    /// On a cgroup below: it runs before the cgroup's own programs there, which win.
+    Below,
+}
+
+/// Another state directory's keepalive sock_ops program on, above or below a cgroup.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Foreign {
     /// The program's id.
     pub prog_id: u32,
-    /// Attached to the cgroup itself, rather than to an ancestor.
-    pub direct: bool,
+    /// Where it is attached, relative to the cgroup asked about.
+    pub place: Place,
     /// The state directory whose link pin runs it, when found.
     pub state_dir: Option<PathBuf>,
     /// The cgroup its link is attached to, when the pin was found.
@@ -57,16 +71,20 @@ impl Foreign {
         )
     }
 
-    /// The warning about this program on an ancestor of `attach`.
+    /// The warning about this program on an ancestor of `attach`, or below it.
     pub fn overlap(&self, attach: &CgroupPath, cgroup2: &Cgroup2, searched: &[PathBuf]) -> String {
         let cgroup = self
             .cgroup_id
             .and_then(|id| cgroup2.name_of(id))
             .map_or_else(|| "an ancestor cgroup".to_owned(), |path| path.to_string());
+        let (relation, order, winner) = match self.place {
+            Place::Below => ("below", "before", "this agent's"),
+            Place::Here | Place::Above => ("above", "after", "its"),
+        };
         format!(
-            "keepalive enforcement from {} (program id {}) is attached to {cgroup}, above \
-             {attach}: it also sets keepalive on sockets here, after this agent, so its policy \
-             wins where both apply",
+            "keepalive enforcement from {} (program id {}) is attached to {cgroup}, {relation} \
+             {attach}: both set keepalive on sockets there, it {order} this agent, so {winner} \
+             policy wins where both apply",
             self.describe_state_dir(searched),
             self.prog_id
         )
@@ -98,8 +116,11 @@ pub fn search_roots(own: &StateDir) -> Vec<PathBuf> {
 }
 
 /// keepalive sock_ops programs other than `ours` (the program of this state directory's own
-/// link) that run for sockets in `cgroup`: attached to it or to one of its ancestors.
+/// link) attached to `attach` (opened as `cgroup`), to one of its ancestors, or (where a pin
+/// shows them) to a cgroup below it.
 pub fn enforcement(
+    cgroup2: &Cgroup2,
+    attach: &CgroupPath,
     cgroup: &fs::File,
     ours: Option<u32>,
     roots: &[PathBuf],
@@ -111,14 +132,47 @@ pub fn enforcement(
         .into_iter()
         .filter(|id| Some(*id) != ours)
         .collect();
-    if candidates.is_empty() {
-        return Ok(Vec::new());
-    }
     // keepalive's link pins name their state directory, and opening a pin takes no capability
     // beyond access to the file.
     let mut pins = Vec::new();
     for root in roots {
         find_link_pins(root, SEARCH_DEPTH, &mut pins);
+    }
+    pins.retain(|(_, info)| Some(info.prog_id) != ours);
+    let mut found = on_or_above(&candidates, &direct, &pins);
+    // Pins of links that do not run here: those on a cgroup below are found in one walk of the
+    // subtree, and only when there are such pins at all.
+    let elsewhere: Vec<&(PathBuf, sys::LinkInfo)> = pins
+        .iter()
+        .filter(|(_, info)| info.cgroup_id != 0 && !candidates.contains(&info.prog_id))
+        .collect();
+    if !elsewhere.is_empty() {
+        let own = cgroup2.id(attach).ok();
+        let below = cgroup2.ids(attach);
+        found.extend(
+            elsewhere
+                .into_iter()
+                .filter(|(_, info)| below.contains(&info.cgroup_id) && Some(info.cgroup_id) != own)
+                .map(|(dir, info)| Foreign {
+                    prog_id: info.prog_id,
+                    place: Place::Below,
+                    state_dir: Some(dir.clone()),
+                    cgroup_id: Some(info.cgroup_id),
+                }),
+        );
+    }
+    Ok(found)
+}
+
+/// Which of `candidates` (the programs that run for the cgroup's sockets, `direct` those on
+/// the cgroup itself) are keepalive's: run by one of `pins`, or named as keepalive's program.
+fn on_or_above(
+    candidates: &[u32],
+    direct: &HashSet<u32>,
+    pins: &[(PathBuf, sys::LinkInfo)],
+) -> Vec<Foreign> {
+    if candidates.is_empty() {
+        return Vec::new();
     }
     // A program no pin holds (an agent running without pins, a bpffs mounted elsewhere) is
     // known by its name, where the kernel lets this process look programs up by id (that
@@ -138,18 +192,22 @@ pub fn enforcement(
             .map(|info| info.id())
             .collect()
     };
-    Ok(candidates
-        .into_iter()
-        .filter_map(|prog_id| {
+    candidates
+        .iter()
+        .filter_map(|&prog_id| {
             let pin = pins.iter().find(|(_, info)| info.prog_id == prog_id);
             (pin.is_some() || named.contains(&prog_id)).then(|| Foreign {
                 prog_id,
-                direct: direct.contains(&prog_id),
+                place: if direct.contains(&prog_id) {
+                    Place::Here
+                } else {
+                    Place::Above
+                },
                 state_dir: pin.map(|(dir, _)| dir.clone()),
                 cgroup_id: pin.map(|(_, info)| info.cgroup_id),
             })
         })
-        .collect())
+        .collect()
 }
 
 /// Collects the sock_ops link pins under `dir`, down to `depth` levels, with their directory.

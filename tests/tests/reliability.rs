@@ -197,6 +197,47 @@ fn enforcement_from_another_state_directory_is_refused_on_its_cgroup_and_warned_
 }
 
 #[test]
+fn enforcement_from_another_state_directory_below_is_warned_about_and_elsewhere_is_not() {
+    let cg = TestCgroup::new("foreign-above");
+    let inner = cg.child("inner");
+    let elsewhere = TestCgroup::new("foreign-aside");
+    let below = Agent::start(&inner, &[]);
+    let aside = Agent::start(&elsewhere, &[]);
+    let other = AgentDirs::new();
+    let agent = Agent::start_in(&other, &cg, &[]);
+    assert_eq!(sockops_attachments(cg.path()), 1);
+    let log = agent.log();
+    let below_state = below.state_dir.display().to_string();
+    assert!(
+        log.lines().any(|line| line.contains("WARN")
+            && line.contains(&format!("from {below_state} "))
+            && line.contains(&format!(
+                "attached to {}, below {}: both set keepalive on sockets there, it before this \
+                 agent, so this agent's policy wins",
+                inner.display(),
+                cg.display()
+            ))),
+        "{log}"
+    );
+    let aside_state = aside.state_dir.display().to_string();
+    assert!(
+        !log.contains(&aside_state),
+        "a subtree beside this one is no concern: {log}"
+    );
+    let out = other.cli(&["check", "--json", "--cgroup", cg.path().to_str().unwrap()]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let item = check_item(&report, "keepalive");
+    assert_eq!(item["status"], "warn", "{item}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("from {below_state} ")),
+        "{item}"
+    );
+}
+
+#[test]
 fn the_apply_pass_does_not_walk_network_namespaces_without_tcp_sockets() {
     // A walk costs one pass over the namespace's whole TCP hash (the host's, unless
     // tcp_child_ehash_entries was set), sockets or not.
