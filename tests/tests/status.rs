@@ -148,6 +148,20 @@ fn an_open_connection_is_listed_with_both_ends_and_leaves_when_closed() {
         unmatched["sockets"].as_array().unwrap().is_empty(),
         "{unmatched}"
     );
+    // A filter that names no cgroup says so (a typo would otherwise read as "no sockets").
+    for (filter, warned) in [
+        (format!("{}/nope*", parent.path().display()), true),
+        (format!("{}/o*", parent.path().display()), false),
+    ] {
+        let out = agent.cli(&["status", "--cgroup", &filter]);
+        assert!(out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            stderr.contains(&format!("no cgroup matches {}/", parent.display())),
+            warned,
+            "{filter}: {stderr}"
+        );
+    }
 
     // The human view has the columns.
     let human = String::from_utf8(agent.cli(&["status"]).stdout).unwrap();
