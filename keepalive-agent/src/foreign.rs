@@ -83,8 +83,8 @@ impl Foreign {
         };
         format!(
             "keepalive enforcement from {} (program id {}) is attached to {cgroup}, {relation} \
-             {attach}: both set keepalive on sockets there, it {order} this agent, so {winner} \
-             policy wins where both apply",
+             {attach}: both set keepalive on sockets there and it runs {order} this agent, so \
+             {winner} policy wins where both apply",
             self.describe_state_dir(searched),
             self.prog_id
         )

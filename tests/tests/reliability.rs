@@ -212,8 +212,8 @@ fn enforcement_from_another_state_directory_below_is_warned_about_and_elsewhere_
         log.lines().any(|line| line.contains("WARN")
             && line.contains(&format!("from {below_state} "))
             && line.contains(&format!(
-                "attached to {}, below {}: both set keepalive on sockets there, it before this \
-                 agent, so this agent's policy wins",
+                "attached to {}, below {}: both set keepalive on sockets there and it runs \
+                 before this agent, so this agent's policy wins",
                 inner.display(),
                 cg.display()
             ))),
