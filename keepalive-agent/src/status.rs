@@ -6,7 +6,7 @@
 //! whether or not the agent is running.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     io::{self, Read as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::fd::AsFd,
@@ -371,6 +371,8 @@ fn socket_row(
 struct View<'a> {
     names: HashMap<u64, CgroupPath>,
     filter: &'a Filter,
+    /// The cgroups the filter's `cgroup` covers, found once rather than per socket.
+    selected: Option<HashSet<u64>>,
     attach_cgroup: Option<String>,
     boot_epoch: SystemTime,
 }
@@ -385,9 +387,17 @@ impl View<'_> {
         let attach_cgroup = crate::loader::pinned_attach_id(state)
             .map_err(|err| pin_error(state.root(), err))?
             .map(|id| cgroup_name(&names, id));
+        let selected = filter.cgroup.as_ref().map(|selector| {
+            names
+                .iter()
+                .filter(|(_, path)| selector.covers(path))
+                .map(|(id, _)| *id)
+                .collect()
+        });
         Ok(View {
             names,
             filter,
+            selected,
             attach_cgroup,
             boot_epoch: boot_epoch(),
         })
@@ -398,13 +408,9 @@ impl View<'_> {
     }
 
     fn within(&self, id: u64) -> bool {
-        match &self.filter.cgroup {
-            None => true,
-            Some(selector) => self
-                .names
-                .get(&id)
-                .is_some_and(|path| selector.covers(path)),
-        }
+        self.selected
+            .as_ref()
+            .is_none_or(|selected| selected.contains(&id))
     }
 
     /// Whether a record is an open enforced socket that passes the filter.
