@@ -175,12 +175,6 @@ fn status_cmd(state: &StateDir, args: &StatusArgs) -> anyhow::Result<()> {
             .transpose()?,
         port: args.port,
     };
-    // A filter is no error, but a typo should not pass as "no sockets".
-    if let Some(selector) = &filter.cgroup
-        && selector.expand(&cgroup2).is_empty()
-    {
-        log::warn!("no cgroup matches {}", selector.text());
-    }
     if args.json {
         let stdout = io::stdout().lock();
         let mut out = io::BufWriter::with_capacity(1 << 16, stdout);

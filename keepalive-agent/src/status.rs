@@ -384,16 +384,21 @@ impl View<'_> {
         filter: &'f Filter,
     ) -> anyhow::Result<View<'f>> {
         let names = cgroup2.names(&CgroupPath::root());
-        let attach_cgroup = crate::loader::pinned_attach_id(state)
-            .map_err(|err| pin_error(state.root(), err))?
-            .map(|id| cgroup_name(&names, id));
         let selected = filter.cgroup.as_ref().map(|selector| {
-            names
+            let selected: HashSet<u64> = names
                 .iter()
                 .filter(|(_, path)| selector.covers(path))
                 .map(|(id, _)| *id)
-                .collect()
+                .collect();
+            // A filter is no error, but a typo should not pass as "no sockets".
+            if selected.is_empty() {
+                log::warn!("no cgroup matches {}", selector.text());
+            }
+            selected
         });
+        let attach_cgroup = crate::loader::pinned_attach_id(state)
+            .map_err(|err| pin_error(state.root(), err))?
+            .map(|id| cgroup_name(&names, id));
         Ok(View {
             names,
             filter,
