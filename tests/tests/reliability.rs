@@ -117,6 +117,18 @@ fn a_different_attach_cgroup_is_refused_with_a_message_naming_detach() {
     assert_eq!(sockops_attachments(a.path()), 1);
 }
 
+/// `check --json --cgroup CGROUP` with `dirs`: its exit code and its `keepalive` item.
+fn keepalive_check(dirs: &AgentDirs, cgroup: &TestCgroup) -> (i32, serde_json::Value) {
+    let out = dirs.cli(&[
+        "check",
+        "--json",
+        "--cgroup",
+        cgroup.path().to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (code(&out), check_item(&report, "keepalive").clone())
+}
+
 #[test]
 fn enforcement_from_another_state_directory_is_refused_on_its_cgroup_and_warned_about_below() {
     let cg = TestCgroup::new("foreign");
@@ -157,14 +169,7 @@ fn enforcement_from_another_state_directory_is_refused_on_its_cgroup_and_warned_
         stderr(&out)
     );
     let check = |cgroup: &TestCgroup| {
-        let out = other.cli(&[
-            "check",
-            "--json",
-            "--cgroup",
-            cgroup.path().to_str().unwrap(),
-        ]);
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let item = check_item(&report, "keepalive").clone();
+        let (code, item) = keepalive_check(&other, cgroup);
         assert!(
             item["detail"]
                 .as_str()
@@ -172,7 +177,7 @@ fn enforcement_from_another_state_directory_is_refused_on_its_cgroup_and_warned_
                 .contains(&format!("from {first_state} ")),
             "{item}"
         );
-        (code(&out), item["status"].as_str().unwrap().to_owned())
+        (code, item["status"].as_str().unwrap().to_owned())
     };
     assert_eq!(
         check(&cg),
@@ -224,9 +229,7 @@ fn enforcement_from_another_state_directory_below_is_warned_about_and_elsewhere_
         !log.contains(&aside_state),
         "a subtree beside this one is no concern: {log}"
     );
-    let out = other.cli(&["check", "--json", "--cgroup", cg.path().to_str().unwrap()]);
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let item = check_item(&report, "keepalive");
+    let (_, item) = keepalive_check(&other, &cg);
     assert_eq!(item["status"], "warn", "{item}");
     assert!(
         item["detail"]
