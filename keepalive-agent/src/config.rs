@@ -223,10 +223,43 @@ impl Ctx<'_> {
 /// Reads the config: `path` when given (it must exist), else [`DEFAULT_CONFIG`] if present,
 /// else the built-in default.
 pub fn load(path: Option<&Path>, cgroup2: &Cgroup2) -> anyhow::Result<Config> {
-    let (file, required) = match path {
-        Some(path) => (path, true),
-        None => (Path::new(DEFAULT_CONFIG), false),
+    match path {
+        Some(path) => read(path, true, cgroup2),
+        None => read(Path::new(DEFAULT_CONFIG), false, cgroup2),
+    }
+}
+
+/// Reads the config again, for a reload of one read from `previous` (`None`: the built-in
+/// default). As [`load`], except that a file read before must still be there: falling back to
+/// the built-in default would drop its policies with no more than a log line.
+pub fn reload(
+    path: Option<&Path>,
+    previous: Option<&Path>,
+    cgroup2: &Cgroup2,
+) -> anyhow::Result<Config> {
+    let Some(file) = path.or(previous) else {
+        return load(None, cgroup2);
     };
+    read(file, true, cgroup2).map_err(|err| match err.downcast::<Error>() {
+        Ok(Error::Config { file, line, reason }) if path.is_none() && !file.exists() => {
+            Error::Config {
+                file,
+                line,
+                reason: format!(
+                    "{reason}; it was read at start, so the running policy stays. Restore it, or \
+                     write an empty file for the built-in default"
+                ),
+            }
+            .into()
+        }
+        Ok(err) => err.into(),
+        Err(err) => err,
+    })
+}
+
+/// Reads and parses `file`; when it does not exist and is not `required`, the built-in
+/// default.
+fn read(file: &Path, required: bool, cgroup2: &Cgroup2) -> anyhow::Result<Config> {
     match std::fs::read_to_string(file) {
         Ok(text) => {
             check_owner(file)?;

@@ -339,7 +339,11 @@ impl Daemon {
 
     fn reload(&mut self) -> anyhow::Result<(String, Option<ApplyReport>)> {
         self.transact(|daemon| {
-            let mut config = config::load(daemon.args.config.as_deref(), &daemon.cgroup2)?;
+            let mut config = config::reload(
+                daemon.args.config.as_deref(),
+                daemon.config.file.as_deref(),
+                &daemon.cgroup2,
+            )?;
             config.apply_overrides(&overrides_from(&daemon.args));
             config.check_scope(&daemon.fixed.attach)?;
             let next = Fixed::resolve(

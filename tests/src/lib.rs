@@ -667,6 +667,28 @@ impl Agent {
         env: &[(&str, &str)],
         keep_caps: Option<&[u32]>,
     ) -> Self {
+        let mut child = dirs.command(args);
+        child.envs(env.iter().copied());
+        if let Some(keep) = keep_caps {
+            let keep = keep.to_vec();
+            // SAFETY: prctl calls only.
+            unsafe {
+                child.pre_exec(move || drop_caps_except(&keep));
+            }
+        }
+        Self::spawn_command(dirs, child)
+    }
+
+    /// Starts `cmd`, one of [`AgentDirs::command`]'s running `run`, and waits until it reports
+    /// ready.
+    pub fn start_command(dirs: &AgentDirs, cmd: Command) -> Self {
+        let mut agent = Self::spawn_command(dirs, cmd);
+        agent.wait_ready();
+        agent
+    }
+
+    /// [`Agent::start_command`] without waiting.
+    pub fn spawn_command(dirs: &AgentDirs, mut child: Command) -> Self {
         require_root();
         fs::create_dir_all(&dirs.runtime_dir).expect("runtime dir");
         let notify_path = std::env::temp_dir().join(format!("{}.notify", unique("n")));
@@ -676,24 +698,20 @@ impl Agent {
             .expect("timeout");
         let log = std::env::temp_dir().join(format!("{}.log", unique("agent-log")));
         let log_file = File::create(&log).expect("log file");
-        let mut child = dirs.command(args);
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+        // Unless the caller set them.
+        for (key, value) in [
+            ("NOTIFY_SOCKET", notify_path.as_os_str()),
+            ("RUST_LOG", rust_log.as_ref()),
+        ] {
+            if !child.get_envs().any(|(set, _)| set == key) {
+                child.env(key, value);
+            }
+        }
         child
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file);
-        if let Some(keep) = keep_caps {
-            let keep = keep.to_vec();
-            // SAFETY: prctl calls only.
-            unsafe {
-                child.pre_exec(move || drop_caps_except(&keep));
-            }
-        }
         let child = child.spawn().expect("spawn keepalive-agent");
         Self {
             child: Some(child),
@@ -997,8 +1015,22 @@ pub fn agent_in_private_mounts(
 pub fn in_private_mounts(
     dirs: &AgentDirs,
     mut cmd: Command,
-    mut setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+    setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
 ) -> Output {
+    private_mounts(&mut cmd, setup);
+    let out = dirs.output(cmd);
+    // The agent takes its lock before it fails on what `setup` broke.
+    let _ = fs::remove_dir_all(&dirs.runtime_dir);
+    out
+}
+
+/// Makes `cmd` run in a private mount namespace prepared by `setup`, which runs in the child
+/// between fork and exec (so it may only make system calls). Mounts are made private first, so
+/// nothing `setup` changes leaves the namespace.
+pub fn private_mounts(
+    cmd: &mut Command,
+    mut setup: impl FnMut() -> std::io::Result<()> + Send + Sync + 'static,
+) {
     // SAFETY: the closure only makes system calls.
     unsafe {
         cmd.pre_exec(move || {
@@ -1019,10 +1051,6 @@ pub fn in_private_mounts(
             setup()
         });
     }
-    let out = dirs.output(cmd);
-    // The agent takes its lock before it fails on what `setup` broke.
-    let _ = fs::remove_dir_all(&dirs.runtime_dir);
-    out
 }
 
 /// Unmounts `path` (lazily) inside a private mount namespace; for `agent_in_private_mounts`.
@@ -1044,6 +1072,33 @@ pub fn hide_with_tmpfs(path: &std::ffi::CStr) -> std::io::Result<()> {
             path.as_ptr(),
             tmpfs.as_ptr(),
             0,
+            std::ptr::null(),
+        )
+    } != 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes directory `path`; for `private_mounts` set-ups.
+pub fn mkdir(path: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: mkdir with a valid C string.
+    if unsafe { libc::mkdir(path.as_ptr(), 0o755) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Bind-mounts `from` over `to`; for `private_mounts` set-ups.
+pub fn bind_mount(from: &std::ffi::CStr, to: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: mount with valid C strings.
+    if unsafe {
+        libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
             std::ptr::null(),
         )
     } != 0

@@ -2,12 +2,14 @@
 //! ancestor wins, `off` and `fill` behave, globs follow new cgroups, and runtime changes and
 //! reloads take effect for the next connection.
 
-use std::{fs, os::unix::fs::MetadataExt as _, path::Path, process::Output, time::Duration};
+use std::{
+    ffi::CString, fs, os::unix::fs::MetadataExt as _, path::Path, process::Output, time::Duration,
+};
 
 use keepalive_tests::{
-    Agent, AgentDirs, Proc, TestCgroup, bpf::resolution_cache, code, eventually, idle_of,
-    kernel_defaults, pair_values, perf::storm, sockets_of, sockops_attachments, stderr, values,
-    write_config,
+    Agent, AgentDirs, Proc, TestCgroup, bind_mount, bpf::resolution_cache, code, eventually,
+    hide_with_tmpfs, idle_of, kernel_defaults, mkdir, pair_values, perf::storm, private_mounts,
+    sockets_of, sockops_attachments, stderr, unique, values, write_config,
 };
 
 #[test]
@@ -431,6 +433,45 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
     agent.wait_notify("READY=1", Duration::from_secs(10));
     assert!(agent.log().contains("reload rejected"), "{}", agent.log());
     assert_eq!(idle_of(&svc), 44, "the old policy stays in force");
+}
+
+#[test]
+fn a_reload_without_the_default_config_file_read_at_start_keeps_the_running_policy() {
+    let cg = TestCgroup::new("gone");
+    // The agent's own /etc holds only keepalive-agent/, a directory of this test's.
+    let etc = std::env::temp_dir().join(unique("etc"));
+    fs::create_dir(&etc).unwrap();
+    let file = etc.join("config.toml");
+    fs::write(&file, "[default]\nidle = 33\n").unwrap();
+    let source = CString::new(etc.as_os_str().as_encoded_bytes()).unwrap();
+    let dirs = AgentDirs::new();
+    let mut cmd = dirs.command(&["run", "--cgroup", cg.path().to_str().unwrap()]);
+    private_mounts(&mut cmd, move || {
+        hide_with_tmpfs(c"/etc")?;
+        mkdir(c"/etc/keepalive-agent")?;
+        bind_mount(&source, c"/etc/keepalive-agent")
+    });
+    let agent = Agent::start_command(&dirs, cmd);
+    assert_eq!(idle_of(&cg), 33);
+
+    // Moved aside during a redeploy, say: a reload must not fall back to the built-in default.
+    fs::remove_file(&file).unwrap();
+    let out = agent.cli(&["policy", "reload"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("/etc/keepalive-agent/config.toml: cannot read")
+            && err.contains("the running policy stays"),
+        "{err}"
+    );
+    assert_eq!(idle_of(&cg), 33, "the running policy stays");
+
+    // An empty file asks for the built-in default.
+    fs::write(&file, "").unwrap();
+    agent.cli_ok(&["policy", "reload"]);
+    assert_eq!(idle_of(&cg), 60);
+    drop(agent);
+    fs::remove_dir_all(&etc).unwrap();
 }
 
 #[test]
