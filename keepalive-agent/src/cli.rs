@@ -148,9 +148,9 @@ pub struct RunArgs {
     pub config: Option<PathBuf>,
 
     /// cgroup to attach to: relative to the cgroup2 mount, absolute under it, or as status
-    /// prints it (/system.slice/a.service). Covers
+    /// prints it (/system.slice/a.service; / is the root). Covers
     /// every socket created in it and below it. Overrides the config's `attach`.
-    /// [default: the cgroup2 root]
+    /// [default: the config's `attach`, else the cgroup2 root]
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<String>,
 

@@ -264,15 +264,60 @@ fn kubernetes_manifests_are_complete_and_agree_with_the_agent() {
     let text = cm["data"][file]
         .as_str()
         .expect("the ConfigMap holds the file --config names");
-    let parsed = config::parse(text, &config_path, &Cgroup2::at("/sys/fs/cgroup"))
-        .expect("ConfigMap config is valid");
-    assert!(
-        parsed
-            .policies
-            .rules
-            .iter()
-            .any(|r| r.selector.text().starts_with("/kubepods.slice/"))
-    );
+    for mount in LAYOUTS {
+        let parsed = config::parse(text, &config_path, &Cgroup2::at(mount))
+            .unwrap_or_else(|e| panic!("ConfigMap config with cgroup2 at {mount}: {e:#}"));
+        assert!(
+            parsed
+                .policies
+                .rules
+                .iter()
+                .any(|r| r.selector.text().starts_with("/kubepods.slice/"))
+        );
+    }
+}
+
+/// Where cgroup2 is mounted on unified and on hybrid hosts.
+const LAYOUTS: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
+
+#[test]
+fn documented_configs_are_valid_on_unified_and_hybrid_hosts() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let mut examples: Vec<(String, String)> = readme
+        .split("```toml\n")
+        .skip(1)
+        .enumerate()
+        .map(|(i, block)| {
+            let text = block.split("```").next().unwrap();
+            (format!("README example {}", i + 1), text.to_owned())
+        })
+        .collect();
+    assert_eq!(examples.len(), 2, "the README's TOML examples");
+    // The shipped file with every commented-out setting switched on.
+    let all_on = install::DEFAULT_CONFIG_TEXT
+        .lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(rest)
+                if rest == "[[policy]]"
+                    || rest.split_once(" = ").is_some_and(|(key, _)| {
+                        key.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }) =>
+            {
+                rest
+            }
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(all_on.contains("\nattach = "), "{all_on}");
+    examples.push(("deploy/config.toml, all settings on".to_owned(), all_on));
+    for (name, text) in &examples {
+        for mount in LAYOUTS {
+            if let Err(err) = config::parse(text, Path::new(name), &Cgroup2::at(mount)) {
+                panic!("{name} with cgroup2 at {mount}: {err:#}\n{text}");
+            }
+        }
+    }
 }
 
 fn hadolint() -> PathBuf {
