@@ -109,7 +109,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             &state_dir(cli_state, args.config.config.as_deref(), false)?,
             &args,
         ),
-        Command::Policy(cmd) => policy_cmd(&runtime_dir, cmd),
+        Command::Policy(cmd) => policy_cmd(&runtime_dir, cli_state.as_deref(), cmd),
         Command::Detach(args) => {
             let state = state_dir(cli_state, args.config.config.as_deref(), true)?;
             let removed = detach::detach(&state, &runtime_dir, args.cgroup.as_deref())?;
@@ -245,7 +245,11 @@ fn print_response(response: &Response, as_json: bool, list: bool) -> anyhow::Res
     print(&text)
 }
 
-fn policy_cmd(runtime_dir: &std::path::Path, cmd: PolicyCommand) -> anyhow::Result<()> {
+fn policy_cmd(
+    runtime_dir: &std::path::Path,
+    state_dir: Option<&std::path::Path>,
+    cmd: PolicyCommand,
+) -> anyhow::Result<()> {
     let (request, as_json, list) = match cmd {
         PolicyCommand::List { json } => (Request::List, json, true),
         PolicyCommand::Reload { json } => (Request::Reload, json, false),
@@ -268,6 +272,6 @@ fn policy_cmd(runtime_dir: &std::path::Path, cmd: PolicyCommand) -> anyhow::Resu
         ),
         PolicyCommand::Unset { cgroup, json } => (Request::Unset { cgroup }, json, false),
     };
-    let response = crate::control::call_agent(runtime_dir, &request)?;
+    let response = crate::control::call_agent(runtime_dir, state_dir, &request)?;
     print_response(&response, as_json, list)
 }

@@ -54,6 +54,17 @@ pub enum Request {
     },
 }
 
+/// What goes over the socket: the request, and the state directory the client named.
+#[derive(Debug, Serialize, Deserialize)]
+struct Envelope {
+    #[serde(flatten)]
+    request: Request,
+    /// `--state-dir` of the client, when given: an agent whose state is elsewhere refuses the
+    /// request, so a change meant for one agent never reaches another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    state_dir: Option<PathBuf>,
+}
+
 /// One effective policy, as `policy list` shows it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PolicyRow {
@@ -114,9 +125,14 @@ impl Response {
     }
 }
 
-/// Sends one request to the agent; a refusal becomes an error with the agent's exit code.
-pub fn call_agent(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response> {
-    let response = call(runtime_dir, request)?;
+/// Sends one request to the agent on `runtime_dir`, which must keep its state in `state_dir`
+/// when that is given; a refusal becomes an error with the agent's exit code.
+pub fn call_agent(
+    runtime_dir: &Path,
+    state_dir: Option<&Path>,
+    request: &Request,
+) -> anyhow::Result<Response> {
+    let response = call(runtime_dir, state_dir, request)?;
     if response.ok {
         return Ok(response);
     }
@@ -143,10 +159,12 @@ pub fn bind(runtime_dir: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// Serves one connection: checks the peer is root, reads one request (5 s at most), answers
-/// with `handle`'s response.
+/// Serves one connection of the agent keeping its state in `state_dir`: checks the peer is
+/// root and names no other state directory, reads one request (5 s at most), answers with
+/// `handle`'s response.
 pub async fn serve_one(
     stream: tokio::net::UnixStream,
+    state_dir: &Path,
     handle: impl FnOnce(Request) -> Response,
 ) -> anyhow::Result<()> {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
@@ -162,8 +180,21 @@ pub async fn serve_one(
         tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
             .await
             .context("control client sent nothing")??;
-        match serde_json::from_str::<Request>(&line) {
-            Ok(req) => handle(req),
+        match serde_json::from_str::<Envelope>(&line) {
+            Ok(Envelope {
+                state_dir: Some(named),
+                ..
+            }) if named != state_dir => Response::failure(
+                &Error::Agent(format!(
+                    "the agent on this runtime directory keeps its state in {}, not {}; name \
+                     the runtime directory of the agent for {} with --runtime-dir",
+                    state_dir.display(),
+                    named.display(),
+                    named.display()
+                ))
+                .into(),
+            ),
+            Ok(envelope) => handle(envelope.request),
             Err(err) => {
                 Response::failure(&crate::error::usage(format!("malformed request: {err}")))
             }
@@ -175,8 +206,12 @@ pub async fn serve_one(
     Ok(())
 }
 
-/// Sends one request to the agent and waits for its answer.
-pub fn call(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response> {
+/// Sends one request to the agent and waits for its answer; see [`call_agent`].
+pub fn call(
+    runtime_dir: &Path,
+    state_dir: Option<&Path>,
+    request: &Request,
+) -> anyhow::Result<Response> {
     let path = socket_path(runtime_dir);
     let stream = UnixStream::connect(&path).map_err(|err| -> anyhow::Error {
         match err.kind() {
@@ -199,7 +234,10 @@ pub fn call(runtime_dir: &Path, request: &Request) -> anyhow::Result<Response> {
         }
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-    let mut line = serde_json::to_string(request)?;
+    let mut line = serde_json::to_string(&Envelope {
+        request: request.clone(),
+        state_dir: state_dir.map(Path::to_owned),
+    })?;
     line.push('\n');
     (&stream)
         .write_all(line.as_bytes())

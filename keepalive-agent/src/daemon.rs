@@ -582,7 +582,8 @@ fn describe_spec(spec: &Spec) -> String {
 }
 
 async fn serve_control(daemon: &mut Daemon, stream: UnixStream) -> anyhow::Result<()> {
-    control::serve_one(stream, |req| daemon.handle(req)).await
+    let state_dir = daemon.fixed.state.root().to_owned();
+    control::serve_one(stream, &state_dir, |req| daemon.handle(req)).await
 }
 
 /// Options of `run` that come from the global flags.

@@ -55,8 +55,9 @@ pub mod exit {
         ),
         (
             AGENT,
-            "no agent is running (policy commands); nothing is pinned (status); another agent \
-             holds the state (run, detach); enforcement is pinned on another cgroup, or \
+            "no agent is running, or the one on --runtime-dir keeps its state elsewhere than \
+             --state-dir (policy commands); nothing is pinned (status); another agent holds the \
+             state (run, detach); enforcement is pinned on another cgroup, or \
              another state directory's is on this one (run), or not on the one named (detach \
              --cgroup)",
         ),

@@ -436,6 +436,43 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
 }
 
 #[test]
+fn policy_commands_naming_another_state_directory_are_refused_and_change_nothing() {
+    let cg = TestCgroup::new("otherstate");
+    let agent = Agent::start(&cg, &["--idle", "41"]);
+    // The agent's control socket, but the state directory of a second agent.
+    let other = AgentDirs {
+        state_dir: agent.state_dir.with_file_name(unique("other")),
+        ..agent.dirs()
+    };
+    let out = other.cli(&["policy", "set", cg.rel(), "--idle", "12"]);
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "keeps its state in {}, not {}",
+            agent.state_dir.display(),
+            other.state_dir.display()
+        )) && err.contains("--runtime-dir"),
+        "{err}"
+    );
+    assert_eq!(idle_of(&cg), 41, "nothing changed");
+    // Without --state-dir, or with its own, the agent takes it.
+    let mut own = agent
+        .dirs()
+        .command(&["policy", "set", cg.rel(), "--idle", "12"]);
+    assert!(own.output().unwrap().status.success());
+    assert_eq!(idle_of(&cg), 12);
+    let mut plain = std::process::Command::new(keepalive_tests::agent_bin());
+    plain
+        .arg("--runtime-dir")
+        .arg(&agent.runtime_dir)
+        .args(["policy", "set", cg.rel(), "--idle", "13"])
+        .env_remove("KEEPALIVE_STATE_DIR");
+    assert!(plain.output().unwrap().status.success());
+    assert_eq!(idle_of(&cg), 13);
+}
+
+#[test]
 fn a_reload_without_the_default_config_file_read_at_start_keeps_the_running_policy() {
     let cg = TestCgroup::new("gone");
     // The agent's own /etc holds only keepalive-agent/, a directory of this test's.
