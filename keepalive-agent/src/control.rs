@@ -159,13 +159,20 @@ pub fn bind(runtime_dir: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// Serves one connection of the agent keeping its state in `state_dir`: checks the peer is
-/// root and names no other state directory, reads one request (5 s at most), answers with
-/// `handle`'s response.
+/// A request for the agent's loop, and where its answer goes.
+pub type Pending = (Request, tokio::sync::oneshot::Sender<Response>);
+
+/// How long a control client may take to send its request, and to take the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves one connection of the agent keeping its state in `state_dir`, on a task of its own,
+/// so a slow or stuck client never holds up the agent: checks the peer is root and names no
+/// other state directory, reads one request, hands it to the agent's loop through `requests`
+/// and writes the answer; [`CLIENT_TIMEOUT`] for each.
 pub async fn serve_one(
     stream: tokio::net::UnixStream,
     state_dir: &Path,
-    handle: impl FnOnce(Request) -> Response,
+    requests: tokio::sync::mpsc::Sender<Pending>,
 ) -> anyhow::Result<()> {
     use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
     let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
@@ -177,7 +184,7 @@ pub async fn serve_one(
     } else {
         let mut line = String::new();
         let mut reader = tokio::io::BufReader::new(read);
-        tokio::time::timeout(Duration::from_secs(5), reader.read_line(&mut line))
+        tokio::time::timeout(CLIENT_TIMEOUT, reader.read_line(&mut line))
             .await
             .context("control client sent nothing")??;
         match serde_json::from_str::<Envelope>(&line) {
@@ -194,7 +201,16 @@ pub async fn serve_one(
                 ))
                 .into(),
             ),
-            Ok(envelope) => handle(envelope.request),
+            Ok(envelope) => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                requests
+                    .send((envelope.request, reply))
+                    .await
+                    .map_err(|_| anyhow::anyhow!("the agent is stopping"))?;
+                answer
+                    .await
+                    .map_err(|_| anyhow::anyhow!("the agent is stopping"))?
+            }
             Err(err) => {
                 Response::failure(&crate::error::usage(format!("malformed request: {err}")))
             }
@@ -202,7 +218,9 @@ pub async fn serve_one(
     };
     let mut out = serde_json::to_string(&response)?;
     out.push('\n');
-    write.write_all(out.as_bytes()).await?;
+    tokio::time::timeout(CLIENT_TIMEOUT, write.write_all(out.as_bytes()))
+        .await
+        .context("control client did not take the answer")??;
     Ok(())
 }
 

@@ -17,10 +17,7 @@ use anyhow::Context as _;
 use keepalive_common::{
     DEFAULT_MAX_TRACKED_CGROUPS, DEFAULT_MAX_TRACKED_SOCKETS, Policy, mode, policy_flags,
 };
-use tokio::{
-    net::UnixStream,
-    signal::unix::{SignalKind, signal},
-};
+use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     apply::{self, ApplyReport},
@@ -581,11 +578,6 @@ fn describe_spec(spec: &Spec) -> String {
     }
 }
 
-async fn serve_control(daemon: &mut Daemon, stream: UnixStream) -> anyhow::Result<()> {
-    let state_dir = daemon.fixed.state.root().to_owned();
-    control::serve_one(stream, &state_dir, |req| daemon.handle(req)).await
-}
-
 /// Options of `run` that come from the global flags.
 #[derive(Debug)]
 pub struct Globals {
@@ -786,6 +778,8 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     release_free_memory();
 
     let control = control::bind(&globals.runtime_dir)?;
+    // Clients are served on tasks of their own; only their requests come to this loop.
+    let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<control::Pending>(16);
     if let Some(listener) = metrics_listener {
         tokio::spawn(metrics::serve(listener, state.clone(), cgroup2.clone()));
     }
@@ -814,11 +808,19 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             accepted = control.accept() => {
-                if let Ok((stream, _)) = accepted
-                    && let Err(err) = serve_control(&mut daemon, stream).await
-                {
-                    log::warn!("control request failed: {err:#}");
+                if let Ok((stream, _)) = accepted {
+                    let state_dir = state.root().to_owned();
+                    let requests = requests_tx.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = control::serve_one(stream, &state_dir, requests).await {
+                            log::warn!("control request failed: {err:#}");
+                        }
+                    });
                 }
+            }
+            Some((request, reply)) = requests.recv() => {
+                // The client may have gone; its task logs that.
+                let _ = reply.send(daemon.handle(request));
             }
             changes = watcher.changes() => {
                 let changes = changes.context("inotify failed")?;

@@ -552,6 +552,29 @@ fn a_restart_with_another_socket_capacity_keeps_finding_the_pinned_records() {
 }
 
 /// `run --cgroup <cgroup>`.
+#[test]
+fn a_control_client_that_sends_nothing_holds_up_neither_requests_nor_a_stop() {
+    let cg = TestCgroup::new("silentclient");
+    let mut agent = Agent::start(&cg, &["--idle", "31"]);
+    let socket = agent.runtime_dir.join("control.sock");
+    // Connected and silent (a `policy` command suspended with Ctrl-Z, say): the agent gives up
+    // on it after 5 s, and must not wait for that.
+    let _silent = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    let started = Instant::now();
+    agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "32"]);
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(2), "policy set took {took:?}");
+    assert_eq!(idle_of(&cg), 32);
+
+    let _silent = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let started = Instant::now();
+    let status = agent.stop_with(libc::SIGTERM);
+    let took = started.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(took < Duration::from_secs(2), "SIGTERM took {took:?}");
+}
+
 fn run_args(cgroup: &TestCgroup) -> [&str; 3] {
     ["run", "--cgroup", cgroup.path().to_str().unwrap()]
 }
