@@ -228,6 +228,15 @@ impl CgroupPath {
         }
     }
 
+    /// The parent cgroup and this one's name in it; `None` for the root.
+    pub fn split_last(&self) -> Option<(Self, &str)> {
+        match self.0.rsplit_once('/') {
+            Some((parent, name)) => Some((Self(parent.to_owned()), name)),
+            None if self.0.is_empty() => None,
+            None => Some((Self::root(), &self.0)),
+        }
+    }
+
     /// Path components.
     pub fn components(&self) -> impl Iterator<Item = &str> {
         self.0.split('/').filter(|c| !c.is_empty())
@@ -258,6 +267,14 @@ impl fmt::Display for CgroupPath {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_path_splits_into_its_parent_and_name() {
+        let path = |s: &str| CgroupPath(s.to_owned());
+        assert_eq!(path("a/b/c").split_last(), Some((path("a/b"), "c")));
+        assert_eq!(path("a").split_last(), Some((CgroupPath::root(), "a")));
+        assert_eq!(CgroupPath::root().split_last(), None);
+    }
 
     const HYBRID: &str = "\
 tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0

@@ -465,7 +465,14 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
 
     if let Ok(cg) = &cgroup2 {
         let ours = loader::pinned_sockops_link(&state).ok().flatten();
-        let pinned_id = ours.as_ref().map(|info| info.cgroup_id);
+        // `run` replaces a link of a removed cgroup: it is in nobody's way.
+        let defunct = ours
+            .as_ref()
+            .is_some_and(|info| loader::is_defunct(info, cg));
+        let pinned_id = ours
+            .as_ref()
+            .filter(|_| !defunct)
+            .map(|info| info.cgroup_id);
         if let Ok(root) = std::fs::File::open(cg.abs(&CgroupPath::root())) {
             match sys::cgroup_query(&root, sys::ATTACH_CGROUP_SOCK_OPS, false) {
                 Ok(ids) => {
@@ -504,6 +511,11 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
                 .map_or_else(|| format!("cgroup id {id}"), |path| path.to_string())
         });
         let detail = match (attached, instance::running_agent(runtime_dir)) {
+            (Some(_), _) if defunct => format!(
+                "the enforcement pinned in {} was on a cgroup that has been removed, so it \
+                 enforces nothing; `run` attaches anew",
+                state.root().display()
+            ),
             (Some(cgroup), Some(pid)) => {
                 format!("attached to {cgroup} and the agent (pid {pid}) is running")
             }

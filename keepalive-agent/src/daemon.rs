@@ -667,7 +667,19 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     };
     let created = state.create()?;
     let _state_lock = state.lock()?;
-    let pinned = loader::pinned_sockops_link(&state)?;
+    let mut pinned = loader::pinned_sockops_link(&state)?;
+    if let Some(link) = &pinned
+        && link.cgroup_id != attach_id
+        && loader::is_defunct(link, &cgroup2)
+    {
+        log::warn!(
+            "the cgroup of the enforcement pinned in {} was removed, so it enforced nothing; \
+             attaching anew to {attach}",
+            state.root().display()
+        );
+        loader::unpin_defunct_links(&state)?;
+        pinned = None;
+    }
     if let Some(pinned) = pinned.map(|link| link.cgroup_id)
         && pinned != attach_id
     {
@@ -825,8 +837,10 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             changes = watcher.changes() => {
                 let changes = changes.context("inotify failed")?;
                 if changes.root_removed {
-                    return Err(anyhow::anyhow!(
-                        "the attach cgroup {attach} was removed; enforcement ended with it"
+                    // Exit 4, as for a missing cgroup at start: the unit retries until it is
+                    // back, and the next start attaches anew.
+                    return Err(anyhow::Error::new(Error::CgroupNotFound(attach_path)).context(
+                        format!("the attach cgroup {attach} was removed; enforcement ended with it"),
                     ));
                 }
                 daemon.enforcer.forget_cgroups(&changes.removed);

@@ -103,6 +103,27 @@ pub fn pinned_sockops_link(state: &StateDir) -> anyhow::Result<Option<sys::LinkI
     }
 }
 
+/// Whether a pinned link enforces nothing any more because its cgroup was removed: the kernel
+/// detaches a cgroup's links when it releases the cgroup (the link's cgroup id reads 0 then),
+/// and before that the removed cgroup is no longer in the tree.
+pub fn is_defunct(link: &sys::LinkInfo, cgroup2: &Cgroup2) -> bool {
+    link.cgroup_id == 0 || cgroup2.name_of(link.cgroup_id).is_none()
+}
+
+/// Removes the pins of the links of a removed cgroup, which enforce nothing.
+pub fn unpin_defunct_links(state: &StateDir) -> anyhow::Result<()> {
+    for path in [state.sockops_link(), state.lock_link()] {
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            Err(err) => {
+                return Err(err).with_context(|| format!("failed to unpin {}", path.display()));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The cgroup id the pinned sock_ops link is attached to, if one is pinned.
 pub fn pinned_attach_id(state: &StateDir) -> anyhow::Result<Option<u64>> {
     Ok(pinned_sockops_link(state)?.map(|info| info.cgroup_id))

@@ -34,6 +34,9 @@ pub struct CgroupWatcher {
     inotify: AsyncFd<Inotify>,
     by_wd: HashMap<WatchDescriptor, (CgroupPath, u64)>,
     by_path: HashMap<CgroupPath, WatchDescriptor>,
+    /// The watch on the root's parent, which alone reports the root's removal: the agent holds
+    /// the root open, so the root's own watch hears nothing of it.
+    parent: Option<WatchDescriptor>,
     warned_limit: bool,
 }
 
@@ -65,8 +68,18 @@ impl CgroupWatcher {
                 .map_err(|err| io::Error::other(err.to_string()))?,
             by_wd: HashMap::new(),
             by_path: HashMap::new(),
+            parent: None,
             warned_limit: false,
         };
+        if let Some((parent, _)) = root.split_last() {
+            let wd = watcher.inotify.get_mut().watches().add(
+                cgroup2.abs(&parent),
+                WatchMask::DELETE
+                    .union(WatchMask::MOVED_FROM)
+                    .union(WatchMask::ONLYDIR),
+            )?;
+            watcher.parent = Some(wd);
+        }
         watcher.add_tree(root);
         Ok(watcher)
     }
@@ -188,6 +201,12 @@ impl CgroupWatcher {
                 if mask.contains(EventMask::Q_OVERFLOW) {
                     // Events were lost: compare with what is there now.
                     self.rescan(&mut changes);
+                    continue;
+                }
+                if self.parent.as_ref() == Some(&wd) {
+                    // Siblings of the root come and go here too; only the root matters.
+                    let root = self.root.split_last().map(|(_, name)| name);
+                    changes.root_removed |= name.is_some() && name.as_deref() == root;
                     continue;
                 }
                 let Some((parent, _)) = self.by_wd.get(&wd).cloned() else {

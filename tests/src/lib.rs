@@ -827,6 +827,22 @@ impl Agent {
         unsafe { libc::kill(self.pid() as i32, signal) };
     }
 
+    /// Waits up to `timeout` for the agent to exit by itself; its status if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Sends `signal` and waits for the process to exit; returns its status.
     pub fn stop_with(&mut self, signal: i32) -> ExitStatus {
         self.signal(signal);

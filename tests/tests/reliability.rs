@@ -553,6 +553,45 @@ fn a_restart_with_another_socket_capacity_keeps_finding_the_pinned_records() {
 
 /// `run --cgroup <cgroup>`.
 #[test]
+fn a_removed_attach_cgroup_ends_the_agent_with_exit_4_and_the_next_start_attaches_anew() {
+    let parent = TestCgroup::new("rmattach");
+    let cg = parent.child("attach");
+    let dirs = AgentDirs::new();
+    let mut agent = Agent::start_in(&dirs, &cg, &["--idle", "23"]);
+    // A sibling coming and going is no concern of the agent's.
+    let sibling = parent.child("sibling");
+    drop(sibling);
+    std::fs::remove_dir(cg.path()).unwrap();
+    let status = agent
+        .wait_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("the agent kept running:\n{}", agent.log()));
+    assert_eq!(status.code(), Some(4), "{}", agent.log());
+    assert!(
+        agent.log().contains(&format!(
+            "the attach cgroup {} was removed; enforcement ended with it",
+            cg.display()
+        )),
+        "{}",
+        agent.log()
+    );
+
+    // Recreated (a slice that systemd or kubelet makes again): the pinned link of the removed
+    // cgroup enforces nothing and is replaced, instead of refusing with exit 7.
+    std::fs::create_dir(cg.path()).unwrap();
+    let (code, item) = keepalive_check(&dirs, &cg);
+    assert!(
+        item["status"] == "ok"
+            && item["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("was on a cgroup that has been removed")),
+        "{code}: {item}"
+    );
+    let again = Agent::start_in(&dirs, &cg, &["--idle", "24"]);
+    assert!(again.log().contains("attaching anew"), "{}", again.log());
+    assert_eq!(idle_of(&cg), 24);
+}
+
+#[test]
 fn a_control_client_that_sends_nothing_holds_up_neither_requests_nor_a_stop() {
     let cg = TestCgroup::new("silentclient");
     let mut agent = Agent::start(&cg, &["--idle", "31"]);
