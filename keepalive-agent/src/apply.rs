@@ -8,7 +8,7 @@
 use std::{
     collections::HashSet,
     fs::{self, File},
-    io::Read as _,
+    io::Read,
     os::{
         fd::{AsFd, AsRawFd, BorrowedFd},
         unix::fs::MetadataExt as _,
@@ -87,11 +87,22 @@ impl ApplyReport {
 fn run_iterator(link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport> {
     let mut file = sys::iter_create(link).context("failed to start the TCP iterator")?;
     let mut out = Vec::new();
-    file.read_to_end(&mut out)
-        .context("failed to read the TCP iterator")?;
+    read_all(&mut file, &mut out).context("failed to read the TCP iterator")?;
     let mut report = ApplyReport::default();
     report.add_bytes(&out);
     Ok(report)
+}
+
+/// Reads an iterator to its end. The kernel fails a read with EAGAIN after a million objects
+/// that printed nothing (sockets outside the attach cgroup, listeners, TIME_WAIT), to bound
+/// the time it spends in one call; reading again carries on from there.
+fn read_all(file: &mut impl Read, out: &mut Vec<u8>) -> std::io::Result<()> {
+    loop {
+        match file.read_to_end(out) {
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {}
+            result => return result.map(drop),
+        }
+    }
 }
 
 /// One network namespace, held open: it stays enterable while this lives, even after the
@@ -270,6 +281,30 @@ pub fn describe(report: &ApplyReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reads like an iterator that found a million silent objects before each chunk.
+    struct Throttled(Vec<&'static [u8]>, bool);
+
+    impl Read for Throttled {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            self.1 = !self.1;
+            if self.1 {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            let Some(chunk) = self.0.pop() else {
+                return Ok(0);
+            };
+            buf[..chunk.len()].copy_from_slice(chunk);
+            Ok(chunk.len())
+        }
+    }
+
+    #[test]
+    fn an_iterator_read_that_would_block_carries_on() {
+        let mut out = Vec::new();
+        read_all(&mut Throttled(vec![b"cd", b"ab"], false), &mut out).unwrap();
+        assert_eq!(out, b"abcd");
+    }
 
     #[test]
     fn reads_tcp_inuse_from_sockstat() {
