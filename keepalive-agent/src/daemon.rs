@@ -758,10 +758,17 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     let resolution = set.resolve(&daemon.cgroup2, &attach);
     daemon.table = resolution.table(&set.default, attach_id);
     daemon.new_cgroups = NewCgroups::new(present, &daemon.table);
-    daemon.enforcer.push_table(&daemon.table)?;
-    daemon.resolution = resolution;
+    // As in `refresh`: the lock program goes in before a table that uses lock (a pinned
+    // program from the last run already reads the table), and out after one that does not.
     let lock = set.uses_lock();
-    daemon.enforcer.set_lock(lock)?;
+    if lock {
+        daemon.enforcer.set_lock(true)?;
+    }
+    daemon.enforcer.push_table(&daemon.table)?;
+    if !lock {
+        daemon.enforcer.set_lock(false)?;
+    }
+    daemon.resolution = resolution;
     daemon.lock_attached = lock;
     let updated = daemon.enforcer.attach_sockops()?;
     if updated {
