@@ -120,7 +120,8 @@ impl CgroupWatcher {
                         if !self.warned_limit {
                             log::warn!(
                                 "inotify watch limit reached at {} cgroups; new cgroups below \
-                                 {path} are not followed. Raise fs.inotify.max_user_watches",
+                                 {path} are not followed. Raise fs.inotify.max_user_watches and \
+                                 restart the agent",
                                 self.by_wd.len()
                             );
                             self.warned_limit = true;
