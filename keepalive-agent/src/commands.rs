@@ -185,9 +185,10 @@ fn status_cmd(state: &StateDir, args: &StatusArgs) -> anyhow::Result<()> {
             other => other,
         }
     } else {
-        print(&status::render(&status::snapshot(
-            state, &cgroup2, &filter,
-        )?))
+        print(&status::render(
+            &status::snapshot(state, &cgroup2, &filter)?,
+            &filter,
+        ))
     }
 }
 

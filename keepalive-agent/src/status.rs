@@ -591,8 +591,9 @@ fn secs(value: u32) -> String {
     humantime::format_duration(Duration::from_secs(u64::from(value))).to_string()
 }
 
-/// Human output: aligned columns, sockets first, then the per-cgroup summary.
-pub fn render(snapshot: &Snapshot) -> String {
+/// Human output: aligned columns, sockets first, then the per-cgroup summary. `filter` is the
+/// one the snapshot was taken with.
+pub fn render(snapshot: &Snapshot, filter: &Filter) -> String {
     let mut out = String::new();
     match &snapshot.attach_cgroup {
         Some(cgroup) => out.push_str(&format!(
@@ -605,7 +606,11 @@ pub fn render(snapshot: &Snapshot) -> String {
         )),
     }
     if snapshot.sockets.is_empty() {
-        out.push_str("no enforced sockets are open\n");
+        out.push_str(if filter.cgroup.is_some() || filter.port.is_some() {
+            "no enforced sockets that match the filter are open\n"
+        } else {
+            "no enforced sockets are open\n"
+        });
     } else {
         let mut t = table(&[
             "LOCAL",
@@ -712,6 +717,27 @@ pub fn render(snapshot: &Snapshot) -> String {
 mod tests {
     use super::*;
     use crate::error::{code_of, exit};
+
+    #[test]
+    fn no_sockets_under_a_filter_says_so() {
+        let empty = Snapshot {
+            attach_cgroup: Some("/".into()),
+            state_dir: "/sys/fs/bpf/keepalive".into(),
+            sockets: Vec::new(),
+            cgroups: Vec::new(),
+            counters: BTreeMap::new(),
+            tracked_entries: 0,
+            stale_entries: 0,
+        };
+        assert!(render(&empty, &Filter::default()).contains("no enforced sockets are open\n"));
+        let port = Filter {
+            port: Some(443),
+            ..Filter::default()
+        };
+        assert!(
+            render(&empty, &port).contains("no enforced sockets that match the filter are open\n")
+        );
+    }
 
     #[test]
     fn nothing_pinned_is_not_attached_with_exit_7() {
