@@ -156,7 +156,8 @@ fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())].matches('\n').count() + 1
 }
 
-/// toml's message, with the key named where it says only "duplicate key" (its span is the key).
+/// toml's message, with the key named where it says only "duplicate key" (its span is the key),
+/// and the table or key named where serde's "invalid type" names only types.
 fn toml_reason(err: &toml::de::Error, text: &str) -> String {
     let message = err.message().trim();
     let key = err
@@ -164,9 +165,31 @@ fn toml_reason(err: &toml::de::Error, text: &str) -> String {
         .and_then(|span| text.get(span))
         .map(str::trim)
         .filter(|key| !key.is_empty() && !key.contains('\n'));
-    match key {
-        Some(key) if message == "duplicate key" => format!("duplicate key `{key}`"),
-        _ => message.to_owned(),
+    if let Some(key) = key
+        && message == "duplicate key"
+    {
+        return format!("duplicate key `{key}`");
+    }
+    // serde names the types, not what was written: name the table or key instead.
+    let line = err
+        .span()
+        .and_then(|span| text.lines().nth(line_of(text, span.start) - 1))
+        .map_or("", str::trim);
+    if !message.starts_with("invalid type") {
+        return message.to_owned();
+    }
+    if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split_once("]]")) {
+        return format!("[{}] is a single table: write [{0}] once", name.0.trim());
+    }
+    if let Some(name) = line.strip_prefix('[').and_then(|l| l.split_once(']')) {
+        return format!(
+            "[{}] is a list of tables: write [[{0}]] before each entry",
+            name.0.trim()
+        );
+    }
+    match line.split_once('=') {
+        Some((key, _)) => format!("{}: {message}", key.trim()),
+        None => message.to_owned(),
     }
 }
 
@@ -706,6 +729,18 @@ mode = "off"
         let (line, reason) = parse_err("[default]\nidle = 30\n[default]\ncount = 3\n");
         assert_eq!(line, Some(3));
         assert!(reason.starts_with("duplicate key `"), "{reason}");
+        // Tables and keys of the wrong kind are named as written, not as serde's types.
+        let (line, reason) = parse_err("[policy]\ncgroup = \"a\"\nidle = 3\n");
+        assert_eq!(line, Some(1));
+        assert_eq!(
+            reason,
+            "[policy] is a list of tables: write [[policy]] before each entry"
+        );
+        let (_, reason) = parse_err("[[default]]\nidle = 3\n");
+        assert_eq!(reason, "[default] is a single table: write [default] once");
+        let (line, reason) = parse_err("[default]\nidle = 3\nmode = 1\n");
+        assert_eq!(line, Some(3));
+        assert_eq!(reason, "mode: invalid type: integer `1`, expected a string");
         // The cgroup messages start with "cgroup" themselves.
         let (line, reason) = parse_err("[[policy]]\ncgroup = \"a/[\"\nidle = 30\n");
         assert_eq!(line, Some(2));
