@@ -222,10 +222,7 @@ fn policy_table(rows: &[PolicyRow]) -> String {
     format!("{table}\n")
 }
 
-fn print_response(response: &Response, as_json: bool, list: bool) -> anyhow::Result<()> {
-    if as_json {
-        return json(response);
-    }
+fn print_response(response: &Response, list: bool) -> anyhow::Result<()> {
     let mut text = String::new();
     if let Some(message) = &response.message {
         text.push_str(message);
@@ -273,6 +270,13 @@ fn policy_cmd(
         ),
         PolicyCommand::Unset { cgroup, json } => (Request::Unset { cgroup }, json, false),
     };
+    if as_json {
+        // The answer goes to stdout whatever it says, so scripts always get JSON; a refusal
+        // still goes to stderr and sets the exit code.
+        let response = crate::control::call(runtime_dir, state_dir, &request)?;
+        json(&response)?;
+        return crate::control::carried_out(response).map(drop);
+    }
     let response = crate::control::call_agent(runtime_dir, state_dir, &request)?;
-    print_response(&response, as_json, list)
+    print_response(&response, list)
 }

@@ -132,7 +132,12 @@ pub fn call_agent(
     state_dir: Option<&Path>,
     request: &Request,
 ) -> anyhow::Result<Response> {
-    let response = call(runtime_dir, state_dir, request)?;
+    carried_out(call(runtime_dir, state_dir, request)?)
+}
+
+/// The response when the agent carried the request out, else its refusal as an error with the
+/// agent's exit code.
+pub fn carried_out(response: Response) -> anyhow::Result<Response> {
     if response.ok {
         return Ok(response);
     }

@@ -400,6 +400,18 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
 
     let out = agent.cli(&["policy", "unset", svc.rel()]);
     assert_eq!(code(&out), 2, "nothing left to unset: {}", stderr(&out));
+    // With --json the refusal is JSON on stdout too.
+    let out = agent.cli(&["policy", "unset", svc.rel(), "--json"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!((&answer["ok"], &answer["code"]), (&false.into(), &2.into()));
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty() && stderr(&out).contains(e)),
+        "{answer}"
+    );
 
     std::fs::write(
         &config,
