@@ -58,7 +58,7 @@ pub struct SocketRow {
     pub count: u32,
     /// TCP_USER_TIMEOUT, milliseconds; null when left to the kernel.
     pub user_timeout: Option<u32>,
-    /// Policy mode.
+    /// Policy mode; `off` for a socket the program configured before its cgroup became `off`.
     pub mode: &'static str,
     /// `fill` found keepalive enabled by the application and kept its values.
     pub app_owned: bool,

@@ -79,6 +79,11 @@ pub(crate) fn enforce_socket(
             enforce::drop_state_callbacks(sock.target);
             return apply_result::RELEASED;
         }
+        // The record says so from now on (`status` shows `off`), and no longer matches the
+        // policy that held before: when that returns, it is applied again, to values the
+        // application may have changed meanwhile, and a `lock` holds the socket again.
+        rec.policy.mode = mode::OFF;
+        rec.policy_cgroup_id = resolved.policy_cgroup;
         return apply_result::SKIPPED_OFF;
     }
     if let Some(rec) = existing.as_deref()

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use keepalive_tests::{
     Agent, AgentDirs, Proc, TestCgroup, VethPair, code, kernel_defaults, shim_lib, sock_bin,
-    sockops_attachments, static_client, stderr, values,
+    sockets_of, sockops_attachments, static_client, stderr, values, write_config,
 };
 
 #[test]
@@ -260,4 +260,71 @@ fn an_unprivileged_user_gets_a_clear_message() {
         "one clear line, not an error chain: {err}"
     );
     assert_eq!(sockops_attachments(cg.path()), 0);
+}
+
+/// The `status --json` row of the socket whose local address is `local`.
+fn socket_row(agent: &Agent, cg: &TestCgroup, local: &serde_json::Value) -> serde_json::Value {
+    let status = agent.status();
+    sockets_of(&status, cg)
+        .into_iter()
+        .find(|s| s["local"] == *local)
+        .unwrap_or_else(|| panic!("no socket {local} in {status}"))
+}
+
+/// `lock` -> `off` -> `lock`: while `off` the socket is listed as such and not locked; when
+/// the cgroup leaves `off`, the lock holds it again.
+#[test]
+fn a_socket_is_locked_again_when_its_cgroup_leaves_off() {
+    let cg = TestCgroup::new("relock");
+    let config = write_config("[default]\nidle = 21\ninterval = 7\ncount = 4\nmode = \"lock\"\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    // The client tries to switch keepalive off and loosen it just before the first report.
+    let mut pair = Proc::sock(&["pair", "4", "--loosen-at-report", "1"], &cg);
+    let out = pair.read();
+    assert_eq!(values(&out["client"]), (1, 21, 7, 4), "{out}");
+    let local = &out["client_local"];
+    let row = socket_row(&agent, &cg, local);
+    assert_eq!(
+        (&row["mode"], &row["locked"]),
+        (&"lock".into(), &true.into()),
+        "{row}"
+    );
+
+    agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "off"]);
+    let row = socket_row(&agent, &cg, local);
+    assert_eq!(
+        (&row["mode"], &row["locked"]),
+        (&"off".into(), &false.into()),
+        "{row}"
+    );
+
+    agent.cli_ok(&["policy", "unset", cg.rel()]);
+    let client = pair.report().swap_remove(0);
+    assert_eq!(values(&client), (1, 21, 7, 4), "held again: {client}");
+    let row = socket_row(&agent, &cg, local);
+    assert_eq!(
+        (&row["mode"], &row["locked"]),
+        (&"lock".into(), &true.into()),
+        "{row}"
+    );
+}
+
+/// `enforce` -> `off` -> `enforce`: values the application changed while `off` are enforced
+/// again when the policy returns, as on new sockets.
+#[test]
+fn values_changed_under_off_are_enforced_again_when_the_policy_returns() {
+    let cg = TestCgroup::new("reenforce");
+    let agent = Agent::start(&cg, &["--idle", "21", "--interval", "7", "--count", "4"]);
+    let mut pair = Proc::sock(&["pair", "4", "--loosen-at-report", "1"], &cg);
+    assert_eq!(values(&pair.read()["client"]), (1, 21, 7, 4));
+    agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "off"]);
+    let client = pair.report().swap_remove(0);
+    assert_eq!(
+        values(&client),
+        (0, 9999, 999, 100),
+        "free under off: {client}"
+    );
+    agent.cli_ok(&["policy", "unset", cg.rel()]);
+    let client = pair.report().swap_remove(0);
+    assert_eq!(values(&client), (1, 21, 7, 4), "enforced again: {client}");
 }

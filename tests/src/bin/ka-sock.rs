@@ -4,7 +4,8 @@
 //!
 //! ```text
 //! ka-sock pair <4|6|mapped> [--keepalive IDLE] [--keepalive-after IDLE]
-//!              [--user-timeout-after MS]        client+server over loopback; both ends' options
+//!              [--user-timeout-after MS] [--loosen-at-report N]
+//!                                                client+server over loopback; both ends' options
 //! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE]
 //!                                                accept N connections (default 1), report each
 //! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--read] [--loosen]
@@ -27,7 +28,8 @@
 //! `--keepalive IDLE` enables SO_KEEPALIVE with TCP_KEEPIDLE=IDLE before connecting or
 //! listening (an application that manages keepalive itself); `--keepalive-after IDLE` does so
 //! on the client once connected, as Go's net package does; `--user-timeout-after MS` sets the
-//! client's TCP_USER_TIMEOUT once connected. `--read` blocks in read() after
+//! client's TCP_USER_TIMEOUT once connected; `--loosen-at-report N` makes the client try what
+//! `--loosen` does (below) just before the N-th report. `--read` blocks in read() after
 //! connecting and reports how it ended. `--loosen` tries to switch keepalive off and raise its
 //! values after connecting, then reports what getsockopt shows, then sets TCP_CONGESTION from a
 //! buffer larger than a page.
@@ -109,8 +111,17 @@ fn emit(value: Value) {
 /// Holds the sockets until stdin closes. Each line read from stdin asks for a fresh report of
 /// their options, printed as `{"report": [...]}` in the order they were opened.
 fn hold(fds: &[i32]) {
+    hold_and(fds, |_| {});
+}
+
+/// [`hold`], calling `before_report` with the number of each report (from 1) before it is
+/// made: an application that changes its sockets at a time the test chooses.
+fn hold_and(fds: &[i32], mut before_report: impl FnMut(usize)) {
     let mut line = String::new();
+    let mut reports = 0;
     while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+        reports += 1;
+        before_report(reports);
         let report: Vec<Value> = fds.iter().map(|&fd| options(fd)).collect();
         emit(json!({ "report": report }));
         line.clear();
@@ -242,7 +253,25 @@ fn pair(args: &[String]) {
         "client_local": client.local_addr().expect("addr").to_string(),
         "server_local": server.local_addr().expect("addr").to_string(),
     }));
-    hold(&[client.as_raw_fd(), server.as_raw_fd()]);
+    let loosen_at = flag_value(args, "--loosen-at-report").map(|n| n as usize);
+    let fd = client.as_raw_fd();
+    hold_and(&[fd, server.as_raw_fd()], |report| {
+        if Some(report) == loosen_at {
+            loosen(fd);
+        }
+    });
+}
+
+/// Tries to switch keepalive off and loosen its values, as an application may after the
+/// policy was applied; the result of each call (0 or an errno).
+fn loosen(fd: i32) -> Value {
+    json!({
+        "so_keepalive_0": set(fd, SOL_SOCKET, SO_KEEPALIVE, 0),
+        "idle_9999": set(fd, TCP, libc::TCP_KEEPIDLE, 9999),
+        "interval_999": set(fd, TCP, libc::TCP_KEEPINTVL, 999),
+        "count_100": set(fd, TCP, libc::TCP_KEEPCNT, 100),
+        "user_timeout_0": set(fd, TCP, libc::TCP_USER_TIMEOUT, 0),
+    })
 }
 
 fn listen(args: &[String]) {
@@ -277,14 +306,7 @@ fn connect_cmd(args: &[String]) {
         "local": stream.local_addr().expect("addr").to_string(),
     }));
     if args.iter().any(|a| a == "--loosen") {
-        let results = json!({
-            "so_keepalive_0": set(fd, SOL_SOCKET, SO_KEEPALIVE, 0),
-            "idle_9999": set(fd, TCP, libc::TCP_KEEPIDLE, 9999),
-            "interval_999": set(fd, TCP, libc::TCP_KEEPINTVL, 999),
-            "count_100": set(fd, TCP, libc::TCP_KEEPCNT, 100),
-            "user_timeout_0": set(fd, TCP, libc::TCP_USER_TIMEOUT, 0),
-        });
-        emit(json!({ "loosen": results, "after": options(fd) }));
+        emit(json!({ "loosen": loosen(fd), "after": options(fd) }));
         let tighter = json!({ "idle_1": set(fd, TCP, libc::TCP_KEEPIDLE, 1) });
         emit(json!({ "tighten": tighter, "after": options(fd) }));
         // An option value larger than a page, which a setsockopt program sees only in part.
