@@ -29,6 +29,7 @@ use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
+        bpf_sockopt,
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid,
@@ -218,50 +219,60 @@ fn on_state_change(ctx: &SockOpsContext) {
 pub fn keepalive_lock(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel passes a valid context.
     let so = unsafe { &mut *ctx.sockopt };
-    if so.optlen > PAGE_SIZE {
-        // The program sees only the first page of a larger value; before 6.5 the kernel fails
-        // the call with EFAULT unless the program sets optlen to 0 ("use the caller's value").
-        // No option this program holds is that large.
-        so.optlen = 0;
-        return 1;
-    }
-    let (level, name) = (so.level, so.optname);
-    let watched = match level {
-        uapi::SOL_SOCKET => name == uapi::SO_KEEPALIVE,
+    let watched = match so.level {
+        uapi::SOL_SOCKET => so.optname == uapi::SO_KEEPALIVE,
         uapi::IPPROTO_TCP => matches!(
-            name,
+            so.optname,
             uapi::TCP_KEEPIDLE | uapi::TCP_KEEPINTVL | uapi::TCP_KEEPCNT | uapi::TCP_USER_TIMEOUT
         ),
         _ => false,
     };
-    if !watched || so.optlen < 4 {
-        return 1;
+    if watched {
+        hold(so);
+    }
+    if so.optlen > PAGE_SIZE {
+        // The program sees only the first page of a larger value; before 6.5 the kernel fails
+        // the call with EFAULT unless the program sets optlen within that page. 0 means "use
+        // the caller's value", right for options this program does not hold. The kernel reads
+        // only the first int of the ones it holds, so those get 4: the kernel takes the value
+        // as checked (and rewritten) here, not the caller's again.
+        so.optlen = if watched { 4 } else { 0 };
+    }
+    1
+}
+
+/// Rewrites a watched option's value (the first int of `so`'s buffer) to the policy's if the
+/// socket is locked and the value is looser.
+#[inline(always)]
+fn hold(so: &mut bpf_sockopt) {
+    if so.optlen < 4 {
+        return;
     }
     // SAFETY: reading the union member the kernel set for this program type.
     let sk = unsafe { so.__bindgen_anon_1.sk }.cast::<c_void>();
     if sk.is_null() {
-        return 1;
+        return;
     }
     let Some(policy) = track::PolicyStore::Locks.get(sk) else {
-        return 1;
+        return;
     };
     // SAFETY: union members set by the kernel for setsockopt programs.
     let (start, end) = unsafe { (so.__bindgen_anon_2.optval, so.__bindgen_anon_3.optval_end) };
     let optval = start.cast::<i32>();
     if start.wrapping_byte_add(4) > end {
-        return 1;
+        return;
     }
     // SAFETY: bounds checked against optval_end above.
     let value = unsafe { *optval };
-    let held = if level == uapi::SOL_SOCKET {
+    let held = if so.level == uapi::SOL_SOCKET {
         (value == 0).then_some(1)
     } else {
-        let limit = match name {
+        let limit = match so.optname {
             uapi::TCP_KEEPIDLE => policy.idle,
             uapi::TCP_KEEPINTVL => policy.interval,
             uapi::TCP_KEEPCNT => policy.count,
             _ if policy.flags & policy_flags::USER_TIMEOUT != 0 => policy.user_timeout_ms,
-            _ => return 1,
+            _ => return,
         };
         (value < 1 || value as u32 > limit).then_some(limit)
     };
@@ -270,11 +281,11 @@ pub fn keepalive_lock(ctx: SockoptContext) -> i32 {
         unsafe { *optval = held as i32 };
         count(Counter::LockClamped);
     }
-    1
 }
 
 /// The smallest page size Linux runs with. On larger pages, values between this and the page
-/// size also get optlen 0, which is still right: the program changes none of them.
+/// size are treated the same way, which is still right: the program's buffer holds the first
+/// int of a held option, and the caller's value is the one to use for any other.
 const PAGE_SIZE: i32 = 4096;
 
 #[cfg(not(test))]

@@ -328,3 +328,22 @@ fn values_changed_under_off_are_enforced_again_when_the_policy_returns() {
     let client = pair.report().swap_remove(0);
     assert_eq!(values(&client), (1, 21, 7, 4), "enforced again: {client}");
 }
+
+/// A value larger than a page, of which the setsockopt program sees only the first page, is
+/// held like any other: the kernel reads only its first int.
+#[test]
+fn lock_holds_against_a_value_larger_than_a_page() {
+    let cg = TestCgroup::new("locklarge");
+    let config = write_config("[default]\nidle = 21\ninterval = 7\ncount = 4\nmode = \"lock\"\n");
+    let _agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let mut server = Proc::sock(&["listen", "127.0.0.1:0"], &cg);
+    let port = server.read()["port"].as_u64().unwrap();
+    let target = format!("127.0.0.1:{port}");
+    let mut client = Proc::sock(&["connect", &target, "--loosen-large"], &cg);
+    assert_eq!(values(&client.read()["connected"]), (1, 21, 7, 4));
+    let out = client.read();
+    for (call, result) in out["loosen_large"].as_object().unwrap() {
+        assert_eq!(result, 0, "{call} succeeds (held silently): {out}");
+    }
+    assert_eq!(values(&out["after"]), (1, 21, 7, 4), "{out}");
+}

@@ -8,7 +8,7 @@
 //!                                                client+server over loopback; both ends' options
 //! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE]
 //!                                                accept N connections (default 1), report each
-//! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--read] [--loosen]
+//! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--read] [--loosen] [--loosen-large]
 //! ka-sock storm <N>                              N loopback connect/accept/close cycles, timed;
 //!                                                with KA_STORM_KEEPALIVE set (to any value),
 //!                                                the application turns SO_KEEPALIVE on itself
@@ -32,7 +32,9 @@
 //! `--loosen` does (below) just before the N-th report. `--read` blocks in read() after
 //! connecting and reports how it ended. `--loosen` tries to switch keepalive off and raise its
 //! values after connecting, then reports what getsockopt shows, then sets TCP_CONGESTION from a
-//! buffer larger than a page.
+//! buffer larger than a page. `--loosen-large` tries to switch keepalive off and raise
+//! TCP_KEEPIDLE to 9999 with the value at the start of an 8192-byte buffer (the kernel reads
+//! only its first int), then reports what getsockopt shows.
 
 use std::{
     io::{Read as _, Write as _},
@@ -66,6 +68,20 @@ fn set(fd: i32, level: i32, name: i32, value: i32) -> i32 {
             size_of::<i32>() as u32,
         )
     };
+    if ret == 0 {
+        0
+    } else {
+        std::io::Error::last_os_error().raw_os_error().unwrap_or(-1)
+    }
+}
+
+/// [`set`] with the value at the start of a zeroed 8192-byte buffer: larger than a page, of
+/// which a setsockopt program sees only the first.
+fn set_large(fd: i32, level: i32, name: i32, value: i32) -> i32 {
+    let mut buf = vec![0u8; 8192];
+    buf[..4].copy_from_slice(&value.to_ne_bytes());
+    // SAFETY: setsockopt reads `buf.len()` bytes from the buffer.
+    let ret = unsafe { libc::setsockopt(fd, level, name, buf.as_ptr().cast(), buf.len() as u32) };
     if ret == 0 {
         0
     } else {
@@ -338,6 +354,13 @@ fn connect_cmd(args: &[String]) {
             .trim_end_matches('\0')
             .to_owned();
         emit(json!({ "large_value": ret, "congestion": name }));
+    }
+    if args.iter().any(|a| a == "--loosen-large") {
+        let results = json!({
+            "so_keepalive_0": set_large(fd, SOL_SOCKET, SO_KEEPALIVE, 0),
+            "idle_9999": set_large(fd, TCP, libc::TCP_KEEPIDLE, 9999),
+        });
+        emit(json!({ "loosen_large": results, "after": options(fd) }));
     }
     if args.iter().any(|a| a == "--read") {
         let start = Instant::now();
