@@ -41,8 +41,9 @@ fn get_int(target: *mut c_void, level: i32, name: i32) -> Option<u32> {
 
 /// Sets the policy's values and then SO_KEEPALIVE, on a socket that carried `previous` (the
 /// policy the program set on it before, if any): a policy without a user timeout puts
-/// TCP_USER_TIMEOUT back to 0 (the kernel's default) when `previous` had one. Learns HZ from
-/// the result. Every failure is counted; returns whether all calls succeeded.
+/// TCP_USER_TIMEOUT back to 0 (the kernel's default) when `previous` had one and the socket
+/// still has it (see [`resets_user_timeout`]). Learns HZ from the result. Every failure is
+/// counted; returns whether all calls succeeded.
 #[inline(always)]
 pub(crate) fn apply(
     target: *mut c_void,
@@ -72,7 +73,7 @@ pub(crate) fn apply(
         Counter::FailCount,
     );
     let user_timeout = policy.flags & policy_flags::USER_TIMEOUT != 0;
-    if user_timeout || previous.is_some_and(|previous| drops_user_timeout(previous, policy)) {
+    if user_timeout || previous.is_some_and(|previous| resets_user_timeout(tp, previous, policy)) {
         let ms = if user_timeout {
             policy.user_timeout_ms
         } else {
@@ -101,9 +102,7 @@ pub(crate) fn release(target: *mut c_void, tp: *const u8, previous: &Policy, app
     if !app_keepalive && kernel::keepalive_on(tp) && still_set(target, tp, previous) {
         set_int(target, SOL_SOCKET, SO_KEEPALIVE, 0, Counter::FailKeepalive);
     }
-    if previous.flags & policy_flags::USER_TIMEOUT != 0
-        && kernel::user_timeout_ms(tp) == previous.user_timeout_ms
-    {
+    if has_user_timeout_of(tp, previous) {
         set_int(
             target,
             IPPROTO_TCP,
@@ -131,10 +130,19 @@ fn still_set(target: *mut c_void, tp: *const u8, policy: &Policy) -> bool {
     }
 }
 
-/// Whether `old` set a user timeout that `new` leaves to the kernel.
+/// Whether the socket still has the user timeout `policy` set (the application may have set
+/// its own since, which is not the program's to undo).
 #[inline(always)]
-pub(crate) fn drops_user_timeout(old: &Policy, new: &Policy) -> bool {
-    old.flags & policy_flags::USER_TIMEOUT != 0 && new.flags & policy_flags::USER_TIMEOUT == 0
+fn has_user_timeout_of(tp: *const u8, policy: &Policy) -> bool {
+    policy.flags & policy_flags::USER_TIMEOUT != 0
+        && kernel::user_timeout_ms(tp) == policy.user_timeout_ms
+}
+
+/// Whether moving from `old` to `new` puts the socket's user timeout back to the kernel's
+/// default: `new` has none, and the socket still has the one `old` set.
+#[inline(always)]
+pub(crate) fn resets_user_timeout(tp: *const u8, old: &Policy, new: &Policy) -> bool {
+    new.flags & policy_flags::USER_TIMEOUT == 0 && has_user_timeout_of(tp, old)
 }
 
 /// Sets, updates or withdraws the policy on a listener, so the connections it accepts inherit

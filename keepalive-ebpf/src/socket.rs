@@ -123,9 +123,9 @@ pub(crate) fn enforce_socket(
         .map(|rec| rec.policy);
     // A socket that carries the policy's values can still hold the user timeout of the policy
     // the program set before, which this one drops.
-    let drops_user_timeout =
-        previous.is_some_and(|previous| enforce::drops_user_timeout(&previous, &policy));
-    let result = if !drops_user_timeout && kernel::carries(sock.tp, &policy) {
+    let resets_user_timeout =
+        previous.is_some_and(|previous| enforce::resets_user_timeout(sock.tp, &previous, &policy));
+    let result = if !resets_user_timeout && kernel::carries(sock.tp, &policy) {
         // Usually an accepted socket that inherited the options the program set on its
         // listener: nothing to do.
         count(Counter::Inherited);

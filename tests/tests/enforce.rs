@@ -347,3 +347,45 @@ fn lock_holds_against_a_value_larger_than_a_page() {
     }
     assert_eq!(values(&out["after"]), (1, 21, 7, 4), "{out}");
 }
+
+/// A policy that drops the user timeout puts the program's back to the kernel's default, and
+/// leaves one the application set itself after the program's.
+#[test]
+fn dropping_the_user_timeout_keeps_one_the_application_set_since() {
+    let cg = TestCgroup::new("utown");
+    let agent = Agent::start(&cg, &["--user-timeout", "30s"]);
+    let mut pair = Proc::sock(&["pair", "4", "--user-timeout-after", "7000"], &cg);
+    let out = pair.read();
+    assert_eq!(
+        (
+            &out["client"]["user_timeout"],
+            &out["server"]["user_timeout"]
+        ),
+        (&7000.into(), &30_000.into()),
+        "{out}"
+    );
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.rel(),
+        "--idle",
+        "45",
+        "--user-timeout",
+        "0",
+    ]);
+    let report = pair.report();
+    let (client, server) = (&report[0], &report[1]);
+    assert_eq!(
+        (&client["idle"], &server["idle"]),
+        (&45.into(), &45.into()),
+        "{report:?}"
+    );
+    assert_eq!(
+        client["user_timeout"], 7000,
+        "the application's stays: {client}"
+    );
+    assert_eq!(
+        server["user_timeout"], 0,
+        "the program's is reset: {server}"
+    );
+}
