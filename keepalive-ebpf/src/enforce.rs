@@ -42,8 +42,8 @@ fn get_int(target: *mut c_void, level: i32, name: i32) -> Option<u32> {
 /// Sets the policy's values and then SO_KEEPALIVE, on a socket that carried `previous` (the
 /// policy the program set on it before, if any): a policy without a user timeout puts
 /// TCP_USER_TIMEOUT back to 0 (the kernel's default) when `previous` had one and the socket
-/// still has it (see [`resets_user_timeout`]). Learns HZ from the result. Every failure is
-/// counted; returns whether all calls succeeded.
+/// still has it (see [`resets_user_timeout`]). Learns HZ from the idle time set. Every failure
+/// is counted; returns whether all calls succeeded.
 #[inline(always)]
 pub(crate) fn apply(
     target: *mut c_void,
@@ -51,13 +51,14 @@ pub(crate) fn apply(
     policy: &Policy,
     previous: Option<&Policy>,
 ) -> bool {
-    let mut ok = set_int(
+    let idle_set = set_int(
         target,
         IPPROTO_TCP,
         TCP_KEEPIDLE,
         policy.idle,
         Counter::FailIdle,
     );
+    let mut ok = idle_set;
     ok &= set_int(
         target,
         IPPROTO_TCP,
@@ -88,7 +89,10 @@ pub(crate) fn apply(
         );
     }
     ok &= set_int(target, SOL_SOCKET, SO_KEEPALIVE, 1, Counter::FailKeepalive);
-    kernel::learn_hz(tp, policy.idle);
+    // Only from an idle time that was set: otherwise the field holds another one.
+    if idle_set {
+        kernel::learn_hz(tp, policy.idle);
+    }
     ok
 }
 

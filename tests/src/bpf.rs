@@ -1,11 +1,20 @@
 //! Reading the agent's unpinned maps from a test, with the bpf(2) syscall: the only way to see
-//! state the program keeps for itself, such as its resolution cache.
+//! state the program keeps for itself, such as its resolution cache. Also changing a pinned
+//! policy table behind the agent's back, to give the program values the agent would refuse.
 
-use std::{fs, io, os::fd::AsRawFd as _, os::fd::FromRawFd as _, os::fd::OwnedFd};
+use std::{
+    ffi::CString,
+    fs, io,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+    os::unix::ffi::OsStrExt as _,
+    path::Path,
+};
 
-use keepalive_common::{RESOLVED_SLOTS, ResolvedSlot};
+use keepalive_common::{ABI_VERSION, MAP_POLICY, Policy, RESOLVED_SLOTS, ResolvedSlot};
 
 const BPF_MAP_LOOKUP_ELEM: i64 = 1;
+const BPF_MAP_UPDATE_ELEM: i64 = 2;
+const BPF_OBJ_GET: i64 = 7;
 const BPF_MAP_GET_FD_BY_ID: i64 = 14;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u64 = 6;
 
@@ -84,21 +93,64 @@ pub fn resolution_cache(pid: u32) -> Vec<ResolvedSlot> {
     let [id] = ids[..] else {
         panic!("agent {pid} should hold one resolution cache map, holds {ids:?}");
     };
-    let mut attr = [0u64; 16];
-    attr[0] = u64::from(id);
-    let fd = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr).expect("BPF_MAP_GET_FD_BY_ID");
-    // SAFETY: the kernel just returned this descriptor to us.
-    let map = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let map = map_by_id(id);
     let cpus = possible_cpus();
     let mut slots = Vec::new();
     for key in 0..RESOLVED_SLOTS {
         let mut values = vec![ResolvedSlot::default(); cpus];
-        let mut attr = [0u64; 16];
-        attr[0] = map.as_raw_fd() as u64;
-        attr[1] = (&raw const key) as u64;
-        attr[2] = values.as_mut_ptr() as u64;
-        bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).expect("BPF_MAP_LOOKUP_ELEM");
+        // SAFETY: a per-CPU map returns one value per possible CPU, as many as `values` holds.
+        unsafe { lookup(&map, &key, values.as_mut_ptr()) };
         slots.extend(values);
     }
     slots
+}
+
+/// A descriptor of the map with id `id`.
+fn map_by_id(id: u32) -> OwnedFd {
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(id);
+    let fd = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr).expect("BPF_MAP_GET_FD_BY_ID");
+    // SAFETY: the kernel just returned this descriptor to us.
+    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// Looks `key` up in `map` into `value`.
+///
+/// # Safety
+/// `K` is the map's key type and `value` has room for what a lookup in `map` writes.
+unsafe fn lookup<K, V>(map: &OwnedFd, key: &K, value: *mut V) {
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u64;
+    attr[1] = std::ptr::from_ref(key) as u64;
+    attr[2] = value as u64;
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).expect("BPF_MAP_LOOKUP_ELEM");
+}
+
+/// Sets the idle time of the policy stored under `key` (a cgroup id) in the active policy table
+/// of the state directory `state_dir`, bypassing the agent's checks, until the agent installs
+/// its next table.
+pub fn set_policy_idle(state_dir: &Path, key: u64, idle: u32) {
+    let path = state_dir
+        .join(format!("maps-v{ABI_VERSION}"))
+        .join(MAP_POLICY);
+    let name = CString::new(path.as_os_str().as_bytes()).expect("no NUL");
+    let mut attr = [0u64; 16];
+    attr[0] = name.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr)
+        .unwrap_or_else(|e| panic!("BPF_OBJ_GET {}: {e}", path.display()));
+    // SAFETY: the kernel just returned this descriptor to us.
+    let outer = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut table_id = 0u32;
+    // SAFETY: the outer map's key is a u32 slot; a lookup returns the inner map's u32 id.
+    unsafe { lookup(&outer, &0u32, &raw mut table_id) };
+    let table = map_by_id(table_id);
+    let mut policy = Policy::default();
+    // SAFETY: the table maps u64 cgroup ids to policies.
+    unsafe { lookup(&table, &key, &raw mut policy) };
+    policy.idle = idle;
+    let mut attr = [0u64; 16];
+    attr[0] = table.as_raw_fd() as u64;
+    attr[1] = (&raw const key) as u64;
+    attr[2] = (&raw const policy) as u64;
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr).expect("BPF_MAP_UPDATE_ELEM");
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use keepalive_tests::{
-    Agent, AgentDirs, Proc, TestCgroup, VethPair, code, kernel_defaults, shim_lib, sock_bin,
+    Agent, AgentDirs, Proc, TestCgroup, VethPair, bpf, code, kernel_defaults, shim_lib, sock_bin,
     sockets_of, sockops_attachments, static_client, stderr, values, write_config,
 };
 
@@ -388,4 +388,28 @@ fn dropping_the_user_timeout_keeps_one_the_application_set_since() {
         server["user_timeout"], 0,
         "the program's is reset: {server}"
     );
+}
+
+/// The program learns the kernel's HZ from the first idle time it sets (the socket keeps it in
+/// jiffies), which it needs to see that a socket already carries the policy. A call that failed
+/// leaves another idle time in the socket, which must not be taken for the policy's.
+#[test]
+fn hz_is_learned_only_from_an_idle_time_that_was_set() {
+    let cg = TestCgroup::new("hz");
+    let agent = Agent::start(&cg, &["--idle", "11"]);
+    // An idle time over the kernel's limit, which the agent refuses and bpf_setsockopt too.
+    bpf::set_policy_idle(&agent.state_dir, cg.id(), 64_000);
+    // The application's own idle time, in jiffies, is then a multiple of 64000 at any even HZ:
+    // taken for the policy's, it would make HZ half of what it is.
+    let mut refused = Proc::sock(&["pair", "4", "--keepalive", "32000"], &cg);
+    let out = refused.read();
+    assert_eq!(values(&out["client"]).1, 32_000, "{out}");
+    agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "11"]);
+    // The accepted end inherits the values the program set on its listener, and the program
+    // sees that it does, comparing jiffies with the policy's seconds times HZ.
+    let mut pair = Proc::sock(&["pair", "4"], &cg);
+    let out = pair.read();
+    assert_eq!(values(&out["server"]).1, 11, "{out}");
+    let row = socket_row(&agent, &cg, &out["server_local"]);
+    assert_eq!(row["inherited"], true, "{row}");
 }
