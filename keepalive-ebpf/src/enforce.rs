@@ -117,21 +117,35 @@ pub(crate) fn release(target: *mut c_void, tp: *const u8, previous: &Policy, app
     }
 }
 
-/// Whether the socket's idle, interval and count are still `policy`'s. Read with getsockopt,
-/// which converts from jiffies itself; before Linux 6.1 bpf_getsockopt cannot read these, and
-/// the fields are compared once the program knows HZ (else: not known to be, so left on).
+/// Whether the socket's idle, interval and count are `policy`'s. Read with getsockopt, which
+/// converts from jiffies itself; before Linux 6.1 bpf_getsockopt cannot read these, and the
+/// fields are compared once the program knows HZ (`None` until then: not known either way).
 #[inline(always)]
-fn still_set(target: *mut c_void, tp: *const u8, policy: &Policy) -> bool {
+fn has_values(target: *mut c_void, tp: *const u8, policy: &Policy) -> Option<bool> {
     match (
         get_int(target, IPPROTO_TCP, TCP_KEEPIDLE),
         get_int(target, IPPROTO_TCP, TCP_KEEPINTVL),
         get_int(target, IPPROTO_TCP, TCP_KEEPCNT),
     ) {
         (Some(idle), Some(interval), Some(count)) => {
-            (idle, interval, count) == (policy.idle, policy.interval, policy.count)
+            Some((idle, interval, count) == (policy.idle, policy.interval, policy.count))
         }
         _ => kernel::has_values(tp, policy),
     }
+}
+
+/// Whether the socket's idle, interval and count are still `previous`'s, the values the program
+/// set (not known to be: left on by a release).
+#[inline(always)]
+fn still_set(target: *mut c_void, tp: *const u8, previous: &Policy) -> bool {
+    has_values(target, tp, previous) == Some(true)
+}
+
+/// Whether the application has set keepalive values of its own since the program set
+/// `previous`: keepalive is on, and idle, interval or count are known to be others.
+#[inline(always)]
+pub(crate) fn set_by_app_since(target: *mut c_void, tp: *const u8, previous: &Policy) -> bool {
+    kernel::keepalive_on(tp) && has_values(target, tp, previous) == Some(false)
 }
 
 /// Whether the socket still has the user timeout `policy` set (the application may have set

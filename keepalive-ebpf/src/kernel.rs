@@ -187,24 +187,26 @@ pub(crate) fn learn_hz(tp: *const u8, idle: u32) {
 #[inline(always)]
 pub(crate) fn carries(tp: *const u8, policy: &Policy) -> bool {
     keepalive_on(tp)
-        && has_values(tp, policy)
+        && has_values(tp, policy) == Some(true)
         && (policy.flags & policy_flags::USER_TIMEOUT == 0
             || user_timeout_ms(tp) == policy.user_timeout_ms)
 }
 
-/// Whether the socket's idle, interval and count are `policy`'s; false while HZ is unknown.
+/// Whether the socket's idle, interval and count are `policy`'s; `None` while HZ is unknown.
 #[inline(always)]
-pub(crate) fn has_values(tp: *const u8, policy: &Policy) -> bool {
+pub(crate) fn has_values(tp: *const u8, policy: &Policy) -> Option<bool> {
     let hz = hz();
     if hz == 0 || tp.is_null() {
-        return false;
+        return None;
     }
     let time = u64::from(load::<u32>(tp, off!(tcp_keepalive_time)));
     let intvl = u64::from(load::<u32>(tp, off!(tcp_keepalive_intvl)));
     let probes = u32::from(load::<u8>(tp, off!(tcp_keepalive_probes)));
-    time == u64::from(policy.idle) * hz
-        && intvl == u64::from(policy.interval) * hz
-        && probes == policy.count
+    Some(
+        time == u64::from(policy.idle) * hz
+            && intvl == u64::from(policy.interval) * hz
+            && probes == policy.count,
+    )
 }
 
 /// The socket's TCP_USER_TIMEOUT in milliseconds (0: the kernel's default).

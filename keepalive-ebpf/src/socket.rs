@@ -131,7 +131,13 @@ pub(crate) fn enforce_socket(
         count(Counter::Inherited);
         flags |= sock_flags::ENFORCED | sock_flags::INHERITED;
         apply_result::APPLIED
-    } else if policy.mode == mode::FILL && app_keepalive {
+    } else if policy.mode == mode::FILL
+        && (app_keepalive
+            || previous
+                .is_some_and(|previous| enforce::set_by_app_since(sock.target, sock.tp, &previous)))
+    {
+        // The application's own keepalive, from before the program set anything or since (Go,
+        // for one, sets its own right after connect and accept, after the ESTABLISHED callback).
         count(Counter::KeptApp);
         values = enforce::read_values(sock.target, mode::FILL);
         flags |= sock_flags::APP_OWNED;

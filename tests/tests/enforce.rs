@@ -413,3 +413,30 @@ fn hz_is_learned_only_from_an_idle_time_that_was_set() {
     let row = socket_row(&agent, &cg, &out["server_local"]);
     assert_eq!(row["inherited"], true, "{row}");
 }
+
+/// `fill` keeps the keepalive an application enables after the connection was established
+/// (and the program had filled in the policy), as Go does right after connect.
+#[test]
+fn fill_keeps_keepalive_the_application_set_after_establishment() {
+    let cg = TestCgroup::new("filllate");
+    let agent = Agent::start(&cg, &[]);
+    agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "fill", "--idle", "28"]);
+    let mut pair = Proc::sock(&["pair", "4", "--keepalive-after", "15"], &cg);
+    let out = pair.read();
+    assert_eq!(values(&out["client"]).1, 15, "{out}");
+    assert_eq!(values(&out["server"]).1, 28, "{out}");
+    agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "fill", "--idle", "27"]);
+    let report = pair.report();
+    assert_eq!(values(&report[0]).1, 15, "the application's: {report:?}");
+    assert_eq!(
+        values(&report[1]).1,
+        27,
+        "the program's, updated: {report:?}"
+    );
+    let row = socket_row(&agent, &cg, &out["client_local"]);
+    assert_eq!(
+        (&row["mode"], &row["app_owned"], &row["idle"]),
+        (&"fill".into(), &true.into(), &15.into()),
+        "{row}"
+    );
+}
