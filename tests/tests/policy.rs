@@ -490,6 +490,14 @@ fn a_reload_without_the_default_config_file_read_at_start_keeps_the_running_poli
     // The agent's own /etc holds only keepalive-agent/, a directory of this test's.
     let etc = std::env::temp_dir().join(unique("etc"));
     fs::create_dir(&etc).unwrap();
+    /// Removes the directory also when the test fails.
+    struct Cleanup(std::path::PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(etc.clone());
     let file = etc.join("config.toml");
     fs::write(&file, "[default]\nidle = 33\n").unwrap();
     let source = CString::new(etc.as_os_str().as_encoded_bytes()).unwrap();
@@ -519,8 +527,6 @@ fn a_reload_without_the_default_config_file_read_at_start_keeps_the_running_poli
     fs::write(&file, "").unwrap();
     agent.cli_ok(&["policy", "reload"]);
     assert_eq!(idle_of(&cg), 60);
-    drop(agent);
-    fs::remove_dir_all(&etc).unwrap();
 }
 
 #[test]
