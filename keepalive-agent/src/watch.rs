@@ -34,9 +34,9 @@ pub struct CgroupWatcher {
     inotify: AsyncFd<Inotify>,
     by_wd: HashMap<WatchDescriptor, (CgroupPath, u64)>,
     by_path: HashMap<CgroupPath, WatchDescriptor>,
-    /// The watch on the root's parent, which alone reports the root's removal: the agent holds
-    /// the root open, so the root's own watch hears nothing of it.
-    parent: Option<WatchDescriptor>,
+    /// The watch on the root's parent, which alone reports the root's removal (the agent holds
+    /// the root open, so the root's own watch hears nothing of it), and the root's name there.
+    parent: Option<(WatchDescriptor, String)>,
     warned_limit: bool,
 }
 
@@ -71,14 +71,14 @@ impl CgroupWatcher {
             parent: None,
             warned_limit: false,
         };
-        if let Some((parent, _)) = root.split_last() {
+        if let Some((parent, name)) = root.split_last() {
             let wd = watcher.inotify.get_mut().watches().add(
                 cgroup2.abs(&parent),
                 WatchMask::DELETE
                     .union(WatchMask::MOVED_FROM)
                     .union(WatchMask::ONLYDIR),
             )?;
-            watcher.parent = Some(wd);
+            watcher.parent = Some((wd, name.to_owned()));
         }
         watcher.add_tree(root);
         Ok(watcher)
@@ -204,10 +204,11 @@ impl CgroupWatcher {
                     self.rescan(&mut changes);
                     continue;
                 }
-                if self.parent.as_ref() == Some(&wd) {
+                if let Some((parent, root)) = &self.parent
+                    && *parent == wd
+                {
                     // Siblings of the root come and go here too; only the root matters.
-                    let root = self.root.split_last().map(|(_, name)| name);
-                    changes.root_removed |= name.is_some() && name.as_deref() == root;
+                    changes.root_removed |= name.as_ref() == Some(root);
                     continue;
                 }
                 let Some((parent, _)) = self.by_wd.get(&wd).cloned() else {
