@@ -465,13 +465,11 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
 
     if let Ok(cg) = &cgroup2 {
         let ours = loader::pinned_sockops_link(&state).ok().flatten();
-        // `run` replaces a link of a removed cgroup: it is in nobody's way.
-        let defunct = ours
-            .as_ref()
-            .is_some_and(|info| loader::is_defunct(info, cg));
+        // Where it is attached; `None` for a removed cgroup, whose link `run` replaces: it is
+        // in nobody's way.
+        let attached = ours.map(|info| loader::link_cgroup(&info, cg));
         let pinned_id = ours
-            .as_ref()
-            .filter(|_| !defunct)
+            .filter(|_| !matches!(attached, Some(None)))
             .map(|info| info.cgroup_id);
         if let Ok(root) = std::fs::File::open(cg.abs(&CgroupPath::root())) {
             match sys::cgroup_query(&root, sys::ATTACH_CGROUP_SOCK_OPS, false) {
@@ -505,21 +503,16 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
                 )),
             }
         }
-        let attached = ours.map(|info| {
-            let id = info.cgroup_id;
-            cg.name_of(id)
-                .map_or_else(|| format!("cgroup id {id}"), |path| path.to_string())
-        });
         let detail = match (attached, instance::running_agent(runtime_dir)) {
-            (Some(_), _) if defunct => format!(
+            (Some(None), _) => format!(
                 "the enforcement pinned in {} was on a cgroup that has been removed, so it \
                  enforces nothing; `run` attaches anew",
                 state.root().display()
             ),
-            (Some(cgroup), Some(pid)) => {
+            (Some(Some(cgroup)), Some(pid)) => {
                 format!("attached to {cgroup} and the agent (pid {pid}) is running")
             }
-            (Some(cgroup), None) => format!(
+            (Some(Some(cgroup)), None) => format!(
                 "attached to {cgroup}; no agent is running (new connections are still enforced)"
             ),
             (None, _) => format!("not attached ({})", state.root().display()),

@@ -668,30 +668,26 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     let created = state.create()?;
     let _state_lock = state.lock()?;
     let mut pinned = loader::pinned_sockops_link(&state)?;
-    if let Some(link) = &pinned
-        && link.cgroup_id != attach_id
-        && loader::is_defunct(link, &cgroup2)
-    {
-        log::warn!(
-            "the cgroup of the enforcement pinned in {} was removed, so it enforced nothing; \
-             attaching anew to {attach}",
-            state.root().display()
-        );
-        loader::unpin_defunct_links(&state)?;
-        pinned = None;
-    }
-    if let Some(pinned) = pinned.map(|link| link.cgroup_id)
-        && pinned != attach_id
-    {
-        let where_ = cgroup2
-            .name_of(pinned)
-            .map_or_else(|| format!("cgroup id {pinned}"), |path| path.to_string());
-        return Err(Error::Agent(format!(
-            "enforcement pinned in {} is attached to {where_}, not {attach}; run \
-             `keepalive-agent detach` first to move it, or start with --cgroup {where_}",
-            state.root().display()
-        ))
-        .into());
+    if let Some(link) = pinned.filter(|link| link.cgroup_id != attach_id) {
+        match loader::link_cgroup(&link, &cgroup2) {
+            Some(where_) => {
+                return Err(Error::Agent(format!(
+                    "enforcement pinned in {} is attached to {where_}, not {attach}; run \
+                     `keepalive-agent detach` first to move it, or start with --cgroup {where_}",
+                    state.root().display()
+                ))
+                .into());
+            }
+            None => {
+                log::warn!(
+                    "the cgroup of the enforcement pinned in {} was removed, so it enforced \
+                     nothing; attaching anew to {attach}",
+                    state.root().display()
+                );
+                loader::unpin_defunct_links(&state)?;
+                pinned = None;
+            }
+        }
     }
     if let Err(err) =
         refuse_foreign_enforcement(&cgroup2, &attach, &state, pinned.map(|link| link.prog_id))
@@ -799,6 +795,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     let control = control::bind(&globals.runtime_dir)?;
     // Clients are served on tasks of their own; only their requests come to this loop.
     let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<control::Pending>(16);
+    let state_root = state.root().to_owned();
     if let Some(listener) = metrics_listener {
         tokio::spawn(metrics::serve(listener, state.clone(), cgroup2.clone()));
     }
@@ -828,7 +825,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             _ = int.recv() => break,
             accepted = control.accept() => {
                 if let Ok((stream, _)) = accepted {
-                    let state_dir = state.root().to_owned();
+                    let state_dir = state_root.clone();
                     let requests = requests_tx.clone();
                     tokio::spawn(async move {
                         if let Err(err) = control::serve_one(stream, &state_dir, requests).await {

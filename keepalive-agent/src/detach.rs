@@ -3,9 +3,13 @@
 
 use std::{fs, io, path::Path};
 
-use anyhow::Context as _;
-
-use crate::{cgroup::Cgroup2, error::Error, instance, loader, pin::StateDir, privileges};
+use crate::{
+    cgroup::Cgroup2,
+    error::Error,
+    instance, loader,
+    pin::{StateDir, unpin},
+    privileges,
+};
 
 fn describe(state: &StateDir, pin: &Path, attach: Option<&str>) -> String {
     let on = attach.map(|a| format!(" on {a}")).unwrap_or_default();
@@ -71,16 +75,12 @@ pub fn detach(
     }
     let mut removed = Vec::new();
     for pin in state.existing_pins() {
-        match fs::remove_file(&pin) {
-            Ok(()) => removed.push(format!(
+        if unpin(&pin)? {
+            removed.push(format!(
                 "removed {}: {}",
                 pin.display(),
                 describe(state, &pin, attach.as_deref())
-            )),
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => {
-                return Err(err).with_context(|| format!("failed to remove {}", pin.display()));
-            }
+            ));
         }
     }
     // Empty map directories (maps-v*), then the state directory itself if it is empty.

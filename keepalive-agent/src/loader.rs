@@ -30,7 +30,7 @@ use crate::{
     btf::Btf,
     cgroup::{Cgroup2, CgroupPath},
     error::Error,
-    pin::StateDir,
+    pin::{self, StateDir},
     sys,
 };
 
@@ -103,23 +103,20 @@ pub fn pinned_sockops_link(state: &StateDir) -> anyhow::Result<Option<sys::LinkI
     }
 }
 
-/// Whether a pinned link enforces nothing any more because its cgroup was removed: the kernel
-/// detaches a cgroup's links when it releases the cgroup (the link's cgroup id reads 0 then),
-/// and before that the removed cgroup is no longer in the tree.
-pub fn is_defunct(link: &sys::LinkInfo, cgroup2: &Cgroup2) -> bool {
-    link.cgroup_id == 0 || cgroup2.name_of(link.cgroup_id).is_none()
+/// The cgroup a pinned link is attached to; `None` when it was removed, and the link enforces
+/// nothing any more: the kernel detaches a cgroup's links when it releases the cgroup (the
+/// link's cgroup id reads 0 then), and before that the removed cgroup is no longer in the tree.
+pub fn link_cgroup(link: &sys::LinkInfo, cgroup2: &Cgroup2) -> Option<CgroupPath> {
+    if link.cgroup_id == 0 {
+        return None;
+    }
+    cgroup2.name_of(link.cgroup_id)
 }
 
 /// Removes the pins of the links of a removed cgroup, which enforce nothing.
 pub fn unpin_defunct_links(state: &StateDir) -> anyhow::Result<()> {
     for path in [state.sockops_link(), state.lock_link()] {
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-            Err(err) => {
-                return Err(err).with_context(|| format!("failed to unpin {}", path.display()));
-            }
-        }
+        pin::unpin(&path)?;
     }
     Ok(())
 }
@@ -282,12 +279,8 @@ impl Enforcer {
                 &path,
             )?;
         } else {
-            match std::fs::remove_file(&path) {
-                Ok(()) => log::info!("no policy uses lock mode; removed the setsockopt program"),
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => {
-                    return Err(err).with_context(|| format!("failed to unpin {}", path.display()));
-                }
+            if pin::unpin(&path)? {
+                log::info!("no policy uses lock mode; removed the setsockopt program");
             }
         }
         Ok(())

@@ -49,6 +49,15 @@ pub struct StateDir {
     root: PathBuf,
 }
 
+/// Removes the pin at `path`; whether there was one.
+pub fn unpin(path: &Path) -> anyhow::Result<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(err) => Err(err).with_context(|| format!("failed to unpin {}", path.display())),
+    }
+}
+
 impl StateDir {
     /// A state directory at `root` (not created).
     pub fn new(root: impl Into<PathBuf>) -> Self {
