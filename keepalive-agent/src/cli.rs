@@ -225,7 +225,8 @@ pub enum PolicyCommand {
         /// Values.
         #[command(flatten)]
         values: ValueArgs,
-        /// enforce, fill, off or lock. [default: the default policy's mode]
+        /// enforce, fill, off or lock; required with values when the default policy is off.
+        /// [default: the default policy's mode]
         #[arg(long, value_name = "MODE", value_parser = parse_mode)]
         mode: Option<Mode>,
         /// Print the result as JSON.

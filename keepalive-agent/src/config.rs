@@ -23,7 +23,9 @@ use crate::{
     cgroup::{Cgroup2, CgroupPath},
     error::{Error, usage},
     pin,
-    policy::{self, BUILTIN_DEFAULT, OwnValues, PolicySet, Rule, Selector, Source, Spec, limits},
+    policy::{
+        self, BUILTIN_DEFAULT, Mode, OwnValues, PolicySet, Rule, Selector, Source, Spec, limits,
+    },
 };
 
 /// Where `run` looks for its config when `--config` is not given.
@@ -388,15 +390,30 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
             ));
         }
         let spec = ctx.spec(raw_policy, &default)?;
+        let own = OwnValues {
+            idle: raw_policy.idle.is_some(),
+            interval: raw_policy.interval.is_some(),
+            count: raw_policy.count.is_some(),
+            user_timeout: raw_policy.user_timeout.is_some(),
+        };
+        if raw_policy.mode.is_none()
+            && spec.mode == Mode::Off
+            && let Some(key) = own.first()
+        {
+            return Err(ctx.err(
+                entry.span(),
+                format!(
+                    "the policy for cgroup {} sets {key} but no mode, and the mode it takes \
+                     from [default] is \"off\": it would enforce nothing; add \
+                     mode = \"enforce\" (or \"fill\" or \"lock\")",
+                    cgroup.get_ref()
+                ),
+            ));
+        }
         let rule = Rule {
             selector,
             spec: Some(spec),
-            own: OwnValues {
-                idle: raw_policy.idle.is_some(),
-                interval: raw_policy.interval.is_some(),
-                count: raw_policy.count.is_some(),
-                user_timeout: raw_policy.user_timeout.is_some(),
-            },
+            own,
             source: Source::Config {
                 file: file.to_owned(),
                 line,
@@ -587,7 +604,6 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::Mode;
 
     fn cg() -> Cgroup2 {
         Cgroup2::at("/sys/fs/cgroup")
@@ -796,6 +812,37 @@ mode = "off"
         let (line, reason) = parse_err("state_dir = \"relative\"\n");
         assert_eq!(line, Some(1));
         assert!(reason.contains("absolute"), "{reason}");
+    }
+
+    #[test]
+    fn rejects_values_that_inherit_off_from_the_default() {
+        let (line, reason) = parse_err(
+            "[default]\nmode = \"off\"\n\n[[policy]]\ncgroup = \"a\"\nidle = 30\ncount = 2\n",
+        );
+        assert_eq!(line, Some(4));
+        assert!(
+            reason.contains("cgroup a sets idle but no mode")
+                && reason.contains("mode = \"enforce\""),
+            "{reason}"
+        );
+        let (_, reason) =
+            parse_err("[default]\nmode = \"off\"\n[[policy]]\ncgroup = \"a\"\nuser_timeout = 5\n");
+        assert!(reason.contains("sets user_timeout"), "{reason}");
+        // Values with a mode of their own, `off` written out, and an `off` rule with nothing
+        // to inherit wrongly are all fine.
+        let config = parse_ok(
+            "[default]\nmode = \"off\"\nidle = 40\n[[policy]]\ncgroup = \"a\"\nidle = 30\n\
+             mode = \"fill\"\n[[policy]]\ncgroup = \"b\"\n[[policy]]\ncgroup = \"c\"\n\
+             mode = \"off\"\nidle = 9\n",
+        );
+        let modes: Vec<Mode> = config
+            .policies
+            .rules
+            .iter()
+            .map(|r| r.spec.unwrap().mode)
+            .collect();
+        assert_eq!(modes, [Mode::Fill, Mode::Off, Mode::Off]);
+        assert_eq!(config.policies.rules[0].spec.unwrap().values.idle, 30);
     }
 
     #[test]

@@ -373,8 +373,15 @@ impl Daemon {
             unreachable!("only called for set");
         };
         let mut spec = self.config.policies.default;
-        if let Some(mode) = mode {
-            spec.mode = mode.parse::<Mode>().map_err(usage)?;
+        match mode {
+            Some(mode) => spec.mode = mode.parse::<Mode>().map_err(usage)?,
+            None if spec.mode == Mode::Off && own_values(req).first().is_some() => {
+                return Err(usage(
+                    "values but no --mode, and the mode the default policy gives is off: they \
+                     would enforce nothing; add --mode enforce (or fill or lock)",
+                ));
+            }
+            None => {}
         }
         if let Some(idle) = idle {
             spec.values.idle = policy::check_secs(

@@ -426,6 +426,20 @@ pub struct OwnValues {
     pub user_timeout: bool,
 }
 
+impl OwnValues {
+    /// The config key of the first value given, if any.
+    pub fn first(&self) -> Option<&'static str> {
+        [
+            ("idle", self.idle),
+            ("interval", self.interval),
+            ("count", self.count),
+            ("user_timeout", self.user_timeout),
+        ]
+        .into_iter()
+        .find_map(|(key, given)| given.then_some(key))
+    }
+}
+
 /// The complete policy: the default and rules in precedence order.
 #[derive(Clone, Debug)]
 pub struct PolicySet {

@@ -448,6 +448,36 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
 }
 
 #[test]
+fn policy_set_with_values_under_an_off_default_needs_a_mode() {
+    let parent = TestCgroup::new("setoff");
+    let svc = parent.child("svc");
+    let config = write_config("[default]\nmode = \"off\"\n");
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    let out = agent.cli(&["policy", "set", svc.rel(), "--idle", "33"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("add --mode enforce"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        pair_values(&svc).0.0,
+        0,
+        "the refused change set nothing, and the default stays off"
+    );
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        svc.rel(),
+        "--idle",
+        "33",
+        "--mode",
+        "enforce",
+    ]);
+    assert_eq!(idle_of(&svc), 33);
+}
+
+#[test]
 fn policy_commands_naming_another_state_directory_are_refused_and_change_nothing() {
     let cg = TestCgroup::new("otherstate");
     let agent = Agent::start(&cg, &["--idle", "41"]);
@@ -622,6 +652,11 @@ fn a_bad_config_is_rejected_with_file_line_and_reason_and_nothing_is_attached() 
             "[default]\nmode = \"lockdown\"\n",
             2,
             "enforce, fill, off, lock",
+        ),
+        (
+            "[default]\nmode = \"off\"\n[[policy]]\ncgroup = \"a\"\nidle = 30\n",
+            3,
+            "would enforce nothing",
         ),
     ] {
         let config = write_config(text);
