@@ -55,17 +55,28 @@ pub(crate) fn enforce_socket(
     } else {
         None
     };
-    let before = existing.as_deref().map_or(0, |rec| rec.flags);
+    // An existing socket without a record may still be one the program enforced and locked
+    // while the tracking maps were full: its lock storage says so, and holds what it set.
+    let untracked_lock = if origin == Origin::Existing && existing.is_none() {
+        PolicyStore::Locks.get(sock.sk)
+    } else {
+        None
+    };
+    let before = match existing.as_deref() {
+        Some(rec) => rec.flags,
+        None if untracked_lock.is_some() => sock_flags::ENFORCED | sock_flags::LOCKED,
+        None => 0,
+    };
     if policy.mode == mode::OFF {
         count(Counter::SkippedOff);
         // Left alone from now on: values stay, but a lock the program held is released.
+        if before & sock_flags::LOCKED != 0 {
+            PolicyStore::Locks.set(sock.sk, None);
+        }
         let Some(rec) = existing else {
             return apply_result::SKIPPED_OFF;
         };
-        if rec.flags & sock_flags::LOCKED != 0 {
-            PolicyStore::Locks.set(sock.sk, None);
-            rec.flags &= !sock_flags::LOCKED;
-        }
+        rec.flags &= !sock_flags::LOCKED;
         // Except in a cgroup the agent had not seen yet when the program enforced the socket
         // under an ancestor's policy: as if the cgroup had been `off` from the start, the
         // program takes back what it set and stops tracking the socket.
@@ -120,7 +131,8 @@ pub(crate) fn enforce_socket(
     let previous = existing
         .as_deref()
         .filter(|rec| rec.flags & sock_flags::ENFORCED != 0)
-        .map(|rec| rec.policy);
+        .map(|rec| rec.policy)
+        .or(untracked_lock);
     // A socket that carries the policy's values can still hold the user timeout of the policy
     // the program set before, which this one drops.
     let resets_user_timeout =

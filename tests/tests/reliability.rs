@@ -519,6 +519,42 @@ fn full_tracking_maps_are_counted_and_enforcement_continues() {
     });
 }
 
+/// `lock` sockets that the full tracking maps left out are released like the others when their
+/// cgroup leaves `lock`, for `enforce` as for `off`.
+#[test]
+fn untracked_locked_sockets_are_released_when_the_lock_goes() {
+    let parent = TestCgroup::new("untrackedlock");
+    let config = write_config("[default]\nidle = 21\nmode = \"lock\"\n");
+    let agent = Agent::start(
+        &parent,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--max-tracked-sockets",
+            "1",
+        ],
+    );
+    // Room for two records (one slot, one hash entry), so at least one client in each cgroup
+    // goes untracked.
+    let cgs = ["enforce", "off"].map(|mode| (mode, parent.child(mode)));
+    let mut pairs = Vec::new();
+    for (mode, cg) in &cgs {
+        for _ in 0..3 {
+            // The client tries to switch keepalive off just before the first report.
+            let mut pair = Proc::sock(&["pair", "4", "--loosen-at-report", "1"], cg);
+            assert_eq!(values(&pair.read()["client"]).1, 21);
+            pairs.push((mode, pair));
+        }
+        agent.cli_ok(&["policy", "set", cg.rel(), "--mode", mode]);
+    }
+    let full = agent.status()["counters"]["socket_tracking_full"].clone();
+    assert!(full.as_u64().unwrap() >= 10, "{full}");
+    for (mode, pair) in &mut pairs {
+        let client = pair.report().swap_remove(0);
+        assert_eq!(values(&client).0, 0, "{mode}: not held any more: {client}");
+    }
+}
+
 #[test]
 fn a_restart_with_another_socket_capacity_keeps_finding_the_pinned_records() {
     let cg = TestCgroup::new("slots");
