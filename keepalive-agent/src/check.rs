@@ -503,14 +503,19 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
                 )),
             }
         }
-        let detail = match (attached, instance::running_agent(runtime_dir)) {
+        let agent =
+            instance::running_agent(runtime_dir).filter(|agent| agent.may_use(state.root()));
+        let detail = match (attached, agent) {
             (Some(None), _) => format!(
                 "the enforcement pinned in {} was on a cgroup that has been removed, so it \
                  enforces nothing; `run` attaches anew",
                 state.root().display()
             ),
-            (Some(Some(cgroup)), Some(pid)) => {
-                format!("attached to {cgroup} and the agent (pid {pid}) is running")
+            (Some(Some(cgroup)), Some(agent)) => {
+                format!(
+                    "attached to {cgroup} and the agent (pid {}) is running",
+                    agent.pid
+                )
             }
             (Some(Some(cgroup)), None) => format!(
                 "attached to {cgroup}; no agent is running (new connections are still enforced)"

@@ -660,7 +660,9 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             btf::VMLINUX_BTF
         );
     }
-    let _lock = instance::lock(&globals.runtime_dir)?;
+    // Before the runtime directory is made: a refused state directory changes nothing.
+    state.check_own()?;
+    let _lock = instance::lock(&globals.runtime_dir, state.root())?;
     // A taken port fails here, before anything is loaded or attached.
     let metrics_listener = match fixed.metrics {
         Some(addr) => {

@@ -28,7 +28,8 @@ fn describe(state: &StateDir, pin: &Path, attach: Option<&str>) -> String {
     }
 }
 
-/// Removes everything pinned in `state`. Refuses while an agent runs on `runtime_dir`.
+/// Removes everything pinned in `state`. Refuses while an agent runs with it: one named by
+/// `runtime_dir`'s lock file, or any other, which holds the state directory's own lock.
 pub fn detach(
     state: &StateDir,
     runtime_dir: &Path,
@@ -36,10 +37,13 @@ pub fn detach(
 ) -> anyhow::Result<Vec<String>> {
     privileges::require_for("detach")?;
     state.check_own()?;
-    if let Some(pid) = instance::running_agent(runtime_dir) {
+    if let Some(agent) =
+        instance::running_agent(runtime_dir).filter(|agent| agent.may_use(state.root()))
+    {
         return Err(Error::Agent(format!(
-            "the keepalive agent (pid {pid}) is running and would re-attach; stop it first \
-             (`systemctl stop keepalive-agent`), then detach"
+            "the keepalive agent (pid {}) is running and would re-attach; stop it first \
+             (`systemctl stop keepalive-agent`), then detach",
+            agent.pid
         ))
         .into());
     }

@@ -5,7 +5,7 @@
 use std::{
     fs::{self, File},
     os::unix::fs::{DirBuilderExt as _, PermissionsExt as _},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use anyhow::Context as _;
@@ -53,8 +53,9 @@ pub fn foreign_entry(runtime_dir: &Path) -> std::io::Result<Option<String>> {
         .map(|name| name.to_string_lossy().into_owned()))
 }
 
-/// Takes the instance lock, or says which process holds it.
-pub fn lock(runtime_dir: &Path) -> anyhow::Result<InstanceLock> {
+/// Takes the instance lock for an agent keeping its state in `state_dir`, or says which process
+/// holds it. The lock file names the holder's pid and state directory.
+pub fn lock(runtime_dir: &Path, state_dir: &Path) -> anyhow::Result<InstanceLock> {
     prepare(runtime_dir)?;
     let path = runtime_dir.join(LOCK_NAME);
     let file = fs::OpenOptions::new()
@@ -73,22 +74,47 @@ pub fn lock(runtime_dir: &Path) -> anyhow::Result<InstanceLock> {
         ))
         .into());
     }
-    fs::write(&path, format!("{}\n", std::process::id()))
-        .with_context(|| format!("failed to write {}", path.display()))?;
+    fs::write(
+        &path,
+        format!("{}\n{}\n", std::process::id(), state_dir.display()),
+    )
+    .with_context(|| format!("failed to write {}", path.display()))?;
     Ok(InstanceLock { _file: file })
 }
 
-/// The pid of a running agent holding `runtime_dir`, if any.
-pub fn running_agent(runtime_dir: &Path) -> Option<String> {
+/// A running agent, as its runtime directory's lock file names it.
+#[derive(Debug)]
+pub struct Holder {
+    /// Its pid.
+    pub pid: String,
+    /// Its state directory; `None` from builds that did not write it.
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Holder {
+    /// Whether the agent may keep its state in `state_dir` (unknown counts as yes).
+    pub fn may_use(&self, state_dir: &Path) -> bool {
+        self.state_dir.as_deref().is_none_or(|own| {
+            own == state_dir
+                || fs::canonicalize(own)
+                    .is_ok_and(|own| fs::canonicalize(state_dir).is_ok_and(|dir| dir == own))
+        })
+    }
+}
+
+/// The running agent holding `runtime_dir`, if any.
+pub fn running_agent(runtime_dir: &Path) -> Option<Holder> {
     let path = runtime_dir.join(LOCK_NAME);
     let file = File::open(&path).ok()?;
     // A shared lock fails only while an agent holds it.
-    let free = sys::flock(&file, libc::LOCK_SH | libc::LOCK_NB);
-    (!free).then(|| {
-        fs::read_to_string(&path)
-            .unwrap_or_default()
-            .trim()
-            .to_owned()
+    if sys::flock(&file, libc::LOCK_SH | libc::LOCK_NB) {
+        return None;
+    }
+    let text = fs::read_to_string(&path).unwrap_or_default();
+    let mut lines = text.lines();
+    Some(Holder {
+        pid: lines.next().unwrap_or_default().trim().to_owned(),
+        state_dir: lines.next().filter(|l| !l.is_empty()).map(PathBuf::from),
     })
 }
 
@@ -109,7 +135,7 @@ mod tests {
         prepare(&own).unwrap();
         assert_eq!(mode(&own), 0o700);
         fs::set_permissions(&own, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::write(own.join(LOCK_NAME), "1\n").unwrap();
+        fs::write(own.join(LOCK_NAME), "1\n/sys/fs/bpf/keepalive\n").unwrap();
         prepare(&own).unwrap();
         assert_eq!(mode(&own), 0o700);
         // Shared, like /run: refused and left as it was.
@@ -117,7 +143,7 @@ mod tests {
         fs::create_dir_all(&shared).unwrap();
         fs::set_permissions(&shared, fs::Permissions::from_mode(0o755)).unwrap();
         fs::write(shared.join("utmp"), "").unwrap();
-        let err = lock(&shared).unwrap_err();
+        let err = lock(&shared, Path::new("/sys/fs/bpf/keepalive")).unwrap_err();
         assert!(
             matches!(err.downcast_ref::<Error>(), Some(Error::Usage(msg)) if msg.contains("utmp")),
             "{err:#}"

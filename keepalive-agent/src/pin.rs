@@ -109,9 +109,9 @@ impl StateDir {
     }
 
     /// Refuses a state directory that is a mount point, such as the bpffs root
-    /// `/sys/fs/bpf` itself: keepalive makes its state directory root-only and `detach` empties
-    /// it, which must never happen to a directory other tools share. A directory that does not
-    /// exist yet is fine.
+    /// `/sys/fs/bpf` itself, or that holds anything but keepalive's pins: keepalive makes its
+    /// state directory root-only and `detach` empties it, which must never happen to a
+    /// directory other tools share. A directory that does not exist yet is fine.
     pub fn check_own(&self) -> anyhow::Result<()> {
         let Ok(dir) = fs::canonicalize(&self.root) else {
             return Ok(());
@@ -129,6 +129,29 @@ impl StateDir {
             ))
             .into());
         }
+        let ours = [
+            PIN_LINK_SOCKOPS,
+            PIN_LINK_LOCK,
+            PIN_LINK_STATUS,
+            PIN_LINK_STATUS_SLOTS,
+        ];
+        let foreign = fs::read_dir(&dir)
+            .with_context(|| format!("failed to read {}", dir.display()))?
+            .filter_map(Result::ok)
+            .map(|entry| entry.file_name())
+            .find(|name| {
+                !(ours.iter().any(|own| name.as_bytes() == own.as_bytes())
+                    || name.as_bytes().starts_with(b"maps-v"))
+            });
+        if let Some(name) = foreign {
+            return Err(Error::Usage(format!(
+                "state directory {} holds {} and is not keepalive's own; give a directory of \
+                 its own (default {DEFAULT_STATE_DIR}), which it makes root-only",
+                self.root.display(),
+                name.to_string_lossy()
+            ))
+            .into());
+        }
         Ok(())
     }
 
@@ -139,14 +162,16 @@ impl StateDir {
         self.check_own()?;
         let mut created = false;
         for dir in [self.root.clone(), self.maps_dir()] {
-            match fs::DirBuilder::new().mode(0o700).create(&dir) {
-                Ok(()) => created |= dir == self.root,
-                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => {}
-                Err(err) => {
-                    return Err(err).with_context(|| {
+            if !dir.is_dir() {
+                // With its parents, root-only too: bpffs starts empty after every boot.
+                fs::DirBuilder::new()
+                    .mode(0o700)
+                    .recursive(true)
+                    .create(&dir)
+                    .with_context(|| {
                         format!("failed to create state directory {}", dir.display())
-                    });
-                }
+                    })?;
+                created |= dir == self.root;
             }
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("failed to restrict {} to root", dir.display()))?;

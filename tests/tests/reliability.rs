@@ -725,11 +725,59 @@ fn the_bpffs_root_is_refused_as_state_directory_and_left_as_it_was() {
             "{args:?}: {err}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dirs.runtime_dir);
+    assert!(
+        !dirs.runtime_dir.exists(),
+        "the refused start made its runtime directory"
+    );
     assert!(other.exists(), "detach removed another tool's directory");
     std::fs::remove_dir(&other).unwrap();
     assert_eq!(mode(), before, "the bpffs root's mode changed");
     assert!(!root.join("link_sockops").exists());
+}
+
+/// A directory of another tool's is refused as state directory, and left as it was; one that
+/// does not exist yet is made with its parents.
+#[test]
+fn another_tools_directory_is_refused_as_state_directory_and_left_as_it_was() {
+    let cg = TestCgroup::new("foreignstate");
+    let dirs = AgentDirs::new();
+    let tool = dirs.state_dir.join("othertool");
+    std::fs::create_dir_all(&tool).unwrap();
+    std::fs::set_permissions(&dirs.state_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for args in [&run_args(&cg)[..], &["detach"]] {
+        let err = refused(&dirs.cli(args), 2, &cg);
+        assert!(
+            err.contains("holds othertool and is not keepalive's own"),
+            "{args:?}: {err}"
+        );
+    }
+    let mode = std::fs::metadata(&dirs.state_dir)
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o755, "made root-only");
+    assert!(tool.exists(), "detach removed another tool's directory");
+    assert!(
+        !dirs.runtime_dir.exists(),
+        "the refused start made its runtime directory"
+    );
+    std::fs::remove_dir(&tool).unwrap();
+    std::fs::remove_dir(&dirs.state_dir).unwrap();
+
+    let nested = AgentDirs {
+        state_dir: dirs.state_dir.join("a/b"),
+        ..AgentDirs::new()
+    };
+    let agent = Agent::start_in(&nested, &cg, &[]);
+    assert!(
+        nested
+            .state_dir
+            .join(keepalive_common::PIN_LINK_SOCKOPS)
+            .exists()
+    );
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dirs.state_dir);
 }
 
 #[test]
@@ -849,6 +897,35 @@ fn established_at_survives_a_policy_change() {
         "{before} vs {after}"
     );
     assert_ne!(after["enforced_at"], before["enforced_at"]);
+}
+
+/// `detach` of one state directory goes ahead while an agent with another one holds the
+/// runtime directory (the host's service, say), and is refused for that agent's own.
+#[test]
+fn detach_beside_a_running_agent_with_another_state_directory_goes_ahead() {
+    let other_cg = TestCgroup::new("detachother");
+    let mut other = Agent::start(&other_cg, &[]);
+    let other_state = other.state_dir.clone();
+    other.stop_with(libc::SIGTERM);
+    let cg = TestCgroup::new("detachbeside");
+    let agent = Agent::start(&cg, &[]);
+    let beside = AgentDirs {
+        state_dir: other_state.clone(),
+        runtime_dir: agent.runtime_dir.clone(),
+        bin: None,
+    };
+    let out = beside.detach();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(!other_state.exists());
+    assert_eq!(sockops_attachments(other_cg.path()), 0);
+    let out = agent.dirs().detach();
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("(pid {})", agent.pid())),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(sockops_attachments(cg.path()), 1, "still attached");
 }
 
 #[test]
