@@ -170,7 +170,8 @@ pub(crate) fn resets_user_timeout(tp: *const u8, old: &Policy, new: &Policy) -> 
 /// The program remembers what it set (`KA_LISTENERS`), and whether keepalive was already on
 /// (the application's) when it first did, so it can tell its own keepalive from the
 /// application's: `off` switches the program's keepalive off again and leaves the
-/// application's on, `fill` keeps only the application's.
+/// application's on, `fill` keeps only the application's (switched on before the program
+/// configured the listener, or with values set since).
 #[inline(always)]
 pub(crate) fn configure_listener(
     target: *mut c_void,
@@ -193,6 +194,14 @@ pub(crate) fn configure_listener(
         None => 0,
     };
     if policy.mode == mode::FILL && ours.is_none() && app_keepalive != 0 {
+        return;
+    }
+    // Values the application has set on the listener since the program configured it (nginx
+    // sets its own after listen()) are the application's too, which `fill` keeps.
+    if policy.mode == mode::FILL
+        && let Some(previous) = ours
+        && set_by_app_since(target, tp, &previous)
+    {
         return;
     }
     let stored = Policy {

@@ -315,6 +315,38 @@ fn fill_keeps_an_applications_own_keepalive() {
     assert_eq!(values(&out["server"]), (1, 33, 3, 3), "{out}");
 }
 
+/// Values an application sets on its listener after listen() (as nginx does), over the ones the
+/// program set at listen(), are the application's: under `fill`, an apply pass keeps them.
+#[test]
+fn fill_keeps_values_the_application_set_on_its_listener_after_listen() {
+    let cg = TestCgroup::new("filllistener");
+    let other = cg.child("other");
+    let config = write_config("[default]\nidle = 31\nmode = \"fill\"\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let mut server = Proc::sock(
+        &["listen", "127.0.0.1:0", "2", "--keepalive-after", "77"],
+        &cg,
+    );
+    let port = server.read()["port"].as_u64().unwrap().to_string();
+    let target = format!("127.0.0.1:{port}");
+    let mut first = Proc::sock(&["connect", &target], &cg);
+    first.read();
+    assert_eq!(
+        values(&server.read()["accepted"]).1,
+        77,
+        "the application's"
+    );
+    // Any table change runs a pass over existing sockets, listeners included.
+    agent.cli_ok(&["policy", "set", other.rel(), "--mode", "enforce"]);
+    let mut second = Proc::sock(&["connect", &target], &cg);
+    second.read();
+    assert_eq!(
+        values(&server.read()["accepted"]).1,
+        77,
+        "still the application's after the pass"
+    );
+}
+
 #[test]
 fn enforce_replaces_an_applications_own_keepalive() {
     let cg = TestCgroup::new("enforce");

@@ -6,7 +6,7 @@
 //! ka-sock pair <4|6|mapped> [--keepalive IDLE] [--keepalive-after IDLE]
 //!              [--user-timeout-after MS] [--loosen-at-report N]
 //!                                                client+server over loopback; both ends' options
-//! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE]
+//! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE] [--keepalive-after IDLE]
 //!                                                accept N connections (default 1), report each
 //! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--read] [--loosen] [--loosen-large]
 //! ka-sock storm <N>                              N loopback connect/accept/close cycles, timed;
@@ -27,7 +27,8 @@
 //!
 //! `--keepalive IDLE` enables SO_KEEPALIVE with TCP_KEEPIDLE=IDLE before connecting or
 //! listening (an application that manages keepalive itself); `--keepalive-after IDLE` does so
-//! on the client once connected, as Go's net package does; `--user-timeout-after MS` sets the
+//! on the client once connected, as Go's net package does (with `listen`: on the listener once
+//! listening, as nginx does); `--user-timeout-after MS` sets the
 //! client's TCP_USER_TIMEOUT once connected; `--loosen-at-report N` makes the client try what
 //! `--loosen` does (below) just before the N-th report. `--read` blocks in read() after
 //! connecting and reports how it ended. `--loosen` tries to switch keepalive off and raise its
@@ -298,6 +299,11 @@ fn listen(args: &[String]) {
         .expect("addr");
     let n: usize = args.get(1).map_or(1, |n| n.parse().expect("count"));
     let listener = listener(addr, flag_value(args, "--keepalive"));
+    if let Some(idle) = flag_value(args, "--keepalive-after") {
+        let fd = listener.as_raw_fd();
+        assert_eq!(set(fd, SOL_SOCKET, SO_KEEPALIVE, 1), 0);
+        assert_eq!(set(fd, TCP, libc::TCP_KEEPIDLE, idle), 0);
+    }
     emit(json!({ "port": listener.local_addr().expect("addr").port() }));
     let mut accepted = Vec::new();
     for _ in 0..n {
