@@ -153,15 +153,35 @@ pub fn carried_out(response: Response) -> anyhow::Result<Response> {
 
 /// Listens on the control socket, root only. The caller holds the instance lock, so a
 /// leftover socket file belongs to an agent that died.
-pub fn bind(runtime_dir: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+pub fn bind(runtime_dir: &Path) -> anyhow::Result<ControlSocket> {
     use std::os::unix::fs::PermissionsExt as _;
     let path = socket_path(runtime_dir);
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path)
         .with_context(|| format!("failed to listen on {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("failed to restrict {} to root", path.display()))?;
-    Ok(listener)
+    let socket = ControlSocket { listener, path };
+    std::fs::set_permissions(&socket.path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("failed to restrict {} to root", socket.path.display()))?;
+    Ok(socket)
+}
+
+/// The agent's listening control socket; its file goes when the agent stops, however it stops.
+pub struct ControlSocket {
+    listener: tokio::net::UnixListener,
+    path: PathBuf,
+}
+
+impl ControlSocket {
+    /// The next client.
+    pub async fn accept(&self) -> std::io::Result<tokio::net::UnixStream> {
+        self.listener.accept().await.map(|(stream, _)| stream)
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// A request for the agent's loop, and where its answer goes.

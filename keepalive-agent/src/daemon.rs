@@ -7,7 +7,6 @@
 
 use std::{
     collections::HashSet,
-    fs,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -100,12 +99,17 @@ impl Fixed {
             "moving enforcement takes `keepalive-agent detach` and a restart (a restart alone \
              is refused, exit 7)",
         );
+        // Named: once the config names the new one, a plain `detach` would look there.
+        let old_state = self.state.root().display().to_string();
         note(
             "state_dir",
-            self.state.root().display().to_string(),
+            old_state.clone(),
             next.state.root().display().to_string(),
-            "it takes `keepalive-agent detach` before the restart (a restart alone is refused \
-             while the enforcement pinned here is on the attach cgroup, exit 7)",
+            &format!(
+                "it takes stopping the agent and `keepalive-agent --state-dir {old_state} \
+                 detach` before the restart (a restart alone is refused while the enforcement \
+                 pinned there is on the attach cgroup, exit 7)"
+            ),
         );
         let addr =
             |metrics: Option<SocketAddr>| metrics.map_or("off".to_owned(), |a| a.to_string());
@@ -833,7 +837,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             accepted = control.accept() => {
-                if let Ok((stream, _)) = accepted {
+                if let Ok(stream) = accepted {
                     let state_dir = state_root.clone();
                     let requests = requests_tx.clone();
                     tokio::spawn(async move {
@@ -865,7 +869,6 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    let _ = fs::remove_file(control::socket_path(&globals.runtime_dir));
     log::info!(
         "stopping; enforcement stays attached to {attach} ({}). `keepalive-agent detach` removes it",
         state.root().display()
@@ -934,6 +937,20 @@ mod tests {
             notes[1].starts_with(&format!(
                 "max_tracked_sockets changed in the config (4096 -> {DEFAULT_MAX_TRACKED_SOCKETS})"
             )),
+            "{notes:?}"
+        );
+        // The detach it asks for names the running state directory: the config no longer does.
+        let elsewhere = Fixed {
+            state: StateDir::new("/sys/fs/bpf/elsewhere"),
+            ..running.clone()
+        };
+        let notes = running.changes(&elsewhere);
+        assert!(
+            notes.len() == 1
+                && notes[0].contains(&format!(
+                    "`keepalive-agent --state-dir {} detach`",
+                    crate::pin::DEFAULT_STATE_DIR
+                )),
             "{notes:?}"
         );
     }

@@ -610,6 +610,10 @@ fn a_removed_attach_cgroup_ends_the_agent_with_exit_4_and_the_next_start_attache
         "{}",
         agent.log()
     );
+    assert!(
+        !dirs.runtime_dir.join("control.sock").exists(),
+        "the control socket outlived the agent"
+    );
 
     // Recreated (a slice that systemd or kubelet makes again): the pinned link of the removed
     // cgroup enforces nothing and is replaced, instead of refusing with exit 7.
