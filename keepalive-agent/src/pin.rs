@@ -129,6 +129,10 @@ impl StateDir {
             ))
             .into());
         }
+        // Off bpffs, the bpffs check that follows says what is wrong.
+        if !on_bpffs(&dir) {
+            return Ok(());
+        }
         let ours = [
             PIN_LINK_SOCKOPS,
             PIN_LINK_LOCK,
