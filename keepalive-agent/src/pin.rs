@@ -43,6 +43,19 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where bpffs is conventionally mounted.
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 
+/// The links pinned at the top of a state directory, in the order `detach` removes them.
+const LINK_PINS: [&str; 4] = [
+    PIN_LINK_SOCKOPS,
+    PIN_LINK_LOCK,
+    PIN_LINK_STATUS_SLOTS,
+    PIN_LINK_STATUS,
+];
+
+/// Whether `name` is that of a map directory, of this or any other ABI version (`maps-v*`).
+fn is_maps_dir(name: &std::ffi::OsStr) -> bool {
+    name.as_bytes().starts_with(b"maps-v")
+}
+
 /// One agent instance's pins.
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -133,20 +146,11 @@ impl StateDir {
         if !on_bpffs(&dir) {
             return Ok(());
         }
-        let ours = [
-            PIN_LINK_SOCKOPS,
-            PIN_LINK_LOCK,
-            PIN_LINK_STATUS,
-            PIN_LINK_STATUS_SLOTS,
-        ];
         let foreign = fs::read_dir(&dir)
             .with_context(|| format!("failed to read {}", dir.display()))?
             .filter_map(Result::ok)
             .map(|entry| entry.file_name())
-            .find(|name| {
-                !(ours.iter().any(|own| name.as_bytes() == own.as_bytes())
-                    || name.as_bytes().starts_with(b"maps-v"))
-            });
+            .find(|name| !(LINK_PINS.iter().any(|link| name == *link) || is_maps_dir(name)));
         if let Some(name) = foreign {
             return Err(Error::Usage(format!(
                 "state directory {} holds {} and is not keepalive's own; give a directory of \
@@ -226,11 +230,7 @@ impl StateDir {
         let mut dirs: Vec<PathBuf> = entries
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| {
-                p.is_dir()
-                    && p.file_name()
-                        .is_some_and(|n| n.as_bytes().starts_with(b"maps-v"))
-            })
+            .filter(|p| p.is_dir() && p.file_name().is_some_and(is_maps_dir))
             .collect();
         dirs.sort();
         dirs
@@ -238,15 +238,11 @@ impl StateDir {
 
     /// Every pin that exists, in the order `detach` removes them (links first).
     pub fn existing_pins(&self) -> Vec<PathBuf> {
-        let mut pins: Vec<PathBuf> = [
-            self.sockops_link(),
-            self.lock_link(),
-            self.status_slots_link(),
-            self.status_link(),
-        ]
-        .into_iter()
-        .filter(|p| p.exists())
-        .collect();
+        let mut pins: Vec<PathBuf> = LINK_PINS
+            .iter()
+            .map(|link| self.root.join(link))
+            .filter(|p| p.exists())
+            .collect();
         for dir in self.map_dirs() {
             if let Ok(maps) = fs::read_dir(&dir) {
                 let mut maps: Vec<PathBuf> =
