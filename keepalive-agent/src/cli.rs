@@ -220,7 +220,8 @@ pub enum PolicyCommand {
     /// are taken from the default policy.
     Set {
         /// cgroup path or glob: relative to the cgroup2 mount, absolute under it, or as status
-        /// prints it (/system.slice/a.service).
+        /// prints it (/system.slice/a.service). One that selects no cgroup yet is accepted
+        /// with a warning and applies when the cgroup appears.
         cgroup: String,
         /// Values.
         #[command(flatten)]

@@ -105,7 +105,7 @@ pub struct Response {
     /// Effective policies (list, and after changes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policies: Option<Vec<PolicyRow>>,
-    /// Policies whose cgroups do not exist yet.
+    /// Policies that select no cgroup yet: a path that does not exist, a glob that matches none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<Vec<String>>,
     /// What applying to existing connections did.

@@ -420,6 +420,13 @@ impl Daemon {
         selector.check_reaches(&self.fixed.attach).map_err(usage)?;
         let spec = self.spec_from_request(req)?;
         let text = selector.text();
+        let mut message = format!("set {text}: {}", describe_spec(&spec));
+        if let Some(why) = self.selects_nothing(&selector) {
+            message.push_str(&format!(
+                "\nwarning: {text} {why}; the policy applies when it does (check the path if \
+                 it was meant for a cgroup that exists)"
+            ));
+        }
         self.runtime.retain(|r| r.selector.text() != text);
         self.runtime.push(Rule {
             selector,
@@ -427,7 +434,21 @@ impl Daemon {
             own: own_values(req),
             source: Source::Runtime,
         });
-        Ok(format!("set {text}: {}", describe_spec(&spec)))
+        Ok(message)
+    }
+
+    /// Why a selector selects no cgroup under the attach cgroup now, if it selects none.
+    fn selects_nothing(&self, selector: &Selector) -> Option<&'static str> {
+        match selector {
+            Selector::Exact(path) => {
+                (!self.cgroup2.abs(path).is_dir()).then_some("does not exist yet")
+            }
+            Selector::Glob { .. } => selector
+                .expand(&self.cgroup2)
+                .iter()
+                .all(|(path, _)| !path.is_within(&self.fixed.attach))
+                .then_some("matches no cgroup yet"),
+        }
     }
 
     /// `policy unset`: removes a runtime rule, or masks the config's policy for the cgroup.
@@ -503,12 +524,9 @@ impl Daemon {
         }
         let pending = self
             .rules()
-            .filter_map(|rule| match &rule.selector {
-                Selector::Exact(path) if !self.cgroup2.abs(path).is_dir() => Some(format!(
-                    "{path} ({}; cgroup does not exist yet)",
-                    rule.source
-                )),
-                _ => None,
+            .filter_map(|rule| {
+                let why = self.selects_nothing(&rule.selector)?;
+                Some(format!("{} ({}; {why})", rule.selector.text(), rule.source))
             })
             .collect();
         (rows, pending)

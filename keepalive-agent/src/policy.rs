@@ -8,7 +8,7 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    fmt,
+    fmt, fs, io,
     path::PathBuf,
     str::FromStr,
     time::Duration,
@@ -291,6 +291,23 @@ fn matches_pairwise(patterns: &[glob::Pattern], names: &[&str]) -> bool {
         .all(|(pattern, name)| pattern.matches(name))
 }
 
+/// Refuses a path that names a file, or goes through one (`…/cgroup.procs`): no cgroup can
+/// ever be there. A path that does not exist is fine; the cgroup may be created later.
+fn check_not_a_file(cgroup2: &Cgroup2, path: &CgroupPath) -> anyhow::Result<()> {
+    let abs = cgroup2.abs(path);
+    let file = match fs::metadata(&abs) {
+        Ok(meta) => !meta.is_dir(),
+        Err(err) => err.kind() == io::ErrorKind::NotADirectory,
+    };
+    if file {
+        return Err(usage(format!(
+            "cgroup {path} is not a cgroup: {} is a file, not a directory",
+            abs.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Whether a path component is a glob pattern.
 pub(crate) fn is_glob(component: &str) -> bool {
     component.contains(['*', '?', '['])
@@ -301,6 +318,7 @@ impl Selector {
     pub fn parse(cgroup2: &Cgroup2, spec: &str) -> anyhow::Result<Self> {
         let path = cgroup2.parse(spec)?;
         if !path.components().any(is_glob) {
+            check_not_a_file(cgroup2, &path)?;
             return Ok(Self::Exact(path));
         }
         let components = path

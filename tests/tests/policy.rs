@@ -510,6 +510,59 @@ fn policy_set_with_values_under_an_off_default_needs_a_mode() {
 }
 
 #[test]
+fn policy_set_warns_when_it_selects_no_cgroup_yet_and_refuses_a_file() {
+    let parent = TestCgroup::new("settypo");
+    let svc = parent.child("svc");
+    let agent = Agent::start(&parent, &["--idle", "50"]);
+    let stdout = |out: &Output| String::from_utf8_lossy(&out.stdout).into_owned();
+
+    let out = agent.cli_ok(&["policy", "set", svc.rel(), "--idle", "33"]);
+    assert!(!stdout(&out).contains("warning"), "{}", stdout(&out));
+
+    let typo = format!("{}/scv", parent.rel());
+    let out = agent.cli_ok(&["policy", "set", &typo, "--idle", "34"]);
+    assert!(
+        stdout(&out).contains(&format!("warning: /{typo} does not exist yet")),
+        "{}",
+        stdout(&out)
+    );
+    let pattern = format!("{}/web-*", parent.rel());
+    let out = agent.cli_ok(&["policy", "set", &pattern, "--idle", "35"]);
+    assert!(
+        stdout(&out).contains(&format!("warning: /{pattern} matches no cgroup yet")),
+        "{}",
+        stdout(&out)
+    );
+    let list = stdout(&agent.cli_ok(&["policy", "list"]));
+    for pending in [
+        format!("pending: /{typo} (runtime; does not exist yet)"),
+        format!("pending: /{pattern} (runtime; matches no cgroup yet)"),
+    ] {
+        assert!(list.contains(&pending), "{pending}: {list}");
+    }
+    let _web = parent.child("web-1");
+    eventually(
+        Duration::from_secs(10),
+        "the pattern to leave the pending list once it matches",
+        || {
+            let list = stdout(&agent.cli_ok(&["policy", "list"]));
+            (!list.contains(&format!("pending: /{pattern}"))).then_some(())
+        },
+    );
+
+    // A file can never become a cgroup: refused, as `run --cgroup` refuses it.
+    let before = agent.policies();
+    let file = format!("{}/cgroup.procs", svc.rel());
+    for path in [file.clone(), format!("{file}/x")] {
+        let out = agent.cli(&["policy", "set", &path, "--idle", "36"]);
+        assert_eq!(code(&out), 2, "{path}: {}", stderr(&out));
+        assert!(stderr(&out).contains("is a file"), "{}", stderr(&out));
+    }
+    assert_eq!(agent.policies(), before, "the refused set changed nothing");
+    assert_eq!(idle_of(&svc), 33);
+}
+
+#[test]
 fn policy_commands_naming_another_state_directory_are_refused_and_change_nothing() {
     let cg = TestCgroup::new("otherstate");
     let agent = Agent::start(&cg, &["--idle", "41"]);
@@ -671,7 +724,13 @@ fn run_with_config(dirs: &AgentDirs, cg: &TestCgroup, config: &Path) -> Output {
 fn a_bad_config_is_rejected_with_file_line_and_reason_and_nothing_is_attached() {
     let cg = TestCgroup::new("badconfig");
     let dirs = AgentDirs::new();
+    let file = format!(
+        "[[policy]]\ncgroup = \"{}\"\n[[policy]]\ncgroup = \"{}/cgroup.procs\"\n",
+        cg.rel(),
+        cg.rel()
+    );
     for (text, line, reason) in [
+        (file.as_str(), 4, "is a file"),
         ("[default]\nidle = 5\nidel = 6\n", 3, "idel"),
         ("[default]\ncount = \"five\"\n", 2, "integer"),
         ("[default]\n\ninterval = 99999\n", 3, "1 to 32767"),
