@@ -396,9 +396,18 @@ impl View<'_> {
             }
             selected
         });
-        let attach_cgroup = crate::loader::pinned_attach_id(state)
-            .map_err(|err| pin_error(state.root(), err))?
-            .map(|id| cgroup_name(&names, id));
+        let attach_id =
+            crate::loader::pinned_attach_id(state).map_err(|err| pin_error(state.root(), err))?;
+        // The link of a removed cgroup enforces nothing: not attached, whatever is pinned.
+        let attach_cgroup = attach_id
+            .and_then(|id| names.get(&id))
+            .map(ToString::to_string);
+        if attach_id.is_some() && attach_cgroup.is_none() {
+            log::warn!(
+                "the enforcement pinned in {} was on a cgroup that has been removed, so nothing                  is enforced; start the agent again, or remove it with `keepalive-agent detach`",
+                state.root().display()
+            );
+        }
         Ok(View {
             names,
             filter,

@@ -614,6 +614,14 @@ fn a_removed_attach_cgroup_ends_the_agent_with_exit_4_and_the_next_start_attache
         !dirs.runtime_dir.join("control.sock").exists(),
         "the control socket outlived the agent"
     );
+    // What is pinned enforces nothing, and `status` says so rather than "attached".
+    let out = dirs.cli(&["status"]);
+    let (text, err) = (String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(
+        out.status.success() && text.starts_with("not attached") && err.contains("removed"),
+        "{text}{err}"
+    );
+    assert_eq!(dirs.status()["attach_cgroup"], serde_json::Value::Null);
 
     // Recreated (a slice that systemd or kubelet makes again): the pinned link of the removed
     // cgroup enforces nothing and is replaced, instead of refusing with exit 7.
