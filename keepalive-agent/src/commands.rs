@@ -271,9 +271,15 @@ fn policy_cmd(
         PolicyCommand::Unset { cgroup, json } => (Request::Unset { cgroup }, json, false),
     };
     if as_json {
-        // The answer goes to stdout whatever it says, so scripts always get JSON; a refusal
-        // still goes to stderr and sets the exit code.
-        let response = crate::control::call(runtime_dir, state_dir, &request)?;
+        // The answer goes to stdout whatever it says, so scripts always get JSON; a refusal,
+        // or no agent to answer, still goes to stderr and sets the exit code.
+        let response = match crate::control::call(runtime_dir, state_dir, &request) {
+            Ok(response) => response,
+            Err(err) => {
+                json(&Response::failure(&err))?;
+                return Err(err);
+            }
+        };
         json(&response)?;
         return crate::control::carried_out(response).map(drop);
     }

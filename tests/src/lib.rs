@@ -1134,6 +1134,25 @@ pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// The JSON refusal a `policy … --json` command printed: exit `expected`, `ok` false, the same
+/// code in the document, and its `error` also on stderr.
+pub fn json_refusal(out: &Output, expected: i32) -> Value {
+    assert_eq!(code(out), expected, "{}", stderr(out));
+    let answer: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
+    assert_eq!(
+        (&answer["ok"], &answer["code"]),
+        (&false.into(), &expected.into())
+    );
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| !e.is_empty() && stderr(out).contains(e)),
+        "{answer}"
+    );
+    answer
+}
+
 /// Queries the sock_ops programs attached directly to a cgroup (via bpftool-free syscall).
 pub fn sockops_attachments(cgroup: &Path) -> usize {
     let dir = File::open(cgroup).expect("open cgroup");

@@ -8,8 +8,8 @@ use std::{
 
 use keepalive_tests::{
     Agent, AgentDirs, Proc, TestCgroup, bind_mount, bpf::resolution_cache, code, eventually,
-    hide_with_tmpfs, idle_of, kernel_defaults, mkdir, pair_values, perf::storm, private_mounts,
-    sockets_of, sockops_attachments, stderr, unique, values, write_config,
+    hide_with_tmpfs, idle_of, json_refusal, kernel_defaults, mkdir, pair_values, perf::storm,
+    private_mounts, sockets_of, sockops_attachments, stderr, unique, values, write_config,
 };
 
 #[test]
@@ -433,17 +433,7 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
     let out = agent.cli(&["policy", "unset", svc.rel()]);
     assert_eq!(code(&out), 2, "nothing left to unset: {}", stderr(&out));
     // With --json the refusal is JSON on stdout too.
-    let out = agent.cli(&["policy", "unset", svc.rel(), "--json"]);
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
-    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)));
-    assert_eq!((&answer["ok"], &answer["code"]), (&false.into(), &2.into()));
-    assert!(
-        answer["error"]
-            .as_str()
-            .is_some_and(|e| !e.is_empty() && stderr(&out).contains(e)),
-        "{answer}"
-    );
+    json_refusal(&agent.cli(&["policy", "unset", svc.rel(), "--json"]), 2);
 
     std::fs::write(
         &config,

@@ -12,8 +12,8 @@ use std::{
 use keepalive_tests::{
     Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, cgroup_row, cgroup2_mount,
     check_item, code, count_between, drop_caps_except, eventually, hide_with_tmpfs, idle_of,
-    kernel_defaults, pair_values, sock_bin, sockets_of, sockops_attachments, stderr, umount,
-    values, write_config,
+    json_refusal, kernel_defaults, pair_values, sock_bin, sockets_of, sockops_attachments, stderr,
+    umount, values, write_config,
 };
 
 #[test]
@@ -31,6 +31,14 @@ fn sigkill_and_sigterm_leave_enforcement_in_place_and_a_restart_attaches_once() 
         cgroup_row(&dirs.status(), &cg)["enforced_total"],
         4,
         "status works from pins alone"
+    );
+    // No agent to answer: scripts still get JSON, with the exit code in it.
+    let answer = json_refusal(&dirs.cli(&["policy", "list", "--json"]), 7);
+    assert!(
+        answer["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no keepalive agent is running")),
+        "{answer}"
     );
 
     let mut agent = Agent::start_in(&dirs, &cg, &["--idle", "24"]);
