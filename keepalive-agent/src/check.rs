@@ -190,13 +190,27 @@ pub struct Target<'a> {
 /// and its attach cgroup when it is valid.
 fn config_item(cgroup2: &Cgroup2, target: &Target<'_>) -> (Item, Option<(Config, CgroupPath)>) {
     const NAME: &str = "config";
-    let checked = config::load(target.config, cgroup2).and_then(|config| {
-        let attach = config.attach_cgroup(target.cgroup, cgroup2)?;
-        config.check_scope(&attach)?;
-        // As `run` looks the attach cgroup up.
-        let exists = cgroup2.existing_id(&attach);
-        Ok((config, attach, exists))
-    });
+    const FIX_FILE: &str =
+        "correct the file: `run` refuses it (exit 2) and a reload keeps the running policy";
+    let fix_scope = if target.cgroup.is_some() {
+        "correct the file or --cgroup: `run` refuses them (exit 2)"
+    } else {
+        FIX_FILE
+    };
+    let checked = config::load(target.config, cgroup2)
+        .map_err(|err| (err, FIX_FILE))
+        .and_then(|config| {
+            // The file's own `attach` was checked as it was read: an error here is --cgroup's.
+            let attach = config
+                .attach_cgroup(target.cgroup, cgroup2)
+                .map_err(|err| (err, "correct --cgroup: `run` refuses it (exit 2)"))?;
+            config
+                .check_scope(&attach)
+                .map_err(|err| (err, fix_scope))?;
+            // As `run` looks the attach cgroup up.
+            let exists = cgroup2.existing_id(&attach);
+            Ok((config, attach, exists))
+        });
     match checked {
         // `run` exits 4 and the systemd unit retries until the cgroup appears (kubelet, say,
         // creates kubepods.slice after boot), so the file itself is fine.
@@ -242,15 +256,8 @@ fn config_item(cgroup2: &Cgroup2, target: &Target<'_>) -> (Item, Option<(Config,
                 Some((config, attach)),
             )
         }
-        Err(err) => (
-            item(
-                NAME,
-                Outcome::Fail,
-                format!("{err:#}"),
-                Some(
-                    "correct the file: `run` refuses it (exit 2) and a reload keeps the running policy",
-                ),
-            ),
+        Err((err, fix)) => (
+            item(NAME, Outcome::Fail, format!("{err:#}"), Some(fix)),
             None,
         ),
     }

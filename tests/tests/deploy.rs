@@ -263,6 +263,17 @@ fn check_fails_on_what_run_would_refuse_about_its_directories_and_attach_cgroup(
             .contains("not a cgroup directory"),
         "{item}"
     );
+    // A pattern given as --cgroup: the fix is the flag, not a file the operator never wrote.
+    let (rc, status, item) = check(&AgentDirs::new(), &cg.path().join("svc-*"), "config");
+    assert_eq!((rc, status.as_str()), (8, "fail"), "{item}");
+    assert!(
+        item["detail"].as_str().unwrap().contains("is a pattern")
+            && item["fix"]
+                .as_str()
+                .unwrap()
+                .starts_with("correct --cgroup"),
+        "{item}"
+    );
     assert_eq!(sockops_attachments(cg.path()), 0);
 }
 
