@@ -107,14 +107,20 @@ pub(crate) fn release(target: *mut c_void, tp: *const u8, previous: &Policy, app
         set_int(target, SOL_SOCKET, SO_KEEPALIVE, 0, Counter::FailKeepalive);
     }
     if has_user_timeout_of(tp, previous) {
-        set_int(
-            target,
-            IPPROTO_TCP,
-            TCP_USER_TIMEOUT,
-            0,
-            Counter::FailUserTimeout,
-        );
+        drop_user_timeout(target);
     }
+}
+
+/// Puts TCP_USER_TIMEOUT back to 0, the kernel's default.
+#[inline(always)]
+pub(crate) fn drop_user_timeout(target: *mut c_void) {
+    set_int(
+        target,
+        IPPROTO_TCP,
+        TCP_USER_TIMEOUT,
+        0,
+        Counter::FailUserTimeout,
+    );
 }
 
 /// Whether the socket's idle, interval and count are `policy`'s. Read with getsockopt, which

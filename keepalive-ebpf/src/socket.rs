@@ -150,6 +150,11 @@ pub(crate) fn enforce_socket(
     {
         // The application's own keepalive, from before the program set anything or since (Go,
         // for one, sets its own right after connect and accept, after the ESTABLISHED callback).
+        // A user timeout the program set is still the program's, and goes when the policy
+        // drops it, before the application's values are read.
+        if resets_user_timeout {
+            enforce::drop_user_timeout(sock.target);
+        }
         count(Counter::KeptApp);
         values = enforce::read_values(sock.target, mode::FILL);
         flags |= sock_flags::APP_OWNED;

@@ -866,6 +866,45 @@ fn enforce_after_fill_leaves_the_applications_own_user_timeout() {
 }
 
 #[test]
+fn fill_drops_its_own_user_timeout_under_keepalive_the_application_set_later() {
+    let cg = TestCgroup::new("utkept");
+    let agent = Agent::start(&cg, &[]);
+    let fill = ["policy", "set", cg.rel(), "--mode", "fill", "--idle", "50"];
+    let with_timeout = [&fill[..], &["--user-timeout", "20s"]].concat();
+    agent.cli_ok(&with_timeout);
+    // The program sets its values and user timeout at ESTABLISHED; then the application
+    // switches on keepalive of its own (as Go does), which `fill` keeps from then on.
+    let mut pair = Proc::sock(&["pair", "4", "--keepalive-after", "99"], &cg);
+    let client = |pair: &mut Proc| pair.report().swap_remove(0);
+    pair.read();
+    let before = client(&mut pair);
+    assert_eq!(
+        (before["idle"].as_u64(), before["user_timeout"].as_u64()),
+        (Some(99), Some(20_000))
+    );
+    // The user timeout was never the application's: a policy without one takes it back.
+    agent.cli_ok(&fill);
+    let after = client(&mut pair);
+    assert_eq!(
+        (after["idle"].as_u64(), after["user_timeout"].as_u64()),
+        (Some(99), Some(0)),
+        "{after}"
+    );
+    let row = &agent.status()["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["direction"] == "outbound")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (&row["app_owned"], &row["user_timeout"]),
+        (&true.into(), &serde_json::Value::Null),
+        "{row}"
+    );
+}
+
+#[test]
 fn exact_paths_outrank_globs_also_across_runtime_and_config() {
     let parent = TestCgroup::new("precedence");
     let db = parent.child("db-main");
