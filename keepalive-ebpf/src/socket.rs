@@ -49,18 +49,19 @@ pub(crate) fn enforce_socket(
     enable_state_cb: impl FnOnce() -> bool,
 ) -> u8 {
     let policy = resolved.policy;
-    // A just-established socket cannot have a record yet; skip the lookup.
-    let existing = if origin == Origin::Existing {
-        track::record(sock.cookie)
-    } else {
-        None
-    };
-    // An existing socket without a record may still be one the program enforced and locked
-    // while the tracking maps were full: its lock storage says so, and holds what it set.
-    let untracked_lock = if origin == Origin::Existing && existing.is_none() {
-        PolicyStore::Locks.get(sock.sk)
-    } else {
-        None
+    // A just-established socket cannot have a record yet; skip the lookups. One the tracking
+    // maps had no room for keeps its record in its own storage (`stored`). Without either, it
+    // may still be one the program enforced and locked while the maps were full, before such
+    // records were stored: its lock storage says so, and holds what it set.
+    let (existing, stored, untracked_lock) = match origin {
+        Origin::Existing => match track::record(sock.cookie) {
+            Some(rec) => (Some(rec), false, None),
+            None => match track::stored_record(sock.sk) {
+                Some(rec) => (Some(rec), true, None),
+                None => (None, false, PolicyStore::Locks.get(sock.sk)),
+            },
+        },
+        Origin::Established { .. } => (None, false, None),
     };
     let before = match existing.as_deref() {
         Some(rec) => rec.flags,
@@ -86,7 +87,11 @@ pub(crate) fn enforce_socket(
         {
             let app_keepalive = rec.flags & sock_flags::APP_KEEPALIVE != 0;
             enforce::release(sock.target, sock.tp, &rec.policy, app_keepalive);
-            track::remove_record(sock.cookie);
+            if stored {
+                track::drop_stored_record(sock.sk);
+            } else {
+                track::remove_record(sock.cookie);
+            }
             enforce::drop_state_callbacks(sock.target);
             return apply_result::RELEASED;
         }
@@ -197,6 +202,8 @@ pub(crate) fn enforce_socket(
             flags |= sock_flags::STATE_CB;
         }
         track::cgroup_add(own, 1, 0, true);
+    } else if stored && flags & sock_flags::STATE_CB == 0 && enable_state_cb() {
+        flags |= sock_flags::STATE_CB;
     }
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_boot_ns() };
@@ -208,9 +215,12 @@ pub(crate) fn enforce_socket(
             rec.applied_ns = now;
             rec.flags = flags;
             describe(rec);
+            // Listed from now on, if the maps have room again.
+            if stored && flags & sock_flags::STATE_CB != 0 && track::insert_record(sock.cookie, rec)
+            {
+                track::drop_stored_record(sock.sk);
+            }
         }
-        // Without state callbacks the record would outlive its socket: enforce, don't track.
-        None if flags & sock_flags::STATE_CB == 0 => count(Counter::TrackingFull),
         None => {
             let mut rec = SockRecord {
                 cgroup_id: own,
@@ -222,7 +232,11 @@ pub(crate) fn enforce_socket(
                 ..SockRecord::default()
             };
             describe(&mut rec);
-            track::insert_record(sock.cookie, &rec);
+            // Without state callbacks a record in the maps would outlive its socket.
+            if flags & sock_flags::STATE_CB == 0 || !track::insert_record(sock.cookie, &rec) {
+                count(Counter::TrackingFull);
+                track::store_record(sock.sk, &rec);
+            }
         }
     }
     result

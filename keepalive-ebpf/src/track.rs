@@ -59,6 +59,9 @@ static KA_LOCKS: SkStorage<Policy> = SkStorage::new();
 static KA_LISTENERS: SkStorage<Policy> = SkStorage::new();
 
 #[btf_map]
+static KA_UNTRACKED: SkStorage<SockRecord> = SkStorage::new();
+
+#[btf_map]
 static KA_CGSTATS: HashMap<u64, CgroupStats, { DEFAULT_MAX_TRACKED_CGROUPS as usize }> =
     HashMap::new();
 
@@ -189,13 +192,47 @@ fn claim_slot(cookie: u64, rec: &SockRecord) -> bool {
     false
 }
 
-/// Adds a tracking record for a socket that has none; counts the overflow when both tables
-/// are full.
+/// Adds a tracking record for a socket that has none; whether there was room.
 #[inline(always)]
-pub(crate) fn insert_record(cookie: u64, rec: &SockRecord) {
-    if !claim_slot(cookie, rec) && KA_SOCKS.insert(cookie, rec, 0).is_err() {
-        count(Counter::TrackingFull);
+pub(crate) fn insert_record(cookie: u64, rec: &SockRecord) -> bool {
+    claim_slot(cookie, rec) || KA_SOCKS.insert(cookie, rec, 0).is_ok()
+}
+
+fn untracked_map() -> *mut c_void {
+    ptr::from_ref(&KA_UNTRACKED).cast_mut().cast()
+}
+
+/// The record of a socket the program enforced but could not track (`KA_UNTRACKED`), if it
+/// has one. `sk` is a socket pointer the calling program type may pass to bpf_sk_storage_get.
+#[inline(always)]
+pub(crate) fn stored_record(sk: *mut c_void) -> Option<&'static mut SockRecord> {
+    // SAFETY: the helper returns null or this socket's storage, which lives as long as the
+    // socket, so past this run; only this socket's callbacks and the iterator (holding the
+    // socket's lock) write it.
+    let p = unsafe { bpf_sk_storage_get(untracked_map(), sk, ptr::null_mut(), 0) };
+    // SAFETY: non-null storage pointers point at a SockRecord.
+    unsafe { p.cast::<SockRecord>().as_mut() }
+}
+
+/// Keeps `rec` in the socket's own storage, for a socket the tracking maps have no room for.
+#[inline(always)]
+pub(crate) fn store_record(sk: *mut c_void, rec: &SockRecord) {
+    let flags = u64::from(BPF_SK_STORAGE_GET_F_CREATE);
+    // SAFETY: as in `stored_record`; nothing is copied from the null init value.
+    let p = unsafe { bpf_sk_storage_get(untracked_map(), sk, ptr::null_mut(), flags) };
+    let slot = p.cast::<SockRecord>();
+    if !slot.is_null() {
+        // SAFETY: non-null storage pointers point at a SockRecord owned by this socket, 8-byte
+        // aligned. Word by word: a plain copy compiles to a byte loop the verifier rejects.
+        unsafe { kernel::copy_words(rec, slot) };
     }
+}
+
+/// Drops the socket's stored record (it is tracked now, or released).
+#[inline(always)]
+pub(crate) fn drop_stored_record(sk: *mut c_void) {
+    // SAFETY: deleting absent storage is a no-op returning -ENOENT.
+    let _ = unsafe { bpf_sk_storage_delete(untracked_map(), sk) };
 }
 
 /// Drops a socket's tracking record.

@@ -563,6 +563,52 @@ fn untracked_locked_sockets_are_released_when_the_lock_goes() {
     }
 }
 
+/// Sockets the full tracking maps leave out are treated as the listed ones on later passes:
+/// values the application set after the program are kept (`enforce`), a policy change
+/// reaches them (`fill`), and they are counted once.
+#[test]
+fn untracked_sockets_are_left_alone_when_unchanged_and_updated_when_changed() {
+    let parent = TestCgroup::new("untracked");
+    let agent = Agent::start(&parent, &["--idle", "21", "--max-tracked-sockets", "1"]);
+    let own = parent.child("own");
+    let fill = parent.child("fill");
+    let set_fill = |idle: &str| {
+        agent.cli_ok(&[
+            "policy",
+            "set",
+            fill.rel(),
+            "--mode",
+            "fill",
+            "--idle",
+            idle,
+        ]);
+    };
+    set_fill("31");
+    let mut pairs = Vec::new();
+    for _ in 0..3 {
+        // The application sets keepalive of its own after the program (as Go does).
+        let mut pair = Proc::sock(&["pair", "4", "--keepalive-after", "99"], &own);
+        assert_eq!(values(&pair.read()["client"]).1, 99);
+        let mut filled = Proc::sock(&["pair", "4"], &fill);
+        assert_eq!(values(&filled.read()["client"]).1, 31);
+        pairs.extend([pair, filled]);
+    }
+    let status = agent.status();
+    let listed = status["sockets"].as_array().unwrap().len() as u64;
+    assert!(listed <= 2, "room for two records: {listed}");
+    let full = || agent.status()["counters"]["socket_tracking_full"].clone();
+    assert_eq!(full(), 12 - listed);
+
+    // A pass over every socket.
+    set_fill("32");
+    for (i, pair) in pairs.iter_mut().enumerate() {
+        let client = pair.report().swap_remove(0);
+        let want = if i % 2 == 0 { 99 } else { 32 };
+        assert_eq!(values(&client).1, want, "pair {i}: {client}");
+    }
+    assert_eq!(full(), 12 - listed, "counted once, not once per pass");
+}
+
 #[test]
 fn a_restart_with_another_socket_capacity_keeps_finding_the_pinned_records() {
     let cg = TestCgroup::new("slots");

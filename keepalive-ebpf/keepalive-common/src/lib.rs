@@ -82,6 +82,12 @@ pub const MAP_LISTENERS: &str = "KA_LISTENERS";
 /// Socket-local storage holding the [`Policy`] of `lock`-mode sockets, read by the
 /// cgroup/setsockopt program (which has no socket cookie helper to find the tracking record).
 pub const MAP_LOCKS: &str = "KA_LOCKS";
+/// Socket-local storage holding the [`SockRecord`] of a socket the program enforced but could
+/// not track: the tracking maps were full, or (before Linux 6.10) a connection older than the
+/// agent could not get the close callback a record needs. `status` does not list these; the
+/// record tells later apply passes what the program set, so they treat the socket as the
+/// tracked ones (and count it once). Freed with the socket.
+pub const MAP_UNTRACKED: &str = "KA_UNTRACKED";
 /// Per-cgroup counters: `u64` cgroup id -> [`CgroupStats`]. Bounded; overflow is counted.
 pub const MAP_CGSTATS: &str = "KA_CGSTATS";
 /// Per-CPU `u64` counters indexed by [`Counter`].
@@ -92,12 +98,13 @@ pub const GLOBAL_OFFSETS: &str = "KA_OFFSETS";
 pub const GLOBAL_SETTINGS: &str = "KA_SETTINGS";
 
 /// Maps pinned in the state directory, so counters and sockets survive an agent restart.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 8] = [
     MAP_POLICY,
     MAP_SOCK_SLOTS,
     MAP_SOCKS,
     MAP_LOCKS,
     MAP_LISTENERS,
+    MAP_UNTRACKED,
     MAP_CGSTATS,
     MAP_COUNTERS,
 ];
@@ -533,7 +540,7 @@ pub enum Counter {
     CgroupUnknown,
     /// The socket was enforced but is not listed: the tracking map was full, or (before Linux
     /// 6.10) a connection that existed before the agent could not get the close callback its
-    /// record needs.
+    /// record needs. Counted once per socket; its record goes to [`MAP_UNTRACKED`].
     TrackingFull,
     /// The per-cgroup counter map was full; enforcement still happened.
     CgroupStatsFull,
