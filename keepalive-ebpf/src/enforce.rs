@@ -140,6 +140,28 @@ fn has_values(target: *mut c_void, tp: *const u8, policy: &Policy) -> Option<boo
     }
 }
 
+/// Whether the socket already carries exactly `policy` (see [`kernel::carries`]). Until the
+/// program knows HZ, which after each load is until it first sets an idle time, the values are
+/// read with getsockopt instead, and teach it HZ: otherwise a connection that inherited the
+/// policy from a listener the previous program configured would look like one the
+/// application configured.
+#[inline(always)]
+pub(crate) fn carries(target: *mut c_void, tp: *const u8, policy: &Policy) -> bool {
+    if kernel::hz_known() {
+        return kernel::carries(tp, policy);
+    }
+    let Some(idle) = get_int(target, IPPROTO_TCP, TCP_KEEPIDLE) else {
+        return false;
+    };
+    kernel::learn_hz(tp, idle);
+    kernel::keepalive_on(tp)
+        && idle == policy.idle
+        && get_int(target, IPPROTO_TCP, TCP_KEEPINTVL) == Some(policy.interval)
+        && get_int(target, IPPROTO_TCP, TCP_KEEPCNT) == Some(policy.count)
+        && (policy.flags & policy_flags::USER_TIMEOUT == 0
+            || kernel::user_timeout_ms(tp) == policy.user_timeout_ms)
+}
+
 /// Whether the socket's idle, interval and count are still `previous`'s, the values the program
 /// set (not known to be: left on by a release).
 #[inline(always)]
@@ -214,7 +236,7 @@ pub(crate) fn configure_listener(
         flags: policy.flags | app_keepalive,
         ..*policy
     };
-    if ours == Some(stored) && kernel::carries(tp, policy) {
+    if ours == Some(stored) && carries(target, tp, policy) {
         return;
     }
     apply(target, tp, policy, ours.as_ref());

@@ -163,6 +163,12 @@ pub(crate) fn keepalive_on(tp: *const u8) -> bool {
     flags & (1 << off!(sock_keepopen_bit)) != 0
 }
 
+/// Whether the program knows HZ yet: not after a load until it first sets an idle time.
+#[inline(always)]
+pub(crate) fn hz_known() -> bool {
+    hz() != 0
+}
+
 #[inline(always)]
 fn hz() -> u64 {
     // SAFETY: a plain aligned read of a global; racing writers store the same value.
@@ -183,7 +189,8 @@ pub(crate) fn learn_hz(tp: *const u8, idle: u32) {
 }
 
 /// Whether the socket already carries exactly `policy`, e.g. inherited from its listener.
-/// Costs a few memory reads instead of five setsockopt calls.
+/// Costs a few memory reads instead of five setsockopt calls; false while HZ is unknown (see
+/// `enforce::carries`).
 #[inline(always)]
 pub(crate) fn carries(tp: *const u8, policy: &Policy) -> bool {
     keepalive_on(tp)

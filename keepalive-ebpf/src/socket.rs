@@ -142,7 +142,7 @@ pub(crate) fn enforce_socket(
     // the program set before, which this one drops.
     let resets_user_timeout =
         previous.is_some_and(|previous| enforce::resets_user_timeout(sock.tp, &previous, &policy));
-    let result = if !resets_user_timeout && kernel::carries(sock.tp, &policy) {
+    let result = if !resets_user_timeout && enforce::carries(sock.target, sock.tp, &policy) {
         // Usually an accepted socket that inherited the options the program set on its
         // listener: nothing to do.
         count(Counter::Inherited);

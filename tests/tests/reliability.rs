@@ -609,6 +609,60 @@ fn untracked_sockets_are_left_alone_when_unchanged_and_updated_when_changed() {
     assert_eq!(full(), 12 - listed, "counted once, not once per pass");
 }
 
+/// A new program does not know HZ until it first sets an idle time. A connection accepted in
+/// that window from a listener the previous program configured under `fill` carries the
+/// policy's values: the program's, not the application's.
+#[test]
+fn fill_connections_accepted_before_the_new_program_learns_hz_are_the_programs() {
+    let parent = TestCgroup::new("hzrestart");
+    let svc = parent.child("svc");
+    let outside = TestCgroup::new("hzclient");
+    let ns = Netns::new("hz");
+    let config = write_config("[default]\nmode = \"fill\"\nidle = 31\n");
+    let run = [
+        "run",
+        "--cgroup",
+        parent.path().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let mut agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    let dirs = agent.dirs();
+    let mut server = Proc::spawn(
+        &sock_bin(),
+        &["listen", "127.0.0.1:0"],
+        Some(svc.path()),
+        Some(&ns),
+    );
+    let port = server.read()["port"].as_u64().unwrap();
+    agent.stop_with(libc::SIGTERM);
+    // Without CAP_SYS_ADMIN the new agent cannot enter the listener's namespace: its first
+    // pass leaves the listener alone, so nothing teaches the new program HZ before the
+    // connection arrives.
+    let agent = Agent::start_with(&dirs, &run, &[], Some(&[12, 19, 38, 39]));
+    // The client is outside the attach cgroup: only the accepted end is the program's.
+    let mut client = Proc::spawn(
+        &sock_bin(),
+        &["connect", &format!("127.0.0.1:{port}")],
+        Some(outside.path()),
+        Some(&ns),
+    );
+    client.read();
+    assert_eq!(values(&server.read()["accepted"]).1, 31);
+    let status = agent.status();
+    let row = status["sockets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["direction"] == "inbound")
+        .unwrap_or_else(|| panic!("{status:#}"));
+    assert_eq!(
+        (&row["app_owned"], &row["inherited"]),
+        (&false.into(), &true.into()),
+        "{row}"
+    );
+}
+
 #[test]
 fn a_restart_with_another_socket_capacity_keeps_finding_the_pinned_records() {
     let cg = TestCgroup::new("slots");
