@@ -333,7 +333,7 @@ impl Btf {
             tcp_keepalive_probes: off("tcp_sock", &["keepalive_probes"], 1)?,
             icsk_user_timeout: off("inet_connection_sock", &["icsk_user_timeout"], 4)?,
             icsk_probes_out: off("inet_connection_sock", &["icsk_probes_out"], 1)?,
-            _pad: 0,
+            sock_err_soft: off("sock", &["sk_err_soft"], 4)?,
         })
     }
 

@@ -31,7 +31,7 @@ pub(crate) static KA_OFFSETS: KernelOffsets = KernelOffsets {
     tcp_keepalive_probes: 0,
     icsk_user_timeout: 0,
     icsk_probes_out: 0,
-    _pad: 0,
+    sock_err_soft: 0,
 };
 
 /// Patched by the loader.

@@ -190,7 +190,7 @@ fn describe(ctx: &SockOpsContext, rec: &mut SockRecord, cookie: u64, direction: 
 }
 
 /// Follows the socket's state. On close: count a dead peer when the kernel gave up on it
-/// (keepalive or user timeout expired: sk_err == ETIMEDOUT), and drop its record.
+/// (keepalive, user timeout or retransmissions expired, see [`gave_up`]), and drop its record.
 #[inline(always)]
 fn on_state_change(ctx: &SockOpsContext) {
     // Only the close matters; `status` reads the live state from the socket itself.
@@ -203,13 +203,22 @@ fn on_state_change(ctx: &SockOpsContext) {
     if !sk.is_null() {
         // SAFETY: as in `socket`.
         let tp = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>().cast_const();
-        if !tp.is_null() && kernel::load::<i32>(tp, off!(sock_err)) == uapi::ETIMEDOUT {
+        if !tp.is_null() && gave_up(tp) {
             count(Counter::DeadPeers);
             // Never re-create the entry of a removed cgroup just to count this.
             track::cgroup_add(kernel::sock_cgroup(tp).id, 0, 1, false);
         }
     }
     track::remove_record(cookie_of(ctx));
+}
+
+/// Whether the kernel closed the socket because its peer stopped answering: it then reports
+/// the last ICMP error it kept (`sk_err_soft`, "network unreachable", say) or else ETIMEDOUT
+/// (`tcp_write_err`). A reset or an abort sets other errors, never the soft one.
+#[inline(always)]
+fn gave_up(tp: *const u8) -> bool {
+    let err = kernel::load::<i32>(tp, off!(sock_err));
+    err == uapi::ETIMEDOUT || (err != 0 && err == kernel::load::<i32>(tp, off!(sock_err_soft)))
 }
 
 /// Holds `lock`-mode sockets at their policy: SO_KEEPALIVE cannot be switched off, and idle,

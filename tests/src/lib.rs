@@ -316,6 +316,47 @@ impl VethPair {
         }
     }
 
+    /// Makes the server side answer what comes from the client with ICMP "network
+    /// unreachable", as a router that lost its route does, instead of delivering it.
+    pub fn unreachable(&self) {
+        let b = self.b.name();
+        // Forwarding on, or the kernel drops such packets without an ICMP error; the local
+        // table's rule moved behind the one that refuses what arrives on the link.
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                b,
+                "sh",
+                "-c",
+                "echo 1 > /proc/sys/net/ipv4/conf/all/forwarding",
+            ],
+        );
+        sh(
+            "ip",
+            &["-n", b, "rule", "add", "pref", "100", "lookup", "local"],
+        );
+        sh(
+            "ip",
+            &["-n", b, "rule", "del", "pref", "0", "lookup", "local"],
+        );
+        sh(
+            "ip",
+            &[
+                "-n",
+                b,
+                "rule",
+                "add",
+                "pref",
+                "10",
+                "iif",
+                &self.b_if,
+                "unreachable",
+            ],
+        );
+    }
+
     /// Takes the server side's link down: its packets vanish, with no FIN or RST.
     pub fn cut(&self) {
         sh(

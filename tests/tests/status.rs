@@ -227,18 +227,58 @@ fn a_dead_peer_is_counted_for_its_cgroup_and_a_normal_close_is_not() {
     veth.cut();
     let outcome = doomed.next(Duration::from_secs(15));
     assert_eq!(outcome["errno"], libc::ETIMEDOUT, "{outcome}");
-    let status = eventually(
-        Duration::from_secs(5),
-        "the dead peer to be counted",
-        || {
-            let status = agent.status();
-            (cgroup_row(&status, &cg)["dead_peers"] == 1).then_some(status)
-        },
-    );
+    let status = one_dead_peer(&agent, &cg);
     let row = cgroup_row(&status, &cg);
     assert_eq!(row["enforced_total"], 2, "{row}");
     assert_eq!(row["open"], 0, "{row}");
     assert_eq!(status["counters"]["dead_peers"], 1);
+}
+
+/// A peer behind a network that answers with ICMP errors: the kernel gives up with that error
+/// (the soft error it kept) instead of ETIMEDOUT, and it is a dead peer all the same.
+#[test]
+fn a_dead_peer_behind_an_unreachable_network_is_counted() {
+    let veth = VethPair::new();
+    let cg = TestCgroup::new("unreach");
+    let agent = Agent::start(&cg, &["--idle", "600", "--user-timeout", "2s"]);
+    let mut server = Proc::spawn(
+        &sock_bin(),
+        &["listen", &format!("{}:0", veth.b_addr)],
+        None,
+        Some(&veth.b),
+    );
+    let port = server.read()["port"].as_u64().unwrap();
+    let mut client = Proc::spawn(
+        &sock_bin(),
+        &[
+            "connect",
+            &format!("{}:{port}", veth.b_addr),
+            "--send",
+            "--read",
+        ],
+        Some(cg.path()),
+        Some(&veth.a),
+    );
+    client.read();
+    server.read();
+    veth.unreachable();
+    client.close_stdin();
+    let outcome = client.next(Duration::from_secs(15));
+    assert_eq!(outcome["errno"], libc::ENETUNREACH, "{outcome}");
+    let status = one_dead_peer(&agent, &cg);
+    assert_eq!(status["counters"]["dead_peers"], 1, "{status:#}");
+}
+
+/// `status` once `cg` has counted one dead peer.
+fn one_dead_peer(agent: &Agent, cg: &TestCgroup) -> Value {
+    eventually(
+        Duration::from_secs(5),
+        "the dead peer to be counted",
+        || {
+            let status = agent.status();
+            (cgroup_row(&status, cg)["dead_peers"] == 1).then_some(status)
+        },
+    )
 }
 
 #[test]

@@ -376,8 +376,8 @@ pub struct KernelOffsets {
     pub icsk_user_timeout: u32,
     /// `struct inet_connection_sock`: `icsk_probes_out` (a `u8`).
     pub icsk_probes_out: u32,
-    /// Keeps the size a multiple of 8.
-    pub _pad: u32,
+    /// `struct sock`: `sk_err_soft` (an `int`).
+    pub sock_err_soft: u32,
 }
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
 

@@ -8,7 +8,7 @@
 //!                                                client+server over loopback; both ends' options
 //! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE] [--keepalive-after IDLE]
 //!                                                accept N connections (default 1), report each
-//! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--read] [--loosen] [--loosen-large]
+//! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--send] [--read] [--loosen] [--loosen-large]
 //! ka-sock storm <N>                              N loopback connect/accept/close cycles, timed;
 //!                                                with KA_STORM_KEEPALIVE set (to any value),
 //!                                                the application turns SO_KEEPALIVE on itself
@@ -30,8 +30,9 @@
 //! on the client once connected, as Go's net package does (with `listen`: on the listener once
 //! listening, as nginx does); `--user-timeout-after MS` sets the
 //! client's TCP_USER_TIMEOUT once connected; `--loosen-at-report N` makes the client try what
-//! `--loosen` does (below) just before the N-th report. `--read` blocks in read() after
-//! connecting and reports how it ended. `--loosen` tries to switch keepalive off and raise its
+//! `--loosen` does (below) just before the N-th report. `--send` waits until stdin closes, then
+//! sends one byte. `--read` blocks in read() after connecting (and sending) and reports how it
+//! ended. `--loosen` tries to switch keepalive off and raise its
 //! values after connecting, then reports what getsockopt shows, then sets TCP_CONGESTION from a
 //! buffer larger than a page. `--loosen-large` tries to switch keepalive off and raise
 //! TCP_KEEPIDLE to 9999 with the value at the start of an 8192-byte buffer (the kernel reads
@@ -367,6 +368,13 @@ fn connect_cmd(args: &[String]) {
             "idle_9999": set_large(fd, TCP, libc::TCP_KEEPIDLE, 9999),
         });
         emit(json!({ "loosen_large": results, "after": options(fd) }));
+    }
+    if args.iter().any(|a| a == "--send") {
+        // Data in flight, so a retransmission timer runs (and TCP_USER_TIMEOUT with it).
+        std::io::stdin()
+            .read_to_end(&mut Vec::new())
+            .expect("read stdin");
+        stream.write_all(b"x").expect("send");
     }
     if args.iter().any(|a| a == "--read") {
         let start = Instant::now();
