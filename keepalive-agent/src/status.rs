@@ -398,13 +398,16 @@ impl View<'_> {
         });
         let attach_id =
             crate::loader::pinned_attach_id(state).map_err(|err| pin_error(state.root(), err))?;
-        // The link of a removed cgroup enforces nothing: not attached, whatever is pinned.
+        // The link of a removed cgroup no longer covers new connections (only sockets left
+        // over from that cgroup, which keep its programs): not attached, whatever is pinned.
         let attach_cgroup = attach_id
             .and_then(|id| names.get(&id))
             .map(ToString::to_string);
         if attach_id.is_some() && attach_cgroup.is_none() {
             log::warn!(
-                "the enforcement pinned in {} was on a cgroup that has been removed, so nothing                  is enforced; start the agent again, or remove it with `keepalive-agent detach`",
+                "the enforcement pinned in {} is on a cgroup that has been removed: it no longer \
+                 covers new connections, only sockets left over from that cgroup; start the agent \
+                 again, or remove it with `keepalive-agent detach`",
                 state.root().display()
             );
         }

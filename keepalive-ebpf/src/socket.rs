@@ -106,6 +106,11 @@ pub(crate) fn enforce_socket(
         && rec.policy == policy
         && rec.policy_cgroup_id == resolved.policy_cgroup
     {
+        // Listed from now on, if the maps have room again.
+        if stored && rec.flags & sock_flags::STATE_CB != 0 && track::insert_record(sock.cookie, rec)
+        {
+            track::drop_stored_record(sock.sk);
+        }
         // Shown again by the iterator after its first output did not fit: report what this
         // pass did to it, not "unchanged".
         let pass_start = track::apply_pass_start();
