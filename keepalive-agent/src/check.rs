@@ -514,8 +514,8 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
             instance::running_agent(runtime_dir).filter(|agent| agent.may_use(state.root()));
         let detail = match (attached, agent) {
             (Some(None), _) => format!(
-                "the enforcement pinned in {} was on a cgroup that has been removed, so it \
-                 enforces nothing; `run` attaches anew",
+                "the enforcement pinned in {} was on a cgroup that has been removed, so it no \
+                 longer covers new connections; `run` attaches anew",
                 state.root().display()
             ),
             (Some(Some(cgroup)), Some(agent)) => {

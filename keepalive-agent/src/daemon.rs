@@ -711,8 +711,8 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             }
             None => {
                 log::warn!(
-                    "the cgroup of the enforcement pinned in {} was removed, so it enforced \
-                     nothing; attaching anew to {attach}",
+                    "the cgroup of the enforcement pinned in {} was removed, so it no longer \
+                     covered new connections; attaching anew to {attach}",
                     state.root().display()
                 );
                 loader::unpin_defunct_links(&state)?;

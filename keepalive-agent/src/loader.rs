@@ -113,7 +113,7 @@ pub fn link_cgroup(link: &sys::LinkInfo, cgroup2: &Cgroup2) -> Option<CgroupPath
     cgroup2.name_of(link.cgroup_id)
 }
 
-/// Removes the pins of the links of a removed cgroup, which enforce nothing.
+/// Removes the pins of the links of a removed cgroup, which no longer cover new connections.
 pub fn unpin_defunct_links(state: &StateDir) -> anyhow::Result<()> {
     for path in [state.sockops_link(), state.lock_link()] {
         pin::unpin(&path)?;

@@ -140,26 +140,19 @@ fn has_values(target: *mut c_void, tp: *const u8, policy: &Policy) -> Option<boo
     }
 }
 
-/// Whether the socket already carries exactly `policy` (see [`kernel::carries`]). Until the
-/// program knows HZ, which after each load is until it first sets an idle time, the values are
-/// read with getsockopt instead, and teach it HZ: otherwise a connection that inherited the
-/// policy from a listener the previous program configured would look like one the
-/// application configured.
+/// Whether the socket already carries exactly `policy` (see [`kernel::carries`]). The program
+/// knows HZ only once it has set an idle time, which after each load it has not: until then it
+/// learns HZ from the idle time getsockopt reads, if one was set. Otherwise a connection that
+/// inherited the policy from a listener the previous program configured would look like one
+/// the application configured.
 #[inline(always)]
 pub(crate) fn carries(target: *mut c_void, tp: *const u8, policy: &Policy) -> bool {
-    if kernel::hz_known() {
-        return kernel::carries(tp, policy);
+    if !kernel::hz_known()
+        && let Some(idle) = get_int(target, IPPROTO_TCP, TCP_KEEPIDLE)
+    {
+        kernel::learn_hz(tp, idle);
     }
-    let Some(idle) = get_int(target, IPPROTO_TCP, TCP_KEEPIDLE) else {
-        return false;
-    };
-    kernel::learn_hz(tp, idle);
-    kernel::keepalive_on(tp)
-        && idle == policy.idle
-        && get_int(target, IPPROTO_TCP, TCP_KEEPINTVL) == Some(policy.interval)
-        && get_int(target, IPPROTO_TCP, TCP_KEEPCNT) == Some(policy.count)
-        && (policy.flags & policy_flags::USER_TIMEOUT == 0
-            || kernel::user_timeout_ms(tp) == policy.user_timeout_ms)
+    kernel::carries(tp, policy)
 }
 
 /// Whether the socket's idle, interval and count are still `previous`'s, the values the program

@@ -106,10 +106,8 @@ pub(crate) fn enforce_socket(
         && rec.policy == policy
         && rec.policy_cgroup_id == resolved.policy_cgroup
     {
-        // Listed from now on, if the maps have room again.
-        if stored && rec.flags & sock_flags::STATE_CB != 0 && track::insert_record(sock.cookie, rec)
-        {
-            track::drop_stored_record(sock.sk);
+        if stored {
+            list_if_room(sock, rec);
         }
         // Shown again by the iterator after its first output did not fit: report what this
         // pass did to it, not "unchanged".
@@ -220,10 +218,8 @@ pub(crate) fn enforce_socket(
             rec.applied_ns = now;
             rec.flags = flags;
             describe(rec);
-            // Listed from now on, if the maps have room again.
-            if stored && flags & sock_flags::STATE_CB != 0 && track::insert_record(sock.cookie, rec)
-            {
-                track::drop_stored_record(sock.sk);
+            if stored {
+                list_if_room(sock, rec);
             }
         }
         None => {
@@ -245,4 +241,14 @@ pub(crate) fn enforce_socket(
         }
     }
     result
+}
+
+/// Moves the record of a socket the tracking maps left out into them, if they have room
+/// again, so `status` lists it from now on. Only with state callbacks, without which a record
+/// in the maps would outlive its socket.
+#[inline(always)]
+fn list_if_room(sock: &Socket, rec: &SockRecord) {
+    if rec.flags & sock_flags::STATE_CB != 0 && track::insert_record(sock.cookie, rec) {
+        track::drop_stored_record(sock.sk);
+    }
 }
