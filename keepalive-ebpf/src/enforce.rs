@@ -40,7 +40,7 @@ fn get_int(target: *mut c_void, level: i32, name: i32) -> Option<u32> {
 }
 
 /// Sets the policy's values and then SO_KEEPALIVE, on a socket that carried `previous` (the
-/// policy the program set on it before, if any): a policy without a user timeout puts
+/// policy whose user timeout the program set on it before, if any): a policy without one puts
 /// TCP_USER_TIMEOUT back to 0 (the kernel's default) when `previous` had one and the socket
 /// still has it (see [`resets_user_timeout`]). Learns HZ from the idle time set. Every failure
 /// is counted; returns whether all calls succeeded.
@@ -167,6 +167,36 @@ fn still_set(target: *mut c_void, tp: *const u8, previous: &Policy) -> bool {
 #[inline(always)]
 pub(crate) fn set_by_app_since(target: *mut c_void, tp: *const u8, previous: &Policy) -> bool {
     kernel::keepalive_on(tp) && has_values(target, tp, previous) == Some(false)
+}
+
+/// Under `fill`, on a socket whose keepalive values are the application's: moves the user
+/// timeout the program set with `own` (if the socket still has it; the application may have
+/// set its own since) to `policy`'s, or back to the kernel's default when `policy` has none.
+/// Returns whether the socket still has a user timeout of the program's.
+#[inline(always)]
+pub(crate) fn follow_own_user_timeout(
+    target: *mut c_void,
+    tp: *const u8,
+    own: Option<&Policy>,
+    policy: &Policy,
+) -> bool {
+    if !own.is_some_and(|own| has_user_timeout_of(tp, own)) {
+        return false;
+    }
+    if policy.flags & policy_flags::USER_TIMEOUT == 0 {
+        drop_user_timeout(target);
+        return false;
+    }
+    if kernel::user_timeout_ms(tp) != policy.user_timeout_ms {
+        set_int(
+            target,
+            IPPROTO_TCP,
+            TCP_USER_TIMEOUT,
+            policy.user_timeout_ms,
+            Counter::FailUserTimeout,
+        );
+    }
+    true
 }
 
 /// Whether the socket still has the user timeout `policy` set (the application may have set

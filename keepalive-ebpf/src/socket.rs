@@ -141,10 +141,18 @@ pub(crate) fn enforce_socket(
         .filter(|rec| rec.flags & sock_flags::ENFORCED != 0)
         .map(|rec| rec.policy)
         .or(untracked_lock);
+    // Where the program's user timeout came from: `previous`, or, on a socket whose keepalive
+    // `fill` left to the application, the record's user timeout if the program set it.
+    let own_user_timeout = previous.or_else(|| {
+        existing
+            .as_deref()
+            .filter(|rec| rec.flags & sock_flags::OWN_USER_TIMEOUT != 0)
+            .map(|rec| rec.policy)
+    });
     // A socket that carries the policy's values can still hold the user timeout of the policy
     // the program set before, which this one drops.
     let resets_user_timeout =
-        previous.is_some_and(|previous| enforce::resets_user_timeout(sock.tp, &previous, &policy));
+        own_user_timeout.is_some_and(|own| enforce::resets_user_timeout(sock.tp, &own, &policy));
     let result = if !resets_user_timeout && enforce::carries(sock.target, sock.tp, &policy) {
         // Usually an accepted socket that inherited the options the program set on its
         // listener: nothing to do.
@@ -158,17 +166,22 @@ pub(crate) fn enforce_socket(
     {
         // The application's own keepalive, from before the program set anything or since (Go,
         // for one, sets its own right after connect and accept, after the ESTABLISHED callback).
-        // A user timeout the program set is still the program's, and goes when the policy
-        // drops it, before the application's values are read.
-        if resets_user_timeout {
-            enforce::drop_user_timeout(sock.target);
+        // A user timeout the program set is still the program's: it follows the policy, before
+        // the application's values are read, and the record says whose it is.
+        if enforce::follow_own_user_timeout(
+            sock.target,
+            sock.tp,
+            own_user_timeout.as_ref(),
+            &policy,
+        ) {
+            flags |= sock_flags::OWN_USER_TIMEOUT;
         }
         count(Counter::KeptApp);
         values = enforce::read_values(sock.target, mode::FILL);
         flags |= sock_flags::APP_OWNED;
         apply_result::KEPT_APP
     } else {
-        let ok = enforce::apply(sock.target, sock.tp, &policy, previous.as_ref());
+        let ok = enforce::apply(sock.target, sock.tp, &policy, own_user_timeout.as_ref());
         count(Counter::Enforced);
         flags |= sock_flags::ENFORCED;
         if ok {

@@ -905,6 +905,36 @@ fn fill_drops_its_own_user_timeout_under_keepalive_the_application_set_later() {
 }
 
 #[test]
+fn fill_moves_its_own_user_timeout_with_the_policy_under_keepalive_the_application_set_later() {
+    let cg = TestCgroup::new("utmoved");
+    let agent = Agent::start(&cg, &[]);
+    let fill = |idle: &str, user_timeout: Option<&str>| {
+        let mut args = vec!["policy", "set", cg.rel(), "--mode", "fill", "--idle", idle];
+        args.extend(user_timeout.iter().flat_map(|t| ["--user-timeout", *t]));
+        agent.cli_ok(&args);
+    };
+    fill("50", Some("20s"));
+    let mut pair = Proc::sock(&["pair", "4", "--keepalive-after", "99"], &cg);
+    pair.read();
+    let mut client = || {
+        let client = pair.report().swap_remove(0);
+        (client["idle"].as_u64(), client["user_timeout"].as_u64())
+    };
+    assert_eq!(client(), (Some(99), Some(20_000)));
+    // The application's keepalive values stay; the user timeout is still the program's, so it
+    // follows each policy: another value, the same value again, then none.
+    fill("51", Some("30s"));
+    assert_eq!(client(), (Some(99), Some(30_000)));
+    fill("52", Some("30s"));
+    assert_eq!(client(), (Some(99), Some(30_000)));
+    fill("53", None);
+    assert_eq!(client(), (Some(99), Some(0)));
+    // From then on the socket has no user timeout of the program's to follow.
+    fill("54", Some("40s"));
+    assert_eq!(client(), (Some(99), Some(0)));
+}
+
+#[test]
 fn exact_paths_outrank_globs_also_across_runtime_and_config() {
     let parent = TestCgroup::new("precedence");
     let db = parent.child("db-main");

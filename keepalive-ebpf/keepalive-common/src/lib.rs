@@ -413,6 +413,10 @@ pub mod sock_flags {
     /// own, or, on an accepted socket, inherited from its listener, whose owner cannot be told
     /// from here. Releasing the socket leaves keepalive on.
     pub const APP_KEEPALIVE: u32 = 1 << 10;
+    /// With [`APP_OWNED`]: the record's user timeout is one the program set before `fill`
+    /// left the socket's keepalive to the application, still the program's to change or drop
+    /// with the policy.
+    pub const OWN_USER_TIMEOUT: u32 = 1 << 11;
 }
 
 /// Per-socket tracking record, kept in [`MAP_SOCK_SLOTS`] or [`MAP_SOCKS`] for each enforced
