@@ -447,12 +447,18 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
             checks.push(match result {
                 Ok(()) => item(name, Outcome::Ok, format!("loads; {what} works"), None),
                 // `run` loads the lock program whatever the policy, so only the TCP iterator
-                // is optional.
-                Err(err) if program == keepalive_common::PROG_APPLY => item(
+                // is optional, and only on a kernel that lacks what it needs.
+                Err(err) if program == keepalive_common::PROG_APPLY && err.unsupported => item(
                     name,
                     Outcome::Warn,
                     format!("rejected ({err}); no {what}"),
                     Some("use Linux 5.15 or newer"),
+                ),
+                Err(err) if program == keepalive_common::PROG_APPLY => item(
+                    name,
+                    Outcome::Fail,
+                    format!("rejected by a kernel that supports it: {err}"),
+                    Some("report this with the output above: this build's program is faulty"),
                 ),
                 Err(err) => item(
                     name,

@@ -16,7 +16,7 @@ use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{ArrayOfMaps, HashMap, MapData},
-    programs::{CgroupSockopt, Iter, SockOps},
+    programs::{CgroupSockopt, Iter, ProgramError, SockOps},
 };
 use keepalive_common::{
     CgroupStats, DEFAULT_MAX_TRACKED_SOCKETS, GLOBAL_OFFSETS, GLOBAL_SETTINGS, KernelOffsets,
@@ -187,7 +187,9 @@ impl Enforcer {
                 .map_err(|err| kernel_error("the kernel rejected the status iterator", err))?;
         }
         // The TCP iterator needs bpf_setsockopt from iterators (Linux 5.15). Without it, new
-        // connections are still enforced; existing ones are not touched.
+        // connections are still enforced; existing ones are not touched. A kernel that has
+        // what it needs and still rejects it found a fault in the program, which must not go
+        // by as a warning.
         let apply_link = {
             let apply: &mut Iter = program(&mut ebpf, PROG_APPLY)?;
             match apply.load("tcp", &aya_btf) {
@@ -195,13 +197,14 @@ impl Enforcer {
                     sys::iter_link_create(apply.fd()?.as_fd(), None)
                         .context("failed to create the TCP iterator link")?,
                 ),
-                Err(err) => {
+                Err(err) if lacks_iterator_support(&err) => {
                     log::warn!(
                         "this kernel cannot run the TCP iterator ({err:#}); policy applies to new \
                          connections only, not to connections that already exist"
                     );
                     None
                 }
+                Err(err) => return Err(kernel_error("the kernel rejected the TCP iterator", err)),
             }
         };
         let cgroup = File::open(opts.attach_path)
@@ -402,13 +405,65 @@ fn start_apply_pass(ebpf: &mut Ebpf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Whether the kernel refused an iterator for lacking what it needs, as kernels before 5.15
+/// do: no such iterator in its BTF, or a helper it does not offer to iterators. Any other
+/// rejection is a fault in the program.
+pub fn lacks_iterator_support(err: &ProgramError) -> bool {
+    match err {
+        ProgramError::Btf(_) => true,
+        ProgramError::LoadError { verifier_log, .. } => {
+            verifier_lacks_support(&verifier_log.to_string())
+        }
+        _ => false,
+    }
+}
+
+/// Whether a verifier log rejects a helper call that this program type cannot make on this
+/// kernel, or a helper it does not know (the messages of `check_helper_call` in
+/// `kernel/bpf/verifier.c`).
+fn verifier_lacks_support(log: &str) -> bool {
+    [
+        "invalid func ",
+        "unknown func ",
+        "cannot use helper ",
+        "helper call is not allowed in probe",
+    ]
+    .iter()
+    .any(|message| log.contains(message))
+}
+
+/// Why [`probe`] found a program rejected.
+#[derive(Debug)]
+pub struct Rejection {
+    /// The error, with the verifier's output.
+    pub reason: String,
+    /// The kernel lacks what the program needs (see [`lacks_iterator_support`]), rather than
+    /// rejecting the program itself.
+    pub unsupported: bool,
+}
+
+impl From<String> for Rejection {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            unsupported: false,
+        }
+    }
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// Loads every program with private, unpinned maps and drops them again: what `check` uses
 /// to tell whether this kernel accepts them. Nothing is attached or pinned.
-pub fn probe(btf: &Btf) -> Vec<(&'static str, Result<(), String>)> {
+pub fn probe(btf: &Btf) -> Vec<(&'static str, Result<(), Rejection>)> {
     let fail_all = |why: String| {
         [PROG_SOCKOPS, PROG_LOCK, PROG_APPLY, PROG_STATUS]
             .into_iter()
-            .map(|p| (p, Err(why.clone())))
+            .map(|p| (p, Err(Rejection::from(why.clone()))))
             .collect()
     };
     if !object_available() {
@@ -432,24 +487,28 @@ pub fn probe(btf: &Btf) -> Vec<(&'static str, Result<(), String>)> {
         Ok(btf) => btf,
         Err(err) => return fail_all(format!("{err:#}")),
     };
-    let describe =
-        |result: Result<(), aya::programs::ProgramError>| result.map_err(|err| format!("{err:#}"));
+    let describe = |result: Result<(), ProgramError>| {
+        result.map_err(|err| Rejection {
+            reason: format!("{err:#}"),
+            unsupported: lacks_iterator_support(&err),
+        })
+    };
     let mut results = Vec::new();
     results.push((
         PROG_SOCKOPS,
         program::<SockOps>(&mut ebpf, PROG_SOCKOPS)
-            .map_err(|err| err.to_string())
+            .map_err(|err| Rejection::from(err.to_string()))
             .and_then(|p| describe(p.load())),
     ));
     results.push((
         PROG_LOCK,
         program::<CgroupSockopt>(&mut ebpf, PROG_LOCK)
-            .map_err(|err| err.to_string())
+            .map_err(|err| Rejection::from(err.to_string()))
             .and_then(|p| describe(p.load())),
     ));
     let mut load_iter = |name: &str, kind: &str| {
         program::<Iter>(&mut ebpf, name)
-            .map_err(|err| err.to_string())
+            .map_err(|err| Rejection::from(err.to_string()))
             .and_then(|p| describe(p.load(kind, &aya_btf)))
     };
     results.push((PROG_APPLY, load_iter(PROG_APPLY, "tcp")));
@@ -502,5 +561,31 @@ fn attach_or_update(
             Ok(false)
         }
         Err(err) => Err(err).with_context(|| format!("failed to open {}", pin.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_helper_the_kernel_lacks_counts_as_an_unsupported_iterator() {
+        // What kernels before 5.15 print for the iterator's bpf_setsockopt and sk_storage calls.
+        for log in [
+            "0: R1=ctx() R10=fp0\n; 12: (85) call bpf_setsockopt#49\nunknown func bpf_setsockopt#49\n",
+            "program of this type cannot use helper bpf_sk_storage_get#107\n",
+            "helper call is not allowed in probe\nprocessed 20 insns\n",
+            "invalid func unknown#212\n",
+        ] {
+            assert!(verifier_lacks_support(log), "{log}");
+        }
+        // A fault in the program itself, on a kernel that supports everything it calls.
+        for log in [
+            "R1 pointer arithmetic on map_ptr prohibited\nprocessed 331 insns\n",
+            "invalid access to map value, value_size=128 off=128 size=8\n",
+            "",
+        ] {
+            assert!(!verifier_lacks_support(log), "{log}");
+        }
     }
 }
