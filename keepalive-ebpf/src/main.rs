@@ -209,7 +209,11 @@ fn on_state_change(ctx: &SockOpsContext) {
             track::cgroup_add(kernel::sock_cgroup(tp).id, 0, 1, false);
         }
     }
-    track::remove_record(cookie_of(ctx));
+    // A socket can connect again after a disconnect (connect with AF_UNSPEC), and must not
+    // take a lock from this connection into a policy without one.
+    if track::remove_record(cookie_of(ctx)) && !sk.is_null() {
+        track::PolicyStore::Locks.set(sk, None);
+    }
 }
 
 /// Whether the kernel closed the socket because its peer stopped answering: it then reports

@@ -90,7 +90,7 @@ pub(crate) fn enforce_socket(
             if stored {
                 track::drop_stored_record(sock.sk);
             } else {
-                track::remove_record(sock.cookie);
+                let _ = track::remove_record(sock.cookie);
             }
             enforce::drop_state_callbacks(sock.target);
             return apply_result::RELEASED;

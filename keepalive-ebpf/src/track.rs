@@ -23,7 +23,7 @@ use aya_ebpf::{
 use keepalive_common::{
     CONNECT_SLOTS, CgroupStats, ConnectSlot, Counter, DEFAULT_MAX_TRACKED_CGROUPS,
     DEFAULT_MAX_TRACKED_SOCKETS, MAX_SOCK_SLOTS, Policy, SLOT_BUSY, SLOT_FREE, SOCK_SLOT_PROBES,
-    SockRecord, SockSlot, sock_slot,
+    SockRecord, SockSlot, sock_flags, sock_slot,
 };
 
 use crate::kernel;
@@ -235,16 +235,26 @@ pub(crate) fn drop_stored_record(sk: *mut c_void) {
     let _ = unsafe { bpf_sk_storage_delete(untracked_map(), sk) };
 }
 
-/// Drops a socket's tracking record.
+/// Drops a socket's tracking record. Returns whether the socket may be locked: its record
+/// said so, or it had no record in the maps (one they left out keeps it in its own storage,
+/// which is not worth a lookup on this rare path).
 #[inline(always)]
-pub(crate) fn remove_record(cookie: u64) {
-    match find_slot(cookie) {
+pub(crate) fn remove_record(cookie: u64) -> bool {
+    let locked = |flags: u32| flags & sock_flags::LOCKED != 0;
+    if let Some(slot) = find_slot(cookie) {
         // SAFETY: the slot holds this socket's record; freeing it is one store.
-        Some(slot) => unsafe { ptr::write_volatile(&raw mut (*slot).cookie, SLOT_FREE) },
-        None => {
-            let _ = KA_SOCKS.remove(cookie);
-        }
+        return unsafe {
+            let flags = ptr::read_volatile(&raw const (*slot).sock.flags);
+            ptr::write_volatile(&raw mut (*slot).cookie, SLOT_FREE);
+            locked(flags)
+        };
     }
+    // SAFETY: as in `record`.
+    let flags = unsafe { KA_SOCKS.get(cookie) }.map(|rec| rec.flags);
+    if flags.is_some() {
+        let _ = KA_SOCKS.remove(cookie);
+    }
+    flags.is_none_or(locked)
 }
 
 /// A [`Policy`] kept in socket-local storage (`KA_LOCKS`, `KA_LISTENERS`).

@@ -309,6 +309,48 @@ fn a_socket_is_locked_again_when_its_cgroup_leaves_off() {
     );
 }
 
+/// A socket that disconnects (connect to AF_UNSPEC) and connects again is a new connection:
+/// the lock of the first does not hold it when its cgroup's policy no longer locks.
+#[test]
+fn a_lock_ends_with_its_connection_also_when_the_socket_connects_again() {
+    let cg = TestCgroup::new("reconnect");
+    // The default keeps the lock program attached after the cgroup's own policy changes.
+    let config = write_config("[default]\nidle = 21\ninterval = 7\ncount = 4\nmode = \"lock\"\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let mut pair = Proc::sock(
+        &[
+            "pair",
+            "4",
+            "--disconnect-at-report",
+            "1",
+            "--reconnect-at-report",
+            "2",
+            "--loosen-at-report",
+            "3",
+        ],
+        &cg,
+    );
+    assert_eq!(values(&pair.read()["client"]), (1, 21, 7, 4));
+    pair.report();
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.rel(),
+        "--mode",
+        "enforce",
+        "--idle",
+        "22",
+    ]);
+    let client = pair.report().swap_remove(0);
+    assert_eq!(values(&client), (1, 22, 7, 4), "connected again: {client}");
+    let client = pair.report().swap_remove(0);
+    assert_eq!(
+        values(&client),
+        (0, 9999, 999, 100),
+        "not held under enforce: {client}"
+    );
+}
+
 /// `enforce` -> `off` -> `enforce`: values the application changed while `off` are enforced
 /// again when the policy returns, as on new sockets.
 #[test]

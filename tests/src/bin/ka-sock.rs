@@ -5,6 +5,7 @@
 //! ```text
 //! ka-sock pair <4|6|mapped> [--keepalive IDLE] [--keepalive-after IDLE]
 //!              [--user-timeout-after MS] [--loosen-at-report N]
+//!              [--disconnect-at-report N] [--reconnect-at-report N]
 //!                                                client+server over loopback; both ends' options
 //! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE] [--keepalive-after IDLE]
 //!                                                accept N connections (default 1), report each
@@ -30,7 +31,9 @@
 //! on the client once connected, as Go's net package does (with `listen`: on the listener once
 //! listening, as nginx does); `--user-timeout-after MS` sets the
 //! client's TCP_USER_TIMEOUT once connected; `--loosen-at-report N` makes the client try what
-//! `--loosen` does (below) just before the N-th report. `--send` waits until stdin closes, then
+//! `--loosen` does (below) just before the N-th report; `--disconnect-at-report N` disconnects
+//! it (connect to AF_UNSPEC) and `--reconnect-at-report N` connects it to the listener again,
+//! in that order when they name the same report, both before a loosen. `--send` waits until stdin closes, then
 //! sends one byte. `--read` blocks in read() after connecting (and sending) and reports how it
 //! ended. `--loosen` tries to switch keepalive off and raise its
 //! values after connecting, then reports what getsockopt shows, then sets TCP_CONGESTION from a
@@ -168,15 +171,7 @@ fn connect(addr: SocketAddr, keepalive: Option<i32>) -> TcpStream {
     }
     // SAFETY: `fd` is a fresh socket we own.
     let stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let (storage, len) = sockaddr(addr);
-    // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
-    let ret = unsafe { libc::connect(fd, (&raw const storage).cast(), len) };
-    assert_eq!(
-        ret,
-        0,
-        "connect {addr}: {}",
-        std::io::Error::last_os_error()
-    );
+    connect_to(fd, Some(addr));
     stream
 }
 
@@ -271,13 +266,45 @@ fn pair(args: &[String]) {
         "client_local": client.local_addr().expect("addr").to_string(),
         "server_local": server.local_addr().expect("addr").to_string(),
     }));
-    let loosen_at = flag_value(args, "--loosen-at-report").map(|n| n as usize);
+    let at = |flag| flag_value(args, flag).map(|n| n as usize);
+    let (loosen_at, disconnect_at, reconnect_at) = (
+        at("--loosen-at-report"),
+        at("--disconnect-at-report"),
+        at("--reconnect-at-report"),
+    );
     let fd = client.as_raw_fd();
     hold_and(&[fd, server.as_raw_fd()], |report| {
+        if Some(report) == disconnect_at {
+            connect_to(fd, None);
+        }
+        if Some(report) == reconnect_at {
+            connect_to(fd, Some(target));
+        }
         if Some(report) == loosen_at {
             loosen(fd);
         }
     });
+}
+
+/// connect(2) of `fd` to `addr`, or with `None` to AF_UNSPEC, which disconnects a connected
+/// TCP socket (it can then connect again); panics on failure.
+fn connect_to(fd: i32, addr: Option<SocketAddr>) {
+    let (storage, len) = match addr {
+        Some(addr) => sockaddr(addr),
+        None => {
+            // SAFETY: an all-zero sockaddr_storage is valid; its family is AF_UNSPEC (0).
+            let storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+            (storage, size_of::<libc::sockaddr>() as u32)
+        }
+    };
+    // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
+    let ret = unsafe { libc::connect(fd, (&raw const storage).cast(), len) };
+    assert_eq!(
+        ret,
+        0,
+        "connect to {addr:?}: {}",
+        std::io::Error::last_os_error()
+    );
 }
 
 /// Tries to switch keepalive off and loosen its values, as an application may after the
