@@ -60,15 +60,6 @@ fn item(name: &'static str, status: Outcome, detail: impl Into<String>, fix: Opt
     }
 }
 
-fn kernel_version() -> Option<(u32, u32, String)> {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    let release = release.trim().to_owned();
-    let mut parts = release.split(['.', '-']);
-    let major = parts.next()?.parse().ok()?;
-    let minor = parts.next()?.parse().ok()?;
-    Some((major, minor, release))
-}
-
 fn read_sysctl(name: &str) -> Option<i64> {
     std::fs::read_to_string(Path::new("/proc/sys").join(name))
         .ok()?
@@ -315,8 +306,8 @@ fn directories_item(state: &StateDir, runtime_dir: &Path) -> Item {
 /// Runs every check. The state directory is `--state-dir`, else the config's.
 pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
     let mut checks = Vec::new();
-    match kernel_version() {
-        Some((major, minor, release)) if (major, minor) >= (5, 15) => {
+    match loader::kernel_version() {
+        Some((major, minor, release)) if (major, minor) >= loader::MIN_KERNEL => {
             checks.push(item(
                 "kernel",
                 Outcome::Ok,
