@@ -248,11 +248,30 @@ pub(crate) fn configure_listener(
         return;
     }
     // Values the application has set on the listener since the program configured it (nginx
-    // sets its own after listen()) are the application's too, which `fill` keeps.
+    // sets its own after listen()) are the application's too, which `fill` keeps. A user
+    // timeout the program set is still the program's, and follows the policy; what the program
+    // set is remembered with it.
     if policy.mode == mode::FILL
         && let Some(previous) = ours
         && set_by_app_since(target, tp, &previous)
     {
+        let (user_timeout_ms, flags) =
+            if follow_own_user_timeout(target, tp, Some(&previous), policy) {
+                (
+                    policy.user_timeout_ms,
+                    previous.flags | policy_flags::USER_TIMEOUT,
+                )
+            } else {
+                (0, previous.flags & !policy_flags::USER_TIMEOUT)
+            };
+        let stored = Policy {
+            user_timeout_ms,
+            flags,
+            ..previous
+        };
+        if stored != previous {
+            PolicyStore::Listeners.set(sk, Some(&stored));
+        }
         return;
     }
     let stored = Policy {

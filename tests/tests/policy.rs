@@ -347,6 +347,36 @@ fn fill_keeps_values_the_application_set_on_its_listener_after_listen() {
     );
 }
 
+/// The user timeout the program set at listen() stays the program's when the application sets
+/// its own keepalive values on the listener: it follows the policy, and the connections the
+/// listener accepts from then on inherit the current one.
+#[test]
+fn fill_moves_its_own_user_timeout_on_a_listener_the_application_configured() {
+    let cg = TestCgroup::new("utlistener");
+    let config = write_config("[default]\nidle = 31\nmode = \"fill\"\nuser_timeout = \"20s\"\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let mut server = Proc::sock(
+        &["listen", "127.0.0.1:0", "3", "--keepalive-after", "77"],
+        &cg,
+    );
+    let port = server.read()["port"].as_u64().unwrap().to_string();
+    let target = format!("127.0.0.1:{port}");
+    let mut clients = Vec::new();
+    let mut accept = |server: &mut Proc| {
+        let mut client = Proc::sock(&["connect", &target], &cg);
+        client.read();
+        clients.push(client);
+        let accepted = server.read()["accepted"].clone();
+        (accepted["idle"].as_u64(), accepted["user_timeout"].as_u64())
+    };
+    assert_eq!(accept(&mut server), (Some(77), Some(20_000)));
+    let fill = ["policy", "set", cg.rel(), "--mode", "fill", "--idle", "32"];
+    agent.cli_ok(&[&fill[..], &["--user-timeout", "30s"]].concat());
+    assert_eq!(accept(&mut server), (Some(77), Some(30_000)));
+    agent.cli_ok(&[&fill[..], &["--user-timeout", "0"]].concat());
+    assert_eq!(accept(&mut server), (Some(77), Some(0)));
+}
+
 #[test]
 fn enforce_replaces_an_applications_own_keepalive() {
     let cg = TestCgroup::new("enforce");
