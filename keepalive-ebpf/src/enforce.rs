@@ -80,13 +80,7 @@ pub(crate) fn apply(
         } else {
             0
         };
-        ok &= set_int(
-            target,
-            IPPROTO_TCP,
-            TCP_USER_TIMEOUT,
-            ms,
-            Counter::FailUserTimeout,
-        );
+        ok &= set_user_timeout(target, ms);
     }
     ok &= set_int(target, SOL_SOCKET, SO_KEEPALIVE, 1, Counter::FailKeepalive);
     // Only from an idle time that was set: otherwise the field holds another one.
@@ -107,20 +101,20 @@ pub(crate) fn release(target: *mut c_void, tp: *const u8, previous: &Policy, app
         set_int(target, SOL_SOCKET, SO_KEEPALIVE, 0, Counter::FailKeepalive);
     }
     if has_user_timeout_of(tp, previous) {
-        drop_user_timeout(target);
+        set_user_timeout(target, 0);
     }
 }
 
-/// Puts TCP_USER_TIMEOUT back to 0, the kernel's default.
+/// Sets TCP_USER_TIMEOUT to `ms` (0: the kernel's default), counting a failure.
 #[inline(always)]
-pub(crate) fn drop_user_timeout(target: *mut c_void) {
+fn set_user_timeout(target: *mut c_void, ms: u32) -> bool {
     set_int(
         target,
         IPPROTO_TCP,
         TCP_USER_TIMEOUT,
-        0,
+        ms,
         Counter::FailUserTimeout,
-    );
+    )
 }
 
 /// Whether the socket's idle, interval and count are `policy`'s. Read with getsockopt, which
@@ -184,17 +178,11 @@ pub(crate) fn follow_own_user_timeout(
         return false;
     }
     if policy.flags & policy_flags::USER_TIMEOUT == 0 {
-        drop_user_timeout(target);
+        set_user_timeout(target, 0);
         return false;
     }
     if kernel::user_timeout_ms(tp) != policy.user_timeout_ms {
-        set_int(
-            target,
-            IPPROTO_TCP,
-            TCP_USER_TIMEOUT,
-            policy.user_timeout_ms,
-            Counter::FailUserTimeout,
-        );
+        set_user_timeout(target, policy.user_timeout_ms);
     }
     true
 }
