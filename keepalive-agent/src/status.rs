@@ -246,25 +246,36 @@ fn each_record(records: Records, mut each: impl FnMut(&StatusRecord)) -> anyhow:
     Ok(())
 }
 
-fn boottime_now() -> Duration {
+fn clock_now(clock: libc::clockid_t) -> Duration {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
     // SAFETY: clock_gettime fills `ts`.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &raw mut ts) };
+    unsafe { libc::clock_gettime(clock, &raw mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
-/// CLOCK_BOOTTIME now, in nanoseconds (the clock the program stamps records with).
-pub fn boottime_now_ns() -> u64 {
-    u64::try_from(boottime_now().as_nanos()).unwrap_or(u64::MAX)
+fn nanos(time: Duration) -> u64 {
+    u64::try_from(time.as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The wall-clock time of CLOCK_BOOTTIME zero, to turn the program's timestamps into wall-clock
-/// time with no clock read per socket.
-fn boot_epoch() -> SystemTime {
-    SystemTime::now() - boottime_now()
+/// CLOCK_BOOTTIME now, in nanoseconds.
+pub fn boottime_now_ns() -> u64 {
+    nanos(clock_now(libc::CLOCK_BOOTTIME))
+}
+
+/// CLOCK_MONOTONIC_COARSE now, in nanoseconds: the clock the program stamps records with
+/// (`bpf_ktime_get_coarse_ns`), so a stamp taken after this read is never below it.
+pub fn stamp_clock_now_ns() -> u64 {
+    nanos(clock_now(libc::CLOCK_MONOTONIC_COARSE))
+}
+
+/// The wall-clock time of CLOCK_MONOTONIC zero, to turn the program's timestamps into
+/// wall-clock time with no clock read per socket. Time a host spent suspended is not in
+/// CLOCK_MONOTONIC, so a stamp from before a suspend converts to a time later by its length.
+fn stamp_epoch() -> SystemTime {
+    SystemTime::now() - clock_now(libc::CLOCK_MONOTONIC)
 }
 
 fn rfc3339(time: SystemTime) -> String {
@@ -308,9 +319,9 @@ fn cgroup_name(names: &HashMap<u64, CgroupPath>, id: u64) -> String {
 fn socket_row(
     rec: &StatusRecord,
     names: &HashMap<u64, CgroupPath>,
-    boot_epoch: SystemTime,
+    stamp_epoch: SystemTime,
 ) -> SocketRow {
-    let wall_time = |boot_ns| boot_epoch + Duration::from_nanos(boot_ns);
+    let wall_time = |ns| stamp_epoch + Duration::from_nanos(ns);
     let sock = &rec.sock;
     let state = rec.live_state;
     let flags = sock.flags;
@@ -374,7 +385,7 @@ struct View<'a> {
     /// The cgroups the filter's `cgroup` covers, found once rather than per socket.
     selected: Option<HashSet<u64>>,
     attach_cgroup: Option<String>,
-    boot_epoch: SystemTime,
+    stamp_epoch: SystemTime,
 }
 
 impl View<'_> {
@@ -416,12 +427,12 @@ impl View<'_> {
             filter,
             selected,
             attach_cgroup,
-            boot_epoch: boot_epoch(),
+            stamp_epoch: stamp_epoch(),
         })
     }
 
     fn socket_row(&self, rec: &StatusRecord) -> SocketRow {
-        socket_row(rec, &self.names, self.boot_epoch)
+        socket_row(rec, &self.names, self.stamp_epoch)
     }
 
     fn within(&self, id: u64) -> bool {
@@ -787,9 +798,9 @@ mod tests {
     }
 
     #[test]
-    fn boottime_stamps_convert_to_wall_clock_time() {
+    fn program_stamps_convert_to_wall_clock_time() {
         let now = SystemTime::now();
-        let converted = boot_epoch() + Duration::from_nanos(boottime_now_ns());
+        let converted = stamp_epoch() + Duration::from_nanos(stamp_clock_now_ns());
         let apart = converted
             .duration_since(now)
             .unwrap_or_else(|err| err.duration());

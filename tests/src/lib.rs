@@ -961,6 +961,51 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
     }
 }
 
+/// Seconds since the Unix epoch of a `status` timestamp (`YYYY-MM-DDTHH:MM:SSZ`, UTC).
+pub fn unix_seconds(stamp: &Value) -> i64 {
+    let text = stamp
+        .as_str()
+        .unwrap_or_else(|| panic!("a timestamp: {stamp}"));
+    let field = |range: std::ops::Range<usize>| -> i64 {
+        text.get(range)
+            .and_then(|digits| digits.parse().ok())
+            .unwrap_or_else(|| panic!("RFC 3339 in seconds: {text}"))
+    };
+    assert!(
+        text.len() == 20 && text.ends_with('Z'),
+        "RFC 3339 in seconds: {text}"
+    );
+    let (year, month, day) = (field(0..4), field(5..7), field(8..10));
+    // Days from 1970-01-01 to the date (the proleptic Gregorian calendar, years from March).
+    let (y, m) = if month <= 2 {
+        (year - 1, month + 9)
+    } else {
+        (year, month - 3)
+    };
+    let era = y.div_euclid(400);
+    let year_of_era = y - era * 400;
+    let day_of_year = (153 * m + 2) / 5 + day - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    let days = era * 146_097 + day_of_era - 719_468;
+    days * 86_400 + field(11..13) * 3600 + field(14..16) * 60 + field(17..19)
+}
+
+/// Asserts that a `status` timestamp lies between `since` and now (whole seconds, so one
+/// second of slack each way): the program's clock and the agent's conversion agree.
+pub fn assert_stamped_between(stamp: &Value, since: std::time::SystemTime, what: &str) {
+    let secs = |time: std::time::SystemTime| {
+        time.duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs() as i64
+    };
+    let (from, to) = (secs(since) - 1, secs(std::time::SystemTime::now()) + 1);
+    let at = unix_seconds(stamp);
+    assert!(
+        (from..=to).contains(&at),
+        "{what}: {stamp} is not between {from} and {to} (Unix seconds)"
+    );
+}
+
 /// keepalive, idle, interval, count.
 pub type Values = (i64, i64, i64, i64);
 

@@ -6,14 +6,14 @@ use std::{
     ffi::CString,
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     process::Output,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, cgroup_row, cgroup2_mount,
-    check_item, code, count_between, drop_caps_except, eventually, hide_with_tmpfs, idle_of,
-    json_refusal, kernel_defaults, pair_values, sock_bin, sockets_of, sockops_attachments, stderr,
-    umount, values, write_config,
+    Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, assert_stamped_between,
+    cgroup_row, cgroup2_mount, check_item, code, count_between, drop_caps_except, eventually,
+    hide_with_tmpfs, idle_of, json_refusal, kernel_defaults, pair_values, sock_bin, sockets_of,
+    sockops_attachments, stderr, umount, values, write_config,
 };
 
 #[test]
@@ -1019,6 +1019,7 @@ fn established_at_survives_a_policy_change() {
     pair.read();
     let before = agent.status()["sockets"][0].clone();
     std::thread::sleep(Duration::from_millis(1100));
+    let change = SystemTime::now();
     agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "42"]);
     let after = agent.status()["sockets"]
         .as_array()
@@ -1033,6 +1034,12 @@ fn established_at_survives_a_policy_change() {
         "{before} vs {after}"
     );
     assert_ne!(after["enforced_at"], before["enforced_at"]);
+    // Stamped by the apply pass, on another clock read than new connections get.
+    assert_stamped_between(
+        &after["enforced_at"],
+        change,
+        "enforced_at after the change",
+    );
 }
 
 /// `detach` of one state directory goes ahead while an agent with another one holds the

@@ -5,12 +5,12 @@
 use std::{
     io::{Read as _, Write as _},
     net::TcpStream,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, Proc, TestCgroup, VethPair, cgroup_row, code, eventually, sock_bin,
-    sockets_of, stderr,
+    Agent, AgentDirs, Proc, TestCgroup, VethPair, assert_stamped_between, cgroup_row, code,
+    eventually, sock_bin, sockets_of, stderr,
 };
 use serde_json::Value;
 
@@ -34,6 +34,7 @@ fn status_without_an_agent_exits_7_with_one_line_and_no_output() {
 
 #[test]
 fn an_open_connection_is_listed_with_both_ends_and_leaves_when_closed() {
+    let start = SystemTime::now();
     let parent = TestCgroup::new("status");
     let cg = parent.child("app");
     let agent = Agent::start(
@@ -84,7 +85,8 @@ fn an_open_connection_is_listed_with_both_ends_and_leaves_when_closed() {
         assert_eq!(s["mode"], "enforce");
         assert_eq!(s["state"], "established");
         assert_eq!(s["policy_cgroup"], "default");
-        assert!(s["established_at"].as_str().unwrap().ends_with('Z'), "{s}");
+        assert_stamped_between(&s["established_at"], start, "established_at");
+        assert_stamped_between(&s["enforced_at"], start, "enforced_at");
     }
     assert_eq!(
         outbound["pid"],
