@@ -104,6 +104,23 @@ pub(crate) unsafe fn copy_words<T>(from: *const T, to: *mut T) {
     }
 }
 
+/// Fills `value` with zeroes 8 bytes at a time, in place: a `Default` or struct update of a
+/// record compiles to a call to a byte-by-byte `memset`, on every connection (and so does a
+/// zeroed value returned and copied).
+///
+/// # Safety
+/// All zeroes is a valid `T`, and `T`'s size is a multiple of 8.
+#[inline(always)]
+pub(crate) unsafe fn zero<T>(value: &mut core::mem::MaybeUninit<T>) -> &mut T {
+    let words = value.as_mut_ptr().cast::<u64>();
+    for i in 0..size_of::<T>() / 8 {
+        // SAFETY: in bounds; volatile, so the stores are not merged back into a `memset`.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
+    }
+    // SAFETY: every byte was written, and all zeroes is a valid `T` (the caller's promise).
+    unsafe { value.assume_init_mut() }
+}
+
 /// A socket's own cgroup: the one it was created in, recorded by the kernel in
 /// `sk->sk_cgrp_data`. Unlike the current task's cgroup, this is right in softirq too.
 ///

@@ -31,10 +31,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
         bpf_sockopt,
     },
-    helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid,
-        generated::{bpf_get_socket_cookie, bpf_skc_to_tcp_sock},
-    },
+    helpers::generated::{bpf_get_socket_cookie, bpf_skc_to_tcp_sock},
     macros::{cgroup_sockopt, sock_ops},
     programs::{SockOpsContext, SockoptContext},
 };
@@ -105,11 +102,7 @@ fn socket(ctx: &SockOpsContext) -> Option<Socket> {
 /// ESTABLISHED callback usually does not.
 #[inline(always)]
 fn on_connect(ctx: &SockOpsContext) {
-    track::remember_connect(
-        cookie_of(ctx),
-        (bpf_get_current_pid_tgid() >> 32) as u32,
-        bpf_get_current_comm().unwrap_or([0; 16]),
-    );
+    track::remember_connect(cookie_of(ctx));
 }
 
 /// Sets the policy on a new listener, so the connections it accepts inherit it from the
@@ -155,11 +148,7 @@ fn on_established(ctx: &SockOpsContext, direction: u32) {
 /// Fills a record's addresses from the sock_ops context.
 #[inline(always)]
 fn describe(ctx: &SockOpsContext, rec: &mut SockRecord, cookie: u64, direction: u32) {
-    if direction == sock_flags::OUTBOUND
-        && let Some((pid, comm)) = track::connect_task(cookie)
-    {
-        rec.pid = pid;
-        rec.comm = comm;
+    if direction == sock_flags::OUTBOUND && track::connect_task(cookie, rec) {
         rec.flags |= sock_flags::HAS_TASK;
     }
     let family = ctx.family() as u16;
@@ -169,23 +158,31 @@ fn describe(ctx: &SockOpsContext, rec: &mut SockRecord, cookie: u64, direction: 
     rec.local_port = ctx.local_port() as u16;
     // remote_port holds the network-order port in its upper 16 bits.
     rec.remote_port = u16::from_be((ctx.remote_port() >> 16) as u16);
+    // Word stores: the addresses are 8-byte aligned (checked in keepalive-common), and byte
+    // copies would take a dozen instructions per word on every connection.
+    let local = (&raw mut rec.local_addr).cast::<u32>();
+    let remote = (&raw mut rec.remote_addr).cast::<u32>();
     if family == uapi::AF_INET6 {
         for i in 0..4 {
             // One 4-byte load per word: the verifier rejects wider context loads, which the
             // compiler would otherwise merge these into.
-            // SAFETY: in-bounds reads of the context the kernel passed.
-            let (local, remote) = unsafe {
-                (
-                    core::ptr::read_volatile(&raw const (*ctx.ops).local_ip6[i]),
-                    core::ptr::read_volatile(&raw const (*ctx.ops).remote_ip6[i]),
-                )
-            };
-            rec.local_addr[i * 4..i * 4 + 4].copy_from_slice(&local.to_ne_bytes());
-            rec.remote_addr[i * 4..i * 4 + 4].copy_from_slice(&remote.to_ne_bytes());
+            // SAFETY: in-bounds reads of the context the kernel passed, and in-bounds aligned
+            // writes of the record.
+            unsafe {
+                local
+                    .add(i)
+                    .write(core::ptr::read_volatile(&raw const (*ctx.ops).local_ip6[i]));
+                remote.add(i).write(core::ptr::read_volatile(
+                    &raw const (*ctx.ops).remote_ip6[i],
+                ));
+            }
         }
     } else {
-        rec.local_addr[..4].copy_from_slice(&ctx.local_ip4().to_ne_bytes());
-        rec.remote_addr[..4].copy_from_slice(&ctx.remote_ip4().to_ne_bytes());
+        // SAFETY: as above.
+        unsafe {
+            local.write(ctx.local_ip4());
+            remote.write(ctx.remote_ip4());
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 //! iterator (connections that already existed): apply, keep what the socket has, or skip, and
 //! record what was done.
 
-use core::ffi::c_void;
+use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
 use keepalive_common::{Counter, SockRecord, apply_result, mode, policy_flags, sock_flags};
@@ -252,20 +252,20 @@ pub(crate) fn enforce_socket(
             }
         }
         None => {
-            let mut rec = SockRecord {
-                cgroup_id: own,
-                policy_cgroup_id: resolved.policy_cgroup,
-                applied_ns: now,
-                established_ns: if origin == Origin::Existing { 0 } else { now },
-                policy: values,
-                flags,
-                ..SockRecord::default()
-            };
-            describe(&mut rec);
+            let mut uninit = MaybeUninit::<SockRecord>::uninit();
+            // SAFETY: all zeroes is a valid record, and its size is a multiple of 8.
+            let rec = unsafe { kernel::zero(&mut uninit) };
+            rec.cgroup_id = own;
+            rec.policy_cgroup_id = resolved.policy_cgroup;
+            rec.applied_ns = now;
+            rec.established_ns = if origin == Origin::Existing { 0 } else { now };
+            rec.policy = values;
+            rec.flags = flags;
+            describe(rec);
             // Without state callbacks a record in the maps would outlive its socket.
-            if flags & sock_flags::STATE_CB == 0 || !track::insert_record(sock.cookie, &rec) {
+            if flags & sock_flags::STATE_CB == 0 || !track::insert_record(sock.cookie, rec) {
                 count(Counter::TrackingFull);
-                track::store_record(sock.sk, &rec);
+                track::store_record(sock.sk, rec);
             }
         }
     }

@@ -17,7 +17,9 @@ use core::{
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
     btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
-    helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
+    helpers::generated::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_sk_storage_delete, bpf_sk_storage_get,
+    },
     macros::btf_map,
 };
 use keepalive_common::{
@@ -135,33 +137,44 @@ fn connect_slot(cookie: u64) -> Option<*mut ConnectSlot> {
     KA_CONNECTS.get_ptr_mut((cookie % u64::from(CONNECT_SLOTS)) as u32)
 }
 
-/// Remembers who connects `cookie`.
+/// Remembers the current task as the one connecting `cookie`.
 #[inline(always)]
-pub(crate) fn remember_connect(cookie: u64, pid: u32, comm: [u8; 16]) {
+pub(crate) fn remember_connect(cookie: u64) {
     if let Some(slot) = connect_slot(cookie) {
         // SAFETY: array slots are always valid; the cookie is cleared first and set last so a
         // concurrent reader (checking it before and after) never accepts a half-written slot.
+        // The helper writes the name straight into the slot, 16 bytes NUL padded (zeroes when
+        // it fails): no copy, and no zeroed buffer on the stack.
         unsafe {
             ptr::write_volatile(&raw mut (*slot).cookie, 0);
-            (*slot).pid = pid;
-            (*slot).comm = comm;
+            (*slot).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+            bpf_get_current_comm((&raw mut (*slot).comm).cast(), 16);
             ptr::write_volatile(&raw mut (*slot).cookie, cookie);
         }
     }
 }
 
-/// Who connected `cookie`, if the slot still holds it.
+/// Copies who connected `cookie` into `rec`, if the slot still holds it; whether it did.
 #[inline(always)]
-pub(crate) fn connect_task(cookie: u64) -> Option<(u32, [u8; 16])> {
-    let slot = connect_slot(cookie)?;
-    // SAFETY: as in `remember_connect`.
+pub(crate) fn connect_task(cookie: u64, rec: &mut SockRecord) -> bool {
+    let Some(slot) = connect_slot(cookie) else {
+        return false;
+    };
+    // SAFETY: as in `remember_connect`. Both names are 8-byte aligned (checked in
+    // keepalive-common), so they are copied a word at a time.
     unsafe {
         if ptr::read_volatile(&raw const (*slot).cookie) != cookie {
-            return None;
+            return false;
         }
-        let task = ((*slot).pid, (*slot).comm);
-        (ptr::read_volatile(&raw const (*slot).cookie) == cookie).then_some(task)
+        rec.pid = (*slot).pid;
+        kernel::copy_words(&raw const (*slot).comm, &raw mut rec.comm);
+        if ptr::read_volatile(&raw const (*slot).cookie) == cookie {
+            return true;
+        }
+        rec.pid = 0;
+        rec.comm = [0; 16];
     }
+    false
 }
 
 /// Puts `rec` into a free slot of `cookie`; whether one was free.

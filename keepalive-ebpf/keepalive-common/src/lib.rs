@@ -313,6 +313,13 @@ pub struct ConnectSlot {
     pub comm: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<ConnectSlot>() == 32);
+// The program copies names and addresses a word at a time.
+const _: () = assert!(
+    core::mem::offset_of!(ConnectSlot, comm) % 8 == 0
+        && core::mem::offset_of!(SockRecord, comm) % 8 == 0
+        && core::mem::offset_of!(SockRecord, local_addr) % 8 == 0
+        && core::mem::offset_of!(SockRecord, remote_addr) % 8 == 0
+);
 
 /// Read-only settings handed to the program at load time.
 #[repr(C)]
