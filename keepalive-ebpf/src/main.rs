@@ -197,18 +197,31 @@ fn on_state_change(ctx: &SockOpsContext) {
     // Only sockets the program covered ask for state callbacks, so no record lookup is needed
     // to know this one counts (and a socket the full tracking map left out still does).
     let sk = sock_of(ctx);
-    if !sk.is_null() {
+    let tp = if sk.is_null() {
+        core::ptr::null()
+    } else {
         // SAFETY: as in `socket`.
-        let tp = unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>().cast_const();
-        if !tp.is_null() && gave_up(tp) {
-            count(Counter::DeadPeers);
-            // Never re-create the entry of a removed cgroup just to count this.
-            track::cgroup_add(kernel::sock_cgroup(tp).id, 0, 1, false);
-        }
+        unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>().cast_const()
+    };
+    if !tp.is_null() && gave_up(tp) {
+        count(Counter::DeadPeers);
+        // Never re-create the entry of a removed cgroup just to count this.
+        track::cgroup_add(kernel::sock_cgroup(tp).id, 0, 1, false);
+    }
+    // The cookie as the socket holds it, one load instead of a helper call. The program took
+    // it (so the kernel made it) before it asked for these callbacks and before it recorded or
+    // locked anything, so a socket without one has neither.
+    let cookie = if tp.is_null() {
+        cookie_of(ctx)
+    } else {
+        kernel::load::<u64>(tp, off!(skc_cookie))
+    };
+    if cookie == 0 {
+        return;
     }
     // A socket can connect again after a disconnect (connect with AF_UNSPEC), and must not
     // take a lock from this connection into a policy without one.
-    if track::remove_record(cookie_of(ctx)) && !sk.is_null() {
+    if track::remove_record(cookie) && !sk.is_null() {
         track::PolicyStore::Locks.set(sk, None);
     }
 }
