@@ -169,6 +169,16 @@ pub(crate) fn sock_cgroup(sk: *const u8) -> SockCgroup {
     }
 }
 
+/// The socket's cookie as the socket holds it, read with one load instead of a helper call; 0
+/// until something asks the kernel for it (`bpf_get_socket_cookie` makes it on the first call).
+#[inline(always)]
+pub(crate) fn stored_cookie(tp: *const u8) -> u64 {
+    if tp.is_null() {
+        return 0;
+    }
+    load(tp, off!(skc_cookie))
+}
+
 /// Whether SO_KEEPALIVE is on, read from the socket's flags (what getsockopt reports, without
 /// a helper call, and on kernels whose bpf_getsockopt cannot read it).
 #[inline(always)]

@@ -89,11 +89,17 @@ fn socket(ctx: &SockOpsContext) -> Option<Socket> {
     if !cgroup.is_known() {
         count(Counter::CgroupUnknown);
     }
+    // The cookie the socket holds, one load instead of a helper call; only the first call
+    // makes one (the connect callback did on the connecting end).
+    let cookie = match kernel::stored_cookie(tp) {
+        0 => cookie_of(ctx),
+        cookie => cookie,
+    };
     Some(Socket {
         target: ctx.ops.cast(),
         tp,
         sk,
-        cookie: cookie_of(ctx),
+        cookie,
         cgroup,
     })
 }
@@ -208,13 +214,13 @@ fn on_state_change(ctx: &SockOpsContext) {
         // Never re-create the entry of a removed cgroup just to count this.
         track::cgroup_add(kernel::sock_cgroup(tp).id, 0, 1, false);
     }
-    // The cookie as the socket holds it, one load instead of a helper call. The program took
-    // it (so the kernel made it) before it asked for these callbacks and before it recorded or
-    // locked anything, so a socket without one has neither.
+    // The cookie as the socket holds it. The program took it (so the kernel made it) before
+    // it asked for these callbacks and before it recorded or locked anything, so a socket
+    // without one has neither.
     let cookie = if tp.is_null() {
         cookie_of(ctx)
     } else {
-        kernel::load::<u64>(tp, off!(skc_cookie))
+        kernel::stored_cookie(tp)
     };
     if cookie == 0 {
         return;
