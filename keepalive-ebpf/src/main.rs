@@ -41,7 +41,7 @@ use keepalive_common::{Counter, SockRecord, policy_flags, sock_flags, uapi};
 use crate::{
     kernel::off,
     socket::{Origin, Socket},
-    track::count,
+    track::{Removed, count},
 };
 
 #[sock_ops]
@@ -225,10 +225,18 @@ fn on_state_change(ctx: &SockOpsContext) {
     if cookie == 0 {
         return;
     }
-    // A socket can connect again after a disconnect (connect with AF_UNSPEC), and must not
-    // take a lock from this connection into a policy without one.
-    if track::remove_record(cookie) && !sk.is_null() {
-        track::PolicyStore::Locks.set(sk, None);
+    // A socket can connect again after a disconnect (connect with AF_UNSPEC). Its next
+    // connection must not take this one's lock into a policy without one, nor this one's
+    // record: a later pass would take it for its own, not count it as a new connection, and
+    // read what the program set from it.
+    match track::remove_record(cookie) {
+        _ if sk.is_null() => {}
+        Removed::Listed { locked: false } => {}
+        Removed::Listed { locked: true } => track::PolicyStore::Locks.set(sk, None),
+        Removed::NotListed => {
+            track::PolicyStore::Locks.set(sk, None);
+            track::drop_stored_record(sk);
+        }
     }
 }
 

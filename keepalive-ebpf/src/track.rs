@@ -248,12 +248,21 @@ pub(crate) fn drop_stored_record(sk: *mut c_void) {
     let _ = unsafe { bpf_sk_storage_delete(untracked_map(), sk) };
 }
 
-/// Drops a socket's tracking record. Returns whether the socket may be locked: its record
-/// said so, or it had no record in the maps (one they left out keeps it in its own storage,
-/// which is not worth a lookup on this rare path).
+/// What [`remove_record`] found.
+pub(crate) enum Removed {
+    /// A record in the maps, now dropped; whether it said the socket was locked.
+    Listed { locked: bool },
+    /// No record in the maps: the socket may keep one in its own storage, and may be locked
+    /// (neither is worth a lookup on this rare path).
+    NotListed,
+}
+
+/// Drops a socket's tracking record from the maps.
 #[inline(always)]
-pub(crate) fn remove_record(cookie: u64) -> bool {
-    let locked = |flags: u32| flags & sock_flags::LOCKED != 0;
+pub(crate) fn remove_record(cookie: u64) -> Removed {
+    let locked = |flags: u32| Removed::Listed {
+        locked: flags & sock_flags::LOCKED != 0,
+    };
     if let Some(slot) = find_slot(cookie) {
         // SAFETY: the slot holds this socket's record; freeing it is one store.
         return unsafe {
@@ -263,11 +272,13 @@ pub(crate) fn remove_record(cookie: u64) -> bool {
         };
     }
     // SAFETY: as in `record`.
-    let flags = unsafe { KA_SOCKS.get(cookie) }.map(|rec| rec.flags);
-    if flags.is_some() {
-        let _ = KA_SOCKS.remove(cookie);
+    match unsafe { KA_SOCKS.get(cookie) }.map(|rec| rec.flags) {
+        Some(flags) => {
+            let _ = KA_SOCKS.remove(cookie);
+            locked(flags)
+        }
+        None => Removed::NotListed,
     }
-    flags.is_none_or(locked)
 }
 
 /// A [`Policy`] kept in socket-local storage (`KA_LOCKS`, `KA_LISTENERS`).

@@ -625,6 +625,65 @@ fn untracked_sockets_are_left_alone_when_unchanged_and_updated_when_changed() {
     drop(last);
 }
 
+/// A socket the full tracking maps left out keeps its record in its own storage. When it
+/// disconnects and connects again, the record ends with the first connection: the next one,
+/// made under `off`, is new to a later pass and counted as such.
+#[test]
+fn a_left_out_socket_that_connects_again_is_a_new_connection() {
+    let parent = TestCgroup::new("untrackedagain");
+    let agent = Agent::start(&parent, &["--idle", "21", "--max-tracked-sockets", "1"]);
+    // Two records fill the maps (one slot, one hash entry).
+    let mut filler = Proc::sock(&["pair", "4"], &parent);
+    filler.read();
+    let cg = parent.child("app");
+    let mut pair = Proc::sock(
+        &[
+            "pair",
+            "4",
+            "--disconnect-at-report",
+            "1",
+            "--reconnect-at-report",
+            "2",
+        ],
+        &cg,
+    );
+    assert_eq!(values(&pair.read()["client"]).1, 21);
+    let total = || cgroup_row(&agent.status(), &cg)["enforced_total"].clone();
+    assert_eq!(total(), 2, "both ends, left out of the maps");
+    assert_eq!(
+        agent.status()["counters"]["socket_tracking_full"],
+        2,
+        "{}",
+        agent.log()
+    );
+    agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "off"]);
+    pair.report();
+    // Connected again under `off`: the client, and the listener's new connection (never
+    // accepted) are left alone until the policy returns.
+    let client = pair.report().swap_remove(0);
+    assert_eq!(
+        values(&client).1,
+        21,
+        "off leaves values as they were: {client}"
+    );
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.rel(),
+        "--mode",
+        "enforce",
+        "--idle",
+        "33",
+    ]);
+    let client = pair.report().swap_remove(0);
+    assert_eq!(values(&client).1, 33, "{client}");
+    assert_eq!(
+        total(),
+        4,
+        "the second connection's two ends are new, the client's too"
+    );
+}
+
 /// A new program does not know HZ until it first sets an idle time. A connection accepted in
 /// that window from a listener the previous program configured under `fill` carries the
 /// policy's values: the program's, not the application's.
