@@ -140,17 +140,31 @@ fn connect_slot(cookie: u64) -> Option<*mut ConnectSlot> {
 /// Remembers the current task as the one connecting `cookie`.
 #[inline(always)]
 pub(crate) fn remember_connect(cookie: u64) {
-    if let Some(slot) = connect_slot(cookie) {
-        // SAFETY: array slots are always valid; the cookie is cleared first and set last so a
-        // concurrent reader (checking it before and after) never accepts a half-written slot.
-        // The helper writes the name straight into the slot, 16 bytes NUL padded (zeroes when
-        // it fails): no copy, and no zeroed buffer on the stack.
-        unsafe {
-            ptr::write_volatile(&raw mut (*slot).cookie, 0);
-            (*slot).pid = (bpf_get_current_pid_tgid() >> 32) as u32;
-            bpf_get_current_comm((&raw mut (*slot).comm).cast(), 16);
-            ptr::write_volatile(&raw mut (*slot).cookie, cookie);
+    let Some(slot) = connect_slot(cookie) else {
+        return;
+    };
+    // SAFETY: the helper has no preconditions.
+    let pid = (unsafe { bpf_get_current_pid_tgid() } >> 32) as u32;
+    // SAFETY: array slots are always valid. One writer at a time: the slot is claimed with a
+    // compare-and-swap from what it held to SLOT_BUSY, which matches no cookie, and published
+    // with a fully ordered exchange, so a reader checking the cookie before and after never
+    // takes a half-written slot, nor one two connects wrote at once. A connect that finds the
+    // slot claimed leaves its process unknown. The helper writes the name straight into the
+    // slot, 16 bytes NUL padded (zeroes when it fails): no copy, and no buffer on the stack.
+    unsafe {
+        let key = &raw mut (*slot).cookie;
+        let held = ptr::read_volatile(key);
+        if held == SLOT_BUSY
+            || !atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                key, held, SLOT_BUSY,
+            )
+            .1
+        {
+            return;
         }
+        ptr::write_volatile(&raw mut (*slot).pid, pid);
+        bpf_get_current_comm((&raw mut (*slot).comm).cast(), 16);
+        atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(key, cookie);
     }
 }
 
@@ -166,7 +180,7 @@ pub(crate) fn connect_task(cookie: u64, rec: &mut SockRecord) -> bool {
         if ptr::read_volatile(&raw const (*slot).cookie) != cookie {
             return false;
         }
-        rec.pid = (*slot).pid;
+        rec.pid = ptr::read_volatile(&raw const (*slot).pid);
         kernel::copy_words(&raw const (*slot).comm, &raw mut rec.comm);
         if ptr::read_volatile(&raw const (*slot).cookie) == cookie {
             return true;

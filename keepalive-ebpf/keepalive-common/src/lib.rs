@@ -303,7 +303,8 @@ pub const CONNECT_SLOTS: u32 = 4096;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConnectSlot {
-    /// Cookie of the connecting socket; 0 while the slot is being written.
+    /// Cookie of the connecting socket; 0 in a slot never used, [`SLOT_BUSY`] while one
+    /// connect writes it.
     pub cookie: u64,
     /// Thread group id of the caller.
     pub pid: u32,
