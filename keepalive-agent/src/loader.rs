@@ -400,7 +400,7 @@ fn start_apply_pass(ebpf: &mut Ebpf) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow!("the BPF object has no {MAP_APPLY} map"))?;
     let mut array: aya::maps::Array<&mut MapData, u64> = map.try_into()?;
     array
-        .set(0, crate::status::stamp_clock_now_ns(), 0)
+        .set(0, crate::status::monotonic_now_ns(), 0)
         .context("failed to start the apply pass")?;
     Ok(())
 }

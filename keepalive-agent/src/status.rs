@@ -265,10 +265,12 @@ pub fn boottime_now_ns() -> u64 {
     nanos(clock_now(libc::CLOCK_BOOTTIME))
 }
 
-/// CLOCK_MONOTONIC_COARSE now, in nanoseconds: the clock the program stamps records with
-/// (`bpf_ktime_get_coarse_ns`), so a stamp taken after this read is never below it.
-pub fn stamp_clock_now_ns() -> u64 {
-    nanos(clock_now(libc::CLOCK_MONOTONIC_COARSE))
+/// CLOCK_MONOTONIC now, in nanoseconds: the clock the program stamps records with, read
+/// precisely by the apply pass (`bpf_ktime_get_ns`) and to a timer tick for new connections
+/// (`bpf_ktime_get_coarse_ns`). Marks the start of an apply pass: every stamp that pass takes is
+/// at or above it, and stamps of an earlier pass are below it.
+pub fn monotonic_now_ns() -> u64 {
+    nanos(clock_now(libc::CLOCK_MONOTONIC))
 }
 
 /// The wall-clock time of CLOCK_MONOTONIC zero, to turn the program's timestamps into
@@ -798,9 +800,9 @@ mod tests {
     }
 
     #[test]
-    fn program_stamps_convert_to_wall_clock_time() {
+    fn monotonic_stamps_convert_to_wall_clock_time() {
         let now = SystemTime::now();
-        let converted = stamp_epoch() + Duration::from_nanos(stamp_clock_now_ns());
+        let converted = stamp_epoch() + Duration::from_nanos(monotonic_now_ns());
         let apart = converted
             .duration_since(now)
             .unwrap_or_else(|err| err.duration());

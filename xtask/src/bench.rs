@@ -95,8 +95,9 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     let cost_storms = if quick { 2 } else { 4 };
     let (program_ns, program_runs) = program_cost(agent.pid(), &enforced, n, cost_storms);
     let (minimal_ns, minimal_runs) = program_cost(minimal_program.pid(), &minimal, n, cost_storms);
-    // The empty program's time is what the statistics themselves add to each run (two clock
-    // reads): the programs' time net of it is what they cost with the statistics off.
+    // The empty program's time is the part of what the statistics add to each run (two clock
+    // reads) that they time themselves: the programs' time net of it estimates what they cost
+    // with the statistics off.
     let (empty_ns, empty_runs) = program_cost(empty_program.pid(), &empty, n, cost_storms);
     let stats_per_run = empty_ns as f64 / empty_runs.max(1) as f64;
     let connections = cost_storms * n;
@@ -160,7 +161,7 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
         what: "sock_ops program cost (bpf_stats run_time_ns / run_cnt)".into(),
         result: format!(
             "{:.0} ns per run, {:.1} runs and {:.2} µs per connection; {:.2} µs net of the \
-             statistics' own {stats_per_run:.0} ns per run (the empty program's)",
+             statistics' own {stats_per_run:.0} ns per run (the empty program's; an estimate)",
             program_ns as f64 / program_runs.max(1) as f64,
             program_runs as f64 / connections as f64,
             per_connection_us(program_ns),

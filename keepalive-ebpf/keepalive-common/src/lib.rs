@@ -70,7 +70,7 @@ pub const MAP_CONNECTS: &str = "KA_CONNECTS";
 /// (containers sit four or five levels below the root). Not pinned: a new program starts
 /// empty.
 pub const MAP_RESOLVED: &str = "KA_RESOLVED";
-/// One `u64`: CLOCK_MONOTONIC_COARSE nanoseconds when the current apply pass started, written by the
+/// One `u64`: CLOCK_MONOTONIC nanoseconds when the current apply pass started, written by the
 /// agent before each pass. A bpf iterator shows an object again when its output did not fit
 /// the buffer; a socket already updated in this pass then reports the same result again
 /// instead of "unchanged".
@@ -436,10 +436,11 @@ pub struct SockRecord {
     pub cgroup_id: u64,
     /// The cgroup whose policy applied ([`DEFAULT_POLICY_KEY`] for `[default]`).
     pub policy_cgroup_id: u64,
-    /// CLOCK_MONOTONIC_COARSE nanoseconds when the policy in force was applied (CLOCK_BOOTTIME
+    /// CLOCK_MONOTONIC nanoseconds when the policy in force was applied, to a timer tick on new
+    /// connections (CLOCK_BOOTTIME
     /// from earlier builds; the two differ only by the time the host spent suspended).
     pub applied_ns: u64,
-    /// CLOCK_MONOTONIC_COARSE nanoseconds when the connection was established; 0 when it existed
+    /// CLOCK_MONOTONIC nanoseconds (to a timer tick) when the connection was established; 0 when it existed
     /// before enforcement (unknown).
     pub established_ns: u64,
     /// Kernel address of the socket, used only to read live TCP state with
