@@ -180,6 +180,31 @@ pub struct Target<'a> {
 /// and that every policy lies within its attach cgroup, which should exist. With the config
 /// and its attach cgroup when it is valid.
 fn config_item(cgroup2: &Cgroup2, target: &Target<'_>) -> (Item, Option<(Config, CgroupPath)>) {
+    let (loaded, owner) = config::load_apart(target.config, cgroup2);
+    let (mut item, config) = config_content_item(cgroup2, target, loaded);
+    // `run` refuses a file others could write whatever it says; what it says is reported too,
+    // so one run of `check` shows everything to fix before a deploy.
+    if let Some(owner) = owner {
+        let content = match item.status {
+            Outcome::Fail => format!("also: {}", item.detail),
+            _ => format!("otherwise {}", item.detail),
+        };
+        item.detail = format!("{owner:#}; {content}");
+        item.fix = Some(match item.fix {
+            Some(fix) => format!("fix the owner or mode as it says, and: {fix}"),
+            None => "fix the owner or mode as it says: `run` refuses the file (exit 2)".to_owned(),
+        });
+        item.status = Outcome::Fail;
+    }
+    (item, config)
+}
+
+/// [`config_item`] for what the file says.
+fn config_content_item(
+    cgroup2: &Cgroup2,
+    target: &Target<'_>,
+    loaded: anyhow::Result<Config>,
+) -> (Item, Option<(Config, CgroupPath)>) {
     const NAME: &str = "config";
     const FIX_FILE: &str =
         "correct the file: `run` refuses it (exit 2) and a reload keeps the running policy";
@@ -188,20 +213,18 @@ fn config_item(cgroup2: &Cgroup2, target: &Target<'_>) -> (Item, Option<(Config,
     } else {
         FIX_FILE
     };
-    let checked = config::load(target.config, cgroup2)
-        .map_err(|err| (err, FIX_FILE))
-        .and_then(|config| {
-            // The file's own `attach` was checked as it was read: an error here is --cgroup's.
-            let attach = config
-                .attach_cgroup(target.cgroup, cgroup2)
-                .map_err(|err| (err, "correct --cgroup: `run` refuses it (exit 2)"))?;
-            config
-                .check_scope(&attach)
-                .map_err(|err| (err, fix_scope))?;
-            // As `run` looks the attach cgroup up.
-            let exists = cgroup2.existing_id(&attach);
-            Ok((config, attach, exists))
-        });
+    let checked = loaded.map_err(|err| (err, FIX_FILE)).and_then(|config| {
+        // The file's own `attach` was checked as it was read: an error here is --cgroup's.
+        let attach = config
+            .attach_cgroup(target.cgroup, cgroup2)
+            .map_err(|err| (err, "correct --cgroup: `run` refuses it (exit 2)"))?;
+        config
+            .check_scope(&attach)
+            .map_err(|err| (err, fix_scope))?;
+        // As `run` looks the attach cgroup up.
+        let exists = cgroup2.existing_id(&attach);
+        Ok((config, attach, exists))
+    });
     match checked {
         // `run` exits 4 and the systemd unit retries until the cgroup appears (kubelet, say,
         // creates kubepods.slice after boot), so the file itself is fine.

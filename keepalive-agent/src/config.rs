@@ -248,9 +248,19 @@ impl Ctx<'_> {
 /// Reads the config: `path` when given (it must exist), else [`DEFAULT_CONFIG`] if present,
 /// else the built-in default.
 pub fn load(path: Option<&Path>, cgroup2: &Cgroup2) -> anyhow::Result<Config> {
+    let (config, owner) = load_apart(path, cgroup2);
+    owner.map_or(config, Err)
+}
+
+/// As [`load`], with what [`check_owner`] refuses kept apart rather than in place of the
+/// config: `check` validates the content of a file `run` would refuse for its owner too.
+pub fn load_apart(
+    path: Option<&Path>,
+    cgroup2: &Cgroup2,
+) -> (anyhow::Result<Config>, Option<anyhow::Error>) {
     match path {
-        Some(path) => read(path, true, cgroup2),
-        None => read(Path::new(DEFAULT_CONFIG), false, cgroup2),
+        Some(path) => read_apart(path, true, cgroup2),
+        None => read_apart(Path::new(DEFAULT_CONFIG), false, cgroup2),
     }
 }
 
@@ -283,28 +293,41 @@ pub fn reload(
 }
 
 /// Reads and parses `file`; when it does not exist and is not `required`, the built-in
-/// default.
+/// default. A file someone other than root could write is refused first.
 fn read(file: &Path, required: bool, cgroup2: &Cgroup2) -> anyhow::Result<Config> {
+    let (config, owner) = read_apart(file, required, cgroup2);
+    owner.map_or(config, Err)
+}
+
+/// [`read`], with the owner check's refusal apart from the config.
+fn read_apart(
+    file: &Path,
+    required: bool,
+    cgroup2: &Cgroup2,
+) -> (anyhow::Result<Config>, Option<anyhow::Error>) {
     match std::fs::read_to_string(file) {
-        Ok(text) => {
-            check_owner(file)?;
-            parse(&text, file, cgroup2)
-        }
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => Ok(Config {
-            file: None,
-            attach: None,
-            state_dir: None,
-            metrics: None,
-            max_tracked_cgroups: None,
-            max_tracked_sockets: None,
-            policies: PolicySet::new(BUILTIN_DEFAULT, Source::Builtin),
-        }),
-        Err(err) => Err(Error::Config {
-            file: file.to_owned(),
-            line: None,
-            reason: format!("cannot read: {err}"),
-        }
-        .into()),
+        Ok(text) => (parse(&text, file, cgroup2), check_owner(file).err()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => (
+            Ok(Config {
+                file: None,
+                attach: None,
+                state_dir: None,
+                metrics: None,
+                max_tracked_cgroups: None,
+                max_tracked_sockets: None,
+                policies: PolicySet::new(BUILTIN_DEFAULT, Source::Builtin),
+            }),
+            None,
+        ),
+        Err(err) => (
+            Err(Error::Config {
+                file: file.to_owned(),
+                line: None,
+                reason: format!("cannot read: {err}"),
+            }
+            .into()),
+            None,
+        ),
     }
 }
 

@@ -7,9 +7,10 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, Proc, TestCgroup, bind_mount, bpf::resolution_cache, code, eventually,
-    hide_with_tmpfs, idle_of, json_refusal, kernel_defaults, mkdir, pair_values, perf::storm,
-    private_mounts, sockets_of, sockops_attachments, stderr, unique, values, write_config,
+    Agent, AgentDirs, Proc, TestCgroup, bind_mount, bpf::resolution_cache, check_item, code,
+    eventually, hide_with_tmpfs, idle_of, json_refusal, kernel_defaults, mkdir, pair_values,
+    perf::storm, private_mounts, sockets_of, sockops_attachments, stderr, unique, values,
+    write_config,
 };
 
 #[test]
@@ -799,6 +800,48 @@ fn a_config_file_others_could_write_is_refused() {
         "{err}"
     );
     assert_eq!(sockops_attachments(cg.path()), 0);
+}
+
+/// `run` refuses a config file root does not own. `check` says so and still validates what the
+/// file says, so one run shows everything to fix before a deploy.
+#[test]
+fn a_config_file_root_does_not_own_is_refused_and_check_still_validates_it() {
+    let cg = TestCgroup::new("configowner");
+    let dirs = AgentDirs::new();
+    let good = write_config("[default]\nidle = 33\n");
+    let bad = write_config("[default]\nidle = 5\nidel = 6\n");
+    for config in [&good, &bad] {
+        std::os::unix::fs::chown(config, Some(65534), None).unwrap();
+    }
+    let out = run_with_config(&dirs, &cg, &good);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 2, "{err}");
+    assert!(
+        err.contains("owned by uid 65534, not root") && err.contains("chown root"),
+        "{err}"
+    );
+    assert_eq!(sockops_attachments(cg.path()), 0);
+    for (config, content) in [
+        (&good, "otherwise".to_owned()),
+        (&bad, format!("also: {}:3:", bad.display())),
+    ] {
+        let out = dirs.cli(&[
+            "check",
+            "--json",
+            "--config",
+            config.to_str().unwrap(),
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+        ]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let item = check_item(&report, "config");
+        let detail = item["detail"].as_str().unwrap();
+        assert_eq!((code(&out), &item["status"]), (8, &"fail".into()), "{item}");
+        assert!(
+            detail.contains("owned by uid 65534, not root") && detail.contains(&content),
+            "{item}"
+        );
+    }
 }
 
 /// Listeners carry the program's keepalive so accepted sockets inherit it; a policy change
