@@ -134,7 +134,7 @@ pub(crate) fn record(cookie: u64) -> Option<&'static mut SockRecord> {
 
 #[inline(always)]
 fn connect_slot(cookie: u64) -> Option<*mut ConnectSlot> {
-    KA_CONNECTS.get_ptr_mut((cookie % u64::from(CONNECT_SLOTS)) as u32)
+    KA_CONNECTS.get_ptr_mut(keepalive_common::connect_slot(cookie))
 }
 
 /// Remembers the current task as the one connecting `cookie`.

@@ -296,6 +296,22 @@ const _: () = assert!(core::mem::size_of::<ResolvedSlot>() == 56);
 /// Slots of the connect cache ([`MAP_CONNECTS`]).
 pub const CONNECT_SLOTS: u32 = 4096;
 
+/// Cookies the kernel hands each CPU at a time (`COOKIE_LOCAL_BATCH`): a CPU takes cookies
+/// one after another from a run of this many, `n * COOKIE_BATCH + 1` to
+/// `(n + 1) * COOKIE_BATCH`.
+pub const COOKIE_BATCH: u64 = 4096;
+
+/// The [`MAP_CONNECTS`] slot of `cookie`. Consecutive cookies take consecutive slots, so a
+/// connect finds the cache line the previous one on its CPU brought in. Each batch of cookies
+/// ([`COOKIE_BATCH`]) starts at an offset of its own: by position in the batch alone, connects
+/// on CPUs at the same position would take the same slot, and one would lose its process.
+#[inline(always)]
+pub const fn connect_slot(cookie: u64) -> u32 {
+    let batch = cookie.wrapping_sub(1) / COOKIE_BATCH;
+    let offset = batch.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 40;
+    (cookie.wrapping_add(offset) % CONNECT_SLOTS as u64) as u32
+}
+
 /// Who called connect(), kept from TCP_CONNECT_CB (process context) until the connection is
 /// established (often in softirq, where the current task is unrelated). A direct-mapped cache
 /// indexed by cookie: a slot reused before establishment just means "unknown", never a wrong
@@ -682,6 +698,24 @@ mod tests {
         assert_eq!(sock_slots_for(1000), 512);
         assert_eq!(sock_slots_for(DEFAULT_MAX_TRACKED_SOCKETS), MAX_SOCK_SLOTS);
         assert_eq!(sock_slots_for(u32::MAX), MAX_SOCK_SLOTS);
+    }
+
+    #[test]
+    fn connect_slots_follow_cookies_and_differ_between_batches() {
+        let first = 7 * COOKIE_BATCH + 1;
+        for cookie in first..first + COOKIE_BATCH - 1 {
+            assert_eq!(
+                connect_slot(cookie + 1),
+                (connect_slot(cookie) + 1) % CONNECT_SLOTS,
+                "cookie {cookie}"
+            );
+        }
+        // The same position in 64 batches (64 CPUs, say): nearly always 64 slots.
+        let slots: std::collections::HashSet<u32> = (0..64u64)
+            .map(|batch| connect_slot(batch * COOKIE_BATCH + 5))
+            .collect();
+        assert!(slots.len() >= 62, "{} distinct slots", slots.len());
+        assert!((0..10_000u64).all(|cookie| connect_slot(cookie) < CONNECT_SLOTS));
     }
 
     #[test]
