@@ -51,6 +51,10 @@ struct Daemon {
     lock_attached: bool,
     /// The table changed but no apply pass has succeeded since.
     apply_pending: bool,
+    /// A cgroup change left a pass to run, at [`Daemon::pass_due`].
+    pass_scheduled: bool,
+    /// When the last apply pass ended, and how long it took.
+    last_pass: Option<(Instant, Duration)>,
     /// `off` cgroups the agent saw appear, for [`policy_flags::NEW_CGROUP`].
     new_cgroups: NewCgroups,
     watchdog: Watchdog,
@@ -173,6 +177,9 @@ impl Watchdog {
     }
 }
 
+/// How long after a pass a cgroup change's pass waits, in units of that pass's duration.
+const PASS_SPACING: u32 = 9;
+
 /// Which `off` cgroups are new. Until the agent has seen a new cgroup, the program gives its
 /// sockets an ancestor's policy. An `off` entry for a cgroup that did not exist when the agent
 /// last looked is marked [`policy_flags::NEW_CGROUP`] in every table until an apply pass has
@@ -269,6 +276,39 @@ impl Daemon {
     /// changed, with new `off` cgroups marked (see [`NewCgroups`]). Applies it to existing
     /// connections when it changed (or an earlier pass failed).
     fn refresh(&mut self) -> anyhow::Result<Option<ApplyReport>> {
+        self.push()?;
+        if !self.apply_pending {
+            return Ok(None);
+        }
+        self.apply()
+    }
+
+    /// [`Daemon::refresh`] for cgroups that came or went: the table goes in at once, for new
+    /// connections, and the pass over existing ones waits until [`Daemon::pass_due`].
+    fn follow_cgroups(&mut self) -> anyhow::Result<()> {
+        self.push()?;
+        self.pass_scheduled = self.apply_pending;
+        Ok(())
+    }
+
+    /// When the pass a cgroup change left is due, if one is: [`PASS_SPACING`] times as long
+    /// as the last pass took after it ended, so that however fast containers come and go,
+    /// passes for them take at most a tenth of one CPU. On a host with few connections a
+    /// pass takes milliseconds, and so does the wait; with 200000 sockets, about 0.3 s and 2.7 s.
+    /// Only the connections that already existed when a cgroup appeared wait, in the cgroup's
+    /// ancestor's policy: new ones get the new table at once.
+    fn pass_due(&self) -> Option<Instant> {
+        if !self.pass_scheduled {
+            return None;
+        }
+        Some(match self.last_pass {
+            Some((ended, took)) => ended + took * PASS_SPACING,
+            None => Instant::now(),
+        })
+    }
+
+    /// Resolves the policy and pushes the table if it changed (see [`Daemon::refresh`]).
+    fn push(&mut self) -> anyhow::Result<()> {
         let set = self.policy_set();
         // Listed before resolving: a cgroup created in between is new next time.
         let present = self.cgroup2.ids(&self.fixed.attach);
@@ -300,17 +340,16 @@ impl Daemon {
             self.lock_attached = false;
         }
         self.resolution = resolution;
-        if !self.apply_pending {
-            return Ok(None);
-        }
-        self.apply()
+        Ok(())
     }
 
     /// Applies the table to existing connections, when the kernel can.
     fn apply(&mut self) -> anyhow::Result<Option<ApplyReport>> {
-        let report = self
-            .enforcer
-            .apply_existing(|| self.watchdog.ping_if_due())?;
+        self.pass_scheduled = false;
+        let start = Instant::now();
+        let report = self.enforcer.apply_existing(|| self.watchdog.ping_if_due());
+        self.last_pass = Some((Instant::now(), start.elapsed()));
+        let report = report?;
         // Without the iterator there is no pass that could release anything.
         self.new_cgroups.passed();
         if let Some(report) = &report {
@@ -772,6 +811,8 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         table: Vec::new(),
         lock_attached: false,
         apply_pending: false,
+        pass_scheduled: false,
+        last_pass: None,
         new_cgroups: NewCgroups::default(),
         watchdog: Watchdog::from_env(),
     };
@@ -843,6 +884,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     log::info!("ready");
 
     loop {
+        let pass_due = daemon.pass_due();
         tokio::select! {
             _ = hup.recv() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::monotonic_usec_now()?]);
@@ -879,8 +921,13 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                     ));
                 }
                 daemon.enforcer.forget_cgroups(&changes.removed);
-                if let Err(err) = daemon.refresh() {
+                if let Err(err) = daemon.follow_cgroups() {
                     log::error!("failed to follow cgroup changes: {err:#}");
+                }
+            }
+            _ = tokio::time::sleep_until(pass_due.unwrap_or_else(Instant::now).into()), if pass_due.is_some() => {
+                if let Err(err) = daemon.apply() {
+                    log::error!("failed to apply the policy to existing connections after cgroup changes: {err:#}");
                 }
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => daemon.watchdog.ping(),

@@ -415,6 +415,52 @@ fn a_glob_policy_applies_to_a_cgroup_created_after_start() {
     );
 }
 
+/// Cgroups that come and go fast (containers) each change the table, which goes in at once for
+/// new connections. The passes over existing connections that the changes call for wait nine
+/// times as long as the last pass took, so they take at most a tenth of one CPU.
+#[test]
+fn passes_for_cgroup_changes_are_spaced_by_their_own_duration() {
+    let parent = TestCgroup::new("churn");
+    let config = write_config(&format!(
+        "[[policy]]\ncgroup = \"{}/pod-*\"\nidle = 27\n",
+        parent.rel()
+    ));
+    // 18000 sockets make a pass take tens of milliseconds.
+    let held_cg = parent.child("held");
+    let mut held = Proc::sock(&["hold", "9000"], &held_cg);
+    held.next(Duration::from_secs(120));
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    let passes = |log: &str| log.matches("existing connections:").count();
+    let before = passes(&agent.log());
+    // One cgroup every 50 ms, each a change of its own.
+    let pods: Vec<TestCgroup> = (0..40)
+        .map(|i| {
+            let pod = parent.child(&format!("pod-{i}"));
+            std::thread::sleep(Duration::from_millis(50));
+            pod
+        })
+        .collect();
+    let last = pods.last().unwrap();
+    eventually(Duration::from_secs(10), "the last pod's policy", || {
+        (idle_of(last) == 27).then_some(())
+    });
+    // The pass after the last change still runs.
+    let log = eventually(
+        Duration::from_secs(10),
+        "a pass after the last change",
+        || {
+            let log = agent.log();
+            (log.rfind("existing connections:") > log.rfind("plus 40 cgroup policies"))
+                .then_some(log)
+        },
+    );
+    let ran = passes(&log) - before;
+    assert!(
+        (1..=15).contains(&ran),
+        "{ran} passes for 40 changes over 2 s: {log}"
+    );
+}
+
 #[test]
 fn a_policy_for_a_cgroup_that_does_not_exist_yet_takes_effect_when_it_appears() {
     let parent = TestCgroup::new("pending");
