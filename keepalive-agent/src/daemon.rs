@@ -177,8 +177,11 @@ impl Watchdog {
     }
 }
 
-/// How long after a pass a cgroup change's pass waits, in units of that pass's duration.
+/// How long after a pass a cgroup change's pass waits, in units of that pass's duration...
 const PASS_SPACING: u32 = 9;
+/// ...and at most, so that sockets a new cgroup had before the agent saw it get its policy
+/// within this long on the largest hosts too.
+const PASS_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// Which `off` cgroups are new. Until the agent has seen a new cgroup, the program gives its
 /// sockets an ancestor's policy. An `off` entry for a cgroup that did not exist when the agent
@@ -292,17 +295,18 @@ impl Daemon {
     }
 
     /// When the pass a cgroup change left is due, if one is: [`PASS_SPACING`] times as long
-    /// as the last pass took after it ended, so that however fast containers come and go,
-    /// passes for them take at most a tenth of one CPU. On a host with few connections a
-    /// pass takes milliseconds, and so does the wait; with 200000 sockets, about 0.3 s and 2.7 s.
-    /// Only the connections that already existed when a cgroup appeared wait, in the cgroup's
-    /// ancestor's policy: new ones get the new table at once.
+    /// as the last pass took after it ended, up to [`PASS_WAIT_MAX`], so that however fast
+    /// containers come and go, passes for them take at most a tenth of one CPU (unless a pass
+    /// takes over 3.3 s). On a host with few connections a pass takes milliseconds, and so does
+    /// the wait; with 200000 sockets, about 0.3 s and 2.7 s. Only the connections that already
+    /// existed when a cgroup appeared wait, in the cgroup's ancestor's policy: new ones get the
+    /// new table at once.
     fn pass_due(&self) -> Option<Instant> {
         if !self.pass_scheduled {
             return None;
         }
         Some(match self.last_pass {
-            Some((ended, took)) => ended + took * PASS_SPACING,
+            Some((ended, took)) => ended + (took * PASS_SPACING).min(PASS_WAIT_MAX),
             None => Instant::now(),
         })
     }

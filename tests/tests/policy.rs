@@ -425,18 +425,24 @@ fn passes_for_cgroup_changes_are_spaced_by_their_own_duration() {
         "[[policy]]\ncgroup = \"{}/pod-*\"\nidle = 27\n",
         parent.rel()
     ));
-    // 18000 sockets make a pass take tens of milliseconds.
+    // 36000 sockets make a pass take about 50 ms here: unpaced, nearly every change ran one
+    // (31 and 33 passes); paced, about one per half second (4). The bound below holds on
+    // machines up to about four times as fast.
     let held_cg = parent.child("held");
-    let mut held = Proc::sock(&["hold", "9000"], &held_cg);
-    held.next(Duration::from_secs(120));
+    let mut held: Vec<Proc> = (0..2)
+        .map(|_| Proc::sock(&["hold", "9000"], &held_cg))
+        .collect();
+    for proc in &mut held {
+        proc.next(Duration::from_secs(120));
+    }
     let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
     let passes = |log: &str| log.matches("existing connections:").count();
     let before = passes(&agent.log());
-    // One cgroup every 50 ms, each a change of its own.
+    // One cgroup every 80 ms, each a change of its own.
     let pods: Vec<TestCgroup> = (0..40)
         .map(|i| {
             let pod = parent.child(&format!("pod-{i}"));
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(80));
             pod
         })
         .collect();
@@ -450,15 +456,12 @@ fn passes_for_cgroup_changes_are_spaced_by_their_own_duration() {
         "a pass after the last change",
         || {
             let log = agent.log();
-            (log.rfind("existing connections:") > log.rfind("plus 40 cgroup policies"))
-                .then_some(log)
+            let table = log.rfind("plus 40 cgroup policies")?;
+            (log.rfind("existing connections:")? > table).then_some(log)
         },
     );
     let ran = passes(&log) - before;
-    assert!(
-        (1..=15).contains(&ran),
-        "{ran} passes for 40 changes over 2 s: {log}"
-    );
+    assert!(ran <= 20, "{ran} passes for 40 changes over 3.2 s: {log}");
 }
 
 #[test]
