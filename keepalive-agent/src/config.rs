@@ -248,8 +248,8 @@ impl Ctx<'_> {
 /// Reads the config: `path` when given (it must exist), else [`DEFAULT_CONFIG`] if present,
 /// else the built-in default.
 pub fn load(path: Option<&Path>, cgroup2: &Cgroup2) -> anyhow::Result<Config> {
-    let (config, owner) = load_apart(path, cgroup2);
-    owner.map_or(config, Err)
+    let (file, required) = chosen(path);
+    read(file, required, cgroup2)
 }
 
 /// As [`load`], with what [`check_owner`] refuses kept apart rather than in place of the
@@ -258,9 +258,19 @@ pub fn load_apart(
     path: Option<&Path>,
     cgroup2: &Cgroup2,
 ) -> (anyhow::Result<Config>, Option<anyhow::Error>) {
+    let (file, required) = chosen(path);
+    match read_text(file, required) {
+        Ok(Some(text)) => (parse(&text, file, cgroup2), check_owner(file).err()),
+        Ok(None) => (Ok(builtin()), None),
+        Err(err) => (Err(err), None),
+    }
+}
+
+/// The file to read, and whether it must exist.
+fn chosen(path: Option<&Path>) -> (&Path, bool) {
     match path {
-        Some(path) => read_apart(path, true, cgroup2),
-        None => read_apart(Path::new(DEFAULT_CONFIG), false, cgroup2),
+        Some(path) => (path, true),
+        None => (Path::new(DEFAULT_CONFIG), false),
     }
 }
 
@@ -293,41 +303,41 @@ pub fn reload(
 }
 
 /// Reads and parses `file`; when it does not exist and is not `required`, the built-in
-/// default. A file someone other than root could write is refused first.
+/// default. A file someone other than root could write is refused before it is parsed.
 fn read(file: &Path, required: bool, cgroup2: &Cgroup2) -> anyhow::Result<Config> {
-    let (config, owner) = read_apart(file, required, cgroup2);
-    owner.map_or(config, Err)
+    match read_text(file, required)? {
+        Some(text) => {
+            check_owner(file)?;
+            parse(&text, file, cgroup2)
+        }
+        None => Ok(builtin()),
+    }
 }
 
-/// [`read`], with the owner check's refusal apart from the config.
-fn read_apart(
-    file: &Path,
-    required: bool,
-    cgroup2: &Cgroup2,
-) -> (anyhow::Result<Config>, Option<anyhow::Error>) {
+/// The text of `file`; `None` when it does not exist and is not `required`.
+fn read_text(file: &Path, required: bool) -> anyhow::Result<Option<String>> {
     match std::fs::read_to_string(file) {
-        Ok(text) => (parse(&text, file, cgroup2), check_owner(file).err()),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => (
-            Ok(Config {
-                file: None,
-                attach: None,
-                state_dir: None,
-                metrics: None,
-                max_tracked_cgroups: None,
-                max_tracked_sockets: None,
-                policies: PolicySet::new(BUILTIN_DEFAULT, Source::Builtin),
-            }),
-            None,
-        ),
-        Err(err) => (
-            Err(Error::Config {
-                file: file.to_owned(),
-                line: None,
-                reason: format!("cannot read: {err}"),
-            }
-            .into()),
-            None,
-        ),
+        Ok(text) => Ok(Some(text)),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => Ok(None),
+        Err(err) => Err(Error::Config {
+            file: file.to_owned(),
+            line: None,
+            reason: format!("cannot read: {err}"),
+        }
+        .into()),
+    }
+}
+
+/// The config without a file: the built-in default.
+fn builtin() -> Config {
+    Config {
+        file: None,
+        attach: None,
+        state_dir: None,
+        metrics: None,
+        max_tracked_cgroups: None,
+        max_tracked_sockets: None,
+        policies: PolicySet::new(BUILTIN_DEFAULT, Source::Builtin),
     }
 }
 
