@@ -86,9 +86,21 @@ pub(crate) fn count(counter: Counter) {
     }
 }
 
+/// Whether `cookie` can key a slot: not one of the two values that mark a free slot and one
+/// being written. The kernel never makes cookie 0, but the first cookie it makes in a nested
+/// context (an interrupt during another one) is `u64::MAX`, counting down from there; that
+/// socket goes without a slot (its record to the hash, its connect unrecorded).
+#[inline(always)]
+fn slot_key(cookie: u64) -> bool {
+    cookie != SLOT_FREE && cookie != SLOT_BUSY
+}
+
 /// Probe `probe` of `cookie` in the slot table.
 #[inline(always)]
 fn slot(cookie: u64, probe: u32) -> Option<*mut SockSlot> {
+    if !slot_key(cookie) {
+        return None;
+    }
     KA_SOCK_SLOTS.get_ptr_mut(sock_slot(cookie, probe, kernel::sock_slot_mask()))
 }
 
@@ -134,6 +146,9 @@ pub(crate) fn record(cookie: u64) -> Option<&'static mut SockRecord> {
 
 #[inline(always)]
 fn connect_slot(cookie: u64) -> Option<*mut ConnectSlot> {
+    if !slot_key(cookie) {
+        return None;
+    }
     KA_CONNECTS.get_ptr_mut(keepalive_common::connect_slot(cookie))
 }
 
