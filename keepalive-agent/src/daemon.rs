@@ -189,7 +189,9 @@ const PASS_WAIT_MAX: Duration = Duration::from_secs(30);
 /// run, so the pass releases what the program enforced there, as if the cgroup had been `off`
 /// from the start. It goes by cgroup id, whatever made the agent look (an inotify batch,
 /// `policy set`, a reload): a cgroup the agent had seen before is not new, and a mark survives
-/// a failed push or pass.
+/// a failed push or pass. What the agent has seen outlives it, in the pinned
+/// `keepalive_common::MAP_AGENT` (see [`NewCgroups::seen`]), so a cgroup created while no
+/// agent ran is new at the next start.
 #[derive(Debug, Default)]
 struct NewCgroups {
     /// Every cgroup below the attach cgroup when the agent last looked.
@@ -199,15 +201,37 @@ struct NewCgroups {
 }
 
 impl NewCgroups {
-    /// Starts with the cgroups that exist now and those of the first table: whatever the
-    /// program did in them before this agent started stays as `off` leaves it.
-    fn new(present: HashSet<u64>, table: &[(u64, Policy)]) -> Self {
-        let mut known = present;
-        known.extend(table.iter().map(|(id, _)| *id));
-        Self {
+    /// Starts with the cgroups that exist now and those of the first table, except those with
+    /// an id above `seen`, what the last agent over this state kept of what it had seen
+    /// ([`NewCgroups::seen`]). Cgroup ids only grow, so those were created while no agent
+    /// ran, and the program gave their sockets an ancestor's policy. Whatever the program did
+    /// in the others, and in all of them when `seen` is 0 (no agent kept it), stays as `off`
+    /// leaves it.
+    fn new(present: HashSet<u64>, table: &[(u64, Policy)], seen: u64) -> Self {
+        let known = present
+            .iter()
+            .copied()
+            .chain(table.iter().map(|(id, _)| *id))
+            .filter(|&id| seen == 0 || id <= seen)
+            .collect();
+        let mut new = Self {
             known,
             off: HashSet::new(),
-        }
+        };
+        new.update(present, table);
+        new
+    }
+
+    /// What the next start takes as seen: the highest cgroup id seen, or, while `off` cgroups
+    /// still wait for their pass, one below the lowest of them, so that a start before that
+    /// pass finds them new too.
+    fn seen(&self) -> u64 {
+        let highest = self.known.iter().copied().max().unwrap_or(0);
+        self.off
+            .iter()
+            .copied()
+            .min()
+            .map_or(highest, |lowest| highest.min(lowest.saturating_sub(1)))
     }
 
     /// Notes the cgroups `present` (listed before `table` was resolved, so one created in
@@ -328,6 +352,7 @@ impl Daemon {
         }
         // New entries always change the table: the previous one's ids are all known.
         self.new_cgroups.update(present, &table);
+        self.keep_seen();
         if changed {
             self.enforcer.push_table(&self.new_cgroups.mark(&table))?;
             log::info!(
@@ -356,11 +381,20 @@ impl Daemon {
         let report = report?;
         // Without the iterator there is no pass that could release anything.
         self.new_cgroups.passed();
+        self.keep_seen();
         if let Some(report) = &report {
             self.apply_pending = false;
             log::info!("{}", apply::describe(report));
         }
         Ok(report)
+    }
+
+    /// Keeps what the agent has seen for the next start (see [`NewCgroups`]). Without it, the
+    /// next start takes a cgroup created since the last write as seen.
+    fn keep_seen(&mut self) {
+        if let Err(err) = self.enforcer.set_seen_cgroups(self.new_cgroups.seen()) {
+            log::warn!("{err:#}; after a restart, cgroups created until then count as seen");
+        }
     }
 
     /// Runs a change to the config or the runtime rules and pushes the result. If anything
@@ -829,14 +863,21 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     let present = cgroup2.ids(&attach);
     let resolution = set.resolve(&daemon.cgroup2, &attach);
     daemon.table = resolution.table(&set.default, attach_id);
-    daemon.new_cgroups = NewCgroups::new(present, &daemon.table);
+    let seen = daemon.enforcer.seen_cgroups().unwrap_or_else(|err| {
+        log::warn!("{err:#}; cgroups created while no agent ran count as seen");
+        0
+    });
+    daemon.new_cgroups = NewCgroups::new(present, &daemon.table, seen);
+    daemon.keep_seen();
     // As in `refresh`: the lock program goes in before a table that uses lock (a pinned
     // program from the last run already reads the table), and out after one that does not.
     let lock = set.uses_lock();
     if lock {
         daemon.enforcer.set_lock(true)?;
     }
-    daemon.enforcer.push_table(&daemon.table)?;
+    daemon
+        .enforcer
+        .push_table(&daemon.new_cgroups.mark(&daemon.table))?;
     if !lock {
         daemon.enforcer.set_lock(false)?;
     }
@@ -1026,7 +1067,7 @@ mod tests {
 
     #[test]
     fn off_cgroups_that_appear_are_marked_until_a_pass_ran() {
-        let mut new = NewCgroups::new(HashSet::from([1]), &[(2, policy(mode::OFF))]);
+        let mut new = NewCgroups::new(HashSet::from([1]), &[(2, policy(mode::OFF))], 0);
         // 2 existed at start: becoming `off` keeps the usual behaviour.
         let table = [(1, policy(mode::ENFORCE)), (2, policy(mode::OFF))];
         new.update(HashSet::from([1, 2]), &table);
@@ -1049,5 +1090,26 @@ mod tests {
         let table = [(5, policy(mode::OFF))];
         new.update(HashSet::from([1, 2, 3, 4, 5]), &table);
         assert_eq!(marked(&new, &table), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn off_cgroups_created_while_no_agent_ran_are_new_at_start() {
+        // The last agent had seen cgroups up to id 10; 12 and 14 came while none ran.
+        let table = [
+            (10, policy(mode::OFF)),
+            (12, policy(mode::OFF)),
+            (14, policy(mode::ENFORCE)),
+        ];
+        let present = HashSet::from([9, 10, 12, 14]);
+        let mut new = NewCgroups::new(present.clone(), &table, 10);
+        assert_eq!(marked(&new, &table), [12]);
+        // A start before the pass ran must find 12 new again, and 14 with it.
+        assert_eq!(new.seen(), 11);
+        new.passed();
+        assert_eq!(new.seen(), 14);
+        // No agent kept what it saw: every cgroup there at start counts as seen.
+        let new = NewCgroups::new(present, &table, 0);
+        assert_eq!(marked(&new, &table), Vec::<u64>::new());
+        assert_eq!(new.seen(), 14);
     }
 }

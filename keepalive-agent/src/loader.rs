@@ -19,10 +19,11 @@ use aya::{
     programs::{CgroupSockopt, Iter, ProgramError, SockOps},
 };
 use keepalive_common::{
-    CgroupStats, DEFAULT_MAX_TRACKED_SOCKETS, GLOBAL_OFFSETS, GLOBAL_SETTINGS, KernelOffsets,
-    MAP_APPLY, MAP_CGSTATS, MAP_POLICY, MAP_SLOT_CHUNKS, MAP_SOCK_SLOTS, MAP_SOCKS, MAX_POLICIES,
-    PINNED_MAPS, POLICY_GENERATION_KEY, PROG_APPLY, PROG_LOCK, PROG_SOCKOPS, PROG_STATUS,
-    PROG_STATUS_SLOTS, Policy, Settings, generation_entry, slot_chunks_for, sock_slots_for,
+    AGENT_SEEN_CGROUPS, CgroupStats, DEFAULT_MAX_TRACKED_SOCKETS, GLOBAL_OFFSETS, GLOBAL_SETTINGS,
+    KernelOffsets, MAP_AGENT, MAP_APPLY, MAP_CGSTATS, MAP_POLICY, MAP_SLOT_CHUNKS, MAP_SOCK_SLOTS,
+    MAP_SOCKS, MAX_POLICIES, PINNED_MAPS, POLICY_GENERATION_KEY, PROG_APPLY, PROG_LOCK,
+    PROG_SOCKOPS, PROG_STATUS, PROG_STATUS_SLOTS, Policy, Settings, generation_entry,
+    slot_chunks_for, sock_slots_for,
 };
 
 use crate::{
@@ -362,6 +363,31 @@ impl Enforcer {
     /// The attach cgroup id.
     pub const fn attach_id(&self) -> u64 {
         self.attach_id
+    }
+
+    /// The highest cgroup id an agent over this state had seen, as [`Enforcer::set_seen_cgroups`]
+    /// left it; 0 when none did (see `keepalive_common::MAP_AGENT`).
+    pub fn seen_cgroups(&self) -> anyhow::Result<u64> {
+        let map = self
+            .ebpf
+            .map(MAP_AGENT)
+            .ok_or_else(|| anyhow!("the BPF object has no {MAP_AGENT} map"))?;
+        let array: aya::maps::Array<&MapData, u64> = map.try_into()?;
+        array
+            .get(&AGENT_SEEN_CGROUPS, 0)
+            .with_context(|| format!("failed to read {MAP_AGENT}"))
+    }
+
+    /// Keeps `id` as the highest cgroup id this agent has seen, for the next start.
+    pub fn set_seen_cgroups(&mut self, id: u64) -> anyhow::Result<()> {
+        let map = self
+            .ebpf
+            .map_mut(MAP_AGENT)
+            .ok_or_else(|| anyhow!("the BPF object has no {MAP_AGENT} map"))?;
+        let mut array: aya::maps::Array<&mut MapData, u64> = map.try_into()?;
+        array
+            .set(AGENT_SEEN_CGROUPS, id, 0)
+            .with_context(|| format!("failed to write {MAP_AGENT}"))
     }
 }
 

@@ -12,6 +12,7 @@
 //! maps-v<ABI>/KA_UNTRACKED records of sockets the full tracking maps left out (socket storage)
 //! maps-v<ABI>/KA_CGSTATS   per-cgroup counters
 //! maps-v<ABI>/KA_COUNTERS  per-CPU event counters
+//! maps-v<ABI>/KA_AGENT     what the agent keeps for its next start (the newest cgroup seen)
 //! link_sockops             sock_ops program on the attach cgroup
 //! link_lock                setsockopt program on the attach cgroup (only with `lock` policies)
 //! link_status_slots        iterator over KA_SOCK_SLOTS (through its chunk map), read by `status`

@@ -23,7 +23,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use keepalive_common::{
-    CONNECT_SLOTS, CgroupStats, ConnectSlot, Counter, DEFAULT_MAX_TRACKED_CGROUPS,
+    AGENT_SLOTS, CONNECT_SLOTS, CgroupStats, ConnectSlot, Counter, DEFAULT_MAX_TRACKED_CGROUPS,
     DEFAULT_MAX_TRACKED_SOCKETS, MAX_SOCK_SLOTS, Policy, SLOT_BUSY, SLOT_FREE, SOCK_SLOT_PROBES,
     SockRecord, SockSlot, sock_flags, sock_slot,
 };
@@ -53,6 +53,11 @@ static KA_APPLY: Array<u64, 1> = Array::new();
 pub(crate) fn apply_pass_start() -> u64 {
     KA_APPLY.get(0).copied().unwrap_or(0)
 }
+
+/// Written and read by the agent alone (`keepalive_common::MAP_AGENT`); declared here so it is
+/// created and pinned with the others.
+#[btf_map]
+static KA_AGENT: Array<u64, { AGENT_SLOTS as usize }> = Array::new();
 
 #[btf_map]
 static KA_LOCKS: SkStorage<Policy> = SkStorage::new();

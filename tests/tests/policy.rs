@@ -261,6 +261,63 @@ fn sockets_enforced_before_the_agent_saw_their_new_off_cgroup_are_released() {
 }
 
 #[test]
+fn sockets_of_an_off_cgroup_created_while_no_agent_ran_are_released_at_the_next_start() {
+    // A stopped agent leaves the program attached, with the last table: a cgroup created
+    // meanwhile gets an ancestor's policy until the next start. That start must tell it from a
+    // cgroup that was there before and became `off` by a config change meanwhile, whose
+    // sockets keep their values, as after a reload.
+    let parent = TestCgroup::new("stoppedoff");
+    let seen = parent.child("seen");
+    let rules = |extra: &str| {
+        format!(
+            "[default]\nidle = 41\n[[policy]]\ncgroup = \"{}/off-*\"\nmode = \"off\"\n{extra}",
+            parent.rel()
+        )
+    };
+    let first = write_config(&rules(""));
+    let mut agent = Agent::start(&parent, &["--config", first.to_str().unwrap()]);
+    let dirs = agent.dirs();
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    let ancestors = (1, 41, 10, 5);
+    let both = |p: &mut Proc| {
+        let out = p.read();
+        (values(&out["client"]), values(&out["server"]))
+    };
+    let mut in_seen = Proc::sock(&["pair", "4"], &seen);
+    let created = parent.child("off-1");
+    let mut in_created = Proc::sock(&["pair", "4"], &created);
+    assert_eq!(both(&mut in_seen), (ancestors, ancestors), "no agent runs");
+    assert_eq!(
+        both(&mut in_created),
+        (ancestors, ancestors),
+        "no agent runs"
+    );
+    let second = write_config(&rules(&format!(
+        "[[policy]]\ncgroup = \"{}\"\nmode = \"off\"\n",
+        seen.rel()
+    )));
+    let agent = Agent::start_in(&dirs, &parent, &["--config", second.to_str().unwrap()]);
+    eventually(Duration::from_secs(10), "the pass's log line", || {
+        agent
+            .log()
+            .contains(
+                "4 in off cgroups (2 released: enforced before the agent saw their new cgroup)",
+            )
+            .then_some(())
+    });
+    let now = |p: &mut Proc| p.report().iter().map(values).collect::<Vec<_>>();
+    // As in the test above: the accepted socket keeps what it inherited from its listener.
+    assert_eq!(now(&mut in_created), [(0, 41, 10, 5), ancestors]);
+    assert_eq!(now(&mut in_seen), [ancestors, ancestors]);
+    let status = agent.status();
+    assert!(
+        sockets_of(&status, &created).is_empty(),
+        "released sockets are not listed: {status}"
+    );
+    assert_eq!(sockets_of(&status, &seen).len(), 2, "{status}");
+}
+
+#[test]
 fn off_leaves_a_listeners_own_keepalive_on() {
     // The application switched keepalive on for its listener; `enforce` set the policy's
     // values on it. When the cgroup becomes `off`, the program takes back what it set, which

@@ -92,13 +92,23 @@ pub const MAP_UNTRACKED: &str = "KA_UNTRACKED";
 pub const MAP_CGSTATS: &str = "KA_CGSTATS";
 /// Per-CPU `u64` counters indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "KA_COUNTERS";
+/// What the agent keeps across its restarts, [`AGENT_SLOTS`] `u64`s; the programs never read
+/// it. Slot [`AGENT_SEEN_CGROUPS`] holds the highest cgroup id the agent had seen below the
+/// attach cgroup (cgroup ids only grow), so the next start can tell the cgroups created while
+/// no agent ran. 0: no agent wrote it (a fresh map, or one from a build before it).
+pub const MAP_AGENT: &str = "KA_AGENT";
+/// Slots of [`MAP_AGENT`].
+pub const AGENT_SLOTS: u32 = 1;
+/// See [`MAP_AGENT`].
+pub const AGENT_SEEN_CGROUPS: u32 = 0;
 /// Name of the read-only global holding [`KernelOffsets`].
 pub const GLOBAL_OFFSETS: &str = "KA_OFFSETS";
 /// Name of the read-only global holding [`Settings`].
 pub const GLOBAL_SETTINGS: &str = "KA_SETTINGS";
 
 /// Maps pinned in the state directory, so counters and sockets survive an agent restart.
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 9] = [
+    MAP_AGENT,
     MAP_POLICY,
     MAP_SOCK_SLOTS,
     MAP_SOCKS,
