@@ -153,10 +153,19 @@ impl Cgroup2 {
         }
     }
 
-    /// Direct child cgroups of `cgroup`, by name. A cgroup removed meanwhile yields none.
+    /// Direct child cgroups of `cgroup`, by name. A cgroup removed meanwhile, or one that
+    /// cannot be read, yields none.
     pub fn children(&self, cgroup: &CgroupPath) -> Vec<String> {
-        let Ok(entries) = fs::read_dir(self.abs(cgroup)) else {
-            return Vec::new();
+        self.read_children(cgroup).unwrap_or_default()
+    }
+
+    /// [`Cgroup2::children`], with the error of a cgroup that exists but cannot be read (the
+    /// agent runs without CAP_DAC_READ_SEARCH, so a directory root may not read is one).
+    pub fn read_children(&self, cgroup: &CgroupPath) -> io::Result<Vec<String>> {
+        let entries = match fs::read_dir(self.abs(cgroup)) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(err),
         };
         let mut names: Vec<String> = entries
             .filter_map(Result::ok)
@@ -164,7 +173,7 @@ impl Cgroup2 {
             .filter_map(|e| e.file_name().into_string().ok())
             .collect();
         names.sort();
-        names
+        Ok(names)
     }
 
     /// Every cgroup at or below `root`, with its id, parents before children, as the walk

@@ -267,6 +267,20 @@ impl NewCgroups {
     }
 }
 
+/// Warns about each cgroup `next` could not read that `previous` could, once.
+fn warn_unreadable(previous: &Resolution, next: &Resolution) {
+    for (path, err) in &next.unreadable {
+        if !previous.unreadable.contains_key(path) {
+            log::warn!(
+                "cannot read cgroup {path} ({err}): policies for cgroups below it do not apply, \
+                 and their connections get the policy of {path} or of its nearest ancestor with \
+                 one. The agent runs without CAP_DAC_READ_SEARCH (see README \"Capabilities\"): \
+                 give root read and search permission on the directory (chmod o+rx)"
+            );
+        }
+    }
+}
+
 fn overrides_from(args: &RunArgs) -> DefaultOverrides {
     DefaultOverrides {
         idle: args.values.idle,
@@ -368,6 +382,7 @@ impl Daemon {
             self.enforcer.set_lock(false)?;
             self.lock_attached = false;
         }
+        warn_unreadable(&self.resolution, &resolution);
         self.resolution = resolution;
         Ok(())
     }
@@ -881,6 +896,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     if !lock {
         daemon.enforcer.set_lock(false)?;
     }
+    warn_unreadable(&Resolution::default(), &resolution);
     daemon.resolution = resolution;
     daemon.lock_attached = lock;
     let updated = daemon.enforcer.attach_sockops()?;

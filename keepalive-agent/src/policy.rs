@@ -383,6 +383,16 @@ impl Selector {
 
     /// The cgroups this selector matches now.
     pub fn expand(&self, cgroup2: &Cgroup2) -> Vec<(CgroupPath, u64)> {
+        self.expand_noting(cgroup2, &mut BTreeMap::new())
+    }
+
+    /// [`Selector::expand`], noting in `unreadable` each cgroup on the way that exists but
+    /// could not be read, with why: the cgroups it selects below it are missing.
+    pub fn expand_noting(
+        &self,
+        cgroup2: &Cgroup2,
+        unreadable: &mut BTreeMap<CgroupPath, String>,
+    ) -> Vec<(CgroupPath, u64)> {
         let parts: Vec<String> = match self {
             Self::Exact(path) => path.components().map(str::to_owned).collect(),
             Self::Glob { text, .. } => text.split('/').map(str::to_owned).collect(),
@@ -393,16 +403,28 @@ impl Selector {
             for dir in &level {
                 match self {
                     Self::Glob { components, .. } if is_glob(part) => {
-                        for child in cgroup2.children(dir) {
-                            if components[depth].matches(&child) {
-                                next.push(dir.join(&child));
+                        match cgroup2.read_children(dir) {
+                            Ok(children) => next.extend(
+                                children
+                                    .iter()
+                                    .filter(|child| components[depth].matches(child))
+                                    .map(|child| dir.join(child)),
+                            ),
+                            Err(err) => {
+                                unreadable.insert(dir.clone(), err.to_string());
                             }
                         }
                     }
                     _ => {
                         let child = dir.join(part);
-                        if cgroup2.abs(&child).is_dir() {
-                            next.push(child);
+                        match fs::metadata(cgroup2.abs(&child)) {
+                            Ok(meta) if meta.is_dir() => next.push(child),
+                            Ok(_) => {}
+                            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                            // Searching `dir` was refused: it is the one root may not read.
+                            Err(err) => {
+                                unreadable.insert(dir.clone(), err.to_string());
+                            }
                         }
                     }
                 }
@@ -487,6 +509,9 @@ pub struct Entry {
 pub struct Resolution {
     /// cgroup id -> entry.
     pub entries: BTreeMap<u64, Entry>,
+    /// Cgroups below the attach cgroup that exist but could not be read, with why: policies
+    /// for cgroups below them are missing from `entries`.
+    pub unreadable: BTreeMap<CgroupPath, String>,
 }
 
 impl Resolution {
@@ -530,8 +555,9 @@ impl PolicySet {
     pub fn resolve(&self, cgroup2: &Cgroup2, attach: &CgroupPath) -> Resolution {
         let mut resolution = Resolution::default();
         let mut claimed = HashSet::new();
+        let mut unreadable = BTreeMap::new();
         for rule in &self.rules {
-            for (path, id) in rule.selector.expand(cgroup2) {
+            for (path, id) in rule.selector.expand_noting(cgroup2, &mut unreadable) {
                 if !path.is_within(attach) || !claimed.insert(id) {
                     continue;
                 }
@@ -548,6 +574,10 @@ impl PolicySet {
                 }
             }
         }
+        resolution.unreadable = unreadable
+            .into_iter()
+            .filter(|(path, _)| path.is_within(attach))
+            .collect();
         resolution
     }
 }

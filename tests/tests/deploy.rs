@@ -6,15 +6,12 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, Netns, Proc, TestCgroup, agent_bin, agent_in_private_mounts, cgroup2_mount,
-    check_item, code, count_between, drop_caps_except, hide_with_tmpfs, in_private_mounts,
-    require_root, sock_bin, sockops_attachments, stderr, umount, values, write_config,
+    Agent, AgentDirs, GRANTED, Netns, Proc, TestCgroup, agent_bin, agent_in_private_mounts,
+    cgroup2_mount, check_item, code, count_between, drop_caps_except, hide_with_tmpfs,
+    in_private_mounts, require_root, sock_bin, sockops_attachments, stderr, umount, values,
+    write_config,
 };
 use serde_json::Value;
-
-/// The capabilities the systemd unit and the DaemonSet grant (linux/capability.h numbers):
-/// CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF.
-const GRANTED: [u32; 5] = [12, 19, 21, 38, 39];
 
 #[test]
 fn check_reports_a_ready_host_and_probes_every_program() {

@@ -3,12 +3,17 @@
 //! reloads take effect for the next connection.
 
 use std::{
-    ffi::CString, fs, os::unix::fs::MetadataExt as _, path::Path, process::Output, time::Duration,
+    ffi::CString,
+    fs,
+    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    path::Path,
+    process::Output,
+    time::Duration,
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, Proc, TestCgroup, bind_mount, bpf::resolution_cache, check_item, code,
-    eventually, hide_with_tmpfs, idle_of, json_refusal, kernel_defaults, mkdir, pair_values,
+    Agent, AgentDirs, GRANTED, Proc, TestCgroup, bind_mount, bpf::resolution_cache, check_item,
+    code, eventually, hide_with_tmpfs, idle_of, json_refusal, kernel_defaults, mkdir, pair_values,
     perf::storm, private_mounts, sockets_of, sockops_attachments, stderr, unique, values,
     write_config,
 };
@@ -315,6 +320,64 @@ fn sockets_of_an_off_cgroup_created_while_no_agent_ran_are_released_at_the_next_
         "released sockets are not listed: {status}"
     );
     assert_eq!(sockets_of(&status, &seen).len(), 2, "{status}");
+}
+
+#[test]
+fn a_cgroup_the_agent_may_not_read_is_named_in_the_log_and_read_once_it_may() {
+    // The unit and the DaemonSet grant no CAP_DAC_READ_SEARCH: a directory root may not read
+    // hides the cgroups below it from the agent's globs. Before, it did so silently.
+    let parent = TestCgroup::new("unreadable");
+    let locked = parent.child("locked");
+    let svc = locked.child("svc-1");
+    let api = locked.child("api");
+    let config = write_config(&format!(
+        "[default]\nidle = 41\n[[policy]]\ncgroup = \"{0}/svc-*\"\nidle = 31\n\
+         [[policy]]\ncgroup = \"{0}/api\"\nidle = 32\n",
+        locked.rel()
+    ));
+    std::os::unix::fs::chown(locked.path(), Some(65534), Some(65534)).expect("chown");
+    fs::set_permissions(locked.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
+    let agent = Agent::start_with(
+        &AgentDirs::new(),
+        &[
+            "run",
+            "--cgroup",
+            parent.path().to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+        Some(&GRANTED),
+    );
+    let warning = format!(
+        "cannot read cgroup {} (Permission denied (os error 13)): policies for cgroups below it \
+         do not apply",
+        locked.display()
+    );
+    assert!(agent.log().contains(&warning), "{}", agent.log());
+    assert_eq!(
+        pair_values(&svc).0.1,
+        41,
+        "the nearest policy the agent could read"
+    );
+    assert_eq!(
+        pair_values(&api).0.1,
+        41,
+        "the nearest policy the agent could read"
+    );
+    // Once root may read it, the next look (here a reload) finds the glob's cgroups.
+    fs::set_permissions(locked.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    agent.signal(libc::SIGHUP);
+    eventually(Duration::from_secs(10), "the glob's policy", || {
+        (pair_values(&svc).0.1 == 31).then_some(())
+    });
+    assert_eq!(pair_values(&api).0.1, 32);
+    assert_eq!(
+        agent.log().matches("cannot read cgroup").count(),
+        1,
+        "warned once: {}",
+        agent.log()
+    );
 }
 
 #[test]
