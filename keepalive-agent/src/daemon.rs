@@ -6,7 +6,7 @@
 //! pinned attachment), applies the policy to existing connections and reports readiness.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -530,17 +530,27 @@ impl Daemon {
     }
 
     /// Why a selector selects no cgroup under the attach cgroup now, if it selects none.
-    fn selects_nothing(&self, selector: &Selector) -> Option<&'static str> {
-        match selector {
-            Selector::Exact(path) => {
-                (!self.cgroup2.abs(path).is_dir()).then_some("does not exist yet")
-            }
-            Selector::Glob { .. } => selector
-                .expand(&self.cgroup2)
-                .iter()
-                .all(|(path, _)| !path.is_within(&self.fixed.attach))
-                .then_some("matches no cgroup yet"),
+    fn selects_nothing(&self, selector: &Selector) -> Option<String> {
+        let mut unreadable = BTreeMap::new();
+        let selected = selector.expand_noting(&self.cgroup2, &mut unreadable);
+        if selected
+            .iter()
+            .any(|(path, _)| path.is_within(&self.fixed.attach))
+        {
+            return None;
         }
+        if let Some((dir, err)) = unreadable.iter().next() {
+            return Some(format!(
+                "is below {dir}, which the agent cannot read ({err})"
+            ));
+        }
+        Some(
+            match selector {
+                Selector::Exact(_) => "does not exist yet",
+                Selector::Glob { .. } => "matches no cgroup yet",
+            }
+            .to_owned(),
+        )
     }
 
     /// `policy unset`: removes a runtime rule, or masks the config's policy for the cgroup.

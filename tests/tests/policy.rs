@@ -365,6 +365,23 @@ fn a_cgroup_the_agent_may_not_read_is_named_in_the_log_and_read_once_it_may() {
         41,
         "the nearest policy the agent could read"
     );
+    // A policy set there now says why it selects nothing.
+    let out = agent.cli_ok(&[
+        "policy",
+        "set",
+        &format!("{}/web", locked.path().display()),
+        "--idle",
+        "33",
+    ]);
+    let why = format!(
+        "is below {}, which the agent cannot read (Permission denied",
+        locked.display()
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&why),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // Once root may read it, the next look (here a reload) finds the glob's cgroups.
     fs::set_permissions(locked.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
     agent.signal(libc::SIGHUP);
