@@ -51,8 +51,12 @@ struct Daemon {
     lock_attached: bool,
     /// The table changed but no apply pass has succeeded since.
     apply_pending: bool,
-    /// A cgroup change left a pass to run, at [`Daemon::pass_due`].
+    /// A cgroup change left a pass to run, at [`Daemon::due`].
     pass_scheduled: bool,
+    /// A failed push or pass is tried again at this time (see [`Daemon::retry_later`]).
+    retry_at: Option<Instant>,
+    /// Failures in a row, for the wait before the next try.
+    failures: u32,
     /// When the last apply pass ended, and how long it took.
     last_pass: Option<(Instant, Duration)>,
     /// `off` cgroups the agent saw appear, for [`policy_flags::NEW_CGROUP`].
@@ -175,6 +179,16 @@ impl Watchdog {
             self.ping();
         }
     }
+}
+
+/// The wait before trying a failed push or pass again, doubled after each failure in a row...
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// ...up to this.
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// The wait after `failures` + 1 failures in a row.
+fn retry_wait(failures: u32) -> Duration {
+    (RETRY_FIRST * (1 << failures.min(5))).min(RETRY_MAX)
 }
 
 /// How long after a pass a cgroup change's pass waits, in units of that pass's duration...
@@ -318,17 +332,39 @@ impl Daemon {
     /// connections when it changed (or an earlier pass failed).
     fn refresh(&mut self) -> anyhow::Result<Option<ApplyReport>> {
         self.push()?;
-        if !self.apply_pending {
-            return Ok(None);
-        }
-        self.apply()
+        let report = if self.apply_pending {
+            self.apply()?
+        } else {
+            self.pass_scheduled = false;
+            None
+        };
+        self.caught_up();
+        Ok(report)
+    }
+
+    /// The table and existing connections are up to date: no try is due.
+    fn caught_up(&mut self) {
+        self.retry_at = None;
+        self.failures = 0;
+    }
+
+    /// Schedules the next try after a failure to push a table or to run a pass, which
+    /// otherwise would wait for the next cgroup change or request: 1 s after the first failure
+    /// in a row, doubling up to [`RETRY_MAX`]. Returns the wait.
+    fn retry_later(&mut self) -> Duration {
+        let wait = retry_wait(self.failures);
+        self.failures = self.failures.saturating_add(1);
+        self.retry_at = Some(Instant::now() + wait);
+        wait
     }
 
     /// [`Daemon::refresh`] for cgroups that came or went: the table goes in at once, for new
-    /// connections, and the pass over existing ones waits until [`Daemon::pass_due`].
+    /// connections, and the pass over existing ones waits until [`Daemon::due`].
     fn follow_cgroups(&mut self) -> anyhow::Result<()> {
         self.push()?;
         self.pass_scheduled = self.apply_pending;
+        // A pass that failed before is now the scheduled one.
+        self.caught_up();
         Ok(())
     }
 
@@ -339,14 +375,18 @@ impl Daemon {
     /// the wait; with 200000 sockets, about 0.3 s and 2.7 s. Only the connections that already
     /// existed when a cgroup appeared wait, in the cgroup's ancestor's policy: new ones get the
     /// new table at once.
-    fn pass_due(&self) -> Option<Instant> {
-        if !self.pass_scheduled {
-            return None;
-        }
-        Some(match self.last_pass {
+    ///
+    /// A try after a failure (see [`Daemon::retry_later`]) is due at its own time, or at the
+    /// pass's if that is later.
+    fn due(&self) -> Option<Instant> {
+        let pass = self.pass_scheduled.then(|| match self.last_pass {
             Some((ended, took)) => ended + (took * PASS_SPACING).min(PASS_WAIT_MAX),
             None => Instant::now(),
-        })
+        });
+        match (pass, self.retry_at) {
+            (Some(pass), Some(retry)) => Some(pass.max(retry)),
+            (pass, retry) => pass.or(retry),
+        }
     }
 
     /// Resolves the policy and pushes the table if it changed (see [`Daemon::refresh`]).
@@ -354,7 +394,7 @@ impl Daemon {
         let set = self.policy_set();
         // Listed before resolving: a cgroup created in between is new next time.
         let present = self.cgroup2.ids(&self.fixed.attach);
-        let resolution = set.resolve(&self.cgroup2, &self.fixed.attach);
+        let resolution = set.resolve(&self.cgroup2, &self.fixed.attach)?;
         let table = resolution.table(&set.default, self.enforcer.attach_id());
         let changed = table != self.table;
         let lock = set.uses_lock();
@@ -424,7 +464,11 @@ impl Daemon {
         if outcome.is_err() {
             (self.config, self.runtime) = saved;
             if let Err(err) = self.refresh() {
-                log::error!("failed to restore the previous policy: {err:#}");
+                let wait = self.retry_later();
+                log::error!(
+                    "failed to restore the previous policy: {err:#}; trying again in {}",
+                    humantime::format_duration(wait)
+                );
             }
         }
         outcome
@@ -875,6 +919,8 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         lock_attached: false,
         apply_pending: false,
         pass_scheduled: false,
+        retry_at: None,
+        failures: 0,
         last_pass: None,
         new_cgroups: NewCgroups::default(),
         watchdog: Watchdog::from_env(),
@@ -886,7 +932,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     // The table goes in before the program is attached, so the program never runs without it.
     let set = daemon.policy_set();
     let present = cgroup2.ids(&attach);
-    let resolution = set.resolve(&daemon.cgroup2, &attach);
+    let resolution = set.resolve(&daemon.cgroup2, &attach)?;
     daemon.table = resolution.table(&set.default, attach_id);
     let seen = daemon.enforcer.seen_cgroups().unwrap_or_else(|err| {
         log::warn!("{err:#}; cgroups created while no agent ran count as seen");
@@ -955,7 +1001,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     log::info!("ready");
 
     loop {
-        let pass_due = daemon.pass_due();
+        let due = daemon.due();
         tokio::select! {
             _ = hup.recv() => {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::monotonic_usec_now()?]);
@@ -993,12 +1039,23 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                 }
                 daemon.enforcer.forget_cgroups(&changes.removed);
                 if let Err(err) = daemon.follow_cgroups() {
-                    log::error!("failed to follow cgroup changes: {err:#}");
+                    let wait = daemon.retry_later();
+                    log::error!(
+                        "failed to follow cgroup changes: {err:#}; trying again in {}",
+                        humantime::format_duration(wait)
+                    );
                 }
             }
-            _ = tokio::time::sleep_until(pass_due.unwrap_or_else(Instant::now).into()), if pass_due.is_some() => {
-                if let Err(err) = daemon.apply() {
-                    log::error!("failed to apply the policy to existing connections after cgroup changes: {err:#}");
+            _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
+                // The paced pass, or a try after a failure: both bring the table and existing
+                // connections up to date.
+                if let Err(err) = daemon.refresh() {
+                    let wait = daemon.retry_later();
+                    log::error!(
+                        "failed to bring the policy up to date after cgroup changes: {err:#}; \
+                         trying again in {}",
+                        humantime::format_duration(wait)
+                    );
                 }
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => daemon.watchdog.ping(),
@@ -1116,6 +1173,13 @@ mod tests {
         let table = [(5, policy(mode::OFF))];
         new.update(HashSet::from([1, 2, 3, 4, 5]), &table);
         assert_eq!(marked(&new, &table), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn tries_after_failures_wait_longer_up_to_a_limit() {
+        let waits: Vec<u64> = (0..8).map(|n| retry_wait(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(retry_wait(u32::MAX), RETRY_MAX);
     }
 
     #[test]

@@ -391,7 +391,7 @@ impl Selector {
     pub fn expand_noting(
         &self,
         cgroup2: &Cgroup2,
-        unreadable: &mut BTreeMap<CgroupPath, String>,
+        unreadable: &mut BTreeMap<CgroupPath, io::Error>,
     ) -> Vec<(CgroupPath, u64)> {
         let parts: Vec<String> = match self {
             Self::Exact(path) => path.components().map(str::to_owned).collect(),
@@ -411,7 +411,7 @@ impl Selector {
                                     .map(|child| dir.join(child)),
                             ),
                             Err(err) => {
-                                unreadable.insert(dir.clone(), err.to_string());
+                                unreadable.insert(dir.clone(), err);
                             }
                         }
                     }
@@ -423,7 +423,7 @@ impl Selector {
                             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                             // Searching `dir` was refused: it is the one root may not read.
                             Err(err) => {
-                                unreadable.insert(dir.clone(), err.to_string());
+                                unreadable.insert(dir.clone(), err);
                             }
                         }
                     }
@@ -509,8 +509,8 @@ pub struct Entry {
 pub struct Resolution {
     /// cgroup id -> entry.
     pub entries: BTreeMap<u64, Entry>,
-    /// Cgroups below the attach cgroup that exist but could not be read, with why: policies
-    /// for cgroups below them are missing from `entries`.
+    /// Cgroups below the attach cgroup that root may not read, with the error: policies for
+    /// cgroups below them are missing from `entries`.
     pub unreadable: BTreeMap<CgroupPath, String>,
 }
 
@@ -552,7 +552,12 @@ impl PolicySet {
 
     /// Resolves the rules against the cgroups that exist now, ignoring cgroups outside
     /// `attach` (the program never sees their sockets).
-    pub fn resolve(&self, cgroup2: &Cgroup2, attach: &CgroupPath) -> Resolution {
+    ///
+    /// A cgroup root may not read (see [`Resolution::unreadable`]) stays so until someone
+    /// changes it; any other error reading one (too many open files, say) may be gone at the
+    /// next try, and fails the resolution rather than give a table without the policies
+    /// below it.
+    pub fn resolve(&self, cgroup2: &Cgroup2, attach: &CgroupPath) -> anyhow::Result<Resolution> {
         let mut resolution = Resolution::default();
         let mut claimed = HashSet::new();
         let mut unreadable = BTreeMap::new();
@@ -574,11 +579,18 @@ impl PolicySet {
                 }
             }
         }
-        resolution.unreadable = unreadable
-            .into_iter()
-            .filter(|(path, _)| path.is_within(attach))
-            .collect();
-        resolution
+        for (path, err) in unreadable {
+            if !path.is_within(attach) {
+                continue;
+            }
+            if err.kind() != io::ErrorKind::PermissionDenied {
+                return Err(
+                    anyhow::Error::new(err).context(format!("failed to read cgroup {path}"))
+                );
+            }
+            resolution.unreadable.insert(path, err.to_string());
+        }
+        Ok(resolution)
     }
 }
 

@@ -1170,3 +1170,80 @@ fn detach_cgroup_checks_where_enforcement_is() {
     dirs.cli_ok(&["detach", "--cgroup", a.path().to_str().unwrap()]);
     assert_eq!(sockops_attachments(a.path()), 0);
 }
+
+/// Sets the soft limit on open files of process `pid` to `soft`; returns the old limits.
+fn set_nofile(pid: u32, soft: libc::rlim_t, hard: Option<libc::rlim_t>) -> libc::rlimit {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads the current limits into `old`.
+    let got = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(got, 0, "prlimit: {}", std::io::Error::last_os_error());
+    let new = libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard.unwrap_or(old.rlim_max),
+    };
+    // SAFETY: `new` is a valid rlimit.
+    let set = unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) };
+    assert_eq!(set, 0, "prlimit: {}", std::io::Error::last_os_error());
+    old
+}
+
+#[test]
+fn a_cgroup_change_that_fails_is_tried_again_until_it_goes_through() {
+    let parent = TestCgroup::new("retry");
+    let config = write_config(&format!(
+        "[default]\nidle = 41\n[[policy]]\ncgroup = \"{}/svc-*\"\nidle = 31\n",
+        parent.rel()
+    ));
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    // The lowest free descriptor number becomes the limit: the agent can open nothing, so it
+    // can neither list cgroups nor create the next policy table. Lowered again until it holds
+    // still, in case a descriptor the agent held for a moment was closed since.
+    let lowest_free = || {
+        let fds: std::collections::HashSet<libc::rlim_t> =
+            std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
+                .expect("agent fds")
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+        (0..).find(|fd| !fds.contains(fd)).unwrap()
+    };
+    let mut limit = lowest_free();
+    let old = set_nofile(agent.pid(), limit, None);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let free = lowest_free();
+        if free >= limit {
+            break;
+        }
+        limit = free;
+        set_nofile(agent.pid(), limit, None);
+    }
+    let svc = parent.child("svc-1");
+    eventually(Duration::from_secs(10), "the failure in the log", || {
+        agent
+            .log()
+            .contains("failed to follow cgroup changes")
+            .then_some(())
+    });
+    let mut held = Proc::sock(&["pair", "4"], &svc);
+    let out = held.read();
+    assert_eq!(values(&out["client"]).1, 41, "no table with svc-1 yet");
+    set_nofile(agent.pid(), old.rlim_cur, Some(old.rlim_max));
+    // Nothing else changes: only a try of the agent's own brings svc-1 its policy.
+    eventually(
+        Duration::from_secs(15),
+        "the held connection's policy",
+        || {
+            let now: Vec<_> = held.report().iter().map(values).collect();
+            now.iter().all(|v| v.1 == 31).then_some(())
+        },
+    );
+    assert!(
+        agent.log().contains("trying again in 1s"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(idle_of(&svc), 31, "new connections too");
+}
