@@ -53,10 +53,12 @@ struct Daemon {
     apply_pending: bool,
     /// A cgroup change left a pass to run, at [`Daemon::due`].
     pass_scheduled: bool,
-    /// A failed push or pass is tried again at this time (see [`Daemon::retry_later`]).
+    /// A failed push is tried again at this time (see [`Daemon::retry_later`]).
     retry_at: Option<Instant>,
-    /// Failures in a row, for the wait before the next try.
+    /// Failed pushes in a row, for the wait before the next try.
     failures: u32,
+    /// Failed passes in a row since the last that succeeded; the next waits longer.
+    pass_failures: u32,
     /// When the last apply pass ended, and how long it took.
     last_pass: Option<(Instant, Duration)>,
     /// `off` cgroups the agent saw appear, for [`policy_flags::NEW_CGROUP`].
@@ -208,6 +210,8 @@ const PASS_WAIT_MAX: Duration = Duration::from_secs(30);
 /// agent ran is new at the next start.
 #[derive(Debug, Default)]
 struct NewCgroups {
+    /// What the last agent kept ([`NewCgroups::new`]): what this one keeps never goes below.
+    floor: u64,
     /// Every cgroup below the attach cgroup when the agent last looked.
     known: HashSet<u64>,
     /// `off` cgroups to mark until a pass has run.
@@ -229,6 +233,7 @@ impl NewCgroups {
             .filter(|&id| seen == 0 || id <= seen)
             .collect();
         let mut new = Self {
+            floor: seen,
             known,
             off: HashSet::new(),
         };
@@ -238,14 +243,17 @@ impl NewCgroups {
 
     /// What the next start takes as seen: the highest cgroup id seen, or, while `off` cgroups
     /// still wait for their pass, one below the lowest of them, so that a start before that
-    /// pass finds them new too.
+    /// pass finds them new too; never below what the last agent kept, which would make a start
+    /// take cgroups that agent had seen for new.
     fn seen(&self) -> u64 {
         let highest = self.known.iter().copied().max().unwrap_or(0);
-        self.off
+        let seen = self
+            .off
             .iter()
             .copied()
             .min()
-            .map_or(highest, |lowest| highest.min(lowest.saturating_sub(1)))
+            .map_or(highest, |lowest| highest.min(lowest.saturating_sub(1)));
+        seen.max(self.floor)
     }
 
     /// Notes the cgroups `present` (listed before `table` was resolved, so one created in
@@ -289,7 +297,8 @@ fn warn_unreadable(previous: &Resolution, next: &Resolution) {
                 "cannot read cgroup {path} ({err}): policies for cgroups below it do not apply, \
                  and their connections get the policy of {path} or of its nearest ancestor with \
                  one. The agent runs without CAP_DAC_READ_SEARCH (see README \"Capabilities\"): \
-                 give root read and search permission on the directory (chmod o+rx)"
+                 give root read and search permission on the directory (chmod o+rx) and restart \
+                 the agent, which until then does not follow cgroups created below it"
             );
         }
     }
@@ -344,13 +353,19 @@ impl Daemon {
 
     /// The table and existing connections are up to date: no try is due.
     fn caught_up(&mut self) {
+        self.table_caught_up();
+        self.pass_failures = 0;
+    }
+
+    /// The table is up to date: no push needs trying again.
+    fn table_caught_up(&mut self) {
         self.retry_at = None;
         self.failures = 0;
     }
 
-    /// Schedules the next try after a failure to push a table or to run a pass, which
-    /// otherwise would wait for the next cgroup change or request: 1 s after the first failure
-    /// in a row, doubling up to [`RETRY_MAX`]. Returns the wait.
+    /// Schedules the next try after a failure to push a table, which otherwise would wait for
+    /// the next cgroup change or request: 1 s after the first failure in a row, doubling up to
+    /// [`RETRY_MAX`]. Returns the wait.
     fn retry_later(&mut self) -> Duration {
         let wait = retry_wait(self.failures);
         self.failures = self.failures.saturating_add(1);
@@ -363,8 +378,7 @@ impl Daemon {
     fn follow_cgroups(&mut self) -> anyhow::Result<()> {
         self.push()?;
         self.pass_scheduled = self.apply_pending;
-        // A pass that failed before is now the scheduled one.
-        self.caught_up();
+        self.table_caught_up();
         Ok(())
     }
 
@@ -376,16 +390,61 @@ impl Daemon {
     /// existed when a cgroup appeared wait, in the cgroup's ancestor's policy: new ones get the
     /// new table at once.
     ///
-    /// A try after a failure (see [`Daemon::retry_later`]) is due at its own time, or at the
-    /// pass's if that is later.
+    /// After a failed pass the next waits at least as long as a failed push would
+    /// ([`retry_wait`]), from the failed one's end.
+    fn pass_due(&self) -> Option<Instant> {
+        if !self.pass_scheduled {
+            return None;
+        }
+        let Some((ended, took)) = self.last_pass else {
+            return Some(Instant::now());
+        };
+        let paced = ended + (took * PASS_SPACING).min(PASS_WAIT_MAX);
+        Some(match self.pass_failures {
+            0 => paced,
+            failures => paced.max(ended + retry_wait(failures - 1)),
+        })
+    }
+
+    /// When the loop has something to do: a scheduled pass, or a push to try again.
     fn due(&self) -> Option<Instant> {
-        let pass = self.pass_scheduled.then(|| match self.last_pass {
-            Some((ended, took)) => ended + (took * PASS_SPACING).min(PASS_WAIT_MAX),
-            None => Instant::now(),
-        });
-        match (pass, self.retry_at) {
-            (Some(pass), Some(retry)) => Some(pass.max(retry)),
+        match (self.pass_due(), self.retry_at) {
+            (Some(pass), Some(retry)) => Some(pass.min(retry)),
             (pass, retry) => pass.or(retry),
+        }
+    }
+
+    /// Runs what [`Daemon::due`] found due: a push to try again, which schedules the pass it
+    /// calls for, or else the scheduled pass. A failed one is tried again later, and the log
+    /// says when.
+    fn run_due(&mut self) {
+        if self.retry_at.is_some_and(|at| at <= Instant::now()) {
+            self.retry_at = None;
+            if let Err(err) = self.follow_cgroups() {
+                let wait = self.retry_later();
+                log::error!(
+                    "failed to follow cgroup changes: {err:#}; trying again in {}",
+                    humantime::format_duration(wait)
+                );
+            }
+            return;
+        }
+        match self.apply() {
+            Ok(_) => self.pass_failures = 0,
+            Err(err) => {
+                self.pass_failures = self.pass_failures.saturating_add(1);
+                self.pass_scheduled = true;
+                let wait = self.pass_due().map_or(Duration::ZERO, |at| {
+                    at.saturating_duration_since(Instant::now())
+                });
+                log::error!(
+                    "failed to apply the policy to existing connections after cgroup changes: \
+                     {err:#}; trying again in {}",
+                    humantime::format_duration(Duration::from_secs(
+                        wait.as_secs_f64().ceil() as u64
+                    ))
+                );
+            }
         }
     }
 
@@ -921,6 +980,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         pass_scheduled: false,
         retry_at: None,
         failures: 0,
+        pass_failures: 0,
         last_pass: None,
         new_cgroups: NewCgroups::default(),
         watchdog: Watchdog::from_env(),
@@ -1047,16 +1107,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                 }
             }
             _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
-                // The paced pass, or a try after a failure: both bring the table and existing
-                // connections up to date.
-                if let Err(err) = daemon.refresh() {
-                    let wait = daemon.retry_later();
-                    log::error!(
-                        "failed to bring the policy up to date after cgroup changes: {err:#}; \
-                         trying again in {}",
-                        humantime::format_duration(wait)
-                    );
-                }
+                daemon.run_due();
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => daemon.watchdog.ping(),
         }
@@ -1197,6 +1248,12 @@ mod tests {
         assert_eq!(new.seen(), 11);
         new.passed();
         assert_eq!(new.seen(), 14);
+        // An `off` cgroup older than the kept mark (one root could not read until now, say)
+        // does not take the mark down with it: the cgroups that agent saw stay seen.
+        let mut older = NewCgroups::new(HashSet::from([3]), &[], 10);
+        older.update(HashSet::from([3, 5]), &[(5, policy(mode::OFF))]);
+        assert_eq!(marked(&older, &[(5, policy(mode::OFF))]), [5]);
+        assert_eq!(older.seen(), 10);
         // No agent kept what it saw: every cgroup there at start counts as seen.
         let new = NewCgroups::new(present, &table, 0);
         assert_eq!(marked(&new, &table), Vec::<u64>::new());

@@ -410,21 +410,19 @@ impl Selector {
                                     .filter(|child| components[depth].matches(child))
                                     .map(|child| dir.join(child)),
                             ),
-                            Err(err) => {
-                                unreadable.insert(dir.clone(), err);
-                            }
+                            Err(err) => note(unreadable, dir, err),
                         }
                     }
                     _ => {
                         let child = dir.join(part);
                         match fs::metadata(cgroup2.abs(&child)) {
                             Ok(meta) if meta.is_dir() => next.push(child),
-                            Ok(_) => {}
-                            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
                             // Searching `dir` was refused: it is the one root may not read.
-                            Err(err) => {
-                                unreadable.insert(dir.clone(), err);
+                            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {
+                                note(unreadable, dir, err);
                             }
+                            // Absent, or not a cgroup (a file, or a name too long for one).
+                            _ => {}
                         }
                     }
                 }
@@ -435,6 +433,17 @@ impl Selector {
             .into_iter()
             .filter_map(|path| cgroup2.id(&path).ok().map(|id| (path, id)))
             .collect()
+    }
+}
+
+/// Notes that `dir` could not be read, keeping an error that is not a refused permission over
+/// one that is: that one fails the resolution (see [`PolicySet::resolve`]).
+fn note(unreadable: &mut BTreeMap<CgroupPath, io::Error>, dir: &CgroupPath, err: io::Error) {
+    match unreadable.get(dir) {
+        Some(noted) if noted.kind() != io::ErrorKind::PermissionDenied => {}
+        _ => {
+            unreadable.insert(dir.clone(), err);
+        }
     }
 }
 
@@ -580,7 +589,8 @@ impl PolicySet {
             }
         }
         for (path, err) in unreadable {
-            if !path.is_within(attach) {
+            // A glob can reach the attach cgroup's subtree through its ancestors.
+            if !path.is_within(attach) && !attach.is_within(&path) {
                 continue;
             }
             if err.kind() != io::ErrorKind::PermissionDenied {

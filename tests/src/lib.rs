@@ -37,11 +37,11 @@ pub fn unique(label: &str) -> String {
     )
 }
 
-/// Panics unless running as root: these tests load BPF programs and make cgroups.
 /// The capabilities the systemd unit and the DaemonSet grant (linux/capability.h numbers):
 /// CAP_NET_ADMIN, CAP_SYS_PTRACE, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF.
 pub const GRANTED: [u32; 5] = [12, 19, 21, 38, 39];
 
+/// Panics unless running as root: these tests load BPF programs and make cgroups.
 pub fn require_root() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
