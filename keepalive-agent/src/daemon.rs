@@ -1041,7 +1041,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     daemon.apply()?;
     release_free_memory();
 
-    let control = control::bind(&globals.runtime_dir)?;
+    let mut control = control::bind(&globals.runtime_dir)?;
     // Clients are served on tasks of their own; only their requests come to this loop.
     let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<control::Pending>(16);
     let state_root = state.root().to_owned();
@@ -1073,16 +1073,14 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
-            accepted = control.accept() => {
-                if let Ok(stream) = accepted {
-                    let state_dir = state_root.clone();
-                    let requests = requests_tx.clone();
-                    tokio::spawn(async move {
-                        if let Err(err) = control::serve_one(stream, &state_dir, requests).await {
-                            log::warn!("control request failed: {err:#}");
-                        }
-                    });
-                }
+            stream = control.accept() => {
+                let state_dir = state_root.clone();
+                let requests = requests_tx.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = control::serve_one(stream, &state_dir, requests).await {
+                        log::warn!("control request failed: {err:#}");
+                    }
+                });
             }
             Some((request, reply)) = requests.recv() => {
                 // The client may have gone; its task logs that.

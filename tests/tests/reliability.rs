@@ -1190,6 +1190,71 @@ fn set_nofile(pid: u32, soft: libc::rlim_t, hard: Option<libc::rlim_t>) -> libc:
     old
 }
 
+/// Makes the lowest free descriptor number `pid`'s limit, so it can open nothing; returns the
+/// limits it had. Lowered again until it holds still, in case a descriptor the process held for
+/// a moment was closed since.
+fn starve_of_descriptors(pid: u32) -> libc::rlimit {
+    let lowest_free = || {
+        let fds: std::collections::HashSet<libc::rlim_t> =
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .expect("agent fds")
+                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect();
+        (0..).find(|fd| !fds.contains(fd)).unwrap()
+    };
+    let mut limit = lowest_free();
+    let old = set_nofile(pid, limit, None);
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let free = lowest_free();
+        if free >= limit {
+            return old;
+        }
+        limit = free;
+        set_nofile(pid, limit, None);
+    }
+}
+
+/// CPU time `pid` has used, in clock ticks (user plus system, /proc/PID/stat).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command name, which may hold spaces: state is field 3, utime 14.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+#[test]
+fn a_control_client_the_agent_has_no_descriptor_for_waits_without_a_busy_loop() {
+    let cg = TestCgroup::new("ctlfd");
+    let agent = Agent::start(&cg, &["--idle", "43"]);
+    let old = starve_of_descriptors(agent.pid());
+    // A client waits in the listen queue; every accept() fails with EMFILE until a descriptor
+    // is free.
+    let socket = agent.dirs().runtime_dir.join("control.sock");
+    let _waiting = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(agent.pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(agent.pid()) - before;
+    // A loop retrying accept() takes a whole CPU: 300 ticks in these 3 s at USER_HZ 100.
+    assert!(used < 30, "the agent used {used} ticks in 3 s");
+    assert!(
+        agent.log().contains("control socket: accept failed"),
+        "{}",
+        agent.log()
+    );
+    set_nofile(agent.pid(), old.rlim_cur, Some(old.rlim_max));
+    // Clients are served again once there is room.
+    let listed = agent.policies();
+    assert!(listed.iter().any(|p| p["idle"] == 43), "{listed:?}");
+    eventually(Duration::from_secs(5), "the recovery in the log", || {
+        agent
+            .log()
+            .contains("control socket: accepting clients again")
+            .then_some(())
+    });
+}
+
 #[test]
 fn a_cgroup_change_that_fails_is_tried_again_until_it_goes_through() {
     let parent = TestCgroup::new("retry");
@@ -1198,28 +1263,8 @@ fn a_cgroup_change_that_fails_is_tried_again_until_it_goes_through() {
         parent.rel()
     ));
     let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
-    // The lowest free descriptor number becomes the limit: the agent can open nothing, so it
-    // can neither list cgroups nor create the next policy table. Lowered again until it holds
-    // still, in case a descriptor the agent held for a moment was closed since.
-    let lowest_free = || {
-        let fds: std::collections::HashSet<libc::rlim_t> =
-            std::fs::read_dir(format!("/proc/{}/fd", agent.pid()))
-                .expect("agent fds")
-                .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect();
-        (0..).find(|fd| !fds.contains(fd)).unwrap()
-    };
-    let mut limit = lowest_free();
-    let old = set_nofile(agent.pid(), limit, None);
-    loop {
-        std::thread::sleep(Duration::from_millis(200));
-        let free = lowest_free();
-        if free >= limit {
-            break;
-        }
-        limit = free;
-        set_nofile(agent.pid(), limit, None);
-    }
+    // The agent can neither list cgroups nor create the next policy table.
+    let old = starve_of_descriptors(agent.pid());
     let svc = parent.child("svc-1");
     eventually(Duration::from_secs(10), "the failure in the log", || {
         agent
