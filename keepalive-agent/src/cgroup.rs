@@ -177,26 +177,51 @@ impl Cgroup2 {
     }
 
     /// Every cgroup at or below `root`, with its id, parents before children, as the walk
-    /// goes. Cgroups that vanish during the walk are skipped.
+    /// goes. Cgroups that vanish during the walk are skipped, and so are the children of one
+    /// that cannot be read (see [`Cgroup2::read_children`]); [`Cgroup2::ids`] tells when the
+    /// walk missed some.
     pub fn walk(&self, root: &CgroupPath) -> impl Iterator<Item = (CgroupPath, u64)> + '_ {
+        self.try_walk(root).filter_map(Result::ok)
+    }
+
+    /// [`Cgroup2::walk`], with an error for each cgroup whose children could not be listed for
+    /// another reason than a refused permission (too many files open, say). A directory root
+    /// may not read is one the agent warns about when a policy is resolved, and never lists.
+    fn try_walk(
+        &self,
+        root: &CgroupPath,
+    ) -> impl Iterator<Item = io::Result<(CgroupPath, u64)>> + '_ {
         let mut stack = vec![root.clone()];
         std::iter::from_fn(move || {
             while let Some(cgroup) = stack.pop() {
                 let Ok(id) = self.id(&cgroup) else {
                     continue;
                 };
-                for child in self.children(&cgroup).into_iter().rev() {
-                    stack.push(cgroup.join(&child));
+                match self.read_children(&cgroup) {
+                    Ok(children) => {
+                        stack.extend(children.iter().rev().map(|child| cgroup.join(child)));
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {}
+                    Err(err) => {
+                        let path = self.abs(&cgroup);
+                        return Some(Err(io::Error::new(
+                            err.kind(),
+                            format!("failed to list the cgroups in {}: {err}", path.display()),
+                        )));
+                    }
                 }
-                return Some((cgroup, id));
+                return Some(Ok((cgroup, id)));
             }
             None
         })
     }
 
-    /// The ids of every cgroup at or below `root`.
-    pub fn ids(&self, root: &CgroupPath) -> HashSet<u64> {
-        self.walk(root).map(|(_, id)| id).collect()
+    /// The ids of every cgroup at or below `root`; an error when a listing failed, instead of
+    /// a set without the cgroups below it (see [`Cgroup2::try_walk`]).
+    pub fn ids(&self, root: &CgroupPath) -> io::Result<HashSet<u64>> {
+        self.try_walk(root)
+            .map(|item| item.map(|(_, id)| id))
+            .collect()
     }
 
     /// Names for cgroup ids: every cgroup below `root`, by id.
@@ -283,6 +308,27 @@ mod tests {
         assert_eq!(path("a/b/c").split_last(), Some((path("a/b"), "c")));
         assert_eq!(path("a").split_last(), Some((CgroupPath::root(), "a")));
         assert_eq!(CgroupPath::root().split_last(), None);
+    }
+
+    #[test]
+    fn ids_are_every_directory_below_or_the_error_of_a_failed_listing() {
+        let dir = std::env::temp_dir().join(format!("ka-walk-{}", std::process::id()));
+        fs::create_dir_all(dir.join("a/b")).unwrap();
+        fs::create_dir_all(dir.join("c")).unwrap();
+        fs::write(dir.join("a/cgroup.procs"), "").unwrap();
+        let cg = Cgroup2::at(&dir);
+        let ino = |p: &str| fs::metadata(dir.join(p)).unwrap().ino();
+        let expected = HashSet::from([ino(""), ino("a"), ino("a/b"), ino("c")]);
+        let ids = cg.ids(&CgroupPath::root());
+        let listed = cg.ids(&CgroupPath("a/cgroup.procs".into()));
+        let absent = cg.ids(&CgroupPath("gone".into()));
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(ids.unwrap(), expected);
+        // Listing a directory can fail for other reasons than permission (too many files open);
+        // a file in its place stands in for one here.
+        let err = listed.unwrap_err();
+        assert!(err.to_string().contains("a/cgroup.procs"), "{err}");
+        assert_eq!(absent.unwrap(), HashSet::new(), "gone before the walk");
     }
 
     const HYBRID: &str = "\

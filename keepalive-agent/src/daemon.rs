@@ -452,7 +452,7 @@ impl Daemon {
     fn push(&mut self) -> anyhow::Result<()> {
         let set = self.policy_set();
         // Listed before resolving: a cgroup created in between is new next time.
-        let present = self.cgroup2.ids(&self.fixed.attach);
+        let present = self.cgroup2.ids(&self.fixed.attach)?;
         let resolution = set.resolve(&self.cgroup2, &self.fixed.attach)?;
         let table = resolution.table(&set.default, self.enforcer.attach_id());
         let changed = table != self.table;
@@ -671,14 +671,11 @@ impl Daemon {
             self.runtime.remove(pos);
             return Ok(format!("removed the runtime policy for {text}"));
         }
+        // By name: whether the cgroup exists, or can be listed, does not matter.
         let covered = self.config.policies.rules.iter().any(|r| {
             r.selector.text() == text
                 || match &selector {
-                    Selector::Exact(path) => r
-                        .selector
-                        .expand(&self.cgroup2)
-                        .iter()
-                        .any(|(p, _)| p == path),
+                    Selector::Exact(path) => r.selector.matches(path),
                     Selector::Glob { .. } => false,
                 }
         });
@@ -945,9 +942,13 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         },
         &btf,
     )?;
-    let forgotten = enforcer.forget_removed_cgroups(&cgroup2, &attach);
-    if forgotten > 0 {
-        log::info!("dropped the counters of {forgotten} cgroup(s) removed since the last run");
+    match enforcer.forget_removed_cgroups(&cgroup2, &attach) {
+        Ok(0) => {}
+        Ok(forgotten) => {
+            log::info!("dropped the counters of {forgotten} cgroup(s) removed since the last run");
+        }
+        // Only `status` rows of removed cgroups stay; the next start drops them.
+        Err(err) => log::warn!("{err:#}; kept the counters of every cgroup"),
     }
     // Kernel BTF is only needed while loading; give its memory back before settling in.
     drop(btf);
@@ -991,7 +992,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     log::debug!("watching {} cgroups below {attach}", watcher.len());
     // The table goes in before the program is attached, so the program never runs without it.
     let set = daemon.policy_set();
-    let present = cgroup2.ids(&attach);
+    let present = cgroup2.ids(&attach)?;
     let resolution = set.resolve(&daemon.cgroup2, &attach)?;
     daemon.table = resolution.table(&set.default, attach_id);
     let seen = daemon.enforcer.seen_cgroups().unwrap_or_else(|err| {

@@ -336,18 +336,23 @@ impl Enforcer {
 
     /// Drops the per-cgroup counters of every cgroup that no longer exists: removed while no
     /// agent ran, or while the watcher could not follow it. The keys are read before the
-    /// cgroups are listed, so a cgroup created meanwhile is never taken for a removed one.
-    pub fn forget_removed_cgroups(&mut self, cgroup2: &Cgroup2, attach: &CgroupPath) -> usize {
+    /// cgroups are listed, so a cgroup created meanwhile is never taken for a removed one. When
+    /// the cgroups cannot all be listed, none are dropped.
+    pub fn forget_removed_cgroups(
+        &mut self,
+        cgroup2: &Cgroup2,
+        attach: &CgroupPath,
+    ) -> anyhow::Result<usize> {
         let keys: Vec<u64> = self
             .cgroup_stats()
             .map(|stats| stats.keys().filter_map(Result::ok).collect())
             .unwrap_or_default();
-        let present = cgroup2.ids(attach);
+        let present = cgroup2.ids(attach)?;
         let removed: Vec<u64> = keys
             .into_iter()
             .filter(|id| !present.contains(id))
             .collect();
-        self.forget_cgroups(&removed)
+        Ok(self.forget_cgroups(&removed))
     }
 
     /// Applies the policy table to existing connections in one pass. `None` when the kernel

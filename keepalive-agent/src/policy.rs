@@ -381,13 +381,19 @@ impl Selector {
         }
     }
 
-    /// The cgroups this selector matches now.
-    pub fn expand(&self, cgroup2: &Cgroup2) -> Vec<(CgroupPath, u64)> {
-        self.expand_noting(cgroup2, &mut BTreeMap::new())
+    /// Whether this selector selects `path` itself (by name alone: the cgroup need not exist).
+    pub fn matches(&self, path: &CgroupPath) -> bool {
+        match self {
+            Self::Exact(exact) => exact == path,
+            Self::Glob { components, .. } => {
+                let names: Vec<&str> = path.components().collect();
+                names.len() == components.len() && matches_pairwise(components, &names)
+            }
+        }
     }
 
-    /// [`Selector::expand`], noting in `unreadable` each cgroup on the way that exists but
-    /// could not be read, with why: the cgroups it selects below it are missing.
+    /// The cgroups this selector matches now, noting in `unreadable` each cgroup on the way
+    /// that exists but could not be read, with why: the cgroups it selects below it are missing.
     pub fn expand_noting(
         &self,
         cgroup2: &Cgroup2,
@@ -690,6 +696,20 @@ mod tests {
         let exact = Selector::parse(&cg, "kubepods").unwrap();
         assert!(exact.covers(&path("kubepods")) && exact.covers(&path("kubepods/pod1")));
         assert!(!exact.covers(&path("kubepods2")));
+    }
+
+    #[test]
+    fn selectors_match_the_paths_they_select_and_nothing_below() {
+        let cg = Cgroup2::at("/sys/fs/cgroup");
+        let path = |p: &str| cg.parse(p).unwrap();
+        let glob = Selector::parse(&cg, "kubepods/pod*").unwrap();
+        assert!(glob.matches(&path("kubepods/pod1")));
+        assert!(!glob.matches(&path("kubepods/pod1/ctr")), "below");
+        assert!(!glob.matches(&path("kubepods")), "above");
+        assert!(!glob.matches(&path("kubepods/besteffort")));
+        let exact = Selector::parse(&cg, "kubepods").unwrap();
+        assert!(exact.matches(&path("/kubepods")));
+        assert!(!exact.matches(&path("kubepods/pod1")));
     }
 
     #[test]

@@ -1223,4 +1223,17 @@ fn exact_paths_outrank_globs_also_across_runtime_and_config() {
     assert_eq!(code(&out), 2, "{err}");
     assert!(err.contains("already unset"), "{err}");
     assert_eq!((idle_of(&db), idle_of(&web)), (44, 60));
+    // A path the config's glob selects can be masked on its own, by name, also before it
+    // exists; one the glob does not select (it matches only its own depth) cannot.
+    agent.cli_ok(&["policy", "reload"]);
+    assert_eq!((idle_of(&db), idle_of(&web)), (44, 55));
+    agent.cli_ok(&["policy", "unset", web.rel()]);
+    assert_eq!((idle_of(&db), idle_of(&web)), (44, 60));
+    let later = format!("{}/later", parent.rel());
+    agent.cli_ok(&["policy", "unset", &later]);
+    assert_eq!(idle_of(&parent.child("later")), 60);
+    let out = agent.cli(&["policy", "unset", &format!("{}/x", web.rel())]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 2, "{err}");
+    assert!(err.contains("no policy is set"), "{err}");
 }
