@@ -184,15 +184,18 @@ impl Cgroup2 {
         self.try_walk(root).filter_map(Result::ok)
     }
 
-    /// [`Cgroup2::walk`], with an error for each cgroup whose children could not be listed for
-    /// another reason than a refused permission (too many files open, say). A directory root
-    /// may not read is one the agent warns about when a policy is resolved, and never lists.
+    /// [`Cgroup2::walk`], with, after each cgroup whose children could not be listed, the
+    /// error, naming the directory.
     fn try_walk(
         &self,
         root: &CgroupPath,
     ) -> impl Iterator<Item = io::Result<(CgroupPath, u64)>> + '_ {
         let mut stack = vec![root.clone()];
+        let mut failed = None;
         std::iter::from_fn(move || {
+            if let Some(err) = failed.take() {
+                return Some(Err(err));
+            }
             while let Some(cgroup) = stack.pop() {
                 let Ok(id) = self.id(&cgroup) else {
                     continue;
@@ -201,13 +204,12 @@ impl Cgroup2 {
                     Ok(children) => {
                         stack.extend(children.iter().rev().map(|child| cgroup.join(child)));
                     }
-                    Err(err) if err.kind() == io::ErrorKind::PermissionDenied => {}
                     Err(err) => {
                         let path = self.abs(&cgroup);
-                        return Some(Err(io::Error::new(
+                        failed = Some(io::Error::new(
                             err.kind(),
                             format!("failed to list the cgroups in {}: {err}", path.display()),
-                        )));
+                        ));
                     }
                 }
                 return Some(Ok((cgroup, id)));
@@ -216,10 +218,21 @@ impl Cgroup2 {
         })
     }
 
-    /// The ids of every cgroup at or below `root`; an error when a listing failed, instead of
-    /// a set without the cgroups below it (see [`Cgroup2::try_walk`]).
+    /// The ids of every cgroup at or below `root`; an error when a listing failed, a refused
+    /// permission included, instead of a set without the cgroups below it.
     pub fn ids(&self, root: &CgroupPath) -> io::Result<HashSet<u64>> {
         self.try_walk(root)
+            .map(|item| item.map(|(_, id)| id))
+            .collect()
+    }
+
+    /// [`Cgroup2::ids`], without the cgroups below directories root may not read: the agent
+    /// warns about those when it resolves the policy (see `policy::Resolution::unreadable`).
+    pub fn readable_ids(&self, root: &CgroupPath) -> io::Result<HashSet<u64>> {
+        self.try_walk(root)
+            .filter(
+                |item| !matches!(item, Err(err) if err.kind() == io::ErrorKind::PermissionDenied),
+            )
             .map(|item| item.map(|(_, id)| id))
             .collect()
     }

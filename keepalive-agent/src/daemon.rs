@@ -452,7 +452,7 @@ impl Daemon {
     fn push(&mut self) -> anyhow::Result<()> {
         let set = self.policy_set();
         // Listed before resolving: a cgroup created in between is new next time.
-        let present = self.cgroup2.ids(&self.fixed.attach)?;
+        let present = self.cgroup2.readable_ids(&self.fixed.attach)?;
         let resolution = set.resolve(&self.cgroup2, &self.fixed.attach)?;
         let table = resolution.table(&set.default, self.enforcer.attach_id());
         let changed = table != self.table;
@@ -992,7 +992,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     log::debug!("watching {} cgroups below {attach}", watcher.len());
     // The table goes in before the program is attached, so the program never runs without it.
     let set = daemon.policy_set();
-    let present = cgroup2.ids(&attach)?;
+    let present = cgroup2.readable_ids(&attach)?;
     let resolution = set.resolve(&daemon.cgroup2, &attach)?;
     daemon.table = resolution.table(&set.default, attach_id);
     let seen = daemon.enforcer.seen_cgroups().unwrap_or_else(|err| {

@@ -148,7 +148,7 @@ pub fn enforcement(
         .collect();
     if !elsewhere.is_empty() {
         let own = cgroup2.id(attach).ok();
-        let below = cgroup2.ids(attach)?;
+        let below = cgroup2.readable_ids(attach)?;
         found.extend(
             elsewhere
                 .into_iter()

@@ -337,7 +337,8 @@ impl Enforcer {
     /// Drops the per-cgroup counters of every cgroup that no longer exists: removed while no
     /// agent ran, or while the watcher could not follow it. The keys are read before the
     /// cgroups are listed, so a cgroup created meanwhile is never taken for a removed one. When
-    /// the cgroups cannot all be listed, none are dropped.
+    /// the cgroups cannot all be listed (a directory root may not read hides those below it),
+    /// none are dropped.
     pub fn forget_removed_cgroups(
         &mut self,
         cgroup2: &Cgroup2,

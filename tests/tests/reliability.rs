@@ -10,10 +10,10 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, Netns, Proc, TestCgroup, agent_in_private_mounts, assert_stamped_between,
-    cgroup_row, cgroup2_mount, check_item, code, count_between, drop_caps_except, eventually,
-    hide_with_tmpfs, idle_of, json_refusal, kernel_defaults, pair_values, sock_bin, sockets_of,
-    sockops_attachments, stderr, umount, values, write_config,
+    Agent, AgentDirs, GRANTED, Netns, Proc, TestCgroup, agent_in_private_mounts,
+    assert_stamped_between, cgroup_row, cgroup2_mount, check_item, code, count_between,
+    drop_caps_except, eventually, hide_with_tmpfs, idle_of, json_refusal, kernel_defaults,
+    pair_values, sock_bin, sockets_of, sockops_attachments, stderr, umount, values, write_config,
 };
 
 #[test]
@@ -465,11 +465,32 @@ fn counters_of_cgroups_removed_while_no_agent_ran_are_dropped_at_start() {
         counted(&dirs.status()),
         "nothing pruned them while no agent ran"
     );
-    let agent = Agent::start_in(&dirs, &parent, &[]);
+    let mut agent = Agent::start_in(&dirs, &parent, &[]);
     let status = agent.status();
     assert!(!counted(&status), "{status:#}");
     assert!(
         agent.log().contains("dropped the counters of 1 cgroup(s)"),
+        "{}",
+        agent.log()
+    );
+    // A cgroup below a directory the agent may not read is not a removed one: an agent with
+    // only the unit's capabilities cannot tell, and keeps every counter.
+    let hidden = parent.child("hidden");
+    let kept = hidden.child("kept");
+    Proc::sock(&["pair", "4"], &kept).read();
+    assert_eq!(cgroup_row(&agent.status(), &kept)["enforced_total"], 2);
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    std::os::unix::fs::chown(hidden.path(), Some(65534), Some(65534)).expect("chown");
+    std::fs::set_permissions(hidden.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let agent = Agent::start_with(
+        &dirs,
+        &["run", "--cgroup", parent.path().to_str().unwrap()],
+        &[],
+        Some(&GRANTED),
+    );
+    assert_eq!(cgroup_row(&agent.status(), &kept)["enforced_total"], 2);
+    assert!(
+        agent.log().contains("kept the counters of every cgroup"),
         "{}",
         agent.log()
     );
