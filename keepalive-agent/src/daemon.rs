@@ -870,8 +870,10 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     let fixed = Fixed::resolve(globals.state_dir.as_deref(), &args, &config, &cgroup2)?;
     let attach = fixed.attach.clone();
     let attach_path = cgroup2.abs(&attach);
-    let attach_id = cgroup2.existing_id(&attach)?;
+    // The config first: a missing attach cgroup (exit 4) is retried by the unit until it
+    // appears, and would hide a config error until then.
     config.check_scope(&attach)?;
+    let attach_id = cgroup2.existing_id(&attach)?;
     let state = fixed.state.clone();
     let btf = Btf::from_sys_fs().map_err(|err| {
         Error::Kernel(format!(

@@ -971,6 +971,39 @@ fn a_bad_config_is_rejected_with_file_line_and_reason_and_nothing_is_attached() 
     assert!(!dirs.state_dir.exists());
 }
 
+/// At boot the attach cgroup may not exist yet (kubelet creates `kubepods.slice`), and the unit
+/// retries exit 4 every 2 s; a config error must not hide behind that until it appears.
+#[test]
+fn a_config_error_is_reported_before_a_missing_attach_cgroup() {
+    let cg = TestCgroup::new("notyet");
+    let dirs = AgentDirs::new();
+    let missing = cg.path().join("later");
+    let config = write_config(&format!(
+        "[default]\nidle = 33\n\n[[policy]]\ncgroup = \"{}/other\"\nidle = 34\n",
+        cg.rel()
+    ));
+    let run = || {
+        dirs.cli(&[
+            "run",
+            "--cgroup",
+            missing.to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ])
+    };
+    let out = run();
+    let err = stderr(&out);
+    assert_eq!(code(&out), 2, "{err}");
+    assert!(
+        err.contains(&format!("{}:4:", config.display())) && err.contains("outside the attach"),
+        "{err}"
+    );
+    std::fs::write(&config, "[default]\nidle = 33\n").unwrap();
+    let out = run();
+    assert_eq!(code(&out), 4, "then the missing cgroup: {}", stderr(&out));
+    assert!(!dirs.state_dir.exists());
+}
+
 #[test]
 fn a_config_file_others_could_write_is_refused() {
     use std::os::unix::fs::PermissionsExt as _;
