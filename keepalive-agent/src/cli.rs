@@ -202,7 +202,7 @@ pub struct StatusArgs {
 pub struct ConfigArg {
     /// The config file the agent runs with, for its `state_dir` when --state-dir is not given;
     /// an error in it is an error (exit 2). [default: /etc/keepalive-agent/config.toml if it
-    /// exists; an error in it is a warning]
+    /// exists; `status` warns about an error in it, `detach` refuses (exit 2)]
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }

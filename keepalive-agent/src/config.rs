@@ -180,14 +180,27 @@ fn toml_reason(err: &toml::de::Error, text: &str) -> String {
     if !message.starts_with("invalid type") {
         return message.to_owned();
     }
-    if let Some(name) = line.strip_prefix("[[").and_then(|l| l.split_once("]]")) {
-        return format!("[{}] is a single table: write [{0}] once", name.0.trim());
-    }
-    if let Some(name) = line.strip_prefix('[').and_then(|l| l.split_once(']')) {
-        return format!(
-            "[{}] is a list of tables: write [[{0}]] before each entry",
-            name.0.trim()
-        );
+    let header = line
+        .strip_prefix("[[")
+        .and_then(|l| l.split_once("]]"))
+        .or_else(|| line.strip_prefix('[').and_then(|l| l.split_once(']')))
+        .map(|(name, _)| name.trim());
+    match header {
+        Some("default") => return "[default] is a single table: write [default] once".into(),
+        Some("policy") => {
+            return "[policy] is a list of tables: write [[policy]] before each entry".into();
+        }
+        // `[metrics]`, `[default.mode]`: a value written as a table.
+        Some(name) => {
+            let (table, key) = name.rsplit_once('.').unwrap_or(("", name));
+            let place = if table.is_empty() {
+                "at the top of the file, before any table".to_owned()
+            } else {
+                format!("under [{table}]")
+            };
+            return format!("{key} is a value, not a table: write {key} = … {place}");
+        }
+        None => {}
     }
     match line.split_once('=') {
         Some((key, _)) => format!("{}: {message}", key.trim()),
@@ -787,6 +800,24 @@ mode = "off"
         );
         let (_, reason) = parse_err("[[default]]\nidle = 3\n");
         assert_eq!(reason, "[default] is a single table: write [default] once");
+        // Other headers name values, which no advice about tables would fix.
+        for text in [
+            "[metrics]\naddress = \"127.0.0.1:1\"\n",
+            "[[metrics]]\na = 1\n",
+        ] {
+            let (line, reason) = parse_err(text);
+            assert_eq!(line, Some(1), "{text}");
+            assert_eq!(
+                reason,
+                "metrics is a value, not a table: write metrics = … at the top of the file, \
+                 before any table"
+            );
+        }
+        let (_, reason) = parse_err("[default.mode]\nx = 1\n");
+        assert_eq!(
+            reason,
+            "mode is a value, not a table: write mode = … under [default]"
+        );
         let (line, reason) = parse_err("[default]\nidle = 3\nmode = 1\n");
         assert_eq!(line, Some(3));
         assert_eq!(reason, "mode: invalid type: integer `1`, expected a string");
