@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::{apply::ApplyReport, error::Error};
+use crate::{accept::Pacer, apply::ApplyReport, error::Error};
 
 /// The control socket's file name inside the runtime directory.
 pub const SOCKET_NAME: &str = "control.sock";
@@ -162,7 +162,7 @@ pub fn bind(runtime_dir: &Path) -> anyhow::Result<ControlSocket> {
     let socket = ControlSocket {
         listener,
         path,
-        paused_until: None,
+        pacer: Pacer::new("control socket"),
     };
     std::fs::set_permissions(&socket.path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("failed to restrict {} to root", socket.path.display()))?;
@@ -173,43 +173,16 @@ pub fn bind(runtime_dir: &Path) -> anyhow::Result<ControlSocket> {
 pub struct ControlSocket {
     listener: tokio::net::UnixListener,
     path: PathBuf,
-    /// Set while accept() fails: the next try waits until then. A client left in the listen
-    /// queue keeps the socket readable, so trying again at once would spin.
-    paused_until: Option<tokio::time::Instant>,
+    pacer: Pacer,
 }
 
-/// How long the control socket waits after a failed accept(), out of descriptors say.
-const ACCEPT_RETRY: Duration = Duration::from_secs(1);
-
 impl ControlSocket {
-    /// The next client. A failed accept() is logged once and tried again every
-    /// [`ACCEPT_RETRY`] until it succeeds; cancelling this future keeps that pace.
+    /// The next client (see [`Pacer::accept`] for failed accept() calls).
     pub async fn accept(&mut self) -> tokio::net::UnixStream {
-        loop {
-            if let Some(until) = self.paused_until {
-                tokio::time::sleep_until(until).await;
-            }
-            match self.listener.accept().await {
-                Ok((stream, _)) => {
-                    if self.paused_until.take().is_some() {
-                        log::info!("control socket: accepting clients again");
-                    }
-                    return stream;
-                }
-                Err(err) => {
-                    if self.paused_until.is_none() {
-                        log::warn!(
-                            "control socket: accept failed: {err}; clients wait until it \
-                             succeeds, tried every {}",
-                            humantime::format_duration(ACCEPT_RETRY)
-                        );
-                    } else {
-                        log::debug!("control socket: accept failed again: {err}");
-                    }
-                    self.paused_until = Some(tokio::time::Instant::now() + ACCEPT_RETRY);
-                }
-            }
-        }
+        let listener = &self.listener;
+        self.pacer
+            .accept(|| async { listener.accept().await.map(|(stream, _)| stream) })
+            .await
     }
 }
 

@@ -3,6 +3,7 @@
 //! The binary is a thin shell over this library: `main` parses the command line with [`cli`],
 //! runs a command from [`commands`] and turns the result into an exit code ([`error`]).
 
+pub mod accept;
 pub mod apply;
 pub mod btf;
 pub mod cgroup;

@@ -9,10 +9,10 @@ use std::{fmt::Write as _, sync::Arc, time::Duration};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::Mutex,
+    sync::{Mutex, Semaphore},
 };
 
-use crate::{cgroup::Cgroup2, pin::StateDir, status};
+use crate::{accept::Pacer, cgroup::Cgroup2, pin::StateDir, status};
 
 fn escape(value: &str) -> String {
     value
@@ -159,28 +159,32 @@ async fn respond(
     stream.shutdown().await
 }
 
+/// How many scrape connections the agent holds at once; more wait in the listen queue. Each
+/// holds a file descriptor for up to [`CLIENT_TIMEOUT`], and clients that connect and send
+/// nothing must not take the descriptors the agent needs for its policy maps and cgroups.
+pub const MAX_CLIENTS: usize = 8;
+
+/// How long one scrape connection may take, from accept to the last byte of the answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves scrapes until the process exits.
 pub async fn serve(listener: TcpListener, state: StateDir, cgroup2: Cgroup2) {
     let gate = Arc::new(Mutex::new(()));
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let mut pacer = Pacer::new("metrics");
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            Err(err) => {
-                // Out of descriptors and the like: back off instead of spinning.
-                log::warn!("metrics: accept failed: {err}");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return;
         };
+        let (stream, _) = pacer.accept(|| listener.accept()).await;
         let state = state.clone();
         let cgroup2 = cgroup2.clone();
         let gate = Arc::clone(&gate);
         tokio::spawn(async move {
-            let served = tokio::time::timeout(
-                Duration::from_secs(10),
-                respond(stream, &state, &cgroup2, &gate),
-            )
-            .await;
+            let _slot = slot;
+            let served =
+                tokio::time::timeout(CLIENT_TIMEOUT, respond(stream, &state, &cgroup2, &gate))
+                    .await;
             if let Ok(Err(err)) = served {
                 log::debug!("metrics client: {err}");
             }
