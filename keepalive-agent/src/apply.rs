@@ -114,21 +114,38 @@ pub struct Namespace {
     pub path: PathBuf,
 }
 
+/// A namespace [`foreign_namespaces`] found and could not open: the agent lacks
+/// CAP_SYS_PTRACE for another user's process, say.
+#[derive(Debug)]
+pub struct Unopened {
+    /// Where it was found.
+    pub path: PathBuf,
+    /// Why it could not be opened.
+    pub err: std::io::Error,
+}
+
 /// Every network namespace other than our own, once each: the named ones in `/run/netns`, then
 /// those of running processes. Each is opened as it is found, so a process that exits between
 /// being listed and its namespace being entered cannot make a pass miss the namespace (or,
-/// with its pid reused, enter another one in its place).
-pub fn foreign_namespaces() -> impl Iterator<Item = Namespace> {
+/// with its pid reused, enter another one in its place). One that cannot be opened is an
+/// [`Unopened`] item (a process that exited meanwhile is none); when `/proc` itself cannot be
+/// read (too many files open, say), there is no list to go by, which is an error.
+pub fn foreign_namespaces() -> std::io::Result<impl Iterator<Item = Result<Namespace, Unopened>>> {
     let own = fs::metadata("/proc/self/ns/net").map(|m| netns_id(&m)).ok();
     let mut seen: HashSet<(u64, u64)> = own.into_iter().collect();
-    let entries = |dir: &str| {
-        fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .filter_map(Result::ok)
+    let named = match fs::read_dir("/run/netns") {
+        Ok(dir) => Some(dir),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => None,
+        Err(err) => return Err(with_path(err, "/run/netns")),
     };
-    let named = entries("/run/netns").map(|entry| entry.path());
-    let processes = entries("/proc")
+    let proc = fs::read_dir("/proc").map_err(|err| with_path(err, "/proc"))?;
+    let named = named
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|entry| entry.path());
+    let processes = proc
+        .filter_map(Result::ok)
         .filter(|entry| {
             entry
                 .file_name()
@@ -136,12 +153,27 @@ pub fn foreign_namespaces() -> impl Iterator<Item = Namespace> {
                 .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
         })
         .map(|entry| entry.path().join("ns/net"));
-    named.chain(processes).filter_map(move |path| {
-        let file = File::open(&path).ok()?;
-        let meta = file.metadata().ok()?;
-        seen.insert(netns_id(&meta))
-            .then_some(Namespace { file, path })
-    })
+    Ok(named.chain(processes).filter_map(move |path| {
+        let opened = File::open(&path).and_then(|file| Ok((file.metadata()?, file)));
+        match opened {
+            Ok((meta, file)) => seen
+                .insert(netns_id(&meta))
+                .then_some(Ok(Namespace { file, path })),
+            // The process exited (ESRCH when it is a zombie).
+            Err(err)
+                if err.kind() == std::io::ErrorKind::NotFound
+                    || err.raw_os_error() == Some(libc::ESRCH) =>
+            {
+                None
+            }
+            Err(err) => Some(Err(Unopened { path, err })),
+        }
+    }))
+}
+
+/// `err`, naming the directory it came from.
+fn with_path(err: std::io::Error, dir: &str) -> std::io::Error {
+    std::io::Error::new(err.kind(), format!("failed to list {dir}: {err}"))
 }
 
 /// What identifies a network namespace: the device and inode of its nsfs file.
@@ -223,7 +255,15 @@ pub fn apply_existing(link: &impl AsFd, mut between: impl FnMut()) -> anyhow::Re
     let link = link.as_fd();
     let mut report = run_iterator(link)?;
     report.namespaces = 1;
-    for ns in foreign_namespaces() {
+    for ns in foreign_namespaces()? {
+        let ns = match ns {
+            Ok(ns) => ns,
+            Err(Unopened { path, err }) => {
+                log::debug!("skipping network namespace {}: {err}", path.display());
+                report.namespaces_skipped += 1;
+                continue;
+            }
+        };
         between();
         match apply_in(&ns, link) {
             Ok(one) => {
@@ -341,7 +381,10 @@ mod tests {
             .expect("spawn sleep in a new network namespace");
         let path = PathBuf::from(format!("/proc/{}/ns/net", child.id()));
         let id = netns_id(&fs::metadata(&path).expect("the child's namespace"));
-        let found = foreign_namespaces().find(|ns| ns.path == path);
+        let found = foreign_namespaces()
+            .expect("/proc")
+            .filter_map(Result::ok)
+            .find(|ns| ns.path == path);
         // The only process in the namespace exits before the namespace is entered.
         child.kill().expect("kill the child");
         child.wait().expect("reap the child");

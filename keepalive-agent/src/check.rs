@@ -85,8 +85,13 @@ fn shared_hash_namespaces() -> Namespaces {
         foreign: 0,
         walked_on_host_hash: 0,
     };
-    for ns in crate::apply::foreign_namespaces() {
+    let found = crate::apply::foreign_namespaces().into_iter().flatten();
+    for ns in found {
         counts.foreign += 1;
+        // One the agent cannot open is not walked either.
+        let Ok(ns) = ns else {
+            continue;
+        };
         let shared = crate::apply::in_namespace(&ns, || {
             crate::apply::has_tcp_sockets()
                 && read_sysctl("net/ipv4/tcp_ehash_entries").is_none_or(|n| n < 0)

@@ -431,6 +431,55 @@ fn check_warns_which_capability_other_namespaces_need() {
     assert_eq!(report["ready"], true, "new connections are still enforced");
 }
 
+/// Kills and reaps a child when dropped.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_network_namespace_the_agent_may_not_open_is_reported_as_not_entered() {
+    let cg = TestCgroup::new("nsdenied");
+    // Another user's process in a network namespace of its own: without CAP_SYS_PTRACE root
+    // may not open its /proc/<pid>/ns/net.
+    let mut cmd = Command::new("sleep");
+    cmd.arg("60");
+    // SAFETY: plain system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::unshare(libc::CLONE_NEWNET) != 0
+                || libc::setgid(65534) != 0
+                || libc::setuid(65534) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let _other = Reaped(
+        cmd.spawn()
+            .expect("spawn sleep as nobody in a new namespace"),
+    );
+    let keep: Vec<u32> = GRANTED.into_iter().filter(|&c| c != 19).collect();
+    let agent = Agent::start_with(
+        &AgentDirs::new(),
+        &["run", "--cgroup", cg.path().to_str().unwrap()],
+        &[],
+        Some(&keep),
+    );
+    // Not passed over in silence: the pass's line counts it.
+    let log = agent.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("existing connections:"))
+        .unwrap_or_else(|| panic!("no pass in {log}"));
+    assert!(line.contains("could not be entered"), "{line}");
+}
+
 #[test]
 fn without_cap_net_admin_the_agent_refuses_clearly() {
     let cg = TestCgroup::new("nocap");
