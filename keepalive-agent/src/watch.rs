@@ -96,7 +96,9 @@ impl CgroupWatcher {
 
     /// Watches `top` and everything below it; returns whether any cgroup was new. Each
     /// directory is watched before it is listed, so a child created in between is either in
-    /// the listing or reported by the watch.
+    /// the listing or reported by the watch. A cgroup that cannot be watched (at the watch
+    /// limit, or one root may not read) is new all the same: its own policy must go in, only
+    /// what is created below it later goes unseen.
     fn add_tree(&mut self, top: &CgroupPath) -> bool {
         let mut created = false;
         let mut stack = vec![top.clone()];
@@ -117,6 +119,7 @@ impl CgroupWatcher {
                         created = true;
                     }
                     Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
+                        created = true;
                         if !self.warned_limit {
                             log::warn!(
                                 "inotify watch limit reached at {} cgroups; new cgroups below \
@@ -130,6 +133,7 @@ impl CgroupWatcher {
                     }
                     Err(err) => {
                         log::debug!("cannot watch cgroup {path}: {err}");
+                        created = true;
                         continue;
                     }
                 }
@@ -141,13 +145,17 @@ impl CgroupWatcher {
         created
     }
 
-    /// After lost events: forgets cgroups that are gone and watches new ones.
+    /// After lost events: forgets cgroups that are gone, also those created again under the
+    /// same name meanwhile (a restarted unit's), and watches new ones.
     fn rescan(&mut self, changes: &mut Changes) {
         let gone: Vec<CgroupPath> = self
             .by_path
-            .keys()
-            .filter(|path| !self.cgroup2.abs(path).is_dir())
-            .cloned()
+            .iter()
+            .filter(|(path, wd)| {
+                let known = self.by_wd.get(*wd).map(|(_, id)| *id);
+                self.cgroup2.id(path).ok() != known
+            })
+            .map(|(path, _)| path.clone())
             .collect();
         for path in gone {
             self.forget_tree(&path, &mut changes.removed);
@@ -234,5 +242,40 @@ impl CgroupWatcher {
                 return Ok(changes);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_rescan_follows_a_cgroup_created_again_under_the_same_name() {
+        // tmpfs, whose inode numbers are not reused at once, as cgroup ids never are.
+        let dir = std::path::Path::new("/dev/shm").join(format!("ka-watch-{}", std::process::id()));
+        fs::create_dir_all(dir.join("root/a")).unwrap();
+        let cgroup2 = Cgroup2::at(&dir);
+        let root = cgroup2.parse("root").unwrap();
+        let a = cgroup2.parse("root/a").unwrap();
+        let mut watcher = CgroupWatcher::new(&cgroup2, &root).unwrap();
+        let old = cgroup2.id(&a).unwrap();
+        // Removed and created again while the events were lost (IN_Q_OVERFLOW).
+        fs::remove_dir(dir.join("root/a")).unwrap();
+        fs::create_dir(dir.join("root/a")).unwrap();
+        let new = cgroup2.id(&a).unwrap();
+        let mut changes = Changes::default();
+        watcher.rescan(&mut changes);
+        let watched = watcher
+            .by_path
+            .get(&a)
+            .and_then(|wd| watcher.by_wd.get(wd))
+            .map(|(_, id)| *id);
+        fs::remove_dir_all(&dir).unwrap();
+        assert_ne!(old, new, "a new directory, a new inode");
+        assert_eq!(changes.removed, vec![old]);
+        assert!(changes.created);
+        assert_eq!(watched, Some(new), "the new directory is the one watched");
     }
 }

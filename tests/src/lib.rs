@@ -137,6 +137,25 @@ impl TestCgroup {
         }
     }
 
+    /// Creates a child cgroup as user and group `uid` with `mode`, the way the owner of a
+    /// delegated subtree would (the directory never exists as root's).
+    pub fn child_made_by(&self, name: &str, uid: u32, mode: u32) -> Self {
+        let path = self.path.join(name);
+        let made = Command::new("mkdir")
+            .arg("-m")
+            .arg(format!("{mode:o}"))
+            .arg(&path)
+            .uid(uid)
+            .gid(uid)
+            .status()
+            .expect("run mkdir");
+        assert!(made.success(), "mkdir {} as {uid}", path.display());
+        Self {
+            path,
+            rel: format!("{}/{name}", self.rel),
+        }
+    }
+
     /// Absolute path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -322,6 +322,22 @@ fn sockets_of_an_off_cgroup_created_while_no_agent_ran_are_released_at_the_next_
     assert_eq!(sockets_of(&status, &seen).len(), 2, "{status}");
 }
 
+/// An agent on `cg` with `config` and exactly the capabilities the unit grants.
+fn start_granted(cg: &TestCgroup, config: &Path) -> Agent {
+    Agent::start_with(
+        &AgentDirs::new(),
+        &[
+            "run",
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+        Some(&GRANTED),
+    )
+}
+
 #[test]
 fn a_cgroup_the_agent_may_not_read_is_named_in_the_log_and_read_once_it_may() {
     // The unit and the DaemonSet grant no CAP_DAC_READ_SEARCH: a directory root may not read
@@ -337,18 +353,7 @@ fn a_cgroup_the_agent_may_not_read_is_named_in_the_log_and_read_once_it_may() {
     ));
     std::os::unix::fs::chown(locked.path(), Some(65534), Some(65534)).expect("chown");
     fs::set_permissions(locked.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
-    let agent = Agent::start_with(
-        &AgentDirs::new(),
-        &[
-            "run",
-            "--cgroup",
-            parent.path().to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &[],
-        Some(&GRANTED),
-    );
+    let agent = start_granted(&parent, &config);
     let warning = format!(
         "cannot read cgroup {} (Permission denied (os error 13)): policies for cgroups below it \
          do not apply",
@@ -395,6 +400,25 @@ fn a_cgroup_the_agent_may_not_read_is_named_in_the_log_and_read_once_it_may() {
         "warned once: {}",
         agent.log()
     );
+}
+
+#[test]
+fn a_new_cgroup_the_agent_may_not_watch_still_gets_its_policy() {
+    // A delegated subtree: its owner creates a cgroup root may not read, and inotify refuses
+    // to watch it for the agent, which runs without CAP_DAC_READ_SEARCH. Cgroups created below
+    // it later go unseen until a restart; its own policy must not.
+    let parent = TestCgroup::new("unwatched");
+    let user = parent.child("user");
+    std::os::unix::fs::chown(user.path(), Some(65534), Some(65534)).expect("chown");
+    let config = write_config(&format!(
+        "[default]\nidle = 41\n[[policy]]\ncgroup = \"{}/svc\"\nidle = 35\n",
+        user.rel()
+    ));
+    let _agent = start_granted(&parent, &config);
+    let svc = user.child_made_by("svc", 65534, 0o700);
+    eventually(Duration::from_secs(10), "svc's own policy", || {
+        (pair_values(&svc).0.1 == 35).then_some(())
+    });
 }
 
 #[test]
