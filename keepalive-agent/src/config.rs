@@ -202,10 +202,21 @@ fn toml_reason(err: &toml::de::Error, text: &str) -> String {
         }
         None => {}
     }
-    match line.split_once('=') {
-        Some((key, _)) => format!("{}: {message}", key.trim()),
+    match err.span().and_then(|span| key_before(text, span.start)) {
+        Some(key) => format!("{key}: {message}"),
         None => message.to_owned(),
     }
+}
+
+/// The key whose value starts at `offset`: what stands between the value's `=` and the
+/// nearest line start, `{` or `,` before it (so the key inside an inline table, not the
+/// line's first).
+fn key_before(text: &str, offset: usize) -> Option<&str> {
+    let before = text.get(..offset)?;
+    let before = &before[before.rfind('\n').map_or(0, |i| i + 1)..];
+    let before = before.trim_end().strip_suffix('=')?;
+    let key = before[before.rfind(['{', ',']).map_or(0, |i| i + 1)..].trim();
+    (!key.is_empty()).then_some(key)
 }
 
 struct Ctx<'a> {
@@ -821,6 +832,18 @@ mode = "off"
         let (line, reason) = parse_err("[default]\nidle = 3\nmode = 1\n");
         assert_eq!(line, Some(3));
         assert_eq!(reason, "mode: invalid type: integer `1`, expected a string");
+        // In inline tables, the key is the one inside the braces, not the line's first.
+        let (line, reason) = parse_err("default = { idle = 30, mode = 1 }\n");
+        assert_eq!(line, Some(1));
+        assert_eq!(reason, "mode: invalid type: integer `1`, expected a string");
+        let (_, reason) =
+            parse_err("policy = [{ cgroup = \"a\" }, { cgroup = \"b\", count = \"z\" }]\n");
+        assert!(
+            reason.starts_with("count: invalid type: string"),
+            "{reason}"
+        );
+        let (_, reason) = parse_err("[[policy]]\ncgroup = \"a\"\nidle = {x = 1}\n");
+        assert!(reason.starts_with("idle: invalid type: map"), "{reason}");
         // The cgroup messages start with "cgroup" themselves.
         let (line, reason) = parse_err("[[policy]]\ncgroup = \"a/[\"\nidle = 30\n");
         assert_eq!(line, Some(2));
