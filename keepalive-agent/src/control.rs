@@ -114,12 +114,13 @@ pub struct Response {
 }
 
 impl Response {
-    /// A failure carrying the error's message and exit code.
+    /// A failure carrying the error's message and exit code (1 for an error of no kind, as
+    /// the process would exit with).
     pub fn failure(err: &anyhow::Error) -> Self {
         Self {
             ok: false,
             error: Some(format!("{err:#}")),
-            code: crate::error::code_of(err),
+            code: Some(crate::error::code_of(err).unwrap_or(crate::error::exit::FAILURE)),
             ..Self::default()
         }
     }

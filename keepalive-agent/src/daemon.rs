@@ -512,14 +512,21 @@ impl Daemon {
     }
 
     /// Runs a change to the config or the runtime rules and pushes the result. If anything
-    /// fails, the previous rules come back and are pushed again, so nothing stays
-    /// half-applied.
+    /// fails, the previous rules come back, and are pushed again if the push had begun, so
+    /// nothing stays half-applied. A change refused before it pushed leaves the kernel alone.
     fn transact(
         &mut self,
         change: impl FnOnce(&mut Self) -> anyhow::Result<String>,
     ) -> anyhow::Result<(String, Option<ApplyReport>)> {
         let saved = (self.config.clone(), self.runtime.clone());
-        let outcome = change(self).and_then(|message| Ok((message, self.refresh()?)));
+        let message = match change(self) {
+            Ok(message) => message,
+            Err(err) => {
+                (self.config, self.runtime) = saved;
+                return Err(err);
+            }
+        };
+        let outcome = self.refresh().map(|report| (message, report));
         if outcome.is_err() {
             (self.config, self.runtime) = saved;
             if let Err(err) = self.refresh() {
@@ -1070,7 +1077,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::monotonic_usec_now()?]);
                 match daemon.reload() {
                     Ok((message, _)) => log_outcome(&message),
-                    Err(err) => log::error!("reload rejected, keeping the running policy: {err:#}"),
+                    Err(err) => log::error!("reload rejected, the previous config stays: {err:#}"),
                 }
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             }

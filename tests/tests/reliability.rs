@@ -4,6 +4,7 @@
 
 use std::{
     ffi::CString,
+    io::Write as _,
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     process::Output,
     time::{Duration, Instant, SystemTime},
@@ -1313,4 +1314,64 @@ fn a_cgroup_change_that_fails_is_tried_again_until_it_goes_through() {
         agent.log()
     );
     assert_eq!(idle_of(&svc), 31, "new connections too");
+}
+
+#[test]
+fn a_refused_policy_request_leaves_the_running_policy_alone_even_when_pushes_fail() {
+    let cg = TestCgroup::new("refusedreq");
+    let agent = Agent::start(&cg, &["--idle", "44"]);
+    let socket = agent.dirs().runtime_dir.join("control.sock");
+    // Connected before the agent runs out of descriptors, so the requests still get through.
+    let clients: Vec<_> = (0..2)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let old = starve_of_descriptors(agent.pid());
+    let ask = |mut client: &std::os::unix::net::UnixStream, request: String| {
+        writeln!(client, "{request}").unwrap();
+        let mut answer = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(client), &mut answer).unwrap();
+        serde_json::from_str::<serde_json::Value>(&answer).expect(&answer)
+    };
+    // A policy outside the attach cgroup: refused before anything changes, so there is no
+    // previous policy to restore, and nothing to push (which would fail now).
+    let refused = ask(
+        &clients[0],
+        format!(
+            r#"{{"cmd":"set","cgroup":"/ka-elsewhere-{}","idle":30}}"#,
+            std::process::id()
+        ),
+    );
+    let log = agent.log();
+    assert!(
+        refused["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("outside the attach cgroup")),
+        "{refused}"
+    );
+    assert_eq!(refused["code"], 2, "{refused}");
+    assert!(!log.contains("restore"), "{log}");
+    assert!(!log.contains("trying again"), "{log}");
+    // A valid policy whose push fails: the answer still carries an exit code, and the previous
+    // policy goes back in once the agent can open files again.
+    let failed = ask(
+        &clients[1],
+        format!(r#"{{"cmd":"set","cgroup":"{}","idle":30}}"#, cg.rel()),
+    );
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Too many open files")),
+        "{failed}"
+    );
+    assert_eq!((&failed["ok"], &failed["code"]), (&false.into(), &1.into()));
+    set_nofile(agent.pid(), old.rlim_cur, Some(old.rlim_max));
+    eventually(Duration::from_secs(10), "the restore in the log", || {
+        agent
+            .log()
+            .contains("failed to restore the previous policy")
+            .then_some(())
+    });
+    assert_eq!(idle_of(&cg), 44);
+    assert!(agent.policies().iter().all(|p| p["idle"] != 30));
 }
