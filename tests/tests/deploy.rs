@@ -1,5 +1,6 @@
 //! Deployment on a real host: `check` reports readiness truthfully, the agent pings the systemd
-//! watchdog, and it runs with exactly the capabilities the unit and the DaemonSet grant.
+//! watchdog, it runs with exactly the capabilities the unit and the DaemonSet grant, and the
+//! shipped unit starts, reloads and stops it under a real systemd.
 
 use std::{
     ffi::CString, os::unix::process::CommandExt as _, path::Path, process::Command, time::Duration,
@@ -495,4 +496,187 @@ fn without_cap_net_admin_the_agent_refuses_clearly() {
     assert_eq!(code(&out), 3, "{err}");
     assert!(err.contains("CAP_NET_ADMIN"), "{err}");
     assert_eq!(sockops_attachments(cg.path()), 0);
+}
+
+/// A systemd service manager of the test's own: PID 1 of a new PID and mount namespace, with a
+/// private /run for its units, and its cgroups under one of the test's in every hierarchy.
+/// It starts only the units asked of it. Killed, and its cgroups removed, on drop.
+struct Systemd {
+    manager: std::process::Child,
+    pid: u32,
+    cgroups: Vec<std::path::PathBuf>,
+}
+
+impl Systemd {
+    fn boot() -> Self {
+        require_root();
+        let name = keepalive_tests::unique("systemd");
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let cgroups: Vec<std::path::PathBuf> = mountinfo
+            .lines()
+            .filter_map(|line| {
+                let (mount, fs) = line.split_once(" - ")?;
+                let fstype = fs.split(' ').next()?;
+                let point = mount.split(' ').nth(4)?;
+                matches!(fstype, "cgroup" | "cgroup2").then(|| Path::new(point).join(&name))
+            })
+            .collect();
+        let procs: Vec<CString> = cgroups
+            .iter()
+            .filter(|dir| std::fs::create_dir(dir).is_ok())
+            .map(|dir| CString::new(dir.join("cgroup.procs").to_str().unwrap()).unwrap())
+            .collect();
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--pid", "--mount", "--fork", "--kill-child", "sh", "-c"])
+            .arg(
+                "mount --make-rprivate / && mount -t proc proc /proc && mount -t tmpfs tmpfs /run \
+                 && mkdir -p /run/systemd/system && printf '[Unit]\\nDefaultDependencies=no\\n' \
+                 > /run/systemd/system/ka-test.target && exec env container=keepalive-test \
+                 /lib/systemd/systemd --system --unit=ka-test.target --log-target=null",
+            )
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        // SAFETY: only system calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                // Where a hierarchy refuses (an empty v1 cpuset), the manager stays where it is;
+                // it makes its own cgroups only under its place in the name=systemd one.
+                for path in &procs {
+                    let fd = libc::open(path.as_ptr(), libc::O_WRONLY);
+                    if fd >= 0 {
+                        libc::write(fd, b"0".as_ptr().cast(), 1);
+                        libc::close(fd);
+                    }
+                }
+                Ok(())
+            });
+        }
+        let manager = cmd
+            .spawn()
+            .expect("unshare is part of util-linux, which every Debian host has");
+        let children = format!("/proc/{0}/task/{0}/children", manager.id());
+        let pid = keepalive_tests::eventually(Duration::from_secs(10), "the manager", || {
+            std::fs::read_to_string(&children)
+                .ok()?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        });
+        let systemd = Self {
+            manager,
+            pid,
+            cgroups,
+        };
+        keepalive_tests::eventually(Duration::from_secs(60), "the manager running", || {
+            let out = systemd.ctl(&["is-system-running"]);
+            let state = String::from_utf8_lossy(&out.stdout);
+            matches!(state.trim(), "running" | "degraded").then_some(())
+        });
+        systemd
+    }
+
+    /// `systemctl` against this manager.
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new("nsenter")
+            .args([
+                "-t",
+                &self.pid.to_string(),
+                "-m",
+                "-p",
+                "timeout",
+                "60",
+                "systemctl",
+            ])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// A path as the manager and its services see it.
+    fn path(&self, path: &str) -> std::path::PathBuf {
+        Path::new(&format!("/proc/{}/root", self.pid)).join(path.trim_start_matches('/'))
+    }
+}
+
+impl Drop for Systemd {
+    fn drop(&mut self) {
+        // The end of PID 1 ends every process of its namespace.
+        let _ = self.manager.kill();
+        let _ = self.manager.wait();
+        for dir in &self.cgroups {
+            keepalive_tests::remove_cgroup_tree(dir);
+        }
+    }
+}
+
+/// Asserts that `out` succeeded, showing `log` when it did not.
+fn ok_or_show(out: &std::process::Output, what: &str, log: &Path) {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}\n--- agent log ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+#[test]
+fn the_shipped_unit_starts_reloads_and_stops_the_agent_under_systemd() {
+    let cg = TestCgroup::new("unit");
+    let dirs = AgentDirs::new();
+    let systemd = Systemd::boot();
+    // The unit as shipped, with the binary under test, and a drop-in for what differs in a
+    // test: no boot ordering, the output in a file, and the test's cgroup and directories.
+    let bin = agent_bin();
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/keepalive-agent.service"),
+    )
+    .unwrap();
+    assert!(unit.contains("ExecStart=/usr/local/sbin/keepalive-agent run\n"));
+    let unit = unit.replace("/usr/local/sbin/keepalive-agent", bin.to_str().unwrap());
+    let units = systemd.path("/run/systemd/system");
+    std::fs::write(units.join("keepalive-agent.service"), unit).unwrap();
+    std::fs::create_dir(units.join("keepalive-agent.service.d")).unwrap();
+    std::fs::write(
+        units.join("keepalive-agent.service.d/test.conf"),
+        format!(
+            "[Unit]\nDefaultDependencies=no\n[Service]\nStandardOutput=file:/run/agent.log\n\
+             StandardError=file:/run/agent.log\nExecStart=\nExecStart={} run --cgroup {} \
+             --state-dir {} --idle 37\n",
+            bin.display(),
+            cg.path().display(),
+            dirs.state_dir.display()
+        ),
+    )
+    .unwrap();
+    let log = systemd.path("/run/agent.log");
+    ok_or_show(&systemd.ctl(&["daemon-reload"]), "daemon-reload", &log);
+    ok_or_show(
+        &systemd.ctl(&["start", "keepalive-agent"]),
+        "systemctl start (Type=notify: returns once the agent is ready)",
+        &log,
+    );
+    assert_eq!(sockops_attachments(cg.path()), 1);
+    assert_eq!(keepalive_tests::idle_of(&cg), 37);
+    // ExecReload runs `policy reload` in the same sandbox, against the agent's control socket.
+    ok_or_show(
+        &systemd.ctl(&["reload", "keepalive-agent"]),
+        "systemctl reload",
+        &log,
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("reloaded the config"), "{text}");
+    // Stopping leaves enforcement in place.
+    ok_or_show(
+        &systemd.ctl(&["stop", "keepalive-agent"]),
+        "systemctl stop",
+        &log,
+    );
+    let out = systemd.ctl(&["show", "-p", "Result", "--value", "keepalive-agent"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "success");
+    assert_eq!(keepalive_tests::idle_of(&cg), 37);
+    drop(systemd);
+    assert!(dirs.detach().status.success());
 }

@@ -299,8 +299,9 @@ pub fn setup() -> anyhow::Result<Env> {
     Ok(Env { path })
 }
 
-/// What the tests run besides the agent: `ip` for network namespaces, `systemd-analyze` for the
-/// unit file, and hadolint for the Containerfile, whose path this returns.
+/// What the tests run besides the agent: `ip` for network namespaces, `systemd-analyze` and the
+/// systemd manager (one package) for the unit file, and hadolint for the Containerfile, whose
+/// path this returns.
 pub fn test_tools() -> anyhow::Result<PathBuf> {
     ensure_packages(&[("ip", "iproute2"), ("systemd-analyze", "systemd")])?;
     ensure_hadolint()
