@@ -270,10 +270,21 @@ fn config_content_item(
                     format!("no {DEFAULT_CONFIG}: the built-in default applies, attach at {attach}")
                 }
             };
-            (
-                item(NAME, Outcome::Ok, detail, None),
-                Some((config, attach)),
-            )
+            let pending = config.pending(cgroup2, &attach);
+            let item = if pending.is_empty() {
+                item(NAME, Outcome::Ok, detail, None)
+            } else {
+                item(
+                    NAME,
+                    Outcome::Warn,
+                    format!("{detail}; but {}", pending.join("; ")),
+                    Some(
+                        "correct a misspelt cgroup path; a cgroup made later (a service not \
+                          started yet, a pod) gets its policy when it appears",
+                    ),
+                )
+            };
+            (item, Some((config, attach)))
         }
         Err((err, fix)) => (
             item(NAME, Outcome::Fail, format!("{err:#}"), Some(fix)),

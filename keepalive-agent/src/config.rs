@@ -599,6 +599,24 @@ impl Config {
         }
     }
 
+    /// The file's policies that select no cgroup within `attach` now, each with why and where
+    /// it is written: a misspelt path looks like a cgroup that does not exist yet.
+    pub fn pending(&self, cgroup2: &Cgroup2, attach: &CgroupPath) -> Vec<String> {
+        self.policies
+            .rules
+            .iter()
+            .filter_map(|rule| {
+                let why = rule.selector.selects_nothing(cgroup2, attach)?;
+                Some(format!(
+                    "{} (policy at {}) {why}; check the path if it was meant for a cgroup \
+                     that exists",
+                    rule.selector.text(),
+                    rule.source
+                ))
+            })
+            .collect()
+    }
+
     /// The attach cgroup, as `run` picks it: `cgroup` (its `--cgroup`), else `attach`, else
     /// the cgroup2 root.
     pub fn attach_cgroup(

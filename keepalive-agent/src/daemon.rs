@@ -6,7 +6,7 @@
 //! pinned attachment), applies the policy to existing connections and reports readiness.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::HashSet,
     net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -559,7 +559,7 @@ impl Daemon {
             daemon.config = config;
             daemon.runtime.clear();
             let mut message = "reloaded the config".to_owned();
-            for note in notes {
+            for note in notes.into_iter().chain(daemon.config_warnings()) {
                 message.push_str(&format!("\nwarning: {note}"));
             }
             Ok(message)
@@ -641,26 +641,13 @@ impl Daemon {
 
     /// Why a selector selects no cgroup under the attach cgroup now, if it selects none.
     fn selects_nothing(&self, selector: &Selector) -> Option<String> {
-        let mut unreadable = BTreeMap::new();
-        let selected = selector.expand_noting(&self.cgroup2, &mut unreadable);
-        if selected
-            .iter()
-            .any(|(path, _)| path.is_within(&self.fixed.attach))
-        {
-            return None;
-        }
-        if let Some((dir, err)) = unreadable.iter().next() {
-            return Some(format!(
-                "is below {dir}, which the agent cannot read ({err})"
-            ));
-        }
-        Some(
-            match selector {
-                Selector::Exact(_) => "does not exist yet",
-                Selector::Glob { .. } => "matches no cgroup yet",
-            }
-            .to_owned(),
-        )
+        selector.selects_nothing(&self.cgroup2, &self.fixed.attach)
+    }
+
+    /// A warning for each policy of the config file that selects no cgroup now: a misspelt
+    /// path would otherwise leave its cgroup on the default without a word.
+    fn config_warnings(&self) -> Vec<String> {
+        self.config.pending(&self.cgroup2, &self.fixed.attach)
     }
 
     /// `policy unset`: removes a runtime rule, or masks the config's policy for the cgroup.
@@ -1046,6 +1033,9 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             .map(|f| format!(" from {}", f.display()))
             .unwrap_or_default()
     );
+    for warning in daemon.config_warnings() {
+        log::warn!("{warning}");
+    }
     // Existing connections get the table now; cgroups that changed since it was resolved are
     // already queued by the watcher and handled by the loop below.
     daemon.apply()?;

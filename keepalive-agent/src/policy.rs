@@ -392,6 +392,29 @@ impl Selector {
         }
     }
 
+    /// Why this selector selects no cgroup within `attach` now, if it selects none: the cgroup
+    /// does not exist (a typo looks like that), no cgroup matches, or one on the way cannot be
+    /// read.
+    pub fn selects_nothing(&self, cgroup2: &Cgroup2, attach: &CgroupPath) -> Option<String> {
+        let mut unreadable = BTreeMap::new();
+        let selected = self.expand_noting(cgroup2, &mut unreadable);
+        if selected.iter().any(|(path, _)| path.is_within(attach)) {
+            return None;
+        }
+        if let Some((dir, err)) = unreadable.iter().next() {
+            return Some(format!(
+                "is below {dir}, which the agent cannot read ({err})"
+            ));
+        }
+        Some(
+            match self {
+                Self::Exact(_) => "does not exist yet",
+                Self::Glob { .. } => "matches no cgroup yet",
+            }
+            .to_owned(),
+        )
+    }
+
     /// The cgroups this selector matches now, noting in `unreadable` each cgroup on the way
     /// that exists but could not be read, with why: the cgroups it selects below it are missing.
     pub fn expand_noting(

@@ -1294,3 +1294,62 @@ fn exact_paths_outrank_globs_also_across_runtime_and_config() {
     assert_eq!(code(&out), 2, "{err}");
     assert!(err.contains("no policy is set"), "{err}");
 }
+
+#[test]
+fn config_policies_for_cgroups_that_do_not_exist_are_warned_about_by_check_run_and_reload() {
+    let cg = TestCgroup::new("typo");
+    let svc = cg.child("svc");
+    let text = format!(
+        "[[policy]]\ncgroup = \"{0}/svc\"\nidle = 31\n\n[[policy]]\ncgroup = \"{0}/scv\"\n\
+         idle = 32\n",
+        cg.rel()
+    );
+    let config = write_config(&text);
+    let path = config.to_str().unwrap();
+    let typo = format!("/{}/scv (policy at {path}:5) does not exist yet", cg.rel());
+    // `check` passes the file, with a warning for the misspelt path alone.
+    let out = AgentDirs::new().cli(&[
+        "check",
+        "--json",
+        "--config",
+        path,
+        "--cgroup",
+        cg.path().to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let item = check_item(&report, "config");
+    let detail = item["detail"].as_str().unwrap();
+    assert_eq!(item["status"], "warn", "{item}");
+    assert!(detail.contains(&typo), "{detail}");
+    assert!(!detail.contains("/svc ("), "{detail}");
+    // `run` logs it at start.
+    let agent = Agent::start(&cg, &["--config", path]);
+    let warned = |log: &str, what: &str| {
+        log.lines()
+            .filter(|line| line.contains("WARN") && line.contains(what))
+            .count()
+    };
+    assert_eq!(warned(&agent.log(), &typo), 1, "{}", agent.log());
+    assert_eq!(idle_of(&svc), 31);
+    // `policy reload` prints one for each such policy of the new file: the typo is fixed, and
+    // a glob matches nothing.
+    fs::write(
+        &*config,
+        format!(
+            "{}[[policy]]\ncgroup = \"{}/web-*\"\nidle = 33\n",
+            text.replace("/scv", "/svc2"),
+            cg.rel()
+        ),
+    )
+    .unwrap();
+    let _svc2 = cg.child("svc2");
+    let out = agent.cli_ok(&["policy", "reload"]);
+    let said = String::from_utf8_lossy(&out.stdout);
+    let glob = format!(
+        "/{}/web-* (policy at {path}:8) matches no cgroup yet",
+        cg.rel()
+    );
+    assert!(said.contains(&format!("warning: {glob}")), "{said}");
+    assert_eq!(said.matches("warning: ").count(), 1, "{said}");
+    assert_eq!(warned(&agent.log(), &glob), 1, "{}", agent.log());
+}
