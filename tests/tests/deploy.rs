@@ -602,8 +602,9 @@ impl Systemd {
 
 impl Drop for Systemd {
     fn drop(&mut self) {
-        // The end of PID 1 ends every process of its namespace.
-        let _ = self.manager.kill();
+        // The end of PID 1 ends every process of its namespace; unshare reaps it and exits.
+        // SAFETY: kill has no memory preconditions.
+        unsafe { libc::kill(self.pid as i32, libc::SIGKILL) };
         let _ = self.manager.wait();
         for dir in &self.cgroups {
             keepalive_tests::remove_cgroup_tree(dir);
@@ -611,13 +612,19 @@ impl Drop for Systemd {
     }
 }
 
-/// Asserts that `out` succeeded, showing `log` when it did not.
-fn ok_or_show(out: &std::process::Output, what: &str, log: &Path) {
+/// Asserts that `out` succeeded, showing the unit's status and `log` when it did not.
+fn ok_or_show(systemd: &Systemd, out: &std::process::Output, what: &str, log: &Path) {
+    let status = || {
+        systemd
+            .ctl(&["status", "--no-pager", "keepalive-agent"])
+            .stdout
+    };
     assert!(
         out.status.success(),
-        "{what}: {}{}\n--- agent log ---\n{}",
+        "{what}: {}{}\n--- status ---\n{}\n--- agent log ---\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&status()),
         std::fs::read_to_string(log).unwrap_or_default()
     );
 }
@@ -629,7 +636,11 @@ fn the_shipped_unit_starts_reloads_and_stops_the_agent_under_systemd() {
     let systemd = Systemd::boot();
     // The unit as shipped, with the binary under test, and a drop-in for what differs in a
     // test: no boot ordering, the output in a file, and the test's cgroup and directories.
-    let bin = agent_bin();
+    // The binary goes where the unit's sandbox can see it: a build under /tmp or /home would
+    // be hidden by PrivateTmp= and ProtectHome=.
+    let bin = Path::new("/run/keepalive-test/keepalive-agent");
+    std::fs::create_dir(systemd.path("/run/keepalive-test")).unwrap();
+    std::fs::copy(agent_bin(), systemd.path(bin.to_str().unwrap())).unwrap();
     let unit = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/systemd/keepalive-agent.service"),
     )
@@ -652,8 +663,14 @@ fn the_shipped_unit_starts_reloads_and_stops_the_agent_under_systemd() {
     )
     .unwrap();
     let log = systemd.path("/run/agent.log");
-    ok_or_show(&systemd.ctl(&["daemon-reload"]), "daemon-reload", &log);
     ok_or_show(
+        &systemd,
+        &systemd.ctl(&["daemon-reload"]),
+        "daemon-reload",
+        &log,
+    );
+    ok_or_show(
+        &systemd,
         &systemd.ctl(&["start", "keepalive-agent"]),
         "systemctl start (Type=notify: returns once the agent is ready)",
         &log,
@@ -662,6 +679,7 @@ fn the_shipped_unit_starts_reloads_and_stops_the_agent_under_systemd() {
     assert_eq!(keepalive_tests::idle_of(&cg), 37);
     // ExecReload runs `policy reload` in the same sandbox, against the agent's control socket.
     ok_or_show(
+        &systemd,
         &systemd.ctl(&["reload", "keepalive-agent"]),
         "systemctl reload",
         &log,
@@ -670,6 +688,7 @@ fn the_shipped_unit_starts_reloads_and_stops_the_agent_under_systemd() {
     assert!(text.contains("reloaded the config"), "{text}");
     // Stopping leaves enforcement in place.
     ok_or_show(
+        &systemd,
         &systemd.ctl(&["stop", "keepalive-agent"]),
         "systemctl stop",
         &log,
