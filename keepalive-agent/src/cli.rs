@@ -12,6 +12,10 @@ use crate::{
     policy::{self, Mode, limits},
 };
 
+/// Where `run` keeps its control socket and lock file unless told otherwise; the shipped unit's
+/// `RuntimeDirectory=`.
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/keepalive-agent";
+
 /// The exit codes of [`exit::MEANINGS`], shown at the end of `--help`.
 pub fn exit_codes_help() -> String {
     let mut text = String::from("Exit codes:");
@@ -47,7 +51,7 @@ pub struct Cli {
         global = true,
         value_name = "DIR",
         env = "KEEPALIVE_RUNTIME_DIR",
-        default_value = "/run/keepalive-agent",
+        default_value = DEFAULT_RUNTIME_DIR,
         value_parser = pin::parse_dir
     )]
     pub runtime_dir: PathBuf,

@@ -148,6 +148,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::Install(args) => {
+            install::refuse_directories(cli_state.as_deref(), &runtime_dir)?;
             for line in install::install(&args)? {
                 print(&format!("{line}\n"))?;
             }

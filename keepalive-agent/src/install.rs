@@ -13,8 +13,8 @@ use clap::CommandFactory as _;
 use clap_complete::Shell;
 
 use crate::{
-    cli::{Cli, InstallArgs},
-    error::Error,
+    cli::{Cli, DEFAULT_RUNTIME_DIR, InstallArgs},
+    error::{Error, usage},
 };
 
 /// The systemd unit shipped in `deploy/systemd/`.
@@ -67,6 +67,30 @@ pub fn completion_script(shell: Shell) -> Vec<u8> {
     let mut script = Vec::new();
     clap_complete::generate(shell, &mut Cli::command(), "keepalive-agent", &mut script);
     script
+}
+
+/// Refuses `--state-dir` and a `--runtime-dir` other than the default for `install`, before
+/// anything is written: the unit it installs runs the agent with neither, so taking them
+/// silently would install a service that keeps its state elsewhere than the operator said.
+pub fn refuse_directories(state_dir: Option<&Path>, runtime_dir: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = state_dir {
+        return Err(usage(format!(
+            "install does not take --state-dir (or KEEPALIVE_STATE_DIR, here {}): the installed \
+             service reads its state directory from {}; set state_dir there, where status, \
+             detach and policy commands find it too",
+            dir.display(),
+            crate::config::DEFAULT_CONFIG
+        )));
+    }
+    if runtime_dir != Path::new(DEFAULT_RUNTIME_DIR) {
+        return Err(usage(format!(
+            "install does not take --runtime-dir (or KEEPALIVE_RUNTIME_DIR, here {}): the \
+             installed unit gives the agent {DEFAULT_RUNTIME_DIR} (RuntimeDirectory=), where the \
+             other commands look by default",
+            runtime_dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Installs; returns one line per file written or kept.

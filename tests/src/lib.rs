@@ -1125,6 +1125,30 @@ pub fn write_config(text: &str) -> TempConfig {
     TempConfig(path)
 }
 
+/// A fresh directory below the temporary directory, removed with what it holds on drop (also
+/// when the test fails).
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates it.
+    pub fn new(label: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(label));
+        fs::create_dir(&path).expect("create temporary directory");
+        Self(path)
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs the agent binary with `dirs` and `args` in a private mount namespace prepared by
 /// `setup`, which runs in the child between fork and exec (so it may only make system calls).
 /// Mounts are made private first, so nothing `setup` unmounts leaves the namespace.

@@ -12,10 +12,10 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, GRANTED, Proc, TestCgroup, bind_mount, bpf::resolution_cache, check_item,
-    code, eventually, hide_with_tmpfs, idle_of, json_refusal, kernel_defaults, mkdir, pair_values,
-    perf::storm, private_mounts, sockets_of, sockops_attachments, stderr, unique, values,
-    write_config,
+    Agent, AgentDirs, GRANTED, Proc, TempDir, TestCgroup, bind_mount, bpf::resolution_cache,
+    check_item, code, eventually, hide_with_tmpfs, idle_of, json_refusal, kernel_defaults, mkdir,
+    pair_values, perf::storm, private_mounts, sockets_of, sockops_attachments, stderr, unique,
+    values, write_config,
 };
 
 #[test]
@@ -834,16 +834,8 @@ fn policy_commands_naming_another_state_directory_are_refused_and_change_nothing
 fn a_reload_without_the_default_config_file_read_at_start_keeps_the_running_policy() {
     let cg = TestCgroup::new("gone");
     // The agent's own /etc holds only keepalive-agent/, a directory of this test's.
-    let etc = std::env::temp_dir().join(unique("etc"));
-    fs::create_dir(&etc).unwrap();
-    /// Removes the directory also when the test fails.
-    struct Cleanup(std::path::PathBuf);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-    let _cleanup = Cleanup(etc.clone());
+    let temp = TempDir::new("etc");
+    let etc = temp.path();
     let file = etc.join("config.toml");
     fs::write(&file, "[default]\nidle = 33\n").unwrap();
     let source = CString::new(etc.as_os_str().as_encoded_bytes()).unwrap();
