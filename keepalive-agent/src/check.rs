@@ -1,7 +1,11 @@
 //! `check`: can this host run the agent, and what to fix if not. Every check is a real probe:
 //! the programs are loaded into the kernel (and dropped), mounts are read from the kernel.
 
-use std::path::{Path, PathBuf};
+use std::{
+    io::ErrorKind,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+};
 
 use serde::Serialize;
 
@@ -10,7 +14,7 @@ use crate::{
     cgroup::{Cgroup2, CgroupPath},
     config::{self, Config, DEFAULT_CONFIG},
     error::Error,
-    foreign, instance, loader,
+    foreign, instance, loader, metrics,
     pin::{self, BPFFS_MOUNT, StateDir},
     privileges::{Cap, Caps},
     sys,
@@ -168,6 +172,77 @@ fn namespaces_privileges_item(caps: Caps) -> Option<Item> {
             Some("grant CAP_SYS_ADMIN and CAP_SYS_PTRACE (see the systemd unit)"),
         )
     })
+}
+
+/// Whether `run` could listen for metrics on `addr` as this process, and under the systemd
+/// unit, which does not grant CAP_NET_BIND_SERVICE. `agent` is the running agent's pid, which
+/// holds the address itself.
+fn metrics_item(addr: SocketAddr, caps: Caps, agent: Option<&str>) -> Item {
+    let port = addr.port();
+    let privileged = port != 0 && port < metrics::unprivileged_port_start();
+    let unit_fix = metrics::privileged_port_fix(port);
+    if privileged && !caps.has(Cap::NetBindService) {
+        return item(
+            "metrics",
+            Outcome::Fail,
+            format!(
+                "{addr}: port {port} needs CAP_NET_BIND_SERVICE, which this process lacks; \
+                 `run` exits 3"
+            ),
+            Some(&unit_fix),
+        );
+    }
+    match std::net::TcpListener::bind(addr) {
+        Ok(_) if privileged => item(
+            "metrics",
+            Outcome::Warn,
+            format!(
+                "{addr} is free, but port {port} needs CAP_NET_BIND_SERVICE, which the systemd \
+                 unit does not grant: under it `run` exits 3"
+            ),
+            Some(&unit_fix),
+        ),
+        Ok(_) => item(
+            "metrics",
+            Outcome::Ok,
+            format!("{addr} is free to listen on"),
+            None,
+        ),
+        Err(err) if err.kind() == ErrorKind::AddrInUse => match agent {
+            Some(pid) if metrics::listens_on(pid, port) => item(
+                "metrics",
+                Outcome::Ok,
+                format!("{addr}: the running agent (pid {pid}) listens on port {port}"),
+                None,
+            ),
+            _ => item(
+                "metrics",
+                Outcome::Fail,
+                format!(
+                    "{addr} is in use by another process; `run` exits 1 (the systemd unit \
+                     retries every 2 s)"
+                ),
+                Some(&format!(
+                    "choose another port, or stop what listens there (ss -ltnp 'sport = :{port}')"
+                )),
+            ),
+        },
+        Err(err) if err.kind() == ErrorKind::AddrNotAvailable => item(
+            "metrics",
+            Outcome::Fail,
+            format!(
+                "{addr} is not an address of this host; `run` exits 1 (the systemd unit \
+                 retries every 2 s, until the address appears)"
+            ),
+            Some("use an address this host has, such as 127.0.0.1"),
+        ),
+        Err(err) => item(
+            "metrics",
+            Outcome::Fail,
+            format!("cannot listen on {addr}: {err}; `run` fails the same way"),
+            None,
+        ),
+    }
 }
 
 /// What `check` is to check: the config and attach cgroup `run` would use.
@@ -461,6 +536,15 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
                  CAP_SYS_PTRACE for connections in other network namespaces, as the systemd \
                  unit does)",
             ),
+        ));
+    }
+
+    if let Some(addr) = config.as_ref().and_then(|(config, _)| config.metrics) {
+        let agent = instance::running_agent(runtime_dir);
+        checks.push(metrics_item(
+            addr,
+            caps,
+            agent.as_ref().map(|a| a.pid.as_str()),
         ));
     }
 

@@ -886,9 +886,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     // A taken port fails here, before anything is loaded or attached.
     let metrics_listener = match fixed.metrics {
         Some(addr) => {
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .with_context(|| format!("failed to listen for metrics on {addr}"))?;
+            let listener = metrics::listen(addr)?;
             log::info!("serving metrics on http://{addr}/metrics");
             Some(listener)
         }

@@ -41,7 +41,8 @@ pub mod exit {
         ),
         (
             PERMISSION,
-            "permission denied: not root, or missing CAP_BPF, CAP_NET_ADMIN or CAP_PERFMON",
+            "permission denied: not root, or missing CAP_BPF, CAP_NET_ADMIN or CAP_PERFMON (or \
+             CAP_NET_BIND_SERVICE for a metrics port below 1024)",
         ),
         (CGROUP, "the named cgroup does not exist (yet)"),
         (

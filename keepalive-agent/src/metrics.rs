@@ -4,7 +4,7 @@
 //! would cost more than it gives. Each scrape reads the maps afresh, so the numbers are the
 //! kernel's own.
 
-use std::{fmt::Write as _, sync::Arc, time::Duration};
+use std::{fmt::Write as _, io::ErrorKind, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -12,7 +12,79 @@ use tokio::{
     sync::{Mutex, Semaphore},
 };
 
-use crate::{accept::Pacer, cgroup::Cgroup2, pin::StateDir, status};
+use crate::{accept::Pacer, cgroup::Cgroup2, error::Error, pin::StateDir, status};
+
+/// The lowest port any process may listen on without CAP_NET_BIND_SERVICE, in this network
+/// namespace (`net.ipv4.ip_unprivileged_port_start`, 1024 unless changed).
+pub fn unprivileged_port_start() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(1024)
+}
+
+/// What to do about a port that needs CAP_NET_BIND_SERVICE, which the systemd unit does not
+/// grant.
+pub fn privileged_port_fix(port: u16) -> String {
+    format!(
+        "use a port of {} or above, or grant CAP_NET_BIND_SERVICE (in a drop-in for the systemd \
+         unit, to both CapabilityBoundingSet= and AmbientCapabilities=) for port {port}",
+        unprivileged_port_start()
+    )
+}
+
+/// Binds the metrics listener (blocking: at start, before anything else is served). A port
+/// this process may not bind fails with [`Error::Permission`] (exit 3), which restarting
+/// cannot fix; a port in use or an address the host does not have (yet) fails with exit 1,
+/// which the systemd unit retries.
+pub fn listen(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let bound = std::net::TcpListener::bind(addr).and_then(|listener| {
+        listener.set_nonblocking(true)?;
+        TcpListener::from_std(listener)
+    });
+    bound.map_err(|err| match err.kind() {
+        ErrorKind::PermissionDenied => Error::Permission(format!(
+            "cannot listen for metrics on {addr}: {err}; {}",
+            privileged_port_fix(addr.port())
+        ))
+        .into(),
+        _ => anyhow::Error::new(err).context(format!("failed to listen for metrics on {addr}")),
+    })
+}
+
+/// Whether process `pid` listens on TCP `port`, from its descriptors and the TCP tables of its
+/// network namespace: told apart from another process holding the port.
+pub fn listens_on(pid: &str, port: u16) -> bool {
+    let proc = Path::new("/proc").join(pid);
+    let Ok(fds) = std::fs::read_dir(proc.join("fd")) else {
+        return false;
+    };
+    let inodes: Vec<String> = fds
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_str()?;
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    ["net/tcp", "net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(proc.join(table))
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|line| listening_inode(line, port).is_some_and(|i| inodes.iter().any(|o| o == i)))
+    })
+}
+
+/// The inode of a row of /proc/net/tcp{,6} if it is a listener on `port`: local address in
+/// field 1 as `ADDR:PORT` in hex, state in field 3 (0A is LISTEN), inode in field 9.
+fn listening_inode(line: &str, port: u16) -> Option<&str> {
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let local_port = fields.get(1)?.rsplit_once(':')?.1;
+    (u16::from_str_radix(local_port, 16).ok()? == port && *fields.get(3)? == "0A")
+        .then(|| fields.get(9).copied())
+        .flatten()
+}
 
 fn escape(value: &str) -> String {
     value

@@ -5,6 +5,8 @@ use crate::error::Error;
 /// Capabilities keepalive cares about, by number (linux/capability.h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cap {
+    /// Listen on ports below `net.ipv4.ip_unprivileged_port_start` (metrics only).
+    NetBindService = 10,
     /// Attach to cgroups.
     NetAdmin = 12,
     /// Open other users' `/proc/<pid>/ns/net`.
@@ -21,6 +23,7 @@ impl Cap {
     /// The kernel's name.
     pub const fn name(self) -> &'static str {
         match self {
+            Self::NetBindService => "CAP_NET_BIND_SERVICE",
             Self::NetAdmin => "CAP_NET_ADMIN",
             Self::SysPtrace => "CAP_SYS_PTRACE",
             Self::SysAdmin => "CAP_SYS_ADMIN",

@@ -832,3 +832,112 @@ fn install_writes_the_unit_its_binary_and_config_and_refuses_directories_the_uni
         "[default]\nidle = \"1m\"\n"
     );
 }
+
+/// A port below 1024 on 127.0.0.1 that nothing listens on now.
+fn free_privileged_port() -> u16 {
+    (600..1000)
+        .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
+        .expect("a free port below 1024")
+}
+
+#[test]
+fn check_and_run_refuse_a_metrics_address_they_cannot_listen_on() {
+    require_root();
+    let cg = TestCgroup::new("metrics");
+    let dirs = AgentDirs::new();
+    let attach = cg.path().to_str().unwrap();
+    // `command --cgroup … --config FILE` as root, or with only the unit's capabilities.
+    let cli = |command: &[&str], file: &Path, keep: Option<&'static [u32]>| {
+        let config = ["--cgroup", attach, "--config", file.to_str().unwrap()];
+        let mut cmd = dirs.command(&[command, &config[..]].concat());
+        if let Some(keep) = keep {
+            // SAFETY: prctl calls only.
+            unsafe {
+                cmd.pre_exec(move || drop_caps_except(keep));
+            }
+        }
+        dirs.output(cmd)
+    };
+    // `check`'s exit code and metrics item.
+    let check = |file: &Path, keep: Option<&'static [u32]>| -> (i32, Value) {
+        let out = cli(&["check", "--json"], file, keep);
+        let report: Value = serde_json::from_slice(&out.stdout).expect("check --json is JSON");
+        (code(&out), check_item(&report, "metrics").clone())
+    };
+    let run = |file: &Path, keep: Option<&'static [u32]>| cli(&["run"], file, keep);
+    let detail = |item: &Value| item["detail"].as_str().unwrap_or_default().to_owned();
+
+    // A port another process holds: `run` exits 1 (the unit retries), and check says so first.
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = other.local_addr().unwrap();
+    let config = write_config(&format!("metrics = \"{taken}\"\n"));
+    let (rc, item) = check(&config, None);
+    assert_eq!((rc, item["status"].as_str()), (8, Some("fail")), "{item}");
+    assert!(
+        detail(&item).contains("in use by another process"),
+        "{item}"
+    );
+    let out = run(&config, None);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("failed to listen for metrics on {taken}")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(sockops_attachments(cg.path()), 0);
+    drop(other);
+
+    // An address this host does not have (TEST-NET-1).
+    let config = write_config("metrics = \"192.0.2.1:9977\"\n");
+    let (rc, item) = check(&config, None);
+    assert_eq!((rc, item["status"].as_str()), (8, Some("fail")), "{item}");
+    assert!(
+        detail(&item).contains("not an address of this host"),
+        "{item}"
+    );
+
+    // A port below 1024: root may listen there, the systemd unit's capabilities may not, and
+    // `run` under them exits 3, which the unit does not retry, naming the capability.
+    let low = free_privileged_port();
+    let config = write_config(&format!("metrics = \"127.0.0.1:{low}\"\n"));
+    let (rc, item) = check(&config, None);
+    assert_eq!((rc, item["status"].as_str()), (0, Some("warn")), "{item}");
+    assert!(detail(&item).contains("CAP_NET_BIND_SERVICE"), "{item}");
+    let (rc, item) = check(&config, Some(&GRANTED));
+    assert_eq!((rc, item["status"].as_str()), (8, Some("fail")), "{item}");
+    let out = run(&config, Some(&GRANTED));
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("CAP_NET_BIND_SERVICE"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(sockops_attachments(cg.path()), 0);
+
+    // The running agent's own address is not "in use by another process".
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = write_config(&format!("metrics = \"127.0.0.1:{port}\"\n"));
+    let (rc, item) = check(&config, None);
+    assert_eq!((rc, item["status"].as_str()), (0, Some("ok")), "{item}");
+    assert!(detail(&item).contains("free"), "{item}");
+    let agent = Agent::start_raw(
+        &dirs,
+        &[
+            "run",
+            "--cgroup",
+            attach,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    let (rc, item) = check(&config, None);
+    assert_eq!((rc, item["status"].as_str()), (0, Some("ok")), "{item}");
+    assert!(
+        detail(&item).contains(&format!("running agent (pid {})", agent.pid())),
+        "{item}"
+    );
+}
