@@ -15,7 +15,7 @@ use std::{
 use anyhow::{Context as _, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{ArrayOfMaps, HashMap, MapData},
+    maps::{ArrayOfMaps, HashMap, MapData, MapError},
     programs::{CgroupSockopt, Iter, ProgramError, SockOps},
 };
 use keepalive_common::{
@@ -65,7 +65,12 @@ pub struct Enforcer {
     cgroup: File,
     attach_id: u64,
     apply_link: Option<OwnedFd>,
+    /// The policy table the last push replaced, held open until the next one (see
+    /// [`Enforcer::push_table`]).
+    replaced_table: Option<PolicyTable>,
 }
+
+type PolicyTable = HashMap<MapData, u64, Policy>;
 
 impl std::fmt::Debug for Enforcer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -216,6 +221,7 @@ impl Enforcer {
             cgroup,
             attach_id: opts.attach_id,
             apply_link,
+            replaced_table: None,
         })
     }
 
@@ -236,7 +242,7 @@ impl Enforcer {
         let capacity = u32::try_from(table.len() + 1)
             .unwrap_or(u32::MAX)
             .max(MAX_POLICIES + 2);
-        let mut inner: HashMap<MapData, u64, Policy> = HashMap::create(capacity, BPF_F_NO_PREALLOC)
+        let mut inner: PolicyTable = HashMap::create(capacity, BPF_F_NO_PREALLOC)
             .context("failed to create a policy table")?;
         for (id, policy) in table {
             inner
@@ -251,10 +257,25 @@ impl Enforcer {
             .ebpf
             .map_mut(MAP_POLICY)
             .ok_or_else(|| anyhow!("the BPF object has no {MAP_POLICY} map"))?;
-        let mut outer: ArrayOfMaps<&mut MapData, HashMap<MapData, u64, Policy>> = map.try_into()?;
+        let mut outer: ArrayOfMaps<&mut MapData, PolicyTable> = map.try_into()?;
+        // The table being replaced stays open until the next push: a program that looked it up
+        // just before the swap may still read it, and kernels without the fix for
+        // CVE-2023-52447 (6.8, and the stable releases it went to) free an inner map as soon
+        // as its last reference goes, without waiting for such readers. Otherwise that would
+        // be the swap's, the table's only other holder being the outer map (also for the table
+        // a previous agent left pinned). By the next push every such read has long ended.
+        let replaced = match outer.get(&0, 0) {
+            Ok(table) => Some(table),
+            Err(MapError::KeyNotFound) => None,
+            Err(err) => {
+                log::debug!("cannot open the installed policy table to hold it: {err}");
+                None
+            }
+        };
         outer
             .set(0, &inner, 0)
             .context("failed to install the policy table")?;
+        self.replaced_table = replaced;
         Ok(())
     }
 

@@ -105,13 +105,51 @@ pub fn resolution_cache(pid: u32) -> Vec<ResolvedSlot> {
     slots
 }
 
-/// A descriptor of the map with id `id`.
-fn map_by_id(id: u32) -> OwnedFd {
+/// A descriptor of the map with id `id`, if it still exists.
+fn try_map_by_id(id: u32) -> io::Result<OwnedFd> {
     let mut attr = [0u64; 16];
     attr[0] = u64::from(id);
-    let fd = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr).expect("BPF_MAP_GET_FD_BY_ID");
+    let fd = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr)?;
     // SAFETY: the kernel just returned this descriptor to us.
-    unsafe { OwnedFd::from_raw_fd(fd as i32) }
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// A descriptor of the map with id `id`.
+fn map_by_id(id: u32) -> OwnedFd {
+    try_map_by_id(id).expect("BPF_MAP_GET_FD_BY_ID")
+}
+
+/// Whether a map with id `id` exists (the kernel frees a map some time after its last
+/// reference goes).
+pub fn map_exists(id: u32) -> bool {
+    match try_map_by_id(id) {
+        Ok(_) => true,
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => false,
+        Err(err) => panic!("BPF_MAP_GET_FD_BY_ID {id}: {err}"),
+    }
+}
+
+/// Whether process `pid` holds a descriptor of the map with id `id`.
+pub fn holds_map(pid: u32, id: u32) -> bool {
+    !map_ids(pid, &[("map_id", u64::from(id))]).is_empty()
+}
+
+/// The id of the policy table installed in the state directory `state_dir`.
+pub fn policy_table_id(state_dir: &Path) -> u32 {
+    let path = state_dir
+        .join(format!("maps-v{ABI_VERSION}"))
+        .join(MAP_POLICY);
+    let name = CString::new(path.as_os_str().as_bytes()).expect("no NUL");
+    let mut attr = [0u64; 16];
+    attr[0] = name.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr)
+        .unwrap_or_else(|e| panic!("BPF_OBJ_GET {}: {e}", path.display()));
+    // SAFETY: the kernel just returned this descriptor to us.
+    let outer = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut table_id = 0u32;
+    // SAFETY: the outer map's key is a u32 slot; a lookup returns the inner map's u32 id.
+    unsafe { lookup(&outer, &0u32, &raw mut table_id) };
+    table_id
 }
 
 /// Looks `key` up in `map` into `value`.
@@ -130,20 +168,7 @@ unsafe fn lookup<K, V>(map: &OwnedFd, key: &K, value: *mut V) {
 /// of the state directory `state_dir`, bypassing the agent's checks, until the agent installs
 /// its next table.
 pub fn set_policy_idle(state_dir: &Path, key: u64, idle: u32) {
-    let path = state_dir
-        .join(format!("maps-v{ABI_VERSION}"))
-        .join(MAP_POLICY);
-    let name = CString::new(path.as_os_str().as_bytes()).expect("no NUL");
-    let mut attr = [0u64; 16];
-    attr[0] = name.as_ptr() as u64;
-    let fd = bpf(BPF_OBJ_GET, &mut attr)
-        .unwrap_or_else(|e| panic!("BPF_OBJ_GET {}: {e}", path.display()));
-    // SAFETY: the kernel just returned this descriptor to us.
-    let outer = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut table_id = 0u32;
-    // SAFETY: the outer map's key is a u32 slot; a lookup returns the inner map's u32 id.
-    unsafe { lookup(&outer, &0u32, &raw mut table_id) };
-    let table = map_by_id(table_id);
+    let table = map_by_id(policy_table_id(state_dir));
     let mut policy = Policy::default();
     // SAFETY: the table maps u64 cgroup ids to policies.
     unsafe { lookup(&table, &key, &raw mut policy) };

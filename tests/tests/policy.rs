@@ -12,10 +12,12 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, GRANTED, Proc, TempDir, TestCgroup, bind_mount, bpf::resolution_cache,
+    Agent, AgentDirs, GRANTED, Proc, TempDir, TestCgroup, bind_mount,
+    bpf::{self, resolution_cache},
     check_item, code, eventually, hide_with_tmpfs, idle_of, json_refusal, kernel_defaults, mkdir,
-    pair_values, perf::storm, private_mounts, sockets_of, sockops_attachments, stderr, unique,
-    values, write_config,
+    pair_values,
+    perf::storm,
+    private_mounts, sockets_of, sockops_attachments, stderr, unique, values, write_config,
 };
 
 #[test]
@@ -1344,4 +1346,40 @@ fn config_policies_for_cgroups_that_do_not_exist_are_warned_about_by_check_run_a
     assert!(said.contains(&format!("warning: {glob}")), "{said}");
     assert_eq!(said.matches("warning: ").count(), 1, "{said}");
     assert_eq!(warned(&agent.log(), &glob), 1, "{}", agent.log());
+}
+
+#[test]
+fn the_agent_holds_the_policy_table_it_replaced_until_the_next_swap() {
+    // Kernels without the fix for CVE-2023-52447 free an inner map the moment its last
+    // reference goes, while a program that looked it up may still read it. The agent keeps the
+    // table it swapped out open until it swaps again, including one an earlier agent left.
+    let cg = TestCgroup::new("swap");
+    let dirs = AgentDirs::new();
+    let mut agent = Agent::start_in(&dirs, &cg, &["--idle", "20"]);
+    let first = bpf::policy_table_id(&dirs.state_dir);
+    agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "21"]);
+    let second = bpf::policy_table_id(&dirs.state_dir);
+    assert_ne!(first, second, "a policy change installs a new table");
+    assert!(
+        bpf::holds_map(agent.pid(), first),
+        "the agent let go of table {first} when it swapped in {second}"
+    );
+    agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "22"]);
+    let third = bpf::policy_table_id(&dirs.state_dir);
+    assert!(bpf::holds_map(agent.pid(), second));
+    assert!(!bpf::holds_map(agent.pid(), first));
+    // Nothing else holds it: the kernel frees it (after its grace periods).
+    eventually(Duration::from_secs(10), "the first table freed", || {
+        (!bpf::map_exists(first)).then_some(())
+    });
+
+    // A new agent over the same state swaps in its own table and holds the pinned one.
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    let agent = Agent::start_in(&dirs, &cg, &["--idle", "23"]);
+    assert_ne!(bpf::policy_table_id(&dirs.state_dir), third);
+    assert!(
+        bpf::holds_map(agent.pid(), third),
+        "the new agent let go of the table the previous one left"
+    );
+    assert_eq!(idle_of(&cg), 23);
 }
