@@ -65,9 +65,9 @@ pub struct Enforcer {
     cgroup: File,
     attach_id: u64,
     apply_link: Option<OwnedFd>,
-    /// The policy table the last push replaced, held open until the next one (see
+    /// The installed policy table and the one it replaced, held open (see
     /// [`Enforcer::push_table`]).
-    replaced_table: Option<PolicyTable>,
+    tables: [Option<PolicyTable>; 2],
 }
 
 type PolicyTable = HashMap<MapData, u64, Policy>;
@@ -221,7 +221,7 @@ impl Enforcer {
             cgroup,
             attach_id: opts.attach_id,
             apply_link,
-            replaced_table: None,
+            tables: [None, None],
         })
     }
 
@@ -262,20 +262,25 @@ impl Enforcer {
         // just before the swap may still read it, and kernels without the fix for
         // CVE-2023-52447 (6.8, and the stable releases it went to) free an inner map as soon
         // as its last reference goes, without waiting for such readers. Otherwise that would
-        // be the swap's, the table's only other holder being the outer map (also for the table
-        // a previous agent left pinned). By the next push every such read has long ended.
-        let replaced = match outer.get(&0, 0) {
-            Ok(table) => Some(table),
-            Err(MapError::KeyNotFound) => None,
-            Err(err) => {
-                log::debug!("cannot open the installed policy table to hold it: {err}");
-                None
-            }
+        // be the swap's, the table's only other holder being the outer map. By the next push
+        // every such read has long ended. The agent keeps the table it installs open for that;
+        // one a previous agent left pinned it opens by id, which takes CAP_SYS_ADMIN.
+        let [installed, _] = &mut self.tables;
+        let replaced = match installed.take() {
+            Some(table) => Some(table),
+            None => match outer.get(&0, 0) {
+                Ok(table) => Some(table),
+                Err(MapError::KeyNotFound) => None,
+                Err(err) => {
+                    warn_unheld(&err);
+                    None
+                }
+            },
         };
         outer
             .set(0, &inner, 0)
             .context("failed to install the policy table")?;
-        self.replaced_table = replaced;
+        self.tables = [Some(inner), replaced];
         Ok(())
     }
 
@@ -461,6 +466,23 @@ fn start_apply_pass(ebpf: &mut Ebpf) -> anyhow::Result<()> {
 /// The oldest kernel (major, minor) keepalive supports: the first whose TCP iterator can call
 /// bpf_setsockopt.
 pub const MIN_KERNEL: (u32, u32) = (5, 15);
+
+/// Says that the table a previous agent left pinned could not be held through its replacement,
+/// as a warning where that matters: before Linux 6.8, whose fix for CVE-2023-52447 stable
+/// releases may lack.
+fn warn_unheld(err: &MapError) {
+    let message = format!(
+        "cannot open the policy table the previous agent installed, to hold it while this one \
+         replaces it ({err}; opening a map by id takes CAP_SYS_ADMIN)"
+    );
+    match kernel_version() {
+        Some((major, minor, _)) if (major, minor) >= (6, 8) => log::debug!("{message}"),
+        _ => log::warn!(
+            "{message}: kernels before 6.8 without the fix for CVE-2023-52447 may free it while \
+             a program still reads it"
+        ),
+    }
+}
 
 /// The running kernel's major and minor version, and its release string.
 pub fn kernel_version() -> Option<(u32, u32, String)> {

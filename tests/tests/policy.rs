@@ -1353,9 +1353,22 @@ fn the_agent_holds_the_policy_table_it_replaced_until_the_next_swap() {
     // Kernels without the fix for CVE-2023-52447 free an inner map the moment its last
     // reference goes, while a program that looked it up may still read it. The agent keeps the
     // table it swapped out open until it swaps again, including one an earlier agent left.
+    // Without CAP_SYS_ADMIN, which opening a map by id takes, it holds the ones it made.
     let cg = TestCgroup::new("swap");
     let dirs = AgentDirs::new();
-    let mut agent = Agent::start_in(&dirs, &cg, &["--idle", "20"]);
+    let keep: Vec<u32> = GRANTED.into_iter().filter(|&cap| cap != 21).collect();
+    let mut agent = Agent::start_with(
+        &dirs,
+        &[
+            "run",
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+            "--idle",
+            "20",
+        ],
+        &[],
+        Some(&keep),
+    );
     let first = bpf::policy_table_id(&dirs.state_dir);
     agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "21"]);
     let second = bpf::policy_table_id(&dirs.state_dir);
