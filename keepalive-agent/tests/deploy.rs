@@ -178,6 +178,10 @@ fn kubernetes_manifests_are_complete_and_agree_with_the_agent() {
         "runs on every node"
     );
     assert_eq!(pod["hostPID"], true);
+    assert_eq!(
+        pod["hostNetwork"], true,
+        "metrics on the node's own address"
+    );
     let container = &pod["containers"][0];
     let security = &container["securityContext"];
     assert_eq!(
@@ -219,8 +223,12 @@ fn kubernetes_manifests_are_complete_and_agree_with_the_agent() {
     let (bpf_mount, bpf) = mount_at("/sys/fs/bpf");
     assert_eq!(bpf["hostPath"]["path"], "/sys/fs/bpf");
     assert_eq!(bpf_mount["mountPropagation"], "HostToContainer");
-    let (_, cgroup) = mount_at("/sys/fs/cgroup");
+    let (cgroup_mount, cgroup) = mount_at("/sys/fs/cgroup");
     assert_eq!(cgroup["hostPath"]["path"], "/sys/fs/cgroup");
+    assert_eq!(
+        cgroup_mount["readOnly"], true,
+        "the agent only reads cgroups"
+    );
     let (_, config_volume) = mount_at("/etc/keepalive-agent");
     assert_eq!(config_volume["configMap"]["name"], cm["metadata"]["name"]);
 
@@ -395,4 +403,89 @@ fn man_pages_and_completions_generate() {
         assert!(help.contains(word), "--help lacks {word}");
     }
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `keepalive-agent GLOBAL… install --root ROOT ARGS…`, without the directory variables an
+/// operator's shell would not have.
+fn install_with(root: &Path, global: &[&str], args: &[&str]) -> std::process::Output {
+    Command::new(AGENT)
+        .env_remove("KEEPALIVE_STATE_DIR")
+        .env_remove("KEEPALIVE_RUNTIME_DIR")
+        .args(global)
+        .arg("install")
+        .arg("--root")
+        .arg(root)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn install_refuses_directories_the_unit_would_drop_and_honours_bindir() {
+    let root = tempdir("install-dirs");
+    // The unit runs the agent with neither directory flag, so install takes neither: it says
+    // where to set them instead (exit 2), and writes nothing.
+    for (global, needle) in [
+        (&["--state-dir", "/sys/fs/bpf/elsewhere"][..], "state_dir"),
+        (
+            &["--runtime-dir", "/run/elsewhere"][..],
+            "RuntimeDirectory=",
+        ),
+    ] {
+        let out = install_with(&root, global, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{global:?}: {err}");
+        assert!(
+            err.contains(needle) && err.contains(global[1]),
+            "{global:?}: {err}"
+        );
+        assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0, "{global:?}");
+    }
+    let out = Command::new(AGENT)
+        .env("KEEPALIVE_STATE_DIR", "/sys/fs/bpf/elsewhere")
+        .args(["install", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("KEEPALIVE_STATE_DIR"), "{err}");
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+
+    // The default runtime directory, spelled out, is the unit's; --bindir moves the binary and
+    // the unit's commands with it.
+    let out = install_with(
+        &root,
+        &["--runtime-dir", "/run/keepalive-agent"],
+        &["--bindir", "/opt/ka/bin"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(root.join("opt/ka/bin/keepalive-agent")).unwrap(),
+        std::fs::read(AGENT).unwrap()
+    );
+    let unit =
+        std::fs::read_to_string(root.join("etc/systemd/system/keepalive-agent.service")).unwrap();
+    assert!(
+        unit.contains("ExecStart=/opt/ka/bin/keepalive-agent run"),
+        "{unit}"
+    );
+    assert!(
+        unit.contains("ExecReload=/opt/ka/bin/keepalive-agent policy reload"),
+        "{unit}"
+    );
+    // --force-config replaces an edited config.
+    let config = root.join("etc/keepalive-agent/config.toml");
+    std::fs::write(&config, "# mine\n").unwrap();
+    let out = install_with(&root, &[], &["--bindir", "/opt/ka/bin", "--force-config"]);
+    assert!(out.status.success());
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        install::DEFAULT_CONFIG_TEXT
+    );
+    std::fs::remove_dir_all(root).unwrap();
 }

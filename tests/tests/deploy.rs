@@ -7,10 +7,10 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, GRANTED, Netns, Proc, TempDir, TestCgroup, agent_bin,
-    agent_in_private_mounts, cgroup2_mount, check_item, code, count_between, drop_caps_except,
-    hide_with_tmpfs, in_private_mounts, require_root, sock_bin, sockops_attachments, stderr,
-    umount, values, write_config,
+    Agent, AgentDirs, GRANTED, Netns, Proc, TestCgroup, agent_bin, agent_in_private_mounts,
+    cgroup2_mount, check_item, code, count_between, drop_caps_except, hide_with_tmpfs,
+    in_private_mounts, require_root, sock_bin, sockops_attachments, stderr, umount, values,
+    write_config,
 };
 use serde_json::Value;
 
@@ -698,139 +698,6 @@ fn the_shipped_unit_starts_reloads_and_stops_the_agent_under_systemd() {
     assert_eq!(keepalive_tests::idle_of(&cg), 37);
     drop(systemd);
     assert!(dirs.detach().status.success());
-}
-
-/// `install --root DIR` with `args` before the subcommand; the environment's directory
-/// variables removed, as an operator's shell would not have them.
-fn install(root: &Path, global: &[&str], args: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(agent_bin());
-    cmd.env_remove("KEEPALIVE_STATE_DIR")
-        .env_remove("KEEPALIVE_RUNTIME_DIR")
-        .args(global)
-        .arg("install")
-        .arg("--root")
-        .arg(root)
-        .args(args);
-    cmd.output().expect("run keepalive-agent install")
-}
-
-/// Every file below `root`, relative to it, sorted.
-fn files_below(root: &Path) -> Vec<String> {
-    fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                walk(&path, root, out);
-            } else {
-                out.push(path.strip_prefix(root).unwrap().display().to_string());
-            }
-        }
-    }
-    let mut out = Vec::new();
-    walk(root, root, &mut out);
-    out.sort();
-    out
-}
-
-#[test]
-fn install_writes_the_unit_its_binary_and_config_and_refuses_directories_the_unit_would_drop() {
-    let temp = TempDir::new("install");
-    let root = temp.path();
-
-    // The unit runs the agent with neither directory flag, so install takes neither: it says
-    // where to set them instead, and writes nothing.
-    for (global, needle) in [
-        (&["--state-dir", "/sys/fs/bpf/elsewhere"][..], "state_dir"),
-        (
-            &["--runtime-dir", "/run/elsewhere"][..],
-            "RuntimeDirectory=",
-        ),
-    ] {
-        let out = install(root, global, &[]);
-        assert_eq!(code(&out), 2, "{global:?}: {}", stderr(&out));
-        assert!(
-            stderr(&out).contains(needle) && stderr(&out).contains(global[1]),
-            "{global:?}: {}",
-            stderr(&out)
-        );
-        assert_eq!(files_below(root), Vec::<String>::new(), "{global:?}");
-    }
-    let mut from_env = Command::new(agent_bin());
-    from_env
-        .env("KEEPALIVE_STATE_DIR", "/sys/fs/bpf/elsewhere")
-        .arg("install")
-        .arg("--root")
-        .arg(root);
-    let out = from_env.output().unwrap();
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("KEEPALIVE_STATE_DIR"),
-        "{}",
-        stderr(&out)
-    );
-    assert_eq!(files_below(root), Vec::<String>::new());
-    // The default runtime directory, spelled out, is the unit's: accepted.
-    let out = install(
-        root,
-        &["--runtime-dir", "/run/keepalive-agent"],
-        &["--bindir", "/opt/ka/bin"],
-    );
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-
-    let files = files_below(root);
-    for expected in [
-        "etc/keepalive-agent/config.toml",
-        "etc/systemd/system/keepalive-agent.service",
-        "opt/ka/bin/keepalive-agent",
-        "usr/local/share/bash-completion/completions/keepalive-agent",
-        "usr/local/share/man/man1/keepalive-agent.1",
-        "usr/local/share/man/man1/keepalive-agent-run.1",
-    ] {
-        assert!(
-            files.iter().any(|f| f == expected),
-            "{expected} in {files:#?}"
-        );
-    }
-    assert!(
-        !files.iter().any(|f| f.ends_with("keepalive-new")),
-        "{files:#?}"
-    );
-    let unit =
-        std::fs::read_to_string(root.join("etc/systemd/system/keepalive-agent.service")).unwrap();
-    assert!(
-        unit.contains("ExecStart=/opt/ka/bin/keepalive-agent run"),
-        "{unit}"
-    );
-    assert!(
-        unit.contains("ExecReload=/opt/ka/bin/keepalive-agent policy reload"),
-        "{unit}"
-    );
-    assert_eq!(
-        std::fs::read(root.join("opt/ka/bin/keepalive-agent")).unwrap(),
-        std::fs::read(agent_bin()).unwrap()
-    );
-    // An operator's config survives a second install; --force-config replaces it.
-    let config = root.join("etc/keepalive-agent/config.toml");
-    std::fs::write(&config, "[default]\nidle = \"1m\"\n").unwrap();
-    let out = install(root, &[], &["--bindir", "/opt/ka/bin"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("kept existing"),
-        "{out:?}"
-    );
-    assert_eq!(
-        std::fs::read_to_string(&config).unwrap(),
-        "[default]\nidle = \"1m\"\n"
-    );
-    let out = install(root, &[], &["--bindir", "/opt/ka/bin", "--force-config"]);
-    assert_eq!(code(&out), 0, "{}", stderr(&out));
-    assert_ne!(
-        std::fs::read_to_string(&config).unwrap(),
-        "[default]\nidle = \"1m\"\n"
-    );
 }
 
 /// A port below 1024 on 127.0.0.1 that nothing listens on now.
