@@ -179,7 +179,7 @@ fn namespaces_privileges_item(caps: Caps) -> Option<Item> {
 /// holds the address itself.
 fn metrics_item(addr: SocketAddr, caps: Caps, agent: Option<&str>) -> Item {
     let port = addr.port();
-    let privileged = port != 0 && port < metrics::unprivileged_port_start();
+    let privileged = metrics::needs_bind_capability(port);
     let unit_fix = metrics::privileged_port_fix(port);
     if privileged && !caps.has(Cap::NetBindService) {
         return item(
@@ -198,7 +198,7 @@ fn metrics_item(addr: SocketAddr, caps: Caps, agent: Option<&str>) -> Item {
             Outcome::Warn,
             format!(
                 "{addr} is free, but port {port} needs CAP_NET_BIND_SERVICE, which the systemd \
-                 unit does not grant: under it `run` exits 3"
+                 unit does not grant: under it `run` exits 3 (unless a drop-in grants it)"
             ),
             Some(&unit_fix),
         ),
@@ -208,25 +208,39 @@ fn metrics_item(addr: SocketAddr, caps: Caps, agent: Option<&str>) -> Item {
             format!("{addr} is free to listen on"),
             None,
         ),
-        Err(err) if err.kind() == ErrorKind::AddrInUse => match agent {
-            Some(pid) if metrics::listens_on(pid, port) => item(
-                "metrics",
-                Outcome::Ok,
-                format!("{addr}: the running agent (pid {pid}) listens on port {port}"),
-                None,
-            ),
-            _ => item(
-                "metrics",
-                Outcome::Fail,
-                format!(
-                    "{addr} is in use by another process; `run` exits 1 (the systemd unit \
-                     retries every 2 s)"
+        Err(err) if err.kind() == ErrorKind::AddrInUse => {
+            match agent.map_or(metrics::Holder::Unknown, |pid| metrics::holder(pid, addr)) {
+                metrics::Holder::Agent => item(
+                    "metrics",
+                    Outcome::Ok,
+                    format!(
+                        "{addr}: the running agent (pid {}) listens there",
+                        agent.unwrap_or_default()
+                    ),
+                    None,
                 ),
-                Some(&format!(
-                    "choose another port, or stop what listens there (ss -ltnp 'sport = :{port}')"
-                )),
-            ),
-        },
+                metrics::Holder::Unknown if !Caps::current().has(Cap::SysPtrace) => item(
+                    "metrics",
+                    Outcome::Warn,
+                    format!(
+                        "{addr} is in use, by the running agent or by another process: this check \
+                     cannot tell without root"
+                    ),
+                    Some("run check as root"),
+                ),
+                _ => item(
+                    "metrics",
+                    Outcome::Fail,
+                    format!(
+                        "{addr} is in use by another process; `run` exits 1 (the systemd unit \
+                     retries every 2 s)"
+                    ),
+                    Some(&format!(
+                        "choose another port, or stop what listens there (ss -ltnp 'sport = :{port}')"
+                    )),
+                ),
+            }
+        }
         Err(err) if err.kind() == ErrorKind::AddrNotAvailable => item(
             "metrics",
             Outcome::Fail,
@@ -235,6 +249,17 @@ fn metrics_item(addr: SocketAddr, caps: Caps, agent: Option<&str>) -> Item {
                  retries every 2 s, until the address appears)"
             ),
             Some("use an address this host has, such as 127.0.0.1"),
+        ),
+        Err(err) if err.kind() == ErrorKind::PermissionDenied => item(
+            "metrics",
+            Outcome::Fail,
+            format!(
+                "cannot listen on {addr}: {err}, not for want of CAP_NET_BIND_SERVICE; `run` \
+                 exits 3"
+            ),
+            Some(
+                "look for a security module (SELinux, AppArmor) or a cgroup bind program refusing it",
+            ),
         ),
         Err(err) => item(
             "metrics",

@@ -12,7 +12,14 @@ use tokio::{
     sync::{Mutex, Semaphore},
 };
 
-use crate::{accept::Pacer, cgroup::Cgroup2, error::Error, pin::StateDir, status};
+use crate::{
+    accept::Pacer,
+    cgroup::Cgroup2,
+    error::Error,
+    pin::StateDir,
+    privileges::{Cap, Caps},
+    status,
+};
 
 /// The lowest port any process may listen on without CAP_NET_BIND_SERVICE, in this network
 /// namespace (`net.ipv4.ip_unprivileged_port_start`, 1024 unless changed).
@@ -21,6 +28,11 @@ pub fn unprivileged_port_start() -> u16 {
         .ok()
         .and_then(|text| text.trim().parse().ok())
         .unwrap_or(1024)
+}
+
+/// Whether listening on `port` takes CAP_NET_BIND_SERVICE here.
+pub fn needs_bind_capability(port: u16) -> bool {
+    port != 0 && port < unprivileged_port_start()
 }
 
 /// What to do about a port that needs CAP_NET_BIND_SERVICE, which the systemd unit does not
@@ -43,47 +55,98 @@ pub fn listen(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         TcpListener::from_std(listener)
     });
     bound.map_err(|err| match err.kind() {
-        ErrorKind::PermissionDenied => Error::Permission(format!(
-            "cannot listen for metrics on {addr}: {err}; {}",
-            privileged_port_fix(addr.port())
-        ))
-        .into(),
+        ErrorKind::PermissionDenied => {
+            let why = if needs_bind_capability(addr.port())
+                && !Caps::current().has(Cap::NetBindService)
+            {
+                privileged_port_fix(addr.port())
+            } else {
+                "not for want of CAP_NET_BIND_SERVICE: a security module (SELinux, AppArmor) or \
+                 a cgroup bind program refused it"
+                    .to_owned()
+            };
+            Error::Permission(format!("cannot listen for metrics on {addr}: {err}; {why}")).into()
+        }
         _ => anyhow::Error::new(err).context(format!("failed to listen for metrics on {addr}")),
     })
 }
 
-/// Whether process `pid` listens on TCP `port`, from its descriptors and the TCP tables of its
-/// network namespace: told apart from another process holding the port.
-pub fn listens_on(pid: &str, port: u16) -> bool {
-    let proc = Path::new("/proc").join(pid);
-    let Ok(fds) = std::fs::read_dir(proc.join("fd")) else {
-        return false;
+/// Who holds the listeners that keep a new listener off `addr`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Holder {
+    /// Process `pid` holds every one.
+    Agent,
+    /// Another process holds at least one.
+    Other,
+    /// The process's descriptors could not be read (not root), or no listener was found.
+    Unknown,
+}
+
+/// Tells whether process `pid` (the running agent) holds every TCP listener in this network
+/// namespace that conflicts with `addr`: same port, and the same address or a wildcard on
+/// either side. From the listeners in /proc/net/tcp{,6} and the socket inodes among the
+/// process's descriptors.
+pub fn holder(pid: &str, addr: SocketAddr) -> Holder {
+    let Ok(fds) = std::fs::read_dir(Path::new("/proc").join(pid).join("fd")) else {
+        return Holder::Unknown;
     };
-    let inodes: Vec<String> = fds
+    let own: Vec<u64> = fds
         .flatten()
         .filter_map(|fd| std::fs::read_link(fd.path()).ok())
         .filter_map(|link| {
             let link = link.to_str()?;
-            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+            link.strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
         })
         .collect();
-    ["net/tcp", "net/tcp6"].iter().any(|table| {
-        std::fs::read_to_string(proc.join(table))
-            .unwrap_or_default()
-            .lines()
-            .skip(1)
-            .any(|line| listening_inode(line, port).is_some_and(|i| inodes.iter().any(|o| o == i)))
-    })
+    let conflicting: Vec<u64> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .flat_map(|table| {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            text.lines()
+                .skip(1)
+                .filter_map(listener)
+                .filter(|(local, _)| {
+                    local.port() == addr.port()
+                        && (local.ip() == addr.ip()
+                            || local.ip().is_unspecified()
+                            || addr.ip().is_unspecified())
+                })
+                .map(|(_, inode)| inode)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    match conflicting.iter().all(|inode| own.contains(inode)) {
+        _ if conflicting.is_empty() => Holder::Unknown,
+        true => Holder::Agent,
+        false => Holder::Other,
+    }
 }
 
-/// The inode of a row of /proc/net/tcp{,6} if it is a listener on `port`: local address in
-/// field 1 as `ADDR:PORT` in hex, state in field 3 (0A is LISTEN), inode in field 9.
-fn listening_inode(line: &str, port: u16) -> Option<&str> {
+/// The local address and inode of a row of /proc/net/tcp{,6} if it is a listener: local
+/// address in field 1 as `ADDR:PORT` in hex (the address as the 32-bit words the kernel keeps
+/// in network order, each printed as a native integer), state in field 3 (0A is LISTEN), inode
+/// in field 9.
+fn listener(line: &str) -> Option<(SocketAddr, u64)> {
     let fields: Vec<&str> = line.split_whitespace().collect();
-    let local_port = fields.get(1)?.rsplit_once(':')?.1;
-    (u16::from_str_radix(local_port, 16).ok()? == port && *fields.get(3)? == "0A")
-        .then(|| fields.get(9).copied())
-        .flatten()
+    if *fields.get(3)? != "0A" {
+        return None;
+    }
+    let (hex, port) = fields.get(1)?.split_once(':')?;
+    let mut bytes = Vec::with_capacity(16);
+    for word in hex.as_bytes().chunks(8) {
+        let word = u32::from_str_radix(std::str::from_utf8(word).ok()?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    let port = u16::from_str_radix(port, 16).ok()?;
+    Some((SocketAddr::new(ip, port), fields.get(9)?.parse().ok()?))
 }
 
 fn escape(value: &str) -> String {
@@ -269,6 +332,30 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    #[test]
+    fn listeners_are_read_from_proc_net_tcp_rows_of_either_family() {
+        // Rows as this kernel prints them (x86-64: each 32-bit word in native order).
+        let v4 = "   0: 0100007F:26F9 00000000:0000 0A 00000000:00000000 00:00000000 \
+                  00000000     0        0 482 1 00000000504fb03f 100 0 0 10 0";
+        assert_eq!(listener(v4), Some(("127.0.0.1:9977".parse().unwrap(), 482)));
+        let v6 = "   1: 0000000000000000FFFF00000100007F:26F9 \
+                  00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 \
+                  00000000     0        0 77 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(
+            listener(v6),
+            Some(("[::ffff:127.0.0.1]:9977".parse().unwrap(), 77))
+        );
+        let wildcard = "   2: 00000000000000000000000000000000:26F9 \
+                        00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 \
+                        00000000     0        0 78 1 0000000000000000 100 0 0 10 0";
+        assert_eq!(listener(wildcard), Some(("[::]:9977".parse().unwrap(), 78)));
+        // Established (01), the header, and garbage are no listeners.
+        let established = v4.replace(" 0A ", " 01 ");
+        assert_eq!(listener(&established), None);
+        assert_eq!(listener("  sl  local_address rem_address   st"), None);
+        assert_eq!(listener("0: zz:26F9 0 0A"), None);
+    }
 
     #[tokio::test]
     async fn scrapes_walk_the_maps_one_at_a_time_even_when_they_give_up_waiting() {

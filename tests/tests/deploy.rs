@@ -700,11 +700,19 @@ fn the_shipped_unit_starts_reloads_and_stops_the_agent_under_systemd() {
     assert!(dirs.detach().status.success());
 }
 
-/// A port below 1024 on 127.0.0.1 that nothing listens on now.
+/// A port on 127.0.0.1 that nothing listens on now and that takes CAP_NET_BIND_SERVICE.
 fn free_privileged_port() -> u16 {
-    (600..1000)
+    let start: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .expect("ip_unprivileged_port_start")
+        .trim()
+        .parse()
+        .unwrap();
+    (1..start)
+        .rev()
         .find(|port| std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok())
-        .expect("a free port below 1024")
+        .unwrap_or_else(|| {
+            panic!("no free port below net.ipv4.ip_unprivileged_port_start ({start}) to test with")
+        })
 }
 
 #[test]
@@ -755,6 +763,11 @@ fn check_and_run_refuse_a_metrics_address_they_cannot_listen_on() {
     drop(other);
 
     // An address this host does not have (TEST-NET-1).
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_nonlocal_bind").unwrap(),
+        "0\n",
+        "with net.ipv4.ip_nonlocal_bind on, any address can be bound: this part cannot run"
+    );
     let config = write_config("metrics = \"192.0.2.1:9977\"\n");
     let (rc, item) = check(&config, None);
     assert_eq!((rc, item["status"].as_str()), (8, Some("fail")), "{item}");
@@ -807,4 +820,15 @@ fn check_and_run_refuse_a_metrics_address_they_cannot_listen_on() {
         detail(&item).contains(&format!("running agent (pid {})", agent.pid())),
         "{item}"
     );
+    // The same port on another address, held by another process: the agent's listener does
+    // not make that one free for `run`.
+    let other = std::net::TcpListener::bind(("127.0.0.2", port)).unwrap();
+    let config = write_config(&format!("metrics = \"127.0.0.2:{port}\"\n"));
+    let (rc, item) = check(&config, None);
+    assert_eq!((rc, item["status"].as_str()), (8, Some("fail")), "{item}");
+    assert!(
+        detail(&item).contains("in use by another process"),
+        "{item}"
+    );
+    drop(other);
 }
