@@ -348,13 +348,20 @@ fn a_cgroup_the_agent_may_not_read_is_named_in_the_log_and_read_once_it_may() {
     let locked = parent.child("locked");
     let svc = locked.child("svc-1");
     let api = locked.child("api");
+    // A second such directory, made readable later and found by a `policy set` instead.
+    let other = parent.child("other");
+    let web = other.child("web-1");
     let config = write_config(&format!(
         "[default]\nidle = 41\n[[policy]]\ncgroup = \"{0}/svc-*\"\nidle = 31\n\
-         [[policy]]\ncgroup = \"{0}/api\"\nidle = 32\n",
-        locked.rel()
+         [[policy]]\ncgroup = \"{0}/api\"\nidle = 32\n\
+         [[policy]]\ncgroup = \"{1}/web-*\"\nidle = 36\n",
+        locked.rel(),
+        other.rel()
     ));
-    std::os::unix::fs::chown(locked.path(), Some(65534), Some(65534)).expect("chown");
-    fs::set_permissions(locked.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
+    for dir in [&locked, &other] {
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).expect("chown");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
+    }
     let agent = start_granted(&parent, &config);
     let warning = format!(
         "cannot read cgroup {} (Permission denied (os error 13)): policies for cgroups below it \
@@ -398,10 +405,16 @@ fn a_cgroup_the_agent_may_not_read_is_named_in_the_log_and_read_once_it_may() {
     assert_eq!(pair_values(&api).0.1, 32);
     assert_eq!(
         agent.log().matches("cannot read cgroup").count(),
-        1,
-        "warned once: {}",
+        2,
+        "warned once for each directory: {}",
         agent.log()
     );
+    // Any `policy set` looks again too, here one for another cgroup.
+    assert_eq!(pair_values(&web).0.1, 41);
+    fs::set_permissions(other.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    agent.cli_ok(&["policy", "set", api.rel(), "--idle", "34"]);
+    assert_eq!(pair_values(&web).0.1, 36);
+    assert_eq!(pair_values(&api).0.1, 34);
 }
 
 #[test]

@@ -385,6 +385,7 @@ fn metrics_clients_that_send_nothing_hold_few_of_the_agents_descriptors() {
             .count()
     };
     let before = fds();
+    let connected = std::time::Instant::now();
     let idle: Vec<TcpStream> = (0..50)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics"))
         .collect();
@@ -395,6 +396,21 @@ fn metrics_clients_that_send_nothing_hold_few_of_the_agents_descriptors() {
     assert!(
         held <= 8,
         "50 idle clients hold {held} of the agent's descriptors"
+    );
+    // The first, accepted first, is closed after 10 s (CLIENT_TIMEOUT) of sending nothing.
+    let mut first = &idle[0];
+    first
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let read = std::io::Read::read(&mut first, &mut [0u8; 1]);
+    let waited = connected.elapsed();
+    assert!(
+        matches!(read, Ok(0)),
+        "an idle client got {read:?} after {waited:?}"
+    );
+    assert!(
+        (Duration::from_millis(9500)..Duration::from_secs(20)).contains(&waited),
+        "an idle client was closed after {waited:?}"
     );
     drop(idle);
     // Their slots come back as they go: a scrape is answered.
