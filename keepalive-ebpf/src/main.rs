@@ -200,8 +200,6 @@ fn on_state_change(ctx: &SockOpsContext) {
     if ctx.arg(1) != u32::from(uapi::TCP_CLOSE) {
         return;
     }
-    // Only sockets the program covered ask for state callbacks, so no record lookup is needed
-    // to know this one counts (and a socket the full tracking map left out still does).
     let sk = sock_of(ctx);
     let tp = if sk.is_null() {
         core::ptr::null()
@@ -209,14 +207,10 @@ fn on_state_change(ctx: &SockOpsContext) {
         // SAFETY: as in `socket`.
         unsafe { bpf_skc_to_tcp_sock(sk) }.cast::<u8>().cast_const()
     };
-    if !tp.is_null() && gave_up(tp) {
-        count(Counter::DeadPeers);
-        // Never re-create the entry of a removed cgroup just to count this.
-        track::cgroup_add(kernel::sock_cgroup(tp).id, 0, 1, false);
-    }
     // The cookie as the socket holds it. The program took it (so the kernel made it) before
     // it asked for these callbacks and before it recorded or locked anything, so a socket
-    // without one has neither.
+    // without one has neither, and is not one the program covered: another program asked
+    // for its state callbacks.
     let cookie = if tp.is_null() {
         cookie_of(ctx)
     } else {
@@ -229,14 +223,30 @@ fn on_state_change(ctx: &SockOpsContext) {
     // connection must not take this one's lock into a policy without one, nor this one's
     // record: a later pass would take it for its own, not count it as a new connection, and
     // read what the program set from it.
-    match track::remove_record(cookie) {
-        _ if sk.is_null() => {}
-        Removed::Listed { locked: false } => {}
-        Removed::Listed { locked: true } => track::PolicyStore::Locks.set(sk, None),
-        Removed::NotListed => {
+    let covered = match track::remove_record(cookie) {
+        Removed::Listed { .. } if sk.is_null() => true,
+        _ if sk.is_null() => false,
+        Removed::Listed { locked: false } => true,
+        Removed::Listed { locked: true } => {
             track::PolicyStore::Locks.set(sk, None);
-            track::drop_stored_record(sk);
+            true
         }
+        // Off the maps: one they had no room for keeps its record in its own storage. Without
+        // one, another program asked for the callbacks (of a socket in an `off` cgroup, say),
+        // and its dead peer is not one of keepalive's.
+        Removed::NotListed => {
+            let stored = track::stored_record(sk).is_some();
+            track::PolicyStore::Locks.set(sk, None);
+            if stored {
+                track::drop_stored_record(sk);
+            }
+            stored
+        }
+    };
+    if covered && !tp.is_null() && gave_up(tp) {
+        count(Counter::DeadPeers);
+        // Never re-create the entry of a removed cgroup just to count this.
+        track::cgroup_add(kernel::sock_cgroup(tp).id, 0, 1, false);
     }
 }
 

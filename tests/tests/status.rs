@@ -189,20 +189,26 @@ fn an_open_connection_is_listed_with_both_ends_and_leaves_when_closed() {
     assert_eq!(row["dead_peers"], 0, "a normal close is not a dead peer");
 }
 
+/// A listener on the far side of `veth` accepting `accepts` connections; and its address.
+fn server_behind(veth: &VethPair, accepts: &str) -> (Proc, String) {
+    let mut server = Proc::spawn(
+        &sock_bin(),
+        &["listen", &format!("{}:0", veth.b_addr), accepts],
+        None,
+        Some(&veth.b),
+    );
+    let port = server.read()["port"].as_u64().unwrap();
+    let target = format!("{}:{port}", veth.b_addr);
+    (server, target)
+}
+
 #[test]
 fn a_dead_peer_is_counted_for_its_cgroup_and_a_normal_close_is_not() {
     let veth = VethPair::new();
     let parent = TestCgroup::new("deadcount");
     let cg = parent.child("client");
     let agent = Agent::start(&parent, &["--idle", "1", "--interval", "1", "--count", "2"]);
-    let mut server = Proc::spawn(
-        &sock_bin(),
-        &["listen", &format!("{}:0", veth.b_addr), "2"],
-        None,
-        Some(&veth.b),
-    );
-    let port = server.read()["port"].as_u64().unwrap();
-    let target = format!("{}:{port}", veth.b_addr);
+    let (mut server, target) = server_behind(&veth, "2");
     // One connection that closes normally first.
     let mut normal = Proc::spawn(
         &sock_bin(),
@@ -243,21 +249,10 @@ fn a_dead_peer_behind_an_unreachable_network_is_counted() {
     let veth = VethPair::new();
     let cg = TestCgroup::new("unreach");
     let agent = Agent::start(&cg, &["--idle", "600", "--user-timeout", "2s"]);
-    let mut server = Proc::spawn(
-        &sock_bin(),
-        &["listen", &format!("{}:0", veth.b_addr)],
-        None,
-        Some(&veth.b),
-    );
-    let port = server.read()["port"].as_u64().unwrap();
+    let (mut server, target) = server_behind(&veth, "1");
     let mut client = Proc::spawn(
         &sock_bin(),
-        &[
-            "connect",
-            &format!("{}:{port}", veth.b_addr),
-            "--send",
-            "--read",
-        ],
+        &["connect", &target, "--send", "--read"],
         Some(cg.path()),
         Some(&veth.a),
     );
@@ -272,6 +267,44 @@ fn a_dead_peer_behind_an_unreachable_network_is_counted() {
 }
 
 /// `status` once `cg` has counted one dead peer.
+#[test]
+fn a_dead_peer_in_an_off_cgroup_is_not_counted_when_another_program_watches_its_socket() {
+    // Another tool's sock_ops program sets keepalive in a cgroup whose policy is `off` and
+    // asks for state callbacks, which every program on the socket's cgroups then gets, the
+    // agent's too. That socket was never keepalive's, and neither is its dead peer.
+    let veth = VethPair::new();
+    let parent = TestCgroup::new("foreigndead");
+    let off = parent.child("off");
+    let agent = Agent::start(&parent, &["--idle", "600"]);
+    agent.cli_ok(&["policy", "set", off.rel(), "--mode", "off"]);
+    let mut foreign = Proc::spawn(
+        &sock_bin(),
+        &["foreign-sockops", off.path().to_str().unwrap()],
+        None,
+        None,
+    );
+    assert_eq!(foreign.read()["attached"], true);
+    let (mut server, target) = server_behind(&veth, "1");
+    let mut doomed = Proc::spawn(
+        &sock_bin(),
+        &["connect", &target, "--read"],
+        Some(off.path()),
+        Some(&veth.a),
+    );
+    let connected = doomed.read();
+    assert_eq!(
+        connected["connected"]["idle"], 1,
+        "the other program's: {connected}"
+    );
+    server.read();
+    veth.cut();
+    let outcome = doomed.next(Duration::from_secs(15));
+    assert_eq!(outcome["errno"], libc::ETIMEDOUT, "{outcome}");
+    let status = agent.status();
+    assert_eq!(status["counters"]["dead_peers"], 0, "{status:#}");
+    assert_eq!(status["counters"]["skipped_off"], 1, "{status:#}");
+}
+
 fn one_dead_peer(agent: &Agent, cg: &TestCgroup) -> Value {
     eventually(
         Duration::from_secs(5),

@@ -21,6 +21,8 @@
 //!                                                until stdin closes (the benchmark's floor)
 //! ka-sock minimal-sockops <CGROUP-DIR>           the same with the least possible enforcer:
 //!                                                fixed keepalive values at ESTABLISHED
+//! ka-sock foreign-sockops <CGROUP-DIR>           another tool's enforcer: idle 1 s, interval
+//!                                                1 s, count 2, and state-change callbacks
 //! ```
 //!
 //! While holding sockets, every line on stdin asks for a fresh `{"report": [...]}` of their
@@ -533,18 +535,30 @@ const RETURN_1: [u64; 2] = [insn(0xb7, 0, 0, 0, 1), insn(0x95, 0, 0, 0, 0)];
 /// PASSIVE_ESTABLISHED, bpf_setsockopt TCP_KEEPIDLE 60, TCP_KEEPINTVL 10, TCP_KEEPCNT 5 and
 /// SO_KEEPALIVE 1 (the benchmark's default policy), with no policy lookup and no tracking.
 fn minimal_enforcer() -> Vec<u64> {
+    enforcer([60, 10, 5], false)
+}
+
+/// Another tool's enforcer, as [`minimal_enforcer`] with idle, interval and count `values`,
+/// which also asks for the socket's state-change callbacks when `state_cb`; every sock_ops
+/// program on the socket's cgroups then gets them.
+fn enforcer(values: [i32; 3], state_cb: bool) -> Vec<u64> {
     const SETSOCKOPT: i32 = 49;
+    const CB_FLAGS_SET: i32 = 59;
+    const STATE_CB_FLAG: i32 = 4;
+    // Each setsockopt call is 8 instructions, the callback request 3.
+    let body = (4 * 8 + if state_cb { 3 } else { 0 }) as i16;
     let mut prog = vec![
-        insn(0xbf, 6, 1, 0, 0),  // r6 = ctx
-        insn(0x61, 2, 1, 0, 0),  // r2 = ctx->op
-        insn(0x15, 2, 0, 2, 4),  // ACTIVE_ESTABLISHED_CB: set
-        insn(0x15, 2, 0, 1, 5),  // PASSIVE_ESTABLISHED_CB: set
-        insn(0x05, 0, 0, 32, 0), // else: return
+        insn(0xbf, 6, 1, 0, 0),    // r6 = ctx
+        insn(0x61, 2, 1, 0, 0),    // r2 = ctx->op
+        insn(0x15, 2, 0, 2, 4),    // ACTIVE_ESTABLISHED_CB: set
+        insn(0x15, 2, 0, 1, 5),    // PASSIVE_ESTABLISHED_CB: set
+        insn(0x05, 0, 0, body, 0), // else: return
     ];
+    let [idle, interval, count] = values;
     for (level, name, value) in [
-        (TCP, libc::TCP_KEEPIDLE, 60),
-        (TCP, libc::TCP_KEEPINTVL, 10),
-        (TCP, libc::TCP_KEEPCNT, 5),
+        (TCP, libc::TCP_KEEPIDLE, idle),
+        (TCP, libc::TCP_KEEPINTVL, interval),
+        (TCP, libc::TCP_KEEPCNT, count),
         (SOL_SOCKET, SO_KEEPALIVE, 1),
     ] {
         prog.extend([
@@ -556,6 +570,13 @@ fn minimal_enforcer() -> Vec<u64> {
             insn(0x07, 4, 0, 0, -4),
             insn(0xb7, 5, 0, 0, 4), // optlen
             insn(0x85, 0, 0, 0, SETSOCKOPT),
+        ]);
+    }
+    if state_cb {
+        prog.extend([
+            insn(0xbf, 1, 6, 0, 0), // r1 = ctx
+            insn(0xb7, 2, 0, 0, STATE_CB_FLAG),
+            insn(0x85, 0, 0, 0, CB_FLAGS_SET),
         ]);
     }
     prog.extend(RETURN_1);
@@ -616,6 +637,7 @@ fn main() {
         "hold" => hold_many(rest),
         "empty-sockops" => attach_sockops(cgroup_arg(rest), &RETURN_1),
         "minimal-sockops" => attach_sockops(cgroup_arg(rest), &minimal_enforcer()),
+        "foreign-sockops" => attach_sockops(cgroup_arg(rest), &enforcer([1, 1, 2], true)),
         other => panic!("unknown command {other}"),
     }
 }
