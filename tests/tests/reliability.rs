@@ -1257,37 +1257,57 @@ fn cpu_ticks(pid: u32) -> u64 {
 }
 
 #[test]
-fn a_control_client_the_agent_has_no_descriptor_for_waits_without_a_busy_loop() {
+fn clients_the_agent_has_no_descriptor_for_wait_without_a_busy_loop() {
     let cg = TestCgroup::new("ctlfd");
-    let agent = Agent::start(&cg, &["--idle", "43"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let metrics = format!("127.0.0.1:{port}");
+    let agent = Agent::start(&cg, &["--idle", "43", "--metrics", &metrics]);
     let old = starve_of_descriptors(agent.pid());
-    // A client waits in the listen queue; every accept() fails with EMFILE until a descriptor
-    // is free.
+    // A client of each listener waits in its listen queue; every accept() fails with EMFILE
+    // until a descriptor is free.
     let socket = agent.dirs().runtime_dir.join("control.sock");
     let _waiting = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    let mut scraper = std::net::TcpStream::connect(&metrics).expect("connect to metrics");
     std::thread::sleep(Duration::from_millis(500));
     let before = cpu_ticks(agent.pid());
     std::thread::sleep(Duration::from_secs(3));
     let used = cpu_ticks(agent.pid()) - before;
     // A loop retrying accept() takes a whole CPU: 300 ticks in these 3 s at USER_HZ 100.
     assert!(used < 30, "the agent used {used} ticks in 3 s");
-    // Logged once, not at every retry (about one a second).
-    assert_eq!(
-        agent.log().matches("control socket: accept failed").count(),
-        1,
-        "{}",
-        agent.log()
-    );
+    // Each logged once, not at every retry (about one a second).
+    for listener in ["control socket", "metrics"] {
+        assert_eq!(
+            agent
+                .log()
+                .matches(&format!("{listener}: accept failed"))
+                .count(),
+            1,
+            "{}",
+            agent.log()
+        );
+    }
     set_nofile(agent.pid(), old.rlim_cur, Some(old.rlim_max));
-    // Clients are served again once there is room.
+    // Clients are served again once there is room, the waiting ones too.
     let listed = agent.policies();
     assert!(listed.iter().any(|p| p["idle"] == 43), "{listed:?}");
-    eventually(Duration::from_secs(5), "the recovery in the log", || {
-        agent
-            .log()
-            .contains("control socket: accepting clients again")
-            .then_some(())
-    });
+    scraper
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut scraper, &mut response).unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    for listener in ["control socket", "metrics"] {
+        eventually(Duration::from_secs(5), "the recovery in the log", || {
+            agent
+                .log()
+                .contains(&format!("{listener}: accepting clients again"))
+                .then_some(())
+        });
+    }
 }
 
 #[test]
