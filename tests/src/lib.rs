@@ -25,11 +25,14 @@ use serde_json::Value;
 
 pub mod bpf;
 pub mod perf;
+pub mod sweep;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A name unique to this process and call.
+/// A name unique to this process and call: `ka-<label>-<pid>-<n>`. The first call, as root,
+/// removes what killed runs left under such names ([`sweep`]).
 pub fn unique(label: &str) -> String {
+    sweep::sweep_once();
     format!(
         "ka-{label}-{}-{}",
         std::process::id(),

@@ -1411,3 +1411,70 @@ fn a_refused_policy_request_leaves_the_running_policy_alone_even_when_pushes_fai
     });
     assert!(agent.policies().iter().all(|p| p["idle"] != 30));
 }
+
+/// A test binary killed outright (a CI timeout, Ctrl-C) runs none of its guards. What it left
+/// (an agent still running on its pinned state, the programs attached to its cgroup, a process
+/// in a child cgroup, a network namespace, temporary files) goes when the next run, as root,
+/// makes its first name. What live processes made stays.
+#[test]
+fn the_next_run_removes_what_a_killed_run_left_and_nothing_of_a_live_one() {
+    let kept = TestCgroup::new("kept");
+    let kept_dir = keepalive_tests::TempDir::new("kept");
+    // A pid that no longer exists stands for the killed run.
+    let mut gone = std::process::Command::new("true").spawn().expect("true");
+    let dead = gone.id();
+    gone.wait().expect("wait");
+    let name = |label: &str, n: u32| format!("ka-{label}-{dead}-{n}");
+
+    let cgroup = cgroup2_mount().join(name("swept", 0));
+    std::fs::create_dir_all(cgroup.join("inner")).expect("mkdir");
+    let mut sleeper = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .expect("sleep");
+    std::fs::write(cgroup.join("inner/cgroup.procs"), sleeper.id().to_string())
+        .expect("move into the cgroup");
+    let dirs = AgentDirs {
+        state_dir: std::path::Path::new("/sys/fs/bpf").join(name("agent", 1)),
+        runtime_dir: std::env::temp_dir().join(name("agent", 1)),
+        bin: None,
+    };
+    let mut run = dirs.command(&["run", "--cgroup", cgroup.to_str().expect("utf-8")]);
+    run.args(["--idle", "31"]);
+    let mut agent = Agent::start_command(&dirs, run);
+    let table = keepalive_tests::bpf::policy_table_id(&dirs.state_dir);
+    assert_eq!(sockops_attachments(&cgroup), 1);
+    let netns = std::path::PathBuf::from("/run/netns").join(name("n", 2));
+    keepalive_tests::sh("ip", &["netns", "add", &name("n", 2)]);
+    let log = std::env::temp_dir().join(format!("{}.log", name("agent-log", 3)));
+    std::fs::write(&log, "left\n").expect("write");
+
+    let removed = keepalive_tests::sweep::sweep_stale();
+    for path in [&dirs.state_dir, &dirs.runtime_dir, &cgroup, &netns, &log] {
+        assert!(
+            removed.contains(path),
+            "{} not in {removed:?}",
+            path.display()
+        );
+        assert!(!path.exists(), "{} still there", path.display());
+    }
+    let status = agent
+        .wait_exit(Duration::from_secs(5))
+        .expect("the agent the dead run started was killed");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+    let status = sleeper.wait().expect("wait");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "the process in the dead run's cgroup was killed"
+    );
+    eventually(
+        Duration::from_secs(10),
+        "its programs and maps freed",
+        || (!keepalive_tests::bpf::map_exists(table)).then_some(()),
+    );
+    assert!(kept.path().is_dir() && kept_dir.path().is_dir());
+}
