@@ -170,44 +170,53 @@ pub(crate) fn enforce_socket(
     // the program set before, which this one drops.
     let resets_user_timeout =
         own_user_timeout.is_some_and(|own| enforce::resets_user_timeout(sock.tp, &own, &policy));
-    let result = if !resets_user_timeout && enforce::carries(sock.target, sock.tp, &policy) {
-        // Usually an accepted socket that inherited the options the program set on its
-        // listener: nothing to do.
-        count(Counter::Inherited);
-        flags |= sock_flags::ENFORCED | sock_flags::INHERITED;
-        apply_result::APPLIED
-    } else if policy.mode == mode::FILL
-        && (app_keepalive
-            || previous
-                .is_some_and(|previous| enforce::set_by_app_since(sock.target, sock.tp, &previous)))
-    {
-        // The application's own keepalive, from before the program set anything or since (Go,
-        // for one, sets its own right after connect and accept, after the ESTABLISHED callback).
-        // A user timeout the program set is still the program's: it follows the policy, before
-        // the application's values are read, and the record says whose it is.
-        if enforce::follow_own_user_timeout(
-            sock.target,
-            sock.tp,
-            own_user_timeout.as_ref(),
-            &policy,
-        ) {
-            flags |= sock_flags::OWN_USER_TIMEOUT;
-        }
-        count(Counter::KeptApp);
-        values = enforce::read_values(sock.target, mode::FILL);
-        flags |= sock_flags::APP_OWNED;
-        apply_result::KEPT_APP
-    } else {
-        let ok = enforce::apply(sock.target, sock.tp, &policy, own_user_timeout.as_ref());
-        count(Counter::Enforced);
-        flags |= sock_flags::ENFORCED;
-        if ok {
+    // Under `fill`, keepalive on before the program set anything is the application's even
+    // with the policy's values, so that later policies leave it too. Except on a connection
+    // just accepted: a listener the program configured passes the same values on, and that
+    // listener's storage is not reachable from here.
+    let app_owns = policy.mode == mode::FILL
+        && app_keepalive
+        && !matches!(origin, Origin::Established { direction } if direction == sock_flags::INBOUND);
+    let result =
+        if !resets_user_timeout && !app_owns && enforce::carries(sock.target, sock.tp, &policy) {
+            // Usually an accepted socket that inherited the options the program set on its
+            // listener: nothing to do.
+            count(Counter::Inherited);
+            flags |= sock_flags::ENFORCED | sock_flags::INHERITED;
             apply_result::APPLIED
+        } else if policy.mode == mode::FILL
+            && (app_keepalive
+                || previous.is_some_and(|previous| {
+                    enforce::set_by_app_since(sock.target, sock.tp, &previous)
+                }))
+        {
+            // The application's own keepalive, from before the program set anything or since (Go,
+            // for one, sets its own right after connect and accept, after the ESTABLISHED callback).
+            // A user timeout the program set is still the program's: it follows the policy, before
+            // the application's values are read, and the record says whose it is.
+            if enforce::follow_own_user_timeout(
+                sock.target,
+                sock.tp,
+                own_user_timeout.as_ref(),
+                &policy,
+            ) {
+                flags |= sock_flags::OWN_USER_TIMEOUT;
+            }
+            count(Counter::KeptApp);
+            values = enforce::read_values(sock.target, mode::FILL);
+            flags |= sock_flags::APP_OWNED;
+            apply_result::KEPT_APP
         } else {
-            flags |= sock_flags::SETSOCKOPT_FAILED;
-            apply_result::FAILED
-        }
-    };
+            let ok = enforce::apply(sock.target, sock.tp, &policy, own_user_timeout.as_ref());
+            count(Counter::Enforced);
+            flags |= sock_flags::ENFORCED;
+            if ok {
+                apply_result::APPLIED
+            } else {
+                flags |= sock_flags::SETSOCKOPT_FAILED;
+                apply_result::FAILED
+            }
+        };
     if policy.mode == mode::LOCK && flags & sock_flags::ENFORCED != 0 {
         flags |= sock_flags::LOCKED;
         PolicyStore::Locks.set(sock.sk, Some(&values));

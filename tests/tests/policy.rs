@@ -492,6 +492,49 @@ fn fill_keeps_an_applications_own_keepalive() {
     assert_eq!(values(&out["server"]), (1, 33, 3, 3), "{out}");
 }
 
+/// An application's own keepalive stays its own under `fill` also when its values are the
+/// policy's: a later policy leaves them, on connections made before the agent started and
+/// since, and `status` says whose they are. (Not on the accepting end, which cannot tell them
+/// from the values a listener the program configured passes on.)
+#[test]
+fn fill_keeps_an_applications_own_keepalive_with_the_policys_values() {
+    let cg = TestCgroup::new("fillsame");
+    let own = [
+        "pair",
+        "4",
+        "--keepalive",
+        "77",
+        "--keepalive-interval",
+        "7",
+        "--keepalive-count",
+        "4",
+    ];
+    let mut before = Proc::sock(&own, &cg);
+    before.read();
+    let config = write_config("[default]\nidle = 77\ninterval = 7\ncount = 4\nmode = \"fill\"\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let mut since = Proc::sock(&own, &cg);
+    since.read();
+    let owned = |agent: &Agent| {
+        sockets_of(&agent.status(), &cg)
+            .iter()
+            .filter(|s| s["app_owned"] == true)
+            .count()
+    };
+    assert_eq!(owned(&agent), 2, "both clients are the application's");
+    agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "fill", "--idle", "44"]);
+    for pair in [&mut before, &mut since] {
+        let socks = pair.report();
+        assert_eq!(
+            values(&socks[0]),
+            (1, 77, 7, 4),
+            "the application's, left alone: {socks:?}"
+        );
+        assert_eq!(values(&socks[1]).1, 44, "the program's, moved: {socks:?}");
+    }
+    assert_eq!(owned(&agent), 2);
+}
+
 /// Values an application sets on its listener after listen() (as nginx does), over the ones the
 /// program set at listen(), are the application's: under `fill`, an apply pass keeps them.
 #[test]

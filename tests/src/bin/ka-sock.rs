@@ -3,13 +3,15 @@
 //! kernel did as one JSON object per line and holds its sockets open until stdin closes.
 //!
 //! ```text
-//! ka-sock pair <4|6|mapped> [--keepalive IDLE] [--keepalive-after IDLE]
+//! ka-sock pair <4|6|mapped> [--keepalive IDLE [--keepalive-interval S] [--keepalive-count N]]
+//!              [--keepalive-after IDLE]
 //!              [--user-timeout-after MS] [--loosen-at-report N]
 //!              [--disconnect-at-report N] [--reconnect-at-report N]
 //!                                                client+server over loopback; both ends' options
 //! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE] [--keepalive-after IDLE]
 //!                                                accept N connections (default 1), report each
-//! ka-sock connect <ADDR:PORT> [--keepalive IDLE] [--send] [--read] [--loosen] [--loosen-large]
+//! ka-sock connect <ADDR:PORT> [--keepalive IDLE [--keepalive-interval S] [--keepalive-count N]]
+//!                             [--send] [--read] [--loosen] [--loosen-large]
 //! ka-sock storm <N>                              N loopback connect/accept/close cycles, timed;
 //!                                                with KA_STORM_KEEPALIVE set (to any value),
 //!                                                the application turns SO_KEEPALIVE on itself
@@ -29,7 +31,9 @@
 //! options.
 //!
 //! `--keepalive IDLE` enables SO_KEEPALIVE with TCP_KEEPIDLE=IDLE before connecting or
-//! listening (an application that manages keepalive itself); `--keepalive-after IDLE` does so
+//! listening (an application that manages keepalive itself), with TCP_KEEPINTVL and
+//! TCP_KEEPCNT too on a client when `--keepalive-interval` and `--keepalive-count` give them;
+//! `--keepalive-after IDLE` does so
 //! on the client once connected, as Go's net package does (with `listen`: on the listener once
 //! listening, as nginx does); `--user-timeout-after MS` sets the
 //! client's TCP_USER_TIMEOUT once connected; `--loosen-at-report N` makes the client try what
@@ -164,12 +168,28 @@ fn tcp_socket(addr: SocketAddr) -> i32 {
     fd
 }
 
+/// The keepalive a client sets before connecting: `--keepalive IDLE`, with
+/// `--keepalive-interval` and `--keepalive-count` when given.
+fn preset(args: &[String]) -> Option<[Option<i32>; 3]> {
+    let idle = flag_value(args, "--keepalive")?;
+    Some([
+        Some(idle),
+        flag_value(args, "--keepalive-interval"),
+        flag_value(args, "--keepalive-count"),
+    ])
+}
+
 /// A socket of the right family with keepalive preset when asked, connected to `addr`.
-fn connect(addr: SocketAddr, keepalive: Option<i32>) -> TcpStream {
+fn connect(addr: SocketAddr, keepalive: Option<[Option<i32>; 3]>) -> TcpStream {
     let fd = tcp_socket(addr);
-    if let Some(idle) = keepalive {
+    if let Some(values) = keepalive {
         assert_eq!(set(fd, SOL_SOCKET, SO_KEEPALIVE, 1), 0);
-        assert_eq!(set(fd, TCP, libc::TCP_KEEPIDLE, idle), 0);
+        let names = [libc::TCP_KEEPIDLE, libc::TCP_KEEPINTVL, libc::TCP_KEEPCNT];
+        for (name, value) in names.into_iter().zip(values) {
+            if let Some(value) = value {
+                assert_eq!(set(fd, TCP, name, value), 0);
+            }
+        }
     }
     // SAFETY: `fd` is a fresh socket we own.
     let stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
@@ -252,7 +272,7 @@ fn pair(args: &[String]) {
     }
     .parse()
     .expect("addr");
-    let client = connect(target, flag_value(args, "--keepalive"));
+    let client = connect(target, preset(args));
     let (server, _) = listener.accept().expect("accept");
     if let Some(idle) = flag_value(args, "--keepalive-after") {
         let fd = client.as_raw_fd();
@@ -351,7 +371,7 @@ fn connect_cmd(args: &[String]) {
         .expect("connect ADDR:PORT")
         .parse()
         .expect("addr");
-    let mut stream = connect(addr, flag_value(args, "--keepalive"));
+    let mut stream = connect(addr, preset(args));
     let fd = stream.as_raw_fd();
     emit(json!({
         "connected": options(fd),
