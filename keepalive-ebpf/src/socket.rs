@@ -127,9 +127,13 @@ pub(crate) fn enforce_socket(
             list_if_room(sock, rec);
         }
         // Shown again by the iterator after its first output did not fit: report what this
-        // pass did to it, not "unchanged".
+        // pass did to it, not "unchanged". A connection established since the pass began was
+        // stamped by the program at establishment, with the new table: this pass did nothing.
         let pass_start = track::apply_pass_start();
-        return if pass_start != 0 && rec.applied_ns >= pass_start {
+        return if pass_start != 0
+            && rec.applied_ns >= pass_start
+            && rec.applied_ns != rec.established_ns
+        {
             if before & sock_flags::APP_OWNED != 0 {
                 apply_result::KEPT_APP
             } else {

@@ -1478,3 +1478,35 @@ fn the_next_run_removes_what_a_killed_run_left_and_nothing_of_a_live_one() {
     );
     assert!(kept.path().is_dir() && kept_dir.path().is_dir());
 }
+
+/// A pass reports as updated only the connections it changed. Those established while it runs
+/// got the new table from the program, and the iterator can still come across them: they are
+/// already current, not updated.
+#[test]
+fn a_pass_does_not_count_connections_established_while_it_runs_as_updated() {
+    let parent = TestCgroup::new("passcount");
+    let changed = parent.child("changed");
+    let busy = parent.child("busy");
+    let agent = Agent::start(&parent, &["--idle", "30"]);
+    let mut held = Proc::sock(&["hold", "9000"], &changed);
+    held.next(Duration::from_secs(120));
+    // A host that keeps connecting: 9000 connections opened over 3 s. The pass runs while it
+    // does (it takes a few hundred milliseconds here).
+    let started = Instant::now();
+    let mut opening = Proc::sock(&["hold", "9000", "--over-ms", "3000"], &busy);
+    std::thread::sleep(Duration::from_millis(200));
+    let out = agent.cli_ok(&["policy", "set", changed.rel(), "--idle", "31"]);
+    let answered = started.elapsed();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let opened = opening.next(Duration::from_secs(120))["elapsed_us"]
+        .as_u64()
+        .expect("elapsed_us");
+    // It began before the request, so it was still opening when the pass ended.
+    assert!(
+        answered < Duration::from_micros(opened),
+        "the pass ({answered:?} after the start) did not run while connections were opened \
+         ({opened} µs)"
+    );
+    assert!(text.contains(" 18000 updated,"), "{text}");
+    assert!(text.contains(" 0 failed;"), "{text}");
+}

@@ -18,7 +18,9 @@
 //!                                                (listener, and each client after connecting)
 //! ka-sock churn                                  connect/accept/close until stdin closes,
 //!                                                counting connections without SO_KEEPALIVE
-//! ka-sock hold <N>                               open N loopback connections, hold them
+//! ka-sock hold <N> [--over-ms T]                 open N loopback connections, hold them;
+//!                                                with --over-ms, spread the opening over
+//!                                                T ms (a host that keeps connecting)
 //! ka-sock empty-sockops <CGROUP-DIR>             attach a sock_ops program that does nothing,
 //!                                                until stdin closes (the benchmark's floor)
 //! ka-sock minimal-sockops <CGROUP-DIR>           the same with the least possible enforcer:
@@ -495,9 +497,14 @@ fn hold_many(args: &[String]) {
     let listeners: Vec<TcpListener> = (0..n.div_ceil(20_000).max(1))
         .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
         .collect();
+    let over = std::time::Duration::from_millis(flag_value(args, "--over-ms").unwrap_or(0) as u64);
     let start = Instant::now();
     let mut held = Vec::with_capacity(2 * n);
     for i in 0..n {
+        let due = over.mul_f64(i as f64 / n as f64);
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
         let listener = &listeners[i % listeners.len()];
         let client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
         let (server, _) = listener.accept().expect("accept");
