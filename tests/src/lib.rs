@@ -29,12 +29,14 @@ pub mod sweep;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-/// A name unique to this process and call: `ka-<label>-<pid>-<n>`. The first call, as root,
-/// removes what killed runs left under such names ([`sweep`]).
+/// A name unique to this process and call: `ka-<label>-<pid namespace>-<pid>-<n>`, the pid
+/// namespace by its inode number. The first call, as root, removes what killed runs left under
+/// such names ([`sweep`]).
 pub fn unique(label: &str) -> String {
     sweep::sweep_once();
     format!(
-        "ka-{label}-{}-{}",
+        "ka-{label}-{}-{}-{}",
+        sweep::pid_namespace(),
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     )

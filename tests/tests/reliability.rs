@@ -1424,7 +1424,8 @@ fn the_next_run_removes_what_a_killed_run_left_and_nothing_of_a_live_one() {
     let mut gone = std::process::Command::new("true").spawn().expect("true");
     let dead = gone.id();
     gone.wait().expect("wait");
-    let name = |label: &str, n: u32| format!("ka-{label}-{dead}-{n}");
+    let namespace = keepalive_tests::sweep::pid_namespace();
+    let name = |label: &str, n: u32| format!("ka-{label}-{namespace}-{dead}-{n}");
 
     let cgroup = cgroup2_mount().join(name("swept", 0));
     std::fs::create_dir_all(cgroup.join("inner")).expect("mkdir");
@@ -1446,10 +1447,26 @@ fn the_next_run_removes_what_a_killed_run_left_and_nothing_of_a_live_one() {
     assert_eq!(sockops_attachments(&cgroup), 1);
     let netns = std::path::PathBuf::from("/run/netns").join(name("n", 2));
     keepalive_tests::sh("ip", &["netns", "add", &name("n", 2)]);
+    let mut in_netns = std::process::Command::new("ip")
+        .args(["netns", "exec", &name("n", 2), "sleep", "600"])
+        .spawn()
+        .expect("ip netns exec");
+    let inode = |path: &std::path::Path| {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).expect("stat"))
+    };
+    let net = std::path::PathBuf::from(format!("/proc/{}/ns/net", in_netns.id()));
+    eventually(Duration::from_secs(10), "sleep in the namespace", || {
+        (inode(&net) == inode(&netns)).then_some(())
+    });
+    // The same names made in another pid namespace are another run's.
+    let elsewhere = cgroup2_mount().join(format!("ka-swept-{}-{dead}-0", namespace + 1));
+    std::fs::create_dir(&elsewhere).expect("mkdir");
     let log = std::env::temp_dir().join(format!("{}.log", name("agent-log", 3)));
     std::fs::write(&log, "left\n").expect("write");
 
     let removed = keepalive_tests::sweep::sweep_stale();
+    let kept_elsewhere = std::fs::remove_dir(&elsewhere).is_ok();
+    assert!(kept_elsewhere, "another pid namespace's name was removed");
     for path in [&dirs.state_dir, &dirs.runtime_dir, &cgroup, &netns, &log] {
         assert!(
             removed.contains(path),
@@ -1465,12 +1482,27 @@ fn the_next_run_removes_what_a_killed_run_left_and_nothing_of_a_live_one() {
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(libc::SIGKILL)
     );
-    let status = sleeper.wait().expect("wait");
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(libc::SIGKILL),
-        "the process in the dead run's cgroup was killed"
-    );
+    for (child, what) in [
+        (&mut sleeper, "cgroup"),
+        (&mut in_netns, "network namespace"),
+    ] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("the process in the dead run's {what} still runs");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL),
+            "the process in the dead run's {what} was killed"
+        );
+    }
     eventually(
         Duration::from_secs(10),
         "its programs and maps freed",
