@@ -1122,6 +1122,15 @@ impl Drop for TempConfig {
     }
 }
 
+/// A loopback port free at the time of the call.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Writes a config file into a fresh temporary path.
 pub fn write_config(text: &str) -> TempConfig {
     let path = std::env::temp_dir().join(format!("{}.toml", unique("config")));

@@ -8,7 +8,7 @@ use std::{
 
 use keepalive_tests::{
     Agent, AgentDirs, GRANTED, Netns, Proc, TestCgroup, agent_bin, agent_in_private_mounts,
-    cgroup2_mount, check_item, code, count_between, drop_caps_except, hide_with_tmpfs,
+    cgroup2_mount, check_item, code, count_between, drop_caps_except, free_port, hide_with_tmpfs,
     in_private_mounts, require_root, sock_bin, sockops_attachments, stderr, umount, values,
     write_config,
 };
@@ -760,6 +760,10 @@ fn check_and_run_refuse_a_metrics_address_they_cannot_listen_on() {
         stderr(&out)
     );
     assert_eq!(sockops_attachments(cg.path()), 0);
+    assert!(
+        !dirs.state_dir.exists(),
+        "the refused start left the state directory it made"
+    );
     drop(other);
 
     // An address this host does not have (TEST-NET-1).
@@ -795,11 +799,7 @@ fn check_and_run_refuse_a_metrics_address_they_cannot_listen_on() {
     assert_eq!(sockops_attachments(cg.path()), 0);
 
     // The running agent's own address is not "in use by another process".
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let config = write_config(&format!("metrics = \"127.0.0.1:{port}\"\n"));
     let (rc, item) = check(&config, None);
     assert_eq!((rc, item["status"].as_str()), (0, Some("ok")), "{item}");

@@ -13,8 +13,9 @@ use std::{
 use keepalive_tests::{
     Agent, AgentDirs, GRANTED, Netns, Proc, TestCgroup, agent_in_private_mounts,
     assert_stamped_between, cgroup_row, cgroup2_mount, check_item, code, count_between,
-    drop_caps_except, eventually, hide_with_tmpfs, idle_of, json_refusal, kernel_defaults,
-    pair_values, sock_bin, sockets_of, sockops_attachments, stderr, umount, values, write_config,
+    drop_caps_except, eventually, free_port, hide_with_tmpfs, idle_of, json_refusal,
+    kernel_defaults, pair_values, sock_bin, sockets_of, sockops_attachments, stderr, umount,
+    values, write_config,
 };
 
 #[test]
@@ -1166,7 +1167,9 @@ fn detach_beside_a_running_agent_with_another_state_directory_goes_ahead() {
 #[test]
 fn detach_refuses_while_an_agent_holds_the_state_from_another_runtime_dir() {
     let cg = TestCgroup::new("statelock");
-    let agent = Agent::start(&cg, &[]);
+    let port = free_port();
+    let metrics = format!("127.0.0.1:{port}");
+    let agent = Agent::start(&cg, &["--metrics", &metrics]);
     // Same pins, different runtime directory: an agent in a container looks like this.
     let other = AgentDirs {
         state_dir: agent.state_dir.clone(),
@@ -1177,13 +1180,22 @@ fn detach_refuses_while_an_agent_holds_the_state_from_another_runtime_dir() {
     assert_eq!(code(&out), 7, "{}", stderr(&out));
     assert!(stderr(&out).contains("stop it first"), "{}", stderr(&out));
     assert_eq!(sockops_attachments(cg.path()), 1, "still attached");
-    let out = other.cli(&["run", "--cgroup", cg.path().to_str().unwrap()]);
+    // With the same metrics address too, whose port the first agent holds: still refused as
+    // a second agent (7, which the unit does not retry), not as a taken port (1).
+    let out = other.cli(&[
+        "run",
+        "--cgroup",
+        cg.path().to_str().unwrap(),
+        "--metrics",
+        &metrics,
+    ]);
     assert_eq!(
         code(&out),
         7,
         "a second agent on the same pins: {}",
         stderr(&out)
     );
+    assert!(stderr(&out).contains("stop it first"), "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(&other.runtime_dir);
 }
 
@@ -1259,11 +1271,7 @@ fn cpu_ticks(pid: u32) -> u64 {
 #[test]
 fn clients_the_agent_has_no_descriptor_for_wait_without_a_busy_loop() {
     let cg = TestCgroup::new("ctlfd");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
     let agent = Agent::start(&cg, &["--idle", "43", "--metrics", &metrics]);
     let old = starve_of_descriptors(agent.pid());

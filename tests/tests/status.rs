@@ -10,7 +10,7 @@ use std::{
 
 use keepalive_tests::{
     Agent, AgentDirs, Proc, TestCgroup, VethPair, assert_stamped_between, cgroup_row, code,
-    eventually, sock_bin, sockets_of, stderr,
+    eventually, free_port, sock_bin, sockets_of, stderr,
 };
 use serde_json::Value;
 
@@ -348,14 +348,6 @@ fn scrape(port: u16) -> String {
     stream.read_to_string(&mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn metric(text: &str, name: &str, cgroup: &TestCgroup) -> u64 {
