@@ -338,18 +338,45 @@ fn read(file: &Path, required: bool, cgroup2: &Cgroup2) -> anyhow::Result<Config
     }
 }
 
-/// The text of `file`; `None` when it does not exist and is not `required`.
+/// The text of `file`; `None` when it does not exist and is not `required`. A symbolic link on
+/// its path that points nowhere (one from config management whose target is missing, or on a
+/// file system not mounted yet) is an error even then: the built-in default would silently
+/// drop every policy the file holds.
 fn read_text(file: &Path, required: bool) -> anyhow::Result<Option<String>> {
-    match std::fs::read_to_string(file) {
-        Ok(text) => Ok(Some(text)),
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound && !required => Ok(None),
-        Err(err) => Err(Error::Config {
-            file: file.to_owned(),
-            line: None,
-            reason: format!("cannot read: {err}"),
-        }
-        .into()),
+    let err = match std::fs::read_to_string(file) {
+        Ok(text) => return Ok(Some(text)),
+        Err(err) => err,
+    };
+    let missing = err.kind() == std::io::ErrorKind::NotFound;
+    let reason = match missing.then(|| dangling_link(file)).flatten() {
+        Some((link, target)) => format!(
+            "cannot read: {} is a symbolic link to {}, which does not exist",
+            link.display(),
+            target.display()
+        ),
+        None if missing && !required => return Ok(None),
+        None => format!("cannot read: {err}"),
+    };
+    Err(Error::Config {
+        file: file.to_owned(),
+        line: None,
+        reason,
     }
+    .into())
+}
+
+/// The symbolic link whose target is missing, with that target, on the path to `file` (itself
+/// included).
+fn dangling_link(file: &Path) -> Option<(PathBuf, PathBuf)> {
+    file.ancestors().find_map(|path| {
+        let link = path.symlink_metadata().ok()?.file_type().is_symlink();
+        let gone = link
+            && path
+                .metadata()
+                .is_err_and(|err| err.kind() == std::io::ErrorKind::NotFound);
+        gone.then(|| Some((path.to_owned(), std::fs::read_link(path).ok()?)))
+            .flatten()
+    })
 }
 
 /// The config without a file: the built-in default.

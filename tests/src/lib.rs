@@ -1244,6 +1244,15 @@ pub fn hide_with_tmpfs(path: &std::ffi::CStr) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes `path` a symbolic link to `target`; for `private_mounts` set-ups.
+pub fn symlink(target: &std::ffi::CStr, path: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: symlink with valid C strings.
+    if unsafe { libc::symlink(target.as_ptr(), path.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Makes directory `path`; for `private_mounts` set-ups.
 pub fn mkdir(path: &std::ffi::CStr) -> std::io::Result<()> {
     // SAFETY: mkdir with a valid C string.
@@ -1274,6 +1283,11 @@ pub fn bind_mount(from: &std::ffi::CStr, to: &std::ffi::CStr) -> std::io::Result
 /// Exit code of a finished command.
 pub fn code(out: &Output) -> i32 {
     out.status.code().unwrap_or(-1)
+}
+
+/// stdout as text.
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// stderr as text.

@@ -12,12 +12,13 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, GRANTED, Proc, TempDir, TestCgroup, bind_mount,
+    Agent, AgentDirs, GRANTED, Proc, TempDir, TestCgroup, agent_in_private_mounts, bind_mount,
     bpf::{self, resolution_cache},
-    check_item, code, eventually, hide_with_tmpfs, idle_of, json_refusal, kernel_defaults, mkdir,
-    pair_values,
+    check_item, code, eventually, hide_with_tmpfs, idle_of, in_private_mounts, json_refusal,
+    kernel_defaults, mkdir, pair_values,
     perf::storm,
-    private_mounts, sockets_of, sockops_attachments, stderr, unique, values, write_config,
+    private_mounts, sockets_of, sockops_attachments, stderr, stdout, symlink, unique, values,
+    write_config,
 };
 
 #[test]
@@ -923,6 +924,64 @@ fn a_reload_without_the_default_config_file_read_at_start_keeps_the_running_poli
     fs::write(&file, "").unwrap();
     agent.cli_ok(&["policy", "reload"]);
     assert_eq!(idle_of(&cg), 60);
+}
+
+/// A default config path that leads through a symbolic link to nothing (config management's,
+/// with its target missing or not mounted yet) is refused, not taken for "no file": the
+/// built-in default would silently drop the file's policies.
+#[test]
+fn a_default_config_behind_a_dangling_symbolic_link_is_refused() {
+    let cg = TestCgroup::new("dangling");
+    let dirs = AgentDirs::new();
+    let run = ["run", "--cgroup", cg.path().to_str().unwrap()];
+    let check = ["check", "--cgroup", cg.path().to_str().unwrap()];
+    // No file at all: the built-in default, as documented.
+    let out = in_private_mounts(&dirs, dirs.command(&check), || hide_with_tmpfs(c"/etc"));
+    assert!(
+        stdout(&out).contains("no /etc/keepalive-agent/config.toml: the built-in default"),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    // The file, or its directory, is a link to what is not there.
+    let file_link = || {
+        hide_with_tmpfs(c"/etc")?;
+        mkdir(c"/etc/keepalive-agent")?;
+        symlink(c"/srv/ka/config.toml", c"/etc/keepalive-agent/config.toml")
+    };
+    let dir_link = || {
+        hide_with_tmpfs(c"/etc")?;
+        symlink(c"/srv/ka", c"/etc/keepalive-agent")
+    };
+    // `run` refuses (2); `check` reports it and is not ready (8).
+    for (out, link, want) in [
+        (
+            agent_in_private_mounts(&dirs, &run, file_link),
+            "/etc/keepalive-agent/config.toml",
+            2,
+        ),
+        (
+            agent_in_private_mounts(&dirs, &run, dir_link),
+            "/etc/keepalive-agent",
+            2,
+        ),
+        (
+            in_private_mounts(&dirs, dirs.command(&check), file_link),
+            "/etc/keepalive-agent/config.toml",
+            8,
+        ),
+    ] {
+        let text = stdout(&out) + &stderr(&out);
+        assert_eq!(code(&out), want, "{text}");
+        assert!(
+            text.contains(&format!(
+                "/etc/keepalive-agent/config.toml: cannot read: {link} is a symbolic link to \
+                 /srv/ka"
+            )) && text.contains("which does not exist"),
+            "{text}"
+        );
+        assert_eq!(sockops_attachments(cg.path()), 0);
+    }
 }
 
 #[test]
