@@ -73,13 +73,19 @@ pub(crate) fn apply(
         policy.count,
         Counter::FailCount,
     );
-    let user_timeout = policy.flags & policy_flags::USER_TIMEOUT != 0;
-    if user_timeout || previous.is_some_and(|previous| resets_user_timeout(tp, previous, policy)) {
-        let ms = if user_timeout {
-            policy.user_timeout_ms
-        } else {
-            0
-        };
+    // The policy's user timeout; without one, the kernel's default in place of the one the
+    // program set before, and under `lock` at most the time keepalive takes to give up, in
+    // place of a longer one the application set before connecting (or on its listener).
+    let user_timeout = if policy.flags & policy_flags::USER_TIMEOUT != 0 {
+        Some(policy.user_timeout_ms)
+    } else if previous.is_some_and(|previous| resets_user_timeout(tp, previous, policy)) {
+        Some(0)
+    } else if !policy.user_timeout_held(kernel::user_timeout_ms(tp)) {
+        Some(policy.keepalive_span_ms())
+    } else {
+        None
+    };
+    if let Some(ms) = user_timeout {
         ok &= set_user_timeout(target, ms);
     }
     ok &= set_int(target, SOL_SOCKET, SO_KEEPALIVE, 1, Counter::FailKeepalive);

@@ -5,7 +5,7 @@
 //! `bpf_probe_read_kernel`, which cannot fault: a bad pointer yields `None`, never a crash.
 
 use aya_ebpf::helpers::bpf_probe_read_kernel;
-use keepalive_common::{KernelOffsets, Policy, Settings, policy_flags};
+use keepalive_common::{KernelOffsets, Policy, Settings};
 
 /// Patched by the loader (read-only, so the verifier sees the values as constants).
 #[unsafe(no_mangle)]
@@ -222,8 +222,7 @@ pub(crate) fn learn_hz(tp: *const u8, idle: u32) {
 pub(crate) fn carries(tp: *const u8, policy: &Policy) -> bool {
     keepalive_on(tp)
         && has_values(tp, policy) == Some(true)
-        && (policy.flags & policy_flags::USER_TIMEOUT == 0
-            || user_timeout_ms(tp) == policy.user_timeout_ms)
+        && policy.user_timeout_held(user_timeout_ms(tp))
 }
 
 /// Whether the socket's idle, interval and count are `policy`'s; `None` while HZ is unknown.

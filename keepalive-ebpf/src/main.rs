@@ -260,8 +260,9 @@ fn gave_up(tp: *const u8) -> bool {
 }
 
 /// Holds `lock`-mode sockets at their policy: SO_KEEPALIVE cannot be switched off, and idle,
-/// interval, count and user timeout cannot be raised above the policy. Looser values are
-/// rewritten to the policy's and the call succeeds; stricter values pass unchanged.
+/// interval, count and user timeout cannot be raised above the policy (a user timeout, under a
+/// policy without one, above `idle + interval × count`). Looser values are rewritten to the
+/// policy's and the call succeeds; stricter values pass unchanged.
 #[cgroup_sockopt(setsockopt)]
 pub fn keepalive_lock(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel passes a valid context.
@@ -313,13 +314,19 @@ fn hold(so: &mut bpf_sockopt) {
     let value = unsafe { *optval };
     let held = if so.level == uapi::SOL_SOCKET {
         (value == 0).then_some(1)
+    } else if so.optname == uapi::TCP_USER_TIMEOUT && policy.flags & policy_flags::USER_TIMEOUT == 0
+    {
+        // No user timeout in the policy: none (0) is the policy's, and so is one up to the time
+        // keepalive takes to give up. A longer one would replace `count` for idle connections
+        // and let a dead peer stay longer. A negative one the kernel refuses itself.
+        let span = policy.keepalive_span_ms();
+        (value > 0 && value as u32 > span).then_some(span)
     } else {
         let limit = match so.optname {
             uapi::TCP_KEEPIDLE => policy.idle,
             uapi::TCP_KEEPINTVL => policy.interval,
             uapi::TCP_KEEPCNT => policy.count,
-            _ if policy.flags & policy_flags::USER_TIMEOUT != 0 => policy.user_timeout_ms,
-            _ => return,
+            _ => policy.user_timeout_ms,
         };
         (value < 1 || value as u32 > limit).then_some(limit)
     };

@@ -369,7 +369,7 @@ fn lock_mode_holds_the_policy_against_later_setsockopt() {
     let config = write_config(
         "[default]\nidle = 21\ninterval = 7\ncount = 4\nuser_timeout = \"40s\"\nmode = \"lock\"\n",
     );
-    let _agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
     let mut server = Proc::sock(&["listen", "127.0.0.1:0"], &cg);
     let port = server.read()["port"].as_u64().unwrap();
     let mut client = Proc::sock(&["connect", &format!("127.0.0.1:{port}"), "--loosen"], &cg);
@@ -394,6 +394,29 @@ fn lock_mode_holds_the_policy_against_later_setsockopt() {
     let large = client.read();
     assert_eq!(large["large_value"], 0, "{large}");
     assert_eq!(large["congestion"], "reno", "{large}");
+
+    // Under a policy without a user timeout, one longer than keepalive takes to give up
+    // (21 + 7 × 4 s) would loosen it: the kernel then drops an idle connection only once the
+    // user timeout has passed, whatever the count. It is held at 49 s, whether set after
+    // connecting or before; none, or a shorter one, is the application's to set.
+    agent.cli_ok(&["policy", "set", cg.rel(), "--user-timeout", "0"]);
+    let user_timeouts = |args: &[&str]| {
+        let pair = Proc::sock(&[&["pair", "4"], args].concat(), &cg).read();
+        (
+            pair["client"]["user_timeout"].clone(),
+            pair["client"]["keepalive"].clone(),
+        )
+    };
+    for (args, want) in [
+        (&["--user-timeout-after", "600000"][..], 49_000),
+        (&["--user-timeout", "600000"], 49_000),
+        (&["--user-timeout-after", "49000"], 49_000),
+        (&["--user-timeout-after", "5000"], 5_000),
+        (&["--user-timeout", "5000"], 5_000),
+        (&[], 0),
+    ] {
+        assert_eq!(user_timeouts(args), (want.into(), 1.into()), "{args:?}");
+    }
 }
 
 #[test]

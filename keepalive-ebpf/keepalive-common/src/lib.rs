@@ -281,6 +281,33 @@ pub struct Policy {
 }
 const _: () = assert!(core::mem::size_of::<Policy>() == 24);
 
+impl Policy {
+    /// The longest TCP_USER_TIMEOUT, in milliseconds, that leaves this policy's keepalive as
+    /// strict as it is: while a user timeout is set, the kernel drops an idle connection at the
+    /// first unanswered probe after it has passed, whatever `count` says, so a longer one than
+    /// `idle + interval × count` lets a dead peer stay longer. At most what TCP_USER_TIMEOUT
+    /// takes (`i32::MAX`).
+    pub const fn keepalive_span_ms(&self) -> u32 {
+        let ms = (self.idle as u64 + self.interval as u64 * self.count as u64) * 1000;
+        if ms > i32::MAX as u64 {
+            i32::MAX as u32
+        } else {
+            ms as u32
+        }
+    }
+
+    /// Whether a socket with user timeout `ms` (0: none) holds to this policy's user timeout:
+    /// the policy's own if it has one; under `lock` without one, none or one that does not
+    /// loosen keepalive (see [`Policy::keepalive_span_ms`]); otherwise any.
+    pub const fn user_timeout_held(&self, ms: u32) -> bool {
+        if self.flags & policy_flags::USER_TIMEOUT != 0 {
+            ms == self.user_timeout_ms
+        } else {
+            self.mode != mode::LOCK || ms <= self.keepalive_span_ms()
+        }
+    }
+}
+
 /// One slot of [`MAP_RESOLVED`]: the policy found for cgroup `cgroup` in the policy table of
 /// generation `generation`.
 ///
@@ -687,6 +714,38 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_locked_user_timeout_is_bounded_by_keepalives_span_and_fits_an_int() {
+        let policy = Policy {
+            idle: 21,
+            interval: 7,
+            count: 4,
+            mode: mode::LOCK,
+            ..Policy::default()
+        };
+        assert_eq!(policy.keepalive_span_ms(), 49_000);
+        assert!(policy.user_timeout_held(0) && policy.user_timeout_held(49_000));
+        assert!(!policy.user_timeout_held(49_001));
+        let enforce = Policy {
+            mode: mode::ENFORCE,
+            ..policy
+        };
+        assert!(enforce.user_timeout_held(600_000), "only `lock` bounds it");
+        let own = Policy {
+            user_timeout_ms: 5_000,
+            flags: policy_flags::USER_TIMEOUT,
+            ..enforce
+        };
+        assert!(own.user_timeout_held(5_000) && !own.user_timeout_held(0));
+        let longest = Policy {
+            idle: 32767,
+            interval: 32767,
+            count: 127,
+            ..policy
+        };
+        assert_eq!(longest.keepalive_span_ms(), i32::MAX as u32);
+    }
 
     #[test]
     fn status_chunks_cover_every_slot() {

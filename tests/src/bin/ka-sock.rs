@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! ka-sock pair <4|6|mapped> [--keepalive IDLE [--keepalive-interval S] [--keepalive-count N]]
-//!              [--keepalive-after IDLE]
+//!              [--keepalive-after IDLE] [--user-timeout MS]
 //!              [--user-timeout-after MS] [--loosen-at-report N]
 //!              [--disconnect-at-report N] [--reconnect-at-report N]
 //!                                                client+server over loopback; both ends' options
@@ -35,6 +35,7 @@
 //! `--keepalive IDLE` enables SO_KEEPALIVE with TCP_KEEPIDLE=IDLE before connecting or
 //! listening (an application that manages keepalive itself), with TCP_KEEPINTVL and
 //! TCP_KEEPCNT too on a client when `--keepalive-interval` and `--keepalive-count` give them;
+//! `--user-timeout MS` sets the client's TCP_USER_TIMEOUT before connecting;
 //! `--keepalive-after IDLE` does so
 //! on the client once connected, as Go's net package does (with `listen`: on the listener once
 //! listening, as nginx does); `--user-timeout-after MS` sets the
@@ -172,26 +173,29 @@ fn tcp_socket(addr: SocketAddr) -> i32 {
 
 /// The keepalive a client sets before connecting: `--keepalive IDLE`, with
 /// `--keepalive-interval` and `--keepalive-count` when given.
-fn preset(args: &[String]) -> Option<[Option<i32>; 3]> {
-    let idle = flag_value(args, "--keepalive")?;
-    Some([
-        Some(idle),
-        flag_value(args, "--keepalive-interval"),
-        flag_value(args, "--keepalive-count"),
-    ])
-}
-
-/// A socket of the right family with keepalive preset when asked, connected to `addr`.
-fn connect(addr: SocketAddr, keepalive: Option<[Option<i32>; 3]>) -> TcpStream {
+/// A socket of the right family connected to `addr`, with what `args` sets before connecting:
+/// keepalive (`--keepalive IDLE`, `--keepalive-interval S`, `--keepalive-count N`) and
+/// TCP_USER_TIMEOUT (`--user-timeout MS`).
+fn connect(addr: SocketAddr, args: &[String]) -> TcpStream {
     let fd = tcp_socket(addr);
-    if let Some(values) = keepalive {
+    if let Some(idle) = flag_value(args, "--keepalive") {
         assert_eq!(set(fd, SOL_SOCKET, SO_KEEPALIVE, 1), 0);
-        let names = [libc::TCP_KEEPIDLE, libc::TCP_KEEPINTVL, libc::TCP_KEEPCNT];
-        for (name, value) in names.into_iter().zip(values) {
+        let values = [
+            (libc::TCP_KEEPIDLE, Some(idle)),
+            (
+                libc::TCP_KEEPINTVL,
+                flag_value(args, "--keepalive-interval"),
+            ),
+            (libc::TCP_KEEPCNT, flag_value(args, "--keepalive-count")),
+        ];
+        for (name, value) in values {
             if let Some(value) = value {
                 assert_eq!(set(fd, TCP, name, value), 0);
             }
         }
+    }
+    if let Some(ms) = flag_value(args, "--user-timeout") {
+        assert_eq!(set(fd, TCP, libc::TCP_USER_TIMEOUT, ms), 0);
     }
     // SAFETY: `fd` is a fresh socket we own.
     let stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
@@ -274,7 +278,7 @@ fn pair(args: &[String]) {
     }
     .parse()
     .expect("addr");
-    let client = connect(target, preset(args));
+    let client = connect(target, args);
     let (server, _) = listener.accept().expect("accept");
     if let Some(idle) = flag_value(args, "--keepalive-after") {
         let fd = client.as_raw_fd();
@@ -373,7 +377,7 @@ fn connect_cmd(args: &[String]) {
         .expect("connect ADDR:PORT")
         .parse()
         .expect("addr");
-    let mut stream = connect(addr, preset(args));
+    let mut stream = connect(addr, args);
     let fd = stream.as_raw_fd();
     emit(json!({
         "connected": options(fd),
