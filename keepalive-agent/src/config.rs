@@ -220,22 +220,30 @@ fn key_before(text: &str, offset: usize) -> Option<&str> {
 }
 
 struct Ctx<'a> {
-    text: &'a str,
     file: &'a Path,
+    /// Offsets of the text's newlines, so that finding a line is a search, not a count: a
+    /// config with thousands of policies would otherwise take quadratic time.
+    newlines: Vec<usize>,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    fn new(text: &str, file: &'a Path) -> Self {
+        let newlines = text.match_indices('\n').map(|(at, _)| at).collect();
+        Self { file, newlines }
+    }
+
     fn err(&self, span: Range<usize>, reason: impl Into<String>) -> anyhow::Error {
         Error::Config {
             file: self.file.to_owned(),
-            line: Some(line_of(self.text, span.start)),
+            line: Some(self.line(&span)),
             reason: reason.into(),
         }
         .into()
     }
 
+    /// As [`line_of`].
     fn line(&self, span: &Range<usize>) -> usize {
-        line_of(self.text, span.start)
+        self.newlines.partition_point(|&at| at < span.start) + 1
     }
 
     /// Builds a policy, taking missing values from `base`.
@@ -426,7 +434,7 @@ fn check_owner(file: &Path) -> anyhow::Result<()> {
 
 /// Parses and validates config text.
 pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Config> {
-    let ctx = Ctx { text, file };
+    let ctx = Ctx::new(text, file);
     let raw: RawConfig = toml::from_str(text).map_err(|err| Error::Config {
         file: file.to_owned(),
         line: err.span().map(|span| line_of(text, span.start)),
@@ -454,6 +462,16 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
         None => (BUILTIN_DEFAULT, Source::Builtin),
     };
 
+    let max = keepalive_common::MAX_POLICIES as usize;
+    if let Some(first_over) = raw.policy.get(max) {
+        return Err(ctx.err(
+            first_over.span(),
+            format!(
+                "{} policies; at most {max} are supported, and this is the first beyond",
+                raw.policy.len()
+            ),
+        ));
+    }
     let mut exact = Vec::new();
     let mut globs = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -509,20 +527,7 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
             exact.push(rule);
         }
     }
-    let rules = if exact.len() + globs.len() > keepalive_common::MAX_POLICIES as usize {
-        return Err(Error::Config {
-            file: file.to_owned(),
-            line: None,
-            reason: format!(
-                "{} policies; at most {} are supported",
-                exact.len() + globs.len(),
-                keepalive_common::MAX_POLICIES
-            ),
-        }
-        .into());
-    } else {
-        exact.into_iter().chain(globs).collect()
-    };
+    let rules = exact.into_iter().chain(globs).collect();
 
     let attach = match &raw.attach {
         Some(attach) => {
@@ -724,6 +729,26 @@ mod tests {
             }
             other => panic!("unexpected error {other:?}"),
         }
+    }
+
+    #[test]
+    fn too_many_policies_name_the_first_beyond_the_limit() {
+        let max = keepalive_common::MAX_POLICIES as usize;
+        let text: String = (0..=max)
+            .map(|i| format!("[[policy]]\ncgroup = \"/p{i}\"\nidle = 5\n"))
+            .collect();
+        let (line, reason) = parse_err(&text);
+        assert_eq!(line, Some(3 * max + 1), "{reason}");
+        assert!(
+            reason.contains(&format!("{} policies; at most {max}", max + 1)),
+            "{reason}"
+        );
+        let fits: String = text
+            .lines()
+            .take(3 * max)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(parse_ok(&fits).policies.rules.len(), max);
     }
 
     const EXAMPLE: &str = r#"# optional; default is the cgroup2 root
