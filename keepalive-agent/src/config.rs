@@ -532,6 +532,7 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
     let attach = match &raw.attach {
         Some(attach) => {
             parse_attach(cgroup2, attach.get_ref())
+                .and_then(|path| policy::check_not_a_file(cgroup2, &path))
                 .map_err(|err| ctx.err(attach.span(), format!("attach: {err}")))?;
             Some((attach.get_ref().clone(), ctx.line(&attach.span())))
         }

@@ -293,7 +293,7 @@ fn matches_pairwise(patterns: &[glob::Pattern], names: &[&str]) -> bool {
 
 /// Refuses a path that names a file, or goes through one (`…/cgroup.procs`): no cgroup can
 /// ever be there. A path that does not exist is fine; the cgroup may be created later.
-fn check_not_a_file(cgroup2: &Cgroup2, path: &CgroupPath) -> anyhow::Result<()> {
+pub(crate) fn check_not_a_file(cgroup2: &Cgroup2, path: &CgroupPath) -> anyhow::Result<()> {
     let abs = cgroup2.abs(path);
     let file = match fs::metadata(&abs) {
         Ok(meta) => !meta.is_dir(),

@@ -1069,8 +1069,10 @@ fn a_bad_config_is_rejected_with_file_line_and_reason_and_nothing_is_attached() 
         cg.rel(),
         cg.rel()
     );
+    let attach = format!("\nattach = \"{}/cgroup.procs\"\n", cg.rel());
     for (text, line, reason) in [
         (file.as_str(), 4, "is a file"),
+        (attach.as_str(), 2, "attach: cgroup"),
         ("[default]\nidle = 5\nidel = 6\n", 3, "idel"),
         ("[default]\ncount = \"five\"\n", 2, "integer"),
         ("[default]\n\ninterval = 99999\n", 3, "1 to 32767"),
