@@ -930,7 +930,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         return Err(err);
     }
 
-    let mut enforcer = Enforcer::load(
+    let loaded = Enforcer::load(
         &LoadOptions {
             state: &state,
             attach_path: &attach_path,
@@ -940,7 +940,18 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             bpf_log_level: bpf_log_level(),
         },
         &btf,
-    )?;
+    );
+    // Nothing is attached yet: a fresh start that failed leaves no maps behind, which would
+    // keep the sizes it failed with at the next start.
+    let mut enforcer = match loaded {
+        Ok(enforcer) => enforcer,
+        Err(err) => {
+            if created {
+                state.remove_unused();
+            }
+            return Err(err);
+        }
+    };
     match enforcer.forget_removed_cgroups(&cgroup2, &attach) {
         Ok(0) => {}
         Ok(forgotten) => {

@@ -14,16 +14,16 @@ use std::{
 
 use anyhow::{Context as _, anyhow};
 use aya::{
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfError, EbpfLoader,
     maps::{ArrayOfMaps, HashMap, MapData, MapError},
     programs::{CgroupSockopt, Iter, ProgramError, SockOps},
 };
 use keepalive_common::{
-    AGENT_SEEN_CGROUPS, CgroupStats, DEFAULT_MAX_TRACKED_SOCKETS, GLOBAL_OFFSETS, GLOBAL_SETTINGS,
-    KernelOffsets, MAP_AGENT, MAP_APPLY, MAP_CGSTATS, MAP_POLICY, MAP_SLOT_CHUNKS, MAP_SOCK_SLOTS,
-    MAP_SOCKS, MAX_POLICIES, PINNED_MAPS, POLICY_GENERATION_KEY, PROG_APPLY, PROG_LOCK,
-    PROG_SOCKOPS, PROG_STATUS, PROG_STATUS_SLOTS, Policy, Settings, generation_entry,
-    slot_chunks_for, sock_slots_for,
+    AGENT_SEEN_CGROUPS, CgroupStats, DEFAULT_MAX_TRACKED_CGROUPS, DEFAULT_MAX_TRACKED_SOCKETS,
+    GLOBAL_OFFSETS, GLOBAL_SETTINGS, KernelOffsets, MAP_AGENT, MAP_APPLY, MAP_CGSTATS, MAP_POLICY,
+    MAP_SLOT_CHUNKS, MAP_SOCK_SLOTS, MAP_SOCKS, MAX_POLICIES, PINNED_MAPS, POLICY_GENERATION_KEY,
+    PROG_APPLY, PROG_LOCK, PROG_SOCKOPS, PROG_STATUS, PROG_STATUS_SLOTS, Policy, Settings,
+    generation_entry, slot_chunks_for, sock_slots_for,
 };
 
 use crate::{
@@ -132,8 +132,48 @@ pub fn pinned_attach_id(state: &StateDir) -> anyhow::Result<Option<u64>> {
     Ok(pinned_sockops_link(state)?.map(|info| info.cgroup_id))
 }
 
-fn kernel_error(what: &str, err: impl std::fmt::Display) -> anyhow::Error {
-    Error::Kernel(format!("{what}: {err:#}")).into()
+fn kernel_error(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> anyhow::Error {
+    // With its sources: aya's errors keep the kernel's errno there.
+    Error::Kernel(format!("{what}: {:#}", anyhow::Error::new(err))).into()
+}
+
+/// The error of a failed load. A map the kernel has no memory for, at a size the capacity
+/// settings decide, is theirs to fix (exit 2, not retried by the unit either); anything else
+/// is the kernel's (exit 6).
+fn load_error(err: EbpfError, opts: &LoadOptions<'_>) -> anyhow::Error {
+    if let EbpfError::MapError(MapError::CreateError { name, io_error }) = &err
+        && io_error.raw_os_error() == Some(libc::ENOMEM)
+    {
+        let sized_by = if name == MAP_CGSTATS {
+            Some((
+                "max_tracked_cgroups",
+                opts.max_tracked_cgroups,
+                DEFAULT_MAX_TRACKED_CGROUPS,
+            ))
+        } else if [MAP_SOCKS, MAP_SOCK_SLOTS, MAP_SLOT_CHUNKS].contains(&name.as_str()) {
+            Some((
+                "max_tracked_sockets",
+                opts.max_tracked_sockets,
+                DEFAULT_MAX_TRACKED_SOCKETS,
+            ))
+        } else {
+            None
+        };
+        if let Some((key, set, default)) = sized_by {
+            let size = match set {
+                Some(n) => n.to_string(),
+                None => format!("{default} (the default)"),
+            };
+            return Error::Usage(format!(
+                "the kernel has no memory for map {name}, sized by {key} = {size}: {io_error}; \
+                 lower {key} in the config (or --{}), or raise the memory limit of the agent's \
+                 cgroup",
+                key.replace('_', "-")
+            ))
+            .into();
+        }
+    }
+    kernel_error("failed to load the BPF object", err)
 }
 
 impl Enforcer {
@@ -175,7 +215,7 @@ impl Enforcer {
         loader.map_max_entries(MAP_SLOT_CHUNKS, slot_chunks_for(slots));
         let mut ebpf = loader
             .load(EBPF_OBJECT)
-            .map_err(|err| kernel_error("failed to load the BPF object", err))?;
+            .map_err(|err| load_error(err, opts))?;
 
         let sockops: &mut SockOps = program(&mut ebpf, PROG_SOCKOPS)?;
         sockops

@@ -189,12 +189,17 @@ impl StateDir {
         Ok(created)
     }
 
-    /// Removes a state directory [`StateDir::create`] made, as long as nothing was pinned in
-    /// it: for a start that was refused before loading anything.
+    /// Removes a state directory [`StateDir::create`] made, with the maps a start that failed
+    /// before attaching anything pinned in it (a load that failed at its third map, say). Only
+    /// for a directory this process made: what is in it is this process's.
     pub fn remove_unused(&self) {
-        for dir in [self.maps_dir(), self.root.clone()] {
+        for pin in self.existing_pins() {
+            let _ = unpin(&pin);
+        }
+        for dir in self.map_dirs() {
             let _ = fs::remove_dir(dir);
         }
+        let _ = fs::remove_dir(&self.root);
     }
 
     /// Takes an exclusive lock on the state directory for as long as the returned file lives,

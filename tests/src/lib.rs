@@ -132,6 +132,51 @@ impl TestCgroup {
         Self { path, rel: name }
     }
 
+    /// Creates a cgroup whose processes may use at most `bytes` of memory, kernel memory such
+    /// as BPF maps included: in the cgroup v1 memory hierarchy where there is one (a hybrid
+    /// layout, as on this project's CI host), else in cgroup2, whose root must then delegate
+    /// the memory controller.
+    pub fn memory_limited(label: &str, bytes: u64) -> Self {
+        require_root();
+        let name = unique(label);
+        let v1 = Path::new("/sys/fs/cgroup/memory");
+        let (root, limit) = if v1.join("memory.limit_in_bytes").exists() {
+            (v1.to_owned(), "memory.limit_in_bytes")
+        } else {
+            let root = cgroup2_mount();
+            let delegated =
+                fs::read_to_string(root.join("cgroup.subtree_control")).unwrap_or_default();
+            assert!(
+                delegated.split_whitespace().any(|c| c == "memory"),
+                "no memory controller: neither cgroup v1 memory nor memory in {}'s \
+                 cgroup.subtree_control",
+                root.display()
+            );
+            (root, "memory.max")
+        };
+        let path = root.join(&name);
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        let cgroup = Self { path, rel: name };
+        fs::write(cgroup.path.join(limit), bytes.to_string())
+            .unwrap_or_else(|e| panic!("{limit} of {}: {e}", cgroup.path.display()));
+        cgroup
+    }
+
+    /// Makes `cmd` run in this cgroup, from before it executes.
+    pub fn run_in(&self, cmd: &mut Command) {
+        let procs = std::ffi::CString::new(
+            self.path
+                .join("cgroup.procs")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: the closure only makes system calls.
+        unsafe {
+            cmd.pre_exec(move || join_cgroup(&procs));
+        }
+    }
+
     /// Creates a child cgroup; it is removed when dropped, or with this one.
     pub fn child(&self, name: &str) -> Self {
         let path = self.path.join(name);
@@ -216,6 +261,24 @@ pub fn remove_cgroup_tree(path: &Path) {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is `procs` (writing 0 moves
+/// the writer). Only system calls: for `pre_exec`.
+fn join_cgroup(procs: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: open, write and close with a valid C string and buffer.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let ok = libc::write(fd, b"0\n".as_ptr().cast(), 2) == 2;
+        libc::close(fd);
+        if !ok {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 impl Drop for TestCgroup {
@@ -447,18 +510,10 @@ impl Proc {
                 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if let Some(procs) = &procs {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
-                    if fd < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    let ok = libc::write(fd, b"0\n".as_ptr().cast(), 2) == 2;
-                    libc::close(fd);
-                    if !ok {
-                        return Err(std::io::Error::last_os_error());
-                    }
+                match &procs {
+                    Some(procs) => join_cgroup(procs),
+                    None => Ok(()),
                 }
-                Ok(())
             });
         }
         let mut child = cmd
