@@ -883,22 +883,18 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     // Before the runtime directory is made: a refused state directory changes nothing.
     state.check_own()?;
     let _lock = instance::lock(&globals.runtime_dir, state.root())?;
-    let created = state.create()?;
-    let _state_lock = state.lock()?;
-    // A taken port fails here, before anything is loaded or attached; after the state lock, so
-    // a second agent on the same state is refused as such (exit 7) although its port is taken.
+    // A taken port fails here, before anything is made, loaded or attached. A second agent on
+    // the same state (whose port it may well be) is refused as such: exit 7, not retried.
     let metrics_listener = match fixed.metrics.map(metrics::listen).transpose() {
         Ok(listener) => listener,
-        Err(err) => {
-            if created {
-                state.remove_unused();
-            }
-            return Err(err);
-        }
+        Err(_) if state.is_locked() => return Err(state.held_elsewhere()),
+        Err(err) => return Err(err),
     };
     if let Some(addr) = fixed.metrics {
         log::info!("serving metrics on http://{addr}/metrics");
     }
+    let created = state.create()?;
+    let _state_lock = state.lock()?;
     let mut pinned = loader::pinned_sockops_link(&state)?;
     if let Some(link) = pinned.filter(|link| link.cgroup_id != attach_id) {
         match loader::link_cgroup(&link, &cgroup2) {

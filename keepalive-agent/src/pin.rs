@@ -208,14 +208,19 @@ impl StateDir {
     pub fn lock(&self) -> anyhow::Result<std::fs::File> {
         let dir = self.open_dir()?;
         if !sys::flock(&dir, libc::LOCK_EX | libc::LOCK_NB) {
-            return Err(Error::Agent(format!(
-                "another keepalive agent is running with state directory {} (possibly in a \
-                 container); stop it first",
-                self.root.display()
-            ))
-            .into());
+            return Err(self.held_elsewhere());
         }
         Ok(dir)
+    }
+
+    /// The refusal of a start or `detach` that finds another agent holding the directory.
+    pub fn held_elsewhere(&self) -> anyhow::Error {
+        Error::Agent(format!(
+            "another keepalive agent is running with state directory {} (possibly in a \
+             container); stop it first",
+            self.root.display()
+        ))
+        .into()
     }
 
     /// Whether an agent holds the state directory now.
