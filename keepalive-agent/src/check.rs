@@ -318,18 +318,28 @@ fn config_content_item(
     } else {
         FIX_FILE
     };
-    let checked = loaded.map_err(|err| (err, FIX_FILE)).and_then(|config| {
-        // The file's own `attach` was checked as it was read: an error here is --cgroup's.
-        let attach = config
-            .attach_cgroup(target.cgroup, cgroup2)
-            .map_err(|err| (err, "correct --cgroup: `run` refuses it (exit 2)"))?;
-        config
-            .check_scope(&attach)
-            .map_err(|err| (err, fix_scope))?;
-        // As `run` looks the attach cgroup up.
-        let exists = cgroup2.existing_id(&attach);
-        Ok((config, attach, exists))
-    });
+    let checked = loaded
+        .map_err(|err| {
+            let fix = if err.is::<config::DanglingLink>() {
+                "restore the link's target (or mount its file system): `run` exits 1 until it \
+                 can read the file, and the systemd unit retries every 2 s"
+            } else {
+                FIX_FILE
+            };
+            (err, fix)
+        })
+        .and_then(|config| {
+            // The file's own `attach` was checked as it was read: an error here is --cgroup's.
+            let attach = config
+                .attach_cgroup(target.cgroup, cgroup2)
+                .map_err(|err| (err, "correct --cgroup: `run` refuses it (exit 2)"))?;
+            config
+                .check_scope(&attach)
+                .map_err(|err| (err, fix_scope))?;
+            // As `run` looks the attach cgroup up.
+            let exists = cgroup2.existing_id(&attach);
+            Ok((config, attach, exists))
+        });
     match checked {
         // `run` exits 4 and the systemd unit retries until the cgroup appears (kubelet, say,
         // creates kubepods.slice after boot), so the file itself is fine.

@@ -346,29 +346,55 @@ fn read(file: &Path, required: bool, cgroup2: &Cgroup2) -> anyhow::Result<Config
     }
 }
 
-/// The text of `file`; `None` when it does not exist and is not `required`. A symbolic link on
-/// its path that points nowhere (one from config management whose target is missing, or on a
-/// file system not mounted yet) is an error even then: the built-in default would silently
-/// drop every policy the file holds.
+/// A config path that leads through a symbolic link to nothing: one from config management
+/// whose target is missing, or on a file system not mounted yet. Not the "no file" that means
+/// the built-in default, which would silently drop every policy the file holds; and not a
+/// config error either (exit 2, which the unit does not retry): exit 1, retried, so the agent
+/// starts with the file once its target appears.
+#[derive(Debug)]
+pub struct DanglingLink {
+    file: PathBuf,
+    link: PathBuf,
+    target: PathBuf,
+}
+
+impl fmt::Display for DanglingLink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: cannot read: {} is a symbolic link to {}, which does not exist",
+            self.file.display(),
+            self.link.display(),
+            self.target.display()
+        )
+    }
+}
+
+impl std::error::Error for DanglingLink {}
+
+/// The text of `file`; `None` when it does not exist and is not `required` (a [`DanglingLink`]
+/// is an error either way).
 fn read_text(file: &Path, required: bool) -> anyhow::Result<Option<String>> {
     let err = match std::fs::read_to_string(file) {
         Ok(text) => return Ok(Some(text)),
         Err(err) => err,
     };
     let missing = err.kind() == std::io::ErrorKind::NotFound;
-    let reason = match missing.then(|| dangling_link(file)).flatten() {
-        Some((link, target)) => format!(
-            "cannot read: {} is a symbolic link to {}, which does not exist",
-            link.display(),
-            target.display()
-        ),
-        None if missing && !required => return Ok(None),
-        None => format!("cannot read: {err}"),
-    };
+    if let Some((link, target)) = missing.then(|| dangling_link(file)).flatten() {
+        return Err(DanglingLink {
+            file: file.to_owned(),
+            link,
+            target,
+        }
+        .into());
+    }
+    if missing && !required {
+        return Ok(None);
+    }
     Err(Error::Config {
         file: file.to_owned(),
         line: None,
-        reason,
+        reason: format!("cannot read: {err}"),
     }
     .into())
 }

@@ -928,7 +928,8 @@ fn a_reload_without_the_default_config_file_read_at_start_keeps_the_running_poli
 
 /// A default config path that leads through a symbolic link to nothing (config management's,
 /// with its target missing or not mounted yet) is refused, not taken for "no file": the
-/// built-in default would silently drop the file's policies.
+/// built-in default would silently drop the file's policies. `run` exits 1, which the unit
+/// retries, so the agent starts once the target appears.
 #[test]
 fn a_default_config_behind_a_dangling_symbolic_link_is_refused() {
     let cg = TestCgroup::new("dangling");
@@ -953,17 +954,17 @@ fn a_default_config_behind_a_dangling_symbolic_link_is_refused() {
         hide_with_tmpfs(c"/etc")?;
         symlink(c"/srv/ka", c"/etc/keepalive-agent")
     };
-    // `run` refuses (2); `check` reports it and is not ready (8).
+    // `run` refuses (1); `check` reports it and is not ready (8).
     for (out, link, want) in [
         (
             agent_in_private_mounts(&dirs, &run, file_link),
             "/etc/keepalive-agent/config.toml",
-            2,
+            1,
         ),
         (
             agent_in_private_mounts(&dirs, &run, dir_link),
             "/etc/keepalive-agent",
-            2,
+            1,
         ),
         (
             in_private_mounts(&dirs, dirs.command(&check), file_link),
@@ -980,6 +981,9 @@ fn a_default_config_behind_a_dangling_symbolic_link_is_refused() {
             )) && text.contains("which does not exist"),
             "{text}"
         );
+        if want == 8 {
+            assert!(text.contains("restore the link's target"), "{text}");
+        }
         assert_eq!(sockops_attachments(cg.path()), 0);
     }
 }
