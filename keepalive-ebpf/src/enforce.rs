@@ -193,19 +193,29 @@ pub(crate) fn follow_own_user_timeout(
     true
 }
 
-/// Whether the socket still has the user timeout `policy` set (the application may have set
-/// its own since, which is not the program's to undo).
+/// Whether the socket still has the user timeout `policy` made the program set (the
+/// application may have set its own since, which is not the program's to undo): the policy's
+/// own, or under a `lock` policy without one, keepalive's span, which the program sets in
+/// place of a longer one (see [`Policy::keepalive_span_ms`]; one the application set to
+/// exactly that counts as the program's).
 #[inline(always)]
 fn has_user_timeout_of(tp: *const u8, policy: &Policy) -> bool {
-    policy.flags & policy_flags::USER_TIMEOUT != 0
-        && kernel::user_timeout_ms(tp) == policy.user_timeout_ms
+    let ms = kernel::user_timeout_ms(tp);
+    if policy.flags & policy_flags::USER_TIMEOUT != 0 {
+        ms == policy.user_timeout_ms
+    } else {
+        policy.mode == mode::LOCK && ms != 0 && ms == policy.keepalive_span_ms()
+    }
 }
 
 /// Whether moving from `old` to `new` puts the socket's user timeout back to the kernel's
-/// default: `new` has none, and the socket still has the one `old` set.
+/// default: `new` has none, the socket still has the one `old` made the program set, and
+/// `new` would not set the same.
 #[inline(always)]
 pub(crate) fn resets_user_timeout(tp: *const u8, old: &Policy, new: &Policy) -> bool {
-    new.flags & policy_flags::USER_TIMEOUT == 0 && has_user_timeout_of(tp, old)
+    new.flags & policy_flags::USER_TIMEOUT == 0
+        && has_user_timeout_of(tp, old)
+        && !has_user_timeout_of(tp, new)
 }
 
 /// Sets, updates or withdraws the policy on a listener, so the connections it accepts inherit

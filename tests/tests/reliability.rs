@@ -417,6 +417,44 @@ fn lock_mode_holds_the_policy_against_later_setsockopt() {
     ] {
         assert_eq!(user_timeouts(args), (want.into(), 1.into()), "{args:?}");
     }
+    // A listener's, which its connections inherit, likewise.
+    let mut listener = Proc::sock(
+        &[
+            "listen",
+            "127.0.0.1:0",
+            "1",
+            "--user-timeout-after",
+            "600000",
+        ],
+        &cg,
+    );
+    let port = listener.read()["port"].as_u64().unwrap();
+    let _client = Proc::sock(&["connect", &format!("127.0.0.1:{port}")], &cg);
+    assert_eq!(listener.read()["accepted"]["user_timeout"], 49_000);
+    // The 49 s is the program's: a policy change takes it back, as it does a user timeout
+    // the policy set, while one the application set below it stays.
+    let mut held = Proc::sock(&["pair", "4", "--user-timeout", "600000"], &cg);
+    let mut own = Proc::sock(&["pair", "4", "--user-timeout", "5000"], &cg);
+    assert_eq!(held.read()["client"]["user_timeout"], 49_000);
+    assert_eq!(own.read()["client"]["user_timeout"], 5_000);
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.rel(),
+        "--idle",
+        "300",
+        "--interval",
+        "30",
+        "--user-timeout",
+        "0",
+    ]);
+    let client = held.report().swap_remove(0);
+    assert_eq!(
+        (client["idle"].clone(), client["user_timeout"].clone()),
+        (300.into(), 0.into()),
+        "{client}"
+    );
+    assert_eq!(own.report()[0]["user_timeout"], 5_000);
 }
 
 #[test]

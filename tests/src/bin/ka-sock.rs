@@ -9,6 +9,7 @@
 //!              [--disconnect-at-report N] [--reconnect-at-report N]
 //!                                                client+server over loopback; both ends' options
 //! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE] [--keepalive-after IDLE]
+//!                [--user-timeout-after MS]
 //!                                                accept N connections (default 1), report each
 //! ka-sock connect <ADDR:PORT> [--keepalive IDLE [--keepalive-interval S] [--keepalive-count N]]
 //!                             [--send] [--read] [--loosen] [--loosen-large]
@@ -39,7 +40,7 @@
 //! `--keepalive-after IDLE` does so
 //! on the client once connected, as Go's net package does (with `listen`: on the listener once
 //! listening, as nginx does); `--user-timeout-after MS` sets the
-//! client's TCP_USER_TIMEOUT once connected; `--loosen-at-report N` makes the client try what
+//! client's TCP_USER_TIMEOUT once connected (with `listen`: the listener's once listening); `--loosen-at-report N` makes the client try what
 //! `--loosen` does (below) just before the N-th report; `--disconnect-at-report N` disconnects
 //! it (connect to AF_UNSPEC) and `--reconnect-at-report N` connects it to the listener again,
 //! in that order when they name the same report, both before a loosen. `--send` waits until stdin closes, then
@@ -359,6 +360,12 @@ fn listen(args: &[String]) {
         let fd = listener.as_raw_fd();
         assert_eq!(set(fd, SOL_SOCKET, SO_KEEPALIVE, 1), 0);
         assert_eq!(set(fd, TCP, libc::TCP_KEEPIDLE, idle), 0);
+    }
+    if let Some(ms) = flag_value(args, "--user-timeout-after") {
+        assert_eq!(
+            set(listener.as_raw_fd(), TCP, libc::TCP_USER_TIMEOUT, ms),
+            0
+        );
     }
     emit(json!({ "port": listener.local_addr().expect("addr").port() }));
     let mut accepted = Vec::new();
