@@ -181,6 +181,7 @@ pub(crate) fn enforce_socket(
     let app_owns = policy.mode == mode::FILL
         && app_keepalive
         && !matches!(origin, Origin::Established { direction } if direction == sock_flags::INBOUND);
+    let mut kept_before = false;
     let result =
         if !resets_user_timeout && !app_owns && enforce::carries(sock.target, sock.tp, &policy) {
             // Usually an accepted socket that inherited the options the program set on its
@@ -206,9 +207,18 @@ pub(crate) fn enforce_socket(
             ) {
                 flags |= sock_flags::OWN_USER_TIMEOUT;
             }
-            count(Counter::KeptApp);
             values = enforce::read_values(sock.target, mode::FILL);
             flags |= sock_flags::APP_OWNED;
+            // Kept before with the same values (under this policy or another): nothing
+            // happened to the socket, so there is no event to count and no new time to stamp.
+            kept_before = existing.as_deref().is_some_and(|rec| {
+                rec.flags & (sock_flags::APP_OWNED | sock_flags::OWN_USER_TIMEOUT)
+                    == flags & (sock_flags::APP_OWNED | sock_flags::OWN_USER_TIMEOUT)
+                    && rec.policy == values
+            });
+            if !kept_before {
+                count(Counter::KeptApp);
+            }
             apply_result::KEPT_APP
         } else {
             let ok = enforce::apply(sock.target, sock.tp, &policy, own_user_timeout.as_ref());
@@ -257,7 +267,9 @@ pub(crate) fn enforce_socket(
             rec.cgroup_id = own;
             rec.policy_cgroup_id = resolved.policy_cgroup;
             rec.policy = values;
-            rec.applied_ns = now;
+            if !kept_before {
+                rec.applied_ns = now;
+            }
             rec.flags = flags;
             describe(rec);
             if stored {

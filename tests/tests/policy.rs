@@ -523,6 +523,21 @@ fn fill_keeps_an_applications_own_keepalive_with_the_policys_values() {
             .count()
     };
     assert_eq!(owned(&agent), 2, "both clients are the application's");
+    // What a pass that leaves the application's keepalive alone must not touch: the count of
+    // kept keepalives (an event per socket, not per pass) and when the values were applied
+    // (to the second, hence the pause).
+    let kept = |agent: &Agent| {
+        let status = agent.status();
+        let stamps: Vec<serde_json::Value> = sockets_of(&status, &cg)
+            .iter()
+            .filter(|s| s["app_owned"] == true)
+            .map(|s| s["enforced_at"].clone())
+            .collect();
+        (status["counters"]["kept_app_keepalive"].clone(), stamps)
+    };
+    let kept_first = kept(&agent);
+    assert_eq!(kept_first.0, 2, "{kept_first:?}");
+    std::thread::sleep(Duration::from_millis(1100));
     agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "fill", "--idle", "44"]);
     for pair in [&mut before, &mut since] {
         let socks = pair.report();
@@ -534,6 +549,7 @@ fn fill_keeps_an_applications_own_keepalive_with_the_policys_values() {
         assert_eq!(values(&socks[1]).1, 44, "the program's, moved: {socks:?}");
     }
     assert_eq!(owned(&agent), 2);
+    assert_eq!(kept(&agent), kept_first, "the pass kept them again");
 }
 
 /// Values an application sets on its listener after listen() (as nginx does), over the ones the
