@@ -185,9 +185,15 @@ pub(crate) fn enforce_socket(
     let result =
         if !resets_user_timeout && !app_owns && enforce::carries(sock.target, sock.tp, &policy) {
             // Usually an accepted socket that inherited the options the program set on its
-            // listener: nothing to do.
-            count(Counter::Inherited);
-            flags |= sock_flags::ENFORCED | sock_flags::INHERITED;
+            // listener: nothing to do. Inherited only if so when the program first saw it: on
+            // a socket it covered before, they can be the ones it set itself.
+            if before == 0 {
+                count(Counter::Inherited);
+                flags |= sock_flags::INHERITED;
+            } else {
+                flags |= before & sock_flags::INHERITED;
+            }
+            flags |= sock_flags::ENFORCED;
             apply_result::APPLIED
         } else if policy.mode == mode::FILL
             && (app_keepalive

@@ -456,6 +456,50 @@ fn hz_is_learned_only_from_an_idle_time_that_was_set() {
     assert_eq!(row["inherited"], true, "{row}");
 }
 
+/// `inherited` says the program found the policy's values on a socket the first time it saw
+/// it. A pass that re-checks a socket the program set itself (a mode change that leaves the
+/// values, enforce to lock) neither marks it inherited nor counts it as inherited from a listener.
+#[test]
+fn a_recheck_that_finds_the_programs_own_values_is_not_inherited() {
+    let cg = TestCgroup::new("recheck");
+    let agent = Agent::start(&cg, &["--idle", "23"]);
+    let mut pair = Proc::sock(&["pair", "4"], &cg);
+    let out = pair.read();
+    let rows = |agent: &Agent| {
+        let status = agent.status();
+        let row = |local: &serde_json::Value| {
+            let s = sockets_of(&status, &cg)
+                .into_iter()
+                .find(|s| s["local"] == *local)
+                .unwrap_or_else(|| panic!("no socket {local} in {status}"));
+            (s["mode"].clone(), s["inherited"].clone())
+        };
+        (
+            row(&out["client_local"]),
+            row(&out["server_local"]),
+            status["counters"]["inherited_from_listener"].clone(),
+        )
+    };
+    let (client, server, inherited) = rows(&agent);
+    assert_eq!(
+        client,
+        ("enforce".into(), false.into()),
+        "set by the program"
+    );
+    assert_eq!(server, ("enforce".into(), true.into()), "from the listener");
+    assert_eq!(inherited, 1);
+    agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "23", "--mode", "lock"]);
+    assert_eq!(values(&pair.report()[0]), values(&out["client"]));
+    assert_eq!(
+        rows(&agent),
+        (
+            ("lock".into(), false.into()),
+            ("lock".into(), true.into()),
+            1.into()
+        )
+    );
+}
+
 /// `fill` keeps the keepalive an application enables after the connection was established
 /// (and the program had filled in the policy), as Go does right after connect.
 #[test]
