@@ -81,11 +81,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             build(&env, false, false)?;
             let agent = workspace_root().join("target/debug/keepalive-agent");
             let agent_args = agent_args(rest);
-            let status = as_root(&agent, &agent_args).status()?;
-            if !status.success() {
-                bail!("keepalive-agent exited with {status}");
-            }
-            Ok(())
+            exit_like(run_as_root(&agent, &agent_args)?)
         }
         "test" => {
             let env = setup::setup()?;
@@ -95,6 +91,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         }
         "lint" => {
             let env = setup::setup()?;
+            setup::lint_tools()?;
             lint(&env)
         }
         "bench" => bench(rest),
@@ -104,11 +101,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             let agent = workspace_root().join("target/release/keepalive-agent");
             let mut agent_args = vec!["install".to_owned()];
             agent_args.extend(rest.iter().skip_while(|a| *a == "--").cloned());
-            let status = as_root(&agent, &agent_args).status()?;
-            if !status.success() {
-                bail!("keepalive-agent install exited with {status}");
-            }
-            Ok(())
+            exit_like(run_as_root(&agent, &agent_args)?)
         }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
@@ -145,6 +138,30 @@ pub fn as_root(program: &Path, args: &[String]) -> Command {
     }
 }
 
+/// Runs `program` as root (see [`as_root`]) and waits for it.
+fn run_as_root(program: &Path, args: &[String]) -> anyhow::Result<std::process::ExitStatus> {
+    as_root(program, args).status().with_context(|| {
+        if is_root() {
+            format!("failed to run {}", program.display())
+        } else {
+            format!(
+                "failed to run {} as root through sudo; run this task as root",
+                program.display()
+            )
+        }
+    })
+}
+
+/// Ends xtask with the exit code of the agent it ran, which the README documents, or returns
+/// when it succeeded.
+fn exit_like(status: std::process::ExitStatus) -> anyhow::Result<()> {
+    if status.success() {
+        return Ok(());
+    }
+    eprintln!("xtask: keepalive-agent exited with {status}");
+    std::process::exit(status.code().unwrap_or(1));
+}
+
 /// A cargo command with the environment `setup` prepared.
 fn cargo(env: &setup::Env) -> Command {
     let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
@@ -179,12 +196,22 @@ fn test(env: &setup::Env, hadolint: &Path) -> anyhow::Result<()> {
     // One build of the agent, and with it one build of the BPF object, for every test.
     build(env, false, true)?;
     let agent = workspace_root().join("target/debug/keepalive-agent");
+    // Cargo's runner for the host's test binaries, when they need sudo to run as root.
+    let runner = if is_root() {
+        None
+    } else {
+        let host = setup::host_triple()?;
+        Some(format!(
+            "CARGO_TARGET_{}_RUNNER",
+            host.to_uppercase().replace(['-', '.'], "_")
+        ))
+    };
     // `cargo test` against the agent built above, running the test binaries as root.
     let cargo_test = || {
         let mut cmd = cargo(env);
         cmd.arg("test").env("KEEPALIVE_AGENT_BIN", &agent);
-        if !is_root() {
-            cmd.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo -E");
+        if let Some(runner) = &runner {
+            cmd.env(runner, "sudo -E");
         }
         cmd
     };

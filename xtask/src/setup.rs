@@ -2,7 +2,8 @@
 //! nightly toolchain and bpf-linker built against that nightly's own LLVM ([`setup`]); for the
 //! tasks that load programs, a mounted bpffs ([`ensure_bpffs`]); only for the tasks that use
 //! them, the tools the tests ([`test_tools`]: iproute2,
-//! systemd-analyze, hadolint) and the benchmarks ([`bench_tools`]: iproute2) run.
+//! systemd-analyze, hadolint), the benchmarks ([`bench_tools`]: iproute2) and `lint`
+//! ([`lint_tools`]: rustfmt and clippy, the nightly's included) run.
 //!
 //! bpf-linker 0.13's default feature wants LLVM 23 while the pinned nightly ships LLVM 22, so
 //! it is built with `--no-default-features --features llvm-<major>` against the nightly's
@@ -75,13 +76,68 @@ fn step(what: &str) {
     eprintln!("xtask: {what}");
 }
 
+/// The host's target triple (`x86_64-unknown-linux-gnu`), as rustc reports it.
+pub fn host_triple() -> anyhow::Result<String> {
+    let version = output(Command::new("rustc").arg("-vV"))?;
+    version
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .map(str::to_owned)
+        .context("rustc -vV reports no host")
+}
+
+/// Adds the rustup components `names` that `toolchain` (the active one for `None`) lacks.
+fn ensure_components(toolchain: Option<&str>, names: &[&str]) -> anyhow::Result<()> {
+    let with_toolchain = |cmd: &mut Command| {
+        if let Some(toolchain) = toolchain {
+            cmd.args(["--toolchain", toolchain]);
+        }
+    };
+    let mut list = Command::new("rustup");
+    list.args(["component", "list", "--installed"]);
+    with_toolchain(&mut list);
+    let installed = output(&mut list)?;
+    // Listed as `rust-src`, or with the host triple: `clippy-x86_64-unknown-linux-gnu`.
+    let missing: Vec<&str> = names
+        .iter()
+        .copied()
+        .filter(|name| {
+            !installed
+                .lines()
+                .any(|l| l == *name || l.starts_with(&format!("{name}-")))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    step(&format!(
+        "adding {} to the {} toolchain",
+        missing.join(" and "),
+        toolchain.unwrap_or("active")
+    ));
+    let mut add = Command::new("rustup");
+    add.args(["component", "add"]).args(&missing);
+    with_toolchain(&mut add);
+    output(&mut add).map(drop)
+}
+
+/// What `lint` runs besides the build: rustfmt and clippy for the host crates (the active
+/// toolchain), clippy for the BPF crate (the nightly, which setup installs without it).
+pub fn lint_tools() -> anyhow::Result<()> {
+    ensure_components(None, &["rustfmt", "clippy"])?;
+    ensure_components(Some(&nightly()), &["clippy"])
+}
+
 fn ensure_nightly() -> anyhow::Result<PathBuf> {
     let nightly = nightly();
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    // `nightly` is listed as `nightly-<host>`; a dated one (`nightly-2026-05-20-<host>`) is
+    // another toolchain.
+    let listed = format!("{nightly}-{}", host_triple()?);
     if !toolchains
         .lines()
         .filter_map(|l| l.split_whitespace().next())
-        .any(|l| l == nightly || l.starts_with(&format!("{nightly}-")))
+        .any(|l| l == nightly || l == listed)
     {
         step(&format!("installing the {nightly} toolchain"));
         output(Command::new("rustup").args([
@@ -92,23 +148,7 @@ fn ensure_nightly() -> anyhow::Result<PathBuf> {
             "minimal",
         ]))?;
     }
-    let components = output(Command::new("rustup").args([
-        "component",
-        "list",
-        "--installed",
-        "--toolchain",
-        &nightly,
-    ]))?;
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        step(&format!("adding rust-src to the {nightly} toolchain"));
-        output(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            &nightly,
-        ]))?;
-    }
+    ensure_components(Some(&nightly), &["rust-src"])?;
     let sysroot =
         output(Command::new("rustc").args([&format!("+{nightly}"), "--print", "sysroot"]))?;
     Ok(PathBuf::from(sysroot.trim()))
