@@ -401,7 +401,7 @@ fn read_text(file: &Path, required: bool) -> anyhow::Result<Option<String>> {
 
 /// The symbolic link whose target is missing, with that target, on the path to `file` (itself
 /// included).
-fn dangling_link(file: &Path) -> Option<(PathBuf, PathBuf)> {
+pub(crate) fn dangling_link(file: &Path) -> Option<(PathBuf, PathBuf)> {
     file.ancestors().find_map(|path| {
         let link = path.symlink_metadata().ok()?.file_type().is_symlink();
         let gone = link

@@ -39,6 +39,18 @@ fn write(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("failed to install {}", path.display()))
 }
 
+/// Writes `contents` to `path` unless it holds them already; returns the line that says which:
+/// `installed` (new), `replaced` (other contents) or `unchanged`.
+fn put(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<String> {
+    let verb = match fs::read(path) {
+        Ok(old) if old == contents => return Ok(format!("unchanged {}", path.display())),
+        Ok(_) => "replaced",
+        Err(_) => "installed",
+    };
+    write(path, contents, mode)?;
+    Ok(format!("{verb} {}", path.display()))
+}
+
 fn fs_error(path: &Path, err: std::io::Error) -> anyhow::Error {
     if err.kind() == ErrorKind::PermissionDenied {
         Error::Permission(format!(
@@ -96,26 +108,50 @@ pub fn refuse_directories(state_dir: Option<&Path>, runtime_dir: &Path) -> anyho
 /// Installs; returns one line per file written or kept.
 pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
     let mut done = Vec::new();
+    // The config is decided first, so a path that cannot take one fails before anything is
+    // written. A symbolic link whose target is missing now (on a file system mounted later,
+    // say) is the operator's config, not a missing one: the agent refuses to start until the
+    // target is back, and replacing the link would drop its policies.
+    let config = under(&args.root, Path::new(crate::config::DEFAULT_CONFIG));
+    let dangling = crate::config::dangling_link(&config);
+    let keep_config =
+        !args.force_config && (config.symlink_metadata().is_ok() || dangling.is_some());
+    if let Some((link, target)) = &dangling
+        && !keep_config
+        && *link != config
+    {
+        return Err(anyhow::anyhow!(
+            "cannot write {}: {} is a symbolic link to {}, which does not exist; nothing was \
+             installed",
+            config.display(),
+            link.display(),
+            target.display()
+        ));
+    }
+
     let binary = args.bindir.join("keepalive-agent");
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let bytes = fs::read(&exe).with_context(|| format!("failed to read {}", exe.display()))?;
     let target = under(&args.root, &binary);
-    write(&target, &bytes, 0o755)?;
-    done.push(format!("installed {}", target.display()));
+    done.push(put(&target, &bytes, 0o755)?);
 
     let unit = under(
         &args.root,
         Path::new("/etc/systemd/system/keepalive-agent.service"),
     );
-    write(&unit, unit_for(&binary).as_bytes(), 0o644)?;
-    done.push(format!("installed {}", unit.display()));
+    let upgrade = unit.exists();
+    done.push(put(&unit, unit_for(&binary).as_bytes(), 0o644)?);
 
-    let config = under(&args.root, Path::new(crate::config::DEFAULT_CONFIG));
-    if config.exists() && !args.force_config {
-        done.push(format!("kept existing {}", config.display()));
-    } else {
-        write(&config, DEFAULT_CONFIG_TEXT.as_bytes(), 0o644)?;
-        done.push(format!("installed {}", config.display()));
+    match (&dangling, keep_config) {
+        (Some((link, target)), true) => done.push(format!(
+            "kept existing {}: {} is a symbolic link to {}, which does not exist now; the \
+             agent does not start until it does",
+            config.display(),
+            link.display(),
+            target.display()
+        )),
+        (None, true) => done.push(format!("kept existing {}", config.display())),
+        (_, false) => done.push(put(&config, DEFAULT_CONFIG_TEXT.as_bytes(), 0o644)?),
     }
 
     let man = under(&args.root, Path::new("/usr/local/share/man/man1"));
@@ -130,7 +166,13 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
     write(&completions, &completion_script(Shell::Bash), 0o644)?;
     done.push(format!("installed {}", completions.display()));
 
-    done.push("next: systemctl daemon-reload && systemctl enable --now keepalive-agent".to_owned());
+    done.push(if upgrade {
+        // A running agent keeps running the old binary until it restarts; enforcement stays
+        // attached across the restart.
+        "next: systemctl daemon-reload && systemctl try-restart keepalive-agent".to_owned()
+    } else {
+        "next: systemctl daemon-reload && systemctl enable --now keepalive-agent".to_owned()
+    });
     Ok(done)
 }
 

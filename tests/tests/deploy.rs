@@ -832,3 +832,89 @@ fn check_and_run_refuse_a_metrics_address_they_cannot_listen_on() {
     );
     drop(other);
 }
+
+/// `keepalive-agent install --root DIR` with DIR as `/`.
+fn install(root: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(agent_bin())
+        .args(["install", "--root"])
+        .arg(root)
+        .args(extra)
+        .output()
+        .expect("run install")
+}
+
+/// `install` says what it wrote, kept or left unchanged, and on an upgrade how to run the new
+/// binary; it keeps an existing config, also one behind a symbolic link whose target is gone
+/// (the agent refuses to start on that, so replacing it would drop the operator's policies),
+/// and refuses `--force-config` through a directory link that leads nowhere before it writes
+/// anything.
+#[test]
+fn install_keeps_the_operators_config_and_says_what_it_changed() {
+    let root = keepalive_tests::TempDir::new("install");
+    let root = root.path();
+    let config = root.join("etc/keepalive-agent/config.toml");
+    let unit = root.join("etc/systemd/system/keepalive-agent.service");
+    let binary = root.join("usr/local/sbin/keepalive-agent");
+    let lines = |out: &std::process::Output| {
+        assert!(out.status.success(), "{}", stderr(out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let first = lines(&install(root, &[]));
+    for path in [&binary, &unit, &config] {
+        assert!(
+            first.contains(&format!("installed {}", path.display())),
+            "{first}"
+        );
+    }
+    assert!(first.contains("enable --now"), "{first}");
+
+    std::fs::write(&config, "[default]\nidle = 61\n").unwrap();
+    let again = lines(&install(root, &[]));
+    assert!(
+        again.contains(&format!("unchanged {}", unit.display()))
+            && again.contains(&format!("unchanged {}", binary.display()))
+            && again.contains(&format!("kept existing {}", config.display()))
+            && again.contains("try-restart keepalive-agent"),
+        "{again}"
+    );
+    std::fs::write(&unit, "[Service]\nExecStart=/bin/true\n").unwrap();
+    let edited = lines(&install(root, &[]));
+    assert!(
+        edited.contains(&format!("replaced {}", unit.display())),
+        "{edited}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        "[default]\nidle = 61\n"
+    );
+
+    // The config file is a link to a file system that is not there yet.
+    std::fs::remove_file(&config).unwrap();
+    std::os::unix::fs::symlink("/ka-not-mounted/config.toml", &config).unwrap();
+    let dangling = lines(&install(root, &[]));
+    assert!(
+        dangling.contains(&format!("kept existing {}", config.display()))
+            && dangling.contains("/ka-not-mounted/config.toml, which does not exist"),
+        "{dangling}"
+    );
+    assert_eq!(
+        std::fs::read_link(&config).unwrap(),
+        Path::new("/ka-not-mounted/config.toml"),
+        "the link stays"
+    );
+
+    // So is the config directory, and the operator forces a fresh config: nothing is written.
+    let dir = config.parent().unwrap();
+    std::fs::remove_dir_all(dir).unwrap();
+    std::os::unix::fs::symlink("/ka-not-mounted/keepalive-agent", dir).unwrap();
+    std::fs::remove_file(&binary).unwrap();
+    let forced = install(root, &["--force-config"]);
+    assert!(!forced.status.success());
+    assert!(
+        stderr(&forced).contains("/ka-not-mounted/keepalive-agent, which does not exist"),
+        "{}",
+        stderr(&forced)
+    );
+    assert!(!binary.exists(), "nothing is written");
+    assert!(std::fs::read_link(dir).is_ok());
+}
