@@ -157,11 +157,26 @@ impl CgroupWatcher {
             })
             .map(|(path, _)| path.clone())
             .collect();
+        // The root created again is another cgroup, without the agent's attachment.
+        changes.root_removed |= gone.contains(&self.root);
         for path in gone {
             self.forget_tree(&path, &mut changes.removed);
         }
         let root = self.root.clone();
         changes.created |= self.add_tree(&root);
+    }
+
+    /// Whether the cgroup watched at `path` is the one there now. A cgroup removed and created
+    /// again under its name within one read of events is watched as the new one when its first
+    /// creation is handled, so the removal that follows is an older one's, not the watched
+    /// cgroup's.
+    fn watches_current(&self, path: &CgroupPath) -> bool {
+        let watched = self
+            .by_path
+            .get(path)
+            .and_then(|wd| self.by_wd.get(wd))
+            .map(|(_, id)| *id);
+        watched.is_some() && self.cgroup2.id(path).ok() == watched
     }
 
     fn forget_tree(&mut self, top: &CgroupPath, removed: &mut Vec<u64>) {
@@ -231,7 +246,9 @@ impl CgroupWatcher {
                 let child = parent.join(&name);
                 if mask.intersects(EventMask::CREATE | EventMask::MOVED_TO) {
                     changes.created |= self.add_tree(&child);
-                } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM) {
+                } else if mask.intersects(EventMask::DELETE | EventMask::MOVED_FROM)
+                    && !self.watches_current(&child)
+                {
                     self.forget_tree(&child, &mut changes.removed);
                 }
             }
@@ -277,5 +294,48 @@ mod tests {
         assert_eq!(changes.removed, vec![old]);
         assert!(changes.created);
         assert_eq!(watched, Some(new), "the new directory is the one watched");
+    }
+
+    /// A scratch tree under /dev/shm with `root/a`, watched from `root`.
+    fn scratch(name: &str) -> (std::path::PathBuf, Cgroup2, CgroupPath, CgroupWatcher) {
+        let dir = std::path::Path::new("/dev/shm")
+            .join(format!("ka-watch-{name}-{}", std::process::id()));
+        fs::create_dir_all(dir.join("root/a")).unwrap();
+        let cgroup2 = Cgroup2::at(&dir);
+        let root = cgroup2.parse("root").unwrap();
+        let watcher = CgroupWatcher::new(&cgroup2, &root).unwrap();
+        (dir, cgroup2, root, watcher)
+    }
+
+    #[tokio::test]
+    async fn a_cgroup_created_removed_and_created_again_in_one_read_stays_followed() {
+        let (dir, cgroup2, _, mut watcher) = scratch("again");
+        let b = cgroup2.parse("root/b").unwrap();
+        // Three events that one read returns: the first creation is handled when the second
+        // directory is already there.
+        fs::create_dir(dir.join("root/b")).unwrap();
+        fs::remove_dir(dir.join("root/b")).unwrap();
+        fs::create_dir(dir.join("root/b")).unwrap();
+        let live = cgroup2.id(&b).unwrap();
+        let changes = watcher.changes().await.unwrap();
+        let watched = watcher.watches_current(&b);
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(changes.created);
+        assert!(
+            !changes.removed.contains(&live),
+            "the live cgroup is not removed: {changes:?}"
+        );
+        assert!(watched, "and it is watched");
+    }
+
+    #[tokio::test]
+    async fn a_root_created_again_while_events_were_lost_is_removed() {
+        let (dir, _, _, mut watcher) = scratch("root");
+        fs::remove_dir_all(dir.join("root")).unwrap();
+        fs::create_dir(dir.join("root")).unwrap();
+        let mut changes = Changes::default();
+        watcher.rescan(&mut changes);
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(changes.root_removed, "{changes:?}");
     }
 }
