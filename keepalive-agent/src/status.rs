@@ -157,29 +157,46 @@ fn pin_error(path: &Path, err: anyhow::Error) -> anyhow::Error {
     }
 }
 
-/// Reads the per-cgroup counters.
-pub fn read_cgroup_stats(state: &StateDir) -> anyhow::Result<Vec<(u64, CgroupStats)>> {
-    let map: BpfHashMap<MapData, u64, CgroupStats> =
-        open_pinned_map(state, MAP_CGSTATS)?.try_into()?;
-    let mut out = Vec::new();
-    for entry in map.iter() {
-        let (id, stats) = entry.context("failed to read KA_CGSTATS")?;
-        out.push((id, stats));
-    }
-    Ok(out)
-}
-
 /// Reads the event counters, summed over CPUs.
 pub fn read_counters(state: &StateDir) -> anyhow::Result<BTreeMap<&'static str, u64>> {
-    let map: PerCpuArray<MapData, u64> = open_pinned_map(state, MAP_COUNTERS)?.try_into()?;
-    let mut out = BTreeMap::new();
-    for counter in Counter::ALL {
-        let values = map
-            .get(&(counter as u32), 0)
-            .with_context(|| format!("failed to read counter {}", counter.name()))?;
-        out.insert(counter.name(), values.iter().sum());
+    Tables::open(state)?.counters()
+}
+
+/// The pinned maps `status` reads besides the records, opened together with those before
+/// anything is shown: a `detach` meanwhile removes the pins, not the maps held open here.
+struct Tables {
+    cgstats: BpfHashMap<MapData, u64, CgroupStats>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl Tables {
+    fn open(state: &StateDir) -> anyhow::Result<Self> {
+        Ok(Self {
+            cgstats: open_pinned_map(state, MAP_CGSTATS)?.try_into()?,
+            counters: open_pinned_map(state, MAP_COUNTERS)?.try_into()?,
+        })
     }
-    Ok(out)
+
+    fn cgroup_stats(&self) -> anyhow::Result<HashMap<u64, CgroupStats>> {
+        let mut out = HashMap::new();
+        for entry in self.cgstats.iter() {
+            let (id, stats) = entry.context("failed to read KA_CGSTATS")?;
+            out.insert(id, stats);
+        }
+        Ok(out)
+    }
+
+    fn counters(&self) -> anyhow::Result<BTreeMap<&'static str, u64>> {
+        let mut out = BTreeMap::new();
+        for counter in Counter::ALL {
+            let values = self
+                .counters
+                .get(&(counter as u32), 0)
+                .with_context(|| format!("failed to read counter {}", counter.name()))?;
+            out.insert(counter.name(), values.iter().sum());
+        }
+        Ok(out)
+    }
 }
 
 /// The pinned status iterators, started; [`each_record`] reads them.
@@ -477,8 +494,8 @@ impl Tally {
         }
     }
 
-    fn cgroups(&self, view: &View<'_>, state: &StateDir) -> anyhow::Result<Vec<CgroupRow>> {
-        let stats: HashMap<u64, CgroupStats> = read_cgroup_stats(state)?.into_iter().collect();
+    fn cgroups(&self, view: &View<'_>, tables: &Tables) -> anyhow::Result<Vec<CgroupRow>> {
+        let stats = tables.cgroup_stats()?;
         let mut ids: Vec<u64> = stats.keys().chain(self.open.keys()).copied().collect();
         ids.sort_unstable();
         ids.dedup();
@@ -519,9 +536,11 @@ fn build(
     with_sockets: bool,
 ) -> anyhow::Result<Snapshot> {
     let view = View::new(state, cgroup2, filter)?;
+    let records = open_records(state)?;
+    let tables = Tables::open(state)?;
     let mut tally = Tally::default();
     let mut sockets = Vec::new();
-    each_record(open_records(state)?, |rec| {
+    each_record(records, |rec| {
         tally.add(rec);
         if with_sockets && view.shows(rec) {
             sockets.push(view.socket_row(rec));
@@ -532,8 +551,8 @@ fn build(
         attach_cgroup: view.attach_cgroup.clone(),
         state_dir: state.root().display().to_string(),
         sockets,
-        cgroups: tally.cgroups(&view, state)?,
-        counters: read_counters(state)?,
+        cgroups: tally.cgroups(&view, &tables)?,
+        counters: tables.counters()?,
         tracked_entries: tally.tracked,
         stale_entries: tally.stale,
     })
@@ -548,8 +567,10 @@ pub fn write_json(
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<()> {
     let view = View::new(state, cgroup2, filter)?;
-    // Opened before anything is written, so "not attached" leaves no partial document.
+    // Opened before anything is written, so "not attached" leaves no partial document, nor
+    // does a `detach` while the sockets are written.
     let records = open_records(state)?;
+    let tables = Tables::open(state)?;
     let mut tally = Tally::default();
     write!(out, "{{\"attach_cgroup\":")?;
     serde_json::to_writer(&mut *out, &view.attach_cgroup)?;
@@ -577,9 +598,9 @@ pub fn write_json(
         return Err(err.into());
     }
     write!(out, "],\"cgroups\":")?;
-    serde_json::to_writer(&mut *out, &tally.cgroups(&view, state)?)?;
+    serde_json::to_writer(&mut *out, &tally.cgroups(&view, &tables)?)?;
     write!(out, ",\"counters\":")?;
-    serde_json::to_writer(&mut *out, &read_counters(state)?)?;
+    serde_json::to_writer(&mut *out, &tables.counters()?)?;
     writeln!(
         out,
         ",\"tracked_entries\":{},\"stale_entries\":{}}}",

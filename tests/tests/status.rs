@@ -445,3 +445,43 @@ fn metrics_clients_that_send_nothing_hold_few_of_the_agents_descriptors() {
         "{text}"
     );
 }
+
+/// `status --json` opens everything it reads before it writes: a `detach` while it streams the
+/// sockets (here while it waits on a full pipe) leaves a whole document, not a truncated one
+/// and exit 7.
+#[test]
+fn status_json_stays_whole_when_detach_runs_while_it_writes() {
+    let cg = TestCgroup::new("statusdetach");
+    let mut agent = Agent::start(&cg, &[]);
+    // 2000 sockets, some 400 bytes each: far more than a pipe holds.
+    let mut held = Proc::sock(&["hold", "1000"], &cg);
+    held.next(Duration::from_secs(60));
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    let mut status = agent
+        .dirs()
+        .command(&["status", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn status");
+    let mut stdout = status.stdout.take().expect("piped");
+    let mut first = [0u8; 1];
+    stdout.read_exact(&mut first).expect("status writes");
+    // It now waits for the pipe to drain, in the middle of the sockets.
+    std::thread::sleep(Duration::from_millis(200));
+    agent.cli_ok(&["detach"]);
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).expect("read status");
+    let out = status.wait_with_output().expect("status exits");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = [&first[..], &rest].concat();
+    let doc: Value = serde_json::from_slice(&text).unwrap_or_else(|err| {
+        panic!(
+            "not one document ({err}): ...{}",
+            String::from_utf8_lossy(&text[text.len().saturating_sub(300)..])
+        )
+    });
+    assert!(sockets_of(&doc, &cg).len() >= 2000, "{}", doc["counters"]);
+    assert!(doc["counters"]["enforced"].as_u64() > Some(0), "{doc:#}");
+    drop(held);
+}
