@@ -535,6 +535,17 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
             format!("mounted at {BPFFS_MOUNT}"),
             None,
         ));
+    } else if let Some(mount) = pin::mount_stays_in_namespace() {
+        checks.push(item(
+            "bpffs",
+            Outcome::Fail,
+            format!(
+                "not mounted at {BPFFS_MOUNT}, and `run` refuses to mount one that would stay \
+                 in this mount namespace ({mount} receives mounts but passes none back, as in \
+                 a container): the pins would end with it"
+            ),
+            Some("mount -t bpf bpf /sys/fs/bpf on the host, and give this one the host's"),
+        ));
     } else {
         checks.push(item(
             "bpffs",

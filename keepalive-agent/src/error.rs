@@ -47,7 +47,8 @@ pub mod exit {
         (CGROUP, "the named cgroup does not exist (yet)"),
         (
             BPFFS,
-            "bpffs is not mounted and cannot be mounted, or the state directory is not on bpffs",
+            "bpffs is not mounted and cannot be mounted (or a mount would end with this mount \
+             namespace), or the state directory is not on bpffs",
         ),
         (
             KERNEL,

@@ -321,10 +321,21 @@ pub fn bpffs_state(dir: &Path) -> Result<bool, Error> {
 }
 
 /// Makes sure `dir` is on bpffs, mounting bpffs at [`BPFFS_MOUNT`] when the directory is
-/// below it and nothing is mounted there yet.
+/// below it and nothing is mounted there yet, unless that mount would stay in this mount
+/// namespace (see [`stays_in_namespace`]).
 pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
     if bpffs_state(dir)? {
         return Ok(());
+    }
+    if let Some(mount) = mount_stays_in_namespace() {
+        return Err(Error::Bpffs(format!(
+            "bpffs is not mounted at {BPFFS_MOUNT}, and a bpffs mounted there now would stay in \
+             this mount namespace ({mount} receives mounts from another one but passes none \
+             back, as in a container or a service sandbox): the pins, and enforcement with \
+             them, would end with it. Mount it where the host has it (`mount -t bpf bpf \
+             {BPFFS_MOUNT}` on the host) and give this one the host's {BPFFS_MOUNT}"
+        ))
+        .into());
     }
     let target = CString::new(BPFFS_MOUNT).expect("no NUL");
     let fstype = CString::new("bpf").expect("no NUL");
@@ -352,9 +363,71 @@ pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// [`stays_in_namespace`] for [`BPFFS_MOUNT`] in this process's mount namespace.
+pub fn mount_stays_in_namespace() -> Option<String> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    stays_in_namespace(&mountinfo, Path::new(BPFFS_MOUNT))
+}
+
+/// The mount point of the mount `path` is on, if a mount made at `path` would stay in this
+/// mount namespace: that mount is a slave (`master:` in `/proc/self/mountinfo`), which receives
+/// the mounts of its master's namespace but passes none back, and not shared as well (no
+/// `shared:`). That is a container's view of the host's directory with `HostToContainer`
+/// propagation, or a systemd service's sandbox. A private mount (neither) can be the host's
+/// own: nothing tells it from a container's with this file alone, so it is not refused.
+fn stays_in_namespace(mountinfo: &str, path: &Path) -> Option<String> {
+    // The deepest mount point at or above `path`; of several there, the last mounted.
+    let mut on: Option<(usize, &str, Vec<&str>)> = None;
+    for line in mountinfo.lines() {
+        // id parent major:minor root mount-point options [optional fields...] - type ...
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(point) = fields.get(4).copied() else {
+            continue;
+        };
+        if !path.starts_with(point) {
+            continue;
+        }
+        let depth = Path::new(point).components().count();
+        if on.as_ref().is_some_and(|(deepest, ..)| *deepest > depth) {
+            continue;
+        }
+        let tags = fields
+            .iter()
+            .skip(6)
+            .take_while(|field| **field != "-")
+            .copied()
+            .collect();
+        on = Some((depth, point, tags));
+    }
+    let (_, point, tags) = on?;
+    let tagged = |prefix: &str| tags.iter().any(|tag| tag.starts_with(prefix));
+    (tagged("master:") && !tagged("shared:")).then(|| point.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mount_on_a_slave_stays_in_the_namespace() {
+        let bpf = Path::new(BPFFS_MOUNT);
+        let host = "23 27 0:22 / /sys rw,relatime shared:7 - sysfs sysfs rw\n";
+        let slave = "23 27 0:22 / /sys rw,relatime master:7 - sysfs sysfs rw\n";
+        let both = "23 27 0:22 / /sys rw,relatime shared:9 master:7 - sysfs sysfs rw\n";
+        let private = "23 27 0:22 / /sys rw,relatime - sysfs sysfs rw\n";
+        assert_eq!(stays_in_namespace(host, bpf), None);
+        assert_eq!(stays_in_namespace(slave, bpf), Some("/sys".to_owned()));
+        assert_eq!(stays_in_namespace(both, bpf), None);
+        assert_eq!(stays_in_namespace(private, bpf), None);
+        // The deepest mount decides, and of two at one point the later.
+        let deeper = format!("{slave}42 23 0:39 / /sys/fs rw - tmpfs tmpfs rw\n");
+        assert_eq!(stays_in_namespace(&deeper, bpf), None);
+        let over = format!("{host}44 23 0:40 / /sys rw master:3 - sysfs sysfs rw\n");
+        assert_eq!(stays_in_namespace(&over, bpf), Some("/sys".to_owned()));
+        // `/sys/fs/bpfx` is not above `/sys/fs/bpf`.
+        let sibling = format!("{host}45 23 0:41 / /sys/fs/bpfx rw master:3 - tmpfs t rw\n");
+        assert_eq!(stays_in_namespace(&sibling, bpf), None);
+    }
 
     #[test]
     fn directories_are_absolute_without_dot_dot_and_spelled_one_way() {

@@ -12,7 +12,7 @@ use std::{
 
 use keepalive_tests::{
     Agent, AgentDirs, GRANTED, Netns, Proc, TestCgroup, agent_in_private_mounts,
-    assert_stamped_between, cgroup_row, cgroup2_mount, check_item, code, count_between,
+    assert_stamped_between, bind_mount, cgroup_row, cgroup2_mount, check_item, code, count_between,
     drop_caps_except, eventually, free_port, hide_with_tmpfs, idle_of, json_refusal,
     kernel_defaults, pair_values, sock_bin, sockets_of, sockops_attachments, stderr, umount,
     values, write_config,
@@ -1098,6 +1098,58 @@ fn bpffs_that_cannot_be_mounted_gets_one_clear_message_and_exit_5() {
     assert!(
         err.contains("bpffs is not mounted") && err.contains("mount -t bpf"),
         "{err}"
+    );
+}
+
+/// In a container that sees the host's /sys with mounts propagating only into it (a slave
+/// mount, as Kubernetes' `HostToContainer` gives), a bpffs the agent mounted itself would go
+/// with the container, and the pinned enforcement with it: with no bpffs there, `run` refuses
+/// instead of mounting one.
+#[test]
+fn bpffs_mounted_only_for_a_container_is_refused_with_exit_5() {
+    let cg = TestCgroup::new("slavebpffs");
+    let peer = keepalive_tests::TempDir::new("sysmaster");
+    let peer = CString::new(peer.path().to_str().unwrap()).unwrap();
+    let as_container = move || {
+        let _ = umount(c"/sys/fs/bpf");
+        // /sys becomes a slave of a peer group, as a container's view of the host's is.
+        let propagate = |path: &std::ffi::CStr, flag| {
+            // SAFETY: mount with a valid C string, changing only propagation.
+            let ret = unsafe {
+                libc::mount(
+                    std::ptr::null(),
+                    path.as_ptr(),
+                    std::ptr::null(),
+                    flag,
+                    std::ptr::null(),
+                )
+            };
+            if ret != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        propagate(c"/sys", libc::MS_SHARED)?;
+        bind_mount(c"/sys", &peer)?;
+        propagate(c"/sys", libc::MS_SLAVE)
+    };
+    let out = agent_in_private_mounts(&AgentDirs::new(), &run_args(&cg), as_container.clone());
+    let err = refused(&out, 5, &cg);
+    assert!(
+        err.contains("bpffs is not mounted at /sys/fs/bpf")
+            && err.contains("would stay in this mount namespace")
+            && err.contains("on the host"),
+        "{err}"
+    );
+    // `check` fails on it too, as on everything `run` refuses.
+    let out = agent_in_private_mounts(&AgentDirs::new(), &["check", "--json"], as_container);
+    assert_eq!(code(&out), 8, "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bpffs = check_item(&report, "bpffs");
+    assert_eq!(bpffs["status"], "fail", "{report:#}");
+    assert!(
+        bpffs["fix"].as_str().unwrap().contains("on the host"),
+        "{bpffs}"
     );
 }
 
