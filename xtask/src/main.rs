@@ -78,6 +78,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         }
         "run" => {
             let env = setup::setup()?;
+            setup::ensure_bpffs()?;
             build(&env, false, false)?;
             let agent = workspace_root().join("target/debug/keepalive-agent");
             let agent_args = agent_args(rest);
