@@ -331,7 +331,7 @@ pub fn ensure_bpffs(dir: &Path) -> anyhow::Result<()> {
         return Err(Error::Bpffs(format!(
             "bpffs is not mounted at {BPFFS_MOUNT}, and a bpffs mounted there now would stay in \
              this mount namespace ({mount} receives mounts from another one but passes none \
-             back, as in a container or a service sandbox): the pins, and enforcement with \
+             back, as in a container): the pins, and enforcement with \
              them, would end with it. Mount it where the host has it (`mount -t bpf bpf \
              {BPFFS_MOUNT}` on the host) and give this one the host's {BPFFS_MOUNT}"
         ))
@@ -373,7 +373,9 @@ pub fn mount_stays_in_namespace() -> Option<String> {
 /// mount namespace: that mount is a slave (`master:` in `/proc/self/mountinfo`), which receives
 /// the mounts of its master's namespace but passes none back, and not shared as well (no
 /// `shared:`). That is a container's view of the host's directory with `HostToContainer`
-/// propagation, or a systemd service's sandbox. A private mount (neither) can be the host's
+/// propagation. A mount both shared and a slave (a systemd service's sandbox, or the root of
+/// some container hosts) passes mounts on to its peers, and is not refused; the shipped unit
+/// may not mount anything anyway. A private mount (neither) can be the host's
 /// own: nothing tells it from a container's with this file alone, so it is not refused.
 fn stays_in_namespace(mountinfo: &str, path: &Path) -> Option<String> {
     // The deepest mount point at or above `path`; of several there, the last mounted.

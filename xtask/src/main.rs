@@ -78,7 +78,6 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         }
         "run" => {
             let env = setup::setup()?;
-            setup::ensure_bpffs()?;
             build(&env, false, false)?;
             let agent = workspace_root().join("target/debug/keepalive-agent");
             let agent_args = agent_args(rest);
@@ -160,7 +159,12 @@ fn exit_like(status: std::process::ExitStatus) -> anyhow::Result<()> {
         return Ok(());
     }
     eprintln!("xtask: keepalive-agent exited with {status}");
-    std::process::exit(status.code().unwrap_or(1));
+    // Killed by a signal: as a shell reports it, 128 + the signal's number.
+    let code = status
+        .code()
+        .or_else(|| std::os::unix::process::ExitStatusExt::signal(&status).map(|sig| 128 + sig))
+        .unwrap_or(1);
+    std::process::exit(code);
 }
 
 /// A cargo command with the environment `setup` prepared.
