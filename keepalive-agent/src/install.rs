@@ -39,11 +39,16 @@ fn write(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("failed to install {}", path.display()))
 }
 
-/// Writes `contents` to `path` unless it holds them already; returns the line that says which:
-/// `installed` (new), `replaced` (other contents) or `unchanged`.
+/// Writes `contents` to `path` unless it holds them already (then only its mode is set);
+/// returns the line that says which: `installed` (new), `replaced` (other contents) or
+/// `unchanged`.
 fn put(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<String> {
     let verb = match fs::read(path) {
-        Ok(old) if old == contents => return Ok(format!("unchanged {}", path.display())),
+        Ok(old) if old == contents => {
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                .with_context(|| format!("failed to set permissions on {}", path.display()))?;
+            return Ok(format!("unchanged {}", path.display()));
+        }
         Ok(_) => "replaced",
         Err(_) => "installed",
     };
@@ -163,13 +168,14 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
         &args.root,
         Path::new("/usr/local/share/bash-completion/completions/keepalive-agent"),
     );
-    write(&completions, &completion_script(Shell::Bash), 0o644)?;
-    done.push(format!("installed {}", completions.display()));
+    done.push(put(&completions, &completion_script(Shell::Bash), 0o644)?);
 
     done.push(if upgrade {
         // A running agent keeps running the old binary until it restarts; enforcement stays
         // attached across the restart.
-        "next: systemctl daemon-reload && systemctl try-restart keepalive-agent".to_owned()
+        "next: systemctl daemon-reload && systemctl try-restart keepalive-agent (or, if it is \
+         not enabled yet, systemctl enable --now keepalive-agent)"
+            .to_owned()
     } else {
         "next: systemctl daemon-reload && systemctl enable --now keepalive-agent".to_owned()
     });

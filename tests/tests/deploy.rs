@@ -3,7 +3,11 @@
 //! shipped unit starts, reloads and stops it under a real systemd.
 
 use std::{
-    ffi::CString, os::unix::process::CommandExt as _, path::Path, process::Command, time::Duration,
+    ffi::CString,
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    path::Path,
+    process::Command,
+    time::Duration,
 };
 
 use keepalive_tests::{
@@ -869,7 +873,13 @@ fn install_keeps_the_operators_config_and_says_what_it_changed() {
     assert!(first.contains("enable --now"), "{first}");
 
     std::fs::write(&config, "[default]\nidle = 61\n").unwrap();
+    std::fs::set_permissions(&binary, std::fs::Permissions::from_mode(0o644)).unwrap();
     let again = lines(&install(root, &[]));
+    assert_eq!(
+        std::fs::metadata(&binary).unwrap().permissions().mode() & 0o777,
+        0o755,
+        "an unchanged binary is executable again"
+    );
     assert!(
         again.contains(&format!("unchanged {}", unit.display()))
             && again.contains(&format!("unchanged {}", binary.display()))
