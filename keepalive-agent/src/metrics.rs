@@ -247,6 +247,52 @@ async fn one_at_a_time<T: Send + 'static>(
     Ok(done.await?)
 }
 
+/// What a request asks for, from its request line (`METHOD TARGET HTTP/x.y`).
+#[derive(Debug, PartialEq, Eq)]
+enum Route {
+    /// `GET` or `HEAD` of `/metrics`, with or without a query.
+    Metrics { head: bool },
+    /// `GET` or `HEAD` of any other target.
+    NotFound { head: bool },
+    /// Any other method: 405, with the methods served in `Allow`.
+    NotAllowed,
+    /// Not a request line.
+    BadRequest,
+}
+
+impl Route {
+    fn head_only(&self) -> bool {
+        matches!(
+            self,
+            Route::Metrics { head: true } | Route::NotFound { head: true }
+        )
+    }
+}
+
+fn route(request: &[u8]) -> Route {
+    let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let parts: Vec<&str> = line.trim_end_matches('\r').split(' ').collect();
+    let [method, target, version] = parts[..] else {
+        return Route::BadRequest;
+    };
+    let token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+    if !token(method) || !token(target) || !version.starts_with("HTTP/1.") {
+        return Route::BadRequest;
+    }
+    let head = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return Route::NotAllowed,
+    };
+    let path = target.split_once('?').map_or(target, |(path, _)| path);
+    if path == "/metrics" {
+        Route::Metrics { head }
+    } else {
+        Route::NotFound { head }
+    }
+}
+
 async fn respond(
     mut stream: TcpStream,
     state: &StateDir,
@@ -262,11 +308,9 @@ async fn respond(
         }
         head.extend_from_slice(&buf[..n]);
     }
-    let request_line = String::from_utf8_lossy(&head);
-    let path = request_line.split_whitespace().nth(1).unwrap_or("");
-    let get = request_line.starts_with("GET ");
-    let (status, content_type, body) =
-        if get && (path == "/metrics" || path.starts_with("/metrics?")) {
+    let request = route(&head);
+    let (status, content_type, body) = match request {
+        Route::Metrics { .. } => {
             // Reading the maps takes a status walk (a few ms, hundreds at 200k sockets): off
             // the agent's loop, which also serves signals, the control socket and inotify.
             let (state, cgroup2) = (state.clone(), cgroup2.clone());
@@ -279,17 +323,36 @@ async fn respond(
                     format!("{err:#}\n"),
                 ),
             }
-        } else {
-            (
-                "404 Not Found",
-                "text/plain; charset=utf-8",
-                "try /metrics\n".to_owned(),
-            )
-        };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        }
+        Route::NotFound { .. } => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "try /metrics\n".to_owned(),
+        ),
+        Route::NotAllowed => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "only GET and HEAD\n".to_owned(),
+        ),
+        Route::BadRequest => (
+            "400 Bad Request",
+            "text/plain; charset=utf-8",
+            "not an HTTP request\n".to_owned(),
+        ),
+    };
+    let allow = if request == Route::NotAllowed {
+        "Allow: GET, HEAD\r\n"
+    } else {
+        ""
+    };
+    let mut response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n{allow}Connection: close\r\n\r\n",
         body.len()
     );
+    // A HEAD request gets the headers a GET would, without the body.
+    if !request.head_only() {
+        response.push_str(&body);
+    }
     stream.write_all(response.as_bytes()).await?;
     stream.shutdown().await
 }
@@ -355,6 +418,42 @@ mod tests {
         assert_eq!(listener(&established), None);
         assert_eq!(listener("  sl  local_address rem_address   st"), None);
         assert_eq!(listener("0: zz:26F9 0 0A"), None);
+    }
+
+    #[test]
+    fn requests_are_routed_by_method_and_path() {
+        let metrics = Route::Metrics { head: false };
+        assert_eq!(route(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"), metrics);
+        assert_eq!(route(b"GET /metrics?name[]=x HTTP/1.0\r\n\r\n"), metrics);
+        assert_eq!(
+            route(b"HEAD /metrics HTTP/1.1\r\n\r\n"),
+            Route::Metrics { head: true }
+        );
+        assert_eq!(
+            route(b"GET /metricsx HTTP/1.1\r\n\r\n"),
+            Route::NotFound { head: false }
+        );
+        assert_eq!(
+            route(b"HEAD / HTTP/1.1\r\n\r\n"),
+            Route::NotFound { head: true }
+        );
+        assert_eq!(route(b"POST /metrics HTTP/1.1\r\n\r\n"), Route::NotAllowed);
+        assert_eq!(route(b"get /metrics HTTP/1.1\r\n\r\n"), Route::NotAllowed);
+        for bad in [
+            &b""[..],
+            b"\r\n\r\n",
+            b"GET /metrics\r\n\r\n",
+            b"GET  /metrics HTTP/1.1\r\n\r\n",
+            b"GET /metrics SSH-2.0\r\n\r\n",
+            b"GET /metrics HTTP/1.1 extra\r\n\r\n",
+        ] {
+            assert_eq!(
+                route(bad),
+                Route::BadRequest,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[tokio::test]

@@ -399,6 +399,53 @@ fn the_metrics_endpoint_serves_the_same_counts() {
     );
 }
 
+/// Sends `request` to the metrics endpoint and returns the whole answer.
+fn ask(port: u16, request: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+/// HEAD gets a GET's headers without the body, other methods 405 with the methods served, and
+/// anything that is not a request line 400.
+#[test]
+fn the_metrics_endpoint_answers_head_and_refuses_other_methods() {
+    let cg = TestCgroup::new("metricsmethods");
+    let port = free_port();
+    let _agent = Agent::start(&cg, &["--metrics", &format!("127.0.0.1:{port}")]);
+    let get = scrape(port);
+    let head = ask(port, "HEAD /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    let (headers, body) = head.split_once("\r\n\r\n").expect("a header block");
+    assert!(headers.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert_eq!(body, "", "HEAD answered with a body");
+    let length = |headers: &str| -> usize {
+        headers
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no Content-Length in {headers}"))
+    };
+    let (get_headers, get_body) = get.split_once("\r\n\r\n").unwrap();
+    assert_eq!(length(get_headers), get_body.len());
+    // The same document, give or take a counter's digits between the two scrapes.
+    assert!(length(headers).abs_diff(get_body.len()) < 64, "{head}");
+    let post = ask(port, "POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n");
+    assert!(
+        post.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"),
+        "{post}"
+    );
+    assert!(post.contains("\r\nAllow: GET, HEAD\r\n"), "{post}");
+    let other = ask(port, "GET /stats HTTP/1.1\r\n\r\n");
+    assert!(other.starts_with("HTTP/1.1 404 Not Found\r\n"), "{other}");
+    let garbage = ask(port, "hello\r\n\r\n");
+    assert!(
+        garbage.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+        "{garbage}"
+    );
+}
+
 #[test]
 fn metrics_clients_that_send_nothing_hold_few_of_the_agents_descriptors() {
     let cg = TestCgroup::new("metricsidle");
