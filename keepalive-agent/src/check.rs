@@ -279,6 +279,8 @@ pub struct Target<'a> {
     pub config: Option<&'a Path>,
     /// `--cgroup`, over the config's `attach`.
     pub cgroup: Option<&'a str>,
+    /// `--metrics`, over the config's `metrics`.
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The config `run` would read (`path`, else the default file if it exists): that it is valid
@@ -588,7 +590,10 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         ));
     }
 
-    if let Some(addr) = config.as_ref().and_then(|(config, _)| config.metrics) {
+    if let Some(addr) = target
+        .metrics
+        .or_else(|| config.as_ref().and_then(|(config, _)| config.metrics))
+    {
         let agent = instance::running_agent(runtime_dir);
         checks.push(metrics_item(
             addr,

@@ -282,6 +282,11 @@ pub struct CheckArgs {
     /// The attach cgroup to check, as `run --cgroup` takes it; overrides the config's `attach`.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<String>,
+
+    /// The metrics address to check, as `run --metrics` takes it (the DaemonSet passes it so);
+    /// overrides the config's `metrics`.
+    #[arg(long, value_name = "ADDR", value_parser = config::parse_listen)]
+    pub metrics: Option<SocketAddr>,
 }
 
 /// `install`.

@@ -133,6 +133,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     state_dir: cli_state,
                     config: args.config.as_deref(),
                     cgroup: args.cgroup.as_deref(),
+                    metrics: args.metrics,
                 },
                 &runtime_dir,
             );

@@ -768,6 +768,21 @@ fn check_and_run_refuse_a_metrics_address_they_cannot_listen_on() {
         !dirs.state_dir.exists(),
         "the refused start left the state directory it made"
     );
+    // The same address given as `run` takes it from the DaemonSet, as a flag: `check
+    // --metrics` tries it over the config's, and a config without one.
+    let free = format!("127.0.0.1:{}", free_port());
+    for file in [
+        write_config("[default]\nidle = 60\n"),
+        write_config(&format!("metrics = \"{free}\"\n")),
+    ] {
+        let flag = taken.to_string();
+        let out = cli(&["check", "--json", "--metrics", &flag], &file, None);
+        let report: Value = serde_json::from_slice(&out.stdout).expect("check --json is JSON");
+        let item = check_item(&report, "metrics");
+        assert_eq!(code(&out), 8, "{item}");
+        assert!(detail(item).contains(&flag), "{item}");
+        assert!(detail(item).contains("in use by another process"), "{item}");
+    }
     drop(other);
 
     // An address this host does not have (TEST-NET-1).
