@@ -548,7 +548,6 @@ impl Daemon {
                 &daemon.cgroup2,
             )?;
             config.apply_overrides(&overrides_from(&daemon.args));
-            config.check_scope(&daemon.fixed.attach)?;
             let next = Fixed::resolve(
                 daemon.cli_state.as_deref(),
                 &daemon.args,
@@ -556,6 +555,19 @@ impl Daemon {
                 &daemon.cgroup2,
             )?;
             let notes = daemon.fixed.changes(&next);
+            // Policies moved along with `attach` fall outside the running one: say why, and
+            // what moving enforcement takes, not only which policy is out of scope.
+            if let Err(err) = config.check_scope(&daemon.fixed.attach) {
+                return Err(
+                    match notes.iter().find(|note| note.starts_with("attach ")) {
+                        Some(note) => err.context(format!(
+                            "{note}; until then the policies must stay within {}",
+                            daemon.fixed.attach
+                        )),
+                        None => err,
+                    },
+                );
+            }
             daemon.config = config;
             daemon.runtime.clear();
             let mut message = "reloaded the config".to_owned();

@@ -1055,6 +1055,47 @@ fn a_reload_applies_the_policy_and_warns_about_settings_it_cannot_change() {
     assert_eq!(warned, 2, "{log}");
 }
 
+/// A reload that moves `attach` and its policies with it is rejected (the policies fall outside
+/// the running attach cgroup), and says that the move is why and what it takes.
+#[test]
+fn a_reload_that_moves_attach_with_its_policies_says_what_moving_takes() {
+    let cg = TestCgroup::new("reloadattach");
+    let (a, b) = (cg.child("a"), cg.child("b"));
+    let file = |attach: &TestCgroup, idle: u32| {
+        format!(
+            "attach = \"{0}\"\n[default]\nidle = 50\n[[policy]]\ncgroup = \"{0}/svc\"\nidle = {idle}\n",
+            attach.rel()
+        )
+    };
+    let config = write_config(&file(&a, 60));
+    let agent = Agent::start_raw(
+        &AgentDirs::new(),
+        &["run", "--config", config.to_str().unwrap()],
+    );
+    fs::write(&*config, file(&b, 61)).unwrap();
+    let out = agent.cli(&["policy", "reload"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let said = stderr(&out);
+    for part in [
+        format!(
+            "attach changed in the config ({} -> {})",
+            a.display(),
+            b.display()
+        ),
+        "moving enforcement takes `keepalive-agent detach` and a restart".to_owned(),
+        format!("until then the policies must stay within {}", a.display()),
+        format!("{}:4:", config.display()),
+    ] {
+        assert!(said.contains(&part), "{part} in:\n{said}");
+    }
+    // Nothing of it applied: the running policy stays.
+    let policies = agent.cli_ok(&["policy", "list", "--json"]);
+    let text = String::from_utf8_lossy(&policies.stdout);
+    assert!(text.contains(&format!("{}/svc", a.rel())), "{text}");
+    assert!(!text.contains(&format!("{}/svc", b.rel())), "{text}");
+    assert_eq!(idle_of(&a), 50);
+}
+
 #[test]
 fn user_timeout_from_the_config_is_visible_with_getsockopt_and_0_drops_it() {
     let cg = TestCgroup::new("ut");
