@@ -315,7 +315,8 @@ fn overrides_from(args: &RunArgs) -> DefaultOverrides {
 
 impl Daemon {
     /// The effective rules in precedence order: exact paths before globs, and within each,
-    /// runtime changes before the config (config rules keep their file order).
+    /// runtime changes before the config (the latest change first; config rules keep their
+    /// file order).
     fn rules(&self) -> impl Iterator<Item = &Rule> {
         let kind = |glob: bool| {
             self.runtime
@@ -641,13 +642,18 @@ impl Daemon {
                  it was meant for a cgroup that exists)"
             ));
         }
+        // The latest change comes first: where it overlaps an older runtime glob, it is what
+        // the operator asked for last.
         self.runtime.retain(|r| r.selector.text() != text);
-        self.runtime.push(Rule {
-            selector,
-            spec: Some(spec),
-            own: own_values(req),
-            source: Source::Runtime,
-        });
+        self.runtime.insert(
+            0,
+            Rule {
+                selector,
+                spec: Some(spec),
+                own: own_values(req),
+                source: Source::Runtime,
+            },
+        );
         Ok(message)
     }
 
@@ -688,12 +694,15 @@ impl Daemon {
         if !covered {
             return Err(usage(format!("no policy is set for {text}")));
         }
-        self.runtime.push(Rule {
-            selector,
-            spec: None,
-            own: policy::OwnValues::default(),
-            source: Source::Runtime,
-        });
+        self.runtime.insert(
+            0,
+            Rule {
+                selector,
+                spec: None,
+                own: policy::OwnValues::default(),
+                source: Source::Runtime,
+            },
+        );
         Ok(format!(
             "{text} no longer has a policy of its own until the next reload; it inherits from \
              its nearest ancestor"

@@ -87,6 +87,28 @@ fn nearest_ancestor_default_and_off() {
     assert_eq!(server, kernel_defaults());
 }
 
+/// Where runtime globs overlap, the one set last decides, also when an older one is set again.
+#[test]
+fn the_latest_runtime_glob_decides_where_globs_overlap() {
+    let parent = TestCgroup::new("globorder");
+    let pods = parent.child("pods");
+    let best = pods.child("best");
+    let pod = best.child("p1");
+    let agent = Agent::start(&parent, &["--idle", "41"]);
+    let wide = format!("{}/*/*", pods.rel());
+    let narrow = format!("{}/*", best.rel());
+    agent.cli_ok(&["policy", "set", &wide, "--idle", "30"]);
+    assert_eq!(idle_of(&pod), 30);
+    agent.cli_ok(&["policy", "set", &narrow, "--idle", "31"]);
+    assert_eq!(idle_of(&pod), 31, "the glob set last");
+    agent.cli_ok(&["policy", "set", &wide, "--idle", "32"]);
+    assert_eq!(idle_of(&pod), 32, "the wide glob, set again");
+    agent.cli_ok(&["policy", "unset", &wide]);
+    assert_eq!(idle_of(&pod), 31, "the other runtime glob once it is gone");
+    agent.cli_ok(&["policy", "unset", &narrow]);
+    assert_eq!(idle_of(&pod), 41);
+}
+
 /// Runs `each` once on every CPU this thread may use, pinned there: processes it starts run
 /// there too, and so do the loopback callbacks of their connections.
 fn on_each_cpu(mut each: impl FnMut(usize)) {
