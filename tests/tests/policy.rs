@@ -7,12 +7,13 @@ use std::{
     fs,
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
     path::Path,
-    process::Output,
+    process::{Command, Output},
     time::Duration,
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, GRANTED, Proc, TempDir, TestCgroup, agent_in_private_mounts, bind_mount,
+    Agent, AgentDirs, GRANTED, Proc, TempDir, TestCgroup, agent_bin, agent_in_private_mounts,
+    bind_mount,
     bpf::{self, resolution_cache},
     check_item, code, eventually, hide_with_tmpfs, idle_of, in_private_mounts, json_refusal,
     kernel_defaults, mkdir, pair_values,
@@ -1002,7 +1003,13 @@ fn a_default_config_behind_a_dangling_symbolic_link_is_refused() {
         hide_with_tmpfs(c"/etc")?;
         symlink(c"/srv/ka", c"/etc/keepalive-agent")
     };
-    // `run` refuses (1); `check` reports it and is not ready (8).
+    // `run` refuses (1); `check` reports it and is not ready (8); `detach` without
+    // `--state-dir`, which reads the file for `state_dir`, refuses as `run` does (1).
+    let mut detach_by_config = Command::new(agent_bin());
+    detach_by_config
+        .arg("--runtime-dir")
+        .arg(&dirs.runtime_dir)
+        .arg("detach");
     for (out, link, want) in [
         (
             agent_in_private_mounts(&dirs, &run, file_link),
@@ -1018,6 +1025,11 @@ fn a_default_config_behind_a_dangling_symbolic_link_is_refused() {
             in_private_mounts(&dirs, dirs.command(&check), file_link),
             "/etc/keepalive-agent/config.toml",
             8,
+        ),
+        (
+            in_private_mounts(&dirs, detach_by_config, dir_link),
+            "/etc/keepalive-agent",
+            1,
         ),
     ] {
         let text = stdout(&out) + &stderr(&out);
