@@ -208,6 +208,17 @@ fn has_user_timeout_of(tp: *const u8, policy: &Policy) -> bool {
     }
 }
 
+/// Names in `policy` the user timeout its `lock` bound the socket to (keepalive's span, in
+/// place of a longer one the application set), for a record that stops saying `lock`: the
+/// program set it, and a later policy without one puts it back to the kernel's default.
+#[inline(always)]
+pub(crate) fn name_lock_bound(tp: *const u8, policy: &mut Policy) {
+    if policy.flags & policy_flags::USER_TIMEOUT == 0 && has_user_timeout_of(tp, policy) {
+        policy.user_timeout_ms = policy.keepalive_span_ms();
+        policy.flags |= policy_flags::USER_TIMEOUT;
+    }
+}
+
 /// Whether moving from `old` to `new` puts the socket's user timeout back to the kernel's
 /// default: `new` has none, the socket still has the one `old` made the program set, and
 /// `new` would not set the same.

@@ -114,7 +114,10 @@ pub(crate) fn enforce_socket(
         }
         // The record says so from now on (`status` shows `off`), and no longer matches the
         // policy that held before: when that returns, it is applied again, to values the
-        // application may have changed meanwhile, and a `lock` holds the socket again.
+        // application may have changed meanwhile, and a `lock` holds the socket again. A user
+        // timeout a `lock` bound the socket to stays the program's for the policy after: the
+        // record names it, as the mode no longer does.
+        enforce::name_lock_bound(sock.tp, &mut rec.policy);
         rec.policy.mode = mode::OFF;
         rec.policy_cgroup_id = resolved.policy_cgroup;
         return apply_result::SKIPPED_OFF;
@@ -181,7 +184,8 @@ pub(crate) fn enforce_socket(
     let app_owns = policy.mode == mode::FILL
         && app_keepalive
         && !matches!(origin, Origin::Established { direction } if direction == sock_flags::INBOUND);
-    let mut kept_before = false;
+    // Nothing happened to the socket: no event to count, no new time to stamp.
+    let mut untouched = false;
     let result =
         if !resets_user_timeout && !app_owns && enforce::carries(sock.target, sock.tp, &policy) {
             // Usually an accepted socket that inherited the options the program set on its
@@ -194,7 +198,16 @@ pub(crate) fn enforce_socket(
                 flags |= before & sock_flags::INHERITED;
             }
             flags |= sock_flags::ENFORCED;
-            apply_result::APPLIED
+            // A pass that finds the values in place (a cgroup moved to a policy of its own
+            // with the same values, say) reports the socket current, unless it locks or
+            // unlocks it.
+            let lock_changes = (policy.mode == mode::LOCK) != (before & sock_flags::LOCKED != 0);
+            if origin == Origin::Existing && !lock_changes {
+                untouched = existing.is_some();
+                apply_result::UNCHANGED
+            } else {
+                apply_result::APPLIED
+            }
         } else if policy.mode == mode::FILL
             && (app_keepalive
                 || previous.is_some_and(|previous| {
@@ -215,14 +228,13 @@ pub(crate) fn enforce_socket(
             }
             values = enforce::read_values(sock.target, mode::FILL);
             flags |= sock_flags::APP_OWNED;
-            // Kept before with the same values (under this policy or another): nothing
-            // happened to the socket, so there is no event to count and no new time to stamp.
-            kept_before = existing.as_deref().is_some_and(|rec| {
+            // Kept before with the same values (under this policy or another).
+            untouched = existing.as_deref().is_some_and(|rec| {
                 rec.flags & (sock_flags::APP_OWNED | sock_flags::OWN_USER_TIMEOUT)
                     == flags & (sock_flags::APP_OWNED | sock_flags::OWN_USER_TIMEOUT)
                     && rec.policy == values
             });
-            if !kept_before {
+            if !untouched {
                 count(Counter::KeptApp);
             }
             apply_result::KEPT_APP
@@ -273,7 +285,7 @@ pub(crate) fn enforce_socket(
             rec.cgroup_id = own;
             rec.policy_cgroup_id = resolved.policy_cgroup;
             rec.policy = values;
-            if !kept_before {
+            if !untouched {
                 rec.applied_ns = now;
             }
             rec.flags = flags;

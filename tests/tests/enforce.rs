@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use keepalive_tests::{
     Agent, AgentDirs, Proc, TestCgroup, VethPair, bpf, code, kernel_defaults, shim_lib, sock_bin,
-    sockets_of, sockops_attachments, static_client, stderr, values, write_config,
+    sockets_of, sockops_attachments, static_client, stderr, unix_seconds, values, write_config,
 };
 
 #[test]
@@ -498,6 +498,46 @@ fn a_recheck_that_finds_the_programs_own_values_is_not_inherited() {
             1.into()
         )
     );
+}
+
+/// A pass that finds a socket's values already in place (its cgroup moved from `[default]` to a
+/// policy of its own with the same values) reports it already current, not updated, and leaves
+/// its time; one that locks it with the same values updates it.
+#[test]
+fn a_pass_that_finds_the_values_in_place_reports_the_sockets_current() {
+    let cg = TestCgroup::new("current");
+    let agent = Agent::start(&cg, &["--idle", "23"]);
+    let mut pair = Proc::sock(&["pair", "4"], &cg);
+    pair.read();
+    // The latest `enforced_at` in seconds. Each `status` converts the stamps from the
+    // monotonic clock anew, so the same stamp can read a second apart: a restamp after 3 s
+    // still shows.
+    let stamp = |agent: &Agent| -> i64 {
+        let status = agent.status();
+        let socks = sockets_of(&status, &cg);
+        assert_eq!(socks.len(), 2, "{status}");
+        socks
+            .iter()
+            .map(|s| unix_seconds(&s["enforced_at"]))
+            .max()
+            .unwrap()
+    };
+    let before = stamp(&agent);
+    std::thread::sleep(Duration::from_millis(3100));
+    let out = agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "23"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("existing connections: 0 updated, 2 already current,"),
+        "{text}"
+    );
+    assert!(stamp(&agent).abs_diff(before) <= 1, "restamped");
+    let out = agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "23", "--mode", "lock"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("existing connections: 2 updated, 0 already current,"),
+        "{text}"
+    );
+    assert!(stamp(&agent) >= before + 2, "not restamped");
 }
 
 /// `fill` keeps the keepalive an application enables after the connection was established

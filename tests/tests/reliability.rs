@@ -455,6 +455,28 @@ fn lock_mode_holds_the_policy_against_later_setsockopt() {
         "{client}"
     );
     assert_eq!(own.report()[0]["user_timeout"], 5_000);
+    // Also with the cgroup `off` in between: `off` leaves the 49 s, and the policy after
+    // takes it back.
+    agent.cli_ok(&["policy", "set", cg.rel(), "--user-timeout", "0"]);
+    let mut via_off = Proc::sock(&["pair", "4", "--user-timeout", "600000"], &cg);
+    assert_eq!(via_off.read()["client"]["user_timeout"], 49_000);
+    agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "off"]);
+    assert_eq!(via_off.report()[0]["user_timeout"], 49_000, "off leaves it");
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.rel(),
+        "--mode",
+        "enforce",
+        "--user-timeout",
+        "0",
+    ]);
+    let client = via_off.report().swap_remove(0);
+    assert_eq!(
+        (values(&client), client["user_timeout"].clone()),
+        ((1, 21, 7, 4), 0.into()),
+        "{client}"
+    );
 }
 
 #[test]
