@@ -298,5 +298,44 @@ pub fn call(
     BufReader::new(&stream)
         .read_line(&mut answer)
         .context("failed to read the agent's answer")?;
+    if answer.is_empty() {
+        // The agent stopped with the request queued (a SIGTERM during a long pass, say), or
+        // went down while it ran.
+        return Err(Error::Agent(
+            "the agent stopped before it answered; the request may not have been carried out \
+             (`keepalive-agent policy list` shows what holds once it runs again)"
+                .into(),
+        )
+        .into());
+    }
     serde_json::from_str(&answer).with_context(|| format!("unexpected answer: {answer:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::{code_of, exit};
+
+    #[test]
+    fn an_agent_that_stops_before_it_answers_is_no_agent_running() {
+        let dir = std::env::temp_dir().join(format!("ka-control-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(socket_path(&dir)).unwrap();
+        // Reads the request, then goes away without a word.
+        let agent = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            BufReader::new(&stream)
+                .read_line(&mut String::new())
+                .unwrap();
+        });
+        let err = call(&dir, None, &Request::List).unwrap_err();
+        agent.join().unwrap();
+        assert_eq!(code_of(&err), Some(exit::AGENT), "{err:#}");
+        assert!(
+            format!("{err:#}").contains("stopped before it answered"),
+            "{err:#}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
