@@ -1095,7 +1095,11 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         let due = daemon.due();
         tokio::select! {
             _ = hup.recv() => {
-                let _ = sd_notify::notify(&[sd_notify::NotifyState::Reloading, sd_notify::NotifyState::monotonic_usec_now()?]);
+                // Like every notification here, best effort: a clock that cannot be read ends
+                // no reload, and no agent.
+                let mut reloading = vec![sd_notify::NotifyState::Reloading];
+                reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
+                let _ = sd_notify::notify(&reloading);
                 match daemon.reload() {
                     Ok((message, _)) => log_outcome(&message),
                     Err(err) => log::error!("reload rejected, the previous config stays: {err:#}"),
