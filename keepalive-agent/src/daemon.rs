@@ -432,21 +432,26 @@ impl Daemon {
         }
         match self.apply() {
             Ok(_) => self.pass_failures = 0,
-            Err(err) => {
-                self.pass_failures = self.pass_failures.saturating_add(1);
-                self.pass_scheduled = true;
-                let wait = self.pass_due().map_or(Duration::ZERO, |at| {
-                    at.saturating_duration_since(Instant::now())
-                });
-                log::error!(
-                    "failed to apply the policy to existing connections after cgroup changes: \
-                     {err:#}; trying again in {}",
-                    humantime::format_duration(Duration::from_secs(
-                        wait.as_secs_f64().ceil() as u64
-                    ))
-                );
-            }
+            // A pass tried again (after one at start, say) was not for cgroup changes.
+            Err(err) if self.pass_failures == 0 => self.pass_failed(&err, " after cgroup changes"),
+            Err(err) => self.pass_failed(&err, ""),
         }
+    }
+
+    /// Schedules the next try of a pass that failed (`when`: " at start", say), waiting longer after each
+    /// failure in a row (see [`Daemon::pass_due`]), and logs when it comes.
+    fn pass_failed(&mut self, err: &anyhow::Error, when: &str) {
+        self.pass_failures = self.pass_failures.saturating_add(1);
+        self.pass_scheduled = true;
+        self.apply_pending = true;
+        let wait = self.pass_due().map_or(Duration::ZERO, |at| {
+            at.saturating_duration_since(Instant::now())
+        });
+        log::error!(
+            "failed to apply the policy to existing connections{when}: {err:#}; trying again \
+             in {}",
+            humantime::format_duration(Duration::from_secs(wait.as_secs_f64().ceil() as u64))
+        );
     }
 
     /// Resolves the policy and pushes the table if it changed (see [`Daemon::refresh`]).
@@ -1068,8 +1073,12 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         log::warn!("{warning}");
     }
     // Existing connections get the table now; cgroups that changed since it was resolved are
-    // already queued by the watcher and handled by the loop below.
-    daemon.apply()?;
+    // already queued by the watcher and handled by the loop below. New connections get it
+    // from the program already, so a pass that fails is tried again as later ones are, rather
+    // than ending the start.
+    if let Err(err) = daemon.apply() {
+        daemon.pass_failed(&err, " at start");
+    }
     release_free_memory();
 
     let mut control = control::bind(&globals.runtime_dir)?;

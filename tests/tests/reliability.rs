@@ -14,8 +14,8 @@ use keepalive_tests::{
     Agent, AgentDirs, GRANTED, Netns, Proc, TestCgroup, agent_in_private_mounts,
     assert_stamped_between, bind_mount, cgroup_row, cgroup2_mount, check_item, code, count_between,
     drop_caps_except, eventually, free_port, hide_with_tmpfs, idle_of, json_refusal,
-    kernel_defaults, pair_values, sock_bin, sockets_of, sockops_attachments, stderr, umount,
-    values, write_config,
+    kernel_defaults, pair_values, private_mounts, sock_bin, sockets_of, sockops_attachments,
+    stderr, symlink, umount, values, write_config,
 };
 
 #[test]
@@ -1567,6 +1567,45 @@ fn a_cgroup_change_that_fails_is_tried_again_until_it_goes_through() {
         agent.log()
     );
     assert_eq!(idle_of(&svc), 31, "new connections too");
+}
+
+/// A pass that fails at start (here `/run/netns` cannot be listed) does not end the start: new
+/// connections are enforced, requests are served, and the pass is tried again.
+#[test]
+fn a_pass_that_fails_at_start_is_tried_again_and_the_agent_runs() {
+    let cg = TestCgroup::new("startpass");
+    let dirs = AgentDirs::new();
+    let mut cmd = dirs.command(&[
+        "run",
+        "--cgroup",
+        cg.path().to_str().unwrap(),
+        "--idle",
+        "42",
+    ]);
+    private_mounts(&mut cmd, || {
+        hide_with_tmpfs(c"/run")?;
+        symlink(c"/proc/self/status", c"/run/netns")
+    });
+    let agent = Agent::start_command(&dirs, cmd);
+    assert_eq!(idle_of(&cg), 42);
+    agent.cli_ok(&["policy", "list"]);
+    let tries = || {
+        agent
+            .log()
+            .matches("failed to apply the policy to existing connections")
+            .count()
+    };
+    assert!(
+        agent.log().contains(
+            "failed to apply the policy to existing connections at start: failed to list \
+             /run/netns"
+        ),
+        "{}",
+        agent.log()
+    );
+    eventually(Duration::from_secs(10), "the pass tried again", || {
+        (tries() >= 2).then_some(())
+    });
 }
 
 #[test]
