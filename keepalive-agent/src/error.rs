@@ -33,7 +33,11 @@ pub mod exit {
     /// Every exit code and what it means to an operator.
     pub const MEANINGS: &[(u8, &str)] = &[
         (OK, "success"),
-        (FAILURE, "failure not listed below"),
+        (
+            FAILURE,
+            "failure not listed below, including a config path that is a symbolic link to \
+             nothing (not 2: the unit retries it, and the target may yet appear)",
+        ),
         (
             USAGE,
             "bad command line or configuration (`file:line: reason`); nothing was attached or \
@@ -57,7 +61,8 @@ pub mod exit {
         ),
         (
             AGENT,
-            "no agent is running, or the one on --runtime-dir keeps its state elsewhere than \
+            "no agent is running (or it stopped before it answered a policy command), or the one \
+             on --runtime-dir keeps its state elsewhere than \
              --state-dir (policy commands); nothing is pinned (status); another agent holds the \
              state (run, detach); enforcement is pinned on another cgroup, or \
              another state directory's is on this one (run), or not on the one named (detach \
