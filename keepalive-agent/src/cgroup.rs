@@ -97,6 +97,20 @@ impl Cgroup2 {
         let path = Path::new(spec);
         let relative = match path.strip_prefix(&self.mount) {
             Ok(below) => below,
+            // The mount's path without its leading `/`: a typo that names a cgroup
+            // `sys/fs/cgroup/…` below the mount, which would never appear.
+            Err(_)
+                if path.is_relative()
+                    && self.mount.strip_prefix("/").is_ok_and(|mount| {
+                        mount.components().next().is_some() && path.starts_with(mount)
+                    }) =>
+            {
+                return Err(usage(format!(
+                    "cgroup {spec} lacks its leading `/`: relative paths are taken from the cgroup2 \
+                     mount, so this names {}/{spec}; write /{spec}",
+                    self.mount.display()
+                )));
+            }
             Err(_) if path.is_absolute() && first_name(path) == first_name(&self.mount) => {
                 return Err(usage(format!(
                     "cgroup {spec} is not under the cgroup2 mount {}; give a path below it, \
@@ -392,6 +406,15 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         let err = hybrid.parse("/sys/fs/cgroup/system.slice").unwrap_err();
         assert!(err.to_string().contains("/system.slice/a.service"), "{err}");
         assert!(cg.parse("a/../b").is_err());
+        // The mount's path with its leading `/` left out.
+        for typo in ["sys/fs/cgroup/kubepods.slice", "sys/fs/cgroup"] {
+            let err = cg.parse(typo).unwrap_err();
+            assert!(err.to_string().contains("lacks its leading `/`"), "{err}");
+        }
+        assert_eq!(
+            cg.parse("sys/fs/cgroupx").unwrap(),
+            CgroupPath("sys/fs/cgroupx".into())
+        );
         let err = cg.parse("").unwrap_err();
         assert!(
             err.to_string().contains("write \"/\" for the root"),
