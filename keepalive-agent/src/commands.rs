@@ -177,20 +177,16 @@ fn status_cmd(state: &StateDir, args: &StatusArgs) -> anyhow::Result<()> {
             .transpose()?,
         port: args.port,
     };
-    if args.json {
-        let stdout = io::stdout().lock();
-        let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
-        let written = status::write_json(state, &cgroup2, &filter, &mut out)
-            .and_then(|()| out.flush().map_err(Into::into));
-        match written {
-            Err(err) if is_broken_pipe(&err) => Ok(()),
-            other => other,
-        }
+    let stdout = io::stdout().lock();
+    let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
+    let written = if args.json {
+        status::write_json(state, &cgroup2, &filter, &mut out)
     } else {
-        print(&status::render(
-            &status::snapshot(state, &cgroup2, &filter)?,
-            &filter,
-        ))
+        status::write_table(state, &cgroup2, &filter, &mut out)
+    };
+    match written.and_then(|()| out.flush().map_err(Into::into)) {
+        Err(err) if is_broken_pipe(&err) => Ok(()),
+        other => other,
     }
 }
 

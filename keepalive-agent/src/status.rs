@@ -518,39 +518,18 @@ impl Tally {
     }
 }
 
-/// Reads everything `status` shows, sockets sorted by cgroup and address.
-pub fn snapshot(state: &StateDir, cgroup2: &Cgroup2, filter: &Filter) -> anyhow::Result<Snapshot> {
-    build(state, cgroup2, filter, true)
-}
-
 /// Per-cgroup rows and counters without socket rows: what metrics need, cheap at any size.
 pub fn summary(state: &StateDir, cgroup2: &Cgroup2) -> anyhow::Result<Snapshot> {
-    build(state, cgroup2, &Filter::default(), false)
-}
-
-/// [`snapshot`], with the socket rows only when `with_sockets`.
-fn build(
-    state: &StateDir,
-    cgroup2: &Cgroup2,
-    filter: &Filter,
-    with_sockets: bool,
-) -> anyhow::Result<Snapshot> {
-    let view = View::new(state, cgroup2, filter)?;
+    let filter = Filter::default();
+    let view = View::new(state, cgroup2, &filter)?;
     let records = open_records(state)?;
     let tables = Tables::open(state)?;
     let mut tally = Tally::default();
-    let mut sockets = Vec::new();
-    each_record(records, |rec| {
-        tally.add(rec);
-        if with_sockets && view.shows(rec) {
-            sockets.push(view.socket_row(rec));
-        }
-    })?;
-    sockets.sort_by(|a, b| (&a.cgroup, &a.local, &a.remote).cmp(&(&b.cgroup, &b.local, &b.remote)));
+    each_record(records, |rec| tally.add(rec))?;
     Ok(Snapshot {
         attach_cgroup: view.attach_cgroup.clone(),
         state_dir: state.root().display().to_string(),
-        sockets,
+        sockets: Vec::new(),
         cgroups: tally.cgroups(&view, &tables)?,
         counters: tables.counters()?,
         tracked_entries: tally.tracked,
@@ -637,82 +616,186 @@ fn secs(value: u32) -> String {
     humantime::format_duration(Duration::from_secs(u64::from(value))).to_string()
 }
 
-/// Human output: aligned columns, sockets first, then the per-cgroup summary. `filter` is the
-/// one the snapshot was taken with.
-pub fn render(snapshot: &Snapshot, filter: &Filter) -> String {
-    let mut out = String::new();
-    match &snapshot.attach_cgroup {
-        Some(cgroup) => out.push_str(&format!(
-            "attached at {cgroup} (state {})\n\n",
-            snapshot.state_dir
-        )),
-        None => out.push_str(&format!(
-            "not attached (state {}); counters are from the last run\n\n",
-            snapshot.state_dir
-        )),
-    }
-    if snapshot.sockets.is_empty() {
-        out.push_str(if filter.cgroup.is_some() || filter.port.is_some() {
-            "no enforced sockets that match the filter are open\n"
-        } else {
-            "no enforced sockets are open\n"
-        });
-    } else {
-        let mut t = table(&[
-            "LOCAL",
-            "REMOTE",
-            "DIR",
-            "CGROUP",
-            "IDLE",
-            "INTVL",
-            "CNT",
-            "USER-TIMEOUT",
-            "MODE",
-            "PROCESS",
-            "SINCE",
-            "PROBES",
-        ]);
-        for s in &snapshot.sockets {
-            let mode = if s.app_owned {
-                format!("{} (app)", s.mode)
-            } else {
-                s.mode.to_owned()
-            };
-            let process = match (&s.pid, &s.comm) {
-                (Some(pid), Some(comm)) => format!("{pid}/{comm}"),
-                _ => "unknown".to_owned(),
-            };
-            let since = s
-                .established_at
-                .clone()
-                .unwrap_or_else(|| format!("before {}", s.enforced_at));
-            t.add_row(vec![
-                Cell::new(&s.local),
-                Cell::new(&s.remote),
-                Cell::new(match s.direction {
-                    "outbound" => "out",
-                    "inbound" => "in",
-                    _ => "?",
-                }),
-                Cell::new(&s.cgroup),
-                Cell::new(secs(s.idle)),
-                Cell::new(secs(s.interval)),
-                Cell::new(s.count).set_alignment(CellAlignment::Right),
-                Cell::new(s.user_timeout.map_or("-".to_owned(), |ms| {
-                    humantime::format_duration(Duration::from_millis(u64::from(ms))).to_string()
-                })),
-                Cell::new(mode),
-                Cell::new(process),
-                Cell::new(since),
-                Cell::new(s.probes_out).set_alignment(CellAlignment::Right),
-            ]);
+/// Human output: aligned columns, sockets sorted by cgroup and address, then the per-cgroup
+/// summary. Written as it is made: the sockets are kept as one compact line each (see
+/// [`SocketLines`]), not as table cells, which took some 4 KiB per socket.
+pub fn write_table(
+    state: &StateDir,
+    cgroup2: &Cgroup2,
+    filter: &Filter,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
+    let view = View::new(state, cgroup2, filter)?;
+    let records = open_records(state)?;
+    let tables = Tables::open(state)?;
+    let mut tally = Tally::default();
+    let mut lines = SocketLines::default();
+    each_record(records, |rec| {
+        tally.add(rec);
+        if view.shows(rec) {
+            lines.add(&view.socket_row(rec));
         }
-        out.push_str(&t.to_string());
-        out.push('\n');
+    })?;
+    let cgroups = tally.cgroups(&view, &tables)?;
+    let counters = tables.counters()?;
+    match &view.attach_cgroup {
+        Some(cgroup) => writeln!(
+            out,
+            "attached at {cgroup} (state {})\n",
+            state.root().display()
+        )?,
+        None => writeln!(
+            out,
+            "not attached (state {}); counters are from the last run\n",
+            state.root().display()
+        )?,
     }
-    out.push('\n');
+    if lines.rows.is_empty() {
+        out.write_all(no_sockets(filter).as_bytes())?;
+    } else {
+        lines.write(out)?;
+    }
+    out.write_all(summary_text(&cgroups, &counters).as_bytes())?;
+    Ok(())
+}
+
+/// What the socket table says when it has no rows.
+fn no_sockets(filter: &Filter) -> &'static str {
+    if filter.cgroup.is_some() || filter.port.is_some() {
+        "no enforced sockets that match the filter are open\n"
+    } else {
+        "no enforced sockets are open\n"
+    }
+}
+
+/// The socket table's columns, in order, and whether each is aligned right.
+const SOCKET_COLUMNS: [(&str, bool); 12] = [
+    ("LOCAL", false),
+    ("REMOTE", false),
+    ("DIR", false),
+    ("CGROUP", false),
+    ("IDLE", false),
+    ("INTVL", false),
+    ("CNT", true),
+    ("USER-TIMEOUT", false),
+    ("MODE", false),
+    ("PROCESS", false),
+    ("SINCE", false),
+    ("PROBES", true),
+];
+
+/// Columns of the sort key, first to last: cgroup, local address, remote address.
+const SORT_COLUMNS: [usize; 3] = [3, 0, 1];
+
+/// The socket rows, each one line of its cells joined by NUL (which no cell holds), the sort
+/// key's cells first: sorting the lines sorts the rows. A few hundred bytes a socket, where
+/// `status --json` streams in constant memory.
+#[derive(Default)]
+struct SocketLines {
+    rows: Vec<Box<str>>,
+    /// Each column's width so far, in characters.
+    widths: [usize; SOCKET_COLUMNS.len()],
+}
+
+impl SocketLines {
+    fn add(&mut self, row: &SocketRow) {
+        let cells = socket_cells(row);
+        for (width, cell) in self.widths.iter_mut().zip(&cells) {
+            *width = (*width).max(cell.chars().count());
+        }
+        let rest = (0..cells.len()).filter(|i| !SORT_COLUMNS.contains(i));
+        let line: Vec<&str> = SORT_COLUMNS
+            .into_iter()
+            .chain(rest)
+            .map(|i| cells[i].as_str())
+            .collect();
+        self.rows.push(line.join("\0").into_boxed_str());
+    }
+
+    /// Sorts the rows and writes them under the header, columns aligned as the summary's.
+    fn write(mut self, out: &mut impl std::io::Write) -> std::io::Result<()> {
+        self.rows.sort_unstable();
+        let mut widths = self.widths;
+        for (width, (header, _)) in widths.iter_mut().zip(SOCKET_COLUMNS) {
+            *width = (*width).max(header.len());
+        }
+        let mut line = String::new();
+        let mut write_line = |cells: &[&str], out: &mut dyn std::io::Write| {
+            line.clear();
+            for ((cell, width), (_, right)) in cells.iter().zip(widths).zip(SOCKET_COLUMNS) {
+                let pad = width.saturating_sub(cell.chars().count());
+                line.push(' ');
+                if right {
+                    line.extend(std::iter::repeat_n(' ', pad));
+                }
+                line.push_str(cell);
+                if !right {
+                    line.extend(std::iter::repeat_n(' ', pad));
+                }
+                line.push(' ');
+            }
+            writeln!(out, "{}", line.trim_end())
+        };
+        let headers = SOCKET_COLUMNS.map(|(header, _)| header);
+        write_line(&headers, out)?;
+        let mut cells = [""; SOCKET_COLUMNS.len()];
+        let order: Vec<usize> = SORT_COLUMNS
+            .into_iter()
+            .chain((0..cells.len()).filter(|i| !SORT_COLUMNS.contains(i)))
+            .collect();
+        for row in &self.rows {
+            for (&column, cell) in order.iter().zip(row.split('\0')) {
+                cells[column] = cell;
+            }
+            write_line(&cells, out)?;
+        }
+        Ok(())
+    }
+}
+
+/// A socket's cells, in the order of [`SOCKET_COLUMNS`].
+fn socket_cells(s: &SocketRow) -> [String; SOCKET_COLUMNS.len()] {
+    let mode = if s.app_owned {
+        format!("{} (app)", s.mode)
+    } else {
+        s.mode.to_owned()
+    };
+    let process = match (&s.pid, &s.comm) {
+        (Some(pid), Some(comm)) => format!("{pid}/{comm}"),
+        _ => "unknown".to_owned(),
+    };
+    let since = s
+        .established_at
+        .clone()
+        .unwrap_or_else(|| format!("before {}", s.enforced_at));
+    [
+        s.local.clone(),
+        s.remote.clone(),
+        match s.direction {
+            "outbound" => "out",
+            "inbound" => "in",
+            _ => "?",
+        }
+        .to_owned(),
+        s.cgroup.clone(),
+        secs(s.idle),
+        secs(s.interval),
+        s.count.to_string(),
+        s.user_timeout.map_or("-".to_owned(), |ms| {
+            humantime::format_duration(Duration::from_millis(u64::from(ms))).to_string()
+        }),
+        mode,
+        process,
+        since,
+        s.probes_out.to_string(),
+    ]
+}
+
+/// The per-cgroup summary and warnings about counters, after the sockets.
+fn summary_text(cgroups: &[CgroupRow], counters: &BTreeMap<&'static str, u64>) -> String {
+    let mut out = String::from("\n");
     let mut t = table(&["CGROUP", "OPEN", "ENFORCED", "DEAD-PEERS"]);
-    for c in &snapshot.cgroups {
+    for c in cgroups {
         t.add_row(vec![
             Cell::new(&c.cgroup),
             Cell::new(c.open).set_alignment(CellAlignment::Right),
@@ -722,8 +805,7 @@ pub fn render(snapshot: &Snapshot, filter: &Filter) -> String {
     }
     out.push_str(&t.to_string());
     out.push('\n');
-    let failures: u64 = snapshot
-        .counters
+    let failures: u64 = counters
         .iter()
         .filter(|(name, _)| name.starts_with("setsockopt_failed"))
         .map(|(_, v)| v)
@@ -731,16 +813,14 @@ pub fn render(snapshot: &Snapshot, filter: &Filter) -> String {
     let notes = [
         (failures, "setsockopt calls failed"),
         (
-            snapshot
-                .counters
+            counters
                 .get(Counter::CgroupStatsFull.name())
                 .copied()
                 .unwrap_or(0),
             "enforcements not counted per cgroup (cgroup table full; raise max_tracked_cgroups)",
         ),
         (
-            snapshot
-                .counters
+            counters
                 .get(Counter::TrackingFull.name())
                 .copied()
                 .unwrap_or(0),
@@ -766,23 +846,84 @@ mod tests {
 
     #[test]
     fn no_sockets_under_a_filter_says_so() {
-        let empty = Snapshot {
-            attach_cgroup: Some("/".into()),
-            state_dir: "/sys/fs/bpf/keepalive".into(),
-            sockets: Vec::new(),
-            cgroups: Vec::new(),
-            counters: BTreeMap::new(),
-            tracked_entries: 0,
-            stale_entries: 0,
-        };
-        assert!(render(&empty, &Filter::default()).contains("no enforced sockets are open\n"));
+        assert_eq!(
+            no_sockets(&Filter::default()),
+            "no enforced sockets are open\n"
+        );
         let port = Filter {
             port: Some(443),
             ..Filter::default()
         };
-        assert!(
-            render(&empty, &port).contains("no enforced sockets that match the filter are open\n")
+        assert_eq!(
+            no_sockets(&port),
+            "no enforced sockets that match the filter are open\n"
         );
+    }
+
+    #[test]
+    fn the_socket_table_sorts_by_cgroup_and_address_and_aligns_its_columns() {
+        let row = |cgroup: &str, local: &str, count: u32, pid: Option<u32>| SocketRow {
+            local: local.to_owned(),
+            remote: "127.0.0.1:80".to_owned(),
+            family: "ipv4",
+            direction: "outbound",
+            state: "ESTABLISHED",
+            cgroup: cgroup.to_owned(),
+            cgroup_id: 1,
+            policy_cgroup: "default".to_owned(),
+            idle: 60,
+            interval: 10,
+            count,
+            user_timeout: None,
+            mode: "enforce",
+            app_owned: false,
+            locked: false,
+            retroactive: false,
+            inherited: false,
+            setsockopt_failed: false,
+            pid,
+            comm: pid.map(|_| "curl".to_owned()),
+            established_at: Some("2026-11-22T10:00:00Z".to_owned()),
+            enforced_at: "2026-11-22T10:00:00Z".to_owned(),
+            probes_out: 0,
+        };
+        let mut lines = SocketLines::default();
+        lines.add(&row("/b", "127.0.0.1:1000", 5, None));
+        lines.add(&row("/a.slice/long-service-name", "[::1]:2", 12, Some(7)));
+        lines.add(&row("/b", "127.0.0.1:999", 5, Some(1234)));
+        let mut out = Vec::new();
+        lines.write(&mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        let column = |line: &str, cell: &str| {
+            line.find(cell)
+                .unwrap_or_else(|| panic!("{cell} in {line}"))
+        };
+        // Sorted by cgroup, then by local address (as text).
+        assert!(
+            lines[1].contains("[::1]:2") && lines[1].contains("7/curl"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("127.0.0.1:1000") && lines[2].contains("unknown"),
+            "{text}"
+        );
+        assert!(
+            lines[3].contains("127.0.0.1:999") && lines[3].contains("1234/curl"),
+            "{text}"
+        );
+        // Left-aligned columns start together; CNT is aligned right.
+        let cgroup = column(lines[0], "CGROUP");
+        let mode = column(lines[0], "MODE");
+        let count_end = column(lines[0], "CNT") + "CNT".len();
+        for line in &lines[1..] {
+            assert_eq!(column(line, "/"), cgroup, "{text}");
+            assert_eq!(column(line, "enforce"), mode, "{text}");
+        }
+        assert_eq!(column(lines[1], "12 ") + 2, count_end, "{text}");
+        assert_eq!(column(lines[2], " 5 ") + 2, count_end, "{text}");
+        assert!(lines.iter().all(|l| !l.ends_with(' ')), "{text}");
     }
 
     #[test]
@@ -793,7 +934,12 @@ mod tests {
         let cgroup2 = Cgroup2::at(&root);
         let filter = Filter::default();
         let failures = [
-            ("snapshot", snapshot(&state, &cgroup2, &filter).err()),
+            ("write_table", {
+                let mut out = Vec::new();
+                let err = write_table(&state, &cgroup2, &filter, &mut out).err();
+                assert!(out.is_empty(), "wrote {}", String::from_utf8_lossy(&out));
+                err
+            }),
             ("summary", summary(&state, &cgroup2).err()),
             ("write_json", {
                 let mut out = Vec::new();
