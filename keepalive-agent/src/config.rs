@@ -1152,7 +1152,7 @@ mode = "off"
     }
 
     #[test]
-    fn missing_default_file_is_builtin_but_missing_explicit_file_is_an_error() {
+    fn a_missing_explicit_file_is_an_error() {
         let missing = Path::new("/nonexistent/keepalive.toml");
         let err = load(Some(missing), &cg()).unwrap_err();
         assert!(err.to_string().contains("cannot read"), "{err}");

@@ -559,12 +559,16 @@ impl Proc {
         self.next(Duration::from_secs(10))
     }
 
-    /// Whether a line arrives within `timeout` (None if not).
+    /// Whether a line arrives within `timeout` (None if not). A helper that exited without
+    /// one is no "not yet": it fails the test.
     pub fn try_next(&mut self, timeout: Duration) -> Option<Value> {
-        self.lines
-            .recv_timeout(timeout)
-            .ok()
-            .map(|line| serde_json::from_str(&line).expect("helper output is JSON"))
+        match self.lines.recv_timeout(timeout) {
+            Ok(line) => Some(serde_json::from_str(&line).expect("helper output is JSON")),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                panic!("the helper exited without another line")
+            }
+        }
     }
 
     /// Closes the helper's stdin (it then finishes what it does and exits).

@@ -15,7 +15,7 @@ use keepalive_tests::{
     assert_stamped_between, bind_mount, cgroup_row, cgroup2_mount, check_item, code, count_between,
     drop_caps_except, eventually, free_port, hide_with_tmpfs, idle_of, json_refusal,
     kernel_defaults, pair_values, private_mounts, sock_bin, sockets_of, sockops_attachments,
-    stderr, symlink, umount, values, write_config,
+    stderr, symlink, umount, unix_seconds, values, write_config,
 };
 
 #[test]
@@ -939,7 +939,8 @@ fn a_control_client_that_sends_nothing_holds_up_neither_requests_nor_a_stop() {
     let started = Instant::now();
     agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "32"]);
     let took = started.elapsed();
-    assert!(took < Duration::from_secs(2), "policy set took {took:?}");
+    // Against the 5 s the agent gives a silent client, with room for a loaded machine.
+    assert!(took < Duration::from_secs(4), "policy set took {took:?}");
     assert_eq!(idle_of(&cg), 32);
 
     let _silent = std::os::unix::net::UnixStream::connect(&socket).unwrap();
@@ -948,7 +949,7 @@ fn a_control_client_that_sends_nothing_holds_up_neither_requests_nor_a_stop() {
     let status = agent.stop_with(libc::SIGTERM);
     let took = started.elapsed();
     assert!(status.success(), "{status}");
-    assert!(took < Duration::from_secs(2), "SIGTERM took {took:?}");
+    assert!(took < Duration::from_secs(4), "SIGTERM took {took:?}");
 }
 
 fn run_args(cgroup: &TestCgroup) -> [&str; 3] {
@@ -1287,12 +1288,13 @@ fn established_at_survives_a_policy_change() {
         .cloned()
         .expect("still listed");
     assert_eq!(after["idle"], 42);
-    assert_eq!(
-        after["established_at"], before["established_at"],
+    // Each `status` converts the stamps anew, so the same one can read a second apart.
+    assert!(
+        unix_seconds(&after["established_at"]).abs_diff(unix_seconds(&before["established_at"]))
+            <= 1,
         "{before} vs {after}"
     );
-    assert_ne!(after["enforced_at"], before["enforced_at"]);
-    // Stamped by the apply pass, on another clock read than new connections get.
+    // Restamped by the apply pass, on another clock read than new connections get.
     assert_stamped_between(
         &after["enforced_at"],
         change,
