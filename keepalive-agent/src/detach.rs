@@ -19,6 +19,8 @@ fn describe(state: &StateDir, pin: &Path, attach: Option<&str>) -> String {
         format!("setsockopt program link{on} (lock mode)")
     } else if pin == state.status_link() || pin == state.status_slots_link() {
         "status iterator link".to_owned()
+    } else if pin.parent() == Some(state.root()) {
+        "link left at its temporary name by a start that did not finish".to_owned()
     } else {
         let name = pin
             .file_name()

@@ -663,9 +663,8 @@ where
 
 /// Pins `fd` at `path`, atomically replacing whatever is pinned there.
 fn replace_pin(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> anyhow::Result<()> {
-    // bpffs refuses names with a dot.
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push("_new");
+    tmp.push(crate::pin::TMP_PIN_SUFFIX);
     let tmp = PathBuf::from(tmp);
     let _ = std::fs::remove_file(&tmp);
     sys::obj_pin(fd, &tmp).with_context(|| format!("failed to pin {}", tmp.display()))?;

@@ -53,6 +53,20 @@ const LINK_PINS: [&str; 4] = [
     PIN_LINK_STATUS,
 ];
 
+/// What a link pin is called while it is made, before it is renamed into place (bpffs refuses
+/// names with a dot). An agent killed in between leaves it: it is keepalive's own.
+pub const TMP_PIN_SUFFIX: &str = "_new";
+
+/// Whether `name` belongs in a state directory: a link pin, one left at its temporary name
+/// ([`TMP_PIN_SUFFIX`]), or a map directory.
+fn is_own_entry(name: &std::ffi::OsStr) -> bool {
+    let bytes = name.as_bytes();
+    let link = bytes
+        .strip_suffix(TMP_PIN_SUFFIX.as_bytes())
+        .unwrap_or(bytes);
+    LINK_PINS.iter().any(|pin| pin.as_bytes() == link) || is_maps_dir(name)
+}
+
 /// Whether `name` is that of a map directory, of this or any other ABI version (`maps-v*`).
 fn is_maps_dir(name: &std::ffi::OsStr) -> bool {
     name.as_bytes().starts_with(b"maps-v")
@@ -152,7 +166,7 @@ impl StateDir {
             .with_context(|| format!("failed to read {}", dir.display()))?
             .filter_map(Result::ok)
             .map(|entry| entry.file_name())
-            .find(|name| !(LINK_PINS.iter().any(|link| name == *link) || is_maps_dir(name)));
+            .find(|name| !is_own_entry(name));
         if let Some(name) = foreign {
             return Err(Error::Usage(format!(
                 "state directory {} holds {} and is not keepalive's own; give a directory of \
@@ -252,6 +266,7 @@ impl StateDir {
     pub fn existing_pins(&self) -> Vec<PathBuf> {
         let mut pins: Vec<PathBuf> = LINK_PINS
             .iter()
+            .flat_map(|link| [link.to_string(), format!("{link}{TMP_PIN_SUFFIX}")])
             .map(|link| self.root.join(link))
             .filter(|p| p.exists())
             .collect();

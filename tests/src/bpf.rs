@@ -14,6 +14,7 @@ use keepalive_common::{ABI_VERSION, MAP_POLICY, Policy, RESOLVED_SLOTS, Resolved
 
 const BPF_MAP_LOOKUP_ELEM: i64 = 1;
 const BPF_MAP_UPDATE_ELEM: i64 = 2;
+const BPF_OBJ_PIN: i64 = 6;
 const BPF_OBJ_GET: i64 = 7;
 const BPF_MAP_GET_FD_BY_ID: i64 = 14;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u64 = 6;
@@ -150,6 +151,22 @@ pub fn policy_table_id(state_dir: &Path) -> u32 {
     // SAFETY: the outer map's key is a u32 slot; a lookup returns the inner map's u32 id.
     unsafe { lookup(&outer, &0u32, &raw mut table_id) };
     table_id
+}
+
+/// Pins what is pinned at `from` at `to` as well.
+pub fn pin_again(from: &Path, to: &Path) {
+    let path = |p: &Path| CString::new(p.as_os_str().as_bytes()).expect("no NUL");
+    let (from_c, to_c) = (path(from), path(to));
+    let mut attr = [0u64; 16];
+    attr[0] = from_c.as_ptr() as u64;
+    let fd = bpf(BPF_OBJ_GET, &mut attr)
+        .unwrap_or_else(|e| panic!("BPF_OBJ_GET {}: {e}", from.display()));
+    // SAFETY: the kernel just returned this descriptor to us.
+    let object = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut attr = [0u64; 16];
+    attr[0] = to_c.as_ptr() as u64;
+    attr[1] = object.as_raw_fd() as u64;
+    bpf(BPF_OBJ_PIN, &mut attr).unwrap_or_else(|e| panic!("BPF_OBJ_PIN {}: {e}", to.display()));
 }
 
 /// Looks `key` up in `map` into `value`.

@@ -1571,6 +1571,44 @@ fn a_cgroup_change_that_fails_is_tried_again_until_it_goes_through() {
     assert_eq!(idle_of(&svc), 31, "new connections too");
 }
 
+/// An agent killed between pinning a link at its temporary name and renaming it leaves
+/// `link_status_new` behind: the next start and `detach` take it for keepalive's own, where
+/// both refused the directory as not keepalive's (exit 2, which the unit does not retry).
+#[test]
+fn a_link_pin_a_killed_start_left_at_its_temporary_name_is_keepalives_own() {
+    let cg = TestCgroup::new("tmppin");
+    let dirs = AgentDirs::new();
+    let leave = || {
+        keepalive_tests::bpf::pin_again(
+            &dirs.state_dir.join("link_status"),
+            &dirs.state_dir.join("link_status_new"),
+        );
+    };
+    let mut agent = Agent::start_in(&dirs, &cg, &[]);
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    leave();
+    let mut agent = Agent::start_in(&dirs, &cg, &[]);
+    assert!(
+        !dirs.state_dir.join("link_status_new").exists(),
+        "the start replaced it"
+    );
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    leave();
+    let out = dirs.cli(&["detach"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("link_status_new: link left at its temporary name"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        !dirs.state_dir.exists(),
+        "detach left {}",
+        dirs.state_dir.display()
+    );
+}
+
 /// A pass that fails at start (here `/run/netns` cannot be listed) does not end the start: new
 /// connections are enforced, requests are served, and the pass is tried again.
 #[test]
