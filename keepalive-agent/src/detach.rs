@@ -39,6 +39,9 @@ pub fn detach(
 ) -> anyhow::Result<Vec<String>> {
     privileges::require_for("detach")?;
     state.check_own()?;
+    // Off bpffs nothing is pinned, and files named like pins are someone else's (exit 5, as
+    // for `run`).
+    crate::pin::bpffs_state(state.root())?;
     if let Some(agent) =
         instance::running_agent(runtime_dir).filter(|agent| agent.may_use(state.root()))
     {

@@ -1609,6 +1609,29 @@ fn a_link_pin_a_killed_start_left_at_its_temporary_name_is_keepalives_own() {
     );
 }
 
+/// `detach` with a state directory off bpffs refuses (exit 5), and removes none of the files in
+/// it that are named like pins.
+#[test]
+fn detach_off_bpffs_removes_nothing() {
+    let dir = keepalive_tests::TempDir::new("detachoff");
+    std::fs::write(dir.path().join("link_sockops"), "not a pin").unwrap();
+    std::fs::create_dir(dir.path().join("maps-v2")).unwrap();
+    std::fs::write(dir.path().join("maps-v2/KA_POLICY"), "not a map").unwrap();
+    let dirs = AgentDirs {
+        state_dir: dir.path().to_owned(),
+        ..AgentDirs::new()
+    };
+    let out = dirs.cli(&["detach"]);
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not on a bpf filesystem"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(dir.path().join("link_sockops").exists());
+    assert!(dir.path().join("maps-v2/KA_POLICY").exists());
+}
+
 /// A pass that fails at start (here `/run/netns` cannot be listed) does not end the start: new
 /// connections are enforced, requests are served, and the pass is tried again.
 #[test]
