@@ -919,8 +919,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     if let Some(addr) = fixed.metrics {
         log::info!("serving metrics on http://{addr}/metrics");
     }
-    let created = state.create()?;
-    let _state_lock = state.lock()?;
+    let (created, _state_lock) = state.create_locked()?;
     let mut pinned = loader::pinned_sockops_link(&state)?;
     if let Some(link) = pinned.filter(|link| link.cgroup_id != attach_id) {
         match loader::link_cgroup(&link, &cgroup2) {

@@ -3,6 +3,8 @@
 
 use std::{fs, io, path::Path};
 
+use anyhow::Context as _;
+
 use crate::{
     cgroup::Cgroup2,
     error::Error,
@@ -52,14 +54,23 @@ pub fn detach(
         ))
         .into());
     }
-    if state.is_locked() {
-        return Err(Error::Agent(format!(
-            "a keepalive agent is running with state directory {} (possibly in a container) \
-             and would re-attach; stop it first, then detach",
-            state.root().display()
-        ))
-        .into());
-    }
+    // Held until the directory is gone, so an agent starting meanwhile waits for it and then
+    // makes the directory anew, instead of pinning into one being emptied.
+    let _lock = match state.try_lock() {
+        Ok(Some(lock)) => Some(lock),
+        Ok(None) => {
+            return Err(Error::Agent(format!(
+                "a keepalive agent is running with state directory {} (possibly in a \
+                 container) and would re-attach; stop it first, then detach",
+                state.root().display()
+            ))
+            .into());
+        }
+        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+        Err(err) => {
+            return Err(err).with_context(|| format!("failed to open {}", state.root().display()));
+        }
+    };
     let cgroup2 = Cgroup2::find()?;
     let pinned = loader::pinned_attach_id(state)?;
     let attach = pinned.map(|id| {

@@ -30,6 +30,7 @@ use std::{
         fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
     },
     path::{Path, PathBuf},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -40,6 +41,9 @@ use keepalive_common::{
 
 use crate::{error::Error, sys};
 
+/// How long a start waits for the state directory's lock while another process holds it: a
+/// `detach` holds it for as long as it takes to unpin (milliseconds), an agent for good.
+const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where bpffs is conventionally mounted.
@@ -216,15 +220,67 @@ impl StateDir {
         let _ = fs::remove_dir(&self.root);
     }
 
-    /// Takes an exclusive lock on the state directory for as long as the returned file lives,
-    /// or fails if another agent holds it. The lock lives on bpffs, so it also covers agents
-    /// in other mount namespaces (a pod) that share the host's pins.
-    pub fn lock(&self) -> anyhow::Result<std::fs::File> {
-        let dir = self.open_dir()?;
-        if !sys::flock(&dir, libc::LOCK_EX | libc::LOCK_NB) {
-            return Err(self.held_elsewhere());
+    /// Creates the state directory if need be ([`StateDir::create`]) and takes its exclusive
+    /// lock for as long as the returned file lives; whether the directory was new, and the lock.
+    /// The lock lives on bpffs, so it also covers agents in other mount namespaces (a pod) that
+    /// share the host's pins. While another process holds it, waits up to [`LOCK_WAIT`] and
+    /// then fails (another agent). The holder may be a `detach`, which removes the directory
+    /// before it lets go: a lock that turns out to be on a directory no longer at the path is
+    /// dropped, and the directory made and locked anew.
+    pub fn create_locked(&self) -> anyhow::Result<(bool, fs::File)> {
+        let deadline = Instant::now() + LOCK_WAIT;
+        let mut told = false;
+        loop {
+            let created = self.create()?;
+            match self.try_lock() {
+                Ok(Some(dir)) => {
+                    if self.is_at_path(&dir)? {
+                        return Ok((created, dir));
+                    }
+                }
+                Ok(None) if !told => {
+                    log::info!(
+                        "state directory {} is locked by another process (a keepalive agent, or \
+                         a detach removing it); waiting up to {} for it",
+                        self.root.display(),
+                        humantime::format_duration(LOCK_WAIT)
+                    );
+                    told = true;
+                }
+                Ok(None) => {}
+                // Removed since it was made: a detach was removing it.
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(err)
+                        .with_context(|| format!("failed to open {}", self.root.display()));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(self.held_elsewhere());
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(dir)
+    }
+
+    /// Takes the state directory's exclusive lock if no other process holds it: the lock, or
+    /// `None` while it is held. Fails with `NotFound` where there is no directory.
+    pub fn try_lock(&self) -> io::Result<Option<fs::File>> {
+        let dir = fs::File::open(&self.root)?;
+        Ok(sys::flock(&dir, libc::LOCK_EX | libc::LOCK_NB).then_some(dir))
+    }
+
+    /// Whether `dir`, opened at the state directory's path, is still the directory there.
+    fn is_at_path(&self, dir: &fs::File) -> anyhow::Result<bool> {
+        let held = dir
+            .metadata()
+            .with_context(|| format!("failed to stat {}", self.root.display()))?;
+        Ok(match fs::metadata(&self.root) {
+            Ok(now) => (now.dev(), now.ino()) == (held.dev(), held.ino()),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => false,
+            Err(err) => {
+                return Err(err).with_context(|| format!("failed to stat {}", self.root.display()));
+            }
+        })
     }
 
     /// The refusal of a start or `detach` that finds another agent holding the directory.
@@ -239,13 +295,7 @@ impl StateDir {
 
     /// Whether an agent holds the state directory now.
     pub fn is_locked(&self) -> bool {
-        self.open_dir()
-            .is_ok_and(|dir| !sys::flock(&dir, libc::LOCK_SH | libc::LOCK_NB))
-    }
-
-    fn open_dir(&self) -> anyhow::Result<std::fs::File> {
-        std::fs::File::open(&self.root)
-            .with_context(|| format!("failed to open {}", self.root.display()))
+        fs::File::open(&self.root).is_ok_and(|dir| !sys::flock(&dir, libc::LOCK_SH | libc::LOCK_NB))
     }
 
     /// The map directories of this and any other ABI version (`maps-v*`), sorted.

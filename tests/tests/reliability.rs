@@ -1366,6 +1366,70 @@ fn detach_refuses_while_an_agent_holds_the_state_from_another_runtime_dir() {
     let _ = std::fs::remove_dir_all(&other.runtime_dir);
 }
 
+/// `detach` holds the state directory's lock until it has removed the directory. An agent
+/// starting meanwhile waits for the lock, instead of being refused as a second agent (exit 7,
+/// which the unit does not retry) or pinning into a directory being emptied, and then makes the
+/// directory anew: it ends up ready, attached and pinned.
+#[test]
+fn a_start_during_a_detach_waits_for_it_and_pins_anew() {
+    let cg = TestCgroup::new("detachwait");
+    let dirs = AgentDirs::new();
+    // Dropped after the lock, so a failing test's agent detaches what it pinned.
+    let mut agent = None;
+    // What `detach` holds: the state directory's lock.
+    std::fs::create_dir(&dirs.state_dir).expect("state dir");
+    let held = std::fs::File::open(&dirs.state_dir).expect("open state dir");
+    // SAFETY: flock on a descriptor this test owns.
+    let locked = unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&held),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    };
+    assert_eq!(locked, 0, "lock {}", dirs.state_dir.display());
+    let agent = agent.insert(Agent::spawn(
+        &dirs,
+        &[
+            "run",
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+            "--idle",
+            "23",
+        ],
+        &[],
+        None,
+    ));
+    eventually(
+        Duration::from_secs(30),
+        "the agent waiting for the lock",
+        || {
+            if let Some(status) = agent.wait_exit(Duration::ZERO) {
+                panic!("the agent exited with {status}:\n{}", agent.log());
+            }
+            agent
+                .log()
+                .contains("is locked by another process")
+                .then_some(())
+        },
+    );
+    // As `detach` ends: the directory emptied and removed, then the lock let go.
+    for entry in std::fs::read_dir(&dirs.state_dir).expect("read state dir") {
+        std::fs::remove_dir(entry.expect("entry").path()).expect("remove map directory");
+    }
+    std::fs::remove_dir(&dirs.state_dir).expect("remove state dir");
+    drop(held);
+    agent.wait_ready();
+    assert_eq!(sockops_attachments(cg.path()), 1, "{}", agent.log());
+    assert!(
+        dirs.state_dir
+            .join(keepalive_common::PIN_LINK_SOCKOPS)
+            .exists(),
+        "pinned anew: {}",
+        agent.log()
+    );
+    assert_eq!(idle_of(&cg), 23, "enforced");
+}
+
 /// A capacity the kernel has no memory for (here under a memory limit like the DaemonSet's) is
 /// the config's to fix: exit 2 naming the setting, not 6 (the kernel cannot run keepalive),
 /// with the kernel's reason, and no maps left pinned to keep the size at the next start.
