@@ -29,7 +29,7 @@ use crate::{
     foreign, instance,
     loader::{self, Enforcer, LoadOptions},
     metrics,
-    pin::StateDir,
+    pin::{self, StateDir},
     policy::{self, Mode, PolicySet, Resolution, Rule, Selector, Source, Spec},
     privileges,
     watch::CgroupWatcher,
@@ -950,6 +950,22 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         }
         return Err(err);
     }
+    // A fresh start that failed after it attached the lock program left that link without
+    // the sock_ops one, so nothing above saw where it is. Swapping the program in place would
+    // keep it there, holding nothing this agent enforces: it is unpinned (which detaches it),
+    // and attached here anew when a policy uses lock.
+    let lock_link = state.lock_link();
+    if let Some(link) = loader::pinned_link(&lock_link)?.filter(|link| link.cgroup_id != attach_id)
+    {
+        log::warn!(
+            "the setsockopt program (lock mode) pinned at {}, left by a start that did not \
+             finish, is attached to {}, not {attach}; detached it from there",
+            lock_link.display(),
+            loader::link_cgroup(&link, &cgroup2)
+                .map_or_else(|| "a removed cgroup".to_owned(), |path| path.to_string())
+        );
+        pin::unpin(&lock_link)?;
+    }
 
     let loaded = Enforcer::load(
         &LoadOptions {
@@ -1234,7 +1250,7 @@ mod tests {
             notes.len() == 1
                 && notes[0].contains(&format!(
                     "`keepalive-agent --state-dir {} detach`",
-                    crate::pin::DEFAULT_STATE_DIR
+                    pin::DEFAULT_STATE_DIR
                 )),
             "{notes:?}"
         );

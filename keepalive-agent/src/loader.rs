@@ -99,8 +99,12 @@ pub fn require_object() -> anyhow::Result<()> {
 
 /// What the pinned sock_ops link runs and where it is attached, if one is pinned.
 pub fn pinned_sockops_link(state: &StateDir) -> anyhow::Result<Option<sys::LinkInfo>> {
-    let path = state.sockops_link();
-    match sys::obj_get(&path) {
+    pinned_link(&state.sockops_link())
+}
+
+/// What the link pinned at `path` runs and where it is attached, if one is pinned there.
+pub fn pinned_link(path: &Path) -> anyhow::Result<Option<sys::LinkInfo>> {
+    match sys::obj_get(path) {
         Ok(fd) => sys::link_info(fd.as_fd())
             .map(Some)
             .with_context(|| format!("failed to read link info of {}", path.display())),

@@ -1375,13 +1375,23 @@ pub fn json_refusal(out: &Output, expected: i32) -> Value {
 
 /// Queries the sock_ops programs attached directly to a cgroup (via bpftool-free syscall).
 pub fn sockops_attachments(cgroup: &Path) -> usize {
+    attachments(cgroup, 3) // BPF_CGROUP_SOCK_OPS
+}
+
+/// Queries the setsockopt programs (lock mode's) attached directly to a cgroup.
+pub fn setsockopt_attachments(cgroup: &Path) -> usize {
+    attachments(cgroup, 22) // BPF_CGROUP_SETSOCKOPT
+}
+
+/// How many programs of `attach_type` are attached directly to a cgroup.
+fn attachments(cgroup: &Path, attach_type: u32) -> usize {
     let dir = File::open(cgroup).expect("open cgroup");
     let mut ids = [0u32; 64];
     // union bpf_attr for BPF_PROG_QUERY: target_fd, attach_type, query_flags, attach_flags,
     // prog_ids (u64), prog_cnt.
     let mut attr = [0u8; 128];
     attr[0..4].copy_from_slice(&(dir.as_raw_fd() as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&3u32.to_ne_bytes()); // BPF_CGROUP_SOCK_OPS
+    attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
     attr[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
     attr[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
     // SAFETY: BPF_PROG_QUERY (16) reads and writes within `attr` and `ids`.

@@ -14,8 +14,8 @@ use keepalive_tests::{
     Agent, AgentDirs, GRANTED, Netns, Proc, TestCgroup, agent_in_private_mounts,
     assert_stamped_between, bind_mount, cgroup_row, cgroup2_mount, check_item, code, count_between,
     drop_caps_except, eventually, free_port, hide_with_tmpfs, idle_of, json_refusal,
-    kernel_defaults, pair_values, private_mounts, sock_bin, sockets_of, sockops_attachments,
-    stderr, symlink, umount, unix_seconds, values, write_config,
+    kernel_defaults, pair_values, private_mounts, setsockopt_attachments, sock_bin, sockets_of,
+    sockops_attachments, stderr, symlink, umount, unix_seconds, values, write_config,
 };
 
 #[test]
@@ -1428,6 +1428,55 @@ fn a_start_during_a_detach_waits_for_it_and_pins_anew() {
         agent.log()
     );
     assert_eq!(idle_of(&cg), 23, "enforced");
+}
+
+/// A fresh start that failed after it attached the lock program, before the sock_ops one,
+/// leaves the lock link alone in the state directory. A start on another cgroup moves it
+/// there: swapped in place, lock would hold on the first cgroup and not where this agent
+/// enforces.
+#[test]
+fn a_lock_link_a_failed_start_left_on_another_cgroup_moves_to_the_attach_cgroup() {
+    let first = TestCgroup::new("lockleft");
+    let second = TestCgroup::new("lockmoved");
+    let config = write_config("[default]\nidle = 21\ninterval = 7\ncount = 4\nmode = \"lock\"\n");
+    let config = config.to_str().unwrap();
+    let mut before = Agent::start(&first, &["--config", config]);
+    let dirs = before.dirs();
+    before.stop_with(libc::SIGKILL);
+    // What such a start leaves: the lock link without the sock_ops link.
+    std::fs::remove_file(dirs.state_dir.join(keepalive_common::PIN_LINK_SOCKOPS))
+        .expect("unpin the sock_ops link");
+    // The kernel lets go of an unpinned link once an RCU grace period has passed.
+    eventually(
+        Duration::from_secs(10),
+        "the sock_ops link released",
+        || (sockops_attachments(first.path()) == 0).then_some(()),
+    );
+    assert_eq!(setsockopt_attachments(first.path()), 1);
+
+    let agent = Agent::start_in(&dirs, &second, &["--config", config]);
+    eventually(Duration::from_secs(10), "the lock link released", || {
+        (setsockopt_attachments(first.path()) == 0).then_some(())
+    });
+    assert_eq!(setsockopt_attachments(second.path()), 1, "{}", agent.log());
+    assert!(
+        agent.log().contains(&format!(
+            "is attached to {}, not {}; detached it from there",
+            first.display(),
+            second.display()
+        )),
+        "{}",
+        agent.log()
+    );
+    let mut server = Proc::sock(&["listen", "127.0.0.1:0"], &second);
+    let port = server.read()["port"].as_u64().unwrap();
+    let mut client = Proc::sock(
+        &["connect", &format!("127.0.0.1:{port}"), "--loosen"],
+        &second,
+    );
+    client.read();
+    let loosen = client.read();
+    assert_eq!(values(&loosen["after"]), (1, 21, 7, 4), "held: {loosen}");
 }
 
 /// A capacity the kernel has no memory for (here under a memory limit like the DaemonSet's) is
