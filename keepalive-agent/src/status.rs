@@ -206,10 +206,23 @@ struct Records(Vec<io::BufReader<std::fs::File>>);
 /// Pins of an agent from before the slot table have only the second, which then holds every
 /// record.
 fn open_records(state: &StateDir) -> anyhow::Result<Records> {
-    let open = |path: &Path| {
-        sys::obj_get(path)
-            .with_context(|| format!("failed to open {}", path.display()))
-            .map_err(|err| pin_error(path, err))
+    let open = |path: &Path| match sys::obj_get(path) {
+        Ok(link) => Ok(link),
+        // An agent that died between attaching and pinning the iterators left enforcement
+        // without them: attached, only not listable.
+        Err(err) if err.kind() == io::ErrorKind::NotFound && state.sockops_link().exists() => {
+            Err(Error::Agent(format!(
+                "keepalive is attached ({} is pinned), but no status iterator is pinned at {}: \
+                 an agent's start did not finish; starting the agent pins it",
+                state.sockops_link().display(),
+                path.display()
+            ))
+            .into())
+        }
+        Err(err) => Err(pin_error(
+            path,
+            anyhow::Error::new(err).context(format!("failed to open {}", path.display())),
+        )),
     };
     let start = |link: std::os::fd::OwnedFd| -> anyhow::Result<io::BufReader<std::fs::File>> {
         let file = sys::iter_create(link.as_fd()).context("failed to start the status iterator")?;

@@ -32,6 +32,36 @@ fn status_without_an_agent_exits_7_with_one_line_and_no_output() {
     }
 }
 
+/// An agent that died between attaching and pinning the status iterators left enforcement
+/// that `status` cannot list: it says so, and does not call keepalive "not attached".
+#[test]
+fn status_without_its_iterators_says_keepalive_is_attached() {
+    let cg = TestCgroup::new("noiter");
+    let mut agent = Agent::start(&cg, &[]);
+    let dirs = agent.dirs();
+    agent.stop_with(libc::SIGKILL);
+    for pin in [
+        keepalive_common::PIN_LINK_STATUS,
+        keepalive_common::PIN_LINK_STATUS_SLOTS,
+    ] {
+        std::fs::remove_file(dirs.state_dir.join(pin)).expect("unpin a status iterator");
+    }
+    for args in [&["status"][..], &["status", "--json"]] {
+        let out = dirs.cli(args);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 7, "{args:?}: {err}");
+        assert!(
+            err.contains("keepalive is attached")
+                && err.contains("no status iterator is pinned")
+                && !err.contains("not attached"),
+            "{args:?}: {err}"
+        );
+    }
+    // A start pins them again.
+    let again = Agent::start_in(&dirs, &cg, &[]);
+    assert_eq!(again.status()["attach_cgroup"], cg.display());
+}
+
 #[test]
 fn an_open_connection_is_listed_with_both_ends_and_leaves_when_closed() {
     let start = SystemTime::now();
