@@ -240,6 +240,10 @@ fn apply_in(ns: &Namespace, link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport>
         if has_tcp_sockets() {
             run_iterator(link)
         } else {
+            log::debug!(
+                "network namespace {} has no TCP sockets; not walked",
+                ns.path.display()
+            );
             Ok(ApplyReport {
                 namespaces_empty: 1,
                 ..ApplyReport::default()

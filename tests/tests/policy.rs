@@ -453,11 +453,28 @@ fn a_new_cgroup_the_agent_may_not_watch_still_gets_its_policy() {
         "[default]\nidle = 41\n[[policy]]\ncgroup = \"{}/svc\"\nidle = 35\n",
         user.rel()
     ));
-    let _agent = start_granted(&parent, &config);
+    let agent = Agent::start_with(
+        &AgentDirs::new(),
+        &[
+            "run",
+            "--cgroup",
+            parent.path().to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[("RUST_LOG", "keepalive_agent=debug")],
+        Some(&GRANTED),
+    );
     let svc = user.child_made_by("svc", 65534, 0o700);
     eventually(Duration::from_secs(10), "svc's own policy", || {
         (pair_values(&svc).0.1 == 35).then_some(())
     });
+    let refused = format!("cannot watch cgroup {}: ", svc.display());
+    assert!(
+        agent.log().contains(&refused),
+        "not watched: {}",
+        agent.log()
+    );
 }
 
 #[test]

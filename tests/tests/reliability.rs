@@ -254,7 +254,7 @@ fn enforcement_from_another_state_directory_below_is_warned_about_and_elsewhere_
 fn the_apply_pass_does_not_walk_network_namespaces_without_tcp_sockets() {
     // A walk costs one pass over the namespace's whole TCP hash (the host's, unless
     // tcp_child_ehash_entries was set), sockets or not.
-    let _empty = [Netns::new("empty"), Netns::new("empty")];
+    let empty_namespaces = [Netns::new("empty"), Netns::new("empty")];
     let cg = TestCgroup::new("emptyns");
     // A namespace whose only TCP socket is a listener is walked: the pass configures it.
     let listening = Netns::new("listening");
@@ -265,10 +265,24 @@ fn the_apply_pass_does_not_walk_network_namespaces_without_tcp_sockets() {
         Some(&listening),
     );
     let port = server.read()["port"].as_u64().unwrap();
-    let agent = Agent::start(&cg, &[]);
+    let agent = Agent::start_with(
+        &AgentDirs::new(),
+        &["run", "--cgroup", cg.path().to_str().unwrap()],
+        &[("RUST_LOG", "keepalive_agent=debug")],
+        None,
+    );
     let log = agent.log();
     let empty = count_between(&log, "network namespaces (", " without TCP sockets");
     assert!(empty >= 2, "{log}");
+    // Those two among them, and not the listener's.
+    let not_walked = |ns: &Netns| {
+        log.contains(&format!(
+            "network namespace {} has no TCP sockets; not walked",
+            ns.handle().display()
+        ))
+    };
+    assert!(empty_namespaces.iter().all(not_walked), "{log}");
+    assert!(!not_walked(&listening), "{log}");
     let target = format!("127.0.0.1:{port}");
     let _client = Proc::spawn(
         &sock_bin(),
