@@ -348,8 +348,9 @@ fn sockets_of_an_off_cgroup_created_while_no_agent_ran_are_released_at_the_next_
     assert_eq!(sockets_of(&status, &seen).len(), 2, "{status}");
 }
 
-/// An agent on `cg` with `config` and exactly the capabilities the unit grants.
-fn start_granted(cg: &TestCgroup, config: &Path) -> Agent {
+/// An agent on `cg` with `config`, exactly the capabilities the unit grants and the
+/// environment `env`.
+fn start_granted(cg: &TestCgroup, config: &Path, env: &[(&str, &str)]) -> Agent {
     Agent::start_with(
         &AgentDirs::new(),
         &[
@@ -359,7 +360,7 @@ fn start_granted(cg: &TestCgroup, config: &Path) -> Agent {
             "--config",
             config.to_str().unwrap(),
         ],
-        &[],
+        env,
         Some(&GRANTED),
     )
 }
@@ -386,7 +387,7 @@ fn a_cgroup_the_agent_may_not_read_is_named_in_the_log_and_read_once_it_may() {
         std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).expect("chown");
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o700)).expect("chmod");
     }
-    let agent = start_granted(&parent, &config);
+    let agent = start_granted(&parent, &config, &[]);
     let warning = format!(
         "cannot read cgroup {} (Permission denied (os error 13)): policies for cgroups below it \
          do not apply",
@@ -453,18 +454,7 @@ fn a_new_cgroup_the_agent_may_not_watch_still_gets_its_policy() {
         "[default]\nidle = 41\n[[policy]]\ncgroup = \"{}/svc\"\nidle = 35\n",
         user.rel()
     ));
-    let agent = Agent::start_with(
-        &AgentDirs::new(),
-        &[
-            "run",
-            "--cgroup",
-            parent.path().to_str().unwrap(),
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        &[("RUST_LOG", "keepalive_agent=debug")],
-        Some(&GRANTED),
-    );
+    let agent = start_granted(&parent, &config, &[("RUST_LOG", "keepalive_agent=debug")]);
     let svc = user.child_made_by("svc", 65534, 0o700);
     eventually(Duration::from_secs(10), "svc's own policy", || {
         (pair_values(&svc).0.1 == 35).then_some(())
