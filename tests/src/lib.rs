@@ -281,6 +281,21 @@ fn join_cgroup(procs: &std::ffi::CStr) -> std::io::Result<()> {
     Ok(())
 }
 
+impl TestCgroup {
+    /// Creates the cgroup at `path`, a name of the test's choosing below the cgroup2 mount.
+    pub fn at(path: PathBuf) -> Self {
+        require_root();
+        let rel = path
+            .strip_prefix(cgroup2_mount())
+            .unwrap_or_else(|_| panic!("{} is not below the cgroup2 mount", path.display()))
+            .to_str()
+            .expect("utf-8")
+            .to_owned();
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path, rel }
+    }
+}
+
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         remove_cgroup_tree(&self.path);
@@ -747,6 +762,25 @@ impl AgentDirs {
     /// Removes everything pinned (as `keepalive-agent detach` does).
     pub fn detach(&self) -> Output {
         self.cli(&["detach"])
+    }
+}
+
+/// Directories whose pins are detached on drop, for agents the test does not start itself (under
+/// a service manager, say), so a failing test leaves nothing attached.
+#[derive(Debug)]
+pub struct DetachOnDrop(pub AgentDirs);
+
+impl std::ops::Deref for DetachOnDrop {
+    type Target = AgentDirs;
+
+    fn deref(&self) -> &AgentDirs {
+        &self.0
+    }
+}
+
+impl Drop for DetachOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.detach();
     }
 }
 

@@ -11,10 +11,10 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, GRANTED, Netns, Proc, TestCgroup, agent_bin, agent_in_private_mounts,
-    cgroup2_mount, check_item, code, count_between, drop_caps_except, free_port, hide_with_tmpfs,
-    in_private_mounts, require_root, sock_bin, sockops_attachments, stderr, umount, values,
-    write_config,
+    Agent, AgentDirs, DetachOnDrop, GRANTED, Netns, Proc, TestCgroup, agent_bin,
+    agent_in_private_mounts, cgroup2_mount, check_item, code, count_between, drop_caps_except,
+    free_port, hide_with_tmpfs, in_private_mounts, require_root, sock_bin, sockops_attachments,
+    stderr, umount, values, write_config,
 };
 use serde_json::Value;
 
@@ -636,7 +636,8 @@ fn ok_or_show(systemd: &Systemd, out: &std::process::Output, what: &str, log: &P
 #[test]
 fn the_shipped_unit_starts_reloads_and_stops_the_agent_under_systemd() {
     let cg = TestCgroup::new("unit");
-    let dirs = AgentDirs::new();
+    // Dropped after the manager, which stops the agent.
+    let dirs = DetachOnDrop(AgentDirs::new());
     let systemd = Systemd::boot();
     // The unit as shipped, with the binary under test, and a drop-in for what differs in a
     // test: no boot ordering, the output in a file, and the test's cgroup and directories.

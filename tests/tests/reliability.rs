@@ -1908,14 +1908,16 @@ fn the_next_run_removes_what_a_killed_run_left_and_nothing_of_a_live_one() {
         (inode(&net) == inode(&netns)).then_some(())
     });
     // The same names made in another pid namespace are another run's.
-    let elsewhere = cgroup2_mount().join(format!("ka-swept-{}-{dead}-0", namespace + 1));
-    std::fs::create_dir(&elsewhere).expect("mkdir");
+    let elsewhere =
+        TestCgroup::at(cgroup2_mount().join(format!("ka-swept-{}-{dead}-0", namespace + 1)));
     let log = std::env::temp_dir().join(format!("{}.log", name("agent-log", 3)));
     std::fs::write(&log, "left\n").expect("write");
 
     let removed = keepalive_tests::sweep::sweep_stale();
-    let kept_elsewhere = std::fs::remove_dir(&elsewhere).is_ok();
-    assert!(kept_elsewhere, "another pid namespace's name was removed");
+    assert!(
+        elsewhere.path().is_dir(),
+        "another pid namespace's name was removed"
+    );
     for path in [&dirs.state_dir, &dirs.runtime_dir, &cgroup, &netns, &log] {
         assert!(
             removed.contains(path),
