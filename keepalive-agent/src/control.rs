@@ -316,11 +316,21 @@ mod tests {
     use super::*;
     use crate::error::{code_of, exit};
 
+    /// A directory removed on drop, also when the test fails.
+    struct TempDir(std::path::PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn an_agent_that_stops_before_it_answers_is_no_agent_running() {
         let dir = std::env::temp_dir().join(format!("ka-control-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
+        let _removed = TempDir(dir.clone());
         let listener = std::os::unix::net::UnixListener::bind(socket_path(&dir)).unwrap();
         // Reads the request, then goes away without a word.
         let agent = std::thread::spawn(move || {
@@ -336,6 +346,5 @@ mod tests {
             format!("{err:#}").contains("stopped before it answered"),
             "{err:#}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
