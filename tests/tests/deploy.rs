@@ -184,12 +184,9 @@ fn status_detach_and_check_find_the_state_of_the_config_they_are_given() {
 fn check_names_what_to_fix_when_the_host_is_not_ready() {
     require_root();
     let dirs = AgentDirs::new();
-    let out = dirs
-        .command(&["check", "--json"])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
+    let mut cmd = dirs.command(&["check", "--json"]);
+    cmd.uid(65534).gid(65534);
+    let out = dirs.output(cmd);
     assert_eq!(code(&out), 8, "{}", stderr(&out));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     let privileges = check_item(&report, "privileges");
@@ -414,7 +411,7 @@ fn check_warns_which_capability_other_namespaces_need() {
         unsafe {
             cmd.pre_exec(move || drop_caps_except(&keep));
         }
-        serde_json::from_slice(&cmd.output().unwrap().stdout).expect("check --json is JSON")
+        serde_json::from_slice(&dirs.output(cmd).stdout).expect("check --json is JSON")
     };
     let granted = check_with(GRANTED.to_vec());
     assert!(

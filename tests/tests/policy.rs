@@ -930,10 +930,10 @@ fn policy_commands_naming_another_state_directory_are_refused_and_change_nothing
     );
     assert_eq!(idle_of(&cg), 41, "nothing changed");
     // Without --state-dir, or with its own, the agent takes it.
-    let mut own = agent
+    let own = agent
         .dirs()
         .command(&["policy", "set", cg.rel(), "--idle", "12"]);
-    assert!(own.output().unwrap().status.success());
+    assert!(agent.dirs().output(own).status.success());
     assert_eq!(idle_of(&cg), 12);
     let mut plain = std::process::Command::new(keepalive_tests::agent_bin());
     plain
@@ -941,7 +941,7 @@ fn policy_commands_naming_another_state_directory_are_refused_and_change_nothing
         .arg(&agent.runtime_dir)
         .args(["policy", "set", cg.rel(), "--idle", "13"])
         .env_remove("KEEPALIVE_STATE_DIR");
-    assert!(plain.output().unwrap().status.success());
+    assert!(agent.dirs().output(plain).status.success());
     assert_eq!(idle_of(&cg), 13);
 }
 

@@ -1226,7 +1226,11 @@ fn an_unprivileged_user_can_neither_change_policy_nor_detach() {
     let cg = TestCgroup::new("security");
     let agent = Agent::start(&cg, &["--idle", "18"]);
     let dirs = agent.dirs();
-    let as_nobody = |args: &[&str]| dirs.command(args).uid(65534).gid(65534).output().unwrap();
+    let as_nobody = |args: &[&str]| {
+        let mut cmd = dirs.command(args);
+        cmd.uid(65534).gid(65534);
+        dirs.output(cmd)
+    };
     for args in [
         &["policy", "set", cg.rel(), "--idle", "99"][..],
         &["policy", "reload"],
