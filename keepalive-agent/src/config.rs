@@ -22,7 +22,7 @@ use toml::Spanned;
 use crate::{
     cgroup::{Cgroup2, CgroupPath},
     error::{Error, usage},
-    pin,
+    pin::{self, StateDir},
     policy::{
         self, BUILTIN_DEFAULT, Mode, OwnValues, PolicySet, Rule, Selector, Source, Spec, limits,
     },
@@ -119,8 +119,8 @@ pub struct Config {
     pub file: Option<PathBuf>,
     /// `attach`: where to attach, as written, with its line.
     pub attach: Option<(String, usize)>,
-    /// `state_dir`.
-    pub state_dir: Option<PathBuf>,
+    /// `state_dir`, with the file and line that name it.
+    pub state_dir: Option<StateDir>,
     /// `metrics`: address of the Prometheus endpoint.
     pub metrics: Option<SocketAddr>,
     /// `max_tracked_cgroups`.
@@ -594,12 +594,16 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
     let max_tracked_cgroups = capacity(&raw.max_tracked_cgroups, "max_tracked_cgroups")?;
     let max_tracked_sockets = capacity(&raw.max_tracked_sockets, "max_tracked_sockets")?;
     let state_dir = match &raw.state_dir {
-        Some(dir) => Some(pin::parse_dir(dir.get_ref()).map_err(|err| {
-            ctx.err(
-                dir.span(),
-                format!("state_dir: {err}; give an absolute path on bpffs"),
-            )
-        })?),
+        Some(dir) => Some(StateDir::configured(
+            pin::parse_dir(dir.get_ref()).map_err(|err| {
+                ctx.err(
+                    dir.span(),
+                    format!("state_dir: {err}; give an absolute path on bpffs"),
+                )
+            })?,
+            file.to_owned(),
+            line_of(text, dir.span().start),
+        )),
         None => None,
     };
 
@@ -889,7 +893,8 @@ mode = "off"
         assert!(reason.contains("absolute"), "{reason}");
         // Spelled one way, so a reload compares it with the running one.
         let config = parse_ok("state_dir = \"/sys/fs/bpf/ka/\"\n");
-        assert_eq!(config.state_dir, Some(PathBuf::from("/sys/fs/bpf/ka")));
+        let state = config.state_dir.expect("state_dir");
+        assert_eq!(state.root(), Path::new("/sys/fs/bpf/ka"));
     }
 
     #[test]

@@ -80,6 +80,8 @@ fn is_maps_dir(name: &std::ffi::OsStr) -> bool {
 #[derive(Debug, Clone)]
 pub struct StateDir {
     root: PathBuf,
+    /// The config file and line that named it, for the refusals of [`StateDir::check_own`].
+    origin: Option<(PathBuf, usize)>,
 }
 
 /// Removes the pin at `path`; whether there was one.
@@ -94,16 +96,40 @@ pub fn unpin(path: &Path) -> anyhow::Result<bool> {
 impl StateDir {
     /// A state directory at `root` (not created).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            origin: None,
+        }
+    }
+
+    /// A state directory at `root`, as `state_dir` on `line` of the config `file` names it.
+    pub fn configured(root: PathBuf, file: PathBuf, line: usize) -> Self {
+        Self {
+            root,
+            origin: Some((file, line)),
+        }
     }
 
     /// The state directory to use: `--state-dir` (`cli`), else `state_dir` from the config,
     /// else [`DEFAULT_STATE_DIR`]. The config is only consulted without `cli`.
-    pub fn resolve(cli: Option<PathBuf>, config: impl FnOnce() -> Option<PathBuf>) -> Self {
-        Self::new(
-            cli.or_else(config)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
-        )
+    pub fn resolve(cli: Option<PathBuf>, config: impl FnOnce() -> Option<Self>) -> Self {
+        cli.map(Self::new)
+            .or_else(config)
+            .unwrap_or_else(|| Self::new(DEFAULT_STATE_DIR))
+    }
+
+    /// A refusal of this directory: the config's error at its `state_dir` line when the config
+    /// named it, else a command line's.
+    fn refused(&self, reason: String) -> anyhow::Error {
+        match &self.origin {
+            Some((file, line)) => Error::Config {
+                file: file.clone(),
+                line: Some(*line),
+                reason: format!("state_dir: {reason}"),
+            },
+            None => Error::Usage(reason),
+        }
+        .into()
     }
 
     /// The directory.
@@ -154,13 +180,12 @@ impl StateDir {
             _ => true,
         };
         if is_mount {
-            return Err(Error::Usage(format!(
+            return Err(self.refused(format!(
                 "state directory {} is a mount point that other tools may share; give a \
                  directory of keepalive's own below it, such as {}",
                 self.root.display(),
                 dir.join("keepalive").display()
-            ))
-            .into());
+            )));
         }
         // Off bpffs, the bpffs check that follows says what is wrong.
         if !on_bpffs(&dir) {
@@ -172,13 +197,12 @@ impl StateDir {
             .map(|entry| entry.file_name())
             .find(|name| !is_own_entry(name));
         if let Some(name) = foreign {
-            return Err(Error::Usage(format!(
+            return Err(self.refused(format!(
                 "state directory {} holds {} and is not keepalive's own; give a directory of \
                  its own (default {DEFAULT_STATE_DIR}), which it makes root-only",
                 self.root.display(),
                 name.to_string_lossy()
-            ))
-            .into());
+            )));
         }
         Ok(())
     }

@@ -1041,6 +1041,27 @@ fn the_bpffs_root_is_refused_as_state_directory_and_left_as_it_was() {
             "{args:?}: {err}"
         );
     }
+    // Named by a config, it is the config's error, at its line.
+    let config = write_config("# the host's\nstate_dir = \"/sys/fs/bpf\"\n");
+    let config = config.to_str().unwrap();
+    for args in [
+        &[&run_args(&cg)[..], &["--config", config]].concat()[..],
+        &["detach", "--config", config],
+    ] {
+        let mut cmd = std::process::Command::new(keepalive_tests::agent_bin());
+        cmd.arg("--runtime-dir")
+            .arg(&dirs.runtime_dir)
+            .args(args)
+            .env_remove("KEEPALIVE_STATE_DIR");
+        let err = refused(&dirs.output(cmd), 2, &cg);
+        assert!(
+            err.starts_with(&format!(
+                "keepalive-agent: {config}:2: state_dir: state directory /sys/fs/bpf is a mount \
+                 point"
+            )),
+            "{args:?}: {err}"
+        );
+    }
     assert!(
         !dirs.runtime_dir.exists(),
         "the refused start made its runtime directory"
