@@ -3,13 +3,11 @@
 
 use std::{fs, io, path::Path};
 
-use anyhow::Context as _;
-
 use crate::{
     cgroup::Cgroup2,
     error::Error,
     instance, loader,
-    pin::{StateDir, unpin},
+    pin::{Lock, StateDir, unpin},
     privileges,
 };
 
@@ -56,9 +54,9 @@ pub fn detach(
     }
     // Held until the directory is gone, so an agent starting meanwhile waits for it and then
     // makes the directory anew, instead of pinning into one being emptied.
-    let _lock = match state.try_lock() {
-        Ok(Some(lock)) => Some(lock),
-        Ok(None) => {
+    let lock = match state.try_lock()? {
+        Lock::Held(lock) => Some(lock),
+        Lock::Busy => {
             return Err(Error::Agent(format!(
                 "a keepalive agent is running with state directory {} (possibly in a \
                  container) and would re-attach; stop it first, then detach",
@@ -66,10 +64,7 @@ pub fn detach(
             ))
             .into());
         }
-        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
-        Err(err) => {
-            return Err(err).with_context(|| format!("failed to open {}", state.root().display()));
-        }
+        Lock::Absent => None,
     };
     let cgroup2 = Cgroup2::find()?;
     let pinned = loader::pinned_attach_id(state)?;
@@ -92,6 +87,10 @@ pub fn detach(
             ))
             .into());
         }
+    }
+    // No directory, nothing to remove; and one an agent makes meanwhile is its own.
+    if lock.is_none() {
+        return Ok(Vec::new());
     }
     let mut removed = Vec::new();
     for pin in state.existing_pins() {

@@ -76,6 +76,22 @@ fn is_maps_dir(name: &std::ffi::OsStr) -> bool {
     name.as_bytes().starts_with(b"maps-v")
 }
 
+/// What [`StateDir::try_lock`] found.
+#[derive(Debug)]
+pub enum Lock {
+    /// The exclusive lock on the directory at the path, held for as long as the file lives.
+    Held(fs::File),
+    /// Another process holds the lock.
+    Busy,
+    /// There is no directory at the path.
+    Absent,
+}
+
+/// A file's device and inode.
+fn inode(meta: &fs::Metadata) -> (u64, u64) {
+    (meta.dev(), meta.ino())
+}
+
 /// One agent instance's pins.
 #[derive(Debug, Clone)]
 pub struct StateDir {
@@ -245,52 +261,70 @@ impl StateDir {
     }
 
     /// Creates the state directory if need be ([`StateDir::create`]) and takes its exclusive
-    /// lock for as long as the returned file lives; whether the directory was new, and the lock.
-    /// The lock lives on bpffs, so it also covers agents in other mount namespaces (a pod) that
-    /// share the host's pins. While another process holds it, waits up to [`LOCK_WAIT`] and
-    /// then fails (another agent). The holder may be a `detach`, which removes the directory
-    /// before it lets go: a lock that turns out to be on a directory no longer at the path is
-    /// dropped, and the directory made and locked anew.
+    /// lock for as long as the returned file lives; whether this process made the directory,
+    /// and the lock. The lock lives on bpffs, so it also covers agents in other mount
+    /// namespaces (a pod) that share the host's pins. While another process holds it, nothing
+    /// is touched: it waits up to [`LOCK_WAIT`] and then fails (another agent). The holder may
+    /// be a `detach`, which removes the directory before it lets go; the directory is then made
+    /// and locked anew.
     pub fn create_locked(&self) -> anyhow::Result<(bool, fs::File)> {
         let deadline = Instant::now() + LOCK_WAIT;
         let mut told = false;
+        // The directory this process made, by device and inode.
+        let mut made = None;
         loop {
-            let created = self.create()?;
-            match self.try_lock() {
-                Ok(Some(dir)) => {
-                    if self.is_at_path(&dir)? {
-                        return Ok((created, dir));
+            match self.try_lock()? {
+                Lock::Held(dir) => {
+                    // The maps directory and the modes, now under the lock.
+                    self.create()?;
+                    let created = made.is_some() && made == dir.metadata().ok().map(|m| inode(&m));
+                    return Ok((created, dir));
+                }
+                Lock::Absent => {
+                    if self.create()? {
+                        made = fs::metadata(&self.root).ok().map(|m| inode(&m));
                     }
                 }
-                Ok(None) if !told => {
-                    log::info!(
-                        "state directory {} is locked by another process (a keepalive agent, or \
-                         a detach removing it); waiting up to {} for it",
-                        self.root.display(),
-                        humantime::format_duration(LOCK_WAIT)
-                    );
-                    told = true;
-                }
-                Ok(None) => {}
-                // Removed since it was made: a detach was removing it.
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(err) => {
-                    return Err(err)
-                        .with_context(|| format!("failed to open {}", self.root.display()));
+                Lock::Busy => {
+                    if !told {
+                        log::info!(
+                            "state directory {} is locked by another process (a keepalive \
+                             agent, or a detach removing it); waiting up to {} for it",
+                            self.root.display(),
+                            humantime::format_duration(LOCK_WAIT)
+                        );
+                        told = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
                 }
             }
             if Instant::now() >= deadline {
                 return Err(self.held_elsewhere());
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
-    /// Takes the state directory's exclusive lock if no other process holds it: the lock, or
-    /// `None` while it is held. Fails with `NotFound` where there is no directory.
-    pub fn try_lock(&self) -> io::Result<Option<fs::File>> {
-        let dir = fs::File::open(&self.root)?;
-        Ok(sys::flock(&dir, libc::LOCK_EX | libc::LOCK_NB).then_some(dir))
+    /// Takes the exclusive lock on the directory at the state directory's path, unless another
+    /// process holds it or there is none.
+    pub fn try_lock(&self) -> anyhow::Result<Lock> {
+        // A directory removed or replaced between its opening and its lock is looked up again.
+        for _ in 0..10 {
+            let dir = match fs::File::open(&self.root) {
+                Ok(dir) => dir,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Lock::Absent),
+                Err(err) => {
+                    return Err(err)
+                        .with_context(|| format!("failed to open {}", self.root.display()));
+                }
+            };
+            if !sys::flock(&dir, libc::LOCK_EX | libc::LOCK_NB) {
+                return Ok(Lock::Busy);
+            }
+            if self.is_at_path(&dir)? {
+                return Ok(Lock::Held(dir));
+            }
+        }
+        Ok(Lock::Busy)
     }
 
     /// Whether `dir`, opened at the state directory's path, is still the directory there.
@@ -299,7 +333,7 @@ impl StateDir {
             .metadata()
             .with_context(|| format!("failed to stat {}", self.root.display()))?;
         Ok(match fs::metadata(&self.root) {
-            Ok(now) => (now.dev(), now.ino()) == (held.dev(), held.ino()),
+            Ok(now) => inode(&now) == inode(&held),
             Err(err) if err.kind() == io::ErrorKind::NotFound => false,
             Err(err) => {
                 return Err(err).with_context(|| format!("failed to stat {}", self.root.display()));

@@ -1451,10 +1451,13 @@ fn a_start_during_a_detach_waits_for_it_and_pins_anew() {
                 .then_some(())
         },
     );
-    // As `detach` ends: the directory emptied and removed, then the lock let go.
-    for entry in std::fs::read_dir(&dirs.state_dir).expect("read state dir") {
-        std::fs::remove_dir(entry.expect("entry").path()).expect("remove map directory");
-    }
+    // A waiting agent leaves the directory alone, so the holder's removal cannot fail.
+    let made: Vec<_> = std::fs::read_dir(&dirs.state_dir)
+        .expect("read state dir")
+        .map(|entry| entry.expect("entry").file_name())
+        .collect();
+    assert!(made.is_empty(), "made while the lock was held: {made:?}");
+    // As `detach` ends: the directory removed, then the lock let go.
     std::fs::remove_dir(&dirs.state_dir).expect("remove state dir");
     drop(held);
     agent.wait_ready();
