@@ -212,7 +212,7 @@ fn open_records(state: &StateDir) -> anyhow::Result<Records> {
         // without them: attached, only not listable.
         Err(err) if err.kind() == io::ErrorKind::NotFound && state.sockops_link().exists() => {
             Err(Error::Agent(format!(
-                "keepalive is attached ({} is pinned), but no status iterator is pinned at {}: \
+                "keepalive's enforcement is pinned at {}, but its status iterator at {} is not: \
                  an agent's start did not finish; starting the agent pins it",
                 state.sockops_link().display(),
                 path.display()

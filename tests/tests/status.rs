@@ -35,7 +35,7 @@ fn status_without_an_agent_exits_7_with_one_line_and_no_output() {
 /// An agent that died between attaching and pinning the status iterators left enforcement
 /// that `status` cannot list: it says so, and does not call keepalive "not attached".
 #[test]
-fn status_without_its_iterators_says_keepalive_is_attached() {
+fn status_without_its_iterators_says_the_enforcement_is_pinned() {
     let cg = TestCgroup::new("noiter");
     let mut agent = Agent::start(&cg, &[]);
     let dirs = agent.dirs();
@@ -51,9 +51,12 @@ fn status_without_its_iterators_says_keepalive_is_attached() {
         let err = stderr(&out);
         assert_eq!(code(&out), 7, "{args:?}: {err}");
         assert!(
-            err.contains("keepalive is attached")
-                && err.contains("no status iterator is pinned")
-                && !err.contains("not attached"),
+            err.contains(&format!(
+                "keepalive's enforcement is pinned at {}/link_sockops, but its status iterator \
+                 at {}/link_status",
+                dirs.state_dir.display(),
+                dirs.state_dir.display()
+            )) && !err.contains("not attached"),
             "{args:?}: {err}"
         );
     }
