@@ -17,7 +17,7 @@ use crate::{
     foreign, instance, loader, metrics,
     pin::{self, BPFFS_MOUNT, StateDir},
     privileges::{Cap, Caps},
-    sys,
+    sys, watch,
 };
 
 /// Result of one check.
@@ -172,6 +172,25 @@ fn namespaces_privileges_item(caps: Caps) -> Option<Item> {
             Some("grant CAP_SYS_ADMIN and CAP_SYS_PTRACE (see the systemd unit)"),
         )
     })
+}
+
+/// A warning when this process cannot have an inotify instance now, as `run` could not:
+/// it would enforce, and follow cgroups as they come and go only once it can.
+fn inotify_item() -> Option<Item> {
+    let err = inotify::Inotify::init().err()?;
+    Some(item(
+        "inotify",
+        Outcome::Warn,
+        format!(
+            "cannot create an inotify instance: {err}{}; `run` would enforce, but follow \
+             cgroups created and removed only once it can",
+            watch::limit_hint(&err)
+        ),
+        Some(
+            "raise fs.inotify.max_user_instances (`sysctl fs.inotify.max_user_instances=1024`); \
+             `find /proc/*/fd -lname anon_inode:inotify` lists what holds them",
+        ),
+    ))
 }
 
 /// Whether `run` could listen for metrics on `addr` as this process, and under the systemd
@@ -576,6 +595,7 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         if let Some(item) = namespaces_privileges_item(caps) {
             checks.push(item);
         }
+        checks.extend(inotify_item());
     } else {
         let names: Vec<&str> = missing.iter().map(|c| c.name()).collect();
         checks.push(item(

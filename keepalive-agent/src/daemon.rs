@@ -32,7 +32,7 @@ use crate::{
     pin::{self, StateDir},
     policy::{self, Mode, PolicySet, Resolution, Rule, Selector, Source, Spec},
     privileges,
-    watch::CgroupWatcher,
+    watch::Follower,
 };
 
 /// Everything the running agent keeps.
@@ -1034,8 +1034,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         watchdog: Watchdog::from_env(),
     };
     // Watch before resolving, so no cgroup created from here on is missed.
-    let mut watcher =
-        CgroupWatcher::new(&cgroup2, &attach).context("failed to watch cgroups with inotify")?;
+    let mut watcher = Follower::new(&cgroup2, &attach, attach_id, retry_wait);
     log::debug!("watching {} cgroups below {attach}", watcher.len());
     // The table goes in before the program is attached, so the program never runs without it.
     let set = daemon.policy_set();
@@ -1111,7 +1110,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600 * 24 * 365)));
     let _ = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&format!("enforcing on {attach}")),
+        sd_notify::NotifyState::Status(&enforcing_status(&attach, watcher.watching())),
     ]);
     log::info!("ready");
 
@@ -1155,6 +1154,15 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                     ));
                 }
                 daemon.enforcer.forget_cgroups(&changes.removed);
+                if changes.resumed {
+                    let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
+                        &enforcing_status(&attach, true),
+                    )]);
+                    // Cgroups removed while nothing watched them were not reported.
+                    if let Err(err) = daemon.enforcer.forget_removed_cgroups(&cgroup2, &attach) {
+                        log::warn!("failed to drop the counters of removed cgroups: {err:#}");
+                    }
+                }
                 if let Err(err) = daemon.follow_cgroups() {
                     let wait = daemon.retry_later();
                     log::error!(
@@ -1175,6 +1183,15 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         state.root().display()
     );
     Ok(())
+}
+
+/// The status the service manager shows for a running agent.
+fn enforcing_status(attach: &CgroupPath, watching: bool) -> String {
+    if watching {
+        format!("enforcing on {attach}")
+    } else {
+        format!("enforcing on {attach}; not following new cgroups: inotify unavailable")
+    }
 }
 
 /// Returns freed heap memory to the kernel. Loading parses kernel BTF (megabytes of types) that

@@ -2,7 +2,11 @@
 //! below the attach cgroup. The agent sleeps in the kernel until something changes; there is
 //! no polling.
 
-use std::{collections::HashMap, io};
+use std::{
+    collections::HashMap,
+    io,
+    time::{Duration, Instant},
+};
 
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask};
 use tokio::io::{Interest, unix::AsyncFd};
@@ -18,12 +22,154 @@ pub struct Changes {
     pub removed: Vec<u64>,
     /// The watched root itself was removed.
     pub root_removed: bool,
+    /// Watching began again after inotify could not be had: anything may have changed
+    /// meanwhile, and `removed` does not say what went.
+    pub resumed: bool,
 }
 
 impl Changes {
     /// Whether anything changed.
     pub fn is_empty(&self) -> bool {
-        !self.created && self.removed.is_empty() && !self.root_removed
+        !self.created && self.removed.is_empty() && !self.root_removed && !self.resumed
+    }
+}
+
+/// Follows a cgroup subtree with a [`CgroupWatcher`], and goes on without one while inotify
+/// cannot be had: at start, when every inotify instance the user may have is taken (root's
+/// 128 by default, shared by every root process and container on the host) or memory is short.
+/// Enforcement does not need inotify, only following cgroups as they come and go does, so
+/// the agent enforces what it resolved and tries again, waiting longer after each failure;
+/// the first watch that works reports [`Changes::resumed`], for the agent to catch up. Only
+/// while it waits does the agent wake up by itself.
+pub struct Follower {
+    cgroup2: Cgroup2,
+    root: CgroupPath,
+    /// The root's id when following began: another id later means the root was removed and
+    /// created again while nothing watched it.
+    root_id: u64,
+    watcher: Option<CgroupWatcher>,
+    /// Failed tries in a row, and when the next is due.
+    failures: u32,
+    retry_at: Instant,
+    wait: fn(u32) -> Duration,
+}
+
+impl std::fmt::Debug for Follower {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Follower")
+            .field("watcher", &self.watcher)
+            .field("failures", &self.failures)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Follower {
+    /// Starts following `root`, whose id is `root_id`. Without inotify, the warning says why
+    /// and what it means; `wait(n)` is the wait after n + 1 failed tries in a row.
+    pub fn new(
+        cgroup2: &Cgroup2,
+        root: &CgroupPath,
+        root_id: u64,
+        wait: fn(u32) -> Duration,
+    ) -> Self {
+        let mut follower = Self {
+            cgroup2: cgroup2.clone(),
+            root: root.clone(),
+            root_id,
+            watcher: None,
+            failures: 0,
+            retry_at: Instant::now(),
+            wait,
+        };
+        match CgroupWatcher::new(cgroup2, root) {
+            Ok(watcher) => follower.watcher = Some(watcher),
+            Err(err) => {
+                let wait = follower.failed();
+                log::warn!(
+                    "cannot watch cgroups below {root} with inotify: {err}{}; enforcing the \
+                     policy as resolved now, but cgroups created or removed from here on are \
+                     followed only once it can (trying again in {}, then less often)",
+                    limit_hint(&err),
+                    humantime::format_duration(wait)
+                );
+            }
+        }
+        follower
+    }
+
+    /// Whether cgroups are watched now.
+    pub fn watching(&self) -> bool {
+        self.watcher.is_some()
+    }
+
+    /// Number of directories watched.
+    pub fn len(&self) -> usize {
+        self.watcher.as_ref().map_or(0, CgroupWatcher::len)
+    }
+
+    /// Whether nothing is watched.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Schedules the next try after a failed one; returns the wait.
+    fn failed(&mut self) -> Duration {
+        let wait = (self.wait)(self.failures);
+        self.failures = self.failures.saturating_add(1);
+        self.retry_at = Instant::now() + wait;
+        wait
+    }
+
+    /// Waits for the next batch of changes, or without a watcher, for the try that gets one.
+    /// Cancel-safe: nothing awaited holds state of its own.
+    pub async fn changes(&mut self) -> io::Result<Changes> {
+        loop {
+            if let Some(watcher) = &mut self.watcher {
+                return watcher.changes().await;
+            }
+            tokio::time::sleep_until(self.retry_at.into()).await;
+            match CgroupWatcher::new(&self.cgroup2, &self.root) {
+                Ok(watcher) => {
+                    log::info!(
+                        "watching cgroups below {} with inotify again, after {} failed tries; \
+                         catching up with the cgroups created and removed meanwhile",
+                        self.root,
+                        self.failures
+                    );
+                    self.watcher = Some(watcher);
+                    self.failures = 0;
+                    return Ok(Changes {
+                        created: true,
+                        resumed: true,
+                        root_removed: self.cgroup2.id(&self.root).ok() != Some(self.root_id),
+                        ..Changes::default()
+                    });
+                }
+                Err(err) => {
+                    let wait = self.failed();
+                    log::debug!(
+                        "still cannot watch cgroups below {} with inotify: {err}; trying again in {}",
+                        self.root,
+                        humantime::format_duration(wait)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// What to raise when `err` is an inotify limit.
+pub fn limit_hint(err: &io::Error) -> &'static str {
+    match err.raw_os_error() {
+        Some(libc::EMFILE) => {
+            " (every inotify instance this user may have is taken, by any of its processes: \
+             raise fs.inotify.max_user_instances; or the agent has every file descriptor it may)"
+        }
+        Some(libc::ENOSPC) => {
+            " (the inotify watches this user may have are all taken: raise \
+             fs.inotify.max_user_watches)"
+        }
+        _ => "",
     }
 }
 

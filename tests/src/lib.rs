@@ -1067,6 +1067,159 @@ pub fn drop_caps_except(keep: &[u32]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Returns the last OS error unless `ret` is 0 (for calls between fork and exec).
+fn os_check(ret: libc::c_long) -> std::io::Result<()> {
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Becomes user and group `uid`, without supplementary groups (between fork and exec).
+/// With `keep_caps`, every capability stays, raised as ambient ones that survive exec: a
+/// process with root's powers whose per-user limits (inotify instances, say) are `uid`'s.
+pub fn become_user(uid: u32, keep_caps: bool) -> std::io::Result<()> {
+    /// `struct __user_cap_header_struct` and `struct __user_cap_data_struct`, version 3.
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    // SAFETY: prctl, setgroups, setgid and setuid with plain integers and no groups.
+    unsafe {
+        os_check(
+            libc::prctl(
+                libc::PR_SET_KEEPCAPS,
+                libc::c_ulong::from(keep_caps),
+                0,
+                0,
+                0,
+            )
+            .into(),
+        )?;
+        os_check(libc::setgroups(0, std::ptr::null()).into())?;
+        os_check(libc::setgid(uid).into())?;
+        os_check(libc::setuid(uid).into())?;
+    }
+    if !keep_caps {
+        return Ok(());
+    }
+    // setuid kept the permitted set and cleared the effective one.
+    let header = Header {
+        version: 0x2008_0522,
+        pid: 0,
+    };
+    let mut data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capget and capset read the header and two data structs, which capget fills.
+    unsafe {
+        os_check(libc::syscall(
+            libc::SYS_capget,
+            &raw const header,
+            data.as_mut_ptr(),
+        ))?;
+        for set in &mut data {
+            set.effective = set.permitted;
+            set.inheritable = set.permitted;
+        }
+        os_check(libc::syscall(
+            libc::SYS_capset,
+            &raw const header,
+            data.as_ptr(),
+        ))?;
+    }
+    let permitted = u64::from(data[0].permitted) | u64::from(data[1].permitted) << 32;
+    for cap in (0..64u32).filter(|cap| permitted & 1 << cap != 0) {
+        // SAFETY: prctl with plain integers.
+        let raised = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                cap as libc::c_ulong,
+                0,
+                0,
+            )
+        };
+        os_check(raised.into())?;
+    }
+    Ok(())
+}
+
+/// How many inotify instances one user may have (`fs.inotify.max_user_instances`).
+fn max_inotify_instances() -> usize {
+    fs::read_to_string("/proc/sys/fs/inotify/max_user_instances")
+        .expect("fs.inotify.max_user_instances")
+        .trim()
+        .parse()
+        .expect("a number")
+}
+
+/// The inotify instances process `pid` holds.
+fn inotify_instances_of(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the process's descriptors")
+        .filter_map(Result::ok)
+        .filter(|fd| {
+            fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == "anon_inode:inotify")
+        })
+        .count()
+}
+
+/// A process of user `uid` holding every inotify instance the user may have, as the many
+/// root processes and containers of a busy host can: whatever else that user starts meanwhile
+/// cannot use inotify. Dropping it ends the process and gives them back.
+#[derive(Debug)]
+pub struct InotifyHolder(Child);
+
+impl Drop for InotifyHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts an [`InotifyHolder`] and checks it holds every instance.
+pub fn hold_inotify_instances(uid: u32) -> InotifyHolder {
+    let limit = max_inotify_instances();
+    let mut cmd = Command::new("sleep");
+    cmd.arg("600");
+    let files = (limit + 64) as libc::rlim_t;
+    // SAFETY: setrlimit, the calls of become_user and inotify_init, none of which allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Enough descriptors for every instance, so the user's limit is the one reached.
+            let rlimit = libc::rlimit {
+                rlim_cur: files,
+                rlim_max: files,
+            };
+            os_check(libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit).into())?;
+            become_user(uid, false)?;
+            // Not close-on-exec: `sleep` holds them.
+            while libc::inotify_init() >= 0 {}
+            Ok(())
+        });
+    }
+    let holder = InotifyHolder(cmd.spawn().expect("spawn the inotify holder"));
+    let held = inotify_instances_of(holder.0.id());
+    if held != limit {
+        panic!(
+            "the holder as user {uid} took {held} inotify instances, not the {limit} a user may have"
+        );
+    }
+    holder
+}
+
 /// Waits until `check` returns `Some`, or panics after `timeout` with `what`.
 pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -5,17 +5,21 @@
 use std::{
     ffi::CString,
     io::Write as _,
-    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
+    os::unix::{
+        fs::{MetadataExt as _, PermissionsExt as _},
+        process::CommandExt as _,
+    },
     process::Output,
     time::{Duration, Instant, SystemTime},
 };
 
 use keepalive_tests::{
     Agent, AgentDirs, GRANTED, Netns, Proc, TestCgroup, agent_in_private_mounts,
-    assert_stamped_between, bind_mount, cgroup_row, cgroup2_mount, check_item, code, count_between,
-    drop_caps_except, eventually, free_port, hide_with_tmpfs, idle_of, json_refusal,
-    kernel_defaults, pair_values, private_mounts, setsockopt_attachments, sock_bin, sockets_of,
-    sockops_attachments, stderr, symlink, umount, unix_seconds, values, write_config,
+    assert_stamped_between, become_user, bind_mount, cgroup_row, cgroup2_mount, check_item, code,
+    count_between, drop_caps_except, eventually, free_port, hide_with_tmpfs,
+    hold_inotify_instances, idle_of, json_refusal, kernel_defaults, pair_values, private_mounts,
+    setsockopt_attachments, sock_bin, sockets_of, sockops_attachments, stderr, symlink, umount,
+    unix_seconds, values, write_config,
 };
 
 #[test]
@@ -2020,4 +2024,101 @@ fn a_pass_does_not_count_connections_established_while_it_runs_as_updated() {
     );
     assert!(text.contains(" 18000 updated,"), "{text}");
     assert!(text.contains(" 0 failed;"), "{text}");
+}
+
+#[test]
+fn an_agent_without_inotify_enforces_and_follows_new_cgroups_once_it_has_it() {
+    // On a busy host every inotify instance root may have (128 by default, shared by all its
+    // processes and containers) can be taken. The agent then cannot follow cgroups, but it can
+    // enforce; before, it exited 1 and the unit retried without enforcement. Here the agent
+    // runs as another user with root's capabilities, whose instances another process holds.
+    const USER: u32 = 64_917;
+    let cg = TestCgroup::new("noinotify");
+    let config = write_config(&format!(
+        "[default]\nidle = 41\n[[policy]]\ncgroup = \"{0}/later\"\nidle = 35\n\
+         [[policy]]\ncgroup = \"{0}/next\"\nidle = 29\n",
+        cg.rel()
+    ));
+    let holder = hold_inotify_instances(USER);
+    let dirs = AgentDirs::new();
+    let as_user = |args: &[&str]| {
+        let mut cmd = dirs.command(args);
+        // SAFETY: become_user makes system calls only.
+        unsafe {
+            cmd.pre_exec(|| become_user(USER, true));
+        }
+        cmd
+    };
+    let check = dirs.output(as_user(&["check", "--json"]));
+    let report: serde_json::Value =
+        serde_json::from_slice(&check.stdout).expect("check --json is JSON");
+    assert_eq!(code(&check), 0, "a warning: {report:#}");
+    let inotify = check_item(&report, "inotify");
+    assert_eq!(inotify["status"], "warn", "{inotify}");
+    assert!(
+        inotify["detail"]
+            .as_str()
+            .unwrap()
+            .contains("raise fs.inotify.max_user_instances"),
+        "{inotify}"
+    );
+    let run = as_user(&[
+        "run",
+        "--cgroup",
+        cg.path().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let agent = Agent::start_command(&dirs, run);
+    let log = agent.log();
+    assert!(
+        log.contains(&format!(
+            "cannot watch cgroups below {} with inotify: ",
+            cg.display()
+        )) && log.contains("raise fs.inotify.max_user_instances"),
+        "{log}"
+    );
+    assert_eq!(idle_of(&cg), 41, "enforced without inotify");
+    // Created while nothing watches: its sockets get its parent's policy for now.
+    let later = cg.child("later");
+    assert_eq!(idle_of(&later), 41);
+    // Removed while nothing watches: its counters stay for now.
+    let gone = cg.child("gone");
+    assert_eq!(idle_of(&gone), 41);
+    let gone_row = format!(
+        "#{} (removed)",
+        std::fs::metadata(gone.path()).unwrap().ino()
+    );
+    drop(gone);
+    let rows = |agent: &Agent| {
+        agent.status()["cgroups"]
+            .as_array()
+            .expect("cgroups array")
+            .iter()
+            .map(|row| row["cgroup"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert!(rows(&agent).contains(&gone_row), "{:?}", rows(&agent));
+    drop(holder);
+    eventually(Duration::from_secs(45), "later's own policy", || {
+        (idle_of(&later) == 35).then_some(())
+    });
+    let log = agent.log();
+    assert!(
+        log.contains(&format!(
+            "watching cgroups below {} with inotify again",
+            cg.display()
+        )),
+        "{log}"
+    );
+    assert!(
+        !rows(&agent).contains(&gone_row),
+        "the removed cgroup's counters are dropped: {:?}",
+        rows(&agent)
+    );
+    // Followed again: a cgroup created from now on gets its policy as it appears.
+    let next = cg.child("next");
+    eventually(Duration::from_secs(5), "next's own policy", || {
+        (idle_of(&next) == 29).then_some(())
+    });
 }
