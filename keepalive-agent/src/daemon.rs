@@ -1034,7 +1034,8 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         watchdog: Watchdog::from_env(),
     };
     // Watch before resolving, so no cgroup created from here on is missed.
-    let mut watcher = Follower::new(&cgroup2, &attach, attach_id, retry_wait);
+    let mut watcher = Follower::new(&cgroup2, &attach, attach_id, retry_wait)
+        .context("failed to watch cgroups with inotify")?;
     log::debug!("watching {} cgroups below {attach}", watcher.len());
     // The table goes in before the program is attached, so the program never runs without it.
     let set = daemon.policy_set();

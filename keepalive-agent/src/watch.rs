@@ -35,12 +35,13 @@ impl Changes {
 }
 
 /// Follows a cgroup subtree with a [`CgroupWatcher`], and goes on without one while inotify
-/// cannot be had: at start, when every inotify instance the user may have is taken (root's
-/// 128 by default, shared by every root process and container on the host) or memory is short.
-/// Enforcement does not need inotify, only following cgroups as they come and go does, so
-/// the agent enforces what it resolved and tries again, waiting longer after each failure;
-/// the first watch that works reports [`Changes::resumed`], for the agent to catch up. Only
-/// while it waits does the agent wake up by itself.
+/// cannot be had ([`is_shortage`]): at start, when every inotify instance or watch the user may
+/// have is taken (root's 128 instances by default, shared by every root process and container
+/// on the host) or memory is short. Enforcement does not need inotify, only following cgroups
+/// as they come and go does, so the agent enforces what it resolved and tries again, waiting
+/// longer after each failure; the first watch that works reports [`Changes::resumed`], for the
+/// agent to catch up. Each try also looks for the root, whose removal nothing else reports
+/// meanwhile.
 pub struct Follower {
     cgroup2: Cgroup2,
     root: CgroupPath,
@@ -65,13 +66,14 @@ impl std::fmt::Debug for Follower {
 
 impl Follower {
     /// Starts following `root`, whose id is `root_id`. Without inotify, the warning says why
-    /// and what it means; `wait(n)` is the wait after n + 1 failed tries in a row.
+    /// and what it means; `wait(n)` is the wait after n + 1 failed tries in a row. Fails on
+    /// what is no shortage (the root's parent cannot be watched, say).
     pub fn new(
         cgroup2: &Cgroup2,
         root: &CgroupPath,
         root_id: u64,
         wait: fn(u32) -> Duration,
-    ) -> Self {
+    ) -> io::Result<Self> {
         let mut follower = Self {
             cgroup2: cgroup2.clone(),
             root: root.clone(),
@@ -83,6 +85,7 @@ impl Follower {
         };
         match CgroupWatcher::new(cgroup2, root) {
             Ok(watcher) => follower.watcher = Some(watcher),
+            Err(err) if !is_shortage(&err) => return Err(err),
             Err(err) => {
                 let wait = follower.failed();
                 log::warn!(
@@ -94,7 +97,7 @@ impl Follower {
                 );
             }
         }
-        follower
+        Ok(follower)
     }
 
     /// Whether cgroups are watched now.
@@ -128,7 +131,16 @@ impl Follower {
                 return watcher.changes().await;
             }
             tokio::time::sleep_until(self.retry_at.into()).await;
-            match CgroupWatcher::new(&self.cgroup2, &self.root) {
+            let tried = CgroupWatcher::new(&self.cgroup2, &self.root);
+            // Whatever the try gave: a watch of another cgroup by the root's name is no
+            // resumption, and a root that is gone is no reason to keep trying.
+            if self.cgroup2.id(&self.root).ok() != Some(self.root_id) {
+                return Ok(Changes {
+                    root_removed: true,
+                    ..Changes::default()
+                });
+            }
+            match tried {
                 Ok(watcher) => {
                     log::info!(
                         "watching cgroups below {} with inotify again, after {} failed tries; \
@@ -141,10 +153,10 @@ impl Follower {
                     return Ok(Changes {
                         created: true,
                         resumed: true,
-                        root_removed: self.cgroup2.id(&self.root).ok() != Some(self.root_id),
                         ..Changes::default()
                     });
                 }
+                Err(err) if !is_shortage(&err) => return Err(err),
                 Err(err) => {
                     let wait = self.failed();
                     log::debug!(
@@ -158,12 +170,22 @@ impl Follower {
     }
 }
 
+/// Whether `err` is a resource running out, which passes, rather than a fault: inotify
+/// instances or descriptors (EMFILE, ENFILE), watches (ENOSPC) or memory (ENOMEM).
+fn is_shortage(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOSPC | libc::ENOMEM)
+    )
+}
+
 /// What to raise when `err` is an inotify limit.
 pub fn limit_hint(err: &io::Error) -> &'static str {
     match err.raw_os_error() {
         Some(libc::EMFILE) => {
             " (every inotify instance this user may have is taken, by any of its processes: \
-             raise fs.inotify.max_user_instances; or the agent has every file descriptor it may)"
+             raise fs.inotify.max_user_instances; or this process has every file descriptor \
+             it may)"
         }
         Some(libc::ENOSPC) => {
             " (the inotify watches this user may have are all taken: raise \
@@ -211,7 +233,7 @@ impl CgroupWatcher {
             // SAFETY: the inotify instance owns its fd, which stays open until the AsyncFd is
             // dropped.
             inotify: unsafe { AsyncFd::register_with_interest(inotify, Interest::READABLE) }
-                .map_err(|err| io::Error::other(err.to_string()))?,
+                .map_err(|err| err.into_parts().1)?,
             by_wd: HashMap::new(),
             by_path: HashMap::new(),
             parent: None,
@@ -226,6 +248,16 @@ impl CgroupWatcher {
             )?;
             watcher.parent = Some((wd, name.to_owned()));
         }
+        // The root's own watch must hold: without it nothing would be followed. Those below
+        // it may fail one by one (see `add_tree`).
+        let id = cgroup2.id(root)?;
+        let wd = watcher
+            .inotify
+            .get_mut()
+            .watches()
+            .add(cgroup2.abs(root), MASK)?;
+        watcher.by_wd.insert(wd.clone(), (root.clone(), id));
+        watcher.by_path.insert(root.clone(), wd);
         watcher.add_tree(root);
         Ok(watcher)
     }

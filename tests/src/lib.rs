@@ -636,6 +636,8 @@ pub struct Agent {
     log: PathBuf,
     notify: UnixDatagram,
     notify_path: PathBuf,
+    /// The notify lines read until READY=1 came.
+    ready_lines: Vec<String>,
 }
 
 /// An agent's state and runtime directories, before and between runs.
@@ -883,19 +885,25 @@ impl Agent {
             log,
             notify,
             notify_path,
+            ready_lines: Vec::new(),
         }
     }
 
     /// Waits until the agent reports ready; panics with its log when it does not.
     pub fn wait_ready(&mut self) {
         match self.notified("READY=1", Duration::from_secs(60)) {
-            Ok(Some(_)) => {}
+            Ok(Some(lines)) => self.ready_lines = lines,
             Ok(None) => panic!("agent not ready within 60 s:\n{}", self.log()),
             Err(status) => panic!(
                 "agent exited with {status} before it was ready:\n{}",
                 self.log()
             ),
         }
+    }
+
+    /// The notify lines the agent sent until it was ready (READY=1 and STATUS=, say).
+    pub fn ready_lines(&self) -> &[String] {
+        &self.ready_lines
     }
 
     /// Waits for the next notify line `what` (READY=1 after a reload, WATCHDOG=1); returns
@@ -1194,7 +1202,14 @@ pub fn hold_inotify_instances(uid: u32) -> InotifyHolder {
     let limit = max_inotify_instances();
     let mut cmd = Command::new("sleep");
     cmd.arg("600");
-    let files = (limit + 64) as libc::rlim_t;
+    // The child starts with every descriptor this process has open (those closed on exec
+    // close only then), so the new ones are numbered above the highest of them.
+    let highest = fs::read_dir("/proc/self/fd")
+        .expect("this process's descriptors")
+        .filter_map(|fd| fd.ok()?.file_name().to_str()?.parse::<usize>().ok())
+        .max()
+        .unwrap_or(0);
+    let files = (highest + limit + 64) as libc::rlim_t;
     // SAFETY: setrlimit, the calls of become_user and inotify_init, none of which allocate.
     unsafe {
         cmd.pre_exec(move || {
@@ -1205,6 +1220,18 @@ pub fn hold_inotify_instances(uid: u32) -> InotifyHolder {
             };
             os_check(libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit).into())?;
             become_user(uid, false)?;
+            // Gone with the test's thread, also when the test run is killed (set after
+            // setuid, which clears it).
+            os_check(
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                )
+                .into(),
+            )?;
             // Not close-on-exec: `sleep` holds them.
             while libc::inotify_init() >= 0 {}
             Ok(())

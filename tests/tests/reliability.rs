@@ -2033,6 +2033,14 @@ fn an_agent_without_inotify_enforces_and_follows_new_cgroups_once_it_has_it() {
     // enforce; before, it exited 1 and the unit retried without enforcement. Here the agent
     // runs as another user with root's capabilities, whose instances another process holds.
     const USER: u32 = 64_917;
+    let as_user = |dirs: &AgentDirs, args: &[&str]| {
+        let mut cmd = dirs.command(args);
+        // SAFETY: become_user makes system calls only.
+        unsafe {
+            cmd.pre_exec(|| become_user(USER, true));
+        }
+        cmd
+    };
     let cg = TestCgroup::new("noinotify");
     let config = write_config(&format!(
         "[default]\nidle = 41\n[[policy]]\ncgroup = \"{0}/later\"\nidle = 35\n\
@@ -2041,15 +2049,7 @@ fn an_agent_without_inotify_enforces_and_follows_new_cgroups_once_it_has_it() {
     ));
     let holder = hold_inotify_instances(USER);
     let dirs = AgentDirs::new();
-    let as_user = |args: &[&str]| {
-        let mut cmd = dirs.command(args);
-        // SAFETY: become_user makes system calls only.
-        unsafe {
-            cmd.pre_exec(|| become_user(USER, true));
-        }
-        cmd
-    };
-    let check = dirs.output(as_user(&["check", "--json"]));
+    let check = dirs.output(as_user(&dirs, &["check", "--json"]));
     let report: serde_json::Value =
         serde_json::from_slice(&check.stdout).expect("check --json is JSON");
     assert_eq!(code(&check), 0, "a warning: {report:#}");
@@ -2062,14 +2062,46 @@ fn an_agent_without_inotify_enforces_and_follows_new_cgroups_once_it_has_it() {
             .contains("raise fs.inotify.max_user_instances"),
         "{inotify}"
     );
-    let run = as_user(&[
-        "run",
-        "--cgroup",
-        cg.path().to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    let agent = Agent::start_command(&dirs, run);
+
+    // An attach cgroup removed while nothing watches it, with its parent, ends the agent at its
+    // next try to watch, as one removed while watched does (exit 4).
+    let doomed_parent = TestCgroup::new("noinotify-gone");
+    let doomed = doomed_parent.child("attach");
+    let other = AgentDirs::new();
+    let mut gone = Agent::start_command(
+        &other,
+        as_user(
+            &other,
+            &["run", "--cgroup", doomed.path().to_str().unwrap()],
+        ),
+    );
+    let doomed_name = doomed.display();
+    drop(doomed);
+    drop(doomed_parent);
+    let status = gone
+        .wait_exit(Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("still running:\n{}", gone.log()));
+    assert_eq!(status.code(), Some(4), "{}", gone.log());
+    assert!(
+        gone.log()
+            .contains(&format!("the attach cgroup {doomed_name} was removed")),
+        "{}",
+        gone.log()
+    );
+
+    let mut agent = Agent::start_command(
+        &dirs,
+        as_user(
+            &dirs,
+            &[
+                "run",
+                "--cgroup",
+                cg.path().to_str().unwrap(),
+                "--config",
+                config.to_str().unwrap(),
+            ],
+        ),
+    );
     let log = agent.log();
     assert!(
         log.contains(&format!(
@@ -2078,18 +2110,27 @@ fn an_agent_without_inotify_enforces_and_follows_new_cgroups_once_it_has_it() {
         )) && log.contains("raise fs.inotify.max_user_instances"),
         "{log}"
     );
+    let degraded = format!(
+        "STATUS=enforcing on {}; not following new cgroups: inotify unavailable",
+        cg.display()
+    );
+    assert!(
+        agent.ready_lines().contains(&degraded),
+        "{:?}",
+        agent.ready_lines()
+    );
     assert_eq!(idle_of(&cg), 41, "enforced without inotify");
     // Created while nothing watches: its sockets get its parent's policy for now.
     let later = cg.child("later");
     assert_eq!(idle_of(&later), 41);
     // Removed while nothing watches: its counters stay for now.
-    let gone = cg.child("gone");
-    assert_eq!(idle_of(&gone), 41);
-    let gone_row = format!(
+    let removed = cg.child("removed");
+    assert_eq!(idle_of(&removed), 41);
+    let removed_row = format!(
         "#{} (removed)",
-        std::fs::metadata(gone.path()).unwrap().ino()
+        std::fs::metadata(removed.path()).unwrap().ino()
     );
-    drop(gone);
+    drop(removed);
     let rows = |agent: &Agent| {
         agent.status()["cgroups"]
             .as_array()
@@ -2098,21 +2139,26 @@ fn an_agent_without_inotify_enforces_and_follows_new_cgroups_once_it_has_it() {
             .map(|row| row["cgroup"].as_str().unwrap().to_owned())
             .collect::<Vec<_>>()
     };
-    assert!(rows(&agent).contains(&gone_row), "{:?}", rows(&agent));
+    assert!(rows(&agent).contains(&removed_row), "{:?}", rows(&agent));
+
     drop(holder);
-    eventually(Duration::from_secs(45), "later's own policy", || {
-        (idle_of(&later) == 35).then_some(())
-    });
-    let log = agent.log();
+    agent.wait_notify(
+        &format!("STATUS=enforcing on {}", cg.display()),
+        Duration::from_secs(45),
+    );
     assert!(
-        log.contains(&format!(
+        agent.log().contains(&format!(
             "watching cgroups below {} with inotify again",
             cg.display()
         )),
-        "{log}"
+        "{}",
+        agent.log()
     );
+    eventually(Duration::from_secs(5), "later's own policy", || {
+        (idle_of(&later) == 35).then_some(())
+    });
     assert!(
-        !rows(&agent).contains(&gone_row),
+        !rows(&agent).contains(&removed_row),
         "the removed cgroup's counters are dropped: {:?}",
         rows(&agent)
     );
