@@ -10,7 +10,7 @@ use keepalive_common::{Counter, Policy, mode, policy_flags, uapi::*};
 
 use crate::{
     kernel,
-    track::{PolicyStore, count},
+    track::{self, PolicyStore, count},
 };
 
 /// bpf_setsockopt with an int value; whether it succeeded.
@@ -158,7 +158,7 @@ pub(crate) fn carries(target: *mut c_void, tp: *const u8, policy: &Policy) -> bo
 /// Whether the socket's idle, interval and count are still `previous`'s, the values the program
 /// set (not known to be: left on by a release).
 #[inline(always)]
-fn still_set(target: *mut c_void, tp: *const u8, previous: &Policy) -> bool {
+pub(crate) fn still_set(target: *mut c_void, tp: *const u8, previous: &Policy) -> bool {
     has_values(target, tp, previous) == Some(true)
 }
 
@@ -243,14 +243,18 @@ pub(crate) fn configure_listener(
     target: *mut c_void,
     sk: *mut c_void,
     tp: *const u8,
+    cgroup_id: u64,
     policy: &Policy,
 ) {
     let ours = PolicyStore::Listeners.get(sk);
+    // What the connections it accepts inherit from the program, where they can look it up.
+    let port = kernel::local_port(tp);
     if policy.mode == mode::OFF {
         if let Some(previous) = ours {
             let app_keepalive = previous.flags & policy_flags::APP_KEEPALIVE != 0;
             release(target, tp, &previous, app_keepalive);
             PolicyStore::Listeners.set(sk, None);
+            track::note_listener(cgroup_id, port, None);
         }
         return;
     }
@@ -260,6 +264,7 @@ pub(crate) fn configure_listener(
         None => 0,
     };
     if policy.mode == mode::FILL && ours.is_none() && app_keepalive != 0 {
+        track::note_listener(cgroup_id, port, None);
         return;
     }
     // Values the application has set on the listener since the program configured it (nginx
@@ -294,10 +299,13 @@ pub(crate) fn configure_listener(
         ..*policy
     };
     if ours == Some(stored) && carries(target, tp, policy) {
+        // Also noted after a takeover from a program that did not note listeners.
+        track::note_listener(cgroup_id, port, Some(&stored));
         return;
     }
     apply(target, tp, policy, ours.as_ref());
     PolicyStore::Listeners.set(sk, Some(&stored));
+    track::note_listener(cgroup_id, port, Some(&stored));
 }
 
 /// The keepalive values the application set, for `fill` sockets that keep them.

@@ -90,7 +90,7 @@ pub fn keepalive_apply(ctx: *mut IterTcp) -> i32 {
         return 0;
     }
     if state == uapi::TCP_LISTEN {
-        enforce::configure_listener(tp, tp, tp.cast(), &resolved.policy);
+        enforce::configure_listener(tp, tp, tp.cast(), cgroup.id, &resolved.policy);
         return 0;
     }
     let sock = Socket {

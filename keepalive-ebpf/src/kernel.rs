@@ -190,6 +190,15 @@ pub(crate) fn keepalive_on(tp: *const u8) -> bool {
     flags & (1 << off!(sock_keepopen_bit)) != 0
 }
 
+/// The socket's local port, in host byte order.
+#[inline(always)]
+pub(crate) fn local_port(sk: *const u8) -> u32 {
+    if sk.is_null() {
+        return 0;
+    }
+    u32::from(load::<u16>(sk, off!(skc_num)))
+}
+
 /// Whether the program knows HZ yet: not after a load until it first sets an idle time.
 #[inline(always)]
 pub(crate) fn hz_known() -> bool {

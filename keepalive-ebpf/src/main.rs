@@ -121,7 +121,13 @@ fn on_listen(ctx: &SockOpsContext) {
     let Some(resolved) = policy::resolve_in_scope(sock.cgroup) else {
         return;
     };
-    enforce::configure_listener(sock.target, sock.sk, sock.tp, &resolved.policy);
+    enforce::configure_listener(
+        sock.target,
+        sock.sk,
+        sock.tp,
+        sock.cgroup.id,
+        &resolved.policy,
+    );
 }
 
 #[inline(always)]

@@ -150,7 +150,27 @@ pub(crate) fn enforce_socket(
     // Keepalive that was on before the program set anything is taken as the application's, so
     // a release never switches it off. On an accepted socket it may be the program's,
     // inherited from the listener, whose storage is not reachable from here.
-    let app_keepalive = !enforced_before && kernel::keepalive_on(sock.tp);
+    let mut app_keepalive = !enforced_before && kernel::keepalive_on(sock.tp);
+    // Under `fill`, a connection just accepted with other values than the policy's has the
+    // application's keepalive, unless they are the ones the program last set on its listener:
+    // a policy change had not reached the listener yet (or cannot: in a network namespace the
+    // agent may not enter). Those are the program's, and the policy replaces them.
+    let from_listener = if app_keepalive
+        && policy.mode == mode::FILL
+        && origin
+            == (Origin::Established {
+                direction: sock_flags::INBOUND,
+            })
+        && kernel::has_values(sock.tp, &policy) != Some(true)
+    {
+        track::listened_policy(sock.cgroup.id, kernel::local_port(sock.tp))
+            .filter(|listened| enforce::still_set(sock.target, sock.tp, listened))
+    } else {
+        None
+    };
+    if from_listener.is_some() {
+        app_keepalive = false;
+    }
 
     let mut flags = if app_keepalive {
         sock_flags::APP_KEEPALIVE
@@ -164,7 +184,8 @@ pub(crate) fn enforce_socket(
         .as_deref()
         .filter(|rec| rec.flags & sock_flags::ENFORCED != 0)
         .map(|rec| rec.policy)
-        .or(untracked_lock);
+        .or(untracked_lock)
+        .or(from_listener);
     // Where the program's user timeout came from: `previous`, or, on a socket whose keepalive
     // `fill` left to the application, the record's user timeout if the program set it.
     let own_user_timeout = previous.or_else(|| {

@@ -16,7 +16,7 @@ use core::{
 
 use aya_ebpf::{
     bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_SK_STORAGE_GET_F_CREATE},
-    btf_maps::{Array, HashMap, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray, SkStorage},
     helpers::generated::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_sk_storage_delete, bpf_sk_storage_get,
     },
@@ -24,8 +24,8 @@ use aya_ebpf::{
 };
 use keepalive_common::{
     AGENT_SLOTS, CONNECT_SLOTS, CgroupStats, ConnectSlot, Counter, DEFAULT_MAX_TRACKED_CGROUPS,
-    DEFAULT_MAX_TRACKED_SOCKETS, MAX_SOCK_SLOTS, Policy, SLOT_BUSY, SLOT_FREE, SOCK_SLOT_PROBES,
-    SockRecord, SockSlot, sock_flags, sock_slot,
+    DEFAULT_MAX_TRACKED_SOCKETS, LISTEN_PORTS, ListenPort, MAX_SOCK_SLOTS, Policy, SLOT_BUSY,
+    SLOT_FREE, SOCK_SLOT_PROBES, SockRecord, SockSlot, sock_flags, sock_slot,
 };
 
 use crate::kernel;
@@ -67,6 +67,45 @@ static KA_LISTENERS: SkStorage<Policy> = SkStorage::new();
 
 #[btf_map]
 static KA_UNTRACKED: SkStorage<SockRecord> = SkStorage::new();
+
+/// See [`keepalive_common::MAP_LISTEN_PORTS`].
+#[btf_map]
+static KA_LISTEN_PORTS: LruHashMap<ListenPort, Policy, { LISTEN_PORTS as usize }> =
+    LruHashMap::new();
+
+#[inline(always)]
+fn listen_port(cgroup_id: u64, port: u32) -> ListenPort {
+    ListenPort {
+        cgroup_id,
+        port,
+        _pad: 0,
+    }
+}
+
+/// Notes `policy` as what the program set on the listener of cgroup `cgroup_id` on `port`
+/// (Some), or that it set nothing there (None). See [`listened_policy`].
+#[inline(always)]
+pub(crate) fn note_listener(cgroup_id: u64, port: u32, policy: Option<&Policy>) {
+    let key = listen_port(cgroup_id, port);
+    match policy {
+        Some(policy) => {
+            // Only a full LRU map fails an update, and it evicts instead.
+            let _ = KA_LISTEN_PORTS.insert(key, policy, 0);
+        }
+        None => {
+            let _ = KA_LISTEN_PORTS.remove(key);
+        }
+    }
+}
+
+/// What the program last set on a listener of cgroup `cgroup_id` on `port`, which the
+/// connections it accepts inherit.
+#[inline(always)]
+pub(crate) fn listened_policy(cgroup_id: u64, port: u32) -> Option<Policy> {
+    let p = KA_LISTEN_PORTS.get_ptr(listen_port(cgroup_id, port))?;
+    // SAFETY: a map value pointer stays valid for this run.
+    Some(unsafe { *p })
+}
 
 #[btf_map]
 static KA_CGSTATS: HashMap<u64, CgroupStats, { DEFAULT_MAX_TRACKED_CGROUPS as usize }> =

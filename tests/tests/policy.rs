@@ -12,14 +12,14 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, GRANTED, Proc, TempDir, TestCgroup, agent_bin, agent_in_private_mounts,
-    bind_mount,
+    Agent, AgentDirs, GRANTED, Netns, Proc, TempDir, TestCgroup, agent_bin,
+    agent_in_private_mounts, bind_mount,
     bpf::{self, resolution_cache},
     check_item, code, eventually, hide_with_tmpfs, idle_of, in_private_mounts, json_refusal,
     kernel_defaults, mkdir, pair_values,
     perf::storm,
-    private_mounts, sockets_of, sockops_attachments, stderr, stdout, symlink, unique, unix_seconds,
-    values, write_config,
+    private_mounts, sock_bin, sockets_of, sockops_attachments, stderr, stdout, symlink, unique,
+    unix_seconds, values, write_config,
 };
 
 #[test]
@@ -351,6 +351,11 @@ fn sockets_of_an_off_cgroup_created_while_no_agent_ran_are_released_at_the_next_
 /// An agent on `cg` with `config`, exactly the capabilities the unit grants and the
 /// environment `env`.
 fn start_granted(cg: &TestCgroup, config: &Path, env: &[(&str, &str)]) -> Agent {
+    start_with_caps(cg, config, env, &GRANTED)
+}
+
+/// An agent on `cg` with `config`, exactly the capabilities `caps` and the environment `env`.
+fn start_with_caps(cg: &TestCgroup, config: &Path, env: &[(&str, &str)], caps: &[u32]) -> Agent {
     Agent::start_with(
         &AgentDirs::new(),
         &[
@@ -361,7 +366,7 @@ fn start_granted(cg: &TestCgroup, config: &Path, env: &[(&str, &str)]) -> Agent 
             config.to_str().unwrap(),
         ],
         env,
-        Some(&GRANTED),
+        Some(caps),
     )
 }
 
@@ -1624,4 +1629,48 @@ fn the_agent_holds_the_policy_table_it_replaced_until_the_next_swap() {
         "the new agent let go of the table the previous one left"
     );
     assert_eq!(idle_of(&cg), 23);
+}
+
+#[test]
+fn fill_replaces_the_values_an_accepted_connection_inherited_from_a_listener_the_pass_missed() {
+    // Under `fill`, a listener the program configured passes its values on to the connections
+    // it accepts. After a policy change, the pass updates listeners; one it cannot reach (here
+    // in a network namespace the agent may not enter, without CAP_SYS_ADMIN; elsewhere the
+    // moments before the pass reaches it) still passes the old values on, which are the
+    // program's, not the application's, and give way to the new policy.
+    let cg = TestCgroup::new("fillwindow");
+    let config = write_config("[default]\nidle = 41\nmode = \"fill\"\n");
+    // CAP_NET_ADMIN, CAP_PERFMON and CAP_BPF: no CAP_SYS_ADMIN to enter namespaces with.
+    let agent = start_with_caps(&cg, &config, &[], &[12, 38, 39]);
+    let ns = Netns::new("fillwindow");
+    let listen = |extra: &[&str]| {
+        let args = [&["listen", "127.0.0.1:0", "2"], extra].concat();
+        let mut server = Proc::spawn(&sock_bin(), &args, Some(cg.path()), Some(&ns));
+        let port = server.read()["port"].as_u64().unwrap();
+        (server, format!("127.0.0.1:{port}"))
+    };
+    let accept = |(server, addr): &mut (Proc, String)| {
+        let _client = Proc::spawn(&sock_bin(), &["connect", addr], Some(cg.path()), Some(&ns));
+        values(&server.read()["accepted"])
+    };
+    let mut server = listen(&[]);
+    // The application's own keepalive on its listener, which `fill` keeps throughout.
+    let mut own = listen(&["--keepalive", "77"]);
+    assert_eq!(accept(&mut server), (1, 41, 10, 5));
+    assert_eq!(accept(&mut own).1, 77);
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.path().to_str().unwrap(),
+        "--idle",
+        "35",
+        "--mode",
+        "fill",
+    ]);
+    assert_eq!(
+        accept(&mut server),
+        (1, 35, 10, 5),
+        "the new policy's values"
+    );
+    assert_eq!(accept(&mut own).1, 77, "the application's own stays");
 }

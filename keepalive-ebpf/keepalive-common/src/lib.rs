@@ -79,6 +79,17 @@ pub const MAP_APPLY: &str = "KA_APPLY";
 /// policy change tell the program's keepalive on a listener from the application's, so `off`
 /// and `fill` can undo or update it.
 pub const MAP_LISTENERS: &str = "KA_LISTENERS";
+/// The [`Policy`] the program last set on a listener, by the listener's cgroup id and port
+/// ([`ListenPort`]): what the connections it accepts inherit, where the listener's own
+/// storage ([`MAP_LISTENERS`]) cannot be reached from. Under `fill`, an accepted connection
+/// with keepalive on and other values than its policy's has the application's keepalive,
+/// unless these are its values: then its listener passed on what the program set before a
+/// policy change reached the listener, which the new policy replaces. An LRU hash of
+/// [`LISTEN_PORTS`] entries; one a listener left is harmless, at worst naming values an
+/// application set as the program's.
+pub const MAP_LISTEN_PORTS: &str = "KA_LISTEN_PORTS";
+/// Capacity of [`MAP_LISTEN_PORTS`].
+pub const LISTEN_PORTS: u32 = 8192;
 /// Socket-local storage holding the [`Policy`] of `lock`-mode sockets, read by the
 /// cgroup/setsockopt program (which has no socket cookie helper to find the tracking record).
 pub const MAP_LOCKS: &str = "KA_LOCKS";
@@ -107,13 +118,14 @@ pub const GLOBAL_OFFSETS: &str = "KA_OFFSETS";
 pub const GLOBAL_SETTINGS: &str = "KA_SETTINGS";
 
 /// Maps pinned in the state directory, so counters and sockets survive an agent restart.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 10] = [
     MAP_AGENT,
     MAP_POLICY,
     MAP_SOCK_SLOTS,
     MAP_SOCKS,
     MAP_LOCKS,
     MAP_LISTENERS,
+    MAP_LISTEN_PORTS,
     MAP_UNTRACKED,
     MAP_CGSTATS,
     MAP_COUNTERS,
@@ -260,6 +272,18 @@ pub mod policy_flags {
     /// Only in [`MAP_LISTENERS`]: SO_KEEPALIVE was on, the application's own, when the program
     /// first configured the listener; `off` leaves it on.
     pub const APP_KEEPALIVE: u32 = 8;
+}
+
+/// Key of [`MAP_LISTEN_PORTS`]: a listener's cgroup id and local port (host byte order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct ListenPort {
+    /// The listener's cgroup id.
+    pub cgroup_id: u64,
+    /// Its local port.
+    pub port: u32,
+    /// Zero.
+    pub _pad: u32,
 }
 
 /// One keepalive policy as the program applies it.
