@@ -155,28 +155,37 @@ pub(crate) fn enforce_socket(
     // application's keepalive, unless they are the ones the program last set on its listener:
     // a policy change had not reached the listener yet (or cannot: in a network namespace the
     // agent may not enter). Those are the program's, and the policy replaces them.
+    // A user timeout is part of what it passed on.
     let from_listener = if app_keepalive
         && policy.mode == mode::FILL
         && origin
             == (Origin::Established {
                 direction: sock_flags::INBOUND,
             })
-        && kernel::has_values(sock.tp, &policy) != Some(true)
+        && !kernel::carries(sock.tp, &policy)
     {
-        track::listened_policy(sock.cgroup.id, kernel::local_port(sock.tp))
-            .filter(|listened| enforce::still_set(sock.target, sock.tp, listened))
+        track::listened_policy(sock.cgroup.id, kernel::local_port(sock.tp)).filter(|listened| {
+            listened.user_timeout_held(kernel::user_timeout_ms(sock.tp))
+                && match kernel::has_values(sock.tp, listened) {
+                    Some(same) => same,
+                    None => enforce::still_set(sock.target, sock.tp, listened),
+                }
+        })
     } else {
         None
     };
-    if from_listener.is_some() {
-        app_keepalive = false;
-    }
-
-    let mut flags = if app_keepalive {
+    // Whether the keepalive switch itself is the application's: it may have switched it on
+    // on the listener before the program configured it (which the listener's policy says).
+    let mut flags = if app_keepalive
+        && from_listener.is_none_or(|listened| listened.flags & policy_flags::APP_KEEPALIVE != 0)
+    {
         sock_flags::APP_KEEPALIVE
     } else {
         0
     };
+    if from_listener.is_some() {
+        app_keepalive = false;
+    }
     let mut values = policy;
     // What the program itself set on the socket before (a `fill` record holds the
     // application's values, which are not the program's to undo).

@@ -86,8 +86,14 @@ fn listen_port(cgroup_id: u64, port: u32) -> ListenPort {
 /// (Some), or that it set nothing there (None). See [`listened_policy`].
 #[inline(always)]
 pub(crate) fn note_listener(cgroup_id: u64, port: u32, policy: Option<&Policy>) {
+    // An unknown cgroup would share its key with every other.
+    if cgroup_id == 0 {
+        return;
+    }
     let key = listen_port(cgroup_id, port);
     match policy {
+        // Passes find most listeners as they were: no new node for those.
+        Some(policy) if listened_policy(cgroup_id, port) == Some(*policy) => {}
         Some(policy) => {
             // Only a full LRU map fails an update, and it evicts instead.
             let _ = KA_LISTEN_PORTS.insert(key, policy, 0);
@@ -102,6 +108,9 @@ pub(crate) fn note_listener(cgroup_id: u64, port: u32, policy: Option<&Policy>) 
 /// connections it accepts inherit.
 #[inline(always)]
 pub(crate) fn listened_policy(cgroup_id: u64, port: u32) -> Option<Policy> {
+    if cgroup_id == 0 {
+        return None;
+    }
     let p = KA_LISTEN_PORTS.get_ptr(listen_port(cgroup_id, port))?;
     // SAFETY: a map value pointer stays valid for this run.
     Some(unsafe { *p })

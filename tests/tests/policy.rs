@@ -1653,24 +1653,43 @@ fn fill_replaces_the_values_an_accepted_connection_inherited_from_a_listener_the
         let _client = Proc::spawn(&sock_bin(), &["connect", addr], Some(cg.path()), Some(&ns));
         values(&server.read()["accepted"])
     };
+    let set_fill = |extra: &[&str]| {
+        let cgroup = cg.path().to_str().unwrap();
+        let args = [
+            &["policy", "set", cgroup, "--mode", "fill", "--idle", "35"],
+            extra,
+        ]
+        .concat();
+        agent.cli_ok(&args);
+    };
     let mut server = listen(&[]);
     // The application's own keepalive on its listener, which `fill` keeps throughout.
     let mut own = listen(&["--keepalive", "77"]);
     assert_eq!(accept(&mut server), (1, 41, 10, 5));
     assert_eq!(accept(&mut own).1, 77);
-    agent.cli_ok(&[
-        "policy",
-        "set",
-        cg.path().to_str().unwrap(),
-        "--idle",
-        "35",
-        "--mode",
-        "fill",
-    ]);
+    set_fill(&[]);
     assert_eq!(
         accept(&mut server),
         (1, 35, 10, 5),
         "the new policy's values"
     );
     assert_eq!(accept(&mut own).1, 77, "the application's own stays");
+
+    // A change of the user timeout alone: the values are the new policy's, the user timeout
+    // the listener passed on is not. And values an application set on its listener after the
+    // program configured it are its own, here too.
+    let mut server = listen(&[]);
+    let mut after = listen(&["--keepalive-after", "77"]);
+    assert_eq!(accept(&mut server), (1, 35, 10, 5));
+    assert_eq!(accept(&mut after).1, 77);
+    set_fill(&["--user-timeout", "7s"]);
+    let (server_proc, addr) = &mut server;
+    let _client = Proc::spawn(&sock_bin(), &["connect", addr], Some(cg.path()), Some(&ns));
+    let accepted = &server_proc.read()["accepted"];
+    assert_eq!(values(accepted), (1, 35, 10, 5), "{accepted}");
+    assert_eq!(
+        accepted["user_timeout"], 7000,
+        "the new user timeout: {accepted}"
+    );
+    assert_eq!(accept(&mut after).1, 77, "the application's own stays");
 }
