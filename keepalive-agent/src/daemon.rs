@@ -32,7 +32,7 @@ use crate::{
     pin::{self, StateDir},
     policy::{self, Mode, PolicySet, Resolution, Rule, Selector, Source, Spec},
     privileges,
-    watch::Follower,
+    watch::{Follower, Following},
 };
 
 /// Everything the running agent keeps.
@@ -1109,9 +1109,11 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     let watchdog = daemon.watchdog.period;
     let mut watchdog_tick =
         tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600 * 24 * 365)));
+    // What the unit's status says of following cgroups, updated as it changes.
+    let mut following = watcher.following();
     let _ = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,
-        sd_notify::NotifyState::Status(&enforcing_status(&attach, watcher.watching())),
+        sd_notify::NotifyState::Status(&enforcing_status(&attach, following)),
     ]);
     log::info!("ready");
 
@@ -1155,10 +1157,13 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                     ));
                 }
                 daemon.enforcer.forget_cgroups(&changes.removed);
-                if changes.resumed {
+                if watcher.following() != following {
+                    following = watcher.following();
                     let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(
-                        &enforcing_status(&attach, true),
+                        &enforcing_status(&attach, following),
                     )]);
+                }
+                if changes.resumed {
                     // Cgroups removed while nothing watched them were not reported.
                     if let Err(err) = daemon.enforcer.forget_removed_cgroups(&cgroup2, &attach) {
                         log::warn!("failed to drop the counters of removed cgroups: {err:#}");
@@ -1187,11 +1192,15 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
 }
 
 /// The status the service manager shows for a running agent.
-fn enforcing_status(attach: &CgroupPath, watching: bool) -> String {
-    if watching {
-        format!("enforcing on {attach}")
-    } else {
-        format!("enforcing on {attach}; not following new cgroups: inotify unavailable")
+fn enforcing_status(attach: &CgroupPath, following: Following) -> String {
+    match following {
+        Following::All => format!("enforcing on {attach}"),
+        Following::Partly => format!(
+            "enforcing on {attach}; following new cgroups only in part: inotify watches ran short"
+        ),
+        Following::Nothing => {
+            format!("enforcing on {attach}; not following new cgroups: inotify unavailable")
+        }
     }
 }
 

@@ -22,8 +22,9 @@ pub struct Changes {
     pub removed: Vec<u64>,
     /// The watched root itself was removed.
     pub root_removed: bool,
-    /// Watching began again after inotify could not be had: anything may have changed
-    /// meanwhile, and `removed` does not say what went.
+    /// Watching began again after inotify could not be had, or reached cgroups that inotify
+    /// watches had run short for: anything may have changed meanwhile, and `removed` does not
+    /// say what went.
     pub resumed: bool,
 }
 
@@ -34,6 +35,18 @@ impl Changes {
     }
 }
 
+/// How much of a subtree is followed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Following {
+    /// Every cgroup is watched.
+    All,
+    /// Some cgroups could not be watched for a shortage (inotify watches, memory): cgroups
+    /// created below them go unseen until a try to watch them works.
+    Partly,
+    /// No inotify instance could be had.
+    Nothing,
+}
+
 /// Follows a cgroup subtree with a [`CgroupWatcher`], and goes on without one while inotify
 /// cannot be had ([`is_shortage`]): at start, when every inotify instance or watch the user may
 /// have is taken (root's 128 instances by default, shared by every root process and container
@@ -41,7 +54,9 @@ impl Changes {
 /// as they come and go does, so the agent enforces what it resolved and tries again, waiting
 /// longer after each failure; the first watch that works reports [`Changes::resumed`], for the
 /// agent to catch up. Each try also looks for the root, whose removal nothing else reports
-/// meanwhile.
+/// meanwhile. Cgroups below the root that a shortage left unwatched (at the watch limit,
+/// `fs.inotify.max_user_watches`) are tried again the same way, and the try that reaches any
+/// of them reports [`Changes::resumed`] too.
 pub struct Follower {
     cgroup2: Cgroup2,
     root: CgroupPath,
@@ -49,6 +64,8 @@ pub struct Follower {
     /// created again while nothing watched it.
     root_id: u64,
     watcher: Option<CgroupWatcher>,
+    /// Whether the watcher left cgroups unwatched and a try to watch them is scheduled.
+    partly: bool,
     /// Failed tries in a row, and when the next is due.
     failures: u32,
     retry_at: Instant,
@@ -59,6 +76,7 @@ impl std::fmt::Debug for Follower {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Follower")
             .field("watcher", &self.watcher)
+            .field("partly", &self.partly)
             .field("failures", &self.failures)
             .finish_non_exhaustive()
     }
@@ -79,12 +97,13 @@ impl Follower {
             root: root.clone(),
             root_id,
             watcher: None,
+            partly: false,
             failures: 0,
             retry_at: Instant::now(),
             wait,
         };
         match CgroupWatcher::new(cgroup2, root) {
-            Ok(watcher) => follower.watcher = Some(watcher),
+            Ok(watcher) => follower.adopt(watcher),
             Err(err) if !is_shortage(&err) => return Err(err),
             Err(err) => {
                 let wait = follower.failed();
@@ -100,9 +119,13 @@ impl Follower {
         Ok(follower)
     }
 
-    /// Whether cgroups are watched now.
-    pub fn watching(&self) -> bool {
-        self.watcher.is_some()
+    /// How much of the subtree is watched now.
+    pub fn following(&self) -> Following {
+        match &self.watcher {
+            None => Following::Nothing,
+            Some(watcher) if watcher.missed.is_some() => Following::Partly,
+            Some(_) => Following::All,
+        }
     }
 
     /// Number of directories watched.
@@ -123,50 +146,132 @@ impl Follower {
         wait
     }
 
+    /// Takes `watcher` on, and schedules a try for the cgroups it left unwatched.
+    fn adopt(&mut self, watcher: CgroupWatcher) {
+        self.watcher = Some(watcher);
+        self.failures = 0;
+        self.note_missed();
+    }
+
+    /// After a walk of the watcher: when it newly left cgroups unwatched, warns and schedules
+    /// the first try to watch them.
+    fn note_missed(&mut self) {
+        let Some((path, err)) = self.watcher.as_ref().and_then(|w| w.missed.as_ref()) else {
+            return;
+        };
+        if self.partly {
+            return;
+        }
+        let reason = format!(
+            "cannot watch cgroup {path} with inotify: {err}{}",
+            limit_hint(err)
+        );
+        self.partly = true;
+        self.failures = 0;
+        let wait = self.failed();
+        log::warn!(
+            "{reason}; cgroups created below it, or below any other cgroup left unwatched, are \
+             followed only once they can be watched (trying again in {}, then less often)",
+            humantime::format_duration(wait)
+        );
+    }
+
     /// Waits for the next batch of changes, or without a watcher, for the try that gets one.
     /// Cancel-safe: nothing awaited holds state of its own.
     pub async fn changes(&mut self) -> io::Result<Changes> {
         loop {
-            if let Some(watcher) = &mut self.watcher {
-                return watcher.changes().await;
-            }
-            tokio::time::sleep_until(self.retry_at.into()).await;
-            let tried = CgroupWatcher::new(&self.cgroup2, &self.root);
-            // Whatever the try gave: a watch of another cgroup by the root's name is no
-            // resumption, and a root that is gone is no reason to keep trying.
-            if self.cgroup2.id(&self.root).ok() != Some(self.root_id) {
-                return Ok(Changes {
-                    root_removed: true,
-                    ..Changes::default()
-                });
-            }
-            match tried {
-                Ok(watcher) => {
-                    log::info!(
-                        "watching cgroups below {} with inotify again, after {} failed tries; \
-                         catching up with the cgroups created and removed meanwhile",
-                        self.root,
-                        self.failures
-                    );
-                    self.watcher = Some(watcher);
-                    self.failures = 0;
-                    return Ok(Changes {
-                        created: true,
-                        resumed: true,
-                        ..Changes::default()
-                    });
+            let Some(watcher) = &mut self.watcher else {
+                if let Some(changes) = self.watch_again().await? {
+                    return Ok(changes);
                 }
-                Err(err) if !is_shortage(&err) => return Err(err),
-                Err(err) => {
-                    let wait = self.failed();
-                    log::debug!(
-                        "still cannot watch cgroups below {} with inotify: {err}; trying again in {}",
-                        self.root,
-                        humantime::format_duration(wait)
-                    );
-                }
+                continue;
+            };
+            if !self.partly {
+                let changes = watcher.changes().await;
+                self.note_missed();
+                return changes;
+            }
+            tokio::select! {
+                changes = watcher.changes() => return changes,
+                () = tokio::time::sleep_until(self.retry_at.into()) => {}
+            }
+            if let Some(changes) = self.watch_missed() {
+                return Ok(changes);
             }
         }
+    }
+
+    /// Waits for the next try to get a watcher and makes it; returns what changed when it
+    /// worked or the root is gone.
+    async fn watch_again(&mut self) -> io::Result<Option<Changes>> {
+        tokio::time::sleep_until(self.retry_at.into()).await;
+        let tried = CgroupWatcher::new(&self.cgroup2, &self.root);
+        // Whatever the try gave: a watch of another cgroup by the root's name is no
+        // resumption, and a root that is gone is no reason to keep trying.
+        if self.cgroup2.id(&self.root).ok() != Some(self.root_id) {
+            return Ok(Some(Changes {
+                root_removed: true,
+                ..Changes::default()
+            }));
+        }
+        match tried {
+            Ok(watcher) => {
+                log::info!(
+                    "watching cgroups below {} with inotify again, after {} failed tries; \
+                     catching up with the cgroups created and removed meanwhile",
+                    self.root,
+                    self.failures
+                );
+                self.adopt(watcher);
+                Ok(Some(Changes {
+                    created: true,
+                    resumed: true,
+                    ..Changes::default()
+                }))
+            }
+            Err(err) if !is_shortage(&err) => Err(err),
+            Err(err) => {
+                let wait = self.failed();
+                log::debug!(
+                    "still cannot watch cgroups below {} with inotify: {err}; trying again in {}",
+                    self.root,
+                    humantime::format_duration(wait)
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// Tries again to watch the cgroups a shortage left unwatched; returns what changed when it
+    /// watched any of them or none is left.
+    fn watch_missed(&mut self) -> Option<Changes> {
+        let watcher = self.watcher.as_mut()?;
+        let more = watcher.watch_missed();
+        match &watcher.missed {
+            Some((path, err)) => {
+                let message = format!("still cannot watch cgroup {path} with inotify: {err}");
+                let wait = self.failed();
+                log::debug!(
+                    "{message}; trying again in {}",
+                    humantime::format_duration(wait)
+                );
+            }
+            None => {
+                log::info!(
+                    "watching every cgroup below {} with inotify again, after {} failed tries; \
+                     catching up with the cgroups created and removed meanwhile",
+                    self.root,
+                    self.failures
+                );
+                self.partly = false;
+                self.failures = 0;
+            }
+        }
+        (more || !self.partly).then(|| Changes {
+            created: more,
+            resumed: true,
+            ..Changes::default()
+        })
     }
 }
 
@@ -205,7 +310,8 @@ pub struct CgroupWatcher {
     /// The watch on the root's parent, which alone reports the root's removal (the agent holds
     /// the root open, so the root's own watch hears nothing of it), and the root's name there.
     parent: Option<(WatchDescriptor, String)>,
-    warned_limit: bool,
+    /// The first cgroup the last walk could not watch for a shortage, and why.
+    missed: Option<(CgroupPath, io::Error)>,
 }
 
 impl std::fmt::Debug for CgroupWatcher {
@@ -237,7 +343,7 @@ impl CgroupWatcher {
             by_wd: HashMap::new(),
             by_path: HashMap::new(),
             parent: None,
-            warned_limit: false,
+            missed: None,
         };
         if let Some((parent, name)) = root.split_last() {
             let wd = watcher.inotify.get_mut().watches().add(
@@ -276,7 +382,8 @@ impl CgroupWatcher {
     /// directory is watched before it is listed, so a child created in between is either in
     /// the listing or reported by the watch. A cgroup that cannot be watched (at the watch
     /// limit, or one root may not read) is new all the same: its own policy must go in, only
-    /// what is created below it later goes unseen.
+    /// what is created below it later goes unseen; a shortage is noted in `missed`, for a
+    /// later try.
     fn add_tree(&mut self, top: &CgroupPath) -> bool {
         let mut created = false;
         let mut stack = vec![top.clone()];
@@ -296,17 +403,9 @@ impl CgroupWatcher {
                         self.by_path.insert(path.clone(), wd);
                         created = true;
                     }
-                    Err(err) if err.raw_os_error() == Some(libc::ENOSPC) => {
+                    Err(err) if is_shortage(&err) => {
                         created = true;
-                        if !self.warned_limit {
-                            log::warn!(
-                                "inotify watch limit reached at {} cgroups; new cgroups below \
-                                 {path} are not followed. Raise fs.inotify.max_user_watches and \
-                                 restart the agent",
-                                self.by_wd.len()
-                            );
-                            self.warned_limit = true;
-                        }
+                        self.missed.get_or_insert((path, err));
                         continue;
                     }
                     Err(err) => {
@@ -321,6 +420,17 @@ impl CgroupWatcher {
             }
         }
         created
+    }
+
+    /// Tries again to watch the cgroups that walks left unwatched for a shortage, and whatever
+    /// is below them now; returns whether it watched any. `missed` then says whether some are
+    /// still left.
+    fn watch_missed(&mut self) -> bool {
+        let watched = self.by_wd.len();
+        self.missed = None;
+        let root = self.root.clone();
+        self.add_tree(&root);
+        self.by_wd.len() > watched
     }
 
     /// After lost events: forgets cgroups that are gone, also those created again under the

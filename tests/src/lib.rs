@@ -1075,9 +1075,10 @@ pub fn drop_caps_except(keep: &[u32]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Returns the last OS error unless `ret` is 0 (for calls between fork and exec).
+/// Returns the last OS error when `ret`, a system call's result, is negative (for calls
+/// between fork and exec).
 fn os_check(ret: libc::c_long) -> std::io::Result<()> {
-    if ret == 0 {
+    if ret >= 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
@@ -1164,42 +1165,78 @@ pub fn become_user(uid: u32, keep_caps: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// How many inotify instances one user may have (`fs.inotify.max_user_instances`).
-fn max_inotify_instances() -> usize {
-    fs::read_to_string("/proc/sys/fs/inotify/max_user_instances")
-        .expect("fs.inotify.max_user_instances")
+/// Makes this process (a child between fork and exec) end with the test's thread, also when
+/// the test run is killed. Call it after `setuid`, which clears it.
+fn die_with_parent() -> std::io::Result<()> {
+    // SAFETY: prctl with PR_SET_PDEATHSIG takes a signal number and no pointers.
+    let ret = unsafe {
+        libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        )
+    };
+    os_check(ret.into())
+}
+
+/// A per-user inotify limit: `max_user_instances` or `max_user_watches`.
+fn inotify_limit(name: &str) -> usize {
+    fs::read_to_string(format!("/proc/sys/fs/inotify/{name}"))
+        .unwrap_or_else(|err| panic!("fs.inotify.{name}: {err}"))
         .trim()
         .parse()
         .expect("a number")
 }
 
-/// The inotify instances process `pid` holds.
-fn inotify_instances_of(pid: u32) -> usize {
+/// The descriptor numbers of the inotify instances process `pid` holds.
+fn inotify_fds_of(pid: u32) -> Vec<String> {
     fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("the process's descriptors")
         .filter_map(Result::ok)
         .filter(|fd| {
             fs::read_link(fd.path()).is_ok_and(|target| target.as_os_str() == "anon_inode:inotify")
         })
-        .count()
+        .map(|fd| fd.file_name().to_string_lossy().into_owned())
+        .collect()
 }
 
-/// A process of user `uid` holding every inotify instance the user may have, as the many
-/// root processes and containers of a busy host can: whatever else that user starts meanwhile
-/// cannot use inotify. Dropping it ends the process and gives them back.
+/// The inotify watches process `pid` holds, over all its instances.
+fn inotify_watches_of(pid: u32) -> usize {
+    inotify_fds_of(pid)
+        .iter()
+        .map(|fd| {
+            fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+                .expect("the instance's fdinfo")
+                .lines()
+                .filter(|line| line.starts_with("inotify wd:"))
+                .count()
+        })
+        .sum()
+}
+
+/// A process of user `uid` holding the inotify instances or watches the user may have, as the
+/// many root processes and containers of a busy host can: whatever else that user starts
+/// meanwhile cannot have them. Dropping it ends the process and gives them back (and removes
+/// the directories it watched).
 #[derive(Debug)]
-pub struct InotifyHolder(Child);
+pub struct InotifyHolder {
+    child: Child,
+    /// The directories it watches.
+    _watched: Option<TempDir>,
+}
 
 impl Drop for InotifyHolder {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
 /// Starts an [`InotifyHolder`] and checks it holds every instance.
 pub fn hold_inotify_instances(uid: u32) -> InotifyHolder {
-    let limit = max_inotify_instances();
+    let limit = inotify_limit("max_user_instances");
     let mut cmd = Command::new("sleep");
     cmd.arg("600");
     // The child starts with every descriptor this process has open (those closed on exec
@@ -1210,7 +1247,8 @@ pub fn hold_inotify_instances(uid: u32) -> InotifyHolder {
         .max()
         .unwrap_or(0);
     let files = (highest + limit + 64) as libc::rlim_t;
-    // SAFETY: setrlimit, the calls of become_user and inotify_init, none of which allocate.
+    // SAFETY: setrlimit, the calls of become_user, die_with_parent and inotify_init, none of
+    // which allocate.
     unsafe {
         cmd.pre_exec(move || {
             // Enough descriptors for every instance, so the user's limit is the one reached.
@@ -1220,30 +1258,71 @@ pub fn hold_inotify_instances(uid: u32) -> InotifyHolder {
             };
             os_check(libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit).into())?;
             become_user(uid, false)?;
-            // Gone with the test's thread, also when the test run is killed (set after
-            // setuid, which clears it).
-            os_check(
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                )
-                .into(),
-            )?;
+            die_with_parent()?;
             // Not close-on-exec: `sleep` holds them.
             while libc::inotify_init() >= 0 {}
             Ok(())
         });
     }
-    let holder = InotifyHolder(cmd.spawn().expect("spawn the inotify holder"));
-    let held = inotify_instances_of(holder.0.id());
+    let holder = InotifyHolder {
+        child: cmd.spawn().expect("spawn the inotify holder"),
+        _watched: None,
+    };
+    let held = inotify_fds_of(holder.child.id()).len();
     if held != limit {
         panic!(
             "the holder as user {uid} took {held} inotify instances, not the {limit} a user may have"
         );
     }
+    holder
+}
+
+/// Starts an [`InotifyHolder`] that holds all but `free` of the inotify watches user `uid` may
+/// have, in a few instances, and checks it does. The user must hold none before.
+pub fn hold_inotify_watches(uid: u32, free: usize) -> InotifyHolder {
+    let held = inotify_limit("max_user_watches")
+        .checked_sub(free)
+        .expect("fewer watches free than a user may have");
+    // An instance watches an inode once: with this many directories, a few instances hold
+    // them all.
+    let dirs = TempDir::new("watches");
+    let paths: Vec<CString> = (0..held.min(8192))
+        .map(|n| {
+            let path = dirs.path().join(n.to_string());
+            fs::create_dir(&path).expect("a directory to watch");
+            CString::new(path.into_os_string().into_encoded_bytes()).expect("no NUL")
+        })
+        .collect();
+    let mut cmd = Command::new("sleep");
+    cmd.arg("600");
+    // SAFETY: the calls of become_user, die_with_parent, inotify_init and inotify_add_watch,
+    // none of which allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            become_user(uid, false)?;
+            die_with_parent()?;
+            let mut left = held;
+            while left > 0 {
+                // Not close-on-exec: `sleep` holds them.
+                let fd = libc::inotify_init();
+                os_check(fd.into())?;
+                for path in paths.iter().take(left) {
+                    os_check(libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_ATTRIB).into())?;
+                }
+                left -= paths.len().min(left);
+            }
+            Ok(())
+        });
+    }
+    let holder = InotifyHolder {
+        child: cmd.spawn().expect("spawn the inotify holder"),
+        _watched: Some(dirs),
+    };
+    let holds = inotify_watches_of(holder.child.id());
+    assert_eq!(
+        holds, held,
+        "the holder as user {uid} holds {holds} inotify watches, not {held}"
+    );
     holder
 }
 
@@ -1371,6 +1450,16 @@ pub fn cgroup_row(status: &Value, cgroup: &TestCgroup) -> Value {
         .unwrap_or_else(|| panic!("no row for {} in {status}", cgroup.display()))
 }
 
+/// The names of the per-cgroup rows of `status --json` (`#ID (removed)` for removed cgroups).
+pub fn cgroup_names(status: &Value) -> Vec<String> {
+    status["cgroups"]
+        .as_array()
+        .expect("cgroups array")
+        .iter()
+        .map(|row| row["cgroup"].as_str().expect("a name").to_owned())
+        .collect()
+}
+
 /// A config file in a fresh temporary path, removed when dropped.
 #[derive(Debug)]
 pub struct TempConfig(PathBuf);
@@ -1414,6 +1503,7 @@ pub fn write_config(text: &str) -> TempConfig {
 
 /// A fresh directory below the temporary directory, removed with what it holds on drop (also
 /// when the test fails).
+#[derive(Debug)]
 pub struct TempDir(PathBuf);
 
 impl TempDir {
