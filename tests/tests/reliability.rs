@@ -2260,3 +2260,56 @@ fn cgroups_left_unwatched_at_the_inotify_watch_limit_are_followed_once_watches_f
         &a,
     );
 }
+
+#[test]
+fn an_agent_that_cannot_watch_its_attach_cgroup_at_the_watch_limit_enforces_and_watches_later() {
+    // The other shortage of a start without inotify: an instance, but no watch left for the
+    // attach cgroup itself (one is left for its parent's). The agent enforces and tries again.
+    const USER: u32 = 64_919;
+    let cg = TestCgroup::new("rootwatch");
+    let holder = hold_inotify_watches(USER, 1);
+    let dirs = AgentDirs::new();
+    let mut cmd = dirs.command(&[
+        "run",
+        "--cgroup",
+        cg.path().to_str().unwrap(),
+        "--idle",
+        "41",
+    ]);
+    // SAFETY: become_user makes system calls only.
+    unsafe {
+        cmd.pre_exec(|| become_user(USER, true));
+    }
+    let mut agent = Agent::start_command(&dirs, cmd);
+    let log = agent.log();
+    assert!(
+        log.contains(&format!(
+            "cannot watch cgroups below {} with inotify: No space left on device",
+            cg.display()
+        )) && log.contains("raise fs.inotify.max_user_watches"),
+        "{log}"
+    );
+    let degraded = format!(
+        "STATUS=enforcing on {}; not following new cgroups: inotify unavailable",
+        cg.display()
+    );
+    assert!(
+        agent.ready_lines().contains(&degraded),
+        "{:?}",
+        agent.ready_lines()
+    );
+    assert_eq!(idle_of(&cg), 41, "enforced without a watch");
+    drop(holder);
+    agent.wait_notify(
+        &format!("STATUS=enforcing on {}", cg.display()),
+        Duration::from_secs(45),
+    );
+    assert!(
+        agent.log().contains(&format!(
+            "watching cgroups below {} with inotify again",
+            cg.display()
+        )),
+        "{}",
+        agent.log()
+    );
+}
