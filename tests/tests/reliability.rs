@@ -2033,14 +2033,7 @@ fn an_agent_without_inotify_enforces_and_follows_new_cgroups_once_it_has_it() {
     // enforce; before, it exited 1 and the unit retried without enforcement. Here the agent
     // runs as another user with root's capabilities, whose instances another process holds.
     const USER: u32 = 64_917;
-    let as_user = |dirs: &AgentDirs, args: &[&str]| {
-        let mut cmd = dirs.command(args);
-        // SAFETY: become_user makes system calls only.
-        unsafe {
-            cmd.pre_exec(|| become_user(USER, true));
-        }
-        cmd
-    };
+    let as_user = |dirs: &AgentDirs, args: &[&str]| as_user(USER, dirs, args);
     let cg = TestCgroup::new("noinotify");
     let config = write_config(&format!(
         "[default]\nidle = 41\n[[policy]]\ncgroup = \"{0}/later\"\nidle = 35\n\
@@ -2142,6 +2135,17 @@ fn an_agent_without_inotify_enforces_and_follows_new_cgroups_once_it_has_it() {
     );
 }
 
+/// The agent command `args` as user `uid` with root's capabilities: a process whose per-user
+/// limits (inotify instances and watches) are `uid`'s.
+fn as_user(uid: u32, dirs: &AgentDirs, args: &[&str]) -> std::process::Command {
+    let mut cmd = dirs.command(args);
+    // SAFETY: become_user makes system calls only.
+    unsafe {
+        cmd.pre_exec(move || become_user(uid, true));
+    }
+    cmd
+}
+
 /// For the agents that inotify ran short for: while `holder` holds, the per-cgroup counters
 /// of a cgroup removed unseen stay (`removed_row`); once it is dropped, the unit's status is
 /// back to enforcing on `cg` and the log says `resumed` (followed by " `cg` with inotify
@@ -2207,17 +2211,17 @@ fn cgroups_left_unwatched_at_the_inotify_watch_limit_are_followed_once_watches_f
     ));
     let holder = hold_inotify_watches(USER, 2);
     let dirs = AgentDirs::new();
-    let mut cmd = dirs.command(&[
-        "run",
-        "--cgroup",
-        cg.path().to_str().unwrap(),
-        "--config",
-        config.to_str().unwrap(),
-    ]);
-    // SAFETY: become_user makes system calls only.
-    unsafe {
-        cmd.pre_exec(|| become_user(USER, true));
-    }
+    let cmd = as_user(
+        USER,
+        &dirs,
+        &[
+            "run",
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
     let mut agent = Agent::start_command(&dirs, cmd);
     let log = agent.log();
     assert!(
@@ -2269,17 +2273,17 @@ fn an_agent_that_cannot_watch_its_attach_cgroup_at_the_watch_limit_enforces_and_
     let cg = TestCgroup::new("rootwatch");
     let holder = hold_inotify_watches(USER, 1);
     let dirs = AgentDirs::new();
-    let mut cmd = dirs.command(&[
-        "run",
-        "--cgroup",
-        cg.path().to_str().unwrap(),
-        "--idle",
-        "41",
-    ]);
-    // SAFETY: become_user makes system calls only.
-    unsafe {
-        cmd.pre_exec(|| become_user(USER, true));
-    }
+    let cmd = as_user(
+        USER,
+        &dirs,
+        &[
+            "run",
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+            "--idle",
+            "41",
+        ],
+    );
     let mut agent = Agent::start_command(&dirs, cmd);
     let log = agent.log();
     assert!(
