@@ -1163,7 +1163,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                         &enforcing_status(&attach, following),
                     )]);
                 }
-                if changes.resumed {
+                if changes.unseen {
                     // Cgroups removed while nothing watched them were not reported.
                     if let Err(err) = daemon.enforcer.forget_removed_cgroups(&cgroup2, &attach) {
                         log::warn!("failed to drop the counters of removed cgroups: {err:#}");

@@ -22,16 +22,25 @@ pub struct Changes {
     pub removed: Vec<u64>,
     /// The watched root itself was removed.
     pub root_removed: bool,
-    /// Watching began again after inotify could not be had, or reached cgroups that inotify
-    /// watches had run short for: anything may have changed meanwhile, and `removed` does not
-    /// say what went.
-    pub resumed: bool,
+    /// Changes may have gone unseen: inotify ran short, and a try to watch what it could not
+    /// was made (whether or not it worked). Anything may have changed since, and `removed`
+    /// does not say what went.
+    pub unseen: bool,
 }
 
 impl Changes {
     /// Whether anything changed.
     pub fn is_empty(&self) -> bool {
-        !self.created && self.removed.is_empty() && !self.root_removed && !self.resumed
+        !self.created && self.removed.is_empty() && !self.root_removed && !self.unseen
+    }
+
+    /// What a try to watch, after inotify ran short, reports: anything may have changed.
+    fn unseen() -> Self {
+        Self {
+            created: true,
+            unseen: true,
+            ..Self::default()
+        }
     }
 }
 
@@ -41,9 +50,9 @@ pub enum Following {
     /// Every cgroup is watched.
     All,
     /// Some cgroups could not be watched for a shortage (inotify watches, memory): cgroups
-    /// created below them go unseen until a try to watch them works.
+    /// created below them are seen only at the next try to watch them.
     Partly,
-    /// No inotify instance could be had.
+    /// Not even the root could be watched (no inotify instance, or no watch for the root).
     Nothing,
 }
 
@@ -52,11 +61,11 @@ pub enum Following {
 /// have is taken (root's 128 instances by default, shared by every root process and container
 /// on the host) or memory is short. Enforcement does not need inotify, only following cgroups
 /// as they come and go does, so the agent enforces what it resolved and tries again, waiting
-/// longer after each failure; the first watch that works reports [`Changes::resumed`], for the
-/// agent to catch up. Each try also looks for the root, whose removal nothing else reports
-/// meanwhile. Cgroups below the root that a shortage left unwatched (at the watch limit,
-/// `fs.inotify.max_user_watches`) are tried again the same way, and the try that reaches any
-/// of them reports [`Changes::resumed`] too.
+/// longer after each failure. Each try reports [`Changes::unseen`], for the agent to catch up
+/// with what it could not see, so a cgroup created meanwhile gets its policy at the next try.
+/// Each try also looks for the root, whose removal nothing
+/// else reports meanwhile. Cgroups below the root that a shortage left unwatched (at the watch
+/// limit, `fs.inotify.max_user_watches`) are tried again the same way.
 pub struct Follower {
     cgroup2: Cgroup2,
     root: CgroupPath,
@@ -170,96 +179,92 @@ impl Follower {
         self.failures = 0;
         let wait = self.failed();
         log::warn!(
-            "{reason}; cgroups created below it, or below any other cgroup left unwatched, are \
-             followed only once they can be watched (trying again in {}, then less often)",
-            humantime::format_duration(wait)
+            "{reason}; cgroups created or removed below it, or below any other cgroup left \
+             unwatched, are seen only at each try to watch them (the next in {}, then less \
+             often, up to every {})",
+            humantime::format_duration(wait),
+            humantime::format_duration((self.wait)(u32::MAX))
         );
     }
 
-    /// Waits for the next batch of changes, or without a watcher, for the try that gets one.
-    /// Cancel-safe: nothing awaited holds state of its own.
+    /// Waits for the next batch of changes; while inotify runs short, for the next try to
+    /// watch what it could not, which reports [`Changes::unseen`] whatever it got. Cancel-safe:
+    /// nothing awaited holds state of its own.
     pub async fn changes(&mut self) -> io::Result<Changes> {
-        loop {
-            let Some(watcher) = &mut self.watcher else {
-                if let Some(changes) = self.watch_again().await? {
-                    return Ok(changes);
-                }
-                continue;
-            };
-            if !self.partly {
-                let changes = watcher.changes().await;
-                self.note_missed();
-                return changes;
-            }
-            tokio::select! {
-                changes = watcher.changes() => return changes,
-                () = tokio::time::sleep_until(self.retry_at.into()) => {}
-            }
-            if let Some(changes) = self.watch_missed() {
-                return Ok(changes);
-            }
+        let Some(watcher) = &mut self.watcher else {
+            return self.watch_again().await;
+        };
+        if !self.partly {
+            let changes = watcher.changes().await;
+            self.note_missed();
+            return changes;
         }
+        tokio::select! {
+            changes = watcher.changes() => return changes,
+            () = tokio::time::sleep_until(self.retry_at.into()) => {}
+        }
+        Ok(self.watch_missed())
     }
 
-    /// Waits for the next try to get a watcher and makes it; returns what changed when it
-    /// worked or the root is gone.
-    async fn watch_again(&mut self) -> io::Result<Option<Changes>> {
+    /// Waits for the next try to get a watcher, and makes it.
+    async fn watch_again(&mut self) -> io::Result<Changes> {
         tokio::time::sleep_until(self.retry_at.into()).await;
         let tried = CgroupWatcher::new(&self.cgroup2, &self.root);
         // Whatever the try gave: a watch of another cgroup by the root's name is no
         // resumption, and a root that is gone is no reason to keep trying.
         if self.cgroup2.id(&self.root).ok() != Some(self.root_id) {
-            return Ok(Some(Changes {
+            return Ok(Changes {
                 root_removed: true,
                 ..Changes::default()
-            }));
+            });
         }
         match tried {
             Ok(watcher) => {
                 log::info!(
-                    "watching cgroups below {} with inotify again, after {} failed tries; \
-                     catching up with the cgroups created and removed meanwhile",
+                    "watching cgroups below {} with inotify again, after {} failed tries",
                     self.root,
                     self.failures
                 );
                 self.adopt(watcher);
-                Ok(Some(Changes {
-                    created: true,
-                    resumed: true,
-                    ..Changes::default()
-                }))
             }
-            Err(err) if !is_shortage(&err) => Err(err),
+            Err(err) if !is_shortage(&err) => return Err(err),
             Err(err) => {
                 let wait = self.failed();
                 log::debug!(
-                    "still cannot watch cgroups below {} with inotify: {err}; trying again in {}",
+                    "still cannot watch cgroups below {} with inotify: {err}; catching up with \
+                     the cgroups created and removed meanwhile, and trying again in {}",
                     self.root,
                     humantime::format_duration(wait)
                 );
-                Ok(None)
             }
         }
+        Ok(Changes::unseen())
     }
 
-    /// Tries again to watch the cgroups a shortage left unwatched; returns what changed when it
-    /// watched any of them or none is left.
-    fn watch_missed(&mut self) -> Option<Changes> {
-        let watcher = self.watcher.as_mut()?;
+    /// Tries again to watch the cgroups a shortage left unwatched.
+    fn watch_missed(&mut self) -> Changes {
+        let Some(watcher) = self.watcher.as_mut() else {
+            return Changes::unseen();
+        };
         let more = watcher.watch_missed();
         match &watcher.missed {
             Some((path, err)) => {
                 let message = format!("still cannot watch cgroup {path} with inotify: {err}");
+                // Watches come free one by one, as other processes let them go: after one
+                // that got some, the next try comes soon.
+                if more {
+                    self.failures = 0;
+                }
                 let wait = self.failed();
                 log::debug!(
-                    "{message}; trying again in {}",
+                    "{message}; catching up with the cgroups created and removed meanwhile, and \
+                     trying again in {}",
                     humantime::format_duration(wait)
                 );
             }
             None => {
                 log::info!(
-                    "watching every cgroup below {} with inotify again, after {} failed tries; \
-                     catching up with the cgroups created and removed meanwhile",
+                    "watching every cgroup below {} with inotify again, after {} failed tries",
                     self.root,
                     self.failures
                 );
@@ -267,11 +272,7 @@ impl Follower {
                 self.failures = 0;
             }
         }
-        (more || !self.partly).then(|| Changes {
-            created: more,
-            resumed: true,
-            ..Changes::default()
-        })
+        Changes::unseen()
     }
 }
 
@@ -310,7 +311,8 @@ pub struct CgroupWatcher {
     /// The watch on the root's parent, which alone reports the root's removal (the agent holds
     /// the root open, so the root's own watch hears nothing of it), and the root's name there.
     parent: Option<(WatchDescriptor, String)>,
-    /// The first cgroup the last walk could not watch for a shortage, and why.
+    /// The first cgroup a walk could not watch for a shortage, and why, since the last try
+    /// to watch them all (`watch_missed`).
     missed: Option<(CgroupPath, io::Error)>,
 }
 

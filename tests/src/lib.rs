@@ -10,7 +10,11 @@ use std::{
     io::{BufRead as _, BufReader, Write as _},
     os::{
         fd::{AsRawFd as _, IntoRawFd as _},
-        unix::{fs::MetadataExt as _, net::UnixDatagram, process::CommandExt as _},
+        unix::{
+            fs::{MetadataExt as _, PermissionsExt as _},
+            net::UnixDatagram,
+            process::CommandExt as _,
+        },
     },
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, ExitStatus, Output, Stdio},
@@ -1282,14 +1286,20 @@ pub fn hold_inotify_instances(uid: u32) -> InotifyHolder {
 pub fn hold_inotify_watches(uid: u32, free: usize) -> InotifyHolder {
     let held = inotify_limit("max_user_watches")
         .checked_sub(free)
-        .expect("fewer watches free than a user may have");
-    // An instance watches an inode once: with this many directories, a few instances hold
-    // them all.
+        .expect("more watches to leave free than a user may have");
+    // An instance watches an inode once: with this many directories, a quarter of the
+    // instances the user may have hold them all, and the rest stay for the agent.
+    let instances = (inotify_limit("max_user_instances") / 4).max(1);
     let dirs = TempDir::new("watches");
-    let paths: Vec<CString> = (0..held.min(8192))
+    fs::set_permissions(dirs.path(), fs::Permissions::from_mode(0o755))
+        .expect("chmod the directory");
+    let paths: Vec<CString> = (0..held.div_ceil(instances))
         .map(|n| {
             let path = dirs.path().join(n.to_string());
             fs::create_dir(&path).expect("a directory to watch");
+            // Readable by the user whatever the umask: inotify needs read permission.
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o755))
+                .expect("chmod the directory");
             CString::new(path.into_os_string().into_encoded_bytes()).expect("no NUL")
         })
         .collect();

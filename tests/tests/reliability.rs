@@ -2030,8 +2030,9 @@ fn a_pass_does_not_count_connections_established_while_it_runs_as_updated() {
 fn an_agent_without_inotify_enforces_and_follows_new_cgroups_once_it_has_it() {
     // On a busy host every inotify instance root may have (128 by default, shared by all its
     // processes and containers) can be taken. The agent then cannot follow cgroups, but it can
-    // enforce; before, it exited 1 and the unit retried without enforcement. Here the agent
-    // runs as another user with root's capabilities, whose instances another process holds.
+    // enforce; before, it exited 1 and the unit retried without enforcement. It catches up with
+    // the cgroups created and removed meanwhile at each try to watch. Here the agent runs as
+    // another user with root's capabilities, whose instances another process holds.
     const USER: u32 = 64_917;
     let as_user = |dirs: &AgentDirs, args: &[&str]| as_user(USER, dirs, args);
     let cg = TestCgroup::new("noinotify");
@@ -2113,24 +2114,11 @@ fn an_agent_without_inotify_enforces_and_follows_new_cgroups_once_it_has_it() {
         agent.ready_lines()
     );
     assert_eq!(idle_of(&cg), 41, "enforced without inotify");
-    // Created while nothing watches: its sockets get its parent's policy for now.
-    let later = cg.child("later");
-    assert_eq!(idle_of(&later), 41);
-    // Removed while nothing watches: its counters stay for now.
-    let removed = cg.child("removed");
-    assert_eq!(idle_of(&removed), 41);
-    let removed_row = format!(
-        "#{} (removed)",
-        std::fs::metadata(removed.path()).unwrap().ino()
-    );
-    drop(removed);
-    catches_up_once_released(
+    catches_up_while_short_and_follows_once_released(
         &mut agent,
         holder,
         &cg,
         "watching cgroups below",
-        &later,
-        &removed_row,
         &cg,
     );
 }
@@ -2146,47 +2134,47 @@ fn as_user(uid: u32, dirs: &AgentDirs, args: &[&str]) -> std::process::Command {
     cmd
 }
 
-/// For the agents that inotify ran short for: while `holder` holds, the per-cgroup counters
-/// of a cgroup removed unseen stay (`removed_row`); once it is dropped, the unit's status is
-/// back to enforcing on `cg` and the log says `resumed` (followed by " `cg` with inotify
-/// again"), the cgroup `later` created unseen gets its own policy (idle 35), the removed
-/// cgroup's row is dropped, and a cgroup `next` created below `parent` from then on gets its
-/// own (idle 29) as it appears.
-fn catches_up_once_released(
+/// For the agents that inotify ran short for, while `holder` holds: a cgroup created below
+/// `parent` unseen gets its own policy (idle 35) at a try to watch, and the per-cgroup counters
+/// of one removed unseen are dropped. Once the holder is dropped, the unit's status is back to
+/// enforcing on `cg`, the log says `resumed` (followed by " `cg` with inotify again"), and a
+/// cgroup created below `parent` from then on gets its own policy (idle 29) as it appears.
+fn catches_up_while_short_and_follows_once_released(
     agent: &mut Agent,
     holder: InotifyHolder,
     cg: &TestCgroup,
     resumed: &str,
-    later: &TestCgroup,
-    removed_row: &str,
     parent: &TestCgroup,
 ) {
     let rows = |agent: &Agent| cgroup_names(&agent.status());
-    assert!(
-        rows(agent).contains(&removed_row.to_owned()),
-        "{:?}",
-        rows(agent)
+    let later = parent.child("later");
+    let gone = parent.child("gone");
+    assert_eq!(idle_of(&gone), 41);
+    let gone_name = gone.display();
+    assert!(rows(agent).contains(&gone_name), "{:?}", rows(agent));
+    let gone_row = format!(
+        "#{} (removed)",
+        std::fs::metadata(gone.path()).unwrap().ino()
     );
+    drop(gone);
+    eventually(
+        Duration::from_secs(45),
+        "the new cgroup's own policy and the removed one's counters dropped, while short",
+        || {
+            let rows = rows(agent);
+            (idle_of(&later) == 35 && !rows.contains(&gone_row) && !rows.contains(&gone_name))
+                .then_some(())
+        },
+    );
+    let again = format!("{resumed} {} with inotify again", cg.display());
+    assert!(!agent.log().contains(&again), "{}", agent.log());
+
     drop(holder);
     agent.wait_notify(
         &format!("STATUS=enforcing on {}", cg.display()),
         Duration::from_secs(45),
     );
-    assert!(
-        agent
-            .log()
-            .contains(&format!("{resumed} {} with inotify again", cg.display())),
-        "{}",
-        agent.log()
-    );
-    eventually(Duration::from_secs(5), "later's own policy", || {
-        (idle_of(later) == 35).then_some(())
-    });
-    assert!(
-        !rows(agent).contains(&removed_row.to_owned()),
-        "the removed cgroup's counters are dropped: {:?}",
-        rows(agent)
-    );
+    assert!(agent.log().contains(&again), "{}", agent.log());
     // Followed again: a cgroup created from now on gets its policy as it appears.
     let next = parent.child("next");
     eventually(Duration::from_secs(5), "next's own policy", || {
@@ -2195,10 +2183,12 @@ fn catches_up_once_released(
 }
 
 #[test]
-fn cgroups_left_unwatched_at_the_inotify_watch_limit_are_followed_once_watches_free_up() {
+fn cgroups_left_unwatched_at_the_inotify_watch_limit_are_caught_up_with_and_watched_once_watches_free_up()
+ {
     // At fs.inotify.max_user_watches, some cgroups cannot be watched, and cgroups created below
     // them go unseen. Before, that lasted until the agent was restarted; now the agent tries
-    // again, less often each time, and catches up when a try works. Here the agent runs as
+    // again, less often each time up to every 30 s, and catches up with what it could not see
+    // at each try; once a try works it follows them as they change. Here the agent runs as
     // another user with root's capabilities, whose watches another process holds but for the
     // two the agent needs for the attach cgroup and its parent.
     const USER: u32 = 64_918;
@@ -2241,26 +2231,11 @@ fn cgroups_left_unwatched_at_the_inotify_watch_limit_are_followed_once_watches_f
         agent.ready_lines()
     );
     assert_eq!(idle_of(&a), 41, "enforced below the unwatched cgroup");
-    // Created below the unwatched cgroup, while the agent tries and fails to watch it: its
-    // sockets get its parent's policy.
-    let later = a.child("later");
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(idle_of(&later), 41, "not seen yet");
-    // Removed unseen: its counters stay for now.
-    let gone = a.child("gone");
-    assert_eq!(idle_of(&gone), 41);
-    let gone_row = format!(
-        "#{} (removed)",
-        std::fs::metadata(gone.path()).unwrap().ino()
-    );
-    drop(gone);
-    catches_up_once_released(
+    catches_up_while_short_and_follows_once_released(
         &mut agent,
         holder,
         &cg,
         "watching every cgroup below",
-        &later,
-        &gone_row,
         &a,
     );
 }
