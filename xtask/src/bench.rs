@@ -504,8 +504,12 @@ pub fn run(root: &Path, quick: bool, baseline: Option<&Path>) -> anyhow::Result<
     for row in &rows {
         let _ = writeln!(md, "| {} | {} | {} |", row.what, row.result, row.goal);
     }
+    // Printed first: a table that cannot be written is not lost with it.
+    println!("{md}");
     let out = root.join("target/bench/results.md");
-    fs::write(&out, &md)?;
-    println!("{md}\nwritten to {}", out.display());
+    fs::create_dir_all(root.join("target/bench"))
+        .and_then(|()| fs::write(&out, &md))
+        .with_context(|| format!("failed to write {}", out.display()))?;
+    println!("written to {}", out.display());
     Ok(())
 }
