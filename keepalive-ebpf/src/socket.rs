@@ -151,13 +151,13 @@ pub(crate) fn enforce_socket(
     // a release never switches it off. On an accepted socket it may be the program's,
     // inherited from the listener, whose storage is not reachable from here.
     let mut app_keepalive = !enforced_before && kernel::keepalive_on(sock.tp);
-    // Under `fill`, a connection just accepted with other values than the policy's has the
-    // application's keepalive, unless they are the ones the program last set on its listener:
-    // a policy change had not reached the listener yet (or cannot: in a network namespace the
-    // agent may not enter). Those are the program's, and the policy replaces them.
-    // A user timeout is part of what it passed on.
+    // A connection just accepted with other values than the policy's got them from its
+    // listener. They are the program's when they are the ones it last set on that listener: a
+    // policy change had not reached the listener yet (or cannot: in a network namespace the
+    // agent may not enter). Then the policy replaces them, also under `fill`, which otherwise
+    // keeps them as the application's, and so does a user timeout they came with, which the
+    // policy may no longer have.
     let from_listener = if app_keepalive
-        && policy.mode == mode::FILL
         && origin
             == (Origin::Established {
                 direction: sock_flags::INBOUND,

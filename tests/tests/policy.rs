@@ -1631,6 +1631,36 @@ fn the_agent_holds_the_policy_table_it_replaced_until_the_next_swap() {
     assert_eq!(idle_of(&cg), 23);
 }
 
+/// A `ka-sock` listener on loopback in cgroup `cg` and network namespace `ns`.
+struct Listener {
+    server: Proc,
+    addr: String,
+}
+
+impl Listener {
+    /// Starts one, with `extra` arguments to `ka-sock listen`.
+    fn new(cg: &TestCgroup, ns: &Netns, extra: &[&str]) -> Self {
+        let args = [&["listen", "127.0.0.1:0", "2"], extra].concat();
+        let mut server = Proc::spawn(&sock_bin(), &args, Some(cg.path()), Some(ns));
+        let port = server.read()["port"].as_u64().unwrap();
+        Self {
+            server,
+            addr: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    /// Connects to it from `cg` and `ns`; returns what it reports of the accepted connection.
+    fn accept(&mut self, cg: &TestCgroup, ns: &Netns) -> serde_json::Value {
+        let _client = Proc::spawn(
+            &sock_bin(),
+            &["connect", &self.addr],
+            Some(cg.path()),
+            Some(ns),
+        );
+        self.server.read()["accepted"].clone()
+    }
+}
+
 #[test]
 fn fill_replaces_the_values_an_accepted_connection_inherited_from_a_listener_the_pass_missed() {
     // Under `fill`, a listener the program configured passes its values on to the connections
@@ -1643,16 +1673,8 @@ fn fill_replaces_the_values_an_accepted_connection_inherited_from_a_listener_the
     // CAP_NET_ADMIN, CAP_PERFMON and CAP_BPF: no CAP_SYS_ADMIN to enter namespaces with.
     let agent = start_with_caps(&cg, &config, &[], &[12, 38, 39]);
     let ns = Netns::new("fillwindow");
-    let listen = |extra: &[&str]| {
-        let args = [&["listen", "127.0.0.1:0", "2"], extra].concat();
-        let mut server = Proc::spawn(&sock_bin(), &args, Some(cg.path()), Some(&ns));
-        let port = server.read()["port"].as_u64().unwrap();
-        (server, format!("127.0.0.1:{port}"))
-    };
-    let accept = |(server, addr): &mut (Proc, String)| {
-        let _client = Proc::spawn(&sock_bin(), &["connect", addr], Some(cg.path()), Some(&ns));
-        values(&server.read()["accepted"])
-    };
+    let listen = |extra: &[&str]| Listener::new(&cg, &ns, extra);
+    let accept = |listener: &mut Listener| values(&listener.accept(&cg, &ns));
     let set_fill = |extra: &[&str]| {
         let cgroup = cg.path().to_str().unwrap();
         let args = [
@@ -1683,13 +1705,49 @@ fn fill_replaces_the_values_an_accepted_connection_inherited_from_a_listener_the
     assert_eq!(accept(&mut server), (1, 35, 10, 5));
     assert_eq!(accept(&mut after).1, 77);
     set_fill(&["--user-timeout", "7s"]);
-    let (server_proc, addr) = &mut server;
-    let _client = Proc::spawn(&sock_bin(), &["connect", addr], Some(cg.path()), Some(&ns));
-    let accepted = &server_proc.read()["accepted"];
+    let accepted = &server.accept(&cg, &ns);
     assert_eq!(values(accepted), (1, 35, 10, 5), "{accepted}");
     assert_eq!(
         accepted["user_timeout"], 7000,
         "the new user timeout: {accepted}"
     );
     assert_eq!(accept(&mut after).1, 77, "the application's own stays");
+}
+
+#[test]
+fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listener_the_pass_missed()
+{
+    // A listener the pass cannot reach (in a network namespace the agent may not enter) still
+    // passes on the user timeout of the policy before a change. The connections it accepts
+    // get the new policy's values, and the user timeout the program set there goes with the
+    // old policy, as on every other socket. Before, it stayed.
+    let cg = TestCgroup::new("enforcewindow");
+    let config = write_config("[default]\nidle = 41\nuser_timeout = \"7s\"\n");
+    // CAP_NET_ADMIN, CAP_PERFMON and CAP_BPF: no CAP_SYS_ADMIN to enter namespaces with.
+    let agent = start_with_caps(&cg, &config, &[], &[12, 38, 39]);
+    let ns = Netns::new("enforcewindow");
+    let mut server = Listener::new(&cg, &ns, &[]);
+    let mut own = Listener::new(&cg, &ns, &["--user-timeout-after", "9000"]);
+    let accepted = server.accept(&cg, &ns);
+    assert_eq!(values(&accepted), (1, 41, 10, 5), "{accepted}");
+    assert_eq!(accepted["user_timeout"], 7000, "{accepted}");
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.path().to_str().unwrap(),
+        "--idle",
+        "35",
+        "--user-timeout",
+        "0",
+    ]);
+    let accepted = server.accept(&cg, &ns);
+    assert_eq!(values(&accepted), (1, 35, 10, 5), "{accepted}");
+    assert_eq!(
+        accepted["user_timeout"], 0,
+        "the old policy's user timeout is gone: {accepted}"
+    );
+    // A user timeout the application set on its listener is its own, and stays.
+    let accepted = own.accept(&cg, &ns);
+    assert_eq!(values(&accepted), (1, 35, 10, 5), "{accepted}");
+    assert_eq!(accepted["user_timeout"], 9000, "{accepted}");
 }
