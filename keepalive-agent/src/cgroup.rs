@@ -233,11 +233,37 @@ impl Cgroup2 {
     }
 
     /// The ids of every cgroup at or below `root`; an error when a listing failed, a refused
-    /// permission included, instead of a set without the cgroups below it.
+    /// permission included, instead of a set without the cgroups below it. Walked by
+    /// directory rather than by [`CgroupPath`]: a name that is not UTF-8, which a
+    /// `CgroupPath` cannot hold, is a cgroup all the same, and what is kept for the cgroups
+    /// here (their counters) must not be dropped as a removed cgroup's.
     pub fn ids(&self, root: &CgroupPath) -> io::Result<HashSet<u64>> {
-        self.try_walk(root)
-            .map(|item| item.map(|(_, id)| id))
-            .collect()
+        let mut ids = HashSet::new();
+        let mut stack = vec![self.abs(root)];
+        while let Some(dir) = stack.pop() {
+            // Removed meanwhile.
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue;
+            };
+            ids.insert(meta.ino());
+            let entries = match fs::read_dir(&dir) {
+                Ok(entries) => entries,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) => {
+                    return Err(io::Error::new(
+                        err.kind(),
+                        format!("failed to list the cgroups in {}: {err}", dir.display()),
+                    ));
+                }
+            };
+            stack.extend(
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+        Ok(ids)
     }
 
     /// [`Cgroup2::ids`], without the cgroups below directories root may not read: the agent
@@ -327,6 +353,8 @@ impl fmt::Display for CgroupPath {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::ffi::OsStrExt as _;
+
     use super::*;
 
     #[test]
@@ -343,9 +371,16 @@ mod tests {
         fs::create_dir_all(dir.join("a/b")).unwrap();
         fs::create_dir_all(dir.join("c")).unwrap();
         fs::write(dir.join("a/cgroup.procs"), "").unwrap();
+        // A name that is not UTF-8, with a cgroup below it: both are there.
+        let odd = dir.join(std::ffi::OsStr::from_bytes(b"d\xff"));
+        fs::create_dir_all(odd.join("e")).unwrap();
         let cg = Cgroup2::at(&dir);
-        let ino = |p: &str| fs::metadata(dir.join(p)).unwrap().ino();
-        let expected = HashSet::from([ino(""), ino("a"), ino("a/b"), ino("c")]);
+        let ino = |p: &std::path::Path| fs::metadata(dir.join(p)).unwrap().ino();
+        let expected: HashSet<u64> = ["", "a", "a/b", "c"]
+            .map(|p| ino(p.as_ref()))
+            .into_iter()
+            .chain([ino(&odd), ino(&odd.join("e"))])
+            .collect();
         let ids = cg.ids(&CgroupPath::root());
         let listed = cg.ids(&CgroupPath("a/cgroup.procs".into()));
         let absent = cg.ids(&CgroupPath("gone".into()));
