@@ -175,15 +175,15 @@ fn namespaces_privileges_item(caps: Caps) -> Option<Item> {
 }
 
 /// A warning when this process cannot have an inotify instance now, as `run` could not:
-/// it would enforce, and follow cgroups as they come and go only once it can.
+/// it would enforce, but see cgroups come and go only at each try to watch until it can.
 fn inotify_item() -> Option<Item> {
     let err = inotify::Inotify::init().err()?;
     Some(item(
         "inotify",
         Outcome::Warn,
         format!(
-            "cannot create an inotify instance: {err}{}; `run` would enforce, but follow \
-             cgroups created and removed only once it can",
+            "cannot create an inotify instance: {err}{}; `run` would enforce, but see cgroups \
+             created and removed only at each try to watch them (up to every 30s) until it can",
             watch::limit_hint(&err)
         ),
         Some(

@@ -1111,6 +1111,8 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600 * 24 * 365)));
     // What the unit's status says of following cgroups, updated as it changes.
     let mut following = watcher.following();
+    // The last failure to drop removed cgroups' counters, warned about once.
+    let mut forget_failed: Option<String> = None;
     let _ = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&enforcing_status(&attach, following)),
@@ -1164,9 +1166,20 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                     )]);
                 }
                 if changes.unseen {
-                    // Cgroups removed while nothing watched them were not reported.
-                    if let Err(err) = daemon.enforcer.forget_removed_cgroups(&cgroup2, &attach) {
-                        log::warn!("failed to drop the counters of removed cgroups: {err:#}");
+                    // Cgroups removed while nothing watched them were not reported. While
+                    // inotify is short this comes at every try: the same failure (a cgroup
+                    // root may not list) is worth one warning.
+                    match daemon.enforcer.forget_removed_cgroups(&cgroup2, &attach) {
+                        Ok(_) => forget_failed = None,
+                        Err(err) => {
+                            let text = format!("{err:#}");
+                            if forget_failed.as_ref() == Some(&text) {
+                                log::debug!("still failing to drop the counters of removed cgroups: {text}");
+                            } else {
+                                log::warn!("failed to drop the counters of removed cgroups: {text}");
+                            }
+                            forget_failed = Some(text);
+                        }
                     }
                 }
                 if let Err(err) = daemon.follow_cgroups() {
@@ -1195,11 +1208,11 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
 fn enforcing_status(attach: &CgroupPath, following: Following) -> String {
     match following {
         Following::All => format!("enforcing on {attach}"),
-        Following::Partly => format!(
-            "enforcing on {attach}; following new cgroups only in part: inotify watches ran short"
-        ),
+        Following::Partly => {
+            format!("enforcing on {attach}; some new cgroups seen late: inotify watches ran short")
+        }
         Following::Nothing => {
-            format!("enforcing on {attach}; not following new cgroups: inotify unavailable")
+            format!("enforcing on {attach}; new cgroups seen late: inotify unavailable")
         }
     }
 }

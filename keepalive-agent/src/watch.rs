@@ -119,9 +119,11 @@ impl Follower {
                 log::warn!(
                     "cannot watch cgroups below {root} with inotify: {err}{}; enforcing the \
                      policy as resolved now, but cgroups created or removed from here on are \
-                     followed only once it can (trying again in {}, then less often)",
+                     seen only at each try to watch them (the next in {}, then less often, up \
+                     to every {})",
                     limit_hint(&err),
-                    humantime::format_duration(wait)
+                    humantime::format_duration(wait),
+                    humantime::format_duration((follower.wait)(u32::MAX))
                 );
             }
         }
@@ -246,15 +248,13 @@ impl Follower {
         let Some(watcher) = self.watcher.as_mut() else {
             return Changes::unseen();
         };
-        let more = watcher.watch_missed();
+        watcher.watch_missed();
         match &watcher.missed {
             Some((path, err)) => {
                 let message = format!("still cannot watch cgroup {path} with inotify: {err}");
-                // Watches come free one by one, as other processes let them go: after one
-                // that got some, the next try comes soon.
-                if more {
-                    self.failures = 0;
-                }
+                // Less often even when the try got some: at the limit for good, watches that
+                // removed cgroups free are taken at each try, and the catch-up each try brings
+                // walks every cgroup.
                 let wait = self.failed();
                 log::debug!(
                     "{message}; catching up with the cgroups created and removed meanwhile, and \
@@ -425,14 +425,11 @@ impl CgroupWatcher {
     }
 
     /// Tries again to watch the cgroups that walks left unwatched for a shortage, and whatever
-    /// is below them now; returns whether it watched any. `missed` then says whether some are
-    /// still left.
-    fn watch_missed(&mut self) -> bool {
-        let watched = self.by_wd.len();
+    /// is below them now. `missed` then says whether some are still left.
+    fn watch_missed(&mut self) {
         self.missed = None;
         let root = self.root.clone();
         self.add_tree(&root);
-        self.by_wd.len() > watched
     }
 
     /// After lost events: forgets cgroups that are gone, also those created again under the

@@ -1460,13 +1460,13 @@ pub fn cgroup_row(status: &Value, cgroup: &TestCgroup) -> Value {
         .unwrap_or_else(|| panic!("no row for {} in {status}", cgroup.display()))
 }
 
-/// The names of the per-cgroup rows of `status --json` (`#ID (removed)` for removed cgroups).
-pub fn cgroup_names(status: &Value) -> Vec<String> {
+/// The cgroup ids of the per-cgroup rows of `status --json`, removed cgroups' included.
+pub fn cgroup_ids(status: &Value) -> Vec<u64> {
     status["cgroups"]
         .as_array()
         .expect("cgroups array")
         .iter()
-        .map(|row| row["cgroup"].as_str().expect("a name").to_owned())
+        .map(|row| row["cgroup_id"].as_u64().expect("a cgroup id"))
         .collect()
 }
 
