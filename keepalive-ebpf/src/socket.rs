@@ -151,18 +151,22 @@ pub(crate) fn enforce_socket(
     // a release never switches it off. On an accepted socket it may be the program's,
     // inherited from the listener, whose storage is not reachable from here.
     let mut app_keepalive = !enforced_before && kernel::keepalive_on(sock.tp);
-    // A connection just accepted with other values than the policy's got them from its
-    // listener. They are the program's when they are the ones it last set on that listener: a
-    // policy change had not reached the listener yet (or cannot: in a network namespace the
-    // agent may not enter). Then the policy replaces them, also under `fill`, which otherwise
-    // keeps them as the application's, and so does a user timeout they came with, which the
-    // policy may no longer have.
+    // Read once: the socket's fields are loaded anew at each look.
+    let carried = enforce::carries(sock.target, sock.tp, &policy);
+    // A connection just accepted with other values than the policy's, or with a user timeout
+    // the policy does not have, got them from its listener. They are the program's when they
+    // are the ones it last set on that listener: a policy change had not reached the listener
+    // yet (or cannot: in a network namespace the agent may not enter). Then the policy
+    // replaces them, also under `fill`, which otherwise keeps them as the application's, and
+    // the user timeout goes with the policy that set it.
     let from_listener = if app_keepalive
         && origin
             == (Origin::Established {
                 direction: sock_flags::INBOUND,
             })
-        && !kernel::carries(sock.tp, &policy)
+        && (!carried
+            || (policy.flags & policy_flags::USER_TIMEOUT == 0
+                && kernel::user_timeout_ms(sock.tp) != 0))
     {
         track::listened_policy(sock.cgroup.id, kernel::local_port(sock.tp)).filter(|listened| {
             listened.user_timeout_held(kernel::user_timeout_ms(sock.tp))
@@ -216,69 +220,67 @@ pub(crate) fn enforce_socket(
         && !matches!(origin, Origin::Established { direction } if direction == sock_flags::INBOUND);
     // Nothing happened to the socket: no event to count, no new time to stamp.
     let mut untouched = false;
-    let result =
-        if !resets_user_timeout && !app_owns && enforce::carries(sock.target, sock.tp, &policy) {
-            // Usually an accepted socket that inherited the options the program set on its
-            // listener: nothing to do. Inherited only if so when the program first saw it: on
-            // a socket it covered before, they can be the ones it set itself.
-            if before == 0 {
-                count(Counter::Inherited);
-                flags |= sock_flags::INHERITED;
-            } else {
-                flags |= before & sock_flags::INHERITED;
-            }
-            flags |= sock_flags::ENFORCED;
-            // A pass that finds the values in place (a cgroup moved to a policy of its own
-            // with the same values, say) reports the socket current, unless it locks or
-            // unlocks it.
-            let lock_changes = (policy.mode == mode::LOCK) != (before & sock_flags::LOCKED != 0);
-            if origin == Origin::Existing && !lock_changes {
-                untouched = existing.is_some();
-                apply_result::UNCHANGED
-            } else {
-                apply_result::APPLIED
-            }
-        } else if policy.mode == mode::FILL
-            && (app_keepalive
-                || previous.is_some_and(|previous| {
-                    enforce::set_by_app_since(sock.target, sock.tp, &previous)
-                }))
-        {
-            // The application's own keepalive, from before the program set anything or since (Go,
-            // for one, sets its own right after connect and accept, after the ESTABLISHED callback).
-            // A user timeout the program set is still the program's: it follows the policy, before
-            // the application's values are read, and the record says whose it is.
-            if enforce::follow_own_user_timeout(
-                sock.target,
-                sock.tp,
-                own_user_timeout.as_ref(),
-                &policy,
-            ) {
-                flags |= sock_flags::OWN_USER_TIMEOUT;
-            }
-            values = enforce::read_values(sock.target, mode::FILL);
-            flags |= sock_flags::APP_OWNED;
-            // Kept before with the same values (under this policy or another).
-            untouched = existing.as_deref().is_some_and(|rec| {
-                rec.flags & (sock_flags::APP_OWNED | sock_flags::OWN_USER_TIMEOUT)
-                    == flags & (sock_flags::APP_OWNED | sock_flags::OWN_USER_TIMEOUT)
-                    && rec.policy == values
-            });
-            if !untouched {
-                count(Counter::KeptApp);
-            }
-            apply_result::KEPT_APP
+    let result = if !resets_user_timeout && !app_owns && carried {
+        // Usually an accepted socket that inherited the options the program set on its
+        // listener: nothing to do. Inherited only if so when the program first saw it: on
+        // a socket it covered before, they can be the ones it set itself.
+        if before == 0 {
+            count(Counter::Inherited);
+            flags |= sock_flags::INHERITED;
         } else {
-            let ok = enforce::apply(sock.target, sock.tp, &policy, own_user_timeout.as_ref());
-            count(Counter::Enforced);
-            flags |= sock_flags::ENFORCED;
-            if ok {
-                apply_result::APPLIED
-            } else {
-                flags |= sock_flags::SETSOCKOPT_FAILED;
-                apply_result::FAILED
-            }
-        };
+            flags |= before & sock_flags::INHERITED;
+        }
+        flags |= sock_flags::ENFORCED;
+        // A pass that finds the values in place (a cgroup moved to a policy of its own
+        // with the same values, say) reports the socket current, unless it locks or
+        // unlocks it.
+        let lock_changes = (policy.mode == mode::LOCK) != (before & sock_flags::LOCKED != 0);
+        if origin == Origin::Existing && !lock_changes {
+            untouched = existing.is_some();
+            apply_result::UNCHANGED
+        } else {
+            apply_result::APPLIED
+        }
+    } else if policy.mode == mode::FILL
+        && (app_keepalive
+            || previous
+                .is_some_and(|previous| enforce::set_by_app_since(sock.target, sock.tp, &previous)))
+    {
+        // The application's own keepalive, from before the program set anything or since (Go,
+        // for one, sets its own right after connect and accept, after the ESTABLISHED callback).
+        // A user timeout the program set is still the program's: it follows the policy, before
+        // the application's values are read, and the record says whose it is.
+        if enforce::follow_own_user_timeout(
+            sock.target,
+            sock.tp,
+            own_user_timeout.as_ref(),
+            &policy,
+        ) {
+            flags |= sock_flags::OWN_USER_TIMEOUT;
+        }
+        values = enforce::read_values(sock.target, mode::FILL);
+        flags |= sock_flags::APP_OWNED;
+        // Kept before with the same values (under this policy or another).
+        untouched = existing.as_deref().is_some_and(|rec| {
+            rec.flags & (sock_flags::APP_OWNED | sock_flags::OWN_USER_TIMEOUT)
+                == flags & (sock_flags::APP_OWNED | sock_flags::OWN_USER_TIMEOUT)
+                && rec.policy == values
+        });
+        if !untouched {
+            count(Counter::KeptApp);
+        }
+        apply_result::KEPT_APP
+    } else {
+        let ok = enforce::apply(sock.target, sock.tp, &policy, own_user_timeout.as_ref());
+        count(Counter::Enforced);
+        flags |= sock_flags::ENFORCED;
+        if ok {
+            apply_result::APPLIED
+        } else {
+            flags |= sock_flags::SETSOCKOPT_FAILED;
+            apply_result::FAILED
+        }
+    };
     if policy.mode == mode::LOCK && flags & sock_flags::ENFORCED != 0 {
         flags |= sock_flags::LOCKED;
         PolicyStore::Locks.set(sock.sk, Some(&values));

@@ -1638,9 +1638,9 @@ struct Listener {
 }
 
 impl Listener {
-    /// Starts one, with `extra` arguments to `ka-sock listen`.
+    /// Starts one, with `extra` arguments to `ka-sock listen`; it accepts up to 8 connections.
     fn new(cg: &TestCgroup, ns: &Netns, extra: &[&str]) -> Self {
-        let args = [&["listen", "127.0.0.1:0", "2"], extra].concat();
+        let args = [&["listen", "127.0.0.1:0", "8"], extra].concat();
         let mut server = Proc::spawn(&sock_bin(), &args, Some(cg.path()), Some(ns));
         let port = server.read()["port"].as_u64().unwrap();
         Self {
@@ -1750,4 +1750,29 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
     let accepted = own.accept(&cg, &ns);
     assert_eq!(values(&accepted), (1, 35, 10, 5), "{accepted}");
     assert_eq!(accepted["user_timeout"], 9000, "{accepted}");
+    // The earlier values again: the connection carries them, and only the user timeout is
+    // left over from the policy the listener was configured with. So too under `lock`,
+    // whose bound (idle + interval × count) the left-over user timeout is within, and under
+    // `fill`, where values the program set are not the application's.
+    for mode in ["enforce", "lock", "fill"] {
+        agent.cli_ok(&[
+            "policy",
+            "set",
+            cg.path().to_str().unwrap(),
+            "--idle",
+            "41",
+            "--user-timeout",
+            "0",
+            "--mode",
+            mode,
+        ]);
+        let accepted = server.accept(&cg, &ns);
+        assert_eq!(values(&accepted), (1, 41, 10, 5), "{mode}: {accepted}");
+        assert_eq!(
+            accepted["user_timeout"], 0,
+            "{mode}: the old policy's user timeout is gone: {accepted}"
+        );
+        let accepted = own.accept(&cg, &ns);
+        assert_eq!(accepted["user_timeout"], 9000, "{mode}: {accepted}");
+    }
 }

@@ -81,10 +81,11 @@ pub const MAP_APPLY: &str = "KA_APPLY";
 pub const MAP_LISTENERS: &str = "KA_LISTENERS";
 /// The [`Policy`] the program last set on a listener, by the listener's cgroup id and port
 /// ([`ListenPort`]): what the connections it accepts inherit, where the listener's own
-/// storage ([`MAP_LISTENERS`]) cannot be reached from. Under `fill`, an accepted connection
-/// with keepalive on and other values than its policy's has the application's keepalive,
-/// unless these are its values: then its listener passed on what the program set before a
-/// policy change reached the listener, which the new policy replaces. An LRU hash of
+/// storage ([`MAP_LISTENERS`]) cannot be reached from. An accepted connection with keepalive
+/// on and other values than its policy's, or a user timeout its policy does not have, got
+/// them from its listener; when they are these, they are what the program set before a policy
+/// change reached the listener, which the new policy replaces (under `fill` too, where other
+/// values are the application's). An LRU hash of
 /// [`LISTEN_PORTS`] entries; one a listener left is harmless, at worst naming values an
 /// application set as the program's.
 pub const MAP_LISTEN_PORTS: &str = "KA_LISTEN_PORTS";
@@ -496,7 +497,8 @@ pub mod sock_flags {
     pub const INHERITED: u32 = 1 << 9;
     /// SO_KEEPALIVE was already on when the program first saw the socket: the application's
     /// own, or, on an accepted socket, inherited from its listener, whose owner cannot be told
-    /// from here. Releasing the socket leaves keepalive on.
+    /// from here unless [`MAP_LISTEN_PORTS`] was looked up (see there), which says. Releasing
+    /// the socket leaves keepalive on.
     pub const APP_KEEPALIVE: u32 = 1 << 10;
     /// With [`APP_OWNED`]: the record's user timeout is one the program set before `fill`
     /// left the socket's keepalive to the application, still the program's to change or drop
