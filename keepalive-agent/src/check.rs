@@ -64,6 +64,37 @@ fn item(name: &'static str, status: Outcome, detail: impl Into<String>, fix: Opt
     }
 }
 
+/// See [`inotify_item`].
+fn inotify_watches_item(
+    cgroup2: &Cgroup2,
+    attach: &CgroupPath,
+    agent: Option<u32>,
+) -> Option<Item> {
+    let limit = usize::try_from(read_sysctl("fs/inotify/max_user_watches")?).ok()?;
+    // One for each cgroup from the attach cgroup down, and one for its parent.
+    let needed = cgroup2.walk(attach).count() + usize::from(attach.split_last().is_some());
+    // SAFETY: geteuid has no preconditions.
+    let held = watch::watches_held(unsafe { libc::geteuid() }, agent);
+    let free = limit.saturating_sub(held);
+    (needed > free).then(|| {
+        item(
+            "inotify",
+            Outcome::Warn,
+            format!(
+                "`run` would take {needed} inotify watches (one for each cgroup from {attach} \
+                 down, and one for its parent), and this user has {free} of its {limit} left \
+                 ({held} held by its other processes): `run` would enforce, but see cgroups \
+                 come and go below those it cannot watch only at each try to watch them (up to \
+                 every 30s)"
+            ),
+            Some(
+                "raise fs.inotify.max_user_watches (`sysctl fs.inotify.max_user_watches=524288`); \
+                 `find /proc/*/fd -lname anon_inode:inotify` lists what holds them",
+            ),
+        )
+    })
+}
+
 fn read_sysctl(name: &str) -> Option<i64> {
     std::fs::read_to_string(Path::new("/proc/sys").join(name))
         .ok()?
@@ -174,10 +205,15 @@ fn namespaces_privileges_item(caps: Caps) -> Option<Item> {
     })
 }
 
-/// A warning when this process cannot have an inotify instance now, as `run` could not:
-/// it would enforce, but see cgroups come and go only at each try to watch until it can.
-fn inotify_item() -> Option<Item> {
-    let err = inotify::Inotify::init().err()?;
+/// A warning when this process cannot have an inotify instance now, as `run` could not, or
+/// when its user has fewer inotify watches left than `run` would take to watch `attach`
+/// (without those of the running agent `agent`, which a restart gives back): it would enforce,
+/// but see cgroups come and go only at each try to watch until it can.
+fn inotify_item(attach: Option<(&Cgroup2, &CgroupPath)>, agent: Option<u32>) -> Option<Item> {
+    let Err(err) = inotify::Inotify::init() else {
+        let (cgroup2, attach) = attach?;
+        return inotify_watches_item(cgroup2, attach, agent);
+    };
     Some(item(
         "inotify",
         Outcome::Warn,
@@ -595,7 +631,14 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         if let Some(item) = namespaces_privileges_item(caps) {
             checks.push(item);
         }
-        checks.extend(inotify_item());
+        let agent = instance::running_agent(runtime_dir).and_then(|agent| agent.pid.parse().ok());
+        checks.extend(inotify_item(
+            cgroup2
+                .as_ref()
+                .ok()
+                .zip(config.as_ref().map(|(_, attach)| attach)),
+            agent,
+        ));
     } else {
         let names: Vec<&str> = missing.iter().map(|c| c.name()).collect();
         checks.push(item(

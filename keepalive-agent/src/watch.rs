@@ -301,6 +301,56 @@ pub fn limit_hint(err: &io::Error) -> &'static str {
     }
 }
 
+/// The inotify watches that processes of user `uid` hold, but for process `except` (a running
+/// agent's, which its restart gives back): the user has `fs.inotify.max_user_watches` less
+/// these left. An instance that processes share (a descriptor inherited across fork, which is
+/// rare) counts for each: nothing here tells a shared one from two that watch the same. Reads
+/// every process's descriptors: for `check`, not for the agent's own use.
+pub fn watches_held(uid: u32, except: Option<u32>) -> usize {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut held = 0;
+    for proc in procs.filter_map(Result::ok) {
+        let Some(pid) = proc
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Some(pid) == except || euid_of(pid) != Some(uid) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(proc.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.filter_map(Result::ok) {
+            if !std::fs::read_link(fd.path())
+                .is_ok_and(|target| target.as_os_str() == "anon_inode:inotify")
+            {
+                continue;
+            }
+            if let Ok(info) =
+                std::fs::read_to_string(proc.path().join("fdinfo").join(fd.file_name()))
+            {
+                held += info
+                    .lines()
+                    .filter(|line| line.starts_with("inotify wd:"))
+                    .count();
+            }
+        }
+    }
+    held
+}
+
+/// The effective user id of process `pid`, as its inotify instances were charged to.
+fn euid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let ids = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
+    ids.split_whitespace().nth(1)?.parse().ok()
+}
+
 /// Watches a cgroup subtree.
 pub struct CgroupWatcher {
     cgroup2: Cgroup2,

@@ -2194,6 +2194,23 @@ fn cgroups_left_unwatched_at_the_inotify_watch_limit_are_caught_up_with_and_watc
     ));
     let holder = hold_inotify_watches(USER, 2);
     let dirs = AgentDirs::new();
+    // `check` tells beforehand: the attach cgroup, `a` and the parent take three watches.
+    let check = dirs.output(as_user(
+        USER,
+        &dirs,
+        &["check", "--json", "--cgroup", cg.path().to_str().unwrap()],
+    ));
+    let report: serde_json::Value =
+        serde_json::from_slice(&check.stdout).expect("check --json is JSON");
+    assert_eq!(code(&check), 0, "a warning: {report:#}");
+    let inotify = check_item(&report, "inotify");
+    assert_eq!(inotify["status"], "warn", "{inotify}");
+    let detail = inotify["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("`run` would take 3 inotify watches")
+            && detail.contains("this user has 2 of its"),
+        "{inotify}"
+    );
     let cmd = as_user(
         USER,
         &dirs,
