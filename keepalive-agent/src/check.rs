@@ -70,29 +70,56 @@ fn inotify_watches_item(
     attach: &CgroupPath,
     agent: Option<u32>,
 ) -> Option<Item> {
+    // `run` exits 4 before it would watch anything.
+    cgroup2.id(attach).ok()?;
     let limit = usize::try_from(read_sysctl("fs/inotify/max_user_watches")?).ok()?;
     // One for each cgroup from the attach cgroup down, and one for its parent.
-    let needed = cgroup2.walk(attach).count() + usize::from(attach.split_last().is_some());
+    let below = cgroup2.walk(attach).count();
+    let parent = usize::from(attach.split_last().is_some());
+    let needed = below + parent;
     // SAFETY: geteuid has no preconditions.
-    let held = watch::watches_held(unsafe { libc::geteuid() }, agent);
+    let (held, unread) = watch::watches_held(unsafe { libc::geteuid() }, agent);
     let free = limit.saturating_sub(held);
-    (needed > free).then(|| {
-        item(
-            "inotify",
-            Outcome::Warn,
-            format!(
-                "`run` would take {needed} inotify watches (one for each cgroup from {attach} \
-                 down, and one for its parent), and this user has {free} of its {limit} left \
-                 ({held} held by its other processes): `run` would enforce, but see cgroups \
-                 come and go below those it cannot watch only at each try to watch them (up to \
-                 every 30s)"
-            ),
-            Some(
-                "raise fs.inotify.max_user_watches (`sysctl fs.inotify.max_user_watches=524288`); \
-                 `find /proc/*/fd -lname anon_inode:inotify` lists what holds them",
-            ),
-        )
-    })
+    if needed <= free {
+        return None;
+    }
+    let what = if parent == 1 {
+        format!("one for each of the {below} cgroups from {attach} down, and one for its parent")
+    } else {
+        format!("one for each of the {below} cgroups")
+    };
+    let outcome = if free <= parent {
+        "could not watch the attach cgroup at all, and would see cgroups come and go only at \
+         each try to watch (up to every 30s)"
+    } else {
+        "would see cgroups come and go below those it could not watch only at each try to \
+         watch them (up to every 30s)"
+    };
+    let unread = match unread {
+        0 => String::new(),
+        n => format!("; {n} of its processes could not be read, and may hold more"),
+    };
+    let running = if agent.is_some() {
+        ", besides the running agent's, which a restart gives back"
+    } else {
+        ""
+    };
+    Some(item(
+        "inotify",
+        Outcome::Warn,
+        format!(
+            "`run` would take {needed} inotify watches ({what}), and this user has {free} of \
+             its {limit} left ({held} held by its processes{running}{unread}): `run` would \
+             enforce, but {outcome}"
+        ),
+        Some(&format!(
+            "raise fs.inotify.max_user_watches to more than {} (`sysctl \
+             fs.inotify.max_user_watches={}`); `find /proc/*/fd -lname anon_inode:inotify` lists \
+             what holds them",
+            held + needed,
+            (held + needed).max(limit).saturating_mul(2)
+        )),
+    ))
 }
 
 fn read_sysctl(name: &str) -> Option<i64> {

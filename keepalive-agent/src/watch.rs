@@ -1,10 +1,11 @@
 //! Following cgroups as they are created and removed, with inotify on every cgroup directory
 //! below the attach cgroup. The agent sleeps in the kernel until something changes; there is
-//! no polling.
+//! no polling while inotify can be had (see [`Follower`] for when it cannot).
 
 use std::{
     collections::HashMap,
     io,
+    os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
 };
 
@@ -303,14 +304,18 @@ pub fn limit_hint(err: &io::Error) -> &'static str {
 
 /// The inotify watches that processes of user `uid` hold, but for process `except` (a running
 /// agent's, which its restart gives back): the user has `fs.inotify.max_user_watches` less
-/// these left. An instance that processes share (a descriptor inherited across fork, which is
-/// rare) counts for each: nothing here tells a shared one from two that watch the same. Reads
-/// every process's descriptors: for `check`, not for the agent's own use.
-pub fn watches_held(uid: u32, except: Option<u32>) -> usize {
+/// these left. The watches of processes in user namespaces below this one count for the
+/// namespaces' owners, as the kernel charges them. An instance that processes share (a
+/// descriptor inherited across fork, which is rare) counts for each: nothing here tells a
+/// shared one from two that watch the same. Returns the watches and how many of the user's
+/// processes could not be read (they may hold more). Reads every process's descriptors: for
+/// `check`, not for the agent's own use.
+pub fn watches_held(uid: u32, except: Option<u32>) -> (usize, usize) {
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return 0;
+        return (0, 0);
     };
-    let mut held = 0;
+    let own_ns = std::fs::metadata("/proc/self/ns/user").map_or(0, |meta| meta.ino());
+    let (mut held, mut unread) = (0, 0);
     for proc in procs.filter_map(Result::ok) {
         let Some(pid) = proc
             .file_name()
@@ -319,10 +324,12 @@ pub fn watches_held(uid: u32, except: Option<u32>) -> usize {
         else {
             continue;
         };
-        if Some(pid) == except || euid_of(pid) != Some(uid) {
+        if Some(pid) == except || charged_uid(pid, own_ns) != Some(uid) {
             continue;
         }
         let Ok(fds) = std::fs::read_dir(proc.path().join("fd")) else {
+            // Gone meanwhile, or not this process's to read.
+            unread += usize::from(proc.path().exists());
             continue;
         };
         for fd in fds.filter_map(Result::ok) {
@@ -341,14 +348,42 @@ pub fn watches_held(uid: u32, except: Option<u32>) -> usize {
             }
         }
     }
-    held
+    (held, unread)
 }
 
-/// The effective user id of process `pid`, as its inotify instances were charged to.
-fn euid_of(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let ids = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
-    ids.split_whitespace().nth(1)?.parse().ok()
+/// The user of this user namespace (whose inode is `own_ns`) that the inotify watches of
+/// process `pid` count for: its effective user (as when it made its instances; processes
+/// rarely change it since), or for a process in a user namespace below this one, the owner of
+/// the namespace on its way up whose parent this one is. The kernel charges a namespace's
+/// watches to its owner in the parent namespace too, up to the initial one.
+fn charged_uid(pid: u32, own_ns: u64) -> Option<u32> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+
+    let path = format!("/proc/{pid}/ns/user");
+    if std::fs::metadata(&path).ok()?.ino() == own_ns {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let ids = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
+        return ids.split_whitespace().nth(1)?.parse().ok();
+    }
+    let mut ns = std::fs::File::open(&path).ok()?;
+    loop {
+        // SAFETY: NS_GET_PARENT takes no argument and returns a new descriptor, or fails
+        // (EPERM above the caller's own namespace: not below this one).
+        let parent = unsafe { libc::ioctl(ns.as_raw_fd(), libc::NS_GET_PARENT) };
+        if parent < 0 {
+            return None;
+        }
+        // SAFETY: the descriptor is new and owned by nothing else.
+        let parent = unsafe { std::fs::File::from_raw_fd(parent) };
+        if parent.metadata().ok()?.ino() == own_ns {
+            let mut owner: libc::uid_t = 0;
+            // SAFETY: NS_GET_OWNER_UID writes one uid_t.
+            let ret =
+                unsafe { libc::ioctl(ns.as_raw_fd(), libc::NS_GET_OWNER_UID, &raw mut owner) };
+            return (ret == 0).then_some(owner);
+        }
+        ns = parent;
+    }
 }
 
 /// Watches a cgroup subtree.

@@ -14,12 +14,12 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, GRANTED, InotifyHolder, Netns, Proc, TestCgroup, agent_in_private_mounts,
-    assert_stamped_between, become_user, bind_mount, cgroup_ids, cgroup_row, cgroup2_mount,
-    check_item, code, count_between, drop_caps_except, eventually, free_port, hide_with_tmpfs,
-    hold_inotify_instances, hold_inotify_watches, idle_of, json_refusal, kernel_defaults,
-    pair_values, private_mounts, setsockopt_attachments, sock_bin, sockets_of, sockops_attachments,
-    stderr, symlink, umount, unix_seconds, values, write_config,
+    Agent, AgentDirs, GRANTED, InotifyHolder, Netns, Proc, TempDir, TestCgroup,
+    agent_in_private_mounts, assert_stamped_between, become_user, bind_mount, cgroup_ids,
+    cgroup_row, cgroup2_mount, check_item, code, count_between, drop_caps_except, eventually,
+    free_port, hide_with_tmpfs, hold_inotify_instances, hold_inotify_watches, idle_of,
+    json_refusal, kernel_defaults, pair_values, private_mounts, setsockopt_attachments, sock_bin,
+    sockets_of, sockops_attachments, stderr, symlink, umount, unix_seconds, values, write_config,
 };
 
 #[test]
@@ -2135,6 +2135,20 @@ fn as_user(uid: u32, dirs: &AgentDirs, args: &[&str]) -> std::process::Command {
     cmd
 }
 
+/// `check --json` for the attach cgroup `cg`, as user `uid` with root's capabilities: its
+/// report, which has warnings at most.
+fn check_as(uid: u32, dirs: &AgentDirs, cg: &TestCgroup) -> serde_json::Value {
+    let check = dirs.output(as_user(
+        uid,
+        dirs,
+        &["check", "--json", "--cgroup", cg.path().to_str().unwrap()],
+    ));
+    let report: serde_json::Value =
+        serde_json::from_slice(&check.stdout).expect("check --json is JSON");
+    assert_eq!(code(&check), 0, "warnings at most: {report:#}");
+    report
+}
+
 /// For the agents that inotify ran short for, while `holder` holds: a cgroup created below
 /// `parent` unseen gets its own policy (idle 35) at a try to watch, and the per-cgroup counters
 /// of one removed unseen are dropped. Once the holder is dropped, the unit's status is back to
@@ -2195,14 +2209,7 @@ fn cgroups_left_unwatched_at_the_inotify_watch_limit_are_caught_up_with_and_watc
     let holder = hold_inotify_watches(USER, 2);
     let dirs = AgentDirs::new();
     // `check` tells beforehand: the attach cgroup, `a` and the parent take three watches.
-    let check = dirs.output(as_user(
-        USER,
-        &dirs,
-        &["check", "--json", "--cgroup", cg.path().to_str().unwrap()],
-    ));
-    let report: serde_json::Value =
-        serde_json::from_slice(&check.stdout).expect("check --json is JSON");
-    assert_eq!(code(&check), 0, "a warning: {report:#}");
+    let report = check_as(USER, &dirs, &cg);
     let inotify = check_item(&report, "inotify");
     assert_eq!(inotify["status"], "warn", "{inotify}");
     let detail = inotify["detail"].as_str().unwrap();
@@ -2301,4 +2308,64 @@ fn an_agent_that_cannot_watch_its_attach_cgroup_at_the_watch_limit_enforces_and_
         "{}",
         agent.log()
     );
+}
+
+#[test]
+fn check_counts_the_inotify_watches_of_a_user_namespace_for_its_owner() {
+    // The kernel charges the inotify watches of a user namespace (a container's) to its owner,
+    // though its processes show another user from here: `check` counts them for the owner.
+    const USER: u32 = 64_920;
+    let cg = TestCgroup::new("usernswatch");
+    let _a = cg.child("a");
+    let _b = cg.child("b");
+    let watched = TempDir::new("usernswatch");
+    for dir in std::iter::once(watched.path().to_owned())
+        .chain((0..10).map(|n| watched.path().join(n.to_string())))
+    {
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let holder = hold_inotify_watches(USER, 12);
+    let mut contained = Proc::spawn(
+        &sock_bin(),
+        &[
+            "userns-watch",
+            watched.path().to_str().unwrap(),
+            &USER.to_string(),
+            "64921",
+        ],
+        None,
+        None,
+    );
+    let pid = contained.read()["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.lines().any(|l| l.starts_with("Uid:\t64921\t64921")),
+        "another user from here: {status}"
+    );
+    let dirs = AgentDirs::new();
+    let inotify = || {
+        check_as(USER, &dirs, &cg)["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|item| item["name"] == "inotify")
+            .cloned()
+    };
+    // The attach cgroup, `a`, `b` and the parent: 4 watches; 12 left but the 10 contained.
+    let item = inotify().expect("an inotify warning");
+    assert_eq!(item["status"], "warn", "{item}");
+    let detail = item["detail"].as_str().unwrap();
+    assert!(
+        detail.starts_with("`run` would take 4 inotify watches")
+            && detail.contains("this user has 2 of its"),
+        "{item}"
+    );
+    drop(contained);
+    eventually(
+        Duration::from_secs(10),
+        "no warning once the namespace's watches are gone",
+        || inotify().is_none().then_some(()),
+    );
+    drop(holder);
 }

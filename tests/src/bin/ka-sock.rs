@@ -22,6 +22,9 @@
 //! ka-sock hold <N> [--over-ms T]                 open N loopback connections, hold them;
 //!                                                with --over-ms, spread the opening over
 //!                                                T ms (a host that keeps connecting)
+//! ka-sock userns-watch <DIR> <OWNER-UID> <KUID> watch every directory in DIR from a user
+//!                                                namespace owned by OWNER-UID, as root there
+//!                                                mapped to KUID (a container's processes)
 //! ka-sock empty-sockops <CGROUP-DIR>             attach a sock_ops program that does nothing,
 //!                                                until stdin closes (the benchmark's floor)
 //! ka-sock minimal-sockops <CGROUP-DIR>           the same with the least possible enforcer:
@@ -657,6 +660,96 @@ fn attach_sockops(dir: &str, insns: &[u64]) {
     let _ = std::io::stdin().read_to_end(&mut rest);
 }
 
+/// `userns-watch <DIR> <OWNER-UID> <KUID>`: a process in a user namespace of its own, owned
+/// by OWNER-UID, running there as root mapped to KUID outside, watches every directory in DIR
+/// with inotify, as a container's processes do. Reports its pid and watches, and holds them
+/// until stdin closes.
+fn userns_watch(args: &[String]) {
+    let [dir, owner, kuid] = args else {
+        panic!("usage: ka-sock userns-watch <DIR> <OWNER-UID> <KUID>");
+    };
+    let owner: libc::uid_t = owner.parse().expect("owner uid");
+    let paths: Vec<std::ffi::CString> = std::fs::read_dir(dir)
+        .expect("the directory to watch in")
+        .map(|entry| {
+            let path = entry.expect("an entry").path();
+            std::ffi::CString::new(path.into_os_string().into_encoded_bytes()).expect("no NUL")
+        })
+        .collect();
+    let (mut ready, mut mapped) = ([0; 2], [0; 2]);
+    // SAFETY: pipe fills the two descriptors.
+    assert!(unsafe { libc::pipe(ready.as_mut_ptr()) == 0 && libc::pipe(mapped.as_mut_ptr()) == 0 });
+    // SAFETY: this process has one thread; the child makes system calls only, then _exit.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0, "fork: {}", std::io::Error::last_os_error());
+    if child == 0 {
+        // SAFETY: system calls on values prepared before fork; no allocation.
+        unsafe {
+            let step = |ok: bool, code: i32| {
+                if !ok {
+                    libc::_exit(code);
+                }
+            };
+            step(libc::setresgid(owner, owner, owner) == 0, 10);
+            step(libc::setresuid(owner, owner, owner) == 0, 11);
+            step(libc::unshare(libc::CLONE_NEWUSER) == 0, 12);
+            let byte = [1u8];
+            step(libc::write(ready[1], byte.as_ptr().cast(), 1) == 1, 13);
+            let mut got = [0u8];
+            step(libc::read(mapped[0], got.as_mut_ptr().cast(), 1) == 1, 14);
+            step(libc::setresuid(0, 0, 0) == 0, 15);
+            // After the last change of credentials, which clears it.
+            step(
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == 0,
+                16,
+            );
+            let fd = libc::inotify_init();
+            step(fd >= 0, 17);
+            for path in &paths {
+                step(
+                    libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_ATTRIB) >= 0,
+                    18,
+                );
+            }
+            step(libc::write(ready[1], byte.as_ptr().cast(), 1) == 1, 19);
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    let wait_ready = || {
+        let mut got = [0u8];
+        // SAFETY: reads one byte into `got`.
+        if unsafe { libc::read(ready[0], got.as_mut_ptr().cast(), 1) } != 1 {
+            let mut status = 0;
+            // SAFETY: waits for our own child.
+            unsafe { libc::waitpid(child, &raw mut status, 0) };
+            panic!("the namespaced child failed (wait status {status:#x})");
+        }
+    };
+    // SAFETY: the child holds its own copies.
+    unsafe {
+        libc::close(ready[1]);
+        libc::close(mapped[0]);
+    }
+    wait_ready();
+    std::fs::write(format!("/proc/{child}/uid_map"), format!("0 {kuid} 1\n")).expect("uid_map");
+    // SAFETY: writes one byte.
+    assert_eq!(
+        unsafe { libc::write(mapped[1], [1u8].as_ptr().cast(), 1) },
+        1
+    );
+    wait_ready();
+    emit(json!({ "pid": child, "watches": paths.len() }));
+    let mut rest = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut rest);
+    // SAFETY: ends and reaps our own child.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+    }
+}
+
 fn cgroup_arg(args: &[String]) -> &str {
     args.first().expect("CGROUP-DIR")
 }
@@ -673,6 +766,7 @@ fn main() {
         "storm" => storm(rest),
         "churn" => churn(),
         "hold" => hold_many(rest),
+        "userns-watch" => userns_watch(rest),
         "empty-sockops" => attach_sockops(cgroup_arg(rest), &RETURN_1),
         "minimal-sockops" => attach_sockops(cgroup_arg(rest), &minimal_enforcer()),
         "foreign-sockops" => attach_sockops(cgroup_arg(rest), &enforcer([1, 1, 2], true)),
