@@ -83,10 +83,11 @@ fn inotify_watches_item(
     if needed <= free {
         return None;
     }
+    let cgroups = if below == 1 { "cgroup" } else { "cgroups" };
     let what = if parent == 1 {
-        format!("one for each of the {below} cgroups from {attach} down, and one for its parent")
+        format!("one for each of the {below} {cgroups} from {attach} down, and one for its parent")
     } else {
-        format!("one for each of the {below} cgroups")
+        format!("one for each of the {below} {cgroups}")
     };
     let outcome = if free <= parent {
         "could not watch the attach cgroup at all, and would see cgroups come and go only at \
@@ -100,7 +101,7 @@ fn inotify_watches_item(
         n => format!("; {n} of its processes could not be read, and may hold more"),
     };
     let running = if agent.is_some() {
-        ", besides the running agent's, which a restart gives back"
+        ", not counting the running agent's, which a restart gives back"
     } else {
         ""
     };
@@ -113,11 +114,11 @@ fn inotify_watches_item(
              enforce, but {outcome}"
         ),
         Some(&format!(
-            "raise fs.inotify.max_user_watches to more than {} (`sysctl \
-             fs.inotify.max_user_watches={}`); `find /proc/*/fd -lname anon_inode:inotify` lists \
-             what holds them",
+            "raise fs.inotify.max_user_watches to at least {} (`sysctl \
+             fs.inotify.max_user_watches={}` leaves room for more cgroups); `find /proc/*/fd \
+             -lname anon_inode:inotify` lists what holds them",
             held + needed,
-            (held + needed).max(limit).saturating_mul(2)
+            (held + needed).saturating_mul(2)
         )),
     ))
 }

@@ -311,10 +311,14 @@ pub fn limit_hint(err: &io::Error) -> &'static str {
 /// processes could not be read (they may hold more). Reads every process's descriptors: for
 /// `check`, not for the agent's own use.
 pub fn watches_held(uid: u32, except: Option<u32>) -> (usize, usize) {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
+    let (Ok(procs), Ok(own_ns)) = (
+        std::fs::read_dir("/proc"),
+        std::fs::metadata("/proc/self/ns/user"),
+    ) else {
         return (0, 0);
     };
-    let own_ns = std::fs::metadata("/proc/self/ns/user").map_or(0, |meta| meta.ino());
+    let own_ns = own_ns.ino();
+    let readable = |err: &io::Error| err.kind() == io::ErrorKind::NotFound;
     let (mut held, mut unread) = (0, 0);
     for proc in procs.filter_map(Result::ok) {
         let Some(pid) = proc
@@ -324,63 +328,88 @@ pub fn watches_held(uid: u32, except: Option<u32>) -> (usize, usize) {
         else {
             continue;
         };
-        if Some(pid) == except || charged_uid(pid, own_ns) != Some(uid) {
+        if Some(pid) == except {
             continue;
         }
-        let Ok(fds) = std::fs::read_dir(proc.path().join("fd")) else {
-            // Gone meanwhile, or not this process's to read.
-            unread += usize::from(proc.path().exists());
-            continue;
-        };
-        for fd in fds.filter_map(Result::ok) {
-            if !std::fs::read_link(fd.path())
-                .is_ok_and(|target| target.as_os_str() == "anon_inode:inotify")
-            {
+        match charged_uid(pid, own_ns) {
+            Ok(charged) if charged == Some(uid) => {}
+            Ok(_) => continue,
+            // Gone meanwhile.
+            Err(err) if readable(&err) => continue,
+            // Not this process's to follow (no ptrace access): unread, when it runs as the user.
+            Err(_) => {
+                unread += usize::from(effective_uid(pid) == Some(uid));
                 continue;
             }
-            if let Ok(info) =
-                std::fs::read_to_string(proc.path().join("fdinfo").join(fd.file_name()))
-            {
-                held += info
-                    .lines()
-                    .filter(|line| line.starts_with("inotify wd:"))
-                    .count();
+        }
+        let fds = match std::fs::read_dir(proc.path().join("fd")) {
+            Ok(fds) => fds,
+            Err(err) => {
+                unread += usize::from(!readable(&err));
+                continue;
+            }
+        };
+        let mut unreadable = false;
+        for fd in fds.filter_map(Result::ok) {
+            match std::fs::read_link(fd.path()) {
+                Ok(target) if target.as_os_str() == "anon_inode:inotify" => {}
+                Ok(_) => continue,
+                Err(err) => {
+                    unreadable |= !readable(&err);
+                    continue;
+                }
+            }
+            match std::fs::read_to_string(proc.path().join("fdinfo").join(fd.file_name())) {
+                Ok(info) => {
+                    held += info
+                        .lines()
+                        .filter(|line| line.starts_with("inotify wd:"))
+                        .count();
+                }
+                Err(err) => unreadable |= !readable(&err),
             }
         }
+        unread += usize::from(unreadable);
     }
     (held, unread)
+}
+
+/// The effective user id of process `pid` (`/proc/PID/status`, which anyone may read).
+fn effective_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let ids = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
+    ids.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// The user of this user namespace (whose inode is `own_ns`) that the inotify watches of
 /// process `pid` count for: its effective user (as when it made its instances; processes
 /// rarely change it since), or for a process in a user namespace below this one, the owner of
-/// the namespace on its way up whose parent this one is. The kernel charges a namespace's
-/// watches to its owner in the parent namespace too, up to the initial one.
-fn charged_uid(pid: u32, own_ns: u64) -> Option<u32> {
+/// the namespace on its way up whose parent this one is (`None` for a namespace elsewhere).
+/// The kernel charges a namespace's watches to its owner in the parent namespace too, up to
+/// the initial one. An error when the process's namespace cannot be looked at.
+fn charged_uid(pid: u32, own_ns: u64) -> io::Result<Option<u32>> {
     use std::os::fd::{AsRawFd as _, FromRawFd as _};
 
     let path = format!("/proc/{pid}/ns/user");
-    if std::fs::metadata(&path).ok()?.ino() == own_ns {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let ids = status.lines().find_map(|line| line.strip_prefix("Uid:"))?;
-        return ids.split_whitespace().nth(1)?.parse().ok();
+    if std::fs::metadata(&path)?.ino() == own_ns {
+        return Ok(effective_uid(pid));
     }
-    let mut ns = std::fs::File::open(&path).ok()?;
+    let mut ns = std::fs::File::open(&path)?;
     loop {
         // SAFETY: NS_GET_PARENT takes no argument and returns a new descriptor, or fails
         // (EPERM above the caller's own namespace: not below this one).
         let parent = unsafe { libc::ioctl(ns.as_raw_fd(), libc::NS_GET_PARENT) };
         if parent < 0 {
-            return None;
+            return Ok(None);
         }
         // SAFETY: the descriptor is new and owned by nothing else.
         let parent = unsafe { std::fs::File::from_raw_fd(parent) };
-        if parent.metadata().ok()?.ino() == own_ns {
+        if parent.metadata()?.ino() == own_ns {
             let mut owner: libc::uid_t = 0;
             // SAFETY: NS_GET_OWNER_UID writes one uid_t.
             let ret =
                 unsafe { libc::ioctl(ns.as_raw_fd(), libc::NS_GET_OWNER_UID, &raw mut owner) };
-            return (ret == 0).then_some(owner);
+            return Ok((ret == 0).then_some(owner));
         }
         ns = parent;
     }

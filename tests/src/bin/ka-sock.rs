@@ -678,7 +678,11 @@ fn userns_watch(args: &[String]) {
         .collect();
     let (mut ready, mut mapped) = ([0; 2], [0; 2]);
     // SAFETY: pipe fills the two descriptors.
-    assert!(unsafe { libc::pipe(ready.as_mut_ptr()) == 0 && libc::pipe(mapped.as_mut_ptr()) == 0 });
+    if unsafe { libc::pipe(ready.as_mut_ptr()) != 0 || libc::pipe(mapped.as_mut_ptr()) != 0 } {
+        panic!("pipe: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: getpid has no preconditions.
+    let parent = unsafe { libc::getpid() };
     // SAFETY: this process has one thread; the child makes system calls only, then _exit.
     let child = unsafe { libc::fork() };
     assert!(child >= 0, "fork: {}", std::io::Error::last_os_error());
@@ -690,6 +694,10 @@ fn userns_watch(args: &[String]) {
                     libc::_exit(code);
                 }
             };
+            // The parent's ends: a parent gone ends the reads below.
+            libc::close(ready[0]);
+            libc::close(mapped[1]);
+            step(libc::setgroups(0, std::ptr::null()) == 0, 9);
             step(libc::setresgid(owner, owner, owner) == 0, 10);
             step(libc::setresuid(owner, owner, owner) == 0, 11);
             step(libc::unshare(libc::CLONE_NEWUSER) == 0, 12);
@@ -703,6 +711,8 @@ fn userns_watch(args: &[String]) {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) == 0,
                 16,
             );
+            // Gone before that: nothing would end this process.
+            step(libc::getppid() == parent, 20);
             let fd = libc::inotify_init();
             step(fd >= 0, 17);
             for path in &paths {
@@ -724,7 +734,10 @@ fn userns_watch(args: &[String]) {
             let mut status = 0;
             // SAFETY: waits for our own child.
             unsafe { libc::waitpid(child, &raw mut status, 0) };
-            panic!("the namespaced child failed (wait status {status:#x})");
+            panic!(
+                "the namespaced child failed at step {} (exit codes 9-20, see userns_watch)",
+                libc::WEXITSTATUS(status)
+            );
         }
     };
     // SAFETY: the child holds its own copies.
