@@ -334,6 +334,10 @@ impl Btf {
             icsk_user_timeout: off("inet_connection_sock", &["icsk_user_timeout"], 4)?,
             icsk_probes_out: off("inet_connection_sock", &["icsk_probes_out"], 1)?,
             sock_err_soft: off("sock", &["sk_err_soft"], 4)?,
+            // Without them (a kernel built without network namespaces has no `net` in
+            // `skc_net`) listeners are told apart by cgroup and port alone.
+            skc_net: off("sock_common", &["skc_net", "net"], 8).unwrap_or(0),
+            net_inum: off("net", &["ns", "inum"], 4).unwrap_or(0),
         })
     }
 
@@ -406,6 +410,11 @@ mod tests {
             "SOCK_KEEPOPEN has been bit 3 forever"
         );
         assert!(off.tcp_keepalive_intvl > off.icsk_user_timeout);
+        assert!(
+            off.skc_net > off.skc_state,
+            "this kernel has network namespaces"
+        );
+        assert!(off.net_inum > 0);
         assert!(btf.has_func("bpf_iter_tcp"));
     }
 }

@@ -9,7 +9,8 @@
 //! maps-v<ABI>/KA_SOCKS     per-socket records that found no free slot (hash keyed by cookie)
 //! maps-v<ABI>/KA_LOCKS     policies of `lock` sockets (socket storage)
 //! maps-v<ABI>/KA_LISTENERS policies set on listeners (socket storage)
-//! maps-v<ABI>/KA_LISTEN_PORTS the same, by the listener's cgroup and port (LRU hash)
+//! maps-v<ABI>/KA_LISTEN_PORTS the same, by the listener's cgroup, port and network namespace
+//!                              (LRU hash)
 //! maps-v<ABI>/KA_UNTRACKED records of sockets the full tracking maps left out (socket storage)
 //! maps-v<ABI>/KA_CGSTATS   per-cgroup counters
 //! maps-v<ABI>/KA_COUNTERS  per-CPU event counters

@@ -248,13 +248,13 @@ pub(crate) fn configure_listener(
 ) {
     let ours = PolicyStore::Listeners.get(sk);
     // What the connections it accepts inherit from the program, where they can look it up.
-    let port = kernel::local_port(tp);
+    let key = track::listen_key(cgroup_id, tp);
     if policy.mode == mode::OFF {
         if let Some(previous) = ours {
             let app_keepalive = previous.flags & policy_flags::APP_KEEPALIVE != 0;
             release(target, tp, &previous, app_keepalive);
             PolicyStore::Listeners.set(sk, None);
-            track::note_listener(cgroup_id, port, None);
+            track::note_listener(key, None);
         }
         return;
     }
@@ -264,7 +264,7 @@ pub(crate) fn configure_listener(
         None => 0,
     };
     if policy.mode == mode::FILL && ours.is_none() && app_keepalive != 0 {
-        track::note_listener(cgroup_id, port, None);
+        track::note_listener(key, None);
         return;
     }
     // Values the application has set on the listener since the program configured it (nginx
@@ -300,12 +300,12 @@ pub(crate) fn configure_listener(
     };
     if ours == Some(stored) && carries(target, tp, policy) {
         // Also noted after a takeover from a program that did not note listeners.
-        track::note_listener(cgroup_id, port, Some(&stored));
+        track::note_listener(key, Some(&stored));
         return;
     }
     apply(target, tp, policy, ours.as_ref());
     PolicyStore::Listeners.set(sk, Some(&stored));
-    track::note_listener(cgroup_id, port, Some(&stored));
+    track::note_listener(key, Some(&stored));
 }
 
 /// The keepalive values the application set, for `fill` sockets that keep them.

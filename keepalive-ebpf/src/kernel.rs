@@ -32,6 +32,8 @@ pub(crate) static KA_OFFSETS: KernelOffsets = KernelOffsets {
     icsk_user_timeout: 0,
     icsk_probes_out: 0,
     sock_err_soft: 0,
+    skc_net: 0,
+    net_inum: 0,
 };
 
 /// Patched by the loader.
@@ -188,6 +190,19 @@ pub(crate) fn keepalive_on(tp: *const u8) -> bool {
     }
     let flags: u64 = load(tp, off!(sk_flags));
     flags & (1 << off!(sock_keepopen_bit)) != 0
+}
+
+/// The inode number of the socket's network namespace; 0 when the kernel has none.
+#[inline(always)]
+pub(crate) fn netns_inum(sk: *const u8) -> u32 {
+    if sk.is_null() || off!(skc_net) == 0 || off!(net_inum) == 0 {
+        return 0;
+    }
+    let net: *const u8 = load(sk, off!(skc_net));
+    if net.is_null() {
+        return 0;
+    }
+    load(net, off!(net_inum))
 }
 
 /// The socket's local port, in host byte order.

@@ -168,7 +168,7 @@ pub(crate) fn enforce_socket(
             || (policy.flags & policy_flags::USER_TIMEOUT == 0
                 && kernel::user_timeout_ms(sock.tp) != 0))
     {
-        track::listened_policy(sock.cgroup.id, kernel::local_port(sock.tp)).filter(|listened| {
+        track::listened_policy(track::listen_key(sock.cgroup.id, sock.tp)).filter(|listened| {
             listened.user_timeout_held(kernel::user_timeout_ms(sock.tp))
                 && match kernel::has_values(sock.tp, listened) {
                     Some(same) => same,

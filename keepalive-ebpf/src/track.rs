@@ -73,27 +73,28 @@ static KA_UNTRACKED: SkStorage<SockRecord> = SkStorage::new();
 static KA_LISTEN_PORTS: LruHashMap<ListenPort, Policy, { LISTEN_PORTS as usize }> =
     LruHashMap::new();
 
+/// The key of listener `sk` of cgroup `cgroup_id` in [`KA_LISTEN_PORTS`], and of the
+/// connections it accepts, which share its port and namespace.
 #[inline(always)]
-fn listen_port(cgroup_id: u64, port: u32) -> ListenPort {
+pub(crate) fn listen_key(cgroup_id: u64, sk: *const u8) -> ListenPort {
     ListenPort {
         cgroup_id,
-        port,
-        _pad: 0,
+        port: kernel::local_port(sk),
+        netns: kernel::netns_inum(sk),
     }
 }
 
-/// Notes `policy` as what the program set on the listener of cgroup `cgroup_id` on `port`
-/// (Some), or that it set nothing there (None). See [`listened_policy`].
+/// Notes `policy` as what the program set on the listener whose key is `key` (Some), or that
+/// it set nothing there (None). See [`listened_policy`].
 #[inline(always)]
-pub(crate) fn note_listener(cgroup_id: u64, port: u32, policy: Option<&Policy>) {
+pub(crate) fn note_listener(key: ListenPort, policy: Option<&Policy>) {
     // An unknown cgroup would share its key with every other.
-    if cgroup_id == 0 {
+    if key.cgroup_id == 0 {
         return;
     }
-    let key = listen_port(cgroup_id, port);
     match policy {
         // Passes find most listeners as they were: no new node for those.
-        Some(policy) if listened_policy(cgroup_id, port) == Some(*policy) => {}
+        Some(policy) if listened_policy(key) == Some(*policy) => {}
         Some(policy) => {
             // Only a full LRU map fails an update, and it evicts instead.
             let _ = KA_LISTEN_PORTS.insert(key, policy, 0);
@@ -104,14 +105,14 @@ pub(crate) fn note_listener(cgroup_id: u64, port: u32, policy: Option<&Policy>) 
     }
 }
 
-/// What the program last set on a listener of cgroup `cgroup_id` on `port`, which the
-/// connections it accepts inherit.
+/// What the program last set on the listener whose key is `key` (see [`listen_key`]), which
+/// the connections it accepts inherit.
 #[inline(always)]
-pub(crate) fn listened_policy(cgroup_id: u64, port: u32) -> Option<Policy> {
-    if cgroup_id == 0 {
+pub(crate) fn listened_policy(key: ListenPort) -> Option<Policy> {
+    if key.cgroup_id == 0 {
         return None;
     }
-    let p = KA_LISTEN_PORTS.get_ptr(listen_port(cgroup_id, port))?;
+    let p = KA_LISTEN_PORTS.get_ptr(key)?;
     // SAFETY: a map value pointer stays valid for this run.
     Some(unsafe { *p })
 }

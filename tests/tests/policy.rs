@@ -1640,7 +1640,12 @@ struct Listener {
 impl Listener {
     /// Starts one, with `extra` arguments to `ka-sock listen`; it accepts up to 8 connections.
     fn new(cg: &TestCgroup, ns: &Netns, extra: &[&str]) -> Self {
-        let args = [&["listen", "127.0.0.1:0", "8"], extra].concat();
+        Self::at(cg, ns, "127.0.0.1:0", extra)
+    }
+
+    /// [`Listener::new`] on address `addr`.
+    fn at(cg: &TestCgroup, ns: &Netns, addr: &str, extra: &[&str]) -> Self {
+        let args = [&["listen", addr, "8"], extra].concat();
         let mut server = Proc::spawn(&sock_bin(), &args, Some(cg.path()), Some(ns));
         let port = server.read()["port"].as_u64().unwrap();
         Self {
@@ -1775,4 +1780,42 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
         let accepted = own.accept(&cg, &ns);
         assert_eq!(accepted["user_timeout"], 9000, "{mode}: {accepted}");
     }
+}
+
+#[test]
+fn listeners_on_one_port_in_one_cgroup_but_other_network_namespaces_are_told_apart() {
+    // Under `fill`, the program notes what it set on each listener, so that a connection
+    // accepted from one a policy change has not reached gets the new policy. The note was
+    // keyed by cgroup and port only: an application's own listener on the same port in
+    // another namespace (a port space of its own) wiped it, and the connection kept the old
+    // values as the application's.
+    let cg = TestCgroup::new("netnskey");
+    let config = write_config("[default]\nidle = 41\nmode = \"fill\"\n");
+    // CAP_NET_ADMIN, CAP_PERFMON and CAP_BPF: no CAP_SYS_ADMIN to enter namespaces with.
+    let agent = start_with_caps(&cg, &config, &[], &[12, 38, 39]);
+    let (ns1, ns2) = (Netns::new("netnskey1"), Netns::new("netnskey2"));
+    let addr = "127.0.0.1:47123";
+    let mut program = Listener::at(&cg, &ns1, addr, &[]);
+    assert_eq!(values(&program.accept(&cg, &ns1)), (1, 41, 10, 5));
+    let mut own = Listener::at(&cg, &ns2, addr, &["--keepalive", "77"]);
+    assert_eq!(values(&own.accept(&cg, &ns2)).1, 77);
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.path().to_str().unwrap(),
+        "--mode",
+        "fill",
+        "--idle",
+        "35",
+    ]);
+    assert_eq!(
+        values(&program.accept(&cg, &ns1)),
+        (1, 35, 10, 5),
+        "the new policy's values, not the ones the program set before"
+    );
+    assert_eq!(
+        values(&own.accept(&cg, &ns2)).1,
+        77,
+        "the application's own stays"
+    );
 }

@@ -275,7 +275,9 @@ pub mod policy_flags {
     pub const APP_KEEPALIVE: u32 = 8;
 }
 
-/// Key of [`MAP_LISTEN_PORTS`]: a listener's cgroup id and local port (host byte order).
+/// Key of [`MAP_LISTEN_PORTS`]: a listener's cgroup id, local port (host byte order) and
+/// network namespace, so that listeners on one port in one cgroup but in different namespaces
+/// (each with its own port space) do not share an entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub struct ListenPort {
@@ -283,8 +285,9 @@ pub struct ListenPort {
     pub cgroup_id: u64,
     /// Its local port.
     pub port: u32,
-    /// Zero.
-    pub _pad: u32,
+    /// Its network namespace's inode number ([`KernelOffsets::net_inum`]); 0 in entries from
+    /// builds before 2026-11-22, which lookups no longer find.
+    pub netns: u32,
 }
 
 /// One keepalive policy as the program applies it.
@@ -464,8 +467,13 @@ pub struct KernelOffsets {
     pub icsk_probes_out: u32,
     /// `struct sock`: `sk_err_soft` (an `int`).
     pub sock_err_soft: u32,
+    /// `struct sock_common`: `skc_net.net` (a `struct net *`); 0 on a kernel without network
+    /// namespaces, whose sockets then all count as in namespace 0.
+    pub skc_net: u32,
+    /// `struct net`: `ns.inum` (the namespace's inode number); 0 when unknown, as above.
+    pub net_inum: u32,
 }
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 88);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 96);
 
 // ---------------------------------------------------------------------------------------------
 // Tracking records.
