@@ -17,6 +17,9 @@
 /// [`sock_flags::APP_KEEPALIVE`]) either: layouts are unchanged, older programs ignore the
 /// bits, and records and listener storage from older builds just lack them (their listeners'
 /// own keepalive is then taken for the program's, as before).
+///
+/// Nor for [`ListenPort::netns`], the key's former padding word: its size is unchanged, and
+/// the entries older builds wrote (with 0 there) are just not found, as if never noted.
 pub const ABI_VERSION: u32 = 2;
 
 // ---------------------------------------------------------------------------------------------
@@ -79,8 +82,8 @@ pub const MAP_APPLY: &str = "KA_APPLY";
 /// policy change tell the program's keepalive on a listener from the application's, so `off`
 /// and `fill` can undo or update it.
 pub const MAP_LISTENERS: &str = "KA_LISTENERS";
-/// The [`Policy`] the program last set on a listener, by the listener's cgroup id and port
-/// ([`ListenPort`]): what the connections it accepts inherit, where the listener's own
+/// The [`Policy`] the program last set on a listener, by the listener's cgroup id, port and
+/// network namespace ([`ListenPort`]): what the connections it accepts inherit, where the listener's own
 /// storage ([`MAP_LISTENERS`]) cannot be reached from. An accepted connection with keepalive
 /// on and other values than its policy's, or a user timeout its policy does not have, got
 /// them from its listener; when they are these, they are what the program set before a policy
@@ -286,9 +289,10 @@ pub struct ListenPort {
     /// Its local port.
     pub port: u32,
     /// Its network namespace's inode number ([`KernelOffsets::net_inum`]); 0 in entries from
-    /// builds before 2026-11-22, which lookups no longer find.
+    /// older builds, which lookups no longer find.
     pub netns: u32,
 }
+const _: () = assert!(core::mem::size_of::<ListenPort>() == 16);
 
 /// One keepalive policy as the program applies it.
 #[repr(C)]
