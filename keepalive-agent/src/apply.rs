@@ -300,7 +300,7 @@ pub fn describe(report: &ApplyReport) -> String {
     }
     if report.namespaces_skipped != 0 {
         about.push(format!(
-            "{} could not be entered",
+            "{} more could not be entered",
             report.namespaces_skipped
         ));
     }
@@ -311,13 +311,13 @@ pub fn describe(report: &ApplyReport) -> String {
     };
     format!(
         "existing connections: {} updated, {} already current, {} in off cgroups{released}, {} \
-         keep their own keepalive (fill), {} failed; {} network namespaces{empty} in {:.1} ms",
+         keep their own keepalive (fill), {} failed; {}{empty} in {:.1} ms",
         report.applied,
         report.unchanged,
         report.skipped_off,
         report.kept_app,
         report.failed,
-        report.namespaces,
+        crate::logging::counted(report.namespaces, "network namespace", "network namespaces"),
         report.elapsed_us as f64 / 1000.0
     )
 }

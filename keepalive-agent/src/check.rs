@@ -14,7 +14,9 @@ use crate::{
     cgroup::{Cgroup2, CgroupPath},
     config::{self, Config, DEFAULT_CONFIG},
     error::Error,
-    foreign, instance, loader, metrics,
+    foreign, instance, loader,
+    logging::counted,
+    metrics,
     pin::{self, BPFFS_MOUNT, StateDir},
     privileges::{Cap, Caps},
     sys, watch,
@@ -454,12 +456,12 @@ fn config_content_item(
         Ok((config, attach, Ok(_))) => {
             let detail = match &config.file {
                 Some(file) => {
-                    let rules = config.policies.rules.len();
-                    let noun = if rules == 1 { "policy" } else { "policies" };
-                    format!(
-                        "{} is valid: {rules} cgroup {noun}, attach at {attach}",
-                        file.display()
-                    )
+                    let rules = counted(
+                        config.policies.rules.len() as u64,
+                        "cgroup policy",
+                        "cgroup policies",
+                    );
+                    format!("{} is valid: {rules}, attach at {attach}", file.display())
                 }
                 None => {
                     format!("no {DEFAULT_CONFIG}: the built-in default applies, attach at {attach}")

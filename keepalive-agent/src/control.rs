@@ -54,6 +54,18 @@ pub enum Request {
     },
 }
 
+/// The command a request comes from, for the log: `policy set /app`, say.
+impl std::fmt::Display for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Reload => f.write_str("policy reload"),
+            Self::List => f.write_str("policy list"),
+            Self::Set { cgroup, .. } => write!(f, "policy set {cgroup}"),
+            Self::Unset { cgroup } => write!(f, "policy unset {cgroup}"),
+        }
+    }
+}
+
 /// What goes over the socket: the request, and the state directory the client named.
 #[derive(Debug, Serialize, Deserialize)]
 struct Envelope {

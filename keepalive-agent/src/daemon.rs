@@ -28,6 +28,7 @@ use crate::{
     error::{Error, usage},
     foreign, instance,
     loader::{self, Enforcer, LoadOptions},
+    logging::counted,
     metrics,
     pin::{self, StateDir},
     policy::{self, Mode, PolicySet, Resolution, Rule, Selector, Source, Spec},
@@ -475,9 +476,13 @@ impl Daemon {
         if changed {
             self.enforcer.push_table(&self.new_cgroups.mark(&table))?;
             log::info!(
-                "policy table: default {} plus {} cgroup policies",
+                "policy table: default {} plus {}",
                 describe_spec(&set.default),
-                resolution.entries.len()
+                counted(
+                    resolution.entries.len() as u64,
+                    "cgroup policy",
+                    "cgroup policies"
+                )
             );
             self.table = table;
             // Existing connections still have the previous policy until a pass succeeds.
@@ -775,7 +780,7 @@ impl Daemon {
                 }
             }
             Err(err) => {
-                log::warn!("rejected {req:?}: {err:#}");
+                log::warn!("rejected `{req}`, the previous policies stay: {err:#}");
                 Response::failure(&err)
             }
         }
@@ -1074,9 +1079,13 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     }
     daemon.enforcer.pin_status_iterator()?;
     log::info!(
-        "policy: default {} plus {} cgroup policies{}",
+        "policy: default {} plus {}{}",
         describe_spec(&set.default),
-        daemon.resolution.entries.len(),
+        counted(
+            daemon.resolution.entries.len() as u64,
+            "cgroup policy",
+            "cgroup policies"
+        ),
         daemon
             .config
             .file

@@ -49,9 +49,22 @@ fn fatal_line(err: &anyhow::Error, journal: bool) -> String {
     format!("{prefix}keepalive-agent: {err:#}")
 }
 
+/// `n` and the noun that goes with it: "1 policy", "2 policies".
+pub fn counted(n: impl Into<u64>, one: &str, many: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_count_takes_the_singular_only_for_one() {
+        assert_eq!(counted(1u32, "policy", "policies"), "1 policy");
+        assert_eq!(counted(0u32, "policy", "policies"), "0 policies");
+        assert_eq!(counted(2u64, "namespace", "namespaces"), "2 namespaces");
+    }
 
     #[test]
     fn a_fatal_error_has_error_priority_only_in_the_journal() {

@@ -807,6 +807,11 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
     agent.signal(libc::SIGHUP);
     agent.wait_notify("READY=1", Duration::from_secs(10));
     assert_eq!(idle_of(&svc), 44, "SIGHUP reload");
+    assert!(
+        agent.log().contains(" plus 1 cgroup policy\n"),
+        "one policy, one noun: {}",
+        agent.log()
+    );
 
     // A bad file is rejected whole, with file and line, and the running policy stays.
     std::fs::write(
@@ -823,6 +828,15 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
     assert!(
         err.contains(&format!("{}:5", config.display())) && err.contains("1 to 32767"),
         "{err}"
+    );
+    // The journal names the command, not the request's internals.
+    assert!(
+        agent.log().contains(&format!(
+            "rejected `policy reload`, the previous policies stay: {}:5",
+            config.display()
+        )),
+        "{}",
+        agent.log()
     );
     agent.signal(libc::SIGHUP);
     agent.wait_notify("READY=1", Duration::from_secs(10));
