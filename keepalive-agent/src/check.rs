@@ -514,6 +514,21 @@ fn directories_item(state: &StateDir, runtime_dir: &Path) -> Item {
             Some("choose a state directory below /sys/fs/bpf"),
         );
     }
+    if let Ok(Some(why)) = instance::untrusted(runtime_dir, instance::Leaf::MadeRootOnly) {
+        return item(
+            NAME,
+            Outcome::Fail,
+            format!(
+                "runtime directory {}: {why}; `run` refuses it (exit 2), as another user could \
+                 replace its control socket",
+                runtime_dir.display()
+            ),
+            Some(
+                "give the agent a runtime directory only root can change (default \
+                 /run/keepalive-agent)",
+            ),
+        );
+    }
     // A runtime directory that does not exist yet is created by `run`.
     if let Ok(Some(other)) = instance::foreign_entry(runtime_dir) {
         return item(

@@ -45,7 +45,8 @@ pub struct Cli {
     pub state_dir: Option<PathBuf>,
 
     /// Directory for the control socket and the agent's lock file; one of its own, which `run`
-    /// makes root-only (a directory holding other files is refused).
+    /// makes root-only (a directory holding other files is refused, and so is one another user
+    /// could change).
     #[arg(
         long,
         global = true,

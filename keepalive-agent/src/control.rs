@@ -211,6 +211,39 @@ pub type Pending = (Request, tokio::sync::oneshot::Sender<Response>);
 /// How long a control client may take to send its request, and to take the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The longest request the agent reads: a request is one JSON line of a few hundred bytes.
+const MAX_REQUEST: u64 = 64 * 1024;
+
+/// How long `policy` waits for the agent's answer, which may come after a pass over every
+/// network namespace, behind other requests.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Reads one request line, at most [`MAX_REQUEST`] bytes within [`CLIENT_TIMEOUT`]: the
+/// request, or the refusal to answer with. `Err` when the connection itself failed.
+async fn read_request(
+    read: impl tokio::io::AsyncRead + Unpin,
+    timeout: Duration,
+) -> std::io::Result<Result<Envelope, anyhow::Error>> {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+    let mut line = Vec::new();
+    let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
+    let Ok(read) = tokio::time::timeout(timeout, reader.read_until(b'\n', &mut line)).await else {
+        return Ok(Err(crate::error::usage(format!(
+            "no request within {}",
+            humantime::format_duration(timeout)
+        ))));
+    };
+    read?;
+    if !line.ends_with(b"\n") && line.len() as u64 == MAX_REQUEST {
+        return Ok(Err(crate::error::usage(format!(
+            "request longer than {} KiB",
+            MAX_REQUEST / 1024
+        ))));
+    }
+    Ok(serde_json::from_slice::<Envelope>(&line)
+        .map_err(|err| crate::error::usage(format!("malformed request: {err}"))))
+}
+
 /// Serves one connection of the agent keeping its state in `state_dir`, on a task of its own,
 /// so a slow or stuck client never holds up the agent: checks the peer is root and names no
 /// other state directory, reads one request, hands it to the agent's loop through `requests`
@@ -220,7 +253,7 @@ pub async fn serve_one(
     state_dir: &Path,
     requests: tokio::sync::mpsc::Sender<Pending>,
 ) -> anyhow::Result<()> {
-    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
     let (read, mut write) = stream.into_split();
     let response = if uid != 0 {
@@ -228,12 +261,10 @@ pub async fn serve_one(
             &Error::Permission("permission denied: policy commands need root".into()).into(),
         )
     } else {
-        let mut line = String::new();
-        let mut reader = tokio::io::BufReader::new(read);
-        tokio::time::timeout(CLIENT_TIMEOUT, reader.read_line(&mut line))
+        match read_request(read, CLIENT_TIMEOUT)
             .await
-            .context("control client sent nothing")??;
-        match serde_json::from_str::<Envelope>(&line) {
+            .context("failed to read a control request")?
+        {
             Ok(Envelope {
                 state_dir: Some(named),
                 ..
@@ -257,9 +288,7 @@ pub async fn serve_one(
                     .await
                     .map_err(|_| anyhow::anyhow!("the agent is stopping"))?
             }
-            Err(err) => {
-                Response::failure(&crate::error::usage(format!("malformed request: {err}")))
-            }
+            Err(refusal) => Response::failure(&refusal),
         }
     };
     let mut out = serde_json::to_string(&response)?;
@@ -276,7 +305,27 @@ pub fn call(
     state_dir: Option<&Path>,
     request: &Request,
 ) -> anyhow::Result<Response> {
+    call_within(runtime_dir, state_dir, request, ANSWER_TIMEOUT)
+}
+
+/// [`call`], waiting at most `timeout` for the answer.
+fn call_within(
+    runtime_dir: &Path,
+    state_dir: Option<&Path>,
+    request: &Request,
+    timeout: Duration,
+) -> anyhow::Result<Response> {
     let path = socket_path(runtime_dir);
+    // A socket another user could have put there is not the agent's. (A directory that does
+    // not exist holds no agent: connect says so.)
+    if let Ok(Some(why)) = crate::instance::untrusted(runtime_dir, crate::instance::Leaf::AsIs) {
+        return Err(Error::Usage(format!(
+            "runtime directory {}: {why}, so its control socket may not be the agent's; \
+             nothing was sent",
+            runtime_dir.display()
+        ))
+        .into());
+    }
     let stream = UnixStream::connect(&path).map_err(|err| -> anyhow::Error {
         match err.kind() {
             std::io::ErrorKind::PermissionDenied => Error::Permission(format!(
@@ -297,7 +346,7 @@ pub fn call(
             }
         }
     })?;
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
+    stream.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(&Envelope {
         request: request.clone(),
         state_dir: state_dir.map(Path::to_owned),
@@ -307,9 +356,21 @@ pub fn call(
         .write_all(line.as_bytes())
         .context("failed to send the request")?;
     let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .context("failed to read the agent's answer")?;
+    if let Err(err) = BufReader::new(&stream).read_line(&mut answer) {
+        if matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            // The agent has the request, and may still carry it out.
+            return Err(Error::Agent(format!(
+                "the agent did not answer within {}; the request may still be carried out \
+                 (`keepalive-agent policy list` shows what holds)",
+                humantime::format_duration(timeout)
+            ))
+            .into());
+        }
+        return Err(anyhow::Error::new(err).context("failed to read the agent's answer"));
+    }
     if answer.is_empty() {
         // The agent stopped with the request queued (a SIGTERM during a long pass, say), or
         // went down while it ran.
@@ -337,26 +398,97 @@ mod tests {
         }
     }
 
-    #[test]
-    fn an_agent_that_stops_before_it_answers_is_no_agent_running() {
-        let dir = std::env::temp_dir().join(format!("ka-control-{}", std::process::id()));
+    /// The error `policy list` gets, waiting `timeout`, from an agent that takes the request
+    /// and then, after `after`, goes away without a word.
+    fn unanswered(tag: &str, after: Duration, timeout: Duration) -> anyhow::Error {
+        let dir = std::env::temp_dir().join(format!("ka-control-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let _removed = TempDir(dir.clone());
         let listener = std::os::unix::net::UnixListener::bind(socket_path(&dir)).unwrap();
-        // Reads the request, then goes away without a word.
         let agent = std::thread::spawn(move || {
             let (stream, _) = listener.accept().unwrap();
             BufReader::new(&stream)
                 .read_line(&mut String::new())
                 .unwrap();
+            std::thread::sleep(after);
         });
-        let err = call(&dir, None, &Request::List).unwrap_err();
+        let err = call_within(&dir, None, &Request::List, timeout).unwrap_err();
         agent.join().unwrap();
         assert_eq!(code_of(&err), Some(exit::AGENT), "{err:#}");
+        err
+    }
+
+    #[test]
+    fn an_agent_that_stops_before_it_answers_is_no_agent_running() {
+        let err = unanswered("gone", Duration::ZERO, ANSWER_TIMEOUT);
         assert!(
             format!("{err:#}").contains("stopped before it answered"),
             "{err:#}"
         );
+    }
+
+    #[test]
+    fn an_answer_that_does_not_come_in_time_may_still_be_carried_out() {
+        // As an agent busy with a long pass.
+        let err = unanswered(
+            "slow",
+            Duration::from_millis(600),
+            Duration::from_millis(200),
+        );
+        assert!(
+            format!("{err:#}").contains("did not answer within 200ms; the request may still"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn a_control_socket_in_a_directory_others_may_write_to_is_not_used() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("ka-control-open-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let _removed = TempDir(dir.clone());
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(socket_path(&dir)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let err = call(&dir, None, &Request::List).unwrap_err();
+        assert_eq!(code_of(&err), Some(exit::USAGE), "{err:#}");
+        assert!(format!("{err:#}").contains("mode 0777"), "{err:#}");
+        assert!(listener.accept().is_err(), "nothing was sent");
+    }
+
+    /// What the agent makes of `sent` on a connection the client then leaves open.
+    async fn refusal(sent: &[u8]) -> String {
+        use tokio::io::AsyncWriteExt as _;
+        let (agent, mut client) = tokio::net::UnixStream::pair().unwrap();
+        let sent = sent.to_vec();
+        let writer = tokio::spawn(async move {
+            // The agent stops reading at its limit; what it left unread fails here.
+            let _ = client.write_all(&sent).await;
+            client
+        });
+        let read = read_request(agent, Duration::from_millis(200))
+            .await
+            .unwrap();
+        drop(writer);
+        format!("{:#}", read.expect_err("refused"))
+    }
+
+    #[tokio::test]
+    async fn requests_that_are_too_long_malformed_or_never_sent_are_answered_with_why() {
+        let long = vec![b' '; MAX_REQUEST as usize + 10];
+        assert_eq!(refusal(&long).await, "request longer than 64 KiB");
+        assert!(
+            refusal(b"{\"cmd\":\"li\xffst\"}\n")
+                .await
+                .starts_with("malformed request: "),
+        );
+        assert_eq!(refusal(b"").await, "no request within 200ms");
+        let ok = read_request(&b"{\"cmd\":\"list\"}\n"[..], Duration::from_secs(1))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(ok.request, Request::List));
     }
 }

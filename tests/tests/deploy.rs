@@ -252,6 +252,31 @@ fn check_fails_on_what_run_would_refuse_about_its_directories_and_attach_cgroup(
         item["detail"].as_str().unwrap().contains("other.pid"),
         "{item}"
     );
+    // A runtime directory to be made below one that every user may write to, which `run`
+    // refuses (exit 2): another user could swap it, and the agent's socket with it.
+    let open = std::env::temp_dir().join(keepalive_tests::unique("open-run"));
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let dirs = AgentDirs {
+        runtime_dir: open.join("run"),
+        ..AgentDirs::new()
+    };
+    let (rc, status, item) = check(&dirs, cg.path(), "directories");
+    assert_eq!((rc, status.as_str()), (8, "fail"), "{item}");
+    assert!(
+        item["detail"].as_str().unwrap().contains("(mode 0777)"),
+        "{item}"
+    );
+    let refused = dirs.cli(&["run", "--cgroup", cg.path().to_str().unwrap()]);
+    let made = open.join("run").exists();
+    std::fs::remove_dir_all(&open).unwrap();
+    assert!(!made, "refused before anything was created");
+    assert_eq!(code(&refused), 2, "{}", stderr(&refused));
+    assert!(
+        stderr(&refused).contains("may write to"),
+        "{}",
+        stderr(&refused)
+    );
     // An attach "cgroup" that is a file: `run` refuses it (exit 2), it will never appear.
     let (rc, status, item) = check(&AgentDirs::new(), &cg.path().join("cgroup.procs"), "config");
     assert_eq!((rc, status.as_str()), (8, "fail"), "{item}");
