@@ -150,18 +150,45 @@ fn manifest(name: &str) -> Value {
 }
 
 #[test]
+fn kubectl_apply_of_the_directory_creates_the_namespace_first() {
+    // `kubectl apply -f DIR` sends the files in the order of their names, and a resource in a
+    // namespace that does not exist yet is refused.
+    let dir = repo().join("deploy/kubernetes");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.ends_with(".yaml"))
+        .collect();
+    names.sort();
+    let mut created = Vec::new();
+    for name in &names {
+        let resource = manifest(name);
+        if let Some(namespace) = resource["metadata"]["namespace"].as_str() {
+            assert!(
+                created.iter().any(|n| n == namespace),
+                "{name} goes into namespace {namespace}, not created before it in {names:?}"
+            );
+        }
+        if resource["kind"] == "Namespace" {
+            created.push(resource["metadata"]["name"].as_str().unwrap().to_owned());
+        }
+    }
+    assert!(!created.is_empty(), "{names:?}");
+}
+
+#[test]
 fn kubernetes_manifests_are_complete_and_agree_with_the_agent() {
-    let ns = manifest("namespace.yaml");
+    let ns = manifest("00-namespace.yaml");
     assert_eq!(ns["kind"], "Namespace");
     let name = ns["metadata"]["name"].as_str().unwrap();
-    let sa = manifest("serviceaccount.yaml");
+    let sa = manifest("01-serviceaccount.yaml");
     assert_eq!(
         (sa["kind"].as_str(), sa["metadata"]["namespace"].as_str()),
         (Some("ServiceAccount"), Some(name))
     );
-    let cm = manifest("configmap.yaml");
+    let cm = manifest("02-configmap.yaml");
     assert_eq!(cm["kind"], "ConfigMap");
-    let ds = manifest("daemonset.yaml");
+    let ds = manifest("03-daemonset.yaml");
     assert_eq!(
         (ds["kind"].as_str(), ds["apiVersion"].as_str()),
         (Some("DaemonSet"), Some("apps/v1"))
@@ -199,6 +226,10 @@ fn kubernetes_manifests_are_complete_and_agree_with_the_agent() {
         ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_PTRACE"]
     );
     assert_eq!(security["capabilities"]["drop"][0], "ALL");
+    assert_eq!(
+        security["seLinuxOptions"]["type"], "spc_t",
+        "container_t may not load BPF programs on SELinux nodes"
+    );
     for key in ["requests", "limits"] {
         assert!(
             container["resources"][key]["cpu"].is_string()
