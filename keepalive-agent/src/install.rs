@@ -110,9 +110,76 @@ pub fn refuse_directories(state_dir: Option<&Path>, runtime_dir: &Path) -> anyho
     Ok(())
 }
 
+/// Directories the unit's sandbox hides from the agent (`ProtectHome=`, `PrivateTmp=`): a
+/// binary there would fail to start with 203/EXEC.
+const HIDDEN_FROM_THE_UNIT: [&str; 5] = ["/home", "/root", "/run/user", "/tmp", "/var/tmp"];
+
+/// Refuses a `--bindir` the unit could not run the binary from: one its sandbox hides, or one
+/// whose path `ExecStart=` would split or expand (white space, `%`, quotes, backslashes).
+fn refuse_bindir(bindir: &Path) -> anyhow::Result<()> {
+    let text = bindir.to_str().ok_or_else(|| {
+        usage(format!(
+            "--bindir {} is not valid UTF-8; the unit's ExecStart= cannot name it",
+            bindir.display()
+        ))
+    })?;
+    if let Some(c) = text
+        .chars()
+        .find(|c| c.is_whitespace() || matches!(c, '%' | '"' | '\'' | '\\' | '$' | ';'))
+    {
+        return Err(usage(format!(
+            "--bindir {text} holds {c:?}, which the unit's ExecStart= would take apart or \
+             expand; choose a directory without it (default /usr/local/sbin)"
+        )));
+    }
+    if let Some(hidden) = HIDDEN_FROM_THE_UNIT
+        .iter()
+        .find(|hidden| bindir.starts_with(hidden))
+    {
+        return Err(usage(format!(
+            "--bindir {text} is below {hidden}, which the unit's sandbox (ProtectHome=, \
+             PrivateTmp=) hides from the agent: the service would fail to start; choose another \
+             directory (default /usr/local/sbin)"
+        )));
+    }
+    Ok(())
+}
+
+/// Refuses to replace a unit file that is a symbolic link: `systemctl mask` makes one to
+/// /dev/null, which a new file in its place would undo (starting the agent at the next boot if
+/// it was enabled before), and a link to a packaged unit is the package's.
+fn refuse_linked_unit(unit: &Path) -> anyhow::Result<()> {
+    let Ok(target) = fs::read_link(unit) else {
+        return Ok(());
+    };
+    let reason = if target == Path::new("/dev/null") {
+        "the unit is masked; `systemctl unmask keepalive-agent`, then install again".to_owned()
+    } else {
+        "it is not this install's to replace; remove the link (or install through what made \
+         it), then install again"
+            .to_owned()
+    };
+    Err(usage(format!(
+        "{} is a symbolic link to {}: {reason}; nothing was installed",
+        unit.display(),
+        target.display()
+    )))
+}
+
 /// Installs; returns one line per file written or kept.
 pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
     let mut done = Vec::new();
+    // What is installed is for every user to read (man pages, completions, the directories
+    // made for them), also when the caller's umask is 077, as on hardened hosts and under
+    // some sudo setups.
+    // SAFETY: no preconditions; this command runs no other threads that create files.
+    unsafe { libc::umask(0o022) };
+    refuse_bindir(&args.bindir)?;
+    let unit = under(
+        &args.root,
+        Path::new("/etc/systemd/system/keepalive-agent.service"),
+    );
+    refuse_linked_unit(&unit)?;
     // The config is decided first, so a path that cannot take one fails before anything is
     // written. A symbolic link whose target is missing now (on a file system mounted later,
     // say) is the operator's config, not a missing one: the agent refuses to start until the
@@ -140,10 +207,6 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
     let target = under(&args.root, &binary);
     done.push(put(&target, &bytes, 0o755)?);
 
-    let unit = under(
-        &args.root,
-        Path::new("/etc/systemd/system/keepalive-agent.service"),
-    );
     let upgrade = unit.exists();
     done.push(put(&unit, unit_for(&binary).as_bytes(), 0o644)?);
 

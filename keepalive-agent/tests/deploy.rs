@@ -452,6 +452,93 @@ fn install_with(root: &Path, global: &[&str], args: &[&str]) -> std::process::Ou
 }
 
 #[test]
+fn install_leaves_a_masked_or_linked_unit_and_a_bindir_the_unit_cannot_run_alone() {
+    let root = tempdir("install-masked");
+    let units = root.join("etc/systemd/system");
+    std::fs::create_dir_all(&units).unwrap();
+    let unit = units.join("keepalive-agent.service");
+    let packaged = root.join("packaged.service");
+    std::fs::write(&packaged, "[Service]\n").unwrap();
+    // `systemctl mask` links the unit to /dev/null; a link to a packaged unit is the package's.
+    for (target, needle) in [
+        (Path::new("/dev/null"), "systemctl unmask keepalive-agent"),
+        (packaged.as_path(), "remove the link"),
+    ] {
+        let _ = std::fs::remove_file(&unit);
+        std::os::unix::fs::symlink(target, &unit).unwrap();
+        let out = install_with(&root, &[], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(needle) && err.contains("nothing was installed"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_link(&unit).unwrap(), target);
+        assert!(!root.join("usr").exists(), "nothing was installed: {err}");
+        assert!(!root.join("etc/keepalive-agent").exists(), "{err}");
+    }
+    assert_eq!(std::fs::read_to_string(&packaged).unwrap(), "[Service]\n");
+    std::fs::remove_file(&unit).unwrap();
+    // A binary the sandbox hides (ProtectHome=, PrivateTmp=), or a path ExecStart= would split.
+    for (bindir, needle) in [
+        ("/home/ops/bin", "ProtectHome="),
+        ("/tmp/bin", "PrivateTmp="),
+        ("/opt/my tools", "' '"),
+        ("/opt/100%", "'%'"),
+    ] {
+        let out = install_with(&root, &[], &["--bindir", bindir]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bindir}: {err}");
+        assert!(err.contains(needle), "{bindir}: {err}");
+        assert!(
+            !root.join("usr").exists() && !unit.exists(),
+            "{bindir}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
+fn install_makes_its_files_readable_by_everyone_under_a_tight_umask() {
+    use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
+    let root = tempdir("install-umask");
+    let mut cmd = Command::new(AGENT);
+    cmd.env_remove("KEEPALIVE_STATE_DIR")
+        .env_remove("KEEPALIVE_RUNTIME_DIR")
+        .args(["install", "--root"])
+        .arg(&root);
+    // SAFETY: umask is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = |path: &str| {
+        std::fs::metadata(root.join(path))
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("usr/local/share/man/man1"), 0o755);
+    assert_eq!(mode("usr/local/share/man/man1/keepalive-agent.1"), 0o644);
+    assert_eq!(
+        mode("usr/local/share/bash-completion/completions/keepalive-agent"),
+        0o644
+    );
+    assert_eq!(mode("usr/local/share/bash-completion/completions"), 0o755);
+    assert_eq!(mode("usr/local/sbin/keepalive-agent"), 0o755);
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
 fn install_refuses_directories_the_unit_would_drop_and_honours_bindir() {
     let root = tempdir("install-dirs");
     // The unit runs the agent with neither directory flag, so install takes neither: it says
