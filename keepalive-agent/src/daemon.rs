@@ -152,18 +152,40 @@ impl Fixed {
 /// The systemd watchdog (`WatchdogSec=`), pinged every half timeout: by the loop, and between
 /// network namespaces during an apply pass, which holds the loop for as long as it takes (a
 /// walk of the host's TCP hash per namespace, seconds with hundreds of pods).
+///
+/// Until the agent is ready, the same moments push systemd's start timeout out
+/// (`EXTEND_TIMEOUT_USEC`): the first pass, before READY=1, can take longer than
+/// `TimeoutStartSec=` (90 s by default) on a host with thousands of network namespaces, and a
+/// start that timed out would be killed and tried again forever. A pass that stops making
+/// progress stops extending it.
 struct Watchdog {
     /// Half the timeout; `None` when systemd watches nothing.
     period: Option<Duration>,
     last: Instant,
+    /// Whether the agent is still starting (not ready yet).
+    starting: bool,
+    /// When the start timeout was last extended.
+    extended: Option<Instant>,
 }
+
+/// How far each extension pushes the start timeout, from when it is sent...
+const START_EXTENSION: Duration = Duration::from_secs(30);
+/// ...and how often it is sent at most, well within that.
+const START_EXTEND_EVERY: Duration = Duration::from_secs(5);
 
 impl Watchdog {
     fn from_env() -> Self {
         Self {
             period: sd_notify::watchdog_enabled().map(|timeout| timeout / 2),
             last: Instant::now(),
+            starting: true,
+            extended: None,
         }
+    }
+
+    /// The agent is ready: the start timeout no longer applies.
+    fn started(&mut self) {
+        self.starting = false;
     }
 
     fn ping(&mut self) {
@@ -173,13 +195,23 @@ impl Watchdog {
         }
     }
 
-    /// Pings when half the timeout has passed since the last ping.
+    /// Pings when half the timeout has passed since the last ping; while starting, extends the
+    /// start timeout when [`START_EXTEND_EVERY`] has passed since the last extension.
     fn ping_if_due(&mut self) {
         if self
             .period
             .is_some_and(|period| self.last.elapsed() >= period)
         {
             self.ping();
+        }
+        if self.starting
+            && self
+                .extended
+                .is_none_or(|at| at.elapsed() >= START_EXTEND_EVERY)
+        {
+            let usec = u32::try_from(START_EXTENSION.as_micros()).unwrap_or(u32::MAX);
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(usec)]);
+            self.extended = Some(Instant::now());
         }
     }
 }
@@ -1122,6 +1154,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     let mut following = watcher.following();
     // The last failure to drop removed cgroups' counters, warned about once.
     let mut forget_failed: Option<String> = None;
+    daemon.watchdog.started();
     let _ = sd_notify::notify(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&enforcing_status(&attach, following)),

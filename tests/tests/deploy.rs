@@ -374,6 +374,16 @@ fn the_watchdog_is_pinged_while_an_apply_pass_holds_the_agent() {
         &[("WATCHDOG_USEC", "20000")],
         None,
     );
+    // The first pass, before READY=1, pushes systemd's start timeout out, so that one over
+    // thousands of namespaces does not outlast TimeoutStartSec=; once ready, it does not.
+    assert!(
+        agent
+            .ready_lines()
+            .iter()
+            .any(|line| line == "EXTEND_TIMEOUT_USEC=30000000"),
+        "{:?}",
+        agent.ready_lines()
+    );
     // A reload that changes the table runs a pass between RELOADING=1 and READY=1, with the
     // loop held.
     std::fs::write(&*config, "[default]\nidle = 51\n").unwrap();
@@ -403,6 +413,12 @@ fn the_watchdog_is_pinged_while_an_apply_pass_holds_the_agent() {
         "the pass took {pass_ms} ms, too short to tell; this test needs more namespaces"
     );
     assert!(pings >= 1, "no ping during the pass ({pass}): {lines:?}");
+    assert!(
+        !lines
+            .iter()
+            .any(|line| line.starts_with("EXTEND_TIMEOUT_USEC=")),
+        "only a start is extended: {lines:?}"
+    );
 }
 
 #[test]
