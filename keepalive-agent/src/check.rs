@@ -542,6 +542,23 @@ fn directories_item(state: &StateDir, runtime_dir: &Path) -> Item {
             Some("give the agent a runtime directory of its own (default /run/keepalive-agent)"),
         );
     }
+    if !root.starts_with(BPFFS_MOUNT) {
+        // Fine here, but `check` runs outside the unit's sandbox.
+        return item(
+            NAME,
+            Outcome::Warn,
+            format!(
+                "state {} is on bpffs but not below {BPFFS_MOUNT}, the only path the systemd \
+                 unit (ProtectSystem=strict) leaves writable: under it, `run` exits 5",
+                root.display()
+            ),
+            Some(&format!(
+                "choose a state directory below {BPFFS_MOUNT}, or add `ReadWritePaths={}` in a \
+                 drop-in (`systemctl edit keepalive-agent`)",
+                root.display()
+            )),
+        );
+    }
     item(
         NAME,
         Outcome::Ok,

@@ -52,7 +52,8 @@ pub mod exit {
         (
             BPFFS,
             "bpffs is not mounted and cannot be mounted (or a mount would end with this mount \
-             namespace), or the state directory is not on bpffs",
+             namespace), or the state directory is not on bpffs, or on one this process may only \
+             read (under the systemd unit, anywhere but /sys/fs/bpf)",
         ),
         (
             KERNEL,

@@ -238,15 +238,35 @@ impl StateDir {
                     .mode(0o700)
                     .recursive(true)
                     .create(&dir)
+                    .map_err(|err| self.read_only(err))
                     .with_context(|| {
                         format!("failed to create state directory {}", dir.display())
                     })?;
                 created |= dir == self.root;
             }
             fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+                .map_err(|err| self.read_only(err))
                 .with_context(|| format!("failed to restrict {} to root", dir.display()))?;
         }
         Ok(created)
+    }
+
+    /// `err`, or for a read-only file system the reason this state directory cannot be written
+    /// though it is on bpffs (exit 5, which the unit does not retry): under the systemd unit
+    /// (`ProtectSystem=strict`) everything but [`BPFFS_MOUNT`] is read-only.
+    fn read_only(&self, err: std::io::Error) -> anyhow::Error {
+        if err.raw_os_error() != Some(libc::EROFS) {
+            return err.into();
+        }
+        Error::Bpffs(format!(
+            "state directory {} is on a file system this process may only read; the systemd \
+             unit (ProtectSystem=strict) leaves only {BPFFS_MOUNT} writable: choose a state \
+             directory below it, or add `ReadWritePaths={}` in a drop-in (`systemctl edit \
+             keepalive-agent`)",
+            self.root.display(),
+            self.root.display()
+        ))
+        .into()
     }
 
     /// Removes a state directory [`StateDir::create`] made, with the maps a start that failed

@@ -1600,14 +1600,23 @@ pub fn umount(path: &std::ffi::CStr) -> std::io::Result<()> {
 
 /// Mounts an empty tmpfs over `path`; for `agent_in_private_mounts`.
 pub fn hide_with_tmpfs(path: &std::ffi::CStr) -> std::io::Result<()> {
-    let tmpfs = c"tmpfs";
+    mount_new(c"tmpfs", path, 0)
+}
+
+/// Mounts a new file system of type `fstype` at `path` with mount `flags` (`MS_RDONLY`, say);
+/// for `private_mounts` set-ups.
+pub fn mount_new(
+    fstype: &std::ffi::CStr,
+    path: &std::ffi::CStr,
+    flags: libc::c_ulong,
+) -> std::io::Result<()> {
     // SAFETY: mount with valid C strings.
     if unsafe {
         libc::mount(
-            tmpfs.as_ptr(),
+            fstype.as_ptr(),
             path.as_ptr(),
-            tmpfs.as_ptr(),
-            0,
+            fstype.as_ptr(),
+            flags,
             std::ptr::null(),
         )
     } != 0

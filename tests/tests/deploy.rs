@@ -13,8 +13,8 @@ use std::{
 use keepalive_tests::{
     Agent, AgentDirs, DetachOnDrop, GRANTED, Netns, Proc, TestCgroup, agent_bin,
     agent_in_private_mounts, cgroup2_mount, check_item, code, count_between, drop_caps_except,
-    free_port, hide_with_tmpfs, in_private_mounts, require_root, sock_bin, sockops_attachments,
-    stderr, umount, values, write_config,
+    free_port, hide_with_tmpfs, in_private_mounts, mount_new, require_root, sock_bin,
+    sockops_attachments, stderr, umount, values, write_config,
 };
 use serde_json::Value;
 
@@ -209,6 +209,50 @@ fn check_names_what_to_fix_when_the_host_is_not_ready() {
             .contains("mount -t cgroup2"),
         "{cgroup2}"
     );
+}
+
+#[test]
+fn a_state_directory_the_agent_may_only_read_exits_5_and_check_warns_off_sys_fs_bpf() {
+    // As under the systemd unit, where ProtectSystem=strict leaves only /sys/fs/bpf writable:
+    // a bpffs elsewhere, read-only in the agent's mount namespace.
+    let cg = TestCgroup::new("robpf");
+    let bpffs = std::env::temp_dir().join(keepalive_tests::unique("robpf"));
+    std::fs::create_dir(&bpffs).unwrap();
+    let dirs = AgentDirs {
+        state_dir: bpffs.join("keepalive"),
+        ..AgentDirs::new()
+    };
+    let target = CString::new(bpffs.to_str().unwrap()).unwrap();
+    let read_only_bpffs = move || mount_new(c"bpf", &target, libc::MS_RDONLY);
+    let check = agent_in_private_mounts(
+        &dirs,
+        &["check", "--json", "--cgroup", cg.path().to_str().unwrap()],
+        read_only_bpffs.clone(),
+    );
+    let run = agent_in_private_mounts(
+        &dirs,
+        &["run", "--cgroup", cg.path().to_str().unwrap()],
+        read_only_bpffs,
+    );
+    std::fs::remove_dir(&bpffs).unwrap();
+    let report: Value = serde_json::from_slice(&check.stdout).unwrap();
+    let item = check_item(&report, "directories");
+    assert_eq!(item["status"], "warn", "{report:#}");
+    assert!(
+        item["fix"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("ReadWritePaths={}", dirs.state_dir.display())),
+        "{item}"
+    );
+    // Exit 5, which the unit does not retry, with the way out; not 1, retried every 2 s.
+    assert_eq!(code(&run), 5, "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("may only read") && stderr(&run).contains("ReadWritePaths="),
+        "{}",
+        stderr(&run)
+    );
+    assert_eq!(sockops_attachments(cg.path()), 0, "nothing attached");
 }
 
 #[test]
