@@ -612,9 +612,27 @@ impl Daemon {
                 );
             }
             daemon.config = config;
-            daemon.runtime.clear();
+            // Runtime changes last until a reload, as documented; say which this one ends, so
+            // a routine reload (config management's SIGHUP, say) does not end an emergency
+            // `policy set … --mode off` unnoticed.
+            let dropped = daemon.runtime.drain(..).map(|rule| match &rule.spec {
+                Some(spec) => format!(
+                    "dropped the runtime policy for {} ({})",
+                    rule.selector.text(),
+                    describe_spec(spec)
+                ),
+                None => format!(
+                    "{} follows the config again (its `policy unset` ended with the reload)",
+                    rule.selector.text()
+                ),
+            });
+            let dropped: Vec<String> = dropped.collect();
             let mut message = "reloaded the config".to_owned();
-            for note in notes.into_iter().chain(daemon.config_warnings()) {
+            for note in notes
+                .into_iter()
+                .chain(dropped)
+                .chain(daemon.config_warnings())
+            {
                 message.push_str(&format!("\nwarning: {note}"));
             }
             Ok(message)

@@ -796,6 +796,20 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
     // With --json the refusal is JSON on stdout too.
     json_refusal(&agent.cli(&["policy", "unset", svc.rel(), "--json"]), 2);
 
+    // A reload ends runtime changes, and says which.
+    agent.cli_ok(&["policy", "set", svc.rel(), "--idle", "33"]);
+    assert_eq!(idle_of(&svc), 33);
+    let out = agent.cli_ok(&["policy", "reload"]);
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), stderr(&out));
+    assert!(
+        said.contains(&format!(
+            "warning: dropped the runtime policy for {} (enforce idle 33s",
+            svc.display()
+        )),
+        "{said}"
+    );
+    assert_eq!(idle_of(&svc), 50, "the reload ended it");
+
     std::fs::write(
         &config,
         format!(
