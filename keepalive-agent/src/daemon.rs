@@ -149,6 +149,30 @@ impl Fixed {
     }
 }
 
+/// Marks the error of a rejected change whose previous policy could not be put back yet (see
+/// [`Daemon::transact`]).
+#[derive(Debug)]
+struct NotRestored;
+
+impl std::fmt::Display for NotRestored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            "rejected, but the previous policy could not be put back yet (the agent keeps trying \
+             and logs each failure), so the kernel may hold the rejected one \
+             until then",
+        )
+    }
+}
+
+/// What stays after change `err` was rejected, for its log line.
+fn what_stays(err: &anyhow::Error) -> &'static str {
+    if err.downcast_ref::<NotRestored>().is_some() {
+        ""
+    } else {
+        ", the previous policies stay"
+    }
+}
+
 /// The systemd watchdog (`WatchdogSec=`), pinged every half timeout: by the loop, and between
 /// network namespaces during an apply pass, which holds the loop for as long as it takes (a
 /// walk of the host's TCP hash per namespace, seconds with hundreds of pods).
@@ -570,17 +594,21 @@ impl Daemon {
             }
         };
         let outcome = self.refresh().map(|report| (message, report));
-        if outcome.is_err() {
-            (self.config, self.runtime) = saved;
-            if let Err(err) = self.refresh() {
-                let wait = self.retry_later();
-                log::error!(
-                    "failed to restore the previous policy: {err:#}; trying again in {}",
-                    humantime::format_duration(wait)
-                );
-            }
+        let Err(err) = outcome else {
+            return outcome;
+        };
+        (self.config, self.runtime) = saved;
+        if let Err(restore) = self.refresh() {
+            let wait = self.retry_later();
+            log::error!(
+                "failed to restore the previous policy: {restore:#}; trying again in {}",
+                humantime::format_duration(wait)
+            );
+            // The rejected table may be the kernel's until a try succeeds: the answer and the
+            // rejection's log line must not say the previous one stays.
+            return Err(err.context(NotRestored));
         }
-        outcome
+        Err(err)
     }
 
     fn reload(&mut self) -> anyhow::Result<(String, Option<ApplyReport>)> {
@@ -830,7 +858,7 @@ impl Daemon {
                 }
             }
             Err(err) => {
-                log::warn!("rejected `{req}`, the previous policies stay: {err:#}");
+                log::warn!("rejected `{req}`{}: {err:#}", what_stays(&err));
                 Response::failure(&err)
             }
         }
@@ -1190,7 +1218,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                 let _ = sd_notify::notify(&reloading);
                 match daemon.reload() {
                     Ok((message, _)) => log_outcome(&message),
-                    Err(err) => log::error!("reload rejected, the previous config stays: {err:#}"),
+                    Err(err) => log::error!("reload rejected{}: {err:#}", what_stays(&err)),
                 }
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             }
@@ -1288,6 +1316,25 @@ fn release_free_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rejection_says_the_previous_policy_stays_only_when_it_was_put_back() {
+        let code = crate::error::usage("idle = 0 is out of range");
+        assert_eq!(what_stays(&code), ", the previous policies stay");
+        let unrestored = crate::error::usage("idle = 0 is out of range").context(NotRestored);
+        assert_eq!(what_stays(&unrestored), "");
+        // The answer says so, and keeps the rejection's exit code.
+        let text = format!("{unrestored:#}");
+        assert!(
+            text.contains("may hold the rejected one")
+                && text.ends_with("idle = 0 is out of range"),
+            "{text}"
+        );
+        assert_eq!(
+            crate::error::code_of(&unrestored),
+            Some(crate::error::exit::USAGE)
+        );
+    }
 
     fn policy(mode: u32) -> Policy {
         Policy {
