@@ -771,6 +771,8 @@ impl Daemon {
             self.runtime.remove(pos);
             return Ok(format!("removed the runtime policy for {text}"));
         }
+        // A mask outside the attach cgroup would be taken and do nothing.
+        selector.check_reaches(&self.fixed.attach).map_err(usage)?;
         // By name: whether the cgroup exists, or can be listed, does not matter.
         let covered = self.config.policies.rules.iter().any(|r| {
             r.selector.text() == text
@@ -780,6 +782,19 @@ impl Daemon {
                 }
         });
         if !covered {
+            // `policy list` shows it with the policy of a runtime glob: name that.
+            if let Selector::Exact(path) = &selector
+                && let Some(glob) = self
+                    .runtime
+                    .iter()
+                    .find(|r| r.spec.is_some() && r.selector.matches(path))
+            {
+                let glob = glob.selector.text();
+                return Err(usage(format!(
+                    "{text} has no policy of its own: it gets the runtime policy for {glob}; \
+                     `policy unset {glob}` removes that"
+                )));
+            }
             return Err(usage(format!("no policy is set for {text}")));
         }
         self.runtime.insert(

@@ -796,6 +796,31 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
     // With --json the refusal is JSON on stdout too.
     json_refusal(&agent.cli(&["policy", "unset", svc.rel(), "--json"]), 2);
 
+    // Unset by a path a runtime glob governs names the glob; outside the attach cgroup, a
+    // mask would do nothing, and is refused.
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        &format!("{}/*", parent.rel()),
+        "--idle",
+        "31",
+    ]);
+    let out = agent.cli(&["policy", "unset", svc.rel()]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("`policy unset {}/*`", parent.display())),
+        "{}",
+        stderr(&out)
+    );
+    agent.cli_ok(&["policy", "unset", &format!("{}/*", parent.rel())]);
+    let out = agent.cli(&["policy", "unset", "/elsewhere"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("outside the attach cgroup"),
+        "{}",
+        stderr(&out)
+    );
+
     // A reload ends runtime changes, and says which.
     agent.cli_ok(&["policy", "set", svc.rel(), "--idle", "33"]);
     assert_eq!(idle_of(&svc), 33);
