@@ -292,7 +292,7 @@ pub fn load_apart(
 ) -> (anyhow::Result<Config>, Option<anyhow::Error>) {
     let (file, required) = chosen(path);
     match read_text(file, required) {
-        Ok(Some(text)) => (parse(&text, file, cgroup2), check_owner(file).err()),
+        Ok(Some((text, meta))) => (parse(&text, file, cgroup2), check_owner(file, &meta).err()),
         Ok(None) => (Ok(builtin()), None),
         Err(err) => (Err(err), None),
     }
@@ -338,8 +338,8 @@ pub fn reload(
 /// default. A file someone other than root could write is refused before it is parsed.
 fn read(file: &Path, required: bool, cgroup2: &Cgroup2) -> anyhow::Result<Config> {
     match read_text(file, required)? {
-        Some(text) => {
-            check_owner(file)?;
+        Some((text, meta)) => {
+            check_owner(file, &meta)?;
             parse(&text, file, cgroup2)
         }
         None => Ok(builtin()),
@@ -372,11 +372,18 @@ impl fmt::Display for DanglingLink {
 
 impl std::error::Error for DanglingLink {}
 
-/// The text of `file`; `None` when it does not exist and is not `required` (a [`DanglingLink`]
-/// is an error either way).
-fn read_text(file: &Path, required: bool) -> anyhow::Result<Option<String>> {
-    let err = match std::fs::read_to_string(file) {
-        Ok(text) => return Ok(Some(text)),
+/// The text of `file` and the metadata of the very file it was read from (one open, so the
+/// owner checked is the text's, even if the path is replaced meanwhile); `None` when it does
+/// not exist and is not `required` (a [`DanglingLink`] is an error either way).
+fn read_text(file: &Path, required: bool) -> anyhow::Result<Option<(String, std::fs::Metadata)>> {
+    let read = std::fs::File::open(file).and_then(|mut opened| {
+        let meta = opened.metadata()?;
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut opened, &mut text)?;
+        Ok((text, meta))
+    });
+    let err = match read {
+        Ok(read) => return Ok(Some(read)),
         Err(err) => err,
     };
     let missing = err.kind() == std::io::ErrorKind::NotFound;
@@ -428,13 +435,8 @@ fn builtin() -> Config {
 
 /// Refuses a config file that someone other than root could have written: it decides what the
 /// kernel does to every connection on the host.
-fn check_owner(file: &Path) -> anyhow::Result<()> {
+fn check_owner(file: &Path, meta: &std::fs::Metadata) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(file).map_err(|err| Error::Config {
-        file: file.to_owned(),
-        line: None,
-        reason: format!("cannot read: {err}"),
-    })?;
     let reason = if meta.uid() != 0 {
         format!(
             "owned by uid {}, not root; fix with `chown root {}`",
