@@ -31,6 +31,13 @@
 //!                                                fixed keepalive values at ESTABLISHED
 //! ka-sock foreign-sockops <CGROUP-DIR>           another tool's enforcer: idle 1 s, interval
 //!                                                1 s, count 2, and state-change callbacks
+//! ka-sock unix-answer <PATH> <LINE>             listen on Unix socket PATH, answer the first
+//!                                                client's first line with LINE, then report
+//!                                                what it sent (a stand-in for an agent)
+//! ka-sock peak-rss <OUT-FILE> <CMD> [ARG...]     run CMD with stdout to OUT-FILE and report
+//!                                                its exit code and peak resident set; from
+//!                                                this small process, as a child's peak also
+//!                                                counts its parent's at the spawn (vfork)
 //! ```
 //!
 //! While holding sockets, every line on stdin asks for a fresh `{"report": [...]}` of their
@@ -660,6 +667,56 @@ fn attach_sockops(dir: &str, insns: &[u64]) {
     let _ = std::io::stdin().read_to_end(&mut rest);
 }
 
+/// Listens on the Unix socket `args[0]`, reports `{"listening": true}`, answers the first
+/// client's first line with `args[1]`, and reports `{"received": LINE}` (empty when the client
+/// sent nothing before closing).
+fn unix_answer(args: &[String]) {
+    use std::io::BufRead as _;
+    let [path, answer] = args else {
+        panic!("usage: ka-sock unix-answer <PATH> <LINE>");
+    };
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind the socket");
+    emit(json!({ "listening": true }));
+    let (stream, _) = listener.accept().expect("accept");
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(&stream).read_line(&mut line);
+    let _ = (&stream).write_all(format!("{answer}\n").as_bytes());
+    emit(json!({ "received": line.trim_end() }));
+}
+
+/// Runs `args[1..]` with stdout to the file `args[0]`, and reports `{"code", "maxrss_kib"}`.
+/// The kernel gives a process the peak of the memory it ran in before exec, which for a
+/// command spawned with vfork (as std spawns) is the parent's: this process's few MiB, not
+/// a test binary's.
+fn peak_rss(args: &[String]) {
+    let [out, cmd, rest @ ..] = args else {
+        panic!("usage: ka-sock peak-rss <OUT-FILE> <CMD> [ARG...]");
+    };
+    #[expect(
+        clippy::zombie_processes,
+        reason = "reaped with wait4 below, which gives its resource usage"
+    )]
+    let child = std::process::Command::new(cmd)
+        .args(rest)
+        .stdout(std::fs::File::create(out).expect("create the output file"))
+        .spawn()
+        .expect("spawn the command");
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    let mut wstatus = 0;
+    // SAFETY: a zeroed rusage is valid; wait4 fills it for this child, which std never waits
+    // for.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointers; `pid` is this process's child.
+    let waited = unsafe { libc::wait4(pid, &raw mut wstatus, 0, &raw mut usage) };
+    assert_eq!(waited, pid, "wait4: {}", std::io::Error::last_os_error());
+    let code = if libc::WIFEXITED(wstatus) {
+        libc::WEXITSTATUS(wstatus)
+    } else {
+        -1
+    };
+    println!("{}", json!({"code": code, "maxrss_kib": usage.ru_maxrss}));
+}
+
 /// `userns-watch <DIR> <OWNER-UID> <KUID>`: a process in a user namespace of its own, owned
 /// by OWNER-UID, running there as root mapped to KUID outside, watches every directory in DIR
 /// with inotify, as a container's processes do. Reports its pid and watches, and holds them
@@ -783,6 +840,8 @@ fn main() {
         "empty-sockops" => attach_sockops(cgroup_arg(rest), &RETURN_1),
         "minimal-sockops" => attach_sockops(cgroup_arg(rest), &minimal_enforcer()),
         "foreign-sockops" => attach_sockops(cgroup_arg(rest), &enforcer([1, 1, 2], true)),
+        "peak-rss" => peak_rss(rest),
+        "unix-answer" => unix_answer(rest),
         other => panic!("unknown command {other}"),
     }
 }
