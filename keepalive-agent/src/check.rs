@@ -519,8 +519,8 @@ fn directories_item(state: &StateDir, runtime_dir: &Path) -> Item {
             NAME,
             Outcome::Fail,
             format!(
-                "runtime directory {}: {why}; `run` refuses it (exit 2), as another user could \
-                 replace its control socket",
+                "runtime directory {}: {why}; `run` as this user refuses it (exit 2), as \
+                 another user could replace its control socket",
                 runtime_dir.display()
             ),
             Some(

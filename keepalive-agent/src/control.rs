@@ -316,16 +316,6 @@ fn call_within(
     timeout: Duration,
 ) -> anyhow::Result<Response> {
     let path = socket_path(runtime_dir);
-    // A socket another user could have put there is not the agent's. (A directory that does
-    // not exist holds no agent: connect says so.)
-    if let Ok(Some(why)) = crate::instance::untrusted(runtime_dir, crate::instance::Leaf::AsIs) {
-        return Err(Error::Usage(format!(
-            "runtime directory {}: {why}, so its control socket may not be the agent's; \
-             nothing was sent",
-            runtime_dir.display()
-        ))
-        .into());
-    }
     let stream = UnixStream::connect(&path).map_err(|err| -> anyhow::Error {
         match err.kind() {
             std::io::ErrorKind::PermissionDenied => Error::Permission(format!(
@@ -346,6 +336,17 @@ fn call_within(
             }
         }
     })?;
+    // A socket another user could have put there (in a directory they may change) is not the
+    // agent's: the process listening must be root, or hold what running the agent takes.
+    let (pid, uid) = crate::sys::peer_cred(&stream).context("failed to identify the agent")?;
+    if uid != 0 && !crate::privileges::Caps::of(&pid.to_string()).could_run_agent() {
+        return Err(Error::Agent(format!(
+            "{} is served by pid {pid} (uid {uid}), which is neither root nor able to run the \
+             agent (CAP_BPF and CAP_NET_ADMIN), so it is not the agent; nothing was sent",
+            path.display()
+        ))
+        .into());
+    }
     stream.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(&Envelope {
         request: request.clone(),
@@ -440,22 +441,6 @@ mod tests {
             format!("{err:#}").contains("did not answer within 200ms; the request may still"),
             "{err:#}"
         );
-    }
-
-    #[test]
-    fn a_control_socket_in_a_directory_others_may_write_to_is_not_used() {
-        use std::os::unix::fs::PermissionsExt as _;
-        let dir = std::env::temp_dir().join(format!("ka-control-open-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let _removed = TempDir(dir.clone());
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let listener = std::os::unix::net::UnixListener::bind(socket_path(&dir)).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let err = call(&dir, None, &Request::List).unwrap_err();
-        assert_eq!(code_of(&err), Some(exit::USAGE), "{err:#}");
-        assert!(format!("{err:#}").contains("mode 0777"), "{err:#}");
-        assert!(listener.accept().is_err(), "nothing was sent");
     }
 
     /// What the agent makes of `sent` on a connection the client then leaves open.

@@ -285,6 +285,9 @@ mod tests {
         let base = std::env::temp_dir().join(format!("ka-nofollow-{}", std::process::id()));
         let _ = fs::remove_dir_all(&base);
         fs::create_dir_all(base.join("run")).unwrap();
+        // Whatever the umask: a group-writable parent would be refused before the lock.
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::set_permissions(base.join("run"), fs::Permissions::from_mode(0o755)).unwrap();
         let target = base.join("precious");
         fs::write(&target, "kept\n").unwrap();
         std::os::unix::fs::symlink(&target, base.join("run").join(LOCK_NAME)).unwrap();

@@ -258,6 +258,16 @@ impl StateDir {
         if err.raw_os_error() != Some(libc::EROFS) {
             return err.into();
         }
+        if self.root.starts_with(BPFFS_MOUNT) {
+            return Error::Bpffs(format!(
+                "state directory {} is on a file system this process may only read: \
+                 {BPFFS_MOUNT} is mounted read-only here (by a `ProtectKernelTunables=` \
+                 drop-in, a read-only bind mount, or `readOnly:` on a pod's volume, say); the \
+                 agent must be able to write it",
+                self.root.display()
+            ))
+            .into();
+        }
         Error::Bpffs(format!(
             "state directory {} is on a file system this process may only read; the systemd \
              unit (ProtectSystem=strict) leaves only {BPFFS_MOUNT} writable: choose a state \

@@ -40,7 +40,13 @@ pub struct Caps(u64);
 impl Caps {
     /// Reads `CapEff` from /proc/self/status.
     pub fn current() -> Self {
-        let effective = std::fs::read_to_string("/proc/self/status")
+        Self::of("self")
+    }
+
+    /// Reads `CapEff` of process `pid` ("self", or a number) from /proc; none when it cannot
+    /// be read.
+    pub fn of(pid: &str) -> Self {
+        let effective = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
             .and_then(|status| {
                 status
@@ -55,6 +61,12 @@ impl Caps {
     /// Whether the capability is effective.
     pub const fn has(self, cap: Cap) -> bool {
         self.0 & (1 << cap as u32) != 0
+    }
+
+    /// Whether a process with these capabilities could run the agent: load programs
+    /// (CAP_BPF, or CAP_SYS_ADMIN) and attach them (CAP_NET_ADMIN).
+    pub fn could_run_agent(self) -> bool {
+        (self.has(Cap::Bpf) || self.has(Cap::SysAdmin)) && self.has(Cap::NetAdmin)
     }
 
     /// The capabilities `run` needs that are missing. CAP_SYS_ADMIN covers CAP_BPF and

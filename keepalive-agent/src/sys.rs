@@ -272,3 +272,27 @@ pub fn flock(file: &std::fs::File, how: i32) -> bool {
     // SAFETY: flock on a descriptor the caller owns.
     unsafe { libc::flock(file.as_raw_fd(), how) == 0 }
 }
+
+/// The pid and uid of the process at the other end of a connected Unix socket (SO_PEERCRED).
+pub fn peer_cred(socket: &impl AsFd) -> io::Result<(libc::pid_t, libc::uid_t)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is a valid buffer of `len` bytes for SO_PEERCRED.
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&raw mut cred).cast(),
+            &raw mut len,
+        )
+    };
+    if ret != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((cred.pid, cred.uid))
+}

@@ -253,6 +253,36 @@ fn a_state_directory_the_agent_may_only_read_exits_5_and_check_warns_off_sys_fs_
         stderr(&run)
     );
     assert_eq!(sockops_attachments(cg.path()), 0, "nothing attached");
+    // Below /sys/fs/bpf, made read-only (as ProtectKernelTunables= does): no advice to move
+    // to where it already is.
+    let read_only_sys_fs_bpf = || {
+        // SAFETY: mount with a valid C string; a read-only remount of an existing mount.
+        if unsafe {
+            libc::mount(
+                std::ptr::null(),
+                c"/sys/fs/bpf".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY,
+                std::ptr::null(),
+            )
+        } != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    let run = agent_in_private_mounts(
+        &AgentDirs::new(),
+        &["run", "--cgroup", cg.path().to_str().unwrap()],
+        read_only_sys_fs_bpf,
+    );
+    assert_eq!(code(&run), 5, "{}", stderr(&run));
+    assert!(
+        stderr(&run).contains("/sys/fs/bpf is mounted read-only here")
+            && !stderr(&run).contains("ReadWritePaths="),
+        "{}",
+        stderr(&run)
+    );
 }
 
 #[test]

@@ -23,6 +23,44 @@ use keepalive_tests::{
 };
 
 #[test]
+fn policy_commands_send_nothing_to_a_control_socket_that_is_not_the_agents() {
+    use std::{io::BufRead as _, os::unix::process::CommandExt as _, process::Stdio};
+    // A runtime directory every user may write to (sticky, as /tmp is), where another user
+    // put a socket of their own that says yes to everything.
+    let dir = std::env::temp_dir().join(unique("fake-run"));
+    fs::create_dir(&dir).unwrap();
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
+    let socket = dir.join("control.sock");
+    let mut fake = Command::new(sock_bin())
+        .args(["unix-answer", socket.to_str().unwrap(), r#"{"ok":true}"#])
+        .uid(65534)
+        .gid(65534)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = std::io::BufReader::new(fake.stdout.take().unwrap()).lines();
+    let listening = said.next().unwrap().unwrap();
+    assert!(listening.contains("listening"), "{listening}");
+    let dirs = AgentDirs {
+        runtime_dir: dir.clone(),
+        ..AgentDirs::new()
+    };
+    let out = dirs.cli(&["policy", "set", "/x", "--mode", "off"]);
+    // A client that never connected leaves the stand-in waiting: release it.
+    let _ = std::os::unix::net::UnixStream::connect(&socket);
+    let received = said.next().unwrap().unwrap();
+    let _ = fake.wait();
+    fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("(uid 65534), which is neither root nor able to run the agent"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(received, r#"{"received":""}"#, "nothing was sent");
+}
+
+#[test]
 fn each_end_of_one_loopback_connection_gets_its_own_cgroups_policy() {
     let parent = TestCgroup::new("ownpolicy");
     let a = parent.child("server");
