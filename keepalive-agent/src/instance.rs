@@ -46,6 +46,17 @@ fn prepare(runtime_dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(runtime_dir)
         .with_context(|| format!("failed to create {}", runtime_dir.display()))?;
+    // In a sticky directory such as /tmp, another user may have made it in between.
+    if let Some(why) = untrusted(runtime_dir, Leaf::MadeRootOnly)
+        .with_context(|| format!("failed to read {}", runtime_dir.display()))?
+    {
+        return Err(Error::Usage(format!(
+            "runtime directory {}: {why}, made by another user while this one checked it; \
+             give the agent a directory only root can change (default /run/keepalive-agent)",
+            runtime_dir.display(),
+        ))
+        .into());
+    }
     let other = foreign_entry(runtime_dir)
         .with_context(|| format!("failed to read {}", runtime_dir.display()))?;
     if let Some(other) = other {
