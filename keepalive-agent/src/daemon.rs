@@ -717,12 +717,28 @@ impl Daemon {
         Ok(spec)
     }
 
+    /// Refuses a runtime rule for `text` that would be one more than a config may hold:
+    /// every change walks the file system for each rule, and a loop of `policy set` must not
+    /// grow that without bound. Replacing a runtime rule needs no room.
+    fn room_for(&self, text: &str) -> anyhow::Result<()> {
+        let max = keepalive_common::MAX_POLICIES as usize;
+        let held = self.runtime.len() + self.config.policies.rules.len();
+        if held < max || self.runtime.iter().any(|r| r.selector.text() == text) {
+            return Ok(());
+        }
+        Err(usage(format!(
+            "{text}: the config and runtime policies already number {held}, and at most \
+             {max} are supported; `policy unset` a runtime policy or `reload` to drop them all"
+        )))
+    }
+
     /// `policy set`: adds or replaces a runtime rule.
     fn set_rule(&mut self, cgroup: &str, req: &Request) -> anyhow::Result<String> {
         let selector = Selector::parse(&self.cgroup2, cgroup)?;
         selector.check_reaches(&self.fixed.attach).map_err(usage)?;
         let spec = self.spec_from_request(req)?;
         let text = selector.text();
+        self.room_for(&text)?;
         let mut message = format!("set {text}: {}", describe_spec(&spec));
         if let Some(why) = self.selects_nothing(&selector) {
             message.push_str(&format!(
@@ -797,6 +813,7 @@ impl Daemon {
             }
             return Err(usage(format!("no policy is set for {text}")));
         }
+        self.room_for(&text)?;
         self.runtime.insert(
             0,
             Rule {

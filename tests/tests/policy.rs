@@ -922,6 +922,41 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
 }
 
 #[test]
+fn runtime_policies_stop_where_a_config_would() {
+    let max = keepalive_common::MAX_POLICIES as usize;
+    let parent = TestCgroup::new("rtcap");
+    let svc = parent.child("svc");
+    let other = parent.child("other");
+    // One short of the limit in the file, for cgroups that do not exist.
+    let text: String = (1..max)
+        .map(|i| format!("[[policy]]\ncgroup = \"{}/p{i}\"\nidle = 5\n", parent.rel()))
+        .collect();
+    let config = write_config(&format!("[default]\nidle = 50\n{text}"));
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+
+    agent.cli_ok(&["policy", "set", svc.rel(), "--idle", "31"]);
+    assert_eq!(idle_of(&svc), 31);
+    let out = agent.cli(&["policy", "set", other.rel(), "--idle", "32"]);
+    assert_eq!(code(&out), 2, "one beyond the limit: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("already number {max}, and at most {max}")),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(idle_of(&other), 50, "the refused rule set nothing");
+    // A mask of a config policy is a rule too.
+    let out = agent.cli(&["policy", "unset", &format!("{}/p1", parent.rel())]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+
+    // Replacing a runtime rule needs no room; removing one makes room.
+    agent.cli_ok(&["policy", "set", svc.rel(), "--idle", "33"]);
+    assert_eq!(idle_of(&svc), 33);
+    agent.cli_ok(&["policy", "unset", svc.rel()]);
+    agent.cli_ok(&["policy", "set", other.rel(), "--idle", "32"]);
+    assert_eq!(idle_of(&other), 32);
+}
+
+#[test]
 fn policy_set_with_values_under_an_off_default_needs_a_mode() {
     let parent = TestCgroup::new("setoff");
     let svc = parent.child("svc");
