@@ -6,7 +6,10 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    os::unix::net::UnixStream,
+    os::{
+        fd::{AsFd as _, OwnedFd},
+        unix::net::UnixStream,
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -205,8 +208,23 @@ impl Drop for ControlSocket {
     }
 }
 
-/// A request for the agent's loop, and where its answer goes.
-pub type Pending = (Request, tokio::sync::oneshot::Sender<Response>);
+/// A request for the agent's loop, where its answer goes, and the client's connection.
+pub struct Pending {
+    /// The request.
+    pub request: Request,
+    /// Where the answer goes.
+    pub reply: tokio::sync::oneshot::Sender<Response>,
+    client: OwnedFd,
+}
+
+impl Pending {
+    /// Whether the client closed its connection while the request waited for its turn
+    /// (`policy` was interrupted, or gave up waiting): nobody would learn what it did, so the
+    /// agent leaves it. A client that only shut down its sending side still waits.
+    pub fn client_left(&self) -> bool {
+        crate::sys::hung_up(self.client.as_fd())
+    }
+}
 
 /// How long a control client may take to send its request, and to take the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -255,6 +273,10 @@ pub async fn serve_one(
 ) -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt as _;
     let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
+    let client = stream
+        .as_fd()
+        .try_clone_to_owned()
+        .context("failed to keep a control connection")?;
     let (read, mut write) = stream.into_split();
     let response = if uid != 0 {
         Response::failure(
@@ -280,13 +302,23 @@ pub async fn serve_one(
             ),
             Ok(envelope) => {
                 let (reply, answer) = tokio::sync::oneshot::channel();
+                let kept = client
+                    .try_clone()
+                    .context("failed to keep a control connection")?;
                 requests
-                    .send((envelope.request, reply))
+                    .send(Pending {
+                        request: envelope.request,
+                        reply,
+                        client: kept,
+                    })
                     .await
                     .map_err(|_| anyhow::anyhow!("the agent is stopping"))?;
-                answer
-                    .await
-                    .map_err(|_| anyhow::anyhow!("the agent is stopping"))?
+                match answer.await {
+                    Ok(response) => response,
+                    // The agent left it: the client has gone (see [`Pending::client_left`]).
+                    Err(_) if crate::sys::hung_up(client.as_fd()) => return Ok(()),
+                    Err(_) => anyhow::bail!("the agent is stopping"),
+                }
             }
             Err(refusal) => Response::failure(&refusal),
         }
@@ -362,10 +394,12 @@ fn call_within(
             err.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
         ) {
-            // The agent has the request, and may still carry it out.
+            // The agent has the request, and may have begun it; one still queued is dropped
+            // when this connection closes.
             return Err(Error::Agent(format!(
                 "the agent did not answer within {}; the request may still be carried out \
-                 (`keepalive-agent policy list` shows what holds)",
+                 if the agent had begun it, and is dropped if not (`keepalive-agent policy \
+                 list` shows what holds)",
                 humantime::format_duration(timeout)
             ))
             .into());

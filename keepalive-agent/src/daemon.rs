@@ -1265,9 +1265,13 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                     }
                 });
             }
-            Some((request, reply)) = requests.recv() => {
-                // The client may have gone; its task logs that.
-                let _ = reply.send(daemon.handle(request));
+            Some(pending) = requests.recv() => {
+                if pending.client_left() {
+                    log::info!("skipped `{}`: its client left before its turn", pending.request);
+                } else {
+                    // The client may go while it runs; its task logs that.
+                    let _ = pending.reply.send(daemon.handle(pending.request));
+                }
             }
             changes = watcher.changes() => {
                 let changes = changes.context("inotify failed")?;

@@ -273,6 +273,19 @@ pub fn flock(file: &std::fs::File, how: i32) -> bool {
     unsafe { libc::flock(file.as_raw_fd(), how) == 0 }
 }
 
+/// Whether the peer of a connected socket has closed it (POLLHUP or POLLERR, without
+/// waiting). On a Unix socket, a peer that only shut down its sending side has not.
+pub fn hung_up(socket: BorrowedFd<'_>) -> bool {
+    let mut poll = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a timeout of 0 returns at once.
+    let ready = unsafe { libc::poll(&raw mut poll, 1, 0) };
+    ready == 1 && poll.revents & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// The pid and uid of the process at the other end of a connected Unix socket (SO_PEERCRED).
 pub fn peer_cred(socket: &impl AsFd) -> io::Result<(libc::pid_t, libc::uid_t)> {
     let mut cred = libc::ucred {

@@ -922,6 +922,65 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
 }
 
 #[test]
+fn a_request_whose_client_left_before_its_turn_is_not_carried_out() {
+    use std::{
+        io::{BufRead as _, BufReader, Write as _},
+        net::Shutdown,
+        os::unix::net::UnixStream,
+    };
+    let parent = TestCgroup::new("clientleft");
+    let left = parent.child("left");
+    let stays = parent.child("stays");
+    let agent = Agent::start(&parent, &["--idle", "50"]);
+    let socket = agent.dirs().runtime_dir.join("control.sock");
+    let request = |cgroup: &TestCgroup, idle: u32| {
+        let mut stream = UnixStream::connect(&socket).expect("connect to the control socket");
+        let line = serde_json::json!({"cmd": "set", "cgroup": cgroup.rel(), "idle": idle});
+        stream
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("send the request");
+        stream
+    };
+    // While the agent is stopped, both requests wait in its queue: one client leaves, as
+    // Ctrl-C on `policy set` does; the other only shuts down its sending side, as `socat`
+    // does, and waits for its answer.
+    agent.signal(libc::SIGSTOP);
+    drop(request(&left, 33));
+    let waiting = request(&stays, 34);
+    waiting.shutdown(Shutdown::Write).expect("shutdown");
+    agent.signal(libc::SIGCONT);
+
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut answer = String::new();
+    BufReader::new(&waiting).read_line(&mut answer).unwrap();
+    assert!(answer.contains("\"ok\":true"), "{answer}");
+    assert_eq!(idle_of(&stays), 34);
+    eventually(
+        Duration::from_secs(10),
+        "the skipped request's log line",
+        || {
+            agent
+                .log()
+                .contains(&format!(
+                    "skipped `policy set {}`: its client left",
+                    left.rel()
+                ))
+                .then_some(())
+        },
+    );
+    assert_eq!(idle_of(&left), 50, "the request of the client that left");
+    let policies = agent.policies();
+    let listed = |cgroup: &TestCgroup| {
+        policies
+            .iter()
+            .any(|p| p["selector"] == cgroup.display().as_str())
+    };
+    assert!(listed(&stays) && !listed(&left), "{policies:?}");
+}
+
+#[test]
 fn runtime_policies_stop_where_a_config_would() {
     let max = keepalive_common::MAX_POLICIES as usize;
     let parent = TestCgroup::new("rtcap");
