@@ -371,13 +371,33 @@ fn call_within(
     // A socket another user could have put there (in a directory they may change) is not the
     // agent's: the process listening must be root, or hold what running the agent takes.
     let (pid, uid) = crate::sys::peer_cred(&stream).context("failed to identify the agent")?;
-    if uid != 0 && !crate::privileges::Caps::of(&pid.to_string()).could_run_agent() {
-        return Err(Error::Agent(format!(
-            "{} is served by pid {pid} (uid {uid}), which is neither root nor able to run the \
-             agent (CAP_BPF and CAP_NET_ADMIN), so it is not the agent; nothing was sent",
-            path.display()
-        ))
-        .into());
+    if uid != 0 {
+        let not_the_agent = |why: &str| -> anyhow::Error {
+            Error::Agent(format!(
+                "{} is served by pid {pid} (uid {uid}), {why}, so it is not the agent; nothing \
+                 was sent",
+                path.display()
+            ))
+            .into()
+        };
+        // The capabilities read from /proc are the peer's only if it has not exited by the
+        // end of the read: its pid may be another process's after. Its pidfd tells.
+        let pidfd = match crate::sys::peer_pidfd(&stream) {
+            Ok(pidfd) => pidfd,
+            Err(err) if matches!(err.raw_os_error(), Some(libc::ESRCH | libc::EINVAL)) => {
+                return Err(not_the_agent("which has exited"));
+            }
+            Err(err) => return Err(anyhow::Error::new(err).context("failed to identify the agent")),
+        };
+        let caps = crate::privileges::Caps::of(&pid.to_string());
+        if pidfd.is_some_and(|fd| crate::sys::exited(fd.as_fd())) {
+            return Err(not_the_agent("which has exited"));
+        }
+        if !caps.could_run_agent() {
+            return Err(not_the_agent(
+                "which is neither root nor able to run the agent (CAP_BPF and CAP_NET_ADMIN)",
+            ));
+        }
     }
     stream.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_string(&Envelope {

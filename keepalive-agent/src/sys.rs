@@ -1,7 +1,7 @@
 //! The few bpf(2) commands aya 0.14 does not expose: opening pins as raw fds, replacing a
 //! link's program (`BPF_LINK_UPDATE`), creating map-element iterator links, instantiating
-//! iterators from a pinned link, link info and attachment queries; and flock(2) for the
-//! agent's lock files.
+//! iterators from a pinned link, link info and attachment queries; flock(2) for the agent's
+//! lock files; and what the control socket learns of its peer.
 //!
 //! Each command has a small `#[repr(C)]` attribute struct mirroring `union bpf_attr` in
 //! `include/uapi/linux/bpf.h`, zero-padded to the size the kernel reads. The structs spell out
@@ -273,39 +273,70 @@ pub fn flock(file: &std::fs::File, how: i32) -> bool {
     unsafe { libc::flock(file.as_raw_fd(), how) == 0 }
 }
 
-/// Whether the peer of a connected socket has closed it (POLLHUP or POLLERR, without
-/// waiting). On a Unix socket, a peer that only shut down its sending side has not.
-pub fn hung_up(socket: BorrowedFd<'_>) -> bool {
+/// The poll(2) events of `fd` now, without waiting: those of `events` that are pending, and
+/// POLLHUP and POLLERR, which are always reported.
+fn pending_events(fd: BorrowedFd<'_>, events: i16) -> i16 {
     let mut poll = libc::pollfd {
-        fd: socket.as_raw_fd(),
-        events: 0,
+        fd: fd.as_raw_fd(),
+        events,
         revents: 0,
     };
     // SAFETY: one valid pollfd; a timeout of 0 returns at once.
     let ready = unsafe { libc::poll(&raw mut poll, 1, 0) };
-    ready == 1 && poll.revents & (libc::POLLHUP | libc::POLLERR) != 0
+    if ready == 1 { poll.revents } else { 0 }
 }
 
-/// The pid and uid of the process at the other end of a connected Unix socket (SO_PEERCRED).
-pub fn peer_cred(socket: &impl AsFd) -> io::Result<(libc::pid_t, libc::uid_t)> {
-    let mut cred = libc::ucred {
-        pid: 0,
-        uid: 0,
-        gid: 0,
-    };
-    let mut len = size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: `cred` is a valid buffer of `len` bytes for SO_PEERCRED.
+/// Whether the peer of a connected socket has closed it (POLLHUP or POLLERR). On a Unix
+/// socket, a peer that only shut down its sending side has not.
+pub fn hung_up(socket: BorrowedFd<'_>) -> bool {
+    pending_events(socket, 0) & (libc::POLLHUP | libc::POLLERR) != 0
+}
+
+/// A pidfd of the process at the other end of a connected Unix socket (SO_PEERPIDFD), which
+/// stays that process's when its pid is reused; `None` on kernels before 6.5, which have no
+/// such option. ESRCH or EINVAL: that process is gone.
+pub fn peer_pidfd(socket: &impl AsFd) -> io::Result<Option<OwnedFd>> {
+    match socket_option::<libc::c_int>(socket, libc::SO_PEERPIDFD, -1) {
+        // SAFETY: the kernel handed over a new descriptor, which nothing else owns.
+        Ok(fd) => Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) })),
+        Err(err) if err.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(None),
+        Err(err) => Err(err),
+    }
+}
+
+/// The `SOL_SOCKET` option `name` of `socket`, read into a `T` that starts as `init`.
+fn socket_option<T>(socket: &impl AsFd, name: libc::c_int, init: T) -> io::Result<T> {
+    let mut value = init;
+    let mut len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` is a valid buffer of `len` bytes, the size the caller's option has.
     let ret = unsafe {
         libc::getsockopt(
             socket.as_fd().as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&raw mut cred).cast(),
+            name,
+            (&raw mut value).cast(),
             &raw mut len,
         )
     };
     if ret != 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(value)
+}
+
+/// Whether the process of `pidfd` has exited (a pidfd turns readable then): from that
+/// moment its pid may be given to another process.
+pub fn exited(pidfd: BorrowedFd<'_>) -> bool {
+    pending_events(pidfd, libc::POLLIN) & libc::POLLIN != 0
+}
+
+/// The pid and uid of the process at the other end of a connected Unix socket (SO_PEERCRED).
+pub fn peer_cred(socket: &impl AsFd) -> io::Result<(libc::pid_t, libc::uid_t)> {
+    let cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let cred = socket_option(socket, libc::SO_PEERCRED, cred)?;
     Ok((cred.pid, cred.uid))
 }

@@ -22,15 +22,25 @@ use keepalive_tests::{
     unix_seconds, values, write_config,
 };
 
+/// A runtime directory every user may write to (sticky, as /tmp is), and agent directories
+/// with it.
+fn shared_runtime_dir(label: &str) -> (TempDir, AgentDirs) {
+    let dir = TempDir::new(label);
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+    let dirs = AgentDirs {
+        runtime_dir: dir.path().to_owned(),
+        ..AgentDirs::new()
+    };
+    (dir, dirs)
+}
+
 #[test]
 fn policy_commands_send_nothing_to_a_control_socket_that_is_not_the_agents() {
     use std::{io::BufRead as _, os::unix::process::CommandExt as _, process::Stdio};
-    // A runtime directory every user may write to (sticky, as /tmp is), where another user
-    // put a socket of their own that says yes to everything.
-    let dir = std::env::temp_dir().join(unique("fake-run"));
-    fs::create_dir(&dir).unwrap();
-    fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777)).unwrap();
-    let socket = dir.join("control.sock");
+    // Another user put a socket of their own in a shared runtime directory, which says yes
+    // to everything.
+    let (dir, dirs) = shared_runtime_dir("fake-run");
+    let socket = dir.path().join("control.sock");
     let mut fake = Command::new(sock_bin())
         .args(["unix-answer", socket.to_str().unwrap(), r#"{"ok":true}"#])
         .uid(65534)
@@ -41,16 +51,11 @@ fn policy_commands_send_nothing_to_a_control_socket_that_is_not_the_agents() {
     let mut said = std::io::BufReader::new(fake.stdout.take().unwrap()).lines();
     let listening = said.next().unwrap().unwrap();
     assert!(listening.contains("listening"), "{listening}");
-    let dirs = AgentDirs {
-        runtime_dir: dir.clone(),
-        ..AgentDirs::new()
-    };
     let out = dirs.cli(&["policy", "set", "/x", "--mode", "off"]);
     // A client that never connected leaves the stand-in waiting: release it.
     let _ = std::os::unix::net::UnixStream::connect(&socket);
     let received = said.next().unwrap().unwrap();
     let _ = fake.wait();
-    fs::remove_dir_all(&dir).unwrap();
     assert_eq!(code(&out), 7, "{}", stderr(&out));
     assert!(
         stderr(&out).contains("(uid 65534), which is neither root nor able to run the agent"),
@@ -58,6 +63,57 @@ fn policy_commands_send_nothing_to_a_control_socket_that_is_not_the_agents() {
         stderr(&out)
     );
     assert_eq!(received, r#"{"received":""}"#, "nothing was sent");
+}
+
+#[test]
+fn a_control_socket_is_not_trusted_for_the_process_that_took_its_servers_pid() {
+    // In a pid namespace of its own, where nothing else takes pids: another user listens,
+    // hands the socket to a child and exits; its pid then goes to a root process, whose
+    // capabilities /proc shows under that pid.
+    let (dir, dirs) = shared_runtime_dir("reused-run");
+    let socket = dir.path().join("control.sock");
+    let received = dir.path().join("received");
+    let script = r#"
+        setpriv --reuid 65534 --regid 65534 --clear-groups "$1" unix-answer --handed-on "$2" \
+            '{"ok":true}' > "$3" &
+        listened=$!
+        wait $listened
+        echo $((listened - 1)) > /proc/sys/kernel/ns_last_pid
+        sleep 60 &
+        root=$!
+        if [ "$root" != "$listened" ]; then echo "pid $listened went to $root" >&2; exit 99; fi
+        shift 3
+        "$@"
+        code=$?
+        kill $root
+        wait
+        exit $code
+    "#;
+    let out = Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "sh", "-c", script, "sh"])
+        .arg(sock_bin())
+        .arg(&socket)
+        .arg(&received)
+        .arg(agent_bin())
+        .arg("--state-dir")
+        .arg(&dirs.state_dir)
+        .arg("--runtime-dir")
+        .arg(&dirs.runtime_dir)
+        .args(["policy", "set", "/x", "--mode", "off"])
+        .output()
+        .unwrap();
+    let received = fs::read_to_string(&received).unwrap_or_default();
+    assert_ne!(code(&out), 99, "{}", stderr(&out));
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("(uid 65534), which has exited, so it is not the agent"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        received.contains(r#"{"received":""}"#),
+        "nothing was sent: {received}"
+    );
 }
 
 #[test]

@@ -31,9 +31,12 @@
 //!                                                fixed keepalive values at ESTABLISHED
 //! ka-sock foreign-sockops <CGROUP-DIR>           another tool's enforcer: idle 1 s, interval
 //!                                                1 s, count 2, and state-change callbacks
-//! ka-sock unix-answer <PATH> <LINE>             listen on Unix socket PATH, answer the first
+//! ka-sock unix-answer [--handed-on] <PATH> <LINE>
+//!                                                listen on Unix socket PATH, answer the first
 //!                                                client's first line with LINE, then report
-//!                                                what it sent (a stand-in for an agent)
+//!                                                what it sent (a stand-in for an agent); with
+//!                                                --handed-on, a child serves and the process
+//!                                                that listened exits
 //! ka-sock peak-rss <OUT-FILE> <CMD> [ARG...]     run CMD with stdout to OUT-FILE and report
 //!                                                its exit code and peak resident set; from
 //!                                                this small process, as a child's peak also
@@ -669,13 +672,26 @@ fn attach_sockops(dir: &str, insns: &[u64]) {
 
 /// Listens on the Unix socket `args[0]`, reports `{"listening": true}`, answers the first
 /// client's first line with `args[1]`, and reports `{"received": LINE}` (empty when the client
-/// sent nothing before closing).
+/// sent nothing before closing). After `--handed-on`, a child does all but the listen and
+/// this process exits: the credentials a client gets (SO_PEERCRED) are still this one's.
 fn unix_answer(args: &[String]) {
     use std::io::BufRead as _;
+    let (handed_on, args) = match args {
+        [flag, rest @ ..] if flag == "--handed-on" => (true, rest),
+        _ => (false, args),
+    };
     let [path, answer] = args else {
-        panic!("usage: ka-sock unix-answer <PATH> <LINE>");
+        panic!("usage: ka-sock unix-answer [--handed-on] <PATH> <LINE>");
     };
     let listener = std::os::unix::net::UnixListener::bind(path).expect("bind the socket");
+    if handed_on {
+        // SAFETY: this process has one thread, which the child carries on.
+        match unsafe { libc::fork() } {
+            -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+            0 => {}
+            _ => std::process::exit(0),
+        }
+    }
     emit(json!({ "listening": true }));
     let (stream, _) = listener.accept().expect("accept");
     let mut line = String::new();
