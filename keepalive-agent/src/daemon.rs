@@ -863,7 +863,12 @@ impl Daemon {
             .rules()
             .filter_map(|rule| {
                 let why = self.selects_nothing(&rule.selector)?;
-                Some(format!("{} ({}; {why})", rule.selector.text(), rule.source))
+                // A mask (`policy unset` of a config policy) is no policy of its own.
+                let what = match rule.spec {
+                    Some(_) => rule.source.to_string(),
+                    None => "unset at runtime until the next reload".into(),
+                };
+                Some(format!("{} ({what}; {why})", rule.selector.text()))
             })
             .collect();
         (rows, pending)

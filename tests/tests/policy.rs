@@ -1757,6 +1757,16 @@ fn exact_paths_outrank_globs_also_across_runtime_and_config() {
     assert_eq!((idle_of(&db), idle_of(&web)), (44, 60));
     let later = format!("{}/later", parent.rel());
     agent.cli_ok(&["policy", "unset", &later]);
+    // Until it exists, the mask waits, and says it is one.
+    let out = agent.cli_ok(&["policy", "list"]);
+    assert!(
+        stdout(&out).contains(&format!(
+            "pending: {}/later (unset at runtime until the next reload; ",
+            parent.display()
+        )),
+        "{}",
+        stdout(&out)
+    );
     assert_eq!(idle_of(&parent.child("later")), 60);
     let out = agent.cli(&["policy", "unset", &format!("{}/x", web.rel())]);
     let err = stderr(&out);
