@@ -850,12 +850,7 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
                 format!("{detail}; but {}", other.refusal(attach, &roots)),
                 Some("`run` refuses to attach beside it (exit 7); see the detail"),
             ),
-            (_, Some((_, attach)), None, Some(other)) => item(
-                "keepalive",
-                Outcome::Warn,
-                format!("{detail}; {}", other.overlap(attach, cg, &roots)),
-                Some("scope the agents to subtrees that do not nest, or use one agent"),
-            ),
+            // Before the warning below: `run` refuses this whatever runs above or below.
             (Some(pinned), Some((id, attach)), ..) if pinned != id => item(
                 "keepalive",
                 Outcome::Fail,
@@ -864,6 +859,12 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
                     "`run` refuses to move pinned enforcement (exit 7): `keepalive-agent detach` \
                      first, or attach where it is",
                 ),
+            ),
+            (_, Some((_, attach)), None, Some(other)) => item(
+                "keepalive",
+                Outcome::Warn,
+                format!("{detail}; {}", other.overlap(attach, cg, &roots)),
+                Some("scope the agents to subtrees that do not nest, or use one agent"),
             ),
             _ => item("keepalive", Outcome::Ok, detail, None),
         });

@@ -129,6 +129,20 @@ fn a_different_attach_cgroup_is_refused_with_a_message_naming_detach() {
     );
     assert_eq!(sockops_attachments(b.path()), 0);
     assert_eq!(sockops_attachments(a.path()), 1);
+    // `check` fails it as `run` does, also where another state directory's agent runs
+    // above the cgroup named, which alone is a warning.
+    let parent = TestCgroup::new("attach-above");
+    let below = parent.child("below");
+    let _above = Agent::start(&parent, &[]);
+    let (code, item) = keepalive_check(&dirs, &below);
+    assert_eq!((code, item["status"].as_str()), (8, Some("fail")), "{item}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("but the config attaches to {}", below.display())),
+        "{item}"
+    );
 }
 
 /// `check --json --cgroup CGROUP` with `dirs`: its exit code and its `keepalive` item.
