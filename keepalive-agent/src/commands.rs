@@ -206,14 +206,14 @@ fn policy_table(rows: &[PolicyRow]) -> String {
     ]);
     for row in rows {
         table.add_row([
-            row.cgroup.clone(),
+            status::printable(&row.cgroup).into_owned(),
             row.cgroup_id.to_string(),
             format!("{}s", row.idle),
             format!("{}s", row.interval),
             row.count.to_string(),
             row.user_timeout.map_or("-".into(), |ms| format!("{ms}ms")),
             row.mode.clone(),
-            row.selector.clone(),
+            status::printable(&row.selector).into_owned(),
             row.source.clone(),
         ]);
     }

@@ -766,6 +766,24 @@ impl SocketLines {
     }
 }
 
+/// `text` as a table cell for a terminal: control characters as Rust escapes (`\n`,
+/// `\u{1b}`). Any process can put them in its name, and a user in the names of the cgroups
+/// delegated to them; raw, they could break a row in two, forge another, or move the cursor.
+pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out.into()
+}
+
 /// A socket's cells, in the order of [`SOCKET_COLUMNS`].
 fn socket_cells(s: &SocketRow) -> [String; SOCKET_COLUMNS.len()] {
     let mode = if s.app_owned {
@@ -774,7 +792,7 @@ fn socket_cells(s: &SocketRow) -> [String; SOCKET_COLUMNS.len()] {
         s.mode.to_owned()
     };
     let process = match (&s.pid, &s.comm) {
-        (Some(pid), Some(comm)) => format!("{pid}/{comm}"),
+        (Some(pid), Some(comm)) => format!("{pid}/{}", printable(comm)),
         _ => "unknown".to_owned(),
     };
     let since = s
@@ -790,7 +808,7 @@ fn socket_cells(s: &SocketRow) -> [String; SOCKET_COLUMNS.len()] {
             _ => "?",
         }
         .to_owned(),
-        s.cgroup.clone(),
+        printable(&s.cgroup).into_owned(),
         secs(s.idle),
         secs(s.interval),
         s.count.to_string(),
@@ -810,7 +828,7 @@ fn summary_text(cgroups: &[CgroupRow], counters: &BTreeMap<&'static str, u64>) -
     let mut t = table(&["CGROUP", "OPEN", "ENFORCED", "DEAD-PEERS"]);
     for c in cgroups {
         t.add_row(vec![
-            Cell::new(&c.cgroup),
+            Cell::new(printable(&c.cgroup)),
             Cell::new(c.open).set_alignment(CellAlignment::Right),
             Cell::new(c.enforced_total).set_alignment(CellAlignment::Right),
             Cell::new(c.dead_peers).set_alignment(CellAlignment::Right),

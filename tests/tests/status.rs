@@ -10,7 +10,7 @@ use std::{
 
 use keepalive_tests::{
     Agent, AgentDirs, Proc, TempDir, TestCgroup, VethPair, assert_stamped_between, cgroup_row,
-    code, eventually, free_port, sock_bin, sockets_of, stderr,
+    code, eventually, free_port, sock_bin, sockets_of, stderr, stdout,
 };
 use serde_json::Value;
 
@@ -608,4 +608,32 @@ fn status_json_stays_whole_when_detach_runs_while_it_writes() {
     assert!(sockets_of(&doc, &cg).len() >= 2000, "{}", doc["counters"]);
     assert!(doc["counters"]["enforced"].as_u64() > Some(0), "{doc:#}");
     drop(held);
+}
+
+#[test]
+fn control_characters_in_names_are_escaped_in_the_table() {
+    let parent = TestCgroup::new("ctrlname");
+    // A name a delegated user could give a cgroup, and one any process can take (a process
+    // is named after the file it runs).
+    let cg = parent.child("a\u{1b}[2Jb");
+    let dir = TempDir::new("ctrlname");
+    let bin = dir.path().join("ka\nFAKE\u{1b}[31m");
+    std::os::unix::fs::symlink(sock_bin(), &bin).unwrap();
+    let agent = Agent::start(&parent, &[]);
+    let mut pair = Proc::spawn(&bin, &["pair", "6"], Some(cg.path()), None);
+    pair.read();
+    let table = stdout(&agent.cli_ok(&["status"]));
+    assert!(!table.contains('\u{1b}'), "{table:?}");
+    let process = format!("{}/ka\\nFAKE\\u{{1b}}[31m", pair.pid());
+    assert!(table.contains(&process), "{table}");
+    assert!(
+        table
+            .lines()
+            .filter(|line| line.contains("FAKE"))
+            .all(|line| line.contains(&process)),
+        "a name breaks no row: {table}"
+    );
+    let rows = table.lines().filter(|line| line.contains("a\\u{1b}[2Jb"));
+    // Both ends, and the cgroup's counters.
+    assert_eq!(rows.count(), 3, "{table}");
 }
