@@ -269,6 +269,12 @@ impl Route {
     }
 }
 
+/// Whether `head` holds a request's whole header block: up to an empty line, whose line ends
+/// may be CRLF or a bare LF (RFC 9112, section 2.2).
+fn head_complete(head: &[u8]) -> bool {
+    head.windows(2).any(|w| w == b"\n\n") || head.windows(3).any(|w| w == b"\n\r\n")
+}
+
 fn route(request: &[u8]) -> Route {
     let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
@@ -301,7 +307,7 @@ async fn respond(
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 16 * 1024 {
+    while !head_complete(&head) && head.len() < 16 * 1024 {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
             break;
