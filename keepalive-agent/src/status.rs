@@ -427,18 +427,24 @@ impl View<'_> {
         filter: &'f Filter,
     ) -> anyhow::Result<View<'f>> {
         let names = cgroup2.names(&CgroupPath::root());
-        let selected = filter.cgroup.as_ref().map(|selector| {
-            let selected: HashSet<u64> = names
-                .iter()
-                .filter(|(_, path)| selector.covers(path))
-                .map(|(id, _)| *id)
-                .collect();
-            // A filter is no error, but a typo should not pass as "no sockets".
-            if selected.is_empty() {
-                log::warn!("no cgroup matches {}", selector.text());
-            }
-            selected
-        });
+        // `/` covers every cgroup, also those removed since, whose place nothing tells.
+        let everything = |selector: &&Selector| selector.covers(&CgroupPath::root());
+        let selected = filter
+            .cgroup
+            .as_ref()
+            .filter(|s| !everything(s))
+            .map(|selector| {
+                let selected: HashSet<u64> = names
+                    .iter()
+                    .filter(|(_, path)| selector.covers(path))
+                    .map(|(id, _)| *id)
+                    .collect();
+                // A filter is no error, but a typo should not pass as "no sockets".
+                if selected.is_empty() {
+                    log::warn!("no cgroup matches {}", selector.text());
+                }
+                selected
+            });
         let attach_id =
             crate::loader::pinned_attach_id(state).map_err(|err| pin_error(state.root(), err))?;
         // The link of a removed cgroup no longer covers new connections (only sockets left

@@ -646,3 +646,36 @@ fn control_characters_in_names_are_escaped_in_the_table() {
     // Both ends, and the cgroup's counters.
     assert_eq!(rows.count(), 3, "{table}");
 }
+
+#[test]
+fn sockets_of_a_removed_cgroup_are_listed_also_under_the_root_filter() {
+    use std::os::unix::fs::MetadataExt as _;
+    let parent = TestCgroup::new("removedcg");
+    let gone = parent.child("gone");
+    let id = std::fs::metadata(gone.path()).unwrap().ino();
+    let agent = Agent::start(&parent, &[]);
+    let mut pair = Proc::sock(&["pair", "6"], &gone);
+    pair.read();
+    // The process moves out; its sockets keep their cgroup, which can then be removed.
+    std::fs::write(parent.path().join("cgroup.procs"), pair.pid().to_string()).unwrap();
+    std::fs::remove_dir(gone.path()).unwrap();
+    let of_gone = |args: &[&str]| -> Vec<String> {
+        let out = agent.cli_ok(&[&["status", "--json"], args].concat());
+        let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+        status["sockets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["cgroup_id"] == id)
+            .map(|s| s["cgroup"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let removed = vec![format!("#{id} (removed)"); 2];
+    assert_eq!(of_gone(&[]), removed);
+    // `/` covers every cgroup, removed ones too; a subtree cannot tell where they were.
+    assert_eq!(of_gone(&["--cgroup", "/"]), removed);
+    assert_eq!(
+        of_gone(&["--cgroup", &parent.display()]),
+        Vec::<String>::new()
+    );
+}
