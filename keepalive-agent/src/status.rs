@@ -707,11 +707,11 @@ const SOCKET_COLUMNS: [(&str, bool); 12] = [
 const SORT_COLUMNS: [usize; 3] = [3, 0, 1];
 
 /// The socket rows, each one line of its cells joined by NUL (which no cell holds), the sort
-/// key's cells first: sorting the lines sorts the rows. A few hundred bytes a socket, where
-/// `status --json` streams in constant memory.
+/// key's cells first, with both addresses as numbers ([`addr_key`]). A few hundred bytes a
+/// socket, where `status --json` streams in constant memory.
 #[derive(Default)]
 struct SocketLines {
-    rows: Vec<Box<str>>,
+    rows: Vec<(Box<str>, [u8; 36])>,
     /// Each column's width so far, in characters.
     widths: [usize; SOCKET_COLUMNS.len()],
 }
@@ -728,12 +728,23 @@ impl SocketLines {
             .chain(rest)
             .map(|i| cells[i].as_str())
             .collect();
-        self.rows.push(line.join("\0").into_boxed_str());
+        let mut key = [0; 36];
+        key[..18].copy_from_slice(&addr_key(&row.local));
+        key[18..].copy_from_slice(&addr_key(&row.remote));
+        self.rows.push((line.join("\0").into_boxed_str(), key));
     }
 
-    /// Sorts the rows and writes them under the header, columns aligned as the summary's.
+    /// Sorts the rows, by cgroup and then by address as numbers (`10.0.0.9` before
+    /// `10.0.0.10`, port 999 before 1000), and writes them under the header, columns aligned
+    /// as the summary's.
     fn write(mut self, out: &mut impl std::io::Write) -> std::io::Result<()> {
-        self.rows.sort_unstable();
+        self.rows.sort_unstable_by(|(a, a_key), (b, b_key)| {
+            let (a_cgroup, b_cgroup) = (a.split('\0').next(), b.split('\0').next());
+            a_cgroup
+                .cmp(&b_cgroup)
+                .then(a_key.cmp(b_key))
+                .then(a.cmp(b))
+        });
         let mut widths = self.widths;
         for (width, (header, _)) in widths.iter_mut().zip(SOCKET_COLUMNS) {
             *width = (*width).max(header.len());
@@ -762,7 +773,7 @@ impl SocketLines {
             .into_iter()
             .chain((0..cells.len()).filter(|i| !SORT_COLUMNS.contains(i)))
             .collect();
-        for row in &self.rows {
+        for (row, _) in &self.rows {
             for (&column, cell) in order.iter().zip(row.split('\0')) {
                 cells[column] = cell;
             }
@@ -788,6 +799,21 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
         }
     }
     out.into()
+}
+
+/// An address of [`addr`]'s as it sorts: the IPv6 address (IPv4 as v4-mapped), then the
+/// port, both big-endian.
+fn addr_key(text: &str) -> [u8; 18] {
+    let mut key = [0; 18];
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        let ip = match addr.ip() {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        };
+        key[..16].copy_from_slice(&ip.octets());
+        key[16..].copy_from_slice(&addr.port().to_be_bytes());
+    }
+    key
 }
 
 /// A socket's cells, in the order of [`SOCKET_COLUMNS`].
@@ -928,28 +954,32 @@ mod tests {
         lines.add(&row("/b", "127.0.0.1:1000", 5, None));
         lines.add(&row("/a.slice/long-service-name", "[::1]:2", 12, Some(7)));
         lines.add(&row("/b", "127.0.0.1:999", 5, Some(1234)));
+        lines.add(&row("/b", "127.0.0.10:1", 5, None));
+        lines.add(&row("/b", "127.0.0.9:1", 5, None));
         let mut out = Vec::new();
         lines.write(&mut out).unwrap();
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines.len(), 6, "{text}");
         let column = |line: &str, cell: &str| {
             line.find(cell)
                 .unwrap_or_else(|| panic!("{cell} in {line}"))
         };
-        // Sorted by cgroup, then by local address (as text).
+        // Sorted by cgroup, then by local address as numbers.
         assert!(
             lines[1].contains("[::1]:2") && lines[1].contains("7/curl"),
             "{text}"
         );
         assert!(
-            lines[2].contains("127.0.0.1:1000") && lines[2].contains("unknown"),
+            lines[2].contains("127.0.0.1:999") && lines[2].contains("1234/curl"),
             "{text}"
         );
         assert!(
-            lines[3].contains("127.0.0.1:999") && lines[3].contains("1234/curl"),
+            lines[3].contains("127.0.0.1:1000") && lines[3].contains("unknown"),
             "{text}"
         );
+        assert!(lines[4].contains("127.0.0.9:1"), "{text}");
+        assert!(lines[5].contains("127.0.0.10:1"), "{text}");
         // Left-aligned columns start together; CNT is aligned right.
         let cgroup = column(lines[0], "CGROUP");
         let mode = column(lines[0], "MODE");
