@@ -202,9 +202,14 @@ fn toml_reason(err: &toml::de::Error, text: &str) -> String {
         }
         None => {}
     }
+    // `default = 5`, `policy = [5]`: a table was due where a value stands.
+    let message = message.replace(
+        "expected struct RawPolicy",
+        "expected a table ([default], or [[policy]] for each entry)",
+    );
     match err.span().and_then(|span| key_before(text, span.start)) {
         Some(key) => format!("{key}: {message}"),
-        None => message.to_owned(),
+        None => message,
     }
 }
 
@@ -318,7 +323,10 @@ pub fn reload(
         return load(None, cgroup2);
     };
     read(file, true, cgroup2).map_err(|err| match err.downcast::<Error>() {
-        Ok(Error::Config { file, line, reason }) if path.is_none() && !file.exists() => {
+        // Gone, not unreadable for another reason (a symlink loop, say).
+        Ok(Error::Config { file, line, reason })
+            if path.is_none() && matches!(file.try_exists(), Ok(false)) =>
+        {
             Error::Config {
                 file,
                 line,
@@ -739,6 +747,15 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
             format!("{err}; expected an address such as \"127.0.0.1:9977\" or \"[::1]:9977\"")
         }),
     }
+    .and_then(|addr: SocketAddr| match addr.port() {
+        // The kernel would pick one that nobody scraping knows.
+        0 => Err(
+            "port 0 picks no port to scrape; expected an address such as \
+                  \"127.0.0.1:9977\" or \"[::1]:9977\""
+                .to_owned(),
+        ),
+        _ => Ok(addr),
+    })
 }
 
 #[cfg(test)]
@@ -967,6 +984,8 @@ mode = "off"
             "[10.0.0.7]",
             "[10.0.0.7]:",
             "[10.0.0.7]:99999",
+            "[10.0.0.7]:0",
+            "127.0.0.1:0",
             "[host]:1",
             "::1:9977",
             "",
@@ -988,6 +1007,23 @@ mode = "off"
     }
 
     #[test]
+    fn a_reload_says_restore_it_only_for_a_file_that_is_gone() {
+        let dir = std::env::temp_dir().join(format!("ka-config-gone-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).unwrap();
+        let (gone, looped) = (dir.join("gone.toml"), dir.join("loop.toml"));
+        std::os::unix::fs::symlink(&looped, &looped).unwrap();
+        let reason = |file: &Path| format!("{:#}", reload(None, Some(file), &cg()).unwrap_err());
+        let (gone, looped) = (reason(&gone), reason(&looped));
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(gone.contains("Restore it"), "{gone}");
+        assert!(
+            !looped.contains("Restore it") && looped.contains("cannot read"),
+            "{looped}"
+        );
+    }
+
+    #[test]
     fn rejects_structural_mistakes() {
         let (line, reason) = parse_err("[[policy]]\nidle = 5\n");
         assert_eq!(line, Some(1));
@@ -1003,6 +1039,16 @@ mode = "off"
         let (line, reason) = parse_err("state_dir = \"relative\"\n");
         assert_eq!(line, Some(1));
         assert!(reason.contains("absolute"), "{reason}");
+        // Serde's names for the file's parts stay out of the message.
+        for text in ["default = 5\n", "policy = [5]\n"] {
+            let (line, reason) = parse_err(text);
+            assert_eq!(line, Some(1));
+            assert!(
+                reason.contains("expected a table ([default], or [[policy]] for each entry)")
+                    && !reason.contains("Raw"),
+                "{text}: {reason}"
+            );
+        }
     }
 
     #[test]
