@@ -239,8 +239,9 @@ pub enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Remove a cgroup's runtime policy, or mask the config's policy for it until the next
-    /// reload. The cgroup then inherits from its nearest ancestor with a policy.
+    /// Remove a cgroup's runtime policy, after which the config's policy for it, if any,
+    /// applies again; or, with no runtime policy, mask the config's policy for it until the
+    /// next reload, after which it inherits from its nearest ancestor with a policy.
     Unset {
         /// cgroup path or glob, as given to `set` or in the config.
         cgroup: String,

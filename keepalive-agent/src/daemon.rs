@@ -785,7 +785,19 @@ impl Daemon {
                 )));
             }
             self.runtime.remove(pos);
-            return Ok(format!("removed the runtime policy for {text}"));
+            // What a path gets now: the config's policy for it can come back.
+            let now = match &selector {
+                Selector::Exact(path) => match self.rules().find(|r| r.selector.matches(path)) {
+                    Some(rule) if rule.spec.is_some() => format!(
+                        "; the policy for {} ({}) applies to it now",
+                        rule.selector.text(),
+                        rule.source
+                    ),
+                    _ => "; it inherits from its nearest ancestor with a policy".to_owned(),
+                },
+                Selector::Glob { .. } => String::new(),
+            };
+            return Ok(format!("removed the runtime policy for {text}{now}"));
         }
         // A mask outside the attach cgroup would be taken and do nothing.
         selector.check_reaches(&self.fixed.attach).map_err(usage)?;

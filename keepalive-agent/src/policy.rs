@@ -2,8 +2,8 @@
 //! program looks up.
 //!
 //! A rule selects cgroups by exact path or by glob. Resolution takes the rules in precedence
-//! order (runtime overrides, then exact paths, then globs in file order); the first rule that
-//! selects a cgroup decides its policy. Cgroups without an entry inherit from their nearest
+//! order (exact paths before globs; within each, runtime rules, the latest first, before the
+//! config's in file order); the first rule that selects a cgroup decides its policy. Cgroups without an entry inherit from their nearest
 //! ancestor with one, in the kernel, at connection time.
 
 use std::{

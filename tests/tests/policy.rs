@@ -1731,6 +1731,26 @@ fn exact_paths_outrank_globs_also_across_runtime_and_config() {
     ));
     let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
     assert_eq!((idle_of(&db), idle_of(&web)), (44, 55));
+    // Unset of a runtime policy says which comes back: the config's for the path, or its glob's.
+    for (cgroup, idle, selector, line) in [
+        (&db, 44, db.display(), 1),
+        (&web, 55, format!("{}/*", parent.display()), 4),
+    ] {
+        agent.cli_ok(&["policy", "set", cgroup.rel(), "--idle", "77"]);
+        assert_eq!(idle_of(cgroup), 77);
+        let out = agent.cli_ok(&["policy", "unset", cgroup.rel()]);
+        assert!(
+            stdout(&out).contains(&format!(
+                "removed the runtime policy for {}; the policy for {selector} ({}:{line}) \
+                 applies to it now",
+                cgroup.display(),
+                config.display()
+            )),
+            "{}",
+            stdout(&out)
+        );
+        assert_eq!(idle_of(cgroup), idle);
+    }
     // A runtime glob neither overrides nor masks the config's exact path.
     let glob = format!("{}/*", parent.rel());
     agent.cli_ok(&["policy", "set", &glob, "--idle", "66"]);
