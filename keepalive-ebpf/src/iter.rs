@@ -59,8 +59,11 @@ fn seq_write<T>(meta: *mut IterMeta, value: &T) {
 }
 
 /// Applies policy to one existing TCP socket of the iterating network namespace: listeners
-/// (so the connections they accept inherit it) and established connections, for which it
-/// writes one [`keepalive_common::apply_result`] byte.
+/// (so the connections they accept inherit it) and connections, for which it writes one
+/// [`keepalive_common::apply_result`] byte: established ones, and those whose peer closed its
+/// side (CLOSE_WAIT), which the application still holds and keepalive still serves. A socket
+/// the application closed or shut down itself is left alone: once orphaned, the kernel times
+/// its FIN_WAIT2 with the keepalive timer, which a keepalive setting would restart.
 #[unsafe(no_mangle)]
 #[unsafe(link_section = "iter/tcp")]
 pub fn keepalive_apply(ctx: *mut IterTcp) -> i32 {
@@ -76,7 +79,8 @@ pub fn keepalive_apply(ctx: *mut IterTcp) -> i32 {
         return 0;
     }
     let state: u8 = kernel::load(sk.cast(), off!(skc_state));
-    if state != uapi::TCP_ESTABLISHED && state != uapi::TCP_LISTEN {
+    if state != uapi::TCP_ESTABLISHED && state != uapi::TCP_CLOSE_WAIT && state != uapi::TCP_LISTEN
+    {
         return 0;
     }
     let cgroup = kernel::sock_cgroup(tp.cast());
@@ -112,8 +116,8 @@ pub fn keepalive_apply(ctx: *mut IterTcp) -> i32 {
     0
 }
 
-/// Fills a record's addresses from the socket itself (an established one: listeners are
-/// configured, not recorded).
+/// Fills a record's addresses from the socket itself (a connection: listeners are configured,
+/// not recorded).
 #[inline(always)]
 fn describe(rec: &mut SockRecord, sk: *const u8) {
     let family: u16 = kernel::load(sk, off!(skc_family));

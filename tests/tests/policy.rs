@@ -2090,3 +2090,31 @@ fn listeners_on_one_port_in_one_cgroup_but_other_network_namespaces_are_told_apa
         "the application's own stays"
     );
 }
+
+#[test]
+fn a_policy_change_reaches_connections_whose_peer_closed_its_side() {
+    let cg = TestCgroup::new("closewait");
+    let agent = Agent::start(&cg, &["--idle", "50"]);
+    let mut pair = Proc::sock(&["pair", "4", "--half-close-at-report", "1"], &cg);
+    pair.read();
+    let idles = |report: Vec<serde_json::Value>| {
+        report
+            .iter()
+            .map(|end| end["idle"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(idles(pair.report()), [50, 50], "client, then server");
+    agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "33"]);
+    // The server's end, in CLOSE_WAIT, is still the application's to read and keepalive's to
+    // watch; the client's end, which shut its side down, is left as it was.
+    assert_eq!(idles(pair.report()), [50, 33]);
+    let status = agent.status();
+    let server = sockets_of(&status, &cg)
+        .into_iter()
+        .find(|s| s["direction"] == "inbound")
+        .expect("the server's end is listed");
+    assert_eq!(
+        (server["idle"].as_u64(), server["state"].as_str()),
+        (Some(33), Some("close-wait"))
+    );
+}

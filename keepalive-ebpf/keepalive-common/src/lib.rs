@@ -723,6 +723,7 @@ pub mod uapi {
     pub const ETIMEDOUT: i32 = 110;
     pub const TCP_ESTABLISHED: u8 = 1;
     pub const TCP_CLOSE: u8 = 7;
+    pub const TCP_CLOSE_WAIT: u8 = 8;
     pub const TCP_LISTEN: u8 = 10;
     /// `BPF_SOCK_OPS_STATE_CB_FLAG`.
     pub const SOCK_OPS_STATE_CB_FLAG: u32 = 1 << 2;

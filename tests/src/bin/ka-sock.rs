@@ -7,6 +7,7 @@
 //!              [--keepalive-after IDLE] [--user-timeout MS]
 //!              [--user-timeout-after MS] [--loosen-at-report N]
 //!              [--disconnect-at-report N] [--reconnect-at-report N]
+//!              [--half-close-at-report N]
 //!                                                client+server over loopback; both ends' options
 //! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE] [--keepalive-after IDLE]
 //!                [--user-timeout-after MS]
@@ -56,7 +57,9 @@
 //! client's TCP_USER_TIMEOUT once connected (with `listen`: the listener's once listening); `--loosen-at-report N` makes the client try what
 //! `--loosen` does (below) just before the N-th report; `--disconnect-at-report N` disconnects
 //! it (connect to AF_UNSPEC) and `--reconnect-at-report N` connects it to the listener again,
-//! in that order when they name the same report, both before a loosen. `--send` waits until stdin closes, then
+//! in that order when they name the same report, both before a loosen.
+//! `--half-close-at-report N` (before the others) shuts the client's sending side down and has
+//! the server read the end: the server's end is then in CLOSE_WAIT, the client's in FIN_WAIT2. `--send` waits until stdin closes, then
 //! sends one byte. `--read` blocks in read() after connecting (and sending) and reports how it
 //! ended. `--loosen` tries to switch keepalive off and raise its
 //! values after connecting, then reports what getsockopt shows, then sets TCP_CONGESTION from a
@@ -314,8 +317,17 @@ fn pair(args: &[String]) {
         at("--disconnect-at-report"),
         at("--reconnect-at-report"),
     );
+    let half_close_at = at("--half-close-at-report");
     let fd = client.as_raw_fd();
     hold_and(&[fd, server.as_raw_fd()], |report| {
+        if Some(report) == half_close_at {
+            client
+                .shutdown(std::net::Shutdown::Write)
+                .expect("shutdown");
+            // The server end is in CLOSE_WAIT once it reads the end.
+            let read = (&server).read(&mut [0u8; 1]).expect("read");
+            assert_eq!(read, 0, "the client sent nothing before its end");
+        }
         if Some(report) == disconnect_at {
             connect_to(fd, None);
         }
