@@ -5,7 +5,7 @@
 use core::{ffi::c_void, mem::MaybeUninit};
 
 use aya_ebpf::helpers::generated::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns};
-use keepalive_common::{Counter, SockRecord, apply_result, mode, policy_flags, sock_flags};
+use keepalive_common::{Counter, Policy, SockRecord, apply_result, mode, policy_flags, sock_flags};
 
 use crate::{
     enforce,
@@ -54,6 +54,19 @@ pub(crate) struct Socket {
     pub(crate) cgroup: SockCgroup,
 }
 
+/// The policy the program last set on the listener `sock` was accepted from, when the socket
+/// still carries it as set there: its values, and a user timeout no longer than that policy's.
+#[inline(always)]
+fn left_by_listener(sock: &Socket) -> Option<Policy> {
+    track::listened_policy(track::listen_key(sock.cgroup.id, sock.tp)).filter(|listened| {
+        listened.user_timeout_held(kernel::user_timeout_ms(sock.tp))
+            && match kernel::has_values(sock.tp, listened) {
+                Some(same) => same,
+                None => enforce::still_set(sock.target, sock.tp, listened),
+            }
+    })
+}
+
 /// Applies `resolved` to one socket and records it. `describe` fills in the record's
 /// addresses and state; `enable_state_cb` asks the kernel for the socket's state-change
 /// callbacks, which dead-peer detection and record removal rely on.
@@ -90,6 +103,19 @@ pub(crate) fn enforce_socket(
         // Left alone from now on: values stay, but a lock the program held is released.
         if before & sock_flags::LOCKED != 0 {
             PolicyStore::Locks.set(sock.sk, None);
+        }
+        // A connection just accepted from a listener the change to `off` has not reached (or
+        // cannot) carries what the program set there: as under every other mode, that goes
+        // with the policy that set it.
+        if origin
+            == (Origin::Established {
+                direction: sock_flags::INBOUND,
+            })
+            && kernel::keepalive_on(sock.tp)
+            && let Some(listened) = left_by_listener(sock)
+        {
+            let app_keepalive = listened.flags & policy_flags::APP_KEEPALIVE != 0;
+            enforce::release(sock.target, sock.tp, &listened, app_keepalive);
         }
         let Some(rec) = existing else {
             return apply_result::SKIPPED_OFF;
@@ -168,13 +194,7 @@ pub(crate) fn enforce_socket(
             || (policy.flags & policy_flags::USER_TIMEOUT == 0
                 && kernel::user_timeout_ms(sock.tp) != 0))
     {
-        track::listened_policy(track::listen_key(sock.cgroup.id, sock.tp)).filter(|listened| {
-            listened.user_timeout_held(kernel::user_timeout_ms(sock.tp))
-                && match kernel::has_values(sock.tp, listened) {
-                    Some(same) => same,
-                    None => enforce::still_set(sock.target, sock.tp, listened),
-                }
-        })
+        left_by_listener(sock)
     } else {
         None
     };

@@ -2051,6 +2051,23 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
         let accepted = own.accept(&cg, &ns);
         assert_eq!(accepted["user_timeout"], 9000, "{mode}: {accepted}");
     }
+    // And under `off`: what the program set on the listener goes, keepalive with it; an
+    // emergency `off` against a user timeout that cuts connections must not keep passing it on.
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.path().to_str().unwrap(),
+        "--mode",
+        "off",
+    ]);
+    let accepted = server.accept(&cg, &ns);
+    assert_eq!(
+        (values(&accepted).0, accepted["user_timeout"].as_u64()),
+        (0, Some(0)),
+        "off: {accepted}"
+    );
+    let accepted = own.accept(&cg, &ns);
+    assert_eq!(accepted["user_timeout"], 9000, "off: {accepted}");
 }
 
 #[test]
