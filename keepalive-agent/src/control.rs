@@ -6,10 +6,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    os::{
-        fd::{AsFd as _, OwnedFd},
-        unix::net::UnixStream,
-    },
+    os::{fd::AsFd as _, unix::net::UnixStream},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -214,7 +211,10 @@ pub struct Pending {
     pub request: Request,
     /// Where the answer goes.
     pub reply: tokio::sync::oneshot::Sender<Response>,
-    client: OwnedFd,
+    /// The connection's reading half, which the request was read from; it keeps the socket
+    /// open until the request is answered or left, without a descriptor of its own (an agent
+    /// out of descriptors still answers).
+    client: tokio::net::unix::OwnedReadHalf,
 }
 
 impl Pending {
@@ -222,7 +222,7 @@ impl Pending {
     /// (`policy` was interrupted, or gave up waiting): nobody would learn what it did, so the
     /// agent leaves it. A client that only shut down its sending side still waits.
     pub fn client_left(&self) -> bool {
-        crate::sys::hung_up(self.client.as_fd())
+        crate::sys::hung_up(self.client.as_ref().as_fd())
     }
 }
 
@@ -273,17 +273,13 @@ pub async fn serve_one(
 ) -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt as _;
     let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
-    let client = stream
-        .as_fd()
-        .try_clone_to_owned()
-        .context("failed to keep a control connection")?;
-    let (read, mut write) = stream.into_split();
+    let (mut read, mut write) = stream.into_split();
     let response = if uid != 0 {
         Response::failure(
             &Error::Permission("permission denied: policy commands need root".into()).into(),
         )
     } else {
-        match read_request(read, CLIENT_TIMEOUT)
+        match read_request(&mut read, CLIENT_TIMEOUT)
             .await
             .context("failed to read a control request")?
         {
@@ -302,21 +298,18 @@ pub async fn serve_one(
             ),
             Ok(envelope) => {
                 let (reply, answer) = tokio::sync::oneshot::channel();
-                let kept = client
-                    .try_clone()
-                    .context("failed to keep a control connection")?;
                 requests
                     .send(Pending {
                         request: envelope.request,
                         reply,
-                        client: kept,
+                        client: read,
                     })
                     .await
                     .map_err(|_| anyhow::anyhow!("the agent is stopping"))?;
                 match answer.await {
                     Ok(response) => response,
                     // The agent left it: the client has gone (see [`Pending::client_left`]).
-                    Err(_) if crate::sys::hung_up(client.as_fd()) => return Ok(()),
+                    Err(_) if crate::sys::hung_up(write.as_ref().as_fd()) => return Ok(()),
                     Err(_) => anyhow::bail!("the agent is stopping"),
                 }
             }
