@@ -647,6 +647,7 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         config.as_ref().and_then(|(c, _)| c.state_dir.clone())
     });
 
+    let state_on_bpffs = pin::bpffs_state(state.root());
     if pin::on_bpffs(Path::new(BPFFS_MOUNT)) {
         checks.push(item(
             "bpffs",
@@ -654,9 +655,30 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
             format!("mounted at {BPFFS_MOUNT}"),
             None,
         ));
-    } else if matches!(pin::bpffs_state(state.root()), Ok(false))
-        && let Some(mount) = pin::mount_stays_in_namespace()
-    {
+    } else if matches!(state_on_bpffs, Ok(true)) {
+        // `run` uses the state directory's bpffs as it is, and needs no other.
+        checks.push(item(
+            "bpffs",
+            Outcome::Ok,
+            format!(
+                "not mounted at {BPFFS_MOUNT}, but the state directory {} is on bpffs",
+                state.root().display()
+            ),
+            None,
+        ));
+    } else if state_on_bpffs.is_err() {
+        // Nor would `run` mount one for it: the directories item says why.
+        checks.push(item(
+            "bpffs",
+            Outcome::Fail,
+            format!(
+                "not mounted at {BPFFS_MOUNT}, nor at the state directory {}, and `run` \
+                 mounts bpffs only at {BPFFS_MOUNT}",
+                state.root().display()
+            ),
+            Some("mount -t bpf bpf /sys/fs/bpf, and choose a state directory below it"),
+        ));
+    } else if let Some(mount) = pin::mount_stays_in_namespace() {
         // `run` would have to mount bpffs for this state directory, and refuses to.
         checks.push(item(
             "bpffs",

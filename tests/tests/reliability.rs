@@ -1256,7 +1256,23 @@ fn bpffs_mounted_only_for_a_container_is_refused_with_exit_5() {
         }
         Ok(())
     });
-    assert_eq!(bpffs["status"], "warn", "{bpffs}");
+    // It is the only bpffs `run` needs: nothing to mount, nothing to warn of.
+    assert_eq!(bpffs["status"], "ok", "{bpffs}");
+    assert!(
+        bpffs["detail"].as_str().unwrap().contains(&format!(
+            "the state directory {} is on bpffs",
+            dirs.state_dir.display()
+        )),
+        "{bpffs}"
+    );
+    // A state directory on no bpffs at all: `run` mounts none for it, and exits 5.
+    let mut dirs = AgentDirs::new();
+    dirs.state_dir = elsewhere.path().join("plain");
+    let bpffs = check_bpffs(&dirs, || {
+        let _ = umount(c"/sys/fs/bpf");
+        Ok(())
+    });
+    assert_eq!(bpffs["status"], "fail", "{bpffs}");
 }
 
 #[test]
