@@ -16,7 +16,9 @@ const BPF_MAP_LOOKUP_ELEM: i64 = 1;
 const BPF_MAP_UPDATE_ELEM: i64 = 2;
 const BPF_OBJ_PIN: i64 = 6;
 const BPF_OBJ_GET: i64 = 7;
+const BPF_PROG_GET_FD_BY_ID: i64 = 13;
 const BPF_MAP_GET_FD_BY_ID: i64 = 14;
+const BPF_OBJ_GET_INFO_BY_FD: i64 = 15;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u64 = 6;
 
 fn bpf(cmd: i64, attr: &mut [u64; 16]) -> io::Result<i64> {
@@ -113,6 +115,32 @@ fn try_map_by_id(id: u32) -> io::Result<OwnedFd> {
     let fd = bpf(BPF_MAP_GET_FD_BY_ID, &mut attr)?;
     // SAFETY: the kernel just returned this descriptor to us.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The name of the program with id `id` (the kernel keeps its first 15 bytes), or `None` when
+/// it no longer exists.
+pub fn prog_name(id: u32) -> Option<String> {
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(id);
+    let fd = match bpf(BPF_PROG_GET_FD_BY_ID, &mut attr) {
+        Ok(fd) => fd,
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => return None,
+        Err(err) => panic!("BPF_PROG_GET_FD_BY_ID {id}: {err}"),
+    };
+    // SAFETY: the kernel just returned this descriptor to us.
+    let prog = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_prog_info up to its name: type, id, tag[8], jited_prog_len, xlated_prog_len,
+    // jited_prog_insns, xlated_prog_insns, load_time, created_by_uid, nr_map_ids, map_ids,
+    // name[16] at byte 64.
+    let mut info = [0u8; 80];
+    let mut attr = [0u64; 16];
+    // info: bpf_fd (u32), info_len (u32), info (u64).
+    attr[0] = prog.as_raw_fd() as u64 | ((info.len() as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).expect("BPF_OBJ_GET_INFO_BY_FD");
+    let name = &info[64..80];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    Some(String::from_utf8_lossy(&name[..end]).into_owned())
 }
 
 /// A descriptor of the map with id `id`.

@@ -130,6 +130,7 @@ impl TestCgroup {
     /// Creates a new top-level cgroup.
     pub fn new(label: &str) -> Self {
         require_root();
+        refuse_host_enforcement();
         let name = unique(label);
         let path = cgroup2_mount().join(&name);
         fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
@@ -289,6 +290,7 @@ impl TestCgroup {
     /// Creates the cgroup at `path`, a name of the test's choosing below the cgroup2 mount.
     pub fn at(path: PathBuf) -> Self {
         require_root();
+        refuse_host_enforcement();
         let rel = path
             .strip_prefix(cgroup2_mount())
             .unwrap_or_else(|_| panic!("{} is not below the cgroup2 mount", path.display()))
@@ -1708,6 +1710,11 @@ pub fn setsockopt_attachments(cgroup: &Path) -> usize {
 
 /// How many programs of `attach_type` are attached directly to a cgroup.
 fn attachments(cgroup: &Path, attach_type: u32) -> usize {
+    attached_ids(cgroup, attach_type).len()
+}
+
+/// The ids of the programs of `attach_type` attached directly to a cgroup.
+fn attached_ids(cgroup: &Path, attach_type: u32) -> Vec<u32> {
     let dir = File::open(cgroup).expect("open cgroup");
     let mut ids = [0u32; 64];
     // union bpf_attr for BPF_PROG_QUERY: target_fd, attach_type, query_flags, attach_flags,
@@ -1725,7 +1732,53 @@ fn attachments(cgroup: &Path, attach_type: u32) -> usize {
         "BPF_PROG_QUERY: {}",
         std::io::Error::last_os_error()
     );
-    u32::from_ne_bytes(attr[24..28].try_into().expect("4 bytes")) as usize
+    let count = u32::from_ne_bytes(attr[24..28].try_into().expect("4 bytes")) as usize;
+    ids[..count.min(ids.len())].to_vec()
+}
+
+/// The keepalive programs (sock_ops and lock mode's setsockopt) attached directly to a cgroup,
+/// as `name (id N)`: every agent's, whatever its build or state directory.
+pub fn keepalive_programs_at(cgroup: &Path) -> Vec<String> {
+    // The kernel keeps the first 15 bytes of a program's name.
+    let ours = |name: &str| {
+        [keepalive_common::PROG_SOCKOPS, keepalive_common::PROG_LOCK]
+            .iter()
+            .any(|prog| !name.is_empty() && prog.starts_with(name))
+    };
+    [3, 22] // BPF_CGROUP_SOCK_OPS, BPF_CGROUP_SETSOCKOPT
+        .into_iter()
+        .flat_map(|attach_type| attached_ids(cgroup, attach_type))
+        .filter_map(|id| Some((id, bpf::prog_name(id)?)))
+        .filter(|(_, name)| ours(name))
+        .map(|(id, name)| format!("{name} (id {id})"))
+        .collect()
+}
+
+/// Why the tests cannot run on this host, if keepalive enforcement is attached at the cgroup2
+/// root: every test cgroup lies below it, and that program, running after the test agents'
+/// own, would set its policy over theirs, failing tests for no fault of theirs. Needs root.
+pub fn host_enforcement() -> Option<String> {
+    let root = cgroup2_mount();
+    let found = keepalive_programs_at(&root);
+    (!found.is_empty()).then(|| {
+        format!(
+            "keepalive enforcement is attached at the cgroup2 root {} ({}), left by an agent \
+             run on this host: enforcement stays after the agent stops, by design. It would set \
+             its policy over every test agent's. Remove it with `cargo xtask run -- detach` \
+             (add `--state-dir DIR` for another state directory than the default) and run the \
+             tests again",
+            root.display(),
+            found.join(", ")
+        )
+    })
+}
+
+/// Panics, in every test that makes a cgroup, with [`host_enforcement`]'s reason.
+fn refuse_host_enforcement() {
+    static FOUND: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if let Some(why) = FOUND.get_or_init(host_enforcement) {
+        panic!("{why}");
+    }
 }
 
 /// The number in `text` between `before` and `after` (a count in a log line or a `check`

@@ -18,8 +18,9 @@ use keepalive_tests::{
     agent_in_private_mounts, assert_stamped_between, become_user, bind_mount, cgroup_ids,
     cgroup_row, cgroup2_mount, check_item, code, count_between, drop_caps_except, eventually,
     free_port, hide_with_tmpfs, hold_inotify_instances, hold_inotify_watches, idle_of,
-    json_refusal, kernel_defaults, pair_values, private_mounts, setsockopt_attachments, sock_bin,
-    sockets_of, sockops_attachments, stderr, symlink, umount, unix_seconds, values, write_config,
+    json_refusal, keepalive_programs_at, kernel_defaults, pair_values, private_mounts,
+    setsockopt_attachments, sock_bin, sockets_of, sockops_attachments, stderr, symlink, umount,
+    unix_seconds, values, write_config,
 };
 
 #[test]
@@ -2398,4 +2399,25 @@ fn check_counts_the_inotify_watches_of_a_user_namespace_for_its_owner() {
         || inotify().is_none().then_some(()),
     );
     drop(holder);
+}
+
+/// The suite's guard against a host whose cgroup2 root keepalive enforces (which would set its
+/// policy over every test agent's) knows keepalive's programs, lock mode's included, and
+/// leaves other programs alone.
+#[test]
+fn the_suite_tells_keepalive_programs_from_others_on_a_cgroup() {
+    let parent = TestCgroup::new("ours");
+    let foreign = parent.child("foreign");
+    let _empty = keepalive_tests::perf::reference_program("empty-sockops", &foreign);
+    assert_eq!(sockops_attachments(foreign.path()), 1);
+    assert_eq!(keepalive_programs_at(foreign.path()), Vec::<String>::new());
+    let config = write_config("[default]\nmode = \"lock\"\n");
+    let mut agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    let found = keepalive_programs_at(parent.path());
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(found[0].starts_with("keepalive_socko (id "), "{found:?}");
+    assert!(found[1].starts_with("keepalive_lock (id "), "{found:?}");
+    agent.stop_with(libc::SIGTERM);
+    agent.dirs().cli_ok(&["detach"]);
+    assert_eq!(keepalive_programs_at(parent.path()), Vec::<String>::new());
 }

@@ -198,6 +198,13 @@ fn build(env: &setup::Env, release: bool, helpers: bool) -> anyhow::Result<()> {
 }
 
 fn test(env: &setup::Env, hadolint: &Path) -> anyhow::Result<()> {
+    // Said once here rather than by every test that makes a cgroup (through sudo, the tests
+    // check for themselves).
+    if is_root()
+        && let Some(why) = keepalive_tests::host_enforcement()
+    {
+        bail!("{why}");
+    }
     // One build of the agent, and with it one build of the BPF object, for every test.
     build(env, false, true)?;
     let agent = workspace_root().join("target/debug/keepalive-agent");
