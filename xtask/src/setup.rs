@@ -306,20 +306,19 @@ fn which(tool: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// Mounts bpffs at /sys/fs/bpf when running as root and it is not mounted.
+/// Mounts bpffs at /sys/fs/bpf (through sudo when not root) when nothing is mounted there: the
+/// tests' agents would each mount it otherwise, and some tests expect it in place.
 pub fn ensure_bpffs() -> anyhow::Result<()> {
-    if !is_root() {
-        return Ok(());
-    }
     let mounts = fs::read_to_string("/proc/self/mounts")?;
-    if mounts
-        .lines()
-        .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
-    {
+    if mounts.lines().any(|l| {
+        let mut fields = l.split_whitespace().skip(1);
+        fields.next() == Some("/sys/fs/bpf") && fields.next() == Some("bpf")
+    }) {
         return Ok(());
     }
     step("mounting bpffs at /sys/fs/bpf");
-    output(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+    let args = ["-t", "bpf", "bpf", "/sys/fs/bpf"].map(String::from);
+    output(&mut crate::as_root(Path::new("mount"), &args))?;
     Ok(())
 }
 
