@@ -288,6 +288,22 @@ impl Cgroup2 {
             .find(|(_, found)| *found == id)
             .map(|(path, _)| path)
     }
+
+    /// [`Cgroup2::name_of`] for a cgroup that existed: `Ok(None)` only when it no longer does.
+    /// The walk of `name_of` skips what it cannot list or name, so a miss is checked against
+    /// every directory in the tree; an error when that walk cannot list one (a delegated
+    /// subtree the agent may not read, say), or finds the cgroup with a name that is not UTF-8.
+    pub fn locate(&self, id: u64) -> io::Result<Option<CgroupPath>> {
+        if let Some(path) = self.name_of(id) {
+            return Ok(Some(path));
+        }
+        if self.ids(&CgroupPath::root())?.contains(&id) {
+            return Err(io::Error::other(format!(
+                "cgroup id {id} exists, but its path is not valid UTF-8"
+            )));
+        }
+        Ok(None)
+    }
 }
 
 /// A cgroup named relative to the cgroup2 mount; empty for the root. Displayed with a leading

@@ -795,9 +795,11 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         let ours = loader::pinned_sockops_link(&state).ok().flatten();
         // Where it is attached; `None` for a removed cgroup, whose link `run` replaces: it is
         // in nobody's way.
-        let attached = ours.map(|info| loader::link_cgroup(&info, cg));
+        let attached = ours.map(|info| {
+            loader::link_cgroup(&info, cg).map_err(|err| (info.cgroup_id, err.to_string()))
+        });
         let pinned_id = ours
-            .filter(|_| !matches!(attached, Some(None)))
+            .filter(|_| !matches!(attached, Some(Ok(None))))
             .map(|info| info.cgroup_id);
         if let Ok(root) = std::fs::File::open(cg.abs(&CgroupPath::root())) {
             match sys::cgroup_query(&root, sys::ATTACH_CGROUP_SOCK_OPS, false) {
@@ -834,18 +836,22 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         let agent =
             instance::running_agent(runtime_dir).filter(|agent| agent.may_use(state.root()));
         let detail = match (attached, agent) {
-            (Some(None), _) => format!(
+            (Some(Ok(None)), _) => format!(
                 "the enforcement pinned in {} was on a cgroup that has been removed, so it no \
                  longer covers new connections; `run` attaches anew",
                 state.root().display()
             ),
-            (Some(Some(cgroup)), Some(agent)) => {
+            (Some(Err((id, err))), _) => format!(
+                "attached to cgroup id {id}, which could not be located ({err}); `run` \
+                 elsewhere refuses to move it"
+            ),
+            (Some(Ok(Some(cgroup))), Some(agent)) => {
                 format!(
                     "attached to {cgroup} and the agent (pid {}) is running",
                     agent.pid
                 )
             }
-            (Some(Some(cgroup)), None) => format!(
+            (Some(Ok(Some(cgroup))), None) => format!(
                 "attached to {cgroup}; no agent is running (new connections are still enforced)"
             ),
             (None, _) => format!("not attached ({})", state.root().display()),

@@ -1055,7 +1055,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     let mut pinned = loader::pinned_sockops_link(&state)?;
     if let Some(link) = pinned.filter(|link| link.cgroup_id != attach_id) {
         match loader::link_cgroup(&link, &cgroup2) {
-            Some(where_) => {
+            Ok(Some(where_)) => {
                 return Err(Error::Agent(format!(
                     "enforcement pinned in {} is attached to {where_}, not {attach}; run \
                      `keepalive-agent detach` first to move it, or start with --cgroup {where_}",
@@ -1063,7 +1063,18 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                 ))
                 .into());
             }
-            None => {
+            // It may still enforce there: moving it is as much the operator's decision.
+            Err(err) => {
+                return Err(Error::Agent(format!(
+                    "enforcement pinned in {} is attached to cgroup id {}, not {attach}, and \
+                     that cgroup could not be located to tell whether it still exists ({err}); \
+                     run `keepalive-agent detach` first to move it",
+                    state.root().display(),
+                    link.cgroup_id
+                ))
+                .into());
+            }
+            Ok(None) => {
                 log::warn!(
                     "the cgroup of the enforcement pinned in {} was removed, so it no longer \
                      covered new connections; attaching anew to {attach}",
@@ -1093,8 +1104,11 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             "the setsockopt program (lock mode) pinned at {}, left by a start that did not \
              finish, is attached to {}, not {attach}; detached it from there",
             lock_link.display(),
-            loader::link_cgroup(&link, &cgroup2)
-                .map_or_else(|| "a removed cgroup".to_owned(), |path| path.to_string())
+            match loader::link_cgroup(&link, &cgroup2) {
+                Ok(Some(path)) => path.to_string(),
+                Ok(None) => "a removed cgroup".to_owned(),
+                Err(err) => format!("cgroup id {} ({err})", link.cgroup_id),
+            }
         );
         pin::unpin(&lock_link)?;
     }

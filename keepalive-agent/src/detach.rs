@@ -68,11 +68,10 @@ pub fn detach(
     };
     let cgroup2 = Cgroup2::find()?;
     let pinned = loader::pinned_attach_id(state)?;
-    let attach = pinned.map(|id| {
-        cgroup2.name_of(id).map_or_else(
-            || format!("cgroup id {id} (removed)"),
-            |path| path.to_string(),
-        )
+    let attach = pinned.map(|id| match cgroup2.locate(id) {
+        Ok(Some(path)) => path.to_string(),
+        Ok(None) => format!("cgroup id {id} (removed)"),
+        Err(err) => format!("cgroup id {id} ({err})"),
     });
     if let Some(wanted) = cgroup {
         let wanted = cgroup2.parse(wanted)?;

@@ -116,11 +116,12 @@ pub fn pinned_link(path: &Path) -> anyhow::Result<Option<sys::LinkInfo>> {
 /// The cgroup a pinned link is attached to; `None` when it was removed, and the link enforces
 /// nothing any more: the kernel detaches a cgroup's links when it releases the cgroup (the
 /// link's cgroup id reads 0 then), and before that the removed cgroup is no longer in the tree.
-pub fn link_cgroup(link: &sys::LinkInfo, cgroup2: &Cgroup2) -> Option<CgroupPath> {
+/// An error when the tree could not be searched all through (see [`Cgroup2::locate`]).
+pub fn link_cgroup(link: &sys::LinkInfo, cgroup2: &Cgroup2) -> io::Result<Option<CgroupPath>> {
     if link.cgroup_id == 0 {
-        return None;
+        return Ok(None);
     }
-    cgroup2.name_of(link.cgroup_id)
+    cgroup2.locate(link.cgroup_id)
 }
 
 /// Removes the pins of the links of a removed cgroup, which no longer cover new connections.

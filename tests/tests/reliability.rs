@@ -2421,3 +2421,61 @@ fn the_suite_tells_keepalive_programs_from_others_on_a_cgroup() {
     agent.dirs().cli_ok(&["detach"]);
     assert_eq!(keepalive_programs_at(parent.path()), Vec::<String>::new());
 }
+
+/// Enforcement pinned on a cgroup below a directory the agent may not read (delegated to a
+/// user, mode 0700: without CAP_DAC_OVERRIDE, which the unit does not grant, root cannot list
+/// it) may still enforce there. `run` elsewhere refuses to move it (exit 7), as for a cgroup
+/// it can name, instead of taking it for removed and ending it.
+#[test]
+fn enforcement_on_a_cgroup_the_agent_cannot_find_is_not_taken_for_removed() {
+    use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
+    let parent = TestCgroup::new("unlisted");
+    let inner = parent.child("inner");
+    let elsewhere = TestCgroup::new("unlistedmove");
+    let mut agent = Agent::start(&inner, &["--idle", "26"]);
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    let dirs = agent.dirs();
+    std::os::unix::fs::chown(parent.path(), Some(65534), Some(65534)).expect("chown");
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let limited = |args: &[&str]| {
+        let mut cmd = dirs.command(args);
+        // SAFETY: prctl calls only.
+        unsafe {
+            cmd.pre_exec(|| drop_caps_except(&GRANTED));
+        }
+        dirs.output(cmd)
+    };
+    let out = limited(&["run", "--cgroup", elsewhere.path().to_str().unwrap()]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 7, "{err}");
+    assert!(
+        err.contains("could not be located") && err.contains("keepalive-agent detach"),
+        "{err}"
+    );
+    assert_eq!(sockops_attachments(inner.path()), 1, "still enforced there");
+    assert_eq!(sockops_attachments(elsewhere.path()), 0);
+    assert_eq!(idle_of(&inner), 26);
+    // `check` fails it too, as `run` would.
+    let out = limited(&[
+        "check",
+        "--json",
+        "--cgroup",
+        elsewhere.path().to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check --json");
+    let item = check_item(&report, "keepalive");
+    assert!(
+        item["status"] == "fail"
+            && item["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("could not be located")),
+        "{item}"
+    );
+    // `detach` says the same rather than "removed".
+    let out = limited(&["detach", "--cgroup", elsewhere.path().to_str().unwrap()]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 7, "{err}");
+    assert!(err.contains("failed to list the cgroups in"), "{err}");
+    assert_eq!(sockops_attachments(inner.path()), 1);
+    dirs.cli_ok(&["detach"]);
+}
