@@ -167,6 +167,29 @@ impl Cgroup2 {
         }
     }
 
+    /// [`Cgroup2::existing_id`], with the cgroup's directory opened: what is attached through
+    /// it is attached to the cgroup of that id, even if one of the same name replaces it.
+    pub fn open_existing(&self, cgroup: &CgroupPath) -> anyhow::Result<(fs::File, u64)> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let path = self.abs(cgroup);
+        let opened = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(&path)
+            .and_then(|dir| Ok((dir.metadata()?.ino(), dir)));
+        match opened {
+            Ok((id, dir)) => Ok((dir, id)),
+            Err(err) if err.raw_os_error() == Some(libc::ENOTDIR) => Err(usage(format!(
+                "{} is not a cgroup directory",
+                path.display()
+            ))),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                Err(Error::CgroupNotFound(path).into())
+            }
+            Err(err) => Err(err).with_context(|| format!("failed to open {}", path.display())),
+        }
+    }
+
     /// Direct child cgroups of `cgroup`, by name. A cgroup removed meanwhile, or one that
     /// cannot be read, yields none.
     pub fn children(&self, cgroup: &CgroupPath) -> Vec<String> {

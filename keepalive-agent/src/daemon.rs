@@ -1025,7 +1025,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     // The config first: a missing attach cgroup (exit 4) is retried by the unit until it
     // appears, and would hide a config error until then.
     config.check_scope(&attach)?;
-    let attach_id = cgroup2.existing_id(&attach)?;
+    let (attach_dir, attach_id) = cgroup2.open_existing(&attach)?;
     let state = fixed.state.clone();
     let btf = Btf::from_sys_fs().map_err(|err| {
         Error::Kernel(format!(
@@ -1116,7 +1116,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     let loaded = Enforcer::load(
         &LoadOptions {
             state: &state,
-            attach_path: &attach_path,
+            attach_dir: &attach_dir,
             attach_id,
             max_tracked_cgroups: fixed.max_tracked_cgroups,
             max_tracked_sockets: fixed.max_tracked_sockets,
@@ -1179,9 +1179,32 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         new_cgroups: NewCgroups::default(),
         watchdog: Watchdog::from_env(),
     };
-    // Watch before resolving, so no cgroup created from here on is missed.
-    let mut watcher = Follower::new(&cgroup2, &attach, attach_id, retry_wait)
-        .context("failed to watch cgroups with inotify")?;
+    // Watch before resolving, so no cgroup created from here on is missed. The attach cgroup
+    // was looked up by name a while ago (BTF, the state directory's lock and the load came
+    // since): one removed meanwhile, and maybe made again under its name (a restarted
+    // service's), is found out now that its removal from here on would be seen, and before
+    // anything is pushed or attached. Exit 4, as at a removal later on; a fresh start leaves
+    // nothing behind.
+    let removed_while_starting = || {
+        if created {
+            state.remove_unused();
+        }
+        anyhow::Error::new(Error::CgroupNotFound(attach_path.clone())).context(format!(
+            "the attach cgroup {attach} was removed while the agent started"
+        ))
+    };
+    let mut watcher = match Follower::new(&cgroup2, &attach, attach_id, retry_wait) {
+        Ok(watcher) => watcher,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Err(removed_while_starting());
+        }
+        Err(err) => {
+            return Err(anyhow::Error::new(err).context("failed to watch cgroups with inotify"));
+        }
+    };
+    if cgroup2.id(&attach).ok() != Some(attach_id) {
+        return Err(removed_while_starting());
+    }
     log::debug!("watching {} cgroups below {attach}", watcher.len());
     // The table goes in before the program is attached, so the program never runs without it.
     let set = daemon.policy_set();

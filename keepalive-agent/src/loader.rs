@@ -46,8 +46,8 @@ pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DI
 pub struct LoadOptions<'a> {
     /// Where pins live.
     pub state: &'a StateDir,
-    /// The attach cgroup's directory.
-    pub attach_path: &'a Path,
+    /// The attach cgroup's directory, opened when its id was read.
+    pub attach_dir: &'a File,
     /// Its id.
     pub attach_id: u64,
     /// Size of the per-cgroup counter map when it is created.
@@ -258,8 +258,10 @@ impl Enforcer {
                 Err(err) => return Err(kernel_error("the kernel rejected the TCP iterator", err)),
             }
         };
-        let cgroup = File::open(opts.attach_path)
-            .with_context(|| format!("failed to open cgroup {}", opts.attach_path.display()))?;
+        let cgroup = opts
+            .attach_dir
+            .try_clone()
+            .context("failed to duplicate the attach cgroup's descriptor")?;
         Ok(Self {
             ebpf,
             state: opts.state.clone(),

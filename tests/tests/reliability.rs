@@ -1440,18 +1440,8 @@ fn detach_refuses_while_an_agent_holds_the_state_from_another_runtime_dir() {
     let _ = std::fs::remove_dir_all(&other.runtime_dir);
 }
 
-/// `detach` holds the state directory's lock until it has removed the directory. An agent
-/// starting meanwhile waits for the lock, instead of being refused as a second agent (exit 7,
-/// which the unit does not retry) or pinning into a directory being emptied, and then makes the
-/// directory anew: it ends up ready, attached and pinned.
-#[test]
-fn a_start_during_a_detach_waits_for_it_and_pins_anew() {
-    let cg = TestCgroup::new("detachwait");
-    let dirs = AgentDirs::new();
-    // Dropped after the lock, so a failing test's agent detaches what it pinned.
-    let mut agent = None;
-    // What `detach` holds: the state directory's lock.
-    std::fs::create_dir(&dirs.state_dir).expect("state dir");
+/// The lock `detach` and a running agent hold on the state directory, held here until dropped.
+fn hold_state_lock(dirs: &AgentDirs) -> std::fs::File {
     let held = std::fs::File::open(&dirs.state_dir).expect("open state dir");
     // SAFETY: flock on a descriptor this test owns.
     let locked = unsafe {
@@ -1461,18 +1451,11 @@ fn a_start_during_a_detach_waits_for_it_and_pins_anew() {
         )
     };
     assert_eq!(locked, 0, "lock {}", dirs.state_dir.display());
-    let agent = agent.insert(Agent::spawn(
-        &dirs,
-        &[
-            "run",
-            "--cgroup",
-            cg.path().to_str().unwrap(),
-            "--idle",
-            "23",
-        ],
-        &[],
-        None,
-    ));
+    held
+}
+
+/// Waits until a starting agent says it waits for the state directory's lock.
+fn wait_for_the_lock(agent: &mut Agent) {
     eventually(
         Duration::from_secs(30),
         "the agent waiting for the lock",
@@ -1486,6 +1469,34 @@ fn a_start_during_a_detach_waits_for_it_and_pins_anew() {
                 .then_some(())
         },
     );
+}
+
+/// `detach` holds the state directory's lock until it has removed the directory. An agent
+/// starting meanwhile waits for the lock, instead of being refused as a second agent (exit 7,
+/// which the unit does not retry) or pinning into a directory being emptied, and then makes the
+/// directory anew: it ends up ready, attached and pinned.
+#[test]
+fn a_start_during_a_detach_waits_for_it_and_pins_anew() {
+    let cg = TestCgroup::new("detachwait");
+    let dirs = AgentDirs::new();
+    // Dropped after the lock, so a failing test's agent detaches what it pinned.
+    let mut agent = None;
+    // What `detach` holds: the state directory's lock.
+    std::fs::create_dir(&dirs.state_dir).expect("state dir");
+    let held = hold_state_lock(&dirs);
+    let agent = agent.insert(Agent::spawn(
+        &dirs,
+        &[
+            "run",
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+            "--idle",
+            "23",
+        ],
+        &[],
+        None,
+    ));
+    wait_for_the_lock(agent);
     // A waiting agent leaves the directory alone, so the holder's removal cannot fail.
     let made: Vec<_> = std::fs::read_dir(&dirs.state_dir)
         .expect("read state dir")
@@ -2478,4 +2489,70 @@ fn enforcement_on_a_cgroup_the_agent_cannot_find_is_not_taken_for_removed() {
     assert!(err.contains("failed to list the cgroups in"), "{err}");
     assert_eq!(sockops_attachments(inner.path()), 1);
     dirs.cli_ok(&["detach"]);
+}
+
+/// The attach cgroup removed and made again under its name while an agent starts (a service
+/// restarted at boot beside it): the agent found it by name before it waited for the state
+/// directory's lock and loaded its programs. It exits 4, as for a removal later on, rather
+/// than attach with the removed cgroup's id (its passes then reach no connection), or try to
+/// take over the removed cgroup's pinned link (exit 1, or, while the cgroup lingers, a program
+/// on a cgroup that holds nothing); started again, it attaches to the new one.
+#[test]
+fn an_attach_cgroup_made_anew_while_the_agent_starts_ends_the_start_with_exit_4() {
+    let cg = TestCgroup::new("remade");
+    for pinned_before in [false, true] {
+        let dirs = AgentDirs::new();
+        let mut earlier = None;
+        if pinned_before {
+            let mut agent = Agent::start_in(&dirs, &cg, &["--idle", "23"]);
+            assert!(agent.stop_with(libc::SIGTERM).success());
+            earlier = Some(agent);
+        } else {
+            std::fs::create_dir(&dirs.state_dir).expect("state dir");
+        }
+        // Held as `detach` or another agent holds it, so the start waits there.
+        let held = hold_state_lock(&dirs);
+        let mut agent = Agent::spawn(
+            &dirs,
+            &[
+                "run",
+                "--cgroup",
+                cg.path().to_str().unwrap(),
+                "--idle",
+                "24",
+            ],
+            &[],
+            None,
+        );
+        wait_for_the_lock(&mut agent);
+        std::fs::remove_dir(cg.path()).expect("remove the attach cgroup");
+        std::fs::create_dir(cg.path()).expect("make it again");
+        drop(held);
+        let status = agent.wait_exit(Duration::from_secs(30));
+        assert_eq!(
+            status.and_then(|s| s.code()),
+            Some(4),
+            "pinned before: {pinned_before}\n{}",
+            agent.log()
+        );
+        assert!(
+            agent.log().contains(&format!(
+                "the attach cgroup /{} was removed while the agent started",
+                cg.rel()
+            )),
+            "{}",
+            agent.log()
+        );
+        assert_eq!(sockops_attachments(cg.path()), 0);
+        if !pinned_before {
+            let link = dirs.state_dir.join(keepalive_common::PIN_LINK_SOCKOPS);
+            assert!(!link.exists(), "nothing attached");
+        }
+        // As the unit restarts it.
+        let again = Agent::start_in(&dirs, &cg, &["--idle", "25"]);
+        assert_eq!(idle_of(&cg), 25, "{}", again.log());
+        drop(again);
+        drop(earlier);
+        dirs.cli_ok(&["detach"]);
+    }
 }
