@@ -586,6 +586,8 @@ impl Daemon {
         change: impl FnOnce(&mut Self) -> anyhow::Result<String>,
     ) -> anyhow::Result<(String, Option<ApplyReport>)> {
         let saved = (self.config.clone(), self.runtime.clone());
+        // What the kernel holds now, to tell whether a failed change left it there.
+        let held = self.table.clone();
         let message = match change(self) {
             Ok(message) => message,
             Err(err) => {
@@ -605,8 +607,12 @@ impl Daemon {
                 humantime::format_duration(wait)
             );
             // The rejected table may be the kernel's until a try succeeds: the answer and the
-            // rejection's log line must not say the previous one stays.
-            return Err(err.context(NotRestored));
+            // rejection's log line must not say the previous one stays. Unless it never went
+            // in (the change failed before its push, or the restore pushed the previous one
+            // back before it failed on).
+            if self.table != held {
+                return Err(err.context(NotRestored));
+            }
         }
         Err(err)
     }

@@ -2556,3 +2556,40 @@ fn an_attach_cgroup_made_anew_while_the_agent_starts_ends_the_start_with_exit_4(
         dirs.cli_ok(&["detach"]);
     }
 }
+
+/// A change that fails before its table goes in (the agent cannot list the cgroups, out of
+/// descriptors) leaves the kernel with the previous policy, and says so, even when putting
+/// the previous rules back fails the same way: not that the kernel may hold the rejected one.
+#[test]
+fn a_change_that_failed_before_its_push_says_the_previous_policy_stays() {
+    let cg = TestCgroup::new("nopush");
+    let agent = Agent::start(&cg, &["--idle", "44"]);
+    let socket = agent.dirs().runtime_dir.join("control.sock");
+    let mut client = std::os::unix::net::UnixStream::connect(&socket).expect("connect");
+    client
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let old = starve_of_descriptors(agent.pid());
+    writeln!(
+        client,
+        r#"{{"cmd":"set","cgroup":"{}","idle":30}}"#,
+        cg.rel()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(&client), &mut answer).unwrap();
+    set_nofile(agent.pid(), old.rlim_cur, Some(old.rlim_max));
+    let log = agent.log();
+    assert!(
+        !log.contains("policy table: "),
+        "nothing was pushed:\n{log}"
+    );
+    assert!(answer.contains("Too many open files"), "{answer}");
+    assert!(!answer.contains("could not be put back"), "{answer}");
+    assert!(
+        log.contains("the previous policies stay: failed to list the cgroups in"),
+        "{log}"
+    );
+    assert_eq!(idle_of(&cg), 44);
+}
