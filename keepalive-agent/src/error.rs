@@ -48,7 +48,11 @@ pub mod exit {
             "permission denied: not root, or missing CAP_BPF, CAP_NET_ADMIN or CAP_PERFMON (or \
              CAP_NET_BIND_SERVICE for a metrics port below 1024)",
         ),
-        (CGROUP, "the named cgroup does not exist (yet)"),
+        (
+            CGROUP,
+            "the named cgroup does not exist (yet), or the attach cgroup was removed (while the \
+             agent ran, or while it started: also when one of the same name replaced it)",
+        ),
         (
             BPFFS,
             "bpffs is not mounted and cannot be mounted (or a mount would end with this mount \

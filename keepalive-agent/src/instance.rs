@@ -148,14 +148,42 @@ pub fn lock(runtime_dir: &Path, state_dir: &Path) -> anyhow::Result<InstanceLock
         .custom_flags(libc::O_NOFOLLOW)
         .open(&path)
         .with_context(|| format!("failed to open {}", path.display()))?;
-    if !sys::flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+    // `check`, `status` and `detach` take it shared for a moment to see whether an agent
+    // runs: a start in that moment waits them out, as it waits for the state directory's lock,
+    // rather than exit 7, which the unit does not retry.
+    let deadline = std::time::Instant::now() + crate::pin::LOCK_WAIT;
+    let mut told = false;
+    let mut locked = sys::flock(&file, libc::LOCK_EX | libc::LOCK_NB);
+    while !locked && std::time::Instant::now() < deadline {
+        if !told {
+            log::info!(
+                "{} is locked by another process (an agent, or a command looking for one); \
+                 waiting up to {} for it",
+                path.display(),
+                humantime::format_duration(crate::pin::LOCK_WAIT)
+            );
+            told = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        locked = sys::flock(&file, libc::LOCK_EX | libc::LOCK_NB);
+    }
+    if !locked {
         let mut holder = String::new();
         let _ = file.read_to_string(&mut holder);
-        return Err(Error::Agent(format!(
-            "another keepalive agent (pid {}) is running with runtime directory {}",
-            holder.lines().next().unwrap_or_default().trim(),
-            runtime_dir.display()
-        ))
+        let pid = holder.lines().next().unwrap_or_default().trim();
+        return Err(Error::Agent(if pid.is_empty() {
+            format!(
+                "another process holds {} and names no agent in it; the runtime directory {} \
+                 is in use",
+                path.display(),
+                runtime_dir.display()
+            )
+        } else {
+            format!(
+                "another keepalive agent (pid {pid}) is running with runtime directory {}",
+                runtime_dir.display()
+            )
+        })
         .into());
     }
     let holder = format!("{}\n{}\n", std::process::id(), state_dir.display());

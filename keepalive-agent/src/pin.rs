@@ -43,9 +43,11 @@ use keepalive_common::{
 
 use crate::{error::Error, sys};
 
-/// How long a start waits for the state directory's lock while another process holds it: a
-/// `detach` holds it for as long as it takes to unpin (milliseconds), an agent for good.
-const LOCK_WAIT: Duration = Duration::from_secs(2);
+/// How long a start waits for the state directory's lock, or the runtime directory's, while
+/// another process holds it: a `detach` holds one for as long as it takes to unpin
+/// (milliseconds), `check` the other for as long as it takes to see it is free, an agent for
+/// good.
+pub const LOCK_WAIT: Duration = Duration::from_secs(2);
 /// `BPF_FS_MAGIC` from linux/magic.h.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// Where bpffs is conventionally mounted.

@@ -1440,22 +1440,20 @@ fn detach_refuses_while_an_agent_holds_the_state_from_another_runtime_dir() {
     let _ = std::fs::remove_dir_all(&other.runtime_dir);
 }
 
-/// The lock `detach` and a running agent hold on the state directory, held here until dropped.
-fn hold_state_lock(dirs: &AgentDirs) -> std::fs::File {
-    let held = std::fs::File::open(&dirs.state_dir).expect("open state dir");
+/// A lock (flock `how`: `LOCK_EX` or `LOCK_SH`) on the file or directory at `path`, held
+/// until dropped: the state directory's, which `detach` and a running agent hold, or the
+/// runtime directory's.
+fn hold_lock(path: &std::path::Path, how: i32) -> std::fs::File {
+    let held = std::fs::File::open(path).expect("open what to lock");
     // SAFETY: flock on a descriptor this test owns.
-    let locked = unsafe {
-        libc::flock(
-            std::os::fd::AsRawFd::as_raw_fd(&held),
-            libc::LOCK_EX | libc::LOCK_NB,
-        )
-    };
-    assert_eq!(locked, 0, "lock {}", dirs.state_dir.display());
+    let locked =
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), how | libc::LOCK_NB) };
+    assert_eq!(locked, 0, "lock {}", path.display());
     held
 }
 
-/// Waits until a starting agent says it waits for the state directory's lock.
-fn wait_for_the_lock(agent: &mut Agent) {
+/// Waits until a starting agent says it waits for the lock on `locked`.
+fn wait_for_the_lock(agent: &mut Agent, locked: &std::path::Path) {
     eventually(
         Duration::from_secs(30),
         "the agent waiting for the lock",
@@ -1465,7 +1463,10 @@ fn wait_for_the_lock(agent: &mut Agent) {
             }
             agent
                 .log()
-                .contains("is locked by another process")
+                .contains(&format!(
+                    "{} is locked by another process",
+                    locked.display()
+                ))
                 .then_some(())
         },
     );
@@ -1483,7 +1484,7 @@ fn a_start_during_a_detach_waits_for_it_and_pins_anew() {
     let mut agent = None;
     // What `detach` holds: the state directory's lock.
     std::fs::create_dir(&dirs.state_dir).expect("state dir");
-    let held = hold_state_lock(&dirs);
+    let held = hold_lock(&dirs.state_dir, libc::LOCK_EX);
     let agent = agent.insert(Agent::spawn(
         &dirs,
         &[
@@ -1496,7 +1497,7 @@ fn a_start_during_a_detach_waits_for_it_and_pins_anew() {
         &[],
         None,
     ));
-    wait_for_the_lock(agent);
+    wait_for_the_lock(agent, &dirs.state_dir);
     // A waiting agent leaves the directory alone, so the holder's removal cannot fail.
     let made: Vec<_> = std::fs::read_dir(&dirs.state_dir)
         .expect("read state dir")
@@ -2511,7 +2512,7 @@ fn an_attach_cgroup_made_anew_while_the_agent_starts_ends_the_start_with_exit_4(
             std::fs::create_dir(&dirs.state_dir).expect("state dir");
         }
         // Held as `detach` or another agent holds it, so the start waits there.
-        let held = hold_state_lock(&dirs);
+        let held = hold_lock(&dirs.state_dir, libc::LOCK_EX);
         let mut agent = Agent::spawn(
             &dirs,
             &[
@@ -2524,7 +2525,7 @@ fn an_attach_cgroup_made_anew_while_the_agent_starts_ends_the_start_with_exit_4(
             &[],
             None,
         );
-        wait_for_the_lock(&mut agent);
+        wait_for_the_lock(&mut agent, &dirs.state_dir);
         std::fs::remove_dir(cg.path()).expect("remove the attach cgroup");
         std::fs::create_dir(cg.path()).expect("make it again");
         drop(held);
@@ -2592,4 +2593,37 @@ fn a_change_that_failed_before_its_push_says_the_previous_policy_stays() {
         "{log}"
     );
     assert_eq!(idle_of(&cg), 44);
+}
+
+/// `check`, `status` and `detach` take the runtime directory's lock shared for a moment to see
+/// whether an agent runs. An agent starting in that moment waits it out instead of exiting 7
+/// as a second agent, which the unit does not retry.
+#[test]
+fn a_start_while_a_command_looks_for_an_agent_waits_for_it() {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let cg = TestCgroup::new("lookwait");
+    let dirs = AgentDirs::new();
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dirs.runtime_dir)
+        .expect("runtime dir");
+    let lock = dirs.runtime_dir.join("agent.lock");
+    std::fs::File::create(&lock).expect("lock file");
+    let held = hold_lock(&lock, libc::LOCK_SH);
+    let mut agent = Agent::spawn(
+        &dirs,
+        &[
+            "run",
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+            "--idle",
+            "27",
+        ],
+        &[],
+        None,
+    );
+    wait_for_the_lock(&mut agent, &lock);
+    drop(held);
+    agent.wait_ready();
+    assert_eq!(idle_of(&cg), 27);
 }
