@@ -216,11 +216,12 @@ pub fn has_tcp_sockets() -> bool {
     inuse() != Some(0) || inuse() != Some(0)
 }
 
-/// Runs `f` on a short-lived thread inside the network namespace `ns`.
+/// Runs `f` on a short-lived thread inside the network namespace `ns`. A thread the kernel
+/// will not make (a pids limit, say) is an error, as a namespace that cannot be entered is.
 pub fn in_namespace<T: Send>(ns: &Namespace, f: impl FnOnce() -> T + Send) -> anyhow::Result<T> {
     std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
+        std::thread::Builder::new()
+            .spawn_scoped(scope, || {
                 // SAFETY: setns on this short-lived thread only changes its own namespace.
                 if unsafe { libc::setns(ns.file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                     return Err(std::io::Error::last_os_error())
@@ -228,6 +229,7 @@ pub fn in_namespace<T: Send>(ns: &Namespace, f: impl FnOnce() -> T + Send) -> an
                 }
                 Ok(f())
             })
+            .with_context(|| format!("failed to start a thread to enter {}", ns.path.display()))?
             .join()
             .map_err(|_| anyhow::anyhow!("namespace thread panicked"))?
     })

@@ -142,27 +142,46 @@ impl TestCgroup {
     /// layout, as on this project's CI host), else in cgroup2, whose root must then delegate
     /// the memory controller.
     pub fn memory_limited(label: &str, bytes: u64) -> Self {
+        Self::limited(
+            label,
+            "memory",
+            "memory.limit_in_bytes",
+            "memory.max",
+            bytes,
+        )
+    }
+
+    /// Creates a cgroup whose processes may have at most `tasks` processes and threads, in the
+    /// cgroup v1 pids hierarchy or in cgroup2, as [`TestCgroup::memory_limited`].
+    pub fn pids_limited(label: &str, tasks: u64) -> Self {
+        Self::limited(label, "pids", "pids.max", "pids.max", tasks)
+    }
+
+    /// A cgroup with `v1_limit` (in cgroup v1's `controller` hierarchy, where there is one)
+    /// or `v2_limit` set to `value`.
+    fn limited(label: &str, controller: &str, v1_limit: &str, v2_limit: &str, value: u64) -> Self {
         require_root();
         let name = unique(label);
-        let v1 = Path::new("/sys/fs/cgroup/memory");
-        let (root, limit) = if v1.join("memory.limit_in_bytes").exists() {
-            (v1.to_owned(), "memory.limit_in_bytes")
+        let v1 = Path::new("/sys/fs/cgroup").join(controller);
+        // The v1 hierarchy's root has no limit of its own (pids has none there).
+        let (root, limit) = if v1.join("tasks").exists() {
+            (v1, v1_limit)
         } else {
             let root = cgroup2_mount();
             let delegated =
                 fs::read_to_string(root.join("cgroup.subtree_control")).unwrap_or_default();
             assert!(
-                delegated.split_whitespace().any(|c| c == "memory"),
-                "no memory controller: neither cgroup v1 memory nor memory in {}'s \
-                 cgroup.subtree_control",
+                delegated.split_whitespace().any(|c| c == controller),
+                "no {controller} controller: neither cgroup v1 {controller} nor {controller} in \
+                 {}'s cgroup.subtree_control",
                 root.display()
             );
-            (root, "memory.max")
+            (root, v2_limit)
         };
         let path = root.join(&name);
         fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         let cgroup = Self { path, rel: name };
-        fs::write(cgroup.path.join(limit), bytes.to_string())
+        fs::write(cgroup.path.join(limit), value.to_string())
             .unwrap_or_else(|e| panic!("{limit} of {}: {e}", cgroup.path.display()));
         cgroup
     }

@@ -2627,3 +2627,41 @@ fn a_start_while_a_command_looks_for_an_agent_waits_for_it() {
     agent.wait_ready();
     assert_eq!(idle_of(&cg), 27);
 }
+
+/// The pass enters each other network namespace on a thread of its own. A thread the kernel
+/// will not make (a pids limit, as a pod may have) skips that namespace, as one the agent
+/// cannot enter, instead of ending the agent.
+#[test]
+fn a_namespace_whose_thread_cannot_be_made_is_skipped_and_the_agent_goes_on() {
+    let cg = TestCgroup::new("nothread");
+    let ns = Netns::new("nothread");
+    let mut in_netns = Proc::spawn(&sock_bin(), &["pair", "6"], Some(cg.path()), Some(&ns));
+    in_netns.read();
+    let idles = |helper: &mut Proc| {
+        let report = helper.report();
+        report.iter().map(|sock| values(sock).1).collect::<Vec<_>>()
+    };
+    let agent = Agent::start(&cg, &["--idle", "31"]);
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
+        .expect("agent tasks")
+        .count() as u64;
+    let limited = TestCgroup::pids_limited("nothread-agent", tasks);
+    std::fs::write(limited.path().join("cgroup.procs"), agent.pid().to_string())
+        .expect("move the agent");
+    let out = agent.cli(&["policy", "set", cg.rel(), "--idle", "32"]);
+    assert!(out.status.success(), "{}\n{}", stderr(&out), agent.log());
+    assert_eq!(idle_of(&cg), 32);
+    let log = agent.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("existing connections:") && l.contains("could not be entered")),
+        "{log}"
+    );
+    assert_eq!(idles(&mut in_netns), [31, 31], "the namespace was skipped");
+    // Moved back (to the hierarchy's root), it enters the namespace again.
+    let root = limited.path().parent().expect("hierarchy root");
+    std::fs::write(root.join("cgroup.procs"), agent.pid().to_string())
+        .expect("move the agent back");
+    agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "33"]);
+    assert_eq!(idles(&mut in_netns), [33, 33]);
+}
