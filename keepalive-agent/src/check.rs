@@ -752,7 +752,14 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
     if missing.is_empty()
         && let Ok(btf) = &btf
     {
-        for (program, result) in loader::probe(btf) {
+        // Sized as `run` would make them, unless it would find them pinned.
+        let (cgroups, sockets) = match &config {
+            Some((config, _)) if state.existing_pins().is_empty() => {
+                (config.max_tracked_cgroups, config.max_tracked_sockets)
+            }
+            _ => (None, None),
+        };
+        for (program, result) in loader::probe(btf, cgroups, sockets) {
             let (name, what) = match program {
                 keepalive_common::PROG_SOCKOPS => ("sock_ops", "enforcing new connections"),
                 keepalive_common::PROG_LOCK => ("cgroup/setsockopt", "lock mode"),
@@ -763,6 +770,12 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
                 Ok(()) => item(name, Outcome::Ok, format!("loads; {what} works"), None),
                 // `run` loads the lock program whatever the policy, so only the TCP iterator
                 // is optional, and only on a kernel that lacks what it needs.
+                Err(err) if err.no_memory => item(
+                    name,
+                    Outcome::Fail,
+                    format!("cannot be loaded: {err}"),
+                    Some("`run` exits 2 on it: lower the setting named, or raise the memory limit"),
+                ),
                 Err(err) if program == keepalive_common::PROG_APPLY && err.unsupported => item(
                     name,
                     Outcome::Warn,

@@ -146,39 +146,48 @@ fn kernel_error(what: &str, err: impl std::error::Error + Send + Sync + 'static)
 /// settings decide, is theirs to fix (exit 2, not retried by the unit either); anything else
 /// is the kernel's (exit 6).
 fn load_error(err: EbpfError, opts: &LoadOptions<'_>) -> anyhow::Error {
-    if let EbpfError::MapError(MapError::CreateError { name, io_error }) = &err
-        && io_error.raw_os_error() == Some(libc::ENOMEM)
-    {
-        let sized_by = if name == MAP_CGSTATS {
-            Some((
-                "max_tracked_cgroups",
-                opts.max_tracked_cgroups,
-                DEFAULT_MAX_TRACKED_CGROUPS,
-            ))
-        } else if [MAP_SOCKS, MAP_SOCK_SLOTS, MAP_SLOT_CHUNKS].contains(&name.as_str()) {
-            Some((
-                "max_tracked_sockets",
-                opts.max_tracked_sockets,
-                DEFAULT_MAX_TRACKED_SOCKETS,
-            ))
-        } else {
-            None
-        };
-        if let Some((key, set, default)) = sized_by {
-            let size = match set {
-                Some(n) => n.to_string(),
-                None => format!("{default} (the default)"),
-            };
-            return Error::Usage(format!(
-                "the kernel has no memory for map {name}, sized by {key} = {size}: {io_error}; \
-                 lower {key} in the config (or --{}), or raise the memory limit of the agent's \
-                 cgroup",
-                key.replace('_', "-")
-            ))
-            .into();
-        }
+    match no_memory(&err, opts.max_tracked_cgroups, opts.max_tracked_sockets) {
+        Some(why) => Error::Usage(why).into(),
+        None => kernel_error("failed to load the BPF object", err),
     }
-    kernel_error("failed to load the BPF object", err)
+}
+
+/// What to say of a load that failed for want of memory for a map the capacity settings size.
+fn no_memory(
+    err: &EbpfError,
+    max_tracked_cgroups: Option<u32>,
+    max_tracked_sockets: Option<u32>,
+) -> Option<String> {
+    let EbpfError::MapError(MapError::CreateError { name, io_error }) = err else {
+        return None;
+    };
+    if io_error.raw_os_error() != Some(libc::ENOMEM) {
+        return None;
+    }
+    let (key, set, default) = if name == MAP_CGSTATS {
+        (
+            "max_tracked_cgroups",
+            max_tracked_cgroups,
+            DEFAULT_MAX_TRACKED_CGROUPS,
+        )
+    } else if [MAP_SOCKS, MAP_SOCK_SLOTS, MAP_SLOT_CHUNKS].contains(&name.as_str()) {
+        (
+            "max_tracked_sockets",
+            max_tracked_sockets,
+            DEFAULT_MAX_TRACKED_SOCKETS,
+        )
+    } else {
+        return None;
+    };
+    let size = match set {
+        Some(n) => n.to_string(),
+        None => format!("{default} (the default)"),
+    };
+    Some(format!(
+        "the kernel has no memory for map {name}, sized by {key} = {size}: {io_error}; lower \
+         {key} in the config (or --{}), or raise the memory limit of the agent's cgroup",
+        key.replace('_', "-")
+    ))
 }
 
 impl Enforcer {
@@ -572,13 +581,15 @@ fn refuses_a_helper(log: &str) -> bool {
 }
 
 /// Why [`probe`] found a program rejected.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Rejection {
     /// The error, with the verifier's output.
     pub reason: String,
     /// The kernel lacks what the program needs (see [`lacks_iterator_support`]), rather than
     /// rejecting the program itself.
     pub unsupported: bool,
+    /// The kernel had no memory for a map at the size the capacity settings give it.
+    pub no_memory: bool,
 }
 
 impl From<String> for Rejection {
@@ -586,6 +597,7 @@ impl From<String> for Rejection {
         Self {
             reason,
             unsupported: false,
+            no_memory: false,
         }
     }
 }
@@ -597,14 +609,20 @@ impl std::fmt::Display for Rejection {
 }
 
 /// Loads every program with private, unpinned maps and drops them again: what `check` uses
-/// to tell whether this kernel accepts them. Nothing is attached or pinned.
-pub fn probe(btf: &Btf) -> Vec<(&'static str, Result<(), Rejection>)> {
-    let fail_all = |why: String| {
+/// to tell whether this kernel accepts them. Nothing is attached or pinned. The maps have the
+/// sizes given (`None`: the built-in ones), as a start that creates them would.
+pub fn probe(
+    btf: &Btf,
+    max_tracked_cgroups: Option<u32>,
+    max_tracked_sockets: Option<u32>,
+) -> Vec<(&'static str, Result<(), Rejection>)> {
+    let fail_all_with = |rejection: Rejection| {
         [PROG_SOCKOPS, PROG_LOCK, PROG_APPLY, PROG_STATUS]
             .into_iter()
-            .map(|p| (p, Err(Rejection::from(why.clone()))))
+            .map(|p| (p, Err(rejection.clone())))
             .collect()
     };
+    let fail_all = |why: String| fail_all_with(Rejection::from(why));
     if !object_available() {
         return fail_all("this binary was built without its BPF object".into());
     }
@@ -613,14 +631,32 @@ pub fn probe(btf: &Btf) -> Vec<(&'static str, Result<(), Rejection>)> {
         Err(err) => return fail_all(err.to_string()),
     };
     let settings = Settings::default();
-    let mut ebpf = match EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global(GLOBAL_OFFSETS, &offsets, true)
         .override_global(GLOBAL_SETTINGS, &settings, true)
-        .override_global(aya_log::LEVEL, &0u8, false)
-        .load(EBPF_OBJECT)
-    {
+        .override_global(aya_log::LEVEL, &0u8, false);
+    if let Some(max) = max_tracked_cgroups {
+        loader.map_max_entries(MAP_CGSTATS, max);
+    }
+    if let Some(max) = max_tracked_sockets {
+        loader.map_max_entries(MAP_SOCKS, max);
+    }
+    let slots = sock_slots_for(max_tracked_sockets.unwrap_or(DEFAULT_MAX_TRACKED_SOCKETS));
+    loader.map_max_entries(MAP_SOCK_SLOTS, slots);
+    loader.map_max_entries(MAP_SLOT_CHUNKS, slot_chunks_for(slots));
+    let mut ebpf = match loader.load(EBPF_OBJECT) {
         Ok(ebpf) => ebpf,
-        Err(err) => return fail_all(format!("{err:#}")),
+        Err(err) => {
+            return match no_memory(&err, max_tracked_cgroups, max_tracked_sockets) {
+                Some(reason) => fail_all_with(Rejection {
+                    reason,
+                    unsupported: false,
+                    no_memory: true,
+                }),
+                None => fail_all(format!("{err:#}")),
+            };
+        }
     };
     let aya_btf = match aya::Btf::from_sys_fs() {
         Ok(btf) => btf,
@@ -630,6 +666,7 @@ pub fn probe(btf: &Btf) -> Vec<(&'static str, Result<(), Rejection>)> {
         result.map_err(|err| Rejection {
             reason: format!("{err:#}"),
             unsupported: lacks_iterator_support(&err),
+            no_memory: false,
         })
     };
     let mut results = Vec::new();

@@ -1608,6 +1608,32 @@ fn maps_the_kernel_has_no_memory_for_are_a_config_error_and_leave_nothing_pinned
             "the failed start left its state directory, with the maps it had made"
         );
     }
+    // `check` in the same cgroup says so first, loading the programs with the config's sizes.
+    let check = |capacity: u32| {
+        let config = write_config(&format!("max_tracked_cgroups = {capacity}\n"));
+        let mut cmd = dirs.command(&[
+            "check",
+            "--json",
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        limited.run_in(&mut cmd);
+        let out = dirs.output(cmd);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|err| panic!("{err}: {}", stderr(&out)));
+        check_item(&report, "sock_ops").clone()
+    };
+    let sockops = check(16_777_216);
+    assert_eq!(sockops["status"], "fail", "{sockops}");
+    assert!(
+        sockops["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("sized by max_tracked_cgroups = 16777216")),
+        "{sockops}"
+    );
+    assert_eq!(check(4096)["status"], "ok");
     // The limit leaves room for an agent with a smaller capacity.
     let (cmd, _config) = run(4096);
     let agent = Agent::start_command(&dirs, cmd);
