@@ -66,6 +66,13 @@ fn item(name: &'static str, status: Outcome, detail: impl Into<String>, fix: Opt
     }
 }
 
+/// The inotify watches `run` takes for its state directory (see `PinWatch`).
+const STATE_WATCHES: usize = 2;
+
+/// What `run` without inotify watches for its state directory misses.
+const UNWATCHED_PINS: &str = "would not notice pins removed from its state directory while it \
+                              runs (it pins them again when it stops)";
+
 /// See [`inotify_item`].
 fn inotify_watches_item(
     cgroup2: &Cgroup2,
@@ -75,10 +82,11 @@ fn inotify_watches_item(
     // `run` exits 4 before it would watch anything.
     cgroup2.id(attach).ok()?;
     let limit = usize::try_from(read_sysctl("fs/inotify/max_user_watches")?).ok()?;
-    // One for each cgroup from the attach cgroup down, and one for its parent.
+    // One for each cgroup from the attach cgroup down, and one for its parent; then two for
+    // the state directory and its maps directory (`PinWatch`), which come after them.
     let below = cgroup2.walk(attach).count();
     let parent = usize::from(attach.split_last().is_some());
-    let needed = below + parent;
+    let needed = below + parent + STATE_WATCHES;
     // SAFETY: geteuid has no preconditions.
     let (held, unread) = watch::watches_held(unsafe { libc::geteuid() }, agent);
     let free = limit.saturating_sub(held);
@@ -87,16 +95,21 @@ fn inotify_watches_item(
     }
     let cgroups = if below == 1 { "cgroup" } else { "cgroups" };
     let what = if parent == 1 {
-        format!("one for each of the {below} {cgroups} from {attach} down, and one for its parent")
+        format!(
+            "one for each of the {below} {cgroups} from {attach} down, one for its parent, and \
+             two for the state directory"
+        )
     } else {
-        format!("one for each of the {below} {cgroups}")
+        format!("one for each of the {below} {cgroups}, and two for the state directory")
     };
     let outcome = if free <= parent {
         "could not watch the attach cgroup at all, and would see cgroups come and go only at \
          each try to watch (up to every 30s)"
-    } else {
+    } else if free < below + parent {
         "would see cgroups come and go below those it could not watch only at each try to \
          watch them (up to every 30s)"
+    } else {
+        UNWATCHED_PINS
     };
     let unread = match unread {
         0 => String::new(),
@@ -240,16 +253,26 @@ fn namespaces_privileges_item(caps: Caps) -> Option<Item> {
 /// (without those of the running agent `agent`, which a restart gives back): it would enforce,
 /// but see cgroups come and go only at each try to watch until it can.
 fn inotify_item(attach: Option<(&Cgroup2, &CgroupPath)>, agent: Option<u32>) -> Option<Item> {
-    let Err(err) = inotify::Inotify::init() else {
-        let (cgroup2, attach) = attach?;
-        return inotify_watches_item(cgroup2, attach, agent);
+    // `run` takes two: one for cgroups, then one for the state directory.
+    let (err, outcome) = match inotify::Inotify::init() {
+        Err(err) => (
+            err,
+            "see cgroups created and removed only at each try to watch them (up to every 30s) \
+             until it can",
+        ),
+        Ok(_first) => match inotify::Inotify::init() {
+            Err(err) => (err, UNWATCHED_PINS),
+            Ok(_) => {
+                let (cgroup2, attach) = attach?;
+                return inotify_watches_item(cgroup2, attach, agent);
+            }
+        },
     };
     Some(item(
         "inotify",
         Outcome::Warn,
         format!(
-            "cannot create an inotify instance: {err}{}; `run` would enforce, but see cgroups \
-             created and removed only at each try to watch them (up to every 30s) until it can",
+            "cannot create an inotify instance: {err}{}; `run` would enforce, but {outcome}",
             watch::limit_hint(&err)
         ),
         Some(

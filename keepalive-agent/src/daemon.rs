@@ -31,6 +31,7 @@ use crate::{
     logging::counted,
     metrics,
     pin::{self, StateDir},
+    pinwatch::PinWatch,
     policy::{self, Mode, PolicySet, Resolution, Rule, Selector, Source, Spec},
     privileges,
     watch::{Follower, Following},
@@ -918,6 +919,45 @@ impl Daemon {
             }
         }
     }
+
+    /// Pins again what was removed from the state directory while the agent ran (see
+    /// [`PinWatch`]), and watches what was made again; whether everything is pinned now.
+    fn restore_pins(&mut self, lock: &mut std::fs::File, watch: &mut PinWatch) -> bool {
+        let root = self.fixed.state.root().display().to_string();
+        let mut restored: Vec<String> = Vec::new();
+        // A directory made again is watched, and then looked at once more for what went
+        // before the watch held (`rm -rf` may still be at work); a few rounds at most.
+        for _ in 0..3 {
+            match self.enforcer.restore_pins(lock) {
+                Ok(names) => {
+                    for name in names {
+                        if !restored.contains(&name) {
+                            restored.push(name);
+                        }
+                    }
+                }
+                Err(err) => {
+                    log::error!(
+                        "failed to pin again what was removed from {root}: {err:#}; enforcement \
+                         holds while the agent runs, and ends when it stops unless a later try \
+                         succeeds"
+                    );
+                    return false;
+                }
+            }
+            if !watch.rewatch() {
+                break;
+            }
+        }
+        if !restored.is_empty() {
+            log::warn!(
+                "{} removed from {root} while the agent ran: pinned again, so enforcement stays \
+                 when the agent stops; to end it, stop the agent and run `keepalive-agent detach`",
+                restored.join(", ")
+            );
+        }
+        true
+    }
 }
 
 /// Logs the message of a change that succeeded: its first line as information, the
@@ -1057,7 +1097,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     if let Some(addr) = fixed.metrics {
         log::info!("serving metrics on http://{addr}/metrics");
     }
-    let (created, _state_lock) = state.create_locked()?;
+    let (created, mut state_lock) = state.create_locked()?;
     let mut pinned = loader::pinned_sockops_link(&state)?;
     if let Some(link) = pinned.filter(|link| link.cgroup_id != attach_id) {
         match loader::link_cgroup(&link, &cgroup2) {
@@ -1248,6 +1288,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         log::info!("attached to {attach}; pinned in {}", state.root().display());
     }
     daemon.enforcer.pin_status_iterator()?;
+    let mut pin_watch = PinWatch::new(&state);
     log::info!(
         "policy: default {} plus {}{}",
         describe_spec(&set.default),
@@ -1377,14 +1418,23 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
                 daemon.run_due();
             }
+            () = pin_watch.removed() => {
+                daemon.restore_pins(&mut state_lock, &mut pin_watch);
+            }
             _ = watchdog_tick.tick(), if watchdog.is_some() => daemon.watchdog.ping(),
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-    log::info!(
-        "stopping; enforcement stays attached to {attach} ({}). `keepalive-agent detach` removes it",
-        state.root().display()
-    );
+    // Whatever went without inotify seeing it: the pins are all that keeps enforcement now.
+    if daemon.restore_pins(&mut state_lock, &mut pin_watch) {
+        log::info!(
+            "stopping; enforcement stays attached to {attach} ({}). `keepalive-agent detach` \
+             removes it",
+            state.root().display()
+        );
+    } else {
+        log::error!("stopping; enforcement on {attach} ends with the agent");
+    }
     Ok(())
 }
 

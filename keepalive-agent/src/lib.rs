@@ -22,6 +22,7 @@ pub mod loader;
 pub mod logging;
 pub mod metrics;
 pub mod pin;
+pub mod pinwatch;
 pub mod policy;
 pub mod privileges;
 pub mod status;

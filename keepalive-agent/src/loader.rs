@@ -65,6 +65,10 @@ pub struct Enforcer {
     cgroup: File,
     attach_id: u64,
     apply_link: Option<OwnedFd>,
+    /// The sock_ops and setsockopt links this agent attached or took over, held so that a pin
+    /// removed while it runs (by hand, say) ends no enforcement and can be made again
+    /// ([`Enforcer::restore_pins`]).
+    links: [Option<OwnedFd>; 2],
     /// The installed policy table and the one it replaced, held open (see
     /// [`Enforcer::push_table`]).
     tables: [Option<PolicyTable>; 2],
@@ -277,6 +281,7 @@ impl Enforcer {
             cgroup,
             attach_id: opts.attach_id,
             apply_link,
+            links: [None, None],
             tables: [None, None],
         })
     }
@@ -345,12 +350,14 @@ impl Enforcer {
     pub fn attach_sockops(&mut self) -> anyhow::Result<bool> {
         let path = self.state.sockops_link();
         let prog: &mut SockOps = program(&mut self.ebpf, PROG_SOCKOPS)?;
-        attach_or_update(
+        let (link, updated) = attach_or_update(
             prog.fd()?.as_fd(),
             &self.cgroup,
             sys::ATTACH_CGROUP_SOCK_OPS,
             &path,
-        )
+        )?;
+        self.links[0] = Some(link);
+        Ok(updated)
     }
 
     /// Attaches or removes the lock program to match whether any policy uses `lock`.
@@ -358,13 +365,16 @@ impl Enforcer {
         let path = self.state.lock_link();
         if wanted {
             let prog: &mut CgroupSockopt = program(&mut self.ebpf, PROG_LOCK)?;
-            attach_or_update(
+            let (link, _) = attach_or_update(
                 prog.fd()?.as_fd(),
                 &self.cgroup,
                 sys::ATTACH_CGROUP_SETSOCKOPT,
                 &path,
             )?;
+            self.links[1] = Some(link);
         } else {
+            // Let go first: the pin's removal must detach it.
+            self.links[1] = None;
             if pin::unpin(&path)? {
                 log::info!("no policy uses lock mode; removed the setsockopt program");
             }
@@ -397,6 +407,45 @@ impl Enforcer {
             replace_pin(link.as_fd(), &pin)?;
         }
         Ok(())
+    }
+
+    /// Pins again whatever of this agent's state was removed from the state directory while it
+    /// ran (`rm -rf` on it, say): its maps, the links it holds and the status iterators,
+    /// making the directory again if need be and taking its lock again. Without that, the
+    /// links would go with the agent, and enforcement with them, with no `detach`. What was
+    /// pinned again, by name; nothing when nothing was missing.
+    pub fn restore_pins(&mut self, lock: &mut File) -> anyhow::Result<Vec<String>> {
+        let mut restored = Vec::new();
+        if self.state.create()? {
+            restored.push(self.state.root().display().to_string());
+        }
+        self.state.relock(lock)?;
+        for name in PINNED_MAPS {
+            let path = self.state.map(name);
+            if path.exists() {
+                continue;
+            }
+            self.ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("the BPF object has no {name} map"))?
+                .pin(&path)
+                .with_context(|| format!("failed to pin {}", path.display()))?;
+            restored.push(name.to_string());
+        }
+        let links = [self.state.sockops_link(), self.state.lock_link()];
+        for (link, path) in self.links.iter().zip(links) {
+            if let Some(link) = link.as_ref().filter(|_| !path.exists()) {
+                sys::obj_pin(link.as_fd(), &path)
+                    .with_context(|| format!("failed to pin {}", path.display()))?;
+                restored.push(pin_name(&path));
+            }
+        }
+        let iterators = [self.state.status_slots_link(), self.state.status_link()];
+        if let Some(missing) = iterators.iter().find(|path| !path.exists()) {
+            restored.push(pin_name(missing));
+            self.pin_status_iterator()?;
+        }
+        Ok(restored)
     }
 
     /// The per-cgroup counter map.
@@ -715,25 +764,35 @@ fn replace_pin(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> anyhow::Result<(
     std::fs::rename(&tmp, path).with_context(|| format!("failed to pin {}", path.display()))
 }
 
+/// The name a pin goes by in messages.
+fn pin_name(path: &Path) -> String {
+    path.file_name()
+        .unwrap_or(path.as_os_str())
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Swaps `prog` into the link pinned at `pin`, or attaches it to `cgroup` and pins the link
+/// there; the link, and whether it was pinned already.
 fn attach_or_update(
     prog: std::os::fd::BorrowedFd<'_>,
     cgroup: &File,
     attach_type: u32,
     pin: &Path,
-) -> anyhow::Result<bool> {
+) -> anyhow::Result<(OwnedFd, bool)> {
     match sys::obj_get(pin) {
         Ok(link) => {
             sys::link_update(link.as_fd(), prog).with_context(|| {
                 format!("failed to replace the program behind {}", pin.display())
             })?;
-            Ok(true)
+            Ok((link, true))
         }
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             let link = sys::cgroup_link_create(prog, cgroup.as_fd(), attach_type)
                 .map_err(|err| kernel_error("failed to attach to the cgroup", err))?;
             sys::obj_pin(link.as_fd(), pin)
                 .with_context(|| format!("failed to pin {}", pin.display()))?;
-            Ok(false)
+            Ok((link, false))
         }
         Err(err) => Err(err).with_context(|| format!("failed to open {}", pin.display())),
     }

@@ -338,6 +338,25 @@ impl StateDir {
         }
     }
 
+    /// Keeps `held`, a lock [`StateDir::create_locked`] took, on the directory at the path: when
+    /// the locked one was removed and another made in its place, that one is locked instead.
+    pub fn relock(&self, held: &mut fs::File) -> anyhow::Result<()> {
+        if self.is_at_path(held)? {
+            return Ok(());
+        }
+        match self.try_lock()? {
+            Lock::Held(dir) => {
+                *held = dir;
+                Ok(())
+            }
+            Lock::Busy => Err(self.held_elsewhere()),
+            Lock::Absent => Err(anyhow::anyhow!(
+                "state directory {} was removed",
+                self.root.display()
+            )),
+        }
+    }
+
     /// Takes the exclusive lock on the directory at the state directory's path, unless another
     /// process holds it or there is none.
     pub fn try_lock(&self) -> anyhow::Result<Lock> {

@@ -90,6 +90,58 @@ fn sigkill_and_sigterm_leave_enforcement_in_place_and_a_restart_attaches_once() 
 }
 
 #[test]
+fn pins_removed_while_the_agent_runs_are_pinned_again_and_enforcement_outlives_it() {
+    let cg = TestCgroup::new("repin");
+    let config = write_config("[default]\nidle = 31\nmode = \"lock\"\n");
+    let mut agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let dirs = agent.dirs();
+    assert_eq!(idle_of(&cg), 31);
+    // What an operator cleaning up bpffs by hand does; the agent may pin things again while
+    // it runs, which makes it fail: its outcome is what the agent does.
+    let _ = std::fs::remove_dir_all(&dirs.state_dir);
+    eventually(Duration::from_secs(10), "the pins to be made again", || {
+        agent
+            .log()
+            .contains("while the agent ran: pinned again")
+            .then_some(())
+    });
+    for pin in [
+        "link_sockops",
+        "link_lock",
+        "link_status",
+        "link_status_slots",
+    ] {
+        assert!(dirs.state_dir.join(pin).exists(), "{pin}: {}", agent.log());
+    }
+    assert_eq!(idle_of(&cg), 31, "enforced while the agent runs");
+
+    let status = agent.stop_with(libc::SIGTERM);
+    assert!(status.success(), "{status}: {}", agent.log());
+    assert!(
+        agent.log().contains("enforcement stays attached"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(idle_of(&cg), 31, "enforced once the agent has stopped");
+    assert_eq!(sockops_attachments(cg.path()), 1);
+    assert_eq!(setsockopt_attachments(cg.path()), 1);
+    assert_eq!(
+        cgroup_row(&dirs.status(), &cg)["enforced_total"],
+        6,
+        "status reads the pins made again, with the counts from before"
+    );
+
+    let agent = Agent::start_in(&dirs, &cg, &["--config", config.to_str().unwrap()]);
+    assert!(
+        agent.log().contains("took over pinned enforcement"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(sockops_attachments(cg.path()), 1);
+    assert_eq!(setsockopt_attachments(cg.path()), 1);
+}
+
+#[test]
 fn a_restart_under_load_leaves_no_connection_without_keepalive() {
     let cg = TestCgroup::new("restartload");
     let mut agent = Agent::start(&cg, &[]);
@@ -2277,13 +2329,14 @@ fn cgroups_left_unwatched_at_the_inotify_watch_limit_are_caught_up_with_and_watc
     ));
     let holder = hold_inotify_watches(USER, 2);
     let dirs = AgentDirs::new();
-    // `check` tells beforehand: the attach cgroup, `a` and the parent take three watches.
+    // `check` tells beforehand: the attach cgroup, `a` and the parent take three watches, the
+    // state directory two.
     let report = check_as(USER, &dirs, &cg);
     let inotify = check_item(&report, "inotify");
     assert_eq!(inotify["status"], "warn", "{inotify}");
     let detail = inotify["detail"].as_str().unwrap();
     assert!(
-        detail.starts_with("`run` would take 3 inotify watches")
+        detail.starts_with("`run` would take 5 inotify watches")
             && detail.contains("this user has 2 of its"),
         "{inotify}"
     );
@@ -2421,12 +2474,13 @@ fn check_counts_the_inotify_watches_of_a_user_namespace_for_its_owner() {
             .find(|item| item["name"] == "inotify")
             .cloned()
     };
-    // The attach cgroup, `a`, `b` and the parent: 4 watches; 12 left but the 10 contained.
+    // The attach cgroup, `a`, `b`, the parent and the state directory: 6 watches; 12 left but
+    // the 10 contained.
     let item = inotify().expect("an inotify warning");
     assert_eq!(item["status"], "warn", "{item}");
     let detail = item["detail"].as_str().unwrap();
     assert!(
-        detail.starts_with("`run` would take 4 inotify watches")
+        detail.starts_with("`run` would take 6 inotify watches")
             && detail.contains("this user has 2 of its"),
         "{item}"
     );
