@@ -1245,6 +1245,23 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             return Err(removed_while_starting());
         }
         Err(err) => {
+            if created {
+                state.remove_unused();
+            }
+            if err.kind() == std::io::ErrorKind::PermissionDenied {
+                // Not retried: the unit would load everything again every few seconds, and a
+                // mode or a capability changes only by hand.
+                let parent = attach.split_last().map_or_else(
+                    || "the cgroup2 root".to_owned(),
+                    |(parent, _)| parent.to_string(),
+                );
+                return Err(Error::Permission(format!(
+                    "cannot watch {parent} or {attach} with inotify: {err}; the agent watches \
+                     the attach cgroup's parent to learn of its removal, which needs read \
+                     access: give the agent CAP_DAC_READ_SEARCH, or make both readable by it"
+                ))
+                .into());
+            }
             return Err(anyhow::Error::new(err).context("failed to watch cgroups with inotify"));
         }
     };

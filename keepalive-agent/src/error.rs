@@ -46,7 +46,8 @@ pub mod exit {
         (
             PERMISSION,
             "permission denied: not root, or missing CAP_BPF, CAP_NET_ADMIN or CAP_PERFMON (or \
-             CAP_NET_BIND_SERVICE for a metrics port below 1024)",
+             CAP_NET_BIND_SERVICE for a metrics port below 1024), or the attach cgroup's parent \
+             may not be read to watch it (without CAP_DAC_READ_SEARCH)",
         ),
         (
             CGROUP,

@@ -2572,6 +2572,36 @@ fn enforcement_on_a_cgroup_the_agent_cannot_find_is_not_taken_for_removed() {
     dirs.cli_ok(&["detach"]);
 }
 
+/// An attach cgroup whose parent the agent may pass through but not read (a delegated
+/// subtree's, mode 0711; the unit grants no CAP_DAC_READ_SEARCH): the agent cannot watch the
+/// parent, which alone tells it of the attach cgroup's removal. It refuses with exit 3, which
+/// the unit does not retry, naming what to change, and leaves nothing behind; before, it exited
+/// 1 after loading everything, and the unit loaded it all again every few seconds.
+#[test]
+fn an_attach_cgroup_whose_parent_cannot_be_watched_is_refused_with_exit_3() {
+    use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
+    let parent = TestCgroup::new("unwatchable");
+    let inner = parent.child("inner");
+    std::os::unix::fs::chown(parent.path(), Some(65534), Some(65534)).expect("chown");
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let dirs = AgentDirs::new();
+    let mut cmd = dirs.command(&["run", "--cgroup", inner.path().to_str().unwrap()]);
+    // SAFETY: prctl calls only.
+    unsafe {
+        cmd.pre_exec(|| drop_caps_except(&GRANTED));
+    }
+    let out = dirs.output(cmd);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 3, "{err}");
+    assert!(
+        err.contains(&format!("cannot watch {}", parent.display()))
+            && err.contains("CAP_DAC_READ_SEARCH"),
+        "{err}"
+    );
+    assert_eq!(sockops_attachments(inner.path()), 0);
+    assert!(!dirs.state_dir.exists(), "nothing left pinned");
+}
+
 /// The attach cgroup removed and made again under its name while an agent starts (a service
 /// restarted at boot beside it): the agent found it by name before it waited for the state
 /// directory's lock and loaded its programs. It exits 4, as for a removal later on, rather
