@@ -262,9 +262,10 @@ fn inotify_item(attach: Option<(&Cgroup2, &CgroupPath)>, agent: Option<u32>) -> 
         ),
         Ok(_first) => match inotify::Inotify::init() {
             Err(err) => (err, UNWATCHED_PINS),
-            Ok(_) => {
+            Ok(second) => {
                 let (cgroup2, attach) = attach?;
-                return inotify_watches_item(cgroup2, attach, agent);
+                return unwatchable_parent_item(second, cgroup2, attach)
+                    .or_else(|| inotify_watches_item(cgroup2, attach, agent));
             }
         },
     };
@@ -280,6 +281,30 @@ fn inotify_item(attach: Option<(&Cgroup2, &CgroupPath)>, agent: Option<u32>) -> 
              `find /proc/*/fd -lname anon_inode:inotify` lists what holds them",
         ),
     ))
+}
+
+/// A failure when the attach cgroup's parent may not be read to watch it, which `run` refuses
+/// (exit 3): that watch alone tells it of the attach cgroup's removal.
+fn unwatchable_parent_item(
+    inotify: inotify::Inotify,
+    cgroup2: &Cgroup2,
+    attach: &CgroupPath,
+) -> Option<Item> {
+    let (parent, _) = attach.split_last()?;
+    let mask = inotify::WatchMask::DELETE.union(inotify::WatchMask::ONLYDIR);
+    let err = inotify.watches().add(cgroup2.abs(&parent), mask).err()?;
+    (err.kind() == std::io::ErrorKind::PermissionDenied).then(|| {
+        item(
+            "inotify",
+            Outcome::Fail,
+            format!(
+                "cannot watch {parent}, the parent of the attach cgroup {attach}, with inotify: \
+                 {err}; `run` would refuse (exit 3), as that watch alone tells it of {attach}'s \
+                 removal"
+            ),
+            Some("give the agent CAP_DAC_READ_SEARCH, or make the directory readable by it"),
+        )
+    })
 }
 
 /// Whether `run` could listen for metrics on `addr` as this process, and under the systemd

@@ -2600,6 +2600,28 @@ fn an_attach_cgroup_whose_parent_cannot_be_watched_is_refused_with_exit_3() {
     );
     assert_eq!(sockops_attachments(inner.path()), 0);
     assert!(!dirs.state_dir.exists(), "nothing left pinned");
+    // `check` fails it beforehand.
+    let mut cmd = dirs.command(&[
+        "check",
+        "--json",
+        "--cgroup",
+        inner.path().to_str().unwrap(),
+    ]);
+    // SAFETY: prctl calls only.
+    unsafe {
+        cmd.pre_exec(|| drop_caps_except(&GRANTED));
+    }
+    let out = dirs.output(cmd);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check --json");
+    assert_eq!(code(&out), 8, "{report:#}");
+    let item = check_item(&report, "inotify");
+    assert!(
+        item["status"] == "fail"
+            && item["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains(&format!("cannot watch {}", parent.display()))),
+        "{item}"
+    );
 }
 
 /// The attach cgroup removed and made again under its name while an agent starts (a service
