@@ -72,8 +72,8 @@ pub mod exit {
              on --runtime-dir keeps its state elsewhere than \
              --state-dir (policy commands); nothing is pinned, or no status iterator is (status); \
              another agent holds the state (run, detach); enforcement is pinned on another cgroup, or \
-             another state directory's is on this one (run), or not on the one named (detach \
-             --cgroup)",
+             another state directory's is on this one, or a pinned map keepalive did not make is \
+             in the way (run), or not on the one named (detach --cgroup)",
         ),
         (NOT_READY, "`check`: this host is not ready"),
         (NO_CGROUP2, "no cgroup v2 filesystem is mounted"),

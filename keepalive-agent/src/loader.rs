@@ -540,8 +540,9 @@ fn sock_slots(state: &StateDir, max_tracked_sockets: Option<u32>) -> anyhow::Res
         .map_err(|err| kernel_error(&format!("failed to read {}", path.display()), err))?
         .max_entries();
     if !pinned.is_power_of_two() {
-        return Err(Error::Kernel(format!(
-            "{} has {pinned} slots, not a power of two; it was not made by this agent",
+        return Err(Error::Agent(format!(
+            "{} has {pinned} slots, not a power of two, so keepalive did not make it; \
+             `keepalive-agent detach` removes the pinned state",
             path.display()
         ))
         .into());

@@ -2572,6 +2572,35 @@ fn enforcement_on_a_cgroup_the_agent_cannot_find_is_not_taken_for_removed() {
     dirs.cli_ok(&["detach"]);
 }
 
+/// A pinned slot table keepalive did not make (its size is no power of two) is pinned state in
+/// the way: exit 7, which the unit does not retry, naming `detach`; before, exit 6 said the
+/// kernel could not run keepalive.
+#[test]
+fn a_pinned_slot_table_keepalive_did_not_make_is_refused_with_exit_7() {
+    let cg = TestCgroup::new("badslots");
+    let dirs = AgentDirs::new();
+    let mut agent = Agent::start_in(
+        &dirs,
+        &cg,
+        &["--max-tracked-cgroups", "1000", "--idle", "27"],
+    );
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    let maps = dirs
+        .state_dir
+        .join(format!("maps-v{}", keepalive_common::ABI_VERSION));
+    std::fs::remove_file(maps.join("KA_SOCK_SLOTS")).unwrap();
+    keepalive_tests::bpf::pin_again(&maps.join("KA_CGSTATS"), &maps.join("KA_SOCK_SLOTS"));
+    let out = dirs.cli(&run_args(&cg));
+    let err = stderr(&out);
+    assert_eq!(code(&out), 7, "{err}");
+    assert!(
+        err.contains("1000 slots, not a power of two") && err.contains("keepalive-agent detach"),
+        "{err}"
+    );
+    assert_eq!(idle_of(&cg), 27, "the pinned enforcement goes on");
+    dirs.cli_ok(&["detach"]);
+}
+
 /// An attach cgroup whose parent the agent may pass through but not read (a delegated
 /// subtree's, mode 0711; the unit grants no CAP_DAC_READ_SEARCH): the agent cannot watch the
 /// parent, which alone tells it of the attach cgroup's removal. It refuses with exit 3, which
