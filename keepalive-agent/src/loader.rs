@@ -338,9 +338,11 @@ impl Enforcer {
                 }
             },
         };
-        outer
-            .set(0, &inner, 0)
-            .context("failed to install the policy table")?;
+        if let Err(err) = outer.set(0, &inner, 0) {
+            // Still installed: still held.
+            self.tables[0] = replaced;
+            return Err(err).context("failed to install the policy table");
+        }
         self.tables = [Some(inner), replaced];
         Ok(())
     }
