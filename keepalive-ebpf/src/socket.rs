@@ -55,16 +55,23 @@ pub(crate) struct Socket {
 }
 
 /// The policy the program last set on the listener `sock` was accepted from, when the socket
-/// still carries it as set there: its values, and a user timeout no longer than that policy's.
+/// still carries its keepalive values as set there.
+#[inline(always)]
+fn listener_values_on(sock: &Socket) -> Option<Policy> {
+    track::listened_policy(track::listen_key(sock.cgroup.id, sock.tp)).filter(|listened| {
+        match kernel::has_values(sock.tp, listened) {
+            Some(same) => same,
+            None => enforce::still_set(sock.target, sock.tp, listened),
+        }
+    })
+}
+
+/// [`listener_values_on`], when the socket's user timeout is also no longer than that
+/// policy's: all of what it carries is then the program's.
 #[inline(always)]
 fn left_by_listener(sock: &Socket) -> Option<Policy> {
-    track::listened_policy(track::listen_key(sock.cgroup.id, sock.tp)).filter(|listened| {
-        listened.user_timeout_held(kernel::user_timeout_ms(sock.tp))
-            && match kernel::has_values(sock.tp, listened) {
-                Some(same) => same,
-                None => enforce::still_set(sock.target, sock.tp, listened),
-            }
-    })
+    listener_values_on(sock)
+        .filter(|listened| listened.user_timeout_held(kernel::user_timeout_ms(sock.tp)))
 }
 
 /// Applies `resolved` to one socket and records it. `describe` fills in the record's
@@ -106,13 +113,14 @@ pub(crate) fn enforce_socket(
         }
         // A connection just accepted from a listener the change to `off` has not reached (or
         // cannot) carries what the program set there: as under every other mode, that goes
-        // with the policy that set it.
+        // with the policy that set it. A user timeout the application set on the listener
+        // since is its own, and keeps none of the program's keepalive on; `release` leaves it.
         if origin
             == (Origin::Established {
                 direction: sock_flags::INBOUND,
             })
             && kernel::keepalive_on(sock.tp)
-            && let Some(listened) = left_by_listener(sock)
+            && let Some(listened) = listener_values_on(sock)
         {
             let app_keepalive = listened.flags & policy_flags::APP_KEEPALIVE != 0;
             enforce::release(sock.target, sock.tp, &listened, app_keepalive);
