@@ -258,7 +258,8 @@ fn inotify_item(attach: Option<(&Cgroup2, &CgroupPath)>, agent: Option<u32>) -> 
         Err(err) => (
             err,
             "see cgroups created and removed only at each try to watch them (up to every 30s) \
-             until it can",
+             until it can, and would not notice pins removed from its state directory while it \
+             runs (it pins them again when it stops)",
         ),
         Ok(_first) => match inotify::Inotify::init() {
             Err(err) => (err, UNWATCHED_PINS),

@@ -921,8 +921,9 @@ impl Daemon {
     }
 
     /// Pins again what was removed from the state directory while the agent ran (see
-    /// [`PinWatch`]), and watches what was made again; whether everything is pinned now.
-    fn restore_pins(&mut self, lock: &mut std::fs::File, watch: &mut PinWatch) -> bool {
+    /// [`PinWatch`]), and watches what was made again. A failure is tried again later, unless
+    /// another agent holds the directory now.
+    fn restore_pins(&mut self, lock: &mut std::fs::File, watch: &mut PinWatch) {
         let root = self.fixed.state.root().display().to_string();
         let mut restored: Vec<String> = Vec::new();
         // A directory made again is watched, and then looked at once more for what went
@@ -936,27 +937,38 @@ impl Daemon {
                         }
                     }
                 }
-                Err(err) => {
+                Err(err) if matches!(err.downcast_ref::<Error>(), Some(Error::Agent(_))) => {
+                    watch.stop();
                     log::error!(
-                        "failed to pin again what was removed from {root}: {err:#}; enforcement \
-                         holds while the agent runs, and ends when it stops unless a later try \
-                         succeeds"
+                        "{root} was removed while the agent ran, and is not its own any more: \
+                         {err:#}; enforcement holds while this agent runs, and ends when it stops"
                     );
-                    return false;
+                    return;
+                }
+                Err(err) => {
+                    watch.rewatch();
+                    let wait = watch.failed();
+                    log::error!(
+                        "failed to pin again what was removed from {root}: {err:#}; trying again \
+                         in {} (enforcement holds while the agent runs)",
+                        humantime::format_duration(wait)
+                    );
+                    return;
                 }
             }
             if !watch.rewatch() {
                 break;
             }
         }
+        watch.restored();
         if !restored.is_empty() {
             log::warn!(
-                "{} removed from {root} while the agent ran: pinned again, so enforcement stays \
-                 when the agent stops; to end it, stop the agent and run `keepalive-agent detach`",
+                "{} removed from {root} while the agent ran: made and pinned again, so \
+                 enforcement stays when the agent stops; to end it, stop the agent and run \
+                 `keepalive-agent detach`",
                 restored.join(", ")
             );
         }
-        true
     }
 }
 
@@ -1305,7 +1317,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         log::info!("attached to {attach}; pinned in {}", state.root().display());
     }
     daemon.enforcer.pin_status_iterator()?;
-    let mut pin_watch = PinWatch::new(&state);
+    let mut pin_watch = PinWatch::new(&state, retry_wait);
     log::info!(
         "policy: default {} plus {}{}",
         describe_spec(&set.default),
@@ -1443,7 +1455,8 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     // Whatever went without inotify seeing it: the pins are all that keeps enforcement now.
-    if daemon.restore_pins(&mut state_lock, &mut pin_watch) {
+    daemon.restore_pins(&mut state_lock, &mut pin_watch);
+    if state.sockops_link().exists() {
         log::info!(
             "stopping; enforcement stays attached to {attach} ({}). `keepalive-agent detach` \
              removes it",

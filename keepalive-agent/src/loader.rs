@@ -413,15 +413,20 @@ impl Enforcer {
 
     /// Pins again whatever of this agent's state was removed from the state directory while it
     /// ran (`rm -rf` on it, say): its maps, the links it holds and the status iterators,
-    /// making the directory again if need be and taking its lock again. Without that, the
-    /// links would go with the agent, and enforcement with them, with no `detach`. What was
-    /// pinned again, by name; nothing when nothing was missing.
+    /// making the directory again if need be and taking its lock again, before anything goes
+    /// in. Without that, the links would go with the agent, and enforcement with them, with no
+    /// `detach`. What was made or pinned again, by name; nothing when nothing was missing.
     pub fn restore_pins(&mut self, lock: &mut File) -> anyhow::Result<Vec<String>> {
         let mut restored = Vec::new();
-        if self.state.create()? {
-            restored.push(self.state.root().display().to_string());
+        if self.state.create_root()? {
+            restored.push("the directory".to_owned());
         }
+        // Another agent (or a `detach`) may hold the directory now: nothing of it is touched.
         self.state.relock(lock)?;
+        if !self.state.maps_dir().is_dir() {
+            restored.push(pin_name(&self.state.maps_dir()));
+        }
+        self.state.create()?;
         for name in PINNED_MAPS {
             let path = self.state.map(name);
             if path.exists() {
@@ -443,9 +448,14 @@ impl Enforcer {
             }
         }
         let iterators = [self.state.status_slots_link(), self.state.status_link()];
-        if let Some(missing) = iterators.iter().find(|path| !path.exists()) {
-            restored.push(pin_name(missing));
+        let missing: Vec<String> = iterators
+            .iter()
+            .filter(|path| !path.exists())
+            .map(|path| pin_name(path))
+            .collect();
+        if !missing.is_empty() {
             self.pin_status_iterator()?;
+            restored.extend(missing);
         }
         Ok(restored)
     }

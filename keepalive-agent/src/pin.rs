@@ -253,6 +253,22 @@ impl StateDir {
         Ok(created)
     }
 
+    /// Makes the state directory itself (root-only, with its parents) if it is not there, as
+    /// [`StateDir::create`] does; whether it was made.
+    pub fn create_root(&self) -> anyhow::Result<bool> {
+        if self.root.is_dir() {
+            return Ok(false);
+        }
+        ensure_bpffs(&self.root)?;
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .recursive(true)
+            .create(&self.root)
+            .map_err(|err| self.read_only(err))
+            .with_context(|| format!("failed to create state directory {}", self.root.display()))?;
+        Ok(true)
+    }
+
     /// `err`, or for a read-only file system the reason this state directory cannot be written
     /// though it is on bpffs (exit 5, which the unit does not retry): under the systemd unit
     /// (`ProtectSystem=strict`) everything but [`BPFFS_MOUNT`] is read-only.

@@ -3,12 +3,17 @@
 //! through its pins alone; one removed by hand (`rm -rf` on the state directory, say) would
 //! end it silently when the agent stops, while only `detach` is to end it.
 
-use std::{collections::HashSet, io};
+use std::{
+    collections::HashSet,
+    io,
+    os::unix::ffi::OsStrExt as _,
+    time::{Duration, Instant},
+};
 
 use inotify::{Inotify, WatchDescriptor, WatchMask};
 use tokio::io::{Interest, unix::AsyncFd};
 
-use crate::pin::StateDir;
+use crate::pin::{StateDir, TMP_PIN_SUFFIX};
 
 /// Everything that takes a name out of a watched directory, or the directory itself.
 const MASK: WatchMask = WatchMask::DELETE
@@ -17,14 +22,19 @@ const MASK: WatchMask = WatchMask::DELETE
     .union(WatchMask::MOVE_SELF)
     .union(WatchMask::ONLYDIR);
 
-/// Watches the state directory and its maps directory.
+/// Watches the state directory and its maps directory, and schedules another look after a
+/// restore that failed.
 pub struct PinWatch {
     state: StateDir,
-    /// `None` without inotify (every instance taken): what was removed is then pinned again
-    /// only when the agent stops.
+    /// `None` without inotify (every instance or watch taken), or once given up: what was
+    /// removed is then pinned again only when the agent stops.
     inotify: Option<AsyncFd<Inotify>>,
     /// The watches held now.
     watches: HashSet<WatchDescriptor>,
+    /// Failed restores in a row, and when the next try is due.
+    failures: u32,
+    retry_at: Option<Instant>,
+    wait: fn(u32) -> Duration,
 }
 
 impl std::fmt::Debug for PinWatch {
@@ -32,13 +42,15 @@ impl std::fmt::Debug for PinWatch {
         f.debug_struct("PinWatch")
             .field("state", &self.state)
             .field("watches", &self.watches.len())
+            .field("failures", &self.failures)
             .finish_non_exhaustive()
     }
 }
 
 impl PinWatch {
-    /// Starts watching; without inotify, the warning says what that means.
-    pub fn new(state: &StateDir) -> Self {
+    /// Starts watching; without inotify, the warning says what that means. `wait(n)` is the
+    /// wait after n + 1 failed restores in a row.
+    pub fn new(state: &StateDir, wait: fn(u32) -> Duration) -> Self {
         let inotify = Inotify::init().and_then(|inotify| {
             // SAFETY: the inotify instance owns its fd, which stays open until the AsyncFd
             // is dropped.
@@ -49,6 +61,9 @@ impl PinWatch {
             state: state.clone(),
             inotify: None,
             watches: HashSet::new(),
+            failures: 0,
+            retry_at: None,
+            wait,
         };
         match inotify {
             Ok(inotify) => {
@@ -66,13 +81,19 @@ impl PinWatch {
              pinned again only when it stops",
             self.state.root().display()
         );
-        self.inotify = None;
-        self.watches.clear();
+        self.stop();
     }
 
-    /// Watches the directories at their paths now; whether a watch is new (a directory made
-    /// again since the last call). A directory that is not there is not watched: the next
-    /// call, after it was made again, watches it.
+    /// Stops watching for good (the directory is another agent's now, say).
+    pub fn stop(&mut self) {
+        self.inotify = None;
+        self.watches.clear();
+        self.retry_at = None;
+    }
+
+    /// Watches the directories at their paths now, and no longer those moved away; whether a
+    /// watch is new (a directory made again since the last call). A directory that is not
+    /// there is not watched: the next call, after it was made again, watches it.
     pub fn rewatch(&mut self) -> bool {
         let Some(inotify) = &mut self.inotify else {
             return false;
@@ -88,6 +109,10 @@ impl PinWatch {
                 Err(err) => failed = Some(err),
             }
         }
+        // Removed ones are gone already (the kernel says so with an error).
+        for stale in self.watches.difference(&watches) {
+            let _ = inotify.get_mut().watches().remove(stale.clone());
+        }
         if let Some(err) = failed {
             self.give_up(&err);
             return false;
@@ -97,22 +122,59 @@ impl PinWatch {
         fresh
     }
 
+    /// A restore worked: no try is due.
+    pub fn restored(&mut self) {
+        self.failures = 0;
+        self.retry_at = None;
+    }
+
+    /// A restore failed: another try comes after a wait, longer after each failure in a row,
+    /// which is returned.
+    pub fn failed(&mut self) -> Duration {
+        let wait = (self.wait)(self.failures);
+        self.failures = self.failures.saturating_add(1);
+        self.retry_at = Some(Instant::now() + wait);
+        wait
+    }
+
     /// Waits until something was removed from the directories, or they were (or events were
-    /// lost). Cancel-safe. Never returns without inotify.
+    /// lost), or a try after a failed restore is due. The agent's own renames of a link pin
+    /// into place, which take its temporary name away, are not removals. Cancel-safe. Never
+    /// returns without inotify and a try due.
     pub async fn removed(&mut self) {
         let mut buffer = [0u8; 4096];
         loop {
-            let Some(inotify) = &mut self.inotify else {
-                return std::future::pending().await;
+            let retry = self.retry_at;
+            let due = async {
+                match retry {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
             };
-            let read = match inotify.readable_mut().await {
-                Ok(mut guard) => guard.try_io(|inner| {
-                    inner
-                        .get_mut()
-                        .read_events(&mut buffer)
-                        .map(|events| events.count())
-                }),
-                Err(err) => Ok(Err(err)),
+            let Some(inotify) = &mut self.inotify else {
+                due.await;
+                self.retry_at = None;
+                return;
+            };
+            let read = tokio::select! {
+                guard = inotify.readable_mut() => match guard {
+                    Ok(mut guard) => guard.try_io(|inner| {
+                        inner.get_mut().read_events(&mut buffer).map(|events| {
+                            events
+                                .filter(|event| {
+                                    !event.name.is_some_and(|name| {
+                                        name.as_bytes().ends_with(TMP_PIN_SUFFIX.as_bytes())
+                                    })
+                                })
+                                .count()
+                        })
+                    }),
+                    Err(err) => Ok(Err(err)),
+                },
+                () = due => {
+                    self.retry_at = None;
+                    return;
+                }
             };
             match read {
                 Ok(Ok(0)) | Err(_) => {}

@@ -96,24 +96,45 @@ fn pins_removed_while_the_agent_runs_are_pinned_again_and_enforcement_outlives_i
     let mut agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
     let dirs = agent.dirs();
     assert_eq!(idle_of(&cg), 31);
-    // What an operator cleaning up bpffs by hand does; the agent may pin things again while
-    // it runs, which makes it fail: its outcome is what the agent does.
-    let _ = std::fs::remove_dir_all(&dirs.state_dir);
-    eventually(Duration::from_secs(10), "the pins to be made again", || {
-        agent
-            .log()
-            .contains("while the agent ran: pinned again")
-            .then_some(())
-    });
-    for pin in [
+    // What an operator cleaning up bpffs by hand does, with the agent stopped meanwhile so
+    // that it cannot race the removal: it sees it all when it goes on.
+    agent.signal(libc::SIGSTOP);
+    let removed = std::fs::remove_dir_all(&dirs.state_dir);
+    agent.signal(libc::SIGCONT);
+    removed.unwrap();
+    let maps = dirs
+        .state_dir
+        .join(format!("maps-v{}", keepalive_common::ABI_VERSION));
+    let pins: Vec<std::path::PathBuf> = [
         "link_sockops",
         "link_lock",
         "link_status",
         "link_status_slots",
-    ] {
-        assert!(dirs.state_dir.join(pin).exists(), "{pin}: {}", agent.log());
-    }
+    ]
+    .iter()
+    .map(|pin| dirs.state_dir.join(pin))
+    .chain(
+        keepalive_common::PINNED_MAPS
+            .iter()
+            .map(|map| maps.join(map)),
+    )
+    .collect();
+    // All of them, and the warning, which comes once they are.
+    eventually(Duration::from_secs(10), "the pins to be made again", || {
+        (pins.iter().all(|pin| pin.exists())
+            && agent
+                .log()
+                .contains("while the agent ran: made and pinned again"))
+        .then_some(())
+    });
     assert_eq!(idle_of(&cg), 31, "enforced while the agent runs");
+    // The directory made again is the agent's: another is refused.
+    let other = AgentDirs {
+        runtime_dir: AgentDirs::new().runtime_dir,
+        ..dirs.clone()
+    };
+    let out = other.cli(&run_args(&cg));
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
 
     let status = agent.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status}: {}", agent.log());
@@ -2570,6 +2591,45 @@ fn enforcement_on_a_cgroup_the_agent_cannot_find_is_not_taken_for_removed() {
     assert!(err.contains("failed to list the cgroups in"), "{err}");
     assert_eq!(sockops_attachments(inner.path()), 1);
     dirs.cli_ok(&["detach"]);
+}
+
+/// Without inotify the agent does not see pins removed while it runs; it looks when it stops,
+/// so enforcement outlives it all the same.
+#[test]
+fn pins_removed_while_inotify_is_short_are_pinned_again_when_the_agent_stops() {
+    const USER: u32 = 64_922;
+    let cg = TestCgroup::new("repinstop");
+    let holder = hold_inotify_instances(USER);
+    let dirs = AgentDirs::new();
+    let mut agent = Agent::start_command(
+        &dirs,
+        as_user(
+            USER,
+            &dirs,
+            &[
+                "run",
+                "--cgroup",
+                cg.path().to_str().unwrap(),
+                "--idle",
+                "33",
+            ],
+        ),
+    );
+    let unwatched = format!("cannot watch {} with inotify", dirs.state_dir.display());
+    assert!(agent.log().contains(&unwatched), "{}", agent.log());
+    assert_eq!(idle_of(&cg), 33);
+    std::fs::remove_dir_all(&dirs.state_dir).expect("nothing pins it again meanwhile");
+    assert_eq!(idle_of(&cg), 33, "the agent holds its links");
+    assert!(agent.stop_with(libc::SIGTERM).success(), "{}", agent.log());
+    let log = agent.log();
+    assert!(
+        log.contains("while the agent ran: made and pinned again")
+            && log.contains("enforcement stays attached"),
+        "{log}"
+    );
+    drop(holder);
+    assert_eq!(idle_of(&cg), 33, "enforced once the agent has stopped");
+    assert_eq!(sockops_attachments(cg.path()), 1);
 }
 
 /// A pinned slot table keepalive did not make (its size is no power of two) is pinned state in
