@@ -138,6 +138,7 @@ pub(crate) fn enforce_socket(
         {
             let app_keepalive = rec.flags & sock_flags::APP_KEEPALIVE != 0;
             enforce::release(sock.target, sock.tp, &rec.policy, app_keepalive);
+            track::cgroup_uncount(rec.cgroup_id);
             if stored {
                 track::drop_stored_record(sock.sk);
             } else {

@@ -413,6 +413,23 @@ impl PolicyStore {
     }
 }
 
+/// Takes a socket back out of its cgroup's `enforced_total`: one released as if its cgroup had
+/// been `off` from the start was never covered, and is counted again if it is covered later.
+#[inline(always)]
+pub(crate) fn cgroup_uncount(cgroup: u64) {
+    let Some(stats) = KA_CGSTATS.get_ptr_mut(cgroup) else {
+        return;
+    };
+    // SAFETY: `stats` points at a live map value. The check only keeps an entry made after
+    // the socket's count was lost (the map was full then) from wrapping around.
+    unsafe {
+        if core::ptr::read_volatile(&raw const (*stats).enforced_total) != 0 {
+            // Adding 2^64 - 1 subtracts one.
+            atomic_add(&raw mut (*stats).enforced_total, u64::MAX);
+        }
+    }
+}
+
 /// Adds to a cgroup's counters, creating its entry when `create` is set; counts the overflow
 /// when the map is full.
 #[inline(always)]

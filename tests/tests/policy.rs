@@ -15,8 +15,8 @@ use keepalive_tests::{
     Agent, AgentDirs, GRANTED, Netns, Proc, TempDir, TestCgroup, agent_bin,
     agent_in_private_mounts, bind_mount,
     bpf::{self, resolution_cache},
-    check_item, code, eventually, hide_with_tmpfs, idle_of, in_private_mounts, json_refusal,
-    kernel_defaults, mkdir, pair_values,
+    cgroup_row, check_item, code, eventually, hide_with_tmpfs, idle_of, in_private_mounts,
+    json_refusal, kernel_defaults, mkdir, pair_values,
     perf::storm,
     private_mounts, sock_bin, sockets_of, sockops_attachments, stderr, stdout, symlink, unique,
     unix_seconds, values, write_config,
@@ -387,6 +387,21 @@ fn sockets_enforced_before_the_agent_saw_their_new_off_cgroup_are_released() {
     );
     // A connection made now is left alone from the start.
     assert_eq!(pair_values(&off), (kernel_defaults(), kernel_defaults()));
+    // Released as if never covered, they are not counted; covered later, once each.
+    assert_eq!(cgroup_row(&status, &off)["enforced_total"], 0, "{status}");
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        off.path().to_str().unwrap(),
+        "--idle",
+        "33",
+    ]);
+    assert_eq!(now(&mut plain), [(1, 33, 10, 5), (1, 33, 10, 5)]);
+    assert_eq!(
+        cgroup_row(&agent.status(), &off)["enforced_total"],
+        6,
+        "{status}"
+    );
 }
 
 #[test]
