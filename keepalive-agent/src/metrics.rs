@@ -6,6 +6,7 @@
 
 use std::{fmt::Write as _, io::ErrorKind, net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
+use anyhow::Context as _;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
@@ -232,19 +233,26 @@ pub fn render(state: &StateDir, cgroup2: &Cgroup2) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// Runs `work` on the blocking pool once no earlier work of `gate` runs any more. The gate is
-/// held until `work` returns, also when the request that started it gave up waiting, so
-/// however many scrapes arrive, one map walk runs at a time.
+/// Runs `work` on a thread of its own once no earlier work of `gate` runs any more. The gate
+/// is held until `work` returns, also when the request that started it gave up waiting, so
+/// however many scrapes arrive, one map walk runs at a time. A thread the kernel will not make
+/// (a pids limit, as pods have) fails this scrape, where tokio's blocking pool would panic.
 async fn one_at_a_time<T: Send + 'static>(
     gate: &Arc<Mutex<()>>,
     work: impl FnOnce() -> T + Send + 'static,
 ) -> anyhow::Result<T> {
     let held = Arc::clone(gate).lock_owned().await;
-    let done = tokio::task::spawn_blocking(move || {
-        let _held = held;
-        work()
-    });
-    Ok(done.await?)
+    let (done, answer) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("metrics".to_owned())
+        .spawn(move || {
+            let _held = held;
+            let _ = done.send(work());
+        })
+        .context("failed to start a thread to read the maps")?;
+    answer
+        .await
+        .context("the thread reading the maps ended without an answer")
 }
 
 /// What a request asks for, from its request line (`METHOD TARGET HTTP/x.y`).

@@ -372,13 +372,19 @@ fn ten_thousand_connections_leave_no_stale_entries() {
     assert_eq!(row["open"], 0, "{row}");
 }
 
-fn scrape(port: u16) -> String {
+/// The metrics endpoint's answer to a GET, whatever its status.
+fn get_metrics(port: u16) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+fn scrape(port: u16) -> String {
+    let response = get_metrics(port);
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     response
 }
@@ -390,6 +396,33 @@ fn metric(text: &str, name: &str, cgroup: &TestCgroup) -> u64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or_else(|| panic!("no {prefix} in\n{text}"))
+}
+
+/// A scrape the agent has no thread for (a pids limit, as pods have) gets a 503 saying so, and
+/// the next one, with a thread, its metrics; before, the connection's task panicked and the
+/// scrape got no answer.
+#[test]
+fn a_scrape_the_agent_has_no_thread_for_gets_a_503() {
+    let cg = TestCgroup::new("metricsthread");
+    let port = free_port();
+    let agent = Agent::start(&cg, &["--metrics", &format!("127.0.0.1:{port}")]);
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
+        .expect("agent tasks")
+        .count() as u64;
+    let limited = TestCgroup::pids_limited("metricsthread-agent", tasks);
+    std::fs::write(limited.path().join("cgroup.procs"), agent.pid().to_string())
+        .expect("move the agent");
+    let response = get_metrics(port);
+    assert!(
+        response.starts_with("HTTP/1.1 503") && response.contains("failed to start a thread"),
+        "{response}\n{}",
+        agent.log()
+    );
+    let root = limited.path().parent().expect("hierarchy root");
+    std::fs::write(root.join("cgroup.procs"), agent.pid().to_string())
+        .expect("move the agent back");
+    scrape(port);
+    assert!(!agent.log().contains("panicked"), "{}", agent.log());
 }
 
 #[test]
