@@ -397,11 +397,8 @@ fn sockets_enforced_before_the_agent_saw_their_new_off_cgroup_are_released() {
         "33",
     ]);
     assert_eq!(now(&mut plain), [(1, 33, 10, 5), (1, 33, 10, 5)]);
-    assert_eq!(
-        cgroup_row(&agent.status(), &off)["enforced_total"],
-        6,
-        "{status}"
-    );
+    let status = agent.status();
+    assert_eq!(cgroup_row(&status, &off)["enforced_total"], 6, "{status}");
 }
 
 #[test]
