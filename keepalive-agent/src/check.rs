@@ -18,7 +18,7 @@ use crate::{
     logging::counted,
     metrics,
     pin::{self, BPFFS_MOUNT, StateDir},
-    privileges::{Cap, Caps},
+    privileges::{self, Cap, Caps},
     sys, watch,
 };
 
@@ -285,25 +285,52 @@ fn inotify_item(attach: Option<(&Cgroup2, &CgroupPath)>, agent: Option<u32>) -> 
 }
 
 /// A failure when the attach cgroup's parent may not be read to watch it, which `run` refuses
-/// (exit 3): that watch alone tells it of the attach cgroup's removal.
+/// (exit 3): that watch alone tells it of the attach cgroup's removal. A warning when only
+/// CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH, which the systemd unit does not grant, let this
+/// process read it.
 fn unwatchable_parent_item(
     inotify: inotify::Inotify,
     cgroup2: &Cgroup2,
     attach: &CgroupPath,
 ) -> Option<Item> {
     let (parent, _) = attach.split_last()?;
-    let mask = inotify::WatchMask::DELETE.union(inotify::WatchMask::ONLYDIR);
-    let err = inotify.watches().add(cgroup2.abs(&parent), mask).err()?;
-    (err.kind() == std::io::ErrorKind::PermissionDenied).then(|| {
+    let watch = || {
+        let mask = inotify::WatchMask::DELETE.union(inotify::WatchMask::ONLYDIR);
+        inotify.watches().add(cgroup2.abs(&parent), mask).err()
+    };
+    let denied = |err: &std::io::Error| err.kind() == ErrorKind::PermissionDenied;
+    let why =
+        format!("cannot watch {parent}, the parent of the attach cgroup {attach}, with inotify");
+    let fix = "give the agent CAP_DAC_READ_SEARCH, or make the directory readable by it";
+    if let Some(err) = watch() {
+        return denied(&err).then(|| {
+            item(
+                "inotify",
+                Outcome::Fail,
+                format!(
+                    "{why}: {err}; `run` would refuse (exit 3), as that watch alone tells it \
+                     of {attach}'s removal"
+                ),
+                Some(fix),
+            )
+        });
+    }
+    let caps = Caps::current();
+    if !caps.has(Cap::DacOverride) && !caps.has(Cap::DacReadSearch) {
+        return None;
+    }
+    let err = privileges::without_dac(watch).ok().flatten()?;
+    denied(&err).then(|| {
         item(
             "inotify",
-            Outcome::Fail,
+            Outcome::Warn,
             format!(
-                "cannot watch {parent}, the parent of the attach cgroup {attach}, with inotify: \
-                 {err}; `run` would refuse (exit 3), as that watch alone tells it of {attach}'s \
-                 removal"
+                "this process can watch {parent}, the parent of the attach cgroup {attach}, \
+                 with CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH, which the systemd unit does not \
+                 grant; without them: {err}: under the unit `run` exits 3 (unless a drop-in \
+                 grants CAP_DAC_READ_SEARCH)"
             ),
-            Some("give the agent CAP_DAC_READ_SEARCH, or make the directory readable by it"),
+            Some(fix),
         )
     })
 }

@@ -1260,21 +1260,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             if created {
                 state.remove_unused();
             }
-            if err.kind() == std::io::ErrorKind::PermissionDenied {
-                // Not retried: the unit would load everything again every few seconds, and a
-                // mode or a capability changes only by hand.
-                let parent = attach.split_last().map_or_else(
-                    || "the cgroup2 root".to_owned(),
-                    |(parent, _)| parent.to_string(),
-                );
-                return Err(Error::Permission(format!(
-                    "cannot watch {parent} or {attach} with inotify: {err}; the agent watches \
-                     the attach cgroup's parent to learn of its removal, which needs read \
-                     access: give the agent CAP_DAC_READ_SEARCH, or make both readable by it"
-                ))
-                .into());
-            }
-            return Err(anyhow::Error::new(err).context("failed to watch cgroups with inotify"));
+            return Err(watch_failed(&attach, err));
         }
     };
     if cgroup2.id(&attach).ok() != Some(attach_id) {
@@ -1404,7 +1390,14 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                 }
             }
             changes = watcher.changes() => {
-                let changes = changes.context("inotify failed")?;
+                let changes = match changes {
+                    Ok(changes) => changes,
+                    Err(err) => {
+                        // As at a stop: the pins are all that keeps enforcement from here on.
+                        daemon.restore_pins(&mut state_lock, &mut pin_watch);
+                        return Err(watch_failed(&attach, err));
+                    }
+                };
                 if changes.root_removed {
                     // Exit 4, as for a missing cgroup at start: the unit retries until it is
                     // back, and the next start attaches anew.
@@ -1466,6 +1459,27 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         log::error!("stopping; enforcement on {attach} ends with the agent");
     }
     Ok(())
+}
+
+/// What a failure to watch the cgroups below `attach` ends the agent with: exit 3 when
+/// `attach` or its parent may not be read, which the agent needs to watch the parent (that
+/// alone tells it of the attach cgroup's removal); not retried, as the unit would load
+/// everything again every few seconds, and a mode or a capability changes only by hand.
+/// Exit 1 otherwise.
+fn watch_failed(attach: &CgroupPath, err: std::io::Error) -> anyhow::Error {
+    if err.kind() != std::io::ErrorKind::PermissionDenied {
+        return anyhow::Error::new(err).context("failed to watch cgroups with inotify");
+    }
+    let parent = attach.split_last().map_or_else(
+        || "the cgroup2 root".to_owned(),
+        |(parent, _)| parent.to_string(),
+    );
+    Error::Permission(format!(
+        "cannot watch {parent} or {attach} with inotify: {err}; the agent watches the attach \
+         cgroup's parent to learn of its removal, which needs read access: give the agent \
+         CAP_DAC_READ_SEARCH, or make both readable by it"
+    ))
+    .into()
 }
 
 /// The status the service manager shows for a running agent.

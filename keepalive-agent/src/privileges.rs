@@ -5,6 +5,10 @@ use crate::error::Error;
 /// Capabilities keepalive cares about, by number (linux/capability.h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Cap {
+    /// Bypass file permission checks.
+    DacOverride = 1,
+    /// Read and search any directory.
+    DacReadSearch = 2,
     /// Listen on ports below `net.ipv4.ip_unprivileged_port_start` (metrics only).
     NetBindService = 10,
     /// Attach to cgroups.
@@ -23,6 +27,8 @@ impl Cap {
     /// The kernel's name.
     pub const fn name(self) -> &'static str {
         match self {
+            Self::DacOverride => "CAP_DAC_OVERRIDE",
+            Self::DacReadSearch => "CAP_DAC_READ_SEARCH",
             Self::NetBindService => "CAP_NET_BIND_SERVICE",
             Self::NetAdmin => "CAP_NET_ADMIN",
             Self::SysPtrace => "CAP_SYS_PTRACE",
@@ -87,6 +93,51 @@ impl Caps {
     }
 }
 
+/// Runs `f` on a thread of its own whose effective capabilities lack CAP_DAC_OVERRIDE and
+/// CAP_DAC_READ_SEARCH (capabilities are per thread), as the systemd unit runs the agent: for
+/// `check` as root to tell what file permissions the agent would meet there.
+pub fn without_dac<T: Send>(f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
+    /// `struct __user_cap_header_struct` and `struct __user_cap_data_struct`, version 3.
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let mut header = Header {
+                    version: VERSION_3,
+                    pid: 0,
+                };
+                let mut data = [Data::default(); 2];
+                // SAFETY: capget fills the two data structs of version 3; capset reads them.
+                // Both act on the calling thread only (pid 0).
+                unsafe {
+                    if libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    data[0].effective &=
+                        !((1 << Cap::DacOverride as u32) | (1 << Cap::DacReadSearch as u32));
+                    if libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
 /// Refuses with [`Error::Permission`] unless the process can load and attach the programs.
 pub fn require_for(command: &str) -> anyhow::Result<()> {
     let missing = Caps::current().missing_for_run();
@@ -119,5 +170,31 @@ mod tests {
         );
         let bpf_only = Caps(1 << Cap::Bpf as u32);
         assert_eq!(bpf_only.missing_for_run(), [Cap::NetAdmin, Cap::Perfmon]);
+    }
+
+    #[test]
+    fn a_thread_without_dac_capabilities_meets_file_permissions() {
+        use std::os::unix::fs::PermissionsExt as _;
+        if !Caps::current().has(Cap::DacOverride) {
+            // Nothing to drop: the other half of the test needs it.
+            assert!(without_dac(|| 7).is_ok_and(|n| n == 7));
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("ka-nodac-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        let file = dir.join("unreadable");
+        std::fs::write(&file, "x").unwrap();
+        std::os::unix::fs::chown(&file, Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let read = || std::fs::read(&file).map_err(|err| err.kind());
+        let without = without_dac(read).unwrap();
+        let with = read();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(without, Err(std::io::ErrorKind::PermissionDenied));
+        assert_eq!(
+            with,
+            Ok(b"x".to_vec()),
+            "the process keeps its capabilities"
+        );
     }
 }

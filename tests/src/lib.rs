@@ -882,6 +882,8 @@ impl Agent {
         fs::create_dir_all(&dirs.runtime_dir).expect("runtime dir");
         let notify_path = std::env::temp_dir().join(format!("{}.notify", unique("n")));
         let notify = UnixDatagram::bind(&notify_path).expect("bind notify socket");
+        // For agents run as another user without CAP_DAC_OVERRIDE.
+        fs::set_permissions(&notify_path, fs::Permissions::from_mode(0o777)).expect("chmod");
         notify
             .set_read_timeout(Some(Duration::from_millis(100)))
             .expect("timeout");

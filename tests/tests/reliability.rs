@@ -2665,7 +2665,8 @@ fn a_pinned_slot_table_keepalive_did_not_make_is_refused_with_exit_7() {
 /// subtree's, mode 0711; the unit grants no CAP_DAC_READ_SEARCH): the agent cannot watch the
 /// parent, which alone tells it of the attach cgroup's removal. It refuses with exit 3, which
 /// the unit does not retry, naming what to change, and leaves nothing behind; before, it exited
-/// 1 after loading everything, and the unit loaded it all again every few seconds.
+/// 1 after loading everything, and the unit loaded it all again every few seconds. `check`
+/// fails it beforehand, and as root, which may read the parent, warns that the unit may not.
 #[test]
 fn an_attach_cgroup_whose_parent_cannot_be_watched_is_refused_with_exit_3() {
     use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
@@ -2711,6 +2712,81 @@ fn an_attach_cgroup_whose_parent_cannot_be_watched_is_refused_with_exit_3() {
                 .is_some_and(|d| d.contains(&format!("cannot watch {}", parent.display()))),
         "{item}"
     );
+    let out = dirs.cli(&[
+        "check",
+        "--json",
+        "--cgroup",
+        inner.path().to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check --json");
+    let item = check_item(&report, "inotify");
+    assert!(
+        item["status"] == "warn"
+            && item["detail"].as_str().is_some_and(|d| {
+                d.contains(&format!("can watch {}", parent.display()))
+                    && d.contains("under the unit `run` exits 3")
+            }),
+        "{item}"
+    );
+    assert_eq!(code(&out), 0, "{report:#}");
+    // `run` took its lock there before it refused.
+    std::fs::remove_dir_all(&dirs.runtime_dir).expect("runtime dir");
+}
+
+/// The same parent, found unreadable only once inotify can be had again (it was short at
+/// start): exit 3 as at start, not exit 1, which the unit would retry; the pinned enforcement
+/// stays.
+#[test]
+fn an_unwatchable_parent_found_after_an_inotify_shortage_ends_the_agent_with_exit_3() {
+    use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
+    const USER: u32 = 64_923;
+    let parent = TestCgroup::new("unwatchlate");
+    let inner = parent.child("inner");
+    std::os::unix::fs::chown(parent.path(), Some(65534), Some(65534)).expect("chown");
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let holder = hold_inotify_instances(USER);
+    let dirs = AgentDirs::new();
+    std::fs::create_dir(&dirs.runtime_dir).expect("runtime dir");
+    std::os::unix::fs::chown(&dirs.runtime_dir, Some(USER), Some(USER)).expect("chown");
+    let mut cmd = as_user(
+        USER,
+        &dirs,
+        &[
+            "run",
+            "--cgroup",
+            inner.path().to_str().unwrap(),
+            "--idle",
+            "31",
+        ],
+    );
+    // SAFETY: prctl calls only. The user keeps root's capabilities as ambient ones but those
+    // that read past file permissions, as under the unit (which runs the agent as root, whose
+    // inotify instances this test may not take).
+    unsafe {
+        cmd.pre_exec(|| {
+            // CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH.
+            for cap in [1, 2] {
+                let lower = libc::PR_CAP_AMBIENT_LOWER as libc::c_ulong;
+                if libc::prctl(libc::PR_CAP_AMBIENT, lower, cap, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut agent = Agent::start_command(&dirs, cmd);
+    assert_eq!(idle_of(&inner), 31);
+    drop(holder);
+    let status = agent.wait_exit(Duration::from_secs(60));
+    let log = agent.log();
+    assert_eq!(status.and_then(|s| s.code()), Some(3), "{log}");
+    assert!(
+        log.contains(&format!("cannot watch {}", parent.display()))
+            && log.contains("CAP_DAC_READ_SEARCH"),
+        "{log}"
+    );
+    assert_eq!(idle_of(&inner), 31, "the pinned enforcement stays");
+    dirs.cli_ok(&["detach"]);
 }
 
 /// The attach cgroup removed and made again under its name while an agent starts (a service
