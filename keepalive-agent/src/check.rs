@@ -70,8 +70,8 @@ fn item(name: &'static str, status: Outcome, detail: impl Into<String>, fix: Opt
 const STATE_WATCHES: usize = 2;
 
 /// What `run` without inotify watches for its state directory misses.
-const UNWATCHED_PINS: &str = "would not notice pins removed from its state directory while it \
-                              runs (it pins them again when it stops)";
+const UNWATCHED_PINS: &str = "would notice pins removed from its state directory only at each \
+                              try to watch it (up to every 30s) until it can, and when it stops";
 
 /// See [`inotify_item`].
 fn inotify_watches_item(
@@ -258,8 +258,8 @@ fn inotify_item(attach: Option<(&Cgroup2, &CgroupPath)>, agent: Option<u32>) -> 
         Err(err) => (
             err,
             "see cgroups created and removed only at each try to watch them (up to every 30s) \
-             until it can, and would not notice pins removed from its state directory while it \
-             runs (it pins them again when it stops)",
+             until it can, and pins removed from its state directory only at each try to watch \
+             it and when it stops",
         ),
         Ok(_first) => match inotify::Inotify::init() {
             Err(err) => (err, UNWATCHED_PINS),

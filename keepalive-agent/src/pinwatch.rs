@@ -13,7 +13,10 @@ use std::{
 use inotify::{Inotify, WatchDescriptor, WatchMask};
 use tokio::io::{Interest, unix::AsyncFd};
 
-use crate::pin::{StateDir, TMP_PIN_SUFFIX};
+use crate::{
+    pin::{StateDir, TMP_PIN_SUFFIX},
+    watch,
+};
 
 /// Everything that takes a name out of a watched directory, or the directory itself.
 const MASK: WatchMask = WatchMask::DELETE
@@ -23,17 +26,21 @@ const MASK: WatchMask = WatchMask::DELETE
     .union(WatchMask::ONLYDIR);
 
 /// Watches the state directory and its maps directory, and schedules another look after a
-/// restore that failed.
+/// restore that failed. While inotify is short (every instance or watch taken), it tries to
+/// watch again, waiting longer after each failure, and has the agent look at each try.
 pub struct PinWatch {
     state: StateDir,
-    /// `None` without inotify (every instance or watch taken), or once given up: what was
-    /// removed is then pinned again only when the agent stops.
+    /// `None` without inotify, or once given up for good: what was removed is then pinned
+    /// again at each try to watch, or, given up, only when the agent stops.
     inotify: Option<AsyncFd<Inotify>>,
     /// The watches held now.
     watches: HashSet<WatchDescriptor>,
     /// Failed restores in a row, and when the next try is due.
     failures: u32,
     retry_at: Option<Instant>,
+    /// Failed tries to watch in a row while inotify is short, and when the next is due.
+    watch_failures: u32,
+    watch_at: Option<Instant>,
     wait: fn(u32) -> Duration,
 }
 
@@ -43,45 +50,79 @@ impl std::fmt::Debug for PinWatch {
             .field("state", &self.state)
             .field("watches", &self.watches.len())
             .field("failures", &self.failures)
+            .field("watch_failures", &self.watch_failures)
             .finish_non_exhaustive()
     }
 }
 
 impl PinWatch {
     /// Starts watching; without inotify, the warning says what that means. `wait(n)` is the
-    /// wait after n + 1 failed restores in a row.
+    /// wait after n + 1 failed restores (or tries to watch) in a row.
     pub fn new(state: &StateDir, wait: fn(u32) -> Duration) -> Self {
-        let inotify = Inotify::init().and_then(|inotify| {
-            // SAFETY: the inotify instance owns its fd, which stays open until the AsyncFd
-            // is dropped.
-            unsafe { AsyncFd::register_with_interest(inotify, Interest::READABLE) }
-                .map_err(|err| err.into_parts().1)
-        });
         let mut watch = Self {
             state: state.clone(),
             inotify: None,
             watches: HashSet::new(),
             failures: 0,
             retry_at: None,
+            watch_failures: 0,
+            watch_at: None,
             wait,
         };
-        match inotify {
-            Ok(inotify) => {
-                watch.inotify = Some(inotify);
-                watch.rewatch();
-            }
-            Err(err) => watch.give_up(&err),
-        }
+        watch.watch();
         watch
     }
 
+    /// Gets an inotify instance and watches the directories.
+    fn watch(&mut self) {
+        let inotify = Inotify::init().and_then(|inotify| {
+            // SAFETY: the inotify instance owns its fd, which stays open until the AsyncFd
+            // is dropped.
+            unsafe { AsyncFd::register_with_interest(inotify, Interest::READABLE) }
+                .map_err(|err| err.into_parts().1)
+        });
+        match inotify {
+            Ok(inotify) => {
+                self.inotify = Some(inotify);
+                self.rewatch();
+            }
+            Err(err) => self.give_up(&err),
+        }
+    }
+
+    /// Goes on without inotify after `err`: when it is short, until the next try to watch,
+    /// for good otherwise.
     fn give_up(&mut self, err: &io::Error) {
-        log::warn!(
-            "cannot watch {} with inotify: {err}; pins removed from it while the agent runs are \
-             pinned again only when it stops",
-            self.state.root().display()
-        );
-        self.stop();
+        self.inotify = None;
+        self.watches.clear();
+        let root = self.state.root().display();
+        if !watch::is_shortage(err) {
+            self.watch_at = None;
+            log::warn!(
+                "cannot watch {root} with inotify: {err}; pins removed from it while the agent \
+                 runs are pinned again only when it stops"
+            );
+            return;
+        }
+        let wait = (self.wait)(self.watch_failures);
+        self.watch_failures = self.watch_failures.saturating_add(1);
+        self.watch_at = Some(Instant::now() + wait);
+        if self.watch_failures == 1 {
+            log::warn!(
+                "cannot watch {root} with inotify: {err}{}; pins removed from it while the agent \
+                 runs are pinned again at each try to watch it (the next in {}, then less often, \
+                 up to every {}) and when it stops",
+                watch::limit_hint(err),
+                humantime::format_duration(wait),
+                humantime::format_duration((self.wait)(u32::MAX))
+            );
+        } else {
+            log::debug!(
+                "still cannot watch {root} with inotify: {err}; looking for removed pins, and \
+                 trying again in {}",
+                humantime::format_duration(wait)
+            );
+        }
     }
 
     /// Stops watching for good (the directory is another agent's now, say).
@@ -89,6 +130,7 @@ impl PinWatch {
         self.inotify = None;
         self.watches.clear();
         self.retry_at = None;
+        self.watch_at = None;
     }
 
     /// Watches the directories at their paths now, and no longer those moved away; whether a
@@ -138,9 +180,10 @@ impl PinWatch {
     }
 
     /// Waits until something was removed from the directories, or they were (or events were
-    /// lost), or a try after a failed restore is due. The agent's own renames of a link pin
-    /// into place, which take its temporary name away, are not removals. Cancel-safe. Never
-    /// returns without inotify and a try due.
+    /// lost), or a try after a failed restore is due, or, while inotify is short, a try to
+    /// watch (made here) was. The agent's own renames of a link pin into place, which take its
+    /// temporary name away, are not removals. Cancel-safe. Never returns without inotify and
+    /// a try due.
     pub async fn removed(&mut self) {
         let mut buffer = [0u8; 4096];
         loop {
@@ -152,8 +195,27 @@ impl PinWatch {
                 }
             };
             let Some(inotify) = &mut self.inotify else {
-                due.await;
-                self.retry_at = None;
+                match [retry, self.watch_at].into_iter().flatten().min() {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+                let now = Instant::now();
+                if retry.is_some_and(|at| at <= now) {
+                    self.retry_at = None;
+                }
+                if self.watch_at.is_some_and(|at| at <= now) {
+                    self.watch_at = None;
+                    let failures = self.watch_failures;
+                    self.watch();
+                    if self.inotify.is_some() {
+                        self.watch_failures = 0;
+                        log::info!(
+                            "watching {} with inotify again, after {failures} failed tries",
+                            self.state.root().display()
+                        );
+                    }
+                }
+                // What went while nothing watched is looked for at each try.
                 return;
             };
             let read = tokio::select! {

@@ -279,7 +279,7 @@ impl Follower {
 
 /// Whether `err` is a resource running out, which passes, rather than a fault: inotify
 /// instances or descriptors (EMFILE, ENFILE), watches (ENOSPC) or memory (ENOMEM).
-fn is_shortage(err: &io::Error) -> bool {
+pub fn is_shortage(err: &io::Error) -> bool {
     matches!(
         err.raw_os_error(),
         Some(libc::EMFILE | libc::ENFILE | libc::ENOSPC | libc::ENOMEM)

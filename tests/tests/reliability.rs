@@ -135,6 +135,8 @@ fn pins_removed_while_the_agent_runs_are_pinned_again_and_enforcement_outlives_i
     };
     let out = other.cli(&run_args(&cg));
     assert_eq!(code(&out), 7, "{}", stderr(&out));
+    // It took its own lock before it refused.
+    std::fs::remove_dir_all(&other.runtime_dir).expect("its runtime dir");
 
     let status = agent.stop_with(libc::SIGTERM);
     assert!(status.success(), "{status}: {}", agent.log());
@@ -2593,33 +2595,89 @@ fn enforcement_on_a_cgroup_the_agent_cannot_find_is_not_taken_for_removed() {
     dirs.cli_ok(&["detach"]);
 }
 
-/// Without inotify the agent does not see pins removed while it runs; it looks when it stops,
-/// so enforcement outlives it all the same.
-#[test]
-fn pins_removed_while_inotify_is_short_are_pinned_again_when_the_agent_stops() {
-    const USER: u32 = 64_922;
-    let cg = TestCgroup::new("repinstop");
-    let holder = hold_inotify_instances(USER);
+/// An agent with idle `idle` attached to a new cgroup named `name`, run as user `uid` with
+/// root's capabilities, every inotify instance of whom the holder holds.
+fn start_short_of_inotify(
+    uid: u32,
+    name: &str,
+    idle: u32,
+) -> (TestCgroup, AgentDirs, InotifyHolder, Agent) {
+    let cg = TestCgroup::new(name);
+    let holder = hold_inotify_instances(uid);
     let dirs = AgentDirs::new();
-    let mut agent = Agent::start_command(
-        &dirs,
-        as_user(
-            USER,
-            &dirs,
-            &[
-                "run",
-                "--cgroup",
-                cg.path().to_str().unwrap(),
-                "--idle",
-                "33",
-            ],
-        ),
-    );
+    let idle = idle.to_string();
+    let run = [
+        "run",
+        "--cgroup",
+        cg.path().to_str().unwrap(),
+        "--idle",
+        &idle,
+    ];
+    let agent = Agent::start_command(&dirs, as_user(uid, &dirs, &run));
+    (cg, dirs, holder, agent)
+}
+
+/// Without inotify the agent does not see pins removed while it runs: it looks at each try to
+/// watch its state directory, which it makes until it can (before, it never tried again), and
+/// when it stops, so enforcement outlives it all the same.
+#[test]
+fn pins_removed_while_inotify_is_short_are_pinned_again_at_a_try_to_watch_and_when_the_agent_stops()
+{
+    let (cg, dirs, holder, mut agent) = start_short_of_inotify(64_922, "repintry", 33);
     let unwatched = format!("cannot watch {} with inotify", dirs.state_dir.display());
     assert!(agent.log().contains(&unwatched), "{}", agent.log());
     assert_eq!(idle_of(&cg), 33);
-    std::fs::remove_dir_all(&dirs.state_dir).expect("nothing pins it again meanwhile");
+    let link = dirs.state_dir.join(keepalive_common::PIN_LINK_SOCKOPS);
+    let repinned = "while the agent ran: made and pinned again";
+    // Stopped meanwhile, so that a try cannot race the removal.
+    let remove = |agent: &mut Agent| {
+        agent.signal(libc::SIGSTOP);
+        let removed = std::fs::remove_dir_all(&dirs.state_dir);
+        agent.signal(libc::SIGCONT);
+        removed.expect("remove the state directory");
+    };
+    // At a try to watch, inotify still short.
+    remove(&mut agent);
     assert_eq!(idle_of(&cg), 33, "the agent holds its links");
+    eventually(Duration::from_secs(20), "a try to pin again", || {
+        (link.exists() && agent.log().contains(repinned)).then_some(())
+    });
+    // Once inotify can be had, at once.
+    drop(holder);
+    let watching = format!("watching {} with inotify again", dirs.state_dir.display());
+    eventually(
+        Duration::from_secs(40),
+        "a watch of the state directory",
+        || agent.log().contains(&watching).then_some(()),
+    );
+    let before = agent.log().matches(repinned).count();
+    remove(&mut agent);
+    eventually(Duration::from_secs(5), "the pins to be made again", || {
+        (link.exists() && agent.log().matches(repinned).count() > before).then_some(())
+    });
+    assert!(agent.stop_with(libc::SIGTERM).success(), "{}", agent.log());
+    assert!(
+        agent.log().contains("enforcement stays attached"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(idle_of(&cg), 33, "enforced once the agent has stopped");
+    assert_eq!(sockops_attachments(cg.path()), 1);
+    dirs.cli_ok(&["detach"]);
+}
+
+/// The state directory removed while inotify is short, and the agent stopped before its next
+/// try to watch: it looks once more as it stops, so enforcement outlives it.
+#[test]
+fn pins_removed_while_inotify_is_short_are_pinned_again_when_the_agent_stops() {
+    let (cg, dirs, holder, mut agent) = start_short_of_inotify(64_924, "repinstop", 34);
+    // Stopped before the first try (1 s after the start) can come, and ended while stopped:
+    // a stopped process takes no signal until it goes on, and the try is not due yet then.
+    agent.signal(libc::SIGSTOP);
+    let removed = std::fs::remove_dir_all(&dirs.state_dir);
+    agent.signal(libc::SIGTERM);
+    agent.signal(libc::SIGCONT);
+    removed.expect("remove the state directory");
     assert!(agent.stop_with(libc::SIGTERM).success(), "{}", agent.log());
     let log = agent.log();
     assert!(
@@ -2628,8 +2686,9 @@ fn pins_removed_while_inotify_is_short_are_pinned_again_when_the_agent_stops() {
         "{log}"
     );
     drop(holder);
-    assert_eq!(idle_of(&cg), 33, "enforced once the agent has stopped");
+    assert_eq!(idle_of(&cg), 34, "enforced once the agent has stopped");
     assert_eq!(sockops_attachments(cg.path()), 1);
+    dirs.cli_ok(&["detach"]);
 }
 
 /// A pinned slot table keepalive did not make (its size is no power of two) is pinned state in
