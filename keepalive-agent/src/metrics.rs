@@ -2,9 +2,13 @@
 //!
 //! A dozen lines of HTTP/1.1 serve `GET /metrics`; pulling in an HTTP stack for one endpoint
 //! would cost more than it gives. Each scrape reads the maps afresh, so the numbers are the
-//! kernel's own.
+//! kernel's own, except that a counter the program took back from is held where it was (see
+//! [`hold_highest`]).
 
-use std::{fmt::Write as _, io::ErrorKind, net::SocketAddr, path::Path, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap, fmt::Write as _, io::ErrorKind, net::SocketAddr, path::Path, sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use tokio::{
@@ -157,9 +161,28 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// The highest `enforced_total` exported for each cgroup id listed at the last scrape.
+type Highest = HashMap<u64, u64>;
+
+/// Holds each cgroup's `enforced_total` at the highest this agent exported, and forgets the
+/// cgroups no longer listed. The program takes a socket released as never covered (enforced
+/// before the agent saw its new `off` cgroup) back out of the count, which `status` shows, but
+/// a Prometheus counter that goes down reads as a reset, and `rate()` as a jump.
+fn hold_highest(rows: &mut [status::CgroupRow], highest: &mut Highest) {
+    *highest = rows
+        .iter_mut()
+        .map(|row| {
+            let held = highest.get(&row.cgroup_id).copied().unwrap_or(0);
+            row.enforced_total = row.enforced_total.max(held);
+            (row.cgroup_id, row.enforced_total)
+        })
+        .collect();
+}
+
 /// Renders the exposition text.
-pub fn render(state: &StateDir, cgroup2: &Cgroup2) -> anyhow::Result<String> {
-    let snapshot = status::summary(state, cgroup2)?;
+fn render(state: &StateDir, cgroup2: &Cgroup2, highest: &mut Highest) -> anyhow::Result<String> {
+    let mut snapshot = status::summary(state, cgroup2)?;
+    hold_highest(&mut snapshot.cgroups, highest);
     let mut out = String::new();
     /// Metric name, type, help, and how to read it from a cgroup's row.
     type Family = (
@@ -237,17 +260,16 @@ pub fn render(state: &StateDir, cgroup2: &Cgroup2) -> anyhow::Result<String> {
 /// is held until `work` returns, also when the request that started it gave up waiting, so
 /// however many scrapes arrive, one map walk runs at a time. A thread the kernel will not make
 /// (a pids limit, as pods have) fails this scrape, where tokio's blocking pool would panic.
-async fn one_at_a_time<T: Send + 'static>(
-    gate: &Arc<Mutex<()>>,
-    work: impl FnOnce() -> T + Send + 'static,
+async fn one_at_a_time<G: Send + 'static, T: Send + 'static>(
+    gate: &Arc<Mutex<G>>,
+    work: impl FnOnce(&mut G) -> T + Send + 'static,
 ) -> anyhow::Result<T> {
-    let held = Arc::clone(gate).lock_owned().await;
+    let mut held = Arc::clone(gate).lock_owned().await;
     let (done, answer) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("metrics".to_owned())
         .spawn(move || {
-            let _held = held;
-            let _ = done.send(work());
+            let _ = done.send(work(&mut held));
         })
         .context("failed to start a thread to read the maps")?;
     answer
@@ -311,7 +333,7 @@ async fn respond(
     mut stream: TcpStream,
     state: &StateDir,
     cgroup2: &Cgroup2,
-    gate: &Arc<Mutex<()>>,
+    gate: &Arc<Mutex<Highest>>,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
@@ -328,7 +350,8 @@ async fn respond(
             // Reading the maps takes a status walk (a few ms, hundreds at 200k sockets): off
             // the agent's loop, which also serves signals, the control socket and inotify.
             let (state, cgroup2) = (state.clone(), cgroup2.clone());
-            let rendered = one_at_a_time(gate, move || render(&state, &cgroup2)).await;
+            let rendered =
+                one_at_a_time(gate, move |highest| render(&state, &cgroup2, highest)).await;
             match rendered.and_then(|body| body) {
                 Ok(body) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body),
                 Err(err) => (
@@ -381,7 +404,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves scrapes until the process exits.
 pub async fn serve(listener: TcpListener, state: StateDir, cgroup2: Cgroup2) {
-    let gate = Arc::new(Mutex::new(()));
+    let gate = Arc::new(Mutex::new(Highest::new()));
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut pacer = Pacer::new("metrics");
     loop {
@@ -477,7 +500,7 @@ mod tests {
         let most = Arc::new(AtomicUsize::new(0));
         let work = || {
             let (running, most) = (Arc::clone(&running), Arc::clone(&most));
-            move || {
+            move |(): &mut ()| {
                 let now = running.fetch_add(1, Ordering::SeqCst) + 1;
                 most.fetch_max(now, Ordering::SeqCst);
                 std::thread::sleep(Duration::from_millis(20));
@@ -497,7 +520,34 @@ mod tests {
         for task in tasks {
             task.await.unwrap();
         }
-        let _ = one_at_a_time(&gate, || ()).await;
+        let _ = one_at_a_time(&gate, |_| ()).await;
         assert_eq!(most.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn an_enforced_total_the_program_took_back_from_is_held_at_its_highest() {
+        let row = |cgroup_id, enforced_total| status::CgroupRow {
+            cgroup: format!("/c{cgroup_id}"),
+            cgroup_id,
+            open: 0,
+            enforced_total,
+            dead_peers: 0,
+        };
+        let mut highest = Highest::new();
+        let mut scrape = |rows: &[(u64, u64)]| {
+            let mut rows: Vec<_> = rows.iter().map(|&(id, total)| row(id, total)).collect();
+            hold_highest(&mut rows, &mut highest);
+            rows.iter()
+                .map(|row| (row.cgroup_id, row.enforced_total))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(scrape(&[(1, 6), (2, 3)]), [(1, 6), (2, 3)]);
+        // Six released as never covered in cgroup 1.
+        assert_eq!(scrape(&[(1, 0), (2, 4)]), [(1, 6), (2, 4)]);
+        assert_eq!(scrape(&[(1, 5), (2, 4)]), [(1, 6), (2, 4)]);
+        assert_eq!(scrape(&[(1, 8), (2, 4)]), [(1, 8), (2, 4)]);
+        // Cgroup 2 removed, and its id's row gone: a new count starts from the map's.
+        assert_eq!(scrape(&[(1, 8)]), [(1, 8)]);
+        assert_eq!(scrape(&[(1, 8), (2, 1)]), [(1, 8), (2, 1)]);
     }
 }
