@@ -265,8 +265,27 @@ fn inotify_item(attach: Option<(&Cgroup2, &CgroupPath)>, agent: Option<u32>) -> 
             Err(err) => (err, UNWATCHED_PINS),
             Ok(second) => {
                 let (cgroup2, attach) = attach?;
-                return unwatchable_parent_item(second, cgroup2, attach)
-                    .or_else(|| inotify_watches_item(cgroup2, attach, agent));
+                let parent = unwatchable_parent_item(second, cgroup2, attach);
+                if parent
+                    .as_ref()
+                    .is_some_and(|item| item.status == Outcome::Fail)
+                {
+                    return parent;
+                }
+                // Two warnings, one item.
+                let watches = inotify_watches_item(cgroup2, attach, agent);
+                return match (parent, watches) {
+                    (Some(parent), Some(watches)) => Some(Item {
+                        detail: format!("{}; also, {}", parent.detail, watches.detail),
+                        fix: Some(format!(
+                            "{}; {}",
+                            parent.fix.unwrap_or_default(),
+                            watches.fix.unwrap_or_default()
+                        )),
+                        ..parent
+                    }),
+                    (parent, watches) => parent.or(watches),
+                };
             }
         },
     };
@@ -319,16 +338,30 @@ fn unwatchable_parent_item(
     if !caps.has(Cap::DacOverride) && !caps.has(Cap::DacReadSearch) {
         return None;
     }
-    let err = privileges::without_dac(watch).ok().flatten()?;
+    let err = match privileges::without_dac(watch) {
+        Ok(err) => err?,
+        Err(err) => {
+            return Some(item(
+                "inotify",
+                Outcome::Warn,
+                format!(
+                    "cannot tell whether `run` could watch {parent}, the parent of the attach \
+                     cgroup {attach}, without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, which \
+                     the systemd unit and the DaemonSet do not grant: {err}"
+                ),
+                Some("run check again; or give the agent CAP_DAC_READ_SEARCH"),
+            ));
+        }
+    };
     denied(&err).then(|| {
         item(
             "inotify",
             Outcome::Warn,
             format!(
                 "this process can watch {parent}, the parent of the attach cgroup {attach}, \
-                 with CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH, which the systemd unit does not \
-                 grant; without them: {err}: under the unit `run` exits 3 (unless a drop-in \
-                 grants CAP_DAC_READ_SEARCH)"
+                 with CAP_DAC_OVERRIDE or CAP_DAC_READ_SEARCH, which the systemd unit and the \
+                 DaemonSet do not grant; without them: {err}: under those `run` exits 3 \
+                 (unless CAP_DAC_READ_SEARCH is added)"
             ),
             Some(fix),
         )

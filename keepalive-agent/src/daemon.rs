@@ -922,8 +922,9 @@ impl Daemon {
 
     /// Pins again what was removed from the state directory while the agent ran (see
     /// [`PinWatch`]), and watches what was made again. A failure is tried again later, unless
-    /// another agent holds the directory now.
-    fn restore_pins(&mut self, lock: &mut std::fs::File, watch: &mut PinWatch) {
+    /// another agent holds the directory now, or the agent is `exiting`, which the log says.
+    fn restore_pins(&mut self, lock: &mut std::fs::File, watch: &mut PinWatch, exiting: bool) {
+        let when = if exiting { " as it exits" } else { "" };
         let root = self.fixed.state.root().display().to_string();
         let mut restored: Vec<String> = Vec::new();
         // A directory made again is watched, and then looked at once more for what went
@@ -945,6 +946,13 @@ impl Daemon {
                     );
                     return;
                 }
+                Err(err) if exiting => {
+                    log::error!(
+                        "failed to pin again what was removed from {root} as the agent exits: \
+                         {err:#}; enforcement ends with the agent"
+                    );
+                    return;
+                }
                 Err(err) => {
                     watch.rewatch();
                     let wait = watch.failed();
@@ -963,7 +971,7 @@ impl Daemon {
         watch.restored();
         if !restored.is_empty() {
             log::warn!(
-                "{} removed from {root} while the agent ran: made and pinned again, so \
+                "{} removed from {root} while the agent ran: made and pinned again{when}, so \
                  enforcement stays when the agent stops; to end it, stop the agent and run \
                  `keepalive-agent detach`",
                 restored.join(", ")
@@ -1260,7 +1268,11 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             if created {
                 state.remove_unused();
             }
-            return Err(watch_failed(&attach, err));
+            return Err(watch_failed(
+                &attach,
+                err,
+                "failed to watch cgroups with inotify",
+            ));
         }
     };
     if cgroup2.id(&attach).ok() != Some(attach_id) {
@@ -1357,6 +1369,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
 
     loop {
         let due = daemon.due();
+        let may_watch_pins = watcher.following() == Following::All;
         tokio::select! {
             _ = hup.recv() => {
                 // Like every notification here, best effort: a clock that cannot be read ends
@@ -1394,8 +1407,9 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                     Ok(changes) => changes,
                     Err(err) => {
                         // As at a stop: the pins are all that keeps enforcement from here on.
-                        daemon.restore_pins(&mut state_lock, &mut pin_watch);
-                        return Err(watch_failed(&attach, err));
+                        daemon.restore_pins(&mut state_lock, &mut pin_watch, true);
+                        log_what_stays(&state, &attach);
+                        return Err(watch_failed(&attach, err, "inotify failed"));
                     }
                 };
                 if changes.root_removed {
@@ -1440,15 +1454,21 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now).into()), if due.is_some() => {
                 daemon.run_due();
             }
-            () = pin_watch.removed() => {
-                daemon.restore_pins(&mut state_lock, &mut pin_watch);
+            () = pin_watch.removed(may_watch_pins) => {
+                daemon.restore_pins(&mut state_lock, &mut pin_watch, false);
             }
             _ = watchdog_tick.tick(), if watchdog.is_some() => daemon.watchdog.ping(),
         }
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     // Whatever went without inotify seeing it: the pins are all that keeps enforcement now.
-    daemon.restore_pins(&mut state_lock, &mut pin_watch);
+    daemon.restore_pins(&mut state_lock, &mut pin_watch, true);
+    log_what_stays(&state, &attach);
+    Ok(())
+}
+
+/// Says, as the agent stops, whether enforcement stays: whether its link is pinned.
+fn log_what_stays(state: &StateDir, attach: &CgroupPath) {
     if state.sockops_link().exists() {
         log::info!(
             "stopping; enforcement stays attached to {attach} ({}). `keepalive-agent detach` \
@@ -1458,17 +1478,16 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     } else {
         log::error!("stopping; enforcement on {attach} ends with the agent");
     }
-    Ok(())
 }
 
 /// What a failure to watch the cgroups below `attach` ends the agent with: exit 3 when
 /// `attach` or its parent may not be read, which the agent needs to watch the parent (that
 /// alone tells it of the attach cgroup's removal); not retried, as the unit would load
 /// everything again every few seconds, and a mode or a capability changes only by hand.
-/// Exit 1 otherwise.
-fn watch_failed(attach: &CgroupPath, err: std::io::Error) -> anyhow::Error {
+/// Exit 1 otherwise, with `context`.
+fn watch_failed(attach: &CgroupPath, err: std::io::Error, context: &'static str) -> anyhow::Error {
     if err.kind() != std::io::ErrorKind::PermissionDenied {
-        return anyhow::Error::new(err).context("failed to watch cgroups with inotify");
+        return anyhow::Error::new(err).context(context);
     }
     let parent = attach.split_last().map_or_else(
         || "the cgroup2 root".to_owned(),

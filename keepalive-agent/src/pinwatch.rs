@@ -90,12 +90,20 @@ impl PinWatch {
         }
     }
 
+    /// Schedules the next try to watch; returns the wait.
+    fn watch_later(&mut self) -> Duration {
+        let wait = (self.wait)(self.watch_failures);
+        self.watch_failures = self.watch_failures.saturating_add(1);
+        self.watch_at = Some(Instant::now() + wait);
+        wait
+    }
+
     /// Goes on without inotify after `err`: when it is short, until the next try to watch,
     /// for good otherwise.
     fn give_up(&mut self, err: &io::Error) {
         self.inotify = None;
         self.watches.clear();
-        let root = self.state.root().display();
+        let root = self.state.root().display().to_string();
         if !watch::is_shortage(err) {
             self.watch_at = None;
             log::warn!(
@@ -104,9 +112,7 @@ impl PinWatch {
             );
             return;
         }
-        let wait = (self.wait)(self.watch_failures);
-        self.watch_failures = self.watch_failures.saturating_add(1);
-        self.watch_at = Some(Instant::now() + wait);
+        let wait = self.watch_later();
         if self.watch_failures == 1 {
             log::warn!(
                 "cannot watch {root} with inotify: {err}{}; pins removed from it while the agent \
@@ -181,10 +187,11 @@ impl PinWatch {
 
     /// Waits until something was removed from the directories, or they were (or events were
     /// lost), or a try after a failed restore is due, or, while inotify is short, a try to
-    /// watch (made here) was. The agent's own renames of a link pin into place, which take its
-    /// temporary name away, are not removals. Cancel-safe. Never returns without inotify and
-    /// a try due.
-    pub async fn removed(&mut self) {
+    /// watch (made here) was. A try is made only when `may_watch`: following cgroups needs
+    /// inotify more, and here each try looks for removed pins all the same. The agent's own
+    /// renames of a link pin into place, which take its temporary name away, are not removals.
+    /// Cancel-safe. Never returns without inotify and a try due.
+    pub async fn removed(&mut self, may_watch: bool) {
         let mut buffer = [0u8; 4096];
         loop {
             let retry = self.retry_at;
@@ -203,7 +210,14 @@ impl PinWatch {
                 if retry.is_some_and(|at| at <= now) {
                     self.retry_at = None;
                 }
-                if self.watch_at.is_some_and(|at| at <= now) {
+                if self.watch_at.is_some_and(|at| at <= now) && !may_watch {
+                    let wait = self.watch_later();
+                    log::debug!(
+                        "leaving inotify to following cgroups, which are not all watched; \
+                         looking for removed pins, and again in {}",
+                        humantime::format_duration(wait)
+                    );
+                } else if self.watch_at.is_some_and(|at| at <= now) {
                     self.watch_at = None;
                     let failures = self.watch_failures;
                     self.watch();

@@ -95,7 +95,8 @@ impl Caps {
 
 /// Runs `f` on a thread of its own whose effective capabilities lack CAP_DAC_OVERRIDE and
 /// CAP_DAC_READ_SEARCH (capabilities are per thread), as the systemd unit runs the agent: for
-/// `check` as root to tell what file permissions the agent would meet there.
+/// `check` as root to tell what file permissions the agent would meet there. Fails when the
+/// thread cannot be made (a pids limit) or its capabilities cannot be changed.
 pub fn without_dac<T: Send>(f: impl FnOnce() -> T + Send) -> std::io::Result<T> {
     /// `struct __user_cap_header_struct` and `struct __user_cap_data_struct`, version 3.
     #[repr(C)]
@@ -112,8 +113,9 @@ pub fn without_dac<T: Send>(f: impl FnOnce() -> T + Send) -> std::io::Result<T> 
     }
     const VERSION_3: u32 = 0x2008_0522;
     std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
+        std::thread::Builder::new()
+            .name("without-dac".to_owned())
+            .spawn_scoped(scope, || {
                 let mut header = Header {
                     version: VERSION_3,
                     pid: 0,
@@ -132,7 +134,7 @@ pub fn without_dac<T: Send>(f: impl FnOnce() -> T + Send) -> std::io::Result<T> 
                     }
                 }
                 Ok(f())
-            })
+            })?
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
     })

@@ -95,7 +95,8 @@ impl std::fmt::Debug for Follower {
 impl Follower {
     /// Starts following `root`, whose id is `root_id`. Without inotify, the warning says why
     /// and what it means; `wait(n)` is the wait after n + 1 failed tries in a row. Fails on
-    /// what is no shortage (the root's parent cannot be watched, say).
+    /// what is no shortage (the root's parent cannot be watched, say), also when a shortage
+    /// came first and the parent or the root may not be read, which a watch would need.
     pub fn new(
         cgroup2: &Cgroup2,
         root: &CgroupPath,
@@ -116,6 +117,12 @@ impl Follower {
             Ok(watcher) => follower.adopt(watcher),
             Err(err) if !is_shortage(&err) => return Err(err),
             Err(err) => {
+                let parent = root.split_last().map(|(parent, _)| parent);
+                for cgroup in parent.iter().chain([root]) {
+                    if let Some(denied) = unreadable(&cgroup2.abs(cgroup)) {
+                        return Err(denied);
+                    }
+                }
                 let wait = follower.failed();
                 log::warn!(
                     "cannot watch cgroups below {root} with inotify: {err}{}; enforcing the \
@@ -275,6 +282,18 @@ impl Follower {
         }
         Changes::unseen()
     }
+}
+
+/// EACCES when this process may not read `dir` (its effective ids and capabilities, as an
+/// inotify watch checks).
+fn unreadable(dir: &std::path::Path) -> Option<io::Error> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a NUL-terminated path and plain flags.
+    let ret =
+        unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), libc::R_OK, libc::AT_EACCESS) };
+    let err = io::Error::last_os_error();
+    (ret != 0 && err.kind() == io::ErrorKind::PermissionDenied).then_some(err)
 }
 
 /// Whether `err` is a resource running out, which passes, rather than a fault: inotify

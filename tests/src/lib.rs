@@ -1024,6 +1024,25 @@ impl Agent {
         unsafe { libc::kill(self.pid() as i32, signal) };
     }
 
+    /// Stops the agent with SIGSTOP, and waits until each of its threads has (a SIGCONT sent
+    /// before then would leave some running).
+    pub fn pause(&self) {
+        self.signal(libc::SIGSTOP);
+        let tasks = format!("/proc/{}/task", self.pid());
+        eventually(Duration::from_secs(5), "the agent to stop", || {
+            fs::read_dir(&tasks)
+                .ok()?
+                .flatten()
+                .all(|task| {
+                    fs::read_to_string(task.path().join("stat")).is_ok_and(|stat| {
+                        stat.rsplit_once(") ")
+                            .is_some_and(|(_, rest)| rest.starts_with('T'))
+                    })
+                })
+                .then_some(())
+        });
+    }
+
     /// Waits up to `timeout` for the agent to exit by itself; its status if it did.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;

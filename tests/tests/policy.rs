@@ -1016,7 +1016,7 @@ fn a_request_whose_client_left_before_its_turn_is_not_carried_out() {
     // While the agent is stopped, both requests wait in its queue: one client leaves, as
     // Ctrl-C on `policy set` does; the other only shuts down its sending side, as `socat`
     // does, and waits for its answer.
-    agent.signal(libc::SIGSTOP);
+    agent.pause();
     drop(request(&left, 33));
     let waiting = request(&stays, 34);
     waiting.shutdown(Shutdown::Write).expect("shutdown");
