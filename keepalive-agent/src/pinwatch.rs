@@ -223,9 +223,17 @@ impl PinWatch {
                     self.watch();
                     if self.inotify.is_some() {
                         self.watch_failures = 0;
+                        // A directory that is not there is watched once the restore that
+                        // follows has made it again.
+                        let what = if self.watches.is_empty() {
+                            "can watch"
+                        } else {
+                            "watching"
+                        };
                         log::info!(
-                            "watching {} with inotify again, after {failures} failed tries",
-                            self.state.root().display()
+                            "{what} {} with inotify again, after {}",
+                            self.state.root().display(),
+                            watch::failed_tries(failures)
                         );
                     }
                 }

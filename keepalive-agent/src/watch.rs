@@ -231,9 +231,9 @@ impl Follower {
         match tried {
             Ok(watcher) => {
                 log::info!(
-                    "watching cgroups below {} with inotify again, after {} failed tries",
+                    "watching cgroups below {} with inotify again, after {}",
                     self.root,
-                    self.failures
+                    failed_tries(self.failures)
                 );
                 self.adopt(watcher);
             }
@@ -272,9 +272,9 @@ impl Follower {
             }
             None => {
                 log::info!(
-                    "watching every cgroup below {} with inotify again, after {} failed tries",
+                    "watching every cgroup below {} with inotify again, after {}",
                     self.root,
-                    self.failures
+                    failed_tries(self.failures)
                 );
                 self.partly = false;
                 self.failures = 0;
@@ -294,6 +294,15 @@ fn unreadable(dir: &std::path::Path) -> Option<io::Error> {
         unsafe { libc::faccessat(libc::AT_FDCWD, path.as_ptr(), libc::R_OK, libc::AT_EACCESS) };
     let err = io::Error::last_os_error();
     (ret != 0 && err.kind() == io::ErrorKind::PermissionDenied).then_some(err)
+}
+
+/// "1 failed try", "2 failed tries": for the log line that ends a shortage.
+pub fn failed_tries(n: u32) -> String {
+    if n == 1 {
+        "1 failed try".to_owned()
+    } else {
+        format!("{n} failed tries")
+    }
 }
 
 /// Whether `err` is a resource running out, which passes, rather than a fault: inotify
@@ -687,6 +696,12 @@ mod tests {
     use std::fs;
 
     use super::*;
+
+    #[test]
+    fn the_end_of_a_shortage_counts_its_failed_tries_in_words() {
+        assert_eq!(failed_tries(1), "1 failed try");
+        assert_eq!(failed_tries(3), "3 failed tries");
+    }
 
     #[tokio::test]
     async fn a_rescan_follows_a_cgroup_created_again_under_the_same_name() {
