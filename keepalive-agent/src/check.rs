@@ -248,59 +248,81 @@ fn namespaces_privileges_item(caps: Caps) -> Option<Item> {
     })
 }
 
-/// A warning when this process cannot have an inotify instance now, as `run` could not, or
-/// when its user has fewer inotify watches left than `run` would take to watch `attach`
-/// (without those of the running agent `agent`, which a restart gives back): it would enforce,
-/// but see cgroups come and go only at each try to watch until it can.
+/// A warning when this process cannot have the inotify instances `run` takes now, as `run`
+/// could not, or when its user has fewer inotify watches left than `run` would take to watch
+/// `attach` (in both, without those of the running agent `agent`, which a restart gives back):
+/// it would enforce, but see cgroups come and go only at each try to watch until it can.
 fn inotify_item(attach: Option<(&Cgroup2, &CgroupPath)>, agent: Option<u32>) -> Option<Item> {
     // `run` takes two: one for cgroups, then one for the state directory.
-    let (err, outcome) = match inotify::Inotify::init() {
-        Err(err) => (
-            err,
-            "see cgroups created and removed only at each try to watch them (up to every 30s) \
-             until it can, and pins removed from its state directory only at each try to watch \
-             it and when it stops",
-        ),
-        Ok(_first) => match inotify::Inotify::init() {
-            Err(err) => (err, UNWATCHED_PINS),
-            Ok(second) => {
-                let (cgroup2, attach) = attach?;
-                let parent = unwatchable_parent_item(second, cgroup2, attach);
-                if parent
-                    .as_ref()
-                    .is_some_and(|item| item.status == Outcome::Fail)
-                {
-                    return parent;
-                }
-                // Two warnings, one item.
-                let watches = inotify_watches_item(cgroup2, attach, agent);
-                return match (parent, watches) {
-                    (Some(parent), Some(watches)) => Some(Item {
-                        detail: format!("{}; also, {}", parent.detail, watches.detail),
-                        fix: Some(format!(
-                            "{}; {}",
-                            parent.fix.unwrap_or_default(),
-                            watches.fix.unwrap_or_default()
-                        )),
-                        ..parent
-                    }),
-                    (parent, watches) => parent.or(watches),
-                };
+    let mut instances = Vec::new();
+    let mut failed = None;
+    while instances.len() < 2 {
+        match inotify::Inotify::init() {
+            Ok(inotify) => instances.push(inotify),
+            Err(err) => {
+                failed = Some(err);
+                break;
             }
-        },
+        }
+    }
+    if let Some(err) = failed {
+        // SAFETY: geteuid has no preconditions.
+        let back = agent.map_or(0, |pid| {
+            watch::instances_held(pid, unsafe { libc::geteuid() })
+        });
+        // EMFILE is the user's instances running out (this process has descriptors to spare).
+        if err.raw_os_error() != Some(libc::EMFILE) || instances.len() + back < 2 {
+            return Some(instances_item(&err, instances.len()));
+        }
+    }
+    let (cgroup2, attach) = attach?;
+    // Without an instance to try, the running agent's watch is the proof.
+    let parent = instances
+        .pop()
+        .and_then(|inotify| unwatchable_parent_item(inotify, cgroup2, attach));
+    if parent
+        .as_ref()
+        .is_some_and(|item| item.status == Outcome::Fail)
+    {
+        return parent;
+    }
+    // Two warnings, one item.
+    let watches = inotify_watches_item(cgroup2, attach, agent);
+    match (parent, watches) {
+        (Some(parent), Some(watches)) => Some(Item {
+            detail: format!("{}; also, {}", parent.detail, watches.detail),
+            fix: Some(format!(
+                "{}; {}",
+                parent.fix.unwrap_or_default(),
+                watches.fix.unwrap_or_default()
+            )),
+            ..parent
+        }),
+        (parent, watches) => parent.or(watches),
+    }
+}
+
+/// The warning for an inotify instance `run` could not have, after `got` it could.
+fn instances_item(err: &std::io::Error, got: usize) -> Item {
+    let outcome = if got == 0 {
+        "see cgroups created and removed only at each try to watch them (up to every 30s) \
+         until it can, and pins removed from its state directory only at each try to watch it \
+         and when it stops"
+    } else {
+        UNWATCHED_PINS
     };
-    Some(item(
+    item(
         "inotify",
         Outcome::Warn,
         format!(
             "cannot create an inotify instance: {err}{}; `run` would enforce, but {outcome}",
-            watch::limit_hint(&err)
+            watch::limit_hint(err)
         ),
         Some(
             "raise fs.inotify.max_user_instances (`sysctl fs.inotify.max_user_instances=1024`); \
              `find /proc/*/fd -lname anon_inode:inotify` lists what holds them",
         ),
-    ))
+    )
 }
 
 /// A failure when the attach cgroup's parent may not be read to watch it, which `run` refuses

@@ -409,6 +409,26 @@ fn effective_uid(pid: u32) -> Option<u32> {
     ids.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// The inotify instances process `pid` holds that count against user `uid`'s
+/// `max_user_instances` (0 when it cannot be read): for `check`, of the running agent, whose
+/// instances a restart gives back.
+pub fn instances_held(pid: u32, uid: u32) -> usize {
+    let Ok(own_ns) = std::fs::metadata("/proc/self/ns/user") else {
+        return 0;
+    };
+    if !matches!(charged_uid(pid, own_ns.ino()), Ok(Some(charged)) if charged == uid) {
+        return 0;
+    }
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |fds| {
+        fds.filter_map(Result::ok)
+            .filter(|fd| {
+                std::fs::read_link(fd.path())
+                    .is_ok_and(|target| target.as_os_str() == "anon_inode:inotify")
+            })
+            .count()
+    })
+}
+
 /// The user of this user namespace (whose inode is `own_ns`) that the inotify watches of
 /// process `pid` count for: its effective user (as when it made its instances; processes
 /// rarely change it since), or for a process in a user namespace below this one, the owner of

@@ -1280,9 +1280,10 @@ impl Drop for InotifyHolder {
     }
 }
 
-/// Starts an [`InotifyHolder`] and checks it holds every instance.
-pub fn hold_inotify_instances(uid: u32) -> InotifyHolder {
-    let limit = inotify_limit("max_user_instances");
+/// Starts an [`InotifyHolder`] and checks it holds every instance the user may have but the
+/// `others` its other processes hold.
+pub fn hold_inotify_instances(uid: u32, others: usize) -> InotifyHolder {
+    let limit = inotify_limit("max_user_instances") - others;
     let mut cmd = Command::new("sleep");
     cmd.arg("600");
     // The child starts with every descriptor this process has open (those closed on exec
@@ -1317,7 +1318,7 @@ pub fn hold_inotify_instances(uid: u32) -> InotifyHolder {
     let held = inotify_fds_of(holder.child.id()).len();
     if held != limit {
         panic!(
-            "the holder as user {uid} took {held} inotify instances, not the {limit} a user may have"
+            "the holder as user {uid} took {held} inotify instances, not the {limit} left to it"
         );
     }
     holder

@@ -2186,7 +2186,7 @@ fn an_agent_without_inotify_enforces_catches_up_at_each_try_and_follows_new_cgro
          [[policy]]\ncgroup = \"{0}/next\"\nidle = 29\n",
         cg.rel()
     ));
-    let holder = hold_inotify_instances(USER);
+    let holder = hold_inotify_instances(USER, 0);
     let dirs = AgentDirs::new();
     let check = dirs.output(as_user(&dirs, &["check", "--json"]));
     let report: serde_json::Value =
@@ -2291,6 +2291,61 @@ fn check_as(uid: u32, dirs: &AgentDirs, cg: &TestCgroup) -> serde_json::Value {
         serde_json::from_slice(&check.stdout).expect("check --json is JSON");
     assert_eq!(code(&check), 0, "warnings at most: {report:#}");
     report
+}
+
+/// Whether `check --json` as `uid` for `cg` (with `dirs`) warns about inotify, and the warning.
+fn inotify_warning_as(uid: u32, dirs: &AgentDirs, cg: &TestCgroup) -> Option<String> {
+    check_as(uid, dirs, cg)["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|item| item["name"] == "inotify")
+        .map(|item| item.to_string())
+}
+
+#[test]
+fn check_counts_the_running_agents_inotify_instances_and_watches_as_free() {
+    // A restart gives back what the running agent holds: `check` for it warned that `run`
+    // could not have the inotify instances it holds itself. Here the agent runs as another user
+    // with root's capabilities, and another process holds the rest of that user's inotify
+    // instances, then of its watches. A `check` without an agent (other directories, another
+    // cgroup) shows the same host warns otherwise.
+    const USER: u32 = 64_925;
+    let cg = TestCgroup::new("checkback");
+    let unused = TestCgroup::new("checkback-none");
+    let dirs = AgentDirs::new();
+    let elsewhere = AgentDirs::new();
+    let _agent = Agent::start_command(
+        &dirs,
+        as_user(
+            USER,
+            &dirs,
+            &[
+                "run",
+                "--cgroup",
+                cg.path().to_str().unwrap(),
+                "--idle",
+                "31",
+            ],
+        ),
+    );
+    let holder = hold_inotify_instances(USER, 2);
+    assert_eq!(inotify_warning_as(USER, &dirs, &cg), None);
+    let without = inotify_warning_as(USER, &elsewhere, &unused).expect("a warning");
+    assert!(
+        without.contains("cannot create an inotify instance"),
+        "{without}"
+    );
+    drop(holder);
+    // The attach cgroup, its parent, the state directory and its maps directory.
+    let _holder = hold_inotify_watches(USER, 4);
+    assert_eq!(inotify_warning_as(USER, &dirs, &cg), None);
+    let without = inotify_warning_as(USER, &elsewhere, &unused).expect("a warning");
+    assert!(
+        without.contains("`run` would take 4 inotify watches")
+            && without.contains("this user has 0 of its"),
+        "{without}"
+    );
 }
 
 /// For the agents that inotify ran short for, while `holder` holds: a cgroup created below
@@ -2603,7 +2658,7 @@ fn start_short_of_inotify(
     idle: u32,
 ) -> (TestCgroup, AgentDirs, InotifyHolder, Agent) {
     let cg = TestCgroup::new(name);
-    let holder = hold_inotify_instances(uid);
+    let holder = hold_inotify_instances(uid, 0);
     let dirs = AgentDirs::new();
     let idle = idle.to_string();
     let run = [
@@ -2811,7 +2866,7 @@ fn an_unwatchable_parent_hidden_by_an_inotify_shortage_ends_the_agent_with_exit_
     };
     std::os::unix::fs::chown(parent.path(), Some(65534), Some(65534)).expect("chown");
     chmod(0o711);
-    let holder = hold_inotify_instances(USER);
+    let holder = hold_inotify_instances(USER, 0);
     let dirs = AgentDirs::new();
     std::fs::create_dir(&dirs.runtime_dir).expect("runtime dir");
     std::os::unix::fs::chown(&dirs.runtime_dir, Some(USER), Some(USER)).expect("chown");
