@@ -31,7 +31,6 @@ fn find_bpf_linker() -> Option<PathBuf> {
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let object = out_dir.join("keepalive");
-    println!("cargo:rerun-if-env-changed=KEEPALIVE_BPF_STUB");
     println!("cargo:rerun-if-env-changed=PATH");
     // The toolchain for the BPF object (`cargo xtask` reads it too); `nightly` when unset.
     println!("cargo:rerun-if-env-changed=KEEPALIVE_BPF_TOOLCHAIN");
@@ -39,9 +38,8 @@ fn main() -> anyhow::Result<()> {
         .ok()
         .filter(|name| !name.is_empty());
     let linker = find_bpf_linker();
-    let stub = env::var_os("KEEPALIVE_BPF_STUB").is_some_and(|v| v == "1");
     match linker {
-        Some(linker) if !stub => {
+        Some(linker) => {
             println!("cargo:rerun-if-changed={}", linker.display());
             let dir = linker.parent().expect("a file has a parent").to_owned();
             let path = env::var_os("PATH").unwrap_or_default();

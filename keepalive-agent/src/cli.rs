@@ -65,7 +65,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Load, attach and enforce; stays in the foreground and follows config and cgroup changes.
+    /// Load, attach and enforce; stays in the foreground, follows cgroup changes, and reads the
+    /// config again on SIGHUP or `policy reload`.
     ///
     /// Enforcement is pinned in the state directory and stays in place when the agent exits,
     /// is killed or crashes; a restarted agent takes it over without a gap. Remove it with
@@ -207,7 +208,8 @@ pub struct StatusArgs {
 pub struct ConfigArg {
     /// The config file the agent runs with, for its `state_dir` when --state-dir is not given;
     /// an error in it is an error (exit 2). [default: /etc/keepalive-agent/config.toml if it
-    /// exists; `status` warns about an error in it, `detach` refuses (exit 2)]
+    /// exists; `status` warns about an error in it and looks in /sys/fs/bpf/keepalive,
+    /// `detach` refuses (exit 2; 1 for a symbolic link to nothing)]
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
 }

@@ -94,7 +94,7 @@ pub fn refuse_directories(state_dir: Option<&Path>, runtime_dir: &Path) -> anyho
         return Err(usage(format!(
             "install does not take --state-dir (or KEEPALIVE_STATE_DIR, here {}): the installed \
              service reads its state directory from {}; set state_dir there, where status, \
-             detach and policy commands find it too",
+             detach and check find it too",
             dir.display(),
             crate::config::DEFAULT_CONFIG
         )));
