@@ -1279,33 +1279,23 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         return Err(removed_while_starting());
     }
     log::debug!("watching {} cgroups below {attach}", watcher.len());
-    // The table goes in before the program is attached, so the program never runs without it.
-    let set = daemon.policy_set();
-    let present = cgroup2.readable_ids(&attach)?;
-    let resolution = set.resolve(&daemon.cgroup2, &attach)?;
-    daemon.table = resolution.table(&set.default, attach_id);
-    let seen = daemon.enforcer.seen_cgroups().unwrap_or_else(|err| {
-        log::warn!("{err:#}; cgroups created while no agent ran count as seen");
-        0
-    });
-    daemon.new_cgroups = NewCgroups::new(present, &daemon.table, seen);
-    daemon.keep_seen();
-    // As in `refresh`: the lock program goes in before a table that uses lock (a pinned
-    // program from the last run already reads the table), and out after one that does not.
-    let lock = set.uses_lock();
-    if lock {
-        daemon.enforcer.set_lock(true)?;
-    }
-    daemon
-        .enforcer
-        .push_table(&daemon.new_cgroups.mark(&daemon.table))?;
-    if !lock {
-        daemon.enforcer.set_lock(false)?;
-    }
-    warn_unreadable(&Resolution::default(), &resolution);
-    daemon.resolution = resolution;
-    daemon.lock_attached = lock;
-    let updated = daemon.enforcer.attach_sockops()?;
+    let updated = match start_enforcing(&mut daemon, &attach, attach_id) {
+        Ok(updated) => updated,
+        // The kernel attaches nothing to a removed cgroup (ENOENT): a removal since the check
+        // above is not the kernel's failure (exit 6, which the unit would not retry) but a
+        // removal at start (exit 4).
+        Err(_) if cgroup2.id(&attach).ok() != Some(attach_id) => {
+            return Err(removed_while_starting());
+        }
+        Err(err) => {
+            // As for a failed load: a fresh start leaves nothing behind, neither the maps
+            // (whose sizes the next start would keep) nor a link it attached.
+            if created {
+                state.remove_unused();
+            }
+            return Err(err);
+        }
+    };
     if updated {
         log::info!(
             "took over pinned enforcement on {attach}: replaced the program in place ({})",
@@ -1314,11 +1304,10 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     } else {
         log::info!("attached to {attach}; pinned in {}", state.root().display());
     }
-    daemon.enforcer.pin_status_iterator()?;
     let mut pin_watch = PinWatch::new(&state, retry_wait);
     log::info!(
         "policy: default {} plus {}{}",
-        describe_spec(&set.default),
+        describe_spec(&daemon.policy_set().default),
         counted(
             daemon.resolution.entries.len() as u64,
             "cgroup policy",
@@ -1465,6 +1454,45 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     daemon.restore_pins(&mut state_lock, &mut pin_watch, true);
     log_what_stays(&state, &attach);
     Ok(())
+}
+
+/// Resolves the policies, pushes their table, attaches the programs to the attach cgroup
+/// `attach` (whose id is `attach_id`), or takes over those pinned, and pins the status
+/// iterator; whether it took over.
+fn start_enforcing(
+    daemon: &mut Daemon,
+    attach: &CgroupPath,
+    attach_id: u64,
+) -> anyhow::Result<bool> {
+    // The table goes in before the program is attached, so the program never runs without it.
+    let set = daemon.policy_set();
+    let present = daemon.cgroup2.readable_ids(attach)?;
+    let resolution = set.resolve(&daemon.cgroup2, attach)?;
+    daemon.table = resolution.table(&set.default, attach_id);
+    let seen = daemon.enforcer.seen_cgroups().unwrap_or_else(|err| {
+        log::warn!("{err:#}; cgroups created while no agent ran count as seen");
+        0
+    });
+    daemon.new_cgroups = NewCgroups::new(present, &daemon.table, seen);
+    daemon.keep_seen();
+    // As in `refresh`: the lock program goes in before a table that uses lock (a pinned
+    // program from the last run already reads the table), and out after one that does not.
+    let lock = set.uses_lock();
+    if lock {
+        daemon.enforcer.set_lock(true)?;
+    }
+    daemon
+        .enforcer
+        .push_table(&daemon.new_cgroups.mark(&daemon.table))?;
+    if !lock {
+        daemon.enforcer.set_lock(false)?;
+    }
+    warn_unreadable(&Resolution::default(), &resolution);
+    daemon.resolution = resolution;
+    daemon.lock_attached = lock;
+    let updated = daemon.enforcer.attach_sockops()?;
+    daemon.enforcer.pin_status_iterator()?;
+    Ok(updated)
 }
 
 /// Says, as the agent stops, whether enforcement stays: whether its link is pinned.

@@ -63,7 +63,8 @@ pub mod exit {
         (
             KERNEL,
             "the kernel cannot run keepalive (no BTF, an unsupported layout, or it rejected a \
-             program or the attachment)",
+             program or the attachment; not when it had no memory for them, which is 1 and \
+             retried)",
         ),
         (
             AGENT,

@@ -141,9 +141,29 @@ pub fn pinned_attach_id(state: &StateDir) -> anyhow::Result<Option<u64>> {
     Ok(pinned_sockops_link(state)?.map(|info| info.cgroup_id))
 }
 
+/// A failure of the kernel to do `what`: that it cannot run the agent (exit 6, which the unit
+/// does not retry), unless `transient` holds the errno the kernel gave, which a later start
+/// may not meet (exit 1, retried).
+fn kernel_error_but(
+    what: &str,
+    err: impl std::error::Error + Send + Sync + 'static,
+    transient: &[i32],
+) -> anyhow::Error {
+    let err = anyhow::Error::new(err);
+    // aya's errors keep the kernel's errno in their sources.
+    let errno = err
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<io::Error>()?.raw_os_error());
+    if errno.is_some_and(|errno| transient.contains(&errno)) {
+        return err.context(what.to_owned());
+    }
+    Error::Kernel(format!("{what}: {err:#}")).into()
+}
+
+/// [`kernel_error_but`] where only memory, which the kernel may have again (the agent's
+/// cgroup at its memory limit during an upgrade, say), is transient.
 fn kernel_error(what: &str, err: impl std::error::Error + Send + Sync + 'static) -> anyhow::Error {
-    // With its sources: aya's errors keep the kernel's errno there.
-    Error::Kernel(format!("{what}: {:#}", anyhow::Error::new(err))).into()
+    kernel_error_but(what, err, &[libc::ENOMEM])
 }
 
 /// The error of a failed load. A map the kernel has no memory for, at a size the capacity
@@ -802,7 +822,14 @@ fn attach_or_update(
         }
         Err(err) if err.kind() == io::ErrorKind::NotFound => {
             let link = sys::cgroup_link_create(prog, cgroup.as_fd(), attach_type)
-                .map_err(|err| kernel_error("failed to attach to the cgroup", err))?;
+                // ENOENT: the cgroup was removed meanwhile, which the caller tells.
+                .map_err(|err| {
+                    kernel_error_but(
+                        "failed to attach to the cgroup",
+                        err,
+                        &[libc::ENOMEM, libc::ENOENT],
+                    )
+                })?;
             sys::obj_pin(link.as_fd(), pin)
                 .with_context(|| format!("failed to pin {}", pin.display()))?;
             Ok((link, false))
@@ -814,6 +841,32 @@ fn attach_or_update(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_out_of_memory_or_a_removed_cgroup_is_no_exit_6() {
+        // A map of no capacity setting's.
+        let errno = |n| {
+            EbpfError::MapError(MapError::CreateError {
+                name: "KA_COUNTERS".to_owned(),
+                io_error: io::Error::from_raw_os_error(n),
+            })
+        };
+        let load = |n| crate::error::code_of(&kernel_error("load", errno(n)));
+        // Exit 1, which the unit retries.
+        assert_eq!(load(libc::ENOMEM), None);
+        assert_eq!(load(libc::EINVAL), Some(crate::error::exit::KERNEL));
+        assert_eq!(load(libc::ENOENT), Some(crate::error::exit::KERNEL));
+        let attach = |n| {
+            let err = io::Error::from_raw_os_error(n);
+            crate::error::code_of(&kernel_error_but(
+                "attach",
+                err,
+                &[libc::ENOMEM, libc::ENOENT],
+            ))
+        };
+        assert_eq!(attach(libc::ENOENT), None);
+        assert_eq!(attach(libc::E2BIG), Some(crate::error::exit::KERNEL));
+    }
 
     #[test]
     fn only_a_refused_helper_counts_as_an_unsupported_iterator() {

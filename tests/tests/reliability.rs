@@ -189,6 +189,43 @@ fn a_restart_under_load_leaves_no_connection_without_keepalive() {
     assert_eq!(out["without_keepalive"], 0, "{out}");
 }
 
+/// A fresh start that fails once it has loaded (here the kernel refuses a 65th sock_ops
+/// program on the attach cgroup: E2BIG) leaves nothing behind: before, it left its maps
+/// pinned, whose sizes the next start keeps whatever the config says by then. Once there is
+/// room, a start attaches.
+#[test]
+fn a_fresh_start_that_fails_to_attach_leaves_nothing_pinned() {
+    let cg = TestCgroup::new("fullprogs");
+    let mut full = Proc::spawn(
+        &sock_bin(),
+        &["empty-sockops", cg.path().to_str().unwrap(), "64"],
+        None,
+        None,
+    );
+    full.next(Duration::from_secs(10));
+    assert_eq!(sockops_attachments(cg.path()), 64);
+    let dirs = AgentDirs::new();
+    let out = dirs.cli(&[
+        "run",
+        "--cgroup",
+        cg.path().to_str().unwrap(),
+        "--idle",
+        "27",
+    ]);
+    let _ = std::fs::remove_dir_all(&dirs.runtime_dir);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 6, "{err}");
+    assert!(
+        err.contains("failed to attach to the cgroup") && err.contains("Argument list too long"),
+        "{err}"
+    );
+    assert!(!dirs.state_dir.exists(), "left behind: {err}");
+    assert_eq!(sockops_attachments(cg.path()), 64);
+    drop(full);
+    let agent = Agent::start_in(&dirs, &cg, &["--idle", "27"]);
+    assert_eq!(idle_of(&cg), 27, "{}", agent.log());
+}
+
 #[test]
 fn a_different_attach_cgroup_is_refused_with_a_message_naming_detach() {
     let a = TestCgroup::new("attach-a");

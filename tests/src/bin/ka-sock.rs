@@ -26,8 +26,9 @@
 //! ka-sock userns-watch <DIR> <OWNER-UID> <KUID> watch every directory in DIR from a user
 //!                                                namespace owned by OWNER-UID, as root there
 //!                                                mapped to KUID (a container's processes)
-//! ka-sock empty-sockops <CGROUP-DIR>             attach a sock_ops program that does nothing,
-//!                                                until stdin closes (the benchmark's floor)
+//! ka-sock empty-sockops <CGROUP-DIR> [N]         attach a sock_ops program that does nothing,
+//!                                                until stdin closes (the benchmark's floor);
+//!                                                N links of it (64 fill the cgroup's list)
 //! ka-sock minimal-sockops <CGROUP-DIR>           the same with the least possible enforcer:
 //!                                                fixed keepalive values at ESTABLISHED
 //! ka-sock foreign-sockops <CGROUP-DIR>           another tool's enforcer: idle 1 s, interval
@@ -650,7 +651,7 @@ fn enforcer(values: [i32; 3], state_cb: bool) -> Vec<u64> {
 /// attachment ends with this process; holds it until stdin closes. The benchmark uses these to
 /// measure what the kernel charges for calling any sock_ops program on each connection, and
 /// what the least possible enforcer costs, apart from what ours does.
-fn attach_sockops(dir: &str, insns: &[u64]) {
+fn attach_sockops(dir: &str, insns: &[u64], links: usize) {
     let cgroup = std::fs::File::open(dir).expect("open cgroup");
     let license = c"GPL";
     // union bpf_attr, BPF_PROG_LOAD: prog_type, insn_cnt, insns, license, then zeroes.
@@ -666,17 +667,19 @@ fn attach_sockops(dir: &str, insns: &[u64]) {
         "BPF_PROG_LOAD: {}",
         std::io::Error::last_os_error()
     );
-    // BPF_LINK_CREATE: prog_fd, target_fd, attach_type BPF_CGROUP_SOCK_OPS, flags 0.
-    let mut attr = [0u64; 16];
-    attr[0] = prog as u64 | ((cgroup.as_raw_fd() as u64) << 32);
-    attr[1] = 3;
-    // SAFETY: as above.
-    let link = unsafe { libc::syscall(libc::SYS_bpf, 28, attr.as_ptr(), size_of_val(&attr)) };
-    assert!(
-        link >= 0,
-        "BPF_LINK_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
+    for _ in 0..links {
+        // BPF_LINK_CREATE: prog_fd, target_fd, attach_type BPF_CGROUP_SOCK_OPS, flags 0.
+        let mut attr = [0u64; 16];
+        attr[0] = prog as u64 | ((cgroup.as_raw_fd() as u64) << 32);
+        attr[1] = 3;
+        // SAFETY: as above.
+        let link = unsafe { libc::syscall(libc::SYS_bpf, 28, attr.as_ptr(), size_of_val(&attr)) };
+        assert!(
+            link >= 0,
+            "BPF_LINK_CREATE: {}",
+            std::io::Error::last_os_error()
+        );
+    }
     emit(json!({ "attached": true }));
     let mut rest = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut rest);
@@ -865,9 +868,14 @@ fn main() {
         "churn" => churn(),
         "hold" => hold_many(rest),
         "userns-watch" => userns_watch(rest),
-        "empty-sockops" => attach_sockops(cgroup_arg(rest), &RETURN_1),
-        "minimal-sockops" => attach_sockops(cgroup_arg(rest), &minimal_enforcer()),
-        "foreign-sockops" => attach_sockops(cgroup_arg(rest), &enforcer([1, 1, 2], true)),
+        "empty-sockops" => attach_sockops(
+            cgroup_arg(rest),
+            &RETURN_1,
+            rest.get(1)
+                .map_or(1, |n| n.parse().expect("a number of links")),
+        ),
+        "minimal-sockops" => attach_sockops(cgroup_arg(rest), &minimal_enforcer(), 1),
+        "foreign-sockops" => attach_sockops(cgroup_arg(rest), &enforcer([1, 1, 2], true), 1),
         "peak-rss" => peak_rss(rest),
         "unix-answer" => unix_answer(rest),
         other => panic!("unknown command {other}"),
