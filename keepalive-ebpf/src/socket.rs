@@ -129,15 +129,20 @@ pub(crate) fn enforce_socket(
             return apply_result::SKIPPED_OFF;
         };
         rec.flags &= !sock_flags::LOCKED;
-        // Except in a cgroup the agent had not seen yet when the program enforced the socket
+        // Except in a cgroup the agent had not seen yet when the program covered the socket
         // under an ancestor's policy: as if the cgroup had been `off` from the start, the
-        // program takes back what it set and stops tracking the socket.
+        // program takes back what it set and stops tracking the socket. Where `fill` left
+        // keepalive to the application, that is at most a user timeout (the record says so).
         if policy.flags & policy_flags::NEW_CGROUP != 0
-            && rec.flags & sock_flags::ENFORCED != 0
+            && rec.flags & (sock_flags::ENFORCED | sock_flags::APP_OWNED) != 0
             && rec.policy_cgroup_id != resolved.policy_cgroup
         {
-            let app_keepalive = rec.flags & sock_flags::APP_KEEPALIVE != 0;
-            enforce::release(sock.target, sock.tp, &rec.policy, app_keepalive);
+            if rec.flags & sock_flags::ENFORCED != 0 {
+                let app_keepalive = rec.flags & sock_flags::APP_KEEPALIVE != 0;
+                enforce::release(sock.target, sock.tp, &rec.policy, app_keepalive);
+            } else if rec.flags & sock_flags::OWN_USER_TIMEOUT != 0 {
+                enforce::release(sock.target, sock.tp, &rec.policy, true);
+            }
             track::cgroup_uncount(rec.cgroup_id);
             if stored {
                 track::drop_stored_record(sock.sk);

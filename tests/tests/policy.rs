@@ -402,6 +402,51 @@ fn sockets_enforced_before_the_agent_saw_their_new_off_cgroup_are_released() {
 }
 
 #[test]
+fn sockets_fill_left_to_their_application_before_the_agent_saw_their_new_off_cgroup_are_released() {
+    // As above, under a `fill` default: a client that switched keepalive on before connecting
+    // keeps its own values, and is listed as the application's. Its record went before only
+    // when the program had set the values, so this one stayed listed (and counted) under `off`.
+    let parent = TestCgroup::new("newofffill");
+    let config = write_config(&format!(
+        "[default]\nmode = \"fill\"\nidle = 41\n[[policy]]\ncgroup = \"{}/off-*\"\n\
+         mode = \"off\"\n",
+        parent.rel()
+    ));
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    let held = Held::new(agent.pid());
+    let off = parent.child("off-1");
+    let mut own = Proc::sock(&["pair", "4", "--keepalive", "77"], &off);
+    let ancestors = (1, 41, 10, 5);
+    let (_, _, interval, count) = kernel_defaults();
+    let apps = (1, 77, interval, count);
+    let out = own.read();
+    assert_eq!(
+        (values(&out["client"]), values(&out["server"])),
+        (apps, ancestors),
+        "while the agent is held"
+    );
+    let status = agent.status();
+    assert_eq!(sockets_of(&status, &off).len(), 2, "{status}");
+    drop(held);
+    eventually(Duration::from_secs(10), "the pass's log line", || {
+        agent
+            .log()
+            .contains(
+                "2 in off cgroups (2 released: enforced before the agent saw their new cgroup)",
+            )
+            .then_some(())
+    });
+    let now: Vec<_> = own.report().iter().map(values).collect();
+    assert_eq!(now, [apps, ancestors]);
+    let status = agent.status();
+    assert!(
+        sockets_of(&status, &off).is_empty(),
+        "released sockets are not listed: {status}"
+    );
+    assert_eq!(cgroup_row(&status, &off)["enforced_total"], 0, "{status}");
+}
+
+#[test]
 fn sockets_of_an_off_cgroup_created_while_no_agent_ran_are_released_at_the_next_start() {
     // A stopped agent leaves the program attached, with the last table: a cgroup created
     // meanwhile gets an ancestor's policy until the next start. That start must tell it from a
