@@ -151,7 +151,12 @@ pub fn keepalive_status(ctx: *mut IterMapElem) -> i32 {
     }
     // SAFETY: key and value point at this map's key and value.
     let mut out = unsafe { status_record(*key, value) };
-    write_status(ctx.meta, &mut out);
+    if !write_status(ctx.meta, &mut out)
+        && let Some(sk) = track::listed_sk(out.cookie)
+        && open_state(sk as *const u8, out.cookie) == 0
+    {
+        track::drop_listed(out.cookie);
+    }
     0
 }
 
@@ -183,9 +188,10 @@ pub fn keepalive_status_slots(ctx: *mut IterMapElem) -> i32 {
     0
 }
 
-/// Writes the record of one slot, if it holds one that stayed put while it was copied.
+/// Writes the record of one slot, if it holds one that stayed put while it was copied, and
+/// frees the slot if its socket has closed (see [`write_status`]).
 #[inline(always)]
-fn status_slot(meta: *mut IterMeta, slot: *const SockSlot) {
+fn status_slot(meta: *mut IterMeta, slot: *mut SockSlot) {
     // SAFETY: `slot` points at a slot of the table. Every read is volatile, so the copy stays
     // between the two cookie reads (BPF has no fence instruction).
     let (mut out, again) = unsafe {
@@ -197,8 +203,8 @@ fn status_slot(meta: *mut IterMeta, slot: *const SockSlot) {
         copy_words(&raw const (*slot).sock, &raw mut out.sock);
         (out, read_volatile(&raw const (*slot).cookie))
     };
-    if out.cookie == again {
-        write_status(meta, &mut out);
+    if out.cookie == again && !write_status(meta, &mut out) {
+        track::free_slot_of(slot, again);
     }
 }
 
@@ -216,14 +222,40 @@ unsafe fn status_record(cookie: u64, sock: *const SockRecord) -> StatusRecord {
     }
 }
 
-/// Adds live state read from the socket, when the socket at the recorded address still has
-/// the recorded cookie (`live_state` stays 0 otherwise), and writes the record out.
+/// Adds live state read from the socket while it is open (`live_state` stays 0 otherwise, see
+/// [`open_state`]) and writes the record out; whether the socket is open.
+///
+/// A record whose socket has closed is one whose close callback never ran: another program
+/// replaced the socket's callback flags after keepalive's asked for it (see the README), or a
+/// build that looks elsewhere for records ran meanwhile. The callers free it, so it is reported
+/// once, as stale, and its slot is free for the next socket.
 #[inline(always)]
-fn write_status(meta: *mut IterMeta, out: &mut StatusRecord) {
+fn write_status(meta: *mut IterMeta, out: &mut StatusRecord) -> bool {
     let sk = out.sock.sk as *const u8;
-    if read::<u64>(sk, off!(skc_cookie)) == Some(out.cookie) {
-        out.live_state = read::<u8>(sk, off!(skc_state)).unwrap_or(0);
+    out.live_state = open_state(sk, out.cookie);
+    if out.live_state != 0 {
         out.probes_out = read::<u8>(sk, off!(icsk_probes_out)).unwrap_or(0);
     }
     seq_write(meta, out);
+    out.live_state != 0
+}
+
+/// The state of the socket at `sk` if it is `cookie`'s and not closed; 0 if it has closed.
+///
+/// A socket's memory is reused only for other sockets, whose cookie starts at 0 and is new
+/// when made, so another cookie there means this socket was freed. One freed and not yet
+/// reused reads as closed: every close passes through TCP_CLOSE, which the kernel stores
+/// after the close callback has run (and freed the record), so a record found next to a
+/// closed state is one no callback will free. A socket that closed and connected again, with
+/// a new record under the same cookie, between this read and the caller's free would lose
+/// that record (not its enforcement); the window is a few instructions of this run.
+#[inline(always)]
+fn open_state(sk: *const u8, cookie: u64) -> u8 {
+    if read::<u64>(sk, off!(skc_cookie)) != Some(cookie) {
+        return 0;
+    }
+    match read::<u8>(sk, off!(skc_state)) {
+        Some(state) if state != uapi::TCP_CLOSE => state,
+        _ => 0,
+    }
 }

@@ -160,11 +160,40 @@ fn slot(cookie: u64, probe: u32) -> Option<*mut SockSlot> {
 
 /// Slot `index` of the table, for `status`; `None` past its end.
 #[inline(always)]
-pub(crate) fn slot_at(index: u32) -> Option<*const SockSlot> {
+pub(crate) fn slot_at(index: u32) -> Option<*mut SockSlot> {
     if index > kernel::sock_slot_mask() {
         return None;
     }
-    KA_SOCK_SLOTS.get_ptr(index)
+    KA_SOCK_SLOTS.get_ptr_mut(index)
+}
+
+/// Frees `slot` if it still holds `cookie`'s record, for `status`, which found its socket
+/// closed without a close callback (see `iter::open_state`). The compare-and-swap leaves a slot
+/// that another socket claimed meanwhile alone.
+#[inline(always)]
+pub(crate) fn free_slot_of(slot: *mut SockSlot, cookie: u64) {
+    // SAFETY: array slots are always valid.
+    unsafe {
+        atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+            &raw mut (*slot).cookie,
+            cookie,
+            SLOT_FREE,
+        );
+    }
+}
+
+/// The socket address `cookie`'s `KA_SOCKS` entry records, looked up afresh: the element a
+/// map iterator hands over can be freed and reused while it is read.
+#[inline(always)]
+pub(crate) fn listed_sk(cookie: u64) -> Option<u64> {
+    // SAFETY: as in `record`.
+    unsafe { KA_SOCKS.get(cookie) }.map(|rec| rec.sk)
+}
+
+/// Drops `cookie`'s `KA_SOCKS` entry, for `status` (see [`free_slot_of`]).
+#[inline(always)]
+pub(crate) fn drop_listed(cookie: u64) {
+    let _ = KA_SOCKS.remove(cookie);
 }
 
 /// The slot holding `cookie`'s record, if one does.

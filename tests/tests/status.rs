@@ -350,6 +350,43 @@ fn one_dead_peer(agent: &Agent, cg: &TestCgroup) -> Value {
 }
 
 #[test]
+fn records_of_closes_another_program_hid_are_freed_by_the_next_status() {
+    // An RTT monitor after keepalive's program replaces the callback flags, so keepalive never
+    // sees these sockets close. `status` finds their records stale, says so once and frees
+    // them; an open socket under the same monitor stays listed.
+    let cg = TestCgroup::new("hidden");
+    let agent = Agent::start(&cg, &[]);
+    let mut monitor = Proc::spawn(
+        &sock_bin(),
+        &["rtt-sockops", cg.path().to_str().unwrap()],
+        None,
+        None,
+    );
+    assert_eq!(monitor.read()["attached"], true);
+    let mut open = Proc::sock(&["pair", "4"], &cg);
+    open.read();
+    let out = Proc::sock(&["storm", "100"], &cg).next(Duration::from_secs(60));
+    assert_eq!(out["connections"], 100);
+    let first = agent.status();
+    assert_eq!(first["tracked_entries"], 202, "{first:#}");
+    assert_eq!(first["stale_entries"], 200, "{first:#}");
+    assert_eq!(
+        cgroup_row(&first, &cg)["open"],
+        2,
+        "the pair alone: {first:#}"
+    );
+    let second = agent.status();
+    assert_eq!(second["tracked_entries"], 2, "{second:#}");
+    assert_eq!(second["stale_entries"], 0, "{second:#}");
+    assert_eq!(second["sockets"].as_array().unwrap().len(), 2, "{second:#}");
+    assert_eq!(
+        cgroup_row(&second, &cg)["enforced_total"],
+        202,
+        "{second:#}"
+    );
+}
+
+#[test]
 fn ten_thousand_connections_leave_no_stale_entries() {
     let cg = TestCgroup::new("churn");
     let agent = Agent::start(&cg, &[]);

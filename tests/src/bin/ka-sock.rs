@@ -33,6 +33,8 @@
 //!                                                fixed keepalive values at ESTABLISHED
 //! ka-sock foreign-sockops <CGROUP-DIR>           another tool's enforcer: idle 1 s, interval
 //!                                                1 s, count 2, and state-change callbacks
+//! ka-sock rtt-sockops <CGROUP-DIR>               an RTT monitor that replaces the callback
+//!                                                flags with its own at ESTABLISHED
 //! ka-sock unix-answer [--handed-on] <PATH> <LINE>
 //!                                                listen on Unix socket PATH, answer the first
 //!                                                client's first line with LINE, then report
@@ -647,6 +649,20 @@ fn enforcer(values: [i32; 3], state_cb: bool) -> Vec<u64> {
     prog
 }
 
+/// An RTT monitor as some are written: at ACTIVE_ESTABLISHED and PASSIVE_ESTABLISHED it sets
+/// the socket's callback flags to BPF_SOCK_OPS_RTT_CB_FLAG alone, replacing any that programs
+/// before it asked for, rather than adding its own to them.
+const RTT_MONITOR: [u64; 8] = [
+    insn(0x61, 2, 1, 0, 0),  // r2 = ctx->op
+    insn(0x15, 2, 0, 2, 4),  // ACTIVE_ESTABLISHED_CB: set
+    insn(0x15, 2, 0, 1, 5),  // PASSIVE_ESTABLISHED_CB: set
+    insn(0x05, 0, 0, 2, 0),  // else: return
+    insn(0xb7, 2, 0, 0, 8),  // r2 = BPF_SOCK_OPS_RTT_CB_FLAG (r1 is still ctx)
+    insn(0x85, 0, 0, 0, 59), // bpf_sock_ops_cb_flags_set
+    RETURN_1[0],
+    RETURN_1[1],
+];
+
 /// Loads `insns` as a sock_ops program and attaches it to a cgroup through a BPF link, so the
 /// attachment ends with this process; holds it until stdin closes. The benchmark uses these to
 /// measure what the kernel charges for calling any sock_ops program on each connection, and
@@ -876,6 +892,7 @@ fn main() {
         ),
         "minimal-sockops" => attach_sockops(cgroup_arg(rest), &minimal_enforcer(), 1),
         "foreign-sockops" => attach_sockops(cgroup_arg(rest), &enforcer([1, 1, 2], true), 1),
+        "rtt-sockops" => attach_sockops(cgroup_arg(rest), &RTT_MONITOR, 1),
         "peak-rss" => peak_rss(rest),
         "unix-answer" => unix_answer(rest),
         other => panic!("unknown command {other}"),
