@@ -292,6 +292,9 @@ pub(crate) fn configure_listener(
         if stored != previous {
             PolicyStore::Listeners.set(sk, Some(&stored));
         }
+        // The connections it accepts carry this user timeout, and find it there as the
+        // program's (their values are the application's, which no listened policy matches).
+        track::note_listener(key, Some(&stored));
         return;
     }
     let stored = Policy {

@@ -234,13 +234,29 @@ pub(crate) fn enforce_socket(
         .or(untracked_lock)
         .or(from_listener);
     // Where the program's user timeout came from: `previous`, or, on a socket whose keepalive
-    // `fill` left to the application, the record's user timeout if the program set it.
-    let own_user_timeout = previous.or_else(|| {
-        existing
-            .as_deref()
-            .filter(|rec| rec.flags & sock_flags::OWN_USER_TIMEOUT != 0)
-            .map(|rec| rec.policy)
-    });
+    // `fill` left to the application, the record's user timeout if the program set it. A
+    // connection just accepted under `fill` with the application's values (set on its
+    // listener after the program configured it, as nginx does) carries the user timeout the
+    // program last set on that listener, if any: that one is the program's too.
+    let own_user_timeout = previous
+        .or_else(|| {
+            existing
+                .as_deref()
+                .filter(|rec| rec.flags & sock_flags::OWN_USER_TIMEOUT != 0)
+                .map(|rec| rec.policy)
+        })
+        .or_else(|| {
+            if policy.mode != mode::FILL
+                || !app_keepalive
+                || origin
+                    != (Origin::Established {
+                        direction: sock_flags::INBOUND,
+                    })
+            {
+                return None;
+            }
+            track::listened_policy(track::listen_key(sock.cgroup.id, sock.tp))
+        });
     // A socket that carries the policy's values can still hold the user timeout of the policy
     // the program set before, which this one drops.
     let resets_user_timeout =

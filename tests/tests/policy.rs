@@ -447,6 +447,52 @@ fn sockets_fill_left_to_their_application_before_the_agent_saw_their_new_off_cgr
 }
 
 #[test]
+fn a_user_timeout_fill_left_with_the_program_goes_when_its_new_cgroup_turns_out_off() {
+    // A listener whose application set its own keepalive after listen() (as nginx does) passes
+    // on the application's values and the user timeout the program set at listen(), which
+    // `fill` keeps as the program's on the connections it accepts. When their new cgroup turns
+    // out `off`, the release takes that user timeout back and leaves the application's values.
+    let parent = TestCgroup::new("newoffut");
+    let config = write_config(&format!(
+        "[default]\nmode = \"fill\"\nidle = 41\nuser_timeout = \"20s\"\n[[policy]]\n\
+         cgroup = \"{}/off-*\"\nmode = \"off\"\n",
+        parent.rel()
+    ));
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    let held = Held::new(agent.pid());
+    let off = parent.child("off-1");
+    let mut server = Proc::sock(
+        &["listen", "127.0.0.1:0", "1", "--keepalive-after", "77"],
+        &off,
+    );
+    let port = server.read()["port"].as_u64().unwrap();
+    let mut client = Proc::sock(&["connect", &format!("127.0.0.1:{port}")], &parent);
+    client.read();
+    let accepted = server.read()["accepted"].clone();
+    assert_eq!(
+        (values(&accepted).1, &accepted["user_timeout"]),
+        (77, &serde_json::json!(20_000)),
+        "while the agent is held: {accepted}"
+    );
+    let status = agent.status();
+    let listed = sockets_of(&status, &off);
+    assert_eq!(listed.len(), 1, "{status}");
+    assert_eq!(listed[0]["mode"], "fill", "{status}");
+    drop(held);
+    eventually(Duration::from_secs(10), "the pass's log line", || {
+        agent
+            .log()
+            .contains("(1 released: enforced before the agent saw their new cgroup)")
+            .then_some(())
+    });
+    let now = &server.report()[0];
+    assert_eq!(values(now), values(&accepted), "the application's: {now}");
+    assert_eq!(now["user_timeout"], 0, "the program's went: {now}");
+    let status = agent.status();
+    assert!(sockets_of(&status, &off).is_empty(), "{status}");
+}
+
+#[test]
 fn sockets_of_an_off_cgroup_created_while_no_agent_ran_are_released_at_the_next_start() {
     // A stopped agent leaves the program attached, with the last table: a cgroup created
     // meanwhile gets an ancestor's policy until the next start. That start must tell it from a
@@ -786,7 +832,8 @@ fn fill_keeps_values_the_application_set_on_its_listener_after_listen() {
 
 /// The user timeout the program set at listen() stays the program's when the application sets
 /// its own keepalive values on the listener: it follows the policy, and the connections the
-/// listener accepts from then on inherit the current one.
+/// listener accepts from then on inherit the current one. On those it accepted before, it
+/// follows the policy too.
 #[test]
 fn fill_moves_its_own_user_timeout_on_a_listener_the_application_configured() {
     let cg = TestCgroup::new("utlistener");
@@ -812,6 +859,14 @@ fn fill_moves_its_own_user_timeout_on_a_listener_the_application_configured() {
     assert_eq!(accept(&mut server), (Some(77), Some(30_000)));
     agent.cli_ok(&[&fill[..], &["--user-timeout", "0"]].concat());
     assert_eq!(accept(&mut server), (Some(77), Some(0)));
+    // The connections accepted before each change followed it too: the user timeout they
+    // inherited from the listener was the program's, their values the application's.
+    let now: Vec<_> = server
+        .report()
+        .iter()
+        .map(|s| (s["idle"].as_u64(), s["user_timeout"].as_u64()))
+        .collect();
+    assert_eq!(now, [(Some(77), Some(0)); 3]);
 }
 
 #[test]
