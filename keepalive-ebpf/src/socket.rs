@@ -54,24 +54,20 @@ pub(crate) struct Socket {
     pub(crate) cgroup: SockCgroup,
 }
 
-/// The policy the program last set on the listener `sock` was accepted from, when the socket
-/// still carries its keepalive values as set there.
+/// The policy the program last set on the listener `sock` was accepted from, if it noted one.
 #[inline(always)]
-fn listener_values_on(sock: &Socket) -> Option<Policy> {
-    track::listened_policy(track::listen_key(sock.cgroup.id, sock.tp)).filter(|listened| {
-        match kernel::has_values(sock.tp, listened) {
-            Some(same) => same,
-            None => enforce::still_set(sock.target, sock.tp, listened),
-        }
-    })
+fn listened_on(sock: &Socket) -> Option<Policy> {
+    track::listened_policy(track::listen_key(sock.cgroup.id, sock.tp))
 }
 
-/// [`listener_values_on`], when the socket's user timeout is also no longer than that
-/// policy's: all of what it carries is then the program's.
+/// Whether `sock` still carries the keepalive values the program set on its listener with
+/// `listened`, rather than ones the application set there since.
 #[inline(always)]
-fn left_by_listener(sock: &Socket) -> Option<Policy> {
-    listener_values_on(sock)
-        .filter(|listened| listened.user_timeout_held(kernel::user_timeout_ms(sock.tp)))
+fn carries_listened_values(sock: &Socket, listened: &Policy) -> bool {
+    match kernel::has_values(sock.tp, listened) {
+        Some(same) => same,
+        None => enforce::still_set(sock.target, sock.tp, listened),
+    }
 }
 
 /// Applies `resolved` to one socket and records it. `describe` fills in the record's
@@ -115,14 +111,17 @@ pub(crate) fn enforce_socket(
         // cannot) carries what the program set there: as under every other mode, that goes
         // with the policy that set it. A user timeout the application set on the listener
         // since is its own, and keeps none of the program's keepalive on; `release` leaves it.
+        // Keepalive values the application set there since are its own too, and keep
+        // keepalive on; the user timeout the program set there still goes.
         if origin
             == (Origin::Established {
                 direction: sock_flags::INBOUND,
             })
             && kernel::keepalive_on(sock.tp)
-            && let Some(listened) = listener_values_on(sock)
+            && let Some(listened) = listened_on(sock)
         {
-            let app_keepalive = listened.flags & policy_flags::APP_KEEPALIVE != 0;
+            let app_keepalive = listened.flags & policy_flags::APP_KEEPALIVE != 0
+                || !carries_listened_values(sock, &listened);
             enforce::release(sock.target, sock.tp, &listened, app_keepalive);
         }
         let Some(rec) = existing else {
@@ -198,8 +197,10 @@ pub(crate) fn enforce_socket(
     // are the ones it last set on that listener: a policy change had not reached the listener
     // yet (or cannot: in a network namespace the agent may not enter). Then the policy
     // replaces them, also under `fill`, which otherwise keeps them as the application's, and
-    // the user timeout goes with the policy that set it.
-    let from_listener = if app_keepalive
+    // the user timeout goes with the policy that set it. Values the application set on the
+    // listener since are its own, but the user timeout the program set there is still the
+    // program's (see `own_user_timeout` below).
+    let listened = if app_keepalive
         && origin
             == (Origin::Established {
                 direction: sock_flags::INBOUND,
@@ -208,10 +209,16 @@ pub(crate) fn enforce_socket(
             || (policy.flags & policy_flags::USER_TIMEOUT == 0
                 && kernel::user_timeout_ms(sock.tp) != 0))
     {
-        left_by_listener(sock)
+        listened_on(sock)
     } else {
         None
     };
+    // All of what it carries is the program's when its user timeout is also no longer than
+    // that policy's.
+    let from_listener = listened.filter(|listened| {
+        carries_listened_values(sock, listened)
+            && listened.user_timeout_held(kernel::user_timeout_ms(sock.tp))
+    });
     // Whether the keepalive switch itself is the application's: it may have switched it on
     // on the listener before the program configured it (which the listener's policy says).
     let mut flags = if app_keepalive
@@ -235,9 +242,9 @@ pub(crate) fn enforce_socket(
         .or(from_listener);
     // Where the program's user timeout came from: `previous`, or, on a socket whose keepalive
     // `fill` left to the application, the record's user timeout if the program set it. A
-    // connection just accepted under `fill` with the application's values (set on its
-    // listener after the program configured it, as nginx does) carries the user timeout the
-    // program last set on that listener, if any: that one is the program's too.
+    // connection just accepted with the application's values (set on its listener after the
+    // program configured it, as nginx does) carries the user timeout the program last set on
+    // that listener, if any, which is the program's too: it follows the policy.
     let own_user_timeout = previous
         .or_else(|| {
             existing
@@ -245,18 +252,7 @@ pub(crate) fn enforce_socket(
                 .filter(|rec| rec.flags & sock_flags::OWN_USER_TIMEOUT != 0)
                 .map(|rec| rec.policy)
         })
-        .or_else(|| {
-            if policy.mode != mode::FILL
-                || !app_keepalive
-                || origin
-                    != (Origin::Established {
-                        direction: sock_flags::INBOUND,
-                    })
-            {
-                return None;
-            }
-            track::listened_policy(track::listen_key(sock.cgroup.id, sock.tp))
-        });
+        .or(listened);
     // A socket that carries the policy's values can still hold the user timeout of the policy
     // the program set before, which this one drops.
     let resets_user_timeout =

@@ -2120,7 +2120,13 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
     let ns = Netns::new("enforcewindow");
     let mut server = Listener::new(&cg, &ns, &[]);
     let mut own = Listener::new(&cg, &ns, &["--user-timeout-after", "9000"]);
+    // Keepalive values the application set on its listener (as nginx does), over the program's
+    // user timeout; `enforce` replaces them on the connections it accepts.
+    let mut own_values = Listener::new(&cg, &ns, &["--keepalive-after", "77"]);
     let accepted = server.accept(&cg, &ns);
+    assert_eq!(values(&accepted), (1, 41, 10, 5), "{accepted}");
+    assert_eq!(accepted["user_timeout"], 7000, "{accepted}");
+    let accepted = own_values.accept(&cg, &ns);
     assert_eq!(values(&accepted), (1, 41, 10, 5), "{accepted}");
     assert_eq!(accepted["user_timeout"], 7000, "{accepted}");
     agent.cli_ok(&[
@@ -2142,6 +2148,10 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
     let accepted = own.accept(&cg, &ns);
     assert_eq!(values(&accepted), (1, 35, 10, 5), "{accepted}");
     assert_eq!(accepted["user_timeout"], 9000, "{accepted}");
+    // Keepalive values the application set there do not make the program's user timeout its.
+    let accepted = own_values.accept(&cg, &ns);
+    assert_eq!(values(&accepted), (1, 35, 10, 5), "{accepted}");
+    assert_eq!(accepted["user_timeout"], 0, "{accepted}");
     // The earlier values again: the connection carries them, and only the user timeout is
     // left over from the policy the listener was configured with. So too under `lock`,
     // whose bound (idle + interval × count) the left-over user timeout is within, and under
@@ -2166,6 +2176,14 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
         );
         let accepted = own.accept(&cg, &ns);
         assert_eq!(accepted["user_timeout"], 9000, "{mode}: {accepted}");
+        // Under `fill`, the application's values stay, and the program's user timeout goes.
+        let accepted = own_values.accept(&cg, &ns);
+        let idle = if mode == "fill" { 77 } else { 41 };
+        assert_eq!(
+            (values(&accepted).1, accepted["user_timeout"].as_u64()),
+            (idle, Some(0)),
+            "{mode}: {accepted}"
+        );
     }
     // And under `off`: what the program set on the listener goes, keepalive with it; an
     // emergency `off` against a user timeout that cuts connections must not keep passing it on.
@@ -2188,6 +2206,14 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
     assert_eq!(
         (values(&accepted).0, accepted["user_timeout"].as_u64()),
         (0, Some(9000)),
+        "off: {accepted}"
+    );
+    // Keepalive values the application set on its listener keep keepalive on, and the
+    // program's user timeout goes.
+    let accepted = own_values.accept(&cg, &ns);
+    assert_eq!(
+        (values(&accepted), accepted["user_timeout"].as_u64()),
+        ((1, 77, 10, 5), Some(0)),
         "off: {accepted}"
     );
 }
