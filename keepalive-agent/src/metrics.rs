@@ -164,6 +164,15 @@ fn escape(value: &str) -> String {
 /// The highest `enforced_total` exported for each cgroup id listed at the last scrape.
 type Highest = HashMap<u64, u64>;
 
+/// What the endpoint carries from one scrape to the next.
+#[derive(Default)]
+struct Scrapes {
+    highest: Highest,
+    /// Stale tracking entries the scrapes found: each walk frees the ones it reports, so
+    /// `status` finds none of them afterwards.
+    stale: u64,
+}
+
 /// Holds each cgroup's `enforced_total` at the highest this agent exported, and forgets the
 /// cgroups no longer listed. The program takes a socket released as never covered (enforced
 /// before the agent saw its new `off` cgroup) back out of the count, which `status` shows, but
@@ -180,9 +189,10 @@ fn hold_highest(rows: &mut [status::CgroupRow], highest: &mut Highest) {
 }
 
 /// Renders the exposition text.
-fn render(state: &StateDir, cgroup2: &Cgroup2, highest: &mut Highest) -> anyhow::Result<String> {
+fn render(state: &StateDir, cgroup2: &Cgroup2, scrapes: &mut Scrapes) -> anyhow::Result<String> {
     let mut snapshot = status::summary(state, cgroup2)?;
-    hold_highest(&mut snapshot.cgroups, highest);
+    hold_highest(&mut snapshot.cgroups, &mut scrapes.highest);
+    scrapes.stale += snapshot.stale_entries;
     let mut out = String::new();
     /// Metric name, type, help, and how to read it from a cgroup's row.
     type Family = (
@@ -252,6 +262,13 @@ fn render(state: &StateDir, cgroup2: &Cgroup2, highest: &mut Highest) -> anyhow:
         "# HELP keepalive_tracked_sockets Entries in the socket tracking map.\n\
          # TYPE keepalive_tracked_sockets gauge\nkeepalive_tracked_sockets {}",
         snapshot.tracked_entries
+    );
+    let _ = writeln!(
+        out,
+        "# HELP keepalive_stale_entries_total Tracking entries of sockets that closed unseen, \
+         found and freed by this agent's scrapes.\n\
+         # TYPE keepalive_stale_entries_total counter\nkeepalive_stale_entries_total {}",
+        scrapes.stale
     );
     Ok(out)
 }
@@ -333,7 +350,7 @@ async fn respond(
     mut stream: TcpStream,
     state: &StateDir,
     cgroup2: &Cgroup2,
-    gate: &Arc<Mutex<Highest>>,
+    gate: &Arc<Mutex<Scrapes>>,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
@@ -351,7 +368,7 @@ async fn respond(
             // the agent's loop, which also serves signals, the control socket and inotify.
             let (state, cgroup2) = (state.clone(), cgroup2.clone());
             let rendered =
-                one_at_a_time(gate, move |highest| render(&state, &cgroup2, highest)).await;
+                one_at_a_time(gate, move |scrapes| render(&state, &cgroup2, scrapes)).await;
             match rendered.and_then(|body| body) {
                 Ok(body) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body),
                 Err(err) => (
@@ -404,7 +421,7 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves scrapes until the process exits.
 pub async fn serve(listener: TcpListener, state: StateDir, cgroup2: Cgroup2) {
-    let gate = Arc::new(Mutex::new(Highest::new()));
+    let gate = Arc::new(Mutex::new(Scrapes::default()));
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut pacer = Pacer::new("metrics");
     loop {

@@ -2,10 +2,13 @@
 //! context layouts from `include/linux/bpf.h` (`struct bpf_iter__tcp`,
 //! `struct bpf_iter__bpf_map_elem`).
 
-use core::{ffi::c_void, ptr::read_volatile};
+use core::{
+    ffi::c_void,
+    ptr::{read_volatile, write_volatile},
+};
 
 use aya_ebpf::{
-    btf_maps::Array,
+    btf_maps::{Array, PerCpuArray},
     helpers::generated::{bpf_get_socket_cookie, bpf_seq_write, bpf_skc_to_tcp_sock},
     macros::btf_map,
 };
@@ -43,19 +46,21 @@ pub struct IterMapElem {
     value: *mut c_void,
 }
 
+/// Writes `value` to the iterator's output; whether it fit. When one does not, the kernel
+/// drops all this element's output and shows the element again at the next read.
 #[inline(always)]
-fn seq_write<T>(meta: *mut IterMeta, value: &T) {
+fn seq_write<T>(meta: *mut IterMeta, value: &T) -> bool {
     // SAFETY: `meta` comes from the iterator context; the callers only write while they have
     // an object, when the kernel guarantees a live seq_file.
     let seq = unsafe { (*meta).seq };
     // SAFETY: the helper copies `size_of::<T>()` bytes from `value` into the seq buffer.
-    let _ = unsafe {
+    unsafe {
         bpf_seq_write(
             seq.cast(),
             core::ptr::from_ref(value).cast(),
             size_of::<T>() as u32,
-        )
-    };
+        ) == 0
+    }
 }
 
 /// Applies policy to one existing TCP socket of the iterating network namespace: listeners
@@ -151,7 +156,11 @@ pub fn keepalive_status(ctx: *mut IterMapElem) -> i32 {
     }
     // SAFETY: key and value point at this map's key and value.
     let mut out = unsafe { status_record(*key, value) };
-    if !write_status(ctx.meta, &mut out)
+    // Deleting the element the walk stands on: the kernel's walk goes on from its link, so
+    // if an insert on this CPU reuses it before the next step, this one walk may list some
+    // entries twice or miss some. Only entries of sockets that closed unseen are deleted,
+    // and only while the slot table is full do records land here.
+    if write_status(ctx.meta, &mut out) == Shown::Gone
         && let Some(sk) = track::listed_sk(out.cookie)
         && open_state(sk as *const u8, out.cookie) == 0
     {
@@ -159,6 +168,9 @@ pub fn keepalive_status(ctx: *mut IterMapElem) -> i32 {
     }
     0
 }
+
+// [`keepalive_status_slots`] marks a chunk's slots in one word.
+const _: () = assert!(STATUS_CHUNK <= u64::BITS);
 
 /// See [`keepalive_common::MAP_SLOT_CHUNKS`]; sized by the loader.
 #[btf_map]
@@ -177,34 +189,101 @@ pub fn keepalive_status_slots(ctx: *mut IterMapElem) -> i32 {
     if key.is_null() {
         return 0;
     }
+    let Some(sweep) = KA_SWEEP.get_ptr_mut(0) else {
+        return 0;
+    };
     // SAFETY: the key of an array map element is its u32 index.
     let first = unsafe { *key }.wrapping_mul(STATUS_CHUNK);
+    // The chunk's slots whose socket has closed, and whether any output did not fit: only if
+    // all did is the chunk reported, and only what was reported is freed (the kernel shows a
+    // chunk whose output did not fit again at the next read, which reports and frees it then).
+    // Kept in map memory, whose contents the verifier does not follow: in registers, every
+    // combination of the 64 slots' outcomes would be a state of its own to verify.
+    // SAFETY: `sweep` points at this CPU's value, which only this run uses (iterator programs
+    // run with migration disabled, one at a time per CPU).
+    unsafe {
+        write_volatile(sweep, Sweep { gone: 0, lost: 0 });
+    }
     for i in 0..STATUS_CHUNK {
         let Some(slot) = track::slot_at(first.wrapping_add(i)) else {
             break;
         };
-        status_slot(ctx.meta, slot);
+        // SAFETY: as above.
+        unsafe {
+            match status_slot(ctx.meta, slot) {
+                Some(Shown::Gone) => (*sweep).gone |= 1 << i,
+                Some(Shown::DidNotFit) => (*sweep).lost = 1,
+                Some(Shown::Open) | None => {}
+            }
+        }
+    }
+    // SAFETY: as above.
+    if unsafe { read_volatile(&raw const (*sweep).lost) } != 0 {
+        return 0;
+    }
+    for i in 0..STATUS_CHUNK {
+        // SAFETY: as above.
+        let gone = unsafe { read_volatile(&raw const (*sweep).gone) };
+        if gone & (1 << i) != 0
+            && let Some(slot) = track::slot_at(first.wrapping_add(i))
+        {
+            free_if_gone(slot);
+        }
     }
     0
 }
 
-/// Writes the record of one slot, if it holds one that stayed put while it was copied, and
-/// frees the slot if its socket has closed (see [`write_status`]).
+/// What [`keepalive_status_slots`] notes of one chunk.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Sweep {
+    /// Bit `i`: slot `i` of the chunk was reported as holding the record of a closed socket.
+    gone: u64,
+    /// Not 0: some of the chunk's output did not fit.
+    lost: u64,
+}
+
+/// Per-CPU scratch of [`keepalive_status_slots`]; not pinned, as it holds nothing past a run.
+#[btf_map]
+static KA_SWEEP: PerCpuArray<Sweep, 1> = PerCpuArray::new();
+
+/// Writes the record of one slot, if it holds one that stayed put while it was copied; what
+/// writing it showed (see [`write_status`]), `None` for an empty or changing slot.
 #[inline(always)]
-fn status_slot(meta: *mut IterMeta, slot: *mut SockSlot) {
+fn status_slot(meta: *mut IterMeta, slot: *mut SockSlot) -> Option<Shown> {
     // SAFETY: `slot` points at a slot of the table. Every read is volatile, so the copy stays
     // between the two cookie reads (BPF has no fence instruction).
     let (mut out, again) = unsafe {
         let cookie = read_volatile(&raw const (*slot).cookie);
         if cookie == SLOT_FREE || cookie == SLOT_BUSY {
-            return;
+            return None;
         }
         let mut out = status_record(cookie, &SockRecord::default());
         copy_words(&raw const (*slot).sock, &raw mut out.sock);
         (out, read_volatile(&raw const (*slot).cookie))
     };
-    if out.cookie == again && !write_status(meta, &mut out) {
-        track::free_slot_of(slot, again);
+    (out.cookie == again).then(|| write_status(meta, &mut out))
+}
+
+/// Frees a slot reported as holding the record of a socket that closed unseen, if it still
+/// holds such a record. Read again as [`status_slot`] reads it: only a concurrent `status`
+/// frees such a slot, and another socket may have claimed it since.
+#[inline(always)]
+fn free_if_gone(slot: *mut SockSlot) {
+    // SAFETY: as in `status_slot`.
+    let (cookie, sk, again) = unsafe {
+        (
+            read_volatile(&raw const (*slot).cookie),
+            read_volatile(&raw const (*slot).sock.sk),
+            read_volatile(&raw const (*slot).cookie),
+        )
+    };
+    if cookie == again
+        && cookie != SLOT_FREE
+        && cookie != SLOT_BUSY
+        && open_state(sk as *const u8, cookie) == 0
+    {
+        track::free_slot_of(slot, cookie);
     }
 }
 
@@ -222,22 +301,38 @@ unsafe fn status_record(cookie: u64, sock: *const SockRecord) -> StatusRecord {
     }
 }
 
+/// What writing one record out showed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shown {
+    /// Its socket is open.
+    Open,
+    /// Its socket has closed (see [`open_state`]).
+    Gone,
+    /// The output was full; the kernel shows the element again at the next read.
+    DidNotFit,
+}
+
 /// Adds live state read from the socket while it is open (`live_state` stays 0 otherwise, see
-/// [`open_state`]) and writes the record out; whether the socket is open.
+/// [`open_state`]) and writes the record out.
 ///
 /// A record whose socket has closed is one whose close callback never ran: another program
 /// replaced the socket's callback flags after keepalive's asked for it (see the README), or a
-/// build that looks elsewhere for records ran meanwhile. The callers free it, so it is reported
-/// once, as stale, and its slot is free for the next socket.
+/// build that looks elsewhere for records ran meanwhile. The callers free it once it is
+/// reported (as stale), so its slot is free for the next socket.
 #[inline(always)]
-fn write_status(meta: *mut IterMeta, out: &mut StatusRecord) -> bool {
+fn write_status(meta: *mut IterMeta, out: &mut StatusRecord) -> Shown {
     let sk = out.sock.sk as *const u8;
     out.live_state = open_state(sk, out.cookie);
     if out.live_state != 0 {
         out.probes_out = read::<u8>(sk, off!(icsk_probes_out)).unwrap_or(0);
     }
-    seq_write(meta, out);
-    out.live_state != 0
+    if !seq_write(meta, out) {
+        Shown::DidNotFit
+    } else if out.live_state != 0 {
+        Shown::Open
+    } else {
+        Shown::Gone
+    }
 }
 
 /// The state of the socket at `sk` if it is `cookie`'s and not closed; 0 if it has closed.
