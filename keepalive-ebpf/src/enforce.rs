@@ -254,8 +254,10 @@ pub(crate) fn configure_listener(
             let app_keepalive = previous.flags & policy_flags::APP_KEEPALIVE != 0;
             release(target, tp, &previous, app_keepalive);
             PolicyStore::Listeners.set(sk, None);
-            track::note_listener(key, None);
         }
+        // Also without storage: a note an earlier listener on the same port left (one closed
+        // before the change to `off`, say) is not what the program set on this one.
+        track::note_listener(key, None);
         return;
     }
     let app_keepalive = match ours {

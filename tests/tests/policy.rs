@@ -15,8 +15,8 @@ use keepalive_tests::{
     Agent, AgentDirs, GRANTED, Netns, Proc, TempDir, TestCgroup, agent_bin,
     agent_in_private_mounts, bind_mount,
     bpf::{self, resolution_cache},
-    cgroup_row, check_item, code, eventually, hide_with_tmpfs, idle_of, in_private_mounts,
-    json_refusal, kernel_defaults, mkdir, pair_values,
+    cgroup_row, check_item, code, eventually, free_port, hide_with_tmpfs, idle_of,
+    in_private_mounts, json_refusal, kernel_defaults, mkdir, pair_values,
     perf::storm,
     private_mounts, sock_bin, sockets_of, sockops_attachments, stderr, stdout, symlink, unique,
     unix_seconds, values, write_config,
@@ -671,6 +671,40 @@ fn a_new_cgroup_the_agent_may_not_watch_still_gets_its_policy() {
         "not watched: {}",
         agent.log()
     );
+}
+
+/// Under `off` the program sets nothing on a new listener, so what it noted for an earlier one
+/// on the same port does not describe it: a user timeout the application set there, equal to
+/// the one the program set on the earlier listener, stays on the connections it accepts.
+#[test]
+fn off_leaves_what_the_application_set_on_a_listener_that_replaced_one_the_program_set() {
+    let cg = TestCgroup::new("offnote");
+    let config = write_config("[default]\nidle = 41\nuser_timeout = \"7s\"\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let addr = format!("127.0.0.1:{}", free_port());
+    let accept = |server: &mut Proc| {
+        server.read();
+        let _client = Proc::sock(&["connect", &addr], &cg);
+        let accepted = server.read()["accepted"].clone();
+        (values(&accepted).1, accepted["user_timeout"].as_u64())
+    };
+    let mut first = Proc::sock(&["listen", &addr, "1"], &cg);
+    assert_eq!(accept(&mut first), (41, Some(7000)));
+    assert!(first.finish().success());
+    agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "off"]);
+    let mut second = Proc::sock(
+        &[
+            "listen",
+            &addr,
+            "1",
+            "--keepalive-after",
+            "77",
+            "--user-timeout-after",
+            "7000",
+        ],
+        &cg,
+    );
+    assert_eq!(accept(&mut second), (77, Some(7000)), "the application's");
 }
 
 #[test]
