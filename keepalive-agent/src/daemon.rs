@@ -108,8 +108,8 @@ impl Fixed {
             "attach",
             self.attach.to_string(),
             next.attach.to_string(),
-            "moving enforcement takes `keepalive-agent detach` and a restart (a restart alone \
-             is refused, exit 7)",
+            "moving enforcement takes stopping the agent, `keepalive-agent detach` and a start \
+             (a start alone is refused, exit 7)",
         );
         // Named: once the config names the new one, a plain `detach` would look there.
         let old_state = self.state.root().display().to_string();
@@ -119,7 +119,7 @@ impl Fixed {
             next.state.root().display().to_string(),
             &format!(
                 "it takes stopping the agent and `keepalive-agent --state-dir {old_state} \
-                 detach` before the restart (a restart alone is refused while the enforcement \
+                 detach` before the start (a start alone is refused while the enforcement \
                  pinned there is on the attach cgroup, exit 7)"
             ),
         );
@@ -645,6 +645,31 @@ impl Daemon {
                         None => err,
                     },
                 );
+            }
+            // A reload cannot move enforcement, and a start with this file would refuse to
+            // (exit 7, which the unit does not retry): the file is rejected as a whole, as one
+            // with an error is, rather than half taken up now and refused at the next start.
+            if let Some(note) = notes
+                .iter()
+                .find(|note| note.starts_with("attach ") || note.starts_with("state_dir "))
+            {
+                let reason = format!(
+                    "{note}; the reload is rejected, as a start with this file would be, and \
+                     the running policy stays"
+                );
+                return Err(match &config.file {
+                    Some(file) => Error::Config {
+                        file: file.clone(),
+                        line: config
+                            .attach
+                            .as_ref()
+                            .filter(|_| note.starts_with("attach "))
+                            .map(|(_, line)| *line),
+                        reason,
+                    },
+                    None => Error::Usage(reason),
+                }
+                .into());
             }
             daemon.config = config;
             // Runtime changes last until a reload, as documented; say which this one ends, so

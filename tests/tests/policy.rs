@@ -1519,7 +1519,8 @@ fn a_reload_that_moves_attach_with_its_policies_says_what_moving_takes() {
             a.display(),
             b.display()
         ),
-        "moving enforcement takes `keepalive-agent detach` and a restart".to_owned(),
+        "moving enforcement takes stopping the agent, `keepalive-agent detach` and a start"
+            .to_owned(),
         format!("until then the policies must stay within {}", a.display()),
         format!("{}:4:", config.display()),
     ] {
@@ -1531,6 +1532,68 @@ fn a_reload_that_moves_attach_with_its_policies_says_what_moving_takes() {
     assert!(text.contains(&format!("{}/svc", a.rel())), "{text}");
     assert!(!text.contains(&format!("{}/svc", b.rel())), "{text}");
     assert_eq!(idle_of(&a), 50);
+}
+
+/// A reload that changes `attach` or `state_dir` is rejected whole: a start with that file
+/// would be refused, and taking up its policies alone would hide that until then.
+#[test]
+fn a_reload_that_changes_attach_or_state_dir_is_rejected_whole() {
+    let cg = TestCgroup::new("reloadmove");
+    let inner = cg.child("inner");
+    let dirs = AgentDirs::new();
+    let file = |attach: &TestCgroup, state: &Path, idle: u32| {
+        format!(
+            "attach = \"{}\"\nstate_dir = \"{}\"\n[default]\nidle = {idle}\n",
+            attach.rel(),
+            state.display()
+        )
+    };
+    let config = write_config(&file(&inner, &dirs.state_dir, 50));
+    // The state directory from the file alone: a --state-dir flag would win over it.
+    let mut cmd = std::process::Command::new(agent_bin());
+    cmd.arg("--runtime-dir")
+        .arg(&dirs.runtime_dir)
+        .args(["run", "--config", config.to_str().unwrap()])
+        .env_remove("KEEPALIVE_STATE_DIR");
+    let agent = Agent::start_command(&dirs, cmd);
+    assert_eq!(idle_of(&inner), 50);
+    let rejected = |text: &str, part: &str| {
+        fs::write(&*config, text).unwrap();
+        let out = agent.cli(&["policy", "reload"]);
+        let said = stderr(&out);
+        assert_eq!(code(&out), 2, "{said}");
+        for part in [
+            part,
+            "the reload is rejected, as a start with this file would be",
+        ] {
+            assert!(said.contains(part), "{part} in:\n{said}");
+        }
+        assert_eq!(idle_of(&inner), 50, "nothing of it applied");
+    };
+    // Its policies stay within the running attach cgroup: only the move is in the way.
+    rejected(
+        &file(&cg, &dirs.state_dir, 51),
+        &format!(
+            "{}:1: attach changed in the config ({} -> {})",
+            config.display(),
+            inner.display(),
+            cg.display()
+        ),
+    );
+    let elsewhere = Path::new("/sys/fs/bpf/ka-elsewhere");
+    rejected(
+        &file(&inner, elsewhere, 51),
+        &format!(
+            "state_dir changed in the config ({} -> {})",
+            dirs.state_dir.display(),
+            elsewhere.display()
+        ),
+    );
+    assert!(!elsewhere.exists());
+    // Back to the running ones, the reload goes through.
+    fs::write(&*config, file(&inner, &dirs.state_dir, 52)).unwrap();
+    agent.cli_ok(&["policy", "reload"]);
+    assert_eq!(idle_of(&inner), 52);
 }
 
 #[test]
