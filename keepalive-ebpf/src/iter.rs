@@ -4,6 +4,7 @@
 
 use core::{
     ffi::c_void,
+    intrinsics::{AtomicOrdering, atomic_cxchg, atomic_xchg},
     ptr::{read_volatile, write_volatile},
 };
 
@@ -156,10 +157,12 @@ pub fn keepalive_status(ctx: *mut IterMapElem) -> i32 {
     }
     // SAFETY: key and value point at this map's key and value.
     let mut out = unsafe { status_record(*key, value) };
-    // Deleting the element the walk stands on: the kernel's walk goes on from its link, so
-    // if an insert on this CPU reuses it before the next step, this one walk may list some
-    // entries twice or miss some. Only entries of sockets that closed unseen are deleted,
-    // and only while the slot table is full do records land here.
+    // Deleting the element the walk stands on: the kernel's walk goes on from its link, and
+    // resumes a read by position in the bucket, so if an insert reuses it before the next
+    // step, or a deletion shifts the bucket between two reads, this one walk may list some
+    // entries twice or miss some (not delete them: a later walk finds them). Only entries of
+    // sockets that closed unseen are deleted, and only while the slot table is full do
+    // records land here.
     if write_status(ctx.meta, &mut out) == Shown::Gone
         && let Some(sk) = track::listed_sk(out.cookie)
         && open_state(sk as *const u8, out.cookie) == 0
@@ -198,38 +201,62 @@ pub fn keepalive_status_slots(ctx: *mut IterMapElem) -> i32 {
     // all did is the chunk reported, and only what was reported is freed (the kernel shows a
     // chunk whose output did not fit again at the next read, which reports and frees it then).
     // Kept in map memory, whose contents the verifier does not follow: in registers, every
-    // combination of the 64 slots' outcomes would be a state of its own to verify.
-    // SAFETY: `sweep` points at this CPU's value, which only this run uses (iterator programs
-    // run with migration disabled, one at a time per CPU).
-    unsafe {
-        write_volatile(sweep, Sweep { gone: 0, lost: 0 });
+    // combination of the 64 slots' outcomes would be a state of its own to verify. Iterator
+    // programs run with migration disabled but, on a preemptible kernel, can be preempted, so
+    // another reader's run on this CPU may come between: the run that claims the scratch
+    // (with its session, never 0) frees; one that finds it taken only reports, and the next
+    // `status` reports (and frees) what it left, rather than anything being freed unreported.
+    // SAFETY: `meta` comes from the iterator context; `sweep` points at this CPU's value.
+    let owned = unsafe {
+        let session = (*ctx.meta).session_id;
+        session != 0
+            && atomic_cxchg::<u64, { AtomicOrdering::SeqCst }, { AtomicOrdering::SeqCst }>(
+                &raw mut (*sweep).owner,
+                0,
+                session,
+            )
+            .1
+    };
+    if owned {
+        // SAFETY: as above; this run holds the scratch.
+        unsafe {
+            write_volatile(&raw mut (*sweep).gone, 0);
+            write_volatile(&raw mut (*sweep).lost, 0);
+        }
     }
     for i in 0..STATUS_CHUNK {
         let Some(slot) = track::slot_at(first.wrapping_add(i)) else {
             break;
         };
-        // SAFETY: as above.
-        unsafe {
-            match status_slot(ctx.meta, slot) {
-                Some(Shown::Gone) => (*sweep).gone |= 1 << i,
-                Some(Shown::DidNotFit) => (*sweep).lost = 1,
-                Some(Shown::Open) | None => {}
+        let shown = status_slot(ctx.meta, slot);
+        if owned {
+            // SAFETY: as above.
+            unsafe {
+                match shown {
+                    Some(Shown::Gone) => (*sweep).gone |= 1 << i,
+                    Some(Shown::DidNotFit) => (*sweep).lost = 1,
+                    Some(Shown::Open) | None => {}
+                }
+            }
+        }
+    }
+    if !owned {
+        return 0;
+    }
+    // SAFETY: as above.
+    if unsafe { read_volatile(&raw const (*sweep).lost) } == 0 {
+        for i in 0..STATUS_CHUNK {
+            // SAFETY: as above.
+            let gone = unsafe { read_volatile(&raw const (*sweep).gone) };
+            if gone & (1 << i) != 0
+                && let Some(slot) = track::slot_at(first.wrapping_add(i))
+            {
+                free_if_gone(slot);
             }
         }
     }
     // SAFETY: as above.
-    if unsafe { read_volatile(&raw const (*sweep).lost) } != 0 {
-        return 0;
-    }
-    for i in 0..STATUS_CHUNK {
-        // SAFETY: as above.
-        let gone = unsafe { read_volatile(&raw const (*sweep).gone) };
-        if gone & (1 << i) != 0
-            && let Some(slot) = track::slot_at(first.wrapping_add(i))
-        {
-            free_if_gone(slot);
-        }
-    }
+    unsafe { atomic_xchg::<u64, { AtomicOrdering::SeqCst }>(&raw mut (*sweep).owner, 0) };
     0
 }
 
@@ -237,6 +264,8 @@ pub fn keepalive_status_slots(ctx: *mut IterMapElem) -> i32 {
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct Sweep {
+    /// The session of the run that holds it; 0 when none does.
+    owner: u64,
     /// Bit `i`: slot `i` of the chunk was reported as holding the record of a closed socket.
     gone: u64,
     /// Not 0: some of the chunk's output did not fit.
