@@ -616,11 +616,18 @@ impl Proc {
         drop(self.stdin.take());
     }
 
+    /// Writes `line` and a newline to the helper's stdin.
+    pub fn send(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin open");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .expect("write to helper");
+        stdin.flush().expect("flush");
+    }
+
     /// Asks a holding helper for the current options of its sockets.
     pub fn report(&mut self) -> Vec<Value> {
-        let stdin = self.stdin.as_mut().expect("stdin open");
-        stdin.write_all(b"report\n").expect("write to helper");
-        stdin.flush().expect("flush");
+        self.send("report");
         let out = self.read();
         out["report"]
             .as_array()

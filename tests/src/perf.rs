@@ -1,5 +1,6 @@
 //! What the performance guard (`tests/perf.rs`) and `cargo xtask bench` share: the connection
-//! storm, the realistic policy set, and the sock_ops program's own time from `bpf_stats`.
+//! storm, interleaved batches of it, the realistic policy set, and the sock_ops program's own
+//! time from `bpf_stats`.
 
 use std::{fmt::Write as _, fs, time::Duration};
 
@@ -19,6 +20,59 @@ pub fn storm(cgroup: &TestCgroup, n: u64, env: &[(&str, &str)]) -> f64 {
     proc.next(Duration::from_secs(60 + n / 100))["per_second"]
         .as_f64()
         .expect("storm rate")
+}
+
+/// Connections per batch of [`Storms`] in interleaved rate measurements: about 7 ms of storm
+/// here, short enough that set-ups taking turns see the same host.
+pub const BATCH: u64 = 200;
+
+/// A `ka-sock storms` helper in a cgroup: storms on demand from one process, so that set-ups
+/// can take turns batch by batch. Single storms of thousands of connections on this VM vary
+/// by about 10 %, and that variation follows the host over tens of milliseconds, so ratios of
+/// short batches run back to back cancel most of it where ratios of whole storms do not.
+pub struct Storms(Proc);
+
+impl Storms {
+    /// The helper in `cgroup`, with extra environment (see [`storm`]).
+    pub fn new(cgroup: &TestCgroup, env: &[(&str, &str)]) -> Self {
+        let mut proc =
+            Proc::spawn_with_env(&sock_bin(), &["storms"], Some(cgroup.path()), None, env);
+        proc.next(Duration::from_secs(10));
+        Self(proc)
+    }
+
+    /// One batch of `n` connections; connections per second.
+    pub fn run(&mut self, n: u64) -> f64 {
+        self.0.send(&n.to_string());
+        self.0.next(Duration::from_secs(60 + n / 100))["per_second"]
+            .as_f64()
+            .expect("storm rate")
+    }
+}
+
+/// `rounds` measurements of every set-up, interleaved: each round starts one set-up further
+/// on, and every other cycle of `N` rounds goes through them backwards, so none always runs
+/// first, nor (with more than two) always after the same other one.
+pub fn interleaved<S, const N: usize>(
+    rounds: usize,
+    setups: &mut [S; N],
+    mut measure: impl FnMut(&mut S) -> f64,
+) -> [Vec<f64>; N] {
+    let mut values = [const { Vec::new() }; N];
+    for i in 0..rounds {
+        let backwards = (i / N) % 2 == 1;
+        for k in 0..N {
+            let step = if backwards { N - k } else { k };
+            let which = (i + step) % N;
+            values[which].push(measure(&mut setups[which]));
+        }
+    }
+    values
+}
+
+/// Round-by-round ratios `a[i] / b[i]`.
+pub fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(a, b)| a / b).collect()
 }
 
 /// A reference sock_ops program from `ka-sock`, attached to `cgroup` while the returned
@@ -117,4 +171,11 @@ pub fn program_cost(pid: u32, cgroup: &TestCgroup, n: u64, storms: u64) -> (u64,
 pub fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
+}
+
+/// The first quartile, the median and the third quartile; sorts `values`.
+pub fn quartiles(values: &mut [f64]) -> [f64; 3] {
+    let median = median(values);
+    let quartile = |q: usize| values[(values.len() - 1) * q / 4];
+    [quartile(1), median, quartile(3)]
 }

@@ -2,13 +2,15 @@
 //! (parallel tests would skew it). The real numbers come from `cargo xtask bench` (README,
 //! "Performance").
 //!
-//! Two checks over interleaved loopback connection storms in a cgroup without enforcement and
-//! one under the agent (the default plus 300 cgroup policies, tracking on):
-//! - the enforced storm's median rate is at least 75% of the plain one's. On a shared 2-core
-//!   VM single pairs range over ±20% and medians of the same code between 0.82 and 0.97, so
-//!   this floor only catches gross regressions without being flaky. Rates are measured with
-//!   `bpf_stats` off, as in `cargo xtask bench` (medians before that was so read a few
-//!   hundredths lower);
+//! Two checks over loopback connection storms in a cgroup without enforcement and one under the
+//! agent (the default plus 300 cgroup policies, tracking on):
+//! - the enforced storm's rate is at least 85% of the plain one's: the median ratio of
+//!   batches of 200 connections run in turns, as `cargo xtask bench` measures it. Ratios of
+//!   single batches range over ±30% on a shared 2-core VM, but the median of 400 moved by
+//!   about 2% between runs (0.907–0.942 over seven), so this floor catches a program that
+//!   costs twice what it does (7–9% of the rate) without being flaky. Rates are measured
+//!   with `bpf_stats` off, as in `cargo xtask bench` (the statistics add clock reads to the
+//!   enforced side only);
 //! - the sock_ops program's own time per connection, from `bpf_stats` over three more storms
 //!   (it varies far less than wall time), stays under 20% of a plain connection's time. It is
 //!   about 7% today, so a program that became 3 times more expensive fails.
@@ -17,19 +19,18 @@
 
 use keepalive_tests::{
     Agent, TestCgroup, kernel_defaults, pair_values,
-    perf::{BpfStats, median, program_cost, realistic_policies, reference_program, storm},
+    perf::{
+        BATCH, BpfStats, Storms, interleaved, median, program_cost, quartiles, ratios,
+        realistic_policies, reference_program,
+    },
 };
 
-const CONNECTIONS: u64 = 6000;
-const PAIRS: usize = 11;
-const RATE_FLOOR: f64 = 0.75;
+const ROUNDS: usize = 400;
+const RATE_FLOOR: f64 = 0.85;
 const PROGRAM_SHARE_CEILING: f64 = 0.20;
-/// Storms over which the program's time is taken.
+/// Storms, and connections in each, over which the program's time is taken.
 const COST_STORMS: u64 = 3;
-
-fn rate(cgroup: &TestCgroup) -> f64 {
-    storm(cgroup, CONNECTIONS, &[])
-}
+const CONNECTIONS: u64 = 6000;
 
 #[test]
 #[ignore = "timing-sensitive: run alone by `cargo xtask test`"]
@@ -39,38 +40,31 @@ fn enforcement_keeps_the_connection_rate_within_bounds() {
     let enforced = parent.child("enforced");
     let (config, _services) = realistic_policies(&enforced);
     let agent = Agent::start(&enforced, &["--config", config.to_str().unwrap()]);
+    let mut setups = [Storms::new(&plain, &[]), Storms::new(&enforced, &[])];
+    // Warm-up.
+    interleaved(10, &mut setups, |storms| storms.run(BATCH));
     // Rates with the statistics off (their clock reads would land on the enforced side only),
     // then the program's time with them on.
     let stats_off = BpfStats::disable();
-    // Warm-up.
-    rate(&plain);
-    rate(&enforced);
-    let (mut ratios, mut plain_rates) = (Vec::new(), Vec::new());
-    for i in 0..PAIRS {
-        let (a, b) = if i % 2 == 0 {
-            let a = rate(&plain);
-            (a, rate(&enforced))
-        } else {
-            let b = rate(&enforced);
-            (rate(&plain), b)
-        };
-        ratios.push(b / a);
-        plain_rates.push(a);
-    }
+    let [mut plain_rates, enforced_rates] =
+        interleaved(ROUNDS, &mut setups, |storms| storms.run(BATCH));
     drop(stats_off);
+    drop(setups);
     let (program_ns, _) = program_cost(agent.pid(), &enforced, CONNECTIONS, COST_STORMS);
     let program_ns = program_ns as f64 / (COST_STORMS as f64 * CONNECTIONS as f64);
+    let mut ratios = ratios(&enforced_rates, &plain_rates);
     let plain_ns = 1e9 / median(&mut plain_rates);
     let share = program_ns / plain_ns;
-    let median_ratio = median(&mut ratios);
+    let [q1, median_ratio, q3] = quartiles(&mut ratios);
     eprintln!(
-        "enforced/plain rate ratios {ratios:.3?}, median {median_ratio:.3}; program {program_ns:.0} ns \
-         per connection = {:.1}% of a plain connection ({plain_ns:.0} ns)",
+        "enforced/plain rate ratio over {ROUNDS} batches of {BATCH}: median {median_ratio:.3}, \
+         middle half {q1:.3}–{q3:.3}; program {program_ns:.0} ns per connection = {:.1}% of a \
+         plain connection ({plain_ns:.0} ns)",
         share * 100.0
     );
     assert!(
         median_ratio >= RATE_FLOOR,
-        "median rate ratio {median_ratio:.3} < {RATE_FLOOR} ({ratios:.3?})"
+        "median rate ratio {median_ratio:.3} < {RATE_FLOOR} (middle half {q1:.3}–{q3:.3})"
     );
     assert!(
         share <= PROGRAM_SHARE_CEILING,

@@ -16,7 +16,8 @@ use anyhow::{Context as _, bail};
 use keepalive_tests::{
     Agent, AgentDirs, Proc, TestCgroup,
     perf::{
-        BpfStats, median, program_cost, realistic_policies, reference_program, sockops_stats, storm,
+        BATCH, BpfStats, Storms, interleaved, median, program_cost, quartiles, ratios,
+        realistic_policies, reference_program, sockops_stats,
     },
 };
 use serde_json::Value;
@@ -27,17 +28,29 @@ struct Row {
     goal: &'static str,
 }
 
+/// The median with min–max.
 fn spread(values: &mut [f64]) -> String {
     let m = median(values);
     format!("{m:.3} ({:.3}–{:.3})", values[0], values[values.len() - 1])
 }
 
+/// The median with the middle half and min–max, for ratios of short batches, whose extremes
+/// say little.
+fn middle_half(values: &mut [f64]) -> String {
+    let [q1, m, q3] = quartiles(values);
+    format!(
+        "{m:.3} (middle half {q1:.3}–{q3:.3}, all {:.3}–{:.3})",
+        values[0],
+        values[values.len() - 1]
+    )
+}
+
 fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
-    // Many short rounds: single storms on this VM vary by about 10 % (coefficient of variation
-    // at 3000-6000 connections), so the median of 25 rounds still moved by ±3 % between runs.
-    // 100 rounds of 3000 bring that to about ±1.5 % in under two minutes.
-    let n: u64 = if quick { 4000 } else { 3000 };
-    let rounds = if quick { 7 } else { 100 };
+    // Many short rounds, one batch of each set-up per round: the median of 1500 such ratios
+    // moved by well under 1 % between runs of the same code, where the median of 100 rounds
+    // of whole 3000-connection storms, one process each, moved by ±1.5 %.
+    let n = BATCH;
+    let rounds = if quick { 150 } else { 1500 };
     let parent = TestCgroup::new("bench-rate");
     let plain = parent.child("plain");
     let shimmed = parent.child("shim");
@@ -57,30 +70,34 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     // (k): keepalive switched on by the application, with one setsockopt per connection: what
     // keepalive itself costs (its timer), without any enforcer.
     let own_keepalive = [("KA_STORM_KEEPALIVE", "1")];
-    let setups: [(&TestCgroup, &[(&str, &str)]); 6] = [
-        (&plain, &[]),
-        (&shimmed, &preload),
-        (&empty, &[]),
-        (&enforced, &[]),
-        (&app_keepalive, &own_keepalive),
-        (&minimal, &[]),
+    let mut setups = [
+        Storms::new(&plain, &[]),
+        Storms::new(&shimmed, &preload),
+        Storms::new(&empty, &[]),
+        Storms::new(&enforced, &[]),
+        Storms::new(&app_keepalive, &own_keepalive),
+        Storms::new(&minimal, &[]),
     ];
     // Warm-up.
-    for (cgroup, env) in setups {
-        storm(cgroup, n, env);
-    }
+    interleaved(10, &mut setups, |storms| storms.run(n));
     // Rates are measured with bpf_stats off, as in production: the statistics add clock reads
     // to every program run.
     let stats_off = BpfStats::disable();
-    let [a, c, e, b, k, m] = interleaved(rounds, setups, |(cgroup, env)| storm(cgroup, n, env));
+    let [a, c, e, b, k, m] = interleaved(rounds, &mut setups, |storms| storms.run(n));
     drop(stats_off);
-    for i in 0..rounds {
-        eprintln!(
-            "xtask bench: rates plain {:.0}/s, shim {:.0}/s, empty program {:.0}/s, \
-             enforced {:.0}/s, application keepalive {:.0}/s, minimal enforcer {:.0}/s",
-            a[i], c[i], e[i], b[i], k[i], m[i]
-        );
-    }
+    drop(setups);
+    let total = |rates: &[f64]| rates.iter().map(|rate| 1.0 / rate).sum::<f64>();
+    eprintln!(
+        "xtask bench: total time of {rounds} batches of {n}: plain {:.2} s, shim {:.2} s, \
+         empty program {:.2} s, enforced {:.2} s, application keepalive {:.2} s, minimal \
+         enforcer {:.2} s",
+        total(&a) * n as f64,
+        total(&c) * n as f64,
+        total(&e) * n as f64,
+        total(&b) * n as f64,
+        total(&k) * n as f64,
+        total(&m) * n as f64,
+    );
     let (mut b_a, mut c_a, mut e_a, mut b_c, mut b_e, mut k_a, mut m_a, mut b_m) = (
         ratios(&b, &a),
         ratios(&c, &a),
@@ -108,13 +125,14 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     let mut ratio = |what: String, values: &mut Vec<f64>, goal| {
         rows.push(Row {
             what,
-            result: spread(values),
+            result: middle_half(values),
             goal,
         })
     };
     ratio(
         format!(
-            "Connection rate, keepalive-agent (b) / no enforcement (a); {rounds} rounds of {n}"
+            "Connection rate, keepalive-agent (b) / no enforcement (a); {rounds} rounds of \
+             batches of {n}"
         ),
         &mut b_a,
         "≥ 0.98",
@@ -190,8 +208,8 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
 fn against_baseline(rows: &mut Vec<Row>, baseline: &Path, quick: bool) -> anyhow::Result<()> {
     // As in `connection_rate`: many short rounds. Single rounds of program time range over
     // ±15 % here; medians of 6 rounds moved by as much as 0.15 between runs.
-    let n: u64 = if quick { 4000 } else { 6000 };
-    let rounds = if quick { 14 } else { 24 };
+    let n = BATCH;
+    let rounds = if quick { 280 } else { 720 };
     let parent = TestCgroup::new("bench-baseline");
     let ours_cg = parent.child("current");
     let base_cg = parent.child("baseline");
@@ -203,28 +221,31 @@ fn against_baseline(rows: &mut Vec<Row>, baseline: &Path, quick: bool) -> anyhow
         &base_cg,
         &["--config", base_config.to_str().unwrap()],
     );
-    let setups = [(&ours_cg, ours.pid()), (&base_cg, base.pid())];
-    for (cgroup, _) in setups {
-        storm(cgroup, n, &[]);
-    }
+    let mut setups = [
+        (Storms::new(&ours_cg, &[]), ours.pid()),
+        (Storms::new(&base_cg, &[]), base.pid()),
+    ];
+    interleaved(10, &mut setups, |(storms, _)| storms.run(n));
     // Rates with bpf_stats off, then the program's time with it on.
     let stats_off = BpfStats::disable();
-    let [ours_rate, base_rate] = interleaved(rounds, setups, |(cgroup, _)| storm(cgroup, n, &[]));
+    let [ours_rate, base_rate] = interleaved(rounds, &mut setups, |(storms, _)| storms.run(n));
     drop(stats_off);
     let stats = BpfStats::enable();
-    let [mut ours_ns, mut base_ns] = interleaved(rounds, setups, |(cgroup, pid)| {
-        let (t0, _) = sockops_stats(pid);
-        storm(cgroup, n, &[]);
-        let (t1, _) = sockops_stats(pid);
-        (t1 - t0) as f64 / n as f64
+    // Longer batches for the program's time: its fdinfo reads around each are not timed, but
+    // they take the host away from the batches.
+    let [mut ours_ns, mut base_ns] = interleaved(rounds / 10, &mut setups, |(storms, pid)| {
+        let (t0, _) = sockops_stats(*pid);
+        storms.run(10 * n);
+        let (t1, _) = sockops_stats(*pid);
+        (t1 - t0) as f64 / (10 * n) as f64
     });
     drop(stats);
     rows.push(Row {
         what: format!(
-            "Connection rate, this build / baseline `{}`; {rounds} rounds of {n}",
+            "Connection rate, this build / baseline `{}`; {rounds} rounds of batches of {n}",
             baseline.display()
         ),
-        result: spread(&mut ratios(&ours_rate, &base_rate)),
+        result: middle_half(&mut ratios(&ours_rate, &base_rate)),
         goal: "context",
     });
     let mut cost = ratios(&ours_ns, &base_ns);
@@ -239,28 +260,6 @@ fn against_baseline(rows: &mut Vec<Row>, baseline: &Path, quick: bool) -> anyhow
         goal: "context",
     });
     Ok(())
-}
-
-/// `rounds` measurements of every set-up, interleaved: each round starts one set-up further
-/// on, so none always runs first.
-fn interleaved<S: Copy, const N: usize>(
-    rounds: usize,
-    setups: [S; N],
-    mut measure: impl FnMut(S) -> f64,
-) -> [Vec<f64>; N] {
-    let mut values = [const { Vec::new() }; N];
-    for i in 0..rounds {
-        for k in 0..N {
-            let which = (i + k) % N;
-            values[which].push(measure(setups[which]));
-        }
-    }
-    values
-}
-
-/// Round-by-round ratios `a[i] / b[i]`.
-fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
-    a.iter().zip(b).map(|(a, b)| a / b).collect()
 }
 
 /// Parses "… existing connections: N updated, … in T ms" from the agent's log.

@@ -18,6 +18,8 @@
 //!                                                with KA_STORM_KEEPALIVE set (to any value),
 //!                                                the application turns SO_KEEPALIVE on itself
 //!                                                (listener, and each client after connecting)
+//! ka-sock storms                                 the same in batches: each line N on stdin
+//!                                                runs N cycles and reports their rate
 //! ka-sock churn                                  connect/accept/close until stdin closes,
 //!                                                counting connections without SO_KEEPALIVE
 //! ka-sock hold <N> [--over-ms T]                 open N loopback connections, hold them;
@@ -484,33 +486,70 @@ fn connect_cmd(args: &[String]) {
     hold(&[fd]);
 }
 
+/// The listener of `storm` and `storms`.
+struct Storm {
+    listener: TcpListener,
+    addr: std::net::SocketAddr,
+    app_keepalive: bool,
+}
+
+impl Storm {
+    fn new() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app_keepalive = std::env::var_os("KA_STORM_KEEPALIVE").is_some();
+        if app_keepalive {
+            set(listener.as_raw_fd(), SOL_SOCKET, SO_KEEPALIVE, 1);
+        }
+        Self {
+            listener,
+            addr,
+            app_keepalive,
+        }
+    }
+
+    /// `n` cycles, timed. Lock-step connect/accept/close in one thread: no accept backlog can
+    /// overflow, so no SYN is ever retransmitted and the timing measures the per-connection
+    /// work itself.
+    fn run(&self, n: usize) -> std::time::Duration {
+        let start = Instant::now();
+        for _ in 0..n {
+            let client = TcpStream::connect(self.addr).expect("connect");
+            let (server, _) = self.listener.accept().expect("accept");
+            reset_on_close(client.as_raw_fd());
+            if self.app_keepalive {
+                set(client.as_raw_fd(), SOL_SOCKET, SO_KEEPALIVE, 1);
+            }
+            drop(client);
+            drop(server);
+        }
+        start.elapsed()
+    }
+}
+
 fn storm(args: &[String]) {
     let n: usize = args.first().expect("storm N").parse().expect("count");
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let app_keepalive = std::env::var_os("KA_STORM_KEEPALIVE").is_some();
-    if app_keepalive {
-        set(listener.as_raw_fd(), SOL_SOCKET, SO_KEEPALIVE, 1);
-    }
-    // Lock-step connect/accept/close in one thread: no accept backlog can overflow, so no
-    // SYN is ever retransmitted and the timing measures the per-connection work itself.
-    let start = Instant::now();
-    for _ in 0..n {
-        let client = TcpStream::connect(addr).expect("connect");
-        let (server, _) = listener.accept().expect("accept");
-        reset_on_close(client.as_raw_fd());
-        if app_keepalive {
-            set(client.as_raw_fd(), SOL_SOCKET, SO_KEEPALIVE, 1);
-        }
-        drop(client);
-        drop(server);
-    }
-    let elapsed = start.elapsed();
+    let elapsed = Storm::new().run(n);
     emit(json!({
         "connections": n,
         "elapsed_us": elapsed.as_micros() as u64,
         "per_second": n as f64 / elapsed.as_secs_f64(),
     }));
+}
+
+/// `storm` in batches on demand: one per line of stdin, which gives its number of cycles.
+fn storms() {
+    let storm = Storm::new();
+    emit(json!({ "ready": true }));
+    for line in std::io::stdin().lines() {
+        let line = line.expect("read stdin");
+        let n: usize = line.trim().parse().expect("a number of cycles");
+        let elapsed = storm.run(n);
+        emit(json!({
+            "connections": n,
+            "per_second": n as f64 / elapsed.as_secs_f64(),
+        }));
+    }
 }
 
 /// Opens `n` loopback connections (spread over enough listeners that ephemeral ports never run
@@ -881,6 +920,7 @@ fn main() {
         "listen" => listen(rest),
         "connect" => connect_cmd(rest),
         "storm" => storm(rest),
+        "storms" => storms(),
         "churn" => churn(),
         "hold" => hold_many(rest),
         "userns-watch" => userns_watch(rest),
