@@ -649,22 +649,28 @@ impl Daemon {
             // A reload cannot move enforcement, and a start with this file would refuse to
             // (exit 7, which the unit does not retry): the file is rejected as a whole, as one
             // with an error is, rather than half taken up now and refused at the next start.
-            if let Some(note) = notes
+            let moves: Vec<&str> = notes
                 .iter()
-                .find(|note| note.starts_with("attach ") || note.starts_with("state_dir "))
-            {
+                .map(String::as_str)
+                .filter(|note| note.starts_with("attach ") || note.starts_with("state_dir "))
+                .collect();
+            if let Some(first) = moves.first() {
                 let reason = format!(
-                    "{note}; the reload is rejected, as a start with this file would be, and \
-                     the running policy stays"
+                    "{}; the reload is rejected, as a start with this file would be, and the \
+                     running policy stays",
+                    moves.join("; ")
                 );
+                // The line of the first change named, where the file has one (a setting
+                // removed from it has none).
+                let line = if first.starts_with("attach ") {
+                    config.attach.as_ref().map(|(_, line)| *line)
+                } else {
+                    next.state.line()
+                };
                 return Err(match &config.file {
                     Some(file) => Error::Config {
                         file: file.clone(),
-                        line: config
-                            .attach
-                            .as_ref()
-                            .filter(|_| note.starts_with("attach "))
-                            .map(|(_, line)| *line),
+                        line,
                         reason,
                     },
                     None => Error::Usage(reason),

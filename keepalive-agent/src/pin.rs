@@ -152,6 +152,11 @@ impl StateDir {
         .into()
     }
 
+    /// The line of the config file that named it, if one did.
+    pub fn line(&self) -> Option<usize> {
+        self.origin.as_ref().map(|(_, line)| *line)
+    }
+
     /// The directory.
     pub fn root(&self) -> &Path {
         &self.root

@@ -1584,7 +1584,22 @@ fn a_reload_that_changes_attach_or_state_dir_is_rejected_whole() {
     rejected(
         &file(&inner, elsewhere, 51),
         &format!(
-            "state_dir changed in the config ({} -> {})",
+            "{}:2: state_dir changed in the config ({} -> {})",
+            config.display(),
+            dirs.state_dir.display(),
+            elsewhere.display()
+        ),
+    );
+    // Both: both are named, at the first one's line.
+    rejected(
+        &file(&cg, elsewhere, 51),
+        &format!(
+            "{}:1: attach changed in the config ({} -> {}); moving enforcement takes stopping \
+             the agent, `keepalive-agent detach` and a start (a start alone is refused, exit \
+             7); state_dir changed in the config ({} -> {})",
+            config.display(),
+            inner.display(),
+            cg.display(),
             dirs.state_dir.display(),
             elsewhere.display()
         ),
