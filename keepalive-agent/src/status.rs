@@ -631,8 +631,12 @@ fn table(headers: &[&str]) -> Table {
     table
 }
 
-fn secs(value: u32) -> String {
-    humantime::format_duration(Duration::from_secs(u64::from(value))).to_string()
+/// A duration as one word (`1m30s`, not humantime's `1m 30s`), so a cell never holds a space
+/// that reads as a column break; humantime parses it back, as the config and the flags do.
+fn duration_cell(value: Duration) -> String {
+    humantime::format_duration(value)
+        .to_string()
+        .replace(' ', "")
 }
 
 /// Human output: aligned columns, sockets sorted by cgroup and address, then the per-cgroup
@@ -841,11 +845,11 @@ fn socket_cells(s: &SocketRow) -> [String; SOCKET_COLUMNS.len()] {
         }
         .to_owned(),
         printable(&s.cgroup).into_owned(),
-        secs(s.idle),
-        secs(s.interval),
+        duration_cell(Duration::from_secs(u64::from(s.idle))),
+        duration_cell(Duration::from_secs(u64::from(s.interval))),
         s.count.to_string(),
         s.user_timeout.map_or("-".to_owned(), |ms| {
-            humantime::format_duration(Duration::from_millis(u64::from(ms))).to_string()
+            duration_cell(Duration::from_millis(u64::from(ms)))
         }),
         mode,
         process,

@@ -74,13 +74,13 @@ fn an_open_connection_is_listed_with_both_ends_and_leaves_when_closed() {
         &parent,
         &[
             "--idle",
-            "17",
+            "77",
             "--interval",
             "4",
             "--count",
             "3",
             "--user-timeout",
-            "30s",
+            "90500ms",
         ],
     );
     let mut pair = Proc::sock(&["pair", "6"], &cg);
@@ -112,9 +112,9 @@ fn an_open_connection_is_listed_with_both_ends_and_leaves_when_closed() {
                 s["interval"].as_u64(),
                 s["count"].as_u64()
             ),
-            (Some(17), Some(4), Some(3))
+            (Some(77), Some(4), Some(3))
         );
-        assert_eq!(s["user_timeout"], 30_000);
+        assert_eq!(s["user_timeout"], 90_500);
         assert_eq!(s["mode"], "enforce");
         assert_eq!(s["state"], "established");
         assert_eq!(s["policy_cgroup"], "default");
@@ -202,6 +202,18 @@ fn an_open_connection_is_listed_with_both_ends_and_leaves_when_closed() {
     let human = String::from_utf8(agent.cli(&["status"]).stdout).unwrap();
     assert!(
         human.contains("DEAD-PEERS") && human.contains(&client) && human.contains("ka-sock"),
+        "{human}"
+    );
+    // Durations are one word each, so the row splits into its columns at whitespace.
+    let row: Vec<&str> = human
+        .lines()
+        .find(|line| line.trim_start().starts_with(&client))
+        .unwrap_or_else(|| panic!("no row for {client}:\n{human}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        row[4..9],
+        ["1m17s", "4s", "3", "1m30s500ms", "enforce"],
         "{human}"
     );
 
