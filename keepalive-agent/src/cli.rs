@@ -262,7 +262,9 @@ pub enum PolicyCommand {
 /// `detach`.
 #[derive(Debug, Clone, Args)]
 pub struct DetachArgs {
-    /// Only detach if enforcement is attached to this cgroup (a safety check).
+    /// Only detach if enforcement is attached to this cgroup, and refuse (exit 7) if it is
+    /// attached to another (a safety check). With none attached, what is left is removed as
+    /// without it.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<String>,
 

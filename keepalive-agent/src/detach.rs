@@ -73,16 +73,18 @@ pub fn detach(
         Ok(None) => format!("cgroup id {id} (removed)"),
         Err(err) => format!("cgroup id {id} ({err})"),
     });
+    // `--cgroup` guards enforcement elsewhere; with none attached there is none to guard, and
+    // what is left (or nothing) goes as without it, so a cleanup can run twice.
     if let Some(wanted) = cgroup {
         let wanted = cgroup2.parse(wanted)?;
         let wanted_id = cgroup2.existing_id(&wanted)?;
-        if pinned != Some(wanted_id) {
+        if let (Some(pinned), Some(attach)) = (pinned, &attach)
+            && pinned != wanted_id
+        {
             return Err(Error::Agent(format!(
-                "enforcement in {} is {}, not on {wanted}; nothing was detached",
+                "enforcement in {} is attached to {attach}, not on {wanted}; nothing was \
+                 detached",
                 state.root().display(),
-                attach
-                    .as_deref()
-                    .map_or("not attached".to_owned(), |a| format!("attached to {a}"))
             ))
             .into());
         }

@@ -19,8 +19,8 @@ use keepalive_tests::{
     cgroup_row, cgroup2_mount, check_item, code, count_between, drop_caps_except, eventually,
     free_port, hide_with_tmpfs, hold_inotify_instances, hold_inotify_watches, idle_of,
     json_refusal, keepalive_programs_at, kernel_defaults, pair_values, private_mounts,
-    setsockopt_attachments, sock_bin, sockets_of, sockops_attachments, stderr, symlink, umount,
-    unix_seconds, values, write_config,
+    setsockopt_attachments, sock_bin, sockets_of, sockops_attachments, stderr, stdout, symlink,
+    umount, unix_seconds, values, write_config,
 };
 
 #[test]
@@ -1768,6 +1768,14 @@ fn detach_cgroup_checks_where_enforcement_is() {
     assert_eq!(sockops_attachments(a.path()), 1, "nothing detached");
     dirs.cli_ok(&["detach", "--cgroup", a.path().to_str().unwrap()]);
     assert_eq!(sockops_attachments(a.path()), 0);
+    // Nothing attached: nothing to guard, so a second run succeeds, as a plain detach does;
+    // a cgroup that does not exist is still an error.
+    for cgroup in [a.path(), b.path()] {
+        let out = dirs.cli_ok(&["detach", "--cgroup", cgroup.to_str().unwrap()]);
+        assert!(stdout(&out).contains("nothing to detach"), "{out:?}");
+    }
+    let out = dirs.cli(&["detach", "--cgroup", &missing]);
+    assert_eq!(code(&out), 4, "no such cgroup: {}", stderr(&out));
 }
 
 /// Sets the soft limit on open files of process `pid` to `soft`; returns the old limits.
