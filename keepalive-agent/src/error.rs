@@ -40,8 +40,9 @@ pub mod exit {
         ),
         (
             USAGE,
-            "bad command line or configuration (`file:line: reason`); nothing was attached or \
-             changed",
+            "bad command line or configuration (`file:line: reason`), or a max_tracked_* \
+             capacity the kernel has no memory for (named with what to lower); nothing was \
+             attached or changed",
         ),
         (
             PERMISSION,
@@ -64,7 +65,7 @@ pub mod exit {
             KERNEL,
             "the kernel cannot run keepalive (no BTF, an unsupported layout, or it rejected a \
              program or the attachment; not when it had no memory for them, which is 1 and \
-             retried)",
+             retried, or 2 for a map a max_tracked_* capacity sizes)",
         ),
         (
             AGENT,
