@@ -242,8 +242,9 @@ pub enum PolicyCommand {
         json: bool,
     },
     /// Remove a cgroup's runtime policy, after which the config's policy for it, if any,
-    /// applies again; or, with no runtime policy, mask the config's policy for it until the
-    /// next reload, after which it inherits from its nearest ancestor with a policy.
+    /// applies again; or, with no runtime policy, mask the config's policy for it, so that it
+    /// inherits from its nearest ancestor with a policy, until the next reload or restart
+    /// brings the config's back.
     Unset {
         /// cgroup path or glob, as given to `set` or in the config.
         cgroup: String,
