@@ -392,6 +392,26 @@ fn the_containerfile_passes_hadolint() {
     );
 }
 
+/// COPY keeps a file's mode from the build context, 0664 in a checkout made under a umask of
+/// 002, and `run` refuses a config that others may write: the image's default `run` would fail.
+#[test]
+fn the_image_copies_its_config_with_a_mode_the_agent_accepts() {
+    let text = std::fs::read_to_string(repo().join("Containerfile")).unwrap();
+    let copies: Vec<&str> = text
+        .lines()
+        .filter(|line| line.starts_with("COPY ") && line.contains(" /etc/keepalive-agent/"))
+        .collect();
+    assert!(!copies.is_empty(), "the image carries a default config");
+    for line in copies {
+        let mode = line
+            .split_whitespace()
+            .find_map(|word| word.strip_prefix("--chmod="))
+            .unwrap_or_else(|| panic!("no --chmod, so the checkout's mode: {line}"));
+        let mode = u32::from_str_radix(mode, 8).unwrap_or_else(|_| panic!("mode: {line}"));
+        assert_eq!(mode & 0o022, 0, "writable by others: {line}");
+    }
+}
+
 #[test]
 fn man_pages_and_completions_generate() {
     let dir = tempdir("man");
