@@ -332,7 +332,8 @@ pub fn reload(
                 line,
                 reason: format!(
                     "{reason}; it was read at start, so the running policy stays. Restore it, or \
-                     write an empty file for the built-in default"
+                     write one with only its attach and state_dir lines (if it had them; a \
+                     reload cannot change those) for the built-in default"
                 ),
             }
             .into()
@@ -380,16 +381,50 @@ impl fmt::Display for DanglingLink {
 
 impl std::error::Error for DanglingLink {}
 
+/// The most a config file may hold: far more than [`keepalive_common::MAX_POLICIES`] policies
+/// take, and a bound on what a wrong path makes the agent read into memory.
+const MAX_CONFIG_BYTES: u64 = 16 << 20;
+
 /// The text of `file` and the metadata of the very file it was read from (one open, so the
 /// owner checked is the text's, even if the path is replaced meanwhile); `None` when it does
 /// not exist and is not `required` (a [`DanglingLink`] is an error either way).
+///
+/// Only a regular file is read, and at most [`MAX_CONFIG_BYTES`] of it. The open does not wait:
+/// a FIFO without a writer would hold `run` (and a reload) forever, and `/dev/zero` would fill
+/// memory; `/dev/null` would read as an empty file, the built-in default.
 fn read_text(file: &Path, required: bool) -> anyhow::Result<Option<(String, std::fs::Metadata)>> {
-    let read = std::fs::File::open(file).and_then(|mut opened| {
-        let meta = opened.metadata()?;
-        let mut text = String::new();
-        std::io::Read::read_to_string(&mut opened, &mut text)?;
-        Ok((text, meta))
-    });
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let read = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(file)
+        .and_then(|opened| {
+            let meta = opened.metadata()?;
+            if !meta.is_file() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("it is {}, not a regular file", file_kind(&meta)),
+                ));
+            }
+            let mut bytes = Vec::new();
+            opened.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)?;
+            if bytes.len() as u64 > MAX_CONFIG_BYTES {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "larger than {} MiB, far more than any config takes",
+                        MAX_CONFIG_BYTES >> 20
+                    ),
+                ));
+            }
+            let text = String::from_utf8(bytes).map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "stream did not contain valid UTF-8",
+                )
+            })?;
+            Ok((text, meta))
+        });
     let err = match read {
         Ok(read) => return Ok(Some(read)),
         Err(err) => err,
@@ -412,6 +447,25 @@ fn read_text(file: &Path, required: bool) -> anyhow::Result<Option<(String, std:
         reason: format!("cannot read: {err}"),
     }
     .into())
+}
+
+/// What a file that is not a regular one is, for an error.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt as _;
+    let kind = meta.file_type();
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "of an unusual type"
+    }
 }
 
 /// The symbolic link whose target is missing, with that target, on the path to `file` (itself

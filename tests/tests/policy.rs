@@ -1367,12 +1367,14 @@ fn a_reload_without_the_default_config_file_read_at_start_keeps_the_running_poli
     let err = stderr(&out);
     assert!(
         err.contains("/etc/keepalive-agent/config.toml: cannot read")
-            && err.contains("the running policy stays"),
+            && err.contains("the running policy stays")
+            && err.contains("only its attach and state_dir lines"),
         "{err}"
     );
     assert_eq!(idle_of(&cg), 33, "the running policy stays");
 
-    // An empty file asks for the built-in default.
+    // An empty file asks for the built-in default (here, where `--cgroup` sets the attach
+    // cgroup and the file set no state_dir).
     fs::write(&file, "").unwrap();
     agent.cli_ok(&["policy", "reload"]);
     assert_eq!(idle_of(&cg), 60);
@@ -1740,6 +1742,40 @@ fn a_config_file_others_could_write_is_refused() {
         "{err}"
     );
     assert_eq!(sockops_attachments(cg.path()), 0);
+}
+
+/// Only a regular file is read as the config, and only so much of it: a FIFO without a writer
+/// held `run` forever, `/dev/null` read as an empty file (the built-in default, every policy
+/// gone), and `/dev/zero` filled memory (not tried here: a regression would take the host's).
+#[test]
+fn a_config_path_to_anything_but_a_regular_file_is_refused_at_once() {
+    let cg = TestCgroup::new("configkind");
+    let dirs = AgentDirs::new();
+    let dir = TempDir::new("configkind");
+    let fifo = dir.path().join("fifo.toml");
+    let name = CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0, "mkfifo");
+    let big = dir.path().join("big.toml");
+    fs::File::create(&big)
+        .and_then(|file| file.set_len(17 << 20))
+        .expect("a sparse file of 17 MiB");
+    for (path, kind) in [
+        (fifo.as_path(), "it is a FIFO, not a regular file"),
+        (Path::new("/dev/null"), "it is a character device"),
+        (dir.path(), "it is a directory"),
+        (big.as_path(), "larger than 16 MiB"),
+    ] {
+        let out = run_with_config(&dirs, &cg, path);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 2, "{}: {err}", path.display());
+        assert!(
+            err.contains(&format!("{}: cannot read: {kind}", path.display())),
+            "{err}"
+        );
+    }
+    assert_eq!(sockops_attachments(cg.path()), 0);
+    assert!(!dirs.state_dir.exists());
 }
 
 /// `run` refuses a config file root does not own. `check` says so and still validates what the
