@@ -97,17 +97,22 @@ impl Cgroup2 {
         let path = Path::new(spec);
         let relative = match path.strip_prefix(&self.mount) {
             Ok(below) => below,
-            // The mount's path without its leading `/`: a typo that names a cgroup
-            // `sys/fs/cgroup/…` below the mount, which would never appear.
-            Err(_)
-                if path.is_relative()
-                    && self.mount.strip_prefix("/").is_ok_and(|mount| {
-                        mount.components().next().is_some() && path.starts_with(mount)
-                    }) =>
-            {
+            // A path that starts like the mount without its leading `/`: a typo that names a
+            // cgroup `sys/fs/cgroup/…` below the mount, which would never appear. With the `/`
+            // it is either under the mount, or beside it (`sys/fs/cgroup/a.service` where the
+            // mount is `/sys/fs/cgroup/unified`) and refused as below.
+            Err(_) if path.is_relative() && first_name(path) == first_name(&self.mount) => {
+                let absolute = Path::new("/").join(path);
+                let fix = if absolute.starts_with(&self.mount) {
+                    format!("write /{spec}")
+                } else {
+                    "and with it, it is not under the mount either; give a path below it, one \
+                     relative to it, or a cgroup path such as /system.slice/a.service"
+                        .to_owned()
+                };
                 return Err(usage(format!(
                     "cgroup {spec} lacks its leading `/`: relative paths are taken from the cgroup2 \
-                     mount, so this names {}/{spec}; write /{spec}",
+                     mount, so this names {}/{spec}; {fix}",
                     self.mount.display()
                 )));
             }
@@ -483,12 +488,30 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         // The mount's path with its leading `/` left out.
         for typo in ["sys/fs/cgroup/kubepods.slice", "sys/fs/cgroup"] {
             let err = cg.parse(typo).unwrap_err();
-            assert!(err.to_string().contains("lacks its leading `/`"), "{err}");
+            assert!(err.to_string().contains("write /sys/fs/cgroup"), "{err}");
+        }
+        // Starting like it, where the `/` would not make it a path under the mount either.
+        for (mount, typo) in [
+            (&cg, "sys/fs/cgroupx"),
+            (&hybrid, "sys/fs/cgroup/system.slice"),
+            (&hybrid, "./sys/fs/cgroup/unified2"),
+        ] {
+            let err = mount.parse(typo).unwrap_err().to_string();
+            assert!(
+                err.contains("lacks its leading `/`") && err.contains("not under the mount"),
+                "{err}"
+            );
         }
         assert_eq!(
-            cg.parse("sys/fs/cgroupx").unwrap(),
-            CgroupPath("sys/fs/cgroupx".into())
+            hybrid
+                .parse("sys/fs/cgroup/unified/a")
+                .unwrap_err()
+                .to_string(),
+            "cgroup sys/fs/cgroup/unified/a lacks its leading `/`: relative paths are taken from \
+             the cgroup2 mount, so this names /sys/fs/cgroup/unified/sys/fs/cgroup/unified/a; \
+             write /sys/fs/cgroup/unified/a"
         );
+        assert_eq!(cg.parse("system").unwrap(), CgroupPath("system".into()));
         let err = cg.parse("").unwrap_err();
         assert!(
             err.to_string().contains("write \"/\" for the root"),
