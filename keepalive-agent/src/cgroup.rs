@@ -94,6 +94,12 @@ impl Cgroup2 {
                 "cgroup \"\" is empty; write \"/\" for the root cgroup",
             ));
         }
+        // No file name holds one, and the kernel would read the path only up to it.
+        if spec.contains('\0') {
+            return Err(usage(format!(
+                "cgroup {spec:?} contains a NUL character, which no cgroup name can hold"
+            )));
+        }
         let path = Path::new(spec);
         let relative = match path.strip_prefix(&self.mount) {
             Ok(below) => below,
@@ -512,6 +518,8 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
              write /sys/fs/cgroup/unified/a"
         );
         assert_eq!(cg.parse("system").unwrap(), CgroupPath("system".into()));
+        let err = cg.parse("a\0b").unwrap_err().to_string();
+        assert!(err.contains("contains a NUL character"), "{err}");
         let err = cg.parse("").unwrap_err();
         assert!(
             err.to_string().contains("write \"/\" for the root"),

@@ -964,6 +964,16 @@ mode = "off"
         assert!(reason.contains("`..`"), "{reason}");
         let (_, reason) = parse_err("state_dir = \"keepalive\"\n");
         assert!(reason.contains("absolute"), "{reason}");
+        // A NUL, which TOML can spell, would cut the path short in the kernel.
+        for (text, at) in [
+            ("state_dir = \"/sys/fs/bpf/ka\\u0000x\"\n", 1),
+            ("\nattach = \"a\\u0000b\"\n", 2),
+            ("[[policy]]\ncgroup = \"a\\u0000*\"\nidle = 30\n", 2),
+        ] {
+            let (line, reason) = parse_err(text);
+            assert_eq!(line, Some(at), "{text}");
+            assert!(reason.contains("contains a NUL character"), "{reason}");
+        }
         // Spelled one way, so a reload compares it with the running one.
         let config = parse_ok("state_dir = \"/sys/fs/bpf/ka/\"\n");
         let state = config.state_dir.expect("state_dir");

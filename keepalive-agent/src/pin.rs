@@ -469,6 +469,11 @@ impl StateDir {
 /// and shown (no `.` or trailing `/`).
 pub fn parse_dir(text: &str) -> Result<PathBuf, String> {
     let path = Path::new(text);
+    if text.contains('\0') {
+        return Err(format!(
+            "{text:?} contains a NUL character, which no path can hold"
+        ));
+    }
     if !path.is_absolute() {
         return Err(format!("{text} is not an absolute path"));
     }
@@ -635,6 +640,7 @@ mod tests {
             PathBuf::from("/sys/fs/bpf/keepalive")
         );
         assert!(parse_dir("keepalive").unwrap_err().contains("absolute"));
+        assert!(parse_dir("/sys/fs/bpf/a\0b").unwrap_err().contains("NUL"));
         assert!(
             parse_dir("/sys/fs/bpf/../../tmp/ka")
                 .unwrap_err()
