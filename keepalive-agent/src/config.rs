@@ -46,7 +46,7 @@ impl<'de> Deserialize<'de> for DurationValue {
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<DurationValue, E> {
                 u64::try_from(v)
                     .map(|secs| DurationValue(Duration::from_secs(secs)))
-                    .map_err(|_| E::custom(format!("{v} is negative; durations are >= 0")))
+                    .map_err(|_| E::custom(format!("{v} is negative")))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationValue, E> {
                 Ok(DurationValue(Duration::from_secs(v)))
@@ -178,7 +178,11 @@ fn toml_reason(err: &toml::de::Error, text: &str) -> String {
         .and_then(|span| text.lines().nth(line_of(text, span.start) - 1))
         .map_or("", str::trim);
     if !message.starts_with("invalid type") {
-        return message.to_owned();
+        // A value's own error (`-1 is negative`) names the key it was written for.
+        return match err.span().and_then(|span| key_before(text, span.start)) {
+            Some(key) => format!("{key}: {message}"),
+            None => message.to_owned(),
+        };
     }
     let header = line
         .strip_prefix("[[")
@@ -203,10 +207,13 @@ fn toml_reason(err: &toml::de::Error, text: &str) -> String {
         None => {}
     }
     // `default = 5`, `policy = [5]`: a table was due where a value stands.
-    let message = message.replace(
-        "expected struct RawPolicy",
-        "expected a table ([default], or [[policy]] for each entry)",
-    );
+    // toml hands dates and times over as maps too.
+    let message = message
+        .replace(
+            "expected struct RawPolicy",
+            "expected a table ([default], or [[policy]] for each entry)",
+        )
+        .replace("invalid type: map,", "invalid type: a table, date or time,");
     match err.span().and_then(|span| key_before(text, span.start)) {
         Some(key) => format!("{key}: {message}"),
         None => message,
@@ -937,6 +944,27 @@ mode = "off"
         assert_eq!(line, Some(2));
         let (line, _) = parse_err("max_tracked_cgroups = 0\n");
         assert_eq!(line, Some(1));
+        // Errors from the value's own parsing name the key too.
+        for (text, said) in [
+            (
+                "[default]\ncount = 18446744073709551615\n",
+                "count: 18446744073709551615 is too large",
+            ),
+            ("[default]\nidle = -1\n", "idle: -1 is negative"),
+            ("[default]\ninterval = \"soon\"\n", "interval: "),
+            (
+                "\nmax_tracked_cgroups = 18446744073709551615\n",
+                "max_tracked_cgroups: ",
+            ),
+            (
+                "[default]\nidle = 1979-05-27\n",
+                "idle: invalid type: a table, date or time,",
+            ),
+        ] {
+            let (line, reason) = parse_err(text);
+            assert_eq!(line, Some(2), "{text}");
+            assert!(reason.starts_with(said), "{reason}");
+        }
         let (line, reason) = parse_err("\nmax_tracked_sockets = 99999999999\n");
         assert_eq!(line, Some(2));
         assert!(reason.contains("max_tracked_sockets"), "{reason}");
@@ -1028,7 +1056,10 @@ mode = "off"
             "{reason}"
         );
         let (_, reason) = parse_err("[[policy]]\ncgroup = \"a\"\nidle = {x = 1}\n");
-        assert!(reason.starts_with("idle: invalid type: map"), "{reason}");
+        assert!(
+            reason.starts_with("idle: invalid type: a table"),
+            "{reason}"
+        );
         // The cgroup messages start with "cgroup" themselves.
         let (line, reason) = parse_err("[[policy]]\ncgroup = \"a/[\"\nidle = 30\n");
         assert_eq!(line, Some(2));
