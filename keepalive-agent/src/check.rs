@@ -1027,10 +1027,11 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
                 "keepalive",
                 Outcome::Fail,
                 format!("{detail}, but the config attaches to {attach}"),
-                Some(
-                    "`run` refuses to move pinned enforcement (exit 7): `keepalive-agent detach` \
-                     first, or attach where it is",
-                ),
+                Some(&format!(
+                    "`run` refuses to move pinned enforcement (exit 7): `{}` first, or attach \
+                     where it is",
+                    state.detach_command()
+                )),
             ),
             (_, Some((_, attach)), None, Some(other)) => item(
                 "keepalive",

@@ -104,12 +104,15 @@ impl Fixed {
                 ));
             }
         };
+        let detach = self.state.detach_command();
         note(
             "attach",
             self.attach.to_string(),
             next.attach.to_string(),
-            "moving enforcement takes stopping the agent, `keepalive-agent detach` and a start \
-             (a start alone is refused, exit 7)",
+            &format!(
+                "moving enforcement takes stopping the agent, `{detach}` and a start (a start \
+                 alone is refused, exit 7)"
+            ),
         );
         // Named: once the config names the new one, a plain `detach` would look there.
         let old_state = self.state.root().display().to_string();
@@ -131,20 +134,19 @@ impl Fixed {
             addr(next.metrics),
             "it takes effect at the next restart",
         );
-        let resize = "the pinned maps keep their size until `keepalive-agent detach` and a \
-                      restart";
+        let resize = format!("the pinned maps keep their size until `{detach}` and a restart");
         let size = |n: Option<u32>, default: u32| n.unwrap_or(default).to_string();
         note(
             "max_tracked_cgroups",
             size(self.max_tracked_cgroups, DEFAULT_MAX_TRACKED_CGROUPS),
             size(next.max_tracked_cgroups, DEFAULT_MAX_TRACKED_CGROUPS),
-            resize,
+            &resize,
         );
         note(
             "max_tracked_sockets",
             size(self.max_tracked_sockets, DEFAULT_MAX_TRACKED_SOCKETS),
             size(next.max_tracked_sockets, DEFAULT_MAX_TRACKED_SOCKETS),
-            resize,
+            &resize,
         );
         notes
     }
@@ -1004,8 +1006,9 @@ impl Daemon {
             log::warn!(
                 "{} removed from {root} while the agent ran: made and pinned again{when}, so \
                  enforcement stays when the agent stops; to end it, stop the agent and run \
-                 `keepalive-agent detach`",
-                restored.join(", ")
+                 `{}`",
+                restored.join(", "),
+                self.fixed.state.detach_command()
             );
         }
     }
@@ -1155,8 +1158,9 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             Ok(Some(where_)) => {
                 return Err(Error::Agent(format!(
                     "enforcement pinned in {} is attached to {where_}, not {attach}; run \
-                     `keepalive-agent detach` first to move it, or start with --cgroup {where_}",
-                    state.root().display()
+                     `{}` first to move it, or start with --cgroup {where_}",
+                    state.root().display(),
+                    state.detach_command()
                 ))
                 .into());
             }
@@ -1165,9 +1169,10 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                 return Err(Error::Agent(format!(
                     "enforcement pinned in {} is attached to cgroup id {}, not {attach}, and \
                      that cgroup could not be located to tell whether it still exists ({err}); \
-                     run `keepalive-agent detach` first to move it",
+                     run `{}` first to move it",
                     state.root().display(),
-                    link.cgroup_id
+                    link.cgroup_id,
+                    state.detach_command()
                 ))
                 .into());
             }
@@ -1530,9 +1535,9 @@ fn start_enforcing(
 fn log_what_stays(state: &StateDir, attach: &CgroupPath) {
     if state.sockops_link().exists() {
         log::info!(
-            "stopping; enforcement stays attached to {attach} ({}). `keepalive-agent detach` \
-             removes it",
-            state.root().display()
+            "stopping; enforcement stays attached to {attach} ({}). `{}` removes it",
+            state.root().display(),
+            state.detach_command()
         );
     } else {
         log::error!("stopping; enforcement on {attach} ends with the agent");

@@ -573,17 +573,18 @@ fn sock_slots(state: &StateDir, max_tracked_sockets: Option<u32>) -> anyhow::Res
         .max_entries();
     if !pinned.is_power_of_two() {
         return Err(Error::Agent(format!(
-            "{} has {pinned} slots, not a power of two, so keepalive did not make it; \
-             `keepalive-agent detach` removes the pinned state",
-            path.display()
+            "{} has {pinned} slots, not a power of two, so keepalive did not make it; `{}` \
+             removes the pinned state",
+            path.display(),
+            state.detach_command()
         ))
         .into());
     }
     if pinned != wanted {
         log::warn!(
             "keeping the {pinned} tracking slots of the pinned {MAP_SOCK_SLOTS} (this \
-             max_tracked_sockets asks for {wanted}); `keepalive-agent detach` and a restart \
-             resize it"
+             max_tracked_sockets asks for {wanted}); `{}` and a restart resize it",
+            state.detach_command()
         );
     }
     Ok(pinned)

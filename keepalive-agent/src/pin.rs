@@ -162,6 +162,16 @@ impl StateDir {
         &self.root
     }
 
+    /// The command that removes this state, as hints name it: with `--state-dir` unless it is
+    /// the default, so that a hint copied as it stands detaches this state and no other.
+    pub fn detach_command(&self) -> String {
+        if self.root == Path::new(DEFAULT_STATE_DIR) {
+            "keepalive-agent detach".to_owned()
+        } else {
+            format!("keepalive-agent --state-dir {} detach", self.root.display())
+        }
+    }
+
     /// Where pinned maps live; versioned so an agent never reuses maps whose layout differs.
     pub fn maps_dir(&self) -> PathBuf {
         self.root.join(format!("maps-v{ABI_VERSION}"))
@@ -641,6 +651,18 @@ mod tests {
         );
         assert!(parse_dir("keepalive").unwrap_err().contains("absolute"));
         assert!(parse_dir("/sys/fs/bpf/a\0b").unwrap_err().contains("NUL"));
+    }
+
+    #[test]
+    fn hints_detach_this_state() {
+        assert_eq!(
+            StateDir::new(DEFAULT_STATE_DIR).detach_command(),
+            "keepalive-agent detach"
+        );
+        assert_eq!(
+            StateDir::new("/sys/fs/bpf/other").detach_command(),
+            "keepalive-agent --state-dir /sys/fs/bpf/other detach"
+        );
         assert!(
             parse_dir("/sys/fs/bpf/../../tmp/ka")
                 .unwrap_err()

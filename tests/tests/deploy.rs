@@ -124,10 +124,10 @@ fn status_detach_and_check_find_the_state_of_the_config_they_are_given() {
     let keepalive = check_item(&report, "keepalive");
     assert_eq!(keepalive["status"], "fail", "{keepalive}");
     assert!(
-        keepalive["fix"]
-            .as_str()
-            .unwrap()
-            .contains("keepalive-agent detach"),
+        keepalive["fix"].as_str().unwrap().contains(&format!(
+            "`keepalive-agent --state-dir {} detach`",
+            dirs.state_dir.display()
+        )),
         "{keepalive}"
     );
     // `--cgroup` overrides the config's attach, as it does for `run`.

@@ -1478,11 +1478,16 @@ fn a_reload_applies_the_policy_and_warns_about_settings_it_cannot_change() {
     let said = String::from_utf8_lossy(&out.stdout);
     for warning in [
         "warning: metrics changed in the config (off -> 127.0.0.1:9); it takes effect at the \
-         next restart",
-        "warning: max_tracked_sockets changed in the config (4096 -> 8192); the pinned maps \
-         keep their size until `keepalive-agent detach` and a restart",
+         next restart"
+            .to_owned(),
+        // A hint to copy as it stands: this agent's state, not the default.
+        format!(
+            "warning: max_tracked_sockets changed in the config (4096 -> 8192); the pinned maps \
+             keep their size until `keepalive-agent --state-dir {} detach` and a restart",
+            agent.dirs().state_dir.display()
+        ),
     ] {
-        assert!(said.contains(warning), "{warning} in:\n{said}");
+        assert!(said.contains(&warning), "{warning} in:\n{said}");
     }
     assert_eq!(said.matches("warning: ").count(), 2, "{said}");
     assert_eq!(idle_of(&cg), 51, "the policy itself is reloaded");
@@ -1521,8 +1526,11 @@ fn a_reload_that_moves_attach_with_its_policies_says_what_moving_takes() {
             a.display(),
             b.display()
         ),
-        "moving enforcement takes stopping the agent, `keepalive-agent detach` and a start"
-            .to_owned(),
+        format!(
+            "moving enforcement takes stopping the agent, `keepalive-agent --state-dir {} \
+             detach` and a start",
+            agent.dirs().state_dir.display()
+        ),
         format!("until then the policies must stay within {}", a.display()),
         format!("{}:4:", config.display()),
     ] {
@@ -1597,11 +1605,12 @@ fn a_reload_that_changes_attach_or_state_dir_is_rejected_whole() {
         &file(&cg, elsewhere, 51),
         &format!(
             "{}:1: attach changed in the config ({} -> {}); moving enforcement takes stopping \
-             the agent, `keepalive-agent detach` and a start (a start alone is refused, exit \
-             7); state_dir changed in the config ({} -> {})",
+             the agent, `keepalive-agent --state-dir {} detach` and a start (a start alone is \
+             refused, exit 7); state_dir changed in the config ({} -> {})",
             config.display(),
             inner.display(),
             cg.display(),
+            dirs.state_dir.display(),
             dirs.state_dir.display(),
             elsewhere.display()
         ),

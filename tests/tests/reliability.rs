@@ -2664,7 +2664,11 @@ fn enforcement_on_a_cgroup_the_agent_cannot_find_is_not_taken_for_removed() {
     let err = stderr(&out);
     assert_eq!(code(&out), 7, "{err}");
     assert!(
-        err.contains("could not be located") && err.contains("keepalive-agent detach"),
+        err.contains("could not be located")
+            && err.contains(&format!(
+                "`keepalive-agent --state-dir {} detach`",
+                dirs.state_dir.display()
+            )),
         "{err}"
     );
     assert_eq!(sockops_attachments(inner.path()), 1, "still enforced there");
@@ -2815,7 +2819,11 @@ fn a_pinned_slot_table_keepalive_did_not_make_is_refused_with_exit_7() {
     let err = stderr(&out);
     assert_eq!(code(&out), 7, "{err}");
     assert!(
-        err.contains("1000 slots, not a power of two") && err.contains("keepalive-agent detach"),
+        err.contains("1000 slots, not a power of two")
+            && err.contains(&format!(
+                "`keepalive-agent --state-dir {} detach`",
+                dirs.state_dir.display()
+            )),
         "{err}"
     );
     assert_eq!(idle_of(&cg), 27, "the pinned enforcement goes on");
