@@ -223,7 +223,7 @@ fn policy_table(rows: &[PolicyRow]) -> String {
 fn print_response(response: &Response, list: bool) -> anyhow::Result<()> {
     let mut text = String::new();
     if let Some(message) = &response.message {
-        text.push_str(message);
+        text.push_str(&status::printable_lines(message));
         text.push('\n');
     }
     if let Some(applied) = &response.applied {
@@ -235,7 +235,7 @@ fn print_response(response: &Response, list: bool) -> anyhow::Result<()> {
             response.policies.as_deref().unwrap_or_default(),
         ));
         for pending in response.pending.iter().flatten() {
-            text.push_str(&format!("pending: {pending}\n"));
+            text.push_str(&format!("pending: {}\n", status::printable(pending)));
         }
     }
     print(&text)

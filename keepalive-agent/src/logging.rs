@@ -46,7 +46,10 @@ pub fn fatal(err: &anyhow::Error) {
 
 fn fatal_line(err: &anyhow::Error, journal: bool) -> String {
     let prefix = if journal { "<3>" } else { "" };
-    format!("{prefix}keepalive-agent: {err:#}")
+    // Paths and names in the message come from the command line, the config or the file
+    // system; none of them may drive the terminal.
+    let message = crate::status::printable_lines(&format!("{err:#}"));
+    format!("{prefix}keepalive-agent: {message}")
 }
 
 /// `n` and the noun that goes with it: "1 policy", "2 policies".
@@ -71,5 +74,14 @@ mod tests {
         let err = anyhow::anyhow!("inner").context("outer");
         assert_eq!(fatal_line(&err, true), "<3>keepalive-agent: outer: inner");
         assert_eq!(fatal_line(&err, false), "keepalive-agent: outer: inner");
+    }
+
+    #[test]
+    fn a_fatal_error_keeps_its_lines_but_not_terminal_controls() {
+        let err = anyhow::anyhow!("no policy is set for /a\u{1b}[2Jb\nwarning: x\ty");
+        assert_eq!(
+            fatal_line(&err, false),
+            "keepalive-agent: no policy is set for /a\\u{1b}[2Jb\nwarning: x\\ty"
+        );
     }
 }

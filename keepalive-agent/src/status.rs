@@ -806,6 +806,15 @@ pub fn printable(text: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
+/// `text` for a terminal as [`printable`] makes it, line by line: a message's own line breaks
+/// stay, and the cgroup paths it names cannot drive the terminal.
+pub fn printable_lines(text: &str) -> String {
+    text.split('\n')
+        .map(printable)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// An address of [`addr`]'s as it sorts: the IPv6 address (IPv4 as v4-mapped), then the
 /// port, both big-endian.
 fn addr_key(text: &str) -> [u8; 18] {

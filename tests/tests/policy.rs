@@ -1305,6 +1305,53 @@ fn policy_set_warns_when_it_selects_no_cgroup_yet_and_refuses_a_file() {
 }
 
 #[test]
+fn control_characters_in_cgroup_paths_are_escaped_by_policy_commands() {
+    let parent = TestCgroup::new("ctrlpolicy");
+    // A name a delegated user could give a cgroup: raw, it would reset the terminal.
+    let odd = parent.child("a\u{1b}cb");
+    let agent = Agent::start(&parent, &[]);
+    let escaped = |rel: &str| format!("/{rel}").replace('\u{1b}', "\\u{1b}");
+    let shown = |out: &Output| {
+        let text = format!("{}{}", stdout(out), stderr(out));
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+        text
+    };
+
+    let out = shown(&agent.cli_ok(&["policy", "set", odd.rel(), "--idle", "33"]));
+    assert!(
+        out.contains(&format!("set {}: ", escaped(odd.rel()))),
+        "{out}"
+    );
+    assert_eq!(idle_of(&odd), 33);
+    // Not there yet: the warning and the pending line name it too.
+    let later = format!("{}/later\u{1b}c", parent.rel());
+    let out = shown(&agent.cli_ok(&["policy", "set", &later, "--idle", "34"]));
+    assert!(
+        out.contains(&format!("warning: {} does not exist yet", escaped(&later))),
+        "{out}"
+    );
+    let list = shown(&agent.cli_ok(&["policy", "list"]));
+    assert!(
+        list.lines()
+            .any(|line| line.contains(&escaped(odd.rel())) && line.contains("33s")),
+        "{list}"
+    );
+    assert!(
+        list.contains(&format!("pending: {} (runtime; ", escaped(&later))),
+        "{list}"
+    );
+    // An error names it the same way.
+    let never = format!("{}/never\u{1b}c", parent.rel());
+    let out = agent.cli(&["policy", "unset", &never]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        shown(&out).contains(&format!("no policy is set for {}", escaped(&never))),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
 fn policy_commands_naming_another_state_directory_are_refused_and_change_nothing() {
     let cg = TestCgroup::new("otherstate");
     let agent = Agent::start(&cg, &["--idle", "41"]);
