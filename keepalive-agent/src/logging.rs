@@ -22,34 +22,57 @@ fn stderr_is_journal() -> bool {
 pub fn init() {
     let env = env_logger::Env::default().default_filter_or("info");
     let mut builder = env_logger::Builder::from_env(env);
-    if stderr_is_journal() {
-        builder.format(|buf, record| {
+    let journal = stderr_is_journal();
+    builder.format(move |buf, record| {
+        let message = record.args().to_string();
+        if journal {
             let priority = match record.level() {
                 log::Level::Error => 3,
                 log::Level::Warn => 4,
                 log::Level::Info => 6,
                 log::Level::Debug | log::Level::Trace => 7,
             };
-            writeln!(buf, "<{priority}>{}", record.args())
-        });
-    } else {
-        builder.format_target(false);
-    }
+            buf.write_all(journal_lines(priority, &message).as_bytes())
+        } else {
+            let level = record.level();
+            let style = buf.default_level_style(level);
+            let message = crate::status::printable_lines(&message);
+            writeln!(
+                buf,
+                "[{} {style}{level:<5}{style:#}] {message}",
+                buf.timestamp()
+            )
+        }
+    });
     builder.init();
+}
+
+/// `message` for the journal stream: each line at `priority` (journald reads a `<N>` prefix on
+/// every line, and takes a line without one at the unit's default), and with no control
+/// characters. Cgroup paths, which a delegated user names, thus cannot set a line's priority
+/// or drive the terminal of whoever reads the journal.
+fn journal_lines(priority: u8, message: &str) -> String {
+    crate::status::printable_lines(message)
+        .split('\n')
+        .map(|line| format!("<{priority}>{line}\n"))
+        .collect()
 }
 
 /// Reports the error that ends the process on stderr: under systemd at error priority, so
 /// `journalctl -p err` shows why the agent stopped.
 pub fn fatal(err: &anyhow::Error) {
-    eprintln!("{}", fatal_line(err, stderr_is_journal()));
+    eprint!("{}", fatal_line(err, stderr_is_journal()));
 }
 
+/// The error as `keepalive-agent: …` lines: paths and names in it come from the command line,
+/// the config or the file system, and none of them may drive the terminal.
 fn fatal_line(err: &anyhow::Error, journal: bool) -> String {
-    let prefix = if journal { "<3>" } else { "" };
-    // Paths and names in the message come from the command line, the config or the file
-    // system; none of them may drive the terminal.
-    let message = crate::status::printable_lines(&format!("{err:#}"));
-    format!("{prefix}keepalive-agent: {message}")
+    let message = format!("keepalive-agent: {err:#}");
+    if journal {
+        journal_lines(3, &message)
+    } else {
+        format!("{}\n", crate::status::printable_lines(&message))
+    }
 }
 
 /// `n` and the noun that goes with it: "1 policy", "2 policies".
@@ -72,8 +95,8 @@ mod tests {
     #[test]
     fn a_fatal_error_has_error_priority_only_in_the_journal() {
         let err = anyhow::anyhow!("inner").context("outer");
-        assert_eq!(fatal_line(&err, true), "<3>keepalive-agent: outer: inner");
-        assert_eq!(fatal_line(&err, false), "keepalive-agent: outer: inner");
+        assert_eq!(fatal_line(&err, true), "<3>keepalive-agent: outer: inner\n");
+        assert_eq!(fatal_line(&err, false), "keepalive-agent: outer: inner\n");
     }
 
     #[test]
@@ -81,7 +104,21 @@ mod tests {
         let err = anyhow::anyhow!("no policy is set for /a\u{1b}[2Jb\nwarning: x\ty");
         assert_eq!(
             fatal_line(&err, false),
-            "keepalive-agent: no policy is set for /a\\u{1b}[2Jb\nwarning: x\\ty"
+            "keepalive-agent: no policy is set for /a\\u{1b}[2Jb\nwarning: x\\ty\n"
+        );
+    }
+
+    #[test]
+    fn every_line_for_the_journal_carries_the_priority() {
+        // A cgroup named to forge an emergency entry gets the agent's priority all the same.
+        assert_eq!(
+            journal_lines(6, "cgroup /x\n<0>forged\u{7} appeared"),
+            "<6>cgroup /x\n<6><0>forged\\u{7} appeared\n"
+        );
+        let err = anyhow::anyhow!("set /a: idle 5s\nwarning: /a does not exist yet");
+        assert_eq!(
+            fatal_line(&err, true),
+            "<3>keepalive-agent: set /a: idle 5s\n<3>warning: /a does not exist yet\n"
         );
     }
 }

@@ -78,9 +78,11 @@ fn a_fatal_error_reaches_the_journal_at_error_priority() {
     let meta = stderr.metadata().unwrap();
     // What systemd sets when stderr is the journal stream.
     let stream = format!("{}:{}", meta.dev(), meta.ino());
+    // A path in the message that tries to start an entry of its own, at emergency priority,
+    // and to clear the screen of whoever reads the journal.
     let status = Command::new(AGENT)
         .args(["--runtime-dir"])
-        .arg(dir.join("none"))
+        .arg(dir.join("none\n<0>forged\u{1b}[2J"))
         .args(["policy", "list"])
         .env("JOURNAL_STREAM", stream)
         .stderr(stderr)
@@ -88,12 +90,10 @@ fn a_fatal_error_reaches_the_journal_at_error_priority() {
         .unwrap();
     assert!(!status.success());
     let text = std::fs::read_to_string(&path).unwrap();
-    assert!(
-        text.lines()
-            .last()
-            .is_some_and(|l| l.starts_with("<3>keepalive-agent: ")),
-        "{text}"
-    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].starts_with("<3>keepalive-agent: "), "{text}");
+    assert!(lines[1].starts_with("<3><0>forged\\u{1b}[2J"), "{text}");
     std::fs::remove_dir_all(dir).unwrap();
 }
 

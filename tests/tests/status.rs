@@ -747,6 +747,37 @@ fn control_characters_in_names_are_escaped_in_the_table() {
     let rows = table.lines().filter(|line| line.contains("a\\u{1b}[2Jb"));
     // Both ends, and the cgroup's counters.
     assert_eq!(rows.count(), 3, "{table}");
+
+    // A log line names the path as it is given, escaped on a terminal...
+    let filter = format!("{}/nope\u{1b}c", parent.path().display());
+    let err = stderr(&agent.cli_ok(&["status", "--cgroup", &filter]));
+    assert!(
+        err.contains(&format!(
+            "no cgroup matches {}/nope\\u{{1b}}c",
+            parent.display()
+        )) && !err.contains('\u{1b}'),
+        "{err:?}"
+    );
+    // ...and in the journal with the warning's priority on each line, so a newline in it
+    // cannot start an entry at a priority of its own.
+    let path = dir.path().join("stderr");
+    let file = std::fs::File::create(&path).unwrap();
+    let stream = {
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = file.metadata().unwrap();
+        format!("{}:{}", meta.dev(), meta.ino())
+    };
+    let filter = format!("{}/nope\n<0>forged", parent.path().display());
+    let mut cmd = agent.dirs().command(&["status", "--cgroup", &filter]);
+    cmd.env("JOURNAL_STREAM", stream)
+        .stdout(std::process::Stdio::null())
+        .stderr(file);
+    assert!(cmd.status().unwrap().success());
+    let journal = std::fs::read_to_string(&path).unwrap();
+    let lines: Vec<&str> = journal.lines().collect();
+    assert_eq!(lines.len(), 2, "{journal}");
+    assert!(lines[0].starts_with("<4>no cgroup matches "), "{journal}");
+    assert_eq!(lines[1], "<4><0>forged", "{journal}");
 }
 
 #[test]
