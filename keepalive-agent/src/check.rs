@@ -1048,8 +1048,10 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
     }
 }
 
-/// The checklist for people.
+/// The checklist for people, with control characters in what it names (a config path, a
+/// cgroup name) as escapes.
 pub fn render(report: &Report) -> String {
+    use crate::status::printable_lines;
     let mut out = String::new();
     for check in &report.checks {
         let mark = match check.status {
@@ -1057,11 +1059,12 @@ pub fn render(report: &Report) -> String {
             Outcome::Warn => "warn",
             Outcome::Fail => "FAIL",
         };
-        out.push_str(&format!("[{mark}] {}: {}\n", check.name, check.detail));
+        let detail = printable_lines(&check.detail);
+        out.push_str(&format!("[{mark}] {}: {detail}\n", check.name));
         if let Some(fix) = &check.fix
             && check.status != Outcome::Ok
         {
-            out.push_str(&format!("       fix: {fix}\n"));
+            out.push_str(&format!("       fix: {}\n", printable_lines(fix)));
         }
     }
     out.push_str(if report.ready {
@@ -1075,6 +1078,26 @@ pub fn render(report: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_checklist_escapes_control_characters_in_what_it_names() {
+        let report = Report {
+            ready: false,
+            checks: vec![item(
+                "config",
+                Outcome::Fail,
+                "/etc/k\u{1b}c.toml:2: no cgroup /a\u{7}b",
+                Some("edit /etc/k\u{1b}c.toml"),
+            )],
+        };
+        let text = render(&report);
+        assert!(
+            text.contains("[FAIL] config: /etc/k\\u{1b}c.toml:2: no cgroup /a\\u{7}b\n")
+                && text.contains("fix: edit /etc/k\\u{1b}c.toml\n")
+                && !text.contains(['\u{1b}', '\u{7}']),
+            "{text}"
+        );
+    }
 
     #[test]
     fn many_namespaces_walked_on_the_host_tcp_hash_get_a_warning_with_the_sysctl() {
