@@ -608,26 +608,12 @@ pub fn write_json(
     Ok(())
 }
 
-fn terminal_width() -> Option<u16> {
-    // SAFETY: TIOCGWINSZ fills a winsize struct; failure leaves it zeroed.
-    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
-    let ok = unsafe { libc::ioctl(libc::STDOUT_FILENO, libc::TIOCGWINSZ, &raw mut size) } == 0;
-    (ok && size.ws_col > 0).then_some(size.ws_col)
-}
-
+/// A table as wide as its cells, as the socket rows are: wrapped to the terminal, a long
+/// cgroup path would go on over lines that read as rows of their own.
 fn table(headers: &[&str]) -> Table {
     let mut table = Table::new();
     table.load_style(presets::NOTHING);
-    match terminal_width() {
-        Some(width) => {
-            table
-                .set_content_arrangement(ContentArrangement::Dynamic)
-                .set_width(width);
-        }
-        None => {
-            table.set_content_arrangement(ContentArrangement::Disabled);
-        }
-    }
+    table.set_content_arrangement(ContentArrangement::Disabled);
     table.set_header(headers.iter().map(Cell::new));
     table
 }

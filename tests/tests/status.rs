@@ -721,6 +721,71 @@ fn status_json_stays_whole_when_detach_runs_while_it_writes() {
     drop(held);
 }
 
+/// What `cmd` writes to a terminal `cols` columns wide, without the carriage returns the
+/// terminal adds.
+fn on_terminal(mut cmd: std::process::Command, cols: u16) -> String {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let (mut master, mut slave) = (0, 0);
+    let size = libc::winsize {
+        ws_row: 50,
+        ws_col: cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty fills both descriptors, which are then owned here.
+    let rc = unsafe {
+        libc::openpty(
+            &raw mut master,
+            &raw mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &raw const size,
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = cmd
+        .stdout(slave.try_clone().unwrap())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(cmd);
+    drop(slave);
+    let mut text = Vec::new();
+    // EIO once the child has closed the terminal.
+    let _ = std::fs::File::from(master).read_to_end(&mut text);
+    assert!(child.wait().unwrap().success());
+    String::from_utf8(text).unwrap().replace('\r', "")
+}
+
+#[test]
+fn the_table_is_not_wrapped_to_a_narrow_terminal() {
+    let parent = TestCgroup::new("narrow");
+    // As deep as a Kubernetes container's cgroup.
+    let mut chain = vec![parent.child("kubepods-burstable.slice")];
+    for level in 0..12 {
+        let next = chain[level].child(&format!("level-{level}-of-a-long-path"));
+        chain.push(next);
+    }
+    let deep = &chain[12];
+    let agent = Agent::start(&parent, &[]);
+    let mut pair = Proc::sock(&["pair", "6"], deep);
+    pair.read();
+    let text = on_terminal(agent.dirs().command(&["status"]), 60);
+    let name = deep.display();
+    assert!(name.len() > 300, "{name}");
+    // Each socket row and the cgroup's counter row: every one whole on its line.
+    let rows: Vec<&str> = text.lines().filter(|l| l.contains(&name)).collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    assert!(
+        text.lines()
+            .all(|l| l.contains(&name) || !l.contains("long-pa")),
+        "a line is a piece of a path: {text}"
+    );
+    let counters: Vec<&str> = rows[2].split_whitespace().collect();
+    assert_eq!(counters, [name.as_str(), "2", "2", "0"], "{text}");
+}
+
 #[test]
 fn control_characters_in_names_are_escaped_in_the_table() {
     let parent = TestCgroup::new("ctrlname");
