@@ -456,7 +456,7 @@ impl View<'_> {
             log::warn!(
                 "the enforcement pinned in {} is on a cgroup that has been removed: it no longer \
                  covers new connections, only sockets left over from that cgroup; start the agent \
-                 again, or remove it with `{}`",
+                 again once that cgroup exists again (or with another), or remove it with `{}`",
                 state.root().display(),
                 state.detach_command()
             );

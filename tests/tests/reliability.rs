@@ -1055,6 +1055,11 @@ fn a_removed_attach_cgroup_ends_the_agent_with_exit_4_and_the_next_start_attache
         out.status.success() && text.starts_with("not attached") && err.contains("removed"),
         "{text}{err}"
     );
+    // A start exits 4 while the cgroup is gone, so the hint does not say to start alone.
+    assert!(
+        err.contains("start the agent again once that cgroup exists again"),
+        "{err}"
+    );
     assert_eq!(dirs.status()["attach_cgroup"], serde_json::Value::Null);
 
     // Recreated (a slice that systemd or kubelet makes again): the pinned link of the removed
