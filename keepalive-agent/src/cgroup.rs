@@ -273,16 +273,32 @@ impl Cgroup2 {
     /// here (their counters) must not be dropped as a removed cgroup's.
     pub fn ids(&self, root: &CgroupPath) -> io::Result<HashSet<u64>> {
         let mut ids = HashSet::new();
-        let mut stack = vec![self.abs(root)];
-        while let Some(dir) = stack.pop() {
+        self.each_dir(root, true, |id, _| {
+            ids.insert(id);
+        })?;
+        Ok(ids)
+    }
+
+    /// Calls `each` with the id of every cgroup at or below `root`, and its path with U+FFFD
+    /// for what in its name is not UTF-8 (to show, not to open). Walked by directory, so such
+    /// a cgroup is reached, and those below it. A cgroup removed meanwhile is skipped; one that
+    /// cannot be listed is an error when `strict`, else its children are skipped.
+    fn each_dir(
+        &self,
+        root: &CgroupPath,
+        strict: bool,
+        mut each: impl FnMut(u64, &CgroupPath),
+    ) -> io::Result<()> {
+        let mut stack = vec![(self.abs(root), root.clone())];
+        while let Some((dir, path)) = stack.pop() {
             // Removed meanwhile.
             let Ok(meta) = fs::metadata(&dir) else {
                 continue;
             };
-            ids.insert(meta.ino());
+            each(meta.ino(), &path);
             let entries = match fs::read_dir(&dir) {
                 Ok(entries) => entries,
-                Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+                Err(err) if err.kind() == io::ErrorKind::NotFound || !strict => continue,
                 Err(err) => {
                     return Err(io::Error::new(
                         err.kind(),
@@ -294,10 +310,10 @@ impl Cgroup2 {
                 entries
                     .filter_map(Result::ok)
                     .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| e.path()),
+                    .map(|e| (e.path(), path.join(&e.file_name().to_string_lossy()))),
             );
         }
-        Ok(ids)
+        Ok(())
     }
 
     /// [`Cgroup2::ids`], without the cgroups below directories root may not read: the agent
@@ -311,9 +327,14 @@ impl Cgroup2 {
             .collect()
     }
 
-    /// Names for cgroup ids: every cgroup below `root`, by id.
+    /// Names for cgroup ids, to show: every cgroup below `root`, by id, those whose names are
+    /// not UTF-8 included (see [`Cgroup2::each_dir`]).
     pub fn names(&self, root: &CgroupPath) -> HashMap<u64, CgroupPath> {
-        self.walk(root).map(|(path, id)| (id, path)).collect()
+        let mut names = HashMap::new();
+        let _ = self.each_dir(root, false, |id, path| {
+            names.insert(id, path.clone());
+        });
+        names
     }
 
     /// The cgroup whose id is `id`, if it exists; the walk stops at the first match.

@@ -211,6 +211,19 @@ impl TestCgroup {
         }
     }
 
+    /// Creates a child cgroup whose name is `name`'s bytes, which need not be UTF-8; its
+    /// [`TestCgroup::rel`] has U+FFFD for what is not, as `status` shows it.
+    pub fn child_bytes(&self, name: &[u8]) -> Self {
+        use std::os::unix::ffi::OsStrExt as _;
+        let name = std::ffi::OsStr::from_bytes(name);
+        let path = self.path.join(name);
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self {
+            path,
+            rel: format!("{}/{}", self.rel, name.to_string_lossy()),
+        }
+    }
+
     /// Creates a child cgroup as user and group `uid` with `mode`, the way the owner of a
     /// delegated subtree would (the directory never exists as root's).
     pub fn child_made_by(&self, name: &str, uid: u32, mode: u32) -> Self {
@@ -532,7 +545,8 @@ impl Proc {
         env: &[(&str, &str)],
     ) -> Self {
         let procs = cgroup.map(|c| {
-            CString::new(c.join("cgroup.procs").to_str().expect("utf-8 path")).expect("no NUL")
+            CString::new(c.join("cgroup.procs").into_os_string().into_encoded_bytes())
+                .expect("no NUL")
         });
         let ns_fd = netns.map(|n| File::open(n.handle()).expect("open netns").into_raw_fd());
         let mut cmd = Command::new(program);

@@ -10,7 +10,7 @@ use std::{
 
 use keepalive_tests::{
     Agent, AgentDirs, Proc, TempDir, TestCgroup, VethPair, assert_stamped_between, cgroup_row,
-    code, eventually, free_port, sock_bin, sockets_of, stderr, stdout,
+    code, eventually, free_port, idle_of, sock_bin, sockets_of, stderr, stdout,
 };
 use serde_json::Value;
 
@@ -843,6 +843,42 @@ fn control_characters_in_names_are_escaped_in_the_table() {
     assert_eq!(lines.len(), 2, "{journal}");
     assert!(lines[0].starts_with("<4>no cgroup matches "), "{journal}");
     assert_eq!(lines[1], "<4><0>forged", "{journal}");
+}
+
+#[test]
+fn cgroups_whose_names_are_not_utf8_are_named_and_filtered_as_live_cgroups() {
+    let parent = TestCgroup::new("notutf8");
+    let odd = parent.child_bytes(b"bad\xff");
+    let child = odd.child("child");
+    let agent = Agent::start(&parent, &[]);
+    let mut pair = Proc::sock(&["pair", "6"], &child);
+    pair.read();
+    assert!(
+        child.display().contains("bad\u{fffd}/child"),
+        "{}",
+        child.display()
+    );
+    for filter in [None, Some(parent.rel()), Some("/")] {
+        let mut args = vec!["status", "--json"];
+        args.extend(filter.iter().flat_map(|f| ["--cgroup", f]));
+        let status: Value = serde_json::from_slice(&agent.cli_ok(&args).stdout).unwrap();
+        // Both ends, named by their path rather than as a removed cgroup.
+        assert_eq!(
+            sockets_of(&status, &child).len(),
+            2,
+            "{filter:?}: {status:#}"
+        );
+        assert_eq!(cgroup_row(&status, &child)["open"], 2, "{filter:?}");
+    }
+    // No config can name it, and no glob matches it: it, and what is below it, get their
+    // nearest named ancestor's policy (here the attach cgroup's, the default).
+    let glob = format!("{}/*", parent.rel());
+    agent.cli_ok(&["policy", "set", &glob, "--idle", "77"]);
+    let named = parent.child("named");
+    assert_eq!(
+        (idle_of(&named), idle_of(&odd), idle_of(&child)),
+        (77, 60, 60)
+    );
 }
 
 #[test]
