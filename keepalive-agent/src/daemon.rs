@@ -200,10 +200,22 @@ const START_EXTENSION: Duration = Duration::from_secs(30);
 /// ...and how often it is sent at most, well within that.
 const START_EXTEND_EVERY: Duration = Duration::from_secs(5);
 
+/// The shortest time between two watchdog pings.
+const MIN_PING_PERIOD: Duration = Duration::from_millis(1);
+
+/// How often to ping for the watchdog `timeout` systemd gave (`WATCHDOG_USEC`): every half
+/// of it, at most every [`MIN_PING_PERIOD`]; never for 0, which libsystemd takes as no
+/// watchdog too (an environment set by hand, not by systemd).
+fn ping_period(timeout: Option<Duration>) -> Option<Duration> {
+    timeout
+        .filter(|timeout| !timeout.is_zero())
+        .map(|timeout| (timeout / 2).max(MIN_PING_PERIOD))
+}
+
 impl Watchdog {
     fn from_env() -> Self {
         Self {
-            period: sd_notify::watchdog_enabled().map(|timeout| timeout / 2),
+            period: ping_period(sd_notify::watchdog_enabled()),
             last: Instant::now(),
             starting: true,
             extended: None,
@@ -1589,6 +1601,15 @@ fn release_free_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watchdog_is_pinged_every_half_timeout_and_not_for_a_timeout_of_0() {
+        let ms = Duration::from_millis;
+        assert_eq!(ping_period(Some(ms(400))), Some(ms(200)));
+        assert_eq!(ping_period(Some(Duration::from_micros(1))), Some(ms(1)));
+        assert_eq!(ping_period(Some(Duration::ZERO)), None);
+        assert_eq!(ping_period(None), None);
+    }
 
     #[test]
     fn a_rejection_says_the_previous_policy_stays_only_when_it_was_put_back() {

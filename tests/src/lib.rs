@@ -970,7 +970,7 @@ impl Agent {
     /// Waits up to `timeout` for the line `what` on the notify socket: `Ok(Some)` with every
     /// line read up to it when it came, `Ok(None)` when it did not, `Err` with the exit status
     /// when the agent exited.
-    fn notified(
+    pub fn notified(
         &mut self,
         what: &str,
         timeout: Duration,

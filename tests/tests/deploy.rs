@@ -430,6 +430,25 @@ fn the_agent_pings_the_systemd_watchdog() {
 }
 
 #[test]
+fn a_watchdog_timeout_of_0_is_no_watchdog() {
+    // Not what systemd sets, but what an environment set by hand can hold.
+    let cg = TestCgroup::new("watchdog0");
+    let mut agent = Agent::start_with(
+        &AgentDirs::new(),
+        &["run", "--cgroup", cg.path().to_str().unwrap()],
+        &[("WATCHDOG_USEC", "0")],
+        None,
+    );
+    assert_eq!(
+        agent.notified("WATCHDOG=1", Duration::from_secs(1)),
+        Ok(None),
+        "{}",
+        agent.log()
+    );
+    agent.cli_ok(&["policy", "list"]);
+}
+
+#[test]
 fn the_watchdog_is_pinged_while_an_apply_pass_holds_the_agent() {
     // Thirty namespaces with sockets: a pass walks a TCP hash thirty-one times, far longer
     // than the 10 ms between pings.
