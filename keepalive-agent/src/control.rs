@@ -237,29 +237,34 @@ const MAX_REQUEST: u64 = 64 * 1024;
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Reads one request line, at most [`MAX_REQUEST`] bytes within [`CLIENT_TIMEOUT`]: the
-/// request, or the refusal to answer with. `Err` when the connection itself failed.
+/// request, or the refusal to answer with; `None` when the client closed without sending a
+/// byte (a probe of the socket), which needs no answer. `Err` when the connection itself
+/// failed.
 async fn read_request(
     read: impl tokio::io::AsyncRead + Unpin,
     timeout: Duration,
-) -> std::io::Result<Result<Envelope, anyhow::Error>> {
+) -> std::io::Result<Option<Result<Envelope, anyhow::Error>>> {
     use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
     let mut line = Vec::new();
     let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
     let Ok(read) = tokio::time::timeout(timeout, reader.read_until(b'\n', &mut line)).await else {
-        return Ok(Err(crate::error::usage(format!(
+        return Ok(Some(Err(crate::error::usage(format!(
             "no request within {}",
             humantime::format_duration(timeout)
-        ))));
+        )))));
     };
-    read?;
+    if read? == 0 {
+        return Ok(None);
+    }
     if !line.ends_with(b"\n") && line.len() as u64 == MAX_REQUEST {
-        return Ok(Err(crate::error::usage(format!(
+        return Ok(Some(Err(crate::error::usage(format!(
             "request longer than {} KiB",
             MAX_REQUEST / 1024
-        ))));
+        )))));
     }
-    Ok(serde_json::from_slice::<Envelope>(&line)
-        .map_err(|err| crate::error::usage(format!("malformed request: {err}"))))
+    Ok(Some(serde_json::from_slice::<Envelope>(&line).map_err(
+        |err| crate::error::usage(format!("malformed request: {err}")),
+    )))
 }
 
 /// Serves one connection of the agent keeping its state in `state_dir`, on a task of its own,
@@ -279,10 +284,14 @@ pub async fn serve_one(
             &Error::Permission("permission denied: policy commands need root".into()).into(),
         )
     } else {
-        match read_request(&mut read, CLIENT_TIMEOUT)
+        let request = read_request(&mut read, CLIENT_TIMEOUT)
             .await
-            .context("failed to read a control request")?
-        {
+            .context("failed to read a control request")?;
+        let Some(request) = request else {
+            log::debug!("a control client closed without a request");
+            return Ok(());
+        };
+        match request {
             Ok(Envelope {
                 state_dir: Some(named),
                 ..
@@ -502,7 +511,8 @@ mod tests {
         });
         let read = read_request(agent, Duration::from_millis(200))
             .await
-            .unwrap();
+            .unwrap()
+            .expect("a request was sent or the connection left open");
         drop(writer);
         format!("{:#}", read.expect_err("refused"))
     }
@@ -520,7 +530,13 @@ mod tests {
         let ok = read_request(&b"{\"cmd\":\"list\"}\n"[..], Duration::from_secs(1))
             .await
             .unwrap()
+            .unwrap()
             .unwrap();
         assert!(matches!(ok.request, Request::List));
+        // Connected and closed at once (a probe of the socket): nothing to answer.
+        let closed = read_request(&b""[..], Duration::from_secs(1))
+            .await
+            .unwrap();
+        assert!(closed.is_none(), "{closed:?}");
     }
 }
