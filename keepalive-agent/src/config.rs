@@ -502,31 +502,45 @@ fn builtin() -> Config {
     }
 }
 
+/// Why the agent would refuse `file` for its owner or mode (see [`check_owner`]), if it would;
+/// `None` also when it cannot be read.
+pub fn refused_owner(file: &Path) -> Option<String> {
+    let meta = std::fs::metadata(file).ok()?;
+    owner_reason(file, &meta)
+}
+
 /// Refuses a config file that someone other than root could have written: it decides what the
 /// kernel does to every connection on the host.
 fn check_owner(file: &Path, meta: &std::fs::Metadata) -> anyhow::Result<()> {
+    match owner_reason(file, meta) {
+        None => Ok(()),
+        Some(reason) => Err(Error::Config {
+            file: file.to_owned(),
+            line: None,
+            reason,
+        }
+        .into()),
+    }
+}
+
+/// What [`check_owner`] refuses, with the command that fixes it.
+fn owner_reason(file: &Path, meta: &std::fs::Metadata) -> Option<String> {
     use std::os::unix::fs::MetadataExt as _;
-    let reason = if meta.uid() != 0 {
-        format!(
+    if meta.uid() != 0 {
+        Some(format!(
             "owned by uid {}, not root; fix with `chown root {}`",
             meta.uid(),
             file.display()
-        )
+        ))
     } else if meta.mode() & 0o022 != 0 {
-        format!(
+        Some(format!(
             "writable by users other than root (mode {:04o}); fix with `chmod go-w {}`",
             meta.mode() & 0o7777,
             file.display()
-        )
+        ))
     } else {
-        return Ok(());
-    };
-    Err(Error::Config {
-        file: file.to_owned(),
-        line: None,
-        reason,
+        None
     }
-    .into())
 }
 
 /// Parses and validates config text.

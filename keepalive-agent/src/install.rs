@@ -75,8 +75,20 @@ pub fn unit_for(binary: &Path) -> String {
 
 /// Writes one man page per (sub)command into `dir`, which must exist.
 pub fn write_man_pages(dir: &Path) -> anyhow::Result<()> {
-    clap_mangen::generate_to(Cli::command(), dir)
-        .with_context(|| format!("failed to write man pages to {}", dir.display()))
+    // As clap_mangen's generate_to, but each page written as the other files are: readable by
+    // everyone, also over a page an older install left with a narrower mode.
+    fn pages(cmd: clap::Command, dir: &Path) -> anyhow::Result<()> {
+        for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()).cloned() {
+            pages(sub, dir)?;
+        }
+        let man = clap_mangen::Man::new(cmd);
+        let mut page = Vec::new();
+        man.render(&mut page)?;
+        put(&dir.join(man.get_filename()), &page, 0o644).map(drop)
+    }
+    let mut cmd = Cli::command().disable_help_subcommand(true);
+    cmd.build();
+    pages(cmd, dir).with_context(|| format!("failed to write man pages to {}", dir.display()))
 }
 
 /// The completion script for `shell`.
@@ -218,7 +230,13 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
             link.display(),
             target.display()
         )),
-        (None, true) => done.push(format!("kept existing {}", config.display())),
+        (None, true) => done.push(match crate::config::refused_owner(&config) {
+            Some(reason) => format!(
+                "kept existing {}, which the agent refuses as it is: {reason}",
+                config.display()
+            ),
+            None => format!("kept existing {}", config.display()),
+        }),
         (_, false) => done.push(put(&config, DEFAULT_CONFIG_TEXT.as_bytes(), 0o644)?),
     }
 

@@ -140,6 +140,34 @@ fn install_puts_binary_unit_config_man_pages_and_completions_in_place() {
         std::fs::read_to_string(root.join("etc/keepalive-agent/config.toml")).unwrap(),
         "# mine\n"
     );
+    // One the agent would refuse is kept, and the install says so; a page an older install
+    // left unreadable is readable again.
+    use std::os::unix::fs::PermissionsExt as _;
+    let chmod = |p: &str, mode| {
+        std::fs::set_permissions(root.join(p), std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    chmod("etc/keepalive-agent/config.toml", 0o666);
+    chmod("usr/local/share/man/man1/keepalive-agent-run.1", 0o600);
+    let out = Command::new(AGENT)
+        .args(["install", "--root"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!(
+            "kept existing {}, which the agent refuses as it is: writable by users other than \
+             root (mode 0666); fix with `chmod go-w {0}`",
+            root.join("etc/keepalive-agent/config.toml").display()
+        )),
+        "{text}"
+    );
+    assert_eq!(mode("etc/keepalive-agent/config.toml"), 0o666);
+    assert_eq!(
+        mode("usr/local/share/man/man1/keepalive-agent-run.1"),
+        0o644
+    );
     std::fs::remove_dir_all(root).unwrap();
 }
 
