@@ -408,8 +408,27 @@ async fn respond(
         response.push_str(&body);
     }
     stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+    stream.shutdown().await?;
+    // Closed with request bytes unread (a body, or headers past what was read above), the
+    // socket would send a reset, which throws away what of the answer is still in flight:
+    // what the client sends is read until it closes too, within bounds.
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut unread = 0;
+        while unread < MAX_UNREAD {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => unread += n,
+            }
+        }
+    })
+    .await;
+    Ok(())
 }
+
+/// How long a client has to close its side once it has the whole answer...
+const LINGER: Duration = Duration::from_secs(2);
+/// ...and how much it may send meanwhile.
+const MAX_UNREAD: usize = 1 << 20;
 
 /// How many scrape connections the agent holds at once; more wait in the listen queue. Each
 /// holds a file descriptor for up to [`CLIENT_TIMEOUT`], and clients that connect and send

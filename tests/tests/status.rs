@@ -590,6 +590,74 @@ fn the_metrics_endpoint_answers_head_and_refuses_other_methods() {
     assert!(bare.starts_with("HTTP/1.1 200 OK\r\n"), "{bare}");
 }
 
+/// A TCP connection to 127.0.0.1:`port` whose receive window is as small as the kernel allows,
+/// so an answer of a few KiB is still in flight when the agent closes.
+fn connect_with_small_window(port: u16) -> TcpStream {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain socket calls on a descriptor owned here, handed to the TcpStream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let size: libc::c_int = 1024;
+        let rc = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const size).cast(),
+            std::mem::size_of_val(&size) as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "SO_RCVBUF: {}", std::io::Error::last_os_error());
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::LOCALHOST).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            (&raw const addr).cast(),
+            std::mem::size_of_val(&addr) as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+/// A request with more than its header block (a body, or headers past what the agent reads)
+/// gets its whole answer: closing with input unread makes the kernel send a reset, which
+/// throws away what of the answer is still in flight.
+#[test]
+fn a_scrape_that_sends_more_than_its_head_gets_the_whole_answer() {
+    let cg = TestCgroup::new("metricsbody");
+    let port = free_port();
+    let _agent = Agent::start(&cg, &["--metrics", &format!("127.0.0.1:{port}")]);
+    let whole = scrape(port);
+    for extra in [
+        format!("Content-Length: 65536\r\n\r\n{}", "a".repeat(65536)),
+        format!("X-Big: {}\r\n\r\n", "b".repeat(40 * 1024)),
+    ] {
+        let mut stream = connect_with_small_window(port);
+        let request = format!("GET /metrics HTTP/1.1\r\nHost: localhost\r\n{extra}");
+        stream.write_all(request.as_bytes()).unwrap();
+        // The agent answers and closes while the answer waits for this window to open.
+        std::thread::sleep(Duration::from_millis(300));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut response = Vec::new();
+        let read = stream.read_to_end(&mut response);
+        let response = String::from_utf8_lossy(&response);
+        assert!(
+            read.is_ok() && response.len().abs_diff(whole.len()) < 64,
+            "{read:?}: {} of about {} bytes",
+            response.len(),
+            whole.len()
+        );
+    }
+}
+
 #[test]
 fn metrics_clients_that_send_nothing_hold_few_of_the_agents_descriptors() {
     let cg = TestCgroup::new("metricsidle");
