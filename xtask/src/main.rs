@@ -34,7 +34,8 @@ tasks:
                      --baseline also runs this build and another keepalive-agent binary side
                      by side (the before and after of a change)
   install [-- ARGS]  build in release mode and run `keepalive-agent install ARGS` as root
-                     (ARGS: --root DIR, --bindir DIR; see `keepalive-agent install --help`)
+                     (ARGS: --root DIR, --bindir DIR, --force-config; see
+                     `keepalive-agent install --help`)
 
 environment:
   KEEPALIVE_BPF_TOOLCHAIN  the rustup toolchain that builds the BPF object (default: nightly)";
