@@ -358,11 +358,23 @@ fn call_within(
             ))
             .into(),
             std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-                Error::Agent(format!(
-                    "no keepalive agent is running (nothing listens on {}); start it with \
-                     `keepalive-agent run` or `systemctl start keepalive-agent`",
-                    path.display()
-                ))
+                Error::Agent(match crate::instance::running_agent(runtime_dir) {
+                    // Its lock is held: starting it again would be refused.
+                    Some(holder) => format!(
+                        "the keepalive agent (pid {}) holds {}, but nothing listens on {}: it \
+                         is still starting, or its control socket was removed; restart it \
+                         (`systemctl restart keepalive-agent`) to serve policy commands again \
+                         (enforcement goes on meanwhile)",
+                        holder.pid,
+                        runtime_dir.display(),
+                        path.display()
+                    ),
+                    None => format!(
+                        "no keepalive agent is running (nothing listens on {}); start it with \
+                         `keepalive-agent run` or `systemctl start keepalive-agent`",
+                        path.display()
+                    ),
+                })
                 .into()
             }
             _ => {

@@ -1079,6 +1079,24 @@ fn a_removed_attach_cgroup_ends_the_agent_with_exit_4_and_the_next_start_attache
 }
 
 #[test]
+fn a_removed_control_socket_is_told_apart_from_no_agent() {
+    let cg = TestCgroup::new("nosocket");
+    let agent = Agent::start(&cg, &["--idle", "31"]);
+    std::fs::remove_file(agent.runtime_dir.join("control.sock")).unwrap();
+    let out = agent.cli(&["policy", "list"]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 7, "{err}");
+    assert!(
+        err.contains(&format!("the keepalive agent (pid {}) holds ", agent.pid()))
+            && err.contains("or its control socket was removed; restart it")
+            && !err.contains("start it with"),
+        "{err}"
+    );
+    // Enforcement goes on.
+    assert_eq!(idle_of(&cg), 31);
+}
+
+#[test]
 fn a_control_client_that_sends_nothing_holds_up_neither_requests_nor_a_stop() {
     let cg = TestCgroup::new("silentclient");
     let mut agent = Agent::start(&cg, &["--idle", "31"]);
