@@ -1385,7 +1385,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<control::Pending>(16);
     let state_root = state.root().to_owned();
     if let Some(listener) = metrics_listener {
-        tokio::spawn(metrics::serve(listener, state.clone(), cgroup2.clone()));
+        metrics::spawn(listener, state.clone(), cgroup2.clone())?;
     }
 
     let mut term = signal(SignalKind::terminate())?;

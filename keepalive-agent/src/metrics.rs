@@ -54,10 +54,10 @@ pub fn privileged_port_fix(port: u16) -> String {
 /// this process may not bind fails with [`Error::Permission`] (exit 3), which restarting
 /// cannot fix; a port in use or an address the host does not have (yet) fails with exit 1,
 /// which the systemd unit retries.
-pub fn listen(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+pub fn listen(addr: SocketAddr) -> anyhow::Result<std::net::TcpListener> {
     let bound = std::net::TcpListener::bind(addr).and_then(|listener| {
         listener.set_nonblocking(true)?;
-        TcpListener::from_std(listener)
+        Ok(listener)
     });
     bound.map_err(|err| match err.kind() {
         ErrorKind::PermissionDenied => {
@@ -438,8 +438,35 @@ pub const MAX_CLIENTS: usize = 8;
 /// How long one scrape connection may take, from accept to the last byte of the answer.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Serves scrapes on `listener` (from [`listen`]) until the process exits, on a thread with
+/// a runtime of its own: the agent's loop holds its thread through the start, a pass over
+/// existing connections or a reload (seconds with hundreds of pods), and a scrape must not
+/// wait for that, nor its clients' timeouts either.
+pub fn spawn(
+    listener: std::net::TcpListener,
+    state: StateDir,
+    cgroup2: Cgroup2,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("failed to start the runtime that serves metrics")?;
+    std::thread::Builder::new()
+        .name("metrics-http".to_owned())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => serve(listener, state, cgroup2).await,
+                    Err(err) => log::error!("cannot serve metrics: {err}"),
+                }
+            });
+        })
+        .context("failed to start the thread that serves metrics")?;
+    Ok(())
+}
+
 /// Serves scrapes until the process exits.
-pub async fn serve(listener: TcpListener, state: StateDir, cgroup2: Cgroup2) {
+async fn serve(listener: TcpListener, state: StateDir, cgroup2: Cgroup2) {
     let gate = Arc::new(Mutex::new(Scrapes::default()));
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
     let mut pacer = Pacer::new("metrics");

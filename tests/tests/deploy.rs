@@ -4,6 +4,7 @@
 
 use std::{
     ffi::CString,
+    io::{Read as _, Write as _},
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::Path,
     process::Command,
@@ -448,6 +449,55 @@ fn a_watchdog_timeout_of_0_is_no_watchdog() {
     agent.cli_ok(&["policy", "list"]);
 }
 
+/// The agent's last log line about a pass over existing connections, and how long it took.
+fn last_pass(log: &str) -> (String, f64) {
+    let pass = log
+        .lines()
+        .rfind(|line| line.contains("network namespace"))
+        .unwrap_or_else(|| panic!("no apply line in {log}"));
+    let pass_ms: f64 = pass
+        .rsplit_once(" in ")
+        .and_then(|(_, took)| took.strip_suffix(" ms")?.parse().ok())
+        .unwrap_or_else(|| panic!("no duration in {pass}"));
+    (pass.to_owned(), pass_ms)
+}
+
+#[test]
+fn a_scrape_is_answered_while_an_apply_pass_holds_the_agent() {
+    // A hundred namespaces with sockets: a pass walks a TCP hash a hundred and one times.
+    let _namespaces = namespaces_with_listeners(100);
+    let cg = TestCgroup::new("scrapepass");
+    let port = free_port();
+    let agent = Agent::start(&cg, &["--metrics", &format!("127.0.0.1:{port}")]);
+    let (_, first_ms) = last_pass(&agent.log());
+    let dirs = agent.dirs();
+    let rel = cg.rel().to_owned();
+    // A change of policy runs a pass like the first one on the agent's loop.
+    let set = std::thread::spawn(move || dirs.cli_ok(&["policy", "set", &rel, "--idle", "41"]));
+    std::thread::sleep(Duration::from_secs_f64(first_ms / 3000.0));
+    let started = std::time::Instant::now();
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let scrape_ms = started.elapsed().as_secs_f64() * 1000.0;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    set.join().unwrap();
+    let (pass, pass_ms) = last_pass(&agent.log());
+    assert!(
+        first_ms >= 100.0 && pass_ms >= 100.0,
+        "the passes took {first_ms} and {pass_ms} ms, too short to tell; this test needs more \
+         namespaces"
+    );
+    // Started a third of the way into the pass: served at once, not when the pass is done.
+    assert!(
+        scrape_ms < pass_ms / 3.0,
+        "the scrape took {scrape_ms:.0} ms during a pass of {pass_ms} ms ({pass})"
+    );
+}
+
 #[test]
 fn the_watchdog_is_pinged_while_an_apply_pass_holds_the_agent() {
     // Thirty namespaces with sockets: a pass walks a TCP hash thirty-one times, far longer
@@ -490,15 +540,7 @@ fn the_watchdog_is_pinged_while_an_apply_pass_holds_the_agent() {
         .iter()
         .filter(|line| *line == "WATCHDOG=1")
         .count();
-    let log = agent.log();
-    let pass = log
-        .lines()
-        .rfind(|line| line.contains("network namespace"))
-        .unwrap_or_else(|| panic!("no apply line in {log}"));
-    let pass_ms: f64 = pass
-        .rsplit_once(" in ")
-        .and_then(|(_, took)| took.strip_suffix(" ms")?.parse().ok())
-        .unwrap_or_else(|| panic!("no duration in {pass}"));
+    let (pass, pass_ms) = last_pass(&agent.log());
     // A ping is due every 10 ms and the pass offers thirty moments for it: one at least must
     // come in a pass of twice that. Without pings from the pass there are none, however long.
     assert!(
