@@ -61,6 +61,13 @@ fn main() -> anyhow::Result<()> {
             aya_build::build_ebpf([package], toolchain)?;
         }
         _ => {
+            // A path that does not exist makes cargo run this script at every build, so the
+            // first build after `cargo xtask setup` installs the linker there makes the real
+            // object; a stub kept until something else changed would refuse to run.
+            if let Some(home) = cargo_home() {
+                let expected = home.join(XTASK_LINKER_DIR).join("bpf-linker");
+                println!("cargo:rerun-if-changed={}", expected.display());
+            }
             println!(
                 "cargo:warning=bpf-linker not found: building keepalive-agent with an empty BPF \
                  object stub. Run `cargo xtask setup` for a working binary."
