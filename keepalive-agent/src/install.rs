@@ -40,20 +40,20 @@ fn write(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
 }
 
 /// Writes `contents` to `path` unless it holds them already (then only its mode is set);
-/// returns the line that says which: `installed` (new), `replaced` (other contents) or
-/// `unchanged`.
-fn put(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<String> {
+/// returns whether it wrote, and the line that says which: `installed` (new), `replaced`
+/// (other contents) or `unchanged`.
+fn put(path: &Path, contents: &[u8], mode: u32) -> anyhow::Result<(bool, String)> {
     let verb = match fs::read(path) {
         Ok(old) if old == contents => {
             fs::set_permissions(path, fs::Permissions::from_mode(mode))
                 .with_context(|| format!("failed to set permissions on {}", path.display()))?;
-            return Ok(format!("unchanged {}", path.display()));
+            return Ok((false, format!("unchanged {}", path.display())));
         }
         Ok(_) => "replaced",
         Err(_) => "installed",
     };
     write(path, contents, mode)?;
-    Ok(format!("{verb} {}", path.display()))
+    Ok((true, format!("{verb} {}", path.display())))
 }
 
 fn fs_error(path: &Path, err: std::io::Error) -> anyhow::Error {
@@ -217,10 +217,12 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let bytes = fs::read(&exe).with_context(|| format!("failed to read {}", exe.display()))?;
     let target = under(&args.root, &binary);
-    done.push(put(&target, &bytes, 0o755)?);
+    let (new_binary, line) = put(&target, &bytes, 0o755)?;
+    done.push(line);
 
     let upgrade = unit.exists();
-    done.push(put(&unit, unit_for(&binary).as_bytes(), 0o644)?);
+    let (new_unit, line) = put(&unit, unit_for(&binary).as_bytes(), 0o644)?;
+    done.push(line);
 
     match (&dangling, keep_config) {
         (Some((link, target)), true) => done.push(format!(
@@ -237,7 +239,7 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
             ),
             None => format!("kept existing {}", config.display()),
         }),
-        (_, false) => done.push(put(&config, DEFAULT_CONFIG_TEXT.as_bytes(), 0o644)?),
+        (_, false) => done.push(put(&config, DEFAULT_CONFIG_TEXT.as_bytes(), 0o644)?.1),
     }
 
     let man = under(&args.root, Path::new("/usr/local/share/man/man1"));
@@ -249,9 +251,14 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<Vec<String>> {
         &args.root,
         Path::new("/usr/local/share/bash-completion/completions/keepalive-agent"),
     );
-    done.push(put(&completions, &completion_script(Shell::Bash), 0o644)?);
+    done.push(put(&completions, &completion_script(Shell::Bash), 0o644)?.1);
 
-    done.push(if upgrade {
+    done.push(if upgrade && !new_binary && !new_unit {
+        // A running agent already runs this binary under this unit.
+        "next: nothing to restart, the binary and the unit were installed already (if the \
+         agent is not enabled yet: systemctl enable --now keepalive-agent)"
+            .to_owned()
+    } else if upgrade {
         // A running agent keeps running the old binary until it restarts; enforcement stays
         // attached across the restart.
         "next: systemctl daemon-reload && systemctl try-restart keepalive-agent (or, if it is \

@@ -1073,13 +1073,15 @@ fn install_keeps_the_operators_config_and_says_what_it_changed() {
         again.contains(&format!("unchanged {}", unit.display()))
             && again.contains(&format!("unchanged {}", binary.display()))
             && again.contains(&format!("kept existing {}", config.display()))
-            && again.contains("try-restart keepalive-agent"),
+            && again.contains("next: nothing to restart")
+            && !again.contains("try-restart"),
         "{again}"
     );
     std::fs::write(&unit, "[Service]\nExecStart=/bin/true\n").unwrap();
     let edited = lines(&install(root, &[]));
     assert!(
-        edited.contains(&format!("replaced {}", unit.display())),
+        edited.contains(&format!("replaced {}", unit.display()))
+            && edited.contains("systemctl daemon-reload && systemctl try-restart keepalive-agent"),
         "{edited}"
     );
     assert_eq!(
