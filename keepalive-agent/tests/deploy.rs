@@ -293,6 +293,42 @@ fn kubernetes_manifests_are_complete_and_agree_with_the_agent() {
     );
     let (_, config_volume) = mount_at("/etc/keepalive-agent");
     assert_eq!(config_volume["configMap"]["name"], cm["metadata"]["name"]);
+    // Where `policy` commands find the control socket by default, which the liveness probe's
+    // command relies on.
+    let (_, run_volume) = mount_at("/run/keepalive-agent");
+    assert!(run_volume["emptyDir"].is_object(), "{run_volume}");
+
+    // The liveness probe goes through the agent's event loop (the readiness probe's /metrics
+    // does not): `policy list` with the binary where the image puts it, and a timeout that
+    // `tests/tests/deploy.rs` holds a stopped agent to.
+    let liveness = &container["livenessProbe"];
+    let probe: Vec<&str> = liveness["exec"]["command"]
+        .as_array()
+        .expect("an exec liveness probe")
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(probe[0], "/usr/local/sbin/keepalive-agent");
+    let containerfile = std::fs::read_to_string(repo().join("Containerfile")).unwrap();
+    assert!(
+        containerfile.contains(&format!("ENTRYPOINT [\"{}\"]", probe[0])),
+        "the image's binary"
+    );
+    let cli = Cli::try_parse_from(probe.iter().copied()).expect("the probe's command parses");
+    assert!(
+        matches!(
+            cli.command,
+            Sub::Policy(keepalive_agent::cli::PolicyCommand::List { .. })
+        ),
+        "{probe:?}"
+    );
+    assert_eq!(liveness["timeoutSeconds"], 10);
+    assert!(
+        liveness["periodSeconds"].as_u64().unwrap()
+            * liveness["failureThreshold"].as_u64().unwrap()
+            >= 60,
+        "a pass over many connections is no reason to restart: {liveness}"
+    );
 
     // The container's arguments are a valid command line for this agent, with the node's
     // address of either family where Kubernetes substitutes it.

@@ -449,6 +449,39 @@ fn a_watchdog_timeout_of_0_is_no_watchdog() {
     agent.cli_ok(&["policy", "list"]);
 }
 
+/// The DaemonSet's liveness probe runs `policy list`, which the agent answers from its event
+/// loop: a running agent answers at once, and an agent whose loop does not run (stopped here)
+/// leaves it unanswered past the probe's 10 s timeout, so the kubelet restarts the agent. The
+/// probe's command and timeout are checked against the manifest in
+/// `keepalive-agent/tests/deploy.rs`.
+#[test]
+fn the_liveness_probe_goes_unanswered_while_the_agents_loop_does_not_run() {
+    const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+    let cg = TestCgroup::new("liveness");
+    let agent = Agent::start(&cg, &[]);
+    let started = std::time::Instant::now();
+    assert_eq!(code(&agent.cli(&["policy", "list"])), 0);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    agent.pause();
+    let mut probe = agent
+        .dirs()
+        .command(&["policy", "list"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run the probe's command");
+    std::thread::sleep(PROBE_TIMEOUT);
+    let after_timeout = probe.try_wait().expect("wait for the probe");
+    let _ = probe.kill();
+    let _ = probe.wait();
+    agent.signal(libc::SIGCONT);
+    assert!(
+        after_timeout.is_none_or(|status| !status.success()),
+        "a stopped agent passed the probe: {after_timeout:?}"
+    );
+    agent.cli_ok(&["policy", "list"]);
+}
+
 /// The agent's last log line about a pass over existing connections, and how long it took.
 fn last_pass(log: &str) -> (String, f64) {
     let pass = log
