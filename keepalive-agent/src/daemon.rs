@@ -16,7 +16,7 @@ use anyhow::Context as _;
 use keepalive_common::{
     DEFAULT_MAX_TRACKED_CGROUPS, DEFAULT_MAX_TRACKED_SOCKETS, Policy, mode, policy_flags,
 };
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::{
     apply::{self, ApplyReport},
@@ -1123,7 +1123,8 @@ fn refuse_foreign_enforcement(
 pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     // A SIGHUP while starting (loading BTF, the programs, the first pass) would otherwise end
     // the process; caught from here on, it becomes a reload once the loop runs, which picks up
-    // a config changed meanwhile. SIGTERM and SIGINT still end a start at once.
+    // a config changed meanwhile. SIGTERM and SIGINT end a start at once until the state
+    // directory is made (below).
     let mut hup = signal(SignalKind::hangup())?;
     // Everything that can be checked without touching the kernel comes first.
     loader::require_object()?;
@@ -1163,6 +1164,11 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     if let Some(addr) = fixed.metrics {
         log::info!("serving metrics on http://{addr}/metrics");
     }
+    // From here on a start makes things: a SIGTERM or SIGINT is caught, and ends the start at
+    // the next step that can undo what it made (a fresh start's maps pinned with no program
+    // attached would otherwise stay until the next start), or, once attached, as a stop.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let (created, mut state_lock) = state.create_locked()?;
     let mut pinned = loader::pinned_sockops_link(&state)?;
     if let Some(link) = pinned.filter(|link| link.cgroup_id != attach_id) {
@@ -1227,6 +1233,10 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         pin::unpin(&lock_link)?;
     }
 
+    if let Some(stop) = stop_requested(&mut term, &mut int).await {
+        stopped_while_starting(stop, &state, created);
+        return Ok(());
+    }
     let loaded = Enforcer::load(
         &LoadOptions {
             state: &state,
@@ -1327,6 +1337,10 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         return Err(removed_while_starting());
     }
     log::debug!("watching {} cgroups below {attach}", watcher.len());
+    if let Some(stop) = stop_requested(&mut term, &mut int).await {
+        stopped_while_starting(stop, &state, created);
+        return Ok(());
+    }
     let updated = match start_enforcing(&mut daemon, &attach, attach_id) {
         Ok(updated) => updated,
         // The kernel attaches nothing to a removed cgroup (ENOENT): a removal since the check
@@ -1388,8 +1402,6 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         metrics::spawn(listener, state.clone(), cgroup2.clone())?;
     }
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     let watchdog = daemon.watchdog.period;
     let mut watchdog_tick =
         tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600 * 24 * 365)));
@@ -1502,6 +1514,36 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     daemon.restore_pins(&mut state_lock, &mut pin_watch, true);
     log_what_stays(&state, &attach);
     Ok(())
+}
+
+/// The name of a SIGTERM or SIGINT that came since the handlers were installed, without
+/// waiting for one.
+async fn stop_requested(term: &mut Signal, int: &mut Signal) -> Option<&'static str> {
+    // Signals reach their streams through the runtime's driver, which runs only when this
+    // task gives the runtime a turn.
+    tokio::task::yield_now().await;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    if term.poll_recv(&mut cx).is_ready() {
+        Some("SIGTERM")
+    } else if int.poll_recv(&mut cx).is_ready() {
+        Some("SIGINT")
+    } else {
+        None
+    }
+}
+
+/// Ends a start that a signal stopped before anything was attached: a fresh start takes back
+/// what it made; pinned enforcement from an earlier run stays as it was.
+fn stopped_while_starting(signal: &str, state: &StateDir, created: bool) {
+    if created {
+        state.remove_unused();
+        log::info!("stopped by {signal} while starting; nothing was attached");
+    } else {
+        log::info!(
+            "stopped by {signal} while starting; the enforcement pinned in {} stays as it was",
+            state.root().display()
+        );
+    }
 }
 
 /// Resolves the policies, pushes their table, attaches the programs to the attach cgroup

@@ -3183,3 +3183,53 @@ fn a_namespace_whose_thread_cannot_be_made_is_skipped_and_the_agent_goes_on() {
     agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "33"]);
     assert_eq!(idles(&mut in_netns), [33, 33]);
 }
+
+/// A SIGTERM while a fresh start loads its programs, its maps already pinned, ends the start
+/// with nothing left behind: no maps pinned without the program that uses them, which `status`
+/// would call nothing pinned, and exit 0. A signal that comes only after the attachment (this
+/// test's thread not run in time on a loaded host) is a stop, which leaves enforcement pinned;
+/// the start is tried again until one is stopped before it.
+#[test]
+fn a_sigterm_while_a_fresh_start_loads_leaves_nothing_pinned() {
+    let cg = TestCgroup::new("earlyterm");
+    for _ in 0..5 {
+        let dirs = AgentDirs::new();
+        let maps = dirs.state_dir.join("maps-v2");
+        let mut agent = Agent::spawn(
+            &dirs,
+            &["run", "--cgroup", cg.path().to_str().unwrap()],
+            &[],
+            None,
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::fs::read_dir(&maps).map_or(true, |mut dir| dir.next().is_none()) {
+            assert!(Instant::now() < deadline, "no map pinned:\n{}", agent.log());
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        agent.signal(libc::SIGTERM);
+        let status = agent
+            .wait_exit(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("still running:\n{}", agent.log()));
+        let log = agent.log();
+        assert!(status.success(), "{status}:\n{log}");
+        if log.contains("stopping; enforcement stays attached") {
+            assert_eq!(sockops_attachments(cg.path()), 1, "{log}");
+            assert!(dirs.detach().status.success());
+            continue;
+        }
+        assert!(
+            log.contains("stopped by SIGTERM while starting; nothing was attached"),
+            "{log}"
+        );
+        assert_eq!(sockops_attachments(cg.path()), 0, "{log}");
+        assert!(
+            !dirs.state_dir.exists(),
+            "{} stays: {:?}",
+            dirs.state_dir.display(),
+            std::fs::read_dir(&maps)
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+        );
+        return;
+    }
+    panic!("no SIGTERM came before the attachment in 5 starts");
+}
