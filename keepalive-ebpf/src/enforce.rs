@@ -77,7 +77,15 @@ pub(crate) fn apply(
     // program set before, and under `lock` at most the time keepalive takes to give up, in
     // place of a longer one the application set before connecting (or on its listener).
     let user_timeout = if policy.flags & policy_flags::USER_TIMEOUT != 0 {
-        Some(policy.user_timeout_ms)
+        // Under `fill`, one the application set since the program last set its own is the
+        // application's, as keepalive values it set would be.
+        if policy.mode == mode::FILL
+            && previous.is_some_and(|previous| user_timeout_set_by_app_since(tp, previous))
+        {
+            None
+        } else {
+            Some(policy.user_timeout_ms)
+        }
     } else if previous.is_some_and(|previous| resets_user_timeout(tp, previous, policy)) {
         Some(0)
     } else if !policy.user_timeout_held(kernel::user_timeout_ms(tp)) {
@@ -167,6 +175,13 @@ pub(crate) fn still_set(target: *mut c_void, tp: *const u8, previous: &Policy) -
 #[inline(always)]
 pub(crate) fn set_by_app_since(target: *mut c_void, tp: *const u8, previous: &Policy) -> bool {
     kernel::keepalive_on(tp) && has_values(target, tp, previous) == Some(false)
+}
+
+/// Whether the socket has a user timeout that `previous` (what the program set on it) did
+/// not make the program set: one the application set since.
+#[inline(always)]
+pub(crate) fn user_timeout_set_by_app_since(tp: *const u8, previous: &Policy) -> bool {
+    kernel::user_timeout_ms(tp) != 0 && !has_user_timeout_of(tp, previous)
 }
 
 /// Under `fill`, on a socket whose keepalive values are the application's: moves the user

@@ -253,6 +253,18 @@ pub(crate) fn enforce_socket(
                 .map(|rec| rec.policy)
         })
         .or(listened);
+    // Under `fill`, keepalive off on a socket the program covered with it on: the application
+    // switched it off since (keepalive the program set, or its own that `fill` kept). That is
+    // its choice too, which `fill` keeps, as it keeps values the application sets. Not after
+    // `off`, from which a socket gets its policy anew as a new one would, nor where the
+    // program's own calls failed.
+    let switched_off = policy.mode == mode::FILL
+        && existing.as_deref().is_some_and(|rec| {
+            rec.flags & (sock_flags::ENFORCED | sock_flags::APP_OWNED) != 0
+                && rec.flags & sock_flags::SETSOCKOPT_FAILED == 0
+                && rec.policy.mode != mode::OFF
+        })
+        && !kernel::keepalive_on(sock.tp);
     // A socket that carries the policy's values can still hold the user timeout of the policy
     // the program set before, which this one drops.
     let resets_user_timeout =
@@ -289,6 +301,7 @@ pub(crate) fn enforce_socket(
         }
     } else if policy.mode == mode::FILL
         && (app_keepalive
+            || switched_off
             || previous
                 .is_some_and(|previous| enforce::set_by_app_since(sock.target, sock.tp, &previous)))
     {
@@ -317,7 +330,10 @@ pub(crate) fn enforce_socket(
         }
         apply_result::KEPT_APP
     } else {
-        let ok = enforce::apply(sock.target, sock.tp, &policy, own_user_timeout.as_ref());
+        // Under `fill`, a user timeout the application set since the program filled the
+        // socket in is its own, as keepalive values it set would be: the policy's keepalive
+        // values go in, its user timeout does not, and the record names none as the program's.
+        let ok = enforce::apply(sock.target, sock.tp, &values, own_user_timeout.as_ref());
         count(Counter::Enforced);
         flags |= sock_flags::ENFORCED;
         if ok {

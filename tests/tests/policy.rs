@@ -2009,15 +2009,18 @@ fn fill_drops_its_own_user_timeout_under_keepalive_the_application_set_later() {
     );
 }
 
+/// `policy set CG --mode fill --idle IDLE`, with `--user-timeout` when given.
+fn set_fill(agent: &Agent, cg: &TestCgroup, idle: &str, user_timeout: Option<&str>) {
+    let mut args = vec!["policy", "set", cg.rel(), "--mode", "fill", "--idle", idle];
+    args.extend(user_timeout.iter().flat_map(|t| ["--user-timeout", *t]));
+    agent.cli_ok(&args);
+}
+
 #[test]
 fn fill_moves_its_own_user_timeout_with_the_policy_under_keepalive_the_application_set_later() {
     let cg = TestCgroup::new("utmoved");
     let agent = Agent::start(&cg, &[]);
-    let fill = |idle: &str, user_timeout: Option<&str>| {
-        let mut args = vec!["policy", "set", cg.rel(), "--mode", "fill", "--idle", idle];
-        args.extend(user_timeout.iter().flat_map(|t| ["--user-timeout", *t]));
-        agent.cli_ok(&args);
-    };
+    let fill = |idle: &str, user_timeout: Option<&str>| set_fill(&agent, &cg, idle, user_timeout);
     fill("50", Some("20s"));
     let mut pair = Proc::sock(&["pair", "4", "--keepalive-after", "99"], &cg);
     pair.read();
@@ -2485,5 +2488,120 @@ fn a_policy_change_reaches_connections_whose_peer_closed_its_side() {
     assert_eq!(
         (server["idle"].as_u64(), server["state"].as_str()),
         (Some(33), Some("close-wait"))
+    );
+}
+
+/// `fill` keeps keepalive off where the application switched it off after establishment, as
+/// it keeps values the application sets then: on a socket the program filled in, through a
+/// change of the cgroup's policy, and on one whose keepalive was the application's from the
+/// start, through a pass for another cgroup.
+#[test]
+fn fill_keeps_keepalive_off_where_the_application_switched_it_off_later() {
+    let parent = TestCgroup::new("filloff");
+    let filled = parent.child("filled");
+    let own = parent.child("own");
+    let other = parent.child("other");
+    let agent = Agent::start(&parent, &[]);
+    for cg in [&filled, &own] {
+        agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "fill", "--idle", "28"]);
+    }
+    let mut program = Proc::sock(&["pair", "4", "--keepalive-off-at-report", "1"], &filled);
+    let mut app = Proc::sock(
+        &[
+            "pair",
+            "4",
+            "--keepalive",
+            "100",
+            "--keepalive-off-at-report",
+            "1",
+        ],
+        &own,
+    );
+    let first = (program.read(), app.read());
+    assert_eq!(values(&first.0["client"]).0, 1, "filled in: {}", first.0);
+    assert_eq!(
+        values(&first.1["client"]).1,
+        100,
+        "the application's: {}",
+        first.1
+    );
+    // Each client switches its keepalive off.
+    for pair in [&mut program, &mut app] {
+        let report = pair.report();
+        assert_eq!(values(&report[0]).0, 0, "{report:?}");
+    }
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        filled.rel(),
+        "--mode",
+        "fill",
+        "--idle",
+        "27",
+    ]);
+    let report = program.report();
+    assert_eq!(
+        values(&report[0]).0,
+        0,
+        "the application's choice: {report:?}"
+    );
+    assert_eq!(
+        values(&report[1]).1,
+        27,
+        "the program's, updated: {report:?}"
+    );
+    agent.cli_ok(&["policy", "set", other.rel(), "--idle", "44"]);
+    let report = app.report();
+    assert_eq!(
+        values(&report[0]).0,
+        0,
+        "the application's choice: {report:?}"
+    );
+    // A policy of another mode takes over as it would on any socket.
+    agent.cli_ok(&["policy", "set", filled.rel(), "--idle", "26"]);
+    let report = program.report();
+    assert_eq!(values(&report[0]).0, 1, "enforce: {report:?}");
+    assert_eq!(values(&report[0]).1, 26, "enforce: {report:?}");
+}
+
+/// `fill` keeps a user timeout the application set after establishment on a socket the
+/// program filled in, as it keeps keepalive values the application sets then: a policy that
+/// brings a user timeout moves the socket's keepalive values, not its user timeout.
+#[test]
+fn fill_keeps_a_user_timeout_the_application_set_later() {
+    let cg = TestCgroup::new("fillut");
+    let agent = Agent::start(&cg, &[]);
+    let fill = |idle: &str, user_timeout: Option<&str>| set_fill(&agent, &cg, idle, user_timeout);
+    fill("45", None);
+    let mut pair = Proc::sock(&["pair", "4", "--user-timeout-after", "4321"], &cg);
+    let out = pair.read();
+    assert_eq!(out["client"]["user_timeout"], 4321, "{out}");
+    let ends = |pair: &mut Proc| {
+        let report = pair.report();
+        let get = |i: usize, key: &str| report[i][key].as_i64().unwrap();
+        (
+            (get(0, "idle"), get(0, "user_timeout")),
+            (get(1, "idle"), get(1, "user_timeout")),
+        )
+    };
+    fill("46", Some("9s"));
+    assert_eq!(ends(&mut pair), ((46, 4321), (46, 9000)));
+    fill("47", Some("8s"));
+    assert_eq!(ends(&mut pair), ((47, 4321), (47, 8000)));
+    fill("48", None);
+    assert_eq!(ends(&mut pair), ((48, 4321), (48, 0)));
+    let status = agent.status();
+    let client = sockets_of(&status, &cg)
+        .into_iter()
+        .find(|s| s["local"] == out["client_local"])
+        .unwrap_or_else(|| panic!("no client in {status}"));
+    assert_eq!(
+        (
+            &client["idle"],
+            &client["user_timeout"],
+            &client["app_owned"]
+        ),
+        (&48.into(), &serde_json::Value::Null, &false.into()),
+        "{client}"
     );
 }

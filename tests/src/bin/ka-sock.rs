@@ -7,7 +7,7 @@
 //!              [--keepalive-after IDLE] [--user-timeout MS]
 //!              [--user-timeout-after MS] [--loosen-at-report N]
 //!              [--disconnect-at-report N] [--reconnect-at-report N]
-//!              [--half-close-at-report N]
+//!              [--half-close-at-report N] [--keepalive-off-at-report N]
 //!                                                client+server over loopback; both ends' options
 //! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE] [--keepalive-after IDLE]
 //!                [--user-timeout-after MS]
@@ -64,7 +64,9 @@
 //! it (connect to AF_UNSPEC) and `--reconnect-at-report N` connects it to the listener again,
 //! in that order when they name the same report, both before a loosen.
 //! `--half-close-at-report N` (before the others) shuts the client's sending side down and has
-//! the server read the end: the server's end is then in CLOSE_WAIT, the client's in FIN_WAIT2. `--send` waits until stdin closes, then
+//! the server read the end: the server's end is then in CLOSE_WAIT, the client's in FIN_WAIT2.
+//! `--keepalive-off-at-report N` (after the others) switches the client's SO_KEEPALIVE off
+//! just before the N-th report, as an application may once connected. `--send` waits until stdin closes, then
 //! sends one byte. `--read` blocks in read() after connecting (and sending) and reports how it
 //! ended. `--loosen` tries to switch keepalive off and raise its
 //! values after connecting, then reports what getsockopt shows, then sets TCP_CONGESTION from a
@@ -323,6 +325,7 @@ fn pair(args: &[String]) {
         at("--reconnect-at-report"),
     );
     let half_close_at = at("--half-close-at-report");
+    let keepalive_off_at = at("--keepalive-off-at-report");
     let fd = client.as_raw_fd();
     hold_and(&[fd, server.as_raw_fd()], |report| {
         if Some(report) == half_close_at {
@@ -341,6 +344,9 @@ fn pair(args: &[String]) {
         }
         if Some(report) == loosen_at {
             loosen(fd);
+        }
+        if Some(report) == keepalive_off_at {
+            assert_eq!(set(fd, SOL_SOCKET, SO_KEEPALIVE, 0), 0);
         }
     });
 }
