@@ -46,14 +46,14 @@ pub struct Cli {
 
     /// Directory for the control socket and the agent's lock file; one of its own, which `run`
     /// makes root-only (a directory holding other files is refused, and so is one another user
-    /// could change).
+    /// could change). At most 94 bytes, so that the control socket's path fits a Unix socket.
     #[arg(
         long,
         global = true,
         value_name = "DIR",
         env = "KEEPALIVE_RUNTIME_DIR",
         default_value = DEFAULT_RUNTIME_DIR,
-        value_parser = pin::parse_dir
+        value_parser = crate::control::parse_runtime_dir
     )]
     pub runtime_dir: PathBuf,
 
@@ -403,6 +403,10 @@ mod tests {
                 &["--runtime-dir", "run", "status"],
                 &["--runtime-dir", "absolute"],
             ),
+            (
+                &["--runtime-dir", &format!("/run/{}", "k".repeat(90)), "run"],
+                &["--runtime-dir", "control.sock", "108 bytes", "at most 107"],
+            ),
         ] {
             let err = parse(args).unwrap_err().to_string();
             for needle in needles {
@@ -432,5 +436,9 @@ mod tests {
         assert!(status.json);
         assert_eq!(status.port, Some(80));
         assert!(parse(&["detach", "--cgroup", "/a"]).is_ok());
+        // The longest runtime directory whose control socket fits a Unix socket address.
+        let longest = format!("/run/{}", "k".repeat(89));
+        let cli = parse(&["--runtime-dir", &longest, "status"]).unwrap();
+        assert_eq!(cli.runtime_dir.as_os_str().len(), 94);
     }
 }

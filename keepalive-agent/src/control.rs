@@ -24,6 +24,25 @@ pub fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join(SOCKET_NAME)
 }
 
+/// The longest path a Unix socket can be bound to on Linux: `sun_path` less its NUL.
+const SOCKET_PATH_MAX: usize = 107;
+
+/// Parses `--runtime-dir`: an absolute path without `..` (see [`crate::pin::parse_dir`]) in
+/// which the control socket's path fits a Unix socket address. A longer one is refused before
+/// anything is made, rather than by `run` after it has attached.
+pub fn parse_runtime_dir(text: &str) -> Result<PathBuf, String> {
+    let dir = crate::pin::parse_dir(text)?;
+    let len = socket_path(&dir).as_os_str().len();
+    if len > SOCKET_PATH_MAX {
+        return Err(format!(
+            "{} is too long: the control socket in it, {SOCKET_NAME}, would have a path of {len} \
+             bytes, and a Unix socket's is at most {SOCKET_PATH_MAX}",
+            dir.display()
+        ));
+    }
+    Ok(dir)
+}
+
 /// A request to the agent.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
