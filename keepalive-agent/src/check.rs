@@ -979,6 +979,9 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         }
         let agent =
             instance::running_agent(runtime_dir).filter(|agent| agent.may_use(state.root()));
+        // An agent on this state directory that serves another runtime directory: `run` with
+        // this one would be refused (exit 7), and the policy commands would not reach it.
+        let elsewhere = agent.is_none() && state.is_locked();
         let detail = match (attached, agent) {
             (Some(Ok(None)), _) => format!(
                 "the enforcement pinned in {} was on a cgroup that has been removed, so it no \
@@ -995,8 +998,20 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
                     agent.pid
                 )
             }
+            (Some(Ok(Some(cgroup))), None) if elsewhere => format!(
+                "attached to {cgroup}, and an agent holds {} but does not serve {}: it runs \
+                 with another --runtime-dir",
+                state.root().display(),
+                runtime_dir.display()
+            ),
             (Some(Ok(Some(cgroup))), None) => format!(
                 "attached to {cgroup}; no agent is running (new connections are still enforced)"
+            ),
+            (None, _) if elsewhere => format!(
+                "not attached ({}), and an agent holds it but does not serve {}: it is \
+                 starting, or runs with another --runtime-dir",
+                state.root().display(),
+                runtime_dir.display()
             ),
             (None, _) => format!("not attached ({})", state.root().display()),
         };
@@ -1038,6 +1053,15 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
                 Outcome::Warn,
                 format!("{detail}; {}", other.overlap(attach, cg, &roots)),
                 Some("scope the agents to subtrees that do not nest, or use one agent"),
+            ),
+            _ if elsewhere => item(
+                "keepalive",
+                Outcome::Warn,
+                detail,
+                Some(
+                    "give the agent's own --runtime-dir: with this one `run` is refused (exit 7) \
+                     while it runs, and `policy` commands do not reach it",
+                ),
             ),
             _ => item("keepalive", Outcome::Ok, detail, None),
         });

@@ -287,6 +287,46 @@ fn a_state_directory_the_agent_may_only_read_exits_5_and_check_warns_off_sys_fs_
 }
 
 #[test]
+fn check_through_another_runtime_directory_says_an_agent_holds_the_state() {
+    let cg = TestCgroup::new("otherruntime");
+    let agent = Agent::start(&cg, &["--idle", "41"]);
+    let other = AgentDirs {
+        runtime_dir: AgentDirs::new().runtime_dir,
+        ..agent.dirs()
+    };
+    let out = other.cli(&["check", "--json", "--cgroup", cg.path().to_str().unwrap()]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let item = check_item(&report, "keepalive");
+    let detail = item["detail"].as_str().unwrap();
+    assert_eq!(item["status"], "warn", "{report:#}");
+    assert!(
+        detail.contains(&format!(
+            "an agent holds {} but does not serve {}",
+            other.state_dir.display(),
+            other.runtime_dir.display()
+        )) && !detail.contains("no agent is running"),
+        "{item}"
+    );
+    assert!(item["fix"].as_str().unwrap().contains("exit 7"), "{item}");
+    // What the warning says `run` does.
+    let run = other.cli(&["run", "--cgroup", cg.path().to_str().unwrap()]);
+    let _ = std::fs::remove_dir_all(&other.runtime_dir);
+    assert_eq!(code(&run), 7, "{}", stderr(&run));
+    // Through the agent's own runtime directory, all is well.
+    let out = agent.cli(&["check", "--json", "--cgroup", cg.path().to_str().unwrap()]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let item = check_item(&report, "keepalive");
+    assert_eq!(item["status"], "ok", "{report:#}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("pid {}", agent.pid())),
+        "{item}"
+    );
+}
+
+#[test]
 fn check_fails_on_what_run_would_refuse_about_its_directories_and_attach_cgroup() {
     let cg = TestCgroup::new("checkdirs");
     let check = |dirs: &AgentDirs, attach: &Path, name: &str| {
