@@ -264,7 +264,8 @@ pub enum PolicyCommand {
 #[derive(Debug, Clone, Args)]
 pub struct DetachArgs {
     /// Only detach if enforcement is attached to this cgroup, and refuse (exit 7) if it is
-    /// attached to another (a safety check). With none attached, what is left is removed as
+    /// attached to another (a safety check). With none attached, or one on a removed cgroup
+    /// when this cgroup does not exist (it may have been the one), what is left is removed as
     /// without it.
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<String>,

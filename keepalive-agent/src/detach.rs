@@ -68,23 +68,39 @@ pub fn detach(
     };
     let cgroup2 = Cgroup2::find()?;
     let pinned = loader::pinned_attach_id(state)?;
-    let attach = pinned.map(|id| match cgroup2.locate(id) {
+    let located = pinned.map(|id| (id, cgroup2.locate(id)));
+    let attach = located.as_ref().map(|(id, at)| match at {
         Ok(Some(path)) => path.to_string(),
         Ok(None) => format!("cgroup id {id} (removed)"),
         Err(err) => format!("cgroup id {id} ({err})"),
     });
     // `--cgroup` guards enforcement elsewhere; with none attached there is none to guard, and
-    // what is left (or nothing) goes as without it, so a cleanup can run twice.
+    // what is left (or nothing) goes as without it, so a cleanup can run twice, also after it
+    // removed the cgroup. A cgroup that no longer exists may have been the one of enforcement
+    // on a removed cgroup, which covers nothing; enforcement on one that exists is elsewhere.
     if let Some(wanted) = cgroup {
         let wanted = cgroup2.parse(wanted)?;
-        let wanted_id = cgroup2.existing_id(&wanted)?;
-        if let (Some(pinned), Some(attach)) = (pinned, &attach)
-            && pinned != wanted_id
-        {
+        let wanted_id = match cgroup2.existing_id(&wanted) {
+            Ok(id) => Some(id),
+            Err(err) if matches!(err.downcast_ref(), Some(Error::CgroupNotFound(_))) => None,
+            Err(err) => return Err(err),
+        };
+        let elsewhere = match (&located, wanted_id) {
+            (None, _) | (Some((_, Ok(None))), None) => false,
+            (Some((id, _)), Some(wanted_id)) => *id != wanted_id,
+            (Some(_), None) => true,
+        };
+        if elsewhere {
+            let gone = if wanted_id.is_none() {
+                ", which does not exist"
+            } else {
+                ""
+            };
             return Err(Error::Agent(format!(
-                "enforcement in {} is attached to {attach}, not on {wanted}; nothing was \
+                "enforcement in {} is attached to {}, not on {wanted}{gone}; nothing was \
                  detached",
                 state.root().display(),
+                attach.as_deref().unwrap_or_default(),
             ))
             .into());
         }

@@ -1793,20 +1793,57 @@ fn detach_cgroup_checks_where_enforcement_is() {
     let dirs = agent.dirs();
     let out = dirs.cli(&["detach", "--cgroup", b.path().to_str().unwrap()]);
     assert_eq!(code(&out), 7, "attached elsewhere: {}", stderr(&out));
+    // A cgroup that does not exist was not the one of enforcement on one that does.
     let missing = format!("{}/nope", b.path().display());
     let out = dirs.cli(&["detach", "--cgroup", &missing]);
-    assert_eq!(code(&out), 4, "no such cgroup: {}", stderr(&out));
+    assert_eq!(code(&out), 7, "attached elsewhere: {}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "attached to {}, not on {}/nope, which does not exist",
+            a.display(),
+            b.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(sockops_attachments(a.path()), 1, "nothing detached");
     dirs.cli_ok(&["detach", "--cgroup", a.path().to_str().unwrap()]);
     assert_eq!(sockops_attachments(a.path()), 0);
-    // Nothing attached: nothing to guard, so a second run succeeds, as a plain detach does;
-    // a cgroup that does not exist is still an error.
-    for cgroup in [a.path(), b.path()] {
+    // Nothing attached: nothing to guard, so a second run succeeds, as a plain detach does,
+    // also for a cgroup the cleanup removed after its first run.
+    for cgroup in [a.path(), b.path(), std::path::Path::new(&missing)] {
         let out = dirs.cli_ok(&["detach", "--cgroup", cgroup.to_str().unwrap()]);
         assert!(stdout(&out).contains("nothing to detach"), "{out:?}");
     }
-    let out = dirs.cli(&["detach", "--cgroup", &missing]);
-    assert_eq!(code(&out), 4, "no such cgroup: {}", stderr(&out));
+    // Enforcement on a cgroup removed since covers nothing, and may have been on the one
+    // named: a cleanup that removed the cgroup before detaching still detaches.
+    let c = TestCgroup::new("detach-c");
+    let mut agent = Agent::start(&c, &[]);
+    agent.stop_with(libc::SIGTERM);
+    let dirs = agent.dirs();
+    let gone = c.path().to_owned();
+    drop(c);
+    assert!(!gone.exists());
+    let out = dirs.cli_ok(&["detach", "--cgroup", gone.to_str().unwrap()]);
+    assert!(
+        stdout(&out).contains("sock_ops program link on cgroup id"),
+        "{out:?}"
+    );
+    assert!(!dirs.state_dir.exists(), "{out:?}");
+    // A cgroup that exists was not the one of enforcement on a removed cgroup: refused.
+    let d = TestCgroup::new("detach-d");
+    let mut agent = Agent::start(&d, &[]);
+    agent.stop_with(libc::SIGTERM);
+    let dirs = agent.dirs();
+    drop(d);
+    let out = dirs.cli(&["detach", "--cgroup", b.path().to_str().unwrap()]);
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("(removed), not on"),
+        "{}",
+        stderr(&out)
+    );
+    dirs.cli_ok(&["detach"]);
 }
 
 /// Sets the soft limit on open files of process `pid` to `soft`; returns the old limits.
