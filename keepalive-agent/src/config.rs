@@ -539,8 +539,39 @@ fn owner_reason(file: &Path, meta: &std::fs::Metadata) -> Option<String> {
             file.display()
         ))
     } else {
-        None
+        foreign_directory(file).map(|(dir, uid)| {
+            format!(
+                "the directory {} on the way to it belongs to uid {uid}, who could replace \
+                 the file; fix with `chown root {}`",
+                dir.display(),
+                dir.display()
+            )
+        })
     }
+}
+
+/// A directory that holds `file`, or a symbolic link on the way to it, or one that such a link
+/// leads through, and belongs to a user other than root and this process's: one who could
+/// replace the file. (Who else may write to a directory is not judged: a Kubernetes ConfigMap
+/// volume is mode 0777, reached only by the pod's own processes.)
+fn foreign_directory(file: &Path) -> Option<(PathBuf, u32)> {
+    use std::os::unix::fs::MetadataExt as _;
+    // SAFETY: no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    let file = std::path::absolute(file).ok()?;
+    // Each directory as named and as its links resolve (the file's own, too), with those
+    // above it.
+    let named = file.ancestors().skip(1);
+    let resolved = std::fs::canonicalize(&file).ok();
+    let resolved = resolved.iter().flat_map(|real| real.ancestors().skip(1));
+    named
+        .filter_map(|dir| std::fs::canonicalize(dir).ok())
+        .chain(resolved.map(Path::to_owned))
+        .flat_map(|dir| dir.ancestors().map(Path::to_owned).collect::<Vec<_>>())
+        .find_map(|dir| {
+            let uid = std::fs::metadata(&dir).ok()?.uid();
+            (uid != 0 && uid != euid).then_some((dir, uid))
+        })
 }
 
 /// Parses and validates config text.

@@ -1857,23 +1857,71 @@ fn a_config_file_root_does_not_own_is_refused_and_check_still_validates_it() {
         (&good, "otherwise".to_owned()),
         (&bad, format!("also: {}:3:", bad.display())),
     ] {
-        let out = dirs.cli(&[
-            "check",
-            "--json",
-            "--config",
-            config.to_str().unwrap(),
-            "--cgroup",
-            cg.path().to_str().unwrap(),
-        ]);
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let item = check_item(&report, "config");
+        let (rc, item) = check_config(&dirs, &cg, config);
         let detail = item["detail"].as_str().unwrap();
-        assert_eq!((code(&out), &item["status"]), (8, &"fail".into()), "{item}");
+        assert_eq!((rc, &item["status"]), (8, &"fail".into()), "{item}");
         assert!(
             detail.contains("owned by uid 65534, not root") && detail.contains(&content),
             "{item}"
         );
     }
+}
+
+/// A directory that holds the config, or a symbolic link to it, or that such a link leads
+/// through, and belongs to another user lets that user replace the file: refused as a file
+/// root does not own is, by `run` and by `check`.
+#[test]
+fn a_config_in_a_directory_another_user_owns_is_refused() {
+    use std::os::unix::fs::{PermissionsExt as _, chown, symlink};
+    let cg = TestCgroup::new("configdir");
+    let dirs = AgentDirs::new();
+    let owned = TempDir::new("configdir");
+    let file = owned.path().join("config.toml");
+    fs::write(&file, "[default]\nidle = 33\n").unwrap();
+    fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+    chown(owned.path(), Some(65534), None).unwrap();
+    // A link to it from a root-owned directory, and a link in it to a root-owned file.
+    let linked = TempDir::new("configlink");
+    let to_file = linked.path().join("config.toml");
+    symlink(&file, &to_file).unwrap();
+    let elsewhere = write_config("[default]\nidle = 33\n");
+    let in_owned = owned.path().join("link.toml");
+    symlink(&elsewhere, &in_owned).unwrap();
+    let says = format!(
+        "the directory {} on the way to it belongs to uid 65534",
+        owned.path().display()
+    );
+    for config in [&file, &to_file, &in_owned] {
+        let out = run_with_config(&dirs, &cg, config);
+        let err = stderr(&out);
+        assert_eq!(code(&out), 2, "{err}");
+        assert!(err.contains(&says) && err.contains("chown root"), "{err}");
+    }
+    assert_eq!(sockops_attachments(cg.path()), 0);
+    assert!(!dirs.state_dir.exists());
+    let (rc, item) = check_config(&dirs, &cg, &to_file);
+    assert_eq!((rc, &item["status"]), (8, &"fail".into()), "{item}");
+    assert!(item["detail"].as_str().unwrap().contains(&says), "{item}");
+    // Root's again: nothing else was wrong.
+    chown(owned.path(), Some(0), None).unwrap();
+    for config in [&file, &to_file, &in_owned] {
+        let (_, item) = check_config(&dirs, &cg, config);
+        assert_eq!(item["status"], "ok", "{item}");
+    }
+}
+
+/// `check --json --config <config> --cgroup <cg>`: its exit code and its config item.
+fn check_config(dirs: &AgentDirs, cg: &TestCgroup, config: &Path) -> (i32, serde_json::Value) {
+    let out = dirs.cli(&[
+        "check",
+        "--json",
+        "--config",
+        config.to_str().unwrap(),
+        "--cgroup",
+        cg.path().to_str().unwrap(),
+    ]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (code(&out), check_item(&report, "config").clone())
 }
 
 /// Listeners carry the program's keepalive so accepted sockets inherit it; a policy change
