@@ -645,6 +645,18 @@ fn directories_item(state: &StateDir, runtime_dir: &Path) -> Item {
             Some("choose a state directory below /sys/fs/bpf"),
         );
     }
+    if let Some(file) = instance::not_a_directory(runtime_dir) {
+        return item(
+            NAME,
+            Outcome::Fail,
+            format!(
+                "runtime directory {}: {} is not a directory; `run` refuses it (exit 2)",
+                runtime_dir.display(),
+                file.display()
+            ),
+            Some("give the agent a runtime directory of its own (default /run/keepalive-agent)"),
+        );
+    }
     if let Ok(Some(why)) = instance::untrusted(runtime_dir, instance::Leaf::MadeRootOnly) {
         return item(
             NAME,

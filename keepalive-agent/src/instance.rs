@@ -29,6 +29,15 @@ pub struct InstanceLock {
 /// `/run` root-only would lock other services out of it. So is one another user could change
 /// (see [`untrusted`]), before anything is created in it.
 fn prepare(runtime_dir: &Path) -> anyhow::Result<()> {
+    if let Some(file) = not_a_directory(runtime_dir) {
+        return Err(Error::Usage(format!(
+            "runtime directory {}: {} is not a directory; give the agent a directory of its \
+             own (default /run/keepalive-agent)",
+            runtime_dir.display(),
+            file.display()
+        ))
+        .into());
+    }
     let why = untrusted(runtime_dir, Leaf::MadeRootOnly)
         .with_context(|| format!("failed to read {}", runtime_dir.display()))?;
     if let Some(why) = why {
@@ -69,6 +78,15 @@ fn prepare(runtime_dir: &Path) -> anyhow::Result<()> {
     }
     fs::set_permissions(runtime_dir, fs::Permissions::from_mode(0o700))
         .with_context(|| format!("failed to restrict {} to root", runtime_dir.display()))
+}
+
+/// What on the way to `runtime_dir`, itself included, exists and is not a directory, if anything
+/// does: no directory can be made there.
+pub fn not_a_directory(runtime_dir: &Path) -> Option<&Path> {
+    runtime_dir
+        .ancestors()
+        .find(|path| path.exists())
+        .filter(|path| !path.is_dir())
 }
 
 /// How [`untrusted`] takes the runtime directory's own mode.

@@ -367,6 +367,25 @@ fn check_fails_on_what_run_would_refuse_about_its_directories_and_attach_cgroup(
         item["detail"].as_str().unwrap().contains("other.pid"),
         "{item}"
     );
+    // A runtime directory that is a file, or below one: refused (exit 2), not left to fail as
+    // it is made.
+    let file = std::env::temp_dir().join(keepalive_tests::unique("file-run"));
+    std::fs::write(&file, "").unwrap();
+    for runtime_dir in [file.clone(), file.join("run")] {
+        let dirs = AgentDirs {
+            runtime_dir,
+            ..AgentDirs::new()
+        };
+        let (rc, status, item) = check(&dirs, cg.path(), "directories");
+        let refused = dirs.cli(&["run", "--cgroup", cg.path().to_str().unwrap()]);
+        let says = format!("{} is not a directory", file.display());
+        assert_eq!((rc, status.as_str()), (8, "fail"), "{item}");
+        assert!(item["detail"].as_str().unwrap().contains(&says), "{item}");
+        assert_eq!(code(&refused), 2, "{}", stderr(&refused));
+        assert!(stderr(&refused).contains(&says), "{}", stderr(&refused));
+        assert!(!dirs.state_dir.exists());
+    }
+    std::fs::remove_file(&file).unwrap();
     // A runtime directory to be made below one that every user may write to, which `run`
     // refuses (exit 2): another user could swap it, and the agent's socket with it.
     let open = std::env::temp_dir().join(keepalive_tests::unique("open-run"));
