@@ -169,15 +169,15 @@ pub struct RunArgs {
     #[arg(long, value_name = "ADDR", value_parser = config::parse_listen)]
     pub metrics: Option<SocketAddr>,
 
-    /// Capacity of the per-cgroup counter map, used when the maps are first created.
-    /// [default: 65536]
+    /// Capacity of the per-cgroup counter map, used when the maps are first created; 1 to
+    /// 16777216. [default: 65536]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_tracked_cgroups: Option<u32>,
 
     /// Sockets `status` can list, at least, used when the maps are first created: the
     /// capacity of the tracking hash, plus a preallocated slot table of up to 65536 (136 bytes
-    /// a slot). Sockets beyond it are still enforced, and counted as socket_tracking_full.
-    /// [default: 524288]
+    /// a slot). Sockets beyond it are still enforced, and counted as socket_tracking_full. 1 to
+    /// 16777216. [default: 524288]
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_tracked_sockets: Option<u32>,
 }

@@ -1133,6 +1133,17 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     let mut config = config::load(args.config.as_deref(), &cgroup2)?;
     config.apply_overrides(&overrides_from(&args));
     let fixed = Fixed::resolve(globals.state_dir.as_deref(), &args, &config, &cgroup2)?;
+    // `status`, `detach` and `check` without --state-dir look where the config says.
+    if let (Some(given), Some(file)) = (&globals.state_dir, &config.state_dir)
+        && given != file.root()
+    {
+        log::warn!(
+            "--state-dir {} overrides the config's state_dir = {}: `status`, `detach` and \
+             `check` find this agent's state only when given the same --state-dir",
+            given.display(),
+            file.root().display()
+        );
+    }
     let attach = fixed.attach.clone();
     let attach_path = cgroup2.abs(&attach);
     // The config first: a missing attach cgroup (exit 4) is retried by the unit until it

@@ -286,6 +286,29 @@ fn a_state_directory_the_agent_may_only_read_exits_5_and_check_warns_off_sys_fs_
     );
 }
 
+/// `status`, `detach` and `check` without --state-dir look where the config says, so `run`
+/// given another warns.
+#[test]
+fn run_warns_when_its_state_dir_overrides_the_configs() {
+    let cg = TestCgroup::new("statedirflag");
+    let dirs = AgentDirs::new();
+    let elsewhere = AgentDirs::new().state_dir;
+    let config = write_config(&format!("state_dir = \"{}\"\n", elsewhere.display()));
+    let agent = Agent::start_in(&dirs, &cg, &["--config", config.to_str().unwrap()]);
+    let warning = format!(
+        "--state-dir {} overrides the config's state_dir = {}",
+        dirs.state_dir.display(),
+        elsewhere.display()
+    );
+    assert!(agent.log().contains(&warning), "{}", agent.log());
+    assert!(dirs.state_dir.exists() && !elsewhere.exists());
+    // The same directory named twice is no override.
+    drop(agent);
+    let same = write_config(&format!("state_dir = \"{}\"\n", dirs.state_dir.display()));
+    let agent = Agent::start_in(&dirs, &cg, &["--config", same.to_str().unwrap()]);
+    assert!(!agent.log().contains("overrides"), "{}", agent.log());
+}
+
 #[test]
 fn check_through_another_runtime_directory_says_an_agent_holds_the_state() {
     let cg = TestCgroup::new("otherruntime");
