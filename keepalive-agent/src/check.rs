@@ -844,7 +844,15 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
             Some("mount -t bpf bpf /sys/fs/bpf (systemd does this at boot)"),
         ));
     }
-    checks.push(directories_item(&state, runtime_dir));
+    let mut directories = directories_item(&state, runtime_dir);
+    if target.state_dir.is_none() && config.is_none() {
+        // Everything below that reads the state reads this directory's.
+        directories.detail.push_str(
+            "; the default state directory: the config, which may name another, could not be \
+             read",
+        );
+    }
+    checks.push(directories);
 
     let caps = Caps::current();
     let missing = caps.missing_for_run();

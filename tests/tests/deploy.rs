@@ -109,7 +109,15 @@ fn status_detach_and_check_find_the_state_of_the_config_they_are_given() {
         assert!(stderr(&out).contains(&at_line), "{}", stderr(&out));
     }
     assert_eq!(sockops_attachments(cg.path()), 1, "detach refused");
-    check(&bad, (8, "fail"), &at_line);
+    let report = check(&bad, (8, "fail"), &at_line);
+    // What it says of the state is of the default directory, not the config's.
+    let directories = check_item(&report, "directories")["detail"]
+        .as_str()
+        .unwrap();
+    assert!(
+        directories.contains("the default state directory: the config, which may name another"),
+        "{directories}"
+    );
     // An attach cgroup that does not exist yet: `run` waits for it (exit 4, retried).
     let missing = cg.path().join("not-yet");
     let later = write_config(&format!("attach = \"{}\"\n", missing.display()));
