@@ -579,13 +579,16 @@ impl PolicySet {
         }
     }
 
-    /// Whether any policy uses `lock` (the lock program is attached only then).
+    /// Whether any policy uses `lock` (the lock program is attached only then). A rule that
+    /// an earlier one for the same selector replaces or masks (a runtime rule over the
+    /// config's) is not used.
     pub fn uses_lock(&self) -> bool {
+        let mut seen = HashSet::new();
         self.default.mode == Mode::Lock
-            || self
-                .rules
-                .iter()
-                .any(|rule| rule.spec.is_some_and(|spec| spec.mode == Mode::Lock))
+            || self.rules.iter().any(|rule| {
+                seen.insert(rule.selector.text())
+                    && rule.spec.is_some_and(|spec| spec.mode == Mode::Lock)
+            })
     }
 
     /// Resolves the rules against the cgroups that exist now, ignoring cgroups outside

@@ -18,8 +18,8 @@ use keepalive_tests::{
     cgroup_row, check_item, code, eventually, free_port, hide_with_tmpfs, idle_of,
     in_private_mounts, json_refusal, kernel_defaults, mkdir, pair_values,
     perf::storm,
-    private_mounts, sock_bin, sockets_of, sockops_attachments, stderr, stdout, symlink, unique,
-    unix_seconds, values, write_config,
+    private_mounts, setsockopt_attachments, sock_bin, sockets_of, sockops_attachments, stderr,
+    stdout, symlink, unique, unix_seconds, values, write_config,
 };
 
 /// A runtime directory every user may write to (sticky, as /tmp is), and agent directories
@@ -118,6 +118,32 @@ fn a_control_socket_is_not_trusted_for_the_process_that_took_its_servers_pid() {
         received.contains(r#"{"received":""}"#),
         "nothing was sent: {received}"
     );
+}
+
+/// A runtime rule that replaces the config's only `lock` policy leaves nothing using lock: the
+/// setsockopt program goes, and comes back when the runtime rule does.
+#[test]
+fn a_runtime_rule_over_the_only_lock_policy_removes_the_lock_program() {
+    let cg = TestCgroup::new("lockshadow");
+    let svc = cg.child("svc");
+    let config = write_config(&format!(
+        "[[policy]]\ncgroup = \"{}\"\nmode = \"lock\"\n",
+        svc.rel()
+    ));
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    assert_eq!(setsockopt_attachments(cg.path()), 1);
+    agent.cli_ok(&["policy", "set", svc.rel(), "--mode", "enforce"]);
+    assert_eq!(setsockopt_attachments(cg.path()), 0, "{}", agent.log());
+    assert!(
+        agent.log().contains("removed the setsockopt program"),
+        "{}",
+        agent.log()
+    );
+    agent.cli_ok(&["policy", "unset", svc.rel()]);
+    assert_eq!(setsockopt_attachments(cg.path()), 1, "{}", agent.log());
+    // A mask of it is no lock either.
+    agent.cli_ok(&["policy", "unset", svc.rel()]);
+    assert_eq!(setsockopt_attachments(cg.path()), 0, "{}", agent.log());
 }
 
 #[test]
