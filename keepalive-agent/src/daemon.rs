@@ -771,11 +771,18 @@ impl Daemon {
 
     /// Refuses a runtime rule for `text` that would be one more than a config may hold:
     /// every change walks the file system for each rule, and a loop of `policy set` must not
-    /// grow that without bound. Replacing a runtime rule needs no room.
+    /// grow that without bound. Replacing a runtime or config rule needs no room, nor does one
+    /// for the attach cgroup itself, so a full config can still be overridden (`--mode off`,
+    /// say); both are bounded.
     fn room_for(&self, text: &str) -> anyhow::Result<()> {
         let max = keepalive_common::MAX_POLICIES as usize;
         let held = self.runtime.len() + self.config.policies.rules.len();
-        if held < max || self.runtime.iter().any(|r| r.selector.text() == text) {
+        let replaces = self
+            .runtime
+            .iter()
+            .chain(&self.config.policies.rules)
+            .any(|r| r.selector.text() == text);
+        if held < max || replaces || text == self.fixed.attach.to_string() {
             return Ok(());
         }
         Err(usage(format!(

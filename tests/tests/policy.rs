@@ -120,6 +120,37 @@ fn a_control_socket_is_not_trusted_for_the_process_that_took_its_servers_pid() {
     );
 }
 
+/// A config with as many policies as are supported leaves no room for a runtime policy on
+/// another cgroup, but one can still replace any of them, or cover the attach cgroup itself:
+/// `--mode off` stays possible.
+#[test]
+fn a_full_config_still_takes_runtime_rules_over_its_policies_and_the_attach_cgroup() {
+    let cg = TestCgroup::new("fullconfig");
+    let svc = cg.child("svc");
+    let mut text = format!("[[policy]]\ncgroup = \"{}\"\nidle = 31\n", svc.rel());
+    for i in 1..16_384 {
+        text.push_str(&format!(
+            "[[policy]]\ncgroup = \"{}/p{i}\"\nidle = 30\n",
+            cg.rel()
+        ));
+    }
+    let config = write_config(&text);
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let other = format!("{}/other", cg.display());
+    let out = agent.cli(&["policy", "set", &other, "--idle", "20"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("at most 16384 are supported"),
+        "{}",
+        stderr(&out)
+    );
+    agent.cli_ok(&["policy", "set", &svc.display(), "--idle", "12"]);
+    assert_eq!(idle_of(&svc), 12);
+    agent.cli_ok(&["policy", "set", &cg.display(), "--mode", "off"]);
+    agent.cli_ok(&["policy", "set", &cg.display(), "--mode", "enforce"]);
+    assert_eq!(idle_of(&cg), 60, "{}", agent.log());
+}
+
 /// A runtime rule that replaces the config's only `lock` policy leaves nothing using lock: the
 /// setsockopt program goes, and comes back when the runtime rule does.
 #[test]
