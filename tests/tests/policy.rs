@@ -120,37 +120,6 @@ fn a_control_socket_is_not_trusted_for_the_process_that_took_its_servers_pid() {
     );
 }
 
-/// A config with as many policies as are supported leaves no room for a runtime policy on
-/// another cgroup, but one can still replace any of them, or cover the attach cgroup itself:
-/// `--mode off` stays possible.
-#[test]
-fn a_full_config_still_takes_runtime_rules_over_its_policies_and_the_attach_cgroup() {
-    let cg = TestCgroup::new("fullconfig");
-    let svc = cg.child("svc");
-    let mut text = format!("[[policy]]\ncgroup = \"{}\"\nidle = 31\n", svc.rel());
-    for i in 1..16_384 {
-        text.push_str(&format!(
-            "[[policy]]\ncgroup = \"{}/p{i}\"\nidle = 30\n",
-            cg.rel()
-        ));
-    }
-    let config = write_config(&text);
-    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
-    let other = format!("{}/other", cg.display());
-    let out = agent.cli(&["policy", "set", &other, "--idle", "20"]);
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
-    assert!(
-        stderr(&out).contains("at most 16384 are supported"),
-        "{}",
-        stderr(&out)
-    );
-    agent.cli_ok(&["policy", "set", &svc.display(), "--idle", "12"]);
-    assert_eq!(idle_of(&svc), 12);
-    agent.cli_ok(&["policy", "set", &cg.display(), "--mode", "off"]);
-    agent.cli_ok(&["policy", "set", &cg.display(), "--mode", "enforce"]);
-    assert_eq!(idle_of(&cg), 60, "{}", agent.log());
-}
-
 /// A runtime rule that replaces the config's only `lock` policy leaves nothing using lock: the
 /// setsockopt program goes, and comes back when the runtime rule does.
 #[test]
@@ -1266,9 +1235,6 @@ fn runtime_policies_stop_where_a_config_would() {
         stderr(&out)
     );
     assert_eq!(idle_of(&other), 50, "the refused rule set nothing");
-    // A mask of a config policy is a rule too.
-    let out = agent.cli(&["policy", "unset", &format!("{}/p1", parent.rel())]);
-    assert_eq!(code(&out), 2, "{}", stderr(&out));
 
     // Replacing a runtime rule needs no room; removing one makes room.
     agent.cli_ok(&["policy", "set", svc.rel(), "--idle", "33"]);
@@ -1276,6 +1242,28 @@ fn runtime_policies_stop_where_a_config_would() {
     agent.cli_ok(&["policy", "unset", svc.rel()]);
     agent.cli_ok(&["policy", "set", other.rel(), "--idle", "32"]);
     assert_eq!(idle_of(&other), 32);
+    let out = agent.cli(&["policy", "set", svc.rel(), "--idle", "34"]);
+    assert_eq!(code(&out), 2, "full again: {}", stderr(&out));
+
+    // Nor does replacing or masking a config policy, or a rule for the attach cgroup itself:
+    // a full config can still be overridden (`--mode off`, say).
+    let p1 = format!("{}/p1", parent.rel());
+    agent.cli_ok(&["policy", "set", &p1, "--idle", "6"]);
+    agent.cli_ok(&["policy", "unset", &p1]);
+    agent.cli_ok(&["policy", "unset", &p1]);
+    agent.cli_ok(&["policy", "set", parent.rel(), "--mode", "off"]);
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        parent.rel(),
+        "--mode",
+        "enforce",
+        "--idle",
+        "44",
+    ]);
+    assert_eq!(idle_of(&parent), 44);
+    let out = agent.cli(&["policy", "set", svc.rel(), "--idle", "34"]);
+    assert_eq!(code(&out), 2, "still no room for another: {}", stderr(&out));
 }
 
 #[test]
