@@ -268,7 +268,8 @@ fn gave_up(tp: *const u8) -> bool {
 /// Holds `lock`-mode sockets at their policy: SO_KEEPALIVE cannot be switched off, and idle,
 /// interval, count and user timeout cannot be raised above the policy (a user timeout, under a
 /// policy without one, above `idle + interval × count`). Looser values are rewritten to the
-/// policy's and the call succeeds; stricter values pass unchanged.
+/// policy's and the call succeeds; stricter values, and ones the kernel refuses, pass
+/// unchanged.
 #[cgroup_sockopt(setsockopt)]
 pub fn keepalive_lock(ctx: SockoptContext) -> i32 {
     // SAFETY: the kernel passes a valid context.
@@ -327,14 +328,19 @@ fn hold(so: &mut bpf_sockopt) {
         // and let a dead peer stay longer. A negative one the kernel refuses itself.
         let span = policy.keepalive_span_ms();
         (value > 0 && value as u32 > span).then_some(span)
+    } else if so.optname == uapi::TCP_USER_TIMEOUT {
+        // None (0) is looser than the policy's; a negative one the kernel refuses itself.
+        let limit = policy.user_timeout_ms;
+        (value == 0 || (value > 0 && value as u32 > limit)).then_some(limit)
     } else {
-        let limit = match so.optname {
-            uapi::TCP_KEEPIDLE => policy.idle,
-            uapi::TCP_KEEPINTVL => policy.interval,
-            uapi::TCP_KEEPCNT => policy.count,
-            _ => policy.user_timeout_ms,
+        let (limit, max) = match so.optname {
+            uapi::TCP_KEEPIDLE => (policy.idle, uapi::MAX_KEEPIDLE),
+            uapi::TCP_KEEPINTVL => (policy.interval, uapi::MAX_KEEPINTVL),
+            _ => (policy.count, uapi::MAX_KEEPCNT),
         };
-        (value < 1 || value as u32 > limit).then_some(limit)
+        // A value the kernel refuses (below 1 or above its limit) passes unchanged, so the
+        // call fails with EINVAL as it would without the lock, and changes nothing.
+        (value >= 1 && value as u32 <= max && value as u32 > limit).then_some(limit)
     };
     if let Some(held) = held {
         // SAFETY: bounds checked against optval_end above.

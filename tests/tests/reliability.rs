@@ -535,6 +535,17 @@ fn lock_mode_holds_the_policy_against_later_setsockopt() {
         tighten["after"]["idle"], 1,
         "stricter values are allowed: {tighten}"
     );
+    // Values the kernel refuses it still refuses, and they change nothing.
+    let invalid = client.read();
+    for (call, result) in invalid["invalid"].as_object().unwrap() {
+        assert_eq!(
+            result,
+            libc::EINVAL,
+            "{call} fails as without the lock: {invalid}"
+        );
+    }
+    assert_eq!(values(&invalid["after"]), (1, 1, 7, 4), "{invalid}");
+    assert_eq!(invalid["after"]["user_timeout"], 40_000, "{invalid}");
     // Options the lock does not hold pass untouched, also when their value is over a page.
     let large = client.read();
     assert_eq!(large["large_value"], 0, "{large}");

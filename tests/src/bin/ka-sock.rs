@@ -69,7 +69,8 @@
 //! just before the N-th report, as an application may once connected. `--send` waits until stdin closes, then
 //! sends one byte. `--read` blocks in read() after connecting (and sending) and reports how it
 //! ended. `--loosen` tries to switch keepalive off and raise its
-//! values after connecting, then reports what getsockopt shows, then sets TCP_CONGESTION from a
+//! values after connecting, then reports what getsockopt shows, then sets TCP_KEEPIDLE to 1,
+//! then tries values the kernel refuses, reporting after each, then sets TCP_CONGESTION from a
 //! buffer larger than a page. `--loosen-large` tries to switch keepalive off and raise
 //! TCP_KEEPIDLE to 9999 with the value at the start of an 8192-byte buffer (the kernel reads
 //! only its first int), then reports what getsockopt shows.
@@ -384,6 +385,18 @@ fn loosen(fd: i32) -> Value {
     })
 }
 
+/// Tries values the kernel refuses; the result of each call (0 or an errno).
+fn invalid(fd: i32) -> Value {
+    json!({
+        "idle_0": set(fd, TCP, libc::TCP_KEEPIDLE, 0),
+        "idle_32768": set(fd, TCP, libc::TCP_KEEPIDLE, 32_768),
+        "interval_0": set(fd, TCP, libc::TCP_KEEPINTVL, 0),
+        "count_0": set(fd, TCP, libc::TCP_KEEPCNT, 0),
+        "count_128": set(fd, TCP, libc::TCP_KEEPCNT, 128),
+        "user_timeout_-1": set(fd, TCP, libc::TCP_USER_TIMEOUT, -1),
+    })
+}
+
 fn listen(args: &[String]) {
     let addr: SocketAddr = args
         .first()
@@ -430,6 +443,7 @@ fn connect_cmd(args: &[String]) {
         emit(json!({ "loosen": loosen(fd), "after": options(fd) }));
         let tighter = json!({ "idle_1": set(fd, TCP, libc::TCP_KEEPIDLE, 1) });
         emit(json!({ "tighten": tighter, "after": options(fd) }));
+        emit(json!({ "invalid": invalid(fd), "after": options(fd) }));
         // An option value larger than a page, which a setsockopt program sees only in part.
         let mut reno = vec![0u8; 5000];
         reno[..4].copy_from_slice(b"reno");
