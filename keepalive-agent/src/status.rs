@@ -6,6 +6,7 @@
 //! whether or not the agent is running.
 
 use std::{
+    cell::OnceCell,
     collections::{BTreeMap, HashMap, HashSet},
     io::{self, Read as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -340,19 +341,54 @@ fn tcp_state(state: u8) -> &'static str {
     }
 }
 
-fn cgroup_name(names: &HashMap<u64, CgroupPath>, id: u64) -> String {
-    match names.get(&id) {
-        Some(path) => path.to_string(),
-        None if id == 0 => "(unknown)".to_owned(),
-        None => format!("#{id} (removed)"),
+/// The cgroups' paths by id. The tree is listed before the records are read, so a record can
+/// name a cgroup created in between: the first id not found has the tree listed once more,
+/// rather than a cgroup that exists shown as removed.
+struct Names<'a> {
+    cgroup2: &'a Cgroup2,
+    first: HashMap<u64, CgroupPath>,
+    /// The second listing, made at the first miss.
+    again: OnceCell<HashMap<u64, CgroupPath>>,
+}
+
+impl<'a> Names<'a> {
+    fn new(cgroup2: &'a Cgroup2) -> Self {
+        Self {
+            cgroup2,
+            first: cgroup2.names(&CgroupPath::root()),
+            again: OnceCell::new(),
+        }
+    }
+
+    /// The path of cgroup `id`; `None` when it does not exist (any more).
+    fn get(&self, id: u64) -> Option<&CgroupPath> {
+        if let Some(path) = self.first.get(&id) {
+            return Some(path);
+        }
+        if id == 0 {
+            return None;
+        }
+        self.again
+            .get_or_init(|| self.cgroup2.names(&CgroupPath::root()))
+            .get(&id)
+    }
+
+    /// Whether `id` was not in the first listing: a cgroup created since, or one removed.
+    fn unlisted(&self, id: u64) -> bool {
+        !self.first.contains_key(&id)
+    }
+
+    /// How `status` shows cgroup `id`.
+    fn show(&self, id: u64) -> String {
+        match self.get(id) {
+            Some(path) => path.to_string(),
+            None if id == 0 => "(unknown)".to_owned(),
+            None => format!("#{id} (removed)"),
+        }
     }
 }
 
-fn socket_row(
-    rec: &StatusRecord,
-    names: &HashMap<u64, CgroupPath>,
-    stamp_epoch: SystemTime,
-) -> SocketRow {
+fn socket_row(rec: &StatusRecord, names: &Names<'_>, stamp_epoch: SystemTime) -> SocketRow {
     let wall_time = |ns| stamp_epoch + Duration::from_nanos(ns);
     let sock = &rec.sock;
     let state = rec.live_state;
@@ -382,12 +418,12 @@ fn socket_row(
             "unknown"
         },
         state: tcp_state(state),
-        cgroup: cgroup_name(names, sock.cgroup_id),
+        cgroup: names.show(sock.cgroup_id),
         cgroup_id: sock.cgroup_id,
         policy_cgroup: if sock.policy_cgroup_id == keepalive_common::DEFAULT_POLICY_KEY {
             "default".to_owned()
         } else {
-            cgroup_name(names, sock.policy_cgroup_id)
+            names.show(sock.policy_cgroup_id)
         },
         idle: policy.idle,
         interval: policy.interval,
@@ -412,9 +448,10 @@ fn socket_row(
 /// What every view needs: cgroup names, the filter, where the state is, and the boot epoch
 /// for timestamps.
 struct View<'a> {
-    names: HashMap<u64, CgroupPath>,
+    names: Names<'a>,
     filter: &'a Filter,
-    /// The cgroups the filter's `cgroup` covers, found once rather than per socket.
+    /// The cgroups of the first listing the filter's `cgroup` covers, found once rather than
+    /// per socket.
     selected: Option<HashSet<u64>>,
     attach_cgroup: Option<String>,
     stamp_epoch: SystemTime,
@@ -423,10 +460,10 @@ struct View<'a> {
 impl View<'_> {
     fn new<'f>(
         state: &StateDir,
-        cgroup2: &Cgroup2,
+        cgroup2: &'f Cgroup2,
         filter: &'f Filter,
     ) -> anyhow::Result<View<'f>> {
-        let names = cgroup2.names(&CgroupPath::root());
+        let names = Names::new(cgroup2);
         // `/` covers every cgroup, also those removed since, whose place nothing tells.
         let everything = |selector: &&Selector| selector.covers(&CgroupPath::root());
         let selected = filter
@@ -435,6 +472,7 @@ impl View<'_> {
             .filter(|s| !everything(s))
             .map(|selector| {
                 let selected: HashSet<u64> = names
+                    .first
                     .iter()
                     .filter(|(_, path)| selector.covers(path))
                     .map(|(id, _)| *id)
@@ -450,7 +488,7 @@ impl View<'_> {
         // The link of a removed cgroup no longer covers new connections (only sockets left
         // over from that cgroup, which keep its programs): not attached, whatever is pinned.
         let attach_cgroup = attach_id
-            .and_then(|id| names.get(&id))
+            .and_then(|id| names.get(id))
             .map(ToString::to_string);
         if attach_id.is_some() && attach_cgroup.is_none() {
             log::warn!(
@@ -475,9 +513,15 @@ impl View<'_> {
     }
 
     fn within(&self, id: u64) -> bool {
-        self.selected
-            .as_ref()
-            .is_none_or(|selected| selected.contains(&id))
+        let Some(selected) = &self.selected else {
+            return true;
+        };
+        // A cgroup created since the first listing is judged by its path.
+        selected.contains(&id)
+            || (self.names.unlisted(id)
+                && self.filter.cgroup.as_ref().is_some_and(|selector| {
+                    self.names.get(id).is_some_and(|path| selector.covers(path))
+                }))
     }
 
     /// Whether a record is an open enforced socket that passes the filter.
@@ -525,7 +569,7 @@ impl Tally {
             .map(|id| {
                 let counted = stats.get(&id).copied().unwrap_or_default();
                 CgroupRow {
-                    cgroup: cgroup_name(&view.names, id),
+                    cgroup: view.names.show(id),
                     cgroup_id: id,
                     open: self.open.get(&id).copied().unwrap_or(0),
                     enforced_total: counted.enforced_total,
@@ -904,8 +948,44 @@ fn summary_text(cgroups: &[CgroupRow], counters: &BTreeMap<&'static str, u64>) -
 
 #[cfg(test)]
 mod tests {
+    use std::{fs, os::unix::fs::MetadataExt as _};
+
     use super::*;
     use crate::error::{code_of, exit};
+
+    /// A socket of a cgroup created after status listed the tree shows with its path, and
+    /// passes a filter that covers it; a cgroup that does not exist shows as removed.
+    #[test]
+    fn a_cgroup_created_after_the_listing_shows_with_its_path() {
+        let dir = std::env::temp_dir().join(format!("ka-names-{}", std::process::id()));
+        fs::create_dir_all(dir.join("svc/old")).unwrap();
+        let cgroup2 = Cgroup2::at(&dir);
+        let filter = Filter {
+            cgroup: Some(Selector::parse(&cgroup2, "svc/*").unwrap()),
+            port: None,
+        };
+        let state = StateDir::new(dir.join("no-state"));
+        let view = View::new(&state, &cgroup2, &filter).unwrap();
+        let ino = |p: &str| fs::metadata(dir.join(p)).unwrap().ino();
+        fs::create_dir_all(dir.join("svc/new")).unwrap();
+        fs::create_dir_all(dir.join("other")).unwrap();
+        let (old, new, other, svc) = (ino("svc/old"), ino("svc/new"), ino("other"), ino("svc"));
+        let shown = [old, new, other, u64::MAX, 0].map(|id| view.names.show(id));
+        let within = [old, new, other, svc, u64::MAX].map(|id| view.within(id));
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            shown,
+            [
+                "/svc/old".to_owned(),
+                "/svc/new".to_owned(),
+                "/other".to_owned(),
+                format!("#{} (removed)", u64::MAX),
+                "(unknown)".to_owned(),
+            ],
+            "listed again at the first miss"
+        );
+        assert_eq!(within, [true, true, false, false, false]);
+    }
 
     #[test]
     fn no_sockets_under_a_filter_says_so() {
