@@ -285,14 +285,12 @@ pub(crate) fn configure_listener(
         return;
     }
     // Values the application has set on the listener since the program configured it (nginx
-    // sets its own after listen()) are the application's too, which `fill` keeps, and so is
-    // keepalive it switched off there since (the connections the listener accepts are then
-    // filled in at establishment, as any without keepalive are). A user timeout the program
-    // set is still the program's, and follows the policy; what the program set is
-    // remembered with it.
+    // sets its own after listen()) are the application's too, which `fill` keeps. A user
+    // timeout the program set is still the program's, and follows the policy; what the program
+    // set is remembered with it.
     if policy.mode == mode::FILL
         && let Some(previous) = ours
-        && (!kernel::keepalive_on(tp) || set_by_app_since(target, tp, &previous))
+        && set_by_app_since(target, tp, &previous)
     {
         let (user_timeout_ms, flags) =
             if follow_own_user_timeout(target, tp, Some(&previous), policy) {

@@ -890,53 +890,6 @@ fn fill_keeps_values_the_application_set_on_its_listener_after_listen() {
     );
 }
 
-/// Keepalive an application switches off on its listener after listen(), over the keepalive
-/// the program set there, is the application's choice: under `fill`, an apply pass keeps it
-/// off (the connections it accepts are filled in at establishment, as any are). Under
-/// `enforce`, a pass switches it on again.
-#[test]
-fn fill_keeps_keepalive_off_where_the_application_switched_it_off_on_its_listener() {
-    let cg = TestCgroup::new("filllistenoff");
-    let other = cg.child("other");
-    let config = write_config("[default]\nidle = 31\nmode = \"fill\"\n");
-    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
-    let mut server = Proc::sock(
-        &["listen", "127.0.0.1:0", "3", "--keepalive-off-after"],
-        &cg,
-    );
-    let port = server.read()["port"].as_u64().unwrap().to_string();
-    let mut clients = Vec::new();
-    let mut accept = |server: &mut Proc| {
-        let mut client = Proc::sock(&["connect", &format!("127.0.0.1:{port}")], &cg);
-        client.read();
-        clients.push(client);
-        let line = server.read();
-        (values(&line["listener"]).0, values(&line["accepted"]))
-    };
-    assert_eq!(accept(&mut server), (0, (1, 31, 10, 5)), "switched off");
-    // Any table change runs a pass over existing sockets, listeners included.
-    agent.cli_ok(&["policy", "set", other.rel(), "--mode", "enforce"]);
-    assert_eq!(
-        accept(&mut server),
-        (0, (1, 31, 10, 5)),
-        "still off after the pass"
-    );
-    agent.cli_ok(&[
-        "policy",
-        "set",
-        cg.rel(),
-        "--mode",
-        "enforce",
-        "--idle",
-        "32",
-    ]);
-    assert_eq!(
-        accept(&mut server),
-        (1, (1, 32, 10, 5)),
-        "enforce switches it on"
-    );
-}
-
 /// The user timeout the program set at listen() stays the program's when the application sets
 /// its own keepalive values on the listener: it follows the policy, and the connections the
 /// listener accepts from then on inherit the current one. On those it accepted before, it
