@@ -112,12 +112,14 @@ pub(crate) fn enforce_socket(
         // with the policy that set it. A user timeout the application set on the listener
         // since is its own, and keeps none of the program's keepalive on; `release` leaves it.
         // Keepalive values the application set there since are its own too, and keep
-        // keepalive on; the user timeout the program set there still goes.
+        // keepalive on; the user timeout the program set there still goes, also where the
+        // application switched keepalive off there since (`release` then only looks at the
+        // user timeout).
         if origin
             == (Origin::Established {
                 direction: sock_flags::INBOUND,
             })
-            && kernel::keepalive_on(sock.tp)
+            && (kernel::keepalive_on(sock.tp) || kernel::user_timeout_ms(sock.tp) != 0)
             && let Some(listened) = listened_on(sock)
         {
             let app_keepalive = listened.flags & policy_flags::APP_KEEPALIVE != 0
@@ -199,16 +201,20 @@ pub(crate) fn enforce_socket(
     // replaces them, also under `fill`, which otherwise keeps them as the application's, and
     // the user timeout goes with the policy that set it. Values the application set on the
     // listener since are its own, but the user timeout the program set there is still the
-    // program's (see `own_user_timeout` below).
-    let listened = if app_keepalive
-        && origin
-            == (Origin::Established {
-                direction: sock_flags::INBOUND,
-            })
-        && (!carried
-            || (policy.flags & policy_flags::USER_TIMEOUT == 0
-                && kernel::user_timeout_ms(sock.tp) != 0))
-    {
+    // program's (see `own_user_timeout` below), also on a connection accepted without
+    // keepalive because the application switched it off on the listener since. (On a just
+    // established socket, `app_keepalive` is whether keepalive is on.)
+    let listened = if origin
+        == (Origin::Established {
+            direction: sock_flags::INBOUND,
+        })
+        && if app_keepalive {
+            !carried
+                || (policy.flags & policy_flags::USER_TIMEOUT == 0
+                    && kernel::user_timeout_ms(sock.tp) != 0)
+        } else {
+            kernel::user_timeout_ms(sock.tp) != 0
+        } {
         listened_on(sock)
     } else {
         None

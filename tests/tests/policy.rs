@@ -2423,7 +2423,13 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
     // Keepalive values the application set on its listener (as nginx does), over the program's
     // user timeout; `enforce` replaces them on the connections it accepts.
     let mut own_values = Listener::new(&cg, &ns, &["--keepalive-after", "77"]);
+    // Keepalive the application switched off on its listener, over the program's user timeout:
+    // the connections it accepts come without keepalive, and still carry that user timeout.
+    let mut off_after = Listener::new(&cg, &ns, &["--keepalive-off-after"]);
     let accepted = server.accept(&cg, &ns);
+    assert_eq!(values(&accepted), (1, 41, 10, 5), "{accepted}");
+    assert_eq!(accepted["user_timeout"], 7000, "{accepted}");
+    let accepted = off_after.accept(&cg, &ns);
     assert_eq!(values(&accepted), (1, 41, 10, 5), "{accepted}");
     assert_eq!(accepted["user_timeout"], 7000, "{accepted}");
     let accepted = own_values.accept(&cg, &ns);
@@ -2450,6 +2456,10 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
     assert_eq!(accepted["user_timeout"], 9000, "{accepted}");
     // Keepalive values the application set there do not make the program's user timeout its.
     let accepted = own_values.accept(&cg, &ns);
+    assert_eq!(values(&accepted), (1, 35, 10, 5), "{accepted}");
+    assert_eq!(accepted["user_timeout"], 0, "{accepted}");
+    // Nor does keepalive the application switched off there.
+    let accepted = off_after.accept(&cg, &ns);
     assert_eq!(values(&accepted), (1, 35, 10, 5), "{accepted}");
     assert_eq!(accepted["user_timeout"], 0, "{accepted}");
     // The earlier values again: the connection carries them, and only the user timeout is
@@ -2484,6 +2494,11 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
             (idle, Some(0)),
             "{mode}: {accepted}"
         );
+        let accepted = off_after.accept(&cg, &ns);
+        assert_eq!(
+            accepted["user_timeout"], 0,
+            "{mode}: the old policy's user timeout is gone: {accepted}"
+        );
     }
     // And under `off`: what the program set on the listener goes, keepalive with it; an
     // emergency `off` against a user timeout that cuts connections must not keep passing it on.
@@ -2514,6 +2529,14 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
     assert_eq!(
         (values(&accepted), accepted["user_timeout"].as_u64()),
         ((1, 77, 10, 5), Some(0)),
+        "off: {accepted}"
+    );
+    // Keepalive the application switched off on its listener does not keep the program's user
+    // timeout either.
+    let accepted = off_after.accept(&cg, &ns);
+    assert_eq!(
+        (values(&accepted).0, accepted["user_timeout"].as_u64()),
+        (0, Some(0)),
         "off: {accepted}"
     );
 }

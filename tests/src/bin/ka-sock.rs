@@ -10,7 +10,7 @@
 //!              [--half-close-at-report N] [--keepalive-off-at-report N]
 //!                                                client+server over loopback; both ends' options
 //! ka-sock listen <ADDR:PORT> [N] [--keepalive IDLE] [--keepalive-after IDLE]
-//!                [--user-timeout-after MS]
+//!                [--user-timeout-after MS] [--keepalive-off-after]
 //!                                                accept N connections (default 1), report each
 //! ka-sock connect <ADDR:PORT> [--keepalive IDLE [--keepalive-interval S] [--keepalive-count N]]
 //!                             [--send] [--read] [--loosen] [--loosen-large]
@@ -59,7 +59,9 @@
 //! `--keepalive-after IDLE` does so
 //! on the client once connected, as Go's net package does (with `listen`: on the listener once
 //! listening, as nginx does); `--user-timeout-after MS` sets the
-//! client's TCP_USER_TIMEOUT once connected (with `listen`: the listener's once listening); `--loosen-at-report N` makes the client try what
+//! client's TCP_USER_TIMEOUT once connected (with `listen`: the listener's once listening);
+//! `--keepalive-off-after` (with `listen`) switches the listener's SO_KEEPALIVE off once
+//! listening, and each `accepted` line also shows the listener's options; `--loosen-at-report N` makes the client try what
 //! `--loosen` does (below) just before the N-th report; `--disconnect-at-report N` disconnects
 //! it (connect to AF_UNSPEC) and `--reconnect-at-report N` connects it to the listener again,
 //! in that order when they name the same report, both before a loosen.
@@ -416,11 +418,18 @@ fn listen(args: &[String]) {
             0
         );
     }
+    if args.iter().any(|a| a == "--keepalive-off-after") {
+        assert_eq!(set(listener.as_raw_fd(), SOL_SOCKET, SO_KEEPALIVE, 0), 0);
+    }
     emit(json!({ "port": listener.local_addr().expect("addr").port() }));
     let mut accepted = Vec::new();
     for _ in 0..n {
         let (stream, peer) = listener.accept().expect("accept");
-        emit(json!({ "accepted": options(stream.as_raw_fd()), "peer": peer.to_string() }));
+        emit(json!({
+            "accepted": options(stream.as_raw_fd()),
+            "peer": peer.to_string(),
+            "listener": options(listener.as_raw_fd()),
+        }));
         accepted.push(stream);
     }
     let fds: Vec<i32> = accepted.iter().map(|s| s.as_raw_fd()).collect();
