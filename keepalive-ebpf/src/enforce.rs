@@ -285,12 +285,15 @@ pub(crate) fn configure_listener(
         return;
     }
     // Values the application has set on the listener since the program configured it (nginx
-    // sets its own after listen()) are the application's too, which `fill` keeps. A user
-    // timeout the program set is still the program's, and follows the policy; what the program
-    // set is remembered with it.
+    // sets its own after listen()) are the application's too, which `fill` keeps, and so is
+    // keepalive it switched off there since (the connections the listener accepts are then
+    // filled in at establishment, as any without keepalive are); not where the program's own
+    // calls failed. A user timeout the program set is still the program's, and follows the
+    // policy; what the program set is remembered with it.
     if policy.mode == mode::FILL
         && let Some(previous) = ours
-        && set_by_app_since(target, tp, &previous)
+        && ((previous.flags & policy_flags::SET_FAILED == 0 && !kernel::keepalive_on(tp))
+            || set_by_app_since(target, tp, &previous))
     {
         let (user_timeout_ms, flags) =
             if follow_own_user_timeout(target, tp, Some(&previous), policy) {
@@ -301,6 +304,9 @@ pub(crate) fn configure_listener(
             } else {
                 (0, previous.flags & !policy_flags::USER_TIMEOUT)
             };
+        // The keepalive values are the application's: a failed call of the program's no longer
+        // matters.
+        let flags = flags & !policy_flags::SET_FAILED;
         let stored = Policy {
             user_timeout_ms,
             flags,
@@ -314,7 +320,7 @@ pub(crate) fn configure_listener(
         track::note_listener(key, Some(&stored));
         return;
     }
-    let stored = Policy {
+    let mut stored = Policy {
         flags: policy.flags | app_keepalive,
         ..*policy
     };
@@ -323,7 +329,11 @@ pub(crate) fn configure_listener(
         track::note_listener(key, Some(&stored));
         return;
     }
-    apply(target, tp, policy, ours.as_ref());
+    // A failure is remembered, so that the next pass, finding another policy stored, tries
+    // again.
+    if !apply(target, tp, policy, ours.as_ref()) {
+        stored.flags |= policy_flags::SET_FAILED;
+    }
     PolicyStore::Listeners.set(sk, Some(&stored));
     track::note_listener(key, Some(&stored));
 }

@@ -858,19 +858,29 @@ fn fill_keeps_an_applications_own_keepalive_with_the_policys_values() {
     }
 }
 
+/// An agent with a `fill` default (idle 31) over cgroup `name`, which has a child `other`
+/// without sockets, and a `ka-sock listen` there for `n` connections with `extra` arguments;
+/// with the listener's port.
+fn fill_listener(
+    name: &str,
+    n: &str,
+    extra: &[&str],
+) -> (TestCgroup, TestCgroup, Agent, Proc, String) {
+    let cg = TestCgroup::new(name);
+    let other = cg.child("other");
+    let config = write_config("[default]\nidle = 31\nmode = \"fill\"\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let mut server = Proc::sock(&[&["listen", "127.0.0.1:0", n], extra].concat(), &cg);
+    let port = server.read()["port"].as_u64().unwrap().to_string();
+    (cg, other, agent, server, port)
+}
+
 /// Values an application sets on its listener after listen() (as nginx does), over the ones the
 /// program set at listen(), are the application's: under `fill`, an apply pass keeps them.
 #[test]
 fn fill_keeps_values_the_application_set_on_its_listener_after_listen() {
-    let cg = TestCgroup::new("filllistener");
-    let other = cg.child("other");
-    let config = write_config("[default]\nidle = 31\nmode = \"fill\"\n");
-    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
-    let mut server = Proc::sock(
-        &["listen", "127.0.0.1:0", "2", "--keepalive-after", "77"],
-        &cg,
-    );
-    let port = server.read()["port"].as_u64().unwrap().to_string();
+    let (cg, other, agent, mut server, port) =
+        fill_listener("filllistener", "2", &["--keepalive-after", "77"]);
     let target = format!("127.0.0.1:{port}");
     let mut first = Proc::sock(&["connect", &target], &cg);
     first.read();
@@ -887,6 +897,46 @@ fn fill_keeps_values_the_application_set_on_its_listener_after_listen() {
         values(&server.read()["accepted"]).1,
         77,
         "still the application's after the pass"
+    );
+}
+
+/// Keepalive an application switches off on its listener after listen(), over the keepalive
+/// the program set there, is the application's choice: under `fill`, an apply pass keeps it
+/// off (the connections it accepts are filled in at establishment, as any are). Under
+/// `enforce`, a pass switches it on again.
+#[test]
+fn fill_keeps_keepalive_off_where_the_application_switched_it_off_on_its_listener() {
+    let (cg, other, agent, mut server, port) =
+        fill_listener("filllistenoff", "3", &["--keepalive-off-after"]);
+    let mut clients = Vec::new();
+    let mut accept = |server: &mut Proc| {
+        let mut client = Proc::sock(&["connect", &format!("127.0.0.1:{port}")], &cg);
+        client.read();
+        clients.push(client);
+        let line = server.read();
+        (values(&line["listener"]).0, values(&line["accepted"]))
+    };
+    assert_eq!(accept(&mut server), (0, (1, 31, 10, 5)), "switched off");
+    // Any table change runs a pass over existing sockets, listeners included.
+    agent.cli_ok(&["policy", "set", other.rel(), "--mode", "enforce"]);
+    assert_eq!(
+        accept(&mut server),
+        (0, (1, 31, 10, 5)),
+        "still off after the pass"
+    );
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.rel(),
+        "--mode",
+        "enforce",
+        "--idle",
+        "32",
+    ]);
+    assert_eq!(
+        accept(&mut server),
+        (1, (1, 32, 10, 5)),
+        "enforce switches it on"
     );
 }
 

@@ -276,6 +276,10 @@ pub mod policy_flags {
     /// Only in [`MAP_LISTENERS`]: SO_KEEPALIVE was on, the application's own, when the program
     /// first configured the listener; `off` leaves it on.
     pub const APP_KEEPALIVE: u32 = 8;
+    /// Only in [`MAP_LISTENERS`] and [`MAP_LISTEN_PORTS`]: a call the program made to set this
+    /// policy on the listener failed. The next apply pass sets it again, and `fill` does not
+    /// take keepalive being off there for the application's choice.
+    pub const SET_FAILED: u32 = 16;
 }
 
 /// Key of [`MAP_LISTEN_PORTS`]: a listener's cgroup id, local port (host byte order) and
