@@ -280,7 +280,17 @@ pub(crate) fn configure_listener(
         None if kernel::keepalive_on(tp) => policy_flags::APP_KEEPALIVE,
         None => 0,
     };
-    if policy.mode == mode::FILL && ours.is_none() && app_keepalive != 0 {
+    // Under `fill`, keepalive the application switched on before the program configured the
+    // listener is its own, and so is what it does with it later (switch it off, say): the
+    // program sets nothing there, and marks the listener so that later passes know.
+    if policy.mode == mode::FILL
+        && ((ours.is_none() && app_keepalive != 0)
+            || ours.is_some_and(|ours| ours.flags & policy_flags::APP_OWNED != 0))
+    {
+        if ours.is_none() {
+            // With no user timeout named, a release undoes nothing.
+            PolicyStore::Listeners.mark(sk, policy_flags::APP_KEEPALIVE | policy_flags::APP_OWNED);
+        }
         track::note_listener(key, None);
         return;
     }
@@ -292,8 +302,8 @@ pub(crate) fn configure_listener(
     // policy; what the program set is remembered with it.
     if policy.mode == mode::FILL
         && let Some(previous) = ours
-        && ((previous.flags & policy_flags::SET_FAILED == 0 && !kernel::keepalive_on(tp))
-            || set_by_app_since(target, tp, &previous))
+        && previous.flags & policy_flags::SET_FAILED == 0
+        && (!kernel::keepalive_on(tp) || set_by_app_since(target, tp, &previous))
     {
         let (user_timeout_ms, flags) =
             if follow_own_user_timeout(target, tp, Some(&previous), policy) {
@@ -304,9 +314,6 @@ pub(crate) fn configure_listener(
             } else {
                 (0, previous.flags & !policy_flags::USER_TIMEOUT)
             };
-        // The keepalive values are the application's: a failed call of the program's no longer
-        // matters.
-        let flags = flags & !policy_flags::SET_FAILED;
         let stored = Policy {
             user_timeout_ms,
             flags,

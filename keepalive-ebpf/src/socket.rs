@@ -202,29 +202,26 @@ pub(crate) fn enforce_socket(
     // the user timeout goes with the policy that set it. Values the application set on the
     // listener since are its own, but the user timeout the program set there is still the
     // program's (see `own_user_timeout` below), also on a connection accepted without
-    // keepalive because the application switched it off on the listener since. (On a just
-    // established socket, `app_keepalive` is whether keepalive is on.)
+    // keepalive because the application switched it off on the listener since: as any socket
+    // without keepalive, that one gets the policy, and one without a user timeout takes the
+    // program's away. (On a just established socket, `app_keepalive` is whether keepalive is
+    // on.)
+    let unasked_user_timeout =
+        policy.flags & policy_flags::USER_TIMEOUT == 0 && kernel::user_timeout_ms(sock.tp) != 0;
     let listened = if origin
         == (Origin::Established {
             direction: sock_flags::INBOUND,
         })
-        && if app_keepalive {
-            !carried
-                || (policy.flags & policy_flags::USER_TIMEOUT == 0
-                    && kernel::user_timeout_ms(sock.tp) != 0)
-        } else {
-            kernel::user_timeout_ms(sock.tp) != 0
-        } {
+        && ((app_keepalive && !carried) || unasked_user_timeout)
+    {
         listened_on(sock)
     } else {
         None
     };
-    // All of what it carries is the program's when its user timeout is also no longer than
-    // that policy's.
-    let from_listener = listened.filter(|listened| {
-        carries_listened_values(sock, listened)
-            && listened.user_timeout_held(kernel::user_timeout_ms(sock.tp))
-    });
+    // Its keepalive values are the program's when they are those. A user timeout the
+    // application set on the listener since is still its own: `apply`, told that the program
+    // set `listened`, leaves it.
+    let from_listener = listened.filter(|listened| carries_listened_values(sock, listened));
     // Whether the keepalive switch itself is the application's: it may have switched it on
     // on the listener before the program configured it (which the listener's policy says).
     let mut flags = if app_keepalive

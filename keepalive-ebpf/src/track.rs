@@ -420,17 +420,36 @@ impl PolicyStore {
         unsafe { p.as_ref() }.copied()
     }
 
+    /// The storage of `sk`, made if it has none (zeroed); `None` if the kernel has no room.
+    #[inline(always)]
+    fn slot<'a>(self, sk: *mut c_void) -> Option<&'a mut Policy> {
+        let flags = u64::from(BPF_SK_STORAGE_GET_F_CREATE);
+        // SAFETY: as in `get`; nothing is copied from the null init value.
+        let p =
+            unsafe { bpf_sk_storage_get(self.map(), sk, ptr::null_mut(), flags) }.cast::<Policy>();
+        // SAFETY: non-null storage pointers point at a Policy owned by this socket, which
+        // outlives the run.
+        unsafe { p.as_mut() }
+    }
+
+    /// Stores for `sk` a policy of nothing but `flags`, written in place (the programs'
+    /// stacks are tight).
+    #[inline(always)]
+    pub(crate) fn mark(self, sk: *mut c_void, flags: u32) {
+        if let Some(slot) = self.slot(sk) {
+            *slot = Policy {
+                flags,
+                ..Policy::default()
+            };
+        }
+    }
+
     /// Stores `policy` for `sk` (Some) or drops it (None).
     #[inline(always)]
     pub(crate) fn set(self, sk: *mut c_void, policy: Option<&Policy>) {
         match policy {
             Some(policy) => {
-                let flags = u64::from(BPF_SK_STORAGE_GET_F_CREATE);
-                // SAFETY: as in `get`; nothing is copied from the null init value.
-                let p = unsafe { bpf_sk_storage_get(self.map(), sk, ptr::null_mut(), flags) }
-                    .cast::<Policy>();
-                // SAFETY: non-null storage pointers point at a Policy owned by this socket.
-                if let Some(slot) = unsafe { p.as_mut() } {
+                if let Some(slot) = self.slot(sk) {
                     *slot = *policy;
                 }
             }

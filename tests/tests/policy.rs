@@ -901,28 +901,55 @@ fn fill_keeps_values_the_application_set_on_its_listener_after_listen() {
 }
 
 /// Keepalive an application switches off on its listener after listen(), over the keepalive
-/// the program set there, is the application's choice: under `fill`, an apply pass keeps it
-/// off (the connections it accepts are filled in at establishment, as any are). Under
-/// `enforce`, a pass switches it on again.
+/// the program set there or its own, is the application's choice: under `fill`, an apply pass
+/// keeps it off (the connections it accepts are filled in at establishment, as any are).
+/// Under `enforce`, a pass switches it on again.
 #[test]
 fn fill_keeps_keepalive_off_where_the_application_switched_it_off_on_its_listener() {
     let (cg, other, agent, mut server, port) =
         fill_listener("filllistenoff", "3", &["--keepalive-off-after"]);
+    // Its own keepalive at listen(), which `fill` leaves to it, switched off after.
+    let mut own = Proc::sock(
+        &[
+            "listen",
+            "127.0.0.1:0",
+            "3",
+            "--keepalive",
+            "77",
+            "--keepalive-off-after",
+        ],
+        &cg,
+    );
+    let own_port = own.read()["port"].as_u64().unwrap().to_string();
     let mut clients = Vec::new();
-    let mut accept = |server: &mut Proc| {
+    let mut accept = |server: &mut Proc, port: &str| {
         let mut client = Proc::sock(&["connect", &format!("127.0.0.1:{port}")], &cg);
         client.read();
         clients.push(client);
         let line = server.read();
         (values(&line["listener"]).0, values(&line["accepted"]))
     };
-    assert_eq!(accept(&mut server), (0, (1, 31, 10, 5)), "switched off");
+    assert_eq!(
+        accept(&mut server, &port),
+        (0, (1, 31, 10, 5)),
+        "switched off"
+    );
+    assert_eq!(
+        accept(&mut own, &own_port),
+        (0, (1, 31, 10, 5)),
+        "its own, switched off"
+    );
     // Any table change runs a pass over existing sockets, listeners included.
     agent.cli_ok(&["policy", "set", other.rel(), "--mode", "enforce"]);
     assert_eq!(
-        accept(&mut server),
+        accept(&mut server, &port),
         (0, (1, 31, 10, 5)),
         "still off after the pass"
+    );
+    assert_eq!(
+        accept(&mut own, &own_port),
+        (0, (1, 31, 10, 5)),
+        "its own, still off after the pass"
     );
     agent.cli_ok(&[
         "policy",
@@ -934,9 +961,14 @@ fn fill_keeps_keepalive_off_where_the_application_switched_it_off_on_its_listene
         "32",
     ]);
     assert_eq!(
-        accept(&mut server),
+        accept(&mut server, &port),
         (1, (1, 32, 10, 5)),
         "enforce switches it on"
+    );
+    assert_eq!(
+        accept(&mut own, &own_port),
+        (1, (1, 32, 10, 5)),
+        "enforce switches its own on"
     );
 }
 
@@ -2476,6 +2508,12 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
     // Keepalive the application switched off on its listener, over the program's user timeout:
     // the connections it accepts come without keepalive, and still carry that user timeout.
     let mut off_after = Listener::new(&cg, &ns, &["--keepalive-off-after"]);
+    // And its own user timeout there too.
+    let mut own_off = Listener::new(
+        &cg,
+        &ns,
+        &["--keepalive-off-after", "--user-timeout-after", "9000"],
+    );
     let accepted = server.accept(&cg, &ns);
     assert_eq!(values(&accepted), (1, 41, 10, 5), "{accepted}");
     assert_eq!(accepted["user_timeout"], 7000, "{accepted}");
@@ -2550,6 +2588,32 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
             "{mode}: the old policy's user timeout is gone: {accepted}"
         );
     }
+    // Under `fill` with other values: those the program set on the listener are replaced, also
+    // where the application set its own user timeout there, which stays. A connection accepted
+    // without keepalive gets the whole policy, as any socket without keepalive does.
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.path().to_str().unwrap(),
+        "--idle",
+        "36",
+        "--user-timeout",
+        "5s",
+        "--mode",
+        "fill",
+    ]);
+    let accepted = own.accept(&cg, &ns);
+    assert_eq!(
+        (values(&accepted), accepted["user_timeout"].as_u64()),
+        ((1, 36, 10, 5), Some(9000)),
+        "fill: {accepted}"
+    );
+    let accepted = own_off.accept(&cg, &ns);
+    assert_eq!(
+        (values(&accepted), accepted["user_timeout"].as_u64()),
+        ((1, 36, 10, 5), Some(5000)),
+        "fill: {accepted}"
+    );
     // And under `off`: what the program set on the listener goes, keepalive with it; an
     // emergency `off` against a user timeout that cuts connections must not keep passing it on.
     agent.cli_ok(&[

@@ -85,8 +85,9 @@ pub const MAP_LISTENERS: &str = "KA_LISTENERS";
 /// The [`Policy`] the program last set on a listener, by the listener's cgroup id, port and
 /// network namespace ([`ListenPort`]): what the connections it accepts inherit, where the listener's own
 /// storage ([`MAP_LISTENERS`]) cannot be reached from. An accepted connection with keepalive
-/// on and other values than its policy's, or a user timeout its policy does not have, got
-/// them from its listener; when they are these, they are what the program set before a policy
+/// on and other values than its policy's, or with a user timeout its policy does not have
+/// (also with keepalive off: the application switched it off on the listener), got them from
+/// its listener; when they are these, they are what the program set before a policy
 /// change reached the listener, which the new policy replaces (under `fill` too, where other
 /// values are the application's). An LRU hash of
 /// [`LISTEN_PORTS`] entries; one a listener left is harmless, at worst naming values an
@@ -280,6 +281,11 @@ pub mod policy_flags {
     /// policy on the listener failed. The next apply pass sets it again, and `fill` does not
     /// take keepalive being off there for the application's choice.
     pub const SET_FAILED: u32 = 16;
+    /// Only in [`MAP_LISTENERS`], with [`APP_KEEPALIVE`]: `fill` left the listener's keepalive
+    /// to the application, which had switched it on before the program configured it; the
+    /// program set nothing there, and keeps what the application does with it (switch it off,
+    /// say). The other fields mean nothing.
+    pub const APP_OWNED: u32 = 32;
 }
 
 /// Key of [`MAP_LISTEN_PORTS`]: a listener's cgroup id, local port (host byte order) and
