@@ -275,10 +275,14 @@ pub(crate) fn configure_listener(
         track::note_listener(key, None);
         return;
     }
+    // A `fill` marker says the keepalive was the application's when `fill` looked, not that
+    // it still is: the application may have switched it off since.
     let app_keepalive = match ours {
-        Some(previous) => previous.flags & policy_flags::APP_KEEPALIVE,
-        None if kernel::keepalive_on(tp) => policy_flags::APP_KEEPALIVE,
-        None => 0,
+        Some(previous) if previous.flags & policy_flags::APP_OWNED == 0 => {
+            previous.flags & policy_flags::APP_KEEPALIVE
+        }
+        _ if kernel::keepalive_on(tp) => policy_flags::APP_KEEPALIVE,
+        _ => 0,
     };
     // Under `fill`, keepalive the application switched on before the program configured the
     // listener is its own, and so is what it does with it later (switch it off, say): the

@@ -907,13 +907,13 @@ fn fill_keeps_values_the_application_set_on_its_listener_after_listen() {
 #[test]
 fn fill_keeps_keepalive_off_where_the_application_switched_it_off_on_its_listener() {
     let (cg, other, agent, mut server, port) =
-        fill_listener("filllistenoff", "3", &["--keepalive-off-after"]);
+        fill_listener("filllistenoff", "4", &["--keepalive-off-after"]);
     // Its own keepalive at listen(), which `fill` leaves to it, switched off after.
     let mut own = Proc::sock(
         &[
             "listen",
             "127.0.0.1:0",
-            "3",
+            "4",
             "--keepalive",
             "77",
             "--keepalive-off-after",
@@ -969,6 +969,18 @@ fn fill_keeps_keepalive_off_where_the_application_switched_it_off_on_its_listene
         accept(&mut own, &own_port),
         (1, (1, 32, 10, 5)),
         "enforce switches its own on"
+    );
+    // That keepalive is the program's now, on both, and `off` takes it away again.
+    agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "off"]);
+    assert_eq!(
+        accept(&mut server, &port),
+        (0, (0, 32, 10, 5)),
+        "off switches it off"
+    );
+    assert_eq!(
+        accept(&mut own, &own_port),
+        (0, (0, 32, 10, 5)),
+        "off switches the one that was its own off"
     );
 }
 
@@ -2646,11 +2658,17 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
         "off: {accepted}"
     );
     // Keepalive the application switched off on its listener does not keep the program's user
-    // timeout either.
+    // timeout either, and a user timeout it set there stays.
     let accepted = off_after.accept(&cg, &ns);
     assert_eq!(
         (values(&accepted).0, accepted["user_timeout"].as_u64()),
         (0, Some(0)),
+        "off: {accepted}"
+    );
+    let accepted = own_off.accept(&cg, &ns);
+    assert_eq!(
+        (values(&accepted).0, accepted["user_timeout"].as_u64()),
+        (0, Some(9000)),
         "off: {accepted}"
     );
 }

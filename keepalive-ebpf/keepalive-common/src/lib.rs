@@ -16,7 +16,12 @@
 /// Not bumped for new flag bits ([`policy_flags::NEW_CGROUP`], [`policy_flags::APP_KEEPALIVE`],
 /// [`sock_flags::APP_KEEPALIVE`]) either: layouts are unchanged, older programs ignore the
 /// bits, and records and listener storage from older builds just lack them (their listeners'
-/// own keepalive is then taken for the program's, as before).
+/// own keepalive is then taken for the program's, as before). Nor for
+/// [`policy_flags::SET_FAILED`] and [`policy_flags::APP_OWNED`], with one hazard on a
+/// downgrade without `detach` (which the README advises against): an older program under
+/// `fill` takes a listener marked [`policy_flags::APP_OWNED`] for one it configured, and
+/// notes the marker's zero values for it, which an accepted connection with the application's
+/// own keepalive at the kernel's defaults then matches, so a policy change replaces them.
 ///
 /// Nor for [`ListenPort::netns`], the key's former padding word: its size is unchanged, and
 /// the entries older builds wrote (with 0 there) are just not found, as if never noted.
