@@ -329,6 +329,17 @@ fn kubernetes_manifests_are_complete_and_agree_with_the_agent() {
             >= 60,
         "a pass over many connections is no reason to restart: {liveness}"
     );
+    // Readiness is /metrics, which the agent serves once attached and ready. A rolling update
+    // waits for each node's pod to be ready, and the kubelet probes again only after a period
+    // once the first try (right at start, before the agent is up) failed: a long one delays
+    // the rollout by as much per node.
+    let readiness = &container["readinessProbe"];
+    assert_eq!(readiness["httpGet"]["path"], "/metrics", "{readiness}");
+    assert_eq!(readiness["httpGet"]["port"], "metrics", "{readiness}");
+    assert!(
+        readiness["periodSeconds"].as_u64().unwrap() <= 5,
+        "a rollout waits up to a period per node: {readiness}"
+    );
 
     // The container's arguments are a valid command line for this agent, with the node's
     // address of either family where Kubernetes substitutes it.
