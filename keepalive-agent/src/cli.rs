@@ -185,7 +185,8 @@ pub struct RunArgs {
 /// `status`.
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
-    /// Print one JSON document instead of tables.
+    /// Print one JSON document instead of tables; a failure before it began prints one with
+    /// `ok` (false), `error` and `code` instead.
     #[arg(long)]
     pub json: bool,
 

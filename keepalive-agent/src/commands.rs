@@ -105,10 +105,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 args,
             ))
         }
-        Command::Status(args) => status_cmd(
-            &state_dir(cli_state, args.config.config.as_deref(), false)?,
-            &args,
-        ),
+        Command::Status(args) => status_cmd(cli_state, &args),
         Command::Policy(cmd) => policy_cmd(&runtime_dir, cli_state.as_deref(), cmd),
         Command::Detach(args) => {
             let state = state_dir(cli_state, args.config.config.as_deref(), true)?;
@@ -167,7 +164,56 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn status_cmd(state: &StateDir, args: &StatusArgs) -> anyhow::Result<()> {
+/// A writer that notes whether anything went through it.
+struct Noting<W> {
+    inner: W,
+    wrote: bool,
+}
+
+impl<W: io::Write> io::Write for Noting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.wrote |= !buf.is_empty();
+        self.inner.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// `status`. With `--json`, a failure before the document began is a document too, as the
+/// `policy` commands' are: `ok`, `error` and `code`; the message also goes to stderr, and the
+/// exit code says the same.
+fn status_cmd(cli_state: Option<PathBuf>, args: &StatusArgs) -> anyhow::Result<()> {
+    let stdout = io::stdout().lock();
+    let mut out = Noting {
+        inner: io::BufWriter::with_capacity(1 << 16, stdout),
+        wrote: false,
+    };
+    let written = state_dir(cli_state, args.config.config.as_deref(), false)
+        .and_then(|state| write_status(&state, args, &mut out));
+    let written = match written {
+        Err(err) if args.json && !out.wrote => {
+            // What counts is the error, and the exit code it gives, also if stdout is gone.
+            if let Ok(document) = serde_json::to_string_pretty(&Response::failure(&err)) {
+                let _ = writeln!(out, "{document}").and_then(|()| out.flush());
+            }
+            return Err(err);
+        }
+        other => other,
+    };
+    match written.and_then(|()| out.flush().map_err(Into::into)) {
+        Err(err) if is_broken_pipe(&err) => Ok(()),
+        other => other,
+    }
+}
+
+/// The status document or table, into `out`.
+fn write_status(
+    state: &StateDir,
+    args: &StatusArgs,
+    out: &mut impl io::Write,
+) -> anyhow::Result<()> {
     let cgroup2 = Cgroup2::find()?;
     let filter = status::Filter {
         cgroup: args
@@ -177,16 +223,10 @@ fn status_cmd(state: &StateDir, args: &StatusArgs) -> anyhow::Result<()> {
             .transpose()?,
         port: args.port,
     };
-    let stdout = io::stdout().lock();
-    let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
-    let written = if args.json {
-        status::write_json(state, &cgroup2, &filter, &mut out)
+    if args.json {
+        status::write_json(state, &cgroup2, &filter, out)
     } else {
-        status::write_table(state, &cgroup2, &filter, &mut out)
-    };
-    match written.and_then(|()| out.flush().map_err(Into::into)) {
-        Err(err) if is_broken_pipe(&err) => Ok(()),
-        other => other,
+        status::write_table(state, &cgroup2, &filter, out)
     }
 }
 

@@ -14,14 +14,26 @@ use keepalive_tests::{
 };
 use serde_json::Value;
 
+/// With `--json`, the failure is a document of its own, as the `policy` commands' are.
 #[test]
-fn status_without_an_agent_exits_7_with_one_line_and_no_output() {
+fn status_without_an_agent_exits_7_with_one_line_and_a_json_failure() {
     let dirs = AgentDirs::new();
     for args in [&["status"][..], &["status", "--json"]] {
         let out = dirs.cli(args);
         let err = stderr(&out);
         assert_eq!(code(&out), 7, "{args:?}: {err}");
-        assert!(out.stdout.is_empty(), "{args:?}: partial output on stdout");
+        if args.len() == 1 {
+            assert!(out.stdout.is_empty(), "{args:?}: partial output on stdout");
+        } else {
+            let document: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+            assert_eq!(document["ok"], false, "{document}");
+            assert_eq!(document["code"], 7, "{document}");
+            let error = document["error"].as_str().unwrap();
+            assert!(
+                err.trim_end().ends_with(error),
+                "the message on stderr: {document} / {err}"
+            );
+        }
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(
             err.starts_with("keepalive-agent: nothing is pinned at ")
