@@ -147,10 +147,7 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Install(args) => {
             install::refuse_directories(cli_state.as_deref(), &runtime_dir)?;
-            for line in install::install(&args)? {
-                print(&format!("{line}\n"))?;
-            }
-            Ok(())
+            install::install(&args, &mut |line| print(&format!("{line}\n")))
         }
         Command::Completions(args) => print(&String::from_utf8_lossy(&install::completion_script(
             args.shell,

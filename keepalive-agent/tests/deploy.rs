@@ -597,6 +597,33 @@ fn install_leaves_a_masked_or_linked_unit_and_a_bindir_the_unit_cannot_run_alone
 }
 
 #[test]
+fn install_that_fails_midway_has_said_what_it_did_before() {
+    // The man pages' directory cannot be made (a file is in the way): the binary, the unit
+    // and the config are in place by then, and their lines are out before the error.
+    let root = tempdir("install-midway");
+    std::fs::create_dir_all(root.join("usr/local/share")).unwrap();
+    std::fs::write(root.join("usr/local/share/man"), "").unwrap();
+    let out = install_with(&root, &[], &[]);
+    let (stdout, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_ne!(out.status.code(), Some(0), "{stdout}{err}");
+    assert!(err.contains("usr/local/share/man"), "{err}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{stdout}");
+    for (line, path) in lines.iter().zip([
+        "usr/local/sbin/keepalive-agent",
+        "etc/systemd/system/keepalive-agent.service",
+        "etc/keepalive-agent/config.toml",
+    ]) {
+        assert!(line.contains(path), "{line}");
+        assert!(root.join(path).is_file(), "{path}");
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
 fn install_makes_its_files_readable_by_everyone_under_a_tight_umask() {
     use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
     let root = tempdir("install-umask");
