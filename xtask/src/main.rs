@@ -34,7 +34,8 @@ tasks:
                      --baseline also runs this build and another keepalive-agent binary side
                      by side (the before and after of a change)
   install [-- ARGS]  build in release mode and run `keepalive-agent install ARGS` as root
-                     (ARGS: --root DIR, --bindir DIR, --force-config; see
+                     (through sudo when not root), or, staging with --root DIR, as the
+                     caller (ARGS: --root DIR, --bindir DIR, --force-config; see
                      `keepalive-agent install --help`)
 
 environment:
@@ -102,7 +103,19 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             let agent = workspace_root().join("target/release/keepalive-agent");
             let mut agent_args = vec!["install".to_owned()];
             agent_args.extend(rest.iter().skip_while(|a| *a == "--").cloned());
-            exit_like(run_as_root(&agent, &agent_args)?)
+            // Staging below a directory of the caller's (for a package, say) needs no root.
+            let staging = agent_args
+                .iter()
+                .any(|a| a == "--root" || a.starts_with("--root="));
+            let status = if staging {
+                Command::new(&agent)
+                    .args(&agent_args)
+                    .status()
+                    .with_context(|| format!("failed to run {}", agent.display()))?
+            } else {
+                run_as_root(&agent, &agent_args)?
+            };
+            exit_like(status)
         }
         "-h" | "--help" | "help" => {
             println!("{USAGE}");
