@@ -984,6 +984,47 @@ fn fill_keeps_keepalive_off_where_the_application_switched_it_off_on_its_listene
     );
 }
 
+/// Under `fill`, the user timeout the program set on a listener whose keepalive the application
+/// switched off is still the program's: it follows later policies, changed or dropped, while
+/// the listener stays off. After `off`, a `fill` policy configures the listener anew.
+#[test]
+fn fill_moves_its_user_timeout_on_a_listener_the_application_switched_off() {
+    let cg = TestCgroup::new("filloffut");
+    let config = write_config("[default]\nidle = 31\nmode = \"fill\"\nuser_timeout = \"7s\"\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    let mut server = Proc::sock(
+        &["listen", "127.0.0.1:0", "4", "--keepalive-off-after"],
+        &cg,
+    );
+    let port = server.read()["port"].as_u64().unwrap().to_string();
+    let mut clients = Vec::new();
+    // The listener's keepalive and user timeout, and the accepted connection's values and
+    // user timeout.
+    let mut accept = || {
+        let mut client = Proc::sock(&["connect", &format!("127.0.0.1:{port}")], &cg);
+        client.read();
+        clients.push(client);
+        let line = server.read();
+        let (listener, accepted) = (&line["listener"], &line["accepted"]);
+        (
+            values(listener).0,
+            listener["user_timeout"].as_u64().unwrap(),
+            values(accepted),
+            accepted["user_timeout"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(accept(), (0, 7000, (1, 31, 10, 5), 7000));
+    let set = |args: &[&str]| agent.cli_ok(&[&["policy", "set", cg.rel()], args].concat());
+    set(&["--mode", "fill", "--idle", "31", "--user-timeout", "9s"]);
+    assert_eq!(accept(), (0, 9000, (1, 31, 10, 5), 9000), "changed");
+    set(&["--mode", "fill", "--idle", "31", "--user-timeout", "0"]);
+    assert_eq!(accept(), (0, 0, (1, 31, 10, 5), 0), "dropped");
+    set(&["--mode", "off"]);
+    // The user timeout not given comes from `[default]`.
+    set(&["--mode", "fill", "--idle", "33"]);
+    assert_eq!(accept(), (1, 7000, (1, 33, 10, 5), 7000), "configured anew");
+}
+
 /// The user timeout the program set at listen() stays the program's when the application sets
 /// its own keepalive values on the listener: it follows the policy, and the connections the
 /// listener accepts from then on inherit the current one. On those it accepted before, it
