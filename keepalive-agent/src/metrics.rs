@@ -338,6 +338,16 @@ fn route(request: &[u8]) -> Route {
         "HEAD" => true,
         _ => return Route::NotAllowed,
     };
+    // The absolute form (`http://node:9977/metrics`), which proxies send and a server must
+    // take (RFC 9112, section 3.2.2): the path after the authority, `/` without one.
+    let target = match target.split_once("://") {
+        Some((scheme, rest))
+            if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
+        {
+            rest.find('/').map_or("/", |start| &rest[start..])
+        }
+        _ => target,
+    };
     let path = target.split_once('?').map_or(target, |(path, _)| path);
     if path == "/metrics" {
         Route::Metrics { head }
@@ -537,6 +547,30 @@ mod tests {
             route(b"HEAD / HTTP/1.1\r\n\r\n"),
             Route::NotFound { head: true }
         );
+        // The absolute form, as a proxy sends it.
+        for absolute in [
+            &b"GET http://node:9977/metrics HTTP/1.1\r\n\r\n"[..],
+            b"GET HTTP://[::1]:9977/metrics?x=1 HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(
+                route(absolute),
+                metrics,
+                "{}",
+                String::from_utf8_lossy(absolute)
+            );
+        }
+        for elsewhere in [
+            &b"GET http://node:9977 HTTP/1.1\r\n\r\n"[..],
+            b"GET http://node:9977/metricsx HTTP/1.1\r\n\r\n",
+            b"GET ftp://node/metrics HTTP/1.1\r\n\r\n",
+        ] {
+            assert_eq!(
+                route(elsewhere),
+                Route::NotFound { head: false },
+                "{}",
+                String::from_utf8_lossy(elsewhere)
+            );
+        }
         assert_eq!(route(b"POST /metrics HTTP/1.1\r\n\r\n"), Route::NotAllowed);
         assert_eq!(route(b"get /metrics HTTP/1.1\r\n\r\n"), Route::NotAllowed);
         for bad in [
