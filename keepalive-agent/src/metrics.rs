@@ -305,7 +305,14 @@ enum Route {
     NotAllowed,
     /// Not a request line.
     BadRequest,
+    /// A request line longer than [`MAX_HEAD`]: 414.
+    UriTooLong,
+    /// A request line, then headers up to [`MAX_HEAD`] that do not end: 431.
+    HeadersTooLarge,
 }
+
+/// How much of a request's head the agent reads.
+const MAX_HEAD: usize = 16 * 1024;
 
 impl Route {
     fn head_only(&self) -> bool {
@@ -320,6 +327,20 @@ impl Route {
 /// may be CRLF or a bare LF (RFC 9112, section 2.2).
 fn head_complete(head: &[u8]) -> bool {
     head.windows(2).any(|w| w == b"\n\n") || head.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// What a request asks for, from what was read of its head: up to its end, or [`MAX_HEAD`]
+/// bytes (or more, with the read that passed it), or what came before the client stopped
+/// sending.
+fn route_read(head: &[u8]) -> Route {
+    if head.len() >= MAX_HEAD && !head_complete(head) {
+        return if head.contains(&b'\n') {
+            Route::HeadersTooLarge
+        } else {
+            Route::UriTooLong
+        };
+    }
+    route(head)
 }
 
 fn route(request: &[u8]) -> Route {
@@ -364,14 +385,14 @@ async fn respond(
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
-    while !head_complete(&head) && head.len() < 16 * 1024 {
+    while !head_complete(&head) && head.len() < MAX_HEAD {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
             break;
         }
         head.extend_from_slice(&buf[..n]);
     }
-    let request = route(&head);
+    let request = route_read(&head);
     let (status, content_type, body) = match request {
         Route::Metrics { .. } => {
             // Reading the maps takes a status walk (a few ms, hundreds at 200k sockets): off
@@ -402,6 +423,16 @@ async fn respond(
             "400 Bad Request",
             "text/plain; charset=utf-8",
             "not an HTTP request\n".to_owned(),
+        ),
+        Route::UriTooLong => (
+            "414 URI Too Long",
+            "text/plain; charset=utf-8",
+            "request line over 16 KiB\n".to_owned(),
+        ),
+        Route::HeadersTooLarge => (
+            "431 Request Header Fields Too Large",
+            "text/plain; charset=utf-8",
+            "request head over 16 KiB\n".to_owned(),
         ),
     };
     let allow = if request == Route::NotAllowed {
@@ -571,6 +602,18 @@ mod tests {
                 String::from_utf8_lossy(elsewhere)
             );
         }
+        // Heads cut off where the agent stops reading.
+        let long_target = format!("GET /{} HTTP/1.1", "x".repeat(MAX_HEAD));
+        assert_eq!(route_read(long_target.as_bytes()), Route::UriTooLong);
+        let long_headers = format!("GET /metrics HTTP/1.1\r\nX: {}", "y".repeat(MAX_HEAD));
+        assert_eq!(route_read(long_headers.as_bytes()), Route::HeadersTooLarge);
+        let complete = format!(
+            "GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n",
+            "y".repeat(MAX_HEAD)
+        );
+        assert_eq!(route_read(complete.as_bytes()), metrics);
+        // Short of the limit, what came before the client stopped is routed as it is.
+        assert_eq!(route_read(b"GET /metrics HTTP/1.1\r\nX: y"), metrics);
         assert_eq!(route(b"POST /metrics HTTP/1.1\r\n\r\n"), Route::NotAllowed);
         assert_eq!(route(b"get /metrics HTTP/1.1\r\n\r\n"), Route::NotAllowed);
         for bad in [

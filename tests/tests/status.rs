@@ -561,8 +561,8 @@ fn ask(port: u16, request: &str) -> String {
     response
 }
 
-/// HEAD gets a GET's headers without the body, other methods 405 with the methods served, and
-/// anything that is not a request line 400.
+/// HEAD gets a GET's headers without the body, other methods 405 with the methods served,
+/// anything that is not a request line 400, and heads too long to read 414 or 431.
 #[test]
 fn the_metrics_endpoint_answers_head_and_refuses_other_methods() {
     let cg = TestCgroup::new("metricsmethods");
@@ -600,6 +600,21 @@ fn the_metrics_endpoint_answers_head_and_refuses_other_methods() {
     // Lines may end in a bare LF (RFC 9112, 2.2), as `printf … | nc` sends them.
     let bare = ask(port, "GET /metrics HTTP/1.0\nHost: localhost\n\n");
     assert!(bare.starts_with("HTTP/1.1 200 OK\r\n"), "{bare}");
+    // The absolute form, as a proxy sends it (RFC 9112, 3.2.2).
+    let absolute = ask(
+        port,
+        &format!("GET http://127.0.0.1:{port}/metrics HTTP/1.1\r\nHost: x\r\n\r\n"),
+    );
+    assert!(absolute.starts_with("HTTP/1.1 200 OK\r\n"), "{absolute}");
+    // Heads past the 16 KiB the agent reads: the request line, or the headers.
+    let long = "x".repeat(17 * 1024);
+    let uri = ask(port, &format!("GET /{long} HTTP/1.1\r\n\r\n"));
+    assert!(uri.starts_with("HTTP/1.1 414 URI Too Long\r\n"), "{uri}");
+    let headers = ask(port, &format!("GET /metrics HTTP/1.1\r\nX: {long}\r\n\r\n"));
+    assert!(
+        headers.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{headers}"
+    );
 }
 
 /// A TCP connection to 127.0.0.1:`port` whose receive window is as small as the kernel allows,
