@@ -652,18 +652,32 @@ fn connect_with_small_window(port: u16) -> TcpStream {
     }
 }
 
-/// A request with more than its header block (a body, or headers past what the agent reads)
-/// gets its whole answer: closing with input unread makes the kernel send a reset, which
-/// throws away what of the answer is still in flight.
+/// A request with more than its header block (a body, or headers past what the agent reads,
+/// which get 431) gets its whole answer: closing with input unread makes the kernel send a
+/// reset, which throws away what of the answer is still in flight.
 #[test]
 fn a_scrape_that_sends_more_than_its_head_gets_the_whole_answer() {
     let cg = TestCgroup::new("metricsbody");
     let port = free_port();
     let _agent = Agent::start(&cg, &["--metrics", &format!("127.0.0.1:{port}")]);
     let whole = scrape(port);
-    for extra in [
-        format!("Content-Length: 65536\r\n\r\n{}", "a".repeat(65536)),
-        format!("X-Big: {}\r\n\r\n", "b".repeat(40 * 1024)),
+    let too_large = ask(
+        port,
+        &format!(
+            "GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n",
+            "b".repeat(17 * 1024)
+        ),
+    );
+    assert!(too_large.starts_with("HTTP/1.1 431 "), "{too_large}");
+    for (extra, whole) in [
+        (
+            format!("Content-Length: 65536\r\n\r\n{}", "a".repeat(65536)),
+            &whole,
+        ),
+        (
+            format!("X-Big: {}\r\n\r\n", "b".repeat(40 * 1024)),
+            &too_large,
+        ),
     ] {
         let mut stream = connect_with_small_window(port);
         let request = format!("GET /metrics HTTP/1.1\r\nHost: localhost\r\n{extra}");
