@@ -305,10 +305,10 @@ enum Route {
     NotAllowed,
     /// Not a request line.
     BadRequest,
-    /// A request line longer than [`MAX_HEAD`]: 414.
-    UriTooLong,
-    /// A request line, then headers up to [`MAX_HEAD`] that do not end: 431.
-    HeadersTooLarge,
+    /// A request line longer than [`MAX_HEAD`]: 414. `head` as above, from the method.
+    UriTooLong { head: bool },
+    /// A request line, then headers that do not end within [`MAX_HEAD`]: 431.
+    HeadersTooLarge { head: bool },
 }
 
 /// How much of a request's head the agent reads.
@@ -318,27 +318,33 @@ impl Route {
     fn head_only(&self) -> bool {
         matches!(
             self,
-            Route::Metrics { head: true } | Route::NotFound { head: true }
+            Route::Metrics { head: true }
+                | Route::NotFound { head: true }
+                | Route::UriTooLong { head: true }
+                | Route::HeadersTooLarge { head: true }
         )
     }
 }
 
-/// Whether `head` holds a request's whole header block: up to an empty line, whose line ends
-/// may be CRLF or a bare LF (RFC 9112, section 2.2).
-fn head_complete(head: &[u8]) -> bool {
-    head.windows(2).any(|w| w == b"\n\n") || head.windows(3).any(|w| w == b"\n\r\n")
+/// Where a request's header block ends (just past the empty line), if `head` holds all of it;
+/// line ends may be CRLF or a bare LF (RFC 9112, section 2.2).
+fn head_end(head: &[u8]) -> Option<usize> {
+    let lf = head.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = head.windows(3).position(|w| w == b"\n\r\n").map(|i| i + 3);
+    lf.into_iter().chain(crlf).min()
 }
 
 /// What a request asks for, from what was read of its head: up to its end, or [`MAX_HEAD`]
-/// bytes (or more, with the read that passed it), or what came before the client stopped
-/// sending.
+/// bytes or more (the read that passed the limit may carry on past it), or what came before
+/// the client stopped sending. Past the limit, where the request line ends tells 414 from 431.
 fn route_read(head: &[u8]) -> Route {
-    if head.len() >= MAX_HEAD && !head_complete(head) {
-        return if head.contains(&b'\n') {
-            Route::HeadersTooLarge
-        } else {
-            Route::UriTooLong
-        };
+    let head_method = head.starts_with(b"HEAD ");
+    let line_end = head.iter().position(|&b| b == b'\n');
+    if line_end.map_or(head.len() >= MAX_HEAD, |end| end >= MAX_HEAD) {
+        return Route::UriTooLong { head: head_method };
+    }
+    if head_end(head).map_or(head.len() >= MAX_HEAD, |end| end > MAX_HEAD) {
+        return Route::HeadersTooLarge { head: head_method };
     }
     route(head)
 }
@@ -365,7 +371,9 @@ fn route(request: &[u8]) -> Route {
         Some((scheme, rest))
             if scheme.eq_ignore_ascii_case("http") || scheme.eq_ignore_ascii_case("https") =>
         {
-            rest.find('/').map_or("/", |start| &rest[start..])
+            // The authority ends at the path, the query or the fragment.
+            let after = &rest[rest.find(['/', '?', '#']).unwrap_or(rest.len())..];
+            if after.starts_with('/') { after } else { "/" }
         }
         _ => target,
     };
@@ -385,7 +393,7 @@ async fn respond(
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
-    while !head_complete(&head) && head.len() < MAX_HEAD {
+    while head_end(&head).is_none() && head.len() < MAX_HEAD {
         let n = stream.read(&mut buf).await?;
         if n == 0 {
             break;
@@ -424,12 +432,12 @@ async fn respond(
             "text/plain; charset=utf-8",
             "not an HTTP request\n".to_owned(),
         ),
-        Route::UriTooLong => (
+        Route::UriTooLong { .. } => (
             "414 URI Too Long",
             "text/plain; charset=utf-8",
             "request line over 16 KiB\n".to_owned(),
         ),
-        Route::HeadersTooLarge => (
+        Route::HeadersTooLarge { .. } => (
             "431 Request Header Fields Too Large",
             "text/plain; charset=utf-8",
             "request head over 16 KiB\n".to_owned(),
@@ -594,6 +602,9 @@ mod tests {
             &b"GET http://node:9977 HTTP/1.1\r\n\r\n"[..],
             b"GET http://node:9977/metricsx HTTP/1.1\r\n\r\n",
             b"GET ftp://node/metrics HTTP/1.1\r\n\r\n",
+            // The authority ends at a query too: this path is `/`.
+            b"GET http://node:9977?a=/metrics HTTP/1.1\r\n\r\n",
+            b"GET http://node:9977#/metrics HTTP/1.1\r\n\r\n",
         ] {
             assert_eq!(
                 route(elsewhere),
@@ -602,16 +613,32 @@ mod tests {
                 String::from_utf8_lossy(elsewhere)
             );
         }
-        // Heads cut off where the agent stops reading.
+        // Heads cut off where the agent stops reading, which may be past the limit (the read
+        // that reached it may carry on): where the request line ends tells which.
         let long_target = format!("GET /{} HTTP/1.1", "x".repeat(MAX_HEAD));
-        assert_eq!(route_read(long_target.as_bytes()), Route::UriTooLong);
+        let too_long = Route::UriTooLong { head: false };
+        assert_eq!(route_read(long_target.as_bytes()), too_long);
+        let ended_past = format!("{long_target}\r\nHost: x\r\n\r\n");
+        assert_eq!(route_read(ended_past.as_bytes()), too_long);
         let long_headers = format!("GET /metrics HTTP/1.1\r\nX: {}", "y".repeat(MAX_HEAD));
-        assert_eq!(route_read(long_headers.as_bytes()), Route::HeadersTooLarge);
-        let complete = format!(
+        let too_large = Route::HeadersTooLarge { head: false };
+        assert_eq!(route_read(long_headers.as_bytes()), too_large);
+        // Also when the read that passed the limit brought the head's end.
+        let ended_past = format!("{long_headers}\r\n\r\n");
+        assert_eq!(route_read(ended_past.as_bytes()), too_large);
+        // HEAD gets no body with these either.
+        let head = format!("HEAD /{} HTTP/1.1", "x".repeat(MAX_HEAD));
+        assert!(route_read(head.as_bytes()).head_only());
+        let head = format!("HEAD /metrics HTTP/1.1\r\nX: {}", "y".repeat(MAX_HEAD));
+        assert!(route_read(head.as_bytes()).head_only());
+        // A head of exactly the limit is read whole.
+        let padding = MAX_HEAD - "GET /metrics HTTP/1.1\r\nX: \r\n\r\n".len();
+        let exact = format!(
             "GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n",
-            "y".repeat(MAX_HEAD)
+            "y".repeat(padding)
         );
-        assert_eq!(route_read(complete.as_bytes()), metrics);
+        assert_eq!(exact.len(), MAX_HEAD);
+        assert_eq!(route_read(exact.as_bytes()), metrics);
         // Short of the limit, what came before the client stopped is routed as it is.
         assert_eq!(route_read(b"GET /metrics HTTP/1.1\r\nX: y"), metrics);
         assert_eq!(route(b"POST /metrics HTTP/1.1\r\n\r\n"), Route::NotAllowed);
