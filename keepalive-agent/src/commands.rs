@@ -147,7 +147,17 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Install(args) => {
             install::refuse_directories(cli_state.as_deref(), &runtime_dir)?;
-            install::install(&args, &mut |line| print(&format!("{line}\n")))
+            // Output that cannot be written (stdout on a full disk) does not stop the install
+            // halfway; its error comes after.
+            let mut unprinted = None;
+            install::install(&args, &mut |line| {
+                if unprinted.is_none()
+                    && let Err(err) = print(&format!("{line}\n"))
+                {
+                    unprinted = Some(err);
+                }
+            })?;
+            unprinted.map_or(Ok(()), Err)
         }
         Command::Completions(args) => print(&String::from_utf8_lossy(&install::completion_script(
             args.shell,

@@ -179,11 +179,9 @@ fn refuse_linked_unit(unit: &Path) -> anyhow::Result<()> {
 }
 
 /// Installs, telling `report` one line per file as it is written or kept (so a failure midway
-/// leaves the lines of what was done before it), and last what to run next.
-pub fn install(
-    args: &InstallArgs,
-    report: &mut dyn FnMut(String) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+/// leaves the lines of what was done before it), and last what to run next. `report` cannot
+/// stop it: an install that went on to write files has to finish.
+pub fn install(args: &InstallArgs, report: &mut dyn FnMut(String)) -> anyhow::Result<()> {
     // What is installed is for every user to read (man pages, completions, the directories
     // made for them), also when the caller's umask is 077, as on hardened hosts and under
     // some sudo setups.
@@ -221,11 +219,11 @@ pub fn install(
     let bytes = fs::read(&exe).with_context(|| format!("failed to read {}", exe.display()))?;
     let target = under(&args.root, &binary);
     let (new_binary, line) = put(&target, &bytes, 0o755)?;
-    report(line)?;
+    report(line);
 
     let upgrade = unit.exists();
     let (new_unit, line) = put(&unit, unit_for(&binary).as_bytes(), 0o644)?;
-    report(line)?;
+    report(line);
 
     match (&dangling, keep_config) {
         (Some((link, target)), true) => report(format!(
@@ -234,27 +232,27 @@ pub fn install(
             config.display(),
             link.display(),
             target.display()
-        ))?,
+        )),
         (None, true) => report(match crate::config::refused_owner(&config) {
             Some(reason) => format!(
                 "kept existing {}, which the agent refuses as it is: {reason}",
                 config.display()
             ),
             None => format!("kept existing {}", config.display()),
-        })?,
-        (_, false) => report(put(&config, DEFAULT_CONFIG_TEXT.as_bytes(), 0o644)?.1)?,
+        }),
+        (_, false) => report(put(&config, DEFAULT_CONFIG_TEXT.as_bytes(), 0o644)?.1),
     }
 
     let man = under(&args.root, Path::new("/usr/local/share/man/man1"));
     fs::create_dir_all(&man).map_err(|err| fs_error(&man, err))?;
     write_man_pages(&man)?;
-    report(format!("installed man pages in {}", man.display()))?;
+    report(format!("installed man pages in {}", man.display()));
 
     let completions = under(
         &args.root,
         Path::new("/usr/local/share/bash-completion/completions/keepalive-agent"),
     );
-    report(put(&completions, &completion_script(Shell::Bash), 0o644)?.1)?;
+    report(put(&completions, &completion_script(Shell::Bash), 0o644)?.1);
 
     report(if upgrade && !new_binary && !new_unit {
         // A running agent already runs this binary under this unit.
@@ -269,7 +267,7 @@ pub fn install(
             .to_owned()
     } else {
         "next: systemctl daemon-reload && systemctl enable --now keepalive-agent".to_owned()
-    })?;
+    });
     Ok(())
 }
 

@@ -624,6 +624,35 @@ fn install_that_fails_midway_has_said_what_it_did_before() {
 }
 
 #[test]
+fn install_finishes_when_its_output_cannot_be_written() {
+    // Stdout on a full disk: every file still goes in place, and the exit code says the output
+    // failed.
+    let root = tempdir("install-full");
+    let out = Command::new(AGENT)
+        .env_remove("KEEPALIVE_STATE_DIR")
+        .env_remove("KEEPALIVE_RUNTIME_DIR")
+        .arg("install")
+        .arg("--root")
+        .arg(&root)
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("failed to write to stdout"), "{err}");
+    for path in [
+        "usr/local/sbin/keepalive-agent",
+        "etc/systemd/system/keepalive-agent.service",
+        "etc/keepalive-agent/config.toml",
+        "usr/local/share/man/man1/keepalive-agent.1",
+        "usr/local/share/bash-completion/completions/keepalive-agent",
+    ] {
+        assert!(root.join(path).is_file(), "{path}: {err}");
+    }
+    std::fs::remove_dir_all(root).unwrap();
+}
+
+#[test]
 fn install_makes_its_files_readable_by_everyone_under_a_tight_umask() {
     use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
     let root = tempdir("install-umask");
