@@ -103,11 +103,7 @@ fn run(args: &[String]) -> anyhow::Result<()> {
             let agent = workspace_root().join("target/release/keepalive-agent");
             let mut agent_args = vec!["install".to_owned()];
             agent_args.extend(rest.iter().skip_while(|a| *a == "--").cloned());
-            // Staging below a directory of the caller's (for a package, say) needs no root.
-            let staging = agent_args
-                .iter()
-                .any(|a| a == "--root" || a.starts_with("--root="));
-            let status = if staging {
+            let status = if stages(&agent_args) {
                 Command::new(&agent)
                     .args(&agent_args)
                     .status()
@@ -123,6 +119,19 @@ fn run(args: &[String]) -> anyhow::Result<()> {
         }
         other => bail!("unknown task `{other}`\n\n{USAGE}"),
     }
+}
+
+/// Whether `keepalive-agent` arguments stage the install below a directory (`--root DIR`, for
+/// a package, say), which needs no root; `--root /` is the host itself.
+fn stages(args: &[String]) -> bool {
+    let root = args.iter().enumerate().find_map(|(i, arg)| {
+        if arg == "--root" {
+            args.get(i + 1).map(String::as_str)
+        } else {
+            arg.strip_prefix("--root=")
+        }
+    });
+    root.is_some_and(|root| Path::new(root).components().ne(Path::new("/").components()))
 }
 
 /// The workspace root (the parent of this crate's directory).
@@ -397,6 +406,23 @@ fn agent_args(rest: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::BenchArgs;
+
+    #[test]
+    fn install_stages_as_the_caller_only_below_a_directory() {
+        let stages = |args: &[&str]| {
+            super::stages(&args.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>())
+        };
+        assert!(stages(&["install", "--root", "/tmp/pkg"]));
+        assert!(stages(&["install", "--bindir", "/usr/bin", "--root=pkg"]));
+        for host in [
+            &["install"][..],
+            &["install", "--root", "/"],
+            &["install", "--root=//"],
+            &["install", "--bindir", "/opt/root"],
+        ] {
+            assert!(!stages(host), "{host:?}");
+        }
+    }
 
     #[test]
     fn run_is_the_agent_subcommand_unless_one_is_named() {
