@@ -411,23 +411,35 @@ impl Daemon {
 
     /// Re-resolves the policy against the cgroups that exist now and pushes the table if it
     /// changed, with new `off` cgroups marked (see [`NewCgroups`]). Applies it to existing
-    /// connections when it changed (or an earlier pass failed).
-    fn refresh(&mut self) -> anyhow::Result<Option<ApplyReport>> {
+    /// connections when it changed (or an earlier pass failed). Only a failed push is an
+    /// error: once the table is in, it is in force for new connections, and a pass that fails
+    /// is tried again later (`when` says after what, for the log), as one after a cgroup
+    /// change is; the warning that says so comes with the pass's report.
+    fn refresh(&mut self, when: &str) -> anyhow::Result<(Option<ApplyReport>, Option<String>)> {
         self.push()?;
-        let report = if self.apply_pending {
-            self.apply()?
-        } else {
-            self.pass_scheduled = false;
-            None
-        };
-        self.caught_up();
-        Ok(report)
-    }
-
-    /// The table and existing connections are up to date: no try is due.
-    fn caught_up(&mut self) {
         self.table_caught_up();
-        self.pass_failures = 0;
+        if !self.apply_pending {
+            self.pass_scheduled = false;
+            self.pass_failures = 0;
+            return Ok((None, None));
+        }
+        match self.apply() {
+            Ok(report) => {
+                self.pass_failures = 0;
+                Ok((report, None))
+            }
+            Err(err) => {
+                let wait = self.pass_failed(&err, when);
+                Ok((
+                    None,
+                    Some(format!(
+                        "the policy is in force for new connections, but the pass over existing \
+                         ones failed: {err:#}; trying again in {}",
+                        humantime::format_duration(wait)
+                    )),
+                ))
+            }
+        }
     }
 
     /// The table is up to date: no push needs trying again.
@@ -505,25 +517,32 @@ impl Daemon {
         match self.apply() {
             Ok(_) => self.pass_failures = 0,
             // A pass tried again (after one at start, say) was not for cgroup changes.
-            Err(err) if self.pass_failures == 0 => self.pass_failed(&err, " after cgroup changes"),
-            Err(err) => self.pass_failed(&err, ""),
+            Err(err) if self.pass_failures == 0 => {
+                self.pass_failed(&err, " after cgroup changes");
+            }
+            Err(err) => {
+                self.pass_failed(&err, "");
+            }
         }
     }
 
     /// Schedules the next try of a pass that failed (`when`: " at start", say), waiting longer after each
-    /// failure in a row (see [`Daemon::pass_due`]), and logs when it comes.
-    fn pass_failed(&mut self, err: &anyhow::Error, when: &str) {
+    /// failure in a row (see [`Daemon::pass_due`]), and logs when it comes; returns the wait,
+    /// in whole seconds.
+    fn pass_failed(&mut self, err: &anyhow::Error, when: &str) -> Duration {
         self.pass_failures = self.pass_failures.saturating_add(1);
         self.pass_scheduled = true;
         self.apply_pending = true;
         let wait = self.pass_due().map_or(Duration::ZERO, |at| {
             at.saturating_duration_since(Instant::now())
         });
+        let wait = Duration::from_secs(wait.as_secs_f64().ceil() as u64);
         log::error!(
             "failed to apply the policy to existing connections{when}: {err:#}; trying again \
              in {}",
-            humantime::format_duration(Duration::from_secs(wait.as_secs_f64().ceil() as u64))
+            humantime::format_duration(wait)
         );
+        wait
     }
 
     /// Resolves the policy and pushes the table if it changed (see [`Daemon::refresh`]).
@@ -593,9 +612,12 @@ impl Daemon {
         }
     }
 
-    /// Runs a change to the config or the runtime rules and pushes the result. If anything
-    /// fails, the previous rules come back, and are pushed again if the push had begun, so
-    /// nothing stays half-applied. A change refused before it pushed leaves the kernel alone.
+    /// Runs a change to the config or the runtime rules and pushes the result. If that fails,
+    /// the previous rules come back, and are pushed again if the push had begun, so nothing
+    /// stays half-applied. A change refused before it pushed leaves the kernel alone. Once its
+    /// table is in, the change stands: a pass over existing connections that fails then is
+    /// tried again later, and the answer says so (rejecting the change for it would also
+    /// refuse every later one, an emergency `--mode off` among them, while the cause lasts).
     fn transact(
         &mut self,
         change: impl FnOnce(&mut Self) -> anyhow::Result<String>,
@@ -610,12 +632,18 @@ impl Daemon {
                 return Err(err);
             }
         };
-        let outcome = self.refresh().map(|report| (message, report));
-        let Err(err) = outcome else {
-            return outcome;
+        let err = match self.refresh(" after the change") {
+            Ok((report, warning)) => {
+                let mut message = message;
+                if let Some(warning) = warning {
+                    message.push_str(&format!("\nwarning: {warning}"));
+                }
+                return Ok((message, report));
+            }
+            Err(err) => err,
         };
         (self.config, self.runtime) = saved;
-        if let Err(restore) = self.refresh() {
+        if let Err(restore) = self.refresh(" after restoring the previous policy") {
             let wait = self.retry_later();
             log::error!(
                 "failed to restore the previous policy: {restore:#}; trying again in {}",
