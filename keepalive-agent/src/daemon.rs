@@ -1617,9 +1617,13 @@ fn start_enforcing(
     if lock {
         daemon.enforcer.set_lock(true)?;
     }
+    let previous = daemon.enforcer.pinned_table();
     daemon
         .enforcer
         .push_table(&daemon.new_cgroups.mark(&daemon.table))?;
+    if let Some(previous) = previous {
+        warn_replaced(&daemon.cgroup2, attach, &replaced(&previous, &daemon.table));
+    }
     if !lock {
         daemon.enforcer.set_lock(false)?;
     }
@@ -1629,6 +1633,67 @@ fn start_enforcing(
     let updated = daemon.enforcer.attach_sockops()?;
     daemon.enforcer.pin_status_iterator()?;
     Ok(updated)
+}
+
+/// The cgroups (ids; [`keepalive_common::DEFAULT_POLICY_KEY`] for `[default]`) whose policy in
+/// `previous`, the table a previous agent left installed, `table` changes or drops. The marks
+/// of new cgroups, which no two tables share, do not count, nor does the copy of `[default]`
+/// under the attach cgroup's id.
+fn replaced(previous: &[(u64, Policy)], table: &[(u64, Policy)]) -> Vec<u64> {
+    let plain = |policy: &Policy| Policy {
+        flags: policy.flags & !policy_flags::NEW_CGROUP,
+        ..*policy
+    };
+    let now: std::collections::HashMap<u64, Policy> = table
+        .iter()
+        .map(|(id, policy)| (*id, plain(policy)))
+        .collect();
+    let mut ids: Vec<u64> = previous
+        .iter()
+        .filter(|(id, policy)| {
+            let default_copy = *id != keepalive_common::DEFAULT_POLICY_KEY
+                && policy.flags & policy_flags::DEFAULT != 0;
+            *id != keepalive_common::POLICY_GENERATION_KEY
+                && !default_copy
+                && now.get(id) != Some(&plain(policy))
+        })
+        .map(|(id, _)| *id)
+        .collect();
+    ids.sort_unstable();
+    ids
+}
+
+/// Says which policies of the previous agent's table a start replaced: a `policy set` rule
+/// (an emergency `--mode off`, say) ends with the agent that set it, also at an automatic
+/// restart after a crash, and a reload says so for each one it drops.
+fn warn_replaced(cgroup2: &Cgroup2, attach: &CgroupPath, ids: &[u64]) {
+    const SHOWN: usize = 5;
+    if ids.is_empty() {
+        return;
+    }
+    // Those of cgroups removed since matter no more.
+    let names = cgroup2.names(attach);
+    let ids: Vec<String> = ids
+        .iter()
+        .filter_map(|id| match names.get(id) {
+            _ if *id == keepalive_common::DEFAULT_POLICY_KEY => Some("[default]".to_owned()),
+            name => name.map(ToString::to_string),
+        })
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    let mut shown = ids[..ids.len().min(SHOWN)].to_vec();
+    if ids.len() > SHOWN {
+        shown.push(format!("and {} more", ids.len() - SHOWN));
+    }
+    log::warn!(
+        "replaced {} the previous agent left: {}; policies set with `policy set` end with the \
+         agent that set them (set them again if they are still wanted), and those of a config \
+         changed since take effect now",
+        counted(ids.len() as u64, "policy", "policies"),
+        shown.join(", ")
+    );
 }
 
 /// Says, as the agent stops, whether enforcement stays: whether its link is pinned.
@@ -1689,6 +1754,42 @@ fn release_free_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_start_names_the_policies_of_the_previous_table_it_changed_or_dropped() {
+        let policy = |idle, mode, flags| Policy {
+            idle,
+            interval: 10,
+            count: 5,
+            user_timeout_ms: 0,
+            mode,
+            flags,
+        };
+        let previous = [
+            (0, policy(60, mode::ENFORCE, policy_flags::DEFAULT)),
+            // The attach cgroup's copy of `[default]`, which a new default changes too.
+            (3, policy(60, mode::ENFORCE, policy_flags::DEFAULT)),
+            (5, policy(60, mode::OFF, 0)),
+            (6, policy(30, mode::ENFORCE, 0)),
+            (7, policy(60, mode::OFF, policy_flags::NEW_CGROUP)),
+            (8, policy(40, mode::FILL, 0)),
+            (keepalive_common::POLICY_GENERATION_KEY, policy(1, 0, 0)),
+        ];
+        let table = [
+            (0, policy(60, mode::ENFORCE, policy_flags::DEFAULT)),
+            // 5, a runtime `off`, is gone; 6 changed; 7 lost only its mark; 8 is the same.
+            (6, policy(31, mode::ENFORCE, 0)),
+            (7, policy(60, mode::OFF, 0)),
+            (8, policy(40, mode::FILL, 0)),
+            (9, policy(50, mode::ENFORCE, 0)),
+        ];
+        assert_eq!(replaced(&previous, &table), [5, 6]);
+        let mut new_default = table.to_vec();
+        new_default[0].1.idle = 61;
+        new_default.push((3, policy(61, mode::ENFORCE, policy_flags::DEFAULT)));
+        assert_eq!(replaced(&previous, &new_default), [0, 5, 6]);
+        assert!(replaced(&table, &table).is_empty());
+    }
 
     #[test]
     fn the_watchdog_is_pinged_every_half_timeout_and_not_for_a_timeout_of_0() {

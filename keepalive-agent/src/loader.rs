@@ -311,6 +311,18 @@ impl Enforcer {
         aya_log::EbpfLogger::init(&mut self.ebpf).ok()
     }
 
+    /// The entries of the policy table a previous agent left installed, before this agent
+    /// pushed its own (afterwards, and without CAP_SYS_ADMIN to open it by id, `None`).
+    pub fn pinned_table(&mut self) -> Option<Vec<(u64, Policy)>> {
+        if self.tables[0].is_some() {
+            return None;
+        }
+        let outer: ArrayOfMaps<&MapData, PolicyTable> =
+            self.ebpf.map(MAP_POLICY)?.try_into().ok()?;
+        let table = outer.get(&0, 0).ok()?;
+        table.iter().collect::<Result<_, _>>().ok()
+    }
+
     /// Replaces the active policy table with a new one in a single map update: a lookup sees
     /// the old table or the new one, never a mix. The kernel waits for programs still using
     /// the old table before the update returns.

@@ -1173,6 +1173,38 @@ fn a_policy_for_a_cgroup_that_does_not_exist_yet_takes_effect_when_it_appears() 
     );
 }
 
+/// A restart, also one after a crash, ends `policy set` rules, as documented. The new agent
+/// names the policies of the previous one's table it replaced, so that an emergency
+/// `--mode off` does not end unnoticed; a restart that changes nothing says nothing.
+#[test]
+fn a_restart_names_the_runtime_policies_it_ended() {
+    let cg = TestCgroup::new("restartrules");
+    let app = cg.child("app");
+    let mut agent = Agent::start(&cg, &["--idle", "41"]);
+    let dirs = agent.dirs();
+    agent.cli_ok(&["policy", "set", app.rel(), "--mode", "off"]);
+    assert_eq!(pair_values(&app).0, kernel_defaults());
+    agent.stop_with(libc::SIGKILL);
+    let mut agent = Agent::start_in(&dirs, &cg, &["--idle", "41"]);
+    let log = agent.log();
+    assert!(
+        log.contains(&format!(
+            "replaced 1 policy the previous agent left: {}; policies set with `policy set` end \
+             with the agent that set them",
+            app.display()
+        )),
+        "{log}"
+    );
+    assert_eq!(idle_of(&app), 41);
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    let agent = Agent::start_in(&dirs, &cg, &["--idle", "41"]);
+    assert!(
+        !agent.log().contains("the previous agent left:"),
+        "{}",
+        agent.log()
+    );
+}
+
 #[test]
 fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
     let parent = TestCgroup::new("runtime");
