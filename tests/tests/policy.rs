@@ -1025,6 +1025,40 @@ fn fill_moves_its_user_timeout_on_a_listener_the_application_switched_off() {
     assert_eq!(accept(), (1, 7000, (1, 33, 10, 5), 7000), "configured anew");
 }
 
+/// A listener where the program's own calls failed holds values the program did not set, not
+/// values the application chose: a later `fill` policy configures it, rather than keeping them
+/// as the application's.
+#[test]
+fn fill_configures_a_listener_where_the_programs_calls_failed() {
+    let cg = TestCgroup::new("fillfailed");
+    let agent = Agent::start(&cg, &["--idle", "31"]);
+    // An idle time over the kernel's limit, which the agent refuses and bpf_setsockopt too.
+    bpf::set_policy_idle(&agent.state_dir, cg.id(), 64_000);
+    let mut server = Proc::sock(&["listen", "127.0.0.1:0", "4"], &cg);
+    let port = server.read()["port"].as_u64().unwrap().to_string();
+    let mut clients = Vec::new();
+    let mut accept = || {
+        let mut client = Proc::sock(&["connect", &format!("127.0.0.1:{port}")], &cg);
+        client.read();
+        clients.push(client);
+        let line = server.read();
+        (values(&line["listener"]), values(&line["accepted"]))
+    };
+    // The program switched keepalive on; its idle time did not go in.
+    let (listener, _) = accept();
+    assert_eq!(
+        listener,
+        (1, kernel_defaults().1, 10, 5),
+        "the failed listener"
+    );
+    agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "fill", "--idle", "32"]);
+    assert_eq!(
+        accept(),
+        ((1, 32, 10, 5), (1, 32, 10, 5)),
+        "configured by fill"
+    );
+}
+
 /// The user timeout the program set at listen() stays the program's when the application sets
 /// its own keepalive values on the listener: it follows the policy, and the connections the
 /// listener accepts from then on inherit the current one. On those it accepted before, it
