@@ -209,15 +209,15 @@ unsafe fn lookup<K, V>(map: &OwnedFd, key: &K, value: *mut V) {
     bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).expect("BPF_MAP_LOOKUP_ELEM");
 }
 
-/// Sets the idle time of the policy stored under `key` (a cgroup id) in the active policy table
-/// of the state directory `state_dir`, bypassing the agent's checks, until the agent installs
-/// its next table.
-pub fn set_policy_idle(state_dir: &Path, key: u64, idle: u32) {
+/// Changes the policy stored under `key` (a cgroup id) in the active policy table of the state
+/// directory `state_dir`, bypassing the agent's checks, until the agent installs its next
+/// table.
+pub fn change_policy(state_dir: &Path, key: u64, change: impl FnOnce(&mut Policy)) {
     let table = map_by_id(policy_table_id(state_dir));
     let mut policy = Policy::default();
     // SAFETY: the table maps u64 cgroup ids to policies.
     unsafe { lookup(&table, &key, &raw mut policy) };
-    policy.idle = idle;
+    change(&mut policy);
     let mut attr = [0u64; 16];
     attr[0] = table.as_raw_fd() as u64;
     attr[1] = (&raw const key) as u64;

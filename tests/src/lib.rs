@@ -1490,6 +1490,59 @@ pub fn kernel_defaults() -> Values {
     )
 }
 
+/// A `ka-sock listen` on loopback, and the clients connected to it, which stay connected while
+/// it lives.
+pub struct Listener {
+    server: Proc,
+    addr: String,
+    clients: Vec<Proc>,
+}
+
+impl Listener {
+    /// `ka-sock listen ADDR N EXTRA…` (127.0.0.1, at the port of `addr`) inside `cgroup` and,
+    /// with one, `netns`: it accepts `n` connections.
+    pub fn at(
+        cgroup: &TestCgroup,
+        netns: Option<&Netns>,
+        addr: &str,
+        n: &str,
+        extra: &[&str],
+    ) -> Self {
+        let args = [&["listen", addr, n], extra].concat();
+        let mut server = Proc::spawn(&sock_bin(), &args, Some(cgroup.path()), netns);
+        let port = server.read()["port"].as_u64().expect("the listener's port");
+        Self {
+            server,
+            addr: format!("127.0.0.1:{port}"),
+            clients: Vec::new(),
+        }
+    }
+
+    /// [`Listener::at`] a port the kernel picks, in the test's network namespace.
+    pub fn start(cgroup: &TestCgroup, n: &str, extra: &[&str]) -> Self {
+        Self::at(cgroup, None, "127.0.0.1:0", n, extra)
+    }
+
+    /// Connects a client from `cgroup` (and `netns`) and returns what the listener printed for
+    /// the connection it accepted: the `listener`'s options and the `accepted` socket's.
+    pub fn accept(&mut self, cgroup: &TestCgroup, netns: Option<&Netns>) -> Value {
+        let mut client = Proc::spawn(
+            &sock_bin(),
+            &["connect", &self.addr],
+            Some(cgroup.path()),
+            netns,
+        );
+        client.read();
+        self.clients.push(client);
+        self.server.read()
+    }
+
+    /// The options of the connection [`Listener::accept`] accepted.
+    pub fn accepted(&mut self, cgroup: &TestCgroup, netns: Option<&Netns>) -> Value {
+        self.accept(cgroup, netns)["accepted"].take()
+    }
+}
+
 /// Opens a loopback pair inside `cgroup` and returns the client's and server's values.
 pub fn pair_values(cgroup: &TestCgroup) -> (Values, Values) {
     let mut pair = Proc::sock(&["pair", "4"], cgroup);

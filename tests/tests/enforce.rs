@@ -444,7 +444,7 @@ fn hz_is_learned_only_from_an_idle_time_that_was_set() {
     let cg = TestCgroup::new("hz");
     let agent = Agent::start(&cg, &["--idle", "11"]);
     // An idle time over the kernel's limit, which the agent refuses and bpf_setsockopt too.
-    bpf::set_policy_idle(&agent.state_dir, cg.id(), 64_000);
+    bpf::change_policy(&agent.state_dir, cg.id(), |policy| policy.idle = 64_000);
     // The application's own idle time, in jiffies, is then a multiple of 64000 at any even HZ:
     // taken for the policy's, it would make HZ half of what it is.
     let mut refused = Proc::sock(&["pair", "4", "--keepalive", "32000"], &cg);

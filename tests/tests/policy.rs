@@ -12,7 +12,7 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, GRANTED, Netns, Proc, TempDir, TestCgroup, agent_bin,
+    Agent, AgentDirs, GRANTED, Listener, Netns, Proc, TempDir, TestCgroup, agent_bin,
     agent_in_private_mounts, bind_mount,
     bpf::{self, resolution_cache},
     cgroup_row, check_item, code, eventually, free_port, hide_with_tmpfs, idle_of,
@@ -861,40 +861,30 @@ fn fill_keeps_an_applications_own_keepalive_with_the_policys_values() {
 /// An agent with a `fill` default (idle 31) over cgroup `name`, which has a child `other`
 /// without sockets, and a `ka-sock listen` there for `n` connections with `extra` arguments;
 /// with the listener's port.
-fn fill_listener(
-    name: &str,
-    n: &str,
-    extra: &[&str],
-) -> (TestCgroup, TestCgroup, Agent, Proc, String) {
+fn fill_listener(name: &str, n: &str, extra: &[&str]) -> (TestCgroup, TestCgroup, Agent, Listener) {
     let cg = TestCgroup::new(name);
     let other = cg.child("other");
     let config = write_config("[default]\nidle = 31\nmode = \"fill\"\n");
     let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
-    let mut server = Proc::sock(&[&["listen", "127.0.0.1:0", n], extra].concat(), &cg);
-    let port = server.read()["port"].as_u64().unwrap().to_string();
-    (cg, other, agent, server, port)
+    let server = Listener::start(&cg, n, extra);
+    (cg, other, agent, server)
 }
 
 /// Values an application sets on its listener after listen() (as nginx does), over the ones the
 /// program set at listen(), are the application's: under `fill`, an apply pass keeps them.
 #[test]
 fn fill_keeps_values_the_application_set_on_its_listener_after_listen() {
-    let (cg, other, agent, mut server, port) =
+    let (cg, other, agent, mut server) =
         fill_listener("filllistener", "2", &["--keepalive-after", "77"]);
-    let target = format!("127.0.0.1:{port}");
-    let mut first = Proc::sock(&["connect", &target], &cg);
-    first.read();
     assert_eq!(
-        values(&server.read()["accepted"]).1,
+        values(&server.accepted(&cg, None)).1,
         77,
         "the application's"
     );
     // Any table change runs a pass over existing sockets, listeners included.
     agent.cli_ok(&["policy", "set", other.rel(), "--mode", "enforce"]);
-    let mut second = Proc::sock(&["connect", &target], &cg);
-    second.read();
     assert_eq!(
-        values(&server.read()["accepted"]).1,
+        values(&server.accepted(&cg, None)).1,
         77,
         "still the application's after the pass"
     );
@@ -906,48 +896,29 @@ fn fill_keeps_values_the_application_set_on_its_listener_after_listen() {
 /// Under `enforce`, a pass switches it on again.
 #[test]
 fn fill_keeps_keepalive_off_where_the_application_switched_it_off_on_its_listener() {
-    let (cg, other, agent, mut server, port) =
+    let (cg, other, agent, mut server) =
         fill_listener("filllistenoff", "4", &["--keepalive-off-after"]);
     // Its own keepalive at listen(), which `fill` leaves to it, switched off after.
-    let mut own = Proc::sock(
-        &[
-            "listen",
-            "127.0.0.1:0",
-            "4",
-            "--keepalive",
-            "77",
-            "--keepalive-off-after",
-        ],
-        &cg,
-    );
-    let own_port = own.read()["port"].as_u64().unwrap().to_string();
-    let mut clients = Vec::new();
-    let mut accept = |server: &mut Proc, port: &str| {
-        let mut client = Proc::sock(&["connect", &format!("127.0.0.1:{port}")], &cg);
-        client.read();
-        clients.push(client);
-        let line = server.read();
+    let mut own = Listener::start(&cg, "4", &["--keepalive", "77", "--keepalive-off-after"]);
+    let accept = |listener: &mut Listener| {
+        let line = listener.accept(&cg, None);
         (values(&line["listener"]).0, values(&line["accepted"]))
     };
+    assert_eq!(accept(&mut server), (0, (1, 31, 10, 5)), "switched off");
     assert_eq!(
-        accept(&mut server, &port),
-        (0, (1, 31, 10, 5)),
-        "switched off"
-    );
-    assert_eq!(
-        accept(&mut own, &own_port),
+        accept(&mut own),
         (0, (1, 31, 10, 5)),
         "its own, switched off"
     );
     // Any table change runs a pass over existing sockets, listeners included.
     agent.cli_ok(&["policy", "set", other.rel(), "--mode", "enforce"]);
     assert_eq!(
-        accept(&mut server, &port),
+        accept(&mut server),
         (0, (1, 31, 10, 5)),
         "still off after the pass"
     );
     assert_eq!(
-        accept(&mut own, &own_port),
+        accept(&mut own),
         (0, (1, 31, 10, 5)),
         "its own, still off after the pass"
     );
@@ -961,24 +932,24 @@ fn fill_keeps_keepalive_off_where_the_application_switched_it_off_on_its_listene
         "32",
     ]);
     assert_eq!(
-        accept(&mut server, &port),
+        accept(&mut server),
         (1, (1, 32, 10, 5)),
         "enforce switches it on"
     );
     assert_eq!(
-        accept(&mut own, &own_port),
+        accept(&mut own),
         (1, (1, 32, 10, 5)),
         "enforce switches its own on"
     );
     // That keepalive is the program's now, on both, and `off` takes it away again.
     agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "off"]);
     assert_eq!(
-        accept(&mut server, &port),
+        accept(&mut server),
         (0, (0, 32, 10, 5)),
         "off switches it off"
     );
     assert_eq!(
-        accept(&mut own, &own_port),
+        accept(&mut own),
         (0, (0, 32, 10, 5)),
         "off switches the one that was its own off"
     );
@@ -992,19 +963,11 @@ fn fill_moves_its_user_timeout_on_a_listener_the_application_switched_off() {
     let cg = TestCgroup::new("filloffut");
     let config = write_config("[default]\nidle = 31\nmode = \"fill\"\nuser_timeout = \"7s\"\n");
     let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
-    let mut server = Proc::sock(
-        &["listen", "127.0.0.1:0", "4", "--keepalive-off-after"],
-        &cg,
-    );
-    let port = server.read()["port"].as_u64().unwrap().to_string();
-    let mut clients = Vec::new();
+    let mut server = Listener::start(&cg, "4", &["--keepalive-off-after"]);
     // The listener's keepalive and user timeout, and the accepted connection's values and
     // user timeout.
     let mut accept = || {
-        let mut client = Proc::sock(&["connect", &format!("127.0.0.1:{port}")], &cg);
-        client.read();
-        clients.push(client);
-        let line = server.read();
+        let line = server.accept(&cg, None);
         let (listener, accepted) = (&line["listener"], &line["accepted"]);
         (
             values(listener).0,
@@ -1033,15 +996,10 @@ fn fill_configures_a_listener_where_the_programs_calls_failed() {
     let cg = TestCgroup::new("fillfailed");
     let agent = Agent::start(&cg, &["--idle", "31"]);
     // An idle time over the kernel's limit, which the agent refuses and bpf_setsockopt too.
-    bpf::set_policy_idle(&agent.state_dir, cg.id(), 64_000);
-    let mut server = Proc::sock(&["listen", "127.0.0.1:0", "4"], &cg);
-    let port = server.read()["port"].as_u64().unwrap().to_string();
-    let mut clients = Vec::new();
+    bpf::change_policy(&agent.state_dir, cg.id(), |policy| policy.idle = 64_000);
+    let mut server = Listener::start(&cg, "4", &[]);
     let mut accept = || {
-        let mut client = Proc::sock(&["connect", &format!("127.0.0.1:{port}")], &cg);
-        client.read();
-        clients.push(client);
-        let line = server.read();
+        let line = server.accept(&cg, None);
         (values(&line["listener"]), values(&line["accepted"]))
     };
     // The program switched keepalive on; its idle time did not go in.
@@ -2519,41 +2477,6 @@ fn the_agent_holds_the_policy_table_it_replaced_until_the_next_swap() {
     assert_eq!(idle_of(&cg), 23);
 }
 
-/// A `ka-sock` listener on loopback in cgroup `cg` and network namespace `ns`.
-struct Listener {
-    server: Proc,
-    addr: String,
-}
-
-impl Listener {
-    /// Starts one, with `extra` arguments to `ka-sock listen`; it accepts up to 8 connections.
-    fn new(cg: &TestCgroup, ns: &Netns, extra: &[&str]) -> Self {
-        Self::at(cg, ns, "127.0.0.1:0", extra)
-    }
-
-    /// [`Listener::new`] on address `addr`.
-    fn at(cg: &TestCgroup, ns: &Netns, addr: &str, extra: &[&str]) -> Self {
-        let args = [&["listen", addr, "8"], extra].concat();
-        let mut server = Proc::spawn(&sock_bin(), &args, Some(cg.path()), Some(ns));
-        let port = server.read()["port"].as_u64().unwrap();
-        Self {
-            server,
-            addr: format!("127.0.0.1:{port}"),
-        }
-    }
-
-    /// Connects to it from `cg` and `ns`; returns what it reports of the accepted connection.
-    fn accept(&mut self, cg: &TestCgroup, ns: &Netns) -> serde_json::Value {
-        let _client = Proc::spawn(
-            &sock_bin(),
-            &["connect", &self.addr],
-            Some(cg.path()),
-            Some(ns),
-        );
-        self.server.read()["accepted"].clone()
-    }
-}
-
 #[test]
 fn fill_replaces_the_values_an_accepted_connection_inherited_from_a_listener_the_pass_missed() {
     // Under `fill`, a listener the program configured passes its values on to the connections
@@ -2566,8 +2489,8 @@ fn fill_replaces_the_values_an_accepted_connection_inherited_from_a_listener_the
     // CAP_NET_ADMIN, CAP_PERFMON and CAP_BPF: no CAP_SYS_ADMIN to enter namespaces with.
     let agent = start_with_caps(&cg, &config, &[], &[12, 38, 39]);
     let ns = Netns::new("fillwindow");
-    let listen = |extra: &[&str]| Listener::new(&cg, &ns, extra);
-    let accept = |listener: &mut Listener| values(&listener.accept(&cg, &ns));
+    let listen = |extra: &[&str]| Listener::at(&cg, Some(&ns), "127.0.0.1:0", "8", extra);
+    let accept = |listener: &mut Listener| values(&listener.accepted(&cg, Some(&ns)));
     let set_fill = |extra: &[&str]| {
         let cgroup = cg.path().to_str().unwrap();
         let args = [
@@ -2598,7 +2521,7 @@ fn fill_replaces_the_values_an_accepted_connection_inherited_from_a_listener_the
     assert_eq!(accept(&mut server), (1, 35, 10, 5));
     assert_eq!(accept(&mut after).1, 77);
     set_fill(&["--user-timeout", "7s"]);
-    let accepted = &server.accept(&cg, &ns);
+    let accepted = &server.accepted(&cg, Some(&ns));
     assert_eq!(values(accepted), (1, 35, 10, 5), "{accepted}");
     assert_eq!(
         accepted["user_timeout"], 7000,
@@ -2619,27 +2542,47 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
     // CAP_NET_ADMIN, CAP_PERFMON and CAP_BPF: no CAP_SYS_ADMIN to enter namespaces with.
     let agent = start_with_caps(&cg, &config, &[], &[12, 38, 39]);
     let ns = Netns::new("enforcewindow");
-    let mut server = Listener::new(&cg, &ns, &[]);
-    let mut own = Listener::new(&cg, &ns, &["--user-timeout-after", "9000"]);
+    let mut server = Listener::at(&cg, Some(&ns), "127.0.0.1:0", "8", &[]);
+    let mut own = Listener::at(
+        &cg,
+        Some(&ns),
+        "127.0.0.1:0",
+        "8",
+        &["--user-timeout-after", "9000"],
+    );
     // Keepalive values the application set on its listener (as nginx does), over the program's
     // user timeout; `enforce` replaces them on the connections it accepts.
-    let mut own_values = Listener::new(&cg, &ns, &["--keepalive-after", "77"]);
+    let mut own_values = Listener::at(
+        &cg,
+        Some(&ns),
+        "127.0.0.1:0",
+        "8",
+        &["--keepalive-after", "77"],
+    );
     // Keepalive the application switched off on its listener, over the program's user timeout:
     // the connections it accepts come without keepalive, and still carry that user timeout.
-    let mut off_after = Listener::new(&cg, &ns, &["--keepalive-off-after"]);
-    // And its own user timeout there too.
-    let mut own_off = Listener::new(
+    let mut off_after = Listener::at(
         &cg,
-        &ns,
+        Some(&ns),
+        "127.0.0.1:0",
+        "8",
+        &["--keepalive-off-after"],
+    );
+    // And its own user timeout there too.
+    let mut own_off = Listener::at(
+        &cg,
+        Some(&ns),
+        "127.0.0.1:0",
+        "8",
         &["--keepalive-off-after", "--user-timeout-after", "9000"],
     );
-    let accepted = server.accept(&cg, &ns);
+    let accepted = server.accepted(&cg, Some(&ns));
     assert_eq!(values(&accepted), (1, 41, 10, 5), "{accepted}");
     assert_eq!(accepted["user_timeout"], 7000, "{accepted}");
-    let accepted = off_after.accept(&cg, &ns);
+    let accepted = off_after.accepted(&cg, Some(&ns));
     assert_eq!(values(&accepted), (1, 41, 10, 5), "{accepted}");
     assert_eq!(accepted["user_timeout"], 7000, "{accepted}");
-    let accepted = own_values.accept(&cg, &ns);
+    let accepted = own_values.accepted(&cg, Some(&ns));
     assert_eq!(values(&accepted), (1, 41, 10, 5), "{accepted}");
     assert_eq!(accepted["user_timeout"], 7000, "{accepted}");
     agent.cli_ok(&[
@@ -2651,22 +2594,22 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
         "--user-timeout",
         "0",
     ]);
-    let accepted = server.accept(&cg, &ns);
+    let accepted = server.accepted(&cg, Some(&ns));
     assert_eq!(values(&accepted), (1, 35, 10, 5), "{accepted}");
     assert_eq!(
         accepted["user_timeout"], 0,
         "the old policy's user timeout is gone: {accepted}"
     );
     // A user timeout the application set on its listener is its own, and stays.
-    let accepted = own.accept(&cg, &ns);
+    let accepted = own.accepted(&cg, Some(&ns));
     assert_eq!(values(&accepted), (1, 35, 10, 5), "{accepted}");
     assert_eq!(accepted["user_timeout"], 9000, "{accepted}");
     // Keepalive values the application set there do not make the program's user timeout its.
-    let accepted = own_values.accept(&cg, &ns);
+    let accepted = own_values.accepted(&cg, Some(&ns));
     assert_eq!(values(&accepted), (1, 35, 10, 5), "{accepted}");
     assert_eq!(accepted["user_timeout"], 0, "{accepted}");
     // Nor does keepalive the application switched off there.
-    let accepted = off_after.accept(&cg, &ns);
+    let accepted = off_after.accepted(&cg, Some(&ns));
     assert_eq!(values(&accepted), (1, 35, 10, 5), "{accepted}");
     assert_eq!(accepted["user_timeout"], 0, "{accepted}");
     // The earlier values again: the connection carries them, and only the user timeout is
@@ -2685,23 +2628,23 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
             "--mode",
             mode,
         ]);
-        let accepted = server.accept(&cg, &ns);
+        let accepted = server.accepted(&cg, Some(&ns));
         assert_eq!(values(&accepted), (1, 41, 10, 5), "{mode}: {accepted}");
         assert_eq!(
             accepted["user_timeout"], 0,
             "{mode}: the old policy's user timeout is gone: {accepted}"
         );
-        let accepted = own.accept(&cg, &ns);
+        let accepted = own.accepted(&cg, Some(&ns));
         assert_eq!(accepted["user_timeout"], 9000, "{mode}: {accepted}");
         // Under `fill`, the application's values stay, and the program's user timeout goes.
-        let accepted = own_values.accept(&cg, &ns);
+        let accepted = own_values.accepted(&cg, Some(&ns));
         let idle = if mode == "fill" { 77 } else { 41 };
         assert_eq!(
             (values(&accepted).1, accepted["user_timeout"].as_u64()),
             (idle, Some(0)),
             "{mode}: {accepted}"
         );
-        let accepted = off_after.accept(&cg, &ns);
+        let accepted = off_after.accepted(&cg, Some(&ns));
         assert_eq!(
             accepted["user_timeout"], 0,
             "{mode}: the old policy's user timeout is gone: {accepted}"
@@ -2721,13 +2664,13 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
         "--mode",
         "fill",
     ]);
-    let accepted = own.accept(&cg, &ns);
+    let accepted = own.accepted(&cg, Some(&ns));
     assert_eq!(
         (values(&accepted), accepted["user_timeout"].as_u64()),
         ((1, 36, 10, 5), Some(9000)),
         "fill: {accepted}"
     );
-    let accepted = own_off.accept(&cg, &ns);
+    let accepted = own_off.accepted(&cg, Some(&ns));
     assert_eq!(
         (values(&accepted), accepted["user_timeout"].as_u64()),
         ((1, 36, 10, 5), Some(5000)),
@@ -2742,7 +2685,7 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
         "--mode",
         "off",
     ]);
-    let accepted = server.accept(&cg, &ns);
+    let accepted = server.accepted(&cg, Some(&ns));
     assert_eq!(
         (values(&accepted).0, accepted["user_timeout"].as_u64()),
         (0, Some(0)),
@@ -2750,7 +2693,7 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
     );
     // A user timeout the application set on its listener keeps neither the program's
     // keepalive on nor goes itself.
-    let accepted = own.accept(&cg, &ns);
+    let accepted = own.accepted(&cg, Some(&ns));
     assert_eq!(
         (values(&accepted).0, accepted["user_timeout"].as_u64()),
         (0, Some(9000)),
@@ -2758,7 +2701,7 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
     );
     // Keepalive values the application set on its listener keep keepalive on, and the
     // program's user timeout goes.
-    let accepted = own_values.accept(&cg, &ns);
+    let accepted = own_values.accepted(&cg, Some(&ns));
     assert_eq!(
         (values(&accepted), accepted["user_timeout"].as_u64()),
         ((1, 77, 10, 5), Some(0)),
@@ -2766,13 +2709,13 @@ fn enforce_drops_the_user_timeout_an_accepted_connection_inherited_from_a_listen
     );
     // Keepalive the application switched off on its listener does not keep the program's user
     // timeout either, and a user timeout it set there stays.
-    let accepted = off_after.accept(&cg, &ns);
+    let accepted = off_after.accepted(&cg, Some(&ns));
     assert_eq!(
         (values(&accepted).0, accepted["user_timeout"].as_u64()),
         (0, Some(0)),
         "off: {accepted}"
     );
-    let accepted = own_off.accept(&cg, &ns);
+    let accepted = own_off.accepted(&cg, Some(&ns));
     assert_eq!(
         (values(&accepted).0, accepted["user_timeout"].as_u64()),
         (0, Some(9000)),
@@ -2793,10 +2736,10 @@ fn listeners_on_one_port_in_one_cgroup_but_other_network_namespaces_are_told_apa
     let agent = start_with_caps(&cg, &config, &[], &[12, 38, 39]);
     let (ns1, ns2) = (Netns::new("netnskey1"), Netns::new("netnskey2"));
     let addr = "127.0.0.1:47123";
-    let mut program = Listener::at(&cg, &ns1, addr, &[]);
-    assert_eq!(values(&program.accept(&cg, &ns1)), (1, 41, 10, 5));
-    let mut own = Listener::at(&cg, &ns2, addr, &["--keepalive", "77"]);
-    assert_eq!(values(&own.accept(&cg, &ns2)).1, 77);
+    let mut program = Listener::at(&cg, Some(&ns1), addr, "8", &[]);
+    assert_eq!(values(&program.accepted(&cg, Some(&ns1))), (1, 41, 10, 5));
+    let mut own = Listener::at(&cg, Some(&ns2), addr, "8", &["--keepalive", "77"]);
+    assert_eq!(values(&own.accepted(&cg, Some(&ns2))).1, 77);
     agent.cli_ok(&[
         "policy",
         "set",
@@ -2807,12 +2750,12 @@ fn listeners_on_one_port_in_one_cgroup_but_other_network_namespaces_are_told_apa
         "35",
     ]);
     assert_eq!(
-        values(&program.accept(&cg, &ns1)),
+        values(&program.accepted(&cg, Some(&ns1))),
         (1, 35, 10, 5),
         "the new policy's values, not the ones the program set before"
     );
     assert_eq!(
-        values(&own.accept(&cg, &ns2)).1,
+        values(&own.accepted(&cg, Some(&ns2))).1,
         77,
         "the application's own stays"
     );
