@@ -187,7 +187,9 @@ pub(crate) fn user_timeout_set_by_app_since(tp: *const u8, previous: &Policy) ->
 /// Under `fill`, on a socket whose keepalive values are the application's: moves the user
 /// timeout the program set with `own` (if the socket still has it; the application may have
 /// set its own since) to `policy`'s, or back to the kernel's default when `policy` has none.
-/// Returns whether the socket still has a user timeout of the program's.
+/// Returns whether the socket still has a user timeout of the program's: also where the call
+/// that would have put the kernel's default back failed, so that a later pass tries again
+/// rather than taking it for the application's.
 #[inline(always)]
 pub(crate) fn follow_own_user_timeout(
     target: *mut c_void,
@@ -199,8 +201,7 @@ pub(crate) fn follow_own_user_timeout(
         return false;
     }
     if policy.flags & policy_flags::USER_TIMEOUT == 0 {
-        set_user_timeout(target, 0);
-        return false;
+        return !set_user_timeout(target, 0);
     }
     if kernel::user_timeout_ms(tp) != policy.user_timeout_ms {
         set_user_timeout(target, policy.user_timeout_ms);
@@ -309,10 +310,12 @@ pub(crate) fn configure_listener(
         && previous.flags & policy_flags::SET_FAILED == 0
         && (!kernel::keepalive_on(tp) || set_by_app_since(target, tp, &previous))
     {
+        // What the listener holds: the policy's, or the one before where the call failed, which
+        // the next pass then finds still the program's and moves again.
         let (user_timeout_ms, flags) =
             if follow_own_user_timeout(target, tp, Some(&previous), policy) {
                 (
-                    policy.user_timeout_ms,
+                    kernel::user_timeout_ms(tp),
                     previous.flags | policy_flags::USER_TIMEOUT,
                 )
             } else {

@@ -14,7 +14,7 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, GRANTED, InotifyHolder, Netns, Proc, TempDir, TestCgroup,
+    Agent, AgentDirs, GRANTED, InotifyHolder, Listener, Netns, Proc, TempDir, TestCgroup,
     agent_in_private_mounts, assert_stamped_between, become_user, bind_mount, cgroup_ids,
     cgroup_row, cgroup2_mount, check_item, code, count_between, drop_caps_except, eventually,
     free_port, hide_with_tmpfs, hold_inotify_instances, hold_inotify_watches, idle_of,
@@ -2162,6 +2162,59 @@ fn a_policy_change_whose_pass_fails_stands_and_its_pass_is_tried_again() {
             .all(|sock| values(sock).1 == 44)
             .then_some(())
     });
+}
+
+/// Under `fill`, the user timeout the program set on a listener the application switched
+/// keepalive off on stays the program's where a pass failed to move it: the next pass moves it
+/// again, rather than taking it for the application's. The listener is in the agent's own
+/// network namespace, which each pass updates before it fails on `/run/netns`, so passes tried
+/// again run while the table holds a user timeout the kernel refuses.
+#[test]
+fn fill_moves_a_listeners_user_timeout_again_after_the_call_failed() {
+    let cg = TestCgroup::new("fillutfail");
+    let agent = agent_whose_passes_fail(&cg);
+    let set = |user_timeout: &str| {
+        let args = [
+            "--mode",
+            "fill",
+            "--idle",
+            "31",
+            "--user-timeout",
+            user_timeout,
+        ];
+        let out = agent.cli(&[&["policy", "set", cg.path().to_str().unwrap()], &args[..]].concat());
+        assert_eq!(code(&out), 0, "{}{}", stdout(&out), stderr(&out));
+    };
+    set("7s");
+    let mut server = Listener::start(&cg, "4", &["--keepalive-off-after"]);
+    // The listener's keepalive and user timeout, and the accepted connection's user timeout.
+    let mut accept = || {
+        let line = server.accept(&cg, None);
+        let user_timeout = |socket: &serde_json::Value| socket["user_timeout"].as_u64().unwrap();
+        (
+            values(&line["listener"]).0,
+            user_timeout(&line["listener"]),
+            user_timeout(&line["accepted"]),
+        )
+    };
+    assert_eq!(accept(), (0, 7000, 7000));
+    set("9s");
+    // A user timeout bpf_setsockopt refuses (negative as an int), which the agent would too.
+    keepalive_tests::bpf::change_policy(&agent.dirs().state_dir, cg.id(), |policy| {
+        policy.user_timeout_ms = 1 << 31;
+    });
+    let tries = || {
+        agent
+            .log()
+            .matches("failed to apply the policy to existing connections")
+            .count()
+    };
+    let before = tries();
+    eventually(Duration::from_secs(40), "a pass tried again", || {
+        (tries() > before).then_some(())
+    });
+    set("11s");
+    assert_eq!(accept(), (0, 11_000, 11_000), "moved by the next pass");
 }
 
 #[test]
