@@ -309,6 +309,8 @@ enum Route {
     UriTooLong { head: bool },
     /// A request line, then headers that do not end within [`MAX_HEAD`]: 431.
     HeadersTooLarge { head: bool },
+    /// Part of a request, whose rest did not come within [`CLIENT_TIMEOUT`]: 408.
+    TimedOut { head: bool },
 }
 
 /// How much of a request's head the agent reads.
@@ -322,6 +324,7 @@ impl Route {
                 | Route::NotFound { head: true }
                 | Route::UriTooLong { head: true }
                 | Route::HeadersTooLarge { head: true }
+                | Route::TimedOut { head: true }
         )
     }
 }
@@ -391,29 +394,59 @@ async fn respond(
     cgroup2: &Cgroup2,
     gate: &Arc<Mutex<Scrapes>>,
 ) -> std::io::Result<()> {
+    let deadline = tokio::time::Instant::now() + CLIENT_TIMEOUT;
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
-    while head_end(&head).is_none() && head.len() < MAX_HEAD {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
+    let read = tokio::time::timeout_at(deadline, async {
+        while head_end(&head).is_none() && head.len() < MAX_HEAD {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                break;
+            }
+            head.extend_from_slice(&buf[..n]);
         }
-        head.extend_from_slice(&buf[..n]);
-    }
-    let request = route_read(&head);
+        std::io::Result::Ok(())
+    })
+    .await;
+    let request = match read {
+        Ok(read) => {
+            read?;
+            route_read(&head)
+        }
+        // A connection on which nothing came (one a client opened ahead, say) is closed
+        // without an answer, as web servers do; part of a request gets 408.
+        Err(_) if head.is_empty() => return Ok(()),
+        Err(_) => Route::TimedOut {
+            head: head.starts_with(b"HEAD "),
+        },
+    };
     let (status, content_type, body) = match request {
         Route::Metrics { .. } => {
             // Reading the maps takes a status walk (a few ms, hundreds at 200k sockets): off
             // the agent's loop, which also serves signals, the control socket and inotify.
             let (state, cgroup2) = (state.clone(), cgroup2.clone());
-            let rendered =
-                one_at_a_time(gate, move |scrapes| render(&state, &cgroup2, scrapes)).await;
-            match rendered.and_then(|body| body) {
-                Ok(body) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body),
-                Err(err) => (
+            let rendered = tokio::time::timeout_at(
+                deadline,
+                one_at_a_time(gate, move |scrapes| render(&state, &cgroup2, scrapes)),
+            )
+            .await;
+            match rendered {
+                Ok(rendered) => match rendered.and_then(|body| body) {
+                    Ok(body) => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", body),
+                    Err(err) => (
+                        "503 Service Unavailable",
+                        "text/plain; charset=utf-8",
+                        format!("{err:#}\n"),
+                    ),
+                },
+                // The walk goes on, and the next scrape waits for it.
+                Err(_) => (
                     "503 Service Unavailable",
                     "text/plain; charset=utf-8",
-                    format!("{err:#}\n"),
+                    format!(
+                        "reading the maps took over {}\n",
+                        humantime::format_duration(CLIENT_TIMEOUT)
+                    ),
                 ),
             }
         }
@@ -442,6 +475,14 @@ async fn respond(
             "text/plain; charset=utf-8",
             "request head over 16 KiB\n".to_owned(),
         ),
+        Route::TimedOut { .. } => (
+            "408 Request Timeout",
+            "text/plain; charset=utf-8",
+            format!(
+                "the request did not come within {}\n",
+                humantime::format_duration(CLIENT_TIMEOUT)
+            ),
+        ),
     };
     let allow = if request == Route::NotAllowed {
         "Allow: GET, HEAD\r\n"
@@ -456,8 +497,11 @@ async fn respond(
     if !request.head_only() {
         response.push_str(&body);
     }
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await?;
+    tokio::time::timeout(WRITE_TIMEOUT, async {
+        stream.write_all(response.as_bytes()).await?;
+        stream.shutdown().await
+    })
+    .await??;
     // Closed with request bytes unread (a body, or headers past what was read above), the
     // socket would send a reset, which throws away what of the answer is still in flight:
     // what the client sends is read until it closes too, within bounds.
@@ -480,12 +524,16 @@ const LINGER: Duration = Duration::from_secs(2);
 const MAX_UNREAD: usize = 1 << 20;
 
 /// How many scrape connections the agent holds at once; more wait in the listen queue. Each
-/// holds a file descriptor for up to [`CLIENT_TIMEOUT`], and clients that connect and send
+/// holds a file descriptor for up to [`CLIENT_TIMEOUT`] and [`WRITE_TIMEOUT`] and [`LINGER`],
+/// and clients that connect and send
 /// nothing must not take the descriptors the agent needs for its policy maps and cgroups.
 pub const MAX_CLIENTS: usize = 8;
 
-/// How long one scrape connection may take, from accept to the last byte of the answer.
+/// How long a scrape connection has, from accept, to send its request and get its answer
+/// ready...
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// ...and then to take the answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves scrapes on `listener` (from [`listen`]) until the process exits, on a thread with
 /// a runtime of its own: the agent's loop holds its thread through the start, a pass over
@@ -529,10 +577,9 @@ async fn serve(listener: TcpListener, state: StateDir, cgroup2: Cgroup2) {
         let gate = Arc::clone(&gate);
         tokio::spawn(async move {
             let _slot = slot;
-            let served =
-                tokio::time::timeout(CLIENT_TIMEOUT, respond(stream, &state, &cgroup2, &gate))
-                    .await;
-            if let Ok(Err(err)) = served {
+            // Each step is bounded: the request and the answer by CLIENT_TIMEOUT, its
+            // writing by WRITE_TIMEOUT, and the wait for the client to close by LINGER.
+            if let Err(err) = respond(stream, &state, &cgroup2, &gate).await {
                 log::debug!("metrics client: {err}");
             }
         });

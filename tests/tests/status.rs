@@ -717,6 +717,13 @@ fn metrics_clients_that_send_nothing_hold_few_of_the_agents_descriptors() {
     let idle: Vec<TcpStream> = (0..50)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics"))
         .collect();
+    // Two of those accepted at once send part of a request, and no more.
+    for (mut client, part) in idle[1..3]
+        .iter()
+        .zip(["GET /metrics HTTP/1.1\r\n", "HEAD /"])
+    {
+        std::io::Write::write_all(&mut client, part.as_bytes()).unwrap();
+    }
     std::thread::sleep(Duration::from_millis(500));
     let held = fds().saturating_sub(before);
     // At most 8 at once (MAX_CLIENTS in keepalive-agent/src/metrics.rs); the others wait in
@@ -746,6 +753,22 @@ fn metrics_clients_that_send_nothing_hold_few_of_the_agents_descriptors() {
     assert!(
         (Duration::from_millis(9500)..Duration::from_secs(20)).contains(&waited),
         "an idle client was closed after {waited:?}"
+    );
+    // Those with part of a request got 408 (without a body for HEAD) at the same time.
+    let answer = |mut client: &TcpStream| {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut client, &mut text).unwrap();
+        text
+    };
+    let (get, head) = (answer(&idle[1]), answer(&idle[2]));
+    assert!(
+        get.starts_with("HTTP/1.1 408 Request Timeout\r\n")
+            && get.ends_with("\r\n\r\nthe request did not come within 10s\n"),
+        "{get}"
+    );
+    assert!(
+        head.starts_with("HTTP/1.1 408 Request Timeout\r\n") && head.ends_with("\r\n\r\n"),
+        "{head}"
     );
     drop(idle);
     // Their slots come back as they go: a scrape is answered.
