@@ -299,6 +299,8 @@ async fn one_at_a_time<G: Send + 'static, T: Send + 'static>(
 enum Route {
     /// `GET` or `HEAD` of `/metrics`, with or without a query.
     Metrics { head: bool },
+    /// `GET` or `HEAD` of `/healthz`: 200 without reading the maps, for probes.
+    Health { head: bool },
     /// `GET` or `HEAD` of any other target.
     NotFound { head: bool },
     /// Any other method: 405, with the methods served in `Allow`.
@@ -321,6 +323,7 @@ impl Route {
         matches!(
             self,
             Route::Metrics { head: true }
+                | Route::Health { head: true }
                 | Route::NotFound { head: true }
                 | Route::UriTooLong { head: true }
                 | Route::HeadersTooLarge { head: true }
@@ -341,6 +344,11 @@ fn head_end(head: &[u8]) -> Option<usize> {
 /// bytes or more (the read that passed the limit may carry on past it), or what came before
 /// the client stopped sending. Past the limit, where the request line ends tells 414 from 431.
 fn route_read(head: &[u8]) -> Route {
+    // Empty lines before the request line are ignored (RFC 9112, section 2.2).
+    let head = &head[head
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count()..];
     let head_method = head.starts_with(b"HEAD ");
     let line_end = head.iter().position(|&b| b == b'\n');
     if line_end.map_or(head.len() >= MAX_HEAD, |end| end >= MAX_HEAD) {
@@ -355,12 +363,20 @@ fn route_read(head: &[u8]) -> Route {
 fn route(request: &[u8]) -> Route {
     let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
     let line = String::from_utf8_lossy(line);
-    let parts: Vec<&str> = line.trim_end_matches('\r').split(' ').collect();
+    let parts: Vec<&str> = line
+        .strip_suffix('\r')
+        .unwrap_or(&line)
+        .split(' ')
+        .collect();
     let [method, target, version] = parts[..] else {
         return Route::BadRequest;
     };
+    // Graphic characters only: a CR inside the line (RFC 9112, section 2.2) is not.
     let token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
-    if !token(method) || !token(target) || !version.starts_with("HTTP/1.") {
+    let http1 = version
+        .strip_prefix("HTTP/1.")
+        .is_some_and(|minor| minor.len() == 1 && minor.as_bytes()[0].is_ascii_digit());
+    if !token(method) || !token(target) || !http1 {
         return Route::BadRequest;
     }
     let head = match method {
@@ -381,10 +397,10 @@ fn route(request: &[u8]) -> Route {
         _ => target,
     };
     let path = target.split_once('?').map_or(target, |(path, _)| path);
-    if path == "/metrics" {
-        Route::Metrics { head }
-    } else {
-        Route::NotFound { head }
+    match path {
+        "/metrics" => Route::Metrics { head },
+        "/healthz" => Route::Health { head },
+        _ => Route::NotFound { head },
     }
 }
 
@@ -394,16 +410,21 @@ async fn respond(
     cgroup2: &Cgroup2,
     gate: &Arc<Mutex<Scrapes>>,
 ) -> std::io::Result<()> {
-    let deadline = tokio::time::Instant::now() + CLIENT_TIMEOUT;
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
-    let read = tokio::time::timeout_at(deadline, async {
-        while head_end(&head).is_none() && head.len() < MAX_HEAD {
+    let read = tokio::time::timeout(CLIENT_TIMEOUT, async {
+        while head.len() < MAX_HEAD {
             let n = stream.read(&mut buf).await?;
             if n == 0 {
                 break;
             }
+            // Where the end could be that was not looked for before: a client sending a byte
+            // at a time must not make each read scan the whole head again.
+            let from = head.len().saturating_sub(2);
             head.extend_from_slice(&buf[..n]);
+            if head_end(&head[from..]).is_some() {
+                break;
+            }
         }
         std::io::Result::Ok(())
     })
@@ -425,8 +446,8 @@ async fn respond(
             // Reading the maps takes a status walk (a few ms, hundreds at 200k sockets): off
             // the agent's loop, which also serves signals, the control socket and inotify.
             let (state, cgroup2) = (state.clone(), cgroup2.clone());
-            let rendered = tokio::time::timeout_at(
-                deadline,
+            let rendered = tokio::time::timeout(
+                CLIENT_TIMEOUT,
                 one_at_a_time(gate, move |scrapes| render(&state, &cgroup2, scrapes)),
             )
             .await;
@@ -444,12 +465,15 @@ async fn respond(
                     "503 Service Unavailable",
                     "text/plain; charset=utf-8",
                     format!(
-                        "reading the maps took over {}\n",
+                        "reading the maps (after the scrapes before this one) took over {}\n",
                         humantime::format_duration(CLIENT_TIMEOUT)
                     ),
                 ),
             }
         }
+        // The endpoint answers once the agent is ready (before, connections wait in the
+        // queue), and from a thread of its own: an answer says enforcement is in place.
+        Route::Health { .. } => ("200 OK", "text/plain; charset=utf-8", "ok\n".to_owned()),
         Route::NotFound { .. } => (
             "404 Not Found",
             "text/plain; charset=utf-8",
@@ -524,15 +548,15 @@ const LINGER: Duration = Duration::from_secs(2);
 const MAX_UNREAD: usize = 1 << 20;
 
 /// How many scrape connections the agent holds at once; more wait in the listen queue. Each
-/// holds a file descriptor for up to [`CLIENT_TIMEOUT`] and [`WRITE_TIMEOUT`] and [`LINGER`],
-/// and clients that connect and send
+/// holds a file descriptor for at most [`CLIENT_TIMEOUT`] twice, [`WRITE_TIMEOUT`] and
+/// [`LINGER`], and clients that connect and send
 /// nothing must not take the descriptors the agent needs for its policy maps and cgroups.
 pub const MAX_CLIENTS: usize = 8;
 
-/// How long a scrape connection has, from accept, to send its request and get its answer
-/// ready...
+/// How long a scrape connection has, from accept, to send its request, and then how long its
+/// answer may take to be ready...
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
-/// ...and then to take the answer.
+/// ...and to be taken.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves scrapes on `listener` (from [`listen`]) until the process exits, on a thread with
@@ -633,6 +657,16 @@ mod tests {
             route(b"HEAD / HTTP/1.1\r\n\r\n"),
             Route::NotFound { head: true }
         );
+        assert_eq!(
+            route(b"GET /healthz HTTP/1.1\r\n\r\n"),
+            Route::Health { head: false }
+        );
+        assert_eq!(
+            route(b"HEAD /healthz?x HTTP/1.0\r\n\r\n"),
+            Route::Health { head: true }
+        );
+        // Empty lines before the request line are ignored.
+        assert_eq!(route_read(b"\r\n\nGET /metrics HTTP/1.1\r\n\r\n"), metrics);
         // The absolute form, as a proxy sends it.
         for absolute in [
             &b"GET http://node:9977/metrics HTTP/1.1\r\n\r\n"[..],
@@ -697,6 +731,11 @@ mod tests {
             b"GET  /metrics HTTP/1.1\r\n\r\n",
             b"GET /metrics SSH-2.0\r\n\r\n",
             b"GET /metrics HTTP/1.1 extra\r\n\r\n",
+            // A CR inside the line, and versions that are not HTTP/1.x.
+            b"GET /metrics HTTP/1.1\rX\r\n\r\n",
+            b"GET /metrics HTTP/1.\r\n\r\n",
+            b"GET /metrics HTTP/1.11\r\n\r\n",
+            b"GET /metrics HTTP/2.0\r\n\r\n",
         ] {
             assert_eq!(
                 route(bad),

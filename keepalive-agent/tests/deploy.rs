@@ -298,7 +298,7 @@ fn kubernetes_manifests_are_complete_and_agree_with_the_agent() {
     let (_, run_volume) = mount_at("/run/keepalive-agent");
     assert!(run_volume["emptyDir"].is_object(), "{run_volume}");
 
-    // The liveness probe goes through the agent's event loop (the readiness probe's /metrics
+    // The liveness probe goes through the agent's event loop (the readiness probe's /healthz
     // does not): `policy list` with the binary where the image puts it, and a timeout that
     // `tests/tests/deploy.rs` holds a stopped agent to.
     let liveness = &container["livenessProbe"];
@@ -329,12 +329,13 @@ fn kubernetes_manifests_are_complete_and_agree_with_the_agent() {
             >= 60,
         "a pass over many connections is no reason to restart: {liveness}"
     );
-    // Readiness is /metrics, which the agent serves once attached and ready. A rolling update
+    // Readiness is /healthz, which the agent serves once attached and ready, without the walk
+    // over the maps a scrape of /metrics takes (and waits for). A rolling update
     // waits for each node's pod to be ready, and the kubelet probes again only after a period
     // once the first try (right at start, before the agent is up) failed: a long one delays
     // the rollout by as much per node.
     let readiness = &container["readinessProbe"];
-    assert_eq!(readiness["httpGet"]["path"], "/metrics", "{readiness}");
+    assert_eq!(readiness["httpGet"]["path"], "/healthz", "{readiness}");
     assert_eq!(readiness["httpGet"]["port"], "metrics", "{readiness}");
     assert!(
         readiness["periodSeconds"].as_u64().unwrap() <= 5,

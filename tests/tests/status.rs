@@ -615,6 +615,22 @@ fn the_metrics_endpoint_answers_head_and_refuses_other_methods() {
         headers.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
         "{headers}"
     );
+    // A probe's path, answered without reading the maps.
+    let health = ask(port, "GET /healthz HTTP/1.1\r\n\r\n");
+    assert!(
+        health.starts_with("HTTP/1.1 200 OK\r\n") && health.ends_with("\r\n\r\nok\n"),
+        "{health}"
+    );
+    // A request sent a byte at a time, the end of its head split over reads.
+    let mut slow = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    slow.set_nodelay(true).unwrap();
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" {
+        std::io::Write::write_all(&mut slow, &[*byte]).unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut slow, &mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
 }
 
 /// A TCP connection to 127.0.0.1:`port` whose receive window is as small as the kernel allows,
