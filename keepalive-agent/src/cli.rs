@@ -112,6 +112,18 @@ fn parse_user_timeout(text: &str) -> Result<u32, String> {
         .map(Option::unwrap_or_default)
 }
 
+/// `install --root`: an empty one would install relative to the current directory.
+fn parse_root(text: &str) -> Result<PathBuf, String> {
+    if text.is_empty() {
+        return Err(
+            "an empty root would install below the current directory; name a \
+                    directory (/ for this host)"
+                .to_owned(),
+        );
+    }
+    Ok(PathBuf::from(text))
+}
+
 fn parse_mode(text: &str) -> Result<Mode, String> {
     text.parse()
 }
@@ -302,7 +314,7 @@ pub struct CheckArgs {
 #[derive(Debug, Clone, Args)]
 pub struct InstallArgs {
     /// Install below this root (for packaging); the unit still refers to the final paths.
-    #[arg(long, value_name = "DIR", default_value = "/")]
+    #[arg(long, value_name = "DIR", default_value = "/", value_parser = parse_root)]
     pub root: PathBuf,
     /// Directory for the binary, an absolute path as the installed system sees it (written
     /// below --root); the unit's ExecStart names it, and systemd takes only absolute paths.
@@ -340,6 +352,13 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("keepalive-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn install_refuses_an_empty_root() {
+        let err = parse(&["install", "--root="]).unwrap_err();
+        assert!(err.to_string().contains("an empty root"), "{err}");
+        assert!(parse(&["install", "--root", "pkg"]).is_ok());
     }
 
     #[test]

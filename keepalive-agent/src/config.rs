@@ -532,12 +532,8 @@ fn owner_reason(file: &Path, meta: &std::fs::Metadata) -> Option<String> {
             meta.uid(),
             file.display()
         ))
-    } else if meta.mode() & 0o022 != 0 {
-        Some(format!(
-            "writable by users other than root (mode {:04o}); fix with `chmod go-w {}`",
-            meta.mode() & 0o7777,
-            file.display()
-        ))
+    } else if let Some(reason) = mode_reason(file, meta) {
+        Some(reason)
     } else {
         foreign_directory(file).map(|(dir, uid)| {
             format!(
@@ -548,6 +544,23 @@ fn owner_reason(file: &Path, meta: &std::fs::Metadata) -> Option<String> {
             )
         })
     }
+}
+
+/// What [`check_owner`] refuses of `file`'s mode alone: in a staging tree, whose owners a
+/// package sets, the mode is all that carries over.
+pub fn refused_mode(file: &Path) -> Option<String> {
+    mode_reason(file, &std::fs::metadata(file).ok()?)
+}
+
+fn mode_reason(file: &Path, meta: &std::fs::Metadata) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    (meta.mode() & 0o022 != 0).then(|| {
+        format!(
+            "writable by users other than root (mode {:04o}); fix with `chmod go-w {}`",
+            meta.mode() & 0o7777,
+            file.display()
+        )
+    })
 }
 
 /// A directory that holds `file`, or a symbolic link on the way to it, or one that such a link

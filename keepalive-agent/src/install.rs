@@ -24,6 +24,16 @@ pub const DEFAULT_CONFIG_TEXT: &str = include_str!("../../deploy/config.toml");
 /// Where the unit expects the binary.
 const UNIT_BINARY: &str = "/usr/local/sbin/keepalive-agent";
 
+/// Why the agent would refuse the config file kept at `config`: on the host, as `run` judges
+/// it; below a staging root, by its mode alone, as the owners there are the package's to set.
+fn staged_reason(root: &Path, config: &Path) -> Option<String> {
+    if root.components().eq(Path::new("/").components()) {
+        crate::config::refused_owner(config)
+    } else {
+        crate::config::refused_mode(config)
+    }
+}
+
 fn under(root: &Path, path: &Path) -> PathBuf {
     root.join(path.strip_prefix("/").unwrap_or(path))
 }
@@ -233,7 +243,7 @@ pub fn install(args: &InstallArgs, report: &mut dyn FnMut(String)) -> anyhow::Re
             link.display(),
             target.display()
         )),
-        (None, true) => report(match crate::config::refused_owner(&config) {
+        (None, true) => report(match staged_reason(&args.root, &config) {
             Some(reason) => format!(
                 "kept existing {}, which the agent refuses as it is: {reason}",
                 config.display()

@@ -131,14 +131,28 @@ fn install_puts_binary_unit_config_man_pages_and_completions_in_place() {
     let page = std::fs::read_to_string(root.join("usr/local/share/man/man1/keepalive-agent-run.1"))
         .unwrap();
     assert!(page.contains(".TH") && page.contains("idle"), "{page}");
-    // A second install keeps an edited config.
-    std::fs::write(root.join("etc/keepalive-agent/config.toml"), "# mine\n").unwrap();
+    // A second install keeps an edited config. Below a staging root, whose owners the package
+    // sets, it is not judged by its owner (here another user's, as a staging run by a user
+    // leaves it), nor by the directories' (the user's own, on the way to the root).
+    let config = root.join("etc/keepalive-agent/config.toml");
+    std::fs::write(&config, "# mine\n").unwrap();
+    // Run by a user, the file is theirs already.
+    let _ = std::os::unix::fs::chown(&config, Some(65534), None);
+    assert_ne!(
+        std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&config).unwrap()),
+        0
+    );
     let out = Command::new(AGENT)
         .args(["install", "--root"])
         .arg(&root)
         .output()
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("kept existing"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.lines()
+            .any(|line| line == format!("kept existing {}", config.display())),
+        "{text}"
+    );
     assert_eq!(
         std::fs::read_to_string(root.join("etc/keepalive-agent/config.toml")).unwrap(),
         "# mine\n"

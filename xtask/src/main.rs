@@ -131,7 +131,11 @@ fn stages(args: &[String]) -> bool {
             arg.strip_prefix("--root=")
         }
     });
-    root.is_some_and(|root| Path::new(root).components().ne(Path::new("/").components()))
+    // A path that leads to `/` (`/tmp/..`, a link to it) is the host too.
+    root.is_some_and(|root| {
+        let root = std::fs::canonicalize(root).unwrap_or_else(|_| PathBuf::from(root));
+        root.components().ne(Path::new("/").components())
+    })
 }
 
 /// The workspace root (the parent of this crate's directory).
@@ -418,6 +422,7 @@ mod tests {
             &["install"][..],
             &["install", "--root", "/"],
             &["install", "--root=//"],
+            &["install", "--root", "/tmp/.."],
             &["install", "--bindir", "/opt/root"],
         ] {
             assert!(!stages(host), "{host:?}");
