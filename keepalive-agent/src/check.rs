@@ -1035,10 +1035,11 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
             ),
             (None, _) => format!("not attached ({})", state.root().display()),
         };
-        // `run` refuses to move pinned enforcement to another cgroup.
+        // `run` refuses to move pinned enforcement to another cgroup: also to one that does not
+        // exist yet, which it waits for (exit 4) and then refuses (exit 7).
         let wanted = config
             .as_ref()
-            .and_then(|(_, attach)| Some((cg.id(attach).ok()?, attach)));
+            .map(|(_, attach)| (cg.id(attach).ok(), attach));
         // `run` also refuses to attach beside another state directory's enforcement.
         let roots = foreign::search_roots(&state);
         let others = wanted
@@ -1058,10 +1059,17 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
                 Some("`run` refuses to attach beside it (exit 7); see the detail"),
             ),
             // Before the warning below: `run` refuses this whatever runs above or below.
-            (Some(pinned), Some((id, attach)), ..) if pinned != id => item(
+            (Some(pinned), Some((id, attach)), ..) if Some(pinned) != id => item(
                 "keepalive",
                 Outcome::Fail,
-                format!("{detail}, but the config attaches to {attach}"),
+                format!(
+                    "{detail}, but the config attaches to {attach}{}",
+                    if id.is_none() {
+                        ", which does not exist (yet)"
+                    } else {
+                        ""
+                    }
+                ),
                 Some(&format!(
                     "`run` refuses to move pinned enforcement (exit 7): `{}` first, or attach \
                      where it is",

@@ -242,6 +242,24 @@ fn a_different_attach_cgroup_is_refused_with_a_message_naming_detach() {
     );
     assert_eq!(sockops_attachments(b.path()), 0);
     assert_eq!(sockops_attachments(a.path()), 1);
+    // Also a cgroup that does not exist yet, for which `run` waits (exit 4) only to refuse it
+    // once it does: `check` fails it, not only warns that it is missing.
+    let later = b.path().join("later");
+    let out = dirs.cli(&["check", "--json", "--cgroup", later.to_str().unwrap()]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let item = check_item(&report, "keepalive");
+    assert_eq!(
+        (code(&out), item["status"].as_str()),
+        (8, Some("fail")),
+        "{item}"
+    );
+    assert!(
+        item["detail"].as_str().unwrap().contains(&format!(
+            "but the config attaches to {}/later, which does not exist (yet)",
+            b.display()
+        )),
+        "{item}"
+    );
     // `check` fails it as `run` does, also where another state directory's agent runs
     // above the cgroup named, which alone is a warning.
     let parent = TestCgroup::new("attach-above");
