@@ -100,6 +100,13 @@ impl Cgroup2 {
                 "cgroup {spec:?} contains a NUL character, which no cgroup name can hold"
             )));
         }
+        // The kernel refuses to make a cgroup whose name has one (it would break the lines
+        // of /proc/PID/cgroup), so a policy for it could never apply.
+        if spec.contains('\n') {
+            return Err(usage(format!(
+                "cgroup {spec:?} contains a line break, which the kernel refuses in cgroup names"
+            )));
+        }
         let path = Path::new(spec);
         let relative = match path.strip_prefix(&self.mount) {
             Ok(below) => below,
@@ -541,6 +548,11 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
         assert_eq!(cg.parse("system").unwrap(), CgroupPath("system".into()));
         let err = cg.parse("a\0b").unwrap_err().to_string();
         assert!(err.contains("contains a NUL character"), "{err}");
+        let err = cg.parse("/we\nird").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "cgroup \"/we\\nird\" contains a line break, which the kernel refuses in cgroup names"
+        );
         let err = cg.parse("").unwrap_err();
         assert!(
             err.to_string().contains("write \"/\" for the root"),

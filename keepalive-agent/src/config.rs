@@ -1060,6 +1060,9 @@ mode = "off"
             assert_eq!(line, Some(at), "{text}");
             assert!(reason.contains("contains a NUL character"), "{reason}");
         }
+        let (line, reason) = parse_err("[[policy]]\ncgroup = \"/we\\nird\"\nidle = 30\n");
+        assert_eq!(line, Some(2));
+        assert!(reason.contains("contains a line break"), "{reason}");
         // Spelled one way, so a reload compares it with the running one.
         let config = parse_ok("state_dir = \"/sys/fs/bpf/ka/\"\n");
         let state = config.state_dir.expect("state_dir");
