@@ -848,6 +848,54 @@ impl Daemon {
         Ok(message)
     }
 
+    /// How many of the cgroups with a policy now got it from `selector`, and those it matches
+    /// that got theirs from another rule (a path, which comes before a glob).
+    fn matched_entries(&self, selector: &Selector) -> (usize, Vec<&CgroupPath>) {
+        let text = selector.text();
+        let matched = self
+            .resolution
+            .entries
+            .values()
+            .filter(|entry| selector.matches(&entry.cgroup));
+        let (won, others): (Vec<_>, Vec<_>) = matched.partition(|entry| entry.selector == text);
+        (
+            won.len(),
+            others.iter().map(|entry| &entry.cgroup).collect(),
+        )
+    }
+
+    /// Adds to the answer of a `policy set` of a glob the cgroups it matches that keep a
+    /// policy of their own: an emergency `--mode off` for `/pods/*` that leaves one out must
+    /// say so.
+    fn note_passed_over(&self, cgroup: &str, mut message: String) -> String {
+        const SHOWN: usize = 5;
+        let Ok(selector) = Selector::parse(&self.cgroup2, cgroup) else {
+            return message;
+        };
+        if !selector.is_glob() {
+            return message;
+        }
+        let (_, others) = self.matched_entries(&selector);
+        if others.is_empty() {
+            return message;
+        }
+        let mut shown: Vec<String> = others.iter().take(SHOWN).map(ToString::to_string).collect();
+        if others.len() > SHOWN {
+            shown.push(format!("and {} more", others.len() - SHOWN));
+        }
+        let one = others.len() == 1;
+        message.push_str(&format!(
+            "\nwarning: {} it matches {} the policy set for {} path, which comes before a \
+             glob: {}; change {} by path with `policy set` or `policy unset`",
+            counted(others.len() as u64, "cgroup", "cgroups"),
+            if one { "keeps" } else { "keep" },
+            if one { "its" } else { "their" },
+            shown.join(", "),
+            if one { "it" } else { "them" },
+        ));
+        message
+    }
+
     /// Why a selector selects no cgroup under the attach cgroup now, if it selects none.
     fn selects_nothing(&self, selector: &Selector) -> Option<String> {
         selector.selects_nothing(&self.cgroup2, &self.fixed.attach)
@@ -961,7 +1009,14 @@ impl Daemon {
         let pending = self
             .rules()
             .filter_map(|rule| {
-                let why = self.selects_nothing(&rule.selector)?;
+                let why = self.selects_nothing(&rule.selector).or_else(|| {
+                    let (won, others) = self.matched_entries(&rule.selector);
+                    (won == 0 && !others.is_empty() && rule.spec.is_some()).then(|| {
+                        "every cgroup it matches gets another rule's policy: a path comes \
+                         before a glob, a later runtime glob before an earlier one"
+                            .to_owned()
+                    })
+                })?;
                 // A mask (`policy unset` of a config policy) is no policy of its own.
                 let what = match rule.spec {
                     Some(_) => rule.source.to_string(),
@@ -977,7 +1032,9 @@ impl Daemon {
         let result: anyhow::Result<(String, Option<ApplyReport>)> = match &req {
             Request::List => Ok((String::new(), None)),
             Request::Reload => self.reload(),
-            Request::Set { cgroup, .. } => self.transact(|daemon| daemon.set_rule(cgroup, &req)),
+            Request::Set { cgroup, .. } => self
+                .transact(|daemon| daemon.set_rule(cgroup, &req))
+                .map(|(message, applied)| (self.note_passed_over(cgroup, message), applied)),
             Request::Unset { cgroup } => self.transact(|daemon| daemon.unset_rule(cgroup)),
         };
         match result {

@@ -1064,6 +1064,44 @@ fn enforce_replaces_an_applications_own_keepalive() {
     assert_eq!(values(&own.read()["client"]).1, 33);
 }
 
+/// A runtime glob (an emergency `--mode off` for all pods, say) does not reach cgroups with a
+/// policy by path, which comes first: its answer names them, and `policy list` names a glob
+/// that every cgroup it matches passes over.
+#[test]
+fn a_runtime_glob_names_the_cgroups_whose_policy_by_path_comes_first() {
+    let parent = TestCgroup::new("passedover");
+    let (app, _web) = (parent.child("app"), parent.child("web"));
+    let config = write_config(&format!(
+        "[[policy]]\ncgroup = \"{}\"\nidle = 27\nmode = \"lock\"\n",
+        app.rel()
+    ));
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+    let all = format!("{}/*", parent.rel());
+    let out = stdout(&agent.cli_ok(&["policy", "set", &all, "--mode", "off"]));
+    assert!(
+        out.contains(&format!(
+            "\nwarning: 1 cgroup it matches keeps the policy set for its path, which comes \
+             before a glob: /{}; change it by path with `policy set` or `policy unset`",
+            app.rel()
+        )),
+        "{out}"
+    );
+    assert_eq!(idle_of(&app), 27, "the path's policy stays");
+    let only_app = format!("{}/ap*", parent.rel());
+    let out = stdout(&agent.cli_ok(&["policy", "set", &only_app, "--idle", "19"]));
+    assert!(out.contains("warning: 1 cgroup it matches"), "{out}");
+    let list = stdout(&agent.cli_ok(&["policy", "list"]));
+    assert!(
+        list.contains(&format!(
+            "pending: /{only_app} (runtime; every cgroup it matches gets another rule's policy"
+        )),
+        "{list}"
+    );
+    // A glob with nothing passed over says nothing of the kind.
+    let out = stdout(&agent.cli_ok(&["policy", "set", &format!("{}/we*", parent.rel())]));
+    assert!(!out.contains("warning"), "{out}");
+}
+
 #[test]
 fn a_glob_policy_applies_to_a_cgroup_created_after_start() {
     let parent = TestCgroup::new("glob");
