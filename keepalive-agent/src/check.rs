@@ -1002,6 +1002,13 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         // An agent on this state directory that serves another runtime directory: `run` with
         // this one would be refused (exit 7), and the policy commands would not reach it.
         let elsewhere = agent.is_none() && state.is_locked();
+        // An agent whose control socket was removed runs on, out of reach of `policy`
+        // commands, reloads and the DaemonSet's liveness probe.
+        let socket = crate::control::socket_path(runtime_dir);
+        let unserved = agent.is_some() && {
+            use std::os::unix::fs::FileTypeExt as _;
+            !std::fs::symlink_metadata(&socket).is_ok_and(|meta| meta.file_type().is_socket())
+        };
         let detail = match (attached, agent) {
             (Some(Ok(None)), _) => format!(
                 "the enforcement pinned in {} was on a cgroup that has been removed, so it no \
@@ -1081,6 +1088,19 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
                 Outcome::Warn,
                 format!("{detail}; {}", other.overlap(attach, cg, &roots)),
                 Some("scope the agents to subtrees that do not nest, or use one agent"),
+            ),
+            _ if unserved => item(
+                "keepalive",
+                Outcome::Warn,
+                format!(
+                    "{detail}, but its control socket {} is missing: it is still starting, or \
+                     the socket was removed",
+                    socket.display()
+                ),
+                Some(
+                    "if it was removed, restart the agent: `policy` commands and reloads do not \
+                     reach it, and the DaemonSet's liveness probe fails",
+                ),
             ),
             _ if elsewhere => item(
                 "keepalive",

@@ -355,6 +355,24 @@ fn check_through_another_runtime_directory_says_an_agent_holds_the_state() {
             .contains(&format!("pid {}", agent.pid())),
         "{item}"
     );
+    // Unless its control socket was removed: it runs on, out of reach of `policy` commands.
+    let socket = agent.dirs().runtime_dir.join("control.sock");
+    std::fs::remove_file(&socket).unwrap();
+    let out = agent.cli(&["check", "--json", "--cgroup", cg.path().to_str().unwrap()]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let item = check_item(&report, "keepalive");
+    assert_eq!(
+        (code(&out), &item["status"]),
+        (0, &"warn".into()),
+        "{report:#}"
+    );
+    assert!(
+        item["detail"].as_str().unwrap().contains(&format!(
+            "but its control socket {} is missing",
+            socket.display()
+        )),
+        "{item}"
+    );
 }
 
 #[test]
