@@ -255,10 +255,12 @@ fn policy_table(rows: &[PolicyRow]) -> String {
         table.add_row([
             status::printable(&row.cgroup).into_owned(),
             row.cgroup_id.to_string(),
-            format!("{}s", row.idle),
-            format!("{}s", row.interval),
+            status::duration_cell(std::time::Duration::from_secs(row.idle.into())),
+            status::duration_cell(std::time::Duration::from_secs(row.interval.into())),
             row.count.to_string(),
-            row.user_timeout.map_or("-".into(), |ms| format!("{ms}ms")),
+            row.user_timeout.map_or("-".into(), |ms| {
+                status::duration_cell(std::time::Duration::from_millis(ms.into()))
+            }),
             row.mode.clone(),
             status::printable(&row.selector).into_owned(),
             row.source.clone(),
@@ -330,4 +332,27 @@ fn policy_cmd(
     }
     let response = crate::control::call_agent(runtime_dir, state_dir, &request)?;
     print_response(&response, list)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_durations_read_as_status_shows_them() {
+        let row = PolicyRow {
+            cgroup: "/app".into(),
+            cgroup_id: 7,
+            idle: 120,
+            interval: 10,
+            count: 5,
+            user_timeout: Some(90_500),
+            mode: "enforce".into(),
+            selector: "/app".into(),
+            source: "runtime".into(),
+        };
+        let table = policy_table(&[row]);
+        let cells: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
+        assert_eq!(cells[2..6], ["2m", "10s", "5", "1m30s500ms"], "{table}");
+    }
 }

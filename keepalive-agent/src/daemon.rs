@@ -1153,12 +1153,16 @@ fn describe_spec(spec: &Spec) -> String {
     match spec.mode {
         Mode::Off => "off".to_owned(),
         mode => {
+            let secs = |secs: u32| crate::status::duration_cell(Duration::from_secs(secs.into()));
             let mut out = format!(
-                "{mode} idle {}s interval {}s count {}",
-                spec.values.idle, spec.values.interval, spec.values.count
+                "{mode} idle {} interval {} count {}",
+                secs(spec.values.idle),
+                secs(spec.values.interval),
+                spec.values.count
             );
             if let Some(ms) = spec.values.user_timeout_ms {
-                out.push_str(&format!(" user_timeout {ms}ms"));
+                let ms = crate::status::duration_cell(Duration::from_millis(ms.into()));
+                out.push_str(&format!(" user_timeout {ms}"));
             }
             out
         }

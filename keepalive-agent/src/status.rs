@@ -664,7 +664,7 @@ fn table(headers: &[&str]) -> Table {
 
 /// A duration as one word (`1m30s`, not humantime's `1m 30s`), so a cell never holds a space
 /// that reads as a column break; humantime parses it back, as the config and the flags do.
-fn duration_cell(value: Duration) -> String {
+pub(crate) fn duration_cell(value: Duration) -> String {
     humantime::format_duration(value)
         .to_string()
         .replace(' ', "")
