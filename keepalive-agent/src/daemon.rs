@@ -6,7 +6,7 @@
 //! pinned attachment), applies the policy to existing connections and reports readiness.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeSet, HashMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -1682,8 +1682,18 @@ fn start_enforcing(
     daemon
         .enforcer
         .push_table(&daemon.new_cgroups.mark(&daemon.table))?;
-    if let Some(previous) = previous {
-        warn_replaced(&daemon.cgroup2, attach, &replaced(&previous, &daemon.table));
+    match previous {
+        Ok(Some(previous)) => {
+            let names = daemon.cgroup2.names(attach);
+            // Without what the previous agent had seen, every cgroup counts as seen.
+            let seen = if seen == 0 { u64::MAX } else { seen };
+            let ids = replaced(&previous, &daemon.table, &parents(&names), seen);
+            warn_replaced(&names, &ids);
+        }
+        Ok(None) => {}
+        Err(err) => log::info!(
+            "{err:#}: which policies of the previous agent this start replaced is not known"
+        ),
     }
     if !lock {
         daemon.enforcer.set_lock(false)?;
@@ -1696,44 +1706,96 @@ fn start_enforcing(
     Ok(updated)
 }
 
-/// The cgroups (ids; [`keepalive_common::DEFAULT_POLICY_KEY`] for `[default]`) whose policy in
-/// `previous`, the table a previous agent left installed, `table` changes or drops. The marks
-/// of new cgroups, which no two tables share, do not count, nor does the copy of `[default]`
-/// under the attach cgroup's id.
-fn replaced(previous: &[(u64, Policy)], table: &[(u64, Policy)]) -> Vec<u64> {
-    let plain = |policy: &Policy| Policy {
-        flags: policy.flags & !policy_flags::NEW_CGROUP,
-        ..*policy
-    };
-    let now: std::collections::HashMap<u64, Policy> = table
+/// The parent of each cgroup of `names` (by id) whose parent is among them too.
+fn parents(names: &HashMap<u64, CgroupPath>) -> HashMap<u64, u64> {
+    let ids: HashMap<&CgroupPath, u64> = names.iter().map(|(id, path)| (path, *id)).collect();
+    names
         .iter()
-        .map(|(id, policy)| (*id, plain(policy)))
-        .collect();
-    let mut ids: Vec<u64> = previous
-        .iter()
-        .filter(|(id, policy)| {
-            let default_copy = *id != keepalive_common::DEFAULT_POLICY_KEY
-                && policy.flags & policy_flags::DEFAULT != 0;
-            *id != keepalive_common::POLICY_GENERATION_KEY
-                && !default_copy
-                && now.get(id) != Some(&plain(policy))
+        .filter_map(|(id, path)| {
+            let (parent, _) = path.split_last()?;
+            Some((*id, *ids.get(&parent)?))
         })
-        .map(|(id, _)| *id)
+        .collect()
+}
+
+/// The cgroups (ids; [`keepalive_common::DEFAULT_POLICY_KEY`] for `[default]`) whose policy
+/// `table` changes from `previous`, the table a previous agent left installed: `[default]`,
+/// and each cgroup with an entry in either table, by the policy the program finds for it in
+/// each (its own entry, else the nearest ancestor's by `parents`, else `[default]`), so a
+/// cgroup a runtime `unset` had masked counts too. Cgroups the previous agent had not seen
+/// (ids over `seen`) are new, not replaced; one that takes `[default]` in both tables counts
+/// as `[default]`; two `off` policies are the same whatever values they carry.
+fn replaced(
+    previous: &[(u64, Policy)],
+    table: &[(u64, Policy)],
+    parents: &HashMap<u64, u64>,
+    seen: u64,
+) -> Vec<u64> {
+    use keepalive_common::{DEFAULT_POLICY_KEY, POLICY_GENERATION_KEY};
+    let entries = |table: &[(u64, Policy)]| -> HashMap<u64, Policy> {
+        table
+            .iter()
+            .filter(|(id, _)| *id != POLICY_GENERATION_KEY)
+            .copied()
+            .collect()
+    };
+    let (before, after) = (entries(previous), entries(table));
+    // The entry the program finds for `id`, `None` where that is `[default]` (or its copy
+    // under the attach cgroup).
+    let find = |table: &HashMap<u64, Policy>, mut id: u64| -> Option<Policy> {
+        loop {
+            if let Some(policy) = table.get(&id) {
+                return (policy.flags & policy_flags::DEFAULT == 0).then_some(*policy);
+            }
+            id = *parents.get(&id)?;
+        }
+    };
+    let same = |a: Option<&Policy>, b: Option<&Policy>| match (a, b) {
+        (Some(a), Some(b)) if a.mode == mode::OFF && b.mode == mode::OFF => true,
+        (Some(a), Some(b)) => {
+            let marks = policy_flags::NEW_CGROUP | policy_flags::DEFAULT;
+            Policy {
+                flags: a.flags & !marks,
+                ..*a
+            } == Policy {
+                flags: b.flags & !marks,
+                ..*b
+            }
+        }
+        (a, b) => a == b,
+    };
+    let (default_before, default_after) = (
+        before.get(&DEFAULT_POLICY_KEY),
+        after.get(&DEFAULT_POLICY_KEY),
+    );
+    let mut ids: Vec<u64> = before
+        .keys()
+        .chain(after.keys())
+        .copied()
+        .filter(|id| *id != DEFAULT_POLICY_KEY && *id <= seen)
+        .collect::<BTreeSet<u64>>()
+        .into_iter()
+        .filter(|id| match (find(&before, *id), find(&after, *id)) {
+            (None, None) => false,
+            (was, is) => !same(
+                was.as_ref().or(default_before),
+                is.as_ref().or(default_after),
+            ),
+        })
         .collect();
-    ids.sort_unstable();
+    if !same(default_before, default_after) {
+        ids.insert(0, DEFAULT_POLICY_KEY);
+    }
     ids
 }
 
 /// Says which policies of the previous agent's table a start replaced: a `policy set` rule
 /// (an emergency `--mode off`, say) ends with the agent that set it, also at an automatic
-/// restart after a crash, and a reload says so for each one it drops.
-fn warn_replaced(cgroup2: &Cgroup2, attach: &CgroupPath, ids: &[u64]) {
+/// restart after a crash, and a reload says so for each one it drops. `names` are the
+/// cgroups within the attach cgroup.
+fn warn_replaced(names: &HashMap<u64, CgroupPath>, ids: &[u64]) {
     const SHOWN: usize = 5;
-    if ids.is_empty() {
-        return;
-    }
     // Those of cgroups removed since matter no more.
-    let names = cgroup2.names(attach);
     let ids: Vec<String> = ids
         .iter()
         .filter_map(|id| match names.get(id) {
@@ -1838,18 +1900,38 @@ mod tests {
         ];
         let table = [
             (0, policy(60, mode::ENFORCE, policy_flags::DEFAULT)),
+            (3, policy(60, mode::ENFORCE, policy_flags::DEFAULT)),
             // 5, a runtime `off`, is gone; 6 changed; 7 lost only its mark; 8 is the same.
             (6, policy(31, mode::ENFORCE, 0)),
             (7, policy(60, mode::OFF, 0)),
             (8, policy(40, mode::FILL, 0)),
-            (9, policy(50, mode::ENFORCE, 0)),
+            // 11 had its policy masked by a runtime `unset`: it took 8's, its parent's.
+            (11, policy(20, mode::LOCK, 0)),
+            // A cgroup the previous agent had not seen gets its policy: nothing replaced.
+            (12, policy(50, mode::ENFORCE, 0)),
         ];
-        assert_eq!(replaced(&previous, &table), [5, 6]);
+        // Everything below the attach cgroup, 3; 10 and 11 below 8.
+        let parents: HashMap<u64, u64> =
+            [(5, 3), (6, 3), (7, 3), (8, 3), (10, 8), (11, 8), (12, 3)].into();
+        let seen = 11;
+        assert_eq!(replaced(&previous, &table, &parents, seen), [5, 6, 11]);
+        // A new `[default]` counts once, not for the cgroups that take it, nor for the `off`
+        // entries that carry its values.
         let mut new_default = table.to_vec();
-        new_default[0].1.idle = 61;
-        new_default.push((3, policy(61, mode::ENFORCE, policy_flags::DEFAULT)));
-        assert_eq!(replaced(&previous, &new_default), [0, 5, 6]);
-        assert!(replaced(&table, &table).is_empty());
+        for (id, policy) in &mut new_default {
+            if [0, 3, 7].contains(id) {
+                policy.idle = 61;
+            }
+        }
+        assert_eq!(
+            replaced(&previous, &new_default, &parents, seen),
+            [0, 5, 6, 11]
+        );
+        assert!(replaced(&table, &table, &parents, seen).is_empty());
+        // 8 changed: its own entry counts, not 10 and 11 below it; 11 keeps its own.
+        let mut fill_changed = table.to_vec();
+        fill_changed[4].1.idle = 41;
+        assert_eq!(replaced(&table, &fill_changed, &parents, seen), [8]);
     }
 
     #[test]

@@ -312,15 +312,27 @@ impl Enforcer {
     }
 
     /// The entries of the policy table a previous agent left installed, before this agent
-    /// pushed its own (afterwards, and without CAP_SYS_ADMIN to open it by id, `None`).
-    pub fn pinned_table(&mut self) -> Option<Vec<(u64, Policy)>> {
+    /// pushed its own (`None` afterwards, and where none is installed). Opening it by id takes
+    /// CAP_SYS_ADMIN.
+    pub fn pinned_table(&mut self) -> anyhow::Result<Option<Vec<(u64, Policy)>>> {
         if self.tables[0].is_some() {
-            return None;
+            return Ok(None);
         }
-        let outer: ArrayOfMaps<&MapData, PolicyTable> =
-            self.ebpf.map(MAP_POLICY)?.try_into().ok()?;
-        let table = outer.get(&0, 0).ok()?;
-        table.iter().collect::<Result<_, _>>().ok()
+        let map = self
+            .ebpf
+            .map(MAP_POLICY)
+            .ok_or_else(|| anyhow!("the BPF object has no {MAP_POLICY} map"))?;
+        let outer: ArrayOfMaps<&MapData, PolicyTable> = map.try_into()?;
+        let table = match outer.get(&0, 0) {
+            Ok(table) => table,
+            Err(MapError::KeyNotFound) => return Ok(None),
+            Err(err) => return Err(err).context("failed to open the installed policy table"),
+        };
+        let entries = table
+            .iter()
+            .collect::<Result<_, _>>()
+            .context("failed to read the installed policy table")?;
+        Ok(Some(entries))
     }
 
     /// Replaces the active policy table with a new one in a single map update: a lookup sees

@@ -1203,31 +1203,51 @@ fn a_policy_for_a_cgroup_that_does_not_exist_yet_takes_effect_when_it_appears() 
     );
 }
 
-/// A restart, also one after a crash, ends `policy set` rules, as documented. The new agent
-/// names the policies of the previous one's table it replaced, so that an emergency
-/// `--mode off` does not end unnoticed; a restart that changes nothing says nothing.
+/// A restart, also one after a crash, ends `policy set` and `unset` rules, as documented. The
+/// new agent names the policies of the previous one's table it replaced, so that an emergency
+/// `--mode off` (or `unset` of a config's `lock`) does not end unnoticed; a restart that
+/// changes nothing says nothing.
 #[test]
 fn a_restart_names_the_runtime_policies_it_ended() {
     let cg = TestCgroup::new("restartrules");
-    let app = cg.child("app");
-    let mut agent = Agent::start(&cg, &["--idle", "41"]);
+    let (app, _other) = (cg.child("app"), cg.child("other"));
+    let config = write_config(&format!(
+        "[default]\nidle = 41\n[[policy]]\ncgroup = \"{}\"\nidle = 42\nmode = \"lock\"\n",
+        app.rel()
+    ));
+    let args = ["--config", config.to_str().unwrap()];
+    let mut agent = Agent::start(&cg, &args);
     let dirs = agent.dirs();
-    agent.cli_ok(&["policy", "set", app.rel(), "--mode", "off"]);
-    assert_eq!(pair_values(&app).0, kernel_defaults());
-    agent.stop_with(libc::SIGKILL);
-    let mut agent = Agent::start_in(&dirs, &cg, &["--idle", "41"]);
-    let log = agent.log();
-    assert!(
-        log.contains(&format!(
-            "replaced 1 policy the previous agent left: {}; policies set with `policy set` end \
-             with the agent that set them",
-            app.display()
-        )),
-        "{log}"
+    let replaced = format!(
+        "replaced 1 policy the previous agent left: {}; policies set with `policy set` end with \
+         the agent that set them",
+        app.display()
     );
-    assert_eq!(idle_of(&app), 41);
+    let mut killed = Vec::new();
+    for (change, during) in [
+        (
+            &["set", app.rel(), "--mode", "off"][..],
+            kernel_defaults().1,
+        ),
+        (&["unset", app.rel()], 41),
+    ] {
+        agent.cli_ok(&[&["policy"], change].concat());
+        assert_eq!(pair_values(&app).0.1, during, "{change:?}");
+        agent.stop_with(libc::SIGKILL);
+        // Kept until the end: dropping one cleans up the directories the next one uses.
+        killed.push(std::mem::replace(
+            &mut agent,
+            Agent::start_in(&dirs, &cg, &args),
+        ));
+        assert!(
+            agent.log().contains(&replaced),
+            "{change:?}: {}",
+            agent.log()
+        );
+        assert_eq!(idle_of(&app), 42);
+    }
     assert!(agent.stop_with(libc::SIGTERM).success());
-    let agent = Agent::start_in(&dirs, &cg, &["--idle", "41"]);
+    let agent = Agent::start_in(&dirs, &cg, &args);
     assert!(
         !agent.log().contains("the previous agent left:"),
         "{}",
