@@ -51,6 +51,9 @@ struct Daemon {
     resolution: Resolution,
     table: Vec<(u64, Policy)>,
     lock_attached: bool,
+    /// No policy uses lock, but taking the lock program out failed: tried again as a failed
+    /// push is (see [`Daemon::detach_lock`]).
+    lock_stuck: bool,
     /// The table changed but no apply pass has succeeded since.
     apply_pending: bool,
     /// A cgroup change left a pass to run, at [`Daemon::due`].
@@ -442,10 +445,38 @@ impl Daemon {
         }
     }
 
-    /// The table is up to date: no push needs trying again.
+    /// The table is up to date: no push needs trying again (unless the lock program still
+    /// has to come out, which keeps its try).
     fn table_caught_up(&mut self) {
+        if self.lock_stuck {
+            return;
+        }
         self.retry_at = None;
         self.failures = 0;
+    }
+
+    /// Takes the lock program out, after a table that no longer uses lock went in. Where that
+    /// fails, the table and the change that made it stand all the same (the program holds
+    /// only sockets that have a lock record, and a pass under the new table takes those
+    /// away), and the removal is tried again as a failed push would be.
+    fn detach_lock(&mut self) {
+        match self.enforcer.set_lock(false) {
+            Ok(()) => {
+                self.lock_attached = false;
+                self.lock_stuck = false;
+            }
+            Err(err) => {
+                self.lock_attached = true;
+                self.lock_stuck = true;
+                let wait = self.retry_later();
+                log::warn!(
+                    "no policy uses lock mode, but the setsockopt program could not be taken \
+                     out: {err:#}; it holds only sockets that still have a lock record; trying \
+                     again in {}",
+                    humantime::format_duration(wait)
+                );
+            }
+        }
     }
 
     /// Schedules the next try after a failure to push a table, which otherwise would wait for
@@ -560,6 +591,9 @@ impl Daemon {
             self.enforcer.set_lock(true)?;
             self.lock_attached = true;
         }
+        if lock {
+            self.lock_stuck = false;
+        }
         // New entries always change the table: the previous one's ids are all known.
         self.new_cgroups.update(present, &table);
         self.keep_seen();
@@ -579,8 +613,7 @@ impl Daemon {
             self.apply_pending = true;
         }
         if !lock && self.lock_attached {
-            self.enforcer.set_lock(false)?;
-            self.lock_attached = false;
+            self.detach_lock();
         }
         warn_unreadable(&self.resolution, &resolution);
         self.resolution = resolution;
@@ -1401,6 +1434,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         resolution: Resolution::default(),
         table: Vec::new(),
         lock_attached: false,
+        lock_stuck: false,
         apply_pending: false,
         pass_scheduled: false,
         retry_at: None,
@@ -1695,12 +1729,13 @@ fn start_enforcing(
             "{err:#}: which policies of the previous agent this start replaced is not known"
         ),
     }
+    daemon.lock_attached = lock;
     if !lock {
-        daemon.enforcer.set_lock(false)?;
+        // One a previous agent left.
+        daemon.detach_lock();
     }
     warn_unreadable(&Resolution::default(), &resolution);
     daemon.resolution = resolution;
-    daemon.lock_attached = lock;
     let updated = daemon.enforcer.attach_sockops()?;
     daemon.enforcer.pin_status_iterator()?;
     Ok(updated)

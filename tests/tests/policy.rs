@@ -146,6 +146,72 @@ fn a_runtime_rule_over_the_only_lock_policy_removes_the_lock_program() {
     assert_eq!(setsockopt_attachments(cg.path()), 0, "{}", agent.log());
 }
 
+/// A lock program that cannot be taken out (its link's pin cannot be removed: here the state
+/// directory is read-only in the agent's mount namespace, as a unit without `ReadWritePaths=`
+/// for it would make it) does not undo the change that stopped using lock: the change stands,
+/// and the removal is tried again until it goes through.
+#[test]
+fn a_lock_program_that_cannot_be_taken_out_leaves_the_change_standing() {
+    let cg = TestCgroup::new("lockstuck");
+    let svc = cg.child("svc");
+    let config = write_config(&format!(
+        "[[policy]]\ncgroup = \"{}\"\nmode = \"lock\"\n",
+        svc.rel()
+    ));
+    let dirs = AgentDirs::new();
+    fs::create_dir_all(&dirs.state_dir).unwrap();
+    let state = CString::new(dirs.state_dir.to_str().unwrap()).unwrap();
+    let mut cmd = dirs.command(&[
+        "run",
+        "--cgroup",
+        cg.path().to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    // A mount of its own, which can be made read-only for the agent alone.
+    private_mounts(&mut cmd, move || bind_mount(&state, &state));
+    let agent = Agent::start_command(&dirs, cmd);
+    assert_eq!(setsockopt_attachments(cg.path()), 1);
+    let remount = |mode: &str| {
+        let out = Command::new("nsenter")
+            .args(["-t", &agent.pid().to_string(), "-m", "mount", "-o"])
+            .arg(format!("remount,bind,{mode}"))
+            .arg(&dirs.state_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    remount("ro");
+    let out = agent.cli(&["policy", "set", svc.rel(), "--mode", "enforce"]);
+    assert_eq!(code(&out), 0, "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        agent
+            .policies()
+            .iter()
+            .any(|p| p["cgroup"] == format!("/{}", svc.rel()) && p["mode"] == "enforce"),
+        "{:?}",
+        agent.policies()
+    );
+    assert!(
+        agent
+            .log()
+            .contains("the setsockopt program could not be taken out"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(setsockopt_attachments(cg.path()), 1, "still pinned");
+    remount("rw");
+    eventually(
+        Duration::from_secs(20),
+        "the lock program taken out",
+        || (setsockopt_attachments(cg.path()) == 0).then_some(()),
+    );
+}
+
 #[test]
 fn each_end_of_one_loopback_connection_gets_its_own_cgroups_policy() {
     let parent = TestCgroup::new("ownpolicy");
