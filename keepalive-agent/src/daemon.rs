@@ -994,6 +994,18 @@ impl Daemon {
             return Err(usage(format!("no policy is set for {text}")));
         }
         self.room_for(&text)?;
+        let message = if selector.is_glob() {
+            format!(
+                "the config's policy for {text} is unset until the next reload; the cgroups it \
+                 matched inherit from their nearest ancestor with a policy, unless another rule \
+                 selects them"
+            )
+        } else {
+            format!(
+                "{text} no longer has a policy of its own until the next reload; it inherits \
+                 from its nearest ancestor"
+            )
+        };
         self.runtime.insert(
             0,
             Rule {
@@ -1003,10 +1015,7 @@ impl Daemon {
                 source: Source::Runtime,
             },
         );
-        Ok(format!(
-            "{text} no longer has a policy of its own until the next reload; it inherits from \
-             its nearest ancestor"
-        ))
+        Ok(message)
     }
 
     fn rows(&self) -> (Vec<PolicyRow>, Vec<String>) {

@@ -2461,6 +2461,14 @@ fn exact_paths_outrank_globs_also_across_runtime_and_config() {
         "mask the config glob: {}",
         stderr(&out)
     );
+    assert!(
+        stdout(&out).starts_with(&format!(
+            "the config's policy for /{glob} is unset until the next reload; the cgroups it \
+             matched inherit"
+        )),
+        "{}",
+        stdout(&out)
+    );
     assert_eq!((idle_of(&db), idle_of(&web)), (44, 60));
     // Once masked, a retried unset changes nothing.
     let out = agent.cli(&["policy", "unset", &glob]);
