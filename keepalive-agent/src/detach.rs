@@ -45,9 +45,20 @@ pub fn detach(
     if let Some(agent) =
         instance::running_agent(runtime_dir).filter(|agent| agent.may_use(state.root()))
     {
+        // The unit's, or one started by hand (or by another service manager).
+        let unit =
+            std::fs::read_to_string(format!("/proc/{}/cgroup", agent.pid)).is_ok_and(|text| {
+                text.lines()
+                    .any(|l| l.ends_with("/keepalive-agent.service"))
+            });
+        let stop = if unit {
+            "systemctl stop keepalive-agent".to_owned()
+        } else {
+            format!("kill {}", agent.pid)
+        };
         return Err(Error::Agent(format!(
             "the keepalive agent (pid {}) is running and would re-attach; stop it first \
-             (`systemctl stop keepalive-agent`), then detach",
+             (`{stop}`), then detach",
             agent.pid
         ))
         .into());

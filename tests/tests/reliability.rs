@@ -65,6 +65,14 @@ fn sigkill_and_sigterm_leave_enforcement_in_place_and_a_restart_attaches_once() 
         6,
         "counters survive restarts"
     );
+    // Not while it runs: the refusal says how to stop this one, started by hand.
+    let out = dirs.cli(&["detach"]);
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("stop it first (`kill {}`)", agent.pid())),
+        "{}",
+        stderr(&out)
+    );
 
     let status = agent.stop_with(libc::SIGTERM);
     assert!(status.success(), "SIGTERM is a clean exit: {status}");
