@@ -207,8 +207,8 @@ pub struct StatusArgs {
     #[arg(long, value_name = "PATH")]
     pub cgroup: Option<String>,
 
-    /// Only sockets with this local or remote port.
-    #[arg(long, value_name = "N")]
+    /// Only sockets with this local or remote port (1-65535).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub port: Option<u16>,
 
     /// Where the agent's state is.
@@ -456,6 +456,8 @@ mod tests {
         };
         assert!(status.json);
         assert_eq!(status.port, Some(80));
+        // No connection has port 0: a filter for it would only ever list nothing.
+        assert!(parse(&["status", "--port", "0"]).is_err());
         assert!(parse(&["detach", "--cgroup", "/a"]).is_ok());
         // The longest runtime directory whose control socket fits a Unix socket address.
         let longest = format!("/run/{}", "k".repeat(89));
