@@ -208,6 +208,20 @@ pub fn install(args: &InstallArgs, report: &mut dyn FnMut(String)) -> anyhow::Re
     // say) is the operator's config, not a missing one: the agent refuses to start until the
     // target is back, and replacing the link would drop its policies.
     let config = under(&args.root, Path::new(crate::config::DEFAULT_CONFIG));
+    // A link in the config's place is the operator's way of keeping the file elsewhere:
+    // `--force-config` would cut it (or, writing through it, overwrite what it leads to).
+    if args.force_config
+        && let Ok(target) = fs::read_link(&config)
+    {
+        return Err(usage(format!(
+            "{} is a symbolic link to {}: --force-config would replace the link, not the file \
+             it leads to; remove the link to install the default config in its place, or edit \
+             {} yourself; nothing was installed",
+            config.display(),
+            target.display(),
+            target.display()
+        )));
+    }
     let dangling = crate::config::dangling_link(&config);
     let keep_config =
         !args.force_config && (config.symlink_metadata().is_ok() || dangling.is_some());

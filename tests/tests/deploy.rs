@@ -1244,12 +1244,26 @@ fn install_keeps_the_operators_config_and_says_what_it_changed() {
         Path::new("/ka-not-mounted/config.toml"),
         "the link stays"
     );
+    // A fresh config forced over the link would cut it: refused, and nothing is written.
+    std::fs::remove_file(&binary).unwrap();
+    let forced = install(root, &["--force-config"]);
+    assert_eq!(forced.status.code(), Some(2), "{}", stderr(&forced));
+    assert!(
+        stderr(&forced).contains(&format!(
+            "{} is a symbolic link to /ka-not-mounted/config.toml: --force-config would replace \
+             the link",
+            config.display()
+        )),
+        "{}",
+        stderr(&forced)
+    );
+    assert!(!binary.exists(), "nothing is written");
+    assert!(std::fs::read_link(&config).is_ok(), "the link stays");
 
     // So is the config directory, and the operator forces a fresh config: nothing is written.
     let dir = config.parent().unwrap();
     std::fs::remove_dir_all(dir).unwrap();
     std::os::unix::fs::symlink("/ka-not-mounted/keepalive-agent", dir).unwrap();
-    std::fs::remove_file(&binary).unwrap();
     let forced = install(root, &["--force-config"]);
     assert!(!forced.status.success());
     assert!(
