@@ -305,8 +305,9 @@ enum Route {
     NotFound { head: bool },
     /// Any other method: 405, with the methods served in `Allow`.
     NotAllowed,
-    /// Not a request line.
-    BadRequest,
+    /// Not a request line; `head` when it starts as a `HEAD` request's does, which gets no
+    /// body.
+    BadRequest { head: bool },
     /// A request line longer than [`MAX_HEAD`]: 414. `head` as above, from the method.
     UriTooLong { head: bool },
     /// A request line, then headers that do not end within [`MAX_HEAD`]: 431.
@@ -328,6 +329,7 @@ impl Route {
                 | Route::UriTooLong { head: true }
                 | Route::HeadersTooLarge { head: true }
                 | Route::TimedOut { head: true }
+                | Route::BadRequest { head: true }
         )
     }
 }
@@ -369,7 +371,9 @@ fn route(request: &[u8]) -> Route {
         .split(' ')
         .collect();
     let [method, target, version] = parts[..] else {
-        return Route::BadRequest;
+        return Route::BadRequest {
+            head: line.starts_with("HEAD "),
+        };
     };
     // Graphic characters only: a CR inside the line (RFC 9112, section 2.2) is not.
     let token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
@@ -377,7 +381,9 @@ fn route(request: &[u8]) -> Route {
         .strip_prefix("HTTP/1.")
         .is_some_and(|minor| minor.len() == 1 && minor.as_bytes()[0].is_ascii_digit());
     if !token(method) || !token(target) || !http1 {
-        return Route::BadRequest;
+        return Route::BadRequest {
+            head: line.starts_with("HEAD "),
+        };
     }
     let head = match method {
         "GET" => false,
@@ -484,7 +490,7 @@ async fn respond(
             "text/plain; charset=utf-8",
             "only GET and HEAD\n".to_owned(),
         ),
-        Route::BadRequest => (
+        Route::BadRequest { .. } => (
             "400 Bad Request",
             "text/plain; charset=utf-8",
             "not an HTTP request\n".to_owned(),
@@ -739,11 +745,15 @@ mod tests {
         ] {
             assert_eq!(
                 route(bad),
-                Route::BadRequest,
+                Route::BadRequest { head: false },
                 "{}",
                 String::from_utf8_lossy(bad)
             );
         }
+        // One that starts as HEAD does gets no body.
+        let bad_head = route(b"HEAD /metrics HTTP/9\r\n\r\n");
+        assert_eq!(bad_head, Route::BadRequest { head: true });
+        assert!(bad_head.head_only());
     }
 
     #[tokio::test]
