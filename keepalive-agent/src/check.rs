@@ -1044,9 +1044,12 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
         };
         // `run` refuses to move pinned enforcement to another cgroup: also to one that does not
         // exist yet, which it waits for (exit 4) and then refuses (exit 7).
-        let wanted = config
-            .as_ref()
-            .map(|(_, attach)| (cg.id(attach).ok(), attach));
+        let wanted = config.as_ref().and_then(|(_, attach)| match cg.id(attach) {
+            Ok(id) => Some((Some(id), attach)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Some((None, attach)),
+            // Unreadable: the config item says why; nothing to compare with here.
+            Err(_) => None,
+        });
         // `run` also refuses to attach beside another state directory's enforcement.
         let roots = foreign::search_roots(&state);
         let others = wanted

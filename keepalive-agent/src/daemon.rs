@@ -587,7 +587,8 @@ impl Daemon {
         let lock = set.uses_lock();
         // The lock program goes in before a table that uses lock, and out after the table
         // that stops using it, so no locked socket is ever without it.
-        if lock && !self.lock_attached {
+        // Also over one that could not be taken out, which this agent may no longer hold.
+        if lock && (!self.lock_attached || self.lock_stuck) {
             self.enforcer.set_lock(true)?;
             self.lock_attached = true;
         }
@@ -908,7 +909,22 @@ impl Daemon {
         if !selector.is_glob() {
             return message;
         }
-        let (_, others) = self.matched_entries(&selector);
+        // Those it matches, and those below them with a policy of their own, where the
+        // nearest policy applies.
+        let text = selector.text();
+        let others: Vec<&CgroupPath> = self
+            .resolution
+            .entries
+            .values()
+            .filter(|entry| {
+                entry.selector != text
+                    && std::iter::successors(Some(entry.cgroup.clone()), |path| {
+                        path.split_last().map(|(parent, _)| parent)
+                    })
+                    .any(|path| selector.matches(&path))
+            })
+            .map(|entry| &entry.cgroup)
+            .collect();
         if others.is_empty() {
             return message;
         }
@@ -918,8 +934,9 @@ impl Daemon {
         }
         let one = others.len() == 1;
         message.push_str(&format!(
-            "\nwarning: {} it matches {} the policy set for {} path, which comes before a \
-             glob: {}; change {} by path with `policy set` or `policy unset`",
+            "\nwarning: {} it matches, or below one it matches, {} a policy of {} own (a \
+             path comes before a glob, and below a cgroup the nearest policy applies): {}; \
+             change {} by path with `policy set` or `policy unset`",
             counted(others.len() as u64, "cgroup", "cgroups"),
             if one { "keeps" } else { "keep" },
             if one { "its" } else { "their" },
@@ -1766,8 +1783,8 @@ fn parents(names: &HashMap<u64, CgroupPath>) -> HashMap<u64, u64> {
 /// `table` changes from `previous`, the table a previous agent left installed: `[default]`,
 /// and each cgroup with an entry in either table, by the policy the program finds for it in
 /// each (its own entry, else the nearest ancestor's by `parents`, else `[default]`), so a
-/// cgroup a runtime `unset` had masked counts too. Cgroups the previous agent had not seen
-/// (ids over `seen`) are new, not replaced; one that takes `[default]` in both tables counts
+/// cgroup a runtime `unset` had masked counts too. Cgroups with no entry in `previous` that
+/// the previous agent had not seen (ids over `seen`) are new, not replaced; one that takes `[default]` in both tables counts
 /// as `[default]`; two `off` policies are the same whatever values they carry.
 fn replaced(
     previous: &[(u64, Policy)],
@@ -1816,7 +1833,9 @@ fn replaced(
         .keys()
         .chain(after.keys())
         .copied()
-        .filter(|id| *id != DEFAULT_POLICY_KEY && *id <= seen)
+        // A cgroup with an entry in the previous table was known to it, whatever `seen` says
+        // (which stays below new `off` cgroups still waiting for their pass).
+        .filter(|id| *id != DEFAULT_POLICY_KEY && (before.contains_key(id) || *id <= seen))
         .collect::<BTreeSet<u64>>()
         .into_iter()
         .filter(|id| match (find(&before, *id), find(&after, *id)) {
@@ -1972,6 +1991,9 @@ mod tests {
             [0, 5, 6, 11]
         );
         assert!(replaced(&table, &table, &parents, seen).is_empty());
+        // An entry of the previous table is the previous agent's, whatever `seen` says (it
+        // stays below new `off` cgroups still waiting for their pass).
+        assert_eq!(replaced(&previous, &table, &parents, 4), [5, 6]);
         // 8 changed: its own entry counts, not 10 and 11 below it; 11 keeps its own.
         let mut fill_changed = table.to_vec();
         fill_changed[4].1.idle = 41;

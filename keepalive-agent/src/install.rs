@@ -27,6 +27,8 @@ const UNIT_BINARY: &str = "/usr/local/sbin/keepalive-agent";
 /// Why the agent would refuse the config file kept at `config`: on the host, as `run` judges
 /// it; below a staging root, by its mode alone, as the owners there are the package's to set.
 fn staged_reason(root: &Path, config: &Path) -> Option<String> {
+    // A root that leads to `/` (`/tmp/..`) is the host, as xtask takes it.
+    let root = fs::canonicalize(root).unwrap_or_else(|_| root.to_owned());
     if root.components().eq(Path::new("/").components()) {
         crate::config::refused_owner(config)
     } else {

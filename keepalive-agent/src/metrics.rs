@@ -428,7 +428,13 @@ async fn respond(
             // at a time must not make each read scan the whole head again.
             let from = head.len().saturating_sub(2);
             head.extend_from_slice(&buf[..n]);
-            if head_end(&head[from..]).is_some() {
+            // Empty lines before the request line, which are ignored, end no head (they may
+            // come in a read of their own).
+            let empty = head
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
+            if head_end(&head[from.max(empty)..]).is_some() {
                 break;
             }
         }

@@ -1136,23 +1136,33 @@ fn enforce_replaces_an_applications_own_keepalive() {
 #[test]
 fn a_runtime_glob_names_the_cgroups_whose_policy_by_path_comes_first() {
     let parent = TestCgroup::new("passedover");
-    let (app, _web) = (parent.child("app"), parent.child("web"));
+    let (app, web, _db) = (parent.child("app"), parent.child("web"), parent.child("db"));
+    let deep = web.child("deep");
     let config = write_config(&format!(
-        "[[policy]]\ncgroup = \"{}\"\nidle = 27\nmode = \"lock\"\n",
-        app.rel()
+        "[[policy]]\ncgroup = \"{}\"\nidle = 27\nmode = \"lock\"\n\
+         [[policy]]\ncgroup = \"{}\"\nidle = 28\n",
+        app.rel(),
+        deep.rel()
     ));
     let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
     let all = format!("{}/*", parent.rel());
     let out = stdout(&agent.cli_ok(&["policy", "set", &all, "--mode", "off"]));
+    // Also one below a cgroup it matches, whose own policy is the nearest.
     assert!(
         out.contains(&format!(
-            "\nwarning: 1 cgroup it matches keeps the policy set for its path, which comes \
-             before a glob: /{}; change it by path with `policy set` or `policy unset`",
-            app.rel()
+            "\nwarning: 2 cgroups it matches, or below one it matches, keep a policy of their \
+             own (a path comes before a glob, and below a cgroup the nearest policy applies): \
+             /{}, /{}; change them by path with `policy set` or `policy unset`",
+            app.rel(),
+            deep.rel()
         )),
         "{out}"
     );
-    assert_eq!(idle_of(&app), 27, "the path's policy stays");
+    assert_eq!(
+        (idle_of(&app), idle_of(&deep)),
+        (27, 28),
+        "their policies stay"
+    );
     let only_app = format!("{}/ap*", parent.rel());
     let out = stdout(&agent.cli_ok(&["policy", "set", &only_app, "--idle", "19"]));
     assert!(out.contains("warning: 1 cgroup it matches"), "{out}");
@@ -1164,7 +1174,7 @@ fn a_runtime_glob_names_the_cgroups_whose_policy_by_path_comes_first() {
         "{list}"
     );
     // A glob with nothing passed over says nothing of the kind.
-    let out = stdout(&agent.cli_ok(&["policy", "set", &format!("{}/we*", parent.rel())]));
+    let out = stdout(&agent.cli_ok(&["policy", "set", &format!("{}/d*", parent.rel())]));
     assert!(!out.contains("warning"), "{out}");
 }
 
