@@ -30,6 +30,26 @@ fn describe(state: &StateDir, pin: &Path, attach: Option<&str>) -> String {
     }
 }
 
+/// How to stop the agent whose `/proc/PID/cgroup` reads `cgroup`: the unit's, a pod's (which
+/// its DaemonSet would start again, so killing it is no way), or one started by hand (or by
+/// another service manager).
+fn how_to_stop(cgroup: &str, pid: &str) -> String {
+    let mut paths = cgroup.lines().filter_map(|line| line.splitn(3, ':').nth(2));
+    if paths
+        .clone()
+        .any(|path| path.ends_with("/keepalive-agent.service"))
+    {
+        return "stop it first (`systemctl stop keepalive-agent`)".to_owned();
+    }
+    // kubelet's cgroups: kubepods/… (cgroupfs driver) or kubepods.slice/… (systemd driver).
+    if paths.any(|path| path.split('/').any(|part| part.starts_with("kubepods"))) {
+        return "it runs in a Kubernetes pod, which its DaemonSet would start again: delete \
+                the DaemonSet first (`kubectl delete -n keepalive daemonset/keepalive-agent`)"
+            .to_owned();
+    }
+    format!("stop it first (`kill {pid}`)")
+}
+
 /// Removes everything pinned in `state`. Refuses while an agent runs with it: one named by
 /// `runtime_dir`'s lock file, or any other, which holds the state directory's own lock.
 pub fn detach(
@@ -45,21 +65,12 @@ pub fn detach(
     if let Some(agent) =
         instance::running_agent(runtime_dir).filter(|agent| agent.may_use(state.root()))
     {
-        // The unit's, or one started by hand (or by another service manager).
-        let unit =
-            std::fs::read_to_string(format!("/proc/{}/cgroup", agent.pid)).is_ok_and(|text| {
-                text.lines()
-                    .any(|l| l.ends_with("/keepalive-agent.service"))
-            });
-        let stop = if unit {
-            "systemctl stop keepalive-agent".to_owned()
-        } else {
-            format!("kill {}", agent.pid)
-        };
+        let cgroup =
+            std::fs::read_to_string(format!("/proc/{}/cgroup", agent.pid)).unwrap_or_default();
         return Err(Error::Agent(format!(
-            "the keepalive agent (pid {}) is running and would re-attach; stop it first \
-             (`{stop}`), then detach",
-            agent.pid
+            "the keepalive agent (pid {}) is running and would re-attach; {}, then detach",
+            agent.pid,
+            how_to_stop(&cgroup, &agent.pid)
         ))
         .into());
     }
@@ -140,4 +151,33 @@ pub fn detach(
         Err(err) => log::warn!("left {} in place: {err}", state.root().display()),
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::how_to_stop;
+
+    #[test]
+    fn the_way_to_stop_the_agent_follows_what_started_it() {
+        let unit = "0::/system.slice/keepalive-agent.service\n";
+        assert!(how_to_stop(unit, "7").contains("`systemctl stop keepalive-agent`"));
+        // A hybrid layout: the v1 hierarchies name the unit too.
+        let hybrid = "1:name=systemd:/system.slice/keepalive-agent.service\n0::/\n";
+        assert!(how_to_stop(hybrid, "7").contains("systemctl stop"));
+        for pod in [
+            "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod1.slice/cri-containerd-2.scope\n",
+            "0::/kubepods/besteffort/pod1/2\n",
+        ] {
+            let how = how_to_stop(pod, "7");
+            assert!(how.contains("kubectl delete"), "{how}");
+            assert!(!how.contains("kill"), "{how}");
+        }
+        assert_eq!(
+            how_to_stop("0::/user.slice/session-1.scope\n", "7"),
+            "stop it first (`kill 7`)"
+        );
+        // A name that only contains the word is not kubelet's.
+        assert!(how_to_stop("0::/my-kubepods-test\n", "7").contains("kill 7"));
+        assert!(how_to_stop("", "7").contains("kill 7"));
+    }
 }

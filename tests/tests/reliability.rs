@@ -98,6 +98,28 @@ fn sigkill_and_sigterm_leave_enforcement_in_place_and_a_restart_attaches_once() 
 }
 
 #[test]
+fn detach_names_the_daemonset_to_delete_for_an_agent_in_a_pod() {
+    let cg = TestCgroup::new("podstop");
+    // Where kubelet's cgroupfs driver puts a pod's containers.
+    let host = TestCgroup::new("podhost");
+    let kubepods = TestCgroup::at(host.path().join("kubepods"));
+    let pod = TestCgroup::at(kubepods.path().join("podx"));
+    let dirs = AgentDirs::new();
+    let agent = Agent::start_in(&dirs, &cg, &[]);
+    std::fs::write(pod.path().join("cgroup.procs"), agent.pid().to_string()).unwrap();
+    // Killing it would have the DaemonSet start another, which attaches again.
+    let out = dirs.cli(&["detach"]);
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("delete the DaemonSet first (`kubectl delete -n keepalive daemonset/keepalive-agent`), then detach")
+            && !stderr(&out).contains("kill"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(sockops_attachments(cg.path()), 1, "nothing detached");
+}
+
+#[test]
 fn pins_removed_while_the_agent_runs_are_pinned_again_and_enforcement_outlives_it() {
     let cg = TestCgroup::new("repin");
     let config = write_config("[default]\nidle = 31\nmode = \"lock\"\n");
