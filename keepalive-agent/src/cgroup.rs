@@ -280,29 +280,31 @@ impl Cgroup2 {
     /// here (their counters) must not be dropped as a removed cgroup's.
     pub fn ids(&self, root: &CgroupPath) -> io::Result<HashSet<u64>> {
         let mut ids = HashSet::new();
-        self.each_dir(root, true, |id, _| {
+        self.each_dir(root, true, |id, _, _| {
             ids.insert(id);
         })?;
         Ok(ids)
     }
 
-    /// Calls `each` with the id of every cgroup at or below `root`, and its path with U+FFFD
-    /// for what in its name is not UTF-8 (to show, not to open). Walked by directory, so such
+    /// Calls `each` with the id of every cgroup at or below `root`, its parent's (`None` for
+    /// `root`), and its path with U+FFFD for what in its name is not UTF-8 (to show, not to
+    /// open: two such names can read the same). Walked by directory, so such
     /// a cgroup is reached, and those below it. A cgroup removed meanwhile is skipped; one that
     /// cannot be listed is an error when `strict`, else its children are skipped.
     fn each_dir(
         &self,
         root: &CgroupPath,
         strict: bool,
-        mut each: impl FnMut(u64, &CgroupPath),
+        mut each: impl FnMut(u64, Option<u64>, &CgroupPath),
     ) -> io::Result<()> {
-        let mut stack = vec![(self.abs(root), root.clone())];
-        while let Some((dir, path)) = stack.pop() {
+        let mut stack = vec![(self.abs(root), root.clone(), None)];
+        while let Some((dir, path, parent)) = stack.pop() {
             // Removed meanwhile.
             let Ok(meta) = fs::metadata(&dir) else {
                 continue;
             };
-            each(meta.ino(), &path);
+            let id = meta.ino();
+            each(id, parent, &path);
             let entries = match fs::read_dir(&dir) {
                 Ok(entries) => entries,
                 Err(err) if err.kind() == io::ErrorKind::NotFound || !strict => continue,
@@ -317,7 +319,10 @@ impl Cgroup2 {
                 entries
                     .filter_map(Result::ok)
                     .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-                    .map(|e| (e.path(), path.join(&e.file_name().to_string_lossy()))),
+                    .map(|e| {
+                        let name = path.join(&e.file_name().to_string_lossy());
+                        (e.path(), name, Some(id))
+                    }),
             );
         }
         Ok(())
@@ -337,11 +342,20 @@ impl Cgroup2 {
     /// Names for cgroup ids, to show: every cgroup below `root`, by id, those whose names are
     /// not UTF-8 included (see [`Cgroup2::each_dir`]).
     pub fn names(&self, root: &CgroupPath) -> HashMap<u64, CgroupPath> {
-        let mut names = HashMap::new();
-        let _ = self.each_dir(root, false, |id, path| {
+        self.tree(root).0
+    }
+
+    /// [`Cgroup2::names`], and the parent of each cgroup below `root` (by id), found by the
+    /// walk rather than by name, which is lossy.
+    pub fn tree(&self, root: &CgroupPath) -> (HashMap<u64, CgroupPath>, HashMap<u64, u64>) {
+        let (mut names, mut parents) = (HashMap::new(), HashMap::new());
+        let _ = self.each_dir(root, false, |id, parent, path| {
             names.insert(id, path.clone());
+            if let Some(parent) = parent {
+                parents.insert(id, parent);
+            }
         });
-        names
+        (names, parents)
     }
 
     /// The cgroup whose id is `id`, if it exists; the walk stops at the first match.
@@ -460,6 +474,19 @@ mod tests {
             .chain([ino(&odd), ino(&odd.join("e"))])
             .collect();
         let ids = cg.ids(&CgroupPath::root());
+        // A sibling whose name reads the same once made UTF-8: each child keeps its own parent.
+        let twin = dir.join(std::ffi::OsStr::from_bytes(b"d\xfe"));
+        fs::create_dir_all(twin.join("f")).unwrap();
+        let (names, parents) = cg.tree(&CgroupPath::root());
+        assert_eq!(names[&ino(&odd)], names[&ino(&twin)]);
+        assert_eq!(parents[&ino(&odd.join("e"))], ino(&odd));
+        assert_eq!(parents[&ino(&twin.join("f"))], ino(&twin));
+        assert_eq!(parents[&ino("a/b".as_ref())], ino("a".as_ref()));
+        assert_eq!(parents[&ino("a".as_ref())], ino("".as_ref()));
+        assert!(
+            !parents.contains_key(&ino("".as_ref())),
+            "the root has none here"
+        );
         let listed = cg.ids(&CgroupPath("a/cgroup.procs".into()));
         let absent = cg.ids(&CgroupPath("gone".into()));
         fs::remove_dir_all(&dir).unwrap();

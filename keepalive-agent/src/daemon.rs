@@ -1744,10 +1744,10 @@ fn start_enforcing(
         .push_table(&daemon.new_cgroups.mark(&daemon.table))?;
     match previous {
         Ok(Some(previous)) => {
-            let names = daemon.cgroup2.names(attach);
+            let (names, parents) = daemon.cgroup2.tree(attach);
             // Without what the previous agent had seen, every cgroup counts as seen.
             let seen = if seen == 0 { u64::MAX } else { seen };
-            let ids = replaced(&previous, &daemon.table, &parents(&names), seen);
+            let ids = replaced(&previous, &daemon.table, &parents, seen);
             warn_replaced(&names, &ids);
         }
         Ok(None) => {}
@@ -1765,18 +1765,6 @@ fn start_enforcing(
     let updated = daemon.enforcer.attach_sockops()?;
     daemon.enforcer.pin_status_iterator()?;
     Ok(updated)
-}
-
-/// The parent of each cgroup of `names` (by id) whose parent is among them too.
-fn parents(names: &HashMap<u64, CgroupPath>) -> HashMap<u64, u64> {
-    let ids: HashMap<&CgroupPath, u64> = names.iter().map(|(id, path)| (path, *id)).collect();
-    names
-        .iter()
-        .filter_map(|(id, path)| {
-            let (parent, _) = path.split_last()?;
-            Some((*id, *ids.get(&parent)?))
-        })
-        .collect()
 }
 
 /// The cgroups (ids; [`keepalive_common::DEFAULT_POLICY_KEY`] for `[default]`) whose policy
