@@ -793,6 +793,46 @@ mod tests {
         assert_eq!(most.load(Ordering::SeqCst), 1);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_scrape_whose_maps_are_not_read_in_time_gets_503() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        client
+            .write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+            .await
+            .unwrap();
+        // A walk for the scrapes before this one that does not end.
+        let gate = Arc::new(Mutex::new(Scrapes::default()));
+        let walk = gate.lock().await;
+        let started = tokio::time::Instant::now();
+        let responding = tokio::spawn({
+            let gate = Arc::clone(&gate);
+            async move {
+                let (state, cgroup2) = (StateDir::new("/nonexistent"), Cgroup2::at("/nonexistent"));
+                respond(server, &state, &cgroup2, &gate).await
+            }
+        });
+        let mut answer = String::new();
+        tokio::time::timeout(CLIENT_TIMEOUT * 6, client.read_to_string(&mut answer))
+            .await
+            .expect("an answer, not a wait for the walk")
+            .unwrap();
+        assert_eq!(started.elapsed(), CLIENT_TIMEOUT);
+        drop(client);
+        responding.await.unwrap().unwrap();
+        assert!(
+            answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+                && answer.ends_with(
+                    "\r\n\r\nreading the maps (after the scrapes before this one) took over 10s\n"
+                ),
+            "{answer}"
+        );
+        drop(walk);
+    }
+
     #[test]
     fn an_enforced_total_the_program_took_back_from_is_held_at_its_highest() {
         let row = |cgroup_id, enforced_total| status::CgroupRow {
