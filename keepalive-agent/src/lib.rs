@@ -27,4 +27,6 @@ pub mod policy;
 pub mod privileges;
 pub mod status;
 pub mod sys;
+pub mod takeover;
 pub mod watch;
+pub mod watchdog;
