@@ -64,6 +64,25 @@ pub fn fatal(err: &anyhow::Error) {
     eprint!("{}", fatal_line(err, stderr_is_journal()));
 }
 
+/// Reports a command line clap did not take, or the help or version it asked for, and exits
+/// with clap's code (2 for an error). Under systemd an error goes to the journal at error
+/// priority, as [`fatal`]'s do (a typo in `ExecStart=` is a start the unit does not retry),
+/// without clap's blank line.
+pub fn cli_error(err: &clap::Error) -> ! {
+    if err.use_stderr() && stderr_is_journal() {
+        let text = err.render().to_string();
+        let text: Vec<&str> = text
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .collect();
+        let text = text.join("\n");
+        let text = text.strip_prefix("error: ").unwrap_or(&text);
+        eprint!("{}", journal_lines(3, &format!("keepalive-agent: {text}")));
+        std::process::exit(err.exit_code());
+    }
+    err.exit()
+}
+
 /// The error as `keepalive-agent: …` lines: paths and names in it come from the command line,
 /// the config or the file system, and none of them may drive the terminal.
 fn fatal_line(err: &anyhow::Error, journal: bool) -> String {

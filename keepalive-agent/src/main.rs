@@ -6,7 +6,7 @@ use clap::Parser as _;
 use keepalive_agent::{cli::Cli, commands, error, logging};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|err| logging::cli_error(&err));
     logging::init();
     match commands::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,

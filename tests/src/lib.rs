@@ -1653,6 +1653,21 @@ impl Drop for TempDir {
     }
 }
 
+/// Runs `cmd` with its stderr in a file that it takes for the journal (`JOURNAL_STREAM`, as
+/// systemd sets it up); its exit code and what it wrote there.
+pub fn stderr_as_journal(mut cmd: Command) -> (Option<i32>, String) {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = TempDir::new("journal");
+    let path = dir.path().join("stderr");
+    let file = File::create(&path).expect("journal file");
+    let meta = file.metadata().expect("journal file");
+    cmd.env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stdout(Stdio::null())
+        .stderr(file);
+    let code = cmd.status().expect("run").code();
+    (code, fs::read_to_string(&path).expect("journal file"))
+}
+
 /// Runs the agent binary with `dirs` and `args` in a private mount namespace prepared by
 /// `setup`, which runs in the child between fork and exec (so it may only make system calls).
 /// Mounts are made private first, so nothing `setup` unmounts leaves the namespace.

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use keepalive_tests::{
     Agent, AgentDirs, Proc, TestCgroup, VethPair, bpf, code, kernel_defaults, shim_lib, sock_bin,
-    sockets_of, sockops_attachments, static_client, stderr, unix_seconds, values, write_config,
+    sockets_of, sockops_attachments, static_client, stderr, stderr_as_journal, unix_seconds,
+    values, write_config,
 };
 
 #[test]
@@ -233,6 +234,17 @@ fn bad_values_and_missing_cgroups_are_rejected_and_nothing_is_attached() {
             "{err}"
         );
     }
+    // Under systemd, in the journal at error priority, as the agent's own errors are.
+    let journal = stderr_as_journal(dirs.command(&["run", "--cgroup", &path, "--idle", "0"]));
+    assert_eq!(
+        journal,
+        (
+            Some(2),
+            "<3>keepalive-agent: invalid value '0' for '--idle <DURATION>': idle = 0 is out of \
+         range; accepted: 1 to 32767 seconds\n<3>For more information, try '--help'.\n"
+                .to_owned()
+        )
+    );
     let missing = format!("{path}/does-not-exist");
     let out = run_rejected(&dirs, &["run", "--cgroup", &missing]);
     assert_eq!(code(&out), 4, "{}", stderr(&out));

@@ -10,7 +10,7 @@ use std::{
 
 use keepalive_tests::{
     Agent, AgentDirs, Proc, TempDir, TestCgroup, VethPair, assert_stamped_between, cgroup_row,
-    code, eventually, free_port, idle_of, sock_bin, sockets_of, stderr, stdout,
+    code, eventually, free_port, idle_of, sock_bin, sockets_of, stderr, stderr_as_journal, stdout,
 };
 use serde_json::Value;
 
@@ -977,20 +977,9 @@ fn control_characters_in_names_are_escaped_in_the_table() {
     );
     // ...and in the journal on one line: a line break, which no cgroup name can hold, is
     // refused, escaped, so it cannot start an entry at a priority of its own.
-    let path = dir.path().join("stderr");
-    let file = std::fs::File::create(&path).unwrap();
-    let stream = {
-        use std::os::unix::fs::MetadataExt as _;
-        let meta = file.metadata().unwrap();
-        format!("{}:{}", meta.dev(), meta.ino())
-    };
     let filter = format!("{}/nope\n<0>forged", parent.path().display());
-    let mut cmd = agent.dirs().command(&["status", "--cgroup", &filter]);
-    cmd.env("JOURNAL_STREAM", stream)
-        .stdout(std::process::Stdio::null())
-        .stderr(file);
-    assert_eq!(cmd.status().unwrap().code(), Some(2));
-    let journal = std::fs::read_to_string(&path).unwrap();
+    let (code, journal) = stderr_as_journal(agent.dirs().command(&["status", "--cgroup", &filter]));
+    assert_eq!(code, Some(2));
     assert_eq!(
         journal,
         format!(
