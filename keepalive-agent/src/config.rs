@@ -424,16 +424,19 @@ fn read_text(file: &Path, required: bool) -> anyhow::Result<Option<(String, std:
                     ),
                 ));
             }
-            let text = String::from_utf8(bytes).map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "stream did not contain valid UTF-8",
-                )
-            })?;
-            Ok((text, meta))
+            Ok((bytes, meta))
         });
     let err = match read {
-        Ok(read) => return Ok(Some(read)),
+        Ok((bytes, meta)) => {
+            return match String::from_utf8(bytes) {
+                Ok(text) => Ok(Some((text, meta))),
+                Err(err) => Err(not_utf8(
+                    file,
+                    err.as_bytes(),
+                    err.utf8_error().valid_up_to(),
+                )),
+            };
+        }
         Err(err) => err,
     };
     let missing = err.kind() == std::io::ErrorKind::NotFound;
@@ -454,6 +457,24 @@ fn read_text(file: &Path, required: bool) -> anyhow::Result<Option<(String, std:
         reason: format!("cannot read: {err}"),
     }
     .into())
+}
+
+/// The error of a config whose bytes from `valid_up_to` on are not UTF-8, at their line.
+fn not_utf8(file: &Path, bytes: &[u8], valid_up_to: usize) -> anyhow::Error {
+    let before = &bytes[..valid_up_to];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = before.len()
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1)
+        + 1;
+    Error::Config {
+        file: file.to_owned(),
+        line: Some(line),
+        reason: format!("not UTF-8 text (byte {column} of the line); write the config as UTF-8"),
+    }
+    .into()
 }
 
 /// What a file that is not a regular one is, for an error.
@@ -1358,6 +1379,28 @@ mode = "off"
                 }
             }
         }
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_named_by_line() {
+        let file = std::env::temp_dir().join(format!("ka-notutf8-{}.toml", std::process::id()));
+        std::fs::write(&file, b"[default]\nidle = 30 # caf\xe9\n").unwrap();
+        let err = load(Some(&file), &cg()).unwrap_err();
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}:2: not UTF-8 text (byte 16 of the line); write the config as UTF-8",
+                file.display()
+            )
+        );
+        assert_eq!(crate::error::code_of(&err), Some(2));
+        // The first line, and the first byte of it.
+        let err = not_utf8(Path::new("/c.toml"), b"\xff", 0);
+        assert_eq!(
+            err.to_string(),
+            "/c.toml:1: not UTF-8 text (byte 1 of the line); write the config as UTF-8"
+        );
     }
 
     #[test]
