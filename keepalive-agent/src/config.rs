@@ -330,18 +330,19 @@ pub fn reload(
         return load(None, cgroup2);
     };
     read(file, true, cgroup2).map_err(|err| match err.downcast::<Error>() {
-        // Gone, not unreadable for another reason (a symlink loop, say).
-        Ok(Error::Config { file, line, reason })
-            if path.is_none() && matches!(file.try_exists(), Ok(false)) =>
-        {
+        // Gone, not unreadable for another reason (a symlink loop, say). The default file
+        // may go for the built-in default; one named with `--config` must be there.
+        Ok(Error::Config { file, line, reason }) if matches!(file.try_exists(), Ok(false)) => {
+            let or_default = if path.is_none() {
+                ", or write one with only its attach and state_dir lines (if it had them; a \
+                 reload cannot change those) for the built-in default"
+            } else {
+                ""
+            };
             Error::Config {
                 file,
                 line,
-                reason: format!(
-                    "{reason}; it was read at start, so the running policy stays. Restore it, or \
-                     write one with only its attach and state_dir lines (if it had them; a \
-                     reload cannot change those) for the built-in default"
-                ),
+                reason: format!("{reason}; it was read at start: restore it{or_default}"),
             }
             .into()
         }
@@ -1191,11 +1192,20 @@ mode = "off"
         let (gone, looped) = (dir.join("gone.toml"), dir.join("loop.toml"));
         std::os::unix::fs::symlink(&looped, &looped).unwrap();
         let reason = |file: &Path| format!("{:#}", reload(None, Some(file), &cg()).unwrap_err());
+        let named = format!("{:#}", reload(Some(&gone), Some(&gone), &cg()).unwrap_err());
         let (gone, looped) = (reason(&gone), reason(&looped));
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(gone.contains("Restore it"), "{gone}");
         assert!(
-            !looped.contains("Restore it") && looped.contains("cannot read"),
+            gone.contains("restore it, or write one with only its attach"),
+            "{gone}"
+        );
+        // Named with --config: a start without it fails, so there is no default to fall to.
+        assert!(
+            named.ends_with("it was read at start: restore it"),
+            "{named}"
+        );
+        assert!(
+            !looped.contains("restore it") && looped.contains("cannot read"),
             "{looped}"
         );
     }

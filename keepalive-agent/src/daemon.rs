@@ -655,8 +655,7 @@ impl Daemon {
                 .collect();
             if let Some(first) = moves.first() {
                 let reason = format!(
-                    "{}; the reload is rejected, as a start with this file would be, and the \
-                     running policy stays",
+                    "{}; the reload is rejected, as a start with this file would be",
                     moves.join("; ")
                 );
                 // The line of the first change named, where the file has one (a setting
@@ -1033,8 +1032,14 @@ impl Daemon {
                 }
             }
             Err(err) => {
-                log::warn!("rejected `{req}`{}: {err:#}", what_stays(&err));
-                Response::failure(&err)
+                let stays = what_stays(&err);
+                log::warn!("rejected `{req}`{stays}: {err:#}");
+                // The client says what stays too.
+                let mut response = Response::failure(&err);
+                if !stays.is_empty() {
+                    response.error = response.error.map(|e| format!("{e} (rejected{stays})"));
+                }
+                response
             }
         }
     }

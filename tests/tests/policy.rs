@@ -1428,7 +1428,9 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     let err = stderr(&out);
     assert!(
-        err.contains(&format!("{}:5", config.display())) && err.contains("1 to 32767"),
+        err.contains(&format!("{}:5", config.display()))
+            && err.contains("1 to 32767")
+            && err.ends_with(" (rejected, the previous policies stay)\n"),
         "{err}"
     );
     // The journal names the command, not the request's internals.
@@ -1752,8 +1754,8 @@ fn a_reload_without_the_default_config_file_read_at_start_keeps_the_running_poli
     let err = stderr(&out);
     assert!(
         err.contains("/etc/keepalive-agent/config.toml: cannot read")
-            && err.contains("the running policy stays")
-            && err.contains("only its attach and state_dir lines"),
+            && err.contains("it was read at start: restore it, or write one with only its attach and state_dir lines")
+            && err.ends_with("(rejected, the previous policies stay)\n"),
         "{err}"
     );
     assert_eq!(idle_of(&cg), 33, "the running policy stays");
