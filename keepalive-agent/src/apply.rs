@@ -13,7 +13,8 @@ use std::{
         fd::{AsFd, AsRawFd, BorrowedFd},
         unix::fs::MetadataExt as _,
     },
-    path::PathBuf,
+    path::{Path, PathBuf},
+    sync::Mutex,
     time::Instant,
 };
 
@@ -265,7 +266,7 @@ pub fn apply_existing(link: &impl AsFd, mut between: impl FnMut()) -> anyhow::Re
         let ns = match ns {
             Ok(ns) => ns,
             Err(Unopened { path, err }) => {
-                log::debug!("skipping network namespace {}: {err}", path.display());
+                note_skipped(&path, &err);
                 report.namespaces_skipped += 1;
                 continue;
             }
@@ -277,13 +278,36 @@ pub fn apply_existing(link: &impl AsFd, mut between: impl FnMut()) -> anyhow::Re
                 report.namespaces += 1;
             }
             Err(err) => {
-                log::debug!("skipping network namespace {}: {err:#}", ns.path.display());
+                note_skipped(&ns.path, &format_args!("{err:#}"));
                 report.namespaces_skipped += 1;
             }
         }
     }
     report.elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
     Ok(report)
+}
+
+/// How many namespaces that could not be entered [`note_skipped`] names at warning level.
+const NAMED_SKIPS: usize = 64;
+
+/// Says that the namespace at `path` could not be entered: at warning level the first time
+/// (for the first [`NAMED_SKIPS`] of them), so an operator learns which one, and why, without
+/// every pass (one at each cgroup change) saying it again; at debug level after that.
+fn note_skipped(path: &Path, err: &dyn std::fmt::Display) {
+    static NAMED: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    let mut named = NAMED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if named.len() < NAMED_SKIPS && !named.iter().any(|p| p == path) {
+        named.push(path.to_owned());
+        log::warn!(
+            "cannot enter network namespace {}: {err}; passes leave its existing connections \
+             as they are (new ones are enforced all the same); said once for each namespace",
+            path.display()
+        );
+    } else {
+        log::debug!("skipping network namespace {}: {err}", path.display());
+    }
 }
 
 /// Formats a report for the log.

@@ -3389,6 +3389,19 @@ fn a_namespace_whose_thread_cannot_be_made_is_skipped_and_the_agent_goes_on() {
         "{log}"
     );
     assert_eq!(idles(&mut in_netns), [31, 31], "the namespace was skipped");
+    // Named, with why, once: not again at the next pass.
+    let named = format!(
+        "cannot enter network namespace {}: failed to start a thread",
+        ns.handle().display()
+    );
+    assert_eq!(log.matches(&named).count(), 1, "{log}");
+    agent.cli_ok(&["policy", "set", cg.rel(), "--idle", "34"]);
+    assert_eq!(agent.log().matches(&named).count(), 1, "{}", agent.log());
+    assert!(
+        agent.log().matches("could not be entered").count() >= 2,
+        "skipped again: {}",
+        agent.log()
+    );
     // Moved back (to the hierarchy's root), it enters the namespace again.
     let root = limited.path().parent().expect("hierarchy root");
     std::fs::write(root.join("cgroup.procs"), agent.pid().to_string())
