@@ -776,9 +776,53 @@ pub fn parse(text: &str, file: &Path, cgroup2: &Cgroup2) -> anyhow::Result<Confi
 impl Config {
     /// Applies `run`'s value flags over `[default]`. Values a rule does not set itself follow
     /// the new default, as if the file had said it; values it sets stay.
-    pub fn apply_overrides(&mut self, overrides: &DefaultOverrides) {
+    ///
+    /// Returns a note for each value of the file's `[default]` that a flag takes the place of,
+    /// so a change to it in the file, which a reload reads, does not go unexplained.
+    pub fn apply_overrides(&mut self, overrides: &DefaultOverrides) -> Vec<String> {
         if !overrides.any() {
-            return;
+            return Vec::new();
+        }
+        let mut notes = Vec::new();
+        if let Source::Config { file, line } = &self.policies.default_source {
+            let seconds = |s: u32| crate::status::duration_cell(Duration::from_secs(s.into()));
+            let ms = |ms: Option<u32>| {
+                ms.map_or("none".to_owned(), |ms| {
+                    crate::status::duration_cell(Duration::from_millis(ms.into()))
+                })
+            };
+            let was = self.policies.default.values;
+            let flags = [
+                ("idle", overrides.idle.map(seconds), seconds(was.idle)),
+                (
+                    "interval",
+                    overrides.interval.map(seconds),
+                    seconds(was.interval),
+                ),
+                (
+                    "count",
+                    overrides.count.map(|c| c.to_string()),
+                    was.count.to_string(),
+                ),
+                (
+                    "user-timeout",
+                    overrides.user_timeout_ms.map(|v| ms((v != 0).then_some(v))),
+                    ms(was.user_timeout_ms),
+                ),
+            ];
+            for (flag, given, file_value) in flags {
+                if let Some(given) = given
+                    && given != file_value
+                {
+                    notes.push(format!(
+                        "--{flag} {given} given to `run` takes the place of {} {file_value} of \
+                         [default] at {}:{line}; restart the agent without it for the file's \
+                         to apply",
+                        flag.replace('-', "_"),
+                        file.display()
+                    ));
+                }
+            }
         }
         let default = &mut self.policies.default.values;
         if let Some(idle) = overrides.idle {
@@ -811,6 +855,7 @@ impl Config {
                 }
             }
         }
+        notes
     }
 
     /// The file's policies that select no cgroup within `attach` now, each with why and where
@@ -1277,6 +1322,32 @@ mode = "off"
             ..Default::default()
         });
         assert_eq!(config.policies.rules[0].spec.unwrap().values.idle, 60);
+    }
+
+    #[test]
+    fn overrides_name_the_values_of_the_files_default_they_take_the_place_of() {
+        let mut config = parse_ok("[default]\nidle = 20\ncount = 3\n");
+        let notes = config.apply_overrides(&DefaultOverrides {
+            idle: Some(45),
+            count: Some(3),
+            user_timeout_ms: Some(0),
+            ..Default::default()
+        });
+        // The count and the user timeout the file has already: nothing taken the place of.
+        assert_eq!(
+            notes,
+            [
+                "--idle 45s given to `run` takes the place of idle 20s of [default] at \
+              /etc/k.toml:1; restart the agent without it for the file's to apply"
+            ]
+        );
+        // No [default] in the file: nothing of it to take the place of.
+        let mut config = parse_ok("[[policy]]\ncgroup = \"a\"\nidle = 5\n");
+        let notes = config.apply_overrides(&DefaultOverrides {
+            idle: Some(45),
+            ..Default::default()
+        });
+        assert!(notes.is_empty(), "{notes:?}");
     }
 
     #[test]

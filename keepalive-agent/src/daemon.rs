@@ -624,7 +624,7 @@ impl Daemon {
                 daemon.config.file.as_deref(),
                 &daemon.cgroup2,
             )?;
-            config.apply_overrides(&overrides_from(&daemon.args));
+            let overridden = config.apply_overrides(&overrides_from(&daemon.args));
             let next = Fixed::resolve(
                 daemon.cli_state.as_deref(),
                 &daemon.args,
@@ -694,6 +694,7 @@ impl Daemon {
             let mut message = "reloaded the config".to_owned();
             for note in notes
                 .into_iter()
+                .chain(overridden)
                 .chain(dropped)
                 .chain(daemon.config_warnings())
             {
@@ -1214,7 +1215,9 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     privileges::require_for("run")?;
     let cgroup2 = Cgroup2::find()?;
     let mut config = config::load(args.config.as_deref(), &cgroup2)?;
-    config.apply_overrides(&overrides_from(&args));
+    for note in config.apply_overrides(&overrides_from(&args)) {
+        log::warn!("{note}");
+    }
     let fixed = Fixed::resolve(globals.state_dir.as_deref(), &args, &config, &cgroup2)?;
     // `status`, `detach` and `check` without --state-dir look where the config says.
     if let (Some(given), Some(file)) = (&globals.state_dir, &config.state_dir)

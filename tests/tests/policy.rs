@@ -1283,6 +1283,40 @@ fn a_policy_for_a_cgroup_that_does_not_exist_yet_takes_effect_when_it_appears() 
 /// new agent names the policies of the previous one's table it replaced, so that an emergency
 /// `--mode off` (or `unset` of a config's `lock`) does not end unnoticed; a restart that
 /// changes nothing says nothing.
+/// A flag given to `run` takes the place of the file's `[default]` value: a change to that
+/// value in the file is read by a reload and cannot apply, which the reload says, as the start
+/// does.
+#[test]
+fn a_value_a_flag_takes_the_place_of_is_named_at_start_and_reload() {
+    let cg = TestCgroup::new("flagover");
+    let config = write_config("[default]\nidle = 30\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap(), "--idle", "45"]);
+    assert_eq!(idle_of(&cg), 45);
+    let note = |file_idle: &str| {
+        format!(
+            "--idle 45s given to `run` takes the place of idle {file_idle} of [default] at {}:1",
+            config.display()
+        )
+    };
+    assert!(agent.log().contains(&note("30s")), "{}", agent.log());
+    std::fs::write(&config, "[default]\nidle = 20\n").unwrap();
+    let out = agent.cli_ok(&["policy", "reload"]);
+    assert!(
+        stdout(&out).contains(&format!("warning: {}", note("20s"))),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(idle_of(&cg), 45, "the flag's value stays");
+    // A file that agrees with the flag: nothing to say.
+    std::fs::write(&config, "[default]\nidle = 45\n").unwrap();
+    let out = agent.cli_ok(&["policy", "reload"]);
+    assert!(
+        !stdout(&out).contains("takes the place of"),
+        "{}",
+        stdout(&out)
+    );
+}
+
 #[test]
 fn a_restart_names_the_runtime_policies_it_ended() {
     let cg = TestCgroup::new("restartrules");
