@@ -286,6 +286,9 @@ fn print_response(response: &Response, list: bool) -> anyhow::Result<()> {
         for pending in response.pending.iter().flatten() {
             text.push_str(&format!("pending: {}\n", status::printable(pending)));
         }
+        for masked in response.masked.iter().flatten() {
+            text.push_str(&format!("masked: {}\n", status::printable(masked)));
+        }
     }
     print(&text)
 }

@@ -139,6 +139,9 @@ pub struct Response {
     /// Policies that select no cgroup yet: a path that does not exist, a glob that matches none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pending: Option<Vec<String>>,
+    /// Config policies a `policy unset` masks until the next reload, of cgroups that exist.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masked: Option<Vec<String>>,
     /// What applying to existing connections did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied: Option<ApplyReport>,

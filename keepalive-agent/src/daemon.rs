@@ -958,7 +958,9 @@ impl Daemon {
         Ok(message)
     }
 
-    fn rows(&self) -> (Vec<PolicyRow>, Vec<String>) {
+    /// The rows of `policy list`, what selects no cgroup yet (`pending`), and the masks of
+    /// cgroups that exist, whose config policy thus has no row.
+    fn rows(&self) -> (Vec<PolicyRow>, Vec<String>, Vec<String>) {
         let policies = &self.config.policies;
         let row =
             |cgroup: String, id: u64, spec: &Spec, selector: String, source: &Source| PolicyRow {
@@ -1007,7 +1009,18 @@ impl Daemon {
                 Some(format!("{} ({what}; {why})", rule.selector.text()))
             })
             .collect();
-        (rows, pending)
+        let masked = self
+            .rules()
+            .filter(|rule| rule.spec.is_none() && self.selects_nothing(&rule.selector).is_none())
+            .map(|rule| {
+                format!(
+                    "{} (unset at runtime until the next reload: the config's policy for it \
+                     does not apply)",
+                    rule.selector.text()
+                )
+            })
+            .collect();
+        (rows, pending, masked)
     }
 
     fn handle(&mut self, req: Request) -> Response {
@@ -1021,13 +1034,14 @@ impl Daemon {
         };
         match result {
             Ok((message, applied)) => {
-                let (policies, pending) = self.rows();
+                let (policies, pending, masked) = self.rows();
                 log_outcome(&message);
                 Response {
                     ok: true,
                     message: (!message.is_empty()).then_some(message),
                     policies: Some(policies),
                     pending: Some(pending),
+                    masked: (!masked.is_empty()).then_some(masked),
                     applied,
                     ..Response::default()
                 }

@@ -141,9 +141,23 @@ fn a_runtime_rule_over_the_only_lock_policy_removes_the_lock_program() {
     );
     agent.cli_ok(&["policy", "unset", svc.rel()]);
     assert_eq!(setsockopt_attachments(cg.path()), 1, "{}", agent.log());
+    assert!(!stdout(&agent.cli_ok(&["policy", "list"])).contains("masked:"));
     // A mask of it is no lock either.
     agent.cli_ok(&["policy", "unset", svc.rel()]);
     assert_eq!(setsockopt_attachments(cg.path()), 0, "{}", agent.log());
+    // The cgroup's row is gone; the list says why.
+    let list = stdout(&agent.cli_ok(&["policy", "list"]));
+    assert!(
+        list.contains(&format!(
+            "masked: {} (unset at runtime until the next reload: the config's policy for it \
+             does not apply)\n",
+            svc.display()
+        )),
+        "{list}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&agent.cli_ok(&["policy", "list", "--json"]).stdout).unwrap();
+    assert_eq!(json["masked"].as_array().map(Vec::len), Some(1), "{json}");
 }
 
 /// A lock program that cannot be taken out (its link's pin cannot be removed: here the state
