@@ -236,8 +236,9 @@ pub enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Set a cgroup's policy at runtime (until the next reload or restart). Values not given
-    /// are taken from the default policy.
+    /// Set a cgroup's policy at runtime (until the next reload or restart). Values and mode
+    /// not given are kept from the path's or glob's current policy (runtime, else the
+    /// config's), or taken from the default policy where it has none of its own.
     Set {
         /// cgroup path or glob: relative to the cgroup2 mount, absolute under it, or as status
         /// prints it (/system.slice/a.service). One that selects no cgroup yet is accepted
@@ -246,8 +247,8 @@ pub enum PolicyCommand {
         /// Values.
         #[command(flatten)]
         values: ValueArgs,
-        /// enforce, fill, off or lock; required with values when the default policy is off.
-        /// [default: the default policy's mode]
+        /// enforce, fill, off or lock; required with values when the mode they would get is
+        /// off. [default: the current policy's mode, else the default policy's]
         #[arg(long, value_name = "MODE", value_parser = parse_mode)]
         mode: Option<Mode>,
         /// Print the result as JSON.

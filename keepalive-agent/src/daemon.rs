@@ -704,7 +704,15 @@ impl Daemon {
         })
     }
 
-    fn spec_from_request(&self, req: &Request) -> anyhow::Result<Spec> {
+    /// The policy a `policy set` of `req` asks for. It changes `base`, the selector's current
+    /// policy with the values it sets itself, where it has one: values and mode not given stay
+    /// as they are, as `systemctl set-property` leaves other properties. Without one they
+    /// come from the default, as in a `[[policy]]`.
+    fn spec_from_request(
+        &self,
+        req: &Request,
+        base: Option<&Rule>,
+    ) -> anyhow::Result<(Spec, policy::OwnValues)> {
         let Request::Set {
             idle,
             interval,
@@ -716,17 +724,33 @@ impl Daemon {
         else {
             unreachable!("only called for set");
         };
-        let mut spec = self.config.policies.default;
+        let given = own_values(req);
+        let (mut spec, mut own, whose) = match base {
+            Some(Rule {
+                spec: Some(spec),
+                own,
+                ..
+            }) => (*spec, *own, "its current policy"),
+            _ => (
+                self.config.policies.default,
+                policy::OwnValues::default(),
+                "the default policy",
+            ),
+        };
         match mode {
             Some(mode) => spec.mode = mode.parse::<Mode>().map_err(usage)?,
-            None if spec.mode == Mode::Off && own_values(req).first().is_some() => {
-                return Err(usage(
-                    "values but no --mode, and the mode the default policy gives is off: they \
-                     would enforce nothing; add --mode enforce (or fill or lock)",
-                ));
+            None if spec.mode == Mode::Off && given.first().is_some() => {
+                return Err(usage(format!(
+                    "values but no --mode, and the mode {whose} has is off: they would enforce \
+                     nothing; add --mode enforce (or fill or lock)"
+                )));
             }
             None => {}
         }
+        own.idle |= given.idle;
+        own.interval |= given.interval;
+        own.count |= given.count;
+        own.user_timeout |= given.user_timeout;
         if let Some(idle) = idle {
             spec.values.idle = policy::check_secs(
                 "idle",
@@ -751,7 +775,16 @@ impl Daemon {
                 policy::check_user_timeout("user-timeout", Duration::from_millis(u64::from(*ms)))
                     .map_err(usage)?;
         }
-        Ok(spec)
+        Ok((spec, own))
+    }
+
+    /// The rule a `policy set` of `text` changes: the runtime one, else the config's (a mask
+    /// counts, and leaves nothing to keep).
+    fn rule_for(&self, text: &str) -> Option<&Rule> {
+        self.runtime
+            .iter()
+            .chain(&self.config.policies.rules)
+            .find(|rule| rule.selector.text() == text)
     }
 
     /// Refuses a runtime rule for `text` that would be one more than a config may hold:
@@ -780,10 +813,27 @@ impl Daemon {
     fn set_rule(&mut self, cgroup: &str, req: &Request) -> anyhow::Result<String> {
         let selector = Selector::parse(&self.cgroup2, cgroup)?;
         selector.check_reaches(&self.fixed.attach).map_err(usage)?;
-        let spec = self.spec_from_request(req)?;
         let text = selector.text();
+        let base = self.rule_for(&text);
+        let kept = match base {
+            Some(rule @ Rule { spec: Some(_), .. }) => Some(rule.source.clone()),
+            _ => None,
+        };
+        let (spec, own) = self.spec_from_request(req, base)?;
         self.room_for(&text)?;
         let mut message = format!("set {text}: {}", describe_spec(&spec));
+        if let Some(source) = kept {
+            let given = own_values(req);
+            if !(given.idle && given.interval && given.count && given.user_timeout)
+                || matches!(req, Request::Set { mode: None, .. })
+            {
+                let whose = match source {
+                    Source::Config { .. } => format!("its policy at {source}"),
+                    _ => "its runtime policy".to_owned(),
+                };
+                message.push_str(&format!(" (what was not given is kept from {whose})"));
+            }
+        }
         if let Some(why) = self.selects_nothing(&selector) {
             message.push_str(&format!(
                 "\nwarning: {text} {why}; the policy applies when it does (check the path if \
@@ -798,7 +848,7 @@ impl Daemon {
             Rule {
                 selector,
                 spec: Some(spec),
-                own: own_values(req),
+                own,
                 source: Source::Runtime,
             },
         );

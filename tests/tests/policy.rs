@@ -1063,7 +1063,8 @@ fn fill_moves_its_user_timeout_on_a_listener_the_application_switched_off() {
     set(&["--mode", "fill", "--idle", "31", "--user-timeout", "0"]);
     assert_eq!(accept(), (0, 0, (1, 31, 10, 5), 0), "dropped");
     set(&["--mode", "off"]);
-    // The user timeout not given comes from `[default]`.
+    // Its runtime policy gone, the user timeout not given comes from `[default]` again.
+    agent.cli_ok(&["policy", "unset", cg.rel()]);
     set(&["--mode", "fill", "--idle", "33"]);
     assert_eq!(accept(), (1, 7000, (1, 33, 10, 5), 7000), "configured anew");
 }
@@ -1494,6 +1495,61 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
     agent.wait_notify("READY=1", Duration::from_secs(10));
     assert!(agent.log().contains("reload rejected"), "{}", agent.log());
     assert_eq!(idle_of(&svc), 44, "the old policy stays in force");
+}
+
+#[test]
+fn policy_set_changes_only_the_values_it_gives() {
+    let parent = TestCgroup::new("setkeep");
+    let svc = parent.child("svc");
+    let other = parent.child("other");
+    let config = write_config(&format!(
+        "[default]\nidle = 50\n[[policy]]\ncgroup = \"{}\"\nidle = 44\ncount = 3\nmode = \"fill\"\n",
+        svc.rel()
+    ));
+    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
+
+    // Over the config's policy: its idle, count and mode stay.
+    let out = agent.cli_ok(&["policy", "set", svc.rel(), "--interval", "7"]);
+    let said = stdout(&out);
+    assert!(
+        said.contains("fill idle 44s interval 7s count 3")
+            && said.contains(&format!(
+                "(what was not given is kept from its policy at {}:3)",
+                config.display()
+            )),
+        "{said}"
+    );
+    assert_eq!(pair_values(&svc).0, (1, 44, 7, 3));
+
+    // Over its own runtime policy: the interval just set stays too.
+    let out = agent.cli_ok(&["policy", "set", svc.rel(), "--count", "4"]);
+    assert!(
+        stdout(&out).contains("kept from its runtime policy"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(pair_values(&svc).0, (1, 44, 7, 4));
+
+    // A cgroup without a policy of its own starts from the default, and says nothing of it.
+    let out = agent.cli_ok(&["policy", "set", other.rel(), "--count", "2"]);
+    assert!(!stdout(&out).contains("kept"), "{}", stdout(&out));
+    assert_eq!(pair_values(&other).0, (1, 50, 10, 2));
+
+    // An `off` policy of its own wants a mode with values, as an `off` default does.
+    agent.cli_ok(&["policy", "set", other.rel(), "--mode", "off"]);
+    let out = agent.cli(&["policy", "set", other.rel(), "--idle", "9"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the mode its current policy has is off"),
+        "{}",
+        stderr(&out)
+    );
+    let out = agent.cli_ok(&["policy", "set", other.rel(), "--mode", "enforce"]);
+    assert!(
+        stdout(&out).contains("enforce idle 50s interval 10s count 2"),
+        "the values an `off` kept come back: {}",
+        stdout(&out)
+    );
 }
 
 #[test]
@@ -2424,7 +2480,7 @@ fn fill_drops_its_own_user_timeout_under_keepalive_the_application_set_later() {
         (Some(99), Some(20_000))
     );
     // The user timeout was never the application's: a policy without one takes it back.
-    agent.cli_ok(&fill);
+    agent.cli_ok(&[&fill[..], &["--user-timeout", "0"]].concat());
     let after = client(&mut pair);
     assert_eq!(
         (after["idle"].as_u64(), after["user_timeout"].as_u64()),
@@ -2448,7 +2504,8 @@ fn fill_drops_its_own_user_timeout_under_keepalive_the_application_set_later() {
 /// `policy set CG --mode fill --idle IDLE`, with `--user-timeout` when given.
 fn set_fill(agent: &Agent, cg: &TestCgroup, idle: &str, user_timeout: Option<&str>) {
     let mut args = vec!["policy", "set", cg.rel(), "--mode", "fill", "--idle", idle];
-    args.extend(user_timeout.iter().flat_map(|t| ["--user-timeout", *t]));
+    // None: no user timeout, also where the policy before had one.
+    args.extend(["--user-timeout", user_timeout.unwrap_or("0")]);
     agent.cli_ok(&args);
 }
 
@@ -3048,7 +3105,15 @@ fn fill_keeps_keepalive_off_where_the_application_switched_it_off_later() {
         "the application's choice: {report:?}"
     );
     // A policy of another mode takes over as it would on any socket.
-    agent.cli_ok(&["policy", "set", filled.rel(), "--idle", "26"]);
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        filled.rel(),
+        "--mode",
+        "enforce",
+        "--idle",
+        "26",
+    ]);
     let report = program.report();
     assert_eq!(values(&report[0]).0, 1, "enforce: {report:?}");
     assert_eq!(values(&report[0]).1, 26, "enforce: {report:?}");

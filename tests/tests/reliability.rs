@@ -661,7 +661,17 @@ fn lock_mode_holds_the_policy_against_later_setsockopt() {
     assert_eq!(own.report()[0]["user_timeout"], 5_000);
     // Also with the cgroup `off` in between: `off` leaves the 49 s, and the policy after
     // takes it back.
-    agent.cli_ok(&["policy", "set", cg.rel(), "--user-timeout", "0"]);
+    agent.cli_ok(&[
+        "policy",
+        "set",
+        cg.rel(),
+        "--idle",
+        "21",
+        "--interval",
+        "7",
+        "--user-timeout",
+        "0",
+    ]);
     let mut via_off = Proc::sock(&["pair", "4", "--user-timeout", "600000"], &cg);
     assert_eq!(via_off.read()["client"]["user_timeout"], 49_000);
     agent.cli_ok(&["policy", "set", cg.rel(), "--mode", "off"]);
@@ -2184,6 +2194,8 @@ fn a_policy_change_whose_pass_fails_stands_and_its_pass_is_tried_again() {
         "policy",
         "set",
         cg.path().to_str().unwrap(),
+        "--mode",
+        "enforce",
         "--idle",
         "44",
         "--json",
