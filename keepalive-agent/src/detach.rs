@@ -50,6 +50,11 @@ fn how_to_stop(cgroup: &str, pid: &str) -> String {
     format!("stop it first (`kill {pid}`)")
 }
 
+/// `/proc/PID/cgroup` of process `pid`, empty if it cannot be read.
+fn cgroup_of(pid: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
+}
+
 /// Removes everything pinned in `state`. Refuses while an agent runs with it: one named by
 /// `runtime_dir`'s lock file, or any other, which holds the state directory's own lock.
 pub fn detach(
@@ -65,12 +70,10 @@ pub fn detach(
     if let Some(agent) =
         instance::running_agent(runtime_dir).filter(|agent| agent.may_use(state.root()))
     {
-        let cgroup =
-            std::fs::read_to_string(format!("/proc/{}/cgroup", agent.pid)).unwrap_or_default();
         return Err(Error::Agent(format!(
             "the keepalive agent (pid {}) is running and would re-attach; {}, then detach",
             agent.pid,
-            how_to_stop(&cgroup, &agent.pid)
+            how_to_stop(&cgroup_of(&agent.pid), &agent.pid)
         ))
         .into());
     }
@@ -79,11 +82,22 @@ pub fn detach(
     let lock = match state.try_lock()? {
         Lock::Held(lock) => Some(lock),
         Lock::Busy => {
-            return Err(Error::Agent(format!(
-                "a keepalive agent is running with state directory {} (possibly in a \
-                 container) and would re-attach; stop it first, then detach",
-                state.root().display()
-            ))
+            // Its own runtime directory names it nowhere this command knows of.
+            let root = state.root().display();
+            return Err(Error::Agent(match crate::sys::flock_holder(state.root()) {
+                Some(pid) if pid != 0 => {
+                    let pid = pid.to_string();
+                    format!(
+                        "the keepalive agent (pid {pid}) is running with state directory \
+                         {root} and would re-attach; {}, then detach",
+                        how_to_stop(&cgroup_of(&pid), &pid)
+                    )
+                }
+                _ => format!(
+                    "a keepalive agent is running with state directory {root} (possibly in a \
+                     container) and would re-attach; stop it first, then detach"
+                ),
+            })
             .into());
         }
         Lock::Absent => None,

@@ -427,9 +427,13 @@ impl StateDir {
 
     /// The refusal of a start or `detach` that finds another agent holding the directory.
     pub fn held_elsewhere(&self) -> anyhow::Error {
+        let who = match sys::flock_holder(&self.root) {
+            Some(pid) if pid != 0 => format!(" (pid {pid})"),
+            Some(_) => " (in a container: its pid is not visible here)".to_owned(),
+            None => String::new(),
+        };
         Error::Agent(format!(
-            "another keepalive agent is running with state directory {} (possibly in a \
-             container); stop it first",
+            "another keepalive agent{who} is running with state directory {}; stop it first",
             self.root.display()
         ))
         .into()

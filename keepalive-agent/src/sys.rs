@@ -273,6 +273,39 @@ pub fn flock(file: &std::fs::File, how: i32) -> bool {
     unsafe { libc::flock(file.as_raw_fd(), how) == 0 }
 }
 
+/// The process holding an exclusive flock(2) on the file at `path`, as `/proc/locks` names it:
+/// `Some(0)` where it runs in a pid namespace this process cannot see (a container's), `None`
+/// where no such lock shows.
+pub fn flock_holder(path: &Path) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).ok()?;
+    let file = format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(meta.dev()),
+        libc::minor(meta.dev()),
+        meta.ino()
+    );
+    locks_holder(&std::fs::read_to_string("/proc/locks").ok()?, &file)
+}
+
+/// The pid of `/proc/locks` text's exclusive flock on `file` (`MAJOR:MINOR:INODE`). Waiters'
+/// lines (`-> FLOCK …`) do not count.
+fn locks_holder(locks: &str, file: &str) -> Option<u32> {
+    locks.lines().find_map(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        let (kind, _, access, pid, at) = (
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+            fields.next()?,
+        );
+        (kind == "FLOCK" && access == "WRITE" && at == file)
+            .then(|| pid.parse().ok())
+            .flatten()
+    })
+}
+
 /// The poll(2) events of `fd` now, without waiting: those of `events` that are pending, and
 /// POLLHUP and POLLERR, which are always reported.
 fn pending_events(fd: BorrowedFd<'_>, events: i16) -> i16 {
@@ -339,4 +372,36 @@ pub fn peer_cred(socket: &impl AsFd) -> io::Result<(libc::pid_t, libc::uid_t)> {
     };
     let cred = socket_option(socket, libc::SO_PEERCRED, cred)?;
     Ok((cred.pid, cred.uid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exclusive_flock_holder_is_read_from_proc_locks() {
+        let locks = "1: POSIX  ADVISORY  WRITE 77 00:2d:99 0 EOF\n\
+                     2: FLOCK  ADVISORY  READ 88 00:2d:99 0 EOF\n\
+                     2: -> FLOCK  ADVISORY  WRITE 66 00:2d:99 0 EOF\n\
+                     3: FLOCK  ADVISORY  WRITE 12 00:2d:990 0 EOF\n\
+                     4: FLOCK  ADVISORY  WRITE 4242 00:2d:99 0 EOF\n";
+        assert_eq!(locks_holder(locks, "00:2d:99"), Some(4242));
+        assert_eq!(locks_holder(locks, "00:2e:99"), None);
+        assert_eq!(
+            locks_holder("1: FLOCK  ADVISORY  WRITE 0 fe:00:5 0 EOF\n", "fe:00:5"),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn a_lock_this_process_holds_names_its_pid() {
+        let dir = std::env::temp_dir().join(format!("ka-flock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = std::fs::File::open(&dir).unwrap();
+        assert_eq!(flock_holder(&dir), None);
+        assert!(flock(&file, libc::LOCK_EX | libc::LOCK_NB));
+        assert_eq!(flock_holder(&dir), Some(std::process::id()));
+        drop(file);
+        std::fs::remove_dir(&dir).unwrap();
+    }
 }

@@ -1629,9 +1629,24 @@ fn detach_refuses_while_an_agent_holds_the_state_from_another_runtime_dir() {
         runtime_dir: std::env::temp_dir().join(keepalive_tests::unique("other-run")),
         bin: None,
     };
+    // Both refusals name the agent: the state directory's lock holds no pid, /proc/locks does.
+    let names_it = format!(
+        "another keepalive agent (pid {}) is running with state directory {}; stop it first",
+        agent.pid(),
+        agent.state_dir.display()
+    );
     let out = other.detach();
     assert_eq!(code(&out), 7, "{}", stderr(&out));
-    assert!(stderr(&out).contains("stop it first"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "the keepalive agent (pid {}) is running with state directory {} and would \
+             re-attach; stop it first (`kill {0}`), then detach",
+            agent.pid(),
+            agent.state_dir.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
     assert_eq!(sockops_attachments(cg.path()), 1, "still attached");
     // With the same metrics address too, whose port the first agent holds: still refused as
     // a second agent (7, which the unit does not retry), not as a taken port (1).
@@ -1648,7 +1663,7 @@ fn detach_refuses_while_an_agent_holds_the_state_from_another_runtime_dir() {
         "a second agent on the same pins: {}",
         stderr(&out)
     );
-    assert!(stderr(&out).contains("stop it first"), "{}", stderr(&out));
+    assert!(stderr(&out).contains(&names_it), "{}", stderr(&out));
     let _ = std::fs::remove_dir_all(&other.runtime_dir);
 }
 
