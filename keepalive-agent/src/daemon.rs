@@ -691,7 +691,14 @@ impl Daemon {
                 ),
             });
             let dropped: Vec<String> = dropped.collect();
-            let mut message = "reloaded the config".to_owned();
+            let mut message = match &daemon.config.file {
+                Some(file) => format!("reloaded the config {}", file.display()),
+                None => format!(
+                    "reloaded the config: there is none ({} does not exist), so the built-in \
+                     default applies, with run's flags",
+                    config::DEFAULT_CONFIG
+                ),
+            };
             for note in notes
                 .into_iter()
                 .chain(overridden)
@@ -1098,7 +1105,14 @@ impl Daemon {
             }
             Err(err) => {
                 let stays = what_stays(&err);
-                log::warn!("rejected `{req}`{stays}: {err:#}");
+                // A rejected reload leaves a file on disk that is not the one in force, and
+                // that the next start refuses: an error, as for SIGHUP. Other refusals leave
+                // nothing behind, and their client was told.
+                let level = match req {
+                    Request::Reload => log::Level::Error,
+                    _ => log::Level::Warn,
+                };
+                log::log!(level, "rejected `{req}`{stays}: {err:#}");
                 // The client says what stays too.
                 let mut response = Response::failure(&err);
                 if !stays.is_empty() {

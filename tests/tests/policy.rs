@@ -1482,10 +1482,11 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
             && err.ends_with(" (rejected, the previous policies stay)\n"),
         "{err}"
     );
-    // The journal names the command, not the request's internals.
+    // The journal names the command, not the request's internals, at error priority as for
+    // SIGHUP: the file on disk is not the one in force.
     assert!(
         agent.log().contains(&format!(
-            "rejected `policy reload`, the previous policies stay: {}:5",
+            "ERROR] rejected `policy reload`, the previous policies stay: {}:5",
             config.display()
         )),
         "{}",
