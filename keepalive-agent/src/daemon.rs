@@ -6,7 +6,7 @@
 //! pinned attachment), applies the policy to existing connections and reports readiness.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeSet, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -415,7 +415,11 @@ impl Daemon {
     /// [`Daemon::refresh`] for cgroups that came or went: the table goes in at once, for new
     /// connections, and the pass over existing ones waits until [`Daemon::due`].
     fn follow_cgroups(&mut self) -> anyhow::Result<()> {
+        let before: BTreeSet<u64> = self.resolution.entries.keys().copied().collect();
         self.push()?;
+        for line in new_entries(&before, &self.resolution) {
+            log::info!("{line}");
+        }
         self.pass_scheduled = self.apply_pending;
         self.table_caught_up();
         Ok(())
@@ -1194,6 +1198,43 @@ fn log_outcome(message: &str) {
     for line in lines {
         log::warn!("{}", line.strip_prefix("warning: ").unwrap_or(line));
     }
+}
+
+/// Log lines naming the cgroups of `now` with a policy that had none in `before` (a new cgroup
+/// a glob or a pending path picked up), each with the rule it got it from; after five, how
+/// many more.
+fn new_entries(before: &BTreeSet<u64>, now: &Resolution) -> Vec<String> {
+    const SHOWN: usize = 5;
+    let new: Vec<&policy::Entry> = now
+        .entries
+        .iter()
+        .filter(|(id, _)| !before.contains(id))
+        .map(|(_, entry)| entry)
+        .collect();
+    let mut lines: Vec<String> = new
+        .iter()
+        .take(SHOWN)
+        .map(|entry| {
+            let rule = if entry.selector == entry.cgroup.to_string() {
+                String::new()
+            } else {
+                format!(" for {}", entry.selector)
+            };
+            format!(
+                "cgroup {} got the policy{rule} ({}): {}",
+                entry.cgroup,
+                entry.source,
+                describe_spec(&entry.spec)
+            )
+        })
+        .collect();
+    if new.len() > SHOWN {
+        lines.push(format!(
+            "and {} more new cgroups got a policy of their own",
+            new.len() - SHOWN
+        ));
+    }
+    lines
 }
 
 /// Which values a `policy set` request gave.

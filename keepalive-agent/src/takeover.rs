@@ -102,9 +102,9 @@ pub fn warn_replaced(names: &HashMap<u64, CgroupPath>, ids: &[u64]) {
         shown.push(format!("and {} more", ids.len() - SHOWN));
     }
     log::warn!(
-        "replaced {} the previous agent left: {}; policies set with `policy set` end with the \
-         agent that set them (set them again if they are still wanted), and those of a config \
-         changed since take effect now",
+        "replaced {} the previous agent left: {}; runtime changes (`policy set` and `unset`) \
+         end with the agent that made them (make them again if they are still wanted), and a \
+         config or `run` flags changed since take effect now",
         counted(ids.len() as u64, "policy", "policies"),
         shown.join(", ")
     );

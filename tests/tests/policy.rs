@@ -1214,6 +1214,14 @@ fn a_glob_policy_applies_to_a_cgroup_created_after_start() {
         },
     );
     assert_eq!(idle_of(&late), 27);
+    // The log names it, and the rule it got its policy from.
+    let named = format!(
+        "cgroup {} got the policy for {}/svc-* ({}:1): enforce idle 27s",
+        late.display(),
+        parent.display(),
+        config.display()
+    );
+    assert!(agent.log().contains(&named), "{}", agent.log());
     let nomatch = parent.child("web-late");
     assert_eq!(
         idle_of(&nomatch),
@@ -1344,8 +1352,8 @@ fn a_restart_names_the_runtime_policies_it_ended() {
     let mut agent = Agent::start(&cg, &args);
     let dirs = agent.dirs();
     let replaced = format!(
-        "replaced 1 policy the previous agent left: {}; policies set with `policy set` end with \
-         the agent that set them",
+        "replaced 1 policy the previous agent left: {}; runtime changes (`policy set` and \
+         `unset`) end with the agent that made them",
         app.display()
     );
     let mut killed = Vec::new();
