@@ -252,15 +252,33 @@ fn policy_table(rows: &[PolicyRow]) -> String {
         "SOURCE",
     ]);
     for row in rows {
+        let secs = |secs: u32| status::duration_cell(std::time::Duration::from_secs(secs.into()));
+        // An `off` policy sets nothing: values it keeps (for a later mode) would read as set.
+        let values = if row.mode == "off" {
+            [
+                "-".to_owned(),
+                "-".to_owned(),
+                "-".to_owned(),
+                "-".to_owned(),
+            ]
+        } else {
+            [
+                secs(row.idle),
+                secs(row.interval),
+                row.count.to_string(),
+                row.user_timeout.map_or("-".into(), |ms| {
+                    status::duration_cell(std::time::Duration::from_millis(ms.into()))
+                }),
+            ]
+        };
+        let [idle, interval, count, user_timeout] = values;
         table.add_row([
             status::printable(&row.cgroup).into_owned(),
             row.cgroup_id.to_string(),
-            status::duration_cell(std::time::Duration::from_secs(row.idle.into())),
-            status::duration_cell(std::time::Duration::from_secs(row.interval.into())),
-            row.count.to_string(),
-            row.user_timeout.map_or("-".into(), |ms| {
-                status::duration_cell(std::time::Duration::from_millis(ms.into()))
-            }),
+            idle,
+            interval,
+            count,
+            user_timeout,
             row.mode.clone(),
             status::printable(&row.selector).into_owned(),
             row.source.clone(),
@@ -354,8 +372,14 @@ mod tests {
             selector: "/app".into(),
             source: "runtime".into(),
         };
-        let table = policy_table(&[row]);
-        let cells: Vec<&str> = table.lines().nth(1).unwrap().split_whitespace().collect();
-        assert_eq!(cells[2..6], ["2m", "10s", "5", "1m30s500ms"], "{table}");
+        let off = PolicyRow {
+            mode: "off".into(),
+            ..row.clone()
+        };
+        let table = policy_table(&[row, off]);
+        let cells =
+            |n: usize| -> Vec<&str> { table.lines().nth(n).unwrap().split_whitespace().collect() };
+        assert_eq!(cells(1)[2..6], ["2m", "10s", "5", "1m30s500ms"], "{table}");
+        assert_eq!(cells(2)[2..7], ["-", "-", "-", "-", "off"], "{table}");
     }
 }
