@@ -90,6 +90,34 @@ pub enum Command {
     Man(ManArgs),
 }
 
+/// Hides the global directory flags of `cmd` (the derived [`Cli`] command, perhaps adjusted)
+/// from the help, man page and completions of the subcommands where they do nothing
+/// (`completions`, `man`) or are refused (`install`, see `install::refuse_directories`): there
+/// they would read as options. Those subcommands get hidden copies before clap propagates the
+/// global flags, which it then leaves out there; they still parse, and their values still
+/// reach [`Cli`], so that `install` can name them.
+pub fn finish(cmd: clap::Command) -> clap::Command {
+    let hidden: Vec<clap::Arg> = cmd
+        .get_arguments()
+        .filter(|arg| matches!(arg.get_id().as_str(), "state_dir" | "runtime_dir"))
+        .map(|arg| arg.clone().hide(true))
+        .collect();
+    cmd.mut_subcommands(|sub| {
+        if matches!(sub.get_name(), "install" | "completions" | "man") {
+            sub.args(hidden.iter().cloned())
+        } else {
+            sub
+        }
+    })
+}
+
+/// Parses the process's command line (see [`finish`]).
+pub fn parse() -> Result<Cli, clap::Error> {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let matches = finish(Cli::command()).try_get_matches()?;
+    Cli::from_arg_matches(&matches).map_err(|err| err.format(&mut finish(Cli::command())))
+}
+
 /// Parses a whole-seconds duration within `range`.
 fn secs_parser(
     what: &'static str,
@@ -349,6 +377,28 @@ mod tests {
     #[test]
     fn verify_cli() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn directory_flags_are_hidden_only_where_they_do_nothing_or_are_refused() {
+        let mut cmd = finish(Cli::command());
+        cmd.build();
+        for sub in cmd.get_subcommands().filter(|sub| sub.get_name() != "help") {
+            let hidden = ["state_dir", "runtime_dir"].map(|id| {
+                sub.get_arguments()
+                    .find(|arg| arg.get_id() == id)
+                    .unwrap_or_else(|| panic!("{} has no {id}", sub.get_name()))
+                    .is_hide_set()
+            });
+            let expect = matches!(sub.get_name(), "install" | "completions" | "man");
+            assert_eq!(hidden, [expect; 2], "{}", sub.get_name());
+        }
+        // Still parsed, so that install can refuse them by name.
+        let matches = finish(Cli::command())
+            .try_get_matches_from(["keepalive-agent", "install", "--state-dir", "/sys/fs/bpf/x"])
+            .unwrap();
+        let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+        assert_eq!(cli.state_dir, Some(PathBuf::from("/sys/fs/bpf/x")));
     }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {

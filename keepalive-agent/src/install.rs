@@ -98,7 +98,7 @@ pub fn write_man_pages(dir: &Path) -> anyhow::Result<()> {
         man.render(&mut page)?;
         put(&dir.join(man.get_filename()), &page, 0o644).map(drop)
     }
-    let mut cmd = Cli::command().disable_help_subcommand(true);
+    let mut cmd = crate::cli::finish(Cli::command().disable_help_subcommand(true));
     cmd.build();
     pages(cmd, dir).with_context(|| format!("failed to write man pages to {}", dir.display()))
 }
@@ -106,7 +106,8 @@ pub fn write_man_pages(dir: &Path) -> anyhow::Result<()> {
 /// The completion script for `shell`.
 pub fn completion_script(shell: Shell) -> Vec<u8> {
     let mut script = Vec::new();
-    clap_complete::generate(shell, &mut Cli::command(), "keepalive-agent", &mut script);
+    let mut cmd = crate::cli::finish(Cli::command());
+    clap_complete::generate(shell, &mut cmd, "keepalive-agent", &mut script);
     script
 }
 

@@ -2,11 +2,10 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
-use keepalive_agent::{cli::Cli, commands, error, logging};
+use keepalive_agent::{cli, commands, error, logging};
 
 fn main() -> ExitCode {
-    let cli = Cli::try_parse().unwrap_or_else(|err| logging::cli_error(&err));
+    let cli = cli::parse().unwrap_or_else(|err| logging::cli_error(&err));
     logging::init();
     match commands::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
