@@ -51,6 +51,13 @@ impl<'de> Deserialize<'de> for DurationValue {
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationValue, E> {
                 Ok(DurationValue(Duration::from_secs(v)))
             }
+            // Numbers past 64 bits, which toml hands over as 128-bit ones.
+            fn visit_i128<E: de::Error>(self, v: i128) -> Result<DurationValue, E> {
+                Err(out_of_range(v < 0, v))
+            }
+            fn visit_u128<E: de::Error>(self, v: u128) -> Result<DurationValue, E> {
+                Err(out_of_range(false, v))
+            }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationValue, E> {
                 policy::parse_duration(v)
                     .map(DurationValue)
@@ -59,6 +66,14 @@ impl<'de> Deserialize<'de> for DurationValue {
         }
         deserializer.deserialize_any(V)
     }
+}
+
+/// The error for a number no value of the config can take.
+fn out_of_range<E: de::Error>(negative: bool, v: impl fmt::Display) -> E {
+    E::custom(format!(
+        "{v} is {}",
+        if negative { "negative" } else { "too large" }
+    ))
 }
 
 /// A whole number as written; wrong types get a message that says what is expected.
@@ -79,7 +94,13 @@ impl<'de> Deserialize<'de> for Integer {
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<Integer, E> {
                 i64::try_from(v)
                     .map(Integer)
-                    .map_err(|_| E::custom(format!("{v} is too large")))
+                    .map_err(|_| out_of_range(false, v))
+            }
+            fn visit_i128<E: de::Error>(self, v: i128) -> Result<Integer, E> {
+                Err(out_of_range(v < 0, v))
+            }
+            fn visit_u128<E: de::Error>(self, v: u128) -> Result<Integer, E> {
+                Err(out_of_range(false, v))
             }
         }
         deserializer.deserialize_any(V)
@@ -1076,6 +1097,19 @@ mode = "off"
                 "count: 18446744073709551615 is too large",
             ),
             ("[default]\nidle = -1\n", "idle: -1 is negative"),
+            // Past 64 bits, as toml hands them over (128-bit).
+            (
+                "[default]\nidle = 99999999999999999999\n",
+                "idle: 99999999999999999999 is too large",
+            ),
+            (
+                "[default]\nuser_timeout = -99999999999999999999\n",
+                "user_timeout: -99999999999999999999 is negative",
+            ),
+            (
+                "[default]\ncount = 99999999999999999999\n",
+                "count: 99999999999999999999 is too large",
+            ),
             ("[default]\ninterval = \"soon\"\n", "interval: "),
             (
                 "\nmax_tracked_cgroups = 18446744073709551615\n",
