@@ -102,12 +102,21 @@ pub fn finish(cmd: clap::Command) -> clap::Command {
         .filter(|arg| matches!(arg.get_id().as_str(), "state_dir" | "runtime_dir"))
         .map(|arg| arg.clone().hide(true))
         .collect();
-    cmd.mut_subcommands(|sub| {
-        if matches!(sub.get_name(), "install" | "completions" | "man") {
-            sub.args(hidden.iter().cloned())
-        } else {
-            sub
-        }
+    // `policy` has no default state directory: it talks to the agent on the runtime
+    // directory, and with the flag refuses one that keeps its state elsewhere.
+    let policy_state = hidden
+        .iter()
+        .find(|arg| arg.get_id() == "state_dir")
+        .map(|arg| {
+            arg.clone().hide(false).help(
+                "Only carry out the request if the agent keeps its state in this directory \
+                 (by default, whichever agent runs on --runtime-dir)",
+            )
+        });
+    cmd.mut_subcommands(|sub| match sub.get_name() {
+        "install" | "completions" | "man" => sub.args(hidden.iter().cloned()),
+        "policy" => sub.args(policy_state.clone()),
+        _ => sub,
     })
 }
 
@@ -392,6 +401,40 @@ mod tests {
             });
             let expect = matches!(sub.get_name(), "install" | "completions" | "man");
             assert_eq!(hidden, [expect; 2], "{}", sub.get_name());
+        }
+        // `policy`'s has no default, and its subcommands say so too.
+        let policy = cmd.find_subcommand("policy").unwrap();
+        for sub in std::iter::once(policy).chain(policy.get_subcommands()) {
+            if sub.get_name() == "help" {
+                continue;
+            }
+            let help = sub
+                .get_arguments()
+                .find(|arg| arg.get_id() == "state_dir")
+                .and_then(|arg| arg.get_help())
+                .map(ToString::to_string)
+                .unwrap_or_default();
+            assert!(
+                help.starts_with("Only carry out"),
+                "{}: {help}",
+                sub.get_name()
+            );
+        }
+        for args in [
+            &["policy", "list", "--state-dir", "/sys/fs/bpf/x"][..],
+            &["--state-dir", "/sys/fs/bpf/x", "policy", "list"],
+        ] {
+            let matches = finish(Cli::command())
+                .try_get_matches_from(
+                    std::iter::once("keepalive-agent").chain(args.iter().copied()),
+                )
+                .unwrap();
+            let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+            assert_eq!(
+                cli.state_dir,
+                Some(PathBuf::from("/sys/fs/bpf/x")),
+                "{args:?}"
+            );
         }
         // Still parsed, so that install can refuse them by name.
         let matches = finish(Cli::command())
