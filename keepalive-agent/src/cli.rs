@@ -274,8 +274,9 @@ pub enum PolicyCommand {
         json: bool,
     },
     /// Set a cgroup's policy at runtime (until the next reload or restart). Values and mode
-    /// not given are kept from the path's or glob's current policy (runtime, else the
-    /// config's), or taken from the default policy where it has none of its own.
+    /// not given are kept from the path's or glob's own policy (runtime, else the config's);
+    /// for a path without one, from the policy it gets now (a glob's or an ancestor's); else
+    /// they are taken from the default policy.
     Set {
         /// cgroup path or glob: relative to the cgroup2 mount, absolute under it, or as status
         /// prints it (/system.slice/a.service). One that selects no cgroup yet is accepted

@@ -722,7 +722,7 @@ impl Daemon {
     fn spec_from_request(
         &self,
         req: &Request,
-        base: Option<&Rule>,
+        base: Option<(&Spec, policy::OwnValues)>,
     ) -> anyhow::Result<(Spec, policy::OwnValues)> {
         let Request::Set {
             idle,
@@ -737,12 +737,8 @@ impl Daemon {
         };
         let given = own_values(req);
         let (mut spec, mut own, whose) = match base {
-            Some(Rule {
-                spec: Some(spec),
-                own,
-                ..
-            }) => (*spec, *own, "its current policy"),
-            _ => (
+            Some((spec, own)) => (*spec, own, "its current policy"),
+            None => (
                 self.config.policies.default,
                 policy::OwnValues::default(),
                 "the default policy",
@@ -789,13 +785,62 @@ impl Daemon {
         Ok((spec, own))
     }
 
-    /// The rule a `policy set` of `text` changes: the runtime one, else the config's (a mask
-    /// counts, and leaves nothing to keep).
-    fn rule_for(&self, text: &str) -> Option<&Rule> {
-        self.runtime
+    /// What a `policy set` of `selector` starts from, and where that came from: the policy of
+    /// its own rule (runtime, else the config's), with the values that rule sets itself; for
+    /// a path without one (or whose one a mask took away), the policy it gets now, from a
+    /// glob or the nearest ancestor with a policy, all of whose values it then keeps (they
+    /// are not `[default]`'s to follow); else nothing, for the default.
+    fn base_for(&self, selector: &Selector) -> Option<(Spec, policy::OwnValues, String)> {
+        let text = selector.text();
+        let rule = self
+            .runtime
             .iter()
             .chain(&self.config.policies.rules)
-            .find(|rule| rule.selector.text() == text)
+            .find(|rule| rule.selector.text() == text);
+        if let Some(Rule {
+            spec: Some(spec),
+            own,
+            source,
+            ..
+        }) = rule
+        {
+            let whose = match source {
+                Source::Config { .. } => format!("its policy at {source}"),
+                _ => "its runtime policy".to_owned(),
+            };
+            return Some((*spec, *own, whose));
+        }
+        let Selector::Exact(path) = selector else {
+            return None;
+        };
+        let entry = std::iter::successors(Some(path.clone()), |path| {
+            path.split_last().map(|(parent, _)| parent)
+        })
+        .take_while(|path| path.is_within(&self.fixed.attach))
+        .find_map(|path| {
+            self.resolution
+                .entries
+                .values()
+                .find(|entry| entry.cgroup == path)
+        })?;
+        let all = policy::OwnValues {
+            idle: true,
+            interval: true,
+            count: true,
+            user_timeout: true,
+        };
+        let from = if entry.cgroup == *path {
+            format!(
+                "the policy it gets now, for {} ({})",
+                entry.selector, entry.source
+            )
+        } else {
+            format!(
+                "the policy it gets now from {}, for {} ({})",
+                entry.cgroup, entry.selector, entry.source
+            )
+        };
+        Some((entry.spec, all, from))
     }
 
     /// Refuses a runtime rule for `text` that would be one more than a config may hold:
@@ -825,25 +870,26 @@ impl Daemon {
         let selector = Selector::parse(&self.cgroup2, cgroup)?;
         selector.check_reaches(&self.fixed.attach).map_err(usage)?;
         let text = selector.text();
-        let base = self.rule_for(&text);
-        let kept = match base {
-            Some(rule @ Rule { spec: Some(_), .. }) => Some(rule.source.clone()),
-            _ => None,
-        };
-        let (spec, own) = self.spec_from_request(req, base)?;
+        let base = self.base_for(&selector);
+        let (spec, own) =
+            self.spec_from_request(req, base.as_ref().map(|(spec, own, _)| (spec, *own)))?;
         self.room_for(&text)?;
         let mut message = format!("set {text}: {}", describe_spec(&spec));
-        if let Some(source) = kept {
-            let given = own_values(req);
-            if !(given.idle && given.interval && given.count && given.user_timeout)
-                || matches!(req, Request::Set { mode: None, .. })
-            {
-                let whose = match source {
-                    Source::Config { .. } => format!("its policy at {source}"),
-                    _ => "its runtime policy".to_owned(),
-                };
-                message.push_str(&format!(" (what was not given is kept from {whose})"));
-            }
+        let given = own_values(req);
+        if !(given.idle && given.interval && given.count && given.user_timeout)
+            || matches!(req, Request::Set { mode: None, .. })
+        {
+            let from = base.map_or_else(
+                || "taken from [default]".to_owned(),
+                |(_, _, whose)| format!("kept from {whose}"),
+            );
+            message.push_str(&format!(" (what was not given is {from})"));
+        }
+        if spec.mode == Mode::Off && given.first().is_some() {
+            message.push_str(
+                "\nwarning: an off policy sets nothing: the values given are kept for a later \
+                 --mode",
+            );
         }
         if let Some(why) = self.selects_nothing(&selector) {
             message.push_str(&format!(

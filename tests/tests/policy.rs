@@ -499,6 +499,8 @@ fn sockets_enforced_before_the_agent_saw_their_new_off_cgroup_are_released() {
         "policy",
         "set",
         off.path().to_str().unwrap(),
+        "--mode",
+        "enforce",
         "--idle",
         "33",
     ]);
@@ -1510,10 +1512,14 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
 fn policy_set_changes_only_the_values_it_gives() {
     let parent = TestCgroup::new("setkeep");
     let svc = parent.child("svc");
+    let below = svc.child("below");
     let other = parent.child("other");
+    let exempt = parent.child("ex-a");
     let config = write_config(&format!(
-        "[default]\nidle = 50\n[[policy]]\ncgroup = \"{}\"\nidle = 44\ncount = 3\nmode = \"fill\"\n",
-        svc.rel()
+        "[default]\nidle = 50\n[[policy]]\ncgroup = \"{}\"\nidle = 44\ncount = 3\nmode = \"fill\"\n\
+         [[policy]]\ncgroup = \"{}/ex-*\"\nmode = \"off\"\n",
+        svc.rel(),
+        parent.rel()
     ));
     let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
 
@@ -1539,13 +1545,52 @@ fn policy_set_changes_only_the_values_it_gives() {
     );
     assert_eq!(pair_values(&svc).0, (1, 44, 7, 4));
 
-    // A cgroup without a policy of its own starts from the default, and says nothing of it.
+    // A cgroup without a policy of its own starts from the one it gets now: its nearest
+    // ancestor's, all of whose values it keeps...
+    let out = agent.cli_ok(&["policy", "set", below.rel(), "--count", "6"]);
+    assert!(
+        stdout(&out).contains(&format!(
+            "fill idle 44s interval 7s count 6 (what was not given is kept from the policy it \
+             gets now from {0}, for {0} (runtime))",
+            svc.display()
+        )),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(pair_values(&below).0, (1, 44, 7, 6));
+    // ...a glob's, whose `off` wants a mode with values, as its own would...
+    let out = agent.cli(&["policy", "set", exempt.rel(), "--idle", "20"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the mode its current policy has is off"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(pair_values(&exempt).0.0, 0, "still off");
+    // ...or, where nothing above it has one, `[default]`.
     let out = agent.cli_ok(&["policy", "set", other.rel(), "--count", "2"]);
-    assert!(!stdout(&out).contains("kept"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("(what was not given is taken from [default])"),
+        "{}",
+        stdout(&out)
+    );
     assert_eq!(pair_values(&other).0, (1, 50, 10, 2));
 
     // An `off` policy of its own wants a mode with values, as an `off` default does.
-    agent.cli_ok(&["policy", "set", other.rel(), "--mode", "off"]);
+    let out = agent.cli_ok(&[
+        "policy",
+        "set",
+        other.rel(),
+        "--mode",
+        "off",
+        "--count",
+        "3",
+    ]);
+    assert!(
+        stdout(&out).contains("warning: an off policy sets nothing: the values given are kept"),
+        "{}",
+        stdout(&out)
+    );
     let out = agent.cli(&["policy", "set", other.rel(), "--idle", "9"]);
     assert_eq!(code(&out), 2, "{}", stderr(&out));
     assert!(
@@ -1555,7 +1600,7 @@ fn policy_set_changes_only_the_values_it_gives() {
     );
     let out = agent.cli_ok(&["policy", "set", other.rel(), "--mode", "enforce"]);
     assert!(
-        stdout(&out).contains("enforce idle 50s interval 10s count 2"),
+        stdout(&out).contains("enforce idle 50s interval 10s count 3"),
         "the values an `off` kept come back: {}",
         stdout(&out)
     );
