@@ -913,7 +913,8 @@ impl Daemon {
     }
 
     /// How many of the cgroups with a policy now got it from `selector`, and those it matches
-    /// that got theirs from another rule (a path, which comes before a glob).
+    /// that got theirs from another rule (a path, which comes before a glob) or that a mask by
+    /// path leaves without one.
     fn matched_entries(&self, selector: &Selector) -> (usize, Vec<&CgroupPath>) {
         let text = selector.text();
         let matched = self
@@ -922,10 +923,33 @@ impl Daemon {
             .values()
             .filter(|entry| selector.matches(&entry.cgroup));
         let (won, others): (Vec<_>, Vec<_>) = matched.partition(|entry| entry.selector == text);
+        // The mask of a path is no other rule's doing for the config's policy of that path:
+        // `policy list` names it as masked.
+        let masked = self
+            .masked_paths()
+            .filter(|path| selector.is_glob() && selector.matches(path));
         (
             won.len(),
-            others.iter().map(|entry| &entry.cgroup).collect(),
+            others
+                .iter()
+                .map(|entry| &entry.cgroup)
+                .chain(masked)
+                .collect(),
         )
+    }
+
+    /// The cgroups that exist and that a `policy unset` by path (a mask of the config's policy
+    /// for them) leaves without a policy of their own: a path comes before a glob, so no glob
+    /// reaches them either.
+    fn masked_paths(&self) -> impl Iterator<Item = &CgroupPath> {
+        self.runtime.iter().filter_map(|rule| match &rule.selector {
+            Selector::Exact(path)
+                if rule.spec.is_none() && self.selects_nothing(&rule.selector).is_none() =>
+            {
+                Some(path)
+            }
+            _ => None,
+        })
     }
 
     /// Adds to the answer of a `policy set` of a glob the cgroups it matches that keep a
@@ -955,24 +979,46 @@ impl Daemon {
             })
             .map(|entry| &entry.cgroup)
             .collect();
-        if others.is_empty() {
-            return message;
+        let shown = |paths: &[&CgroupPath]| {
+            let mut shown: Vec<String> =
+                paths.iter().take(SHOWN).map(ToString::to_string).collect();
+            if paths.len() > SHOWN {
+                shown.push(format!("and {} more", paths.len() - SHOWN));
+            }
+            shown.join(", ")
+        };
+        if !others.is_empty() {
+            let one = others.len() == 1;
+            message.push_str(&format!(
+                "\nwarning: {} it matches, or below one it matches, {} a policy of {} own (a \
+                 path comes before a glob, and below a cgroup the nearest policy applies): {}; \
+                 change {} by path with `policy set` or `policy unset`",
+                counted(others.len() as u64, "cgroup", "cgroups"),
+                if one { "keeps" } else { "keep" },
+                if one { "its" } else { "their" },
+                shown(&others),
+                if one { "it" } else { "them" },
+            ));
         }
-        let mut shown: Vec<String> = others.iter().take(SHOWN).map(ToString::to_string).collect();
-        if others.len() > SHOWN {
-            shown.push(format!("and {} more", others.len() - SHOWN));
+        // Those a mask by path leaves without one: they inherit, not take the glob's.
+        let masked: Vec<&CgroupPath> = self
+            .masked_paths()
+            .filter(|path| selector.matches(path))
+            .collect();
+        if !masked.is_empty() {
+            let one = masked.len() == 1;
+            message.push_str(&format!(
+                "\nwarning: {} it matches {} unset by path until the next reload, so {} from \
+                 {} nearest ancestor with a policy instead (a path comes before a glob): {}; \
+                 change {} by path with `policy set`",
+                counted(masked.len() as u64, "cgroup", "cgroups"),
+                if one { "is" } else { "are" },
+                if one { "it inherits" } else { "they inherit" },
+                if one { "its" } else { "their" },
+                shown(&masked),
+                if one { "it" } else { "them" },
+            ));
         }
-        let one = others.len() == 1;
-        message.push_str(&format!(
-            "\nwarning: {} it matches, or below one it matches, {} a policy of {} own (a \
-             path comes before a glob, and below a cgroup the nearest policy applies): {}; \
-             change {} by path with `policy set` or `policy unset`",
-            counted(others.len() as u64, "cgroup", "cgroups"),
-            if one { "keeps" } else { "keep" },
-            if one { "its" } else { "their" },
-            shown.join(", "),
-            if one { "it" } else { "them" },
-        ));
         message
     }
 
@@ -1103,8 +1149,9 @@ impl Daemon {
                 let why = self.selects_nothing(&rule.selector).or_else(|| {
                     let (won, others) = self.matched_entries(&rule.selector);
                     (won == 0 && !others.is_empty() && rule.spec.is_some()).then(|| {
-                        "every cgroup it matches gets another rule's policy: a path comes \
-                         before a glob, a later runtime glob before an earlier one"
+                        "every cgroup it matches gets another rule's policy, or is unset by \
+                         path: a path comes before a glob, a later runtime glob before an \
+                         earlier one"
                             .to_owned()
                     })
                 })?;
@@ -1147,7 +1194,7 @@ impl Daemon {
                     ok: true,
                     message: (!message.is_empty()).then_some(message),
                     policies: Some(policies),
-                    pending: Some(pending),
+                    pending: (!pending.is_empty()).then_some(pending),
                     masked: (!masked.is_empty()).then_some(masked),
                     applied,
                     ..Response::default()
@@ -1691,7 +1738,9 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                 let _ = sd_notify::notify(&reloading);
                 match daemon.reload() {
                     Ok((message, _)) => log_outcome(&message),
-                    Err(err) => log::error!("reload rejected{}: {err:#}", what_stays(&err)),
+                    Err(err) => {
+                        log::error!("rejected the reload on SIGHUP{}: {err:#}", what_stays(&err));
+                    }
                 }
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             }

@@ -158,6 +158,8 @@ fn a_runtime_rule_over_the_only_lock_policy_removes_the_lock_program() {
     let json: serde_json::Value =
         serde_json::from_slice(&agent.cli_ok(&["policy", "list", "--json"]).stdout).unwrap();
     assert_eq!(json["masked"].as_array().map(Vec::len), Some(1), "{json}");
+    // Each list appears when it has something to say.
+    assert!(json.get("pending").is_none(), "{json}");
 }
 
 /// A lock program that cannot be taken out (its link's pin cannot be removed: here the state
@@ -1193,6 +1195,32 @@ fn a_runtime_glob_names_the_cgroups_whose_policy_by_path_comes_first() {
     // A glob with nothing passed over says nothing of the kind.
     let out = stdout(&agent.cli_ok(&["policy", "set", &format!("{}/d*", parent.rel())]));
     assert!(!out.contains("warning"), "{out}");
+    // A cgroup whose config policy an unset masks by path has no policy of its own, and no
+    // glob reaches it either: named apart, as what it gets is its ancestor's.
+    agent.cli_ok(&["policy", "unset", app.rel()]);
+    let out = stdout(&agent.cli_ok(&["policy", "set", &all, "--mode", "enforce", "--idle", "33"]));
+    assert!(
+        out.contains(&format!(
+            "\nwarning: 1 cgroup it matches is unset by path until the next reload, so it \
+             inherits from its nearest ancestor with a policy instead (a path comes before a \
+             glob): /{}; change it by path with `policy set`",
+            app.rel()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: 1 cgroup it matches, or below"),
+        "{out}"
+    );
+    assert_eq!((idle_of(&app), idle_of(&web)), (60, 33));
+    let list = stdout(&agent.cli_ok(&["policy", "list"]));
+    assert!(
+        list.contains(&format!(
+            "pending: /{only_app} (runtime; every cgroup it matches gets another rule's policy, \
+             or is unset by path"
+        )),
+        "{list}"
+    );
 }
 
 #[test]
@@ -1504,7 +1532,14 @@ fn runtime_set_unset_and_reload_take_effect_for_the_next_connection() {
     );
     agent.signal(libc::SIGHUP);
     agent.wait_notify("READY=1", Duration::from_secs(10));
-    assert!(agent.log().contains("reload rejected"), "{}", agent.log());
+    assert!(
+        agent.log().contains(&format!(
+            "ERROR] rejected the reload on SIGHUP, the previous policies stay: {}:5",
+            config.display()
+        )),
+        "{}",
+        agent.log()
+    );
     assert_eq!(idle_of(&svc), 44, "the old policy stays in force");
 }
 
@@ -1780,6 +1815,10 @@ fn policy_set_warns_when_it_selects_no_cgroup_yet_and_refuses_a_file() {
     ] {
         assert!(list.contains(&pending), "{pending}: {list}");
     }
+    let json: serde_json::Value =
+        serde_json::from_slice(&agent.cli_ok(&["policy", "list", "--json"]).stdout).unwrap();
+    assert_eq!(json["pending"].as_array().map(Vec::len), Some(2), "{json}");
+    assert!(json.get("masked").is_none(), "{json}");
     let _web = parent.child("web-1");
     eventually(
         Duration::from_secs(10),
