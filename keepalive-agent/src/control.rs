@@ -391,11 +391,28 @@ fn call_within(
                         runtime_dir.display(),
                         path.display()
                     ),
-                    None => format!(
-                        "no keepalive agent is running (nothing listens on {}); start it with \
-                         `keepalive-agent run` or `systemctl start keepalive-agent`",
-                        path.display()
-                    ),
+                    // One holds the state directory named: it runs with another runtime
+                    // directory.
+                    None => match state_dir
+                        .and_then(|dir| Some((dir, crate::sys::flock_holder(dir)?)))
+                    {
+                        Some((dir, pid)) => format!(
+                            "no keepalive agent listens on {}, but {} holds the state directory \
+                             {}: it runs with another --runtime-dir; give the one it runs with",
+                            path.display(),
+                            match pid {
+                                0 => "an agent in a container (its pid is not visible here)"
+                                    .to_owned(),
+                                pid => format!("the keepalive agent with pid {pid}"),
+                            },
+                            dir.display()
+                        ),
+                        None => format!(
+                            "no keepalive agent is running (nothing listens on {}); start it \
+                             with `keepalive-agent run` or `systemctl start keepalive-agent`",
+                            path.display()
+                        ),
+                    },
                 })
                 .into()
             }

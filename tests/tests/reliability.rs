@@ -1651,6 +1651,20 @@ fn detach_refuses_while_an_agent_holds_the_state_from_another_runtime_dir() {
         stderr(&out)
     );
     assert_eq!(sockops_attachments(cg.path()), 1, "still attached");
+    // A policy command that names the state directory finds the agent holding it, so it does
+    // not claim none runs.
+    let out = other.cli(&["policy", "list"]);
+    assert_eq!(code(&out), 7, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "but the keepalive agent with pid {} holds the state directory {}: it runs with \
+             another --runtime-dir; give the one it runs with",
+            agent.pid(),
+            agent.state_dir.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
     // With the same metrics address too, whose port the first agent holds: still refused as
     // a second agent (7, which the unit does not retry), not as a taken port (1).
     let out = other.cli(&[
