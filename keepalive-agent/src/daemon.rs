@@ -876,7 +876,14 @@ impl Daemon {
         self.room_for(&text)?;
         let mut message = format!("set {text}: {}", describe_spec(&spec));
         let given = own_values(req);
-        if !(given.idle && given.interval && given.count && given.user_timeout)
+        // The latest runtime rule already, so not even its precedence over an overlapping
+        // runtime glob changes.
+        let unchanged = self.runtime.first().is_some_and(|rule| {
+            rule.selector.text() == text && rule.spec == Some(spec) && rule.own == own
+        });
+        if unchanged {
+            message.push_str(" (unchanged: its runtime policy was this already)");
+        } else if !(given.idle && given.interval && given.count && given.user_timeout)
             || matches!(req, Request::Set { mode: None, .. })
         {
             let from = base.map_or_else(

@@ -1579,6 +1579,15 @@ fn policy_set_changes_only_the_values_it_gives() {
         stdout(&out)
     );
     assert_eq!(pair_values(&svc).0, (1, 44, 7, 4));
+    // The same again changes nothing, and says so.
+    let out = agent.cli_ok(&["policy", "set", svc.rel(), "--count", "4"]);
+    assert!(
+        stdout(&out).contains(
+            "fill idle 44s interval 7s count 4 (unchanged: its runtime policy was this already)"
+        ),
+        "{}",
+        stdout(&out)
+    );
 
     // A cgroup without a policy of its own starts from the one it gets now: its nearest
     // ancestor's, all of whose values it keeps...
