@@ -1692,12 +1692,18 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             "cgroup policy",
             "cgroup policies"
         ),
-        daemon
-            .config
-            .file
-            .as_ref()
-            .map(|f| format!(" from {}", f.display()))
-            .unwrap_or_default()
+        match &daemon.config.file {
+            Some(file) => format!(" from {}", file.display()),
+            None => format!(
+                " (there is no config file: {} does not exist, so the built-in default \
+                 applies{})",
+                config::DEFAULT_CONFIG,
+                match daemon.config.policies.default_source {
+                    Source::CommandLine => ", with run's flags",
+                    _ => "",
+                }
+            ),
+        }
     );
     for warning in daemon.config_warnings() {
         log::warn!("{warning}");

@@ -1235,11 +1235,21 @@ fn sighup_while_starting_becomes_a_reload_instead_of_ending_the_agent() {
     agent.wait_notify("READY=1", Duration::from_secs(10));
     // Without --config: the default file, or its absence, is named.
     let default = "/etc/keepalive-agent/config.toml";
-    let said = if std::path::Path::new(default).exists() {
-        format!("reloaded the config {default}\n")
+    let (started, said) = if std::path::Path::new(default).exists() {
+        (
+            format!(" from {default}\n"),
+            format!("reloaded the config {default}\n"),
+        )
     } else {
-        format!("reloaded the config: there is none ({default} does not exist)")
+        (
+            format!(
+                " (there is no config file: {default} does not exist, so the built-in default \
+                 applies)\n"
+            ),
+            format!("reloaded the config: there is none ({default} does not exist)"),
+        )
     };
+    assert!(agent.log().contains(&started), "{}", agent.log());
     assert!(agent.log().contains(&said), "{}", agent.log());
     assert_eq!(sockops_attachments(cg.path()), 1);
 }
