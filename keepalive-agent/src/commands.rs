@@ -226,7 +226,7 @@ fn write_status(
         cgroup: args
             .cgroup
             .as_deref()
-            .map(|c| Selector::parse(&cgroup2, c))
+            .map(|c| Selector::parse_filter(&cgroup2, c))
             .transpose()?,
         port: args.port,
     };

@@ -313,6 +313,26 @@ pub(crate) fn is_glob(component: &str) -> bool {
     component.contains(['*', '?', '['])
 }
 
+/// For a glob that is also the path of a cgroup that exists (`x[1]`), how to select that
+/// cgroup by name; else nothing.
+fn literal_hint(cgroup2: &Cgroup2, path: &CgroupPath) -> String {
+    if !cgroup2.abs(path).is_dir() {
+        return String::new();
+    }
+    let escaped: String = path
+        .as_str()
+        .chars()
+        .map(|c| match c {
+            '*' | '?' | '[' => format!("[{c}]"),
+            c => c.to_string(),
+        })
+        .collect();
+    format!(
+        " (a cgroup named {path} exists: `*`, `?` and `[` are glob characters, so select it \
+         as /{escaped})"
+    )
+}
+
 impl Selector {
     /// Parses a cgroup path or glob (absolute under the mount, or relative to it).
     pub fn parse(cgroup2: &Cgroup2, spec: &str) -> anyhow::Result<Self> {
@@ -325,7 +345,10 @@ impl Selector {
             .components()
             .map(|c| {
                 glob::Pattern::new(c).map_err(|err| {
-                    usage(format!("cgroup pattern {spec} is not a valid glob: {err}"))
+                    usage(format!(
+                        "cgroup pattern {spec} is not a valid glob: in `{c}`, {err}{}",
+                        literal_hint(cgroup2, &path)
+                    ))
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -333,6 +356,18 @@ impl Selector {
             text: path.as_str().to_owned(),
             components,
         })
+    }
+
+    /// As [`Selector::parse`], except that a path naming a cgroup that exists is that cgroup,
+    /// also where its name holds glob characters (`x[1]`): for filters, which must take back
+    /// the paths `status` prints. Policies keep to [`Selector::parse`], whose meaning does not
+    /// change as cgroups come and go.
+    pub fn parse_filter(cgroup2: &Cgroup2, spec: &str) -> anyhow::Result<Self> {
+        let path = cgroup2.parse(spec)?;
+        if path.components().any(is_glob) && cgroup2.abs(&path).is_dir() {
+            return Ok(Self::Exact(path));
+        }
+        Self::parse(cgroup2, spec)
     }
 
     /// The selector as written (normalized), with a leading `/`.
@@ -406,13 +441,13 @@ impl Selector {
                 "is below {dir}, which the agent cannot read ({err})"
             ));
         }
-        Some(
-            match self {
-                Self::Exact(_) => "does not exist yet",
-                Self::Glob { .. } => "matches no cgroup yet",
-            }
-            .to_owned(),
-        )
+        Some(match self {
+            Self::Exact(_) => "does not exist yet".to_owned(),
+            Self::Glob { text, .. } => format!(
+                "matches no cgroup yet{}",
+                literal_hint(cgroup2, &CgroupPath::root().join(text))
+            ),
+        })
     }
 
     /// The cgroups this selector matches now, noting in `unreadable` each cgroup on the way

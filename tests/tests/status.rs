@@ -1058,3 +1058,54 @@ fn sockets_of_a_removed_cgroup_are_listed_also_under_the_root_filter() {
         Vec::<String>::new()
     );
 }
+
+/// A cgroup whose name holds glob characters (`x[1]`) is selected by the path `status` prints
+/// for it, as `--cgroup` takes back what the table shows; policies, whose meaning must not
+/// change as cgroups come and go, keep reading it as a glob, and say how to name it instead.
+#[test]
+fn a_cgroup_named_with_glob_characters_is_selected_by_its_path() {
+    let parent = TestCgroup::new("globname");
+    let odd = parent.child("x[1]");
+    let broken = parent.child("y[");
+    let agent = Agent::start(&parent, &[]);
+    let mut pair = Proc::sock(&["pair", "6"], &odd);
+    pair.read();
+    let filtered = |cg: &TestCgroup| -> Value {
+        let out = agent.cli(&["status", "--json", "--cgroup", &cg.display()]);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let status = filtered(&odd);
+    assert_eq!(sockets_of(&status, &odd).len(), 2, "{status:#}");
+    // Not a glob at all, were it read as one.
+    assert!(filtered(&broken)["sockets"].as_array().unwrap().is_empty());
+
+    let out = agent.cli_ok(&["policy", "set", odd.rel(), "--idle", "33"]);
+    let escaped = format!("/{}/x[[]1]", parent.rel());
+    assert!(
+        stdout(&out).contains(&format!(
+            "matches no cgroup yet (a cgroup named {} exists: `*`, `?` and `[` are glob \
+             characters, so select it as {escaped})",
+            odd.display()
+        )),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(idle_of(&odd), 60);
+    agent.cli_ok(&["policy", "set", &escaped, "--idle", "34"]);
+    assert_eq!(idle_of(&odd), 34);
+    let out = agent.cli(&["policy", "set", broken.rel(), "--idle", "35"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "is not a valid glob: in `y[`, Pattern syntax error near position 1: invalid range \
+             pattern (a cgroup named {} exists: `*`, `?` and `[` are glob characters, so \
+             select it as /{}/y[[])",
+            broken.display(),
+            parent.rel()
+        )),
+        "{}",
+        stderr(&out)
+    );
+    pair.finish();
+}
