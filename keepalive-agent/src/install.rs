@@ -135,9 +135,13 @@ pub fn refuse_directories(state_dir: Option<&Path>, runtime_dir: &Path) -> anyho
     Ok(())
 }
 
-/// Directories the unit's sandbox hides from the agent (`ProtectHome=`, `PrivateTmp=`): a
-/// binary there would fail to start with 203/EXEC.
-const HIDDEN_FROM_THE_UNIT: [&str; 5] = ["/home", "/root", "/run/user", "/tmp", "/var/tmp"];
+/// Directories the unit's sandbox hides from the agent (`ProtectHome=`, `PrivateTmp=`,
+/// `PrivateDevices=`, which leaves it a `/dev` of its own, with an empty `/dev/shm`): a binary
+/// there would fail to start with 203/EXEC.
+const HIDDEN_FROM_THE_UNIT: [&str; 6] = ["/home", "/root", "/run/user", "/tmp", "/var/tmp", "/dev"];
+
+/// Kernel filesystems, which hold no binary.
+const KERNEL_FILESYSTEMS: [&str; 2] = ["/proc", "/sys"];
 
 /// Refuses a `--bindir` the unit could not run the binary from: one its sandbox hides, or one
 /// whose path `ExecStart=` would split or expand (white space, `%`, quotes, backslashes).
@@ -152,9 +156,16 @@ fn refuse_bindir(bindir: &Path) -> anyhow::Result<()> {
         .chars()
         .find(|c| c.is_whitespace() || matches!(c, '%' | '"' | '\'' | '\\' | '$' | ';'))
     {
+        let what = match c {
+            '\\' => "a backslash".to_owned(),
+            '"' | '\'' => "a quote".to_owned(),
+            c if c.is_whitespace() => "white space".to_owned(),
+            c => format!("`{c}`"),
+        };
         return Err(usage(format!(
-            "--bindir {text} holds {c:?}, which the unit's ExecStart= would take apart or \
-             expand; choose a directory without it (default /usr/local/sbin)"
+            "--bindir {} holds {what}, which the unit's ExecStart= would take apart or expand; \
+             choose a directory without it (default /usr/local/sbin)",
+            text.escape_debug()
         )));
     }
     if let Some(hidden) = HIDDEN_FROM_THE_UNIT
@@ -163,8 +174,17 @@ fn refuse_bindir(bindir: &Path) -> anyhow::Result<()> {
     {
         return Err(usage(format!(
             "--bindir {text} is below {hidden}, which the unit's sandbox (ProtectHome=, \
-             PrivateTmp=) hides from the agent: the service would fail to start; choose another \
-             directory (default /usr/local/sbin)"
+             PrivateTmp=, PrivateDevices=) hides from the agent: the service would fail to \
+             start; choose another directory (default /usr/local/sbin)"
+        )));
+    }
+    if let Some(kernel) = KERNEL_FILESYSTEMS
+        .iter()
+        .find(|kernel| bindir.starts_with(kernel))
+    {
+        return Err(usage(format!(
+            "--bindir {text} is below {kernel}, a kernel filesystem, which holds no binary; \
+             choose another directory (default /usr/local/sbin)"
         )));
     }
     Ok(())
@@ -325,5 +345,44 @@ mod tests {
             "{unit}"
         );
         assert!(!unit.contains(UNIT_BINARY));
+    }
+
+    #[test]
+    fn a_bindir_the_unit_cannot_run_from_is_refused() {
+        let refusal = |dir: &str| {
+            refuse_bindir(Path::new(dir))
+                .map_err(|err| format!("{err:#}"))
+                .err()
+        };
+        for fine in [
+            "/usr/local/sbin",
+            "/opt/keepalive/bin",
+            "/usr/sbin",
+            "/devices",
+        ] {
+            assert_eq!(refusal(fine), None, "{fine}");
+        }
+        for (dir, says) in [
+            ("/home/ops/bin", "below /home, which the unit's sandbox"),
+            ("/root/bin", "below /root"),
+            ("/tmp/bin", "below /tmp"),
+            ("/var/tmp", "below /var/tmp"),
+            (
+                "/dev/shm/bin",
+                "below /dev, which the unit's sandbox (ProtectHome=, \
+              PrivateTmp=, PrivateDevices=) hides",
+            ),
+            ("/proc/bin", "below /proc, a kernel filesystem"),
+            ("/sys/fs/bpf/bin", "below /sys, a kernel filesystem"),
+            ("/opt/my bin", "holds white space"),
+            ("/opt/a\nb", "--bindir /opt/a\\nb holds white space"),
+            ("/opt/a\\b", "holds a backslash,"),
+            ("/opt/'b'", "holds a quote"),
+            ("/opt/%h", "holds `%`"),
+            ("/opt/$b", "holds `$`"),
+        ] {
+            let refusal = refusal(dir).unwrap_or_else(|| panic!("{dir} was accepted"));
+            assert!(refusal.contains(says), "{dir}: {refusal}");
+        }
     }
 }
