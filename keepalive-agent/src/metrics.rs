@@ -6,7 +6,12 @@
 //! [`hold_highest`]).
 
 use std::{
-    collections::HashMap, fmt::Write as _, io::ErrorKind, net::SocketAddr, path::Path, sync::Arc,
+    collections::{HashMap, VecDeque},
+    fmt::Write as _,
+    io::ErrorKind,
+    net::SocketAddr,
+    path::Path,
+    sync::Arc,
     time::Duration,
 };
 
@@ -14,7 +19,7 @@ use anyhow::Context as _;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
-    sync::{Mutex, Semaphore},
+    sync::{Mutex, Notify, Semaphore},
 };
 
 use crate::{
@@ -314,6 +319,8 @@ enum Route {
     HeadersTooLarge { head: bool },
     /// Part of a request, whose rest did not come within [`CLIENT_TIMEOUT`]: 408.
     TimedOut { head: bool },
+    /// Part of a request, whose rest had not come when a new connection took its slot: 503.
+    Evicted { head: bool },
 }
 
 /// How much of a request's head the agent reads.
@@ -329,6 +336,7 @@ impl Route {
                 | Route::UriTooLong { head: true }
                 | Route::HeadersTooLarge { head: true }
                 | Route::TimedOut { head: true }
+                | Route::Evicted { head: true }
                 | Route::BadRequest { head: true }
         )
     }
@@ -410,14 +418,77 @@ fn route(request: &[u8]) -> Route {
     }
 }
 
+/// The connections that wait for their client, to send its request or to close once answered,
+/// oldest first: when every slot is taken, the oldest gives up its own to a new connection, so
+/// that clients which connect and send nothing (or take their answer and stay) cannot hold
+/// every slot for their whole timeouts and keep scrapes and health probes out.
+#[derive(Default)]
+struct Waiting {
+    next: u64,
+    queue: VecDeque<(u64, Arc<Notify>)>,
+}
+
+/// Shared between the accept loop and the connections.
+type WaitingClients = Arc<std::sync::Mutex<Waiting>>;
+
+/// A connection's place in [`Waiting`] while it waits for its client; leaves it when dropped.
+struct WaitTurn {
+    waiting: WaitingClients,
+    id: u64,
+    evicted: Arc<Notify>,
+}
+
+impl WaitTurn {
+    fn new(waiting: &WaitingClients) -> Self {
+        let evicted = Arc::new(Notify::new());
+        let mut queue = lock(waiting);
+        let id = queue.next;
+        queue.next += 1;
+        queue.queue.push_back((id, Arc::clone(&evicted)));
+        Self {
+            waiting: Arc::clone(waiting),
+            id,
+            evicted,
+        }
+    }
+
+    /// Completes when the accept loop took this connection's slot for a new one.
+    async fn evicted(&self) {
+        self.evicted.notified().await;
+    }
+}
+
+impl Drop for WaitTurn {
+    fn drop(&mut self) {
+        lock(&self.waiting).queue.retain(|(id, _)| *id != self.id);
+    }
+}
+
+/// The list of waiting connections; one a panic left behind is still a list.
+fn lock(waiting: &WaitingClients) -> std::sync::MutexGuard<'_, Waiting> {
+    waiting
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Tells the oldest connection that waits for its client to close, freeing its slot, if one
+/// waits. `notify_one` keeps the word for one that is not listening yet.
+fn evict_oldest(waiting: &WaitingClients) {
+    if let Some((_, evicted)) = lock(waiting).queue.pop_front() {
+        evicted.notify_one();
+    }
+}
+
 async fn respond(
     mut stream: TcpStream,
     state: &StateDir,
     cgroup2: &Cgroup2,
     gate: &Arc<Mutex<Scrapes>>,
+    waiting: &WaitingClients,
 ) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
+    let turn = WaitTurn::new(waiting);
     let read = tokio::time::timeout(CLIENT_TIMEOUT, async {
         while head.len() < MAX_HEAD {
             let n = stream.read(&mut buf).await?;
@@ -439,19 +510,24 @@ async fn respond(
             }
         }
         std::io::Result::Ok(())
-    })
-    .await;
+    });
+    // `None`: evicted.
+    let read = tokio::select! {
+        read = read => Some(read),
+        () = turn.evicted() => None,
+    };
+    drop(turn);
+    let partial = head.starts_with(b"HEAD ");
     let request = match read {
-        Ok(read) => {
+        Some(Ok(read)) => {
             read?;
             route_read(&head)
         }
         // A connection on which nothing came (one a client opened ahead, say) is closed
-        // without an answer, as web servers do; part of a request gets 408.
-        Err(_) if head.is_empty() => return Ok(()),
-        Err(_) => Route::TimedOut {
-            head: head.starts_with(b"HEAD "),
-        },
+        // without an answer, as web servers do; part of a request gets 408 (or 503).
+        _ if head.is_empty() => return Ok(()),
+        Some(Err(_)) => Route::TimedOut { head: partial },
+        None => Route::Evicted { head: partial },
     };
     let (status, content_type, body) = match request {
         Route::Metrics { .. } => {
@@ -519,6 +595,14 @@ async fn respond(
                 humantime::format_duration(CLIENT_TIMEOUT)
             ),
         ),
+        Route::Evicted { .. } => (
+            "503 Service Unavailable",
+            "text/plain; charset=utf-8",
+            format!(
+                "the request had not come when more than {MAX_CLIENTS} clients were connected, \
+                 and this one had waited longest\n"
+            ),
+        ),
     };
     let allow = if request == Route::NotAllowed {
         "Allow: GET, HEAD\r\n"
@@ -540,8 +624,10 @@ async fn respond(
     .await??;
     // Closed with request bytes unread (a body, or headers past what was read above), the
     // socket would send a reset, which throws away what of the answer is still in flight:
-    // what the client sends is read until it closes too, within bounds.
-    let _ = tokio::time::timeout(LINGER, async {
+    // what the client sends is read until it closes too, within bounds, or until a new
+    // connection needs the slot.
+    let turn = WaitTurn::new(waiting);
+    let linger = tokio::time::timeout(LINGER, async {
         let mut unread = 0;
         while unread < MAX_UNREAD {
             match stream.read(&mut buf).await {
@@ -549,8 +635,11 @@ async fn respond(
                 Ok(n) => unread += n,
             }
         }
-    })
-    .await;
+    });
+    tokio::select! {
+        _ = linger => {}
+        () = turn.evicted() => {}
+    }
     Ok(())
 }
 
@@ -564,6 +653,10 @@ const MAX_UNREAD: usize = 1 << 20;
 /// [`LINGER`], and clients that connect and send
 /// nothing must not take the descriptors the agent needs for its policy maps and cgroups.
 pub const MAX_CLIENTS: usize = 8;
+
+/// How long a new connection waits for the slot of one told to give it up before the next is
+/// told.
+const EVICTION_WAIT: Duration = Duration::from_millis(100);
 
 /// How long a scrape connection has, from accept, to send its request, and then how long its
 /// answer may take to be ready...
@@ -602,20 +695,45 @@ pub fn spawn(
 async fn serve(listener: TcpListener, state: StateDir, cgroup2: Cgroup2) {
     let gate = Arc::new(Mutex::new(Scrapes::default()));
     let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let waiting = WaitingClients::default();
     let mut pacer = Pacer::new("metrics");
     loop {
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            return;
+        // With every slot taken, the next connection waits in the listen queue until one is
+        // free, or takes the slot of the oldest that waits for its client.
+        let (stream, slot) = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(slot) => (pacer.accept(|| listener.accept()).await.0, slot),
+            Err(_) => {
+                let (stream, _) = tokio::select! {
+                    accepted = pacer.accept(|| listener.accept()) => accepted,
+                    Ok(slot) = Arc::clone(&slots).acquire_owned() => {
+                        drop(slot);
+                        continue;
+                    }
+                };
+                // The one told may have got its request meanwhile, and none may wait: then the
+                // next is told, if one waits by then.
+                let slot = loop {
+                    evict_oldest(&waiting);
+                    match tokio::time::timeout(EVICTION_WAIT, Arc::clone(&slots).acquire_owned())
+                        .await
+                    {
+                        Ok(Ok(slot)) => break slot,
+                        Ok(Err(_)) => return,
+                        Err(_) => {}
+                    }
+                };
+                (stream, slot)
+            }
         };
-        let (stream, _) = pacer.accept(|| listener.accept()).await;
         let state = state.clone();
         let cgroup2 = cgroup2.clone();
         let gate = Arc::clone(&gate);
+        let waiting = Arc::clone(&waiting);
         tokio::spawn(async move {
             let _slot = slot;
             // Each step is bounded: the request and the answer by CLIENT_TIMEOUT, its
             // writing by WRITE_TIMEOUT, and the wait for the client to close by LINGER.
-            if let Err(err) = respond(stream, &state, &cgroup2, &gate).await {
+            if let Err(err) = respond(stream, &state, &cgroup2, &gate, &waiting).await {
                 log::debug!("metrics client: {err}");
             }
         });
@@ -812,7 +930,7 @@ mod tests {
             let gate = Arc::clone(&gate);
             async move {
                 let (state, cgroup2) = (StateDir::new("/nonexistent"), Cgroup2::at("/nonexistent"));
-                respond(server, &state, &cgroup2, &gate).await
+                respond(server, &state, &cgroup2, &gate, &WaitingClients::default()).await
             }
         });
         let mut answer = String::new();

@@ -730,26 +730,33 @@ fn metrics_clients_that_send_nothing_hold_few_of_the_agents_descriptors() {
             .count()
     };
     let before = fds();
-    let connected = std::time::Instant::now();
     let idle: Vec<TcpStream> = (0..50)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics"))
         .collect();
-    // Two of those accepted at once send part of a request, and no more.
+    std::thread::sleep(Duration::from_millis(500));
+    let held = fds().saturating_sub(before);
+    // At most 8 at once (MAX_CLIENTS in keepalive-agent/src/metrics.rs), and one accepted to
+    // take the slot of the one that waited longest; the others wait in the listen queue,
+    // where they cost the agent nothing.
+    assert!(
+        held <= 9,
+        "50 idle clients hold {held} of the agent's descriptors"
+    );
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+
+    // With slots to spare, one that sends nothing is closed after 10 s (CLIENT_TIMEOUT)...
+    let connected = std::time::Instant::now();
+    let idle: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics"))
+        .collect();
+    // ...and two that send part of a request, and no more, get 408.
     for (mut client, part) in idle[1..3]
         .iter()
         .zip(["GET /metrics HTTP/1.1\r\n", "HEAD /"])
     {
         std::io::Write::write_all(&mut client, part.as_bytes()).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(500));
-    let held = fds().saturating_sub(before);
-    // At most 8 at once (MAX_CLIENTS in keepalive-agent/src/metrics.rs); the others wait in
-    // the listen queue, where they cost the agent nothing.
-    assert!(
-        held <= 8,
-        "50 idle clients hold {held} of the agent's descriptors"
-    );
-    // The first, accepted first, is closed after 10 s (CLIENT_TIMEOUT) of sending nothing.
     let mut first = &idle[0];
     first
         .set_read_timeout(Some(Duration::from_secs(30)))
@@ -793,6 +800,60 @@ fn metrics_clients_that_send_nothing_hold_few_of_the_agents_descriptors() {
     assert!(
         text.contains("# TYPE keepalive_enforced_total counter"),
         "{text}"
+    );
+}
+
+/// Clients that hold every slot without sending a request do not keep scrapes and health
+/// probes out for their 10 s: a new connection takes the slot of the one that waited longest,
+/// which gets a 503 if it sent part of a request, and is closed if it sent nothing.
+#[test]
+fn metrics_clients_that_hold_every_slot_give_way_to_a_scrape() {
+    let cg = TestCgroup::new("metricsfull");
+    let port = free_port();
+    let _agent = Agent::start(&cg, &["--metrics", &format!("127.0.0.1:{port}")]);
+    let connect = || TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    let mut partial = connect();
+    partial.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let idle: Vec<TcpStream> = (0..7).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // Every slot (MAX_CLIENTS, 8) is taken by a client that sent no whole request.
+    for _ in 0..2 {
+        let asked = std::time::Instant::now();
+        let text = scrape(port);
+        assert!(text.contains("keepalive_enforced_total"), "{text}");
+        assert!(
+            asked.elapsed() < Duration::from_secs(3),
+            "a scrape waited {:?} for a slot",
+            asked.elapsed()
+        );
+    }
+    // The first gave way to the first scrape, the next to the second.
+    partial
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut answer = String::new();
+    partial.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 503 Service Unavailable\r\n")
+            && answer.ends_with(
+                "\r\n\r\nthe request had not come when more than 8 clients were connected, \
+                 and this one had waited longest\n"
+            ),
+        "{answer}"
+    );
+    let mut next = &idle[0];
+    next.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(
+        matches!(next.read(&mut [0u8; 1]), Ok(0)),
+        "closed without an answer"
+    );
+    // The others still wait for their requests.
+    let mut last = &idle[6];
+    last.set_nonblocking(true).unwrap();
+    assert_eq!(
+        last.read(&mut [0u8; 1]).map_err(|err| err.kind()),
+        Err(std::io::ErrorKind::WouldBlock)
     );
 }
 
