@@ -36,11 +36,30 @@ fn status_without_an_agent_exits_7_with_one_line_and_a_json_failure() {
         }
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(
-            err.starts_with("keepalive-agent: nothing is pinned at ")
-                && err.contains(dirs.state_dir.to_str().unwrap())
-                && err.contains("keepalive-agent run"),
+            err.starts_with(&format!(
+                "keepalive-agent: nothing is pinned at {}: the directory does not exist",
+                dirs.state_dir.display()
+            )) && err.contains("keepalive-agent run"),
             "{args:?}: {err}"
         );
+    }
+    // A directory keepalive can never have pinned anything in is not "not attached".
+    for (state_dir, want, says) in [
+        ("/tmp", 5, "state directory /tmp is not on a bpf filesystem"),
+        (
+            "/sys/fs/bpf",
+            2,
+            "state directory /sys/fs/bpf is a mount point",
+        ),
+    ] {
+        let out = AgentDirs {
+            state_dir: state_dir.into(),
+            runtime_dir: dirs.runtime_dir.clone(),
+            bin: None,
+        }
+        .cli(&["status"]);
+        assert_eq!(code(&out), want, "{}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{}", stderr(&out));
     }
 }
 
