@@ -305,7 +305,7 @@ fn policy_table(rows: &[PolicyRow]) -> String {
             row.source.clone(),
         ]);
     }
-    format!("{table}\n")
+    status::table_text(&table)
 }
 
 fn print_response(response: &Response, list: bool) -> anyhow::Result<()> {
@@ -402,5 +402,12 @@ mod tests {
             |n: usize| -> Vec<&str> { table.lines().nth(n).unwrap().split_whitespace().collect() };
         assert_eq!(cells(1)[2..6], ["2m", "10s", "5", "1m30s500ms"], "{table}");
         assert_eq!(cells(2)[2..7], ["-", "-", "-", "-", "off"], "{table}");
+        // No padding left at line ends, and one line break at the end.
+        assert!(
+            table.lines().all(|line| line == line.trim_end())
+                && table.ends_with('\n')
+                && !table.ends_with("\n\n"),
+            "{table:?}"
+        );
     }
 }

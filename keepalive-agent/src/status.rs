@@ -662,6 +662,15 @@ fn table(headers: &[&str]) -> Table {
     table
 }
 
+/// A table's lines without the padding its last column leaves at their ends, each ending in
+/// a line break, as the socket table's lines are written.
+pub(crate) fn table_text(table: &Table) -> String {
+    table
+        .lines()
+        .map(|line| format!("{}\n", line.trim_end()))
+        .collect()
+}
+
 /// A duration as one word (`1m30s`, not humantime's `1m 30s`), so a cell never holds a space
 /// that reads as a column break; humantime parses it back, as the config and the flags do.
 pub(crate) fn duration_cell(value: Duration) -> String {
@@ -910,8 +919,7 @@ fn summary_text(cgroups: &[CgroupRow], counters: &BTreeMap<&'static str, u64>) -
             Cell::new(c.dead_peers).set_alignment(CellAlignment::Right),
         ]);
     }
-    out.push_str(&t.to_string());
-    out.push('\n');
+    out.push_str(&table_text(&t));
     let failures: u64 = counters
         .iter()
         .filter(|(name, _)| name.starts_with("setsockopt_failed"))
