@@ -166,8 +166,15 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// The highest `enforced_total` exported for each cgroup id listed at the last scrape.
-type Highest = HashMap<u64, u64>;
+/// What was exported for a cgroup id listed at the last scrape: the highest `enforced_total`,
+/// and the cgroup's name.
+struct Held {
+    enforced_total: u64,
+    cgroup: String,
+}
+
+/// [`Held`] by cgroup id.
+type Highest = HashMap<u64, Held>;
 
 /// What the endpoint carries from one scrape to the next.
 #[derive(Default)]
@@ -181,14 +188,25 @@ struct Scrapes {
 /// Holds each cgroup's `enforced_total` at the highest this agent exported, and forgets the
 /// cgroups no longer listed. The program takes a socket released as never covered (enforced
 /// before the agent saw its new `off` cgroup) back out of the count, which `status` shows, but
-/// a Prometheus counter that goes down reads as a reset, and `rate()` as a jump.
+/// a Prometheus counter that goes down reads as a reset, and `rate()` as a jump. A cgroup
+/// removed while sockets of it are still open keeps the name it was exported with, where
+/// `status` shows `#ID (removed)`: another label value would end its series and start another.
 fn hold_highest(rows: &mut [status::CgroupRow], highest: &mut Highest) {
+    let mut before = std::mem::take(highest);
     *highest = rows
         .iter_mut()
         .map(|row| {
-            let held = highest.get(&row.cgroup_id).copied().unwrap_or(0);
-            row.enforced_total = row.enforced_total.max(held);
-            (row.cgroup_id, row.enforced_total)
+            if let Some(held) = before.remove(&row.cgroup_id) {
+                row.enforced_total = row.enforced_total.max(held.enforced_total);
+                if row.cgroup == status::removed_name(row.cgroup_id) {
+                    row.cgroup = held.cgroup;
+                }
+            }
+            let held = Held {
+                enforced_total: row.enforced_total,
+                cgroup: row.cgroup.clone(),
+            };
+            (row.cgroup_id, held)
         })
         .collect();
 }
@@ -976,5 +994,33 @@ mod tests {
         // Cgroup 2 removed, and its id's row gone: a new count starts from the map's.
         assert_eq!(scrape(&[(1, 8)]), [(1, 8)]);
         assert_eq!(scrape(&[(1, 8), (2, 1)]), [(1, 8), (2, 1)]);
+    }
+
+    #[test]
+    fn a_cgroup_removed_with_sockets_open_keeps_the_name_it_was_exported_with() {
+        let row = |cgroup: String, enforced_total| status::CgroupRow {
+            cgroup,
+            cgroup_id: 7,
+            open: 1,
+            enforced_total,
+            dead_peers: 0,
+        };
+        let mut highest = Highest::new();
+        let mut scrape = |row: status::CgroupRow| {
+            let mut rows = [row];
+            hold_highest(&mut rows, &mut highest);
+            let [row] = rows;
+            (row.cgroup, row.enforced_total)
+        };
+        assert_eq!(scrape(row("/pods/a".into(), 3)), ("/pods/a".into(), 3));
+        // Its counters went with it; its open sockets are still listed.
+        let removed = status::removed_name(7);
+        assert_eq!(scrape(row(removed.clone(), 0)), ("/pods/a".into(), 3));
+        assert_eq!(scrape(row(removed.clone(), 0)), ("/pods/a".into(), 3));
+        // One never exported under a name has none to keep.
+        let mut highest = Highest::new();
+        let mut rows = [row(removed.clone(), 0)];
+        hold_highest(&mut rows, &mut highest);
+        assert_eq!(rows[0].cgroup, removed);
     }
 }

@@ -383,9 +383,14 @@ impl<'a> Names<'a> {
         match self.get(id) {
             Some(path) => path.to_string(),
             None if id == 0 => "(unknown)".to_owned(),
-            None => format!("#{id} (removed)"),
+            None => removed_name(id),
         }
     }
+}
+
+/// How `status` shows cgroup `id` once it has been removed.
+pub(crate) fn removed_name(id: u64) -> String {
+    format!("#{id} (removed)")
 }
 
 fn socket_row(rec: &StatusRecord, names: &Names<'_>, stamp_epoch: SystemTime) -> SocketRow {
