@@ -221,27 +221,7 @@ fn write_status(
     args: &StatusArgs,
     out: &mut impl io::Write,
 ) -> anyhow::Result<()> {
-    // A directory keepalive can never have pinned anything in (a typo, or the bpffs mount
-    // itself) must not read as "not attached", which invites starting a second agent.
-    state.check_own()?;
-    if crate::pin::bpffs_state(state.root()).is_err() {
-        return Err(crate::error::Error::Bpffs(format!(
-            "state directory {} is not on a bpf filesystem, so nothing keepalive pins can be \
-             there; give the state directory the agent runs with (default {})",
-            state.root().display(),
-            crate::pin::DEFAULT_STATE_DIR
-        ))
-        .into());
-    }
-    if !state.root().exists() {
-        return Err(crate::error::Error::Agent(format!(
-            "nothing is pinned at {}: the directory does not exist, so keepalive is not attached \
-             with this state directory (start it with `keepalive-agent run`, or give the state \
-             directory the agent runs with)",
-            state.root().display()
-        ))
-        .into());
-    }
+    status::check_state_dir(state)?;
     let cgroup2 = Cgroup2::find()?;
     let filter = status::Filter {
         cgroup: args

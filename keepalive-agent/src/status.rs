@@ -135,6 +135,35 @@ fn open_pinned_map(state: &StateDir, name: &str) -> anyhow::Result<Map> {
     Map::from_map_data(data).with_context(|| format!("unexpected map at {}", path.display()))
 }
 
+/// Refuses a state directory keepalive can never have pinned anything in (a typo, or the
+/// bpffs mount itself), and one that does not exist, each named as such: "not attached" would
+/// invite starting a second agent.
+pub fn check_state_dir(state: &StateDir) -> anyhow::Result<()> {
+    // Not root: the directory cannot be read, which says so (exit 3).
+    state
+        .check_own()
+        .map_err(|err| pin_error(state.root(), err))?;
+    if crate::pin::bpffs_state(state.root()).is_err() {
+        return Err(Error::Bpffs(format!(
+            "state directory {} is not on a bpf filesystem, so nothing keepalive pins can be \
+             there; give the state directory the agent runs with (default {})",
+            state.root().display(),
+            crate::pin::DEFAULT_STATE_DIR
+        ))
+        .into());
+    }
+    if !state.root().exists() {
+        return Err(Error::Agent(format!(
+            "nothing is pinned at {}: the directory does not exist, so keepalive is not attached \
+             with this state directory (start it with `keepalive-agent run`, or give the state \
+             directory the agent runs with)",
+            state.root().display()
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// Turns a failure to open pinned state at `path` into the operator's error when the first
 /// I/O error in its chain says why: not root (exit 3) or nothing pinned (exit 7). Any other
 /// failure is returned as it is.

@@ -592,12 +592,15 @@ fn install_leaves_a_masked_or_linked_unit_and_a_bindir_the_unit_cannot_run_alone
     }
     assert_eq!(std::fs::read_to_string(&packaged).unwrap(), "[Service]\n");
     std::fs::remove_file(&unit).unwrap();
-    // A binary the sandbox hides (ProtectHome=, PrivateTmp=), or a path ExecStart= would split.
+    // A binary the sandbox hides (ProtectHome=, PrivateTmp=, PrivateDevices=), one on a kernel
+    // filesystem, or a path ExecStart= would split.
     for (bindir, needle) in [
         ("/home/ops/bin", "ProtectHome="),
         ("/tmp/bin", "PrivateTmp="),
-        ("/opt/my tools", "' '"),
-        ("/opt/100%", "'%'"),
+        ("/dev/shm/bin", "PrivateDevices="),
+        ("/sys/fs/bpf/bin", "a kernel filesystem"),
+        ("/opt/my tools", "holds white space"),
+        ("/opt/100%", "holds `%`"),
     ] {
         let out = install_with(&root, &[], &["--bindir", bindir]);
         let err = String::from_utf8_lossy(&out.stderr);
