@@ -97,27 +97,60 @@ pub enum Command {
 /// global flags, which it then leaves out there; they still parse, and their values still
 /// reach [`Cli`], so that `install` can name them.
 pub fn finish(cmd: clap::Command) -> clap::Command {
-    let hidden: Vec<clap::Arg> = cmd
-        .get_arguments()
-        .filter(|arg| matches!(arg.get_id().as_str(), "state_dir" | "runtime_dir"))
-        .map(|arg| arg.clone().hide(true))
-        .collect();
-    // `policy` has no default state directory: it talks to the agent on the runtime
-    // directory, and with the flag refuses one that keeps its state elsewhere.
+    let hidden: Vec<clap::Arg> = directory_flags(&cmd).map(|arg| arg.hide(true)).collect();
     let policy_state = hidden
         .iter()
         .find(|arg| arg.get_id() == "state_dir")
-        .map(|arg| {
-            arg.clone().hide(false).help(
-                "Only carry out the request if the agent keeps its state in this directory \
-                 (by default, whichever agent runs on --runtime-dir)",
-            )
-        });
+        .map(|arg| policy_state_dir(arg.clone().hide(false)));
     cmd.mut_subcommands(|sub| match sub.get_name() {
         "install" | "completions" | "man" => sub.args(hidden.iter().cloned()),
         "policy" => sub.args(policy_state.clone()),
         _ => sub,
     })
+}
+
+/// The global directory flags of `cmd`.
+fn directory_flags(cmd: &clap::Command) -> impl Iterator<Item = clap::Arg> {
+    cmd.get_arguments()
+        .filter(|arg| matches!(arg.get_id().as_str(), "state_dir" | "runtime_dir"))
+        .cloned()
+        .collect::<Vec<_>>()
+        .into_iter()
+}
+
+/// `--state-dir` as `policy` takes it. It has no default state directory there: it talks to
+/// the agent on the runtime directory, and with the flag refuses one that keeps its state
+/// elsewhere.
+fn policy_state_dir(arg: clap::Arg) -> clap::Arg {
+    arg.help(
+        "Only carry out the request if the agent keeps its state in this directory (by \
+         default, whichever agent runs on --runtime-dir)",
+    )
+}
+
+/// `cmd` (the derived [`Cli`] command) as the completion scripts describe it: clap_complete
+/// offers hidden flags too, so [`finish`]'s hidden copies would not keep the directory flags
+/// out of `install`, `completions` and `man`. Here they are not global: the top level and the
+/// subcommands that take them get copies of their own, and those three get none.
+pub fn for_completions(cmd: clap::Command) -> clap::Command {
+    let local: Vec<clap::Arg> = directory_flags(&cmd).map(|arg| arg.global(false)).collect();
+    // `policy` passes them on to its own subcommands (`policy set … --runtime-dir DIR`).
+    let policy: Vec<clap::Arg> = directory_flags(&cmd)
+        .map(|arg| {
+            if arg.get_id() == "state_dir" {
+                policy_state_dir(arg)
+            } else {
+                arg
+            }
+        })
+        .collect();
+    cmd.mut_arg("state_dir", |arg| arg.global(false))
+        .mut_arg("runtime_dir", |arg| arg.global(false))
+        .mut_subcommands(|sub| match sub.get_name() {
+            "install" | "completions" | "man" | "help" => sub,
+            "policy" => sub.args(policy.iter().cloned()),
+            _ => sub.args(local.iter().cloned()),
+        })
 }
 
 /// Parses the process's command line (see [`finish`]).

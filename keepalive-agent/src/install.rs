@@ -106,7 +106,7 @@ pub fn write_man_pages(dir: &Path) -> anyhow::Result<()> {
 /// The completion script for `shell`.
 pub fn completion_script(shell: Shell) -> Vec<u8> {
     let mut script = Vec::new();
-    let mut cmd = crate::cli::finish(Cli::command());
+    let mut cmd = crate::cli::for_completions(Cli::command());
     clap_complete::generate(shell, &mut cmd, "keepalive-agent", &mut script);
     script
 }
@@ -345,6 +345,43 @@ mod tests {
             "{unit}"
         );
         assert!(!unit.contains(UNIT_BINARY));
+    }
+
+    #[test]
+    fn completions_offer_the_directory_flags_only_where_they_are_taken() {
+        let script = String::from_utf8(completion_script(Shell::Bash)).unwrap();
+        // The words bash offers after the command path `case` names.
+        let offered = |case: &str| -> Vec<&str> {
+            let at = script
+                .find(&format!("        {case})\n"))
+                .unwrap_or_else(|| panic!("no {case} in\n{script}"));
+            let opts = script[at..].lines().find(|l| l.contains("opts=")).unwrap();
+            opts.trim()
+                .trim_start_matches("opts=\"")
+                .trim_end_matches('"')
+                .split(' ')
+                .collect()
+        };
+        let cmd = "keepalive__subcmd__agent";
+        for (case, takes) in [
+            ("keepalive__agent".to_owned(), true),
+            (format!("{cmd}__subcmd__run"), true),
+            (format!("{cmd}__subcmd__status"), true),
+            (format!("{cmd}__subcmd__policy"), true),
+            (format!("{cmd}__subcmd__policy__subcmd__set"), true),
+            (format!("{cmd}__subcmd__install"), false),
+            (format!("{cmd}__subcmd__completions"), false),
+            (format!("{cmd}__subcmd__man"), false),
+        ] {
+            let words = offered(&case);
+            for flag in ["--state-dir", "--runtime-dir"] {
+                assert_eq!(words.contains(&flag), takes, "{case} {flag}: {words:?}");
+            }
+        }
+        // Every shell's script is made from the same definition without clap's checks failing.
+        for shell in [Shell::Zsh, Shell::Fish, Shell::Elvish, Shell::PowerShell] {
+            assert!(!completion_script(shell).is_empty());
+        }
     }
 
     #[test]
