@@ -301,19 +301,28 @@ pub fn install(args: &InstallArgs, report: &mut dyn FnMut(String)) -> anyhow::Re
     );
     report(put(&completions, &completion_script(Shell::Bash), 0o644)?.1);
 
+    // A tree staged for a package or an image is not this host's: what follows is for the
+    // system it is installed on.
+    let next = if args.root == Path::new("/") {
+        "next"
+    } else {
+        "next, on the system this tree is for"
+    };
     report(if upgrade && !new_binary && !new_unit {
         // A running agent already runs this binary under this unit.
-        "next: nothing to restart, the binary and the unit were installed already (if the \
-         agent is not enabled yet: systemctl enable --now keepalive-agent)"
-            .to_owned()
+        format!(
+            "{next}: nothing to restart, the binary and the unit were installed already (if the \
+             agent is not enabled yet: systemctl enable --now keepalive-agent)"
+        )
     } else if upgrade {
         // A running agent keeps running the old binary until it restarts; enforcement stays
         // attached across the restart.
-        "next: systemctl daemon-reload && systemctl try-restart keepalive-agent (or, if it is \
-         not enabled yet, systemctl enable --now keepalive-agent)"
-            .to_owned()
+        format!(
+            "{next}: systemctl daemon-reload && systemctl try-restart keepalive-agent (or, if it \
+             is not enabled yet, systemctl enable --now keepalive-agent)"
+        )
     } else {
-        "next: systemctl daemon-reload && systemctl enable --now keepalive-agent".to_owned()
+        format!("{next}: systemctl daemon-reload && systemctl enable --now keepalive-agent")
     });
     Ok(())
 }

@@ -1214,7 +1214,7 @@ fn install_keeps_the_operators_config_and_says_what_it_changed() {
         again.contains(&format!("unchanged {}", unit.display()))
             && again.contains(&format!("unchanged {}", binary.display()))
             && again.contains(&format!("kept existing {}", config.display()))
-            && again.contains("next: nothing to restart")
+            && again.contains("next, on the system this tree is for: nothing to restart")
             && !again.contains("try-restart"),
         "{again}"
     );
