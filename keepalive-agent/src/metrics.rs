@@ -666,10 +666,11 @@ const LINGER: Duration = Duration::from_secs(2);
 /// ...and how much it may send meanwhile.
 const MAX_UNREAD: usize = 1 << 20;
 
-/// How many scrape connections the agent holds at once; more wait in the listen queue. Each
-/// holds a file descriptor for at most [`CLIENT_TIMEOUT`] twice, [`WRITE_TIMEOUT`] and
-/// [`LINGER`], and clients that connect and send
-/// nothing must not take the descriptors the agent needs for its policy maps and cgroups.
+/// How many scrape connections the agent serves at once; one more is accepted to take the
+/// slot of the one that has waited longest for its client (see [`Waiting`]), and the rest wait
+/// in the listen queue. Each holds a file descriptor for at most [`CLIENT_TIMEOUT`] twice,
+/// [`WRITE_TIMEOUT`] and [`LINGER`], and clients that connect and send nothing must not take
+/// the descriptors the agent needs for its policy maps and cgroups.
 pub const MAX_CLIENTS: usize = 8;
 
 /// How long a new connection waits for the slot of one told to give it up before the next is
