@@ -16,6 +16,10 @@ use crate::{
 /// `RuntimeDirectory=`.
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/keepalive-agent";
 
+/// The heading of the global directory flags in every command's help: without one they
+/// interleave with the command's own options (clap numbers each command's from 0).
+const GLOBAL_HEADING: &str = "Global options";
+
 /// The exit codes of [`exit::MEANINGS`], shown at the end of `--help`.
 pub fn exit_codes_help() -> String {
     let mut text = String::from("Exit codes:");
@@ -38,6 +42,7 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = GLOBAL_HEADING,
         value_name = "DIR",
         env = "KEEPALIVE_STATE_DIR",
         value_parser = pin::parse_dir
@@ -50,6 +55,7 @@ pub struct Cli {
     #[arg(
         long,
         global = true,
+        help_heading = GLOBAL_HEADING,
         value_name = "DIR",
         env = "KEEPALIVE_RUNTIME_DIR",
         default_value = DEFAULT_RUNTIME_DIR,
@@ -476,6 +482,45 @@ mod tests {
             .unwrap();
         let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
         assert_eq!(cli.state_dir, Some(PathBuf::from("/sys/fs/bpf/x")));
+    }
+
+    #[test]
+    fn directory_flags_are_apart_from_each_command_s_own_options_in_its_help() {
+        let mut cmd = finish(Cli::command());
+        cmd.build();
+        let mut commands = vec![cmd];
+        let mut checked = 0;
+        while let Some(mut cmd) = commands.pop() {
+            let help = cmd.render_long_help().to_string();
+            commands.extend(cmd.get_subcommands().cloned());
+            // The options are listed one per line, each starting with its flag.
+            let flags = |text: &str| -> Vec<String> {
+                text.lines()
+                    .filter_map(|line| line.trim_start().split([' ', ',', '=']).next())
+                    .filter(|flag| flag.starts_with('-'))
+                    .map(str::to_owned)
+                    .collect()
+            };
+            let Some((own, global)) = help.split_once(&format!("\n{GLOBAL_HEADING}:\n")) else {
+                assert!(!help.contains("-dir"), "{}: {help}", cmd.get_name());
+                continue;
+            };
+            let name = cmd.get_name();
+            assert_eq!(
+                flags(global),
+                ["--state-dir", "--runtime-dir"],
+                "{name}: {help}"
+            );
+            assert!(
+                !flags(own).iter().any(|flag| flag.ends_with("-dir")),
+                "{name}: {help}"
+            );
+            checked += 1;
+        }
+        assert!(
+            checked >= 8,
+            "only {checked} commands list the directory flags"
+        );
     }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
