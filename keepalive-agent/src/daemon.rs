@@ -622,7 +622,7 @@ impl Daemon {
     }
 
     fn reload(&mut self) -> anyhow::Result<(String, Option<ApplyReport>)> {
-        self.transact(|daemon| {
+        let (mut message, report) = self.transact(|daemon| {
             let mut config = config::reload(
                 daemon.args.config.as_deref(),
                 daemon.config.file.as_deref(),
@@ -712,7 +712,11 @@ impl Daemon {
                 message.push_str(&format!("\nwarning: {note}"));
             }
             Ok(message)
-        })
+        })?;
+        for warning in self.shadowed_globs() {
+            message.push_str(&format!("\nwarning: {warning}"));
+        }
+        Ok((message, report))
     }
 
     /// The policy a `policy set` of `req` asks for. It changes `base`, the selector's current
@@ -963,7 +967,6 @@ impl Daemon {
     /// policy of their own: an emergency `--mode off` for `/pods/*` that leaves one out must
     /// say so.
     fn note_passed_over(&self, cgroup: &str, mut message: String) -> String {
-        const SHOWN: usize = 5;
         let Ok(selector) = Selector::parse(&self.cgroup2, cgroup) else {
             return message;
         };
@@ -973,27 +976,13 @@ impl Daemon {
         // Those it matches, and those below them with a policy of their own, where the
         // nearest policy applies.
         let text = selector.text();
-        let others: Vec<&CgroupPath> = self
-            .resolution
-            .entries
-            .values()
-            .filter(|entry| {
-                entry.selector != text
-                    && std::iter::successors(Some(entry.cgroup.clone()), |path| {
-                        path.split_last().map(|(parent, _)| parent)
-                    })
-                    .any(|path| selector.matches(&path))
-            })
-            .map(|entry| &entry.cgroup)
-            .collect();
-        let shown = |paths: &[&CgroupPath]| {
-            let mut shown: Vec<String> =
-                paths.iter().take(SHOWN).map(ToString::to_string).collect();
-            if paths.len() > SHOWN {
-                shown.push(format!("and {} more", paths.len() - SHOWN));
-            }
-            shown.join(", ")
-        };
+        let others = by_path_first(self.resolution.entries.values().filter(|entry| {
+            entry.selector != text
+                && std::iter::successors(Some(entry.cgroup.clone()), |path| {
+                    path.split_last().map(|(parent, _)| parent)
+                })
+                .any(|path| selector.matches(&path))
+        }));
         if !others.is_empty() {
             let one = others.len() == 1;
             message.push_str(&format!(
@@ -1038,6 +1027,32 @@ impl Daemon {
     /// path would otherwise leave its cgroup on the default without a word.
     fn config_warnings(&self) -> Vec<String> {
         self.config.pending(&self.cgroup2, &self.fixed.attach)
+    }
+
+    /// A warning for each glob of the config file that matches cgroups but decides none of
+    /// them: each gets the policy of a path, or of a glob before it in the file, so this one's
+    /// values apply nowhere, which a reordered file or a misplaced glob would otherwise do
+    /// without a word. Read from the resolution, so only after it was made from this config.
+    fn shadowed_globs(&self) -> Vec<String> {
+        self.config
+            .policies
+            .rules
+            .iter()
+            .filter(|rule| rule.selector.is_glob() && rule.spec.is_some())
+            .filter_map(|rule| {
+                let (won, others) = self.matched_entries(&rule.selector);
+                (won == 0 && !others.is_empty()).then(|| {
+                    format!(
+                        "{} (policy at {}) decides no cgroup: each it matches gets the policy \
+                         of its own path, or of a glob earlier in the file, as the first rule \
+                         that selects a cgroup decides and a path comes before a glob: {}",
+                        rule.selector.text(),
+                        rule.source,
+                        shown(&others)
+                    )
+                })
+            })
+            .collect()
     }
 
     /// `policy unset`: removes a runtime rule, or masks the config's policy for the cgroup.
@@ -1708,6 +1723,9 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     for warning in daemon.config_warnings() {
         log::warn!("{warning}");
     }
+    for warning in daemon.shadowed_globs() {
+        log::warn!("{warning}");
+    }
     // Existing connections get the table now; cgroups that changed since it was resolved are
     // already queued by the watcher and handled by the loop below. New connections get it
     // from the program already, so a pass that fails is tried again as later ones are, rather
@@ -1980,9 +1998,57 @@ fn release_free_memory() {
     unsafe { libc::malloc_trim(0) };
 }
 
+/// The first few of `paths`, for a warning, and how many more there are.
+fn shown(paths: &[&CgroupPath]) -> String {
+    const SHOWN: usize = 5;
+    let mut shown: Vec<String> = paths.iter().take(SHOWN).map(ToString::to_string).collect();
+    if paths.len() > SHOWN {
+        shown.push(format!("and {} more", paths.len() - SHOWN));
+    }
+    shown.join(", ")
+}
+
+/// The cgroups of `entries` in the order a warning names them: those with a policy by their
+/// own path first, which an operator set for that cgroup alone and may have forgotten, then
+/// those another glob gave one, each in cgroup id order. A warning names only the first few.
+fn by_path_first<'a>(entries: impl Iterator<Item = &'a policy::Entry>) -> Vec<&'a CgroupPath> {
+    let (by_path, by_glob): (Vec<_>, Vec<_>) =
+        entries.partition(|entry| entry.selector == entry.cgroup.to_string());
+    by_path
+        .into_iter()
+        .chain(by_glob)
+        .map(|entry| &entry.cgroup)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_glob_s_warning_names_the_cgroups_with_a_policy_by_path_first() {
+        let entry = |path: &str, selector: &str| policy::Entry {
+            cgroup: CgroupPath::root().join("pods").join(path),
+            spec: policy::BUILTIN_DEFAULT,
+            selector: selector.to_owned(),
+            source: policy::Source::Builtin,
+        };
+        let entries = [
+            entry("a", "/pods/[ab]"),
+            entry("b", "/pods/[ab]"),
+            entry("c", "/pods/c"),
+            entry("d", "/pods/[d-z]"),
+            entry("e", "/pods/e"),
+        ];
+        let names: Vec<String> = by_path_first(entries.iter())
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            names,
+            ["/pods/c", "/pods/e", "/pods/a", "/pods/b", "/pods/d"]
+        );
+    }
 
     #[test]
     fn a_rejection_says_the_previous_policy_stays_only_when_it_was_put_back() {

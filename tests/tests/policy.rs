@@ -2780,6 +2780,58 @@ fn config_policies_for_cgroups_that_do_not_exist_are_warned_about_by_check_run_a
 }
 
 #[test]
+fn a_config_glob_that_decides_no_cgroup_it_matches_is_warned_about_at_run_and_reload() {
+    let cg = TestCgroup::new("shadow");
+    let (a, b) = (cg.child("a"), cg.child("b"));
+    // `[ab]` comes after `*`, which decides b; a has a policy by path.
+    let rules = |globs: [(&str, u32); 2]| {
+        let mut text = format!("[[policy]]\ncgroup = \"{}/a\"\nidle = 20\n", cg.rel());
+        for (glob, idle) in globs {
+            text.push_str(&format!(
+                "\n[[policy]]\ncgroup = \"{}/{glob}\"\nidle = {idle}\n",
+                cg.rel()
+            ));
+        }
+        text
+    };
+    let config = write_config(&rules([("*", 30), ("[ab]", 40)]));
+    let path = config.to_str().unwrap();
+    let agent = Agent::start(&cg, &["--config", path]);
+    assert_eq!((idle_of(&a), idle_of(&b)), (20, 30));
+    let warning = |glob: &str, line: u32| {
+        format!(
+            "/{}/{glob} (policy at {path}:{line}) decides no cgroup: each it matches gets the \
+             policy of its own path, or of a glob earlier in the file, as the first rule that \
+             selects a cgroup decides and a path comes before a glob: /{}, /{}",
+            cg.rel(),
+            a.rel(),
+            b.rel()
+        )
+    };
+    let log = agent.log();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("WARN") && line.contains("decides no cgroup"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{log}");
+    assert!(warned[0].contains(&warning("[ab]", 9)), "{log}");
+    // Reordered, the other glob is the one that decides nothing; the reload's answer says so.
+    fs::write(&*config, rules([("[ab]", 40), ("*", 30)])).unwrap();
+    let out = stdout(&agent.cli_ok(&["policy", "reload"]));
+    assert_eq!((idle_of(&a), idle_of(&b)), (20, 40));
+    assert!(
+        out.contains(&format!("\nwarning: {}", warning("*", 9))),
+        "{out}"
+    );
+    assert_eq!(out.matches("decides no cgroup").count(), 1, "{out}");
+    // One that decides a cgroup is not warned about, even where others pass it over.
+    let c = cg.child("c");
+    let out = stdout(&agent.cli_ok(&["policy", "reload"]));
+    assert_eq!(idle_of(&c), 30);
+    assert!(!out.contains("decides no cgroup"), "{out}");
+}
+
+#[test]
 fn the_agent_holds_the_policy_table_it_replaced_until_the_next_swap() {
     // Kernels without the fix for CVE-2023-52447 free an inner map the moment its last
     // reference goes, while a program that looked it up may still read it. The agent keeps the
