@@ -956,7 +956,10 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
     ));
 
     if let Ok(cg) = &cgroup2 {
-        let ours = loader::pinned_sockops_link(&state).ok().flatten();
+        let pinned = loader::pinned_sockops_link(&state);
+        // Not "not attached" when the pin could not be read (not root, say): unknown.
+        let unreadable = pinned.as_ref().err().map(|err| format!("{err:#}"));
+        let ours = pinned.ok().flatten();
         // Where it is attached; `None` for a removed cgroup, whose link `run` replaces: it is
         // in nobody's way.
         let attached = ours.map(|info| {
@@ -1062,6 +1065,12 @@ pub fn run(target: Target<'_>, runtime_dir: &Path) -> Report {
             .iter()
             .find(|other| other.place == foreign::Place::Here);
         checks.push(match (pinned_id, wanted, direct, others.first()) {
+            _ if let Some(err) = &unreadable => item(
+                "keepalive",
+                Outcome::Warn,
+                format!("cannot tell whether keepalive is attached: {err}"),
+                Some("run `check` as root, which reads keepalive's pinned state"),
+            ),
             (_, Some((_, attach)), Some(other), _) => item(
                 "keepalive",
                 Outcome::Fail,

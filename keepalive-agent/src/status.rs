@@ -152,7 +152,14 @@ pub fn check_state_dir(state: &StateDir) -> anyhow::Result<()> {
         ))
         .into());
     }
-    if !state.root().exists() {
+    // `exists` would take a directory this process may not look into (its parent's mode) for
+    // one that does not exist, and tell a user without root that nothing is attached.
+    let missing = match std::fs::metadata(state.root()) {
+        Ok(_) => false,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => true,
+        Err(err) => return Err(pin_error(state.root(), err.into())),
+    };
+    if missing {
         return Err(Error::Agent(format!(
             "nothing is pinned at {}: the directory does not exist, so keepalive is not attached \
              with this state directory (start it with `keepalive-agent run`, or give the state \

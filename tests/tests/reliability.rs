@@ -1525,6 +1525,30 @@ fn an_unprivileged_user_can_neither_change_policy_nor_detach() {
     }
     assert_eq!(idle_of(&cg), 18, "nothing changed");
     assert_eq!(sockops_attachments(cg.path()), 1, "still attached");
+    // A state directory below one it may not look into (as below a bpffs that systemd, or
+    // the agent, mounted with mode 0700) is no missing one: not "nothing is pinned" (exit 7).
+    let hidden = dirs.state_dir.join("maps");
+    let mut cmd = std::process::Command::new(keepalive_tests::agent_bin());
+    cmd.arg("--state-dir").arg(&hidden).arg("status");
+    cmd.uid(65534).gid(65534);
+    let out = dirs.output(cmd);
+    assert_eq!(code(&out), 3, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("permission denied"),
+        "{}",
+        stderr(&out)
+    );
+    // `check` cannot tell whether keepalive is attached, and does not say it is not.
+    let out = as_nobody(&["check", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("check --json");
+    let item = check_item(&report, "keepalive");
+    assert_eq!(item["status"], "warn", "{item}");
+    assert!(
+        item["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("cannot tell whether keepalive is attached")),
+        "{item}"
+    );
     // Root-only on disk.
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dirs.state_dir), 0o700);
