@@ -181,6 +181,7 @@ impl Cgroup2 {
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
                 Err(Error::CgroupNotFound(path).into())
             }
+            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => Err(denied(&path, &err)),
             Err(err) => Err(err).with_context(|| format!("failed to stat {}", path.display())),
         }
     }
@@ -204,6 +205,7 @@ impl Cgroup2 {
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
                 Err(Error::CgroupNotFound(path).into())
             }
+            Err(err) if err.kind() == io::ErrorKind::PermissionDenied => Err(denied(&path, &err)),
             Err(err) => Err(err).with_context(|| format!("failed to open {}", path.display())),
         }
     }
@@ -441,6 +443,20 @@ impl fmt::Display for CgroupPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "/{}", self.0)
     }
+}
+
+/// A cgroup the agent may not look up: a directory on the way that root may not search (one a
+/// delegated user owns with mode 0700, say) without CAP_DAC_READ_SEARCH or CAP_DAC_OVERRIDE.
+/// Exit 3, which the unit does not retry: only a mode or a capability changed by hand helps.
+fn denied(path: &Path, err: &io::Error) -> anyhow::Error {
+    Error::Permission(format!(
+        "cannot look up the cgroup {}: {err}; a directory on the way may not be searched by \
+         the agent, which without CAP_DAC_READ_SEARCH has root's file permissions alone: make \
+         the directories on the way searchable (chmod o+x), or give the agent \
+         CAP_DAC_READ_SEARCH",
+        path.display()
+    ))
+    .into()
 }
 
 #[cfg(test)]

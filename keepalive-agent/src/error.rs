@@ -48,7 +48,9 @@ pub mod exit {
             PERMISSION,
             "permission denied: not root, or missing CAP_BPF, CAP_NET_ADMIN or CAP_PERFMON (or \
              CAP_NET_BIND_SERVICE for a metrics port below 1024), or the attach cgroup's parent \
-             may not be read to watch it (without CAP_DAC_READ_SEARCH)",
+             may not be read to watch it, or a directory on the way to the attach cgroup may \
+             not be searched (both without CAP_DAC_READ_SEARCH); `status`, `check` and \
+             `policy` commands: keepalive's state or control socket is root-only",
         ),
         (
             CGROUP,

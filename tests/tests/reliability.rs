@@ -3222,6 +3222,28 @@ fn an_attach_cgroup_whose_parent_cannot_be_watched_is_refused_with_exit_3() {
     assert_eq!(code(&out), 0, "{report:#}");
     // `run` took its lock there before it refused.
     std::fs::remove_dir_all(&dirs.runtime_dir).expect("runtime dir");
+    // A parent it may not even search (0700): the attach cgroup cannot be looked up. Exit 3
+    // too, naming what to change, not exit 1 with the bare error, which the unit retries.
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let mut cmd = dirs.command(&["run", "--cgroup", inner.path().to_str().unwrap()]);
+    // SAFETY: prctl calls only.
+    unsafe {
+        cmd.pre_exec(|| drop_caps_except(&GRANTED));
+    }
+    let out = dirs.output(cmd);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 3, "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot look up the cgroup {}",
+            inner.path().display()
+        )) && err.contains("chmod o+x")
+            && err.contains("CAP_DAC_READ_SEARCH"),
+        "{err}"
+    );
+    assert!(!dirs.state_dir.exists(), "nothing left pinned");
+    std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let _ = std::fs::remove_dir_all(&dirs.runtime_dir);
 }
 
 /// The same parent while inotify is short at start, which hides the watch's EACCES: the
