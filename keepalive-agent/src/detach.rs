@@ -63,7 +63,7 @@ pub fn detach(
     cgroup: Option<&str>,
 ) -> anyhow::Result<Vec<String>> {
     privileges::require_for("detach")?;
-    state.check_own()?;
+    state.check_own_to_detach()?;
     // Off bpffs nothing is pinned, and files named like pins are someone else's (exit 5, as
     // for `run`).
     crate::pin::bpffs_state(state.root())?;

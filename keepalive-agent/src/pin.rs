@@ -207,6 +207,23 @@ impl StateDir {
     /// state directory root-only and `detach` empties it, which must never happen to a
     /// directory other tools share. A directory that does not exist yet is fine.
     pub fn check_own(&self) -> anyhow::Result<()> {
+        self.check_own_then(&format!(
+            "give a directory of its own (default {DEFAULT_STATE_DIR}), which it makes root-only"
+        ))
+    }
+
+    /// [`StateDir::check_own`] for `detach`, whose refusal of a directory holding another
+    /// entry says how to get on with detaching: the pins may well be keepalive's, next to
+    /// something put there since.
+    pub fn check_own_to_detach(&self) -> anyhow::Result<()> {
+        self.check_own_then(
+            "detach removes nothing from a directory that is not keepalive's alone: move that \
+             entry out of it (it is not keepalive's) and run detach again",
+        )
+    }
+
+    /// [`StateDir::check_own`], refusing a directory with another entry with `advice`.
+    fn check_own_then(&self, advice: &str) -> anyhow::Result<()> {
         let Ok(dir) = fs::canonicalize(&self.root) else {
             return Ok(());
         };
@@ -233,8 +250,7 @@ impl StateDir {
             .find(|name| !is_own_entry(name));
         if let Some(name) = foreign {
             return Err(self.refused(format!(
-                "state directory {} holds {} and is not keepalive's own; give a directory of \
-                 its own (default {DEFAULT_STATE_DIR}), which it makes root-only",
+                "state directory {} holds {} and is not keepalive's own; {advice}",
                 self.root.display(),
                 name.to_string_lossy()
             )));

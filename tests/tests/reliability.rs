@@ -1325,10 +1325,20 @@ fn another_tools_directory_is_refused_as_state_directory_and_left_as_it_was() {
     let tool = dirs.state_dir.join("othertool");
     std::fs::create_dir_all(&tool).unwrap();
     std::fs::set_permissions(&dirs.state_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    for args in [&run_args(&cg)[..], &["detach"]] {
+    // Each says what to do next: `run` needs another directory, `detach` this one cleared.
+    for (args, advice) in [
+        (&run_args(&cg)[..], "give a directory of its own"),
+        (
+            &["detach"],
+            "detach removes nothing from a directory that is not keepalive's alone: move that \
+             entry out of it (it is not keepalive's) and run detach again",
+        ),
+    ] {
         let err = refused(&dirs.cli(args), 2, &cg);
         assert!(
-            err.contains("holds othertool and is not keepalive's own"),
+            err.contains(&format!(
+                "holds othertool and is not keepalive's own; {advice}"
+            )),
             "{args:?}: {err}"
         );
     }
@@ -3255,6 +3265,10 @@ fn an_attach_cgroup_whose_parent_cannot_be_watched_is_refused_with_exit_3() {
 fn an_unwatchable_parent_hidden_by_an_inotify_shortage_ends_the_agent_with_exit_3() {
     use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
     const USER: u32 = 64_923;
+    // The agent runs as another user, who may not look into a /sys/fs/bpf mounted with mode
+    // 0700 (as systemd, and the agent itself, mount it): its state goes on a bpffs of its own,
+    // which a new mount makes open to all, as xtask's mount of /sys/fs/bpf is.
+    let bpffs = BpffsAt::new("unwatchshort");
     let parent = TestCgroup::new("unwatchshort");
     let inner = parent.child("inner");
     let chmod = |mode| {
@@ -3264,7 +3278,8 @@ fn an_unwatchable_parent_hidden_by_an_inotify_shortage_ends_the_agent_with_exit_
     std::os::unix::fs::chown(parent.path(), Some(65534), Some(65534)).expect("chown");
     chmod(0o711);
     let holder = hold_inotify_instances(USER, 0);
-    let dirs = AgentDirs::new();
+    let mut dirs = AgentDirs::new();
+    dirs.state_dir = bpffs.path().join("state");
     std::fs::create_dir(&dirs.runtime_dir).expect("runtime dir");
     std::os::unix::fs::chown(&dirs.runtime_dir, Some(USER), Some(USER)).expect("chown");
     let run = || {
@@ -3321,6 +3336,29 @@ fn an_unwatchable_parent_hidden_by_an_inotify_shortage_ends_the_agent_with_exit_
     );
     assert_eq!(idle_of(&inner), 31, "the pinned enforcement stays");
     dirs.cli_ok(&["detach"]);
+}
+
+/// A new bpffs mounted at a temporary directory, unmounted when dropped.
+struct BpffsAt(TempDir);
+
+impl BpffsAt {
+    fn new(label: &str) -> Self {
+        let dir = TempDir::new(label);
+        let path = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+        keepalive_tests::mount_new(c"bpf", &path, 0).expect("mount bpffs");
+        Self(dir)
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.0.path()
+    }
+}
+
+impl Drop for BpffsAt {
+    fn drop(&mut self) {
+        let path = std::ffi::CString::new(self.0.path().to_str().unwrap()).unwrap();
+        let _ = umount(&path);
+    }
 }
 
 /// The attach cgroup removed and made again under its name while an agent starts (a service
