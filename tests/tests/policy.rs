@@ -1727,7 +1727,9 @@ fn runtime_policies_stop_where_a_config_would() {
     let out = agent.cli(&["policy", "set", other.rel(), "--idle", "32"]);
     assert_eq!(code(&out), 2, "one beyond the limit: {}", stderr(&out));
     assert!(
-        stderr(&out).contains(&format!("already number {max}, and at most {max}")),
+        stderr(&out).contains(&format!(
+            "already select {max} cgroups and globs besides the attach cgroup, and at most {max}"
+        )),
         "{}",
         stderr(&out)
     );
@@ -1761,6 +1763,12 @@ fn runtime_policies_stop_where_a_config_would() {
     assert_eq!(idle_of(&parent), 44);
     let out = agent.cli(&["policy", "set", svc.rel(), "--idle", "34"]);
     assert_eq!(code(&out), 2, "still no room for another: {}", stderr(&out));
+    // The overrides take no room, so the refusal does not count them either.
+    assert!(
+        stderr(&out).contains(&format!("already select {max} cgroups and globs")),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]
@@ -2695,6 +2703,31 @@ fn exact_paths_outrank_globs_also_across_runtime_and_config() {
     assert_eq!(code(&out), 2, "{err}");
     assert!(err.contains("already unset"), "{err}");
     assert_eq!((idle_of(&db), idle_of(&web)), (44, 60));
+    // Nor can a path the masked glob decided be masked again on its own.
+    let out = agent.cli(&["policy", "unset", web.rel()]);
+    let err = stderr(&out);
+    assert_eq!(code(&out), 2, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} has no policy to unset: the config's policy for /{glob} that selected it is \
+             unset already",
+            web.display()
+        )),
+        "{err}"
+    );
+    // `policy list` names the masked glob as masked, not as a rule that selects nothing, also
+    // beside a path of its that is masked as well.
+    agent.cli_ok(&["policy", "unset", db.rel()]);
+    let out = agent.cli_ok(&["policy", "list"]);
+    let list = stdout(&out);
+    assert!(!list.contains("pending"), "{list}");
+    for masked in [format!("/{glob}"), db.display()] {
+        assert!(
+            list.contains(&format!("{masked} (unset at runtime until the next reload")),
+            "{list}"
+        );
+    }
+    assert_eq!((idle_of(&db), idle_of(&web)), (60, 60));
     // A path the config's glob selects can be masked on its own, by name, also before it
     // exists; one the glob does not select (it matches only its own depth) cannot.
     agent.cli_ok(&["policy", "reload"]);

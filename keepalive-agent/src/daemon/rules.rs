@@ -2,6 +2,7 @@
 //! `list` and `reload` against the config, made whole or not at all, and the warnings their
 //! answers carry about what other rules leave of a change.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use super::{Daemon, Fixed, describe_spec, log_outcome, overrides_from, what_stays};
@@ -245,25 +246,30 @@ impl Daemon {
         Some((entry.spec, all, from))
     }
 
-    /// Refuses a runtime rule for `text` that would be one more than a config may hold:
-    /// every change walks the file system for each rule, and a loop of `policy set` must not
-    /// grow that without bound. Replacing a runtime or config rule needs no room, nor does one
-    /// for the attach cgroup itself, so a full config can still be overridden (`--mode off`,
-    /// say); both are bounded.
+    /// Refuses a runtime rule for `text` that would select one more cgroup or glob than a
+    /// config may hold: every change walks the file system for each rule, and a loop of
+    /// `policy set` must not grow that without bound. Replacing or masking a runtime or config
+    /// rule needs no room, nor does one for the attach cgroup itself, so a full config can
+    /// still be overridden (`--mode off`, say); both are bounded. What is counted is what
+    /// the limit is about, so the refusal never quotes more than the limit.
     fn room_for(&self, text: &str) -> anyhow::Result<()> {
         let max = keepalive_common::MAX_POLICIES as usize;
-        let held = self.runtime.len() + self.config.policies.rules.len();
-        let replaces = self
+        let attach = self.fixed.attach.to_string();
+        let selected: HashSet<String> = self
             .runtime
             .iter()
             .chain(&self.config.policies.rules)
-            .any(|r| r.selector.text() == text);
-        if held < max || replaces || text == self.fixed.attach.to_string() {
+            .map(|r| r.selector.text())
+            .filter(|selected| *selected != attach)
+            .collect();
+        if selected.len() < max || selected.contains(text) || text == attach {
             return Ok(());
         }
         Err(usage(format!(
-            "{text}: the config and runtime policies already number {held}, and at most \
-             {max} are supported; `policy unset` a runtime policy or `reload` to drop them all"
+            "{text}: the config and runtime policies already select {} cgroups and globs \
+             besides the attach cgroup, and at most {max} are supported; `policy unset` a \
+             runtime policy or `reload` to drop them all",
+            selected.len()
         )))
     }
 
@@ -482,6 +488,20 @@ impl Daemon {
         }
         // A mask outside the attach cgroup would be taken and do nothing.
         selector.check_reaches(&self.fixed.attach).map_err(usage)?;
+        // A path that a masked glob decides has no policy to take away: a mask of it would
+        // change nothing, and `policy list` would show it as one.
+        if let Selector::Exact(path) = &selector
+            && let Some(mask) = self
+                .rules()
+                .find(|r| r.selector.matches(path))
+                .filter(|r| r.spec.is_none())
+        {
+            return Err(usage(format!(
+                "{text} has no policy to unset: the config's policy for {} that selected it is \
+                 unset already, until the next reload; `policy set {text}` gives it one",
+                mask.selector.text()
+            )));
+        }
         // By name: whether the cgroup exists, or can be listed, does not matter.
         let covered = self.config.policies.rules.iter().any(|r| {
             r.selector.text() == text
@@ -563,8 +583,12 @@ impl Daemon {
                 &entry.source,
             ));
         }
+        let mut seen = HashSet::new();
         let pending = self
             .rules()
+            // A config rule that a runtime rule of the same text replaces or masks is no rule
+            // in force: `policy list` names the mask, and the replacement has the rows.
+            .filter(|rule| seen.insert(rule.selector.text()))
             .filter_map(|rule| {
                 let why = self.selects_nothing(&rule.selector).or_else(|| {
                     let (won, others) = self.matched_entries(&rule.selector);
