@@ -398,7 +398,8 @@ pub struct InstallArgs {
     /// below --root); the unit's ExecStart names it, and systemd takes only absolute paths.
     #[arg(long, value_name = "DIR", default_value = "/usr/local/sbin", value_parser = pin::parse_dir)]
     pub bindir: PathBuf,
-    /// Replace an existing config file (by default an existing one is kept).
+    /// Replace an existing config file (by default an existing one is kept); the one
+    /// replaced is kept as config.toml.bak beside it, replacing an earlier copy.
     #[arg(long)]
     pub force_config: bool,
 }

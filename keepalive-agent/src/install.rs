@@ -80,6 +80,28 @@ fn fs_error(path: &Path, err: std::io::Error) -> anyhow::Error {
     }
 }
 
+/// Keeps the config that `--force-config` is about to replace as `config.toml.bak` beside it,
+/// so a config with policies is not lost to the flag: one copy, the latest (as dpkg's
+/// `.dpkg-old`), a hard link, so it keeps the owner and mode. A config that is missing or is
+/// the default already needs none.
+fn save_replaced(config: &Path) -> anyhow::Result<Option<PathBuf>> {
+    match fs::read(config) {
+        Ok(old) if old != DEFAULT_CONFIG_TEXT.as_bytes() => {}
+        Ok(_) => return Ok(None),
+        Err(err) if err.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(err) => return Err(fs_error(config, err)),
+    }
+    let mut name = config.as_os_str().to_owned();
+    name.push(".bak");
+    let saved = PathBuf::from(name);
+    match fs::remove_file(&saved) {
+        Err(err) if err.kind() != ErrorKind::NotFound => return Err(fs_error(&saved, err)),
+        _ => {}
+    }
+    fs::hard_link(config, &saved).map_err(|err| fs_error(&saved, err))?;
+    Ok(Some(saved))
+}
+
 /// The unit text with `ExecStart` and `ExecReload` pointing at `binary`.
 pub fn unit_for(binary: &Path) -> String {
     UNIT.replace(UNIT_BINARY, &binary.display().to_string())
@@ -261,6 +283,13 @@ pub fn install(args: &InstallArgs, report: &mut dyn FnMut(String)) -> anyhow::Re
         ));
     }
 
+    // Before anything is written, so a config that cannot be kept fails the install whole.
+    let saved = if keep_config {
+        None
+    } else {
+        save_replaced(&config)?
+    };
+
     let binary = args.bindir.join("keepalive-agent");
     let exe = std::env::current_exe().context("cannot find this executable")?;
     let bytes = fs::read(&exe).with_context(|| format!("failed to read {}", exe.display()))?;
@@ -287,7 +316,15 @@ pub fn install(args: &InstallArgs, report: &mut dyn FnMut(String)) -> anyhow::Re
             ),
             None => format!("kept existing {}", config.display()),
         }),
-        (_, false) => report(put(&config, DEFAULT_CONFIG_TEXT.as_bytes(), 0o644)?.1),
+        (_, false) => {
+            report(put(&config, DEFAULT_CONFIG_TEXT.as_bytes(), 0o644)?.1);
+            if let Some(saved) = saved {
+                report(format!(
+                    "kept the config it replaced as {}; the agent does not read it",
+                    saved.display()
+                ));
+            }
+        }
     }
 
     let man = under(&args.root, Path::new("/usr/local/share/man/man1"));

@@ -712,6 +712,7 @@ fn install_makes_its_files_readable_by_everyone_under_a_tight_umask() {
 
 #[test]
 fn install_refuses_directories_the_unit_would_drop_and_honours_bindir() {
+    use std::os::unix::fs::PermissionsExt as _;
     let root = tempdir("install-dirs");
     // The unit runs the agent with neither directory flag, so install takes neither: it says
     // where to set them instead (exit 2), and writes nothing.
@@ -768,14 +769,40 @@ fn install_refuses_directories_the_unit_would_drop_and_honours_bindir() {
         unit.contains("ExecReload=/opt/ka/bin/keepalive-agent policy reload"),
         "{unit}"
     );
-    // --force-config replaces an edited config.
+    // --force-config replaces an edited config, and keeps it beside the new one, the latest
+    // only: a later edit's copy replaces the earlier one's, and the default is not kept.
     let config = root.join("etc/keepalive-agent/config.toml");
-    std::fs::write(&config, "# mine\n").unwrap();
-    let out = install_with(&root, &[], &["--bindir", "/opt/ka/bin", "--force-config"]);
-    assert!(out.status.success());
-    assert_eq!(
-        std::fs::read_to_string(&config).unwrap(),
-        install::DEFAULT_CONFIG_TEXT
-    );
+    let saved = root.join("etc/keepalive-agent/config.toml.bak");
+    let force = || {
+        let out = install_with(&root, &[], &["--bindir", "/opt/ka/bin", "--force-config"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            std::fs::read_to_string(&config).unwrap(),
+            install::DEFAULT_CONFIG_TEXT
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    for mine in ["# mine\n", "# mine, later\n"] {
+        std::fs::write(&config, mine).unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let out = force();
+        assert!(
+            out.contains(&format!(
+                "kept the config it replaced as {}",
+                saved.display()
+            )),
+            "{out}"
+        );
+        assert_eq!(std::fs::read_to_string(&saved).unwrap(), mine);
+        let mode = std::fs::metadata(&saved).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the copy keeps the file's mode");
+    }
+    let out = force();
+    assert!(!out.contains("kept the config"), "{out}");
+    assert_eq!(std::fs::read_to_string(&saved).unwrap(), "# mine, later\n");
     std::fs::remove_dir_all(root).unwrap();
 }
