@@ -188,6 +188,29 @@ impl<W: io::Write> io::Write for Noting<W> {
     }
 }
 
+/// The document for a command line the parser rejects when it asks for `--json` (`args` as
+/// the process got them): `ok` (false), `error` and `code` (2), as for a refusal after
+/// parsing, so a script that asked for JSON gets it whichever check refused the line. The
+/// message goes to stderr as well. Help and version are no failures, and get none.
+pub fn cli_error_document(
+    err: &clap::Error,
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Option<String> {
+    let json = args
+        .into_iter()
+        .skip(1)
+        .take_while(|arg| arg != "--")
+        .any(|arg| arg == "--json");
+    if !json || !err.use_stderr() {
+        return None;
+    }
+    // The message without clap's "error: " and the advice to try --help that follows it.
+    let text = err.render().to_string();
+    let message = text.split("\n\n").next().unwrap_or_default().trim_end();
+    let message = message.strip_prefix("error: ").unwrap_or(message);
+    serde_json::to_string(&Response::failure(&crate::error::usage(message))).ok()
+}
+
 /// `status`. With `--json`, a failure before the document began is a document too, as the
 /// `policy` commands' are: `ok`, `error` and `code`; the message also goes to stderr, and the
 /// exit code says the same.
@@ -389,5 +412,37 @@ mod tests {
                 && !table.ends_with("\n\n"),
             "{table:?}"
         );
+    }
+
+    #[test]
+    fn a_rejected_command_line_asking_for_json_gets_a_document() {
+        let document = |args: &[&str]| {
+            let args: Vec<std::ffi::OsString> = std::iter::once("keepalive-agent")
+                .chain(args.iter().copied())
+                .map(Into::into)
+                .collect();
+            let err = crate::cli::finish(<Cli as clap::CommandFactory>::command())
+                .try_get_matches_from(&args)
+                .expect_err("rejected");
+            cli_error_document(&err, args)
+        };
+        let got = document(&["status", "--json", "--port", "0"]).expect("a document");
+        let got: serde_json::Value = serde_json::from_str(&got).unwrap();
+        assert_eq!(
+            (&got["ok"], &got["code"]),
+            (&false.into(), &2.into()),
+            "{got}"
+        );
+        let error = got["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("invalid value '0' for '--port <N>'"),
+            "{error}"
+        );
+        assert!(!error.contains("--help"), "{error}");
+        assert!(document(&["policy", "set", "/x", "--idle", "0", "--json"]).is_some());
+        // Without --json, or only after `--`, or for help, there is none.
+        assert!(document(&["status", "--port", "0"]).is_none());
+        assert!(document(&["policy", "set", "--idle", "0", "--", "--json"]).is_none());
+        assert!(document(&["status", "--json", "--help"]).is_none());
     }
 }

@@ -43,6 +43,25 @@ fn status_without_an_agent_exits_7_with_one_line_and_a_json_failure() {
             "{args:?}: {err}"
         );
     }
+    // So is a command line the parser rejects, whichever check refused it.
+    let out = dirs.cli(&["status", "--json", "--port", "0"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    let document: Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    assert_eq!(
+        (&document["ok"], &document["code"]),
+        (&false.into(), &2.into())
+    );
+    assert!(
+        document["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("invalid value '0' for '--port <N>'")),
+        "{document}"
+    );
+    assert!(
+        stderr(&out).contains("invalid value '0'"),
+        "{}",
+        stderr(&out)
+    );
     // A directory keepalive can never have pinned anything in is not "not attached".
     for (state_dir, want, says) in [
         ("/tmp", 5, "state directory /tmp is not on a bpf filesystem"),
