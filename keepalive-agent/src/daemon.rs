@@ -101,6 +101,97 @@ impl Fixed {
         })
     }
 
+    /// A warning for each setting of `config`'s file that a flag given to `run` overrides
+    /// with another value, at start and at each reload: `check`, `status` and `detach` read the
+    /// file, and a start without the flag would take the file's, so it no longer tells what
+    /// runs. (The `[default]` values' flags have theirs from [`Config::apply_overrides`].)
+    fn flag_notes(&self, config: &Config, cgroup2: &Cgroup2) -> Vec<String> {
+        let Some(file) = &config.file else {
+            return Vec::new();
+        };
+        let file = file.display();
+        let at = |line: Option<usize>| match line {
+            Some(line) => format!("{file}:{line}"),
+            None => file.to_string(),
+        };
+        let mut notes = Vec::new();
+        let mut note = |flag: &str, given: String, key: &str, in_file: String, line, then: &str| {
+            notes.push(format!(
+                "--{flag} {given} given to `run` takes the place of {key} = {in_file} at {}; \
+                 {then}",
+                at(line)
+            ));
+        };
+        // Compared as cgroups: spelt otherwise, the same one is no override.
+        if let Some((text, line)) = &config.attach
+            && config
+                .attach_cgroup(None, cgroup2)
+                .is_ok_and(|path| path != self.attach)
+        {
+            note(
+                "cgroup",
+                self.attach.to_string(),
+                "attach",
+                format!("{text:?}"),
+                Some(*line),
+                "`check` reads the file's, and a start without --cgroup would refuse to move \
+                 enforcement there (exit 7)",
+            );
+        }
+        if let Some(state) = &config.state_dir
+            && state.root() != self.state.root()
+        {
+            note(
+                "state-dir",
+                self.state.root().display().to_string(),
+                "state_dir",
+                format!("{:?}", state.root().display().to_string()),
+                state.line(),
+                "`status`, `detach` and `check` find this agent's state only when given the \
+                 same --state-dir",
+            );
+        }
+        if let Some(metrics) = config.metrics
+            && self.metrics != Some(metrics)
+        {
+            let given = self.metrics.map_or("off".to_owned(), |a| a.to_string());
+            note(
+                "metrics",
+                given,
+                "metrics",
+                format!("\"{metrics}\""),
+                None,
+                "`check` checks the file's",
+            );
+        }
+        for (flag, given, in_file) in [
+            (
+                "max-tracked-cgroups",
+                self.max_tracked_cgroups,
+                config.max_tracked_cgroups,
+            ),
+            (
+                "max-tracked-sockets",
+                self.max_tracked_sockets,
+                config.max_tracked_sockets,
+            ),
+        ] {
+            if let (Some(given), Some(in_file)) = (given, in_file)
+                && given != in_file
+            {
+                note(
+                    flag,
+                    given.to_string(),
+                    &flag.replace('-', "_"),
+                    in_file.to_string(),
+                    None,
+                    "a start without the flag would size new maps from the file",
+                );
+            }
+        }
+        notes
+    }
+
     /// How a restart with `next` would differ from the running agent, each with what it takes.
     fn changes(&self, next: &Self) -> Vec<String> {
         let mut notes = Vec::new();
@@ -815,16 +906,8 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         log::warn!("{note}");
     }
     let fixed = Fixed::resolve(globals.state_dir.as_deref(), &args, &config, &cgroup2)?;
-    // `status`, `detach` and `check` without --state-dir look where the config says.
-    if let (Some(given), Some(file)) = (&globals.state_dir, &config.state_dir)
-        && given != file.root()
-    {
-        log::warn!(
-            "--state-dir {} overrides the config's state_dir = {}: `status`, `detach` and \
-             `check` find this agent's state only when given the same --state-dir",
-            given.display(),
-            file.root().display()
-        );
+    for note in fixed.flag_notes(&config, &cgroup2) {
+        log::warn!("{note}");
     }
     let attach = fixed.attach.clone();
     let attach_path = cgroup2.abs(&attach);

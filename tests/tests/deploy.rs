@@ -15,7 +15,7 @@ use keepalive_tests::{
     Agent, AgentDirs, DetachOnDrop, GRANTED, Netns, Proc, TestCgroup, agent_bin,
     agent_in_private_mounts, cgroup2_mount, check_item, code, count_between, drop_caps_except,
     free_port, hide_with_tmpfs, in_private_mounts, mount_new, require_root, sock_bin,
-    sockops_attachments, stderr, umount, values, write_config,
+    sockops_attachments, stderr, stdout, umount, values, write_config,
 };
 use serde_json::Value;
 
@@ -294,27 +294,73 @@ fn a_state_directory_the_agent_may_only_read_exits_5_and_check_warns_off_sys_fs_
     );
 }
 
-/// `status`, `detach` and `check` without --state-dir look where the config says, so `run`
-/// given another warns.
+/// `status`, `detach` and `check` without --state-dir (or --cgroup) look where the config
+/// says, so `run` given another warns, at start and at each reload: a file that names another
+/// one is taken up without its `attach` or `state_dir` applying.
 #[test]
-fn run_warns_when_its_state_dir_overrides_the_configs() {
+fn run_warns_when_its_state_dir_or_cgroup_overrides_the_configs() {
     let cg = TestCgroup::new("statedirflag");
     let dirs = AgentDirs::new();
     let elsewhere = AgentDirs::new().state_dir;
-    let config = write_config(&format!("state_dir = \"{}\"\n", elsewhere.display()));
-    let agent = Agent::start_in(&dirs, &cg, &["--config", config.to_str().unwrap()]);
-    let warning = format!(
-        "--state-dir {} overrides the config's state_dir = {}",
-        dirs.state_dir.display(),
-        elsewhere.display()
+    let metrics = format!("127.0.0.1:{}", free_port());
+    let file = |state_dir: &std::path::Path, attach: &str, metrics: &str| {
+        format!(
+            "state_dir = \"{}\"\nattach = \"{attach}\"\nmetrics = \"{metrics}\"\n",
+            state_dir.display()
+        )
+    };
+    let config = write_config(&file(&elsewhere, "/ka-nowhere", "127.0.0.1:1"));
+    let agent = Agent::start_in(
+        &dirs,
+        &cg,
+        &["--config", config.to_str().unwrap(), "--metrics", &metrics],
     );
-    assert!(agent.log().contains(&warning), "{}", agent.log());
+    let warnings = |state_dir: &std::path::Path, attach: &str| {
+        [
+            format!(
+                "--state-dir {} given to `run` takes the place of state_dir = \"{}\" at {}:1; \
+                 `status`, `detach` and `check` find this agent's state only when given the \
+                 same --state-dir",
+                dirs.state_dir.display(),
+                state_dir.display(),
+                config.display()
+            ),
+            format!(
+                "--cgroup {} given to `run` takes the place of attach = \"{attach}\" at {}:2",
+                cg.display(),
+                config.display()
+            ),
+            format!(
+                "--metrics {metrics} given to `run` takes the place of metrics = \
+                 \"127.0.0.1:1\" at {}",
+                config.display()
+            ),
+        ]
+    };
+    for warning in warnings(&elsewhere, "/ka-nowhere") {
+        assert!(agent.log().contains(&warning), "{warning}\n{}", agent.log());
+    }
     assert!(dirs.state_dir.exists() && !elsewhere.exists());
-    // The same directory named twice is no override.
+    // A reload says so again, also for values the file did not have before.
+    let other = AgentDirs::new().state_dir;
+    std::fs::write(&config, file(&other, "/ka-elsewhere", "127.0.0.1:1")).unwrap();
+    let out = agent.cli_ok(&["policy", "reload"]);
+    for warning in warnings(&other, "/ka-elsewhere") {
+        assert!(
+            stdout(&out).contains(&format!("warning: {warning}")),
+            "{warning}\n{}",
+            stdout(&out)
+        );
+    }
+    // The same directory and cgroup named twice, spelt otherwise, are no override.
     drop(agent);
-    let same = write_config(&format!("state_dir = \"{}\"\n", dirs.state_dir.display()));
-    let agent = Agent::start_in(&dirs, &cg, &["--config", same.to_str().unwrap()]);
-    assert!(!agent.log().contains("overrides"), "{}", agent.log());
+    let same = write_config(&file(&dirs.state_dir, &format!("{}/", cg.rel()), &metrics));
+    let agent = Agent::start_in(
+        &dirs,
+        &cg,
+        &["--config", same.to_str().unwrap(), "--metrics", &metrics],
+    );
+    assert!(!agent.log().contains("takes the place"), "{}", agent.log());
 }
 
 #[test]

@@ -35,6 +35,7 @@ impl Daemon {
                 &daemon.cgroup2,
             )?;
             let notes = daemon.fixed.changes(&next);
+            let flagged = next.flag_notes(&config, &daemon.cgroup2);
             // Policies moved along with `attach` fall outside the running one: say why, and
             // what moving enforcement takes, not only which policy is out of scope.
             if let Err(err) = config.check_scope(&daemon.fixed.attach) {
@@ -104,6 +105,7 @@ impl Daemon {
             };
             for note in notes
                 .into_iter()
+                .chain(flagged)
                 .chain(overridden)
                 .chain(dropped)
                 .chain(daemon.config_warnings())
