@@ -545,6 +545,13 @@ fn builtin() -> Config {
     }
 }
 
+/// Why the agent would refuse `file` for what it is (a directory, a FIFO: see [`read_text`]),
+/// if it would; `None` also when it cannot be read.
+pub fn refused_kind(file: &Path) -> Option<String> {
+    let meta = std::fs::metadata(file).ok()?;
+    (!meta.is_file()).then(|| format!("it is {}, not a regular file", file_kind(&meta)))
+}
+
 /// Why the agent would refuse `file` for its owner or mode (see [`check_owner`]), if it would;
 /// `None` also when it cannot be read.
 pub fn refused_owner(file: &Path) -> Option<String> {

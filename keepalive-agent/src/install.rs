@@ -28,6 +28,9 @@ const UNIT_BINARY: &str = "/usr/local/sbin/keepalive-agent";
 /// it; below a staging root, by its mode alone, as the owners there are the package's to set.
 fn staged_reason(root: &Path, config: &Path) -> Option<String> {
     // A root that leads to `/` (`/tmp/..`) is the host, as xtask takes it.
+    if let Some(reason) = crate::config::refused_kind(config) {
+        return Some(reason);
+    }
     let root = fs::canonicalize(root).unwrap_or_else(|_| root.to_owned());
     if root.components().eq(Path::new("/").components()) {
         crate::config::refused_owner(config)
@@ -265,6 +268,17 @@ pub fn install(args: &InstallArgs, report: &mut dyn FnMut(String)) -> anyhow::Re
             config.display(),
             target.display(),
             target.display()
+        )));
+    }
+    // Nor does it replace a directory (or a FIFO) in the config's place: that is no config
+    // file the flag was meant for, and it would fail midway, after the binary and the unit.
+    if args.force_config
+        && let Some(reason) = crate::config::refused_kind(&config)
+    {
+        return Err(usage(format!(
+            "{}: {reason}; --force-config replaces a config file only: move it away, then \
+             install again; nothing was installed",
+            config.display()
         )));
     }
     let dangling = crate::config::dangling_link(&config);

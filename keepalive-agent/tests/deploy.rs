@@ -804,5 +804,37 @@ fn install_refuses_directories_the_unit_would_drop_and_honours_bindir() {
     let out = force();
     assert!(!out.contains("kept the config"), "{out}");
     assert_eq!(std::fs::read_to_string(&saved).unwrap(), "# mine, later\n");
+    // A directory in the config's place is kept with the reason the agent refuses it, and
+    // --force-config refuses it before writing anything.
+    std::fs::remove_file(&config).unwrap();
+    std::fs::create_dir(&config).unwrap();
+    let out = install_with(&root, &[], &["--bindir", "/opt/ka/bin"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!(
+            "kept existing {}, which the agent refuses as it is: it is a directory, not a \
+             regular file",
+            config.display()
+        )),
+        "{text}"
+    );
+    let binary = root.join("opt/ka/bin/keepalive-agent");
+    std::fs::remove_file(&binary).unwrap();
+    let out = install_with(&root, &[], &["--bindir", "/opt/ka/bin", "--force-config"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(
+            "it is a directory, not a regular file; --force-config replaces a config file only"
+        ),
+        "{err}"
+    );
+    assert!(!binary.exists(), "nothing was installed");
+    assert!(config.is_dir());
     std::fs::remove_dir_all(root).unwrap();
 }
