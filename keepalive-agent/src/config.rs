@@ -938,7 +938,7 @@ impl Config {
 
 /// The one cgroup to attach to. A pattern is refused: it would name no cgroup, and `run`
 /// would wait for one that never appears.
-fn parse_attach(cgroup2: &Cgroup2, spec: &str) -> anyhow::Result<CgroupPath> {
+pub fn parse_attach(cgroup2: &Cgroup2, spec: &str) -> anyhow::Result<CgroupPath> {
     let path = cgroup2.parse(spec)?;
     if path.components().any(policy::is_glob) {
         return Err(usage(format!(

@@ -63,6 +63,11 @@ pub fn detach(
     cgroup: Option<&str>,
 ) -> anyhow::Result<Vec<String>> {
     privileges::require_for("detach")?;
+    // The command line first: `--cgroup` names one cgroup, as `run`'s does (exit 2).
+    let wanted = match cgroup {
+        Some(spec) => Some(crate::config::parse_attach(&Cgroup2::find()?, spec)?),
+        None => None,
+    };
     state.check_own_to_detach()?;
     // Off bpffs nothing is pinned, and files named like pins are someone else's (exit 5, as
     // for `run`).
@@ -114,8 +119,7 @@ pub fn detach(
     // what is left (or nothing) goes as without it, so a cleanup can run twice, also after it
     // removed the cgroup. A cgroup that no longer exists may have been the one of enforcement
     // on a removed cgroup, which covers nothing; enforcement on one that exists is elsewhere.
-    if let Some(wanted) = cgroup {
-        let wanted = cgroup2.parse(wanted)?;
+    if let Some(wanted) = wanted {
         let wanted_id = match cgroup2.existing_id(&wanted) {
             Ok(id) => Some(id),
             Err(err) if matches!(err.downcast_ref(), Some(Error::CgroupNotFound(_))) => None,

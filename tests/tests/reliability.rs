@@ -1934,8 +1934,19 @@ fn detach_cgroup_checks_where_enforcement_is() {
     let a = TestCgroup::new("detach-a");
     let b = TestCgroup::new("detach-b");
     let mut agent = Agent::start(&a, &[]);
+    // `--cgroup` names one cgroup, as `run`'s does: a pattern or nothing is a bad command
+    // line (exit 2), which comes before the agent that runs (exit 7).
+    let pattern = format!("{}/*", b.display());
+    for (wanted, says) in [(pattern.as_str(), "is a pattern"), ("", "")] {
+        let out = agent.dirs().cli(&["detach", "--cgroup", wanted]);
+        assert_eq!(code(&out), 2, "{wanted:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(says), "{}", stderr(&out));
+    }
     agent.stop_with(libc::SIGTERM);
     let dirs = agent.dirs();
+    let out = dirs.cli(&["detach", "--cgroup", &pattern]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert_eq!(sockops_attachments(a.path()), 1, "nothing detached");
     let out = dirs.cli(&["detach", "--cgroup", b.path().to_str().unwrap()]);
     assert_eq!(code(&out), 7, "attached elsewhere: {}", stderr(&out));
     // A cgroup that does not exist was not the one of enforcement on one that does.
