@@ -416,6 +416,14 @@ fn call_within(
                 })
                 .into()
             }
+            // A file given for the directory (the socket itself, say): no agent can be there.
+            std::io::ErrorKind::NotADirectory => Error::Usage(format!(
+                "runtime directory {} is, or is below, a file, not a directory, so no agent \
+                 listens there; give the runtime directory the agent runs with (default {})",
+                runtime_dir.display(),
+                crate::cli::DEFAULT_RUNTIME_DIR
+            ))
+            .into(),
             _ => {
                 anyhow::Error::new(err).context(format!("failed to connect to {}", path.display()))
             }

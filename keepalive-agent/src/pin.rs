@@ -224,9 +224,24 @@ impl StateDir {
 
     /// [`StateDir::check_own`], refusing a directory with another entry with `advice`.
     fn check_own_then(&self, advice: &str) -> anyhow::Result<()> {
-        let Ok(dir) = fs::canonicalize(&self.root) else {
-            return Ok(());
+        let own = format!("give a directory of its own (default {DEFAULT_STATE_DIR})");
+        let dir = match fs::canonicalize(&self.root) {
+            Ok(dir) => dir,
+            // A pin given for the directory, or a path below one: nothing can be there.
+            Err(err) if err.kind() == io::ErrorKind::NotADirectory => {
+                return Err(self.refused(format!(
+                    "state directory {} is below a file, not a directory; {own}",
+                    self.root.display()
+                )));
+            }
+            Err(_) => return Ok(()),
         };
+        if !dir.is_dir() {
+            return Err(self.refused(format!(
+                "state directory {} is not a directory; {own}",
+                self.root.display()
+            )));
+        }
         let is_mount = match (dir.parent(), fs::metadata(&dir)) {
             (Some(parent), Ok(meta)) => fs::metadata(parent).is_ok_and(|p| p.dev() != meta.dev()),
             _ => true,

@@ -82,6 +82,61 @@ fn status_without_an_agent_exits_7_with_one_line_and_a_json_failure() {
     }
 }
 
+/// A pin given for the state directory, or the control socket for the runtime directory, is a
+/// bad command line (exit 2) that says so, not a failure of the agent's (exit 1).
+#[test]
+fn a_state_or_runtime_directory_that_is_a_file_is_refused_with_exit_2() {
+    let cg = TestCgroup::new("notadir");
+    let agent = Agent::start(&cg, &[]);
+    let dirs = agent.dirs();
+    let pin = std::fs::read_dir(&dirs.state_dir)
+        .unwrap()
+        .map(|entry| entry.unwrap())
+        .find(|entry| entry.file_type().unwrap().is_file())
+        .expect("a pin in the state directory")
+        .path();
+    for (state_dir, says) in [
+        (pin.clone(), "is not a directory"),
+        (pin.join("below"), "is below a file, not a directory"),
+    ] {
+        for command in [&["status"][..], &["detach"]] {
+            let out = AgentDirs {
+                state_dir: state_dir.clone(),
+                runtime_dir: dirs.runtime_dir.clone(),
+                bin: None,
+            }
+            .cli(command);
+            assert_eq!(code(&out), 2, "{command:?}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains(&format!("state directory {} {says}", state_dir.display())),
+                "{}",
+                stderr(&out)
+            );
+        }
+    }
+    let socket = dirs.runtime_dir.join("control.sock");
+    for runtime_dir in [socket.clone(), socket.join("below")] {
+        let out = AgentDirs {
+            state_dir: dirs.state_dir.clone(),
+            runtime_dir: runtime_dir.clone(),
+            bin: None,
+        }
+        .cli(&["policy", "list"]);
+        assert_eq!(code(&out), 2, "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(&format!(
+                "runtime directory {} is, or is below, a file, not a directory",
+                runtime_dir.display()
+            )),
+            "{}",
+            stderr(&out)
+        );
+    }
+    // Refused, nothing was detached.
+    assert_eq!(agent.policies().len(), 1);
+    assert!(pin.exists());
+}
+
 /// An agent that died between attaching and pinning the status iterators left enforcement
 /// that `status` cannot list: it says so, and does not call keepalive "not attached".
 #[test]
