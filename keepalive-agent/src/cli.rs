@@ -259,14 +259,14 @@ pub struct RunArgs {
 
     /// Capacity of the per-cgroup counter map, used when the maps are first created; 1 to
     /// 16777216. [default: 65536]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216), allow_negative_numbers = true)]
     pub max_tracked_cgroups: Option<u32>,
 
     /// Sockets `status` can list, at least, used when the maps are first created: the
     /// capacity of the tracking hash, plus a preallocated slot table of up to 65536 (136 bytes
     /// a slot). Sockets beyond it are still enforced, and counted as socket_tracking_full. 1 to
     /// 16777216. [default: 524288]
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=16_777_216), allow_negative_numbers = true)]
     pub max_tracked_sockets: Option<u32>,
 }
 
@@ -284,7 +284,7 @@ pub struct StatusArgs {
     pub cgroup: Option<String>,
 
     /// Only sockets with this local or remote port (1-65535).
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..), allow_negative_numbers = true)]
     pub port: Option<u16>,
 
     /// Where the agent's state is.
@@ -526,6 +526,21 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("keepalive-agent").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn negative_numbers_get_the_range_they_are_outside() {
+        for (args, range) in [
+            (&["run", "--max-tracked-cgroups", "-1"][..], "1..=16777216"),
+            (&["run", "--max-tracked-sockets", "-5"], "1..=16777216"),
+            (&["status", "--port", "-1"], "1..=65535"),
+        ] {
+            let err = parse(args).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("is not in {range}")),
+                "{args:?}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -164,12 +164,13 @@ pub mod limits {
 /// Parses a duration: a plain integer is seconds, otherwise humantime syntax (`90s`, `2m`,
 /// `1500ms`, `1h 30m`).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
+    let trimmed = text.trim();
+    if let Ok(secs) = trimmed.parse::<u64>() {
         return Ok(Duration::from_secs(secs));
     }
-    humantime::parse_duration(text).map_err(|err| {
-        format!("\"{text}\" is not a duration ({err}); use seconds (90) or units (90s, 2m, 1500ms)")
+    // Quoted as given: a blank one is named as blank, not as empty.
+    humantime::parse_duration(trimmed).map_err(|err| {
+        format!("{text:?} is not a duration ({err}); use seconds (90) or units (90s, 2m, 1500ms)")
     })
 }
 
@@ -189,8 +190,13 @@ pub fn check_secs(
         .ok()
         .filter(|secs| range.contains(secs))
         .ok_or_else(|| {
+            // In units as well, where it has any: `1M` is a month, not a minute.
+            let units = match value.as_secs() {
+                0..60 => String::new(),
+                _ => format!(" ({})", humantime::format_duration(value)),
+            };
             format!(
-                "{what} = {} is out of range; accepted: {} to {} seconds",
+                "{what} = {}{units} is out of range; accepted: {} to {} seconds",
                 value.as_secs(),
                 range.start(),
                 range.end()
@@ -690,6 +696,11 @@ mod tests {
                 .contains("not a duration")
         );
         assert!(parse_duration("-5").is_err());
+        assert!(
+            parse_duration(" ")
+                .unwrap_err()
+                .starts_with("\" \" is not a duration")
+        );
     }
 
     #[test]
@@ -707,6 +718,13 @@ mod tests {
         assert!(err.contains("40000") && err.contains("32767"), "{err}");
         let err = check_secs("idle", Duration::from_millis(1500), limits::IDLE).unwrap_err();
         assert!(err.contains("whole number of seconds"), "{err}");
+        // `1M` is a month: the message says so in units, which a minute meant would not be.
+        let month = parse_duration("1M").unwrap();
+        let err = check_secs("idle", month, limits::IDLE).unwrap_err();
+        assert!(
+            err.starts_with("idle = 2630016 (1month) is out of range"),
+            "{err}"
+        );
         assert_eq!(check_count("count", 127), Ok(127));
         assert!(check_count("count", 128).unwrap_err().contains("1 to 127"));
         assert!(check_count("count", -1).is_err());

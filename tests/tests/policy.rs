@@ -1769,6 +1769,24 @@ fn runtime_policies_stop_where_a_config_would() {
         "{}",
         stderr(&out)
     );
+    assert!(stderr(&out).contains("`policy unset` a runtime policy"));
+    // A config full on its own leaves no runtime policy to unset: room is made in the file.
+    std::fs::write(
+        &config,
+        format!(
+            "[default]\nidle = 50\n{text}[[policy]]\ncgroup = \"{}/p{max}\"\nidle = 5\n",
+            parent.rel()
+        ),
+    )
+    .unwrap();
+    agent.cli_ok(&["policy", "reload"]);
+    let out = agent.cli(&["policy", "set", svc.rel(), "--idle", "34"]);
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("make room in the config file and `reload`"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -267,10 +267,15 @@ impl Daemon {
         if selected.len() < max || selected.contains(text) || text == attach {
             return Ok(());
         }
+        // With no runtime policy to take away, room is made in the file.
+        let advice = if self.runtime.iter().any(|r| r.spec.is_some()) {
+            "`policy unset` a runtime policy or `reload` to drop them all"
+        } else {
+            "make room in the config file and `reload`, or change a cgroup it names"
+        };
         Err(usage(format!(
             "{text}: the config and runtime policies already select {} cgroups and globs \
-             besides the attach cgroup, and at most {max} are supported; `policy unset` a \
-             runtime policy or `reload` to drop them all",
+             besides the attach cgroup, and at most {max} are supported; {advice}",
             selected.len()
         )))
     }
