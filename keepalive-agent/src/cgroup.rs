@@ -141,11 +141,21 @@ impl Cgroup2 {
         let mut parts = Vec::new();
         for component in relative.components() {
             match component {
-                Component::Normal(part) => parts.push(
-                    part.to_str()
-                        .ok_or_else(|| usage(format!("cgroup {spec} is not valid UTF-8")))?
-                        .to_owned(),
-                ),
+                Component::Normal(part) => {
+                    let part = part
+                        .to_str()
+                        .ok_or_else(|| usage(format!("cgroup {spec} is not valid UTF-8")))?;
+                    // No file name is longer (NAME_MAX), so a policy for one would wait for a
+                    // cgroup that can never appear. A pattern may be longer than what it matches.
+                    if part.len() > 255 && !crate::policy::is_glob(part) {
+                        return Err(usage(format!(
+                            "cgroup {spec} has a name of {} bytes; no cgroup name is longer than \
+                             255",
+                            part.len()
+                        )));
+                    }
+                    parts.push(part.to_owned());
+                }
                 Component::CurDir | Component::RootDir => {}
                 Component::ParentDir | Component::Prefix(_) => {
                     return Err(usage(format!("cgroup {spec} must not contain `..`")));
@@ -601,6 +611,12 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,relatime 0 0
             err.to_string().contains("write \"/\" for the root"),
             "{err}"
         );
+        // A name no file can have; a pattern that long may still match a short name.
+        let long = "a".repeat(256);
+        let err = cg.parse(&format!("/k/{long}")).unwrap_err().to_string();
+        assert!(err.ends_with("has a name of 256 bytes; no cgroup name is longer than 255"));
+        assert!(cg.parse(&format!("/k/{}", "a".repeat(255))).is_ok());
+        assert!(cg.parse(&format!("/k/{}", "[ab]".repeat(80))).is_ok());
     }
 
     #[test]
