@@ -2086,7 +2086,7 @@ fn a_reload_applies_the_policy_and_warns_about_settings_it_cannot_change() {
         ],
     );
     // The flags (--cgroup, --max-tracked-cgroups) win over the file, so the file's attach and
-    // max_tracked_cgroups change nothing.
+    // max_tracked_cgroups change nothing: each is named as taken the place of, not as a change.
     fs::write(
         &*config,
         "attach = \"/\"\nmax_tracked_sockets = 8192\nmax_tracked_cgroups = 200\n\
@@ -2105,10 +2105,20 @@ fn a_reload_applies_the_policy_and_warns_about_settings_it_cannot_change() {
              keep their size until `keepalive-agent --state-dir {} detach` and a restart",
             agent.dirs().state_dir.display()
         ),
+        format!(
+            "warning: --cgroup {} given to `run` takes the place of attach = \"/\" at {}:1",
+            cg.display(),
+            config.display()
+        ),
+        format!(
+            "warning: --max-tracked-cgroups 100 given to `run` takes the place of \
+             max_tracked_cgroups = 200 at {}",
+            config.display()
+        ),
     ] {
         assert!(said.contains(&warning), "{warning} in:\n{said}");
     }
-    assert_eq!(said.matches("warning: ").count(), 2, "{said}");
+    assert_eq!(said.matches("warning: ").count(), 4, "{said}");
     assert_eq!(idle_of(&cg), 51, "the policy itself is reloaded");
     let log = agent.log();
     let warned = log
