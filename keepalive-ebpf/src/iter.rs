@@ -157,13 +157,19 @@ pub fn keepalive_status(ctx: *mut IterMapElem) -> i32 {
     }
     // SAFETY: key and value point at this map's key and value.
     let mut out = unsafe { status_record(*key, value) };
+    add_live(&mut out);
+    // A socket that closed while it was read is no stale entry: its close callback deleted
+    // the entry before the kernel stored TCP_CLOSE, which this read found.
+    if out.live_state == 0 && track::listed_sk(out.cookie).is_none() {
+        return 0;
+    }
     // Deleting the element the walk stands on: the kernel's walk goes on from its link, and
     // resumes a read by position in the bucket, so if an insert reuses it before the next
     // step, or a deletion shifts the bucket between two reads, this one walk may list some
     // entries twice or miss some (not delete them: a later walk finds them). Only entries of
     // sockets that closed unseen are deleted, and only while the slot table is full do
     // records land here.
-    if write_status(ctx.meta, &mut out) == Shown::Gone
+    if emit(ctx.meta, &out) == Shown::Gone
         && let Some(sk) = track::listed_sk(out.cookie)
         && open_state(sk as *const u8, out.cookie) == 0
     {
@@ -276,22 +282,31 @@ pub struct Sweep {
 #[btf_map]
 static KA_SWEEP: PerCpuArray<Sweep, 1> = PerCpuArray::new();
 
-/// Writes the record of one slot, if it holds one that stayed put while it was copied; what
-/// writing it showed (see [`write_status`]), `None` for an empty or changing slot.
+/// Writes the record of one slot, if it holds one that stayed put while it was copied and
+/// its socket's state was read; what writing it showed (see [`emit`]), `None` for an empty or
+/// changing slot.
+///
+/// The second read of the slot's cookie comes after the socket's state (a helper call, which
+/// nothing is moved across): a record found next to TCP_CLOSE and still in its slot then is one
+/// no close callback freed, since the callback frees it before the kernel stores TCP_CLOSE,
+/// and not one whose socket closed while it was read, which is no stale entry.
 #[inline(always)]
 fn status_slot(meta: *mut IterMeta, slot: *mut SockSlot) -> Option<Shown> {
     // SAFETY: `slot` points at a slot of the table. Every read is volatile, so the copy stays
     // between the two cookie reads (BPF has no fence instruction).
-    let (mut out, again) = unsafe {
+    let mut out = unsafe {
         let cookie = read_volatile(&raw const (*slot).cookie);
         if cookie == SLOT_FREE || cookie == SLOT_BUSY {
             return None;
         }
         let mut out = status_record(cookie, &SockRecord::default());
         copy_words(&raw const (*slot).sock, &raw mut out.sock);
-        (out, read_volatile(&raw const (*slot).cookie))
+        out
     };
-    (out.cookie == again).then(|| write_status(meta, &mut out))
+    add_live(&mut out);
+    // SAFETY: as above.
+    let again = unsafe { read_volatile(&raw const (*slot).cookie) };
+    (out.cookie == again).then(|| emit(meta, &out))
 }
 
 /// Frees a slot reported as holding the record of a socket that closed unseen, if it still
@@ -342,19 +357,25 @@ enum Shown {
 }
 
 /// Adds live state read from the socket while it is open (`live_state` stays 0 otherwise, see
-/// [`open_state`]) and writes the record out.
-///
-/// A record whose socket has closed is one whose close callback never ran: another program
-/// replaced the socket's callback flags after keepalive's asked for it (see the README), or a
-/// build that looks elsewhere for records ran meanwhile. The callers free it once it is
-/// reported (as stale), so its slot is free for the next socket.
+/// [`open_state`]).
 #[inline(always)]
-fn write_status(meta: *mut IterMeta, out: &mut StatusRecord) -> Shown {
+fn add_live(out: &mut StatusRecord) {
     let sk = out.sock.sk as *const u8;
     out.live_state = open_state(sk, out.cookie);
     if out.live_state != 0 {
         out.probes_out = read::<u8>(sk, off!(icsk_probes_out)).unwrap_or(0);
     }
+}
+
+/// Writes the record out, with its live state (see [`add_live`]).
+///
+/// A record whose socket has closed is one whose close callback never ran: another program
+/// replaced the socket's callback flags after keepalive's asked for it (see the README), or a
+/// build that looks elsewhere for records ran meanwhile. The callers leave out one whose
+/// socket closed while it was read, and free the others once they are reported (as stale), so
+/// their slots are free for the next sockets.
+#[inline(always)]
+fn emit(meta: *mut IterMeta, out: &StatusRecord) -> Shown {
     if !seq_write(meta, out) {
         Shown::DidNotFit
     } else if out.live_state != 0 {

@@ -523,6 +523,26 @@ fn records_of_closes_another_program_hid_are_freed_by_the_next_status() {
     assert_eq!(third["stale_entries"], 0, "{third:#}");
 }
 
+/// A record whose socket closes while `status` reads it was freed by its close callback: it is
+/// no stale entry, which would send an operator looking for a program that breaks keepalive's
+/// close callbacks (see the README) on any host with connections coming and going.
+#[test]
+fn status_while_connections_close_finds_no_stale_entries() {
+    let cg = TestCgroup::new("churnstatus");
+    let agent = Agent::start(&cg, &[]);
+    let mut storm = Proc::sock(&["storm", "200000"], &cg);
+    let (mut runs, mut stale) = (0, 0);
+    while storm.try_next(Duration::ZERO).is_none() {
+        stale += agent.status()["stale_entries"].as_u64().unwrap();
+        runs += 1;
+    }
+    assert!(runs >= 20, "only {runs} runs of status during the storm");
+    assert_eq!(
+        stale, 0,
+        "stale entries over {runs} runs of status during the storm"
+    );
+}
+
 #[test]
 fn ten_thousand_connections_leave_no_stale_entries() {
     let cg = TestCgroup::new("churn");
