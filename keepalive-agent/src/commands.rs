@@ -163,6 +163,13 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             args.shell,
         ))),
         Command::Man(args) => {
+            // A file there is a mistyped argument, not a directory to make (EEXIST).
+            if args.dir.exists() && !args.dir.is_dir() {
+                return Err(crate::error::usage(format!(
+                    "{} is not a directory; give the directory to write the man pages into",
+                    args.dir.display()
+                )));
+            }
             std::fs::create_dir_all(&args.dir)
                 .with_context(|| format!("failed to create {}", args.dir.display()))?;
             install::write_man_pages(&args.dir)?;

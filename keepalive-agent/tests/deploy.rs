@@ -522,6 +522,15 @@ fn man_pages_and_completions_generate() {
             std::fs::read_to_string(dir.join(page)).unwrap_or_else(|e| panic!("{page}: {e}"));
         assert!(text.starts_with(".ie") || text.contains(".TH"), "{page}");
     }
+    // A file given for the directory is a bad argument (exit 2), named as one.
+    let page = dir.join("keepalive-agent.1");
+    let out = Command::new(AGENT).arg("man").arg(&page).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("{} is not a directory", page.display())),
+        "{err}"
+    );
     for shell in ["bash", "zsh", "fish"] {
         let out = Command::new(AGENT)
             .args(["completions", shell])
