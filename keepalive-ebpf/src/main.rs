@@ -76,9 +76,10 @@ fn enable_state_cb(ctx: &SockOpsContext) -> bool {
     ctx.set_cb_flags(flags as i32).is_ok()
 }
 
-/// The socket of a sock_ops callback, with its own cgroup.
+/// The socket of a sock_ops callback, with its own cgroup, and the cookie it held before this
+/// callback (0 when this callback made it).
 #[inline(always)]
-fn socket(ctx: &SockOpsContext) -> Option<Socket> {
+fn socket(ctx: &SockOpsContext) -> Option<(Socket, u64)> {
     let sk = sock_of(ctx);
     if sk.is_null() {
         return None;
@@ -91,17 +92,21 @@ fn socket(ctx: &SockOpsContext) -> Option<Socket> {
     }
     // The cookie the socket holds, one load instead of a helper call; only the first call
     // makes one (the connect callback did on the connecting end).
-    let cookie = match kernel::stored_cookie(tp) {
+    let held = kernel::stored_cookie(tp);
+    let cookie = match held {
         0 => cookie_of(ctx),
         cookie => cookie,
     };
-    Some(Socket {
-        target: ctx.ops.cast(),
-        tp,
-        sk,
-        cookie,
-        cgroup,
-    })
+    Some((
+        Socket {
+            target: ctx.ops.cast(),
+            tp,
+            sk,
+            cookie,
+            cgroup,
+        },
+        held,
+    ))
 }
 
 /// Remembers the connecting task: connect() runs in the caller's context, the later
@@ -115,7 +120,7 @@ fn on_connect(ctx: &SockOpsContext) {
 /// kernel's socket clone instead of paying for setsockopt calls one by one.
 #[inline(always)]
 fn on_listen(ctx: &SockOpsContext) {
-    let Some(sock) = socket(ctx) else {
+    let Some((sock, _)) = socket(ctx) else {
         return;
     };
     let Some(resolved) = policy::resolve_in_scope(sock.cgroup) else {
@@ -132,8 +137,16 @@ fn on_listen(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext, direction: u32) {
-    let Some(sock) = socket(ctx) else {
+    let Some((sock, held)) = socket(ctx) else {
         return;
+    };
+    // A connecting socket that met a SYN instead of a SYN-ACK (a simultaneous open, or a
+    // connect to its own address) gets there through the passive callback. It is no accepted
+    // connection: that one is a new socket, whose cookie no connect callback took.
+    let direction = if direction == sock_flags::INBOUND && held != 0 && track::connected(held) {
+        sock_flags::OUTBOUND
+    } else {
+        direction
     };
     let Some(resolved) = policy::resolve_in_scope(sock.cgroup) else {
         count(Counter::NoPolicyTable);

@@ -266,6 +266,14 @@ pub(crate) fn remember_connect(cookie: u64) {
     }
 }
 
+/// Whether the connect callback remembered `cookie` (and its slot still holds it).
+#[inline(always)]
+pub(crate) fn connected(cookie: u64) -> bool {
+    // SAFETY: array slots are always valid.
+    connect_slot(cookie)
+        .is_some_and(|slot| unsafe { ptr::read_volatile(&raw const (*slot).cookie) } == cookie)
+}
+
 /// Copies who connected `cookie` into `rec`, if the slot still holds it; whether it did.
 #[inline(always)]
 pub(crate) fn connect_task(cookie: u64, rec: &mut SockRecord) -> bool {

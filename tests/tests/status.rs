@@ -171,6 +171,31 @@ fn status_without_its_iterators_says_the_enforcement_is_pinned() {
 }
 
 #[test]
+fn a_socket_connected_to_itself_is_listed_as_outbound_with_its_process() {
+    // A connecting socket that meets a SYN instead of a SYN-ACK (a simultaneous open; here a
+    // connect to its own address) reaches ESTABLISHED through the kernel's passive callback,
+    // the one of accepted connections, which were never connected by a process.
+    let parent = TestCgroup::new("selfopen");
+    let cg = parent.child("app");
+    let agent = Agent::start(&parent, &["--idle", "77"]);
+    let mut client = Proc::sock(&["connect", "127.0.0.1:0", "--self"], &cg);
+    let out = client.read();
+    assert_eq!(out["connected"]["idle"], 77, "{out}");
+    let status = agent.status();
+    let socks = sockets_of(&status, &cg);
+    assert_eq!(socks.len(), 1, "{status:#}");
+    let sock = &socks[0];
+    assert_eq!(
+        (&sock["local"], &sock["remote"]),
+        (&out["local"], &out["local"])
+    );
+    assert_eq!(sock["direction"], "outbound", "{sock}");
+    assert_eq!(sock["pid"], client.pid(), "{sock}");
+    assert_eq!(sock["comm"], "ka-sock");
+    assert_eq!(sock["inherited"], false, "no listener: {sock}");
+}
+
+#[test]
 fn an_open_connection_is_listed_with_both_ends_and_leaves_when_closed() {
     let start = SystemTime::now();
     let parent = TestCgroup::new("status");

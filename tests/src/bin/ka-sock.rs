@@ -13,7 +13,10 @@
 //!                [--user-timeout-after MS] [--keepalive-off-after]
 //!                                                accept N connections (default 1), report each
 //! ka-sock connect <ADDR:PORT> [--keepalive IDLE [--keepalive-interval S] [--keepalive-count N]]
-//!                             [--send] [--read] [--loosen] [--loosen-large]
+//!                             [--send] [--read] [--loosen] [--loosen-large] [--self]
+//!                                                connect to ADDR (with --self: bind to it and
+//!                                                connect to the address bound, a simultaneous
+//!                                                open with itself)
 //! ka-sock storm <N>                              N loopback connect/accept/close cycles, timed;
 //!                                                with KA_STORM_KEEPALIVE set (to any value),
 //!                                                the application turns SO_KEEPALIVE on itself
@@ -198,11 +201,10 @@ fn tcp_socket(addr: SocketAddr) -> i32 {
     fd
 }
 
-/// The keepalive a client sets before connecting: `--keepalive IDLE`, with
-/// `--keepalive-interval` and `--keepalive-count` when given.
 /// A socket of the right family connected to `addr`, with what `args` sets before connecting:
 /// keepalive (`--keepalive IDLE`, `--keepalive-interval S`, `--keepalive-count N`) and
-/// TCP_USER_TIMEOUT (`--user-timeout MS`).
+/// TCP_USER_TIMEOUT (`--user-timeout MS`). With `--self`, the socket binds to `addr` and
+/// connects to the address it got: a simultaneous open with itself.
 fn connect(addr: SocketAddr, args: &[String]) -> TcpStream {
     let fd = tcp_socket(addr);
     if let Some(idle) = flag_value(args, "--keepalive") {
@@ -226,8 +228,22 @@ fn connect(addr: SocketAddr, args: &[String]) -> TcpStream {
     }
     // SAFETY: `fd` is a fresh socket we own.
     let stream = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let addr = if args.iter().any(|a| a == "--self") {
+        bind(fd, addr);
+        stream.local_addr().expect("local addr")
+    } else {
+        addr
+    };
     connect_to(fd, Some(addr));
     stream
+}
+
+/// bind(2) of `fd` to `addr`; panics on failure.
+fn bind(fd: i32, addr: SocketAddr) {
+    let (storage, len) = sockaddr(addr);
+    // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
+    let ret = unsafe { libc::bind(fd, (&raw const storage).cast(), len) };
+    assert_eq!(ret, 0, "bind {addr}: {}", std::io::Error::last_os_error());
 }
 
 fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
@@ -275,10 +291,7 @@ fn listener(addr: SocketAddr, keepalive: Option<i32>) -> TcpListener {
     let listener = unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     assert_eq!(set(fd, SOL_SOCKET, SO_KEEPALIVE, 1), 0);
     assert_eq!(set(fd, TCP, libc::TCP_KEEPIDLE, idle), 0);
-    let (storage, len) = sockaddr(addr);
-    // SAFETY: `storage` holds a valid sockaddr of `len` bytes.
-    let ret = unsafe { libc::bind(fd, (&raw const storage).cast(), len) };
-    assert_eq!(ret, 0, "bind {addr}: {}", std::io::Error::last_os_error());
+    bind(fd, addr);
     // SAFETY: listen(2) on our socket.
     assert_eq!(unsafe { libc::listen(fd, 128) }, 0, "listen");
     listener
