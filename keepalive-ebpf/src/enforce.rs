@@ -6,7 +6,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::{bpf_getsockopt, bpf_setsockopt};
-use keepalive_common::{Counter, Policy, mode, policy_flags, uapi::*};
+use keepalive_common::{Counter, Policy, mode, policy_flags, sock_flags, uapi::*};
 
 use crate::{
     kernel,
@@ -371,7 +371,9 @@ pub(crate) fn read_values(target: *mut c_void, mode: u32) -> Policy {
 }
 
 /// Stops the state-change callbacks of a socket the program no longer tracks, outside sock_ops
-/// (kernel 6.10+; before, they stay and find no record), keeping other programs' flags.
+/// (kernel 6.10+; before, they stay and find no record), keeping other programs' flags. Not
+/// where they were on before the program asked ([`sock_flags::STATE_CB_HELD`]): the kernel
+/// keeps one switch for every program on the socket.
 #[inline(always)]
 pub(crate) fn drop_state_callbacks(target: *mut c_void) {
     if let Some(current) = get_int(target, IPPROTO_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS) {
@@ -385,16 +387,22 @@ pub(crate) fn drop_state_callbacks(target: *mut c_void) {
 }
 
 /// Asks for state-change callbacks on a socket outside sock_ops (kernel 6.10+), keeping the
-/// callback flags other programs set on it.
+/// callback flags other programs set on it; the record flags that say how it went.
 #[inline(always)]
-pub(crate) fn request_state_callbacks(target: *mut c_void) -> bool {
+pub(crate) fn request_state_callbacks(target: *mut c_void) -> u32 {
     let Some(current) = get_int(target, IPPROTO_TCP, TCP_BPF_SOCK_OPS_CB_FLAGS) else {
-        return false;
+        return 0;
     };
-    setsockopt_int(
+    if current & SOCK_OPS_STATE_CB_FLAG != 0 {
+        sock_flags::STATE_CB | sock_flags::STATE_CB_HELD
+    } else if setsockopt_int(
         target,
         IPPROTO_TCP,
         TCP_BPF_SOCK_OPS_CB_FLAGS,
         current | SOCK_OPS_STATE_CB_FLAG,
-    )
+    ) {
+        sock_flags::STATE_CB
+    } else {
+        0
+    }
 }

@@ -70,10 +70,20 @@ fn cookie_of(ctx: &SockOpsContext) -> u64 {
     unsafe { bpf_get_socket_cookie(ctx.ops.cast()) }
 }
 
+/// Asks for the socket's state-change callbacks; the record flags that say how it went.
 #[inline(always)]
-fn enable_state_cb(ctx: &SockOpsContext) -> bool {
-    let flags = ctx.cb_flags() | uapi::SOCK_OPS_STATE_CB_FLAG;
-    ctx.set_cb_flags(flags as i32).is_ok()
+fn enable_state_cb(ctx: &SockOpsContext) -> u32 {
+    let current = ctx.cb_flags();
+    if current & uapi::SOCK_OPS_STATE_CB_FLAG != 0 {
+        sock_flags::STATE_CB | sock_flags::STATE_CB_HELD
+    } else if ctx
+        .set_cb_flags((current | uapi::SOCK_OPS_STATE_CB_FLAG) as i32)
+        .is_ok()
+    {
+        sock_flags::STATE_CB
+    } else {
+        0
+    }
 }
 
 /// The socket of a sock_ops callback, with its own cgroup, and the cookie it held before this

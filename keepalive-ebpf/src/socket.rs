@@ -72,14 +72,15 @@ fn carries_listened_values(sock: &Socket, listened: &Policy) -> bool {
 
 /// Applies `resolved` to one socket and records it. `describe` fills in the record's
 /// addresses and state; `enable_state_cb` asks the kernel for the socket's state-change
-/// callbacks, which dead-peer detection and record removal rely on.
+/// callbacks, which dead-peer detection and record removal rely on, and returns the record
+/// flags that say how it went ([`sock_flags::STATE_CB`], [`sock_flags::STATE_CB_HELD`]).
 #[inline(always)]
 pub(crate) fn enforce_socket(
     sock: &Socket,
     resolved: &Resolved,
     origin: Origin,
     describe: impl FnOnce(&mut SockRecord),
-    enable_state_cb: impl FnOnce() -> bool,
+    enable_state_cb: impl FnOnce() -> u32,
 ) -> u8 {
     let policy = resolved.policy;
     // A just-established socket cannot have a record yet; skip the lookups. One the tracking
@@ -150,7 +151,9 @@ pub(crate) fn enforce_socket(
             } else {
                 let _ = track::remove_record(sock.cookie);
             }
-            enforce::drop_state_callbacks(sock.target);
+            if rec.flags & sock_flags::STATE_CB_HELD == 0 {
+                enforce::drop_state_callbacks(sock.target);
+            }
             return apply_result::RELEASED;
         }
         // The record says so from now on (`status` shows `off`), and no longer matches the
@@ -361,6 +364,7 @@ pub(crate) fn enforce_socket(
             | sock_flags::OUTBOUND
             | sock_flags::INBOUND
             | sock_flags::STATE_CB
+            | sock_flags::STATE_CB_HELD
             | sock_flags::RETROACTIVE
             | sock_flags::APP_KEEPALIVE);
     match origin {
@@ -369,12 +373,10 @@ pub(crate) fn enforce_socket(
         Origin::Existing => {}
     }
     if first {
-        if enable_state_cb() {
-            flags |= sock_flags::STATE_CB;
-        }
+        flags |= enable_state_cb();
         track::cgroup_add(own, 1, 0, true);
-    } else if stored && flags & sock_flags::STATE_CB == 0 && enable_state_cb() {
-        flags |= sock_flags::STATE_CB;
+    } else if stored && flags & sock_flags::STATE_CB == 0 {
+        flags |= enable_state_cb();
     }
     let now = origin.now();
     match existing {

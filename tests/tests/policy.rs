@@ -12,7 +12,7 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, GRANTED, Listener, Netns, Proc, TempDir, TestCgroup, agent_bin,
+    Agent, AgentDirs, GRANTED, Listener, Netns, Proc, TempConfig, TempDir, TestCgroup, agent_bin,
     agent_in_private_mounts, bind_mount,
     bpf::{self, resolution_cache},
     cgroup_row, check_item, code, eventually, free_port, hide_with_tmpfs, idle_of,
@@ -440,18 +440,40 @@ impl Drop for Held {
     }
 }
 
-#[test]
-fn sockets_enforced_before_the_agent_saw_their_new_off_cgroup_are_released() {
-    // Until the agent has seen a new cgroup, the program gives its sockets an ancestor's
-    // policy. Holding the agent makes that window as long as the test needs.
-    let parent = TestCgroup::new("newoff");
+/// Lets a [`held_over_new_off`] agent go, and waits for its pass to release `n` sockets.
+fn release(agent: &Agent, held: Held, n: usize) {
+    drop(held);
+    let line = format!(
+        "{n} in off cgroups ({n} released: enforced before the agent saw their new cgroup)"
+    );
+    eventually(Duration::from_secs(10), "the pass's log line", || {
+        agent.log().contains(&line).then_some(())
+    });
+}
+
+/// An agent over a new cgroup `name` whose `off-*` children its config makes `off`, with
+/// `default` as its `[default]`, held, and the child `off-1`, made meanwhile: until the agent
+/// is released, the program gives that child's sockets the ancestor's policy.
+fn held_over_new_off(
+    name: &str,
+    default: &str,
+) -> (TestCgroup, TempConfig, Agent, Held, TestCgroup) {
+    let parent = TestCgroup::new(name);
     let config = write_config(&format!(
-        "[default]\nidle = 41\n[[policy]]\ncgroup = \"{}/off-*\"\nmode = \"off\"\n",
+        "[default]\n{default}\n[[policy]]\ncgroup = \"{}/off-*\"\nmode = \"off\"\n",
         parent.rel()
     ));
     let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
     let held = Held::new(agent.pid());
     let off = parent.child("off-1");
+    (parent, config, agent, held, off)
+}
+
+#[test]
+fn sockets_enforced_before_the_agent_saw_their_new_off_cgroup_are_released() {
+    // Until the agent has seen a new cgroup, the program gives its sockets an ancestor's
+    // policy. Holding the agent makes that window as long as the test needs.
+    let (_parent, _config, agent, held, off) = held_over_new_off("newoff", "idle = 41");
     let mut plain = Proc::sock(&["pair", "4"], &off);
     // The application's own keepalive: before connecting, and after (as Go sets it).
     let mut before = Proc::sock(&["pair", "4", "--keepalive", "77"], &off);
@@ -473,15 +495,7 @@ fn sockets_enforced_before_the_agent_saw_their_new_off_cgroup_are_released() {
         "while the agent is held"
     );
     assert_eq!(both(&mut after), ((1, 15, 10, 5), ancestors));
-    drop(held);
-    eventually(Duration::from_secs(10), "the pass's log line", || {
-        agent
-            .log()
-            .contains(
-                "6 in off cgroups (6 released: enforced before the agent saw their new cgroup)",
-            )
-            .then_some(())
-    });
+    release(&agent, held, 6);
     let now = |p: &mut Proc| p.report().iter().map(values).collect::<Vec<_>>();
     // Keepalive goes off where it was the program's alone. Accepted sockets keep theirs: it
     // came from the listener, and whose it was there cannot be told from the socket.
@@ -512,19 +526,43 @@ fn sockets_enforced_before_the_agent_saw_their_new_off_cgroup_are_released() {
 }
 
 #[test]
+fn a_release_leaves_the_state_callbacks_another_program_asked_for() {
+    // The kernel keeps one switch for the state-change callbacks of a socket, shared by every
+    // program on it. Another tool's, in the new cgroup, switched it on before the agent's
+    // program asked: releasing the socket must leave it on.
+    let (_parent, _config, agent, held, off) = held_over_new_off("newoffcb", "idle = 41");
+    let mut watcher = Proc::spawn(
+        &sock_bin(),
+        &["state-sockops", off.path().to_str().unwrap()],
+        None,
+        None,
+    );
+    assert_eq!(watcher.read()["attached"], true);
+    let mut pair = Proc::sock(&["pair", "4", "--half-close-at-report", "1"], &off);
+    let out = pair.read();
+    let ancestors = (1, 41, 10, 5);
+    assert_eq!(
+        (values(&out["client"]), values(&out["server"])),
+        (ancestors, ancestors),
+        "while the agent is held"
+    );
+    release(&agent, held, 2);
+    // The client shuts its side down, the server reads the end: both ends change state, and
+    // the other tool's callbacks mark them. (The client's keepalive was the program's alone,
+    // and went with the release; the server's came from its listener.)
+    assert_eq!(
+        pair.report().iter().map(values).collect::<Vec<_>>(),
+        [(0, 4242, 10, 5), (1, 4242, 10, 5)]
+    );
+}
+
+#[test]
 fn sockets_fill_left_to_their_application_before_the_agent_saw_their_new_off_cgroup_are_released() {
     // As above, under a `fill` default: a client that switched keepalive on before connecting
     // keeps its own values, and is listed as the application's. Its record went before only
     // when the program had set the values, so this one stayed listed (and counted) under `off`.
-    let parent = TestCgroup::new("newofffill");
-    let config = write_config(&format!(
-        "[default]\nmode = \"fill\"\nidle = 41\n[[policy]]\ncgroup = \"{}/off-*\"\n\
-         mode = \"off\"\n",
-        parent.rel()
-    ));
-    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
-    let held = Held::new(agent.pid());
-    let off = parent.child("off-1");
+    let (_parent, _config, agent, held, off) =
+        held_over_new_off("newofffill", "mode = \"fill\"\nidle = 41");
     let mut own = Proc::sock(&["pair", "4", "--keepalive", "77"], &off);
     let ancestors = (1, 41, 10, 5);
     let (_, _, interval, count) = kernel_defaults();
@@ -537,15 +575,7 @@ fn sockets_fill_left_to_their_application_before_the_agent_saw_their_new_off_cgr
     );
     let status = agent.status();
     assert_eq!(sockets_of(&status, &off).len(), 2, "{status}");
-    drop(held);
-    eventually(Duration::from_secs(10), "the pass's log line", || {
-        agent
-            .log()
-            .contains(
-                "2 in off cgroups (2 released: enforced before the agent saw their new cgroup)",
-            )
-            .then_some(())
-    });
+    release(&agent, held, 2);
     let now: Vec<_> = own.report().iter().map(values).collect();
     assert_eq!(now, [apps, ancestors]);
     let status = agent.status();
@@ -562,15 +592,10 @@ fn a_user_timeout_fill_left_with_the_program_goes_when_its_new_cgroup_turns_out_
     // on the application's values and the user timeout the program set at listen(), which
     // `fill` keeps as the program's on the connections it accepts. When their new cgroup turns
     // out `off`, the release takes that user timeout back and leaves the application's values.
-    let parent = TestCgroup::new("newoffut");
-    let config = write_config(&format!(
-        "[default]\nmode = \"fill\"\nidle = 41\nuser_timeout = \"20s\"\n[[policy]]\n\
-         cgroup = \"{}/off-*\"\nmode = \"off\"\n",
-        parent.rel()
-    ));
-    let agent = Agent::start(&parent, &["--config", config.to_str().unwrap()]);
-    let held = Held::new(agent.pid());
-    let off = parent.child("off-1");
+    let (parent, _config, agent, held, off) = held_over_new_off(
+        "newoffut",
+        "mode = \"fill\"\nidle = 41\nuser_timeout = \"20s\"",
+    );
     let mut server = Proc::sock(
         &["listen", "127.0.0.1:0", "1", "--keepalive-after", "77"],
         &off,

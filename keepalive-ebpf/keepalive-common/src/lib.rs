@@ -531,6 +531,10 @@ pub mod sock_flags {
     /// left the socket's keepalive to the application, still the program's to change or drop
     /// with the policy.
     pub const OWN_USER_TIMEOUT: u32 = 1 << 11;
+    /// With [`STATE_CB`]: the socket's state-change callbacks were on before the program asked
+    /// for them, another program's (or the program's own from a connection the socket had
+    /// before), so a release leaves them on.
+    pub const STATE_CB_HELD: u32 = 1 << 12;
 }
 
 /// Per-socket tracking record, kept in [`MAP_SOCK_SLOTS`] or [`MAP_SOCKS`] for each enforced

@@ -38,6 +38,10 @@
 //!                                                fixed keepalive values at ESTABLISHED
 //! ka-sock foreign-sockops <CGROUP-DIR>           another tool's enforcer: idle 1 s, interval
 //!                                                1 s, count 2, and state-change callbacks
+//! ka-sock state-sockops <CGROUP-DIR>             a tool that watches state changes: asks for
+//!                                                state-change callbacks at ESTABLISHED and
+//!                                                sets TCP_KEEPIDLE to 4242 at each later
+//!                                                change, a mark they came
 //! ka-sock rtt-sockops <CGROUP-DIR>               an RTT monitor that replaces the callback
 //!                                                flags with its own at ESTABLISHED
 //! ka-sock unix-answer [--handed-on] <PATH> <LINE>
@@ -744,6 +748,34 @@ const RTT_MONITOR: [u64; 8] = [
     RETURN_1[1],
 ];
 
+/// A tool that follows sockets' states: at ACTIVE_ESTABLISHED and PASSIVE_ESTABLISHED it asks
+/// for state-change callbacks, and at each state change after ESTABLISHED it sets TCP_KEEPIDLE
+/// to 4242, a mark in the socket that the callbacks still come.
+const STATE_WATCHER: [u64; 22] = [
+    insn(0xbf, 6, 1, 0, 0),      // 0: r6 = ctx
+    insn(0x61, 2, 1, 0, 0),      // 1: r2 = ctx->op
+    insn(0x15, 2, 0, 3, 4),      // 2: ACTIVE_ESTABLISHED_CB: to 6
+    insn(0x15, 2, 0, 2, 5),      // 3: PASSIVE_ESTABLISHED_CB: to 6
+    insn(0x15, 2, 0, 5, 10),     // 4: STATE_CB: to 10
+    insn(0x05, 0, 0, 14, 0),     // 5: else: return
+    insn(0xbf, 1, 6, 0, 0),      // 6: r1 = ctx
+    insn(0xb7, 2, 0, 0, 4),      // 7: r2 = BPF_SOCK_OPS_STATE_CB_FLAG
+    insn(0x85, 0, 0, 0, 59),     // 8: bpf_sock_ops_cb_flags_set
+    insn(0x05, 0, 0, 10, 0),     // 9: return
+    insn(0x61, 2, 6, 8, 0),      // 10: r2 = ctx->args[1], the new state
+    insn(0x15, 2, 0, 8, 1),      // 11: TCP_ESTABLISHED: return
+    insn(0x62, 10, 0, -4, 4242), // 12: *(u32 *)(r10 - 4) = 4242
+    insn(0xbf, 1, 6, 0, 0),      // 13: r1 = ctx
+    insn(0xb7, 2, 0, 0, TCP),    // 14: level
+    insn(0xb7, 3, 0, 0, libc::TCP_KEEPIDLE),
+    insn(0xbf, 4, 10, 0, 0), // 16: r4 = &value
+    insn(0x07, 4, 0, 0, -4),
+    insn(0xb7, 5, 0, 0, 4),  // 18: optlen
+    insn(0x85, 0, 0, 0, 49), // 19: bpf_setsockopt
+    RETURN_1[0],             // 20
+    RETURN_1[1],
+];
+
 /// Loads `insns` as a sock_ops program and attaches it to a cgroup through a BPF link, so the
 /// attachment ends with this process; holds it until stdin closes. The benchmark uses these to
 /// measure what the kernel charges for calling any sock_ops program on each connection, and
@@ -975,6 +1007,7 @@ fn main() {
         "minimal-sockops" => attach_sockops(cgroup_arg(rest), &minimal_enforcer(), 1),
         "foreign-sockops" => attach_sockops(cgroup_arg(rest), &enforcer([1, 1, 2], true), 1),
         "rtt-sockops" => attach_sockops(cgroup_arg(rest), &RTT_MONITOR, 1),
+        "state-sockops" => attach_sockops(cgroup_arg(rest), &STATE_WATCHER, 1),
         "peak-rss" => peak_rss(rest),
         "unix-answer" => unix_answer(rest),
         other => panic!("unknown command {other}"),
