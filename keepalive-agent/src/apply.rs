@@ -302,7 +302,8 @@ fn note_skipped(path: &Path, err: &dyn std::fmt::Display) {
         named.push(path.to_owned());
         log::warn!(
             "cannot enter network namespace {}: {err}; passes leave its existing connections \
-             as they are (new ones are enforced all the same); said once for each namespace",
+             as they are (new ones are enforced all the same); said once for each namespace, of \
+             the first {NAMED_SKIPS}",
             path.display()
         );
     } else {

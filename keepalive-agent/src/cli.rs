@@ -88,7 +88,8 @@ pub enum Command {
     /// Check whether this host can run the agent, and say what to fix if not; also checks the
     /// config `run` would read.
     Check(CheckArgs),
-    /// Install the binary, the systemd unit and a default config file.
+    /// Install the binary, the systemd unit, a default config file, the man pages and bash
+    /// completions.
     Install(InstallArgs),
     /// Print a shell completion script.
     Completions(CompletionsArgs),

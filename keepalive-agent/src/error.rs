@@ -47,10 +47,12 @@ pub mod exit {
         (
             PERMISSION,
             "permission denied: not root, or missing CAP_BPF, CAP_NET_ADMIN or CAP_PERFMON (or \
-             CAP_NET_BIND_SERVICE for a metrics port below 1024), or the attach cgroup's parent \
-             may not be read to watch it, or a directory on the way to the attach cgroup may \
-             not be searched (both without CAP_DAC_READ_SEARCH); `status`, `check` and \
-             `policy` commands: keepalive's state or control socket is root-only",
+             CAP_NET_BIND_SERVICE for a metrics port below ip_unprivileged_port_start, 1024 \
+             unless changed), or a metrics port something else refuses to bind (SELinux, say), \
+             or the attach cgroup's parent may not be read to watch it, or a directory on the \
+             way to the attach cgroup may not be searched (both without CAP_DAC_READ_SEARCH); \
+             `status` and `policy` commands: keepalive's state or control socket is root-only \
+             (`check` says so in its report, exit 8)",
         ),
         (
             CGROUP,

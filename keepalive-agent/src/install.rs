@@ -288,13 +288,13 @@ pub fn install(args: &InstallArgs, report: &mut dyn FnMut(String)) -> anyhow::Re
         && !keep_config
         && *link != config
     {
-        return Err(anyhow::anyhow!(
+        return Err(usage(format!(
             "cannot write {}: {} is a symbolic link to {}, which does not exist; nothing was \
              installed",
             config.display(),
             link.display(),
             target.display()
-        ));
+        )));
     }
 
     // Before anything is written, so a config that cannot be kept fails the install whole.
