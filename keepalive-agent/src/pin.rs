@@ -152,6 +152,16 @@ impl StateDir {
         .into()
     }
 
+    /// Where the config named it, for messages about it: ` (state_dir at FILE:LINE)`, or
+    /// nothing when a command line or the default did.
+    pub fn named_at(&self) -> String {
+        self.origin
+            .as_ref()
+            .map_or_else(String::new, |(file, line)| {
+                format!(" (state_dir at {}:{line})", file.display())
+            })
+    }
+
     /// The line of the config file that named it, if one did.
     pub fn line(&self) -> Option<usize> {
         self.origin.as_ref().map(|(_, line)| *line)

@@ -145,9 +145,10 @@ pub fn check_state_dir(state: &StateDir) -> anyhow::Result<()> {
         .map_err(|err| pin_error(state.root(), err))?;
     if crate::pin::bpffs_state(state.root()).is_err() {
         return Err(Error::Bpffs(format!(
-            "state directory {} is not on a bpf filesystem, so nothing keepalive pins can be \
+            "state directory {}{} is not on a bpf filesystem, so nothing keepalive pins can be \
              there; give the state directory the agent runs with (default {})",
             state.root().display(),
+            state.named_at(),
             crate::pin::DEFAULT_STATE_DIR
         ))
         .into());
@@ -161,10 +162,11 @@ pub fn check_state_dir(state: &StateDir) -> anyhow::Result<()> {
     };
     if missing {
         return Err(Error::Agent(format!(
-            "nothing is pinned at {}: the directory does not exist, so keepalive is not attached \
-             with this state directory (start it with `keepalive-agent run`, or give the state \
-             directory the agent runs with)",
-            state.root().display()
+            "nothing is pinned at {}{}: the directory does not exist, so keepalive is not \
+             attached with this state directory (start it with `keepalive-agent run`, or give \
+             the state directory the agent runs with)",
+            state.root().display(),
+            state.named_at()
         ))
         .into());
     }

@@ -9,8 +9,9 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, Proc, TempDir, TestCgroup, VethPair, assert_stamped_between, cgroup_row,
-    code, eventually, free_port, idle_of, sock_bin, sockets_of, stderr, stderr_as_journal, stdout,
+    Agent, AgentDirs, Proc, TempDir, TestCgroup, VethPair, agent_bin, assert_stamped_between,
+    cgroup_row, code, eventually, free_port, idle_of, sock_bin, sockets_of, stderr,
+    stderr_as_journal, stdout, write_config,
 };
 use serde_json::Value;
 
@@ -80,6 +81,23 @@ fn status_without_an_agent_exits_7_with_one_line_and_a_json_failure() {
         assert_eq!(code(&out), want, "{}", stderr(&out));
         assert!(stderr(&out).contains(says), "{}", stderr(&out));
     }
+    // Named by a config, the message names its line too.
+    let config = write_config("\nstate_dir = \"/tmp\"\n");
+    let mut cmd = std::process::Command::new(agent_bin());
+    cmd.arg("--runtime-dir")
+        .arg(&dirs.runtime_dir)
+        .args(["status", "--config"])
+        .arg(&*config);
+    let out = dirs.output(cmd);
+    assert_eq!(code(&out), 5, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!(
+            "state directory /tmp (state_dir at {}:2) is not on a bpf filesystem",
+            config.display()
+        )),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// A pin given for the state directory, or the control socket for the runtime directory, is a
