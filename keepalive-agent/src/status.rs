@@ -983,7 +983,7 @@ fn summary_text(cgroups: &[CgroupRow], counters: &BTreeMap<&'static str, u64>) -
                 .copied()
                 .unwrap_or(0),
             "sockets enforced but not listed (socket table full: raise max_tracked_sockets; \
-             or, before Linux 6.10, connections that existed before the agent)",
+             or, before Linux 6.12, connections that existed before the agent)",
         ),
     ];
     for (count, what) in notes {

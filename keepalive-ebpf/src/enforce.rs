@@ -371,7 +371,7 @@ pub(crate) fn read_values(target: *mut c_void, mode: u32) -> Policy {
 }
 
 /// Stops the state-change callbacks of a socket the program no longer tracks, outside sock_ops
-/// (kernel 6.10+; before, they stay and find no record), keeping other programs' flags. Not
+/// (kernel 6.12+; before, they stay and find no record), keeping other programs' flags. Not
 /// where they were on before the program asked ([`sock_flags::STATE_CB_HELD`]): the kernel
 /// keeps one switch for every program on the socket.
 #[inline(always)]
@@ -386,7 +386,7 @@ pub(crate) fn drop_state_callbacks(target: *mut c_void) {
     }
 }
 
-/// Asks for state-change callbacks on a socket outside sock_ops (kernel 6.10+), keeping the
+/// Asks for state-change callbacks on a socket outside sock_ops (kernel 6.12+), keeping the
 /// callback flags other programs set on it; the record flags that say how it went.
 #[inline(always)]
 pub(crate) fn request_state_callbacks(target: *mut c_void) -> u32 {

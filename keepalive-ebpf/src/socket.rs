@@ -151,7 +151,11 @@ pub(crate) fn enforce_socket(
             } else {
                 let _ = track::remove_record(sock.cookie);
             }
-            if rec.flags & sock_flags::STATE_CB_HELD == 0 {
+            // Only what the program switched on itself: not where its request failed, nor
+            // where they were on before it asked.
+            if rec.flags & (sock_flags::STATE_CB | sock_flags::STATE_CB_HELD)
+                == sock_flags::STATE_CB
+            {
                 enforce::drop_state_callbacks(sock.target);
             }
             return apply_result::RELEASED;

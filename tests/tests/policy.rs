@@ -529,30 +529,47 @@ fn sockets_enforced_before_the_agent_saw_their_new_off_cgroup_are_released() {
 fn a_release_leaves_the_state_callbacks_another_program_asked_for() {
     // The kernel keeps one switch for the state-change callbacks of a socket, shared by every
     // program on it. Another tool's, in the new cgroup, switched it on before the agent's
-    // program asked: releasing the socket must leave it on.
-    let (_parent, _config, agent, held, off) = held_over_new_off("newoffcb", "idle = 41");
-    let mut watcher = Proc::spawn(
-        &sock_bin(),
-        &["state-sockops", off.path().to_str().unwrap()],
-        None,
-        None,
-    );
-    assert_eq!(watcher.read()["attached"], true);
-    let mut pair = Proc::sock(&["pair", "4", "--half-close-at-report", "1"], &off);
-    let out = pair.read();
+    // program asked: releasing the socket must leave it on. One attached beside the agent's,
+    // which runs after it, cannot be told apart from the agent's own request: there the
+    // release switches them off, which shows that releases do.
+    let (parent, _config, agent, held, off) = held_over_new_off("newoffcb", "idle = 41");
+    let other = parent.child("off-2");
+    let watch = |cgroup: &TestCgroup| {
+        let mut watcher = Proc::spawn(
+            &sock_bin(),
+            &["state-sockops", cgroup.path().to_str().unwrap()],
+            None,
+            None,
+        );
+        assert_eq!(watcher.read()["attached"], true);
+        watcher
+    };
+    let _before = watch(&off);
+    let _after = watch(&parent);
     let ancestors = (1, 41, 10, 5);
-    assert_eq!(
-        (values(&out["client"]), values(&out["server"])),
-        (ancestors, ancestors),
-        "while the agent is held"
-    );
-    release(&agent, held, 2);
+    let mut pairs = [&off, &other].map(|cgroup| {
+        let mut pair = Proc::sock(&["pair", "4", "--half-close-at-report", "1"], cgroup);
+        let out = pair.read();
+        assert_eq!(
+            (values(&out["client"]), values(&out["server"])),
+            (ancestors, ancestors),
+            "while the agent is held"
+        );
+        pair
+    });
+    release(&agent, held, 4);
     // The client shuts its side down, the server reads the end: both ends change state, and
     // the other tool's callbacks mark them. (The client's keepalive was the program's alone,
     // and went with the release; the server's came from its listener.)
+    let [before, after] = &mut pairs;
     assert_eq!(
-        pair.report().iter().map(values).collect::<Vec<_>>(),
+        before.report().iter().map(values).collect::<Vec<_>>(),
         [(0, 4242, 10, 5), (1, 4242, 10, 5)]
+    );
+    assert_eq!(
+        after.report().iter().map(values).collect::<Vec<_>>(),
+        [(0, 41, 10, 5), ancestors],
+        "released: no more state callbacks"
     );
 }
 

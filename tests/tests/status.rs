@@ -210,7 +210,10 @@ fn a_socket_connected_to_itself_is_listed_as_outbound_with_its_process() {
     assert_eq!(sock["direction"], "outbound", "{sock}");
     assert_eq!(sock["pid"], client.pid(), "{sock}");
     assert_eq!(sock["comm"], "ka-sock");
-    assert_eq!(sock["inherited"], false, "no listener: {sock}");
+    assert_eq!(
+        sock["inherited"], false,
+        "the policy's values were set: {sock}"
+    );
 }
 
 #[test]

@@ -14,7 +14,7 @@
 /// says to detach first.
 ///
 /// Not bumped for new flag bits ([`policy_flags::NEW_CGROUP`], [`policy_flags::APP_KEEPALIVE`],
-/// [`sock_flags::APP_KEEPALIVE`]) either: layouts are unchanged, older programs ignore the
+/// [`sock_flags::APP_KEEPALIVE`], [`sock_flags::STATE_CB_HELD`]) either: layouts are unchanged, older programs ignore the
 /// bits, and records and listener storage from older builds just lack them (their listeners'
 /// own keepalive is then taken for the program's, as before). Nor for
 /// [`policy_flags::SET_FAILED`] and [`policy_flags::APP_OWNED`], with one hazard on a
@@ -22,6 +22,8 @@
 /// `fill` takes a listener marked [`policy_flags::APP_OWNED`] for one it configured, and
 /// notes the marker's zero values for it, which an accepted connection with the application's
 /// own keepalive at the kernel's defaults then matches, so a policy change replaces them.
+/// Records from before [`sock_flags::STATE_CB_HELD`] lack it: a release of such a socket
+/// switches its state callbacks off as before, also where another program had them on.
 ///
 /// Nor for [`ListenPort::netns`], the key's former padding word: its size is unchanged, and
 /// the entries older builds wrote (with 0 there) are just not found, as if never noted.
@@ -104,7 +106,7 @@ pub const LISTEN_PORTS: u32 = 8192;
 /// cgroup/setsockopt program (which has no socket cookie helper to find the tracking record).
 pub const MAP_LOCKS: &str = "KA_LOCKS";
 /// Socket-local storage holding the [`SockRecord`] of a socket the program enforced but could
-/// not track: the tracking maps were full, or (before Linux 6.10) a connection older than the
+/// not track: the tracking maps were full, or (before Linux 6.12) a connection older than the
 /// agent could not get the close callback a record needs. `status` does not list these; the
 /// record tells later apply passes what the program set, so they treat the socket as the
 /// tracked ones (and count it once). Freed with the socket.
@@ -532,8 +534,12 @@ pub mod sock_flags {
     /// with the policy.
     pub const OWN_USER_TIMEOUT: u32 = 1 << 11;
     /// With [`STATE_CB`]: the socket's state-change callbacks were on before the program asked
-    /// for them, another program's (or the program's own from a connection the socket had
-    /// before), so a release leaves them on.
+    /// for them, so a release leaves them on. Usually another program's (one attached below
+    /// keepalive's, which runs first, or on the listener the socket was accepted from), but
+    /// the kernel keeps the switch until something clears it, so it can also be the program's
+    /// own: from an earlier connection of the same socket, from before a `detach` and a new
+    /// start, or on a listener that connected under keepalive before it listened. Then the
+    /// callbacks stay after a release, and find no record.
     pub const STATE_CB_HELD: u32 = 1 << 12;
 }
 
@@ -663,7 +669,7 @@ pub enum Counter {
     /// The socket's cgroup could not be read; the default policy applied.
     CgroupUnknown,
     /// The socket was enforced but is not listed: the tracking map was full, or (before Linux
-    /// 6.10) a connection that existed before the agent could not get the close callback its
+    /// 6.12) a connection that existed before the agent could not get the close callback its
     /// record needs. Counted once per socket; its record goes to [`MAP_UNTRACKED`].
     TrackingFull,
     /// The per-cgroup counter map was full; enforcement still happened.
@@ -737,7 +743,7 @@ pub mod uapi {
     pub const TCP_KEEPINTVL: i32 = 5;
     pub const TCP_KEEPCNT: i32 = 6;
     pub const TCP_USER_TIMEOUT: i32 = 18;
-    /// `bpf_setsockopt` pseudo-option to set a socket's sock_ops callback flags (kernel 6.10+).
+    /// `bpf_setsockopt` pseudo-option to set a socket's sock_ops callback flags (kernel 6.12+).
     pub const TCP_BPF_SOCK_OPS_CB_FLAGS: i32 = 1008;
     pub const ETIMEDOUT: i32 = 110;
     pub const TCP_ESTABLISHED: u8 = 1;
