@@ -163,8 +163,60 @@ pub fn for_completions(cmd: clap::Command) -> clap::Command {
 /// Parses the process's command line (see [`finish`]).
 pub fn parse() -> Result<Cli, clap::Error> {
     use clap::{CommandFactory as _, FromArgMatches as _};
-    let matches = finish(Cli::command()).try_get_matches()?;
+    let matches = finish(Cli::command())
+        .try_get_matches()
+        .map_err(|err| from_environment(err, std::env::args_os(), |name| std::env::var_os(name)))?;
     Cli::from_arg_matches(&matches).map_err(|err| err.format(&mut finish(Cli::command())))
+}
+
+/// A bad value that came from an environment variable (`KEEPALIVE_STATE_DIR=relative`) is
+/// named by the variable, not by the flag the command line does not have: clap names the flag.
+fn from_environment(
+    mut err: clap::Error,
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+    env: impl Fn(&str) -> Option<std::ffi::OsString>,
+) -> clap::Error {
+    use clap::{
+        CommandFactory as _,
+        error::{ContextKind, ContextValue, ErrorKind},
+    };
+    if err.kind() != ErrorKind::ValueValidation {
+        return err;
+    }
+    let Some(ContextValue::String(invalid)) = err.get(ContextKind::InvalidArg) else {
+        return err;
+    };
+    let Some(long) = invalid
+        .strip_prefix("--")
+        .and_then(|rest| rest.split(' ').next())
+    else {
+        return err;
+    };
+    let cmd = Cli::command();
+    let Some(name) = cmd
+        .get_arguments()
+        .find(|arg| arg.get_long() == Some(long))
+        .and_then(|arg| arg.get_env())
+        .and_then(|name| name.to_str())
+    else {
+        return err;
+    };
+    let flag = format!("--{long}");
+    let on_command_line = args
+        .into_iter()
+        .skip(1)
+        .take_while(|arg| arg != "--")
+        .any(|arg| {
+            let arg = arg.to_string_lossy();
+            arg == flag || arg.starts_with(&format!("{flag}="))
+        });
+    if !on_command_line && env(name).is_some() {
+        err.insert(
+            ContextKind::InvalidArg,
+            ContextValue::String(name.to_owned()),
+        );
+    }
+    err
 }
 
 /// Parses a whole-seconds duration within `range`.
@@ -428,6 +480,50 @@ mod tests {
     #[test]
     fn verify_cli() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_bad_value_from_the_environment_is_named_by_its_variable() {
+        let parse = |args: &[&str], state_dir: Option<&str>| {
+            let env = |name: &str| match name {
+                "KEEPALIVE_STATE_DIR" => state_dir.map(Into::into),
+                _ => None,
+            };
+            let argv = std::iter::once("keepalive-agent")
+                .chain(args.iter().copied())
+                .map(std::ffi::OsString::from);
+            let mut cmd = finish(Cli::command());
+            let err = cmd
+                .try_get_matches_from_mut(argv.clone())
+                .expect_err("a relative directory is refused");
+            from_environment(err, argv, env).render().to_string()
+        };
+        // Given on the command line, the flag is named, with the variable set or not.
+        for args in [
+            &["status", "--state-dir", "rel"][..],
+            &["--state-dir=rel", "status"],
+        ] {
+            for state_dir in [None, Some("/sys/fs/bpf/x")] {
+                let text = parse(args, state_dir);
+                assert!(text.contains("for '--state-dir <DIR>'"), "{args:?}: {text}");
+            }
+        }
+        // clap reads the variable itself, so an error it found there is built here.
+        let mut err = clap::Error::new(clap::error::ErrorKind::ValueValidation);
+        for (kind, value) in [
+            (clap::error::ContextKind::InvalidArg, "--state-dir <DIR>"),
+            (clap::error::ContextKind::InvalidValue, "rel"),
+        ] {
+            err.insert(kind, clap::error::ContextValue::String(value.into()));
+        }
+        let argv = ["keepalive-agent", "status", "--", "--state-dir"].map(Into::into);
+        let text = from_environment(err, argv, |_| Some("rel".into()))
+            .render()
+            .to_string();
+        assert!(
+            text.contains("invalid value 'rel' for 'KEEPALIVE_STATE_DIR'"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -100,6 +100,41 @@ fn a_fatal_error_reaches_the_journal_at_error_priority() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+/// A unit's `Environment=KEEPALIVE_STATE_DIR=…` with a bad value is named as the variable, also
+/// in `--json`'s document; a flag on the command line wins over the variable and is named.
+#[test]
+fn a_bad_directory_from_the_environment_names_the_variable() {
+    for (var, value) in [
+        ("KEEPALIVE_STATE_DIR", "relative"),
+        ("KEEPALIVE_RUNTIME_DIR", ""),
+    ] {
+        let out = Command::new(AGENT)
+            .env_remove("KEEPALIVE_STATE_DIR")
+            .env_remove("KEEPALIVE_RUNTIME_DIR")
+            .env(var, value)
+            .args(["status", "--json"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        let needle = format!("invalid value '{value}' for '{var}'");
+        assert!(err.contains(&needle), "{err}");
+        let document: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(
+            document["error"].as_str().unwrap().contains(&needle),
+            "{document}"
+        );
+    }
+    let out = Command::new(AGENT)
+        .env("KEEPALIVE_STATE_DIR", "/sys/fs/bpf/keepalive")
+        .args(["status", "--state-dir=relative"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("for '--state-dir <DIR>'"), "{err}");
+}
+
 #[test]
 fn install_puts_binary_unit_config_man_pages_and_completions_in_place() {
     let root = tempdir("install");
