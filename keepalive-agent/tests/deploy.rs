@@ -444,6 +444,104 @@ fn kubernetes_manifests_are_complete_and_agree_with_the_agent() {
     }
 }
 
+/// The removal DaemonSet runs `detach` on every node with what the agent's pods have: its
+/// image, its config (for state_dir), its privileges and its view of bpffs and cgroups; and
+/// its pods are not the agent's.
+#[test]
+fn the_removal_daemonset_detaches_with_the_agent_s_image_config_and_privileges() {
+    let agent = manifest("03-daemonset.yaml");
+    let removal = manifest("removal/detach.yaml");
+    assert_eq!(removal["kind"], "DaemonSet");
+    assert_eq!(removal["apiVersion"], agent["apiVersion"]);
+    assert_eq!(
+        removal["metadata"]["namespace"],
+        agent["metadata"]["namespace"]
+    );
+    let labels = &removal["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(removal["spec"]["selector"]["matchLabels"], *labels);
+    assert_ne!(
+        agent["spec"]["selector"]["matchLabels"], *labels,
+        "the agent's DaemonSet must not own the removal's pods"
+    );
+    let (pod, agent_pod) = (
+        &removal["spec"]["template"]["spec"],
+        &agent["spec"]["template"]["spec"],
+    );
+    for key in ["serviceAccountName", "hostPID", "tolerations"] {
+        assert_eq!(pod[key], agent_pod[key], "{key}");
+    }
+    let agent_container = &agent_pod["containers"][0];
+    let detach = &pod["initContainers"][0];
+    assert_eq!(detach["image"], agent_container["image"]);
+    assert_eq!(
+        detach["securityContext"],
+        agent_container["securityContext"]
+    );
+    let args: Vec<&str> = detach["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let cli = Cli::try_parse_from(std::iter::once("keepalive-agent").chain(args.iter().copied()))
+        .expect("the detach container's args parse");
+    let Sub::Detach(detach_args) = cli.command else {
+        panic!("the init container runs `detach`: {args:?}");
+    };
+    let agent_args: Vec<&str> = agent_container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let agent_config = agent_args
+        .iter()
+        .position(|a| *a == "--config")
+        .map(|i| agent_args[i + 1]);
+    assert_eq!(
+        detach_args.config.config.as_deref(),
+        agent_config.map(Path::new),
+        "the agent's config, which names its state_dir"
+    );
+    // Every mount detach has is the agent's, of the same volume.
+    let volume = |pod: &Value, name: &Value| {
+        pod["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == *name)
+            .unwrap_or_else(|| panic!("no volume {name}"))
+            .clone()
+    };
+    let mounts = detach["volumeMounts"].as_array().unwrap();
+    for mount in mounts {
+        let agent_mount = agent_container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountPath"] == mount["mountPath"])
+            .unwrap_or_else(|| panic!("the agent has no mount at {}", mount["mountPath"]));
+        assert_eq!(mount, agent_mount);
+        assert_eq!(
+            volume(pod, &mount["name"]),
+            volume(agent_pod, &mount["name"])
+        );
+    }
+    let paths: Vec<&str> = mounts
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        ["/sys/fs/bpf", "/sys/fs/cgroup", "/etc/keepalive-agent"]
+    );
+    // The pod's one container only keeps it, without privileges.
+    let done = &pod["containers"][0];
+    assert_eq!(done["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(done["securityContext"]["capabilities"]["drop"][0], "ALL");
+    assert!(done["volumeMounts"].is_null());
+}
+
 /// Where cgroup2 is mounted on unified and on hybrid hosts.
 const LAYOUTS: [&str; 2] = ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"];
 
