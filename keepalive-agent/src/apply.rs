@@ -255,19 +255,37 @@ fn apply_in(ns: &Namespace, link: BorrowedFd<'_>) -> anyhow::Result<ApplyReport>
     })?
 }
 
+/// Whether `err`, from opening or entering a namespace, says that this process may not: a
+/// namespace no later pass could enter either, which passes skip.
+fn denied(err: &std::io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(libc::EPERM | libc::EACCES))
+}
+
 /// Runs the apply iterator in every network namespace, calling `between` before each one
-/// after the first.
+/// after the first. A namespace this process may not open or enter is skipped (see
+/// [`note_skipped`]); one it failed to walk for another reason (no thread, no descriptor or
+/// no memory to spare, a failed iterator) fails the pass, after it went on with the others,
+/// so that it is tried again.
 pub fn apply_existing(link: &impl AsFd, mut between: impl FnMut()) -> anyhow::Result<ApplyReport> {
     let start = Instant::now();
     let link = link.as_fd();
     let mut report = run_iterator(link)?;
     report.namespaces = 1;
+    let mut failed = 0u64;
+    let mut first_failure = None;
     for ns in foreign_namespaces()? {
         let ns = match ns {
             Ok(ns) => ns,
-            Err(Unopened { path, err }) => {
+            Err(Unopened { path, err }) if denied(&err) => {
                 note_skipped(&path, &err);
                 report.namespaces_skipped += 1;
+                continue;
+            }
+            Err(Unopened { path, err }) => {
+                failed += 1;
+                first_failure.get_or_insert_with(|| {
+                    anyhow::Error::new(err).context(format!("failed to open {}", path.display()))
+                });
                 continue;
             }
         };
@@ -277,11 +295,28 @@ pub fn apply_existing(link: &impl AsFd, mut between: impl FnMut()) -> anyhow::Re
                 report.merge(&one);
                 report.namespaces += 1;
             }
-            Err(err) => {
+            Err(err)
+                if err
+                    .root_cause()
+                    .downcast_ref::<std::io::Error>()
+                    .is_some_and(denied) =>
+            {
                 note_skipped(&ns.path, &format_args!("{err:#}"));
                 report.namespaces_skipped += 1;
             }
+            Err(err) => {
+                failed += 1;
+                first_failure.get_or_insert(err);
+            }
         }
+    }
+    if let Some(err) = first_failure {
+        let what = if failed == 1 {
+            "1 network namespace could not be walked".to_owned()
+        } else {
+            format!("{failed} network namespaces could not be walked, the first")
+        };
+        return Err(err.context(what));
     }
     report.elapsed_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
     Ok(report)

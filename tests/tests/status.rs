@@ -462,7 +462,6 @@ fn a_dead_peer_behind_an_unreachable_network_is_counted() {
     assert_eq!(status["counters"]["dead_peers"], 1, "{status:#}");
 }
 
-/// `status` once `cg` has counted one dead peer.
 #[test]
 fn a_dead_peer_in_an_off_cgroup_is_not_counted_when_another_program_watches_its_socket() {
     // Another tool's sock_ops program sets keepalive in a cgroup whose policy is `off` and
@@ -496,11 +495,15 @@ fn a_dead_peer_in_an_off_cgroup_is_not_counted_when_another_program_watches_its_
     veth.cut();
     let outcome = doomed.next(Duration::from_secs(15));
     assert_eq!(outcome["errno"], libc::ETIMEDOUT, "{outcome}");
+    // The application can read the error just before the kernel's close callback runs (on
+    // another CPU): give that a while, long past what it takes, before counting.
+    std::thread::sleep(Duration::from_secs(1));
     let status = agent.status();
     assert_eq!(status["counters"]["dead_peers"], 0, "{status:#}");
     assert_eq!(status["counters"]["skipped_off"], 1, "{status:#}");
 }
 
+/// `status` once `cg` has counted one dead peer.
 fn one_dead_peer(agent: &Agent, cg: &TestCgroup) -> Value {
     eventually(
         Duration::from_secs(5),
@@ -645,22 +648,21 @@ fn metric(text: &str, name: &str, cgroup: &TestCgroup) -> u64 {
 fn a_scrape_the_agent_has_no_thread_for_gets_a_503() {
     let cg = TestCgroup::new("metricsthread");
     let port = free_port();
+    // Made before the agent, so that it is removed after the agent is gone, also when the test
+    // fails with the agent in it. A limit below what the agent has: no new thread at all.
+    let limited = TestCgroup::pids_limited("metricsthread-agent", 1);
     let agent = Agent::start(&cg, &["--metrics", &format!("127.0.0.1:{port}")]);
-    let tasks = std::fs::read_dir(format!("/proc/{}/task", agent.pid()))
-        .expect("agent tasks")
-        .count() as u64;
-    let limited = TestCgroup::pids_limited("metricsthread-agent", tasks);
     std::fs::write(limited.path().join("cgroup.procs"), agent.pid().to_string())
         .expect("move the agent");
     let response = get_metrics(port);
+    let root = limited.path().parent().expect("hierarchy root");
+    std::fs::write(root.join("cgroup.procs"), agent.pid().to_string())
+        .expect("move the agent back");
     assert!(
         response.starts_with("HTTP/1.1 503") && response.contains("failed to start a thread"),
         "{response}\n{}",
         agent.log()
     );
-    let root = limited.path().parent().expect("hierarchy root");
-    std::fs::write(root.join("cgroup.procs"), agent.pid().to_string())
-        .expect("move the agent back");
     scrape(port);
     assert!(!agent.log().contains("panicked"), "{}", agent.log());
 }
@@ -892,6 +894,10 @@ fn metrics_clients_that_send_nothing_hold_few_of_the_agents_descriptors() {
     let idle: Vec<TcpStream> = (0..50)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics"))
         .collect();
+    // Once it took as many as it has slots, a while for any it should not.
+    eventually(Duration::from_secs(10), "8 clients accepted", || {
+        (keepalive_tests::tcp_accept_queue(port) <= 50 - 8).then_some(())
+    });
     std::thread::sleep(Duration::from_millis(500));
     let held = fds().saturating_sub(before);
     // At most 8 at once (MAX_CLIENTS in keepalive-agent/src/metrics.rs), and one accepted to
@@ -971,18 +977,24 @@ fn metrics_clients_that_hold_every_slot_give_way_to_a_scrape() {
     let port = free_port();
     let _agent = Agent::start(&cg, &["--metrics", &format!("127.0.0.1:{port}")]);
     let connect = || TcpStream::connect(("127.0.0.1", port)).expect("connect to metrics");
+    let accepted = || {
+        eventually(Duration::from_secs(10), "the clients accepted", || {
+            (keepalive_tests::tcp_accept_queue(port) == 0).then_some(())
+        });
+    };
     let mut partial = connect();
     partial.write_all(b"GET /metrics HTTP/1.1\r\n").unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    accepted();
     let idle: Vec<TcpStream> = (0..7).map(|_| connect()).collect();
-    std::thread::sleep(Duration::from_millis(200));
-    // Every slot (MAX_CLIENTS, 8) is taken by a client that sent no whole request.
+    accepted();
+    // Every slot (MAX_CLIENTS, 8) is taken by a client that sent no whole request. Without
+    // giving way, a scrape would wait until the first of them timed out, about 10 s.
     for _ in 0..2 {
         let asked = std::time::Instant::now();
         let text = scrape(port);
         assert!(text.contains("keepalive_enforced_total"), "{text}");
         assert!(
-            asked.elapsed() < Duration::from_secs(3),
+            asked.elapsed() < Duration::from_secs(6),
             "a scrape waited {:?} for a slot",
             asked.elapsed()
         );
