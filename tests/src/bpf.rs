@@ -10,7 +10,7 @@ use std::{
     path::Path,
 };
 
-use keepalive_common::{ABI_VERSION, MAP_POLICY, Policy, RESOLVED_SLOTS, ResolvedSlot};
+use keepalive_common::{ABI_VERSION, MAP_APPLY, MAP_POLICY, Policy, RESOLVED_SLOTS, ResolvedSlot};
 
 const BPF_MAP_LOOKUP_ELEM: i64 = 1;
 const BPF_MAP_UPDATE_ELEM: i64 = 2;
@@ -179,6 +179,40 @@ pub fn policy_table_id(state_dir: &Path) -> u32 {
     // SAFETY: the outer map's key is a u32 slot; a lookup returns the inner map's u32 id.
     unsafe { lookup(&outer, &0u32, &raw mut table_id) };
     table_id
+}
+
+/// The name of map `map` (the kernel keeps its first 15 bytes).
+fn map_name(map: &OwnedFd) -> String {
+    // struct bpf_map_info up to its name: type, id, key_size, value_size, max_entries,
+    // map_flags, name[16] at byte 24.
+    let mut info = [0u8; 40];
+    let mut attr = [0u64; 16];
+    attr[0] = map.as_raw_fd() as u64 | ((info.len() as u64) << 32);
+    attr[1] = info.as_mut_ptr() as u64;
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).expect("BPF_OBJ_GET_INFO_BY_FD");
+    let name = &info[24..40];
+    let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    String::from_utf8_lossy(&name[..end]).into_owned()
+}
+
+/// When the agent `pid` started its last apply pass (its CLOCK_MONOTONIC nanoseconds,
+/// `KA_APPLY`, which it writes as a pass starts).
+pub fn apply_pass_started(pid: u32) -> u64 {
+    let maps: Vec<OwnedFd> = map_ids(pid, &[])
+        .into_iter()
+        .filter_map(|id| try_map_by_id(id).ok())
+        .filter(|map| map_name(map) == MAP_APPLY)
+        .collect();
+    let [map] = &maps[..] else {
+        panic!(
+            "agent {pid} should hold one {MAP_APPLY} map, holds {}",
+            maps.len()
+        );
+    };
+    let mut started = 0u64;
+    // SAFETY: an array of one u64 under key 0.
+    unsafe { lookup(map, &0u32, &raw mut started) };
+    started
 }
 
 /// Pins what is pinned at `from` at `to` as well.

@@ -1082,6 +1082,20 @@ impl Agent {
 
     /// Sends `signal` and waits for the process to exit; returns its status.
     pub fn stop_with(&mut self, signal: i32) -> ExitStatus {
+        self.try_stop(signal).unwrap_or_else(|status| {
+            // A second panic, from a drop during a failed test, would abort the test
+            // binary before the guards of namespaces and cgroups ran.
+            assert!(
+                std::thread::panicking(),
+                "agent did not exit after signal {signal}; killed it"
+            );
+            status
+        })
+    }
+
+    /// Sends `signal` and waits up to 10 s for the process to exit: its status, or, when it
+    /// had to be killed then, the status of that as the error.
+    fn try_stop(&mut self, signal: i32) -> Result<ExitStatus, ExitStatus> {
         self.signal(signal);
         let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -1091,18 +1105,11 @@ impl Agent {
         loop {
             while self.notify.recv(&mut buf).is_ok() {}
             if let Some(status) = child.try_wait().expect("wait") {
-                return status;
+                return Ok(status);
             }
             if Instant::now() >= deadline {
                 let _ = child.kill();
-                let status = child.wait().expect("wait");
-                // A second panic, from a drop during a failed test, would abort the test
-                // binary before the guards of namespaces and cgroups ran.
-                assert!(
-                    std::thread::panicking(),
-                    "agent did not exit after signal {signal}; killed it"
-                );
-                return status;
+                return Err(child.wait().expect("wait"));
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -1111,16 +1118,21 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if self.child.is_some() {
-            let _ = self.stop_with(libc::SIGTERM);
-        }
+        // An agent that ignores SIGTERM fails a test that passed otherwise, once what it
+        // leaves is cleaned up and its log shown.
+        let hung = self.child.is_some() && self.try_stop(libc::SIGTERM).is_err();
         let _ = self.dirs().detach();
         let _ = fs::remove_dir_all(&self.runtime_dir);
         let _ = fs::remove_file(&self.notify_path);
-        if std::thread::panicking() {
+        let failed = std::thread::panicking();
+        if failed || hung {
             eprintln!("--- agent log ---\n{}", self.log());
         }
         let _ = fs::remove_file(&self.log);
+        assert!(
+            failed || !hung,
+            "agent did not exit after SIGTERM; killed it"
+        );
     }
 }
 
@@ -1415,6 +1427,37 @@ pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> O
     }
 }
 
+/// How many connections to the Unix socket at `path` (in this network namespace) wait to be
+/// accepted: the kernel lists each with its listener's path, and without an inode until then.
+pub fn unix_accept_queue(path: &Path) -> usize {
+    let path = path.to_str().expect("a UTF-8 path");
+    fs::read_to_string("/proc/net/unix")
+        .expect("/proc/net/unix")
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            fields.get(7) == Some(&path) && fields.get(6) == Some(&"0")
+        })
+        .count()
+}
+
+/// How many connections wait to be accepted by the listener on 127.0.0.1:`port`: its receive
+/// queue in /proc/net/tcp. Panics if nothing listens there.
+pub fn tcp_accept_queue(port: u16) -> u64 {
+    let local = format!("0100007F:{port:04X}");
+    let table = fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let listener = table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.get(1) == Some(&local.as_str()) && fields.get(3) == Some(&"0A"))
+        .unwrap_or_else(|| panic!("nothing listens on 127.0.0.1:{port}"));
+    let queues = listener.get(4).expect("tx_queue:rx_queue");
+    let rx = queues.split_once(':').expect("tx_queue:rx_queue").1;
+    u64::from_str_radix(rx, 16).expect("a hex queue length")
+}
+
 /// Seconds since the Unix epoch of a `status` timestamp (`YYYY-MM-DDTHH:MM:SSZ`, UTC).
 pub fn unix_seconds(stamp: &Value) -> i64 {
     let text = stamp
@@ -1611,13 +1654,30 @@ impl Drop for TempConfig {
     }
 }
 
-/// A loopback port free at the time of the call.
+/// A loopback port free at the time of the call, below the ephemeral range: the storms that
+/// tests run side by side take every port of that range in turn as connections' local ports,
+/// and one of those at the moment an agent binds its metrics port would make it fail.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .expect("net.ipv4.ip_local_port_range");
+    let low: u32 = range
+        .split_whitespace()
+        .next()
+        .and_then(|low| low.parse().ok())
+        .expect("the range's low end");
+    let (first, span) = (1024, low.saturating_sub(1024).max(1));
+    // Spread by process, so that test binaries running at once start apart.
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = first + start.wrapping_add(n.wrapping_mul(101)) % span;
+        let port = u16::try_from(port).expect("below the ephemeral range");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below {low}");
 }
 
 /// Writes a config file into a fresh temporary path.

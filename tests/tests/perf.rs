@@ -7,13 +7,15 @@
 //! - the enforced storm's rate is at least 85% of the plain one's: the median ratio of
 //!   batches of 200 connections run in turns, as `cargo xtask bench` measures it. Ratios of
 //!   single batches range over ±30% on a shared 2-core VM, but the median of 400 moved by
-//!   about 2% between runs (0.907–0.942 over seven), so this floor catches a program that
-//!   costs twice what it does (7–9% of the rate) without being flaky. Rates are measured
-//!   with `bpf_stats` off, as in `cargo xtask bench` (the statistics add clock reads to the
-//!   enforced side only);
+//!   about 2% between runs (0.907–0.942 over seven), so this floor is not flaky. It is loose:
+//!   enforcement costs 6–9% of the rate, so only a cost about twice today's or more fails it;
 //! - the sock_ops program's own time per connection, from `bpf_stats` over three more storms
-//!   (it varies far less than wall time), stays under 20% of a plain connection's time. It is
-//!   about 7% today, so a program that became 3 times more expensive fails.
+//!   (it varies far less than wall time, ±20% between runs), stays under 12% of a plain
+//!   connection's time. It is about 7% today, so a program that takes 1.7 times as long fails.
+//!
+//! Rates are measured with `bpf_stats` off, as in `cargo xtask bench` (the statistics add
+//! clock reads to the enforced side only). The test prints what it measured (`cargo xtask
+//! test` shows it in the log).
 //!
 //! Also here, not timing-sensitive: the benchmark's reference programs do what its rows claim.
 
@@ -27,7 +29,7 @@ use keepalive_tests::{
 
 const ROUNDS: usize = 400;
 const RATE_FLOOR: f64 = 0.85;
-const PROGRAM_SHARE_CEILING: f64 = 0.20;
+const PROGRAM_SHARE_CEILING: f64 = 0.12;
 /// Storms, and connections in each, over which the program's time is taken.
 const COST_STORMS: u64 = 3;
 const CONNECTIONS: u64 = 6000;

@@ -268,7 +268,7 @@ fn test(env: &setup::Env, hadolint: &Path) -> anyhow::Result<()> {
             .env("HADOLINT", hadolint),
     )?;
     // Timing-sensitive checks run alone, after everything else, so parallel tests cannot skew
-    // them.
+    // them. What they measured goes to the log also when they pass.
     check(cargo_test().args([
         "--package",
         "keepalive-tests",
@@ -277,6 +277,7 @@ fn test(env: &setup::Env, hadolint: &Path) -> anyhow::Result<()> {
         "--",
         "--ignored",
         "--test-threads=1",
+        "--nocapture",
     ]))
 }
 
