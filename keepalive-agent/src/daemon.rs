@@ -299,7 +299,7 @@ const PASS_WAIT_MAX: Duration = Duration::from_secs(30);
 /// a failed push or pass. What the agent has seen outlives it, in the pinned
 /// `keepalive_common::MAP_AGENT` (see [`NewCgroups::seen`]), so a cgroup created while no
 /// agent ran is new at the next start.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct NewCgroups {
     /// What the last agent kept ([`NewCgroups::new`]): what this one keeps never goes below.
     floor: u64,
@@ -615,11 +615,13 @@ impl Daemon {
         if lock {
             self.lock_stuck = false;
         }
-        // New entries always change the table: the previous one's ids are all known.
-        self.new_cgroups.update(present, &table);
-        self.keep_seen();
+        // New entries always change the table: the previous one's ids are all known. Noted
+        // only once the table is in: a cgroup a failed push (and the rollback after it) took
+        // for known would lose its mark as a new `off` cgroup.
+        let mut new_cgroups = self.new_cgroups.clone();
+        new_cgroups.update(present, &table);
         if changed {
-            self.enforcer.push_table(&self.new_cgroups.mark(&table))?;
+            self.enforcer.push_table(&new_cgroups.mark(&table))?;
             log::info!(
                 "policy table: default {} plus {}",
                 describe_spec(&set.default),
@@ -633,6 +635,8 @@ impl Daemon {
             // Existing connections still have the previous policy until a pass succeeds.
             self.apply_pending = true;
         }
+        self.new_cgroups = new_cgroups;
+        self.keep_seen();
         if !lock && self.lock_attached {
             self.detach_lock();
         }
