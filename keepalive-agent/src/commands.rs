@@ -190,6 +190,13 @@ impl<W: io::Write> io::Write for Noting<W> {
         self.inner.write(buf)
     }
 
+    // The JSON writer's pieces are a few bytes each: the buffered writer's own `write_all`
+    // copies them in place, where the trait's default would loop over `write` for each.
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.wrote |= !buf.is_empty();
+        self.inner.write_all(buf)
+    }
+
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
     }
