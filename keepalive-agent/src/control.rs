@@ -246,6 +246,12 @@ impl Pending {
     pub fn client_left(&self) -> bool {
         crate::sys::hung_up(self.client.as_ref().as_fd())
     }
+
+    /// A descriptor of the client's connection for the agent to show it progress on while its
+    /// request runs (see [`crate::watchdog::Watchdog`]); `None` when none is left to make one.
+    pub fn progress_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        self.client.as_ref().as_fd().try_clone_to_owned().ok()
+    }
 }
 
 /// How long a control client may take to send its request, and to take the answer.
@@ -254,8 +260,9 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest request the agent reads: a request is one JSON line of a few hundred bytes.
 const MAX_REQUEST: u64 = 64 * 1024;
 
-/// How long `policy` waits for the agent's answer, which may come after a pass over every
-/// network namespace, behind other requests.
+/// How long `policy` waits for a byte of the agent's answer. That may come after a pass over
+/// every network namespace, behind other requests; while the request's own pass runs, the
+/// agent sends a space every 5 s, each of which starts this wait anew.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Reads one request line, at most [`MAX_REQUEST`] bytes within [`CLIENT_TIMEOUT`]: the
@@ -478,9 +485,9 @@ fn call_within(
             // The agent has the request, and may have begun it; one still queued is dropped
             // when this connection closes.
             return Err(Error::Agent(format!(
-                "the agent did not answer within {}; the request may still be carried out \
-                 if the agent had begun it, and is dropped if not (`keepalive-agent policy \
-                 list` shows what holds)",
+                "the agent did not answer, nor show progress, for {}; the request may still \
+                 be carried out if the agent had begun it, and is dropped if not \
+                 (`keepalive-agent policy list` shows what holds)",
                 humantime::format_duration(timeout)
             ))
             .into());
@@ -514,9 +521,13 @@ mod tests {
         }
     }
 
-    /// The error `policy list` gets, waiting `timeout`, from an agent that takes the request
-    /// and then, after `after`, goes away without a word.
-    fn unanswered(tag: &str, after: Duration, timeout: Duration) -> anyhow::Error {
+    /// What `policy list`, waiting `timeout` for each byte, gets from an agent that takes the
+    /// request and then does `then` with the connection.
+    fn ask(
+        tag: &str,
+        timeout: Duration,
+        then: impl FnOnce(&UnixStream) + Send + 'static,
+    ) -> anyhow::Result<Response> {
         let dir = std::env::temp_dir().join(format!("ka-control-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
@@ -527,12 +538,34 @@ mod tests {
             BufReader::new(&stream)
                 .read_line(&mut String::new())
                 .unwrap();
-            std::thread::sleep(after);
+            then(&stream);
         });
-        let err = call_within(&dir, None, &Request::List, timeout).unwrap_err();
+        let answer = call_within(&dir, None, &Request::List, timeout);
         agent.join().unwrap();
+        answer
+    }
+
+    /// The error `policy list` gets, waiting `timeout`, from an agent that takes the request
+    /// and then, after `after`, goes away without a word.
+    fn unanswered(tag: &str, after: Duration, timeout: Duration) -> anyhow::Error {
+        let err = ask(tag, timeout, move |_| std::thread::sleep(after)).unwrap_err();
         assert_eq!(code_of(&err), Some(exit::AGENT), "{err:#}");
         err
+    }
+
+    #[test]
+    fn spaces_from_an_agent_busy_with_a_pass_keep_the_client_waiting() {
+        // Six spaces 100 ms apart, then the answer: 600 ms in all, with every byte well
+        // within the 200 ms the client waits for one.
+        let response = ask("progress", Duration::from_millis(200), |mut stream| {
+            for _ in 0..6 {
+                std::thread::sleep(Duration::from_millis(100));
+                stream.write_all(b" ").unwrap();
+            }
+            stream.write_all(b"{\"ok\":true}\n").unwrap();
+        })
+        .unwrap();
+        assert!(response.ok, "{response:?}");
     }
 
     #[test]
@@ -553,7 +586,8 @@ mod tests {
             Duration::from_millis(200),
         );
         assert!(
-            format!("{err:#}").contains("did not answer within 200ms; the request may still"),
+            format!("{err:#}")
+                .contains("did not answer, nor show progress, for 200ms; the request may still"),
             "{err:#}"
         );
     }

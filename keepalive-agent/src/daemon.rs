@@ -1216,12 +1216,14 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                 let mut reloading = vec![sd_notify::NotifyState::Reloading];
                 reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
                 let _ = sd_notify::notify(&reloading);
+                daemon.watchdog.wait_begins(None);
                 match daemon.reload() {
                     Ok((message, _)) => log_outcome(&message),
                     Err(err) => {
                         log::error!("rejected the reload on SIGHUP{}: {err:#}", what_stays(&err));
                     }
                 }
+                daemon.watchdog.wait_ends();
                 let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
             }
             _ = term.recv() => break,
@@ -1239,8 +1241,12 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                 if pending.client_left() {
                     log::info!("skipped `{}`: its client left before its turn", pending.request);
                 } else {
+                    // `systemctl reload` (ExecReload=) and the client wait on its pass.
+                    daemon.watchdog.wait_begins(pending.progress_fd());
+                    let response = daemon.handle(pending.request);
+                    daemon.watchdog.wait_ends();
                     // The client may go while it runs; its task logs that.
-                    let _ = pending.reply.send(daemon.handle(pending.request));
+                    let _ = pending.reply.send(response);
                 }
             }
             changes = watcher.changes() => {

@@ -73,8 +73,8 @@ pub mod exit {
         ),
         (
             AGENT,
-            "no agent is running (or it stopped before it answered a policy command, or did not \
-             answer within 120 s, or what serves its control socket is not the agent), or the one \
+            "no agent is running (or it stopped before it answered a policy command, or sent no \
+             byte of an answer, nor a sign of progress, for 120 s, or what serves its control socket is not the agent), or the one \
              on --runtime-dir keeps its state elsewhere than \
              --state-dir (policy commands); nothing is pinned, or no status iterator is (status); \
              another agent holds the state (run, detach); enforcement is pinned on another cgroup, or \

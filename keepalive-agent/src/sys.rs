@@ -325,6 +325,21 @@ pub fn hung_up(socket: BorrowedFd<'_>) -> bool {
     pending_events(socket, 0) & (libc::POLLHUP | libc::POLLERR) != 0
 }
 
+/// Sends one space on a connected socket, without waiting and without SIGPIPE: a sign of
+/// progress to a control client waiting on its answer (JSON allows whitespace before a value).
+/// Best effort: a client that reads nothing, or has gone, is left as it is.
+pub fn nudge(socket: BorrowedFd<'_>) {
+    // SAFETY: one byte from a live buffer on a descriptor the caller holds.
+    let _ = unsafe {
+        libc::send(
+            socket.as_raw_fd(),
+            b" ".as_ptr().cast(),
+            1,
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+}
+
 /// A pidfd of the process at the other end of a connected Unix socket (SO_PEERPIDFD), which
 /// stays that process's when its pid is reused; `None` on kernels before 6.5, which have no
 /// such option. ESRCH or EINVAL: that process is gone.

@@ -1,30 +1,43 @@
-//! The systemd watchdog and start-timeout extensions (`sd_notify`) of a running agent.
+//! The systemd watchdog and timeout extensions (`sd_notify`) of a running agent, and the signs
+//! of progress a control client waiting on a pass gets.
 
-use std::time::{Duration, Instant};
+use std::{
+    os::fd::{AsFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
 
 /// The systemd watchdog (`WatchdogSec=`), pinged every half timeout: by the loop, and between
 /// network namespaces during an apply pass, which holds the loop for as long as it takes (a
 /// walk of the host's TCP hash per namespace, seconds with hundreds of pods).
 ///
-/// Until the agent is ready, the same moments push systemd's start timeout out
-/// (`EXTEND_TIMEOUT_USEC`): the first pass, before READY=1, can take longer than
-/// `TimeoutStartSec=` (90 s by default) on a host with thousands of network namespaces, and a
-/// start that timed out would be killed and tried again forever. A pass that stops making
-/// progress stops extending it.
+/// While someone waits on the agent, the same moments show progress:
+/// - systemd's timeout is pushed out (`EXTEND_TIMEOUT_USEC`) until the agent is ready, and
+///   during a reload or a `policy` change. `TimeoutStartSec=` (90 s by default) bounds both the
+///   start and `ExecReload=`, and a pass can outlast it on a host with thousands of network
+///   namespaces: a start that timed out would be killed and tried again forever, and a reload
+///   reported failed with its change in force. Outside a start or a reload, systemd has no
+///   timeout for an extension to move.
+/// - the control client waiting on the answer gets a space (see [`crate::sys::nudge`]), which
+///   resets its wait for an answer (`policy` gives up after 120 s without a byte).
+///
+/// A pass that stops making progress stops both.
 pub struct Watchdog {
     /// Half the timeout; `None` when systemd watches nothing.
     pub period: Option<Duration>,
     last: Instant,
-    /// Whether the agent is still starting (not ready yet).
-    starting: bool,
-    /// When the start timeout was last extended.
-    extended: Option<Instant>,
+    /// Whether someone waits on what the agent does: systemd on its start or a reload, a
+    /// control client on its answer.
+    waited: bool,
+    /// The control client waiting, if any.
+    client: Option<OwnedFd>,
+    /// When progress was last shown to those waiting.
+    reported: Option<Instant>,
 }
 
-/// How far each extension pushes the start timeout, from when it is sent...
-const START_EXTENSION: Duration = Duration::from_secs(30);
-/// ...and how often it is sent at most, well within that.
-const START_EXTEND_EVERY: Duration = Duration::from_secs(5);
+/// How far each extension pushes systemd's timeout, from when it is sent...
+const EXTENSION: Duration = Duration::from_secs(30);
+/// ...and how often progress is shown at most, well within that and `policy`'s wait.
+const REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// The shortest time between two watchdog pings.
 const MIN_PING_PERIOD: Duration = Duration::from_millis(1);
@@ -43,14 +56,30 @@ impl Watchdog {
         Self {
             period: ping_period(sd_notify::watchdog_enabled()),
             last: Instant::now(),
-            starting: true,
-            extended: None,
+            waited: true,
+            client: None,
+            reported: None,
         }
     }
 
     /// The agent is ready: the start timeout no longer applies.
     pub fn started(&mut self) {
-        self.starting = false;
+        self.wait_ends();
+    }
+
+    /// A reload or `policy` change begins, with the control client that asked for it (a
+    /// descriptor of its own, `None` when it came from SIGHUP or no descriptor was left): the
+    /// first moment of its pass shows progress at once.
+    pub fn wait_begins(&mut self, client: Option<OwnedFd>) {
+        self.waited = true;
+        self.client = client;
+        self.reported = None;
+    }
+
+    /// What was waited on is done.
+    pub fn wait_ends(&mut self) {
+        self.waited = false;
+        self.client = None;
     }
 
     pub fn ping(&mut self) {
@@ -60,8 +89,8 @@ impl Watchdog {
         }
     }
 
-    /// Pings when half the timeout has passed since the last ping; while starting, extends the
-    /// start timeout when [`START_EXTEND_EVERY`] has passed since the last extension.
+    /// Pings when half the timeout has passed since the last ping; while someone waits, shows
+    /// progress when [`REPORT_EVERY`] has passed since it last did.
     pub fn ping_if_due(&mut self) {
         if self
             .period
@@ -69,14 +98,13 @@ impl Watchdog {
         {
             self.ping();
         }
-        if self.starting
-            && self
-                .extended
-                .is_none_or(|at| at.elapsed() >= START_EXTEND_EVERY)
-        {
-            let usec = u32::try_from(START_EXTENSION.as_micros()).unwrap_or(u32::MAX);
+        if self.waited && self.reported.is_none_or(|at| at.elapsed() >= REPORT_EVERY) {
+            let usec = u32::try_from(EXTENSION.as_micros()).unwrap_or(u32::MAX);
             let _ = sd_notify::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(usec)]);
-            self.extended = Some(Instant::now());
+            if let Some(client) = &self.client {
+                crate::sys::nudge(client.as_fd());
+            }
+            self.reported = Some(Instant::now());
         }
     }
 }

@@ -762,12 +762,64 @@ fn the_watchdog_is_pinged_while_an_apply_pass_holds_the_agent() {
         "the pass took {pass_ms} ms, too short to tell; this test needs more namespaces"
     );
     assert!(pings >= 1, "no ping during the pass ({pass}): {lines:?}");
+    // systemd times a reload with TimeoutStartSec= too: its pass pushes that out as well.
     assert!(
-        !lines
+        lines[reloading..]
             .iter()
-            .any(|line| line.starts_with("EXTEND_TIMEOUT_USEC=")),
-        "only a start is extended: {lines:?}"
+            .any(|line| line == "EXTEND_TIMEOUT_USEC=30000000"),
+        "no extension during the reload's pass ({pass}): {lines:?}"
     );
+}
+
+#[test]
+fn a_change_shows_progress_to_systemd_and_to_its_client_while_its_pass_runs() {
+    // Thirty namespaces with sockets: the pass has thirty moments between them to show
+    // progress at, and shows it at the first.
+    let _namespaces = namespaces_with_listeners(30);
+    let cg = TestCgroup::new("progress");
+    let config = write_config("[default]\nidle = 50\n");
+    let dirs = AgentDirs::new();
+    // No watchdog: the only notifications after ready are the extensions.
+    let mut agent = Agent::start_with(
+        &dirs,
+        &[
+            "run",
+            "--cgroup",
+            cg.path().to_str().unwrap(),
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        &[],
+        None,
+    );
+    let ready = agent.ready_lines().len();
+    // `policy reload` as `systemctl reload` runs it, read byte for byte.
+    std::fs::write(&*config, "[default]\nidle = 51\n").unwrap();
+    let client =
+        std::os::unix::net::UnixStream::connect(dirs.runtime_dir.join("control.sock")).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    (&client).write_all(b"{\"cmd\":\"reload\"}\n").unwrap();
+    let mut answer = Vec::new();
+    (&client).read_to_end(&mut answer).unwrap();
+    let answer = String::from_utf8(answer).unwrap();
+    let (pass, _) = last_pass(&agent.log());
+    assert!(
+        count_between(&pass, "failed; ", " network namespace") >= 30,
+        "the reload's pass did not walk the namespaces: {pass}"
+    );
+    // A space before the answer, which JSON allows: `policy` waits 120 s for each byte.
+    assert!(answer.starts_with(' '), "no sign of progress: {answer:?}");
+    let response: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(response["ok"], true, "{answer}");
+    assert_eq!(keepalive_tests::idle_of(&cg), 51);
+    // And systemd's reload timeout pushed out, after ready.
+    let lines = agent
+        .notified("EXTEND_TIMEOUT_USEC=30000000", Duration::from_secs(5))
+        .unwrap_or_else(|status| panic!("the agent exited with {status}"))
+        .unwrap_or_else(|| panic!("no extension during the pass ({pass}) after {ready} lines"));
+    assert!(!lines.iter().any(|line| line == "READY=1"), "{lines:?}");
 }
 
 #[test]
