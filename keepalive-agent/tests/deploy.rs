@@ -21,11 +21,49 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-fn tempdir(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ka-deploy-{label}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
+/// A fresh directory below the temporary directory, removed on drop, also when the test
+/// fails. Its name has the form the root tests' sweeper (`tests/src/sweep.rs`) removes when its
+/// maker is gone, `ka-<label>-<pid namespace>-<pid>-<n>`, so a run killed outright leaves
+/// nothing behind for long either.
+struct TempDir(PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TempDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(label: &str) -> TempDir {
+    use std::os::unix::fs::MetadataExt as _;
+    static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let namespace = std::fs::metadata("/proc/self/ns/pid").map_or(0, |m| m.ino());
+    let dir = std::env::temp_dir().join(format!(
+        "ka-deploy-{label}-{namespace}-{}-{}",
+        std::process::id(),
+        MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    TempDir(dir)
 }
 
 #[test]
@@ -69,7 +107,6 @@ fn systemd_accepts_the_unit() {
         !text.contains("ExecStop"),
         "stopping must not detach: enforcement outlives the service"
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -97,7 +134,6 @@ fn a_fatal_error_reaches_the_journal_at_error_priority() {
     assert_eq!(lines.len(), 2, "{text}");
     assert!(lines[0].starts_with("<3>keepalive-agent: "), "{text}");
     assert!(lines[1].starts_with("<3><0>forged\\u{1b}[2J"), "{text}");
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// A unit's `Environment=KEEPALIVE_STATE_DIR=…` with a bad value is named as the variable, also
@@ -220,7 +256,6 @@ fn install_puts_binary_unit_config_man_pages_and_completions_in_place() {
         mode("usr/local/share/man/man1/keepalive-agent-run.1"),
         0o644
     );
-    std::fs::remove_dir_all(root).unwrap();
 }
 
 fn manifest(name: &str) -> Value {
@@ -688,7 +723,6 @@ fn man_pages_and_completions_generate() {
     ] {
         assert!(help.contains(word), "--help lacks {word}");
     }
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// `keepalive-agent GLOBAL… install --root ROOT ARGS…`, without the directory variables an
@@ -753,7 +787,6 @@ fn install_leaves_a_masked_or_linked_unit_and_a_bindir_the_unit_cannot_run_alone
             "{bindir}: {err}"
         );
     }
-    std::fs::remove_dir_all(root).unwrap();
 }
 
 #[test]
@@ -780,7 +813,6 @@ fn install_that_fails_midway_has_said_what_it_did_before() {
         assert!(line.contains(path), "{line}");
         assert!(root.join(path).is_file(), "{path}");
     }
-    std::fs::remove_dir_all(root).unwrap();
 }
 
 #[test]
@@ -809,7 +841,6 @@ fn install_finishes_when_its_output_cannot_be_written() {
     ] {
         assert!(root.join(path).is_file(), "{path}: {err}");
     }
-    std::fs::remove_dir_all(root).unwrap();
 }
 
 #[test]
@@ -849,7 +880,6 @@ fn install_makes_its_files_readable_by_everyone_under_a_tight_umask() {
     );
     assert_eq!(mode("usr/local/share/bash-completion/completions"), 0o755);
     assert_eq!(mode("usr/local/sbin/keepalive-agent"), 0o755);
-    std::fs::remove_dir_all(root).unwrap();
 }
 
 #[test]
@@ -978,5 +1008,4 @@ fn install_refuses_directories_the_unit_would_drop_and_honours_bindir() {
     );
     assert!(!binary.exists(), "nothing was installed");
     assert!(config.is_dir());
-    std::fs::remove_dir_all(root).unwrap();
 }

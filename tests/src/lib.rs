@@ -1412,6 +1412,17 @@ pub fn hold_inotify_watches(uid: u32, free: usize) -> InotifyHolder {
     holder
 }
 
+/// A child process killed and reaped on drop, also when the test fails.
+#[derive(Debug)]
+pub struct Reaped(pub Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Waits until `check` returns `Some`, or panics after `timeout` with `what`.
 pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

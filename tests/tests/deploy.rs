@@ -12,7 +12,7 @@ use std::{
 };
 
 use keepalive_tests::{
-    Agent, AgentDirs, DetachOnDrop, GRANTED, Netns, Proc, TestCgroup, agent_bin,
+    Agent, AgentDirs, DetachOnDrop, GRANTED, Netns, Proc, Reaped, TestCgroup, agent_bin,
     agent_in_private_mounts, cgroup2_mount, check_item, code, count_between, drop_caps_except,
     eventually, free_port, hide_with_tmpfs, in_private_mounts, mount_new, require_root, sock_bin,
     sockops_attachments, stderr, stdout, umount, values, write_config,
@@ -876,15 +876,6 @@ fn check_warns_which_capability_other_namespaces_need() {
 }
 
 /// Kills and reaps a child when dropped.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn a_network_namespace_the_agent_may_not_open_is_reported_as_not_entered() {
     let cg = TestCgroup::new("nsdenied");

@@ -424,7 +424,7 @@ impl Held {
             "SIGSTOP"
         );
         let held = Self(pid);
-        eventually(Duration::from_secs(5), "the process stopped", || {
+        eventually(Duration::from_secs(30), "the process stopped", || {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
             let state = stat.rsplit_once(") ")?.1.chars().next()?;
             (state == 'T').then_some(())

@@ -842,7 +842,7 @@ fn full_tracking_maps_are_counted_and_enforcement_continues() {
     );
     drop(pairs);
     // Room again once sockets close.
-    eventually(Duration::from_secs(5), "the tracking map to drain", || {
+    eventually(Duration::from_secs(30), "the tracking map to drain", || {
         (agent.status()["tracked_entries"] == 0).then_some(())
     });
 }
@@ -1077,7 +1077,7 @@ fn a_restart_with_another_socket_capacity_keeps_finding_the_pinned_records() {
     let agent = Agent::start_in(&dirs, &cg, &[]);
     assert_eq!(agent.status()["sockets"].as_array().unwrap().len(), 4);
     drop(pairs);
-    eventually(Duration::from_secs(5), "the records to be removed", || {
+    eventually(Duration::from_secs(30), "the records to be removed", || {
         (agent.status()["tracked_entries"] == 0).then_some(())
     });
     assert!(
@@ -1102,7 +1102,7 @@ fn a_removed_attach_cgroup_ends_the_agent_with_exit_4_and_the_next_start_attache
     drop(sibling);
     std::fs::remove_dir(cg.path()).unwrap();
     let status = agent
-        .wait_exit(Duration::from_secs(5))
+        .wait_exit(Duration::from_secs(30))
         .unwrap_or_else(|| panic!("the agent kept running:\n{}", agent.log()));
     assert_eq!(status.code(), Some(4), "{}", agent.log());
     assert!(
@@ -2103,7 +2103,7 @@ fn clients_the_agent_has_no_descriptor_for_wait_without_a_busy_loop() {
     std::io::Read::read_to_string(&mut scraper, &mut response).unwrap();
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     for listener in ["control socket", "metrics"] {
-        eventually(Duration::from_secs(5), "the recovery in the log", || {
+        eventually(Duration::from_secs(30), "the recovery in the log", || {
             agent
                 .log()
                 .contains(&format!("{listener}: accepting clients again"))
@@ -2457,12 +2457,18 @@ fn the_next_run_removes_what_a_killed_run_left_and_nothing_of_a_live_one() {
 
     let cgroup = cgroup2_mount().join(name("swept", 0));
     std::fs::create_dir_all(cgroup.join("inner")).expect("mkdir");
-    let mut sleeper = std::process::Command::new("sleep")
-        .arg("600")
-        .spawn()
-        .expect("sleep");
-    std::fs::write(cgroup.join("inner/cgroup.procs"), sleeper.id().to_string())
-        .expect("move into the cgroup");
+    // Killed on drop should the test fail before the sweep does.
+    let mut sleeper = keepalive_tests::Reaped(
+        std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .expect("sleep"),
+    );
+    std::fs::write(
+        cgroup.join("inner/cgroup.procs"),
+        sleeper.0.id().to_string(),
+    )
+    .expect("move into the cgroup");
     let dirs = AgentDirs {
         state_dir: std::path::Path::new("/sys/fs/bpf").join(name("agent", 1)),
         runtime_dir: std::env::temp_dir().join(name("agent", 1)),
@@ -2475,14 +2481,16 @@ fn the_next_run_removes_what_a_killed_run_left_and_nothing_of_a_live_one() {
     assert_eq!(sockops_attachments(&cgroup), 1);
     let netns = std::path::PathBuf::from("/run/netns").join(name("n", 2));
     keepalive_tests::sh("ip", &["netns", "add", &name("n", 2)]);
-    let mut in_netns = std::process::Command::new("ip")
-        .args(["netns", "exec", &name("n", 2), "sleep", "600"])
-        .spawn()
-        .expect("ip netns exec");
+    let mut in_netns = keepalive_tests::Reaped(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &name("n", 2), "sleep", "600"])
+            .spawn()
+            .expect("ip netns exec"),
+    );
     let inode = |path: &std::path::Path| {
         std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path).expect("stat"))
     };
-    let net = std::path::PathBuf::from(format!("/proc/{}/ns/net", in_netns.id()));
+    let net = std::path::PathBuf::from(format!("/proc/{}/ns/net", in_netns.0.id()));
     eventually(Duration::from_secs(10), "sleep in the namespace", || {
         (inode(&net) == inode(&netns)).then_some(())
     });
@@ -2506,15 +2514,15 @@ fn the_next_run_removes_what_a_killed_run_left_and_nothing_of_a_live_one() {
         assert!(!path.exists(), "{} still there", path.display());
     }
     let status = agent
-        .wait_exit(Duration::from_secs(5))
+        .wait_exit(Duration::from_secs(30))
         .expect("the agent the dead run started was killed");
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(libc::SIGKILL)
     );
     for (child, what) in [
-        (&mut sleeper, "cgroup"),
-        (&mut in_netns, "network namespace"),
+        (&mut sleeper.0, "cgroup"),
+        (&mut in_netns.0, "network namespace"),
     ] {
         let deadline = Instant::now() + Duration::from_secs(10);
         let status = loop {
@@ -2795,7 +2803,7 @@ fn catches_up_while_short_and_follows_once_released(
     assert!(agent.log().contains(&again), "{}", agent.log());
     // Followed again: a cgroup created from now on gets its policy as it appears.
     let next = parent.child("next");
-    eventually(Duration::from_secs(5), "next's own policy", || {
+    eventually(Duration::from_secs(30), "next's own policy", || {
         (idle_of(&next) == 29).then_some(())
     });
 }
@@ -3123,7 +3131,7 @@ fn pins_removed_while_inotify_is_short_are_pinned_again_at_a_try_to_watch_and_wh
     );
     let before = agent.log().matches(repinned).count();
     remove(&mut agent);
-    eventually(Duration::from_secs(5), "the pins to be made again", || {
+    eventually(Duration::from_secs(30), "the pins to be made again", || {
         (link.exists() && agent.log().matches(repinned).count() > before).then_some(())
     });
     assert!(agent.stop_with(libc::SIGTERM).success(), "{}", agent.log());

@@ -370,7 +370,7 @@ fn an_open_connection_is_listed_with_both_ends_and_leaves_when_closed() {
 
     pair.finish();
     let status = eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         "the closed sockets to leave",
         || {
             let status = agent.status();
@@ -417,9 +417,11 @@ fn a_dead_peer_is_counted_for_its_cgroup_and_a_normal_close_is_not() {
     normal.finish();
     // The client's socket closes once the server acknowledges its FIN; cutting the link
     // before that would leave it open (retransmitting the FIN), so wait for it.
-    eventually(Duration::from_secs(5), "the normal close to finish", || {
-        (cgroup_row(&agent.status(), &cg)["open"] == 0).then_some(())
-    });
+    eventually(
+        Duration::from_secs(30),
+        "the normal close to finish",
+        || (cgroup_row(&agent.status(), &cg)["open"] == 0).then_some(()),
+    );
     let mut doomed = Proc::spawn(
         &sock_bin(),
         &["connect", &target, "--read"],
@@ -506,7 +508,7 @@ fn a_dead_peer_in_an_off_cgroup_is_not_counted_when_another_program_watches_its_
 /// `status` once `cg` has counted one dead peer.
 fn one_dead_peer(agent: &Agent, cg: &TestCgroup) -> Value {
     eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         "the dead peer to be counted",
         || {
             let status = agent.status();
@@ -678,7 +680,7 @@ fn the_metrics_endpoint_serves_the_same_counts() {
     closed.read();
     closed.finish();
     let status = eventually(
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         "the closed pair to be counted",
         || {
             let status = agent.status();
