@@ -247,10 +247,26 @@ impl Pending {
         crate::sys::hung_up(self.client.as_ref().as_fd())
     }
 
-    /// A descriptor of the client's connection for the agent to show it progress on while its
-    /// request runs (see [`crate::watchdog::Watchdog`]); `None` when none is left to make one.
-    pub fn progress_fd(&self) -> Option<std::os::fd::OwnedFd> {
-        self.client.as_ref().as_fd().try_clone_to_owned().ok()
+    /// The request, where its answer goes, and the client's connection, for the agent to show
+    /// progress on while the request runs (see [`crate::watchdog::Watchdog`]). The connection
+    /// needs no descriptor of its own, as above: the answer's writer keeps the socket open.
+    pub fn split(
+        self,
+    ) -> (
+        Request,
+        tokio::sync::oneshot::Sender<Response>,
+        Box<dyn std::os::fd::AsFd>,
+    ) {
+        (self.request, self.reply, Box::new(ClientFd(self.client)))
+    }
+}
+
+/// The reading half of a client's connection, as a descriptor to send on.
+struct ClientFd(tokio::net::unix::OwnedReadHalf);
+
+impl std::os::fd::AsFd for ClientFd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.0.as_ref().as_fd()
     }
 }
 

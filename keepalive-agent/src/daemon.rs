@@ -1242,11 +1242,12 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                     log::info!("skipped `{}`: its client left before its turn", pending.request);
                 } else {
                     // `systemctl reload` (ExecReload=) and the client wait on its pass.
-                    daemon.watchdog.wait_begins(pending.progress_fd());
-                    let response = daemon.handle(pending.request);
+                    let (request, reply, client) = pending.split();
+                    daemon.watchdog.wait_begins(Some(client));
+                    let response = daemon.handle(request);
                     daemon.watchdog.wait_ends();
                     // The client may go while it runs; its task logs that.
-                    let _ = pending.reply.send(response);
+                    let _ = reply.send(response);
                 }
             }
             changes = watcher.changes() => {

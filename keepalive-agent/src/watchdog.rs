@@ -2,7 +2,7 @@
 //! of progress a control client waiting on a pass gets.
 
 use std::{
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::AsFd,
     time::{Duration, Instant},
 };
 
@@ -28,8 +28,8 @@ pub struct Watchdog {
     /// Whether someone waits on what the agent does: systemd on its start or a reload, a
     /// control client on its answer.
     waited: bool,
-    /// The control client waiting, if any.
-    client: Option<OwnedFd>,
+    /// The connection of the control client waiting, if any.
+    client: Option<Box<dyn AsFd>>,
     /// When progress was last shown to those waiting.
     reported: Option<Instant>,
 }
@@ -67,10 +67,9 @@ impl Watchdog {
         self.wait_ends();
     }
 
-    /// A reload or `policy` change begins, with the control client that asked for it (a
-    /// descriptor of its own, `None` when it came from SIGHUP or no descriptor was left): the
-    /// first moment of its pass shows progress at once.
-    pub fn wait_begins(&mut self, client: Option<OwnedFd>) {
+    /// A reload or `policy` change begins, with the connection of the control client that
+    /// asked for it (`None` for SIGHUP): the first moment of its pass shows progress at once.
+    pub fn wait_begins(&mut self, client: Option<Box<dyn AsFd>>) {
         self.waited = true;
         self.client = client;
         self.reported = None;
