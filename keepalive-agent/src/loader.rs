@@ -235,6 +235,7 @@ impl Enforcer {
             .iter()
             .map(|name| (*name, opts.state.map(name)))
             .collect();
+        check_pinned_layouts(&pins, opts.state)?;
         let mut loader = EbpfLoader::new();
         loader
             .override_global(GLOBAL_OFFSETS, &offsets, true)
@@ -612,6 +613,48 @@ fn sock_slots(state: &StateDir, max_tracked_sockets: Option<u32>) -> anyhow::Res
         );
     }
     Ok(pinned)
+}
+
+/// Refuses pinned maps whose layout (map type, key or value size) is not this build's:
+/// another build of keepalive made them, whose maps changed without a new
+/// `keepalive_common::ABI_VERSION` (and so a map directory of their own). Over them the
+/// kernel would reject the programs (exit 6, as if it could not run keepalive) or, worse, take
+/// them and have records misread. Their capacities may differ: see [`sock_slots`].
+fn check_pinned_layouts(pins: &[(&str, PathBuf)], state: &StateDir) -> anyhow::Result<()> {
+    let pinned: Vec<&(&str, PathBuf)> = pins.iter().filter(|(_, path)| path.exists()).collect();
+    if pinned.is_empty() {
+        return Ok(());
+    }
+    let object = aya_obj::Object::parse(EBPF_OBJECT).context("failed to parse the BPF object")?;
+    for (name, path) in pinned {
+        let def = object
+            .maps
+            .get(*name)
+            .ok_or_else(|| anyhow!("the BPF object has no {name} map"))?;
+        let info = aya::maps::MapInfo::from_pin(path)
+            .map_err(|err| kernel_error(&format!("failed to read {}", path.display()), err))?;
+        let layout = |kind: Option<u32>, key: u32, value: u32| {
+            format!(
+                "type {}, {key}-byte keys, {value}-byte values",
+                kind.map_or("unknown".to_owned(), |kind| kind.to_string())
+            )
+        };
+        // The type's number, as the object and the kernel give it.
+        let kind = info.map_type().ok().map(|kind| kind as u32);
+        let theirs = layout(kind, info.key_size(), info.value_size());
+        let ours = layout(Some(def.map_type()), def.key_size(), def.value_size());
+        if theirs != ours {
+            return Err(Error::Agent(format!(
+                "{} is not this build's {name} map ({theirs}; this build's has {ours}): \
+                 another build of keepalive made it; `{}` removes the pinned state, ending \
+                 enforcement until the agent starts again",
+                path.display(),
+                state.detach_command()
+            ))
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Marks the start of an apply pass (see `keepalive_common::MAP_APPLY`).

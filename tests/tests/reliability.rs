@@ -3205,6 +3205,40 @@ fn a_pinned_slot_table_keepalive_did_not_make_is_refused_with_exit_7() {
     dirs.cli_ok(&["detach"]);
 }
 
+/// A pinned map of another layout than this build's (another build's, whose maps changed
+/// without a new ABI version) is refused with exit 7, naming the map and `detach`, and the
+/// pinned enforcement goes on; before, the kernel rejected the program over it and exit 6 said
+/// the kernel could not run keepalive.
+#[test]
+fn a_pinned_map_of_another_layout_is_refused_with_exit_7() {
+    let cg = TestCgroup::new("badlayout");
+    let dirs = AgentDirs::new();
+    let mut agent = Agent::start_in(&dirs, &cg, &["--idle", "26"]);
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    let maps = dirs
+        .state_dir
+        .join(format!("maps-v{}", keepalive_common::ABI_VERSION));
+    // The per-cgroup counters' place taken by an array of one u64.
+    std::fs::remove_file(maps.join("KA_CGSTATS")).unwrap();
+    keepalive_tests::bpf::pin_again(&maps.join("KA_AGENT"), &maps.join("KA_CGSTATS"));
+    let out = dirs.cli(&run_args(&cg));
+    let err = stderr(&out);
+    assert_eq!(code(&out), 7, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{} is not this build's KA_CGSTATS map (type 2, 4-byte keys, 8-byte values; this \
+             build's has type 1, 8-byte keys,",
+            maps.join("KA_CGSTATS").display()
+        )) && err.contains(&format!(
+            "`keepalive-agent --state-dir {} detach`",
+            dirs.state_dir.display()
+        )),
+        "{err}"
+    );
+    assert_eq!(idle_of(&cg), 26, "the pinned enforcement goes on");
+    dirs.cli_ok(&["detach"]);
+}
+
 /// An attach cgroup whose parent the agent may pass through but not read (a delegated
 /// subtree's, mode 0711; the unit grants no CAP_DAC_READ_SEARCH): the agent cannot watch the
 /// parent, which alone tells it of the attach cgroup's removal. It refuses with exit 3, which
