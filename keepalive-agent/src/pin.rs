@@ -367,7 +367,8 @@ impl StateDir {
     }
 
     /// Creates the state directory if need be ([`StateDir::create`]) and takes its exclusive
-    /// lock for as long as the returned file lives; whether this process made the directory,
+    /// lock for as long as the returned file lives; whether this process made the directory and
+    /// found nothing pinned in it once it held the lock (what a start that fails may remove),
     /// and the lock. The lock lives on bpffs, so it also covers agents in other mount
     /// namespaces (a pod) that share the host's pins. While another process holds it, nothing
     /// is touched: it waits up to [`LOCK_WAIT`] and then fails (another agent). The holder may
@@ -383,7 +384,12 @@ impl StateDir {
                 Lock::Held(dir) => {
                     // The maps directory and the modes, now under the lock.
                     self.create()?;
-                    let created = made.is_some() && made == dir.metadata().ok().map(|m| inode(&m));
+                    // Made here, but another process may have locked it first, pinned, and
+                    // died (an agent with another runtime directory): its pins are not this
+                    // process's to remove.
+                    let created = made.is_some()
+                        && made == dir.metadata().ok().map(|m| inode(&m))
+                        && self.existing_pins().is_empty();
                     return Ok((created, dir));
                 }
                 Lock::Absent => {

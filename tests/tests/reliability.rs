@@ -3239,6 +3239,78 @@ fn a_pinned_map_of_another_layout_is_refused_with_exit_7() {
     dirs.cli_ok(&["detach"]);
 }
 
+/// A start that made the state directory but found it locked, by an agent with another runtime
+/// directory that pinned its enforcement there and died, and then failed before it attached
+/// (exit 7 here, over a pinned map of another layout), leaves those pins: they are not what its
+/// failed start made. Before, it removed them as its own, and the enforcement with them.
+#[test]
+fn a_start_that_fails_leaves_the_pins_another_agent_made_while_it_waited_for_the_lock() {
+    let cg = TestCgroup::new("lockrace");
+    // The other agent's enforcement, pinned at first in a directory of its own.
+    let other = AgentDirs::new();
+    let mut agent = Agent::start_in(&other, &cg, &["--idle", "26"]);
+    assert!(agent.stop_with(libc::SIGTERM).success());
+    let dirs = AgentDirs::new();
+    // strace holds up each directory the agent makes, so the test can lock the state directory
+    // between its making and the agent's first try to lock it.
+    let mut cmd = std::process::Command::new("strace");
+    cmd.args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=mkdir,mkdirat"])
+        .args(["-e", "inject=mkdir,mkdirat:delay_exit=300000"])
+        .arg(keepalive_tests::agent_bin())
+        .arg("--state-dir")
+        .arg(&dirs.state_dir)
+        .arg("--runtime-dir")
+        .arg(&dirs.runtime_dir)
+        .args(run_args(&cg));
+    let mut starting = Agent::spawn_command(&dirs, cmd);
+    eventually(Duration::from_secs(30), "the state directory", || {
+        dirs.state_dir.exists().then_some(())
+    });
+    let lock = hold_lock(&dirs.state_dir, libc::LOCK_EX);
+    wait_for_the_lock(&mut starting, &dirs.state_dir);
+    // Under the lock, the other agent's pins move in, with a map of another layout in place of
+    // the per-cgroup counters, which the waiting start refuses.
+    let maps = format!("maps-v{}", keepalive_common::ABI_VERSION);
+    std::fs::create_dir_all(dirs.state_dir.join(&maps)).expect("maps dir");
+    let mut moved = Vec::new();
+    for dir in [other.state_dir.clone(), other.state_dir.join(&maps)] {
+        for entry in std::fs::read_dir(&dir).expect("other state dir").flatten() {
+            if entry.path().is_dir() {
+                continue;
+            }
+            let name = entry
+                .path()
+                .strip_prefix(&other.state_dir)
+                .unwrap()
+                .to_owned();
+            let from = if name.ends_with("KA_CGSTATS") {
+                other.state_dir.join(&maps).join("KA_AGENT")
+            } else {
+                entry.path()
+            };
+            keepalive_tests::bpf::pin_again(&from, &dirs.state_dir.join(&name));
+            moved.push(name);
+        }
+    }
+    assert!(
+        moved.iter().any(|name| name.ends_with("link_sockops")),
+        "{moved:?}"
+    );
+    std::fs::remove_dir_all(&other.state_dir).expect("unpin the other directory");
+    assert_eq!(idle_of(&cg), 26, "enforced from the moved pins");
+    drop(lock);
+    let status = starting
+        .wait_exit(Duration::from_secs(60))
+        .expect("the start ends");
+    assert_eq!(status.code(), Some(7), "{}", starting.log());
+    for name in &moved {
+        assert!(dirs.state_dir.join(name).exists(), "{name:?} left in place");
+    }
+    assert_eq!(idle_of(&cg), 26, "the other agent's enforcement goes on");
+    assert_eq!(sockops_attachments(cg.path()), 1);
+    dirs.cli_ok(&["detach"]);
+}
+
 /// An attach cgroup whose parent the agent may pass through but not read (a delegated
 /// subtree's, mode 0711; the unit grants no CAP_DAC_READ_SEARCH): the agent cannot watch the
 /// parent, which alone tells it of the attach cgroup's removal. It refuses with exit 3, which

@@ -343,10 +343,14 @@ pub fn setup() -> anyhow::Result<Env> {
 }
 
 /// What the tests run besides the agent: `ip` for network namespaces, `systemd-analyze` and the
-/// systemd manager (one package) for the unit file, and hadolint for the Containerfile, whose
-/// path this returns.
+/// systemd manager (one package) for the unit file, `strace` to hold an agent up at a chosen
+/// step, and hadolint for the Containerfile, whose path this returns.
 pub fn test_tools() -> anyhow::Result<PathBuf> {
-    ensure_packages(&[("ip", "iproute2"), ("systemd-analyze", "systemd")])?;
+    ensure_packages(&[
+        ("ip", "iproute2"),
+        ("systemd-analyze", "systemd"),
+        ("strace", "strace"),
+    ])?;
     ensure_hadolint()
 }
 
