@@ -6,7 +6,10 @@
 
 use std::{
     io::{BufRead as _, BufReader, Write as _},
-    os::{fd::AsFd as _, unix::net::UnixStream},
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, RawFd},
+        unix::net::UnixStream,
+    },
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -247,26 +250,64 @@ impl Pending {
         crate::sys::hung_up(self.client.as_ref().as_fd())
     }
 
-    /// The request, where its answer goes, and the client's connection, for the agent to show
-    /// progress on while the request runs (see [`crate::watchdog::Watchdog`]). The connection
-    /// needs no descriptor of its own, as above: the answer's writer keeps the socket open.
-    pub fn split(
-        self,
-    ) -> (
-        Request,
-        tokio::sync::oneshot::Sender<Response>,
-        Box<dyn std::os::fd::AsFd>,
-    ) {
-        (self.request, self.reply, Box::new(ClientFd(self.client)))
+    /// The request and where its answer goes.
+    pub fn split(self) -> (Request, tokio::sync::oneshot::Sender<Response>) {
+        (self.request, self.reply)
     }
 }
 
-/// The reading half of a client's connection, as a descriptor to send on.
-struct ClientFd(tokio::net::unix::OwnedReadHalf);
+/// The connections of the control clients waiting for their answers, for the agent to show
+/// progress on while it is busy with a pass (see [`crate::watchdog::Watchdog`]): that of their
+/// own request, or of one before it, as requests are carried out one at a time.
+#[derive(Clone, Default)]
+pub struct Waiting(std::sync::Arc<std::sync::Mutex<Vec<RawFd>>>);
 
-impl std::os::fd::AsFd for ClientFd {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.0.as_ref().as_fd()
+impl Waiting {
+    /// Notes the connection `fd` as waiting until the returned guard drops, which must be
+    /// before the descriptor closes: [`serve_one`] holds the guard beside the connection's
+    /// writing half, and drops it before writing the answer, so no sign of progress ever lands
+    /// inside an answer.
+    fn add(&self, fd: BorrowedFd<'_>) -> Added {
+        let fd = fd.as_raw_fd();
+        self.lock().push(fd);
+        Added {
+            waiting: self.clone(),
+            fd,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RawFd>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether any client waits.
+    pub fn any(&self) -> bool {
+        !self.lock().is_empty()
+    }
+
+    /// Sends each waiting client a space (see [`crate::sys::nudge`]).
+    pub fn nudge(&self) {
+        for &fd in self.lock().iter() {
+            // SAFETY: the connection stays open while it is listed (see `add`).
+            crate::sys::nudge(unsafe { BorrowedFd::borrow_raw(fd) });
+        }
+    }
+}
+
+/// A connection [`Waiting`] lists, until this drops.
+struct Added {
+    waiting: Waiting,
+    fd: RawFd,
+}
+
+impl Drop for Added {
+    fn drop(&mut self) {
+        let mut listed = self.waiting.lock();
+        if let Some(at) = listed.iter().position(|&fd| fd == self.fd) {
+            listed.swap_remove(at);
+        }
     }
 }
 
@@ -277,8 +318,9 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_REQUEST: u64 = 64 * 1024;
 
 /// How long `policy` waits for a byte of the agent's answer. That may come after a pass over
-/// every network namespace, behind other requests; while the request's own pass runs, the
-/// agent sends a space every 5 s, each of which starts this wait anew.
+/// every network namespace, behind other requests; while a pass runs (its own request's, or
+/// another's before it), the agent sends a space every 5 s, each of which starts this wait
+/// anew.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Reads one request line, at most [`MAX_REQUEST`] bytes within [`CLIENT_TIMEOUT`]: the
@@ -315,11 +357,13 @@ async fn read_request(
 /// Serves one connection of the agent keeping its state in `state_dir`, on a task of its own,
 /// so a slow or stuck client never holds up the agent: checks the peer is root and names no
 /// other state directory, reads one request, hands it to the agent's loop through `requests`
-/// and writes the answer; [`CLIENT_TIMEOUT`] for each.
+/// and writes the answer; [`CLIENT_TIMEOUT`] for each. The client is listed in `waiting` from
+/// its request's reading to its answer.
 pub async fn serve_one(
     stream: tokio::net::UnixStream,
     state_dir: &Path,
     requests: tokio::sync::mpsc::Sender<Pending>,
+    waiting: &Waiting,
 ) -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt as _;
     let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
@@ -351,6 +395,7 @@ pub async fn serve_one(
                 .into(),
             ),
             Ok(envelope) => {
+                let added = waiting.add(write.as_ref().as_fd());
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 requests
                     .send(Pending {
@@ -360,7 +405,9 @@ pub async fn serve_one(
                     })
                     .await
                     .map_err(|_| anyhow::anyhow!("the agent is stopping"))?;
-                match answer.await {
+                let answer = answer.await;
+                drop(added);
+                match answer {
                     Ok(response) => response,
                     // The agent left it: the client has gone (see [`Pending::client_left`]).
                     Err(_) if crate::sys::hung_up(write.as_ref().as_fd()) => return Ok(()),

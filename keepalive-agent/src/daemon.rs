@@ -1216,7 +1216,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                 let mut reloading = vec![sd_notify::NotifyState::Reloading];
                 reloading.extend(sd_notify::NotifyState::monotonic_usec_now().ok());
                 let _ = sd_notify::notify(&reloading);
-                daemon.watchdog.wait_begins(None);
+                daemon.watchdog.wait_begins();
                 match daemon.reload() {
                     Ok((message, _)) => log_outcome(&message),
                     Err(err) => {
@@ -1231,8 +1231,9 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             stream = control.accept() => {
                 let state_dir = state_root.clone();
                 let requests = requests_tx.clone();
+                let waiting = daemon.watchdog.clients();
                 tokio::spawn(async move {
-                    if let Err(err) = control::serve_one(stream, &state_dir, requests).await {
+                    if let Err(err) = control::serve_one(stream, &state_dir, requests, &waiting).await {
                         log::warn!("control request failed: {err:#}");
                     }
                 });
@@ -1242,8 +1243,8 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
                     log::info!("skipped `{}`: its client left before its turn", pending.request);
                 } else {
                     // `systemctl reload` (ExecReload=) and the client wait on its pass.
-                    let (request, reply, client) = pending.split();
-                    daemon.watchdog.wait_begins(Some(client));
+                    let (request, reply) = pending.split();
+                    daemon.watchdog.wait_begins();
                     let response = daemon.handle(request);
                     daemon.watchdog.wait_ends();
                     // The client may go while it runs; its task logs that.

@@ -1,10 +1,7 @@
 //! The systemd watchdog and timeout extensions (`sd_notify`) of a running agent, and the signs
 //! of progress a control client waiting on a pass gets.
 
-use std::{
-    os::fd::AsFd,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 /// The systemd watchdog (`WatchdogSec=`), pinged every half timeout: by the loop, and between
 /// network namespaces during an apply pass, which holds the loop for as long as it takes (a
@@ -17,19 +14,20 @@ use std::{
 ///   namespaces: a start that timed out would be killed and tried again forever, and a reload
 ///   reported failed with its change in force. Outside a start or a reload, systemd has no
 ///   timeout for an extension to move.
-/// - the control client waiting on the answer gets a space (see [`crate::sys::nudge`]), which
-///   resets its wait for an answer (`policy` gives up after 120 s without a byte).
+/// - each control client waiting for its answer, on this pass or behind it, gets a space (see
+///   [`crate::control::Waiting`]), which resets its wait for an answer (`policy` gives up after
+///   120 s without a byte).
 ///
 /// A pass that stops making progress stops both.
 pub struct Watchdog {
     /// Half the timeout; `None` when systemd watches nothing.
     pub period: Option<Duration>,
     last: Instant,
-    /// Whether someone waits on what the agent does: systemd on its start or a reload, a
-    /// control client on its answer.
+    /// Whether systemd or a control client waits on what the agent does now: its start, a
+    /// reload, a `policy` change.
     waited: bool,
-    /// The connection of the control client waiting, if any.
-    client: Option<Box<dyn AsFd>>,
+    /// The control clients waiting for their answers.
+    clients: crate::control::Waiting,
     /// When progress was last shown to those waiting.
     reported: Option<Instant>,
 }
@@ -57,7 +55,7 @@ impl Watchdog {
             period: ping_period(sd_notify::watchdog_enabled()),
             last: Instant::now(),
             waited: true,
-            client: None,
+            clients: crate::control::Waiting::default(),
             reported: None,
         }
     }
@@ -67,18 +65,21 @@ impl Watchdog {
         self.wait_ends();
     }
 
-    /// A reload or `policy` change begins, with the connection of the control client that
-    /// asked for it (`None` for SIGHUP): the first moment of its pass shows progress at once.
-    pub fn wait_begins(&mut self, client: Option<Box<dyn AsFd>>) {
+    /// The control clients waiting for their answers, whom every pass shows progress to.
+    pub fn clients(&self) -> crate::control::Waiting {
+        self.clients.clone()
+    }
+
+    /// A reload or `policy` change begins: the first moment of its pass shows progress at
+    /// once.
+    pub fn wait_begins(&mut self) {
         self.waited = true;
-        self.client = client;
         self.reported = None;
     }
 
     /// What was waited on is done.
     pub fn wait_ends(&mut self) {
         self.waited = false;
-        self.client = None;
     }
 
     pub fn ping(&mut self) {
@@ -97,14 +98,17 @@ impl Watchdog {
         {
             self.ping();
         }
-        if self.waited && self.reported.is_none_or(|at| at.elapsed() >= REPORT_EVERY) {
+        if self.reported.is_some_and(|at| at.elapsed() < REPORT_EVERY)
+            || !(self.waited || self.clients.any())
+        {
+            return;
+        }
+        if self.waited {
             let usec = u32::try_from(EXTENSION.as_micros()).unwrap_or(u32::MAX);
             let _ = sd_notify::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(usec)]);
-            if let Some(client) = &self.client {
-                crate::sys::nudge(client.as_fd());
-            }
-            self.reported = Some(Instant::now());
         }
+        self.clients.nudge();
+        self.reported = Some(Instant::now());
     }
 }
 

@@ -822,6 +822,50 @@ fn a_change_shows_progress_to_systemd_and_to_its_client_while_its_pass_runs() {
     assert!(!lines.iter().any(|line| line == "READY=1"), "{lines:?}");
 }
 
+/// A request queued behind another's pass is shown progress too: requests are carried out one
+/// at a time, and `policy` waits 120 s for each byte, so one behind a long pass gave up while
+/// the agent was busy for it. Here a `list`, which makes no pass of its own, waits behind a
+/// reload's.
+#[test]
+fn a_request_waiting_behind_another_requests_pass_is_shown_progress_too() {
+    let _namespaces = namespaces_with_listeners(30);
+    let cg = TestCgroup::new("queued");
+    let config = write_config("[default]\nidle = 50\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    std::fs::write(&*config, "[default]\nidle = 51\n").unwrap();
+    // Both requests are in before the agent takes either, the reload first.
+    agent.pause();
+    let ask = |request: &[u8]| {
+        let client =
+            std::os::unix::net::UnixStream::connect(agent.runtime_dir.join("control.sock"))
+                .unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .unwrap();
+        (&client).write_all(request).unwrap();
+        client
+    };
+    let reload = ask(b"{\"cmd\":\"reload\"}\n");
+    let list = ask(b"{\"cmd\":\"list\"}\n");
+    agent.signal(libc::SIGCONT);
+    let answer = |client: std::os::unix::net::UnixStream| {
+        let mut answer = String::new();
+        (&client).read_to_string(&mut answer).unwrap();
+        let response: Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(response["ok"], true, "{answer}");
+        answer
+    };
+    let (reloaded, listed) = (answer(reload), answer(list));
+    let (pass, _) = last_pass(&agent.log());
+    assert!(
+        count_between(&pass, "failed; ", " network namespace") >= 30,
+        "the reload's pass did not walk the namespaces: {pass}"
+    );
+    assert!(reloaded.starts_with(' '), "{reloaded:?}");
+    assert!(listed.starts_with(' '), "no sign of progress: {listed:?}");
+    assert_eq!(keepalive_tests::idle_of(&cg), 51);
+}
+
 #[test]
 fn the_agent_runs_with_only_the_granted_capabilities() {
     let cg = TestCgroup::new("caps");
