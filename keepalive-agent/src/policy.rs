@@ -559,6 +559,27 @@ impl OwnValues {
     }
 }
 
+/// The rule a cgroup at `path` gets its policy from, matched by name against `rules` (in
+/// precedence order), with the cgroup it names: the first rule that selects `path` itself, or
+/// where none does, or one masks it, its nearest ancestor's within `attach`, as the program
+/// walks up. `None`: the default. By name, so the answer holds for a cgroup the last
+/// resolution predates (created since, with inotify's news of it not yet taken in).
+pub fn rule_by_name<'a>(
+    rules: impl IntoIterator<Item = &'a Rule>,
+    path: &CgroupPath,
+    attach: &CgroupPath,
+) -> Option<(CgroupPath, &'a Rule, Spec)> {
+    let rules: Vec<&Rule> = rules.into_iter().collect();
+    std::iter::successors(Some(path.clone()), |path| {
+        path.split_last().map(|(parent, _)| parent)
+    })
+    .take_while(|path| path.is_within(attach))
+    .find_map(|path| {
+        let rule = *rules.iter().find(|rule| rule.selector.matches(&path))?;
+        Some((path, rule, rule.spec?))
+    })
+}
+
 /// The complete policy: the default and rules in precedence order.
 #[derive(Clone, Debug)]
 pub struct PolicySet {
@@ -789,6 +810,52 @@ mod tests {
         let exact = Selector::parse(&cg, "kubepods").unwrap();
         assert!(exact.matches(&path("/kubepods")));
         assert!(!exact.matches(&path("kubepods/pod1")));
+    }
+
+    #[test]
+    fn a_cgroup_gets_the_first_rule_that_selects_it_by_name_or_its_nearest_ancestors() {
+        let cg = Cgroup2::at("/sys/fs/cgroup");
+        let path = |p: &str| cg.parse(p).unwrap();
+        let rule = |selector: &str, idle: Option<u32>| Rule {
+            selector: Selector::parse(&cg, selector).unwrap(),
+            spec: idle.map(|idle| Spec {
+                values: Values {
+                    idle,
+                    ..BUILTIN_DEFAULT.values
+                },
+                ..BUILTIN_DEFAULT
+            }),
+            own: OwnValues::default(),
+            source: Source::Runtime,
+        };
+        // In precedence order: paths, then globs.
+        let rules = [
+            rule("pods/masked", None),
+            rule("pods", Some(50)),
+            rule("pods/*", Some(40)),
+            rule("other/*", Some(30)),
+        ];
+        let attach = path("pods");
+        let got = |p: &str| {
+            rule_by_name(&rules, &path(p), &attach)
+                .map(|(at, rule, spec)| (at.to_string(), rule.selector.text(), spec.values.idle))
+        };
+        // Whether the cgroup exists or not: these do not.
+        assert_eq!(
+            got("pods/new"),
+            Some(("/pods/new".into(), "/pods/*".into(), 40))
+        );
+        assert_eq!(
+            got("pods/new/ctr"),
+            Some(("/pods/new".into(), "/pods/*".into(), 40))
+        );
+        assert_eq!(
+            got("pods/masked"),
+            Some(("/pods".into(), "/pods".into(), 50)),
+            "a mask leaves the ancestor's"
+        );
+        assert_eq!(got("pods"), Some(("/pods".into(), "/pods".into(), 50)));
+        assert_eq!(got("other/x"), None, "outside the attach cgroup");
     }
 
     #[test]

@@ -218,34 +218,21 @@ impl Daemon {
         let Selector::Exact(path) = selector else {
             return None;
         };
-        let entry = std::iter::successors(Some(path.clone()), |path| {
-            path.split_last().map(|(parent, _)| parent)
-        })
-        .take_while(|path| path.is_within(&self.fixed.attach))
-        .find_map(|path| {
-            self.resolution
-                .entries
-                .values()
-                .find(|entry| entry.cgroup == path)
-        })?;
+        // By name rather than from the last resolution, which may predate the cgroup.
+        let (at, rule, spec) = policy::rule_by_name(self.rules(), path, &self.fixed.attach)?;
         let all = policy::OwnValues {
             idle: true,
             interval: true,
             count: true,
             user_timeout: true,
         };
-        let from = if entry.cgroup == *path {
-            format!(
-                "the policy it gets now, for {} ({})",
-                entry.selector, entry.source
-            )
+        let (selector, source) = (rule.selector.text(), &rule.source);
+        let from = if at == *path {
+            format!("the policy it gets now, for {selector} ({source})")
         } else {
-            format!(
-                "the policy it gets now from {}, for {} ({})",
-                entry.cgroup, entry.selector, entry.source
-            )
+            format!("the policy it gets now from {at}, for {selector} ({source})")
         };
-        Some((entry.spec, all, from))
+        Some((spec, all, from))
     }
 
     /// Refuses a runtime rule for `text` that would select one more cgroup or glob than a
