@@ -349,7 +349,7 @@ pub struct StatusArgs {
 #[derive(Debug, Clone, Default, Args)]
 pub struct ConfigArg {
     /// The config file the agent runs with, for its `state_dir` when --state-dir is not given;
-    /// an error in it is an error (exit 2). [default: /etc/keepalive-agent/config.toml if it
+    /// an error in it is an error (exit 2; 1 for a symbolic link to nothing). [default: /etc/keepalive-agent/config.toml if it
     /// exists; `status` warns about an error in it and looks in /sys/fs/bpf/keepalive,
     /// `detach` refuses (exit 2; 1 for a symbolic link to nothing)]
     #[arg(long, value_name = "FILE")]
