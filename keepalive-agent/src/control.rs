@@ -215,6 +215,19 @@ pub struct ControlSocket {
 }
 
 impl ControlSocket {
+    /// Lets `waiting` take clients in during passes (see [`Waiting::take_in`]), on a
+    /// descriptor of its own for the same socket.
+    pub fn share(&self, waiting: &Waiting) -> anyhow::Result<()> {
+        let fd = self
+            .listener
+            .as_fd()
+            .try_clone_to_owned()
+            .context("failed to share the control socket")?;
+        // Non-blocking already: the descriptors share the socket's file.
+        waiting.lock().listener = Some(fd.into());
+        Ok(())
+    }
+
     /// The next client (see [`Pacer::accept`] for failed accept() calls).
     pub async fn accept(&mut self) -> tokio::net::UnixStream {
         let listener = &self.listener;
@@ -256,11 +269,27 @@ impl Pending {
     }
 }
 
-/// The connections of the control clients waiting for their answers, for the agent to show
-/// progress on while it is busy with a pass (see [`crate::watchdog::Watchdog`]): that of their
-/// own request, or of one before it, as requests are carried out one at a time.
+/// The control clients waiting for their answers, for the agent to show progress to while it
+/// is busy with a pass (see [`crate::watchdog::Watchdog`]): that of their own request, or of
+/// one before it, as requests are carried out one at a time. A client that connects while a
+/// pass holds the agent's loop is taken in during the pass, so that it waits as those before
+/// it do, and served once the loop is free.
 #[derive(Clone, Default)]
-pub struct Waiting(std::sync::Arc<std::sync::Mutex<Vec<RawFd>>>);
+pub struct Waiting(std::sync::Arc<std::sync::Mutex<Clients>>);
+
+#[derive(Default)]
+struct Clients {
+    /// The connections of the requests read (see [`Waiting::add`]).
+    read: Vec<RawFd>,
+    /// The control socket, shared with [`ControlSocket`], which takes clients in between
+    /// passes; none until [`ControlSocket::share`].
+    listener: Option<std::os::unix::net::UnixListener>,
+    /// Clients taken in during a pass, until the loop serves them.
+    taken: Vec<std::os::unix::net::UnixStream>,
+}
+
+/// The most clients a pass takes in; the others wait in the socket's backlog as before.
+const TAKEN_MAX: usize = 16;
 
 impl Waiting {
     /// Notes the connection `fd` as waiting until the returned guard drops, which must be
@@ -269,29 +298,53 @@ impl Waiting {
     /// inside an answer.
     fn add(&self, fd: BorrowedFd<'_>) -> Added {
         let fd = fd.as_raw_fd();
-        self.lock().push(fd);
+        self.lock().read.push(fd);
         Added {
             waiting: self.clone(),
             fd,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<RawFd>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Clients> {
         self.0
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Takes in the clients that connected since the loop last took one, up to [`TAKEN_MAX`],
+    /// and shows each progress at once: called during a pass, which keeps the loop from
+    /// taking them. A failure leaves them to the loop.
+    pub fn take_in(&self) {
+        let mut clients = self.lock();
+        while clients.taken.len() < TAKEN_MAX {
+            let Some(Ok((stream, _))) = clients.listener.as_ref().map(|l| l.accept()) else {
+                break;
+            };
+            crate::sys::nudge(stream.as_fd());
+            clients.taken.push(stream);
+        }
+    }
+
+    /// The clients taken in during a pass, for the loop to serve.
+    pub fn taken(&self) -> Vec<std::os::unix::net::UnixStream> {
+        std::mem::take(&mut self.lock().taken)
+    }
+
     /// Whether any client waits.
     pub fn any(&self) -> bool {
-        !self.lock().is_empty()
+        let clients = self.lock();
+        !clients.read.is_empty() || !clients.taken.is_empty()
     }
 
     /// Sends each waiting client a space (see [`crate::sys::nudge`]).
     pub fn nudge(&self) {
-        for &fd in self.lock().iter() {
+        let clients = self.lock();
+        for &fd in &clients.read {
             // SAFETY: the connection stays open while it is listed (see `add`).
             crate::sys::nudge(unsafe { BorrowedFd::borrow_raw(fd) });
+        }
+        for stream in &clients.taken {
+            crate::sys::nudge(stream.as_fd());
         }
     }
 }
@@ -304,7 +357,7 @@ struct Added {
 
 impl Drop for Added {
     fn drop(&mut self) {
-        let mut listed = self.waiting.lock();
+        let listed = &mut self.waiting.lock().read;
         if let Some(at) = listed.iter().position(|&fd| fd == self.fd) {
             listed.swap_remove(at);
         }

@@ -1188,6 +1188,20 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     // Clients are served on tasks of their own; only their requests come to this loop.
     let (requests_tx, mut requests) = tokio::sync::mpsc::channel::<control::Pending>(16);
     let state_root = state.root().to_owned();
+    let waiting = daemon.watchdog.clients();
+    if let Err(err) = control.share(&waiting) {
+        log::warn!("{err:#}; clients that connect during a pass get no sign of progress");
+    }
+    let serve = |stream: tokio::net::UnixStream| {
+        let state_dir = state_root.clone();
+        let requests = requests_tx.clone();
+        let waiting = waiting.clone();
+        tokio::spawn(async move {
+            if let Err(err) = control::serve_one(stream, &state_dir, requests, &waiting).await {
+                log::warn!("control request failed: {err:#}");
+            }
+        });
+    };
     if let Some(listener) = metrics_listener {
         metrics::spawn(listener, state.clone(), cgroup2.clone())?;
     }
@@ -1207,6 +1221,16 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
     log::info!("ready");
 
     loop {
+        // Those a pass took in (see `control::Waiting::take_in`).
+        for stream in waiting.taken() {
+            match stream
+                .set_nonblocking(true)
+                .and_then(|()| tokio::net::UnixStream::from_std(stream))
+            {
+                Ok(stream) => serve(stream),
+                Err(err) => log::warn!("control request failed: {err}"),
+            }
+        }
         let due = daemon.due();
         let may_watch_pins = watcher.following() == Following::All;
         tokio::select! {
@@ -1228,16 +1252,7 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
-            stream = control.accept() => {
-                let state_dir = state_root.clone();
-                let requests = requests_tx.clone();
-                let waiting = daemon.watchdog.clients();
-                tokio::spawn(async move {
-                    if let Err(err) = control::serve_one(stream, &state_dir, requests, &waiting).await {
-                        log::warn!("control request failed: {err:#}");
-                    }
-                });
-            }
+            stream = control.accept() => serve(stream),
             Some(pending) = requests.recv() => {
                 if pending.client_left() {
                     log::info!("skipped `{}`: its client left before its turn", pending.request);

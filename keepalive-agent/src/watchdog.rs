@@ -65,7 +65,8 @@ impl Watchdog {
         self.wait_ends();
     }
 
-    /// The control clients waiting for their answers, whom every pass shows progress to.
+    /// The control clients waiting for their answers, whom every pass shows progress to, and
+    /// takes in when they connect during it.
     pub fn clients(&self) -> crate::control::Waiting {
         self.clients.clone()
     }
@@ -98,6 +99,7 @@ impl Watchdog {
         {
             self.ping();
         }
+        self.clients.take_in();
         if self.reported.is_some_and(|at| at.elapsed() < REPORT_EVERY)
             || !(self.waited || self.clients.any())
         {

@@ -835,35 +835,71 @@ fn a_request_waiting_behind_another_requests_pass_is_shown_progress_too() {
     std::fs::write(&*config, "[default]\nidle = 51\n").unwrap();
     // Both requests are in before the agent takes either, the reload first.
     agent.pause();
-    let ask = |request: &[u8]| {
-        let client =
-            std::os::unix::net::UnixStream::connect(agent.runtime_dir.join("control.sock"))
-                .unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .unwrap();
-        (&client).write_all(request).unwrap();
-        client
-    };
-    let reload = ask(b"{\"cmd\":\"reload\"}\n");
-    let list = ask(b"{\"cmd\":\"list\"}\n");
+    let reload = ask(&agent, b"{\"cmd\":\"reload\"}\n");
+    let list = ask(&agent, b"{\"cmd\":\"list\"}\n");
     agent.signal(libc::SIGCONT);
-    let answer = |client: std::os::unix::net::UnixStream| {
-        let mut answer = String::new();
-        (&client).read_to_string(&mut answer).unwrap();
-        let response: Value = serde_json::from_str(&answer).unwrap();
-        assert_eq!(response["ok"], true, "{answer}");
-        answer
-    };
     let (reloaded, listed) = (answer(reload), answer(list));
-    let (pass, _) = last_pass(&agent.log());
-    assert!(
-        count_between(&pass, "failed; ", " network namespace") >= 30,
-        "the reload's pass did not walk the namespaces: {pass}"
-    );
+    assert_walked_30_namespaces(&agent);
     assert!(reloaded.starts_with(' '), "{reloaded:?}");
     assert!(listed.starts_with(' '), "no sign of progress: {listed:?}");
     assert_eq!(keepalive_tests::idle_of(&cg), 51);
+}
+
+/// A client that connects while a pass holds the agent is taken in during the pass and shown
+/// progress as those before it are; before, it waited in the socket's backlog until the pass
+/// ended, and `policy` gave up after 120 s of a long one.
+#[test]
+fn a_client_that_connects_during_a_pass_is_shown_progress_too() {
+    let _namespaces = namespaces_with_listeners(30);
+    let cg = TestCgroup::new("midpass");
+    let config = write_config("[default]\nidle = 50\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    std::fs::write(&*config, "[default]\nidle = 51\n").unwrap();
+    let reload = ask(&agent, b"{\"cmd\":\"reload\"}\n");
+    // Its first space: the reload's pass has begun, at the first of its thirty moments to
+    // show progress at, and holds the agent's loop. The agent stays there while the client
+    // connects.
+    let mut first = [0u8; 1];
+    (&reload).read_exact(&mut first).unwrap();
+    assert_eq!(&first, b" ");
+    agent.pause();
+    let list = ask(&agent, b"{\"cmd\":\"list\"}\n");
+    agent.signal(libc::SIGCONT);
+    let (_, listed) = (answer(reload), answer(list));
+    assert_walked_30_namespaces(&agent);
+    assert!(listed.starts_with(' '), "no sign of progress: {listed:?}");
+    // Served after the reload.
+    assert!(listed.contains("\"idle\":51"), "{listed}");
+}
+
+/// A raw control client of `agent` that sent `request`.
+fn ask(agent: &Agent, request: &[u8]) -> std::os::unix::net::UnixStream {
+    let client =
+        std::os::unix::net::UnixStream::connect(agent.runtime_dir.join("control.sock")).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    (&client).write_all(request).unwrap();
+    client
+}
+
+/// All `client` read until the agent closed the connection: a successful answer.
+fn answer(client: std::os::unix::net::UnixStream) -> String {
+    let mut answer = String::new();
+    (&client).read_to_string(&mut answer).unwrap();
+    let response: Value = serde_json::from_str(&answer).unwrap();
+    assert_eq!(response["ok"], true, "{answer}");
+    answer
+}
+
+/// Checks that the agent's last pass walked the thirty namespaces of
+/// `namespaces_with_listeners(30)`: that many moments to show progress at.
+fn assert_walked_30_namespaces(agent: &Agent) {
+    let (pass, _) = last_pass(&agent.log());
+    assert!(
+        count_between(&pass, "failed; ", " network namespace") >= 30,
+        "the pass did not walk the namespaces: {pass}"
+    );
 }
 
 #[test]
