@@ -279,8 +279,8 @@ pub struct Waiting(std::sync::Arc<std::sync::Mutex<Clients>>);
 
 #[derive(Default)]
 struct Clients {
-    /// The connections of the requests read (see [`Waiting::add`]).
-    read: Vec<RawFd>,
+    /// The connections of the clients taken in (see [`Waiting::add`]).
+    listed: Vec<RawFd>,
     /// The control socket, shared with [`ControlSocket`], which takes clients in between
     /// passes; none until [`ControlSocket::share`].
     listener: Option<std::os::unix::net::UnixListener>,
@@ -292,13 +292,15 @@ struct Clients {
 const TAKEN_MAX: usize = 16;
 
 impl Waiting {
-    /// Notes the connection `fd` as waiting until the returned guard drops, which must be
-    /// before the descriptor closes: [`serve_one`] holds the guard beside the connection's
-    /// writing half, and drops it before writing the answer, so no sign of progress ever lands
-    /// inside an answer.
-    fn add(&self, fd: BorrowedFd<'_>) -> Added {
-        let fd = fd.as_raw_fd();
-        self.lock().read.push(fd);
+    /// Notes the connection `client` as waiting until the returned guard drops, which must be
+    /// before the connection closes: the loop lists each client as it takes it in, before its
+    /// task first runs (a pass may come first), and [`serve_one`] holds the guard beside the
+    /// connection's halves, and drops it before writing the answer, so no sign of progress
+    /// ever lands inside an answer. (A task dropped before it ran drops both at once, after
+    /// the loop, which shows progress, has ended.)
+    pub fn add(&self, client: &tokio::net::UnixStream) -> Added {
+        let fd = client.as_raw_fd();
+        self.lock().listed.push(fd);
         Added {
             waiting: self.clone(),
             fd,
@@ -333,13 +335,13 @@ impl Waiting {
     /// Whether any client waits.
     pub fn any(&self) -> bool {
         let clients = self.lock();
-        !clients.read.is_empty() || !clients.taken.is_empty()
+        !clients.listed.is_empty() || !clients.taken.is_empty()
     }
 
     /// Sends each waiting client a space (see [`crate::sys::nudge`]).
     pub fn nudge(&self) {
         let clients = self.lock();
-        for &fd in &clients.read {
+        for &fd in &clients.listed {
             // SAFETY: the connection stays open while it is listed (see `add`).
             crate::sys::nudge(unsafe { BorrowedFd::borrow_raw(fd) });
         }
@@ -350,14 +352,14 @@ impl Waiting {
 }
 
 /// A connection [`Waiting`] lists, until this drops.
-struct Added {
+pub struct Added {
     waiting: Waiting,
     fd: RawFd,
 }
 
 impl Drop for Added {
     fn drop(&mut self) {
-        let listed = &mut self.waiting.lock().read;
+        let listed = &mut self.waiting.lock().listed;
         if let Some(at) = listed.iter().position(|&fd| fd == self.fd) {
             listed.swap_remove(at);
         }
@@ -410,17 +412,19 @@ async fn read_request(
 /// Serves one connection of the agent keeping its state in `state_dir`, on a task of its own,
 /// so a slow or stuck client never holds up the agent: checks the peer is root and names no
 /// other state directory, reads one request, hands it to the agent's loop through `requests`
-/// and writes the answer; [`CLIENT_TIMEOUT`] for each. The client is listed in `waiting` from
-/// its request's reading to its answer.
+/// and writes the answer; [`CLIENT_TIMEOUT`] for each. `added` lists the client as waiting
+/// (see [`Waiting::add`]) until its answer is written.
 pub async fn serve_one(
     stream: tokio::net::UnixStream,
+    added: Added,
     state_dir: &Path,
     requests: tokio::sync::mpsc::Sender<Pending>,
-    waiting: &Waiting,
 ) -> anyhow::Result<()> {
     use tokio::io::AsyncWriteExt as _;
     let uid = stream.peer_cred().map(|c| c.uid()).unwrap_or(u32::MAX);
     let (mut read, mut write) = stream.into_split();
+    // Declared after the connection's halves, so it drops before them on every return.
+    let added = added;
     let response = if uid != 0 {
         Response::failure(
             &Error::Permission("permission denied: policy commands need root".into()).into(),
@@ -448,7 +452,6 @@ pub async fn serve_one(
                 .into(),
             ),
             Ok(envelope) => {
-                let added = waiting.add(write.as_ref().as_fd());
                 let (reply, answer) = tokio::sync::oneshot::channel();
                 requests
                     .send(Pending {
@@ -458,9 +461,7 @@ pub async fn serve_one(
                     })
                     .await
                     .map_err(|_| anyhow::anyhow!("the agent is stopping"))?;
-                let answer = answer.await;
-                drop(added);
-                match answer {
+                match answer.await {
                     Ok(response) => response,
                     // The agent left it: the client has gone (see [`Pending::client_left`]).
                     Err(_) if crate::sys::hung_up(write.as_ref().as_fd()) => return Ok(()),
@@ -470,6 +471,8 @@ pub async fn serve_one(
             Err(refusal) => Response::failure(&refusal),
         }
     };
+    // No sign of progress from here on, so none lands inside the answer.
+    drop(added);
     let mut out = serde_json::to_string(&response)?;
     out.push('\n');
     tokio::time::timeout(CLIENT_TIMEOUT, write.write_all(out.as_bytes()))
@@ -610,7 +613,8 @@ fn call_within(
         }
         return Err(anyhow::Error::new(err).context("failed to read the agent's answer"));
     }
-    if answer.is_empty() {
+    // Spaces alone are signs of progress, no answer.
+    if answer.trim().is_empty() {
         // The agent stopped with the request queued (a SIGTERM during a long pass, say), or
         // went down while it ran.
         return Err(Error::Agent(
@@ -687,6 +691,19 @@ mod tests {
     #[test]
     fn an_agent_that_stops_before_it_answers_is_no_agent_running() {
         let err = unanswered("gone", Duration::ZERO, ANSWER_TIMEOUT);
+        assert!(
+            format!("{err:#}").contains("stopped before it answered"),
+            "{err:#}"
+        );
+    }
+
+    #[test]
+    fn an_agent_that_stops_after_signs_of_progress_stopped_before_it_answered() {
+        let err = ask("spaces", ANSWER_TIMEOUT, |mut stream| {
+            stream.write_all(b"  ").unwrap();
+        })
+        .unwrap_err();
+        assert_eq!(code_of(&err), Some(exit::AGENT), "{err:#}");
         assert!(
             format!("{err:#}").contains("stopped before it answered"),
             "{err:#}"

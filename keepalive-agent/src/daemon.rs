@@ -1193,11 +1193,12 @@ pub async fn run(globals: Globals, args: RunArgs) -> anyhow::Result<()> {
         log::warn!("{err:#}; clients that connect during a pass get no sign of progress");
     }
     let serve = |stream: tokio::net::UnixStream| {
+        // Listed now: a pass may run before its task does.
+        let added = waiting.add(&stream);
         let state_dir = state_root.clone();
         let requests = requests_tx.clone();
-        let waiting = waiting.clone();
         tokio::spawn(async move {
-            if let Err(err) = control::serve_one(stream, &state_dir, requests, &waiting).await {
+            if let Err(err) = control::serve_one(stream, added, &state_dir, requests).await {
                 log::warn!("control request failed: {err:#}");
             }
         });

@@ -90,8 +90,9 @@ impl Watchdog {
         }
     }
 
-    /// Pings when half the timeout has passed since the last ping; while someone waits, shows
-    /// progress when [`REPORT_EVERY`] has passed since it last did.
+    /// Pings when half the timeout has passed since the last ping; takes in the control clients
+    /// that connected since the last call (see [`crate::control::Waiting::take_in`]); while
+    /// someone waits, shows progress when [`REPORT_EVERY`] has passed since it last did.
     pub fn ping_if_due(&mut self) {
         if self
             .period

@@ -872,6 +872,39 @@ fn a_client_that_connects_during_a_pass_is_shown_progress_too() {
     assert!(listed.contains("\"idle\":51"), "{listed}");
 }
 
+/// A client taken in during one pass is shown progress during the next, which can start before
+/// the client's own task first runs: it is listed as it is taken in, not when its request is
+/// read. Here the reload `a` runs with `b`, another reload, queued behind it, and `c`, a `list`,
+/// connects during `a`'s pass; `c` gets a space as it is taken in and another at the start of
+/// `b`'s pass.
+#[test]
+fn a_client_taken_in_during_a_pass_is_shown_progress_during_the_next() {
+    let _namespaces = namespaces_with_listeners(30);
+    let cg = TestCgroup::new("nextpass");
+    let config = write_config("[default]\nidle = 50\n");
+    let agent = Agent::start(&cg, &["--config", config.to_str().unwrap()]);
+    std::fs::write(&*config, "[default]\nidle = 51\n").unwrap();
+    agent.pause();
+    let a = ask(&agent, b"{\"cmd\":\"reload\"}\n");
+    let b = ask(&agent, b"{\"cmd\":\"reload\"}\n");
+    agent.signal(libc::SIGCONT);
+    let mut first = [0u8; 1];
+    (&a).read_exact(&mut first).unwrap();
+    assert_eq!(&first, b" ");
+    // `a` read the file before its pass: `b` finds another change, and makes a pass too.
+    agent.pause();
+    std::fs::write(&*config, "[default]\nidle = 52\n").unwrap();
+    let c = ask(&agent, b"{\"cmd\":\"list\"}\n");
+    agent.signal(libc::SIGCONT);
+    let (_, _, listed) = (answer(a), answer(b), answer(c));
+    assert_walked_30_namespaces(&agent);
+    assert!(
+        listed.starts_with("  "),
+        "one sign of progress at most: {listed:?}"
+    );
+    assert!(listed.contains("\"idle\":52"), "served after b: {listed}");
+}
+
 /// A raw control client of `agent` that sent `request`.
 fn ask(agent: &Agent, request: &[u8]) -> std::os::unix::net::UnixStream {
     let client =
