@@ -76,8 +76,9 @@ pub fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
 }
 
 /// A reference sock_ops program from `ka-sock`, attached to `cgroup` while the returned
-/// process lives: `"empty-sockops"` (returns at once) or `"minimal-sockops"` (the least any
-/// enforcer does: four bpf_setsockopt calls with fixed values at ESTABLISHED).
+/// process lives: `"empty-sockops"` (returns at once), `"minimal-sockops"` (four
+/// bpf_setsockopt calls with fixed values at ESTABLISHED, on both ends) or `"floor-sockops"`
+/// (the same on the connecting end and on listeners, which accepted ends inherit).
 pub fn reference_program(kind: &str, cgroup: &TestCgroup) -> Proc {
     let dir = cgroup.path().to_str().expect("cgroup path");
     let mut proc = Proc::spawn(&sock_bin(), &[kind, dir], None, None);

@@ -77,16 +77,20 @@ fn enforcement_keeps_the_connection_rate_within_bounds() {
 }
 
 /// The bench's floors are what they say: the empty program leaves sockets alone, and the
-/// minimal enforcer gives both ends the same values as the realistic policy set's default.
+/// minimal and floor enforcers give both ends the same values as the realistic policy set's
+/// default (the floor's accepted end through its listener).
 #[test]
 fn the_benchmarks_reference_programs_do_what_they_claim() {
     let parent = TestCgroup::new("perf-reference");
     let empty = parent.child("empty");
     let minimal = parent.child("minimal");
+    let floor = parent.child("floor");
     let _empty_program = reference_program("empty-sockops", &empty);
     let _minimal_program = reference_program("minimal-sockops", &minimal);
+    let _floor_program = reference_program("floor-sockops", &floor);
     let untouched = kernel_defaults();
     assert_eq!(pair_values(&empty), (untouched, untouched));
     let default = (1, 60, 10, 5);
     assert_eq!(pair_values(&minimal), (default, default));
+    assert_eq!(pair_values(&floor), (default, default));
 }

@@ -58,6 +58,7 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     let minimal = parent.child("minimal");
     let enforced = parent.child("enforced");
     let app_keepalive = parent.child("app-keepalive");
+    let floor = parent.child("floor");
     let (config, services) = realistic_policies(&enforced);
     let agent = Agent::start(&enforced, &["--config", config.to_str().unwrap()]);
     // (e): a sock_ops program that returns at once, for the part of the cost that any sock_ops
@@ -66,6 +67,10 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
     // (m): the least any sock_ops enforcer does, fixed values set at ESTABLISHED with no policy
     // lookup or tracking; what (b) costs beyond it is what keepalive's features cost.
     let minimal_program = reference_program("minimal-sockops", &minimal);
+    // (l): the least any enforcer can do, the values set on the connecting end and on the
+    // listener, which the accepted end inherits as keepalive-agent's do: whether the goal is
+    // within reach of any sock_ops enforcer on this host.
+    let floor_program = reference_program("floor-sockops", &floor);
     let preload = [("LD_PRELOAD", keepalive_tests::shim_lib())];
     // (k): keepalive switched on by the application, with one setsockopt per connection: what
     // keepalive itself costs (its timer), without any enforcer.
@@ -77,27 +82,30 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
         Storms::new(&enforced, &[]),
         Storms::new(&app_keepalive, &own_keepalive),
         Storms::new(&minimal, &[]),
+        Storms::new(&floor, &[]),
     ];
     // Warm-up.
     interleaved(10, &mut setups, |storms| storms.run(n));
     // Rates are measured with bpf_stats off, as in production: the statistics add clock reads
     // to every program run.
     let stats_off = BpfStats::disable();
-    let [a, c, e, b, k, m] = interleaved(rounds, &mut setups, |storms| storms.run(n));
+    let [a, c, e, b, k, m, l] = interleaved(rounds, &mut setups, |storms| storms.run(n));
     drop(stats_off);
     drop(setups);
     let total = |rates: &[f64]| rates.iter().map(|rate| 1.0 / rate).sum::<f64>();
     eprintln!(
         "xtask bench: total time of {rounds} batches of {n}: plain {:.2} s, shim {:.2} s, \
          empty program {:.2} s, enforced {:.2} s, application keepalive {:.2} s, minimal \
-         enforcer {:.2} s",
+         enforcer {:.2} s, floor enforcer {:.2} s",
         total(&a) * n as f64,
         total(&c) * n as f64,
         total(&e) * n as f64,
         total(&b) * n as f64,
         total(&k) * n as f64,
         total(&m) * n as f64,
+        total(&l) * n as f64,
     );
+    let (mut l_a, mut b_l) = (ratios(&l, &a), ratios(&b, &l));
     let (mut b_a, mut c_a, mut e_a, mut b_c, mut b_e, mut k_a, mut m_a, mut b_m) = (
         ratios(&b, &a),
         ratios(&c, &a),
@@ -149,15 +157,26 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
         "context",
     );
     ratio(
-        "Connection rate, minimal sock_ops enforcer (m) / no enforcement (a): the least any enforcer costs"
+        "Connection rate, minimal sock_ops enforcer (m) / no enforcement (a): the least an enforcer that sets every socket costs"
             .into(),
         &mut m_a,
+        "context",
+    );
+    ratio(
+        "Connection rate, floor sock_ops enforcer (l) / no enforcement (a): the least any enforcer costs, the accepted end inheriting from its listener"
+            .into(),
+        &mut l_a,
         "context",
     );
     ratio(
         "Connection rate, keepalive-agent (b) / minimal sock_ops enforcer (m): what policy lookup, tracking and dead-peer detection add"
             .into(),
         &mut b_m,
+        "context",
+    );
+    ratio(
+        "Connection rate, keepalive-agent (b) / floor sock_ops enforcer (l)".into(),
+        &mut b_l,
         "context",
     );
     ratio(
@@ -196,6 +215,7 @@ fn connection_rate(rows: &mut Vec<Row>, quick: bool) -> anyhow::Result<()> {
         ),
         goal: "context",
     });
+    drop(floor_program);
     drop(minimal_program);
     drop(empty_program);
     drop(agent);

@@ -34,8 +34,12 @@
 //! ka-sock empty-sockops <CGROUP-DIR> [N]         attach a sock_ops program that does nothing,
 //!                                                until stdin closes (the benchmark's floor);
 //!                                                N links of it (64 fill the cgroup's list)
-//! ka-sock minimal-sockops <CGROUP-DIR>           the same with the least possible enforcer:
-//!                                                fixed keepalive values at ESTABLISHED
+//! ka-sock minimal-sockops <CGROUP-DIR>           the same with the least enforcer that sets
+//!                                                every socket: fixed keepalive values at
+//!                                                ESTABLISHED, on both ends
+//! ka-sock floor-sockops <CGROUP-DIR>             the least possible enforcer: fixed values
+//!                                                on the connecting end at ESTABLISHED and
+//!                                                on listeners, which accepted ends inherit
 //! ka-sock foreign-sockops <CGROUP-DIR>           another tool's enforcer: idle 1 s, interval
 //!                                                1 s, count 2, and state-change callbacks
 //! ka-sock state-sockops <CGROUP-DIR>             a tool that watches state changes: asks for
@@ -682,28 +686,51 @@ const fn insn(op: u8, dst: u8, src: u8, off: i16, imm: i32) -> u64 {
 /// `mov64 r0, 1; exit`: lets every operation proceed and does nothing else.
 const RETURN_1: [u64; 2] = [insn(0xb7, 0, 0, 0, 1), insn(0x95, 0, 0, 0, 0)];
 
-/// The least any sock_ops keepalive enforcer does: at ACTIVE_ESTABLISHED and
-/// PASSIVE_ESTABLISHED, bpf_setsockopt TCP_KEEPIDLE 60, TCP_KEEPINTVL 10, TCP_KEEPCNT 5 and
-/// SO_KEEPALIVE 1 (the benchmark's default policy), with no policy lookup and no tracking.
+/// sock_ops operations (`enum bpf_sock_ops_op`) the reference enforcers act on.
+const ACTIVE_ESTABLISHED_CB: i32 = 4;
+const PASSIVE_ESTABLISHED_CB: i32 = 5;
+const TCP_LISTEN_CB: i32 = 11;
+
+/// The least a sock_ops keepalive enforcer does that sets every socket itself: at
+/// ACTIVE_ESTABLISHED and PASSIVE_ESTABLISHED, bpf_setsockopt TCP_KEEPIDLE 60, TCP_KEEPINTVL
+/// 10, TCP_KEEPCNT 5 and SO_KEEPALIVE 1 (the benchmark's default policy), with no policy
+/// lookup and no tracking.
 fn minimal_enforcer() -> Vec<u64> {
     enforcer([60, 10, 5], false)
+}
+
+/// The least any sock_ops keepalive enforcer can do: [`minimal_enforcer`]'s values on the
+/// connecting end at ACTIVE_ESTABLISHED and on each listener at TCP_LISTEN_CB, whose accepted
+/// connections inherit them from the kernel's socket clone at no cost of their own (as
+/// keepalive-agent's listeners do).
+fn floor_enforcer() -> Vec<u64> {
+    enforcer_at([ACTIVE_ESTABLISHED_CB, TCP_LISTEN_CB], [60, 10, 5], false)
 }
 
 /// Another tool's enforcer, as [`minimal_enforcer`] with idle, interval and count `values`,
 /// which also asks for the socket's state-change callbacks when `state_cb`; every sock_ops
 /// program on the socket's cgroups then gets them.
 fn enforcer(values: [i32; 3], state_cb: bool) -> Vec<u64> {
+    enforcer_at(
+        [ACTIVE_ESTABLISHED_CB, PASSIVE_ESTABLISHED_CB],
+        values,
+        state_cb,
+    )
+}
+
+/// [`enforcer`] acting on the two operations `ops` instead of the two ESTABLISHED ones.
+fn enforcer_at(ops: [i32; 2], values: [i32; 3], state_cb: bool) -> Vec<u64> {
     const SETSOCKOPT: i32 = 49;
     const CB_FLAGS_SET: i32 = 59;
     const STATE_CB_FLAG: i32 = 4;
     // Each setsockopt call is 8 instructions, the callback request 3.
     let body = (4 * 8 + if state_cb { 3 } else { 0 }) as i16;
     let mut prog = vec![
-        insn(0xbf, 6, 1, 0, 0),    // r6 = ctx
-        insn(0x61, 2, 1, 0, 0),    // r2 = ctx->op
-        insn(0x15, 2, 0, 2, 4),    // ACTIVE_ESTABLISHED_CB: set
-        insn(0x15, 2, 0, 1, 5),    // PASSIVE_ESTABLISHED_CB: set
-        insn(0x05, 0, 0, body, 0), // else: return
+        insn(0xbf, 6, 1, 0, 0),      // r6 = ctx
+        insn(0x61, 2, 1, 0, 0),      // r2 = ctx->op
+        insn(0x15, 2, 0, 2, ops[0]), // the first operation: set
+        insn(0x15, 2, 0, 1, ops[1]), // the second: set
+        insn(0x05, 0, 0, body, 0),   // else: return
     ];
     let [idle, interval, count] = values;
     for (level, name, value) in [
@@ -1005,6 +1032,7 @@ fn main() {
                 .map_or(1, |n| n.parse().expect("a number of links")),
         ),
         "minimal-sockops" => attach_sockops(cgroup_arg(rest), &minimal_enforcer(), 1),
+        "floor-sockops" => attach_sockops(cgroup_arg(rest), &floor_enforcer(), 1),
         "foreign-sockops" => attach_sockops(cgroup_arg(rest), &enforcer([1, 1, 2], true), 1),
         "rtt-sockops" => attach_sockops(cgroup_arg(rest), &RTT_MONITOR, 1),
         "state-sockops" => attach_sockops(cgroup_arg(rest), &STATE_WATCHER, 1),
