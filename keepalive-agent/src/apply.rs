@@ -131,8 +131,14 @@ pub struct Unopened {
 /// with its pid reused, enter another one in its place). One that cannot be opened is an
 /// [`Unopened`] item (a process that exited meanwhile is none); when `/proc` itself cannot be
 /// read (too many files open, say), there is no list to go by, which is an error.
+///
+/// A file of `/run/netns` that is not on nsfs, where every namespace file is, is none either:
+/// `ip netns add` (and a CNI plugin) makes the file before it mounts the namespace on it, and
+/// `ip netns delete` unmounts before it removes the file. Entering one would fail the pass
+/// (EINVAL); the processes in such a namespace, if any, are found in `/proc`.
 pub fn foreign_namespaces() -> std::io::Result<impl Iterator<Item = Result<Namespace, Unopened>>> {
     let own = fs::metadata("/proc/self/ns/net").map(|m| netns_id(&m)).ok();
+    let nsfs = own.map(|(dev, _)| dev);
     let mut seen: HashSet<(u64, u64)> = own.into_iter().collect();
     let named = match fs::read_dir("/run/netns") {
         Ok(dir) => Some(dir),
@@ -157,6 +163,7 @@ pub fn foreign_namespaces() -> std::io::Result<impl Iterator<Item = Result<Names
     Ok(named.chain(processes).filter_map(move |path| {
         let opened = File::open(&path).and_then(|file| Ok((file.metadata()?, file)));
         match opened {
+            Ok((meta, _)) if nsfs.is_some_and(|nsfs| meta.dev() != nsfs) => None,
             Ok((meta, file)) => seen
                 .insert(netns_id(&meta))
                 .then_some(Ok(Namespace { file, path })),

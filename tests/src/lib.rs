@@ -1838,6 +1838,18 @@ pub fn symlink(target: &std::ffi::CStr, path: &std::ffi::CStr) -> std::io::Resul
     Ok(())
 }
 
+/// Makes an empty file at `path`; for `private_mounts` set-ups.
+pub fn create_file(path: &std::ffi::CStr) -> std::io::Result<()> {
+    // SAFETY: open with a valid C string; the descriptor is closed at once.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened here.
+    unsafe { libc::close(fd) };
+    Ok(())
+}
+
 /// Makes directory `path`; for `private_mounts` set-ups.
 pub fn mkdir(path: &std::ffi::CStr) -> std::io::Result<()> {
     // SAFETY: mkdir with a valid C string.

@@ -2215,17 +2215,27 @@ fn detach_off_bpffs_removes_nothing() {
 /// An agent on `cg` with idle 42 whose passes over existing connections fail: `/run/netns` is a
 /// file in its mount namespace, which it cannot list (removing it there ends the failures).
 fn agent_whose_passes_fail(cg: &TestCgroup) -> Agent {
+    agent_with_own_run(cg, "42", || symlink(c"/proc/self/status", c"/run/netns"))
+}
+
+/// An agent on `cg` with idle `idle` and a `/run` of its own, an empty tmpfs that `setup`
+/// then fills.
+fn agent_with_own_run(
+    cg: &TestCgroup,
+    idle: &str,
+    setup: impl Fn() -> std::io::Result<()> + Send + Sync + 'static,
+) -> Agent {
     let dirs = AgentDirs::new();
     let mut cmd = dirs.command(&[
         "run",
         "--cgroup",
         cg.path().to_str().unwrap(),
         "--idle",
-        "42",
+        idle,
     ]);
-    private_mounts(&mut cmd, || {
+    private_mounts(&mut cmd, move || {
         hide_with_tmpfs(c"/run")?;
-        symlink(c"/proc/self/status", c"/run/netns")
+        setup()
     });
     Agent::start_command(&dirs, cmd)
 }
@@ -3708,6 +3718,33 @@ fn a_namespace_whose_thread_cannot_be_made_fails_the_pass_which_is_tried_again()
         "{}",
         agent.log()
     );
+}
+
+/// A file in `/run/netns` with no namespace mounted on it, as `ip netns add` (or a CNI plugin)
+/// leaves it for a moment before the mount and `ip netns delete` after the unmount, is passed
+/// over: it failed passes (setns: EINVAL) on a host where pods come and go. The file is made
+/// in the agent's own mount namespace, so no other test's agent meets it.
+#[test]
+fn a_named_namespace_file_without_a_namespace_does_not_fail_the_pass() {
+    let cg = TestCgroup::new("halfnetns");
+    let mut pair = Proc::sock(&["pair", "6"], &cg);
+    pair.read();
+    let agent = agent_with_own_run(&cg, "41", || {
+        keepalive_tests::mkdir(c"/run/netns")?;
+        keepalive_tests::create_file(c"/run/netns/being-made")
+    });
+    let out = agent.cli(&["policy", "set", cg.rel(), "--idle", "43"]);
+    let text = stdout(&out);
+    assert!(
+        out.status.success() && text.contains("existing connections: 2 updated"),
+        "{text}{}\n{}",
+        stderr(&out),
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(!log.contains("could not be walked"), "{log}");
+    let idles: Vec<i64> = pair.report().iter().map(|sock| values(sock).1).collect();
+    assert_eq!(idles, [43, 43]);
 }
 
 /// A SIGTERM while a fresh start loads its programs, its maps already pinned, ends the start
